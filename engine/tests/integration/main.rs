@@ -1,0 +1,6 @@
+//! Engine integration tests with the real all-MiniLM-L6-v2 weights (one test binary, one
+//! module per area). The models come from `scripts/setup-models.sh`.
+
+mod common;
+mod embeddings;
+mod worker;
