@@ -42,7 +42,7 @@ pub fn exp(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
     let x = x.clamp(-87.3, 88.3);
-    let n = (x * LOG2E).round();
+    let n = (x * LOG2E).round_ties_even();
     let r = x - n * LN2_HI - n * LN2_LO;
     // exp(r) = 1 + r + r^2/2! + ... + r^6/6!  (Horner)
     let p = 1.0 / 720.0;
@@ -52,7 +52,10 @@ pub fn exp(x: f32) -> f32 {
     let p = p * r + 0.5;
     let p = p * r + 1.0;
     let p = p * r + 1.0;
-    let bits = ((n as i32 + 127) as u32) << 23;
+    // SAFETY: `x` is clamped, so `n` is an integer in [-126, 128]: the conversion is exact
+    // (a plain `as` cast would add saturation checks that stop vectorization).
+    let n_int: i32 = unsafe { n.to_int_unchecked() };
+    let bits = ((n_int + 127) as u32) << 23;
     p * f32::from_bits(bits)
 }
 
@@ -71,6 +74,43 @@ pub fn erf(x: f32) -> f32 {
     let poly = ((((A5 * t + A4) * t + A3) * t + A2) * t + A1) * t;
     let y = 1.0 - poly * exp(-ax * ax);
     y.copysign(x)
+}
+
+/// Largest element, with `LANES` independent maxima so that it vectorizes.
+#[inline]
+fn max(xs: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = xs.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..LANES {
+            acc[i] = if c[i] > acc[i] { c[i] } else { acc[i] };
+        }
+    }
+    rest.iter().chain(acc.iter()).fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m })
+}
+
+/// Sum with `LANES` independent accumulators.
+#[inline]
+fn sum(xs: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = xs.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..LANES {
+            acc[i] += c[i];
+        }
+    }
+    acc.iter().sum::<f32>() + rest.iter().sum::<f32>()
+}
+
+/// Numerically stable softmax of one row, in place.
+#[inline]
+pub fn softmax_inplace(xs: &mut [f32]) {
+    let m = max(xs);
+    xs.iter_mut().for_each(|x| *x = exp(*x - m));
+    let inv = 1.0 / sum(xs);
+    xs.iter_mut().for_each(|x| *x *= inv);
 }
 
 /// Exact GELU, `0.5 x (1 + erf(x / sqrt 2))`, applied in place after adding `bias` to each row.
@@ -125,14 +165,25 @@ pub fn add_layer_norm(
     out
 }
 
+/// A raw pointer that may cross threads: tasks write disjoint blocks of one output.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: every task writes a block (rows of its sequence, columns of its head) that no other
+// task touches, and the buffer outlives the parallel loop.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
 /// Self-attention over variable-length sequences packed without padding.
 ///
-/// `qkv` is `[T, 3H]` (rows: tokens of all sequences one after the other; columns: Q, K, V,
+/// `qkv` is `[T, 3H]` (biased and scaled in place) (rows: tokens of all sequences one after the other; columns: Q, K, V,
 /// each `heads * head_dim`), `bias` the QKV bias `[3H]`, `seq_lens` the sequence lengths
 /// (summing to T). Returns the context `[T, H]`: for each sequence and head,
 /// `softmax(Q K^T * scale) V`, a token attending to all tokens of its own sequence only.
+///
+/// Each (sequence, head) pair is one task: two small matrix products read Q, K and V in
+/// place through strides (no gathering copies) and write the context block in place.
 pub fn packed_attention(
-    qkv: &[f32],
+    qkv: &mut [f32],
     bias: &[f32],
     seq_lens: &[usize],
     heads: usize,
@@ -141,64 +192,64 @@ pub fn packed_attention(
 ) -> Vec<f32> {
     let h = heads * head_dim;
     let total: usize = seq_lens.iter().sum();
-    debug_assert_eq!(qkv.len(), total * 3 * h);
+    assert_eq!(qkv.len(), total * 3 * h, "qkv is not [T, 3H]");
+    assert_eq!(bias.len(), 3 * h, "bias is not [3H]");
+    // Bias in place, with the softmax scale folded into Q.
+    qkv.par_chunks_mut(3 * h * 16).for_each(|rows| {
+        for row in rows.chunks_exact_mut(3 * h) {
+            let (q, kv) = row.split_at_mut(h);
+            for (v, b) in q.iter_mut().zip(&bias[..h]) {
+                *v = (*v + b) * scale;
+            }
+            for (v, b) in kv.iter_mut().zip(&bias[h..]) {
+                *v += b;
+            }
+        }
+    });
     let mut starts = Vec::with_capacity(seq_lens.len());
     let mut acc = 0;
     for &l in seq_lens {
         starts.push(acc);
         acc += l;
     }
-    // Each (sequence, head) task produces an `[L, head_dim]` block; blocks are scattered into
-    // the output afterwards, so tasks share no mutable memory.
+    let mut ctx = vec![0f32; total * h];
+    let out = SendPtr(ctx.as_mut_ptr());
     let tasks: Vec<(usize, usize)> =
         (0..seq_lens.len()).flat_map(|s| (0..heads).map(move |hd| (s, hd))).collect();
-    let blocks: Vec<Vec<f32>> = tasks
-        .par_iter()
-        .map(|&(s, hd)| {
-            let (start, len) = (starts[s], seq_lens[s]);
-            let gather = |part: usize| -> Vec<f32> {
-                let col = part * h + hd * head_dim;
-                let b = &bias[col..col + head_dim];
-                let mut m = vec![0f32; len * head_dim];
-                for (i, dst) in m.chunks_exact_mut(head_dim).enumerate() {
-                    let src = &qkv[(start + i) * 3 * h + col..][..head_dim];
-                    for ((d, s), b) in dst.iter_mut().zip(src).zip(b) {
-                        *d = s + b;
-                    }
-                }
-                m
-            };
-            let (q, k, v) = (gather(0), gather(1), gather(2));
-            let mut out = vec![0f32; len * head_dim];
-            let mut scores = vec![0f32; len];
-            for (qi, o) in q.chunks_exact(head_dim).zip(out.chunks_exact_mut(head_dim)) {
-                for (sc, kj) in scores.iter_mut().zip(k.chunks_exact(head_dim)) {
-                    *sc = dot(qi, kj) * scale;
-                }
-                let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f32;
-                for sc in scores.iter_mut() {
-                    *sc = exp(*sc - max);
-                    sum += *sc;
-                }
-                let inv = 1.0 / sum;
-                for (p, vj) in scores.iter().zip(v.chunks_exact(head_dim)) {
-                    let w = p * inv;
-                    for (o, x) in o.iter_mut().zip(vj) {
-                        *o += w * x;
-                    }
-                }
+    let x = &*qkv;
+    tasks.par_iter().for_each_init(Vec::new, |scores: &mut Vec<f32>, &(s, hd)| {
+        let out = out;
+        let (start, len) = (starts[s], seq_lens[s]);
+        scores.resize(len * len, 0.0);
+        let row_stride = (3 * h) as isize;
+        let base = start * 3 * h + hd * head_dim;
+        // SAFETY: all pointers stay inside `x` ([T, 3H]), `scores` ([L, L]) and `ctx`
+        // ([T, H]) for the given sizes and strides; the ctx block is this task's alone.
+        unsafe {
+            let q = x.as_ptr().add(base);
+            let k = x.as_ptr().add(base + h);
+            let v = x.as_ptr().add(base + 2 * h);
+            // scores[L, L] = Q[L, d] K^T[d, L]
+            gemm::gemm(
+                len, len, head_dim,
+                scores.as_mut_ptr(), 1, len as isize, false,
+                q, 1, row_stride,
+                k, row_stride, 1,
+                0.0, 1.0, false, false, false, gemm::Parallelism::None,
+            );
+            for row in scores.chunks_exact_mut(len) {
+                softmax_inplace(row);
             }
-            out
-        })
-        .collect();
-    let mut ctx = vec![0f32; total * h];
-    for (&(s, hd), block) in tasks.iter().zip(&blocks) {
-        for (i, row) in block.chunks_exact(head_dim).enumerate() {
-            let dst = (starts[s] + i) * h + hd * head_dim;
-            ctx[dst..dst + head_dim].copy_from_slice(row);
+            // ctx[L, d] = P[L, L] V[L, d], written into its columns of the [T, H] output.
+            gemm::gemm(
+                len, head_dim, len,
+                out.0.add(start * h + hd * head_dim), 1, h as isize, false,
+                scores.as_ptr(), 1, len as isize,
+                v, 1, row_stride,
+                0.0, 1.0, false, false, false, gemm::Parallelism::None,
+            );
         }
-    }
+    });
     ctx
 }
 
@@ -262,10 +313,12 @@ mod tests {
         let h = heads * hd;
         let lens = [3usize, 1, 2];
         let t: usize = lens.iter().sum();
-        let qkv: Vec<f32> = (0..t * 3 * h).map(|i| ((i * 7919) % 97) as f32 / 97.0 - 0.5).collect();
+        let mut qkv: Vec<f32> = (0..t * 3 * h).map(|i| ((i * 7919) % 97) as f32 / 97.0 - 0.5).collect();
         let bias: Vec<f32> = (0..3 * h).map(|i| i as f32 * 0.01).collect();
         let scale = 0.5;
-        let got = packed_attention(&qkv, &bias, &lens, heads, hd, scale);
+        let original = qkv.clone();
+        let got = packed_attention(&mut qkv, &bias, &lens, heads, hd, scale);
+        let qkv = original;
         let at = |tok: usize, part: usize, head: usize, d: usize| {
             let c = part * h + head * hd + d;
             (qkv[tok * 3 * h + c] + bias[c]) as f64

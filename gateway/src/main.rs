@@ -1,1 +1,35 @@
-fn main(){}
+//! The `ragway` binary.
+
+use clap::{Parser, Subcommand};
+use ragway_gateway::config::ServeArgs;
+
+/// ragway: a retrieval-augmented LLM serving gateway with its own vector store.
+#[derive(Parser)]
+#[command(name = "ragway", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the OpenAI-compatible API with the configured models.
+    Serve(ServeArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => {
+            let settings = args.resolve()?;
+            actix_web::rt::System::new().block_on(ragway_gateway::server::serve(settings))
+        }
+    }
+}

@@ -154,24 +154,27 @@ impl InplaceOp1 for BiasGeluOp {
     }
 }
 
-/// Packed attention: `[T, 3H]` QKV (without bias) to `[T, H]` context.
+/// Packed attention: `[T, 3H]` QKV (without bias) to `[T, H]` context. The QKV buffer is
+/// the fresh output of the QKV matmul and is biased in place.
 struct AttentionOp<'a> {
     bias: &'a [f32],
     seq_lens: &'a [usize],
     heads: usize,
     head_dim: usize,
+    out: std::cell::RefCell<Option<Vec<f32>>>,
 }
 
-impl CustomOp1 for AttentionOp<'_> {
+impl InplaceOp1 for AttentionOp<'_> {
     fn name(&self) -> &'static str {
         "ragway-packed-attention"
     }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let qkv = cpu_f32(s, l)?;
-        let t = l.shape().dims()[0];
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> candle_core::Result<()> {
+        let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("attention needs a contiguous qkv") };
+        let CpuStorage::F32(data) = s else { candle_core::bail!("attention needs f32") };
         let scale = 1.0 / (self.head_dim as f32).sqrt();
-        let ctx = kernels::packed_attention(qkv, self.bias, self.seq_lens, self.heads, self.head_dim, scale);
-        Ok((CpuStorage::F32(ctx), Shape::from((t, self.heads * self.head_dim))))
+        let ctx = kernels::packed_attention(&mut data[a..b], self.bias, self.seq_lens, self.heads, self.head_dim, scale);
+        *self.out.borrow_mut() = Some(ctx);
+        Ok(())
     }
 }
 
@@ -311,8 +314,17 @@ impl BertEncoder {
 
     fn attention(&self, qkv: &Tensor, dense: &Dense, seq_lens: &[usize]) -> candle_core::Result<Tensor> {
         if qkv.device().is_cpu() && qkv.dtype() == DType::F32 {
-            let op = AttentionOp { bias: &dense.bias_cpu, seq_lens, heads: self.heads, head_dim: self.head_dim };
-            return qkv.apply_op1_no_bwd(&op);
+            let op = AttentionOp {
+                bias: &dense.bias_cpu,
+                seq_lens,
+                heads: self.heads,
+                head_dim: self.head_dim,
+                out: Default::default(),
+            };
+            qkv.inplace_op1(&op)?;
+            let ctx = op.out.into_inner().expect("attention produced no output");
+            let t = qkv.dim(0)?;
+            return Tensor::from_vec(ctx, (t, self.heads * self.head_dim), qkv.device());
         }
         self.attention_generic(&qkv.broadcast_add(&dense.bias)?, seq_lens)
     }

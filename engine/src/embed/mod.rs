@@ -78,7 +78,7 @@ pub struct EmbedderOptions {
 
 impl Default for EmbedderOptions {
     fn default() -> Self {
-        Self { device: Device::Cpu, max_batch_tokens: 16_384, max_batch_size: 256 }
+        Self { device: Device::Cpu, max_batch_tokens: 4096, max_batch_size: 256 }
     }
 }
 

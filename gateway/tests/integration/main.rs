@@ -1,1 +1,7 @@
+//! Gateway tests against the real `ragway` binary and real weights (one test binary, one
+//! module per area).
 
+mod common;
+mod embeddings;
+mod openai_client;
+mod server;

@@ -1,0 +1,139 @@
+//! `ragway serve` configuration: one struct that is at once the CLI flags, the `RAGWAY_*`
+//! environment variables and the optional TOML file (`--config`). Precedence: flag or
+//! environment variable, then the file, then the default. Unknown keys in the file are errors.
+
+use clap::Args;
+use ragway_engine::models::{DEFAULT_EMBEDDING_MODEL, DEFAULT_EMBEDDING_MODEL_ID};
+use serde::Deserialize;
+use std::path::PathBuf;
+
+/// Options of `ragway serve` (every flag also reads `RAGWAY_<NAME>` and the `--config` file).
+#[derive(Debug, Clone, Default, Args, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeArgs {
+    /// TOML file with any of these options (keys as the flags, with `_` for `-`).
+    #[arg(long, env = "RAGWAY_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1].
+    #[arg(long, env = "RAGWAY_HOST")]
+    pub host: Option<String>,
+    /// Port to listen on; 0 picks a free one [default: 8080].
+    #[arg(long, env = "RAGWAY_PORT")]
+    pub port: Option<u16>,
+    /// Folder of local models [default: ./models].
+    #[arg(long, env = "RAGWAY_MODELS_DIR")]
+    pub models_dir: Option<PathBuf>,
+    /// Folder of the embedded index and other state [default: ./data].
+    #[arg(long, env = "RAGWAY_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Compute device: cpu, cuda[:N], metal[:N] or auto [default: cpu].
+    #[arg(long, env = "RAGWAY_DEVICE")]
+    pub device: Option<String>,
+    /// Embedding model: local folder or Hugging Face repository id
+    /// [default: sentence-transformers/all-MiniLM-L6-v2].
+    #[arg(long, env = "RAGWAY_EMBEDDING_MODEL")]
+    pub embedding_model: Option<String>,
+    /// Id the embedding model is served under [default: all-MiniLM-L6-v2].
+    #[arg(long, env = "RAGWAY_EMBEDDING_MODEL_ID")]
+    pub embedding_model_id: Option<String>,
+    /// Embedding requests that may wait for the model; more get 429 [default: 256].
+    #[arg(long, env = "RAGWAY_EMBED_QUEUE")]
+    pub embed_queue: Option<usize>,
+    /// Inputs allowed in one embeddings request [default: 2048].
+    #[arg(long, env = "RAGWAY_MAX_EMBED_INPUTS")]
+    pub max_embed_inputs: Option<usize>,
+    /// Tokens of one embedding forward pass [default: 16384].
+    #[arg(long, env = "RAGWAY_EMBED_BATCH_TOKENS")]
+    pub embed_batch_tokens: Option<usize>,
+    /// Largest request body in bytes [default: 16777216].
+    #[arg(long, env = "RAGWAY_MAX_BODY_BYTES")]
+    pub max_body_bytes: Option<usize>,
+    /// HTTP worker threads [default: number of cores].
+    #[arg(long, env = "RAGWAY_HTTP_WORKERS")]
+    pub http_workers: Option<usize>,
+}
+
+/// Resolved settings of the server.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub host: String,
+    pub port: u16,
+    pub models_dir: PathBuf,
+    pub data_dir: PathBuf,
+    pub device: String,
+    pub embedding_model: String,
+    pub embedding_model_id: String,
+    pub embed_queue: usize,
+    pub max_embed_inputs: usize,
+    pub embed_batch_tokens: usize,
+    pub max_body_bytes: usize,
+    pub http_workers: usize,
+}
+
+impl ServeArgs {
+    /// Merges flags/environment with the config file and the defaults.
+    pub fn resolve(self) -> anyhow::Result<Settings> {
+        let file = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", path.display()))?;
+                toml::from_str::<ServeArgs>(&text)
+                    .map_err(|e| anyhow::anyhow!("invalid config {}: {e}", path.display()))?
+            }
+            None => ServeArgs::default(),
+        };
+        macro_rules! pick {
+            ($field:ident, $default:expr) => {
+                self.$field.clone().or(file.$field.clone()).unwrap_or_else(|| $default)
+            };
+        }
+        let settings = Settings {
+            host: pick!(host, "127.0.0.1".to_string()),
+            port: pick!(port, 8080),
+            models_dir: pick!(models_dir, ragway_engine::models::default_models_dir()),
+            data_dir: pick!(data_dir, PathBuf::from("data")),
+            device: pick!(device, "cpu".to_string()),
+            embedding_model: pick!(embedding_model, DEFAULT_EMBEDDING_MODEL.to_string()),
+            embedding_model_id: pick!(embedding_model_id, DEFAULT_EMBEDDING_MODEL_ID.to_string()),
+            embed_queue: pick!(embed_queue, 256),
+            max_embed_inputs: pick!(max_embed_inputs, 2048),
+            embed_batch_tokens: pick!(embed_batch_tokens, 16_384),
+            max_body_bytes: pick!(max_body_bytes, 16 * 1024 * 1024),
+            http_workers: pick!(http_workers, std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)),
+        };
+        if settings.embed_queue == 0 || settings.max_embed_inputs == 0 || settings.embed_batch_tokens == 0 {
+            anyhow::bail!("embed_queue, max_embed_inputs and embed_batch_tokens must be positive");
+        }
+        Ok(settings)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flag_beats_file_beats_default() {
+        let dir = std::env::temp_dir().join(format!("ragway-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ragway.toml");
+        std::fs::write(&path, "port = 9000\nhost = \"0.0.0.0\"\nembed_queue = 7\n").unwrap();
+        let args = ServeArgs { config: Some(path.clone()), port: Some(9100), ..Default::default() };
+        let s = args.resolve().unwrap();
+        assert_eq!(s.port, 9100);
+        assert_eq!(s.host, "0.0.0.0");
+        assert_eq!(s.embed_queue, 7);
+        assert_eq!(s.embedding_model_id, "all-MiniLM-L6-v2");
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let dir = std::env::temp_dir().join(format!("ragway-cfg-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ragway.toml");
+        std::fs::write(&path, "prot = 9000\n").unwrap();
+        let err = ServeArgs { config: Some(path), ..Default::default() }.resolve().unwrap_err();
+        assert!(err.to_string().contains("prot"), "{err}");
+    }
+}

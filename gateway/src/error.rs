@@ -1,0 +1,165 @@
+//! Every error of the OpenAI-compatible API, in OpenAI's shape:
+//! `{"error": {"message", "type", "param", "code"}}`, with its HTTP status, in one place.
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, ResponseError};
+use ragway_engine::EngineError;
+use serde::Serialize;
+
+/// An API error (see the module docs).
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    pub kind: &'static str,
+    pub param: Option<String>,
+    pub code: Option<&'static str>,
+    /// Seconds a client should wait before retrying (429, 503).
+    pub retry_after: Option<u32>,
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    error: Inner<'a>,
+}
+
+#[derive(Serialize)]
+struct Inner<'a> {
+    message: &'a str,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    param: Option<&'a str>,
+    code: Option<&'a str>,
+}
+
+impl ApiError {
+    /// 400 `invalid_request_error` about one parameter.
+    pub fn invalid(param: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param: Some(param.into()),
+            code: None,
+            retry_after: None,
+        }
+    }
+
+    /// 404 for a model id that is not served.
+    pub fn model_not_found(model: &str) -> Self {
+        Self {
+            status: StatusCode::NOT_FOUND,
+            message: format!("The model `{model}` does not exist or you do not have access to it."),
+            kind: "invalid_request_error",
+            param: Some("model".into()),
+            code: Some("model_not_found"),
+            retry_after: None,
+        }
+    }
+
+    /// 503 while models are still loading.
+    pub fn not_ready(what: &str) -> Self {
+        Self {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: format!("{what} is still loading; retry shortly"),
+            kind: "server_error",
+            param: None,
+            code: Some("model_not_ready"),
+            retry_after: Some(1),
+        }
+    }
+
+    /// 404 for an unknown route.
+    pub fn not_found(path: &str) -> Self {
+        Self {
+            status: StatusCode::NOT_FOUND,
+            message: format!("Unknown request URL: {path}"),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("unknown_url"),
+            retry_after: None,
+        }
+    }
+
+    /// 500 for failures that are ragway's fault.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            message: message.into(),
+            kind: "server_error",
+            param: None,
+            code: None,
+            retry_after: None,
+        }
+    }
+
+    /// Engine errors: user errors are 400 on `param`, a full queue is 429, the rest 5xx.
+    pub fn from_engine(e: EngineError, param: &str) -> Self {
+        match &e {
+            EngineError::QueueFull { .. } => Self {
+                status: StatusCode::TOO_MANY_REQUESTS,
+                message: e.to_string(),
+                kind: "rate_limit_error",
+                param: None,
+                code: Some("rate_limit_exceeded"),
+                retry_after: Some(1),
+            },
+            EngineError::WorkerStopped { .. } => Self {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                retry_after: Some(5),
+                ..Self::internal(e.to_string())
+            },
+            _ if e.is_user_error() => Self::invalid(param, e.to_string()),
+            _ => Self::internal(e.to_string()),
+        }
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.message, self.status)
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        self.status
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut resp = HttpResponse::build(self.status);
+        if let Some(s) = self.retry_after {
+            resp.insert_header(("Retry-After", s.to_string()));
+        }
+        resp.json(Body {
+            error: Inner {
+                message: &self.message,
+                kind: self.kind,
+                param: self.param.as_deref(),
+                code: self.code,
+            },
+        })
+    }
+}
+
+/// JSON bodies that do not parse become OpenAI-shaped 400s naming what was wrong.
+pub fn json_error(err: actix_web::error::JsonPayloadError, _req: &actix_web::HttpRequest) -> actix_web::Error {
+    use actix_web::error::JsonPayloadError as J;
+    let api = match &err {
+        J::OverflowKnownLength { length, limit } => ApiError {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            ..ApiError::invalid("body", format!("request body of {length} bytes exceeds the limit of {limit} bytes"))
+        },
+        J::Overflow { limit } => ApiError {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            ..ApiError::invalid("body", format!("request body exceeds the limit of {limit} bytes"))
+        },
+        J::ContentType => ApiError {
+            status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ..ApiError::invalid("body", "expected Content-Type: application/json")
+        },
+        J::Deserialize(e) => ApiError::invalid("body", format!("invalid JSON body: {e}")),
+        other => ApiError::invalid("body", format!("invalid request body: {other}")),
+    };
+    api.into()
+}

@@ -1,0 +1,140 @@
+//! `POST /v1/embeddings` in OpenAI's format: `input` as a string, an array of strings, an
+//! array of token ids or an array of token-id arrays; `encoding_format` `float` (default) or
+//! `base64` (little-endian f32, as the `openai` clients decode it).
+
+use crate::error::ApiError;
+use crate::state::AppState;
+use actix_web::{post, web, HttpResponse};
+use base64::Engine as _;
+use ragway_engine::embed::EmbedInput;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbeddingsRequest {
+    input: Value,
+    model: String,
+    #[serde(default)]
+    encoding_format: Option<String>,
+    #[serde(default)]
+    dimensions: Option<usize>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    user: Option<String>,
+}
+
+#[derive(Serialize)]
+struct EmbeddingObject {
+    object: &'static str,
+    index: usize,
+    embedding: Value,
+}
+
+#[derive(Serialize)]
+struct Usage {
+    prompt_tokens: usize,
+    total_tokens: usize,
+}
+
+#[derive(Serialize)]
+struct EmbeddingsResponse<'a> {
+    object: &'static str,
+    data: Vec<EmbeddingObject>,
+    model: &'a str,
+    usage: Usage,
+}
+
+const INPUT_SHAPE: &str =
+    "`input` must be a string, an array of strings, an array of token ids, or an array of token-id arrays";
+
+fn token_ids(v: &[Value], param: &str) -> Result<Vec<u32>, ApiError> {
+    v.iter()
+        .map(|x| {
+            x.as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .ok_or_else(|| ApiError::invalid(param, format!("{param} must contain non-negative integer token ids")))
+        })
+        .collect()
+}
+
+/// Turns OpenAI's `input` into engine inputs.
+pub fn parse_input(input: &Value) -> Result<Vec<EmbedInput>, ApiError> {
+    match input {
+        Value::String(s) => Ok(vec![EmbedInput::Text(s.clone())]),
+        Value::Array(items) if items.is_empty() => Err(ApiError::invalid("input", "`input` must not be empty")),
+        Value::Array(items) => {
+            if items.iter().all(Value::is_string) {
+                Ok(items.iter().map(|s| EmbedInput::Text(s.as_str().unwrap_or_default().to_string())).collect())
+            } else if items.iter().all(Value::is_number) {
+                Ok(vec![EmbedInput::Tokens(token_ids(items, "input")?)])
+            } else if items.iter().all(Value::is_array) {
+                items
+                    .iter()
+                    .enumerate()
+                    .map(|(i, a)| {
+                        let param = format!("input[{i}]");
+                        token_ids(a.as_array().map(Vec::as_slice).unwrap_or_default(), &param).map(EmbedInput::Tokens)
+                    })
+                    .collect()
+            } else {
+                Err(ApiError::invalid("input", INPUT_SHAPE))
+            }
+        }
+        _ => Err(ApiError::invalid("input", INPUT_SHAPE)),
+    }
+}
+
+fn encode_base64(v: &[f32]) -> String {
+    let mut bytes = Vec::with_capacity(v.len() * 4);
+    for x in v {
+        bytes.extend_from_slice(&x.to_le_bytes());
+    }
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+#[post("/v1/embeddings")]
+pub async fn create(state: web::Data<AppState>, body: web::Json<EmbeddingsRequest>) -> Result<HttpResponse, ApiError> {
+    let req = body.into_inner();
+    if req.model != state.settings.embedding_model_id {
+        return Err(ApiError::model_not_found(&req.model));
+    }
+    let base64 = match req.encoding_format.as_deref() {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(other) => {
+            return Err(ApiError::invalid(
+                "encoding_format",
+                format!("`encoding_format` must be `float` or `base64`, not `{other}`"),
+            ))
+        }
+    };
+    let handle = state.embedder.get().ok_or_else(|| ApiError::not_ready(&state.settings.embedding_model_id))?;
+    let dim = handle.embedder().dim();
+    if let Some(d) = req.dimensions {
+        if d != dim {
+            return Err(ApiError::invalid(
+                "dimensions",
+                format!("`{}` produces {dim}-dimensional embeddings and cannot shorten them to {d}", req.model),
+            ));
+        }
+    }
+    let inputs = parse_input(&req.input)?;
+    let embeddings = handle.embed(inputs).await.map_err(|e| ApiError::from_engine(e, "input"))?;
+    let prompt_tokens = embeddings.iter().map(|e| e.num_tokens).sum();
+    let data = embeddings
+        .into_iter()
+        .enumerate()
+        .map(|(index, e)| EmbeddingObject {
+            object: "embedding",
+            index,
+            embedding: if base64 { Value::String(encode_base64(&e.vector)) } else { serde_json::json!(e.vector) },
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(EmbeddingsResponse {
+        object: "list",
+        data,
+        model: &state.settings.embedding_model_id,
+        usage: Usage { prompt_tokens, total_tokens: prompt_tokens },
+    }))
+}

@@ -1,0 +1,24 @@
+//! Liveness and readiness probes.
+
+use crate::state::AppState;
+use actix_web::{get, web, HttpResponse};
+use serde_json::json;
+
+/// Liveness: answers as soon as the server listens.
+#[get("/health")]
+pub async fn health() -> HttpResponse {
+    HttpResponse::Ok().json(json!({"status": "ok"}))
+}
+
+/// Readiness: 200 once the models are loaded, 503 before.
+#[get("/ready")]
+pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
+    let models = json!({ state.settings.embedding_model_id.clone(): state.embedder.get().is_some() });
+    if state.is_ready() {
+        HttpResponse::Ok().json(json!({"status": "ready", "models": models}))
+    } else {
+        HttpResponse::ServiceUnavailable()
+            .insert_header(("Retry-After", "1"))
+            .json(json!({"status": "loading", "models": models}))
+    }
+}

@@ -1,0 +1,17 @@
+//! HTTP routes. Handlers parse and validate, call the engine, and shape the answer; the logic
+//! itself lives in the domain crates.
+
+pub mod embeddings;
+pub mod health;
+pub mod models;
+
+use actix_web::web;
+
+/// Registers every route.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(health::health)
+        .service(health::ready)
+        .service(models::list)
+        .service(models::get)
+        .service(embeddings::create);
+}

@@ -1,0 +1,37 @@
+//! `GET /v1/models` and `GET /v1/models/{id}` in OpenAI's format.
+
+use crate::error::ApiError;
+use crate::state::AppState;
+use actix_web::{get, web, HttpResponse};
+use serde::Serialize;
+
+#[derive(Serialize)]
+struct Model<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    owned_by: &'static str,
+}
+
+fn served(state: &AppState) -> Vec<Model<'_>> {
+    vec![Model {
+        id: &state.settings.embedding_model_id,
+        object: "model",
+        created: state.started_unix,
+        owned_by: "ragway",
+    }]
+}
+
+#[get("/v1/models")]
+pub async fn list(state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({"object": "list", "data": served(&state)}))
+}
+
+#[get("/v1/models/{id:.*}")]
+pub async fn get(state: web::Data<AppState>, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    served(&state)
+        .into_iter()
+        .find(|m| m.id == id.as_str())
+        .map(|m| HttpResponse::Ok().json(m))
+        .ok_or_else(|| ApiError::model_not_found(&id))
+}

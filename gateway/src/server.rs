@@ -1,0 +1,68 @@
+//! `ragway serve`: binds at once (so `/health` answers while models load), loads the models
+//! on their engine threads, and flips `/ready` when they are in. A model that fails to load
+//! stops the server with the reason. SIGTERM/SIGINT stop accepting and drain in-flight
+//! requests (actix-web's graceful shutdown).
+
+use crate::config::Settings;
+use crate::error::{json_error, ApiError};
+use crate::routes;
+use crate::state::AppState;
+use actix_web::{middleware, web, App, HttpRequest, HttpServer};
+use ragway_engine::embed::worker::{EmbedWorker, EmbedWorkerConfig};
+use ragway_engine::embed::EmbedderOptions;
+use std::sync::Arc;
+
+async fn unknown_route(req: HttpRequest) -> ApiError {
+    ApiError::not_found(req.path())
+}
+
+/// Runs the server until it is stopped.
+pub async fn serve(settings: Settings) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&settings.data_dir)
+        .map_err(|e| anyhow::anyhow!("cannot create data dir {}: {e}", settings.data_dir.display()))?;
+    let device = ragway_engine::device::open_device(&settings.device)?;
+    let state = web::Data::new(AppState::new(settings.clone()));
+
+    let max_body = settings.max_body_bytes;
+    let app_state = state.clone();
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(app_state.clone())
+            .app_data(web::JsonConfig::default().limit(max_body).error_handler(json_error))
+            .wrap(middleware::Logger::new("%r %s %Dms").log_target("ragway::http"))
+            .configure(routes::configure)
+            .default_service(web::to(unknown_route))
+    })
+    .workers(settings.http_workers)
+    .shutdown_timeout(30)
+    .bind((settings.host.as_str(), settings.port))
+    .map_err(|e| anyhow::anyhow!("cannot listen on {}:{}: {e}", settings.host, settings.port))?;
+    for addr in server.addrs() {
+        tracing::info!("listening on http://{addr}");
+    }
+
+    let loader_state: Arc<AppState> = state.clone().into_inner();
+    let embed_config = EmbedWorkerConfig {
+        model_id: settings.embedding_model_id.clone(),
+        source: settings.embedding_model.clone(),
+        models_dir: settings.models_dir.clone(),
+        options: EmbedderOptions { device, max_batch_tokens: settings.embed_batch_tokens, ..Default::default() },
+        queue_capacity: settings.embed_queue,
+        max_inputs_per_request: settings.max_embed_inputs,
+    };
+    std::thread::spawn(move || match EmbedWorker::spawn(embed_config) {
+        Ok(handle) => {
+            tracing::info!(model = %handle.model_id(), dim = handle.embedder().dim(), "embedding model ready");
+            let _ = loader_state.embedder.set(handle);
+        }
+        Err(e) => {
+            tracing::error!("failed to load the embedding model: {e}");
+            eprintln!("error: failed to load the embedding model: {e}");
+            std::process::exit(1);
+        }
+    });
+
+    server.run().await?;
+    tracing::info!("server stopped");
+    Ok(())
+}

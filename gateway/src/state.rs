@@ -1,0 +1,27 @@
+//! Shared server state: settings and the model handles, filled in as models finish loading.
+
+use crate::config::Settings;
+use ragway_engine::embed::worker::EmbedHandle;
+use std::sync::OnceLock;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// State shared by every request.
+pub struct AppState {
+    pub settings: Settings,
+    /// The embedding model, once loaded.
+    pub embedder: OnceLock<EmbedHandle>,
+    /// Unix time the server started (the `created` of served models).
+    pub started_unix: u64,
+}
+
+impl AppState {
+    pub fn new(settings: Settings) -> Self {
+        let started_unix = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        Self { settings, embedder: OnceLock::new(), started_unix }
+    }
+
+    /// True once every configured model is loaded.
+    pub fn is_ready(&self) -> bool {
+        self.embedder.get().is_some()
+    }
+}

@@ -1,0 +1,126 @@
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+pub fn models_dir() -> PathBuf {
+    std::env::var_os("RAGWAY_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models"))
+}
+
+/// A `ragway serve` process on a free port, killed on drop.
+pub struct Server {
+    child: Child,
+    pub url: String,
+    pub log: Arc<Mutex<Vec<String>>>,
+    _data: PathBuf,
+}
+
+impl Server {
+    /// Starts the binary with extra flags and waits for its listening line.
+    pub fn start(extra: &[&str]) -> Server {
+        let data = std::env::temp_dir().join(format!("ragway-gw-{}-{}", std::process::id(), rand_suffix()));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ragway"))
+            .args(["serve", "--host", "127.0.0.1", "--port", "0", "--http-workers", "2"])
+            .arg("--models-dir")
+            .arg(models_dir())
+            .arg("--data-dir")
+            .arg(&data)
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .env("HF_HUB_OFFLINE", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ragway");
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(i) = line.find("listening on http://") {
+                    let _ = tx.send(line[i + "listening on ".len()..].trim().to_string());
+                }
+                log2.lock().unwrap().push(line);
+            }
+        });
+        let url = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| {
+            panic!("server did not start: {:?}", log.lock().unwrap())
+        });
+        Server { child, url, log, _data: data }
+    }
+
+    pub fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(180);
+        while Instant::now() < deadline {
+            if let Ok(r) = client().get(format!("{}/ready", self.url)).send() {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("server never became ready: {:?}", self.log.lock().unwrap());
+    }
+
+    pub fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let r = client().post(format!("{}{path}", self.url)).json(body).send().expect("request");
+        let status = r.status().as_u16();
+        (status, r.json().unwrap_or(Value::Null))
+    }
+
+    pub fn get(&self, path: &str) -> (u16, Value) {
+        let r = client().get(format!("{}{path}", self.url)).send().expect("request");
+        let status = r.status().as_u16();
+        (status, r.json().unwrap_or(Value::Null))
+    }
+
+    /// Exit status if the process has ended.
+    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self._data);
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+pub fn client() -> &'static reqwest::blocking::Client {
+    static C: OnceLock<reqwest::blocking::Client> = OnceLock::new();
+    C.get_or_init(|| reqwest::blocking::Client::builder().timeout(Duration::from_secs(120)).build().unwrap())
+}
+
+/// One ready server shared by the tests that do not need their own.
+pub fn shared() -> &'static Server {
+    static S: OnceLock<Server> = OnceLock::new();
+    S.get_or_init(|| {
+        let s = Server::start(&[]);
+        s.wait_ready();
+        s
+    })
+}
+
+/// Asserts OpenAI's error shape and returns the error object.
+pub fn assert_openai_error(status: u16, body: &Value, want_status: u16) -> &Value {
+    assert_eq!(status, want_status, "{body}");
+    let e = &body["error"];
+    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+    assert!(e["type"].is_string(), "{body}");
+    assert!(e.get("param").is_some() && e.get("code").is_some(), "{body}");
+    e
+}

@@ -1,0 +1,32 @@
+//! The official `openai` Python package against a real server (tests/openai_embeddings.py).
+
+use crate::common::shared;
+use std::path::PathBuf;
+use std::process::Command;
+
+/// The Python with `openai` installed: `RAGWAY_TEST_PYTHON`, else the venv that
+/// `scripts/test.sh` creates.
+fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("RAGWAY_TEST_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let venv = PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/ragway/pyenv/bin/python");
+    assert!(venv.is_file(), "no Python with the openai package: run scripts/test.sh (it creates {})", venv.display());
+    venv
+}
+
+#[test]
+fn official_openai_client_embeddings_and_models() {
+    let s = shared();
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/openai_embeddings.py");
+    let out = Command::new(python())
+        .arg(script)
+        .env("RAGWAY_URL", &s.url)
+        .env("RAGWAY_FIXTURE", PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../engine/tests/data/embeddings_minilm.json"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "openai client script failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("openai client: all checks passed"), "{stdout}");
+}

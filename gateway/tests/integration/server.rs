@@ -1,0 +1,86 @@
+//! Start-up, probes, models listing and failure modes of `ragway serve`.
+
+use crate::common::{assert_openai_error, client, shared, Server};
+use std::time::Duration;
+
+#[test]
+fn health_answers_and_ready_flips_once_loaded() {
+    let s = Server::start(&[]);
+    let (status, body) = s.get("/health");
+    assert_eq!(status, 200);
+    assert_eq!(body["status"], "ok");
+    let r = client().get(format!("{}/ready", s.url)).send().unwrap();
+    // Either still loading (503 with Retry-After) or already up; never anything else.
+    if r.status() == 503 {
+        assert!(r.headers().get("retry-after").is_some());
+    } else {
+        assert_eq!(r.status(), 200);
+    }
+    s.wait_ready();
+    let (status, body) = s.get("/ready");
+    assert_eq!(status, 200);
+    assert_eq!(body["models"]["all-MiniLM-L6-v2"], true);
+}
+
+#[test]
+fn lists_the_default_embedding_model() {
+    let s = shared();
+    let (status, body) = s.get("/v1/models");
+    assert_eq!(status, 200);
+    assert_eq!(body["object"], "list");
+    let ids: Vec<&str> = body["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert!(ids.contains(&"all-MiniLM-L6-v2"), "{body}");
+    let (status, m) = s.get("/v1/models/all-MiniLM-L6-v2");
+    assert_eq!(status, 200);
+    assert_eq!(m["object"], "model");
+    assert_eq!(m["owned_by"], "ragway");
+    assert!(m["created"].as_u64().unwrap() > 1_600_000_000);
+    let (status, body) = s.get("/v1/models/gpt-4");
+    let e = assert_openai_error(status, &body, 404);
+    assert_eq!(e["code"], "model_not_found");
+}
+
+#[test]
+fn unknown_route_is_an_openai_error() {
+    let (status, body) = shared().get("/v1/nope");
+    assert_openai_error(status, &body, 404);
+}
+
+#[test]
+fn missing_model_stops_the_server_with_the_reason() {
+    let empty = std::env::temp_dir().join(format!("ragway-empty-models-{}", std::process::id()));
+    std::fs::create_dir_all(&empty).unwrap();
+    let mut s = Server::start(&["--models-dir", empty.to_str().unwrap(), "--embedding-model", "nobody/missing-model"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(st) = s.try_wait() {
+            break st;
+        }
+        assert!(std::time::Instant::now() < deadline, "server kept running without its model");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!status.success());
+    std::thread::sleep(Duration::from_millis(200));
+    let log = s.log.lock().unwrap().join("\n");
+    assert!(log.contains("missing-model") && log.contains("setup-models.sh"), "{log}");
+}
+
+#[test]
+fn config_file_and_unknown_keys() {
+    let dir = std::env::temp_dir().join(format!("ragway-cfgtest-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "port = 1\nnot_a_key = true\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ragway"))
+        .args(["serve", "--config", bad.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not_a_key"), "{err}");
+    let help = std::process::Command::new(env!("CARGO_BIN_EXE_ragway")).args(["serve", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for flag in ["--host", "--port", "--models-dir", "--data-dir", "--config", "RAGWAY_PORT"] {
+        assert!(help.contains(flag), "--help lacks {flag}:\n{help}");
+    }
+}
