@@ -12,8 +12,8 @@ use ragway_engine::embed::worker::{EmbedWorker, EmbedWorkerConfig};
 use ragway_engine::embed::EmbedderOptions;
 use std::sync::Arc;
 
-async fn unknown_route(req: HttpRequest) -> ApiError {
-    ApiError::not_found(req.path())
+async fn unknown_route(req: HttpRequest) -> Result<actix_web::HttpResponse, ApiError> {
+    Err(ApiError::not_found(req.path()))
 }
 
 /// Runs the server until it is stopped.

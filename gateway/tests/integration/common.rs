@@ -23,11 +23,16 @@ pub struct Server {
 impl Server {
     /// Starts the binary with extra flags and waits for its listening line.
     pub fn start(extra: &[&str]) -> Server {
+        Self::start_with_models(&models_dir(), extra)
+    }
+
+    /// Starts the binary with another models directory.
+    pub fn start_with_models(models: &std::path::Path, extra: &[&str]) -> Server {
         let data = std::env::temp_dir().join(format!("ragway-gw-{}-{}", std::process::id(), rand_suffix()));
         let mut child = Command::new(env!("CARGO_BIN_EXE_ragway"))
             .args(["serve", "--host", "127.0.0.1", "--port", "0", "--http-workers", "2"])
             .arg("--models-dir")
-            .arg(models_dir())
+            .arg(models)
             .arg("--data-dir")
             .arg(&data)
             .args(extra)

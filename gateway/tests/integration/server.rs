@@ -50,7 +50,7 @@ fn unknown_route_is_an_openai_error() {
 fn missing_model_stops_the_server_with_the_reason() {
     let empty = std::env::temp_dir().join(format!("ragway-empty-models-{}", std::process::id()));
     std::fs::create_dir_all(&empty).unwrap();
-    let mut s = Server::start(&["--models-dir", empty.to_str().unwrap(), "--embedding-model", "nobody/missing-model"]);
+    let mut s = Server::start_with_models(&empty, &["--embedding-model", "nobody/missing-model"]);
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let status = loop {
         if let Some(st) = s.try_wait() {
