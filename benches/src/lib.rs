@@ -31,10 +31,7 @@ pub fn load_jsonl_texts(path: &Path) -> anyhow::Result<Vec<String>> {
 
 /// Short queries (~10 words) made deterministically from the passages: words 3..13 of each.
 pub fn short_queries(passages: &[String]) -> Vec<String> {
-    passages
-        .iter()
-        .map(|p| p.split_whitespace().skip(3).take(10).collect::<Vec<_>>().join(" "))
-        .collect()
+    passages.iter().map(|p| p.split_whitespace().skip(3).take(10).collect::<Vec<_>>().join(" ")).collect()
 }
 
 /// The workspace root (parent of `benches/`).

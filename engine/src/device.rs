@@ -9,9 +9,8 @@ pub fn open_device(spec: &str) -> Result<Device> {
     let spec = spec.trim().to_ascii_lowercase();
     let (kind, ordinal) = match spec.split_once(':') {
         Some((k, n)) => {
-            let n = n
-                .parse::<usize>()
-                .map_err(|_| EngineError::Device(spec.clone(), "ordinal must be a number".into()))?;
+            let n =
+                n.parse::<usize>().map_err(|_| EngineError::Device(spec.clone(), "ordinal must be a number".into()))?;
             (k.to_string(), n)
         }
         None => (spec.clone(), 0),

@@ -214,8 +214,7 @@ pub fn packed_attention(
     }
     let mut ctx = vec![0f32; total * h];
     let out = SendPtr(ctx.as_mut_ptr());
-    let tasks: Vec<(usize, usize)> =
-        (0..seq_lens.len()).flat_map(|s| (0..heads).map(move |hd| (s, hd))).collect();
+    let tasks: Vec<(usize, usize)> = (0..seq_lens.len()).flat_map(|s| (0..heads).map(move |hd| (s, hd))).collect();
     let x = &*qkv;
     tasks.par_iter().for_each_init(Vec::new, |scores: &mut Vec<f32>, &(s, hd)| {
         let out = out;
@@ -231,22 +230,50 @@ pub fn packed_attention(
             let v = x.as_ptr().add(base + 2 * h);
             // scores[L, L] = Q[L, d] K^T[d, L]
             gemm::gemm(
-                len, len, head_dim,
-                scores.as_mut_ptr(), 1, len as isize, false,
-                q, 1, row_stride,
-                k, row_stride, 1,
-                0.0, 1.0, false, false, false, gemm::Parallelism::None,
+                len,
+                len,
+                head_dim,
+                scores.as_mut_ptr(),
+                1,
+                len as isize,
+                false,
+                q,
+                1,
+                row_stride,
+                k,
+                row_stride,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
             );
             for row in scores.chunks_exact_mut(len) {
                 softmax_inplace(row);
             }
             // ctx[L, d] = P[L, L] V[L, d], written into its columns of the [T, H] output.
             gemm::gemm(
-                len, head_dim, len,
-                out.0.add(start * h + hd * head_dim), 1, h as isize, false,
-                scores.as_ptr(), 1, len as isize,
-                v, 1, row_stride,
-                0.0, 1.0, false, false, false, gemm::Parallelism::None,
+                len,
+                head_dim,
+                len,
+                out.0.add(start * h + hd * head_dim),
+                1,
+                h as isize,
+                false,
+                scores.as_ptr(),
+                1,
+                len as isize,
+                v,
+                1,
+                row_stride,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
             );
         }
     });
@@ -296,8 +323,7 @@ mod tests {
         let beta = [0.0f32, 0.1, 0.2, 0.3, 0.4, 0.5];
         let out = add_layer_norm(&x, Some(&bias), Some(&res), &gamma, &beta, 1e-12);
         for r in 0..4 {
-            let row: Vec<f64> =
-                (0..6).map(|c| (x[r * 6 + c] + bias[c] + res[r * 6 + c]) as f64).collect();
+            let row: Vec<f64> = (0..6).map(|c| (x[r * 6 + c] + bias[c] + res[r * 6 + c]) as f64).collect();
             let mean = row.iter().sum::<f64>() / 6.0;
             let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / 6.0;
             for c in 0..6 {
@@ -328,7 +354,10 @@ mod tests {
             for head in 0..heads {
                 for i in 0..l {
                     let s: Vec<f64> = (0..l)
-                        .map(|j| (0..hd).map(|d| at(start + i, 0, head, d) * at(start + j, 1, head, d)).sum::<f64>() * scale as f64)
+                        .map(|j| {
+                            (0..hd).map(|d| at(start + i, 0, head, d) * at(start + j, 1, head, d)).sum::<f64>()
+                                * scale as f64
+                        })
                         .collect();
                     let m = s.iter().cloned().fold(f64::MIN, f64::max);
                     let e: Vec<f64> = s.iter().map(|v| (v - m).exp()).collect();

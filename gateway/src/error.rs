@@ -104,11 +104,9 @@ impl ApiError {
                 code: Some("rate_limit_exceeded"),
                 retry_after: Some(1),
             },
-            EngineError::WorkerStopped { .. } => Self {
-                status: StatusCode::SERVICE_UNAVAILABLE,
-                retry_after: Some(5),
-                ..Self::internal(e.to_string())
-            },
+            EngineError::WorkerStopped { .. } => {
+                Self { status: StatusCode::SERVICE_UNAVAILABLE, retry_after: Some(5), ..Self::internal(e.to_string()) }
+            }
             _ if e.is_user_error() => Self::invalid(param, e.to_string()),
             _ => Self::internal(e.to_string()),
         }
@@ -132,12 +130,7 @@ impl ResponseError for ApiError {
             resp.insert_header(("Retry-After", s.to_string()));
         }
         resp.json(Body {
-            error: Inner {
-                message: &self.message,
-                kind: self.kind,
-                param: self.param.as_deref(),
-                code: self.code,
-            },
+            error: Inner { message: &self.message, kind: self.kind, param: self.param.as_deref(), code: self.code },
         })
     }
 }

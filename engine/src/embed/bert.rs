@@ -172,7 +172,8 @@ impl InplaceOp1 for AttentionOp<'_> {
         let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("attention needs a contiguous qkv") };
         let CpuStorage::F32(data) = s else { candle_core::bail!("attention needs f32") };
         let scale = 1.0 / (self.head_dim as f32).sqrt();
-        let ctx = kernels::packed_attention(&mut data[a..b], self.bias, self.seq_lens, self.heads, self.head_dim, scale);
+        let ctx =
+            kernels::packed_attention(&mut data[a..b], self.bias, self.seq_lens, self.heads, self.head_dim, scale);
         *self.out.borrow_mut() = Some(ctx);
         Ok(())
     }
@@ -207,10 +208,9 @@ impl BertEncoder {
     pub fn load(vb: VarBuilder, config: &Config) -> candle_core::Result<Self> {
         let vb = if vb.contains_tensor("embeddings.word_embeddings.weight") {
             vb
-        } else if let Some(prefix) =
-            [config.model_type.as_deref().unwrap_or("bert"), "bert", "model"].into_iter().find(|p| {
-                vb.contains_tensor(&format!("{p}.embeddings.word_embeddings.weight"))
-            })
+        } else if let Some(prefix) = [config.model_type.as_deref().unwrap_or("bert"), "bert", "model"]
+            .into_iter()
+            .find(|p| vb.contains_tensor(&format!("{p}.embeddings.word_embeddings.weight")))
         {
             vb.pp(prefix)
         } else {

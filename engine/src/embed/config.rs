@@ -86,10 +86,8 @@ impl SentenceConfig {
         // sentence-transformers applies a `Normalize` module even when its folder is absent.
         let normalize = modules.iter().any(|m| m.kind.ends_with("models.Normalize"));
         let sbert: Option<SbertFile> = read_json(&dir.join("sentence_bert_config.json"))?;
-        let max_seq_length = sbert
-            .and_then(|s| s.max_seq_length)
-            .unwrap_or(max_position_embeddings)
-            .min(max_position_embeddings);
+        let max_seq_length =
+            sbert.and_then(|s| s.max_seq_length).unwrap_or(max_position_embeddings).min(max_position_embeddings);
         Ok(Self { pooling, normalize, max_seq_length })
     }
 
@@ -131,8 +129,16 @@ mod tests {
     #[test]
     fn reads_cls_pooling_and_no_normalize() {
         let dir = std::env::temp_dir().join(format!("ragway-stcfg-{}", std::process::id()));
-        write(&dir, "modules.json", r#"[{"idx":0,"name":"0","path":"","type":"sentence_transformers.models.Transformer"},{"idx":1,"name":"1","path":"1_Pooling","type":"sentence_transformers.models.Pooling"}]"#);
-        write(&dir, "1_Pooling/config.json", r#"{"word_embedding_dimension":8,"pooling_mode_cls_token":true,"pooling_mode_mean_tokens":false}"#);
+        write(
+            &dir,
+            "modules.json",
+            r#"[{"idx":0,"name":"0","path":"","type":"sentence_transformers.models.Transformer"},{"idx":1,"name":"1","path":"1_Pooling","type":"sentence_transformers.models.Pooling"}]"#,
+        );
+        write(
+            &dir,
+            "1_Pooling/config.json",
+            r#"{"word_embedding_dimension":8,"pooling_mode_cls_token":true,"pooling_mode_mean_tokens":false}"#,
+        );
         write(&dir, "sentence_bert_config.json", r#"{"max_seq_length":1024}"#);
         let c = SentenceConfig::load(&dir, 512).unwrap();
         assert_eq!(c, SentenceConfig { pooling: Pooling::Cls, normalize: false, max_seq_length: 512 });

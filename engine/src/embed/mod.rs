@@ -107,8 +107,8 @@ impl Embedder {
         let config: candle_transformers::models::bert::Config =
             serde_json::from_str(&config_text).map_err(|e| invalid(format!("config.json: {e}")))?;
         let sentence = SentenceConfig::load(dir, config.max_position_embeddings)?;
-        let mut tokenizer = Tokenizer::from_file(dir.join("tokenizer.json"))
-            .map_err(|e| invalid(format!("tokenizer.json: {e}")))?;
+        let mut tokenizer =
+            Tokenizer::from_file(dir.join("tokenizer.json")).map_err(|e| invalid(format!("tokenizer.json: {e}")))?;
         // tokenizer.json may carry its own truncation (128 for MiniLM) and fixed padding;
         // sentence-transformers ignores both, and so do we: we truncate to max_seq_length.
         tokenizer.with_truncation(None).map_err(|e| invalid(e.to_string()))?;
@@ -362,10 +362,7 @@ mod tests {
     #[test]
     fn validation_errors() {
         assert!(matches!(validate_inputs(&[], 10), Err(EngineError::EmptyInput)));
-        assert!(matches!(
-            validate_inputs(&["a".into(), "".into()], 10),
-            Err(EngineError::EmptyText { index: 1 })
-        ));
+        assert!(matches!(validate_inputs(&["a".into(), "".into()], 10), Err(EngineError::EmptyText { index: 1 })));
         assert!(matches!(
             validate_inputs(&[EmbedInput::Tokens(vec![1, 12])], 10),
             Err(EngineError::InvalidTokenId { index: 0, token_id: 12, vocab_size: 10 })

@@ -51,25 +51,20 @@ impl EmbedWorker {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (tx, rx) = mpsc::channel::<Job>(config.queue_capacity.max(1));
         let thread_config = config.clone();
-        std::thread::Builder::new()
-            .name(format!("embed-{}", config.model_id))
-            .spawn(move || {
-                let loaded = Embedder::from_source(
-                    &thread_config.source,
-                    &thread_config.models_dir,
-                    thread_config.options.clone(),
-                )
-                .map(Arc::new);
-                match loaded {
-                    Ok(embedder) => {
-                        let _ = ready_tx.send(Ok(embedder.clone()));
-                        run(embedder, rx, thread_config.options.max_batch_tokens);
-                    }
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
-                    }
+        std::thread::Builder::new().name(format!("embed-{}", config.model_id)).spawn(move || {
+            let loaded =
+                Embedder::from_source(&thread_config.source, &thread_config.models_dir, thread_config.options.clone())
+                    .map(Arc::new);
+            match loaded {
+                Ok(embedder) => {
+                    let _ = ready_tx.send(Ok(embedder.clone()));
+                    run(embedder, rx, thread_config.options.max_batch_tokens);
                 }
-            })?;
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                }
+            }
+        })?;
         let embedder = ready_rx.recv().map_err(|_| EngineError::WorkerStopped { model: config.model_id.clone() })??;
         Ok(EmbedHandle { tx, embedder, config: Arc::new(config) })
     }
@@ -134,10 +129,9 @@ impl EmbedHandle {
         let (reply, rx) = oneshot::channel();
         let job = Job { inputs, reply, span: tracing::Span::current() };
         self.tx.try_send(job).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => EngineError::QueueFull {
-                model: self.config.model_id.clone(),
-                capacity: self.config.queue_capacity,
-            },
+            mpsc::error::TrySendError::Full(_) => {
+                EngineError::QueueFull { model: self.config.model_id.clone(), capacity: self.config.queue_capacity }
+            }
             mpsc::error::TrySendError::Closed(_) => self.stopped(),
         })?;
         rx.await.map_err(|_| self.stopped())?

@@ -99,7 +99,8 @@ fn batch_composition_does_not_change_embeddings() {
     let target = "Batching must not change what a text means.";
     let alone = e.embed(&[target]).unwrap().remove(0).vector;
     let long = "word ".repeat(300);
-    let neighbours: Vec<String> = (0..40).map(|i| format!("neighbour sentence number {i} {}", "x ".repeat(i))).collect();
+    let neighbours: Vec<String> =
+        (0..40).map(|i| format!("neighbour sentence number {i} {}", "x ".repeat(i))).collect();
     let mut batch: Vec<&str> = neighbours.iter().map(String::as_str).collect();
     batch.insert(17, target);
     batch.push(&long);

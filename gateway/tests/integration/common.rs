@@ -54,9 +54,9 @@ impl Server {
                 log2.lock().unwrap().push(line);
             }
         });
-        let url = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| {
-            panic!("server did not start: {:?}", log.lock().unwrap())
-        });
+        let url = rx
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("server did not start: {:?}", log.lock().unwrap()));
         Server { child, url, log, _data: data }
     }
 

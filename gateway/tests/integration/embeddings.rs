@@ -97,7 +97,10 @@ fn bad_requests_get_openai_errors_and_the_server_survives() {
         assert_eq!(e["param"], param, "{body} -> {resp}");
     }
     // Malformed JSON and invalid UTF-8 bytes.
-    for raw in [&b"{\"model\": \"all-MiniLM-L6-v2\", \"input\": "[..], &b"{\"model\":\"all-MiniLM-L6-v2\",\"input\":\"\xff\xfe\"}"[..]] {
+    for raw in [
+        &b"{\"model\": \"all-MiniLM-L6-v2\", \"input\": "[..],
+        &b"{\"model\":\"all-MiniLM-L6-v2\",\"input\":\"\xff\xfe\"}"[..],
+    ] {
         let r = crate::common::client()
             .post(format!("{}/v1/embeddings", s.url))
             .header("content-type", "application/json")

@@ -22,7 +22,10 @@ fn official_openai_client_embeddings_and_models() {
     let out = Command::new(python())
         .arg(script)
         .env("RAGWAY_URL", &s.url)
-        .env("RAGWAY_FIXTURE", PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../engine/tests/data/embeddings_minilm.json"))
+        .env(
+            "RAGWAY_FIXTURE",
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../engine/tests/data/embeddings_minilm.json"),
+        )
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);

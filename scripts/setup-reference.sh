@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Creates the Python environment with the reference implementations that the benchmark
+# drivers run beside ragway (sentence-transformers + torch; llama-cpp-python with
+# --with-llamacpp, which builds llama.cpp from source: ~20 min on 2 cores).
+# Not needed by the tests.
+#
+#   scripts/setup-reference.sh [--with-llamacpp]
+set -euo pipefail
+env="${RAGWAY_CACHE:-$HOME/.cache/ragway}/refenv"
+[ -x "$env/bin/python" ] || python3 -m venv "$env"
+"$env/bin/pip" install --quiet --disable-pip-version-check sentence-transformers torch numpy
+if [ "${1:-}" = "--with-llamacpp" ]; then
+  CMAKE_ARGS="-DGGML_NATIVE=ON" "$env/bin/pip" install --quiet llama-cpp-python==0.3.36
+fi
+echo "$env/bin/python"
