@@ -50,9 +50,79 @@ impl Dense {
         Ok(Self { weight_t: Tensor::cat(&ws, 1)?.contiguous()?, bias_cpu: to_vec(&bias)?, bias })
     }
 
-    /// `x W^T` without the bias (fused into the next kernel).
-    fn matmul(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        x.matmul(&self.weight_t)
+    /// `x W^T` without the bias (fused into the next kernel). On CPU, `threads` says
+    /// whether the product itself is split across the rayon pool (`Parallelism::Rayon`) or
+    /// runs on the calling thread because whole batches already run in parallel.
+    fn matmul(&self, x: &Tensor, threads: Threads) -> candle_core::Result<Tensor> {
+        if !(x.device().is_cpu() && x.dtype() == DType::F32 && x.is_contiguous()) {
+            return x.matmul(&self.weight_t);
+        }
+        let (storage, layout) = self.weight_t.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else { return x.matmul(&self.weight_t) };
+        let (k, n) = self.weight_t.dims2()?;
+        let op = MatmulOp { weight: cpu_f32(cpu, layout)?, k, n, threads };
+        x.apply_op1_no_bwd(&op)
+    }
+}
+
+/// How a forward pass uses the CPU's threads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Threads {
+    /// Split each matrix product across the rayon pool (one batch at a time).
+    IntraOp,
+    /// Run each product on the calling thread (batches run in parallel).
+    Single,
+}
+
+/// `[M, K] x [K, N]` with gemm directly, so that the caller chooses the parallelism.
+struct MatmulOp<'a> {
+    weight: &'a [f32],
+    k: usize,
+    n: usize,
+    threads: Threads,
+}
+
+impl CustomOp1 for MatmulOp<'_> {
+    fn name(&self) -> &'static str {
+        "ragway-matmul"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = cpu_f32(s, l)?;
+        let (m, k) = l.shape().dims2()?;
+        if k != self.k || self.weight.len() != k * self.n {
+            candle_core::bail!("matmul shapes [{m}, {k}] x [{}, {}] do not fit", self.k, self.n);
+        }
+        let n = self.n;
+        let mut dst = vec![0f32; m * n];
+        let parallelism = match self.threads {
+            Threads::IntraOp => gemm::Parallelism::Rayon(rayon::current_num_threads()),
+            Threads::Single => gemm::Parallelism::None,
+        };
+        // SAFETY: row-major [m, k], [k, n] and [m, n] buffers of exactly those sizes.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                dst.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                x.as_ptr(),
+                1,
+                k as isize,
+                self.weight.as_ptr(),
+                1,
+                n as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                parallelism,
+            );
+        }
+        Ok((CpuStorage::F32(dst), Shape::from((m, n))))
     }
 }
 
@@ -265,7 +335,7 @@ impl BertEncoder {
 
     /// Runs the encoder on a packed batch: `ids` holds the token ids of all sequences one
     /// after the other, `seq_lens` their lengths. Returns the last hidden states `[T, H]`.
-    pub fn forward(&self, ids: &[u32], seq_lens: &[usize]) -> candle_core::Result<Tensor> {
+    pub fn forward(&self, ids: &[u32], seq_lens: &[usize], threads: Threads) -> candle_core::Result<Tensor> {
         let total: usize = seq_lens.iter().sum();
         if total != ids.len() {
             candle_core::bail!("seq_lens sum to {total} but {} ids were given", ids.len());
@@ -283,19 +353,25 @@ impl BertEncoder {
         let emb = (words + pos)?.broadcast_add(&type0)?;
         let mut x = self.embed_norm.forward(&emb, None, None)?;
         for layer in &self.layers {
-            x = self.layer_forward(layer, &x, seq_lens)?;
+            x = self.layer_forward(layer, &x, seq_lens, threads)?;
         }
         Ok(x)
     }
 
-    fn layer_forward(&self, l: &Layer, x: &Tensor, seq_lens: &[usize]) -> candle_core::Result<Tensor> {
-        let qkv = l.qkv.matmul(x)?;
+    fn layer_forward(
+        &self,
+        l: &Layer,
+        x: &Tensor,
+        seq_lens: &[usize],
+        threads: Threads,
+    ) -> candle_core::Result<Tensor> {
+        let qkv = l.qkv.matmul(x, threads)?;
         let ctx = self.attention(&qkv, &l.qkv, seq_lens)?;
-        let attn = l.attn_out.matmul(&ctx)?;
+        let attn = l.attn_out.matmul(&ctx, threads)?;
         let h = l.attn_norm.forward(&attn, Some(&l.attn_out), Some(x))?;
-        let inter = l.intermediate.matmul(&h)?;
+        let inter = l.intermediate.matmul(&h, threads)?;
         let inter = self.activation(inter, &l.intermediate)?;
-        let out = l.output.matmul(&inter)?;
+        let out = l.output.matmul(&inter, threads)?;
         l.out_norm.forward(&out, Some(&l.output), Some(&h))
     }
 
@@ -326,20 +402,27 @@ impl BertEncoder {
             let t = qkv.dim(0)?;
             return Tensor::from_vec(ctx, (t, self.heads * self.head_dim), qkv.device());
         }
-        self.attention_generic(&qkv.broadcast_add(&dense.bias)?, seq_lens)
+        attention_generic(&qkv.broadcast_add(&dense.bias)?, seq_lens, self.heads, self.head_dim)
     }
 
-    /// Attention with plain candle ops, one sequence at a time (GPU path, and the oracle the
-    /// CPU kernel is tested against).
-    pub(crate) fn attention_generic(&self, qkv: &Tensor, seq_lens: &[usize]) -> candle_core::Result<Tensor> {
-        let h = self.heads * self.head_dim;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
+    /// Hidden size.
+    pub fn hidden_size(&self) -> usize {
+        self.config.hidden_size
+    }
+}
+
+/// Attention with plain candle ops, one sequence at a time: the GPU path, and the oracle
+/// the CPU kernel is tested against. `qkv` is `[T, 3H]` with its bias already added.
+fn attention_generic(qkv: &Tensor, seq_lens: &[usize], heads: usize, head_dim: usize) -> candle_core::Result<Tensor> {
+    {
+        let h = heads * head_dim;
+        let scale = 1.0 / (head_dim as f64).sqrt();
         let mut outs = Vec::with_capacity(seq_lens.len());
         let mut start = 0;
         for &len in seq_lens {
             let rows = qkv.narrow(0, start, len)?;
             let split = |i: usize| -> candle_core::Result<Tensor> {
-                rows.narrow(1, i * h, h)?.reshape((len, self.heads, self.head_dim))?.transpose(0, 1)?.contiguous()
+                rows.narrow(1, i * h, h)?.reshape((len, heads, head_dim))?.transpose(0, 1)?.contiguous()
             };
             let (q, k, v) = (split(0)?, split(1)?, split(2)?);
             let scores = (q.matmul(&k.t()?)? * scale)?;
@@ -350,9 +433,27 @@ impl BertEncoder {
         }
         Tensor::cat(&outs, 0)
     }
+}
 
-    /// Hidden size.
-    pub fn hidden_size(&self) -> usize {
-        self.config.hidden_size
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_attention_kernel_matches_candle_ops() {
+        let (heads, head_dim) = (4, 8);
+        let h = heads * head_dim;
+        let lens = [5usize, 1, 17, 9];
+        let t: usize = lens.iter().sum();
+        let qkv = Tensor::randn(0f32, 1.0, (t, 3 * h), &Device::Cpu).unwrap();
+        let bias = Tensor::randn(0f32, 0.5, 3 * h, &Device::Cpu).unwrap();
+        let want = attention_generic(&qkv.broadcast_add(&bias).unwrap(), &lens, heads, head_dim).unwrap();
+        let mut data = qkv.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let b = bias.to_vec1::<f32>().unwrap();
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        let got = kernels::packed_attention(&mut data, &b, &lens, heads, head_dim, scale);
+        let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(diff < 1e-5, "max abs diff {diff}");
     }
 }

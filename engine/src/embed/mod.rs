@@ -13,7 +13,7 @@ pub use config::{Pooling, SentenceConfig};
 
 use crate::error::{EngineError, Result};
 use crate::models::{resolve_model_dir, SENTENCE_TRANSFORMER_FILES};
-use bert::BertEncoder;
+use bert::{BertEncoder, Threads};
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
@@ -202,10 +202,36 @@ impl Embedder {
     /// Embeds tokenized inputs; results come back in input order.
     pub fn embed_tokenized(&self, inputs: &[Tokenized]) -> Result<Vec<Embedding>> {
         let lens: Vec<usize> = inputs.iter().map(|t| t.ids.len()).collect();
-        let mut out: Vec<Option<Vec<f32>>> = vec![None; inputs.len()];
-        for batch in plan_batches(&lens, self.options.max_batch_tokens, self.options.max_batch_size) {
+        // On a multi-core CPU, work of more than a few hundred tokens is cut into at least
+        // four batches per thread that run in parallel, each with single-threaded matmuls:
+        // that uses each core better than splitting every product across threads, and
+        // rayon balances the uneven batches. Small work runs as one batch with the
+        // products split across threads.
+        let total: usize = lens.iter().sum();
+        let pool = rayon::current_num_threads();
+        let data_parallel = self.options.device.is_cpu() && pool > 1 && total >= 512;
+        let (max_tokens, max_seqs) = if data_parallel {
+            let parts = pool * 4;
+            (
+                self.options.max_batch_tokens.min(total.div_ceil(parts)),
+                self.options.max_batch_size.min(inputs.len().div_ceil(parts)).max(1),
+            )
+        } else {
+            (self.options.max_batch_tokens, self.options.max_batch_size)
+        };
+        let batches = plan_batches(&lens, max_tokens, max_seqs);
+        let run = |batch: &Vec<usize>, threads: Threads| {
             let seqs: Vec<&[u32]> = batch.iter().map(|&i| inputs[i].ids.as_slice()).collect();
-            for (i, v) in batch.iter().zip(self.embed_batch(&seqs)?) {
+            self.embed_batch(&seqs, threads)
+        };
+        let results: Vec<Vec<Vec<f32>>> = if data_parallel {
+            batches.par_iter().map(|b| run(b, Threads::Single)).collect::<Result<_>>()?
+        } else {
+            batches.iter().map(|b| run(b, Threads::IntraOp)).collect::<Result<_>>()?
+        };
+        let mut out: Vec<Option<Vec<f32>>> = vec![None; inputs.len()];
+        for (batch, vectors) in batches.iter().zip(results) {
+            for (i, v) in batch.iter().zip(vectors) {
                 out[*i] = Some(v);
             }
         }
@@ -221,10 +247,10 @@ impl Embedder {
     }
 
     /// One forward pass over a packed batch, then pooling and normalization.
-    fn embed_batch(&self, seqs: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
+    fn embed_batch(&self, seqs: &[&[u32]], threads: Threads) -> Result<Vec<Vec<f32>>> {
         let lens: Vec<usize> = seqs.iter().map(|s| s.len()).collect();
         let ids: Vec<u32> = seqs.iter().flat_map(|s| s.iter().copied()).collect();
-        let hidden = self.encoder.forward(&ids, &lens)?;
+        let hidden = self.encoder.forward(&ids, &lens, threads)?;
         let hidden = hidden.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
         let h = self.dim();
         let mut start = 0;

@@ -1,6 +1,7 @@
 //! `POST /v1/embeddings` in OpenAI's format: `input` as a string, an array of strings, an
 //! array of token ids or an array of token-id arrays; `encoding_format` `float` (default) or
-//! `base64` (little-endian f32, as the `openai` clients decode it).
+//! `base64` (little-endian f32, as the `openai` clients decode it). The header
+//! `x-ragway-truncated-inputs` counts inputs cut to the model's `max_seq_length`.
 
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -122,6 +123,9 @@ pub async fn create(state: web::Data<AppState>, body: web::Json<EmbeddingsReques
     let inputs = parse_input(&req.input)?;
     let embeddings = handle.embed(inputs).await.map_err(|e| ApiError::from_engine(e, "input"))?;
     let prompt_tokens = embeddings.iter().map(|e| e.num_tokens).sum();
+    // Inputs longer than the model's max_seq_length are truncated, never refused; the
+    // response says how many were (OpenAI's format has no field for it).
+    let truncated = embeddings.iter().filter(|e| e.truncated).count();
     let data = embeddings
         .into_iter()
         .enumerate()
@@ -131,10 +135,12 @@ pub async fn create(state: web::Data<AppState>, body: web::Json<EmbeddingsReques
             embedding: if base64 { Value::String(encode_base64(&e.vector)) } else { serde_json::json!(e.vector) },
         })
         .collect();
-    Ok(HttpResponse::Ok().json(EmbeddingsResponse {
-        object: "list",
-        data,
-        model: &state.settings.embedding_model_id,
-        usage: Usage { prompt_tokens, total_tokens: prompt_tokens },
-    }))
+    Ok(HttpResponse::Ok().insert_header(("x-ragway-truncated-inputs", truncated.to_string())).json(
+        EmbeddingsResponse {
+            object: "list",
+            data,
+            model: &state.settings.embedding_model_id,
+            usage: Usage { prompt_tokens, total_tokens: prompt_tokens },
+        },
+    ))
 }

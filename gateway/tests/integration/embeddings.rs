@@ -75,6 +75,20 @@ fn string_input_base64_and_token_ids_agree() {
 }
 
 #[test]
+fn long_inputs_are_truncated_and_reported() {
+    let long = "retrieval ".repeat(400);
+    let r = crate::common::client()
+        .post(format!("{}/v1/embeddings", shared().url))
+        .json(&json!({"model": "all-MiniLM-L6-v2", "input": [long, "short"]}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-ragway-truncated-inputs"], "1");
+    let body: Value = r.json().unwrap();
+    assert_eq!(body["usage"]["prompt_tokens"], 256 + 3);
+}
+
+#[test]
 fn bad_requests_get_openai_errors_and_the_server_survives() {
     let s = shared();
     let cases: Vec<(Value, u16, &str)> = vec![
