@@ -165,6 +165,60 @@ pub fn add_layer_norm(
     out
 }
 
+/// Whether one matrix product may use the rayon pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Parallel {
+    /// Split the product across the rayon pool.
+    Pool,
+    /// Run it on the calling thread.
+    Single,
+}
+use Parallel::Single;
+
+/// `dst[m, n] = lhs[m, k] rhs[k, n]` in f32 with gemm's runtime-selected SIMD kernels.
+/// `dst` is row-major with row stride `dst_rs`; `lhs` and `rhs` are `(pointer, row stride,
+/// column stride)`, so transposed or interleaved operands are read in place.
+///
+/// # Safety
+/// Every element addressed by the sizes and strides must lie inside its buffer, and `dst`
+/// must not overlap the operands.
+pub unsafe fn gemm_f32(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    lhs: (*const f32, isize, isize),
+    rhs: (*const f32, isize, isize),
+    parallel: Parallel,
+) {
+    let parallelism = match parallel {
+        Parallel::Pool => gemm::Parallelism::Rayon(rayon::current_num_threads()),
+        Parallel::Single => gemm::Parallelism::None,
+    };
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        false,
+        lhs.0,
+        lhs.2,
+        lhs.1,
+        rhs.0,
+        rhs.2,
+        rhs.1,
+        0.0,
+        1.0,
+        false,
+        false,
+        false,
+        parallelism,
+    );
+}
+
 /// A raw pointer that may cross threads: tasks write disjoint blocks of one output.
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
@@ -229,52 +283,13 @@ pub fn packed_attention(
             let k = x.as_ptr().add(base + h);
             let v = x.as_ptr().add(base + 2 * h);
             // scores[L, L] = Q[L, d] K^T[d, L]
-            gemm::gemm(
-                len,
-                len,
-                head_dim,
-                scores.as_mut_ptr(),
-                1,
-                len as isize,
-                false,
-                q,
-                1,
-                row_stride,
-                k,
-                row_stride,
-                1,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
+            gemm_f32(len, len, head_dim, scores.as_mut_ptr(), len, (q, row_stride, 1), (k, 1, row_stride), Single);
             for row in scores.chunks_exact_mut(len) {
                 softmax_inplace(row);
             }
             // ctx[L, d] = P[L, L] V[L, d], written into its columns of the [T, H] output.
-            gemm::gemm(
-                len,
-                head_dim,
-                len,
-                out.0.add(start * h + hd * head_dim),
-                1,
-                h as isize,
-                false,
-                scores.as_ptr(),
-                1,
-                len as isize,
-                v,
-                1,
-                row_stride,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
+            let dst = out.0.add(start * h + hd * head_dim);
+            gemm_f32(len, head_dim, len, dst, h, (scores.as_ptr(), len as isize, 1), (v, row_stride, 1), Single);
         }
     });
     ctx

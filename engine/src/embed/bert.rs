@@ -94,32 +94,21 @@ impl CustomOp1 for MatmulOp<'_> {
         }
         let n = self.n;
         let mut dst = vec![0f32; m * n];
-        let parallelism = match self.threads {
-            Threads::IntraOp => gemm::Parallelism::Rayon(rayon::current_num_threads()),
-            Threads::Single => gemm::Parallelism::None,
+        let parallel = match self.threads {
+            Threads::IntraOp => kernels::Parallel::Pool,
+            Threads::Single => kernels::Parallel::Single,
         };
         // SAFETY: row-major [m, k], [k, n] and [m, n] buffers of exactly those sizes.
         unsafe {
-            gemm::gemm(
+            kernels::gemm_f32(
                 m,
                 n,
                 k,
                 dst.as_mut_ptr(),
-                1,
-                n as isize,
-                false,
-                x.as_ptr(),
-                1,
-                k as isize,
-                self.weight.as_ptr(),
-                1,
-                n as isize,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                parallelism,
+                n,
+                (x.as_ptr(), k as isize, 1),
+                (self.weight.as_ptr(), n as isize, 1),
+                parallel,
             );
         }
         Ok((CpuStorage::F32(dst), Shape::from((m, n))))
