@@ -43,7 +43,7 @@ pub struct ServeArgs {
     /// Inputs allowed in one embeddings request [default: 2048].
     #[arg(long, env = "RAGWAY_MAX_EMBED_INPUTS")]
     pub max_embed_inputs: Option<usize>,
-    /// Tokens of one embedding forward pass [default: 16384].
+    /// Tokens of one embedding forward pass [default: 4096].
     #[arg(long, env = "RAGWAY_EMBED_BATCH_TOKENS")]
     pub embed_batch_tokens: Option<usize>,
     /// Largest request body in bytes [default: 16777216].
@@ -98,7 +98,7 @@ impl ServeArgs {
             embedding_model_id: pick!(embedding_model_id, DEFAULT_EMBEDDING_MODEL_ID.to_string()),
             embed_queue: pick!(embed_queue, 256),
             max_embed_inputs: pick!(max_embed_inputs, 2048),
-            embed_batch_tokens: pick!(embed_batch_tokens, 16_384),
+            embed_batch_tokens: pick!(embed_batch_tokens, 4096),
             max_body_bytes: pick!(max_body_bytes, 16 * 1024 * 1024),
             http_workers: pick!(http_workers, std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)),
         };
