@@ -88,13 +88,15 @@ fn run(embedder: Arc<Embedder>, mut rx: mpsc::Receiver<Job>, max_batch_tokens: u
         if jobs.is_empty() {
             continue;
         }
-        let all: Vec<Tokenized> = jobs.iter().flat_map(|j| j.inputs.iter().cloned()).collect();
+        // Move (not copy) every request's token ids into one list; remember each one's share.
+        let counts: Vec<usize> = jobs.iter().map(|j| j.inputs.len()).collect();
+        let all: Vec<Tokenized> = jobs.iter_mut().flat_map(|j| std::mem::take(&mut j.inputs)).collect();
         let span = tracing::info_span!("embed_batch", requests = jobs.len(), inputs = all.len(), tokens);
         let result = span.in_scope(|| embedder.embed_tokenized(&all));
         match result {
             Ok(mut embeddings) => {
-                for job in jobs.into_iter().rev() {
-                    let mine = embeddings.split_off(embeddings.len() - job.inputs.len());
+                for (job, count) in jobs.into_iter().zip(counts).rev() {
+                    let mine = embeddings.split_off(embeddings.len() - count);
                     let _ = job.span.in_scope(|| job.reply.send(Ok(mine)));
                 }
             }
