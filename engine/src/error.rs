@@ -39,6 +39,15 @@ pub enum EngineError {
     /// Tokenizer failure.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// A request parameter out of range or inconsistent; `param` names it.
+    #[error("{message}")]
+    InvalidRequest { param: Option<String>, message: String },
+    /// The prompt plus the tokens to generate do not fit the model's context (or the KV cache).
+    #[error(
+        "this model's maximum context length is {context} tokens; the prompt has {prompt_tokens} tokens and {max_tokens} more were requested for the completion ({total} in all). Shorten the prompt or lower max_tokens",
+        total = prompt_tokens + max_tokens
+    )]
+    ContextLengthExceeded { prompt_tokens: usize, max_tokens: usize, context: usize },
     /// Tensor computation failure.
     #[error("candle: {0}")]
     Candle(#[from] candle_core::Error),
@@ -61,6 +70,8 @@ impl EngineError {
                 | EngineError::InvalidUtf8 { .. }
                 | EngineError::InvalidTokenId { .. }
                 | EngineError::TooManyInputs { .. }
+                | EngineError::InvalidRequest { .. }
+                | EngineError::ContextLengthExceeded { .. }
         )
     }
 }

@@ -17,6 +17,7 @@
 pub mod device;
 pub mod embed;
 pub mod error;
+pub mod generate;
 pub mod kernels;
 pub mod models;
 

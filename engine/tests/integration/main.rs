@@ -3,4 +3,5 @@
 
 mod common;
 mod embeddings;
+mod generation;
 mod worker;

@@ -1,0 +1,176 @@
+//! Text generation: llama-family decoders (GGUF quantized or safetensors), their tokenizers
+//! and chat templates, sampling, and the continuous-batching scheduler that owns a model.
+//!
+//! ```no_run
+//! use ragway_engine::generate::{GenerateConfig, GenerateWorker, GenerationRequest, SamplingParams};
+//! use ragway_engine::models::{default_models_dir, DEFAULT_GENERATION_MODEL_ID};
+//!
+//! let handle = GenerateWorker::spawn(GenerateConfig::new(DEFAULT_GENERATION_MODEL_ID, DEFAULT_GENERATION_MODEL_ID, default_models_dir()))?;
+//! let prompt = handle.tokenizer().encode("The capital of France is", true)?;
+//! let mut stream = handle.submit(GenerationRequest::new(prompt, 16, SamplingParams::greedy()))?;
+//! while let Some(event) = stream.blocking_next() {
+//!     println!("{event:?}");
+//! }
+//! # Ok::<(), ragway_engine::EngineError>(())
+//! ```
+
+pub mod chat;
+pub mod model;
+pub mod qmatmul;
+pub mod sampling;
+pub mod scheduler;
+pub mod tokenizer;
+
+pub use chat::{ChatMessage, ChatTemplate};
+pub use model::{KvCache, Llama, LlamaConfig, Scratch, SeqBatch};
+pub use sampling::{SamplingParams, TokenLogprob};
+pub use scheduler::{
+    FinishReason, GenEvent, GenMetrics, GenerateConfig, GenerateHandle, GenerateWorker, GenerationRequest,
+    GenerationStream,
+};
+pub use tokenizer::{IncrementalDecoder, TextTokenizer};
+
+use crate::error::{EngineError, Result};
+use crate::models::{
+    resolve_model_dir, resolve_model_file, ModelFiles, DEFAULT_GENERATION_GGUF, DEFAULT_GENERATION_MODEL_ID,
+    DEFAULT_GENERATION_REPO,
+};
+use std::path::{Path, PathBuf};
+
+/// A decoder with everything needed to serve it.
+pub struct GenerativeModel {
+    pub model: Llama,
+    pub tokenizer: TextTokenizer,
+    /// `None` when the model has no chat template and none was configured.
+    pub chat_template: Option<ChatTemplate>,
+    /// Where the weights came from.
+    pub path: PathBuf,
+}
+
+/// Files of a Hugging Face llama repository.
+const LLAMA_FILES: ModelFiles<'static> = ModelFiles {
+    required: &["config.json", "tokenizer.json", "model.safetensors"],
+    optional: &["tokenizer_config.json", "generation_config.json"],
+};
+
+impl GenerativeModel {
+    /// Loads `source`: a `.gguf` file, a folder holding one, a Hugging Face llama folder
+    /// (`config.json` + `*.safetensors` + `tokenizer.json`), a name under `models_dir`, or a
+    /// hub repository. `chat_template` overrides the model's own template.
+    pub fn load(source: &str, models_dir: &Path, chat_template: Option<&str>) -> Result<Self> {
+        let path = resolve_generation_model(source, models_dir)?;
+        let _span = tracing::info_span!("load_decoder", path = %path.display()).entered();
+        if path.is_file() {
+            Self::from_gguf(&path, chat_template)
+        } else {
+            Self::from_safetensors(&path, chat_template)
+        }
+    }
+
+    fn from_gguf(path: &Path, template_override: Option<&str>) -> Result<Self> {
+        let mut file = std::fs::File::open(path)?;
+        let content = candle_core::quantized::gguf_file::Content::read(&mut file)
+            .map_err(|e| EngineError::InvalidModel { path: path.to_path_buf(), reason: format!("GGUF: {e}") })?;
+        let model = Llama::from_gguf(path, &content)?;
+        let beside = path.with_file_name("tokenizer.json");
+        let mut tokenizer = TextTokenizer::from_gguf(&content).or_else(|e| {
+            if beside.is_file() {
+                let gguf_id = |k: &str| content.metadata.get(k).and_then(|v| v.to_u32().ok());
+                TextTokenizer::from_file(
+                    &beside,
+                    gguf_id("tokenizer.ggml.bos_token_id"),
+                    gguf_id("tokenizer.ggml.eos_token_id"),
+                    false,
+                )
+            } else {
+                Err(e)
+            }
+        })?;
+        if beside.is_file() {
+            let ids = (tokenizer.bos_id, tokenizer.eos_id, tokenizer.add_bos);
+            tokenizer = TextTokenizer::from_file(&beside, ids.0, ids.1, ids.2)?;
+        }
+        let source =
+            template_override.map(str::to_string).or_else(|| model::md_str(&content, "tokenizer.chat_template"));
+        let chat_template = compile_template(source, &tokenizer)?;
+        check_vocab(&model, &tokenizer, path)?;
+        Ok(Self { model, tokenizer, chat_template, path: path.to_path_buf() })
+    }
+
+    fn from_safetensors(dir: &Path, template_override: Option<&str>) -> Result<Self> {
+        let model = Llama::from_safetensors(dir)?;
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json"))?).unwrap_or_default();
+        let tk_cfg: serde_json::Value = std::fs::read_to_string(dir.join("tokenizer_config.json"))
+            .ok()
+            .and_then(|s| serde_json::from_str(&s).ok())
+            .unwrap_or_default();
+        let id = |v: &serde_json::Value| {
+            v.as_u64().map(|v| v as u32).or_else(|| v.as_array()?.first()?.as_u64().map(|v| v as u32))
+        };
+        let add_bos = tk_cfg.get("add_bos_token").and_then(|v| v.as_bool()).unwrap_or(false);
+        let tokenizer = TextTokenizer::from_file(
+            &dir.join("tokenizer.json"),
+            cfg.get("bos_token_id").and_then(id),
+            cfg.get("eos_token_id").and_then(id),
+            add_bos,
+        )?;
+        let source = template_override
+            .map(str::to_string)
+            .or_else(|| tk_cfg.get("chat_template").and_then(|v| v.as_str()).map(str::to_string));
+        let chat_template = compile_template(source, &tokenizer)?;
+        check_vocab(&model, &tokenizer, dir)?;
+        Ok(Self { model, tokenizer, chat_template, path: dir.to_path_buf() })
+    }
+}
+
+fn compile_template(source: Option<String>, tk: &TextTokenizer) -> Result<Option<ChatTemplate>> {
+    let name = |id: Option<u32>| id.and_then(|i| tk.id_to_token(i)).unwrap_or_default();
+    source.map(|s| ChatTemplate::new(&s, &name(tk.bos_id), &name(tk.eos_id))).transpose()
+}
+
+fn check_vocab(model: &Llama, tk: &TextTokenizer, path: &Path) -> Result<()> {
+    if tk.vocab_size() > model.config().vocab {
+        return Err(EngineError::InvalidModel {
+            path: path.to_path_buf(),
+            reason: format!("tokenizer has {} tokens, the model {}", tk.vocab_size(), model.config().vocab),
+        });
+    }
+    Ok(())
+}
+
+/// Finds a decoder's files (see [`GenerativeModel::load`]).
+pub fn resolve_generation_model(source: &str, models_dir: &Path) -> Result<PathBuf> {
+    let candidates = [PathBuf::from(source), models_dir.join(Path::new(source).file_name().unwrap_or_default())];
+    for c in &candidates {
+        if c.is_file() {
+            return Ok(c.clone());
+        }
+        if c.is_dir() {
+            if c.join("config.json").is_file() {
+                return Ok(c.clone());
+            }
+            let mut ggufs: Vec<PathBuf> = std::fs::read_dir(c)?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|e| e == "gguf"))
+                .collect();
+            ggufs.sort();
+            if let Some(g) = ggufs.into_iter().next() {
+                return Ok(g);
+            }
+            return Err(EngineError::InvalidModel {
+                path: c.clone(),
+                reason: "neither a .gguf file nor config.json + *.safetensors".into(),
+            });
+        }
+    }
+    if source == DEFAULT_GENERATION_MODEL_ID || source == DEFAULT_GENERATION_REPO {
+        return resolve_model_file(
+            DEFAULT_GENERATION_GGUF,
+            models_dir,
+            DEFAULT_GENERATION_MODEL_ID,
+            DEFAULT_GENERATION_REPO,
+        );
+    }
+    resolve_model_dir(source, models_dir, LLAMA_FILES)
+}

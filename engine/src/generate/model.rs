@@ -1,0 +1,652 @@
+//! Llama-family decoder on the CPU: GGUF (quantized) or safetensors (f32/f16/bf16) weights,
+//! per-sequence KV caches, and one forward pass over a *batch of sequences* — each with its
+//! own new tokens (a prefill chunk or one decode token), position and cache. Every linear
+//! layer runs once over all the batch's tokens, so the weights are read once per step.
+//!
+//! Layout: activations are row-major `[tokens, width]` f32; Q, K and V come out of one fused
+//! product, as do the MLP's gate and up projections. Attention reads the cache in place.
+
+use super::qmatmul::{DenseMatrix, Linear, PackedMatrix, QActs, QKind};
+use crate::error::{EngineError, Result};
+use crate::kernels::{dot, exp, gemm_f32, softmax_inplace, Parallel};
+use candle_core::quantized::{gguf_file, QTensor};
+use candle_core::Device;
+use rayon::prelude::*;
+use std::path::Path;
+
+/// How rotary embeddings pair the dimensions of a head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Adjacent pairs `(2i, 2i+1)`: GGUF llama weights (llama.cpp permutes Q and K).
+    Interleaved,
+    /// Halves `(i, i + d/2)`: Hugging Face safetensors weights.
+    Half,
+}
+
+/// Shape and constants of a llama-family model.
+#[derive(Debug, Clone)]
+pub struct LlamaConfig {
+    pub n_layers: usize,
+    pub hidden: usize,
+    pub ffn: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab: usize,
+    pub context_length: usize,
+    pub rope_theta: f32,
+    pub rms_eps: f32,
+    pub rope_style: RopeStyle,
+}
+
+impl LlamaConfig {
+    /// Width of K (or V) for one token: `n_kv_heads * head_dim`.
+    pub fn kv_dim(&self) -> usize {
+        self.n_kv_heads * self.head_dim
+    }
+
+    /// Bytes of KV cache per token (K and V, f32, every layer).
+    pub fn kv_bytes_per_token(&self) -> usize {
+        2 * self.n_layers * self.kv_dim() * 4
+    }
+
+    fn check(&self, path: &Path) -> Result<()> {
+        let bad = |reason: String| Err(EngineError::InvalidModel { path: path.to_path_buf(), reason });
+        if self.n_heads == 0 || self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
+            return bad(format!("{} heads cannot share {} KV heads", self.n_heads, self.n_kv_heads));
+        }
+        if self.head_dim % 2 != 0 || self.n_heads * self.head_dim != self.hidden {
+            return bad(format!("{} heads of {} do not make width {}", self.n_heads, self.head_dim, self.hidden));
+        }
+        Ok(())
+    }
+}
+
+struct Layer {
+    attn_norm: Vec<f32>,
+    qkv: Linear,
+    o: Linear,
+    ffn_norm: Vec<f32>,
+    gate_up: Linear,
+    down: Linear,
+}
+
+/// A loaded llama-family model (CPU).
+pub struct Llama {
+    cfg: LlamaConfig,
+    embed: Linear,
+    layers: Vec<Layer>,
+    norm: Vec<f32>,
+    /// `None`: tied to the token embedding.
+    lm_head: Option<Linear>,
+    /// `[context_length, head_dim / 2]` cos and sin of each position's angles.
+    rope_cos: Vec<f32>,
+    rope_sin: Vec<f32>,
+    weight_bytes: usize,
+}
+
+/// Keys and values of one sequence, every layer: `[tokens, kv_dim]` each, grown on demand.
+#[derive(Debug, Default)]
+pub struct KvCache {
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    len: usize,
+}
+
+impl KvCache {
+    pub fn new(cfg: &LlamaConfig) -> Self {
+        Self { k: vec![Vec::new(); cfg.n_layers], v: vec![Vec::new(); cfg.n_layers], len: 0 }
+    }
+
+    /// Tokens whose keys and values are stored.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Tokens the allocated buffers can hold without growing.
+    pub fn capacity_tokens(&self, cfg: &LlamaConfig) -> usize {
+        self.k.first().map(|k| k.capacity() / cfg.kv_dim()).unwrap_or(0)
+    }
+
+    /// Makes room for `tokens` tokens in all, growing in steps of `step` tokens.
+    pub fn reserve(&mut self, cfg: &LlamaConfig, tokens: usize, step: usize) {
+        let cap = self.capacity_tokens(cfg);
+        if tokens <= cap {
+            return;
+        }
+        let target = tokens.div_ceil(step.max(1)) * step.max(1);
+        let want = target * cfg.kv_dim();
+        for buf in self.k.iter_mut().chain(self.v.iter_mut()) {
+            buf.reserve_exact(want - buf.len());
+        }
+    }
+
+    /// Drops every stored token and frees the memory.
+    pub fn clear(&mut self) {
+        for buf in self.k.iter_mut().chain(self.v.iter_mut()) {
+            *buf = Vec::new();
+        }
+        self.len = 0;
+    }
+}
+
+/// One sequence's part of a forward pass.
+pub struct SeqBatch<'a> {
+    /// New tokens, at positions `cache.len()..`.
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
+    /// Whether to return logits for the last new token.
+    pub want_logits: bool,
+}
+
+/// Buffers reused from step to step.
+#[derive(Default)]
+pub struct Scratch {
+    x: Vec<f32>,
+    h: Vec<f32>,
+    qkv: Vec<f32>,
+    attn: Vec<f32>,
+    proj: Vec<f32>,
+    gate_up: Vec<f32>,
+    act: Vec<f32>,
+    acts: QActs,
+}
+
+impl Llama {
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    /// Bytes of weights held in memory.
+    pub fn weight_bytes(&self) -> usize {
+        self.weight_bytes
+    }
+
+    /// Loads a GGUF file with `general.architecture = llama`.
+    pub fn from_gguf(path: &Path, content: &gguf_file::Content) -> Result<Self> {
+        let invalid = |reason: String| EngineError::InvalidModel { path: path.to_path_buf(), reason };
+        let arch = md_str(content, "general.architecture").unwrap_or_default();
+        if arch != "llama" {
+            return Err(invalid(format!("architecture `{arch}` is not supported (llama family only)")));
+        }
+        let get = |key: &str| -> Result<usize> {
+            content
+                .metadata
+                .get(&format!("llama.{key}"))
+                .ok_or_else(|| invalid(format!("missing metadata llama.{key}")))?
+                .to_u32()
+                .map(|v| v as usize)
+                .map_err(|e| invalid(format!("llama.{key}: {e}")))
+        };
+        let getf = |key: &str, default: f32| -> f32 {
+            content.metadata.get(&format!("llama.{key}")).and_then(|v| v.to_f32().ok()).unwrap_or(default)
+        };
+        let hidden = get("embedding_length")?;
+        let n_heads = get("attention.head_count")?;
+        let mut file = std::fs::File::open(path)?;
+        let mut tensor = |name: &str| -> Result<QTensor> {
+            content.tensor(&mut file, name, &Device::Cpu).map_err(|e| invalid(format!("tensor {name}: {e}")))
+        };
+        let embed_q = tensor("token_embd.weight")?;
+        let vocab = embed_q.shape().dims()[0];
+        let cfg = LlamaConfig {
+            n_layers: get("block_count")?,
+            hidden,
+            ffn: get("feed_forward_length")?,
+            n_heads,
+            n_kv_heads: get("attention.head_count_kv").unwrap_or(n_heads),
+            head_dim: get("rope.dimension_count").unwrap_or(hidden / n_heads.max(1)),
+            vocab,
+            context_length: get("context_length")?,
+            rope_theta: getf("rope.freq_base", 10_000.0),
+            rms_eps: getf("attention.layer_norm_rms_epsilon", 1e-5),
+            rope_style: RopeStyle::Interleaved,
+        };
+        cfg.check(path)?;
+        let mut layers = Vec::with_capacity(cfg.n_layers);
+        for i in 0..cfg.n_layers {
+            let p = format!("blk.{i}");
+            layers.push(Layer {
+                attn_norm: vector(&tensor(&format!("{p}.attn_norm.weight"))?)?,
+                qkv: linear_from_q(vec![
+                    tensor(&format!("{p}.attn_q.weight"))?,
+                    tensor(&format!("{p}.attn_k.weight"))?,
+                    tensor(&format!("{p}.attn_v.weight"))?,
+                ])?,
+                o: linear_from_q(vec![tensor(&format!("{p}.attn_output.weight"))?])?,
+                ffn_norm: vector(&tensor(&format!("{p}.ffn_norm.weight"))?)?,
+                gate_up: linear_from_q(vec![
+                    tensor(&format!("{p}.ffn_gate.weight"))?,
+                    tensor(&format!("{p}.ffn_up.weight"))?,
+                ])?,
+                down: linear_from_q(vec![tensor(&format!("{p}.ffn_down.weight"))?])?,
+            });
+        }
+        let norm = vector(&tensor("output_norm.weight")?)?;
+        let lm_head = match content.tensor_infos.contains_key("output.weight") {
+            true => Some(linear_from_q(vec![tensor("output.weight")?])?),
+            false => None,
+        };
+        let embed = linear_from_q(vec![embed_q])?;
+        Self::assemble(cfg, embed, layers, norm, lm_head, path)
+    }
+
+    /// Loads a Hugging Face llama folder: `config.json` and `*.safetensors`.
+    pub fn from_safetensors(dir: &Path) -> Result<Self> {
+        let invalid = |reason: String| EngineError::InvalidModel { path: dir.to_path_buf(), reason };
+        let raw = std::fs::read_to_string(dir.join("config.json"))?;
+        let c: HfLlamaConfig = serde_json::from_str(&raw).map_err(|e| invalid(format!("config.json: {e}")))?;
+        let mut files: Vec<_> = std::fs::read_dir(dir)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            return Err(invalid("no *.safetensors file".into()));
+        }
+        // SAFETY: the files are memory-mapped read-only for the duration of the load; ragway
+        // does not modify model files while it runs.
+        let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }
+            .map_err(|e| invalid(format!("safetensors: {e}")))?;
+        let head_dim = c.head_dim.unwrap_or(c.hidden_size / c.num_attention_heads.max(1));
+        let cfg = LlamaConfig {
+            n_layers: c.num_hidden_layers,
+            hidden: c.hidden_size,
+            ffn: c.intermediate_size,
+            n_heads: c.num_attention_heads,
+            n_kv_heads: c.num_key_value_heads.unwrap_or(c.num_attention_heads),
+            head_dim,
+            vocab: c.vocab_size,
+            context_length: c.max_position_embeddings,
+            rope_theta: c.rope_theta.unwrap_or(10_000.0),
+            rms_eps: c.rms_norm_eps.unwrap_or(1e-5),
+            rope_style: RopeStyle::Half,
+        };
+        cfg.check(dir)?;
+        let load = |name: &str| -> Result<(Vec<usize>, Vec<f32>)> {
+            let t = st.load(name, &Device::Cpu).map_err(|e| invalid(format!("{name}: {e}")))?;
+            let dims = t.dims().to_vec();
+            let v = t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            Ok((dims, v))
+        };
+        let dense = |names: &[String]| -> Result<Linear> {
+            let mut w = Vec::new();
+            let (mut n, mut k) = (0, 0);
+            for name in names {
+                let (dims, v) = load(name)?;
+                if dims.len() != 2 || (k != 0 && dims[1] != k) {
+                    return Err(invalid(format!("{name}: unexpected shape {dims:?}")));
+                }
+                n += dims[0];
+                k = dims[1];
+                w.extend(v);
+            }
+            Ok(Linear::Dense(DenseMatrix::new(n, k, w)))
+        };
+        let vec1 = |name: &str| -> Result<Vec<f32>> { Ok(load(name)?.1) };
+        let mut layers = Vec::with_capacity(cfg.n_layers);
+        for i in 0..cfg.n_layers {
+            let p = format!("model.layers.{i}");
+            layers.push(Layer {
+                attn_norm: vec1(&format!("{p}.input_layernorm.weight"))?,
+                qkv: dense(&[
+                    format!("{p}.self_attn.q_proj.weight"),
+                    format!("{p}.self_attn.k_proj.weight"),
+                    format!("{p}.self_attn.v_proj.weight"),
+                ])?,
+                o: dense(&[format!("{p}.self_attn.o_proj.weight")])?,
+                ffn_norm: vec1(&format!("{p}.post_attention_layernorm.weight"))?,
+                gate_up: dense(&[format!("{p}.mlp.gate_proj.weight"), format!("{p}.mlp.up_proj.weight")])?,
+                down: dense(&[format!("{p}.mlp.down_proj.weight")])?,
+            });
+        }
+        let embed = dense(&["model.embed_tokens.weight".to_string()])?;
+        let tied = c.tie_word_embeddings.unwrap_or(false) || st.get("lm_head.weight").is_err();
+        let lm_head = if tied { None } else { Some(dense(&["lm_head.weight".to_string()])?) };
+        let norm = vec1("model.norm.weight")?;
+        Self::assemble(cfg, embed, layers, norm, lm_head, dir)
+    }
+
+    fn assemble(
+        cfg: LlamaConfig,
+        embed: Linear,
+        layers: Vec<Layer>,
+        norm: Vec<f32>,
+        lm_head: Option<Linear>,
+        path: &Path,
+    ) -> Result<Self> {
+        let bad = |reason: String| Err(EngineError::InvalidModel { path: path.to_path_buf(), reason });
+        let qkv_n = (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim;
+        if embed.n() != cfg.vocab || embed.k() != cfg.hidden {
+            return bad(format!("token embedding is [{}, {}]", embed.n(), embed.k()));
+        }
+        for (i, l) in layers.iter().enumerate() {
+            if l.qkv.n() != qkv_n
+                || l.qkv.k() != cfg.hidden
+                || l.o.n() != cfg.hidden
+                || l.gate_up.n() != 2 * cfg.ffn
+                || l.down.k() != cfg.ffn
+                || l.attn_norm.len() != cfg.hidden
+                || l.ffn_norm.len() != cfg.hidden
+            {
+                return bad(format!("layer {i} has shapes that do not match the configuration"));
+            }
+        }
+        let half = cfg.head_dim / 2;
+        let mut rope_cos = vec![0f32; cfg.context_length * half];
+        let mut rope_sin = vec![0f32; cfg.context_length * half];
+        for pos in 0..cfg.context_length {
+            for i in 0..half {
+                let freq = (cfg.rope_theta as f64).powf(-2.0 * i as f64 / cfg.head_dim as f64);
+                let angle = pos as f64 * freq;
+                rope_cos[pos * half + i] = angle.cos() as f32;
+                rope_sin[pos * half + i] = angle.sin() as f32;
+            }
+        }
+        let weight_bytes = embed.size_in_bytes()
+            + lm_head.as_ref().map_or(0, |l| l.size_in_bytes())
+            + layers
+                .iter()
+                .map(|l| {
+                    l.qkv.size_in_bytes() + l.o.size_in_bytes() + l.gate_up.size_in_bytes() + l.down.size_in_bytes()
+                })
+                .sum::<usize>();
+        tracing::info!(
+            layers = cfg.n_layers,
+            width = cfg.hidden,
+            heads = cfg.n_heads,
+            kv_heads = cfg.n_kv_heads,
+            context = cfg.context_length,
+            weights = %layers.first().map(|l| l.qkv.describe()).unwrap_or_default(),
+            weight_mib = weight_bytes / (1 << 20),
+            "decoder loaded"
+        );
+        Ok(Self { cfg, embed, layers, norm, lm_head, rope_cos, rope_sin, weight_bytes })
+    }
+
+    /// Runs the new tokens of every sequence through the model, appends their keys and values
+    /// to each cache, and returns `[n, vocab]` logits for the sequences with `want_logits`
+    /// (in batch order).
+    pub fn forward(&self, batch: &mut [SeqBatch<'_>], s: &mut Scratch) -> Result<Vec<f32>> {
+        let cfg = &self.cfg;
+        let (hd, kv_dim) = (cfg.head_dim, cfg.kv_dim());
+        let q_dim = cfg.n_heads * hd;
+        let qkv_w = q_dim + 2 * kv_dim;
+        let total: usize = batch.iter().map(|b| b.tokens.len()).sum();
+        if total == 0 {
+            return Ok(Vec::new());
+        }
+        // Positions and validation.
+        let mut starts = Vec::with_capacity(batch.len());
+        let mut offset = 0;
+        for b in batch.iter() {
+            let start = b.cache.len;
+            if start + b.tokens.len() > cfg.context_length {
+                return Err(EngineError::Internal(format!(
+                    "sequence of {} tokens exceeds the context of {}",
+                    start + b.tokens.len(),
+                    cfg.context_length
+                )));
+            }
+            if let Some(&bad) = b.tokens.iter().find(|&&t| t as usize >= cfg.vocab) {
+                return Err(EngineError::InvalidTokenId { index: 0, token_id: bad, vocab_size: cfg.vocab });
+            }
+            starts.push((offset, start, b.tokens.len()));
+            offset += b.tokens.len();
+        }
+        let positions: Vec<usize> =
+            starts.iter().flat_map(|&(_, start, n)| (start..start + n).collect::<Vec<_>>()).collect();
+        // Embeddings.
+        s.x.resize(total * cfg.hidden, 0.0);
+        let tokens: Vec<u32> = batch.iter().flat_map(|b| b.tokens.iter().copied()).collect();
+        s.x.par_chunks_exact_mut(cfg.hidden).zip(tokens.par_iter()).with_min_len(8).for_each(|(row, &t)| {
+            self.embed.row(t as usize, row);
+        });
+        for b in batch.iter_mut() {
+            let need = b.cache.len + b.tokens.len();
+            b.cache.reserve(cfg, need, 256);
+        }
+        for (li, layer) in self.layers.iter().enumerate() {
+            rms_norm(&s.x, &layer.attn_norm, cfg.rms_eps, &mut s.h);
+            layer.qkv.forward(&s.h, total, &mut s.acts, &mut s.qkv);
+            self.rope(&mut s.qkv, qkv_w, &positions);
+            for (b, &(off, _, n)) in batch.iter_mut().zip(&starts) {
+                for r in off..off + n {
+                    let row = &s.qkv[r * qkv_w..(r + 1) * qkv_w];
+                    b.cache.k[li].extend_from_slice(&row[q_dim..q_dim + kv_dim]);
+                    b.cache.v[li].extend_from_slice(&row[q_dim + kv_dim..]);
+                }
+            }
+            s.attn.resize(total * q_dim, 0.0);
+            let caches: Vec<(&[f32], &[f32])> =
+                batch.iter().map(|b| (b.cache.k[li].as_slice(), b.cache.v[li].as_slice())).collect();
+            attention(cfg, &s.qkv, &caches, &starts, &mut s.attn);
+            layer.o.forward(&s.attn, total, &mut s.acts, &mut s.proj);
+            add_inplace(&mut s.x, &s.proj);
+            rms_norm(&s.x, &layer.ffn_norm, cfg.rms_eps, &mut s.h);
+            layer.gate_up.forward(&s.h, total, &mut s.acts, &mut s.gate_up);
+            swiglu(&s.gate_up, cfg.ffn, &mut s.act);
+            layer.down.forward(&s.act, total, &mut s.acts, &mut s.proj);
+            add_inplace(&mut s.x, &s.proj);
+        }
+        for b in batch.iter_mut() {
+            b.cache.len += b.tokens.len();
+        }
+        // Logits for the last token of each sequence that asked.
+        let rows: Vec<usize> =
+            batch.iter().zip(&starts).filter(|(b, _)| b.want_logits).map(|(_, &(off, _, n))| off + n - 1).collect();
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut last = Vec::with_capacity(rows.len() * cfg.hidden);
+        for &r in &rows {
+            last.extend_from_slice(&s.x[r * cfg.hidden..(r + 1) * cfg.hidden]);
+        }
+        rms_norm(&last, &self.norm, cfg.rms_eps, &mut s.h);
+        let mut logits = Vec::new();
+        self.lm_head.as_ref().unwrap_or(&self.embed).forward(&s.h, rows.len(), &mut s.acts, &mut logits);
+        Ok(logits)
+    }
+
+    /// Rotates Q and K of every row by its position.
+    fn rope(&self, qkv: &mut [f32], qkv_w: usize, positions: &[usize]) {
+        let cfg = &self.cfg;
+        let (hd, half) = (cfg.head_dim, cfg.head_dim / 2);
+        let heads = cfg.n_heads + cfg.n_kv_heads;
+        let style = cfg.rope_style;
+        qkv.par_chunks_exact_mut(qkv_w).zip(positions.par_iter()).with_min_len(16).for_each(|(row, &pos)| {
+            let cos = &self.rope_cos[pos * half..(pos + 1) * half];
+            let sin = &self.rope_sin[pos * half..(pos + 1) * half];
+            for h in 0..heads {
+                let x = &mut row[h * hd..(h + 1) * hd];
+                match style {
+                    RopeStyle::Interleaved => {
+                        for i in 0..half {
+                            let (a, b) = (x[2 * i], x[2 * i + 1]);
+                            x[2 * i] = a * cos[i] - b * sin[i];
+                            x[2 * i + 1] = a * sin[i] + b * cos[i];
+                        }
+                    }
+                    RopeStyle::Half => {
+                        for i in 0..half {
+                            let (a, b) = (x[i], x[i + half]);
+                            x[i] = a * cos[i] - b * sin[i];
+                            x[i + half] = a * sin[i] + b * cos[i];
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct HfLlamaConfig {
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    vocab_size: usize,
+    max_position_embeddings: usize,
+    rope_theta: Option<f32>,
+    rms_norm_eps: Option<f32>,
+    tie_word_embeddings: Option<bool>,
+}
+
+pub(crate) fn md_str(content: &gguf_file::Content, key: &str) -> Option<String> {
+    content.metadata.get(key).and_then(|v| v.to_string().ok()).cloned()
+}
+
+fn vector(t: &QTensor) -> Result<Vec<f32>> {
+    Ok(t.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?)
+}
+
+/// One linear layer from GGUF tensors stacked along the output dimension: packed when they
+/// share a kernel type and tile, f32 otherwise.
+fn linear_from_q(parts: Vec<QTensor>) -> Result<Linear> {
+    let k = parts[0].shape().dims()[1];
+    let kind = QKind::from_ggml(parts[0].dtype());
+    let n: usize = parts.iter().map(|p| p.shape().dims()[0]).sum();
+    if let Some(kind) = kind {
+        if parts.iter().all(|p| p.dtype() == parts[0].dtype() && p.shape().dims()[1] == k) {
+            let mut raw = Vec::new();
+            for p in &parts {
+                raw.extend_from_slice(&p.data()?);
+            }
+            if let Ok(packed) = PackedMatrix::from_ggml(kind, n, k, &raw) {
+                return Ok(Linear::Packed(packed));
+            }
+        }
+    }
+    let mut w = Vec::with_capacity(n * k);
+    for p in &parts {
+        w.extend(p.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?);
+    }
+    Ok(Linear::Dense(DenseMatrix::new(n, k, w)))
+}
+
+fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut Vec<f32>) {
+    let d = w.len();
+    out.resize(x.len(), 0.0);
+    out.par_chunks_exact_mut(d).zip(x.par_chunks_exact(d)).with_min_len(16).for_each(|(o, x)| {
+        let ss = dot(x, x) / d as f32;
+        let inv = 1.0 / (ss + eps).sqrt();
+        for ((o, x), w) in o.iter_mut().zip(x).zip(w) {
+            *o = x * inv * w;
+        }
+    });
+}
+
+fn add_inplace(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+/// `act[t, i] = silu(gate[t, i]) * up[t, i]` with `gate_up[t] = [gate | up]`.
+fn swiglu(gate_up: &[f32], ffn: usize, act: &mut Vec<f32>) {
+    let rows = gate_up.len() / (2 * ffn);
+    act.resize(rows * ffn, 0.0);
+    act.par_chunks_exact_mut(ffn).zip(gate_up.par_chunks_exact(2 * ffn)).with_min_len(16).for_each(|(a, gu)| {
+        let (g, u) = gu.split_at(ffn);
+        for ((a, &g), &u) in a.iter_mut().zip(g).zip(u) {
+            *a = g / (1.0 + exp(-g)) * u;
+        }
+    });
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: each attention task writes its own (token rows × head columns) block of the output.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+/// Causal attention of each sequence's new queries over its whole cache (which already holds
+/// the new keys and values). `starts[i] = (row offset in the batch, first position, new tokens)`.
+fn attention(
+    cfg: &LlamaConfig,
+    qkv: &[f32],
+    caches: &[(&[f32], &[f32])],
+    starts: &[(usize, usize, usize)],
+    out: &mut [f32],
+) {
+    let (hd, kv_dim) = (cfg.head_dim, cfg.kv_dim());
+    let q_dim = cfg.n_heads * hd;
+    let qkv_w = q_dim + 2 * kv_dim;
+    let group = cfg.n_heads / cfg.n_kv_heads;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let optr = SendPtr(out.as_mut_ptr());
+    let tasks: Vec<(usize, usize)> = (0..starts.len()).flat_map(|s| (0..cfg.n_heads).map(move |h| (s, h))).collect();
+    let total_new: usize = starts.iter().map(|s| s.2).sum();
+    let single = total_new * cfg.n_heads < 64 && starts.iter().all(|s| s.1 + s.2 < 256);
+    let run = |&(si, h): &(usize, usize)| {
+        let optr = optr;
+        let (off, start, n) = starts[si];
+        let (kc, vc) = caches[si];
+        let ctx = start + n;
+        let g = h / group;
+        if n == 1 {
+            let q = &qkv[off * qkv_w + h * hd..off * qkv_w + (h + 1) * hd];
+            let mut scores: Vec<f32> =
+                (0..ctx).map(|j| dot(q, &kc[j * kv_dim + g * hd..j * kv_dim + (g + 1) * hd]) * scale).collect();
+            softmax_inplace(&mut scores);
+            let mut o = vec![0f32; hd];
+            for (j, p) in scores.iter().enumerate() {
+                let v = &vc[j * kv_dim + g * hd..j * kv_dim + (g + 1) * hd];
+                for (o, v) in o.iter_mut().zip(v) {
+                    *o += p * v;
+                }
+            }
+            // SAFETY: row `off`, columns of head h: written by this task only.
+            unsafe { std::ptr::copy_nonoverlapping(o.as_ptr(), optr.0.add(off * q_dim + h * hd), hd) };
+            return;
+        }
+        let mut scores = vec![0f32; n * ctx];
+        // SAFETY: Q rows [off, off + n) of head h read through the qkv row stride; K rows
+        // [0, ctx) of KV head g through kv_dim; the output block is this task's own.
+        unsafe {
+            gemm_f32(
+                n,
+                ctx,
+                hd,
+                scores.as_mut_ptr(),
+                ctx,
+                (qkv.as_ptr().add(off * qkv_w + h * hd), qkv_w as isize, 1),
+                (kc.as_ptr().add(g * hd), 1, kv_dim as isize),
+                Parallel::Single,
+            );
+        }
+        for i in 0..n {
+            let row = &mut scores[i * ctx..(i + 1) * ctx];
+            let visible = start + i + 1;
+            for v in row[..visible].iter_mut() {
+                *v *= scale;
+            }
+            softmax_inplace(&mut row[..visible]);
+            row[visible..].fill(0.0);
+        }
+        unsafe {
+            gemm_f32(
+                n,
+                hd,
+                ctx,
+                optr.0.add(off * q_dim + h * hd),
+                q_dim,
+                (scores.as_ptr(), ctx as isize, 1),
+                (vc.as_ptr().add(g * hd), kv_dim as isize, 1),
+                Parallel::Single,
+            );
+        }
+    };
+    if single {
+        tasks.iter().for_each(run);
+    } else {
+        tasks.par_iter().for_each(run);
+    }
+}

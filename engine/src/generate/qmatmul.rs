@@ -1,0 +1,615 @@
+//! Quantized matrix products for the decoder: `out[rows, n] = x[rows, k] · Wᵀ` with `W` in
+//! GGUF's Q4_0, Q4_1 or Q8_0 and `x` quantized on the fly to 8 bits per 32-value block (as
+//! llama.cpp does), so the inner loop is an integer dot product.
+//!
+//! At load each weight is repacked into *tiles* of 16 output rows: for every block of 32
+//! inputs a tile stores the 16 rows' values interleaved four at a time (one 64-byte vector
+//! holds four consecutive inputs of all 16 rows), followed by the 16 rows' scales as f16.
+//! One AVX-512 VNNI `vpdpbusd` then multiplies four inputs of 16 rows by the same four
+//! activations (a broadcast), so a tile's 16 outputs accumulate in one register without any
+//! horizontal sums, and the per-block scales are plain vector loads. A tile is read once per
+//! step and reused, from L1, for every row of `x` — a batch of B sequences reads the weights
+//! once, not B times.
+//!
+//! CPUs without AVX-512 VNNI run a portable version of the same loop over the same layout.
+//! Other GGUF types (K-quants, f16...) are dequantized to f32 at load and use gemm.
+
+use crate::kernels::{gemm_f32, Parallel};
+use rayon::prelude::*;
+use std::sync::OnceLock;
+
+/// Output rows per tile.
+pub const TILE: usize = 16;
+/// Inputs per quantization block.
+pub const QK: usize = 32;
+
+/// The GGUF block types with a packed integer kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QKind {
+    Q4_0,
+    Q4_1,
+    Q8_0,
+}
+
+impl QKind {
+    pub fn from_ggml(dtype: candle_core::quantized::GgmlDType) -> Option<Self> {
+        use candle_core::quantized::GgmlDType;
+        match dtype {
+            GgmlDType::Q4_0 => Some(Self::Q4_0),
+            GgmlDType::Q4_1 => Some(Self::Q4_1),
+            GgmlDType::Q8_0 => Some(Self::Q8_0),
+            _ => None,
+        }
+    }
+
+    /// Bytes of one GGUF block of 32 values.
+    pub fn ggml_block_bytes(self) -> usize {
+        match self {
+            Self::Q4_0 => 18,
+            Self::Q4_1 => 20,
+            Self::Q8_0 => 34,
+        }
+    }
+
+    /// Bytes of the packed values of one tile block (16 rows × 32 inputs).
+    fn tile_value_bytes(self) -> usize {
+        match self {
+            Self::Q4_0 | Self::Q4_1 => 256,
+            Self::Q8_0 => 512,
+        }
+    }
+
+    /// Bytes of one tile block: values, then 16 f16 scales (and 16 f16 minimums for Q4_1).
+    fn tile_block_bytes(self) -> usize {
+        self.tile_value_bytes() + if self == Self::Q4_1 { 64 } else { 32 }
+    }
+}
+
+const K_Q4_0: u8 = 0;
+const K_Q4_1: u8 = 1;
+const K_Q8_0: u8 = 2;
+
+/// Activations quantized to 8 bits per block of 32: values, per-block scale and per-block
+/// sum of the quantized values (the sum carries the weights' offsets: `-8` for Q4_0, the
+/// minimum for Q4_1, `-128` for the unsigned view of Q8_0).
+#[derive(Debug, Default, Clone)]
+pub struct QActs {
+    rows: usize,
+    k: usize,
+    qs: Vec<i8>,
+    d: Vec<f32>,
+    s: Vec<i32>,
+}
+
+impl QActs {
+    /// Quantizes `x[rows, k]` (row-major) in place of the previous contents.
+    pub fn quantize(&mut self, x: &[f32], rows: usize, k: usize) {
+        assert_eq!(x.len(), rows * k);
+        assert_eq!(k % QK, 0, "inputs must be a multiple of {QK}");
+        let nb = k / QK;
+        self.rows = rows;
+        self.k = k;
+        self.qs.resize(rows * k, 0);
+        self.d.resize(rows * nb, 0.0);
+        self.s.resize(rows * nb, 0);
+        let quantize_block = |(xb, (qb, (d, s))): (&[f32], (&mut [i8], (&mut f32, &mut i32)))| {
+            let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let scale = amax / 127.0;
+            let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+            let mut sum = 0i32;
+            for (q, v) in qb.iter_mut().zip(xb) {
+                let r = (v * inv).round() as i32;
+                *q = r as i8;
+                sum += r;
+            }
+            *d = scale;
+            *s = sum;
+        };
+        let it = x.chunks_exact(QK).zip(self.qs.chunks_exact_mut(QK).zip(self.d.iter_mut().zip(self.s.iter_mut())));
+        if rows >= 16 {
+            x.par_chunks_exact(QK)
+                .zip(self.qs.par_chunks_exact_mut(QK).zip(self.d.par_iter_mut().zip(self.s.par_iter_mut())))
+                .with_min_len(256)
+                .for_each(quantize_block);
+        } else {
+            it.for_each(quantize_block);
+        }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+}
+
+/// A GGUF weight `[n, k]` repacked into 16-row tiles (see the module docs).
+#[derive(Debug, Clone)]
+pub struct PackedMatrix {
+    kind: QKind,
+    n: usize,
+    k: usize,
+    data: Vec<u8>,
+}
+
+impl PackedMatrix {
+    /// Repacks GGUF blocks (row-major, `k / 32` blocks per row). `n` must be a multiple of 16
+    /// and `k` of 32; callers fall back to f32 otherwise.
+    pub fn from_ggml(kind: QKind, n: usize, k: usize, raw: &[u8]) -> Result<Self, String> {
+        if n % TILE != 0 || k % QK != 0 {
+            return Err(format!("shape [{n}, {k}] does not tile by [{TILE}, {QK}]"));
+        }
+        let nb = k / QK;
+        let bb = kind.ggml_block_bytes();
+        if raw.len() != n * nb * bb {
+            return Err(format!("{} bytes for a [{n}, {k}] {kind:?} tensor, expected {}", raw.len(), n * nb * bb));
+        }
+        let tbb = kind.tile_block_bytes();
+        let vb = kind.tile_value_bytes();
+        let mut data = vec![0u8; n / TILE * nb * tbb];
+        data.par_chunks_exact_mut(nb * tbb).enumerate().for_each(|(t, tile)| {
+            for lane in 0..TILE {
+                let r = t * TILE + lane;
+                for b in 0..nb {
+                    let src = &raw[(r * nb + b) * bb..(r * nb + b + 1) * bb];
+                    let dst = &mut tile[b * tbb..(b + 1) * tbb];
+                    let mut vals = [0u8; QK];
+                    let (d, m) = match kind {
+                        QKind::Q4_0 | QKind::Q4_1 => {
+                            let off = if kind == QKind::Q4_1 { 4 } else { 2 };
+                            for j in 0..16 {
+                                vals[j] = src[off + j] & 0x0F;
+                                vals[j + 16] = src[off + j] >> 4;
+                            }
+                            let m = if kind == QKind::Q4_1 { [src[2], src[3]] } else { [0, 0] };
+                            ([src[0], src[1]], m)
+                        }
+                        QKind::Q8_0 => {
+                            for j in 0..QK {
+                                vals[j] = src[2 + j] ^ 0x80;
+                            }
+                            ([src[0], src[1]], [0, 0])
+                        }
+                    };
+                    for (kk, &v) in vals.iter().enumerate() {
+                        let u = kk / 4;
+                        let j = lane * 4 + kk % 4;
+                        match kind {
+                            QKind::Q8_0 => dst[u * 64 + j] = v,
+                            _ => dst[(u / 2) * 64 + j] |= v << ((u % 2) * 4),
+                        }
+                    }
+                    dst[vb + lane * 2..vb + lane * 2 + 2].copy_from_slice(&d);
+                    if kind == QKind::Q4_1 {
+                        dst[vb + 32 + lane * 2..vb + 32 + lane * 2 + 2].copy_from_slice(&m);
+                    }
+                }
+            }
+        });
+        Ok(Self { kind, n, k, data })
+    }
+
+    pub fn kind(&self) -> QKind {
+        self.kind
+    }
+
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    pub fn size_in_bytes(&self) -> usize {
+        self.data.len()
+    }
+
+    /// Row `r` of the weight in f32 (an embedding lookup when the matrix is a token table).
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        assert!(r < self.n && out.len() == self.k);
+        let nb = self.k / QK;
+        let tbb = self.kind.tile_block_bytes();
+        let vb = self.kind.tile_value_bytes();
+        let (t, lane) = (r / TILE, r % TILE);
+        for b in 0..nb {
+            let blk = &self.data[(t * nb + b) * tbb..(t * nb + b + 1) * tbb];
+            let d = f16_at(blk, vb + lane * 2);
+            let m = if self.kind == QKind::Q4_1 { f16_at(blk, vb + 32 + lane * 2) } else { 0.0 };
+            for kk in 0..QK {
+                let u = kk / 4;
+                let j = lane * 4 + kk % 4;
+                let v = match self.kind {
+                    QKind::Q8_0 => (blk[u * 64 + j] ^ 0x80) as i8 as f32 * d,
+                    QKind::Q4_0 => (((blk[(u / 2) * 64 + j] >> ((u % 2) * 4)) & 0x0F) as f32 - 8.0) * d,
+                    QKind::Q4_1 => ((blk[(u / 2) * 64 + j] >> ((u % 2) * 4)) & 0x0F) as f32 * d + m,
+                };
+                out[b * QK + kk] = v;
+            }
+        }
+    }
+
+    /// `out[rows, n] = x · Wᵀ` for activations quantized by [`QActs::quantize`].
+    pub fn matmul(&self, x: &QActs, out: &mut [f32]) {
+        assert_eq!(x.k, self.k, "input width");
+        let rows = x.rows;
+        assert_eq!(out.len(), rows * self.n, "output size");
+        let tiles = self.n / TILE;
+        let nb = self.k / QK;
+        let tbb = self.kind.tile_block_bytes();
+        let optr = SendPtr(out.as_mut_ptr());
+        let run = |t: usize| {
+            // SAFETY: tile `t` lies in `data` (n / 16 tiles of nb blocks), the kernels read
+            // rows < x.rows of x and write columns [16t, 16t + 16) of rows < x.rows of out,
+            // which no other tile writes.
+            unsafe {
+                let tile = self.data.as_ptr().add(t * nb * tbb);
+                run_tile(self.kind, tile, nb, x, optr.get().add(t * TILE), self.n);
+            }
+        };
+        let work = tiles as u64 * rows as u64 * self.k as u64 * TILE as u64;
+        if work >= 1 << 18 && rayon::current_num_threads() > 1 {
+            let min_len = (tiles / (rayon::current_num_threads() * 4)).max(1);
+            (0..tiles).into_par_iter().with_min_len(min_len).for_each(run);
+        } else {
+            (0..tiles).for_each(run);
+        }
+    }
+}
+
+fn f16_at(bytes: &[u8], at: usize) -> f32 {
+    half::f16::from_bits(u16::from_le_bytes([bytes[at], bytes[at + 1]])).to_f32()
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: parallel tasks write disjoint columns of one output buffer that outlives them.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+impl SendPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+fn has_vnni() -> bool {
+    static VNNI: OnceLock<bool> = OnceLock::new();
+    *VNNI.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx512bw")
+                && std::is_x86_feature_detected!("avx512vnni")
+                && std::env::var_os("RAGWAY_NO_AVX512").is_none()
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
+/// Rows of `x` per kernel call: a tile's unpacked block (8 registers) is reused for this many
+/// activation rows, each with its own accumulator.
+const ROWS: usize = 4;
+
+/// # Safety
+/// `tile` points at a whole tile of `nb` blocks; `out` at column 16t of row 0 of an output
+/// with row stride `out_rs` and at least `x.rows` rows.
+unsafe fn run_tile(kind: QKind, tile: *const u8, nb: usize, x: &QActs, out: *mut f32, out_rs: usize) {
+    let rows = x.rows;
+    #[cfg(target_arch = "x86_64")]
+    if has_vnni() {
+        macro_rules! go {
+            ($kind:expr) => {{
+                let mut r = 0;
+                while r + ROWS <= rows {
+                    avx512::tile::<ROWS, { $kind }>(tile, nb, x, r, out, out_rs);
+                    r += ROWS;
+                }
+                match rows - r {
+                    0 => {}
+                    1 => avx512::tile::<1, { $kind }>(tile, nb, x, r, out, out_rs),
+                    2 => avx512::tile::<2, { $kind }>(tile, nb, x, r, out, out_rs),
+                    _ => avx512::tile::<3, { $kind }>(tile, nb, x, r, out, out_rs),
+                }
+            }};
+        }
+        match kind {
+            QKind::Q4_0 => go!(K_Q4_0),
+            QKind::Q4_1 => go!(K_Q4_1),
+            QKind::Q8_0 => go!(K_Q8_0),
+        }
+        return;
+    }
+    for r in 0..rows {
+        portable_tile(kind, tile, nb, x, r, out.add(r * out_rs));
+    }
+}
+
+/// The same computation as the AVX-512 kernel, one activation row at a time.
+unsafe fn portable_tile(kind: QKind, tile: *const u8, nb: usize, x: &QActs, row: usize, out: *mut f32) {
+    let tbb = kind.tile_block_bytes();
+    let vb = kind.tile_value_bytes();
+    let mut acc = [0f32; TILE];
+    for b in 0..nb {
+        let blk = std::slice::from_raw_parts(tile.add(b * tbb), tbb);
+        let a = &x.qs[row * x.k + b * QK..row * x.k + (b + 1) * QK];
+        let da = x.d[row * (x.k / QK) + b];
+        let sa = x.s[row * (x.k / QK) + b];
+        for (lane, acc) in acc.iter_mut().enumerate() {
+            let mut s = 0i32;
+            for kk in 0..QK {
+                let (u, j) = (kk / 4, lane * 4 + kk % 4);
+                let w = match kind {
+                    QKind::Q8_0 => blk[u * 64 + j],
+                    _ => (blk[(u / 2) * 64 + j] >> ((u % 2) * 4)) & 0x0F,
+                };
+                s += w as i32 * a[kk] as i32;
+            }
+            let dw = f16_at(blk, vb + lane * 2);
+            match kind {
+                QKind::Q4_0 => *acc += dw * da * (s - 8 * sa) as f32,
+                QKind::Q8_0 => *acc += dw * da * (s - 128 * sa) as f32,
+                QKind::Q4_1 => *acc += dw * da * s as f32 + f16_at(blk, vb + 32 + lane * 2) * da * sa as f32,
+            }
+        }
+    }
+    std::ptr::copy_nonoverlapping(acc.as_ptr(), out, TILE);
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{QActs, K_Q4_1, K_Q8_0, QK};
+    use std::arch::x86_64::*;
+
+    /// One tile × `R` activation rows starting at `row0`.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F/BW/VNNI; pointers as in [`super::run_tile`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub unsafe fn tile<const R: usize, const KIND: u8>(
+        tile: *const u8,
+        nb: usize,
+        x: &QActs,
+        row0: usize,
+        out: *mut f32,
+        out_rs: usize,
+    ) {
+        let (vb, tbb) = match KIND {
+            K_Q8_0 => (512, 544),
+            K_Q4_1 => (256, 320),
+            _ => (256, 288),
+        };
+        let low = _mm512_set1_epi8(0x0F);
+        let mut acc = [_mm512_setzero_ps(); R];
+        let k = x.k;
+        let xnb = k / QK;
+        for b in 0..nb {
+            let w = tile.add(b * tbb);
+            let mut u = [_mm512_setzero_si512(); 8];
+            if KIND == K_Q8_0 {
+                for (i, u) in u.iter_mut().enumerate() {
+                    *u = _mm512_loadu_si512(w.add(i * 64) as *const __m512i);
+                }
+            } else {
+                for p in 0..4 {
+                    let v = _mm512_loadu_si512(w.add(p * 64) as *const __m512i);
+                    u[2 * p] = _mm512_and_si512(v, low);
+                    u[2 * p + 1] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low);
+                }
+            }
+            let dw = _mm512_cvtph_ps(_mm256_loadu_si256(w.add(vb) as *const __m256i));
+            let mw = if KIND == K_Q4_1 {
+                _mm512_cvtph_ps(_mm256_loadu_si256(w.add(vb + 32) as *const __m256i))
+            } else {
+                _mm512_setzero_ps()
+            };
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let row = row0 + r;
+                let a = x.qs.as_ptr().add(row * k + b * QK) as *const i32;
+                let mut s0 = _mm512_setzero_si512();
+                let mut s1 = _mm512_setzero_si512();
+                for i in (0..8).step_by(2) {
+                    s0 = _mm512_dpbusd_epi32(s0, u[i], _mm512_set1_epi32(a.add(i).read_unaligned()));
+                    s1 = _mm512_dpbusd_epi32(s1, u[i + 1], _mm512_set1_epi32(a.add(i + 1).read_unaligned()));
+                }
+                let mut s = _mm512_add_epi32(s0, s1);
+                let da = *x.d.get_unchecked(row * xnb + b);
+                let sa = *x.s.get_unchecked(row * xnb + b);
+                if KIND == K_Q8_0 {
+                    s = _mm512_sub_epi32(s, _mm512_set1_epi32(128 * sa));
+                } else if KIND != K_Q4_1 {
+                    s = _mm512_sub_epi32(s, _mm512_set1_epi32(8 * sa));
+                }
+                *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dw, _mm512_set1_ps(da)), *acc);
+                if KIND == K_Q4_1 {
+                    *acc = _mm512_fmadd_ps(mw, _mm512_set1_ps(da * sa as f32), *acc);
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            _mm512_storeu_ps(out.add((row0 + r) * out_rs), *acc);
+        }
+    }
+}
+
+/// An f32 weight `[n, k]` (safetensors models, and GGUF types without a packed kernel).
+#[derive(Debug, Clone)]
+pub struct DenseMatrix {
+    n: usize,
+    k: usize,
+    w: Vec<f32>,
+}
+
+impl DenseMatrix {
+    pub fn new(n: usize, k: usize, w: Vec<f32>) -> Self {
+        assert_eq!(w.len(), n * k);
+        Self { n, k, w }
+    }
+
+    pub fn row(&self, r: usize) -> &[f32] {
+        &self.w[r * self.k..(r + 1) * self.k]
+    }
+
+    /// `out[rows, n] = x[rows, k] · Wᵀ`.
+    pub fn matmul(&self, x: &[f32], rows: usize, out: &mut [f32]) {
+        assert_eq!(x.len(), rows * self.k);
+        assert_eq!(out.len(), rows * self.n);
+        // SAFETY: x is [rows, k] row-major, W is [n, k] row-major read as Wᵀ [k, n] through
+        // strides (row stride 1, column stride k), out is [rows, n]; sizes asserted above.
+        unsafe {
+            gemm_f32(
+                rows,
+                self.n,
+                self.k,
+                out.as_mut_ptr(),
+                self.n,
+                (x.as_ptr(), self.k as isize, 1),
+                (self.w.as_ptr(), 1, self.k as isize),
+                Parallel::Pool,
+            );
+        }
+    }
+}
+
+/// A linear layer without bias, in whichever form its weights allow.
+#[derive(Debug, Clone)]
+pub enum Linear {
+    Packed(PackedMatrix),
+    Dense(DenseMatrix),
+}
+
+impl Linear {
+    pub fn n(&self) -> usize {
+        match self {
+            Linear::Packed(p) => p.n,
+            Linear::Dense(d) => d.n,
+        }
+    }
+
+    pub fn k(&self) -> usize {
+        match self {
+            Linear::Packed(p) => p.k,
+            Linear::Dense(d) => d.k,
+        }
+    }
+
+    pub fn size_in_bytes(&self) -> usize {
+        match self {
+            Linear::Packed(p) => p.data.len(),
+            Linear::Dense(d) => d.w.len() * 4,
+        }
+    }
+
+    /// `out[rows, n] = x[rows, k] · Wᵀ`; `scratch` holds the quantized activations.
+    pub fn forward(&self, x: &[f32], rows: usize, scratch: &mut QActs, out: &mut Vec<f32>) {
+        out.resize(rows * self.n(), 0.0);
+        match self {
+            Linear::Packed(p) => {
+                scratch.quantize(x, rows, p.k);
+                p.matmul(scratch, out);
+            }
+            Linear::Dense(d) => d.matmul(x, rows, out),
+        }
+    }
+
+    /// Row `r` of the weight in f32.
+    pub fn row(&self, r: usize, out: &mut [f32]) {
+        match self {
+            Linear::Packed(p) => p.dequantize_row(r, out),
+            Linear::Dense(d) => out.copy_from_slice(d.row(r)),
+        }
+    }
+
+    /// Short name of the storage, for logs.
+    pub fn describe(&self) -> String {
+        match self {
+            Linear::Packed(p) => format!("{:?} packed", p.kind),
+            Linear::Dense(_) => "f32".to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
+
+    fn lcg(seed: &mut u64) -> f32 {
+        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((*seed >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+    }
+
+    /// Packed kernels against candle's own dequantization followed by an f64 product; the
+    /// only difference allowed is the 8-bit quantization of the activations.
+    fn check(dtype: GgmlDType, n: usize, k: usize, rows: usize) {
+        let mut seed = 42u64 + n as u64;
+        let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut seed)).collect();
+        let x: Vec<f32> = (0..rows * k).map(|_| lcg(&mut seed) * 3.0).collect();
+        let wt = Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&wt, dtype).unwrap();
+        let deq: Vec<f32> = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let packed = PackedMatrix::from_ggml(QKind::from_ggml(dtype).unwrap(), n, k, &q.data().unwrap()).unwrap();
+        // dequantize_row reproduces candle's dequantization exactly
+        let mut row = vec![0f32; k];
+        for r in [0, 5, n - 1] {
+            packed.dequantize_row(r, &mut row);
+            assert_eq!(&row[..], &deq[r * k..(r + 1) * k], "row {r}");
+        }
+        let mut acts = QActs::default();
+        acts.quantize(&x, rows, k);
+        let mut out = vec![0f32; rows * n];
+        packed.matmul(&acts, &mut out);
+        let mut portable = vec![0f32; rows * n];
+        for t in 0..n / TILE {
+            for r in 0..rows {
+                unsafe {
+                    let tile = packed.data.as_ptr().add(t * (k / QK) * packed.kind.tile_block_bytes());
+                    portable_tile(packed.kind, tile, k / QK, &acts, r, portable.as_mut_ptr().add(r * n + t * TILE));
+                }
+            }
+        }
+        for r in 0..rows {
+            for c in 0..n {
+                let exact: f64 = (0..k).map(|i| deq[c * k + i] as f64 * x[r * k + i] as f64).sum::<f64>();
+                let got = out[r * n + c] as f64;
+                let scale: f64 = (0..k).map(|i| (deq[c * k + i] as f64 * x[r * k + i] as f64).abs()).sum::<f64>();
+                assert!((got - exact).abs() <= 0.01 * scale + 1e-3, "{dtype:?} [{r},{c}]: {got} vs {exact}");
+                let p = portable[r * n + c];
+                assert!((p - out[r * n + c]).abs() <= 1e-4 * (1.0 + p.abs()), "portable {p} vs {}", out[r * n + c]);
+            }
+        }
+    }
+
+    #[test]
+    fn q4_0_matches_dequantized_product() {
+        check(GgmlDType::Q4_0, 48, 96, 7);
+    }
+
+    #[test]
+    fn q4_1_matches_dequantized_product() {
+        check(GgmlDType::Q4_1, 32, 128, 5);
+        check(GgmlDType::Q4_1, 64, 576, 1);
+    }
+
+    #[test]
+    fn q8_0_matches_dequantized_product() {
+        check(GgmlDType::Q8_0, 16, 64, 9);
+    }
+
+    #[test]
+    fn dense_matches_naive() {
+        let (n, k, rows) = (5, 7, 3);
+        let w: Vec<f32> = (0..n * k).map(|i| i as f32 * 0.1).collect();
+        let x: Vec<f32> = (0..rows * k).map(|i| 1.0 - i as f32 * 0.05).collect();
+        let d = DenseMatrix::new(n, k, w.clone());
+        let mut out = vec![0f32; rows * n];
+        d.matmul(&x, rows, &mut out);
+        for r in 0..rows {
+            for c in 0..n {
+                let e: f32 = (0..k).map(|i| w[c * k + i] * x[r * k + i]).sum();
+                assert!((out[r * n + c] - e).abs() < 1e-4);
+            }
+        }
+    }
+}

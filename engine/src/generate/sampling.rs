@@ -1,0 +1,281 @@
+//! Token selection: logit bias, repetition / presence / frequency penalties, temperature,
+//! top-k, top-p, min-p and a seeded random draw; log-probabilities with top alternatives.
+//!
+//! Order (as in vLLM): bias and penalties change the logits; temperature scales them;
+//! top-k, top-p and min-p cut the candidates; the draw picks one. Temperature 0 is greedy.
+//! Log-probabilities are those of the model's own distribution (before bias, penalties and
+//! temperature).
+
+use crate::error::{EngineError, Result};
+use std::collections::HashMap;
+
+/// How to pick tokens for one request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 = greedy.
+    pub temperature: f32,
+    /// Keep the smallest set of tokens whose probability reaches `top_p` (1 = off).
+    pub top_p: f32,
+    /// Keep the `top_k` most likely tokens (0 = off).
+    pub top_k: usize,
+    /// Drop tokens less likely than `min_p` × the most likely one (0 = off).
+    pub min_p: f32,
+    /// Hugging Face style: logits of tokens already in the prompt or output are divided
+    /// (positive) or multiplied (negative) by this (1 = off).
+    pub repetition_penalty: f32,
+    /// OpenAI style, over the output so far: `- presence * [count > 0] - frequency * count`.
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    /// Added to the logits of the given tokens (OpenAI's `logit_bias`, -100..100).
+    pub logit_bias: Vec<(u32, f32)>,
+    /// Same seed, same input: same output. `None`: a random seed.
+    pub seed: Option<u64>,
+    /// Return the chosen token's log-probability and this many alternatives (`Some(0)`: only
+    /// the chosen one).
+    pub logprobs: Option<usize>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
+            seed: None,
+            logprobs: None,
+        }
+    }
+}
+
+/// Most alternatives a caller may ask for (OpenAI allows 20).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+impl SamplingParams {
+    pub fn greedy() -> Self {
+        Self { temperature: 0.0, ..Self::default() }
+    }
+
+    /// Rejects values outside their ranges, naming the parameter.
+    pub fn validate(&self, vocab: usize) -> Result<()> {
+        let bad =
+            |param: &str, message: String| Err(EngineError::InvalidRequest { param: Some(param.into()), message });
+        if !(0.0..=2.0).contains(&self.temperature) || self.temperature.is_nan() {
+            return bad("temperature", format!("temperature must be between 0 and 2, got {}", self.temperature));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad("top_p", format!("top_p must be in (0, 1], got {}", self.top_p));
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return bad("min_p", format!("min_p must be in [0, 1], got {}", self.min_p));
+        }
+        if !(self.repetition_penalty > 0.0 && self.repetition_penalty <= 10.0) {
+            return bad(
+                "repetition_penalty",
+                format!("repetition_penalty must be in (0, 10], got {}", self.repetition_penalty),
+            );
+        }
+        if !(-2.0..=2.0).contains(&self.presence_penalty) {
+            return bad(
+                "presence_penalty",
+                format!("presence_penalty must be between -2 and 2, got {}", self.presence_penalty),
+            );
+        }
+        if !(-2.0..=2.0).contains(&self.frequency_penalty) {
+            return bad(
+                "frequency_penalty",
+                format!("frequency_penalty must be between -2 and 2, got {}", self.frequency_penalty),
+            );
+        }
+        for &(id, b) in &self.logit_bias {
+            if id as usize >= vocab {
+                return bad("logit_bias", format!("logit_bias token {id} is outside the vocabulary of {vocab} tokens"));
+            }
+            if !(-100.0..=100.0).contains(&b) {
+                return bad(
+                    "logit_bias",
+                    format!("logit_bias values must be between -100 and 100, got {b} for token {id}"),
+                );
+            }
+        }
+        if self.logprobs.is_some_and(|k| k > MAX_TOP_LOGPROBS) {
+            return bad("top_logprobs", format!("at most {MAX_TOP_LOGPROBS} alternatives per token"));
+        }
+        Ok(())
+    }
+}
+
+/// Log-probability of a chosen token and its best alternatives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub id: u32,
+    pub logprob: f32,
+    /// `(id, logprob)`, most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Per-sequence sampling state: RNG and output token counts.
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    params: SamplingParams,
+    rng: SplitMix64,
+    counts: HashMap<u32, u32>,
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams, seed: u64) -> Self {
+        Self { params, rng: SplitMix64(seed), counts: HashMap::new() }
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Picks the next token from `logits` (modified in place). `context` is the prompt and
+    /// output so far (for the repetition penalty).
+    pub fn sample(&mut self, logits: &mut [f32], context: &[u32]) -> (u32, Option<TokenLogprob>) {
+        // Log-probabilities come from the model's own distribution: keep the raw logits.
+        let raw = self.params.logprobs.map(|_| logits.to_vec());
+        let p = &self.params;
+        for &(id, b) in &p.logit_bias {
+            logits[id as usize] += b;
+        }
+        if p.repetition_penalty != 1.0 {
+            let mut seen = std::collections::HashSet::with_capacity(context.len());
+            for &t in context {
+                if seen.insert(t) {
+                    if let Some(l) = logits.get_mut(t as usize) {
+                        *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
+                    }
+                }
+            }
+        }
+        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            for (&t, &c) in &self.counts {
+                logits[t as usize] -= p.presence_penalty + p.frequency_penalty * c as f32;
+            }
+        }
+        let id = if p.temperature == 0.0 { argmax(logits) } else { self.draw(logits) };
+        *self.counts.entry(id).or_insert(0) += 1;
+        let lp = raw.map(|raw| {
+            let lse = log_sum_exp(&raw);
+            let k = self.params.logprobs.unwrap_or(0);
+            let top = top_k_indices(&raw, k).into_iter().map(|i| (i as u32, raw[i] - lse)).collect();
+            TokenLogprob { id, logprob: raw[id as usize] - lse, top }
+        });
+        (id, lp)
+    }
+
+    fn draw(&mut self, logits: &mut [f32]) -> u32 {
+        let p = &self.params;
+        let inv_t = 1.0 / p.temperature;
+        // Candidates: top-k first (selection, not a full sort), else all.
+        let mut cand: Vec<u32> = if p.top_k > 0 && p.top_k < logits.len() {
+            top_k_indices(logits, p.top_k).into_iter().map(|i| i as u32).collect()
+        } else {
+            (0..logits.len() as u32).collect()
+        };
+        let max = cand.iter().map(|&i| logits[i as usize]).fold(f32::NEG_INFINITY, f32::max);
+        let mut probs: Vec<f32> = cand.iter().map(|&i| ((logits[i as usize] - max) * inv_t).exp()).collect();
+        let sum: f32 = probs.iter().sum();
+        probs.iter_mut().for_each(|q| *q /= sum);
+        if p.min_p > 0.0 {
+            let pmax = probs.iter().copied().fold(0.0, f32::max);
+            let keep = p.min_p * pmax;
+            let (c2, p2): (Vec<u32>, Vec<f32>) =
+                cand.iter().zip(&probs).filter(|(_, &q)| q >= keep).map(|(&c, &q)| (c, q)).unzip();
+            cand = c2;
+            probs = p2;
+        }
+        if p.top_p < 1.0 {
+            // Sort candidates by probability, most likely first, and keep the nucleus.
+            let mut order: Vec<usize> = (0..cand.len()).collect();
+            order.sort_unstable_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(cand[a].cmp(&cand[b])));
+            let mut acc = 0.0;
+            let mut keep = Vec::new();
+            for &i in &order {
+                keep.push(i);
+                acc += probs[i];
+                if acc >= p.top_p * probs.iter().sum::<f32>() {
+                    break;
+                }
+            }
+            cand = keep.iter().map(|&i| cand[i]).collect();
+            probs = keep.iter().map(|&i| probs[i]).collect();
+        }
+        let total: f32 = probs.iter().sum();
+        let mut u = self.rng.next_f32() * total;
+        for (&c, &q) in cand.iter().zip(&probs) {
+            if u < q {
+                return c;
+            }
+            u -= q;
+        }
+        *cand.last().expect("at least one candidate")
+    }
+}
+
+/// Log-probability of `id` under `logits` (for callers that kept the raw logits).
+pub fn logprob_of(logits: &[f32], id: u32) -> f32 {
+    logits[id as usize] - log_sum_exp(logits)
+}
+
+pub fn argmax(xs: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in xs.iter().enumerate() {
+        if v > xs[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn log_sum_exp(xs: &[f32]) -> f32 {
+    let max = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let s: f64 = xs.iter().map(|&v| ((v - max) as f64).exp()).sum();
+    max + s.ln() as f32
+}
+
+/// Indices of the `k` largest values, largest first (ties: lower index first).
+pub fn top_k_indices(xs: &[f32], k: usize) -> Vec<usize> {
+    let k = k.min(xs.len());
+    let mut idx: Vec<usize> = (0..xs.len()).collect();
+    let cmp = |a: &usize, b: &usize| xs[*b].total_cmp(&xs[*a]).then(a.cmp(b));
+    if k < idx.len() {
+        idx.select_nth_unstable_by(k, cmp);
+        idx.truncate(k);
+    }
+    idx.sort_unstable_by(cmp);
+    idx
+}
+
+/// SplitMix64: small, fast, and the same on every platform (seeded outputs are portable).
+#[derive(Debug, Clone)]
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    fn next_f32(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+    }
+}
+
+/// A seed for requests that give none.
+pub fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
+    h.finish()
+}

@@ -1,0 +1,688 @@
+//! Continuous batching: one thread owns the decoder and runs a loop of *steps*. Between
+//! steps it drops cancelled sequences and admits waiting requests; each step is one forward
+//! pass over every running sequence — one new token for those decoding, a chunk of the
+//! prompt for those prefilling (chunks are cut so a step stays within the token budget and a
+//! long prompt does not stall the others) — after which every sequence that reached its end
+//! samples a token and streams it.
+//!
+//! Memory: the KV cache is counted in tokens against a budget. A request is admitted only if
+//! its prompt fits beside the running sequences; when decoding outgrows the budget the most
+//! recent sequence is *preempted*: its cache is freed and it waits at the head of the queue,
+//! to be prefilled again (prompt + output so far) when memory frees up, its stream unaffected.
+//!
+//! Waiting requests sit in a bounded queue; when it is full, [`GenerateHandle::submit`]
+//! fails at once with [`EngineError::QueueFull`].
+
+use super::model::{KvCache, Llama, Scratch, SeqBatch};
+use super::sampling::{random_seed, Sampler, SamplingParams, TokenLogprob};
+use super::tokenizer::{IncrementalDecoder, TextTokenizer};
+use super::{ChatTemplate, GenerativeModel};
+use crate::error::{EngineError, Result};
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::mpsc;
+
+/// How to start a generation worker.
+#[derive(Debug, Clone)]
+pub struct GenerateConfig {
+    /// Id the model is served under.
+    pub model_id: String,
+    /// GGUF file, model folder, name under `models_dir`, or hub repository.
+    pub source: String,
+    pub models_dir: PathBuf,
+    /// Replaces the model's own chat template.
+    pub chat_template: Option<String>,
+    /// Sequences decoded together at most.
+    pub max_running: usize,
+    /// Tokens in one forward pass at most (prefill chunks are cut to fit).
+    pub max_batch_tokens: usize,
+    /// Requests that may wait; more are refused.
+    pub max_waiting: usize,
+    /// KV cache budget in MiB.
+    pub kv_cache_mib: usize,
+}
+
+impl GenerateConfig {
+    pub fn new(model_id: &str, source: &str, models_dir: PathBuf) -> Self {
+        Self {
+            model_id: model_id.into(),
+            source: source.into(),
+            models_dir,
+            chat_template: None,
+            max_running: 16,
+            max_batch_tokens: 512,
+            max_waiting: 64,
+            kv_cache_mib: 2048,
+        }
+    }
+}
+
+/// One generation request: `n` sequences from the same prompt.
+#[derive(Debug, Clone)]
+pub struct GenerationRequest {
+    pub prompt: Vec<u32>,
+    /// `None`: until the context is full.
+    pub max_tokens: Option<usize>,
+    pub sampling: SamplingParams,
+    /// Generation stops before any of these strings; they are not part of the output.
+    pub stop: Vec<String>,
+    pub n: usize,
+    /// Keep going past end-of-sequence tokens (benchmarks).
+    pub ignore_eos: bool,
+}
+
+impl GenerationRequest {
+    pub fn new(prompt: Vec<u32>, max_tokens: usize, sampling: SamplingParams) -> Self {
+        Self { prompt, max_tokens: Some(max_tokens), sampling, stop: Vec::new(), n: 1, ignore_eos: false }
+    }
+}
+
+/// Why a sequence ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// End-of-sequence token or a stop string.
+    Stop,
+    /// `max_tokens` reached.
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+/// What a stream delivers, per sequence (`index` < n).
+#[derive(Debug, Clone, PartialEq)]
+pub enum GenEvent {
+    /// A sampled token and the text it released (empty while a multi-byte character or a
+    /// possible stop string is incomplete).
+    Token { index: usize, token: u32, text: String, logprob: Option<TokenLogprob> },
+    /// Text released at the end without a token of its own (held-back bytes).
+    Text { index: usize, text: String },
+    /// The sequence is over.
+    Done { index: usize, finish_reason: FinishReason, prompt_tokens: usize, completion_tokens: usize },
+    /// The engine failed; the stream ends.
+    Error { message: String },
+}
+
+/// The receiving end of a request. Dropping it cancels the request.
+pub struct GenerationStream {
+    rx: mpsc::UnboundedReceiver<GenEvent>,
+    pub prompt_tokens: usize,
+    pub n: usize,
+}
+
+impl GenerationStream {
+    pub async fn next(&mut self) -> Option<GenEvent> {
+        self.rx.recv().await
+    }
+
+    /// For callers outside an async runtime.
+    pub fn blocking_next(&mut self) -> Option<GenEvent> {
+        self.rx.blocking_recv()
+    }
+}
+
+/// A fixed-bucket histogram of seconds (Prometheus style, cumulative on export).
+#[derive(Debug)]
+pub struct Histogram {
+    pub bounds: &'static [f64],
+    counts: Vec<AtomicU64>,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Self {
+        Self { bounds, counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(), sum_micros: AtomicU64::new(0) }
+    }
+
+    pub fn observe(&self, secs: f64) {
+        let i = self.bounds.iter().position(|&b| secs <= b).unwrap_or(self.bounds.len());
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_micros.fetch_add((secs * 1e6) as u64, Ordering::Relaxed);
+    }
+
+    /// Per-bucket counts (last: above the largest bound), sum in seconds.
+    pub fn snapshot(&self) -> (Vec<u64>, f64) {
+        (
+            self.counts.iter().map(|c| c.load(Ordering::Relaxed)).collect(),
+            self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6,
+        )
+    }
+}
+
+const LATENCY_BOUNDS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+/// Counters the scheduler keeps up to date (for `/metrics`).
+#[derive(Debug)]
+pub struct GenMetrics {
+    pub waiting: AtomicUsize,
+    pub running: AtomicUsize,
+    pub steps: AtomicU64,
+    /// Sequences and tokens in the last step.
+    pub last_batch_seqs: AtomicUsize,
+    pub last_batch_tokens: AtomicUsize,
+    pub batch_seqs_total: AtomicU64,
+    pub prompt_tokens_total: AtomicU64,
+    pub generated_tokens_total: AtomicU64,
+    pub requests_total: AtomicU64,
+    pub requests_rejected: AtomicU64,
+    pub preemptions: AtomicU64,
+    pub kv_used_tokens: AtomicUsize,
+    pub kv_capacity_tokens: AtomicUsize,
+    pub time_to_first_token: Histogram,
+    pub inter_token_latency: Histogram,
+}
+
+impl GenMetrics {
+    fn new(kv_capacity: usize) -> Self {
+        Self {
+            waiting: AtomicUsize::new(0),
+            running: AtomicUsize::new(0),
+            steps: AtomicU64::new(0),
+            last_batch_seqs: AtomicUsize::new(0),
+            last_batch_tokens: AtomicUsize::new(0),
+            batch_seqs_total: AtomicU64::new(0),
+            prompt_tokens_total: AtomicU64::new(0),
+            generated_tokens_total: AtomicU64::new(0),
+            requests_total: AtomicU64::new(0),
+            requests_rejected: AtomicU64::new(0),
+            preemptions: AtomicU64::new(0),
+            kv_used_tokens: AtomicUsize::new(0),
+            kv_capacity_tokens: AtomicUsize::new(kv_capacity),
+            time_to_first_token: Histogram::new(LATENCY_BOUNDS),
+            inter_token_latency: Histogram::new(LATENCY_BOUNDS),
+        }
+    }
+}
+
+struct Job {
+    req: GenerationRequest,
+    tx: mpsc::UnboundedSender<GenEvent>,
+    received: Instant,
+}
+
+/// Cheap-to-clone handle on a running generation worker.
+#[derive(Clone)]
+pub struct GenerateHandle {
+    tx: SyncSender<Job>,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    config: GenerateConfig,
+    tokenizer: TextTokenizer,
+    chat_template: Option<ChatTemplate>,
+    context_length: usize,
+    vocab: usize,
+    kv_budget_tokens: usize,
+    metrics: GenMetrics,
+}
+
+/// Starts generation workers.
+pub struct GenerateWorker;
+
+impl GenerateWorker {
+    /// Loads the model on a new thread and returns once it is ready (a load failure is
+    /// returned here).
+    pub fn spawn(config: GenerateConfig) -> Result<GenerateHandle> {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(config.max_waiting.max(1));
+        let thread_config = config.clone();
+        std::thread::Builder::new().name(format!("generate-{}", config.model_id)).spawn(move || {
+            let cfg = thread_config;
+            match GenerativeModel::load(&cfg.source, &cfg.models_dir, cfg.chat_template.as_deref()) {
+                Ok(m) => {
+                    let mc = m.model.config();
+                    let kv_budget_tokens = (cfg.kv_cache_mib << 20) / mc.kv_bytes_per_token();
+                    let shared = Arc::new(Shared {
+                        context_length: mc.context_length,
+                        vocab: mc.vocab,
+                        kv_budget_tokens,
+                        metrics: GenMetrics::new(kv_budget_tokens),
+                        tokenizer: m.tokenizer.clone(),
+                        chat_template: m.chat_template,
+                        config: cfg,
+                    });
+                    tracing::info!(
+                        model = %shared.config.model_id,
+                        kv_cache_tokens = kv_budget_tokens,
+                        max_running = shared.config.max_running,
+                        "generation worker ready"
+                    );
+                    let _ = ready_tx.send(Ok(shared.clone()));
+                    Scheduler::new(m.model, m.tokenizer, shared, rx).run();
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                }
+            }
+        })?;
+        let shared = ready_rx.recv().map_err(|_| EngineError::WorkerStopped { model: config.model_id.clone() })??;
+        Ok(GenerateHandle { tx, shared })
+    }
+}
+
+impl GenerateHandle {
+    pub fn model_id(&self) -> &str {
+        &self.shared.config.model_id
+    }
+
+    pub fn tokenizer(&self) -> &TextTokenizer {
+        &self.shared.tokenizer
+    }
+
+    pub fn chat_template(&self) -> Option<&ChatTemplate> {
+        self.shared.chat_template.as_ref()
+    }
+
+    pub fn context_length(&self) -> usize {
+        self.shared.context_length
+    }
+
+    pub fn metrics(&self) -> &GenMetrics {
+        &self.shared.metrics
+    }
+
+    pub fn config(&self) -> &GenerateConfig {
+        &self.shared.config
+    }
+
+    /// Checks the request and queues it. Errors: empty prompt, bad parameters, prompt plus
+    /// `max_tokens` beyond the context ([`EngineError::ContextLengthExceeded`]), full queue.
+    pub fn submit(&self, mut req: GenerationRequest) -> Result<GenerationStream> {
+        let s = &self.shared;
+        if req.prompt.is_empty() {
+            return Err(EngineError::InvalidRequest {
+                param: Some("prompt".into()),
+                message: "the prompt is empty".into(),
+            });
+        }
+        if let Some(&bad) = req.prompt.iter().find(|&&t| t as usize >= s.vocab) {
+            return Err(EngineError::InvalidTokenId { index: 0, token_id: bad, vocab_size: s.vocab });
+        }
+        if req.n == 0 || req.n > 16 {
+            return Err(EngineError::InvalidRequest {
+                param: Some("n".into()),
+                message: format!("n must be between 1 and 16, got {}", req.n),
+            });
+        }
+        if req.max_tokens == Some(0) {
+            return Err(EngineError::InvalidRequest {
+                param: Some("max_tokens".into()),
+                message: "max_tokens must be at least 1".into(),
+            });
+        }
+        if req.stop.len() > 4 || req.stop.iter().any(|s| s.is_empty()) {
+            return Err(EngineError::InvalidRequest {
+                param: Some("stop".into()),
+                message: "at most 4 non-empty stop strings".into(),
+            });
+        }
+        req.sampling.validate(s.vocab)?;
+        let prompt_len = req.prompt.len();
+        let limit = s.context_length.min(s.kv_budget_tokens / req.n);
+        let max_tokens = req.max_tokens.unwrap_or(limit.saturating_sub(prompt_len));
+        if prompt_len + max_tokens > limit || max_tokens == 0 {
+            return Err(EngineError::ContextLengthExceeded {
+                prompt_tokens: prompt_len,
+                max_tokens: max_tokens.max(1),
+                context: limit,
+            });
+        }
+        req.max_tokens = Some(max_tokens);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let n = req.n;
+        s.metrics.waiting.fetch_add(1, Ordering::Relaxed);
+        match self.tx.try_send(Job { req, tx, received: Instant::now() }) {
+            Ok(()) => {
+                s.metrics.requests_total.fetch_add(1, Ordering::Relaxed);
+                Ok(GenerationStream { rx, prompt_tokens: prompt_len, n })
+            }
+            Err(e) => {
+                s.metrics.waiting.fetch_sub(1, Ordering::Relaxed);
+                s.metrics.requests_rejected.fetch_add(1, Ordering::Relaxed);
+                match e {
+                    TrySendError::Full(_) => {
+                        Err(EngineError::QueueFull { model: s.config.model_id.clone(), capacity: s.config.max_waiting })
+                    }
+                    TrySendError::Disconnected(_) => {
+                        Err(EngineError::WorkerStopped { model: s.config.model_id.clone() })
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One sequence in flight.
+struct Seq {
+    index: usize,
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    max_new: usize,
+    cache: KvCache,
+    sampler: Sampler,
+    stop: Arc<Vec<String>>,
+    ignore_eos: bool,
+    decoder: IncrementalDecoder,
+    pending: String,
+    tx: mpsc::UnboundedSender<GenEvent>,
+    received: Instant,
+    last_token_at: Option<Instant>,
+}
+
+impl Seq {
+    fn generated(&self) -> usize {
+        self.tokens.len() - self.prompt_len
+    }
+
+    /// Tokens still to feed before the next sample.
+    fn to_feed(&self) -> usize {
+        self.tokens.len() - self.cache.len()
+    }
+
+    /// Adds decoded text; returns what may be sent now and whether a stop string was hit.
+    fn push_text(&mut self, delta: &str) -> (String, bool) {
+        self.pending.push_str(delta);
+        if self.stop.is_empty() {
+            return (std::mem::take(&mut self.pending), false);
+        }
+        let first = self.stop.iter().filter_map(|s| self.pending.find(s.as_str())).min();
+        if let Some(at) = first {
+            let out = self.pending[..at].to_string();
+            self.pending.clear();
+            return (out, true);
+        }
+        // Hold back the longest tail that could still grow into a stop string.
+        let mut hold = 0;
+        for (i, _) in self.pending.char_indices() {
+            let tail = &self.pending[i..];
+            if self.stop.iter().any(|s| s.starts_with(tail)) {
+                hold = self.pending.len() - i;
+                break;
+            }
+        }
+        let cut = self.pending.len() - hold;
+        let out = self.pending[..cut].to_string();
+        self.pending.drain(..cut);
+        (out, false)
+    }
+}
+
+struct Scheduler {
+    model: Llama,
+    tokenizer: TextTokenizer,
+    shared: Arc<Shared>,
+    rx: Receiver<Job>,
+    running: Vec<Seq>,
+    /// Preempted sequences, first to be re-admitted.
+    preempted: VecDeque<Seq>,
+    /// A job taken from the queue that did not fit yet.
+    held: Option<Job>,
+    scratch: Scratch,
+    closed: bool,
+}
+
+impl Scheduler {
+    fn new(model: Llama, tokenizer: TextTokenizer, shared: Arc<Shared>, rx: Receiver<Job>) -> Self {
+        Self {
+            model,
+            tokenizer,
+            shared,
+            rx,
+            running: Vec::new(),
+            preempted: VecDeque::new(),
+            held: None,
+            scratch: Scratch::default(),
+            closed: false,
+        }
+    }
+
+    fn kv_used(&self) -> usize {
+        self.running.iter().map(|s| s.tokens.len()).sum()
+    }
+
+    fn run(mut self) {
+        loop {
+            self.running.retain(|s| !s.tx.is_closed());
+            self.preempted.retain(|s| !s.tx.is_closed());
+            self.admit();
+            if self.running.is_empty() {
+                if self.closed && self.held.is_none() && self.preempted.is_empty() {
+                    return;
+                }
+                // Nothing to run: wait for a request.
+                match self.rx.recv() {
+                    Ok(job) => {
+                        self.shared.metrics.waiting.fetch_sub(1, Ordering::Relaxed);
+                        self.held = Some(job);
+                        continue;
+                    }
+                    Err(_) => {
+                        self.closed = true;
+                        if self.held.is_none() && self.preempted.is_empty() {
+                            return;
+                        }
+                        continue;
+                    }
+                }
+            }
+            self.make_room();
+            if let Err(e) = self.step() {
+                tracing::error!(error = %e, "generation step failed");
+                for s in self.running.drain(..) {
+                    let _ = s.tx.send(GenEvent::Error { message: e.to_string() });
+                }
+            }
+            let m = &self.shared.metrics;
+            m.running.store(self.running.len(), Ordering::Relaxed);
+            m.kv_used_tokens.store(self.kv_used(), Ordering::Relaxed);
+        }
+    }
+
+    /// Moves waiting work into the running set while sequences and KV memory allow.
+    fn admit(&mut self) {
+        let max_running = self.shared.config.max_running;
+        let budget = self.shared.kv_budget_tokens;
+        loop {
+            if self.running.len() >= max_running {
+                return;
+            }
+            if let Some(seq) = self.preempted.front() {
+                if self.kv_used() + seq.tokens.len() + 1 > budget && !self.running.is_empty() {
+                    return;
+                }
+                let seq = self.preempted.pop_front().expect("front exists");
+                self.running.push(seq);
+                continue;
+            }
+            let job = match self.held.take() {
+                Some(j) => j,
+                None => match self.rx.try_recv() {
+                    Ok(j) => {
+                        self.shared.metrics.waiting.fetch_sub(1, Ordering::Relaxed);
+                        j
+                    }
+                    Err(TryRecvError::Empty) => return,
+                    Err(TryRecvError::Disconnected) => {
+                        self.closed = true;
+                        return;
+                    }
+                },
+            };
+            if job.tx.is_closed() {
+                continue;
+            }
+            let n = job.req.n;
+            let need = n * (job.req.prompt.len() + 1);
+            if (self.kv_used() + need > budget || self.running.len() + n > max_running) && !self.running.is_empty() {
+                self.held = Some(job);
+                return;
+            }
+            self.start(job);
+        }
+    }
+
+    fn start(&mut self, job: Job) {
+        let req = job.req;
+        let base_seed = req.sampling.seed.unwrap_or_else(random_seed);
+        let stop = Arc::new(req.stop);
+        self.shared.metrics.prompt_tokens_total.fetch_add(req.prompt.len() as u64, Ordering::Relaxed);
+        for index in 0..req.n {
+            self.running.push(Seq {
+                index,
+                tokens: req.prompt.clone(),
+                prompt_len: req.prompt.len(),
+                max_new: req.max_tokens.unwrap_or(1),
+                cache: KvCache::new(self.model.config()),
+                sampler: Sampler::new(req.sampling.clone(), base_seed.wrapping_add(index as u64)),
+                stop: stop.clone(),
+                ignore_eos: req.ignore_eos,
+                decoder: IncrementalDecoder::default(),
+                pending: String::new(),
+                tx: job.tx.clone(),
+                received: job.received,
+                last_token_at: None,
+            });
+        }
+    }
+
+    /// Preempts the most recent sequences while the next step would outgrow the KV budget.
+    fn make_room(&mut self) {
+        let budget = self.shared.kv_budget_tokens;
+        while self.running.len() > 1 && self.kv_used() + self.running.len() > budget {
+            let mut seq = self.running.pop().expect("non-empty");
+            seq.cache.clear();
+            self.shared.metrics.preemptions.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!("KV cache full: preempting a sequence of {} tokens", seq.tokens.len());
+            self.preempted.push_front(seq);
+        }
+    }
+
+    fn step(&mut self) -> Result<()> {
+        let max_tokens = self.shared.config.max_batch_tokens.max(1);
+        // Decoding sequences first (one token each), then prompt chunks in arrival order.
+        let mut plan: Vec<(usize, usize)> = Vec::with_capacity(self.running.len());
+        let mut budget = max_tokens;
+        for (i, s) in self.running.iter().enumerate() {
+            if s.to_feed() == 1 {
+                plan.push((i, 1));
+                budget = budget.saturating_sub(1);
+            }
+        }
+        for (i, s) in self.running.iter().enumerate() {
+            let feed = s.to_feed();
+            if feed > 1 && budget > 0 {
+                let chunk = feed.min(budget);
+                plan.push((i, chunk));
+                budget -= chunk;
+            }
+        }
+        if plan.is_empty() {
+            return Ok(());
+        }
+        plan.sort_unstable();
+        let want: Vec<bool> = plan.iter().map(|&(i, c)| self.running[i].to_feed() == c).collect();
+        let total_tokens: usize = plan.iter().map(|p| p.1).sum();
+        let logits = {
+            let mut slots: Vec<Option<&mut Seq>> = self.running.iter_mut().map(Some).collect();
+            let mut batch: Vec<SeqBatch<'_>> = Vec::with_capacity(plan.len());
+            for (&(i, chunk), &w) in plan.iter().zip(&want) {
+                let s = slots[i].take().expect("each sequence planned once");
+                let start = s.cache.len();
+                batch.push(SeqBatch { tokens: &s.tokens[start..start + chunk], cache: &mut s.cache, want_logits: w });
+            }
+            self.model.forward(&mut batch, &mut self.scratch)?
+        };
+        let m = &self.shared.metrics;
+        m.steps.fetch_add(1, Ordering::Relaxed);
+        m.last_batch_seqs.store(plan.len(), Ordering::Relaxed);
+        m.last_batch_tokens.store(total_tokens, Ordering::Relaxed);
+        m.batch_seqs_total.fetch_add(plan.len() as u64, Ordering::Relaxed);
+        let vocab = self.model.config().vocab;
+        let now = Instant::now();
+        let mut logits = logits;
+        let mut finished = Vec::new();
+        let mut row = 0;
+        for (&(i, _), &w) in plan.iter().zip(&want) {
+            if !w {
+                continue;
+            }
+            if self.emit(i, &mut logits[row * vocab..(row + 1) * vocab], now) {
+                finished.push(i);
+            }
+            row += 1;
+        }
+        for i in finished.into_iter().rev() {
+            self.running.remove(i);
+        }
+        Ok(())
+    }
+
+    /// Samples, streams; true when the sequence is over.
+    fn emit(&mut self, i: usize, logits: &mut [f32], now: Instant) -> bool {
+        let tk = &self.tokenizer;
+        let m = &self.shared.metrics;
+        let s = &mut self.running[i];
+        let (id, logprob) = s.sampler.sample(logits, &s.tokens);
+        s.tokens.push(id);
+        m.generated_tokens_total.fetch_add(1, Ordering::Relaxed);
+        match s.last_token_at {
+            None => m.time_to_first_token.observe(now.duration_since(s.received).as_secs_f64()),
+            Some(t) => m.inter_token_latency.observe(now.duration_since(t).as_secs_f64()),
+        }
+        s.last_token_at = Some(now);
+        let is_end = !s.ignore_eos && tk.stop_ids.contains(&id);
+        let mut finish = None;
+        let mut text = String::new();
+        if is_end {
+            finish = Some(FinishReason::Stop);
+        } else {
+            let delta = match s.decoder.step(tk, &s.tokens[s.prompt_len..]) {
+                Ok(d) => d,
+                Err(e) => {
+                    let _ = s.tx.send(GenEvent::Error { message: e.to_string() });
+                    return true;
+                }
+            };
+            let (out, stopped) = s.push_text(&delta);
+            text = out;
+            if stopped {
+                finish = Some(FinishReason::Stop);
+            }
+        }
+        if finish.is_none() && s.generated() >= s.max_new {
+            finish = Some(FinishReason::Length);
+        }
+        let _ = s.tx.send(GenEvent::Token { index: s.index, token: id, text, logprob });
+        let Some(reason) = finish else { return false };
+        // Release what was held back (incomplete bytes, a partial stop string).
+        if reason == FinishReason::Length || is_end {
+            let rest =
+                s.decoder.flush(tk, &s.tokens[s.prompt_len..s.tokens.len() - usize::from(is_end)]).unwrap_or_default();
+            let (mut out, stopped) = s.push_text(&rest);
+            if !stopped {
+                out.push_str(&std::mem::take(&mut s.pending));
+            }
+            if !out.is_empty() {
+                let _ = s.tx.send(GenEvent::Text { index: s.index, text: out });
+            }
+        }
+        let _ = s.tx.send(GenEvent::Done {
+            index: s.index,
+            finish_reason: reason,
+            prompt_tokens: s.prompt_len,
+            completion_tokens: s.generated(),
+        });
+        true
+    }
+}

@@ -1,0 +1,208 @@
+//! The decoder's tokenizer: `tokenizer.json` beside the model when there is one, otherwise
+//! rebuilt from the GGUF metadata (`tokenizer.ggml.*`) as a byte-level BPE with the
+//! pre-tokenizer that llama.cpp uses for the file's `tokenizer.ggml.pre`. Also the
+//! incremental detokenizer used by streaming.
+
+use crate::error::{EngineError, Result};
+use candle_core::quantized::gguf_file::{Content, Value};
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::{Vocab, BPE};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
+
+/// llama.cpp's llama-3 pre-tokenizer regex (`llama-bpe`, `llama3`, `smaug-bpe`).
+const REGEX_LLAMA3: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// llama.cpp's qwen2 pre-tokenizer regex.
+const REGEX_QWEN2: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// A decoder tokenizer with its special ids.
+#[derive(Clone)]
+pub struct TextTokenizer {
+    inner: Tokenizer,
+    pub bos_id: Option<u32>,
+    pub eos_id: Option<u32>,
+    /// Whether a BOS token starts every prompt (`tokenizer.ggml.add_bos_token`).
+    pub add_bos: bool,
+    /// Tokens that end generation: EOS and the end-of-turn tokens of chat formats.
+    pub stop_ids: Vec<u32>,
+}
+
+impl TextTokenizer {
+    /// From GGUF metadata (`tokenizer.ggml.model = gpt2`).
+    pub fn from_gguf(content: &Content) -> Result<Self> {
+        let md = |k: &str| content.metadata.get(k);
+        let err = |m: String| EngineError::Tokenizer(m);
+        let model = md("tokenizer.ggml.model").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
+        if model != "gpt2" {
+            return Err(err(format!(
+                "GGUF tokenizer model `{model}` cannot be rebuilt (byte-level BPE `gpt2` only); put the model's tokenizer.json beside the GGUF file"
+            )));
+        }
+        let tokens = strings(md("tokenizer.ggml.tokens"), "tokenizer.ggml.tokens")?;
+        let merges = strings(md("tokenizer.ggml.merges"), "tokenizer.ggml.merges")?;
+        let types: Vec<i64> = match md("tokenizer.ggml.token_type") {
+            Some(Value::Array(a)) => a.iter().map(|v| v.to_i32().map(i64::from).unwrap_or(1)).collect(),
+            _ => vec![1; tokens.len()],
+        };
+        let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        let merges: Vec<(String, String)> = merges
+            .iter()
+            .map(|m| m.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())))
+            .collect::<Option<_>>()
+            .ok_or_else(|| err("a merge is not two space-separated tokens".into()))?;
+        let bpe =
+            BPE::builder().vocab_and_merges(vocab, merges).build().map_err(|e| err(format!("BPE from GGUF: {e}")))?;
+        let mut tk = Tokenizer::new(bpe);
+        let pre =
+            md("tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).cloned().unwrap_or_else(|| "default".into());
+        let byte_level = |regex: bool| PreTokenizerWrapper::from(ByteLevel::new(false, true, regex));
+        let split = |re: &str| -> Result<PreTokenizerWrapper> {
+            Ok(Split::new(SplitPattern::Regex(re.to_string()), SplitDelimiterBehavior::Isolated, false)
+                .map_err(|e| err(format!("pre-tokenizer regex: {e}")))?
+                .into())
+        };
+        let pre_tokenizer: PreTokenizerWrapper = match pre.as_str() {
+            // llama.cpp: `\p{N}` split into single digits, then the GPT-2 regex.
+            "smollm" => Sequence::new(vec![Digits::new(true).into(), byte_level(true)]).into(),
+            "gpt2" | "default" => byte_level(true),
+            "llama-bpe" | "llama3" | "smaug-bpe" => Sequence::new(vec![split(REGEX_LLAMA3)?, byte_level(false)]).into(),
+            "qwen2" => Sequence::new(vec![split(REGEX_QWEN2)?, byte_level(false)]).into(),
+            other => {
+                return Err(err(format!(
+                    "GGUF pre-tokenizer `{other}` is not supported (smollm, gpt2, llama-bpe, qwen2); put the model's tokenizer.json beside the GGUF file"
+                )))
+            }
+        };
+        tk.with_pre_tokenizer(Some(pre_tokenizer));
+        tk.with_decoder(Some(ByteLevelDecoder::new(false, true, true)));
+        // Control (3) tokens are special: matched in text, dropped when decoding; user-defined
+        // (4) tokens are matched in text but kept.
+        let added: Vec<AddedToken> = tokens
+            .iter()
+            .zip(&types)
+            .filter(|(_, &t)| t == 3 || t == 4)
+            .map(|(tok, &t)| AddedToken::from(tok.clone(), t == 3).normalized(false))
+            .collect();
+        let (specials, plain): (Vec<_>, Vec<_>) = added.into_iter().partition(|a| a.special);
+        tk.add_special_tokens(specials).map_err(|e| err(format!("special tokens: {e}")))?;
+        tk.add_tokens(plain).map_err(|e| err(format!("added tokens: {e}")))?;
+        let id = |k: &str| md(k).and_then(|v| v.to_u32().ok());
+        let bos_id = id("tokenizer.ggml.bos_token_id");
+        let eos_id = id("tokenizer.ggml.eos_token_id");
+        let add_bos = md("tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()).unwrap_or(false);
+        let mut this = Self { inner: tk, bos_id, eos_id, add_bos, stop_ids: Vec::new() };
+        this.stop_ids = this.end_of_turn_ids(id("tokenizer.ggml.eot_token_id"));
+        Ok(this)
+    }
+
+    /// From a `tokenizer.json` plus the special ids the model declares.
+    pub fn from_file(path: &std::path::Path, bos_id: Option<u32>, eos_id: Option<u32>, add_bos: bool) -> Result<Self> {
+        let inner =
+            Tokenizer::from_file(path).map_err(|e| EngineError::Tokenizer(format!("{}: {e}", path.display())))?;
+        let mut this = Self { inner, bos_id, eos_id, add_bos, stop_ids: Vec::new() };
+        this.stop_ids = this.end_of_turn_ids(None);
+        Ok(this)
+    }
+
+    fn end_of_turn_ids(&self, eot: Option<u32>) -> Vec<u32> {
+        let mut ids: Vec<u32> = self.eos_id.into_iter().chain(eot).collect();
+        for name in ["<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "</s>", "<end_of_turn>"] {
+            if let Some(id) = self.inner.token_to_id(name) {
+                if !ids.contains(&id) {
+                    ids.push(id);
+                }
+            }
+        }
+        ids
+    }
+
+    pub fn inner(&self) -> &Tokenizer {
+        &self.inner
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Token ids of `text`; special tokens written in the text (`<|im_start|>`) are parsed as
+    /// such. With `add_special`, the BOS token starts the sequence when the model asks for it.
+    pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
+        let enc = self.inner.encode_fast(text, false).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        let mut ids = Vec::with_capacity(enc.len() + 1);
+        if add_special && self.add_bos {
+            if let Some(b) = self.bos_id {
+                ids.push(b);
+            }
+        }
+        ids.extend_from_slice(enc.get_ids());
+        Ok(ids)
+    }
+
+    /// Text of `ids`, special tokens left out.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner.decode(ids, true).map_err(|e| EngineError::Tokenizer(e.to_string()))
+    }
+
+    /// The token's own text (special tokens included), for logprobs.
+    pub fn token_text(&self, id: u32) -> String {
+        self.inner.decode(&[id], false).unwrap_or_default()
+    }
+
+    /// The name of token `id` in the vocabulary (`<|im_start|>`).
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+}
+
+fn strings(v: Option<&Value>, name: &str) -> Result<Vec<String>> {
+    match v {
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|v| v.to_string().cloned().map_err(|e| EngineError::Tokenizer(format!("{name}: {e}"))))
+            .collect(),
+        _ => Err(EngineError::Tokenizer(format!("GGUF metadata has no `{name}` array"))),
+    }
+}
+
+/// Turns a growing list of token ids into text deltas without splitting a multi-byte
+/// character: a delta is released only when the decoded text no longer ends in U+FFFD (an
+/// incomplete UTF-8 sequence), and it is decoded with a few tokens of left context so that
+/// byte-level merges and leading spaces come out as in a full decode.
+#[derive(Debug, Default, Clone)]
+pub struct IncrementalDecoder {
+    prefix_offset: usize,
+    read_offset: usize,
+}
+
+impl IncrementalDecoder {
+    /// Text released by the last token of `ids` (may be empty while bytes are incomplete).
+    pub fn step(&mut self, tk: &TextTokenizer, ids: &[u32]) -> Result<String> {
+        let prefix = tk.decode(&ids[self.prefix_offset..self.read_offset])?;
+        let full = tk.decode(&ids[self.prefix_offset..])?;
+        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.is_char_boundary(prefix.len()) {
+            let delta = full[prefix.len()..].to_string();
+            self.prefix_offset = self.read_offset;
+            self.read_offset = ids.len();
+            Ok(delta)
+        } else {
+            Ok(String::new())
+        }
+    }
+
+    /// Whatever is still held back when the sequence ends (lossy if the bytes never completed).
+    pub fn flush(&mut self, tk: &TextTokenizer, ids: &[u32]) -> Result<String> {
+        let prefix = tk.decode(&ids[self.prefix_offset..self.read_offset])?;
+        let full = tk.decode(&ids[self.prefix_offset..])?;
+        self.prefix_offset = ids.len();
+        self.read_offset = ids.len();
+        Ok(if full.len() > prefix.len() && full.is_char_boundary(prefix.len()) {
+            full[prefix.len()..].to_string()
+        } else {
+            String::new()
+        })
+    }
+}
