@@ -85,17 +85,21 @@ pub struct Llama {
     weight_bytes: usize,
 }
 
-/// Keys and values of one sequence, every layer: `[tokens, kv_dim]` each, grown on demand.
+/// Keys and values of one sequence, every layer. Keys are stored transposed, `[kv_dim,
+/// capacity]` (each dimension of each KV head is a row over positions), so that decoding
+/// scores 16 positions with one vector multiply-add per dimension; values are `[tokens,
+/// kv_dim]`. Grown on demand.
 #[derive(Debug, Default)]
 pub struct KvCache {
     k: Vec<Vec<f32>>,
     v: Vec<Vec<f32>>,
     len: usize,
+    cap: usize,
 }
 
 impl KvCache {
     pub fn new(cfg: &LlamaConfig) -> Self {
-        Self { k: vec![Vec::new(); cfg.n_layers], v: vec![Vec::new(); cfg.n_layers], len: 0 }
+        Self { k: vec![Vec::new(); cfg.n_layers], v: vec![Vec::new(); cfg.n_layers], len: 0, cap: 0 }
     }
 
     /// Tokens whose keys and values are stored.
@@ -108,21 +112,41 @@ impl KvCache {
     }
 
     /// Tokens the allocated buffers can hold without growing.
-    pub fn capacity_tokens(&self, cfg: &LlamaConfig) -> usize {
-        self.k.first().map(|k| k.capacity() / cfg.kv_dim()).unwrap_or(0)
+    pub fn capacity_tokens(&self) -> usize {
+        self.cap
     }
 
     /// Makes room for `tokens` tokens in all, growing in steps of `step` tokens.
     pub fn reserve(&mut self, cfg: &LlamaConfig, tokens: usize, step: usize) {
-        let cap = self.capacity_tokens(cfg);
-        if tokens <= cap {
+        if tokens <= self.cap {
             return;
         }
-        let target = tokens.div_ceil(step.max(1)) * step.max(1);
-        let want = target * cfg.kv_dim();
-        for buf in self.k.iter_mut().chain(self.v.iter_mut()) {
-            buf.reserve_exact(want - buf.len());
+        let step = step.max(1);
+        let new_cap = tokens.div_ceil(step) * step;
+        let kv_dim = cfg.kv_dim();
+        for k in self.k.iter_mut() {
+            let mut grown = vec![0f32; kv_dim * new_cap];
+            for r in 0..kv_dim {
+                grown[r * new_cap..r * new_cap + self.len].copy_from_slice(&k[r * self.cap..r * self.cap + self.len]);
+            }
+            *k = grown;
         }
+        for v in self.v.iter_mut() {
+            v.reserve_exact(new_cap * kv_dim - v.len());
+        }
+        self.cap = new_cap;
+    }
+
+    /// Stores the key and value of position `pos` (< capacity) in layer `layer`.
+    fn put(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
+        let cap = self.cap;
+        let kl = &mut self.k[layer];
+        for (r, &x) in k.iter().enumerate() {
+            kl[r * cap + pos] = x;
+        }
+        let vl = &mut self.v[layer];
+        vl.truncate(pos * v.len());
+        vl.extend_from_slice(v);
     }
 
     /// Drops every stored token and frees the memory.
@@ -131,6 +155,7 @@ impl KvCache {
             *buf = Vec::new();
         }
         self.len = 0;
+        self.cap = 0;
     }
 }
 
@@ -414,16 +439,15 @@ impl Llama {
             rms_norm(&s.x, &layer.attn_norm, cfg.rms_eps, &mut s.h);
             layer.qkv.forward(&s.h, total, &mut s.acts, &mut s.qkv);
             self.rope(&mut s.qkv, qkv_w, &positions);
-            for (b, &(off, _, n)) in batch.iter_mut().zip(&starts) {
-                for r in off..off + n {
-                    let row = &s.qkv[r * qkv_w..(r + 1) * qkv_w];
-                    b.cache.k[li].extend_from_slice(&row[q_dim..q_dim + kv_dim]);
-                    b.cache.v[li].extend_from_slice(&row[q_dim + kv_dim..]);
+            for (b, &(off, start, n)) in batch.iter_mut().zip(&starts) {
+                for i in 0..n {
+                    let row = &s.qkv[(off + i) * qkv_w..(off + i + 1) * qkv_w];
+                    b.cache.put(li, start + i, &row[q_dim..q_dim + kv_dim], &row[q_dim + kv_dim..]);
                 }
             }
             s.attn.resize(total * q_dim, 0.0);
-            let caches: Vec<(&[f32], &[f32])> =
-                batch.iter().map(|b| (b.cache.k[li].as_slice(), b.cache.v[li].as_slice())).collect();
+            let caches: Vec<(&[f32], &[f32], usize)> =
+                batch.iter().map(|b| (b.cache.k[li].as_slice(), b.cache.v[li].as_slice(), b.cache.cap)).collect();
             attention(cfg, &s.qkv, &caches, &starts, &mut s.attn);
             layer.o.forward(&s.attn, total, &mut s.acts, &mut s.proj);
             add_inplace(&mut s.x, &s.proj);
@@ -572,7 +596,7 @@ unsafe impl Sync for SendPtr {}
 fn attention(
     cfg: &LlamaConfig,
     qkv: &[f32],
-    caches: &[(&[f32], &[f32])],
+    caches: &[(&[f32], &[f32], usize)],
     starts: &[(usize, usize, usize)],
     out: &mut [f32],
 ) {
@@ -588,25 +612,24 @@ fn attention(
     let run = |&(si, h): &(usize, usize)| {
         let optr = optr;
         let (off, start, n) = starts[si];
-        let (kc, vc) = caches[si];
+        let (kc, vc, cap) = caches[si];
         let ctx = start + n;
-        let g = h / group;
         if n == 1 {
-            let q = &qkv[off * qkv_w + h * hd..off * qkv_w + (h + 1) * hd];
-            let mut scores: Vec<f32> =
-                (0..ctx).map(|j| dot(q, &kc[j * kv_dim + g * hd..j * kv_dim + (g + 1) * hd]) * scale).collect();
-            softmax_inplace(&mut scores);
-            let mut o = vec![0f32; hd];
-            for (j, p) in scores.iter().enumerate() {
-                let v = &vc[j * kv_dim + g * hd..j * kv_dim + (g + 1) * hd];
-                for (o, v) in o.iter_mut().zip(v) {
-                    *o += p * v;
-                }
+            // Decode: task `h` is KV head `h`; its `group` query heads are contiguous rows of
+            // Q (row stride hd), so both products run once per KV head, reading K and V once.
+            if h >= cfg.n_kv_heads {
+                return;
             }
-            // SAFETY: row `off`, columns of head h: written by this task only.
-            unsafe { std::ptr::copy_nonoverlapping(o.as_ptr(), optr.0.add(off * q_dim + h * hd), hd) };
+            let g = h;
+            let q = &qkv[off * qkv_w + g * group * hd..off * qkv_w + (g + 1) * group * hd];
+            let kt = &kc[g * hd * cap..(g + 1) * hd * cap];
+            let scores = decode_scores(q, kt, cap, ctx, hd, scale);
+            let o = decode_values(&scores, &vc[g * hd..], kv_dim, ctx, hd);
+            // SAFETY: row `off`, columns of the group's heads: written by this task only.
+            unsafe { std::ptr::copy_nonoverlapping(o.as_ptr(), optr.0.add(off * q_dim + g * group * hd), group * hd) };
             return;
         }
+        let g = h / group;
         let mut scores = vec![0f32; n * ctx];
         // SAFETY: Q rows [off, off + n) of head h read through the qkv row stride; K rows
         // [0, ctx) of KV head g through kv_dim; the output block is this task's own.
@@ -618,7 +641,7 @@ fn attention(
                 scores.as_mut_ptr(),
                 ctx,
                 (qkv.as_ptr().add(off * qkv_w + h * hd), qkv_w as isize, 1),
-                (kc.as_ptr().add(g * hd), 1, kv_dim as isize),
+                (kc.as_ptr().add(g * hd * cap), cap as isize, 1),
                 Parallel::Single,
             );
         }
@@ -649,4 +672,86 @@ fn attention(
     } else {
         tasks.par_iter().for_each(run);
     }
+}
+
+const W: usize = 16;
+/// Query heads handled together (independent accumulator chains).
+const HEADS: usize = 4;
+
+/// Softmax-normalized scores `[heads, ctx]` of the query heads `q` (`[heads, hd]`) against
+/// the transposed keys `kt` (`[hd, cap]`, positions `< ctx` used): 16 positions at a time,
+/// one fused multiply-add per dimension and head, no horizontal sums.
+fn decode_scores(q: &[f32], kt: &[f32], cap: usize, ctx: usize, hd: usize, scale: f32) -> Vec<f32> {
+    let heads = q.len() / hd;
+    let mut scores = vec![0f32; heads * ctx];
+    let full = ctx / W * W;
+    for h0 in (0..heads).step_by(HEADS) {
+        let hn = HEADS.min(heads - h0);
+        let mut qs = [[0f32; HEADS]; 256];
+        for d in 0..hd {
+            for i in 0..hn {
+                qs[d % 256][i] = q[(h0 + i) * hd + d];
+            }
+        }
+        for j0 in (0..full).step_by(W) {
+            let mut acc = [[0f32; W]; HEADS];
+            for d in 0..hd {
+                let k: &[f32; W] = kt[d * cap + j0..d * cap + j0 + W].try_into().expect("16 positions");
+                let qd = qs[d % 256];
+                for i in 0..HEADS {
+                    for l in 0..W {
+                        acc[i][l] = qd[i].mul_add(k[l], acc[i][l]);
+                    }
+                }
+            }
+            for i in 0..hn {
+                for l in 0..W {
+                    scores[(h0 + i) * ctx + j0 + l] = acc[i][l] * scale;
+                }
+            }
+        }
+    }
+    for j in full..ctx {
+        for (i, qh) in q.chunks_exact(hd).enumerate() {
+            scores[i * ctx + j] = qh.iter().enumerate().map(|(d, &qd)| qd * kt[d * cap + j]).sum::<f32>() * scale;
+        }
+    }
+    scores.chunks_exact_mut(ctx).for_each(softmax_inplace);
+    scores
+}
+
+/// `o[h] = Σ_j p[h, j] · v[j]` for every head of `p` (`[heads, ctx]`); `v` starts at the KV
+/// head's first value, rows `kv_dim` apart. 16 dimensions and up to 4 heads per pass.
+fn decode_values(p: &[f32], v: &[f32], kv_dim: usize, ctx: usize, hd: usize) -> Vec<f32> {
+    let heads = p.len() / ctx;
+    let mut o = vec![0f32; heads * hd];
+    for h0 in (0..heads).step_by(HEADS) {
+        let hn = HEADS.min(heads - h0);
+        let mut d0 = 0;
+        while d0 + W <= hd {
+            let mut acc = [[0f32; W]; HEADS];
+            for j in 0..ctx {
+                let vj: &[f32; W] = v[j * kv_dim + d0..j * kv_dim + d0 + W].try_into().expect("16 dims");
+                let mut pj = [0f32; HEADS];
+                for i in 0..hn {
+                    pj[i] = p[(h0 + i) * ctx + j];
+                }
+                for i in 0..HEADS {
+                    for l in 0..W {
+                        acc[i][l] = pj[i].mul_add(vj[l], acc[i][l]);
+                    }
+                }
+            }
+            for i in 0..hn {
+                o[(h0 + i) * hd + d0..(h0 + i) * hd + d0 + W].copy_from_slice(&acc[i]);
+            }
+            d0 += W;
+        }
+        for d in d0..hd {
+            for i in 0..hn {
+                o[(h0 + i) * hd + d] = (0..ctx).map(|j| p[(h0 + i) * ctx + j] * v[j * kv_dim + d]).sum();
+            }
+        }
+    }
+    o
 }

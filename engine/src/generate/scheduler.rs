@@ -456,6 +456,7 @@ impl Scheduler {
             self.running.retain(|s| !s.tx.is_closed());
             self.preempted.retain(|s| !s.tx.is_closed());
             self.admit();
+            self.publish();
             if self.running.is_empty() {
                 if self.closed && self.held.is_none() && self.preempted.is_empty() {
                     return;
@@ -483,10 +484,14 @@ impl Scheduler {
                     let _ = s.tx.send(GenEvent::Error { message: e.to_string() });
                 }
             }
-            let m = &self.shared.metrics;
-            m.running.store(self.running.len(), Ordering::Relaxed);
-            m.kv_used_tokens.store(self.kv_used(), Ordering::Relaxed);
+            self.publish();
         }
+    }
+
+    fn publish(&self) {
+        let m = &self.shared.metrics;
+        m.running.store(self.running.len(), Ordering::Relaxed);
+        m.kv_used_tokens.store(self.kv_used(), Ordering::Relaxed);
     }
 
     /// Moves waiting work into the running set while sequences and KV memory allow.
@@ -601,7 +606,10 @@ impl Scheduler {
                 let start = s.cache.len();
                 batch.push(SeqBatch { tokens: &s.tokens[start..start + chunk], cache: &mut s.cache, want_logits: w });
             }
-            self.model.forward(&mut batch, &mut self.scratch)?
+            // Run the whole pass on a pool thread: its many parallel loops then fork inside the
+            // pool instead of each waking the pool from outside.
+            let (model, scratch) = (&self.model, &mut self.scratch);
+            rayon::scope(|_| model.forward(&mut batch, scratch))?
         };
         let m = &self.shared.metrics;
         m.steps.fetch_add(1, Ordering::Relaxed);

@@ -3,5 +3,6 @@
 
 mod common;
 mod embeddings;
+mod generate_worker;
 mod generation;
 mod worker;

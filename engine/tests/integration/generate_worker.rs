@@ -1,0 +1,240 @@
+//! The continuous-batching worker with the real SmolLM2 GGUF: streaming, stop strings,
+//! limits, seeds, cancellation, batching equivalence.
+
+use super::common::models_dir;
+use ragway_engine::generate::{
+    FinishReason, GenEvent, GenerateConfig, GenerateHandle, GenerateWorker, GenerationRequest, SamplingParams,
+};
+use ragway_engine::models::DEFAULT_GENERATION_MODEL_ID;
+use ragway_engine::EngineError;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+fn config() -> GenerateConfig {
+    GenerateConfig::new(DEFAULT_GENERATION_MODEL_ID, DEFAULT_GENERATION_MODEL_ID, models_dir())
+}
+
+fn worker() -> &'static GenerateHandle {
+    static H: OnceLock<GenerateHandle> = OnceLock::new();
+    H.get_or_init(|| GenerateWorker::spawn(config()).expect("start the SmolLM2 worker"))
+}
+
+#[derive(Debug, Default, Clone, PartialEq)]
+struct Output {
+    text: String,
+    tokens: Vec<u32>,
+    finish: Option<FinishReason>,
+    completion_tokens: usize,
+    prompt_tokens: usize,
+}
+
+fn run(h: &GenerateHandle, req: GenerationRequest) -> Vec<Output> {
+    let n = req.n;
+    let mut stream = h.submit(req).expect("submit");
+    let mut out = vec![Output::default(); n];
+    let mut done = 0;
+    while let Some(ev) = stream.blocking_next() {
+        match ev {
+            GenEvent::Token { index, token, text, .. } => {
+                out[index].tokens.push(token);
+                out[index].text.push_str(&text);
+            }
+            GenEvent::Text { index, text } => out[index].text.push_str(&text),
+            GenEvent::Done { index, finish_reason, prompt_tokens, completion_tokens } => {
+                out[index].finish = Some(finish_reason);
+                out[index].prompt_tokens = prompt_tokens;
+                out[index].completion_tokens = completion_tokens;
+                done += 1;
+                if done == n {
+                    break;
+                }
+            }
+            GenEvent::Error { message } => panic!("engine error: {message}"),
+        }
+    }
+    out
+}
+
+fn prompt(h: &GenerateHandle, text: &str) -> Vec<u32> {
+    h.tokenizer().encode(text, true).unwrap()
+}
+
+fn sampled(seed: u64) -> SamplingParams {
+    SamplingParams { temperature: 0.9, top_p: 0.95, top_k: 50, seed: Some(seed), ..SamplingParams::default() }
+}
+
+#[test]
+fn greedy_text_matches_llama_cpp_and_counts_usage() {
+    let h = worker();
+    let p = prompt(h, "The capital of France is");
+    let out = run(h, GenerationRequest::new(p.clone(), 12, SamplingParams::greedy())).remove(0);
+    // llama.cpp's first 12 greedy pieces (tests/data/smollm2_greedy.json, raw_capital).
+    assert_eq!(out.text, " Paris.\n\nThe United States has a population of approximately");
+    assert_eq!(out.finish, Some(FinishReason::Length));
+    assert_eq!(out.completion_tokens, 12);
+    assert_eq!(out.prompt_tokens, p.len());
+}
+
+#[test]
+fn stop_strings_end_generation_and_are_not_emitted() {
+    let h = worker();
+    let p = prompt(h, "The capital of France is");
+    let mut req = GenerationRequest::new(p.clone(), 30, SamplingParams::greedy());
+    req.stop = vec!["United".into()];
+    let out = run(h, req).remove(0);
+    assert_eq!(out.text, " Paris.\n\nThe ");
+    assert_eq!(out.finish, Some(FinishReason::Stop));
+    // A stop string made of two tokens (" Paris" + "."), matched across the boundary.
+    let mut req = GenerationRequest::new(p, 30, SamplingParams::greedy());
+    req.stop = vec!["is.\n".into(), "Paris.".into()];
+    let out = run(h, req).remove(0);
+    assert_eq!(out.text, " ");
+    assert_eq!(out.finish, Some(FinishReason::Stop));
+}
+
+#[test]
+fn chat_stops_at_end_of_turn() {
+    let h = worker();
+    let tmpl = h.chat_template().unwrap();
+    let text = tmpl
+        .render(&[ragway_engine::generate::ChatMessage::new("user", "What is 2+2? Answer briefly.")], true)
+        .unwrap();
+    let out = run(h, GenerationRequest::new(prompt(h, &text), 64, SamplingParams::greedy())).remove(0);
+    assert_eq!(out.finish, Some(FinishReason::Stop), "{out:?}");
+    assert_eq!(*out.tokens.last().unwrap(), 2, "ends on <|im_end|>");
+    assert!(!out.text.contains("<|im_end|>"));
+    assert!(out.text.contains('4'), "{:?}", out.text);
+}
+
+#[test]
+fn seeded_sampling_is_reproducible() {
+    let h = worker();
+    let p = prompt(h, "Once upon a time, in a small village by the sea,");
+    let a = run(h, GenerationRequest::new(p.clone(), 24, sampled(7)));
+    let b = run(h, GenerationRequest::new(p.clone(), 24, sampled(7)));
+    assert_eq!(a, b);
+    let others: Vec<_> = (8..12).map(|s| run(h, GenerationRequest::new(p.clone(), 24, sampled(s)))).collect();
+    assert!(others.iter().any(|o| o[0].tokens != a[0].tokens), "different seeds should give different text");
+    // n > 1: one stream, n sequences with their own seeds.
+    let mut req = GenerationRequest::new(p, 16, sampled(7));
+    req.n = 3;
+    let outs = run(h, req);
+    assert_eq!(outs.len(), 3);
+    assert_eq!(outs[0].tokens, a[0].tokens[..16].to_vec(), "choice 0 uses the request's seed");
+    assert!(outs.iter().all(|o| o.completion_tokens == 16));
+}
+
+#[test]
+fn concurrent_requests_give_the_same_greedy_text_as_alone() {
+    let h = worker();
+    let texts =
+        ["The capital of France is", "List of prime numbers: 2, 3, 5, 7, 11,", "def fibonacci(n):", "Water boils at"];
+    let alone: Vec<Output> = texts
+        .iter()
+        .map(|t| run(h, GenerationRequest::new(prompt(h, t), 20, SamplingParams::greedy())).remove(0))
+        .collect();
+    let together: Vec<Output> = std::thread::scope(|s| {
+        let hs: Vec<_> = texts
+            .iter()
+            .map(|t| {
+                s.spawn(move || run(h, GenerationRequest::new(prompt(h, t), 20, SamplingParams::greedy())).remove(0))
+            })
+            .collect();
+        hs.into_iter().map(|j| j.join().unwrap()).collect()
+    });
+    assert_eq!(together, alone);
+}
+
+#[test]
+fn logprobs_report_the_chosen_token_and_alternatives() {
+    let h = worker();
+    let mut params = SamplingParams::greedy();
+    params.logprobs = Some(3);
+    let mut stream = h.submit(GenerationRequest::new(prompt(h, "The capital of France is"), 4, params)).unwrap();
+    let mut seen = 0;
+    while let Some(ev) = stream.blocking_next() {
+        match ev {
+            GenEvent::Token { token, logprob, .. } => {
+                let lp = logprob.expect("logprobs requested");
+                assert_eq!(lp.id, token);
+                assert_eq!(lp.top.len(), 3);
+                assert_eq!(lp.top[0].0, token, "greedy picks the most likely token");
+                assert!(lp.logprob <= 0.0 && (lp.logprob - lp.top[0].1).abs() < 1e-6);
+                assert!(lp.top[1].1 <= lp.top[0].1);
+                seen += 1;
+            }
+            GenEvent::Done { .. } => break,
+            _ => {}
+        }
+    }
+    assert_eq!(seen, 4);
+}
+
+#[test]
+fn prompt_plus_max_tokens_beyond_context_is_refused() {
+    let h = worker();
+    let p = prompt(h, "Hello there");
+    let err = h.submit(GenerationRequest::new(p.clone(), h.context_length(), SamplingParams::greedy())).err().unwrap();
+    match err {
+        EngineError::ContextLengthExceeded { prompt_tokens, max_tokens, context } => {
+            assert_eq!((prompt_tokens, max_tokens, context), (p.len(), 8192, 8192));
+        }
+        other => panic!("expected ContextLengthExceeded, got {other:?}"),
+    }
+    let too_long: Vec<u32> = std::iter::repeat_n(p[0], 8200).collect();
+    let mut req = GenerationRequest::new(too_long, 1, SamplingParams::greedy());
+    req.max_tokens = None;
+    assert!(matches!(h.submit(req), Err(EngineError::ContextLengthExceeded { .. })));
+    let bad = SamplingParams { temperature: 3.0, ..SamplingParams::default() };
+    assert!(matches!(h.submit(GenerationRequest::new(p, 4, bad)), Err(EngineError::InvalidRequest { .. })));
+}
+
+#[test]
+fn dropping_the_stream_cancels_and_frees_the_cache() {
+    let h = GenerateWorker::spawn(config()).unwrap();
+    let mut req = GenerationRequest::new(prompt(&h, "Count from one to one thousand:"), 4000, SamplingParams::greedy());
+    req.ignore_eos = true;
+    let mut stream = h.submit(req).unwrap();
+    for _ in 0..3 {
+        assert!(matches!(stream.blocking_next(), Some(GenEvent::Token { .. })));
+    }
+    assert_eq!(h.metrics().running.load(std::sync::atomic::Ordering::Relaxed), 1);
+    drop(stream);
+    let t0 = Instant::now();
+    while h.metrics().running.load(std::sync::atomic::Ordering::Relaxed) != 0
+        || h.metrics().kv_used_tokens.load(std::sync::atomic::Ordering::Relaxed) != 0
+    {
+        assert!(t0.elapsed() < Duration::from_secs(10), "the cancelled sequence is still running");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let generated = h.metrics().generated_tokens_total.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(generated < 100, "generation went on after the cancel: {generated} tokens");
+}
+
+#[test]
+fn a_full_waiting_queue_refuses_at_once() {
+    let mut cfg = config();
+    cfg.max_running = 1;
+    cfg.max_waiting = 2;
+    let h = GenerateWorker::spawn(cfg).unwrap();
+    let long = || {
+        let mut r = GenerationRequest::new(prompt(&h, "Tell me a story."), 2000, SamplingParams::greedy());
+        r.ignore_eos = true;
+        r
+    };
+    let mut streams = Vec::new();
+    let mut refused = None;
+    for i in 0..6 {
+        match h.submit(long()) {
+            Ok(s) => streams.push(s),
+            Err(e) => {
+                refused = Some((i, e));
+                break;
+            }
+        }
+    }
+    let (i, e) = refused.expect("the queue never filled");
+    assert!(matches!(e, EngineError::QueueFull { capacity: 2, .. }), "{e:?}");
+    // one running, at most one held by the scheduler, two waiting
+    assert!(i <= 4, "refused only after {i} requests");
+}
