@@ -3,7 +3,7 @@
 //! environment variable, then the file, then the default. Unknown keys in the file are errors.
 
 use clap::Args;
-use ragway_engine::models::{DEFAULT_EMBEDDING_MODEL, DEFAULT_EMBEDDING_MODEL_ID};
+use ragway_engine::models::{DEFAULT_EMBEDDING_MODEL, DEFAULT_EMBEDDING_MODEL_ID, DEFAULT_GENERATION_MODEL_ID};
 use serde::Deserialize;
 use std::path::PathBuf;
 
@@ -46,6 +46,30 @@ pub struct ServeArgs {
     /// Tokens of one embedding forward pass [default: 4096].
     #[arg(long, env = "RAGWAY_EMBED_BATCH_TOKENS")]
     pub embed_batch_tokens: Option<usize>,
+    /// Generation model: a .gguf file, a model folder (GGUF, or config.json + safetensors), a
+    /// name under the models directory, or a Hugging Face repository [default:
+    /// SmolLM2-135M-Instruct].
+    #[arg(long, env = "RAGWAY_GENERATION_MODEL")]
+    pub generation_model: Option<String>,
+    /// Id the generation model is served under [default: SmolLM2-135M-Instruct].
+    #[arg(long, env = "RAGWAY_GENERATION_MODEL_ID")]
+    pub generation_model_id: Option<String>,
+    /// Jinja file that replaces the generation model's own chat template.
+    #[arg(long, env = "RAGWAY_CHAT_TEMPLATE")]
+    pub chat_template: Option<PathBuf>,
+    /// Sequences decoded together at most [default: 16].
+    #[arg(long, env = "RAGWAY_MAX_RUNNING_SEQS")]
+    pub max_running_seqs: Option<usize>,
+    /// Generation requests that may wait; more get 429 [default: 64].
+    #[arg(long, env = "RAGWAY_MAX_WAITING_REQUESTS")]
+    pub max_waiting_requests: Option<usize>,
+    /// Tokens of one generation forward pass; longer prompts are prefilled in chunks
+    /// [default: 512].
+    #[arg(long, env = "RAGWAY_MAX_BATCH_TOKENS")]
+    pub max_batch_tokens: Option<usize>,
+    /// Memory for the generation KV cache, MiB [default: 2048].
+    #[arg(long, env = "RAGWAY_KV_CACHE_MIB")]
+    pub kv_cache_mib: Option<usize>,
     /// Largest request body in bytes [default: 16777216].
     #[arg(long, env = "RAGWAY_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<usize>,
@@ -67,6 +91,13 @@ pub struct Settings {
     pub embed_queue: usize,
     pub max_embed_inputs: usize,
     pub embed_batch_tokens: usize,
+    pub generation_model: String,
+    pub generation_model_id: String,
+    pub chat_template: Option<String>,
+    pub max_running_seqs: usize,
+    pub max_waiting_requests: usize,
+    pub max_batch_tokens: usize,
+    pub kv_cache_mib: usize,
     pub max_body_bytes: usize,
     pub http_workers: usize,
 }
@@ -99,11 +130,31 @@ impl ServeArgs {
             embed_queue: pick!(embed_queue, 256),
             max_embed_inputs: pick!(max_embed_inputs, 2048),
             embed_batch_tokens: pick!(embed_batch_tokens, 4096),
+            generation_model: pick!(generation_model, DEFAULT_GENERATION_MODEL_ID.to_string()),
+            generation_model_id: pick!(generation_model_id, DEFAULT_GENERATION_MODEL_ID.to_string()),
+            chat_template: match self.chat_template.clone().or(file.chat_template.clone()) {
+                Some(path) => Some(
+                    std::fs::read_to_string(&path)
+                        .map_err(|e| anyhow::anyhow!("cannot read chat template {}: {e}", path.display()))?,
+                ),
+                None => None,
+            },
+            max_running_seqs: pick!(max_running_seqs, 16),
+            max_waiting_requests: pick!(max_waiting_requests, 64),
+            max_batch_tokens: pick!(max_batch_tokens, 512),
+            kv_cache_mib: pick!(kv_cache_mib, 2048),
             max_body_bytes: pick!(max_body_bytes, 16 * 1024 * 1024),
             http_workers: pick!(http_workers, std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)),
         };
         if settings.embed_queue == 0 || settings.max_embed_inputs == 0 || settings.embed_batch_tokens == 0 {
             anyhow::bail!("embed_queue, max_embed_inputs and embed_batch_tokens must be positive");
+        }
+        if settings.max_running_seqs == 0
+            || settings.max_waiting_requests == 0
+            || settings.max_batch_tokens == 0
+            || settings.kv_cache_mib == 0
+        {
+            anyhow::bail!("max_running_seqs, max_waiting_requests, max_batch_tokens and kv_cache_mib must be positive");
         }
         Ok(settings)
     }

@@ -107,6 +107,10 @@ impl ApiError {
             EngineError::WorkerStopped { .. } => {
                 Self { status: StatusCode::SERVICE_UNAVAILABLE, retry_after: Some(5), ..Self::internal(e.to_string()) }
             }
+            EngineError::ContextLengthExceeded { .. } => {
+                Self { code: Some("context_length_exceeded"), ..Self::invalid(param, e.to_string()) }
+            }
+            EngineError::InvalidRequest { param: Some(p), message } => Self::invalid(p.clone(), message.clone()),
             _ if e.is_user_error() => Self::invalid(param, e.to_string()),
             _ => Self::internal(e.to_string()),
         }

@@ -10,6 +10,7 @@ use crate::state::AppState;
 use actix_web::{middleware, web, App, HttpRequest, HttpServer};
 use ragway_engine::embed::worker::{EmbedWorker, EmbedWorkerConfig};
 use ragway_engine::embed::EmbedderOptions;
+use ragway_engine::generate::{GenerateConfig, GenerateWorker};
 use std::sync::Arc;
 
 async fn unknown_route(req: HttpRequest) -> Result<actix_web::HttpResponse, ApiError> {
@@ -58,6 +59,29 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         Err(e) => {
             tracing::error!("failed to load the embedding model: {e}");
             eprintln!("error: failed to load the embedding model: {e}");
+            std::process::exit(1);
+        }
+    });
+
+    let loader_state: Arc<AppState> = state.clone().into_inner();
+    let gen_config = GenerateConfig {
+        model_id: settings.generation_model_id.clone(),
+        source: settings.generation_model.clone(),
+        models_dir: settings.models_dir.clone(),
+        chat_template: settings.chat_template.clone(),
+        max_running: settings.max_running_seqs,
+        max_batch_tokens: settings.max_batch_tokens,
+        max_waiting: settings.max_waiting_requests,
+        kv_cache_mib: settings.kv_cache_mib,
+    };
+    std::thread::spawn(move || match GenerateWorker::spawn(gen_config) {
+        Ok(handle) => {
+            tracing::info!(model = %handle.model_id(), context = handle.context_length(), "generation model ready");
+            let _ = loader_state.generator.set(handle);
+        }
+        Err(e) => {
+            tracing::error!("failed to load the generation model: {e}");
+            eprintln!("error: failed to load the generation model: {e}");
             std::process::exit(1);
         }
     });

@@ -2,6 +2,7 @@
 
 use crate::config::Settings;
 use ragway_engine::embed::worker::EmbedHandle;
+use ragway_engine::generate::GenerateHandle;
 use std::sync::OnceLock;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -10,6 +11,8 @@ pub struct AppState {
     pub settings: Settings,
     /// The embedding model, once loaded.
     pub embedder: OnceLock<EmbedHandle>,
+    /// The generation model, once loaded.
+    pub generator: OnceLock<GenerateHandle>,
     /// Unix time the server started (the `created` of served models).
     pub started_unix: u64,
 }
@@ -17,11 +20,11 @@ pub struct AppState {
 impl AppState {
     pub fn new(settings: Settings) -> Self {
         let started_unix = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-        Self { settings, embedder: OnceLock::new(), started_unix }
+        Self { settings, embedder: OnceLock::new(), generator: OnceLock::new(), started_unix }
     }
 
     /// True once every configured model is loaded.
     pub fn is_ready(&self) -> bool {
-        self.embedder.get().is_some()
+        self.embedder.get().is_some() && self.generator.get().is_some()
     }
 }

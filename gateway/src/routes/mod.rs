@@ -1,6 +1,7 @@
 //! HTTP routes. Handlers parse and validate, call the engine, and shape the answer; the logic
 //! itself lives in the domain crates.
 
+pub mod completions;
 pub mod embeddings;
 pub mod health;
 pub mod models;
@@ -13,5 +14,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(health::ready)
         .service(models::list)
         .service(models::get)
-        .service(embeddings::create);
+        .service(embeddings::create)
+        .service(completions::chat)
+        .service(completions::completions);
 }

@@ -14,12 +14,10 @@ struct Model<'a> {
 }
 
 fn served(state: &AppState) -> Vec<Model<'_>> {
-    vec![Model {
-        id: &state.settings.embedding_model_id,
-        object: "model",
-        created: state.started_unix,
-        owned_by: "ragway",
-    }]
+    [&state.settings.embedding_model_id, &state.settings.generation_model_id]
+        .into_iter()
+        .map(|id| Model { id, object: "model", created: state.started_unix, owned_by: "ragway" })
+        .collect()
 }
 
 #[get("/v1/models")]

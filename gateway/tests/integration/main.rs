@@ -2,6 +2,7 @@
 //! module per area).
 
 mod common;
+mod completions;
 mod embeddings;
 mod openai_client;
 mod server;

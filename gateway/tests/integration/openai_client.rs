@@ -33,3 +33,14 @@ fn official_openai_client_embeddings_and_models() {
     assert!(out.status.success(), "openai client script failed:\n{stdout}\n{stderr}");
     assert!(stdout.contains("openai client: all checks passed"), "{stdout}");
 }
+
+#[test]
+fn official_openai_client_chat_and_completions() {
+    let s = shared();
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/openai_chat.py");
+    let out = Command::new(python()).arg(script).env("RAGWAY_URL", &s.url).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "openai chat script failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("openai chat client: all checks passed"), "{stdout}");
+}

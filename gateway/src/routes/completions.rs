@@ -1,0 +1,667 @@
+//! `POST /v1/chat/completions` and `POST /v1/completions` in OpenAI's format, streaming (SSE)
+//! or not. The handlers turn the body into engine requests (one per prompt; `n` sequences
+//! each), then either gather the events into one response or forward them as chunks as they
+//! are decoded. A client that disconnects drops the stream, which cancels its sequences.
+
+use crate::error::ApiError;
+use crate::state::AppState;
+use actix_web::web::Bytes;
+use actix_web::{post, web, HttpResponse};
+use futures::stream::{self, Stream, StreamExt};
+use ragway_engine::generate::sampling::random_seed;
+use ragway_engine::generate::{
+    ChatMessage, GenEvent, GenerateHandle, GenerationRequest, GenerationStream, SamplingParams, TokenLogprob,
+};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use std::collections::HashMap;
+use std::pin::Pin;
+
+/// Sampling and limit fields shared by both endpoints (OpenAI's, plus vLLM's `top_k`,
+/// `min_p`, `repetition_penalty`, `ignore_eos`).
+#[derive(Debug, Deserialize)]
+pub struct Common {
+    model: String,
+    #[serde(default)]
+    max_tokens: Option<u64>,
+    #[serde(default)]
+    max_completion_tokens: Option<u64>,
+    #[serde(default)]
+    temperature: Option<f32>,
+    #[serde(default)]
+    top_p: Option<f32>,
+    #[serde(default)]
+    top_k: Option<i64>,
+    #[serde(default)]
+    min_p: Option<f32>,
+    #[serde(default)]
+    repetition_penalty: Option<f32>,
+    #[serde(default)]
+    presence_penalty: Option<f32>,
+    #[serde(default)]
+    frequency_penalty: Option<f32>,
+    #[serde(default)]
+    logit_bias: Option<HashMap<String, f32>>,
+    #[serde(default)]
+    seed: Option<i64>,
+    #[serde(default)]
+    n: Option<usize>,
+    #[serde(default)]
+    stop: Option<Value>,
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    ignore_eos: Option<bool>,
+    /// Everything else: accepted when it is an OpenAI field ragway can honour by ignoring it,
+    /// refused otherwise (a typo must not pass silently).
+    #[serde(flatten)]
+    extra: Map<String, Value>,
+}
+
+#[derive(Debug, Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ChatRequest {
+    messages: Value,
+    #[serde(default)]
+    logprobs: Option<bool>,
+    #[serde(default)]
+    top_logprobs: Option<usize>,
+    #[serde(flatten)]
+    common: Common,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct CompletionRequest {
+    prompt: Value,
+    #[serde(default)]
+    logprobs: Option<usize>,
+    #[serde(default)]
+    echo: Option<bool>,
+    #[serde(flatten)]
+    common: Common,
+}
+
+/// OpenAI fields that change nothing here.
+const IGNORED: &[&str] = &["user", "store", "metadata", "service_tier", "parallel_tool_calls", "stream_options"];
+
+fn check_extra(extra: &Map<String, Value>) -> Result<(), ApiError> {
+    for (k, v) in extra {
+        if IGNORED.contains(&k.as_str()) || v.is_null() {
+            continue;
+        }
+        let msg = match k.as_str() {
+            "tools" | "tool_choice" | "functions" | "function_call" => {
+                if k == "tool_choice" && v == "none" || v.as_array().is_some_and(|a| a.is_empty()) {
+                    continue;
+                }
+                format!("`{k}` is not supported: this server does not do tool calling")
+            }
+            "response_format" => {
+                if v.get("type").and_then(Value::as_str) == Some("text") {
+                    continue;
+                }
+                "only `response_format: {\"type\": \"text\"}` is supported".to_string()
+            }
+            "best_of" => {
+                if v.as_u64() == Some(1) {
+                    continue;
+                }
+                "`best_of` other than 1 is not supported".to_string()
+            }
+            "suffix" => "`suffix` is not supported".to_string(),
+            _ => format!("unknown parameter `{k}`"),
+        };
+        return Err(ApiError::invalid(k.clone(), msg));
+    }
+    Ok(())
+}
+
+fn generator<'a>(state: &'a AppState, model: &str) -> Result<&'a GenerateHandle, ApiError> {
+    if model != state.settings.generation_model_id {
+        if model == state.settings.embedding_model_id {
+            return Err(ApiError::invalid(
+                "model",
+                format!("`{model}` is an embedding model; it cannot generate text"),
+            ));
+        }
+        return Err(ApiError::model_not_found(model));
+    }
+    state.generator.get().ok_or_else(|| ApiError::not_ready(&state.settings.generation_model_id))
+}
+
+/// Builds one engine request (without its prompt) from the shared fields.
+fn template_request(c: &Common, logprobs: Option<usize>, vocab: usize) -> Result<GenerationRequest, ApiError> {
+    check_extra(&c.extra)?;
+    let mut sampling = SamplingParams { logprobs, ..SamplingParams::default() };
+    if let Some(t) = c.temperature {
+        sampling.temperature = t;
+    }
+    if let Some(p) = c.top_p {
+        sampling.top_p = p;
+    }
+    if let Some(k) = c.top_k {
+        // vLLM: -1 (or 0) turns top-k off.
+        sampling.top_k = if k <= 0 { 0 } else { k as usize };
+    }
+    if let Some(p) = c.min_p {
+        sampling.min_p = p;
+    }
+    if let Some(p) = c.repetition_penalty {
+        sampling.repetition_penalty = p;
+    }
+    if let Some(p) = c.presence_penalty {
+        sampling.presence_penalty = p;
+    }
+    if let Some(p) = c.frequency_penalty {
+        sampling.frequency_penalty = p;
+    }
+    if let Some(bias) = &c.logit_bias {
+        for (k, &v) in bias {
+            let id: u32 = k.parse().map_err(|_| {
+                ApiError::invalid("logit_bias", format!("logit_bias keys must be token ids, got `{k}`"))
+            })?;
+            sampling.logit_bias.push((id, v));
+        }
+        sampling.logit_bias.sort_by_key(|b| b.0);
+    }
+    sampling.seed = c.seed.map(|s| s as u64);
+    sampling.validate(vocab).map_err(|e| ApiError::from_engine(e, "body"))?;
+    let max_tokens = match c.max_completion_tokens.or(c.max_tokens) {
+        Some(0) => return Err(ApiError::invalid("max_tokens", "max_tokens must be at least 1")),
+        Some(m) => Some(usize::try_from(m).unwrap_or(usize::MAX)),
+        None => None,
+    };
+    let stop = match &c.stop {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|v| v.as_str().map(str::to_string))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| ApiError::invalid("stop", "stop must be a string or an array of strings"))?,
+        Some(_) => return Err(ApiError::invalid("stop", "stop must be a string or an array of strings")),
+    };
+    let n = c.n.unwrap_or(1);
+    if n == 0 || n > 16 {
+        return Err(ApiError::invalid("n", format!("n must be between 1 and 16, got {n}")));
+    }
+    Ok(GenerationRequest {
+        prompt: Vec::new(),
+        max_tokens,
+        sampling,
+        stop,
+        n,
+        ignore_eos: c.ignore_eos.unwrap_or(false),
+    })
+}
+
+fn chat_messages(v: &Value) -> Result<Vec<ChatMessage>, ApiError> {
+    let arr = v.as_array().ok_or_else(|| ApiError::invalid("messages", "messages must be an array"))?;
+    if arr.is_empty() {
+        return Err(ApiError::invalid("messages", "messages must contain at least one message"));
+    }
+    arr.iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let param = format!("messages[{i}]");
+            let role = m
+                .get("role")
+                .and_then(Value::as_str)
+                .ok_or_else(|| ApiError::invalid(&param, format!("{param}.role must be a string")))?;
+            let role = match role {
+                "system" | "user" | "assistant" => role,
+                "developer" => "system",
+                other => {
+                    return Err(ApiError::invalid(
+                        format!("{param}.role"),
+                        format!("unsupported role `{other}` (system, developer, user, assistant)"),
+                    ))
+                }
+            };
+            let content = match m.get("content") {
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Null) | None if role == "assistant" => String::new(),
+                Some(Value::Array(parts)) => {
+                    let mut text = String::new();
+                    for (j, p) in parts.iter().enumerate() {
+                        match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str)) {
+                            (Some("text"), Some(t)) => text.push_str(t),
+                            (kind, _) => {
+                                return Err(ApiError::invalid(
+                                    format!("{param}.content[{j}]"),
+                                    format!(
+                                        "content parts must be {{\"type\": \"text\", \"text\": ...}}; got {}",
+                                        kind.unwrap_or("no type")
+                                    ),
+                                ))
+                            }
+                        }
+                    }
+                    text
+                }
+                _ => {
+                    return Err(ApiError::invalid(
+                        format!("{param}.content"),
+                        "content must be a string or an array of text parts",
+                    ))
+                }
+            };
+            Ok(ChatMessage::new(role, content))
+        })
+        .collect()
+}
+
+fn completion_prompts(v: &Value, h: &GenerateHandle) -> Result<Vec<Vec<u32>>, ApiError> {
+    let bad = || {
+        ApiError::invalid(
+            "prompt",
+            "prompt must be a string, an array of strings, an array of token ids, or an array of token-id arrays",
+        )
+    };
+    let ids = |a: &[Value]| -> Result<Vec<u32>, ApiError> {
+        a.iter().map(|x| x.as_u64().and_then(|n| u32::try_from(n).ok()).ok_or_else(bad)).collect()
+    };
+    let encode = |s: &str| h.tokenizer().encode(s, true).map_err(|e| ApiError::from_engine(e, "prompt"));
+    let prompts = match v {
+        Value::String(s) => vec![encode(s)?],
+        Value::Array(a) if a.is_empty() => return Err(ApiError::invalid("prompt", "prompt must not be empty")),
+        Value::Array(a) if a.iter().all(Value::is_string) => {
+            a.iter().map(|s| encode(s.as_str().unwrap_or_default())).collect::<Result<_, _>>()?
+        }
+        Value::Array(a) if a.iter().all(Value::is_number) => vec![ids(a)?],
+        Value::Array(a) if a.iter().all(Value::is_array) => {
+            a.iter().map(|x| ids(x.as_array().map(Vec::as_slice).unwrap_or_default())).collect::<Result<_, _>>()?
+        }
+        _ => return Err(bad()),
+    };
+    if prompts.len() > 64 {
+        return Err(ApiError::invalid("prompt", "at most 64 prompts per request"));
+    }
+    if prompts.iter().any(Vec::is_empty) {
+        return Err(ApiError::invalid("prompt", "a prompt is empty"));
+    }
+    Ok(prompts)
+}
+
+/// Queues one engine request per prompt; all or nothing.
+fn submit_all(
+    h: &GenerateHandle,
+    template: &GenerationRequest,
+    prompts: Vec<Vec<u32>>,
+    param: &str,
+) -> Result<Vec<GenerationStream>, ApiError> {
+    prompts
+        .into_iter()
+        .map(|p| {
+            let mut req = template.clone();
+            req.prompt = p;
+            h.submit(req).map_err(|e| ApiError::from_engine(e, param))
+        })
+        .collect()
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Chat,
+    Text,
+}
+
+/// Events of every prompt's stream, tagged with the choice index `prompt * n + index`.
+type Events = Pin<Box<dyn Stream<Item = (usize, GenEvent)> + Send>>;
+
+fn merge(streams: Vec<GenerationStream>, n: usize) -> Events {
+    let parts = streams.into_iter().enumerate().map(|(p, s)| {
+        stream::unfold(s, |mut s| async move { s.next().await.map(|e| (e, s)) })
+            .map(move |e| {
+                let base = p * n;
+                let shifted = match e {
+                    GenEvent::Token { index, token, text, logprob } => {
+                        GenEvent::Token { index: base + index, token, text, logprob }
+                    }
+                    GenEvent::Text { index, text } => GenEvent::Text { index: base + index, text },
+                    GenEvent::Done { index, finish_reason, prompt_tokens, completion_tokens } => {
+                        GenEvent::Done { index: base + index, finish_reason, prompt_tokens, completion_tokens }
+                    }
+                    e @ GenEvent::Error { .. } => e,
+                };
+                (p, shifted)
+            })
+            .boxed()
+    });
+    stream::select_all(parts).boxed()
+}
+
+/// OpenAI's chat logprob entry for one token.
+fn chat_logprob(h: &GenerateHandle, lp: &TokenLogprob) -> Value {
+    let entry = |id: u32, logprob: f32| {
+        let text = h.tokenizer().token_text(id);
+        json!({"token": text, "logprob": logprob, "bytes": text.as_bytes()})
+    };
+    let mut v = entry(lp.id, lp.logprob);
+    v["top_logprobs"] = lp.top.iter().map(|&(id, l)| entry(id, l)).collect();
+    v
+}
+
+struct Choice {
+    text: String,
+    finish: Option<&'static str>,
+    completion_tokens: usize,
+    prompt_tokens: usize,
+    chat_logprobs: Vec<Value>,
+    tokens: Vec<String>,
+    token_logprobs: Vec<f32>,
+    top_logprobs: Vec<Value>,
+}
+
+async fn gather(
+    h: &GenerateHandle,
+    mut events: Events,
+    choices: usize,
+    kind: Kind,
+    echo: Option<&[String]>,
+    n: usize,
+) -> Result<Vec<Choice>, ApiError> {
+    let mut out: Vec<Choice> = (0..choices)
+        .map(|i| Choice {
+            text: echo.map(|e| e[i / n].clone()).unwrap_or_default(),
+            finish: None,
+            completion_tokens: 0,
+            prompt_tokens: 0,
+            chat_logprobs: Vec::new(),
+            tokens: Vec::new(),
+            token_logprobs: Vec::new(),
+            top_logprobs: Vec::new(),
+        })
+        .collect();
+    let mut done = 0;
+    while let Some((_, ev)) = events.next().await {
+        match ev {
+            GenEvent::Token { index, text, logprob, .. } => {
+                let c = &mut out[index];
+                c.text.push_str(&text);
+                if let Some(lp) = logprob {
+                    match kind {
+                        Kind::Chat => c.chat_logprobs.push(chat_logprob(h, &lp)),
+                        Kind::Text => {
+                            c.tokens.push(h.tokenizer().token_text(lp.id));
+                            c.token_logprobs.push(lp.logprob);
+                            let top: Map<String, Value> =
+                                lp.top.iter().map(|&(id, l)| (h.tokenizer().token_text(id), json!(l))).collect();
+                            c.top_logprobs.push(Value::Object(top));
+                        }
+                    }
+                }
+            }
+            GenEvent::Text { index, text } => out[index].text.push_str(&text),
+            GenEvent::Done { index, finish_reason, prompt_tokens, completion_tokens } => {
+                let c = &mut out[index];
+                c.finish = Some(finish_reason.as_str());
+                c.prompt_tokens = prompt_tokens;
+                c.completion_tokens = completion_tokens;
+                done += 1;
+                if done == choices {
+                    break;
+                }
+            }
+            GenEvent::Error { message } => return Err(ApiError::internal(message)),
+        }
+    }
+    Ok(out)
+}
+
+fn usage(choices: &[Choice], n: usize) -> Value {
+    // Each prompt counts once, however many sequences it has.
+    let prompt: usize = choices.iter().step_by(n.max(1)).map(|c| c.prompt_tokens).sum();
+    let completion: usize = choices.iter().map(|c| c.completion_tokens).sum();
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn sse(v: &Value) -> Bytes {
+    Bytes::from(format!("data: {v}\n\n"))
+}
+
+/// The SSE body: chunks as the engine decodes, a final usage chunk on request, `[DONE]`.
+#[allow(clippy::too_many_arguments)]
+fn sse_body(
+    h: GenerateHandle,
+    events: Events,
+    kind: Kind,
+    id: String,
+    model: String,
+    choices: usize,
+    n: usize,
+    prompt_tokens: Vec<usize>,
+    include_usage: bool,
+) -> impl Stream<Item = Result<Bytes, actix_web::Error>> {
+    let created = now();
+    let object = if kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" };
+    let chunk = move |choice: Value, usage_field: bool| {
+        let mut v = json!({"id": id, "object": object, "created": created, "model": model, "system_fingerprint": null, "choices": [choice]});
+        if usage_field {
+            v["usage"] = Value::Null;
+        }
+        v
+    };
+    struct St {
+        events: Events,
+        done: usize,
+        completion_tokens: usize,
+        finished: bool,
+        started: Vec<bool>,
+    }
+    let st = St { events, done: 0, completion_tokens: 0, finished: false, started: vec![false; choices] };
+    let prompt_total: usize = prompt_tokens.iter().sum();
+    let _ = n;
+    stream::unfold(st, move |mut st| {
+        let h = h.clone();
+        let chunk = chunk.clone();
+        async move {
+            if st.finished {
+                return None;
+            }
+            let mut out: Vec<u8> = Vec::new();
+            loop {
+                let Some((_, ev)) = st.events.next().await else {
+                    st.finished = true;
+                    out.extend_from_slice(b"data: [DONE]\n\n");
+                    break;
+                };
+                match ev {
+                    GenEvent::Token { index, text, logprob, .. } => {
+                        if kind == Kind::Chat && !st.started[index] {
+                            st.started[index] = true;
+                            let first = json!({"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null});
+                            out.extend_from_slice(&sse(&chunk(first, include_usage)));
+                        }
+                        if text.is_empty() && logprob.is_none() {
+                            continue;
+                        }
+                        let c = match kind {
+                            Kind::Chat => json!({"index": index, "delta": {"content": text},
+                                "logprobs": logprob.map(|lp| json!({"content": [chat_logprob(&h, &lp)]})), "finish_reason": null}),
+                            Kind::Text => json!({"index": index, "text": text, "logprobs": logprob.map(|lp| json!({
+                                "tokens": [h.tokenizer().token_text(lp.id)], "token_logprobs": [lp.logprob],
+                                "top_logprobs": [lp.top.iter().map(|&(id, l)| (h.tokenizer().token_text(id), json!(l))).collect::<Map<String, Value>>()],
+                            })), "finish_reason": null}),
+                        };
+                        out.extend_from_slice(&sse(&chunk(c, include_usage)));
+                        break;
+                    }
+                    GenEvent::Text { index, text } => {
+                        let c = match kind {
+                            Kind::Chat => {
+                                json!({"index": index, "delta": {"content": text}, "logprobs": null, "finish_reason": null})
+                            }
+                            Kind::Text => {
+                                json!({"index": index, "text": text, "logprobs": null, "finish_reason": null})
+                            }
+                        };
+                        out.extend_from_slice(&sse(&chunk(c, include_usage)));
+                        break;
+                    }
+                    GenEvent::Done { index, finish_reason, completion_tokens, .. } => {
+                        if kind == Kind::Chat && !st.started[index] {
+                            st.started[index] = true;
+                            let first = json!({"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null});
+                            out.extend_from_slice(&sse(&chunk(first, include_usage)));
+                        }
+                        st.completion_tokens += completion_tokens;
+                        let c = match kind {
+                            Kind::Chat => {
+                                json!({"index": index, "delta": {}, "logprobs": null, "finish_reason": finish_reason.as_str()})
+                            }
+                            Kind::Text => {
+                                json!({"index": index, "text": "", "logprobs": null, "finish_reason": finish_reason.as_str()})
+                            }
+                        };
+                        out.extend_from_slice(&sse(&chunk(c, include_usage)));
+                        st.done += 1;
+                        if st.done == choices {
+                            if include_usage {
+                                let mut last = chunk(Value::Null, false);
+                                last["choices"] = json!([]);
+                                last["usage"] = json!({"prompt_tokens": prompt_total, "completion_tokens": st.completion_tokens,
+                                    "total_tokens": prompt_total + st.completion_tokens});
+                                out.extend_from_slice(&sse(&last));
+                            }
+                            out.extend_from_slice(b"data: [DONE]\n\n");
+                            st.finished = true;
+                        }
+                        break;
+                    }
+                    GenEvent::Error { message } => {
+                        // The status line is gone: report the failure in the stream itself.
+                        let err =
+                            json!({"error": {"message": message, "type": "server_error", "param": null, "code": null}});
+                        out.extend_from_slice(&sse(&err));
+                        st.finished = true;
+                        break;
+                    }
+                }
+            }
+            Some((Ok::<_, actix_web::Error>(Bytes::from(out)), st))
+        }
+    })
+}
+
+fn sse_response(body: impl Stream<Item = Result<Bytes, actix_web::Error>> + 'static) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/event-stream")
+        .insert_header(("Cache-Control", "no-cache"))
+        .insert_header(("X-Accel-Buffering", "no"))
+        .streaming(body)
+}
+
+fn new_id(prefix: &str) -> String {
+    format!("{prefix}-{:016x}{:08x}", random_seed(), random_seed() as u32)
+}
+
+#[post("/v1/chat/completions")]
+pub async fn chat(state: web::Data<AppState>, body: web::Json<ChatRequest>) -> Result<HttpResponse, ApiError> {
+    let req = body.into_inner();
+    let h = generator(&state, &req.common.model)?.clone();
+    let top = if req.logprobs.unwrap_or(false) {
+        Some(req.top_logprobs.unwrap_or(0))
+    } else if req.top_logprobs.is_some_and(|k| k > 0) {
+        return Err(ApiError::invalid("top_logprobs", "top_logprobs requires logprobs: true"));
+    } else {
+        None
+    };
+    let template = template_request(&req.common, top, h.tokenizer().vocab_size())?;
+    let messages = chat_messages(&req.messages)?;
+    let chat_template = h.chat_template().ok_or_else(|| {
+        ApiError::invalid(
+            "messages",
+            "this model has no chat template; use /v1/completions or configure --chat-template",
+        )
+    })?;
+    let rendered = chat_template.render(&messages, true).map_err(|e| ApiError::from_engine(e, "messages"))?;
+    let prompt = h.tokenizer().encode(&rendered, false).map_err(|e| ApiError::from_engine(e, "messages"))?;
+    let prompt_tokens = prompt.len();
+    let n = template.n;
+    let streams = submit_all(&h, &template, vec![prompt], "messages")?;
+    let events = merge(streams, n);
+    let id = new_id("chatcmpl");
+    let model = h.model_id().to_string();
+    if req.common.stream.unwrap_or(false) {
+        let include_usage = req.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
+        return Ok(sse_response(sse_body(h, events, Kind::Chat, id, model, n, n, vec![prompt_tokens], include_usage)));
+    }
+    let choices = gather(&h, events, n, Kind::Chat, None, n).await?;
+    let usage = usage(&choices, n);
+    let choices: Vec<Value> = choices
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| {
+            json!({"index": i, "message": {"role": "assistant", "content": c.text, "refusal": null},
+                "logprobs": if top.is_some() { json!({"content": c.chat_logprobs}) } else { Value::Null },
+                "finish_reason": c.finish})
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(json!({
+        "id": id, "object": "chat.completion", "created": now(), "model": model,
+        "system_fingerprint": null, "choices": choices, "usage": usage,
+    })))
+}
+
+#[post("/v1/completions")]
+pub async fn completions(
+    state: web::Data<AppState>,
+    body: web::Json<CompletionRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let req = body.into_inner();
+    let h = generator(&state, &req.common.model)?.clone();
+    if req.logprobs.is_some_and(|k| k > 5) {
+        return Err(ApiError::invalid("logprobs", "logprobs must be between 0 and 5"));
+    }
+    let template = template_request(&req.common, req.logprobs, h.tokenizer().vocab_size())?;
+    let prompts = completion_prompts(&req.prompt, &h)?;
+    let echo_texts: Option<Vec<String>> = if req.echo.unwrap_or(false) {
+        if req.common.stream.unwrap_or(false) {
+            return Err(ApiError::invalid("echo", "echo is not supported with stream"));
+        }
+        Some(prompts.iter().map(|p| h.tokenizer().decode(p).unwrap_or_default()).collect())
+    } else {
+        None
+    };
+    let n = template.n;
+    let prompt_tokens: Vec<usize> = prompts.iter().map(Vec::len).collect();
+    let total = prompts.len() * n;
+    let streams = submit_all(&h, &template, prompts, "prompt")?;
+    let events = merge(streams, n);
+    let id = new_id("cmpl");
+    let model = h.model_id().to_string();
+    if req.common.stream.unwrap_or(false) {
+        let include_usage = req.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
+        return Ok(sse_response(sse_body(h, events, Kind::Text, id, model, total, n, prompt_tokens, include_usage)));
+    }
+    let choices = gather(&h, events, total, Kind::Text, echo_texts.as_deref(), n).await?;
+    let usage = usage(&choices, n);
+    let choices: Vec<Value> = choices
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let logprobs = if req.logprobs.is_some() {
+                json!({"tokens": c.tokens, "token_logprobs": c.token_logprobs, "top_logprobs": c.top_logprobs, "text_offset": Value::Null})
+            } else {
+                Value::Null
+            };
+            json!({"index": i, "text": c.text, "logprobs": logprobs, "finish_reason": c.finish})
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(json!({
+        "id": id, "object": "text_completion", "created": now(), "model": model,
+        "system_fingerprint": null, "choices": choices, "usage": usage,
+    })))
+}
