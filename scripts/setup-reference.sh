@@ -10,6 +10,10 @@ env="${RAGWAY_CACHE:-$HOME/.cache/ragway}/refenv"
 [ -x "$env/bin/python" ] || python3 -m venv "$env"
 "$env/bin/pip" install --quiet --disable-pip-version-check sentence-transformers torch numpy
 if [ "${1:-}" = "--with-llamacpp" ]; then
-  CMAKE_ARGS="-DGGML_NATIVE=ON" "$env/bin/pip" install --quiet llama-cpp-python==0.3.36
+  # Native build, but without AMX: -march=native turns on AMX tiles on Sapphire Rapids, and
+  # VMs that do not grant the tile state kill the process with SIGILL at the first prefill.
+  noamx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+  CMAKE_ARGS="-DGGML_NATIVE=ON" CFLAGS="$noamx" CXXFLAGS="$noamx" \
+    "$env/bin/pip" install --quiet --force-reinstall --no-deps --no-cache-dir llama-cpp-python==0.3.36
 fi
 echo "$env/bin/python"

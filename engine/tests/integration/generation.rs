@@ -215,3 +215,82 @@ fn batched_decoding_equals_sequential() {
     }
     assert_eq!(together, alone);
 }
+
+/// A small random-weight llama saved as bf16 safetensors (with SmolLM2's tokenizer): ragway's
+/// decoder against candle-transformers' `llama` on the same files, prefill and decode steps.
+#[test]
+fn safetensors_llama_matches_candle_transformers() {
+    use candle_core::{DType, Device, Tensor};
+    use std::collections::HashMap;
+    let dir = std::env::temp_dir().join(format!("ragway-tiny-llama-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let vocab = smollm().tokenizer.vocab_size();
+    let (hidden, inter, layers, heads, kv_heads) = (64usize, 96usize, 2usize, 4usize, 2usize);
+    let config = serde_json::json!({
+        "hidden_size": hidden, "intermediate_size": inter, "vocab_size": vocab, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "max_position_embeddings": 256, "tie_word_embeddings": false, "bos_token_id": 1, "eos_token_id": 2,
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    smollm().tokenizer.inner().save(dir.join("tokenizer.json"), false).unwrap();
+    let dev = Device::Cpu;
+    let hd = hidden / heads;
+    let mut t: HashMap<String, Tensor> = HashMap::new();
+    let mut rand = |name: String, shape: &[usize], scale: f64| {
+        let w = (Tensor::randn(0f32, 1f32, shape, &dev).unwrap() * scale).unwrap();
+        t.insert(name, w.to_dtype(DType::BF16).unwrap());
+    };
+    rand("model.embed_tokens.weight".into(), &[vocab, hidden], 1.0);
+    rand("lm_head.weight".into(), &[vocab, hidden], 0.1);
+    rand("model.norm.weight".into(), &[hidden], 0.1);
+    for l in 0..layers {
+        let p = format!("model.layers.{l}");
+        rand(format!("{p}.self_attn.q_proj.weight"), &[heads * hd, hidden], 0.15);
+        rand(format!("{p}.self_attn.k_proj.weight"), &[kv_heads * hd, hidden], 0.15);
+        rand(format!("{p}.self_attn.v_proj.weight"), &[kv_heads * hd, hidden], 0.15);
+        rand(format!("{p}.self_attn.o_proj.weight"), &[hidden, heads * hd], 0.15);
+        rand(format!("{p}.mlp.gate_proj.weight"), &[inter, hidden], 0.15);
+        rand(format!("{p}.mlp.up_proj.weight"), &[inter, hidden], 0.15);
+        rand(format!("{p}.mlp.down_proj.weight"), &[hidden, inter], 0.15);
+        rand(format!("{p}.input_layernorm.weight"), &[hidden], 0.2);
+        rand(format!("{p}.post_attention_layernorm.weight"), &[hidden], 0.2);
+    }
+    // Norm weights around 1, not 0.
+    for (name, w) in t.iter_mut() {
+        if name.ends_with("norm.weight") {
+            *w = (w.to_dtype(DType::F32).unwrap() + 1.0).unwrap().to_dtype(DType::BF16).unwrap();
+        }
+    }
+    candle_core::safetensors::save(&t, dir.join("model.safetensors")).unwrap();
+
+    let ours = GenerativeModel::load(dir.to_str().unwrap(), &dir, None).unwrap();
+    let cfg: candle_transformers::models::llama::LlamaConfig = serde_json::from_value(config).unwrap();
+    let cfg = cfg.into_config(false);
+    let vb =
+        unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&[dir.join("model.safetensors")], DType::F32, &dev) }
+            .unwrap();
+    let reference = candle_transformers::models::llama::Llama::load(vb, &cfg).unwrap();
+    let mut ref_cache = candle_transformers::models::llama::Cache::new(true, DType::F32, &cfg, &dev).unwrap();
+
+    let prompt = ours.tokenizer.encode("The capital of France is Paris, and the capital of Italy is", false).unwrap();
+    let mut cache = KvCache::new(ours.model.config());
+    let mut scratch = Scratch::default();
+    let mut logits = prefill_logits(&ours, &prompt, &mut cache, &mut scratch);
+    let input = Tensor::new(prompt.as_slice(), &dev).unwrap().unsqueeze(0).unwrap();
+    let mut ref_logits: Vec<f32> =
+        reference.forward(&input, 0, &mut ref_cache).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let mut pos = prompt.len();
+    for step in 0..4 {
+        let diff = logits.iter().zip(&ref_logits).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let scale = ref_logits.iter().map(|v| v.abs()).fold(0f32, f32::max);
+        assert!(diff <= 1e-3 * scale.max(1.0), "step {step}: max |diff| {diff} (logits up to {scale})");
+        let next = argmax(&ref_logits);
+        assert_eq!(argmax(&logits), next, "step {step}");
+        let mut b = [SeqBatch { tokens: &[next], cache: &mut cache, want_logits: true }];
+        logits = ours.model.forward(&mut b, &mut scratch).unwrap();
+        let input = Tensor::new(&[next], &dev).unwrap().unsqueeze(0).unwrap();
+        ref_logits = reference.forward(&input, pos, &mut ref_cache).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        pos += 1;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
