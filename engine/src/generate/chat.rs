@@ -108,15 +108,17 @@ mod tests {
     #[test]
     fn python_methods_and_raise_exception() {
         let t = ChatTemplate::new(
-            "{% for m in messages %}{% if m.role not in ['user', 'assistant'] %}{{ raise_exception('bad role ' + m.role) }}{% endif %}\
-             {{ bos_token }}{{ m.role.upper() }}: {{ m.content.strip() }}{% if m.content.startswith('Hi') %}!{% endif %}\n{% endfor %}\
-             {% if add_generation_prompt %}ASSISTANT:{% endif %}",
+            r#"{% for m in messages %}{% if m.role not in ['user', 'assistant'] %}{{ raise_exception('bad role ' + m.role) }}{% endif %}
+{{ bos_token }}{{ m.role.upper() }}: {{ m.content.strip() }}{% if m.content.strip().startswith('Hi') %}!{% endif %}{{ '\n' }}
+{% endfor %}
+{% if add_generation_prompt %}ASSISTANT:{% endif %}"#,
             "<s>",
             "</s>",
         )
         .unwrap();
         let out = t.render(&[ChatMessage::new("user", "  Hi there  ")], true).unwrap();
-        assert_eq!(out, "<s>USER: Hi there!\nASSISTANT:");
+        // trim_blocks drops the newlines after the block tags; the expression line keeps its own.
+        assert_eq!(out, "<s>USER: Hi there!\n\nASSISTANT:");
         let err = t.render(&[ChatMessage::new("tool", "x")], false).unwrap_err();
         assert!(err.to_string().contains("bad role tool"), "{err}");
     }

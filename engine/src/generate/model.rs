@@ -85,21 +85,34 @@ pub struct Llama {
     weight_bytes: usize,
 }
 
-/// Keys and values of one sequence, every layer. Keys are stored transposed, `[kv_dim,
-/// capacity]` (each dimension of each KV head is a row over positions), so that decoding
-/// scores 16 positions with one vector multiply-add per dimension; values are `[tokens,
-/// kv_dim]`. Grown on demand.
+/// Keys and values of one sequence, every layer.
+///
+/// Keys are stored in blocks of 16 positions, `[block][kv_head][head_dim][16]`: for one KV
+/// head a block is 4 KiB of contiguous memory in which each dimension holds 16 positions side
+/// by side, so decoding scores 16 positions with one vector multiply-add per dimension and
+/// streams the cache sequentially; growing appends blocks (no re-layout). Values are
+/// `[tokens, kv_dim]`. Memory grows on demand.
 #[derive(Debug, Default)]
 pub struct KvCache {
     k: Vec<Vec<f32>>,
     v: Vec<Vec<f32>>,
     len: usize,
     cap: usize,
+    kv_dim: usize,
 }
+
+/// Positions per key block.
+const KB: usize = 16;
 
 impl KvCache {
     pub fn new(cfg: &LlamaConfig) -> Self {
-        Self { k: vec![Vec::new(); cfg.n_layers], v: vec![Vec::new(); cfg.n_layers], len: 0, cap: 0 }
+        Self {
+            k: vec![Vec::new(); cfg.n_layers],
+            v: vec![Vec::new(); cfg.n_layers],
+            len: 0,
+            cap: 0,
+            kv_dim: cfg.kv_dim(),
+        }
     }
 
     /// Tokens whose keys and values are stored.
@@ -117,32 +130,27 @@ impl KvCache {
     }
 
     /// Makes room for `tokens` tokens in all, growing in steps of `step` tokens.
-    pub fn reserve(&mut self, cfg: &LlamaConfig, tokens: usize, step: usize) {
+    pub fn reserve(&mut self, tokens: usize, step: usize) {
         if tokens <= self.cap {
             return;
         }
-        let step = step.max(1);
+        let step = step.max(KB).div_ceil(KB) * KB;
         let new_cap = tokens.div_ceil(step) * step;
-        let kv_dim = cfg.kv_dim();
         for k in self.k.iter_mut() {
-            let mut grown = vec![0f32; kv_dim * new_cap];
-            for r in 0..kv_dim {
-                grown[r * new_cap..r * new_cap + self.len].copy_from_slice(&k[r * self.cap..r * self.cap + self.len]);
-            }
-            *k = grown;
+            k.resize(new_cap * self.kv_dim, 0.0);
         }
         for v in self.v.iter_mut() {
-            v.reserve_exact(new_cap * kv_dim - v.len());
+            v.reserve_exact(new_cap * self.kv_dim - v.len());
         }
         self.cap = new_cap;
     }
 
     /// Stores the key and value of position `pos` (< capacity) in layer `layer`.
     fn put(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
-        let cap = self.cap;
         let kl = &mut self.k[layer];
+        let base = pos / KB * self.kv_dim * KB + pos % KB;
         for (r, &x) in k.iter().enumerate() {
-            kl[r * cap + pos] = x;
+            kl[base + r * KB] = x;
         }
         let vl = &mut self.v[layer];
         vl.truncate(pos * v.len());
@@ -433,7 +441,7 @@ impl Llama {
         });
         for b in batch.iter_mut() {
             let need = b.cache.len + b.tokens.len();
-            b.cache.reserve(cfg, need, 256);
+            b.cache.reserve(need, 256);
         }
         for (li, layer) in self.layers.iter().enumerate() {
             rms_norm(&s.x, &layer.attn_norm, cfg.rms_eps, &mut s.h);
@@ -446,8 +454,8 @@ impl Llama {
                 }
             }
             s.attn.resize(total * q_dim, 0.0);
-            let caches: Vec<(&[f32], &[f32], usize)> =
-                batch.iter().map(|b| (b.cache.k[li].as_slice(), b.cache.v[li].as_slice(), b.cache.cap)).collect();
+            let caches: Vec<(&[f32], &[f32])> =
+                batch.iter().map(|b| (b.cache.k[li].as_slice(), b.cache.v[li].as_slice())).collect();
             attention(cfg, &s.qkv, &caches, &starts, &mut s.attn);
             layer.o.forward(&s.attn, total, &mut s.acts, &mut s.proj);
             add_inplace(&mut s.x, &s.proj);
@@ -596,7 +604,7 @@ unsafe impl Sync for SendPtr {}
 fn attention(
     cfg: &LlamaConfig,
     qkv: &[f32],
-    caches: &[(&[f32], &[f32], usize)],
+    caches: &[(&[f32], &[f32])],
     starts: &[(usize, usize, usize)],
     out: &mut [f32],
 ) {
@@ -612,7 +620,7 @@ fn attention(
     let run = |&(si, h): &(usize, usize)| {
         let optr = optr;
         let (off, start, n) = starts[si];
-        let (kc, vc, cap) = caches[si];
+        let (kc, vc) = caches[si];
         let ctx = start + n;
         if n == 1 {
             // Decode: task `h` is KV head `h`; its `group` query heads are contiguous rows of
@@ -622,14 +630,21 @@ fn attention(
             }
             let g = h;
             let q = &qkv[off * qkv_w + g * group * hd..off * qkv_w + (g + 1) * group * hd];
-            let kt = &kc[g * hd * cap..(g + 1) * hd * cap];
-            let scores = decode_scores(q, kt, cap, ctx, hd, scale);
+            let scores = decode_scores(q, kc, g, kv_dim, ctx, hd, scale);
             let o = decode_values(&scores, &vc[g * hd..], kv_dim, ctx, hd);
             // SAFETY: row `off`, columns of the group's heads: written by this task only.
             unsafe { std::ptr::copy_nonoverlapping(o.as_ptr(), optr.0.add(off * q_dim + g * group * hd), group * hd) };
             return;
         }
         let g = h / group;
+        // Keys of KV head g as a plain [ctx, hd] matrix for the product.
+        let mut keys = vec![0f32; ctx * hd];
+        for (j, row) in keys.chunks_exact_mut(hd).enumerate() {
+            let base = j / KB * kv_dim * KB + g * hd * KB + j % KB;
+            for (d, x) in row.iter_mut().enumerate() {
+                *x = kc[base + d * KB];
+            }
+        }
         let mut scores = vec![0f32; n * ctx];
         // SAFETY: Q rows [off, off + n) of head h read through the qkv row stride; K rows
         // [0, ctx) of KV head g through kv_dim; the output block is this task's own.
@@ -641,7 +656,7 @@ fn attention(
                 scores.as_mut_ptr(),
                 ctx,
                 (qkv.as_ptr().add(off * qkv_w + h * hd), qkv_w as isize, 1),
-                (kc.as_ptr().add(g * hd * cap), cap as isize, 1),
+                (keys.as_ptr(), 1, hd as isize),
                 Parallel::Single,
             );
         }
@@ -679,41 +694,38 @@ const W: usize = 16;
 const HEADS: usize = 4;
 
 /// Softmax-normalized scores `[heads, ctx]` of the query heads `q` (`[heads, hd]`) against
-/// the transposed keys `kt` (`[hd, cap]`, positions `< ctx` used): 16 positions at a time,
-/// one fused multiply-add per dimension and head, no horizontal sums.
-fn decode_scores(q: &[f32], kt: &[f32], cap: usize, ctx: usize, hd: usize, scale: f32) -> Vec<f32> {
+/// KV head `g` of the blocked keys `kc` (see [`KvCache`]): 16 positions at a time, one fused
+/// multiply-add per dimension and head, no horizontal sums. The last block is computed whole
+/// (its unused positions are allocated) and cut to `ctx`.
+fn decode_scores(q: &[f32], kc: &[f32], g: usize, kv_dim: usize, ctx: usize, hd: usize, scale: f32) -> Vec<f32> {
     let heads = q.len() / hd;
+    let blocks = ctx.div_ceil(W);
     let mut scores = vec![0f32; heads * ctx];
-    let full = ctx / W * W;
     for h0 in (0..heads).step_by(HEADS) {
         let hn = HEADS.min(heads - h0);
-        let mut qs = [[0f32; HEADS]; 256];
-        for d in 0..hd {
+        let mut qs = vec![[0f32; HEADS]; hd];
+        for (d, qd) in qs.iter_mut().enumerate() {
             for i in 0..hn {
-                qs[d % 256][i] = q[(h0 + i) * hd + d];
+                qd[i] = q[(h0 + i) * hd + d];
             }
         }
-        for j0 in (0..full).step_by(W) {
+        for b in 0..blocks {
+            let blk = &kc[b * kv_dim * W + g * hd * W..b * kv_dim * W + (g + 1) * hd * W];
             let mut acc = [[0f32; W]; HEADS];
-            for d in 0..hd {
-                let k: &[f32; W] = kt[d * cap + j0..d * cap + j0 + W].try_into().expect("16 positions");
-                let qd = qs[d % 256];
+            for (k, qd) in blk.chunks_exact(W).zip(&qs) {
+                let k: &[f32; W] = k.try_into().expect("16 positions");
                 for i in 0..HEADS {
                     for l in 0..W {
                         acc[i][l] = qd[i].mul_add(k[l], acc[i][l]);
                     }
                 }
             }
+            let n = W.min(ctx - b * W);
             for i in 0..hn {
-                for l in 0..W {
-                    scores[(h0 + i) * ctx + j0 + l] = acc[i][l] * scale;
+                for l in 0..n {
+                    scores[(h0 + i) * ctx + b * W + l] = acc[i][l] * scale;
                 }
             }
-        }
-    }
-    for j in full..ctx {
-        for (i, qh) in q.chunks_exact(hd).enumerate() {
-            scores[i * ctx + j] = qh.iter().enumerate().map(|(d, &qd)| qd * kt[d * cap + j]).sum::<f32>() * scale;
         }
     }
     scores.chunks_exact_mut(ctx).for_each(softmax_inplace);

@@ -98,7 +98,9 @@ impl QActs {
             let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
             let mut sum = 0i32;
             for (q, v) in qb.iter_mut().zip(xb) {
-                let r = (v * inv).round() as i32;
+                // Half away from zero as llama.cpp's roundf, written so that it vectorizes.
+                let x = v * inv;
+                let r = (x + 0.5f32.copysign(x)).trunc() as i32;
                 *q = r as i8;
                 sum += r;
             }

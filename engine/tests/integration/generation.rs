@@ -104,15 +104,19 @@ fn first_position_logits_match_llama_cpp() {
 
 /// Teacher-forced: feed llama.cpp's own tokens one at a time and compare the argmax at each
 /// of the 32 positions; a different choice is accepted only where llama.cpp's top-2 margin
-/// is below `FLIP_MARGIN` (our logits differ from llama.cpp's by ~0.11 on average: both
-/// quantize activations to 8 bits, llama.cpp also rounds its KV cache and scales to f16).
+/// is below `FLIP_MARGIN` and the two implementations' gaps add up to less than
+/// `DISAGREEMENT` (both quantize activations to 8 bits, with different rounding of scales and
+/// of the KV cache, so logits differ by ~0.12 on average).
 /// Then free-running greedy: the first 16 tokens must equal llama.cpp's, unless the paths
 /// part at such a near-tie.
 #[test]
 fn greedy_decoding_matches_llama_cpp() {
     let m = smollm();
     let mut report = Vec::new();
-    const FLIP_MARGIN: f64 = 0.25;
+    // Our logits differ from llama.cpp's by ~0.12 on average and ~1 at most (centered), so two
+    // candidates within a few tenths of each other can swap order.
+    const FLIP_MARGIN: f64 = 0.3;
+    const DISAGREEMENT: f64 = 0.75;
     let (mut free_total, mut free_match) = (0, 0);
     let (mut forced_total, mut forced_match) = (0, 0);
     for p in fixture()["prompts"].as_array().unwrap() {
@@ -130,8 +134,15 @@ fn greedy_decoding_matches_llama_cpp() {
             if got == want {
                 forced_match += 1;
             } else {
+                // A near-tie on both sides: llama.cpp's own top-2 margin and ours between the
+                // two candidates are both small.
                 let margin = steps[i]["margin"].as_f64().unwrap();
-                assert!(margin < FLIP_MARGIN, "{name} step {i}: {got} vs llama.cpp {want} with margin {margin}");
+                let ours = (logits[got as usize] - logits[want as usize]) as f64;
+                eprintln!("{name} step {i}: {got} vs llama.cpp {want} (llama.cpp margin {margin:.3}, ours {ours:.3})");
+                assert!(
+                    margin < FLIP_MARGIN && margin + ours < DISAGREEMENT,
+                    "{name} step {i}: {got} vs llama.cpp {want} with margins {margin} (llama.cpp) and {ours} (ours)"
+                );
             }
             let mut batch = [SeqBatch { tokens: &[want], cache: &mut cache, want_logits: true }];
             logits = m.model.forward(&mut batch, &mut scratch).unwrap();
