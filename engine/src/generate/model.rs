@@ -11,6 +11,8 @@ use crate::error::{EngineError, Result};
 use crate::kernels::{dot, exp, gemm_f32, softmax_inplace, Parallel};
 use candle_core::quantized::{gguf_file, QTensor};
 use candle_core::Device;
+use half::f16;
+use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 use std::path::Path;
 
@@ -45,9 +47,9 @@ impl LlamaConfig {
         self.n_kv_heads * self.head_dim
     }
 
-    /// Bytes of KV cache per token (K and V, f32, every layer).
+    /// Bytes of KV cache per token (K and V, f16, every layer).
     pub fn kv_bytes_per_token(&self) -> usize {
-        2 * self.n_layers * self.kv_dim() * 4
+        2 * self.n_layers * self.kv_dim() * 2
     }
 
     fn check(&self, path: &Path) -> Result<()> {
@@ -85,17 +87,18 @@ pub struct Llama {
     weight_bytes: usize,
 }
 
-/// Keys and values of one sequence, every layer.
+/// Keys and values of one sequence, every layer, in f16 (as llama.cpp's default cache:
+/// half the memory traffic of f32 for attention, computed in f32).
 ///
 /// Keys are stored in blocks of 16 positions, `[block][kv_head][head_dim][16]`: for one KV
-/// head a block is 4 KiB of contiguous memory in which each dimension holds 16 positions side
+/// head a block is 2 KiB of contiguous memory in which each dimension holds 16 positions side
 /// by side, so decoding scores 16 positions with one vector multiply-add per dimension and
 /// streams the cache sequentially; growing appends blocks (no re-layout). Values are
 /// `[tokens, kv_dim]`. Memory grows on demand.
 #[derive(Debug, Default)]
 pub struct KvCache {
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
+    k: Vec<Vec<f16>>,
+    v: Vec<Vec<f16>>,
     len: usize,
     cap: usize,
     kv_dim: usize,
@@ -137,7 +140,7 @@ impl KvCache {
         let step = step.max(KB).div_ceil(KB) * KB;
         let new_cap = tokens.div_ceil(step) * step;
         for k in self.k.iter_mut() {
-            k.resize(new_cap * self.kv_dim, 0.0);
+            k.resize(new_cap * self.kv_dim, f16::ZERO);
         }
         for v in self.v.iter_mut() {
             v.reserve_exact(new_cap * self.kv_dim - v.len());
@@ -150,11 +153,11 @@ impl KvCache {
         let kl = &mut self.k[layer];
         let base = pos / KB * self.kv_dim * KB + pos % KB;
         for (r, &x) in k.iter().enumerate() {
-            kl[base + r * KB] = x;
+            kl[base + r * KB] = f16::from_f32(x);
         }
         let vl = &mut self.v[layer];
         vl.truncate(pos * v.len());
-        vl.extend_from_slice(v);
+        vl.extend(v.iter().map(|&x| f16::from_f32(x)));
     }
 
     /// Drops every stored token and frees the memory.
@@ -454,7 +457,7 @@ impl Llama {
                 }
             }
             s.attn.resize(total * q_dim, 0.0);
-            let caches: Vec<(&[f32], &[f32])> =
+            let caches: Vec<(&[f16], &[f16])> =
                 batch.iter().map(|b| (b.cache.k[li].as_slice(), b.cache.v[li].as_slice())).collect();
             attention(cfg, &s.qkv, &caches, &starts, &mut s.attn);
             layer.o.forward(&s.attn, total, &mut s.acts, &mut s.proj);
@@ -604,7 +607,7 @@ unsafe impl Sync for SendPtr {}
 fn attention(
     cfg: &LlamaConfig,
     qkv: &[f32],
-    caches: &[(&[f32], &[f32])],
+    caches: &[(&[f16], &[f16])],
     starts: &[(usize, usize, usize)],
     out: &mut [f32],
 ) {
@@ -642,8 +645,12 @@ fn attention(
         for (j, row) in keys.chunks_exact_mut(hd).enumerate() {
             let base = j / KB * kv_dim * KB + g * hd * KB + j % KB;
             for (d, x) in row.iter_mut().enumerate() {
-                *x = kc[base + d * KB];
+                *x = kc[base + d * KB].to_f32();
             }
+        }
+        let mut values = vec![0f32; ctx * hd];
+        for (j, row) in values.chunks_exact_mut(hd).enumerate() {
+            vc[j * kv_dim + g * hd..j * kv_dim + (g + 1) * hd].convert_to_f32_slice(row);
         }
         let mut scores = vec![0f32; n * ctx];
         // SAFETY: Q rows [off, off + n) of head h read through the qkv row stride; K rows
@@ -677,7 +684,7 @@ fn attention(
                 optr.0.add(off * q_dim + h * hd),
                 q_dim,
                 (scores.as_ptr(), ctx as isize, 1),
-                (vc.as_ptr().add(g * hd), kv_dim as isize, 1),
+                (values.as_ptr(), hd as isize, 1),
                 Parallel::Single,
             );
         }
@@ -697,7 +704,7 @@ const HEADS: usize = 4;
 /// KV head `g` of the blocked keys `kc` (see [`KvCache`]): 16 positions at a time, one fused
 /// multiply-add per dimension and head, no horizontal sums. The last block is computed whole
 /// (its unused positions are allocated) and cut to `ctx`.
-fn decode_scores(q: &[f32], kc: &[f32], g: usize, kv_dim: usize, ctx: usize, hd: usize, scale: f32) -> Vec<f32> {
+fn decode_scores(q: &[f32], kc: &[f16], g: usize, kv_dim: usize, ctx: usize, hd: usize, scale: f32) -> Vec<f32> {
     let heads = q.len() / hd;
     let blocks = ctx.div_ceil(W);
     let mut scores = vec![0f32; heads * ctx];
@@ -712,8 +719,9 @@ fn decode_scores(q: &[f32], kc: &[f32], g: usize, kv_dim: usize, ctx: usize, hd:
         for b in 0..blocks {
             let blk = &kc[b * kv_dim * W + g * hd * W..b * kv_dim * W + (g + 1) * hd * W];
             let mut acc = [[0f32; W]; HEADS];
-            for (k, qd) in blk.chunks_exact(W).zip(&qs) {
-                let k: &[f32; W] = k.try_into().expect("16 positions");
+            for (k16, qd) in blk.chunks_exact(W).zip(&qs) {
+                let mut k = [0f32; W];
+                k16.convert_to_f32_slice(&mut k);
                 for i in 0..HEADS {
                     for l in 0..W {
                         acc[i][l] = qd[i].mul_add(k[l], acc[i][l]);
@@ -734,7 +742,7 @@ fn decode_scores(q: &[f32], kc: &[f32], g: usize, kv_dim: usize, ctx: usize, hd:
 
 /// `o[h] = Σ_j p[h, j] · v[j]` for every head of `p` (`[heads, ctx]`); `v` starts at the KV
 /// head's first value, rows `kv_dim` apart. 16 dimensions and up to 4 heads per pass.
-fn decode_values(p: &[f32], v: &[f32], kv_dim: usize, ctx: usize, hd: usize) -> Vec<f32> {
+fn decode_values(p: &[f32], v: &[f16], kv_dim: usize, ctx: usize, hd: usize) -> Vec<f32> {
     let heads = p.len() / ctx;
     let mut o = vec![0f32; heads * hd];
     for h0 in (0..heads).step_by(HEADS) {
@@ -743,7 +751,8 @@ fn decode_values(p: &[f32], v: &[f32], kv_dim: usize, ctx: usize, hd: usize) -> 
         while d0 + W <= hd {
             let mut acc = [[0f32; W]; HEADS];
             for j in 0..ctx {
-                let vj: &[f32; W] = v[j * kv_dim + d0..j * kv_dim + d0 + W].try_into().expect("16 dims");
+                let mut vj = [0f32; W];
+                v[j * kv_dim + d0..j * kv_dim + d0 + W].convert_to_f32_slice(&mut vj);
                 let mut pj = [0f32; HEADS];
                 for i in 0..hn {
                     pj[i] = p[(h0 + i) * ctx + j];
@@ -761,7 +770,7 @@ fn decode_values(p: &[f32], v: &[f32], kv_dim: usize, ctx: usize, hd: usize) -> 
         }
         for d in d0..hd {
             for i in 0..hn {
-                o[(h0 + i) * hd + d] = (0..ctx).map(|j| p[(h0 + i) * ctx + j] * v[j * kv_dim + d]).sum();
+                o[(h0 + i) * hd + d] = (0..ctx).map(|j| p[(h0 + i) * ctx + j] * v[j * kv_dim + d].to_f32()).sum();
             }
         }
     }

@@ -90,9 +90,13 @@ fn first_position_logits_match_llama_cpp() {
         let mut cache = KvCache::new(m.model.config());
         let got = prefill_logits(m, &ids(&p["prompt_ids"]), &mut cache, &mut Scratch::default());
         assert_eq!(got.len(), reference.len());
-        let cos = cosine(&got, &reference);
-        let max = got.iter().zip(&reference).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         // Softmax ignores a constant shift: compare centered logits.
+        let center = |v: &[f32]| {
+            let m = v.iter().sum::<f32>() / v.len() as f32;
+            v.iter().map(|x| x - m).collect::<Vec<f32>>()
+        };
+        let cos = cosine(&center(&got), &center(&reference));
+        let max = got.iter().zip(&reference).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         let shift = (got.iter().sum::<f32>() - reference.iter().sum::<f32>()) / got.len() as f32;
         let mean = got.iter().zip(&reference).map(|(a, b)| (a - b - shift).abs()).sum::<f32>() / got.len() as f32;
         eprintln!("{name}: cosine {cos:.6}, max |diff| {max:.4}, mean |diff| {mean:.4}");
