@@ -238,3 +238,52 @@ fn a_full_waiting_queue_refuses_at_once() {
     // one running, at most one held by the scheduler, two waiting
     assert!(i <= 4, "refused only after {i} requests");
 }
+
+/// Prompts prefilled in 16-token chunks (interleaved with other sequences' decoding) give the
+/// same greedy output as whole-prompt prefill (a prompt whose continuation has clear margins:
+/// 8-bit activations make chunked and whole prefill differ in the last bits).
+#[test]
+fn chunked_prefill_gives_the_same_output() {
+    let mut cfg = config();
+    cfg.max_batch_tokens = 16;
+    let small = GenerateWorker::spawn(cfg).unwrap();
+    let text = "List of prime numbers: 2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41,";
+    let whole = run(worker(), GenerationRequest::new(prompt(worker(), text), 12, SamplingParams::greedy()));
+    let chunked = std::thread::scope(|s| {
+        // A second sequence decodes while the long prompt is prefilled chunk by chunk.
+        let other =
+            s.spawn(|| run(&small, GenerationRequest::new(prompt(&small, "Hello"), 30, SamplingParams::greedy())));
+        let out = run(&small, GenerationRequest::new(prompt(&small, text), 12, SamplingParams::greedy()));
+        other.join().unwrap();
+        out
+    });
+    assert!(prompt(worker(), text).len() > 32);
+    assert_eq!(chunked, whole);
+    assert!(small.metrics().last_batch_tokens.load(std::sync::atomic::Ordering::Relaxed) <= 16);
+}
+
+/// With a KV cache too small for every running sequence, the newest is preempted and later
+/// recomputed: each stream still gets exactly what it would have got alone.
+#[test]
+fn preempted_sequences_resume_with_the_same_output() {
+    let mut cfg = config();
+    cfg.kv_cache_mib = 2; // ~91 tokens of SmolLM2 cache
+    let tight = GenerateWorker::spawn(cfg).unwrap();
+    let texts = ["The capital of France is", "Water boils at", "List of prime numbers: 2, 3,"];
+    let alone: Vec<Output> = texts
+        .iter()
+        .map(|t| run(worker(), GenerationRequest::new(prompt(worker(), t), 40, SamplingParams::greedy())).remove(0))
+        .collect();
+    let together: Vec<Output> = std::thread::scope(|s| {
+        let hs: Vec<_> = texts
+            .iter()
+            .map(|t| {
+                let h = &tight;
+                s.spawn(move || run(h, GenerationRequest::new(prompt(h, t), 40, SamplingParams::greedy())).remove(0))
+            })
+            .collect();
+        hs.into_iter().map(|j| j.join().unwrap()).collect()
+    });
+    assert_eq!(together, alone);
+    assert!(tight.metrics().preemptions.load(std::sync::atomic::Ordering::Relaxed) > 0, "the cache never filled");
+}
