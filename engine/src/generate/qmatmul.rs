@@ -93,7 +93,14 @@ impl QActs {
         self.d.resize(rows * nb, 0.0);
         self.s.resize(rows * nb, 0);
         let quantize_block = |(xb, (qb, (d, s))): (&[f32], (&mut [i8], (&mut f32, &mut i32)))| {
-            let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+            // Lane-wise maxima, then one reduction: a scalar fold does not vectorize.
+            let mut lanes = [0f32; 8];
+            for c in xb.chunks_exact(8) {
+                for l in 0..8 {
+                    lanes[l] = lanes[l].max(c[l].abs());
+                }
+            }
+            let amax = lanes.iter().fold(0f32, |m, &v| m.max(v));
             let scale = amax / 127.0;
             let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
             let mut sum = 0i32;
@@ -291,6 +298,7 @@ fn has_vnni() -> bool {
 
 /// Rows of `x` per kernel call: a tile's unpacked block (8 registers) is reused for this many
 /// activation rows, each with its own accumulator.
+// (8 was measured slower: 8 accumulators plus the 8 unpacked weight vectors spill.)
 const ROWS: usize = 4;
 
 /// # Safety
