@@ -342,3 +342,103 @@ fn chunked_prefill_equals_whole_prefill() {
         assert_eq!(sampling::top_k_indices(&logits, 1), top[..1], "chunks of {chunk}");
     }
 }
+
+/// GGUF files of other block types load and compute what their own dequantized weights say:
+/// a small random llama (SmolLM2's tokenizer metadata, width 256) written as Q4_0, Q8_0
+/// (packed integer kernels) and Q4_K, Q6_K (dequantized at load), each against a twin file
+/// holding the same weights dequantized to F32.
+#[test]
+fn gguf_block_types_match_their_f32_dequantization() {
+    use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
+    let dev = Device::Cpu;
+    let real = models_dir().join("SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let mut f = std::fs::File::open(&real).unwrap();
+    let content = gguf_file::Content::read(&mut f).unwrap();
+    let vocab = 49152usize;
+    let (hidden, ffn, heads, kv_heads) = (256usize, 512usize, 4u32, 2u32);
+    let dir = std::env::temp_dir().join(format!("ragway-gguf-types-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let shapes: Vec<(String, Vec<usize>, f64)> = vec![
+        ("token_embd.weight".into(), vec![vocab, hidden], 1.0),
+        ("output.weight".into(), vec![vocab, hidden], 0.1),
+        ("output_norm.weight".into(), vec![hidden], 0.0),
+        ("blk.0.attn_norm.weight".into(), vec![hidden], 0.0),
+        ("blk.0.ffn_norm.weight".into(), vec![hidden], 0.0),
+        ("blk.0.attn_q.weight".into(), vec![hidden, hidden], 0.1),
+        ("blk.0.attn_k.weight".into(), vec![hidden / 2, hidden], 0.1),
+        ("blk.0.attn_v.weight".into(), vec![hidden / 2, hidden], 0.1),
+        ("blk.0.attn_output.weight".into(), vec![hidden, hidden], 0.1),
+        ("blk.0.ffn_gate.weight".into(), vec![ffn, hidden], 0.1),
+        ("blk.0.ffn_up.weight".into(), vec![ffn, hidden], 0.1),
+        ("blk.0.ffn_down.weight".into(), vec![hidden, ffn], 0.1),
+    ];
+    let weights: Vec<Tensor> = shapes
+        .iter()
+        .map(|(_, shape, scale)| {
+            if *scale == 0.0 {
+                Tensor::ones(shape.as_slice(), candle_core::DType::F32, &dev).unwrap()
+            } else {
+                (Tensor::randn(0f32, 1f32, shape.as_slice(), &dev).unwrap() * *scale).unwrap()
+            }
+        })
+        .collect();
+    let mut md: Vec<(String, gguf_file::Value)> = vec![
+        ("general.architecture".into(), gguf_file::Value::String("llama".into())),
+        ("llama.block_count".into(), gguf_file::Value::U32(1)),
+        ("llama.context_length".into(), gguf_file::Value::U32(256)),
+        ("llama.embedding_length".into(), gguf_file::Value::U32(hidden as u32)),
+        ("llama.feed_forward_length".into(), gguf_file::Value::U32(ffn as u32)),
+        ("llama.attention.head_count".into(), gguf_file::Value::U32(heads)),
+        ("llama.attention.head_count_kv".into(), gguf_file::Value::U32(kv_heads)),
+        ("llama.rope.freq_base".into(), gguf_file::Value::F32(10000.0)),
+        ("llama.attention.layer_norm_rms_epsilon".into(), gguf_file::Value::F32(1e-5)),
+    ];
+    for (k, v) in &content.metadata {
+        if k.starts_with("tokenizer.ggml.") {
+            md.push((k.clone(), v.clone()));
+        }
+    }
+    let write = |path: &std::path::Path, dtype: GgmlDType, f32_twin: bool| {
+        let qs: Vec<QTensor> = weights
+            .iter()
+            .map(|w| {
+                // Norm vectors stay F32, as in real files.
+                let t = if w.rank() == 1 { GgmlDType::F32 } else { dtype };
+                let q = QTensor::quantize(w, t).unwrap();
+                if f32_twin {
+                    QTensor::quantize(&q.dequantize(&dev).unwrap(), GgmlDType::F32).unwrap()
+                } else {
+                    q
+                }
+            })
+            .collect();
+        let mdr: Vec<(&str, &gguf_file::Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let ts: Vec<(&str, &QTensor)> = shapes.iter().zip(&qs).map(|((n, _, _), q)| (n.as_str(), q)).collect();
+        let mut file = std::fs::File::create(path).unwrap();
+        gguf_file::write(&mut file, &mdr, &ts).unwrap();
+    };
+    let prompt: Vec<u32> = vec![504, 3575, 282, 4649, 314, 7042, 30, 198];
+    for (dtype, packed) in
+        [(GgmlDType::Q4_0, true), (GgmlDType::Q8_0, true), (GgmlDType::Q4K, false), (GgmlDType::Q6K, false)]
+    {
+        let qpath = dir.join(format!("tiny-{dtype:?}.gguf"));
+        let fpath = dir.join(format!("tiny-{dtype:?}-f32.gguf"));
+        write(&qpath, dtype, false);
+        write(&fpath, dtype, true);
+        let q = GenerativeModel::load(qpath.to_str().unwrap(), &dir, None).unwrap();
+        let f = GenerativeModel::load(fpath.to_str().unwrap(), &dir, None).unwrap();
+        assert_eq!(q.tokenizer.encode("The capital of France is", true).unwrap(), vec![504, 3575, 282, 4649, 314]);
+        let mut scratch = Scratch::default();
+        let lq = prefill_logits(&q, &prompt, &mut KvCache::new(q.model.config()), &mut scratch);
+        let lf = prefill_logits(&f, &prompt, &mut KvCache::new(f.model.config()), &mut scratch);
+        let max = lq.iter().zip(&lf).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let scale = lf.iter().map(|v| v.abs()).fold(0f32, f32::max);
+        // Packed types quantize activations to 8 bits; dequantized types compute in f32.
+        let tol = if packed { 0.05 } else { 1e-4 };
+        eprintln!("{dtype:?}: max |diff| {max:.5} of logits up to {scale:.3}");
+        assert!(max <= tol * scale, "{dtype:?}: max |diff| {max} (logits up to {scale})");
+        assert_eq!(argmax(&lq), argmax(&lf), "{dtype:?}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
