@@ -95,7 +95,7 @@ pub struct Llama {
 /// by side, so decoding scores 16 positions with one vector multiply-add per dimension and
 /// streams the cache sequentially; growing appends blocks (no re-layout). Values are
 /// `[tokens, kv_dim]`. Memory grows on demand.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct KvCache {
     k: Vec<Vec<f16>>,
     v: Vec<Vec<f16>>,

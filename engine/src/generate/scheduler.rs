@@ -171,6 +171,8 @@ pub struct GenMetrics {
     pub last_batch_seqs: AtomicUsize,
     pub last_batch_tokens: AtomicUsize,
     pub batch_seqs_total: AtomicU64,
+    /// Tokens run through the model (prefill and decode).
+    pub forward_tokens_total: AtomicU64,
     pub prompt_tokens_total: AtomicU64,
     pub generated_tokens_total: AtomicU64,
     pub requests_total: AtomicU64,
@@ -191,6 +193,7 @@ impl GenMetrics {
             last_batch_seqs: AtomicUsize::new(0),
             last_batch_tokens: AtomicUsize::new(0),
             batch_seqs_total: AtomicU64::new(0),
+            forward_tokens_total: AtomicU64::new(0),
             prompt_tokens_total: AtomicU64::new(0),
             generated_tokens_total: AtomicU64::new(0),
             requests_total: AtomicU64::new(0),
@@ -366,6 +369,10 @@ impl GenerateHandle {
 /// One sequence in flight.
 struct Seq {
     index: usize,
+    /// The request this sequence belongs to.
+    group: u64,
+    /// Waiting for sequence 0 of its request to finish the prompt, then copies its cache.
+    awaits_fork: bool,
     tokens: Vec<u32>,
     prompt_len: usize,
     max_new: usize,
@@ -430,6 +437,7 @@ struct Scheduler {
     held: Option<Job>,
     scratch: Scratch,
     closed: bool,
+    next_group: u64,
 }
 
 impl Scheduler {
@@ -444,11 +452,14 @@ impl Scheduler {
             held: None,
             scratch: Scratch::default(),
             closed: false,
+            next_group: 0,
         }
     }
 
+    /// Tokens of KV cache the running sequences hold or are about to hold (siblings waiting to
+    /// copy their first sequence's prompt hold nothing yet).
     fn kv_used(&self) -> usize {
-        self.running.iter().map(|s| s.tokens.len()).sum()
+        self.running.iter().filter(|s| !s.awaits_fork).map(|s| s.tokens.len()).sum()
     }
 
     fn run(mut self) {
@@ -542,9 +553,13 @@ impl Scheduler {
         let base_seed = req.sampling.seed.unwrap_or_else(random_seed);
         let stop = Arc::new(req.stop);
         self.shared.metrics.prompt_tokens_total.fetch_add(req.prompt.len() as u64, Ordering::Relaxed);
+        self.next_group += 1;
         for index in 0..req.n {
             self.running.push(Seq {
                 index,
+                group: self.next_group,
+                // Sequences 1..n copy sequence 0's prompt cache instead of prefilling it again.
+                awaits_fork: index > 0,
                 tokens: req.prompt.clone(),
                 prompt_len: req.prompt.len(),
                 max_new: req.max_tokens.unwrap_or(1),
@@ -579,6 +594,9 @@ impl Scheduler {
         let mut plan: Vec<(usize, usize)> = Vec::with_capacity(self.running.len());
         let mut budget = max_tokens;
         for (i, s) in self.running.iter().enumerate() {
+            if s.awaits_fork {
+                continue;
+            }
             if s.to_feed() == 1 {
                 plan.push((i, 1));
                 budget = budget.saturating_sub(1);
@@ -586,7 +604,7 @@ impl Scheduler {
         }
         for (i, s) in self.running.iter().enumerate() {
             let feed = s.to_feed();
-            if feed > 1 && budget > 0 {
+            if feed > 1 && budget > 0 && !s.awaits_fork {
                 let chunk = feed.min(budget);
                 plan.push((i, chunk));
                 budget -= chunk;
@@ -616,6 +634,7 @@ impl Scheduler {
         m.last_batch_seqs.store(plan.len(), Ordering::Relaxed);
         m.last_batch_tokens.store(total_tokens, Ordering::Relaxed);
         m.batch_seqs_total.fetch_add(plan.len() as u64, Ordering::Relaxed);
+        m.forward_tokens_total.fetch_add(total_tokens as u64, Ordering::Relaxed);
         let vocab = self.model.config().vocab;
         let now = Instant::now();
         let mut logits = logits;
@@ -625,11 +644,31 @@ impl Scheduler {
             if !w {
                 continue;
             }
+            let first = &self.running[i];
+            if first.index == 0 && first.generated() == 0 {
+                // Its prompt is in: siblings copy the cache and sample from the same logits.
+                let group = first.group;
+                let siblings: Vec<usize> = (0..self.running.len())
+                    .filter(|&j| self.running[j].group == group && self.running[j].awaits_fork)
+                    .collect();
+                for j in siblings {
+                    let cache = self.running[i].cache.clone();
+                    let s = &mut self.running[j];
+                    s.cache = cache;
+                    s.awaits_fork = false;
+                    let mut own = logits[row * vocab..(row + 1) * vocab].to_vec();
+                    if self.emit(j, &mut own, now) {
+                        finished.push(j);
+                    }
+                }
+            }
             if self.emit(i, &mut logits[row * vocab..(row + 1) * vocab], now) {
                 finished.push(i);
             }
             row += 1;
         }
+        finished.sort_unstable();
+        finished.dedup();
         for i in finished.into_iter().rev() {
             self.running.remove(i);
         }

@@ -287,3 +287,20 @@ fn preempted_sequences_resume_with_the_same_output() {
     assert_eq!(together, alone);
     assert!(tight.metrics().preemptions.load(std::sync::atomic::Ordering::Relaxed) > 0, "the cache never filled");
 }
+
+/// `n` sequences of one request prefill the prompt once: the others copy its cache.
+#[test]
+fn n_sequences_share_one_prefill() {
+    let h = GenerateWorker::spawn(config()).unwrap();
+    let p = prompt(&h, "The capital of France is a city that");
+    let mut req = GenerationRequest::new(p.clone(), 3, SamplingParams::greedy());
+    req.n = 4;
+    let outs = run(&h, req);
+    assert_eq!(outs.len(), 4);
+    assert!(outs.iter().all(|o| o.tokens == outs[0].tokens && o.completion_tokens == 3), "{outs:?}");
+    let alone = run(&h, GenerationRequest::new(p.clone(), 3, SamplingParams::greedy())).remove(0);
+    assert_eq!(outs[0].tokens, alone.tokens);
+    // 4 × (prompt + 2 decode tokens) without sharing; prompt + 4 × 2 with it; then `alone`.
+    let fed = h.metrics().forward_tokens_total.load(std::sync::atomic::Ordering::Relaxed) as usize;
+    assert_eq!(fed, (p.len() + 4 * 2) + (p.len() + 2));
+}

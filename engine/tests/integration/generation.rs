@@ -251,8 +251,10 @@ fn safetensors_llama_matches_candle_transformers() {
     let dev = Device::Cpu;
     let hd = hidden / heads;
     let mut t: HashMap<String, Tensor> = HashMap::new();
+    let mut seed = 0;
     let mut rand = |name: String, shape: &[usize], scale: f64| {
-        let w = (Tensor::randn(0f32, 1f32, shape, &dev).unwrap() * scale).unwrap();
+        seed += 1;
+        let w = pseudo_random(shape, scale as f32, seed);
         t.insert(name, w.to_dtype(DType::BF16).unwrap());
     };
     rand("model.embed_tokens.weight".into(), &[vocab, hidden], 1.0);
@@ -375,11 +377,12 @@ fn gguf_block_types_match_their_f32_dequantization() {
     ];
     let weights: Vec<Tensor> = shapes
         .iter()
-        .map(|(_, shape, scale)| {
+        .enumerate()
+        .map(|(i, (_, shape, scale))| {
             if *scale == 0.0 {
                 Tensor::ones(shape.as_slice(), candle_core::DType::F32, &dev).unwrap()
             } else {
-                (Tensor::randn(0f32, 1f32, shape.as_slice(), &dev).unwrap() * *scale).unwrap()
+                pseudo_random(shape, *scale as f32, i as u64)
             }
         })
         .collect();
@@ -438,7 +441,25 @@ fn gguf_block_types_match_their_f32_dequantization() {
         let tol = if packed { 0.05 } else { 1e-4 };
         eprintln!("{dtype:?}: max |diff| {max:.5} of logits up to {scale:.3}");
         assert!(max <= tol * scale, "{dtype:?}: max |diff| {max} (logits up to {scale})");
-        assert_eq!(argmax(&lq), argmax(&lf), "{dtype:?}");
+        // A random model's logits are flat: the top token may swap between near-ties under 8-bit
+        // activations, so require it to be a near-top token of the f32 twin.
+        let top = argmax(&lq) as usize;
+        assert!(lf[top] >= lf[argmax(&lf) as usize] - tol as f32 * scale, "{dtype:?}: top token {top}");
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Deterministic pseudo-random weights (uniform, variance `scale²`), so tests built on random
+/// models are the same on every run.
+/// Each `seed` gives its own values (tensors of equal shape must differ).
+fn pseudo_random(shape: &[usize], scale: f32, seed: u64) -> candle_core::Tensor {
+    let n: usize = shape.iter().product();
+    let mut state = 0x9E37_79B9_7F4A_7C15u64 ^ seed.wrapping_mul(0xD1B5_4A32_D192_ED03);
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0) * 1.732 * scale
+        })
+        .collect();
+    candle_core::Tensor::from_vec(v, shape, &candle_core::Device::Cpu).unwrap()
 }
