@@ -192,18 +192,7 @@ impl Sampler {
             probs = p2;
         }
         if p.top_p < 1.0 {
-            // Sort candidates by probability, most likely first, and keep the nucleus.
-            let mut order: Vec<usize> = (0..cand.len()).collect();
-            order.sort_unstable_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(cand[a].cmp(&cand[b])));
-            let mut acc = 0.0;
-            let mut keep = Vec::new();
-            for &i in &order {
-                keep.push(i);
-                acc += probs[i];
-                if acc >= p.top_p * probs.iter().sum::<f32>() {
-                    break;
-                }
-            }
+            let keep = nucleus(&cand, &probs, p.top_p);
             cand = keep.iter().map(|&i| cand[i]).collect();
             probs = keep.iter().map(|&i| probs[i]).collect();
         }
@@ -217,6 +206,37 @@ impl Sampler {
         }
         *cand.last().expect("at least one candidate")
     }
+}
+
+/// Positions (into `cand`/`probs`) of the top-p nucleus: the most likely candidates, most
+/// likely first (ties: lower token id first), up to the first whose cumulative probability
+/// reaches `top_p` of the total. The 256 most likely are selected first (linear time) and
+/// only they are sorted when they already hold that mass, which is the common case; a full
+/// sort of the vocabulary otherwise.
+fn nucleus(cand: &[u32], probs: &[f32], top_p: f32) -> Vec<usize> {
+    let total: f32 = probs.iter().sum();
+    let target = top_p * total;
+    let cmp = |a: &usize, b: &usize| probs[*b].total_cmp(&probs[*a]).then(cand[*a].cmp(&cand[*b]));
+    let mut order: Vec<usize> = (0..cand.len()).collect();
+    const FIRST: usize = 256;
+    if order.len() > FIRST {
+        order.select_nth_unstable_by(FIRST, cmp);
+        let head: f32 = order[..FIRST].iter().map(|&i| probs[i]).sum();
+        if head >= target {
+            order.truncate(FIRST);
+        }
+    }
+    order.sort_unstable_by(cmp);
+    let mut acc = 0.0;
+    let mut keep = Vec::new();
+    for i in order {
+        keep.push(i);
+        acc += probs[i];
+        if acc >= target {
+            break;
+        }
+    }
+    keep
 }
 
 /// Log-probability of `id` under `logits` (for callers that kept the raw logits).
@@ -278,4 +298,69 @@ pub fn random_seed() -> u64 {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
     h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn full_sort_nucleus(cand: &[u32], probs: &[f32], top_p: f32) -> Vec<usize> {
+        let total: f32 = probs.iter().sum();
+        let mut order: Vec<usize> = (0..cand.len()).collect();
+        order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(cand[a].cmp(&cand[b])));
+        let mut acc = 0.0;
+        let mut keep = Vec::new();
+        for i in order {
+            keep.push(i);
+            acc += probs[i];
+            if acc >= top_p * total {
+                break;
+            }
+        }
+        keep
+    }
+
+    #[test]
+    fn nucleus_shortcut_equals_full_sort() {
+        let mut rng = SplitMix64(3);
+        for case in 0..40 {
+            let n = 2000;
+            // Peaked and flat distributions: the shortcut applies to the first, not the second.
+            let sharp = 1.0 + (case % 4) as f32 * 4.0;
+            let logits: Vec<f32> = (0..n).map(|_| rng.next_f32() * sharp).collect();
+            let max = logits.iter().copied().fold(f32::MIN, f32::max);
+            let probs: Vec<f32> = logits.iter().map(|l| (l - max).exp()).collect();
+            let cand: Vec<u32> = (0..n as u32).collect();
+            for top_p in [0.1, 0.5, 0.9, 0.99] {
+                assert_eq!(
+                    nucleus(&cand, &probs, top_p),
+                    full_sort_nucleus(&cand, &probs, top_p),
+                    "case {case} p {top_p}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn greedy_seeded_and_penalties() {
+        let logits = vec![1.0, 3.0, 2.0, 0.5];
+        let mut s = Sampler::new(SamplingParams::greedy(), 1);
+        assert_eq!(s.sample(&mut logits.clone(), &[]).0, 1);
+        // A bias moves the choice; a repetition penalty on token 1 (in the context) too.
+        let mut s = Sampler::new(SamplingParams { logit_bias: vec![(3, 5.0)], ..SamplingParams::greedy() }, 1);
+        assert_eq!(s.sample(&mut logits.clone(), &[]).0, 3);
+        let mut s = Sampler::new(SamplingParams { repetition_penalty: 2.0, ..SamplingParams::greedy() }, 1);
+        assert_eq!(s.sample(&mut logits.clone(), &[1]).0, 2);
+        // Same seed, same draws.
+        let params = SamplingParams { temperature: 1.0, top_p: 0.9, ..SamplingParams::default() };
+        let draws = |seed| {
+            let mut s = Sampler::new(params.clone(), seed);
+            (0..50).map(|_| s.sample(&mut logits.clone(), &[]).0).collect::<Vec<_>>()
+        };
+        assert_eq!(draws(7), draws(7));
+        assert_ne!(draws(7), draws(8));
+        // top_k = 1 is greedy whatever the temperature.
+        let mut s = Sampler::new(SamplingParams { temperature: 1.5, top_k: 1, ..SamplingParams::default() }, 9);
+        assert!((0..20).all(|_| s.sample(&mut logits.clone(), &[]).0 == 1));
+    }
 }
