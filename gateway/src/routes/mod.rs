@@ -4,6 +4,7 @@
 pub mod completions;
 pub mod embeddings;
 pub mod health;
+pub mod metrics;
 pub mod models;
 
 use actix_web::web;
@@ -12,6 +13,7 @@ use actix_web::web;
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(health::health)
         .service(health::ready)
+        .service(metrics::metrics)
         .service(models::list)
         .service(models::get)
         .service(embeddings::create)

@@ -46,11 +46,10 @@ fn unknown_route_is_an_openai_error() {
     assert_openai_error(status, &body, 404);
 }
 
-#[test]
-fn missing_model_stops_the_server_with_the_reason() {
+fn exits_with(extra: &[&str], words: &[&str]) {
     let empty = std::env::temp_dir().join(format!("ragway-empty-models-{}", std::process::id()));
     std::fs::create_dir_all(&empty).unwrap();
-    let mut s = Server::start_with_models(&empty, &["--embedding-model", "nobody/missing-model"]);
+    let mut s = Server::start_with_models(&empty, extra);
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let status = loop {
         if let Some(st) = s.try_wait() {
@@ -62,7 +61,23 @@ fn missing_model_stops_the_server_with_the_reason() {
     assert!(!status.success());
     std::thread::sleep(Duration::from_millis(200));
     let log = s.log.lock().unwrap().join("\n");
-    assert!(log.contains("missing-model") && log.contains("setup-models.sh"), "{log}");
+    assert!(words.iter().all(|w| log.contains(w)), "{words:?} not in:\n{log}");
+}
+
+#[test]
+fn missing_model_stops_the_server_with_the_reason() {
+    // Only the embedding model is missing (the generation model is given by path).
+    let gguf = crate::common::models_dir().join("SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
+    exits_with(
+        &["--embedding-model", "nobody/missing-model", "--generation-model", gguf.to_str().unwrap()],
+        &["missing-model", "setup-models.sh"],
+    );
+    // Only the generation model is missing.
+    let minilm = crate::common::models_dir().join("all-MiniLM-L6-v2");
+    exits_with(
+        &["--embedding-model", minilm.to_str().unwrap(), "--generation-model", "nobody/missing-llm"],
+        &["failed to load the generation model", "missing-llm", "setup-models.sh"],
+    );
 }
 
 #[test]
