@@ -13,7 +13,10 @@ pub async fn health() -> HttpResponse {
 /// Readiness: 200 once the models are loaded, 503 before.
 #[get("/ready")]
 pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
-    let models = json!({ state.settings.embedding_model_id.clone(): state.embedder.get().is_some() });
+    let models = json!({
+        state.settings.embedding_model_id.clone(): state.embedder.get().is_some(),
+        state.settings.generation_model_id.clone(): state.generator.get().is_some(),
+    });
     if state.is_ready() {
         HttpResponse::Ok().json(json!({"status": "ready", "models": models}))
     } else {

@@ -20,6 +20,7 @@ fn health_answers_and_ready_flips_once_loaded() {
     let (status, body) = s.get("/ready");
     assert_eq!(status, 200);
     assert_eq!(body["models"]["all-MiniLM-L6-v2"], true);
+    assert_eq!(body["models"]["SmolLM2-135M-Instruct"], true);
 }
 
 #[test]
