@@ -72,24 +72,14 @@ impl GenerativeModel {
         let content = candle_core::quantized::gguf_file::Content::read(&mut file)
             .map_err(|e| EngineError::InvalidModel { path: path.to_path_buf(), reason: format!("GGUF: {e}") })?;
         let model = Llama::from_gguf(path, &content)?;
+        // tokenizer.json beside the file wins; the special ids come from the GGUF either way.
         let beside = path.with_file_name("tokenizer.json");
-        let mut tokenizer = TextTokenizer::from_gguf(&content).or_else(|e| {
-            if beside.is_file() {
-                let gguf_id = |k: &str| content.metadata.get(k).and_then(|v| v.to_u32().ok());
-                TextTokenizer::from_file(
-                    &beside,
-                    gguf_id("tokenizer.ggml.bos_token_id"),
-                    gguf_id("tokenizer.ggml.eos_token_id"),
-                    false,
-                )
-            } else {
-                Err(e)
-            }
-        })?;
-        if beside.is_file() {
-            let ids = (tokenizer.bos_id, tokenizer.eos_id, tokenizer.add_bos);
-            tokenizer = TextTokenizer::from_file(&beside, ids.0, ids.1, ids.2)?;
-        }
+        let tokenizer = if beside.is_file() {
+            let (bos, eos, add_bos) = TextTokenizer::gguf_specials(&content);
+            TextTokenizer::from_file(&beside, bos, eos, add_bos)?
+        } else {
+            TextTokenizer::from_gguf(&content)?
+        };
         let source =
             template_override.map(str::to_string).or_else(|| model::md_str(&content, "tokenizer.chat_template"));
         let chat_template = compile_template(source, &tokenizer)?;

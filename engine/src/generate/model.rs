@@ -434,8 +434,7 @@ impl Llama {
             starts.push((offset, start, b.tokens.len()));
             offset += b.tokens.len();
         }
-        let positions: Vec<usize> =
-            starts.iter().flat_map(|&(_, start, n)| (start..start + n).collect::<Vec<_>>()).collect();
+        let positions: Vec<usize> = starts.iter().flat_map(|&(_, start, n)| start..start + n).collect();
         // Embeddings.
         s.x.resize(total * cfg.hidden, 0.0);
         let tokens: Vec<u32> = batch.iter().flat_map(|b| b.tokens.iter().copied()).collect();
@@ -617,7 +616,13 @@ fn attention(
     let group = cfg.n_heads / cfg.n_kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
     let optr = SendPtr(out.as_mut_ptr());
-    let tasks: Vec<(usize, usize)> = (0..starts.len()).flat_map(|s| (0..cfg.n_heads).map(move |h| (s, h))).collect();
+    // One task per KV head for a decoding sequence (its query heads share K and V), one per
+    // query head for a prompt chunk.
+    let tasks: Vec<(usize, usize)> = starts
+        .iter()
+        .enumerate()
+        .flat_map(|(s, &(_, _, n))| (0..if n == 1 { cfg.n_kv_heads } else { cfg.n_heads }).map(move |h| (s, h)))
+        .collect();
     let total_new: usize = starts.iter().map(|s| s.2).sum();
     let single = total_new * cfg.n_heads < 64 && starts.iter().all(|s| s.1 + s.2 < 256);
     let run = |&(si, h): &(usize, usize)| {
@@ -628,9 +633,6 @@ fn attention(
         if n == 1 {
             // Decode: task `h` is KV head `h`; its `group` query heads are contiguous rows of
             // Q (row stride hd), so both products run once per KV head, reading K and V once.
-            if h >= cfg.n_kv_heads {
-                return;
-            }
             let g = h;
             let q = &qkv[off * qkv_w + g * group * hd..off * qkv_w + (g + 1) * group * hd];
             let scores = decode_scores(q, kc, g, kv_dim, ctx, hd, scale);

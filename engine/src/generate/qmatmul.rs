@@ -114,14 +114,15 @@ impl QActs {
             *d = scale;
             *s = sum;
         };
-        let it = x.chunks_exact(QK).zip(self.qs.chunks_exact_mut(QK).zip(self.d.iter_mut().zip(self.s.iter_mut())));
         if rows >= 16 {
             x.par_chunks_exact(QK)
                 .zip(self.qs.par_chunks_exact_mut(QK).zip(self.d.par_iter_mut().zip(self.s.par_iter_mut())))
                 .with_min_len(256)
                 .for_each(quantize_block);
         } else {
-            it.for_each(quantize_block);
+            x.chunks_exact(QK)
+                .zip(self.qs.chunks_exact_mut(QK).zip(self.d.iter_mut().zip(self.s.iter_mut())))
+                .for_each(quantize_block);
         }
     }
 

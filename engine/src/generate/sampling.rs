@@ -239,11 +239,6 @@ fn nucleus(cand: &[u32], probs: &[f32], top_p: f32) -> Vec<usize> {
     keep
 }
 
-/// Log-probability of `id` under `logits` (for callers that kept the raw logits).
-pub fn logprob_of(logits: &[f32], id: u32) -> f32 {
-    logits[id as usize] - log_sum_exp(logits)
-}
-
 pub fn argmax(xs: &[f32]) -> u32 {
     let mut best = 0;
     for (i, &v) in xs.iter().enumerate() {

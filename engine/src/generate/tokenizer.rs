@@ -90,13 +90,19 @@ impl TextTokenizer {
         let (specials, plain): (Vec<_>, Vec<_>) = added.into_iter().partition(|a| a.special);
         tk.add_special_tokens(specials).map_err(|e| err(format!("special tokens: {e}")))?;
         tk.add_tokens(plain).map_err(|e| err(format!("added tokens: {e}")))?;
-        let id = |k: &str| md(k).and_then(|v| v.to_u32().ok());
-        let bos_id = id("tokenizer.ggml.bos_token_id");
-        let eos_id = id("tokenizer.ggml.eos_token_id");
-        let add_bos = md("tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()).unwrap_or(false);
+        let (bos_id, eos_id, add_bos) = Self::gguf_specials(content);
+        let eot = md("tokenizer.ggml.eot_token_id").and_then(|v| v.to_u32().ok());
         let mut this = Self { inner: tk, bos_id, eos_id, add_bos, stop_ids: Vec::new() };
-        this.stop_ids = this.end_of_turn_ids(id("tokenizer.ggml.eot_token_id"));
+        this.stop_ids = this.end_of_turn_ids(eot);
         Ok(this)
+    }
+
+    /// BOS id, EOS id and whether BOS starts every prompt, from GGUF metadata.
+    pub fn gguf_specials(content: &Content) -> (Option<u32>, Option<u32>, bool) {
+        let id = |k: &str| content.metadata.get(k).and_then(|v| v.to_u32().ok());
+        let add_bos =
+            content.metadata.get("tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()).unwrap_or(false);
+        (id("tokenizer.ggml.bos_token_id"), id("tokenizer.ggml.eos_token_id"), add_bos)
     }
 
     /// From a `tokenizer.json` plus the special ids the model declares.
@@ -181,28 +187,26 @@ pub struct IncrementalDecoder {
 impl IncrementalDecoder {
     /// Text released by the last token of `ids` (may be empty while bytes are incomplete).
     pub fn step(&mut self, tk: &TextTokenizer, ids: &[u32]) -> Result<String> {
-        let prefix = tk.decode(&ids[self.prefix_offset..self.read_offset])?;
-        let full = tk.decode(&ids[self.prefix_offset..])?;
-        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.is_char_boundary(prefix.len()) {
-            let delta = full[prefix.len()..].to_string();
-            self.prefix_offset = self.read_offset;
-            self.read_offset = ids.len();
-            Ok(delta)
-        } else {
-            Ok(String::new())
-        }
+        self.release(tk, ids, false)
     }
 
     /// Whatever is still held back when the sequence ends (lossy if the bytes never completed).
     pub fn flush(&mut self, tk: &TextTokenizer, ids: &[u32]) -> Result<String> {
+        self.release(tk, ids, true)
+    }
+
+    /// The text `ids` add after what was already released; unless `last`, nothing while it
+    /// ends in an incomplete UTF-8 sequence.
+    fn release(&mut self, tk: &TextTokenizer, ids: &[u32], last: bool) -> Result<String> {
         let prefix = tk.decode(&ids[self.prefix_offset..self.read_offset])?;
         let full = tk.decode(&ids[self.prefix_offset..])?;
-        self.prefix_offset = ids.len();
-        self.read_offset = ids.len();
-        Ok(if full.len() > prefix.len() && full.is_char_boundary(prefix.len()) {
-            full[prefix.len()..].to_string()
+        let complete = last || !full.ends_with('\u{FFFD}');
+        if full.len() > prefix.len() && complete && full.is_char_boundary(prefix.len()) {
+            self.prefix_offset = self.read_offset;
+            self.read_offset = ids.len();
+            Ok(full[prefix.len()..].to_string())
         } else {
-            String::new()
-        })
+            Ok(String::new())
+        }
     }
 }

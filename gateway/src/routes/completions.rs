@@ -338,6 +338,13 @@ fn merge(streams: Vec<GenerationStream>, n: usize) -> Events {
     stream::select_all(parts).boxed()
 }
 
+/// OpenAI's text-completion logprob parts for one token: its text, its logprob, and the
+/// alternatives as `{token: logprob}`.
+fn text_logprob(h: &GenerateHandle, lp: &TokenLogprob) -> (String, f32, Value) {
+    let top: Map<String, Value> = lp.top.iter().map(|&(id, l)| (h.tokenizer().token_text(id), json!(l))).collect();
+    (h.tokenizer().token_text(lp.id), lp.logprob, Value::Object(top))
+}
+
 /// OpenAI's chat logprob entry for one token.
 fn chat_logprob(h: &GenerateHandle, lp: &TokenLogprob) -> Value {
     let entry = |id: u32, logprob: f32| {
@@ -390,11 +397,10 @@ async fn gather(
                     match kind {
                         Kind::Chat => c.chat_logprobs.push(chat_logprob(h, &lp)),
                         Kind::Text => {
-                            c.tokens.push(h.tokenizer().token_text(lp.id));
-                            c.token_logprobs.push(lp.logprob);
-                            let top: Map<String, Value> =
-                                lp.top.iter().map(|&(id, l)| (h.tokenizer().token_text(id), json!(l))).collect();
-                            c.top_logprobs.push(Value::Object(top));
+                            let (token, logprob, top) = text_logprob(h, &lp);
+                            c.tokens.push(token);
+                            c.token_logprobs.push(logprob);
+                            c.top_logprobs.push(top);
                         }
                     }
                 }
@@ -440,7 +446,6 @@ fn sse_body(
     id: String,
     model: String,
     choices: usize,
-    n: usize,
     prompt_tokens: Vec<usize>,
     include_usage: bool,
 ) -> impl Stream<Item = Result<Bytes, actix_web::Error>> {
@@ -462,11 +467,18 @@ fn sse_body(
     }
     let st = St { events, done: 0, completion_tokens: 0, finished: false, started: vec![false; choices] };
     let prompt_total: usize = prompt_tokens.iter().sum();
-    let _ = n;
     stream::unfold(st, move |mut st| {
         let h = h.clone();
         let chunk = chunk.clone();
         async move {
+            // A chat choice's first chunk carries the role, as OpenAI's do.
+            let open_chat_choice = |started: &mut Vec<bool>, index: usize, out: &mut Vec<u8>| {
+                if kind == Kind::Chat && !started[index] {
+                    started[index] = true;
+                    let first = json!({"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null});
+                    out.extend_from_slice(&sse(&chunk(first, include_usage)));
+                }
+            };
             if st.finished {
                 return None;
             }
@@ -479,21 +491,17 @@ fn sse_body(
                 };
                 match ev {
                     GenEvent::Token { index, text, logprob, .. } => {
-                        if kind == Kind::Chat && !st.started[index] {
-                            st.started[index] = true;
-                            let first = json!({"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null});
-                            out.extend_from_slice(&sse(&chunk(first, include_usage)));
-                        }
+                        open_chat_choice(&mut st.started, index, &mut out);
                         if text.is_empty() && logprob.is_none() {
                             continue;
                         }
                         let c = match kind {
                             Kind::Chat => json!({"index": index, "delta": {"content": text},
                                 "logprobs": logprob.map(|lp| json!({"content": [chat_logprob(&h, &lp)]})), "finish_reason": null}),
-                            Kind::Text => json!({"index": index, "text": text, "logprobs": logprob.map(|lp| json!({
-                                "tokens": [h.tokenizer().token_text(lp.id)], "token_logprobs": [lp.logprob],
-                                "top_logprobs": [lp.top.iter().map(|&(id, l)| (h.tokenizer().token_text(id), json!(l))).collect::<Map<String, Value>>()],
-                            })), "finish_reason": null}),
+                            Kind::Text => json!({"index": index, "text": text, "logprobs": logprob.map(|lp| {
+                                let (token, logprob, top) = text_logprob(&h, &lp);
+                                json!({"tokens": [token], "token_logprobs": [logprob], "top_logprobs": [top]})
+                            }), "finish_reason": null}),
                         };
                         out.extend_from_slice(&sse(&chunk(c, include_usage)));
                         break;
@@ -511,11 +519,7 @@ fn sse_body(
                         break;
                     }
                     GenEvent::Done { index, finish_reason, completion_tokens, .. } => {
-                        if kind == Kind::Chat && !st.started[index] {
-                            st.started[index] = true;
-                            let first = json!({"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null});
-                            out.extend_from_slice(&sse(&chunk(first, include_usage)));
-                        }
+                        open_chat_choice(&mut st.started, index, &mut out);
                         st.completion_tokens += completion_tokens;
                         let c = match kind {
                             Kind::Chat => {
@@ -596,7 +600,7 @@ pub async fn chat(state: web::Data<AppState>, body: web::Json<ChatRequest>) -> R
     let model = h.model_id().to_string();
     if req.common.stream.unwrap_or(false) {
         let include_usage = req.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
-        return Ok(sse_response(sse_body(h, events, Kind::Chat, id, model, n, n, vec![prompt_tokens], include_usage)));
+        return Ok(sse_response(sse_body(h, events, Kind::Chat, id, model, n, vec![prompt_tokens], include_usage)));
     }
     let choices = gather(&h, events, n, Kind::Chat, None, n).await?;
     let usage = usage(&choices, n);
@@ -644,7 +648,7 @@ pub async fn completions(
     let model = h.model_id().to_string();
     if req.common.stream.unwrap_or(false) {
         let include_usage = req.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
-        return Ok(sse_response(sse_body(h, events, Kind::Text, id, model, total, n, prompt_tokens, include_usage)));
+        return Ok(sse_response(sse_body(h, events, Kind::Text, id, model, total, prompt_tokens, include_usage)));
     }
     let choices = gather(&h, events, total, Kind::Text, echo_texts.as_deref(), n).await?;
     let usage = usage(&choices, n);
