@@ -1,2 +1,27 @@
-//! ragway-index: collections of chunks, dense (HNSW) + keyword (BM25) search, fusion, durable storage.
-//! Built by the hybrid-index issue; nothing is exported yet.
+//! # ragway-index
+//!
+//! ragway's vector store: collections of chunked documents searchable by meaning (HNSW over
+//! embeddings, hnsw_rs) and by words (BM25, tantivy), fused into one ranking; durable
+//! through a write-ahead log that both indexes are derived from; fed by bulk ingestion
+//! jobs. No HTTP here: the gateway exposes [`IndexService`].
+
+pub mod chunker;
+pub mod collection;
+pub mod dense;
+pub mod embedder;
+pub mod error;
+pub mod filter;
+pub mod fusion;
+pub mod ingest;
+pub mod jobs;
+pub mod keyword;
+pub mod service;
+pub mod types;
+pub mod wal;
+
+pub use collection::Collection;
+pub use embedder::{ChunkEmbedder, LocalEmbedder};
+pub use error::{IndexError, Result};
+pub use filter::Filter;
+pub use service::{IndexService, ServiceOptions};
+pub use types::*;

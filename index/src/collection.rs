@@ -1,0 +1,926 @@
+//! A collection: the log (source of truth), the chunk table in memory, and the two derived
+//! indexes — the HNSW graph and the tantivy index.
+//!
+//! ## Consistency
+//! A write is appended to the log and fsynced, then applied to the table, the graph and
+//! the tantivy writer, all under the collection's writer lock, and only then acknowledged.
+//! What searches see is pinned to a log sequence number `V`: the last tantivy commit (its
+//! payload). A chunk is visible when it was added at or before `V` and not removed at or
+//! before `V`. The keyword half searches the commit `V` itself, which holds exactly those
+//! chunks; the dense half filters graph hits on the same rule. So the halves never disagree
+//! about which chunks exist, an upsert swaps a document's chunks atomically, and a commit
+//! makes a whole batch visible at once.
+//!
+//! Removed chunks stay in the table until `V` passes their removal, then leave it; their
+//! graph points stay (hnsw_rs cannot delete) and are filtered out until a rebuild
+//! ([`Collection::compact`]) builds a fresh graph and rewrites the log with live documents.
+//! On open, the log is replayed into the table, the graph is built from it, and tantivy gets
+//! the records after its last commit's sequence number.
+
+use crate::chunker::{chunk_text, ChunkSpan};
+use crate::dense::{exact_search, DenseIndex};
+use crate::embedder::ChunkEmbedder;
+use crate::error::{IndexError, Result};
+use crate::filter::Filter;
+use crate::fusion::{fuse, Fused, SourceHit};
+use crate::keyword::{KeywordChunk, KeywordIndex};
+use crate::types::*;
+use crate::wal::{self, ChunkRecord, DocRecord, Record, Wal};
+use rayon::prelude::*;
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+/// Longest document id accepted.
+pub const MAX_ID_BYTES: usize = 512;
+/// A filter matching at most this many chunks is served by an exact scan.
+const EXACT_SCAN_MAX: usize = 4096;
+const NOT_REMOVED: u64 = u64::MAX;
+
+/// One version of a document.
+pub(crate) struct DocEntry {
+    id: String,
+    title: Option<String>,
+    text: String,
+    metadata: serde_json::Value,
+    hash: u64,
+    chunks: Vec<ChunkRecord>,
+}
+
+struct ChunkEntry {
+    doc: Arc<DocEntry>,
+    index: u32,
+    vector: Box<[f32]>,
+    added: u64,
+    removed: u64,
+}
+
+impl ChunkEntry {
+    fn visible(&self, v: u64) -> bool {
+        self.added <= v && self.removed > v
+    }
+
+    fn text(&self) -> &str {
+        let r = &self.doc.chunks[self.index as usize];
+        &self.doc.text[r.byte_start as usize..r.byte_end as usize]
+    }
+}
+
+#[derive(Default)]
+struct Table {
+    docs: HashMap<String, Arc<DocEntry>>,
+    chunks: HashMap<u64, ChunkEntry>,
+    /// Removed chunks still in `chunks`, with their removal sequence number.
+    garbage: Vec<(u64, u64)>,
+    /// Graph points whose chunk is gone.
+    dead_points: usize,
+}
+
+impl Table {
+    /// Applies a logged upsert; returns the keys of chunks it removed.
+    fn upsert(&mut self, seq: u64, docs: &[DocRecord], vectors: &[f32], dim: usize) {
+        let mut offset = 0;
+        for d in docs {
+            if let Some(old) = self.docs.get(&d.id).cloned() {
+                for c in &old.chunks {
+                    self.mark_removed(c.key, seq);
+                }
+            }
+            let entry = Arc::new(DocEntry {
+                id: d.id.clone(),
+                title: d.title.clone(),
+                text: d.text.clone(),
+                metadata: d.metadata.clone(),
+                hash: d.hash,
+                chunks: d.chunks.clone(),
+            });
+            for (i, c) in d.chunks.iter().enumerate() {
+                let vector = vectors[offset..offset + dim].to_vec().into_boxed_slice();
+                offset += dim;
+                self.chunks.insert(
+                    c.key,
+                    ChunkEntry { doc: entry.clone(), index: i as u32, vector, added: seq, removed: NOT_REMOVED },
+                );
+            }
+            self.docs.insert(d.id.clone(), entry);
+        }
+    }
+
+    fn delete(&mut self, seq: u64, ids: &[String]) {
+        for id in ids {
+            if let Some(old) = self.docs.remove(id) {
+                for c in &old.chunks {
+                    self.mark_removed(c.key, seq);
+                }
+            }
+        }
+    }
+
+    fn mark_removed(&mut self, key: u64, seq: u64) {
+        if let Some(c) = self.chunks.get_mut(&key) {
+            if c.removed == NOT_REMOVED {
+                c.removed = seq;
+                self.garbage.push((key, seq));
+            }
+        }
+    }
+
+    /// Drops removed chunks that no search can see any more.
+    fn collect(&mut self, visible: u64) {
+        let mut kept = Vec::new();
+        for (key, removed) in std::mem::take(&mut self.garbage) {
+            if removed <= visible {
+                self.chunks.remove(&key);
+                self.dead_points += 1;
+            } else {
+                kept.push((key, removed));
+            }
+        }
+        self.garbage = kept;
+    }
+
+    fn live_chunks(&self) -> usize {
+        self.chunks.len() - self.garbage.len()
+    }
+}
+
+struct Writer {
+    wal: Wal,
+    next_seq: u64,
+    next_key: u64,
+}
+
+/// A document chunked and ready to embed.
+pub struct ChunkedDoc {
+    pub input: DocumentInput,
+    pub hash: u64,
+    pub spans: Vec<ChunkSpan>,
+    /// Embedding inputs, one per span (title tokens in front when configured).
+    pub embed_inputs: Vec<Vec<u32>>,
+}
+
+/// A document with its chunks' vectors.
+pub struct PreparedDoc {
+    pub chunked: ChunkedDoc,
+    pub vectors: Vec<Vec<f32>>,
+}
+
+pub struct Collection {
+    settings: CollectionSettings,
+    dir: PathBuf,
+    embedder: Arc<dyn ChunkEmbedder>,
+    writer: Mutex<Writer>,
+    table: RwLock<Table>,
+    dense: RwLock<Arc<DenseIndex>>,
+    keyword: KeywordIndex,
+    /// Serializes commits (waiters of one commit share it).
+    commit_lock: Mutex<()>,
+    rebuilding: AtomicBool,
+}
+
+impl Collection {
+    /// Creates a collection directory with its settings.
+    pub fn create(dir: &Path, settings: CollectionSettings, embedder: Arc<dyn ChunkEmbedder>) -> Result<Collection> {
+        std::fs::create_dir_all(dir)?;
+        wal::write_atomic(&dir.join("settings.json"), &serde_json::to_vec_pretty(&settings)?)?;
+        Self::open(dir, embedder)
+    }
+
+    /// Opens a collection: replays its log, builds the graph, brings tantivy up to date.
+    pub fn open(dir: &Path, embedder: Arc<dyn ChunkEmbedder>) -> Result<Collection> {
+        let settings: CollectionSettings = serde_json::from_slice(&std::fs::read(dir.join("settings.json"))?)?;
+        if embedder.dim() != settings.dimension {
+            return Err(IndexError::Corrupt(format!(
+                "collection `{}` holds {}-d vectors but model `{}` makes {}-d ones",
+                settings.name,
+                settings.dimension,
+                embedder.model_id(),
+                embedder.dim()
+            )));
+        }
+        let started = std::time::Instant::now();
+        let keyword = match KeywordIndex::open(&dir.join("keyword")) {
+            Ok(k) => k,
+            Err(e) => {
+                // Derived data: rebuild it from the log.
+                tracing::warn!(collection = %settings.name, error = %e, "keyword index unreadable; rebuilding it from the log");
+                std::fs::remove_dir_all(dir.join("keyword"))?;
+                KeywordIndex::open(&dir.join("keyword"))?
+            }
+        };
+        let keyword_seq = keyword.snapshot().seq;
+        let dim = settings.dimension;
+        let mut table = Table::default();
+        let (mut next_seq, mut next_key) = (1u64, 0u64);
+        let mut replayed = 0usize;
+        let wal = Wal::open(&dir.join("log.wal"), |record| {
+            let seq = record.seq();
+            next_seq = next_seq.max(seq + 1);
+            match &record {
+                Record::Upsert { docs, vectors, .. } => {
+                    table.upsert(seq, docs, vectors, dim);
+                    for d in docs {
+                        for c in &d.chunks {
+                            next_key = next_key.max(c.key + 1);
+                        }
+                    }
+                    if seq > keyword_seq {
+                        apply_keyword(&keyword, seq, docs)?;
+                        replayed += 1;
+                    }
+                }
+                Record::Delete { ids, .. } => {
+                    table.delete(seq, ids);
+                    if seq > keyword_seq {
+                        let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+                        keyword.apply(seq, &refs, &[])?;
+                        replayed += 1;
+                    }
+                }
+                Record::Checkpoint { next_key: k, .. } => next_key = next_key.max(*k),
+            }
+            Ok(())
+        })?;
+        // After the replay everything is committed below, so nothing removed stays visible.
+        table.collect(u64::MAX);
+        table.dead_points = 0;
+        let dense = DenseIndex::new(settings.hnsw, settings.distance, table.chunks.len());
+        let items: Vec<(&[f32], usize)> = table.chunks.iter().map(|(k, c)| (&*c.vector, *k as usize)).collect();
+        dense.insert(&items);
+        drop(items);
+        let collection = Collection {
+            dir: dir.to_path_buf(),
+            embedder,
+            writer: Mutex::new(Writer { wal, next_seq, next_key }),
+            table: RwLock::new(table),
+            dense: RwLock::new(Arc::new(dense)),
+            keyword,
+            commit_lock: Mutex::new(()),
+            rebuilding: AtomicBool::new(false),
+            settings,
+        };
+        // Records that touched nothing in tantivy still count as seen.
+        collection.keyword.skip(next_seq - 1);
+        collection.commit()?;
+        tracing::info!(
+            collection = %collection.settings.name,
+            documents = collection.table.read().expect("table").docs.len(),
+            chunks = collection.table.read().expect("table").chunks.len(),
+            keyword_replayed_records = replayed,
+            seconds = started.elapsed().as_secs_f32(),
+            "collection opened"
+        );
+        Ok(collection)
+    }
+
+    pub fn settings(&self) -> &CollectionSettings {
+        &self.settings
+    }
+
+    pub fn name(&self) -> &str {
+        &self.settings.name
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn embedder(&self) -> &Arc<dyn ChunkEmbedder> {
+        &self.embedder
+    }
+
+    /// Token budget of one chunk.
+    fn chunk_budget(&self) -> usize {
+        let model_max = self.embedder.max_input_tokens();
+        self.settings.chunking.max_tokens.unwrap_or(model_max).min(model_max)
+    }
+
+    /// Validates a document and chunks it (tokenizing once).
+    pub fn chunk(&self, input: DocumentInput) -> Result<ChunkedDoc> {
+        let hash = doc_hash(&input);
+        let budget = self.chunk_budget();
+        let tokenizer = self.embedder.tokenizer();
+        let title_ids: Vec<u32> = match (&input.title, self.settings.chunking.embed_title) {
+            (Some(t), true) if !t.trim().is_empty() => tokenizer
+                .encode(t.as_str(), false)
+                .map_err(|e| IndexError::Internal(format!("tokenizer: {e}")))?
+                .get_ids()
+                .to_vec(),
+            _ => Vec::new(),
+        };
+        // The title takes its share of the budget, but never more than half of it.
+        let title_ids = &title_ids[..title_ids.len().min(budget / 2)];
+        let text_budget = budget - title_ids.len();
+        let overlap = self.settings.chunking.overlap_tokens.min(text_budget / 2);
+        let mut spans = chunk_text(tokenizer, &input.text, text_budget, overlap)?;
+        if spans.is_empty() && !title_ids.is_empty() {
+            // A document with a title and no text: one empty chunk, embedded from the title.
+            spans.push(ChunkSpan { byte_start: 0, byte_end: 0, char_start: 0, char_end: 0, token_ids: Vec::new() });
+        }
+        let embed_inputs = spans.iter().map(|s| [title_ids, &s.token_ids[..]].concat()).collect();
+        Ok(ChunkedDoc { input, hash, spans, embed_inputs })
+    }
+
+    /// Embeds chunked documents (in batches of `batch` inputs).
+    pub fn embed(&self, docs: Vec<ChunkedDoc>, batch: usize) -> Result<Vec<PreparedDoc>> {
+        let inputs: Vec<Vec<u32>> = docs.iter().flat_map(|d| d.embed_inputs.iter().cloned()).collect();
+        let mut vectors = Vec::with_capacity(inputs.len());
+        let mut inputs = inputs.into_iter().peekable();
+        while inputs.peek().is_some() {
+            let part: Vec<Vec<u32>> = inputs.by_ref().take(batch.max(1)).collect();
+            vectors.extend(self.embedder.embed_ids(part)?);
+        }
+        let mut vectors = vectors.into_iter();
+        Ok(docs
+            .into_iter()
+            .map(|chunked| {
+                let n = chunked.spans.len();
+                PreparedDoc { chunked, vectors: vectors.by_ref().take(n).collect() }
+            })
+            .collect())
+    }
+
+    /// True when the stored version of `id` has this hash (an upsert would change nothing).
+    pub fn is_unchanged(&self, id: &str, hash: u64) -> bool {
+        self.table.read().expect("table").docs.get(id).is_some_and(|d| d.hash == hash)
+    }
+
+    /// Upserts documents end to end: validate, skip unchanged ones, chunk, embed, write.
+    /// With `wait`, returns once the write is searchable (it is durable either way).
+    pub fn upsert(&self, docs: Vec<DocumentInput>, wait: bool) -> Result<WriteResult> {
+        validate_batch(&docs)?;
+        let mut unchanged = 0;
+        let fresh: Vec<DocumentInput> = docs
+            .into_iter()
+            .filter(|d| {
+                let same = self.is_unchanged(&d.id, doc_hash(d));
+                unchanged += same as usize;
+                !same
+            })
+            .collect();
+        let chunked = fresh.into_par_iter().map(|d| self.chunk(d)).collect::<Result<Vec<_>>>()?;
+        let prepared = self.embed(chunked, 256)?;
+        let mut result = self.write(prepared)?;
+        result.unchanged += unchanged;
+        if wait && result.seq > 0 {
+            self.wait_visible(result.seq)?;
+        }
+        Ok(result)
+    }
+
+    /// Writes embedded documents as one log record. Documents whose stored version has the
+    /// same hash are skipped (re-running an ingestion changes nothing).
+    pub fn write(&self, docs: Vec<PreparedDoc>) -> Result<WriteResult> {
+        let dim = self.settings.dimension;
+        let mut writer = self.writer.lock().expect("writer lock");
+        let mut result = WriteResult::default();
+        let mut records = Vec::with_capacity(docs.len());
+        let mut flat: Vec<f32> = Vec::new();
+        // Within one batch the last version of a document wins (as if written in order).
+        let mut last: HashMap<String, usize> = HashMap::new();
+        for (i, d) in docs.iter().enumerate() {
+            last.insert(d.chunked.input.id.clone(), i);
+        }
+        for (i, doc) in docs.into_iter().enumerate() {
+            let input = doc.chunked.input;
+            if last[&input.id] != i {
+                result.upserted += 1;
+                continue;
+            }
+            if self.is_unchanged(&input.id, doc.chunked.hash) {
+                result.unchanged += 1;
+                continue;
+            }
+            if doc.vectors.len() != doc.chunked.spans.len() {
+                return Err(IndexError::Internal(format!(
+                    "{} vectors for {} chunks of `{}`",
+                    doc.vectors.len(),
+                    doc.chunked.spans.len(),
+                    input.id
+                )));
+            }
+            let mut chunks = Vec::with_capacity(doc.chunked.spans.len());
+            for (span, mut vector) in doc.chunked.spans.iter().zip(doc.vectors) {
+                if vector.len() != dim {
+                    return Err(IndexError::Internal(format!("embedding has {} dimensions, expected {dim}", vector.len())));
+                }
+                self.settings.distance.prepare(&mut vector);
+                flat.extend_from_slice(&vector);
+                chunks.push(ChunkRecord {
+                    key: writer.next_key,
+                    byte_start: span.byte_start as u32,
+                    byte_end: span.byte_end as u32,
+                    char_start: span.char_start as u32,
+                    char_end: span.char_end as u32,
+                    tokens: doc.chunked.embed_inputs.get(chunks.len()).map_or(0, |t| t.len() as u32),
+                });
+                writer.next_key += 1;
+            }
+            result.chunks += chunks.len();
+            records.push(DocRecord {
+                id: input.id,
+                title: input.title,
+                text: input.text,
+                metadata: input.metadata.unwrap_or(serde_json::Value::Null),
+                hash: doc.chunked.hash,
+                chunks,
+            });
+        }
+        if records.is_empty() {
+            return Ok(result);
+        }
+        result.upserted += records.len();
+        let seq = writer.next_seq;
+        let record = Record::Upsert { seq, docs: records, vectors: flat };
+        writer.wal.append(&record)?;
+        writer.next_seq += 1;
+        let Record::Upsert { docs, vectors, .. } = record else { unreachable!() };
+        self.table.write().expect("table").upsert(seq, &docs, &vectors, dim);
+        let items: Vec<(&[f32], usize)> = docs
+            .iter()
+            .flat_map(|d| d.chunks.iter())
+            .zip(vectors.chunks_exact(dim))
+            .map(|(c, v)| (v, c.key as usize))
+            .collect();
+        self.dense.read().expect("dense").insert(&items);
+        apply_keyword(&self.keyword, seq, &docs)?;
+        result.seq = seq;
+        Ok(result)
+    }
+
+    /// Deletes documents by id; ids that do not exist are ignored (counted out).
+    pub fn delete(&self, ids: &[String], wait: bool) -> Result<WriteResult> {
+        let mut writer = self.writer.lock().expect("writer lock");
+        let present: Vec<String> = {
+            let table = self.table.read().expect("table");
+            let mut seen = HashSet::new();
+            ids.iter().filter(|id| table.docs.contains_key(*id) && seen.insert(*id)).cloned().collect()
+        };
+        if present.is_empty() {
+            return Ok(WriteResult::default());
+        }
+        let seq = writer.next_seq;
+        writer.wal.append(&Record::Delete { seq, ids: present.clone() })?;
+        writer.next_seq += 1;
+        self.table.write().expect("table").delete(seq, &present);
+        let refs: Vec<&str> = present.iter().map(String::as_str).collect();
+        self.keyword.apply(seq, &refs, &[])?;
+        drop(writer);
+        if wait {
+            self.wait_visible(seq)?;
+        }
+        Ok(WriteResult { deleted: present.len(), seq, ..Default::default() })
+    }
+
+    /// Deletes every document whose metadata matches `filter`.
+    pub fn delete_where(&self, filter: &Filter, wait: bool) -> Result<WriteResult> {
+        let ids: Vec<String> = {
+            let table = self.table.read().expect("table");
+            table.docs.values().filter(|d| filter.matches(&d.id, &d.metadata)).map(|d| d.id.clone()).collect()
+        };
+        self.delete(&ids, wait)
+    }
+
+    /// Makes everything written so far searchable; returns the visible sequence number.
+    pub fn commit(&self) -> Result<u64> {
+        let _guard = self.commit_lock.lock().expect("commit lock");
+        let v = self.keyword.commit()?;
+        self.table.write().expect("table").collect(v);
+        Ok(v)
+    }
+
+    /// Returns once log record `seq` is searchable (committing if nobody has).
+    pub fn wait_visible(&self, seq: u64) -> Result<()> {
+        if self.keyword.snapshot().seq >= seq {
+            return Ok(());
+        }
+        // Waiters queue on the commit lock; one commit covers all of them.
+        let _guard = self.commit_lock.lock().expect("commit lock");
+        if self.keyword.snapshot().seq >= seq {
+            return Ok(());
+        }
+        let v = self.keyword.commit()?;
+        self.table.write().expect("table").collect(v);
+        Ok(())
+    }
+
+    /// True when a write is not yet searchable.
+    pub fn has_pending(&self) -> bool {
+        self.keyword.pending_seq() > self.keyword.snapshot().seq
+    }
+
+    /// True when deleted points make up enough of the graph to rebuild it.
+    pub fn needs_compaction(&self) -> bool {
+        let table = self.table.read().expect("table");
+        let points = self.dense.read().expect("dense").len();
+        table.dead_points >= 1000 && table.dead_points * 4 >= points
+    }
+
+    pub fn get(&self, id: &str) -> Result<DocumentView> {
+        let table = self.table.read().expect("table");
+        let d = table.docs.get(id).ok_or_else(|| IndexError::DocumentNotFound {
+            collection: self.settings.name.clone(),
+            id: id.to_string(),
+        })?;
+        Ok(DocumentView {
+            id: d.id.clone(),
+            title: d.title.clone(),
+            text: d.text.clone(),
+            metadata: d.metadata.clone(),
+            chunks: d
+                .chunks
+                .iter()
+                .enumerate()
+                .map(|(i, c)| ChunkView {
+                    chunk_id: chunk_id(&d.id, i),
+                    char_start: c.char_start,
+                    char_end: c.char_end,
+                    tokens: c.tokens,
+                })
+                .collect(),
+        })
+    }
+
+    /// Hybrid, dense or keyword search (blocking: call it off the async workers).
+    pub fn search(&self, req: &SearchRequest) -> Result<SearchResponse> {
+        if req.top_k == 0 {
+            return Err(IndexError::invalid("top_k", "top_k must be at least 1"));
+        }
+        if req.query.trim().is_empty() && req.vector.is_none() {
+            return Err(IndexError::invalid("query", "query must not be empty"));
+        }
+        let fusion = req.fusion.unwrap_or(self.settings.fusion);
+        let candidates = req.candidates.unwrap_or((req.top_k * 2).max(50)).max(req.top_k);
+        let query_vector = match (req.mode, &req.vector) {
+            (SearchMode::Keyword, _) => None,
+            (_, Some(v)) => {
+                if v.len() != self.settings.dimension {
+                    return Err(IndexError::invalid(
+                        "vector",
+                        format!("vector has {} dimensions; the collection's have {}", v.len(), self.settings.dimension),
+                    ));
+                }
+                let mut v = v.clone();
+                self.settings.distance.prepare(&mut v);
+                Some(v)
+            }
+            (_, None) => {
+                let mut v = self.embedder.embed_query(&req.query)?;
+                self.settings.distance.prepare(&mut v);
+                Some(v)
+            }
+        };
+        let snapshot = self.keyword.snapshot();
+        let v = snapshot.seq;
+        let table = self.table.read().expect("table");
+        // Chunks the filter allows (visible ones only), computed once for both halves.
+        let allowed: Option<Arc<HashSet<u64>>> = req.filter.as_ref().map(|f| {
+            let mut last: Option<(*const DocEntry, bool)> = None;
+            let set = table
+                .chunks
+                .iter()
+                .filter(|(_, c)| c.visible(v))
+                .filter(|(_, c)| {
+                    let ptr = Arc::as_ptr(&c.doc);
+                    match last {
+                        Some((p, m)) if p == ptr => m,
+                        _ => {
+                            let m = f.matches(&c.doc.id, &c.doc.metadata);
+                            last = Some((ptr, m));
+                            m
+                        }
+                    }
+                })
+                .map(|(k, _)| *k)
+                .collect();
+            Arc::new(set)
+        });
+        let mut dense_exact = false;
+        let dense_hits = match &query_vector {
+            None => Vec::new(),
+            Some(q) => {
+                let distance = self.settings.distance;
+                let exact = |keys: &mut dyn Iterator<Item = u64>| {
+                    exact_search(distance, q, keys.filter_map(|k| table.chunks.get(&k).map(|c| (k, &*c.vector))), candidates)
+                };
+                match &allowed {
+                    Some(set) if set.len() <= EXACT_SCAN_MAX => {
+                        dense_exact = true;
+                        exact(&mut set.iter().copied())
+                    }
+                    _ => {
+                        let graph = self.dense.read().expect("dense").clone();
+                        let ef = req.ef.unwrap_or(self.settings.hnsw.ef).max(candidates);
+                        let keep = |id: usize| {
+                            let key = id as u64;
+                            match &allowed {
+                                Some(set) => set.contains(&key),
+                                None => table.chunks.get(&key).is_some_and(|c| c.visible(v)),
+                            }
+                        };
+                        let hits = graph.search(q, candidates, ef, &keep);
+                        let available = match &allowed {
+                            Some(set) => set.len(),
+                            None => table.chunks.values().filter(|c| c.visible(v)).count(),
+                        };
+                        if hits.len() < candidates.min(available) {
+                            // The filter or tombstones starved the graph walk: never return
+                            // fewer results than exist.
+                            dense_exact = true;
+                            match &allowed {
+                                Some(set) => exact(&mut set.iter().copied()),
+                                None => exact(&mut table.chunks.iter().filter(|(_, c)| c.visible(v)).map(|(k, _)| *k)),
+                            }
+                        } else {
+                            hits
+                        }
+                    }
+                }
+            }
+        };
+        let keyword_hits = if req.mode == SearchMode::Dense {
+            Vec::new()
+        } else {
+            let allow = allowed.clone().map(|set| Arc::new(move |k: u64| set.contains(&k)) as Arc<dyn Fn(u64) -> bool + Send + Sync>);
+            self.keyword.search(&snapshot, &req.query, candidates, self.settings.keyword.title_boost, allow)?
+        };
+        // Drop hits whose chunk left the table since the snapshot was taken (a rare race).
+        let present = |hits: Vec<(u64, f32)>| -> Vec<(u64, f32)> {
+            hits.into_iter().filter(|(k, _)| table.chunks.contains_key(k)).collect()
+        };
+        let (dense_hits, keyword_hits) = (present(dense_hits), present(keyword_hits));
+        // With grouping, each half ranks documents (by their best chunk) before fusion; a
+        // document is represented by its first chunk's key.
+        let group_key = |k: u64| table.chunks[&k].doc.chunks[0].key;
+        let (dense_list, keyword_list, best_chunk) = if req.group_by_document {
+            let mut best: HashMap<u64, u64> = HashMap::new();
+            let mut collapse = |hits: &[(u64, f32)]| {
+                let mut seen = HashSet::new();
+                let mut out = Vec::new();
+                for &(k, s) in hits {
+                    let g = group_key(k);
+                    if seen.insert(g) {
+                        best.entry(g).or_insert(k);
+                        out.push((g, s));
+                    }
+                }
+                out
+            };
+            let d = collapse(&dense_hits);
+            let kw = collapse(&keyword_hits);
+            (d, kw, Some(best))
+        } else {
+            (dense_hits, keyword_hits, None)
+        };
+        let fused: Vec<Fused> = match req.mode {
+            SearchMode::Hybrid => fuse(&fusion, &dense_list, &keyword_list),
+            SearchMode::Dense => single(&dense_list, true),
+            SearchMode::Keyword => single(&keyword_list, false),
+        };
+        let results = fused
+            .into_iter()
+            .take(req.top_k)
+            .map(|f| {
+                let key = best_chunk.as_ref().map_or(f.id, |b| b[&f.id]);
+                let c = &table.chunks[&key];
+                let r = &c.doc.chunks[c.index as usize];
+                SearchHit {
+                    chunk_id: chunk_id(&c.doc.id, c.index as usize),
+                    document_id: c.doc.id.clone(),
+                    chunk_index: c.index,
+                    text: c.text().to_string(),
+                    title: c.doc.title.clone(),
+                    score: f.score,
+                    metadata: c.doc.metadata.clone(),
+                    char_start: r.char_start,
+                    char_end: r.char_end,
+                    dense: f.dense,
+                    keyword: f.keyword,
+                }
+            })
+            .collect();
+        Ok(SearchResponse { results, mode: req.mode, dense_exact })
+    }
+
+    /// Counts, sizes and state.
+    pub fn info(&self) -> CollectionInfo {
+        let last_seq = self.writer.lock().expect("writer lock").next_seq - 1;
+        let snapshot = self.keyword.snapshot();
+        let table = self.table.read().expect("table");
+        let dense_points = self.dense.read().expect("dense").len();
+        let dim = self.settings.dimension;
+        let text_bytes: usize = table.docs.values().map(|d| d.text.len() + d.id.len() + 64).sum();
+        let chunk_bytes = table.chunks.len() * (dim * 4 + 96);
+        // hnsw_rs keeps its own copy of each vector plus ~2·M links of 16 bytes at layer 0.
+        let graph_bytes = dense_points * (dim * 4 + self.settings.hnsw.m * 2 * 16 + 128);
+        let state = if self.rebuilding.load(Ordering::Relaxed) {
+            "rebuilding"
+        } else if snapshot.seq < last_seq {
+            "indexing"
+        } else {
+            "ready"
+        };
+        CollectionInfo {
+            settings: self.settings.clone(),
+            documents: table.docs.len(),
+            chunks: table.live_chunks(),
+            dense_points,
+            keyword_chunks: KeywordIndex::num_chunks(&snapshot),
+            last_seq,
+            visible_seq: snapshot.seq,
+            disk_bytes: dir_size(&self.dir),
+            memory_bytes: (text_bytes + chunk_bytes + graph_bytes) as u64,
+            state,
+        }
+    }
+
+    /// Consistency check used by tests and `ragway check`: the keys each half can return
+    /// under the current snapshot, and the table's visible keys.
+    pub fn visible_keys(&self) -> Result<(Vec<u64>, Vec<u64>, Vec<u64>)> {
+        let snapshot = self.keyword.snapshot();
+        let table = self.table.read().expect("table");
+        let mut visible: Vec<u64> = table.chunks.iter().filter(|(_, c)| c.visible(snapshot.seq)).map(|(k, _)| *k).collect();
+        visible.sort_unstable();
+        let graph = self.dense.read().expect("dense").clone();
+        let mut in_graph: Vec<u64> = visible
+            .iter()
+            .copied()
+            .filter(|k| graph.search(&table.chunks[k].vector, 1, 16, &|id| id as u64 == *k).len() == 1)
+            .collect();
+        in_graph.sort_unstable();
+        let keyword = self.keyword.all_keys(&snapshot)?;
+        Ok((visible, in_graph, keyword))
+    }
+
+    /// Rebuilds the graph without deleted points and rewrites the log with live documents
+    /// only. Writes wait; searches go on (on the old graph until the swap).
+    pub fn compact(&self) -> Result<()> {
+        let writer = self.writer.lock().expect("writer lock");
+        self.rebuilding.store(true, Ordering::Relaxed);
+        let result = self.compact_locked(&writer);
+        self.rebuilding.store(false, Ordering::Relaxed);
+        let mut writer = writer;
+        if result.is_ok() {
+            // The log file was replaced: reopen it for appends.
+            writer.wal = Wal::open(&self.dir.join("log.wal"), |_| Ok(()))?;
+        }
+        result
+    }
+
+    fn compact_locked(&self, writer: &Writer) -> Result<()> {
+        self.commit()?;
+        let started = std::time::Instant::now();
+        let (records, items_len) = {
+            let table = self.table.read().expect("table");
+            (self.live_records(&table, writer), table.chunks.len())
+        };
+        let fresh = DenseIndex::new(self.settings.hnsw, self.settings.distance, items_len);
+        {
+            let table = self.table.read().expect("table");
+            let items: Vec<(&[f32], usize)> = table.chunks.iter().map(|(k, c)| (&*c.vector, *k as usize)).collect();
+            fresh.insert(&items);
+        }
+        wal::write_log(&self.dir.join("log.wal"), records)?;
+        *self.dense.write().expect("dense") = Arc::new(fresh);
+        self.table.write().expect("table").dead_points = 0;
+        tracing::info!(collection = %self.settings.name, seconds = started.elapsed().as_secs_f32(), "compacted");
+        Ok(())
+    }
+
+    /// The live documents as log records (a checkpoint first), oldest write first.
+    fn live_records(&self, table: &Table, writer: &Writer) -> Vec<Record> {
+        let mut docs: Vec<(&Arc<DocEntry>, u64)> =
+            table.docs.values().map(|d| (d, d.chunks.first().map_or(0, |c| table.chunks[&c.key].added))).collect();
+        docs.sort_by_key(|(d, seq)| (*seq, d.chunks.first().map_or(0, |c| c.key)));
+        let mut out = vec![Record::Checkpoint { seq: writer.next_seq - 1, next_key: writer.next_key }];
+        for (d, seq) in docs {
+            let vectors: Vec<f32> = d.chunks.iter().flat_map(|c| table.chunks[&c.key].vector.iter().copied()).collect();
+            out.push(Record::Upsert {
+                seq: seq.max(1),
+                docs: vec![DocRecord {
+                    id: d.id.clone(),
+                    title: d.title.clone(),
+                    text: d.text.clone(),
+                    metadata: d.metadata.clone(),
+                    hash: d.hash,
+                    chunks: d.chunks.clone(),
+                }],
+                vectors,
+            });
+        }
+        out
+    }
+
+    /// Writes a consistent copy of the collection (settings and a compacted log) to `dest`,
+    /// which must not exist. Restoring it replays the log (see `IndexService::restore`).
+    pub fn snapshot_to(&self, dest: &Path) -> Result<()> {
+        if dest.exists() {
+            return Err(IndexError::invalid("path", format!("{} already exists", dest.display())));
+        }
+        let writer = self.writer.lock().expect("writer lock");
+        self.commit()?;
+        let records = {
+            let table = self.table.read().expect("table");
+            self.live_records(&table, &writer)
+        };
+        std::fs::create_dir_all(dest)?;
+        wal::write_atomic(&dest.join("settings.json"), &serde_json::to_vec_pretty(&self.settings)?)?;
+        wal::write_log(&dest.join("log.wal"), records)?;
+        Ok(())
+    }
+
+    /// Commits and stops the keyword writer (graceful shutdown).
+    pub fn close(self) -> Result<()> {
+        self.commit()?;
+        self.keyword.close()
+    }
+}
+
+fn single(list: &[(u64, f32)], dense: bool) -> Vec<Fused> {
+    list.iter()
+        .enumerate()
+        .map(|(i, &(id, score))| {
+            let hit = Some(SourceHit { rank: i + 1, score });
+            Fused { id, score, dense: if dense { hit } else { None }, keyword: if dense { None } else { hit } }
+        })
+        .collect()
+}
+
+fn apply_keyword(keyword: &KeywordIndex, seq: u64, docs: &[DocRecord]) -> Result<()> {
+    let replaced: Vec<&str> = docs.iter().map(|d| d.id.as_str()).collect();
+    let chunks: Vec<KeywordChunk<'_>> = docs
+        .iter()
+        .flat_map(|d| {
+            d.chunks.iter().map(move |c| KeywordChunk {
+                key: c.key,
+                doc_id: &d.id,
+                title: d.title.as_deref().unwrap_or(""),
+                text: &d.text[c.byte_start as usize..c.byte_end as usize],
+            })
+        })
+        .collect();
+    keyword.apply(seq, &replaced, &chunks)
+}
+
+/// The chunk id clients see: `{document id}#{chunk index}`.
+pub fn chunk_id(doc_id: &str, index: usize) -> String {
+    format!("{doc_id}#{index}")
+}
+
+/// FNV-1a over the document's content: stable across versions and platforms.
+pub fn doc_hash(doc: &DocumentInput) -> u64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    let mut feed = |bytes: &[u8]| {
+        for b in bytes.iter().chain(&[0xff]) {
+            h ^= *b as u64;
+            h = h.wrapping_mul(0x100000001b3);
+        }
+    };
+    feed(doc.title.as_deref().unwrap_or("").as_bytes());
+    feed(doc.text.as_bytes());
+    feed(serde_json::to_string(doc.metadata.as_ref().unwrap_or(&serde_json::Value::Null)).unwrap_or_default().as_bytes());
+    h
+}
+
+/// Checks a batch of documents; errors name the document (`documents[3].id`).
+pub fn validate_batch(docs: &[DocumentInput]) -> Result<()> {
+    let mut seen = HashMap::new();
+    for (i, d) in docs.iter().enumerate() {
+        validate_doc(d, &format!("documents[{i}]"))?;
+        if let Some(j) = seen.insert(d.id.as_str(), i) {
+            return Err(IndexError::invalid(
+                format!("documents[{i}].id"),
+                format!("document id `{}` appears twice in the batch (documents[{j}] and documents[{i}])", d.id),
+            ));
+        }
+    }
+    Ok(())
+}
+
+pub fn validate_doc(d: &DocumentInput, at: &str) -> Result<()> {
+    if d.id.is_empty() || d.id.len() > MAX_ID_BYTES {
+        return Err(IndexError::invalid(format!("{at}.id"), format!("`{at}.id` must be 1 to {MAX_ID_BYTES} bytes")));
+    }
+    if d.text.trim().is_empty() && d.title.as_deref().is_none_or(|t| t.trim().is_empty()) {
+        return Err(IndexError::invalid(format!("{at}.text"), format!("`{at}` has neither text nor title")));
+    }
+    if let Some(m) = &d.metadata {
+        if !m.is_object() && !m.is_null() {
+            return Err(IndexError::invalid(format!("{at}.metadata"), format!("`{at}.metadata` must be an object")));
+        }
+    }
+    Ok(())
+}
+
+fn dir_size(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_size(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}

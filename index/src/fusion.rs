@@ -1,0 +1,121 @@
+//! Fusing the dense and keyword rankings into one.
+//!
+//! - `rrf` (reciprocal rank fusion, Cormack et al. 2009): `score = Σ w_s / (k + rank_s)`
+//!   over the sources that returned the item, ranks starting at 1. Uses ranks only, so the
+//!   two halves' score scales never matter.
+//! - `convex`: min-max normalize each source's scores over its own result list to [0, 1]
+//!   (a list of one, or of equal scores, normalizes to 1), then
+//!   `score = w_dense · dense + w_keyword · keyword`, an absent source contributing 0.
+//!
+//! Ties are broken by the smaller id, so results are deterministic.
+
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FusionMethod {
+    #[default]
+    Rrf,
+    Convex,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FusionParams {
+    pub method: FusionMethod,
+    /// RRF's rank constant.
+    pub rrf_k: f32,
+    pub dense_weight: f32,
+    pub keyword_weight: f32,
+}
+
+impl Default for FusionParams {
+    /// Tuned on SciFact's train split (see docs/benchmarks.md).
+    fn default() -> Self {
+        Self { method: FusionMethod::Rrf, rrf_k: 60.0, dense_weight: 1.0, keyword_weight: 1.0 }
+    }
+}
+
+/// One source's verdict on a fused item: 1-based rank and raw score.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct SourceHit {
+    pub rank: usize,
+    pub score: f32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fused {
+    pub id: u64,
+    pub score: f32,
+    pub dense: Option<SourceHit>,
+    pub keyword: Option<SourceHit>,
+}
+
+/// Fuses two best-first lists of (id, score).
+pub fn fuse(params: &FusionParams, dense: &[(u64, f32)], keyword: &[(u64, f32)]) -> Vec<Fused> {
+    let mut items: HashMap<u64, Fused> = HashMap::with_capacity(dense.len() + keyword.len());
+    let mut add = |list: &[(u64, f32)], is_dense: bool| {
+        let (lo, hi) = list.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), x| (lo.min(x.1), hi.max(x.1)));
+        let weight = if is_dense { params.dense_weight } else { params.keyword_weight };
+        for (i, &(id, score)) in list.iter().enumerate() {
+            let hit = SourceHit { rank: i + 1, score };
+            let entry = items.entry(id).or_insert(Fused { id, score: 0.0, dense: None, keyword: None });
+            let slot = if is_dense { &mut entry.dense } else { &mut entry.keyword };
+            if slot.is_some() {
+                continue; // a source lists an id once; keep its best rank
+            }
+            *slot = Some(hit);
+            entry.score += weight
+                * match params.method {
+                    FusionMethod::Rrf => 1.0 / (params.rrf_k + hit.rank as f32),
+                    FusionMethod::Convex => {
+                        if hi > lo {
+                            (score - lo) / (hi - lo)
+                        } else {
+                            1.0
+                        }
+                    }
+                };
+        }
+    };
+    add(dense, true);
+    add(keyword, false);
+    let mut out: Vec<Fused> = items.into_values().collect();
+    out.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.id.cmp(&b.id)));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rrf_by_hand() {
+        let p = FusionParams { rrf_k: 60.0, ..Default::default() };
+        let out = fuse(&p, &[(1, 0.9), (2, 0.8)], &[(2, 12.0), (3, 5.0)]);
+        let ids: Vec<u64> = out.iter().map(|f| f.id).collect();
+        assert_eq!(ids, vec![2, 1, 3]);
+        assert!((out[0].score - (1.0 / 62.0 + 1.0 / 61.0)).abs() < 1e-7);
+        assert!((out[1].score - 1.0 / 61.0).abs() < 1e-7);
+        assert_eq!(out[0].dense, Some(SourceHit { rank: 2, score: 0.8 }));
+        assert_eq!(out[0].keyword, Some(SourceHit { rank: 1, score: 12.0 }));
+        assert_eq!(out[2].dense, None);
+        // 1 and 3 tie on 1/61 without 2; the smaller id wins.
+        let tie = fuse(&p, &[(3, 0.5)], &[(1, 2.0)]);
+        assert_eq!(tie.iter().map(|f| f.id).collect::<Vec<_>>(), vec![1, 3]);
+    }
+
+    #[test]
+    fn weights_and_convex_combination() {
+        let p = FusionParams { method: FusionMethod::Convex, dense_weight: 0.7, keyword_weight: 0.3, ..Default::default() };
+        let out = fuse(&p, &[(1, 0.9), (2, 0.5), (3, 0.1)], &[(3, 10.0), (1, 0.0)]);
+        let by_id = |id| out.iter().find(|f| f.id == id).unwrap().score;
+        assert!((by_id(1) - 0.7).abs() < 1e-6); // dense 1.0, keyword 0.0
+        assert!((by_id(2) - 0.35).abs() < 1e-6); // dense 0.5
+        assert!((by_id(3) - 0.3).abs() < 1e-6); // dense 0.0, keyword 1.0
+        let dense_only = FusionParams { keyword_weight: 0.0, ..Default::default() };
+        let out = fuse(&dense_only, &[(5, 0.1), (4, 0.05)], &[(4, 9.0)]);
+        assert_eq!(out[0].id, 5);
+    }
+}

@@ -1,0 +1,360 @@
+//! Bulk ingestion: parse → chunk → embed → write, as a pipeline of threads joined by
+//! bounded channels, so that reading, chunking and writing overlap with embedding (the
+//! expensive stage) and memory stays bounded whatever the input size.
+//!
+//! Inputs are streamed: JSONL/NDJSON with `id` (or BEIR's `_id`), `text`, optional `title`
+//! and `metadata`; or a directory of `.txt`/`.md` files (id = relative path). Re-running an
+//! input changes nothing: documents whose content is unchanged are skipped before they are
+//! embedded. Bad records are reported with their line (or file) and skipped, or fail the
+//! job, as `on_error` says — never dropped silently.
+
+use crate::collection::{validate_doc, ChunkedDoc, Collection, PreparedDoc};
+use crate::error::{IndexError, Result};
+use crate::jobs::{Job, RecordError};
+use crate::types::DocumentInput;
+use rayon::prelude::*;
+use serde::Deserialize;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::time::Instant;
+
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// JSONL / NDJSON / BEIR `corpus.jsonl`.
+    Jsonl(PathBuf),
+    /// A directory of `.txt` and `.md` files, walked recursively in name order.
+    Directory(PathBuf),
+}
+
+impl Source {
+    /// A directory becomes a `Directory` source, anything else JSONL.
+    pub fn from_path(path: &Path) -> Source {
+        if path.is_dir() {
+            Source::Directory(path.to_path_buf())
+        } else {
+            Source::Jsonl(path.to_path_buf())
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Source::Jsonl(p) => format!("jsonl:{}", p.display()),
+            Source::Directory(p) => format!("directory:{}", p.display()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnError {
+    /// Report the bad record and go on.
+    #[default]
+    Skip,
+    /// Stop the job at the first bad record.
+    Fail,
+}
+
+#[derive(Debug, Clone)]
+pub struct IngestOptions {
+    pub on_error: OnError,
+    /// Chunks embedded per call to the model.
+    pub embed_batch: usize,
+    /// Documents per parsed batch.
+    pub read_batch: usize,
+}
+
+impl Default for IngestOptions {
+    fn default() -> Self {
+        Self { on_error: OnError::Skip, embed_batch: 256, read_batch: 64 }
+    }
+}
+
+/// One input record, parsed or not.
+enum Item {
+    Doc { at: RecordError, doc: DocumentInput },
+    Bad(RecordError),
+}
+
+#[derive(Deserialize)]
+struct JsonRecord {
+    #[serde(default)]
+    id: Option<serde_json::Value>,
+    #[serde(default, rename = "_id")]
+    beir_id: Option<serde_json::Value>,
+    #[serde(default)]
+    text: Option<String>,
+    #[serde(default)]
+    title: Option<String>,
+    #[serde(default)]
+    metadata: Option<serde_json::Value>,
+}
+
+fn parse_line(line: &str) -> std::result::Result<DocumentInput, String> {
+    let r: JsonRecord = serde_json::from_str(line).map_err(|e| format!("invalid JSON: {e}"))?;
+    let id = match r.id.or(r.beir_id) {
+        Some(serde_json::Value::String(s)) => s,
+        Some(serde_json::Value::Number(n)) => n.to_string(),
+        Some(_) => return Err("`id` must be a string or a number".into()),
+        None => return Err("missing `id` (or `_id`)".into()),
+    };
+    let text = r.text.ok_or("missing `text`")?;
+    // BEIR corpora carry `"metadata": {}`; an empty title is no title.
+    let metadata = match r.metadata {
+        Some(serde_json::Value::Object(m)) if m.is_empty() => None,
+        other => other,
+    };
+    let title = r.title.filter(|t| !t.trim().is_empty());
+    Ok(DocumentInput { id, text, title, metadata })
+}
+
+/// Reads the source into batches of items; counts bytes for progress.
+fn read_source(source: Source, job: &Job, batch: usize, tx: SyncSender<Vec<Item>>) -> Result<()> {
+    let progress = &job.progress;
+    let mut items = Vec::with_capacity(batch);
+    let send = |item: Item, items: &mut Vec<Item>| -> bool {
+        items.push(item);
+        if items.len() >= batch {
+            return tx.send(std::mem::take(items)).is_ok();
+        }
+        true
+    };
+    match source {
+        Source::Jsonl(path) => {
+            let file = std::fs::File::open(&path)?;
+            progress.bytes_total.store(file.metadata()?.len(), Ordering::Relaxed);
+            let mut reader = BufReader::with_capacity(1 << 20, file);
+            let mut buf = Vec::new();
+            let mut line_no = 0u64;
+            loop {
+                if job.cancel.load(Ordering::Relaxed) {
+                    break;
+                }
+                buf.clear();
+                let n = reader.read_until(b'\n', &mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                line_no += 1;
+                progress.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
+                let at = RecordError { line: Some(line_no), file: None, message: String::new() };
+                let item = match std::str::from_utf8(&buf) {
+                    Err(_) => Item::Bad(RecordError { message: "line is not valid UTF-8".into(), ..at }),
+                    Ok(text) if text.trim().is_empty() => continue,
+                    Ok(text) => match parse_line(text) {
+                        Ok(doc) => Item::Doc { at, doc },
+                        Err(message) => Item::Bad(RecordError { message, ..at }),
+                    },
+                };
+                progress.documents_read.fetch_add(1, Ordering::Relaxed);
+                if !send(item, &mut items) {
+                    return Ok(());
+                }
+            }
+        }
+        Source::Directory(root) => {
+            let mut files = Vec::new();
+            walk(&root, &mut files)?;
+            files.sort();
+            let total: u64 = files.iter().filter_map(|f| f.metadata().ok()).map(|m| m.len()).sum();
+            progress.bytes_total.store(total, Ordering::Relaxed);
+            for path in files {
+                if job.cancel.load(Ordering::Relaxed) {
+                    break;
+                }
+                let rel = path.strip_prefix(&root).unwrap_or(&path).to_string_lossy().replace('\\', "/");
+                let at = RecordError { line: None, file: Some(rel.clone()), message: String::new() };
+                let mut bytes = Vec::new();
+                std::fs::File::open(&path)?.read_to_end(&mut bytes)?;
+                progress.bytes_read.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                progress.documents_read.fetch_add(1, Ordering::Relaxed);
+                let item = match String::from_utf8(bytes) {
+                    Err(_) => Item::Bad(RecordError { message: "file is not valid UTF-8".into(), ..at }),
+                    Ok(text) => {
+                        let title = markdown_title(&path, &text);
+                        let doc = DocumentInput {
+                            id: rel.clone(),
+                            text,
+                            title,
+                            metadata: Some(serde_json::json!({ "path": rel })),
+                        };
+                        Item::Doc { at, doc }
+                    }
+                };
+                if !send(item, &mut items) {
+                    return Ok(());
+                }
+            }
+        }
+    }
+    if !items.is_empty() {
+        let _ = tx.send(items);
+    }
+    Ok(())
+}
+
+fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            walk(&path, out)?;
+        } else if path.extension().is_some_and(|e| e == "txt" || e == "md") {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+/// A Markdown file's first `# ` heading, else the file name without extension.
+fn markdown_title(path: &Path, text: &str) -> Option<String> {
+    if path.extension().is_some_and(|e| e == "md") {
+        if let Some(h) = text.lines().map(str::trim).find(|l| !l.is_empty()).and_then(|l| l.strip_prefix("# ")) {
+            return Some(h.trim().to_string());
+        }
+    }
+    path.file_stem().map(|s| s.to_string_lossy().to_string())
+}
+
+/// Runs an ingestion to the end (or to the first bad record with `OnError::Fail`), then
+/// makes everything searchable.
+pub fn run_ingest(collection: &Collection, source: Source, options: &IngestOptions, job: &Job) -> Result<()> {
+    let (read_tx, read_rx) = sync_channel::<Vec<Item>>(4);
+    let (chunk_tx, chunk_rx) = sync_channel::<Result<Vec<ChunkedDoc>>>(2);
+    let (write_tx, write_rx) = sync_channel::<Vec<PreparedDoc>>(2);
+    let read_batch = options.read_batch.max(1);
+    let embed_batch = options.embed_batch.max(1);
+    let on_error = options.on_error;
+    std::thread::scope(|scope| -> Result<()> {
+        let reader = scope.spawn(move || read_source(source, job, read_batch, read_tx));
+        let chunker = scope.spawn(move || chunk_stage(collection, job, on_error, read_rx, chunk_tx));
+        let writer = scope.spawn(move || write_stage(collection, job, write_rx));
+        // Embedding runs here: gather chunked documents until a batch is full.
+        let embedded = embed_stage(collection, job, embed_batch, chunk_rx, write_tx);
+        let written = writer.join().map_err(|_| IndexError::Internal("ingestion writer panicked".into()))?;
+        let chunked = chunker.join().map_err(|_| IndexError::Internal("ingestion chunker panicked".into()))?;
+        let read = reader.join().map_err(|_| IndexError::Internal("ingestion reader panicked".into()))?;
+        // The first failure in pipeline order explains the others (closed channels).
+        read.and(chunked).and(embedded).and(written)
+    })?;
+    collection.commit()?;
+    Ok(())
+}
+
+fn chunk_stage(
+    collection: &Collection,
+    job: &Job,
+    on_error: OnError,
+    rx: Receiver<Vec<Item>>,
+    tx: SyncSender<Result<Vec<ChunkedDoc>>>,
+) -> Result<()> {
+    let progress = &job.progress;
+    for items in rx {
+        let mut docs = Vec::with_capacity(items.len());
+        for item in items {
+            match item {
+                Item::Bad(e) => {
+                    if on_error == OnError::Fail {
+                        let msg = format!("bad record at {}: {}", location(&e), e.message);
+                        job.record_error(e);
+                        return Err(IndexError::invalid("input", msg));
+                    }
+                    job.record_error(e);
+                }
+                Item::Doc { at, doc } => {
+                    if let Err(e) = validate_doc(&doc, "record") {
+                        let err = RecordError { message: e.to_string(), ..at };
+                        if on_error == OnError::Fail {
+                            let msg = format!("bad record at {}: {}", location(&err), err.message);
+                            job.record_error(err);
+                            return Err(IndexError::invalid("input", msg));
+                        }
+                        job.record_error(err);
+                        continue;
+                    }
+                    let hash = crate::collection::doc_hash(&doc);
+                    if collection.is_unchanged(&doc.id, hash) {
+                        progress.documents_unchanged.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    docs.push(doc);
+                }
+            }
+        }
+        let chunked: Result<Vec<ChunkedDoc>> = docs.into_par_iter().map(|d| collection.chunk(d)).collect();
+        let failed = chunked.is_err();
+        if tx.send(chunked).is_err() || failed {
+            break;
+        }
+    }
+    Ok(())
+}
+
+fn embed_stage(
+    collection: &Collection,
+    job: &Job,
+    batch: usize,
+    rx: Receiver<Result<Vec<ChunkedDoc>>>,
+    tx: SyncSender<Vec<PreparedDoc>>,
+) -> Result<()> {
+    let mut pending: Vec<ChunkedDoc> = Vec::new();
+    let mut pending_chunks = 0;
+    let flush = |pending: &mut Vec<ChunkedDoc>| -> Result<bool> {
+        let started = Instant::now();
+        let prepared = collection.embed(std::mem::take(pending), batch)?;
+        job.progress.embed_micros.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        Ok(tx.send(prepared).is_ok())
+    };
+    for docs in rx {
+        for d in docs? {
+            pending_chunks += d.spans.len();
+            pending.push(d);
+            if pending_chunks >= batch {
+                pending_chunks = 0;
+                if !flush(&mut pending)? {
+                    return Ok(());
+                }
+            }
+        }
+    }
+    if !pending.is_empty() {
+        flush(&mut pending)?;
+    }
+    Ok(())
+}
+
+fn write_stage(collection: &Collection, job: &Job, rx: Receiver<Vec<PreparedDoc>>) -> Result<()> {
+    let progress = &job.progress;
+    for docs in rx {
+        let result = collection.write(docs)?;
+        progress.documents_written.fetch_add(result.upserted as u64, Ordering::Relaxed);
+        progress.documents_unchanged.fetch_add(result.unchanged as u64, Ordering::Relaxed);
+        progress.chunks_written.fetch_add(result.chunks as u64, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+fn location(e: &RecordError) -> String {
+    match (&e.line, &e.file) {
+        (Some(l), _) => format!("line {l}"),
+        (None, Some(f)) => format!("file {f}"),
+        _ => "unknown position".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jsonl_and_beir_records() {
+        let d = parse_line(r#"{"id": "a", "text": "t", "title": "T", "metadata": {"x": 1}}"#).unwrap();
+        assert_eq!((d.id.as_str(), d.title.as_deref()), ("a", Some("T")));
+        let b = parse_line(r#"{"_id": 4983, "title": "", "text": "abstract", "metadata": {}}"#).unwrap();
+        assert_eq!((b.id.as_str(), b.title, b.metadata), ("4983", None, None));
+        assert!(parse_line(r#"{"text": "x"}"#).unwrap_err().contains("missing `id`"));
+        assert!(parse_line(r#"{"id": "x"}"#).unwrap_err().contains("missing `text`"));
+        assert!(parse_line("{not json").unwrap_err().starts_with("invalid JSON"));
+        assert!(parse_line(r#"{"id": [1], "text": "x"}"#).is_err());
+    }
+}

@@ -1,0 +1,231 @@
+//! The keyword half: BM25 over chunk text and title in a tantivy index on disk.
+//!
+//! Each chunk is one tantivy document: its key (u64, fast), its document id (raw string,
+//! to delete a document's chunks with one term), title and text (English analyzer:
+//! lowercase, stop words, Porter stemming). Writes go to the `IndexWriter` as the log is
+//! applied; a commit carries the log sequence number it covers as its payload, so that a
+//! restart replays exactly the records tantivy has not seen. Searches run on the snapshot of
+//! the last commit, tagged with that sequence number (see `collection.rs` for why).
+
+use crate::error::{IndexError, Result};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use tantivy::collector::{FilterCollector, TopDocs};
+use tantivy::query::{BooleanQuery, BoostQuery, Occur, Query, TermQuery};
+use tantivy::schema::{Field, IndexRecordOption, Schema, TextFieldIndexing, TextOptions, FAST, INDEXED, STRING};
+use tantivy::tokenizer::{Language, LowerCaser, RemoveLongFilter, SimpleTokenizer, Stemmer, StopWordFilter, TextAnalyzer};
+use tantivy::{doc, DocAddress, Index, IndexReader, IndexWriter, ReloadPolicy, Searcher, Term};
+
+const ANALYZER: &str = "ragway_en";
+const WRITER_MEMORY: usize = 64 << 20;
+
+/// A searcher over one commit and the log sequence number that commit covers.
+pub struct KeywordSnapshot {
+    pub searcher: Searcher,
+    pub seq: u64,
+}
+
+/// A chunk as the keyword index sees it.
+pub struct KeywordChunk<'a> {
+    pub key: u64,
+    pub doc_id: &'a str,
+    pub title: &'a str,
+    pub text: &'a str,
+}
+
+pub struct KeywordIndex {
+    writer: Mutex<IndexWriter>,
+    reader: IndexReader,
+    key: Field,
+    doc_id: Field,
+    title: Field,
+    text: Field,
+    /// Highest log sequence number whose operations were handed to the writer.
+    pending: AtomicU64,
+    snapshot: RwLock<Arc<KeywordSnapshot>>,
+}
+
+impl KeywordIndex {
+    /// Opens or creates the index in `dir`; returns it with the sequence number of its last
+    /// commit (0 for a new index).
+    pub fn open(dir: &Path) -> Result<KeywordIndex> {
+        std::fs::create_dir_all(dir)?;
+        let mut builder = Schema::builder();
+        let key = builder.add_u64_field("key", FAST | INDEXED);
+        let doc_id = builder.add_text_field("doc_id", STRING);
+        let text_options = TextOptions::default().set_indexing_options(
+            TextFieldIndexing::default().set_tokenizer(ANALYZER).set_index_option(IndexRecordOption::WithFreqsAndPositions),
+        );
+        let title = builder.add_text_field("title", text_options.clone());
+        let text = builder.add_text_field("text", text_options);
+        let schema = builder.build();
+        let directory = tantivy::directory::MmapDirectory::open(dir).map_err(|e| IndexError::Internal(e.to_string()))?;
+        let index = Index::open_or_create(directory, schema)?;
+        index.tokenizers().register(ANALYZER, analyzer());
+        let writer: IndexWriter = index.writer_with_num_threads(1, WRITER_MEMORY)?;
+        let reader = index.reader_builder().reload_policy(ReloadPolicy::Manual).try_into()?;
+        let seq = committed_seq(&index)?;
+        let snapshot = RwLock::new(Arc::new(KeywordSnapshot { searcher: reader.searcher(), seq }));
+        Ok(KeywordIndex {
+            writer: Mutex::new(writer),
+            reader,
+            key,
+            doc_id,
+            title,
+            text,
+            pending: AtomicU64::new(seq),
+            snapshot,
+        })
+    }
+
+    /// Replaces the chunks of `replaced` documents with `chunks`, as log record `seq`.
+    pub fn apply(&self, seq: u64, replaced: &[&str], chunks: &[KeywordChunk<'_>]) -> Result<()> {
+        let writer = self.writer.lock().expect("keyword writer lock");
+        for id in replaced {
+            writer.delete_term(Term::from_field_text(self.doc_id, id));
+        }
+        for c in chunks {
+            writer.add_document(doc!(
+                self.key => c.key,
+                self.doc_id => c.doc_id,
+                self.title => c.title,
+                self.text => c.text,
+            ))?;
+        }
+        self.pending.fetch_max(seq, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Records that log record `seq` needs nothing from this index (so a commit covers it).
+    pub fn skip(&self, seq: u64) {
+        let _writer = self.writer.lock().expect("keyword writer lock");
+        self.pending.fetch_max(seq, Ordering::SeqCst);
+    }
+
+    /// Commits what was applied (if anything) and publishes a new snapshot; returns the
+    /// sequence number now searchable.
+    pub fn commit(&self) -> Result<u64> {
+        let mut writer = self.writer.lock().expect("keyword writer lock");
+        let seq = self.pending.load(Ordering::SeqCst);
+        if seq <= self.snapshot().seq {
+            return Ok(self.snapshot().seq);
+        }
+        let mut prepared = writer.prepare_commit()?;
+        prepared.set_payload(&seq.to_string());
+        prepared.commit()?;
+        drop(writer);
+        self.reader.reload()?;
+        let snapshot = Arc::new(KeywordSnapshot { searcher: self.reader.searcher(), seq });
+        *self.snapshot.write().expect("snapshot lock") = snapshot;
+        Ok(seq)
+    }
+
+    /// Sequence number of operations handed to the writer, committed or not.
+    pub fn pending_seq(&self) -> u64 {
+        self.pending.load(Ordering::SeqCst)
+    }
+
+    pub fn snapshot(&self) -> Arc<KeywordSnapshot> {
+        self.snapshot.read().expect("snapshot lock").clone()
+    }
+
+    /// Analyzed terms of a query, in order (duplicates kept, as BM25 sums them).
+    pub fn query_terms(&self, query: &str) -> Vec<String> {
+        let mut analyzer = analyzer();
+        let mut stream = analyzer.token_stream(query);
+        let mut terms = Vec::new();
+        while stream.advance() {
+            terms.push(stream.token().text.clone());
+        }
+        terms
+    }
+
+    /// BM25 top-`k` of `snapshot` as (key, score): the sum over query terms and both fields,
+    /// the title's share multiplied by `title_boost`. `allow` restricts the keys.
+    pub fn search(
+        &self,
+        snapshot: &KeywordSnapshot,
+        query: &str,
+        k: usize,
+        title_boost: f32,
+        allow: Option<Arc<dyn Fn(u64) -> bool + Send + Sync>>,
+    ) -> Result<Vec<(u64, f32)>> {
+        let terms = self.query_terms(query);
+        if terms.is_empty() || k == 0 {
+            return Ok(Vec::new());
+        }
+        let mut clauses: Vec<(Occur, Box<dyn Query>)> = Vec::new();
+        for t in &terms {
+            clauses.push((
+                Occur::Should,
+                Box::new(TermQuery::new(Term::from_field_text(self.text, t), IndexRecordOption::WithFreqs)),
+            ));
+            if title_boost > 0.0 {
+                let q = TermQuery::new(Term::from_field_text(self.title, t), IndexRecordOption::WithFreqs);
+                clauses.push((Occur::Should, Box::new(BoostQuery::new(Box::new(q), title_boost))));
+            }
+        }
+        let query = BooleanQuery::new(clauses);
+        let searcher = &snapshot.searcher;
+        let hits: Vec<(f32, DocAddress)> = match allow {
+            None => searcher.search(&query, &TopDocs::with_limit(k).order_by_score())?,
+            Some(allow) => {
+                let collector =
+                    FilterCollector::new("key".to_string(), move |key: u64| allow(key), TopDocs::with_limit(k).order_by_score());
+                searcher.search(&query, &collector)?
+            }
+        };
+        let mut out = Vec::with_capacity(hits.len());
+        for (score, addr) in hits {
+            let column = searcher.segment_reader(addr.segment_ord).fast_fields().u64("key")?;
+            let key = column.first(addr.doc_id).ok_or_else(|| IndexError::Corrupt("chunk without key".into()))?;
+            out.push((key, score));
+        }
+        Ok(out)
+    }
+
+    /// Documents (chunks) in a snapshot.
+    pub fn num_chunks(snapshot: &KeywordSnapshot) -> u64 {
+        snapshot.searcher.num_docs()
+    }
+
+    /// Every key of a snapshot (for consistency checks).
+    pub fn all_keys(&self, snapshot: &KeywordSnapshot) -> Result<Vec<u64>> {
+        let mut keys = Vec::new();
+        for segment in snapshot.searcher.segment_readers() {
+            let column = segment.fast_fields().u64("key")?;
+            let alive = segment.alive_bitset();
+            for doc in 0..segment.max_doc() {
+                if alive.is_none_or(|a| a.is_alive(doc)) {
+                    if let Some(k) = column.first(doc) {
+                        keys.push(k);
+                    }
+                }
+            }
+        }
+        keys.sort_unstable();
+        Ok(keys)
+    }
+
+    /// Waits for merges and releases the writer's files.
+    pub fn close(self) -> Result<()> {
+        let writer = self.writer.into_inner().expect("keyword writer lock");
+        writer.wait_merging_threads()?;
+        Ok(())
+    }
+}
+
+fn analyzer() -> TextAnalyzer {
+    TextAnalyzer::builder(SimpleTokenizer::default())
+        .filter(RemoveLongFilter::limit(40))
+        .filter(LowerCaser)
+        .filter(StopWordFilter::new(Language::English).expect("English stop words"))
+        .filter(Stemmer::new(Language::English))
+        .build()
+}
+
+fn committed_seq(index: &Index) -> Result<u64> {
+    let metas = index.load_metas()?;
+    Ok(metas.payload.and_then(|p| p.parse().ok()).unwrap_or(0))
+}

@@ -1,0 +1,297 @@
+//! The index service: the collections under a data directory, the embedding models they
+//! are bound to, ingestion jobs, and a maintenance thread (periodic commits, compaction).
+//!
+//! One process owns a data directory at a time (an exclusive lock on `data/LOCK`): the
+//! single-writer rule that makes the log the one source of truth.
+
+use crate::collection::Collection;
+use crate::embedder::ChunkEmbedder;
+use crate::error::{IndexError, Result};
+use crate::jobs::JobRegistry;
+use crate::types::*;
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock, Weak};
+use std::time::Duration;
+
+/// Service options.
+#[derive(Debug, Clone)]
+pub struct ServiceOptions {
+    /// How often writes that nobody waits for are made searchable.
+    pub commit_interval: Duration,
+    /// Server-side ingestion paths must lie under this directory; `None` refuses them.
+    pub ingest_root: Option<PathBuf>,
+    /// Snapshots are written under this directory.
+    pub snapshot_root: PathBuf,
+}
+
+pub struct IndexService {
+    data_dir: PathBuf,
+    options: ServiceOptions,
+    embedders: HashMap<String, Arc<dyn ChunkEmbedder>>,
+    default_model: String,
+    collections: RwLock<HashMap<String, Arc<Collection>>>,
+    jobs: JobRegistry,
+    _lock: File,
+}
+
+impl IndexService {
+    /// Locks `data_dir`, opens every collection in it (replaying logs) and starts the
+    /// maintenance thread.
+    pub fn open(
+        data_dir: &Path,
+        embedders: Vec<Arc<dyn ChunkEmbedder>>,
+        default_model: &str,
+        options: ServiceOptions,
+    ) -> Result<Arc<IndexService>> {
+        let collections_dir = data_dir.join("collections");
+        std::fs::create_dir_all(&collections_dir)?;
+        let lock = File::options().create(true).truncate(false).write(true).open(data_dir.join("LOCK"))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => return Err(IndexError::Locked { path: data_dir.to_path_buf() }),
+            Err(std::fs::TryLockError::Error(e)) => return Err(e.into()),
+        }
+        let embedders: HashMap<String, Arc<dyn ChunkEmbedder>> =
+            embedders.into_iter().map(|e| (e.model_id().to_string(), e)).collect();
+        let mut collections = HashMap::new();
+        for entry in std::fs::read_dir(&collections_dir)? {
+            let path = entry?.path();
+            if !path.join("settings.json").exists() {
+                continue;
+            }
+            let settings: CollectionSettings = serde_json::from_slice(&std::fs::read(path.join("settings.json"))?)?;
+            let embedder = embedders.get(&settings.model).ok_or_else(|| {
+                IndexError::Internal(format!(
+                    "collection `{}` is bound to embedding model `{}`, which is not loaded",
+                    settings.name, settings.model
+                ))
+            })?;
+            let c = Collection::open(&path, embedder.clone())?;
+            collections.insert(settings.name.clone(), Arc::new(c));
+        }
+        let service = Arc::new(IndexService {
+            data_dir: data_dir.to_path_buf(),
+            options,
+            embedders,
+            default_model: default_model.to_string(),
+            collections: RwLock::new(collections),
+            jobs: JobRegistry::default(),
+            _lock: lock,
+        });
+        let weak = Arc::downgrade(&service);
+        std::thread::Builder::new().name("index-maintenance".into()).spawn(move || maintenance(weak))?;
+        Ok(service)
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    pub fn options(&self) -> &ServiceOptions {
+        &self.options
+    }
+
+    pub fn jobs(&self) -> &JobRegistry {
+        &self.jobs
+    }
+
+    pub fn create(&self, req: CreateCollection) -> Result<Arc<Collection>> {
+        validate_name(&req.name)?;
+        let model = req.model.clone().unwrap_or_else(|| self.default_model.clone());
+        let embedder = self
+            .embedders
+            .get(&model)
+            .ok_or_else(|| IndexError::invalid("model", format!("embedding model `{model}` is not served")))?
+            .clone();
+        let hnsw = req.hnsw.unwrap_or_default();
+        if hnsw.m < 2 || hnsw.m > 255 {
+            return Err(IndexError::invalid("hnsw.m", "hnsw.m must be between 2 and 255"));
+        }
+        if hnsw.ef_construction == 0 || hnsw.ef == 0 {
+            return Err(IndexError::invalid("hnsw", "hnsw.ef_construction and hnsw.ef must be at least 1"));
+        }
+        let chunking = req.chunking.unwrap_or_default();
+        if chunking.max_tokens == Some(0) {
+            return Err(IndexError::invalid("chunking.max_tokens", "chunking.max_tokens must be at least 1"));
+        }
+        let fusion = req.fusion.unwrap_or_default();
+        if fusion.rrf_k < 0.0 || fusion.dense_weight < 0.0 || fusion.keyword_weight < 0.0 {
+            return Err(IndexError::invalid("fusion", "fusion constants and weights must not be negative"));
+        }
+        let settings = CollectionSettings {
+            name: req.name.clone(),
+            model,
+            dimension: embedder.dim(),
+            distance: req.distance.unwrap_or_default(),
+            hnsw,
+            chunking,
+            fusion,
+            keyword: req.keyword.unwrap_or_default(),
+            created_at: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        };
+        let mut collections = self.collections.write().expect("collections");
+        if collections.contains_key(&req.name) {
+            return Err(IndexError::CollectionExists(req.name));
+        }
+        let dir = self.collection_dir(&req.name);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)?; // leftovers of an interrupted delete
+        }
+        let c = Arc::new(Collection::create(&dir, settings, embedder)?);
+        collections.insert(req.name, c.clone());
+        Ok(c)
+    }
+
+    pub fn get(&self, name: &str) -> Result<Arc<Collection>> {
+        self.collections
+            .read()
+            .expect("collections")
+            .get(name)
+            .cloned()
+            .ok_or_else(|| IndexError::CollectionNotFound(name.to_string()))
+    }
+
+    pub fn list(&self) -> Vec<Arc<Collection>> {
+        let mut all: Vec<_> = self.collections.read().expect("collections").values().cloned().collect();
+        all.sort_by(|a, b| a.name().cmp(b.name()));
+        all
+    }
+
+    pub fn delete(&self, name: &str) -> Result<()> {
+        let c = self
+            .collections
+            .write()
+            .expect("collections")
+            .remove(name)
+            .ok_or_else(|| IndexError::CollectionNotFound(name.to_string()))?;
+        // Rename first (atomic), then remove: a crash never leaves half a collection.
+        let trash = self.data_dir.join("collections").join(format!(".deleted-{}-{}", name, std::process::id()));
+        std::fs::rename(c.dir(), &trash)?;
+        crate::wal::sync_dir(&trash)?;
+        drop(c);
+        std::fs::remove_dir_all(&trash)?;
+        Ok(())
+    }
+
+    /// Writes a snapshot of `name` to `snapshot_root/<path>` (a new directory); returns it.
+    pub fn snapshot(&self, name: &str, path: &str) -> Result<PathBuf> {
+        let c = self.get(name)?;
+        let dest = self.resolve_under(&self.options.snapshot_root, path, "path")?;
+        c.snapshot_to(&dest)?;
+        Ok(dest)
+    }
+
+    /// Creates collection `name` from a snapshot directory under the snapshot root.
+    pub fn restore(&self, name: &str, path: &str) -> Result<Arc<Collection>> {
+        validate_name(name)?;
+        let src = self.resolve_under(&self.options.snapshot_root, path, "path")?;
+        let mut settings: CollectionSettings = serde_json::from_slice(
+            &std::fs::read(src.join("settings.json"))
+                .map_err(|_| IndexError::invalid("path", format!("{} is not a collection snapshot", src.display())))?,
+        )?;
+        let embedder = self
+            .embedders
+            .get(&settings.model)
+            .ok_or_else(|| IndexError::invalid("path", format!("the snapshot needs embedding model `{}`", settings.model)))?
+            .clone();
+        let mut collections = self.collections.write().expect("collections");
+        if collections.contains_key(name) {
+            return Err(IndexError::CollectionExists(name.to_string()));
+        }
+        settings.name = name.to_string();
+        let tmp = self.data_dir.join("collections").join(format!(".restoring-{name}"));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp)?;
+        }
+        std::fs::create_dir_all(&tmp)?;
+        crate::wal::write_atomic(&tmp.join("settings.json"), &serde_json::to_vec_pretty(&settings)?)?;
+        std::fs::copy(src.join("log.wal"), tmp.join("log.wal"))?;
+        File::open(tmp.join("log.wal"))?.sync_all()?;
+        let dir = self.collection_dir(name);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)?;
+        }
+        std::fs::rename(&tmp, &dir)?;
+        crate::wal::sync_dir(&dir)?;
+        let c = Arc::new(Collection::open(&dir, embedder)?);
+        collections.insert(name.to_string(), c.clone());
+        Ok(c)
+    }
+
+    /// Resolves a client-given relative path under `root`, refusing escapes.
+    pub fn resolve_under(&self, root: &Path, path: &str, param: &str) -> Result<PathBuf> {
+        let rel = Path::new(path);
+        if path.is_empty()
+            || rel.is_absolute()
+            || rel.components().any(|c| !matches!(c, std::path::Component::Normal(_)))
+        {
+            return Err(IndexError::invalid(param, format!("`{param}` must be a relative path without `..`")));
+        }
+        Ok(root.join(rel))
+    }
+
+    /// Resolves a server-side ingestion path (only under the configured ingest root).
+    pub fn ingest_path(&self, path: &str) -> Result<PathBuf> {
+        let root = self.options.ingest_root.as_ref().ok_or_else(|| {
+            IndexError::Forbidden("server-side paths are disabled (start the server with --ingest-root)".into())
+        })?;
+        let p = self.resolve_under(root, path, "path")?;
+        if !p.exists() {
+            return Err(IndexError::invalid("path", format!("{path} does not exist under the ingest root")));
+        }
+        Ok(p)
+    }
+
+    /// Makes every pending write searchable (graceful shutdown).
+    pub fn flush(&self) -> Result<()> {
+        for c in self.list() {
+            c.commit()?;
+        }
+        Ok(())
+    }
+
+    fn collection_dir(&self, name: &str) -> PathBuf {
+        self.data_dir.join("collections").join(name)
+    }
+}
+
+fn validate_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        && !name.starts_with(['-', '_']);
+    if ok {
+        Ok(())
+    } else {
+        Err(IndexError::invalid("name", "collection names are 1 to 64 letters, digits, `-` or `_`, starting with a letter or digit"))
+    }
+}
+
+fn maintenance(service: Weak<IndexService>) {
+    loop {
+        let interval = match service.upgrade() {
+            Some(s) => {
+                for c in s.list() {
+                    if c.has_pending() {
+                        if let Err(e) = c.commit() {
+                            tracing::error!(collection = c.name(), error = %e, "commit failed");
+                        }
+                    }
+                    if c.needs_compaction() {
+                        if let Err(e) = c.compact() {
+                            tracing::error!(collection = c.name(), error = %e, "compaction failed");
+                        }
+                    }
+                }
+                s.options.commit_interval
+            }
+            None => return,
+        };
+        std::thread::sleep(interval);
+    }
+}

@@ -1,0 +1,195 @@
+//! Settings and request/response types of collections (serde-ready for the API layers).
+
+use crate::dense::{Distance, HnswParams};
+use crate::fusion::{FusionParams, SourceHit};
+use serde::{Deserialize, Serialize};
+
+/// How documents are cut into chunks.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChunkingParams {
+    /// Token budget of a chunk (the title's tokens included when `embed_title`); default:
+    /// everything the embedding model takes without truncation.
+    pub max_tokens: Option<usize>,
+    /// Tokens a chunk repeats from the end of the previous one (whole pieces only).
+    pub overlap_tokens: usize,
+    /// Embed each chunk with its document's title in front (as BEIR's dense baselines do).
+    pub embed_title: bool,
+}
+
+impl Default for ChunkingParams {
+    fn default() -> Self {
+        Self { max_tokens: None, overlap_tokens: 32, embed_title: true }
+    }
+}
+
+/// BM25 settings.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeywordParams {
+    /// Weight of a match in the title relative to one in the text (0 = title not searched).
+    pub title_boost: f32,
+}
+
+impl Default for KeywordParams {
+    fn default() -> Self {
+        Self { title_boost: 1.0 }
+    }
+}
+
+/// A collection's fixed settings, stored in `settings.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CollectionSettings {
+    pub name: String,
+    /// Embedding model id the collection is bound to.
+    pub model: String,
+    pub dimension: usize,
+    #[serde(default)]
+    pub distance: Distance,
+    #[serde(default)]
+    pub hnsw: HnswParams,
+    #[serde(default)]
+    pub chunking: ChunkingParams,
+    /// Default fusion of hybrid searches (a request may override it).
+    #[serde(default)]
+    pub fusion: FusionParams,
+    #[serde(default)]
+    pub keyword: KeywordParams,
+    /// Unix seconds.
+    pub created_at: u64,
+}
+
+/// `POST /v1/collections`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateCollection {
+    pub name: String,
+    #[serde(default)]
+    pub model: Option<String>,
+    #[serde(default)]
+    pub distance: Option<Distance>,
+    #[serde(default)]
+    pub hnsw: Option<HnswParams>,
+    #[serde(default)]
+    pub chunking: Option<ChunkingParams>,
+    #[serde(default)]
+    pub fusion: Option<FusionParams>,
+    #[serde(default)]
+    pub keyword: Option<KeywordParams>,
+}
+
+/// A document to upsert.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DocumentInput {
+    pub id: String,
+    pub text: String,
+    #[serde(default)]
+    pub title: Option<String>,
+    #[serde(default)]
+    pub metadata: Option<serde_json::Value>,
+}
+
+/// A stored document with its chunks' layout.
+#[derive(Debug, Clone, Serialize)]
+pub struct DocumentView {
+    pub id: String,
+    pub title: Option<String>,
+    pub text: String,
+    pub metadata: serde_json::Value,
+    pub chunks: Vec<ChunkView>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ChunkView {
+    pub chunk_id: String,
+    pub char_start: u32,
+    pub char_end: u32,
+    pub tokens: u32,
+}
+
+/// What an upsert did.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct WriteResult {
+    /// Documents written (new or changed).
+    pub upserted: usize,
+    /// Documents identical to the stored version (nothing written).
+    pub unchanged: usize,
+    pub deleted: usize,
+    pub chunks: usize,
+    /// Log sequence number of the write (0 when nothing was written).
+    pub seq: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SearchMode {
+    Dense,
+    Keyword,
+    #[default]
+    Hybrid,
+}
+
+/// A search. `filter` is parsed by [`crate::filter::Filter::parse`].
+#[derive(Debug, Clone, Default)]
+pub struct SearchRequest {
+    pub query: String,
+    pub top_k: usize,
+    pub mode: SearchMode,
+    pub filter: Option<crate::filter::Filter>,
+    /// HNSW search breadth (default: the collection's).
+    pub ef: Option<usize>,
+    /// Fusion override (default: the collection's).
+    pub fusion: Option<FusionParams>,
+    /// Candidates each half contributes to fusion (default: max(2·top_k, 50)).
+    pub candidates: Option<usize>,
+    /// One result per document (its best chunk); fusion then ranks documents.
+    pub group_by_document: bool,
+    /// A precomputed query vector (skips embedding the query).
+    pub vector: Option<Vec<f32>>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SearchHit {
+    pub chunk_id: String,
+    pub document_id: String,
+    pub chunk_index: u32,
+    pub text: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    pub score: f32,
+    pub metadata: serde_json::Value,
+    pub char_start: u32,
+    pub char_end: u32,
+    pub dense: Option<SourceHit>,
+    pub keyword: Option<SourceHit>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SearchResponse {
+    pub results: Vec<SearchHit>,
+    pub mode: SearchMode,
+    /// The dense half ran as an exact scan (selective filter or too few graph results).
+    pub dense_exact: bool,
+}
+
+/// Counts and state of a collection.
+#[derive(Debug, Clone, Serialize)]
+pub struct CollectionInfo {
+    pub settings: CollectionSettings,
+    pub documents: usize,
+    pub chunks: usize,
+    /// Points in the HNSW graph (deleted ones included until the next rebuild).
+    pub dense_points: usize,
+    /// Chunks in the searchable keyword snapshot.
+    pub keyword_chunks: u64,
+    /// Last log sequence number written, and the one searches see.
+    pub last_seq: u64,
+    pub visible_seq: u64,
+    pub disk_bytes: u64,
+    /// Estimate: vectors, texts, graph links and tables.
+    pub memory_bytes: u64,
+    /// `ready`, `indexing` (writes not yet searchable) or `rebuilding`.
+    pub state: &'static str,
+}
