@@ -73,6 +73,16 @@ pub struct ServeArgs {
     /// Largest request body in bytes [default: 16777216].
     #[arg(long, env = "RAGWAY_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<usize>,
+    /// Directory server-side ingestion paths must lie under (`POST .../ingest` with
+    /// `{"path"}`); unset: server-side paths are refused.
+    #[arg(long, env = "RAGWAY_INGEST_ROOT")]
+    pub ingest_root: Option<PathBuf>,
+    /// Milliseconds between commits of writes nobody waits for (ingestion jobs) [default: 1000].
+    #[arg(long, env = "RAGWAY_COMMIT_INTERVAL_MS")]
+    pub commit_interval_ms: Option<u64>,
+    /// Largest upload to `POST .../ingest`, in bytes [default: 4 GiB].
+    #[arg(long, env = "RAGWAY_MAX_UPLOAD_BYTES")]
+    pub max_upload_bytes: Option<u64>,
     /// HTTP worker threads [default: number of cores].
     #[arg(long, env = "RAGWAY_HTTP_WORKERS")]
     pub http_workers: Option<usize>,
@@ -100,6 +110,9 @@ pub struct Settings {
     pub kv_cache_mib: usize,
     pub max_body_bytes: usize,
     pub http_workers: usize,
+    pub ingest_root: Option<PathBuf>,
+    pub commit_interval_ms: u64,
+    pub max_upload_bytes: u64,
 }
 
 impl ServeArgs {
@@ -145,6 +158,9 @@ impl ServeArgs {
             kv_cache_mib: pick!(kv_cache_mib, 2048),
             max_body_bytes: pick!(max_body_bytes, 16 * 1024 * 1024),
             http_workers: pick!(http_workers, std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)),
+            ingest_root: self.ingest_root.clone().or(file.ingest_root.clone()),
+            commit_interval_ms: pick!(commit_interval_ms, 1000),
+            max_upload_bytes: pick!(max_upload_bytes, 4 << 30),
         };
         if settings.embed_queue == 0 || settings.max_embed_inputs == 0 || settings.embed_batch_tokens == 0 {
             anyhow::bail!("embed_queue, max_embed_inputs and embed_batch_tokens must be positive");

@@ -4,6 +4,7 @@
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, ResponseError};
 use ragway_engine::EngineError;
+use ragway_index::IndexError;
 use serde::Serialize;
 
 /// An API error (see the module docs).
@@ -113,6 +114,42 @@ impl ApiError {
             EngineError::InvalidRequest { param: Some(p), message } => Self::invalid(p.clone(), message.clone()),
             _ if e.is_user_error() => Self::invalid(param, e.to_string()),
             _ => Self::internal(e.to_string()),
+        }
+    }
+}
+
+impl From<IndexError> for ApiError {
+    /// Index errors: 400 naming the parameter, 404 for unknown collections, documents and
+    /// jobs, 409 for a name taken, 403 for refused paths, 429 when the embedder is busy.
+    fn from(e: IndexError) -> Self {
+        let status = |status: StatusCode, code: &'static str, param: Option<&str>| ApiError {
+            status,
+            message: e.to_string(),
+            kind: "invalid_request_error",
+            param: param.map(str::to_string),
+            code: Some(code),
+            retry_after: None,
+        };
+        match &e {
+            IndexError::InvalidRequest { param, message } => {
+                ApiError::invalid(param.clone().unwrap_or_else(|| "body".into()), message.clone())
+            }
+            IndexError::CollectionNotFound(_) => status(StatusCode::NOT_FOUND, "collection_not_found", Some("name")),
+            IndexError::CollectionExists(_) => status(StatusCode::CONFLICT, "collection_exists", Some("name")),
+            IndexError::DocumentNotFound { .. } => status(StatusCode::NOT_FOUND, "document_not_found", Some("id")),
+            IndexError::JobNotFound(_) => status(StatusCode::NOT_FOUND, "job_not_found", Some("id")),
+            IndexError::Forbidden(_) => {
+                ApiError { kind: "permission_error", ..status(StatusCode::FORBIDDEN, "forbidden", Some("path")) }
+            }
+            IndexError::Busy => ApiError {
+                kind: "rate_limit_error",
+                retry_after: Some(1),
+                ..status(StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded", None)
+            },
+            IndexError::Locked { .. } => {
+                ApiError { status: StatusCode::SERVICE_UNAVAILABLE, retry_after: Some(5), ..ApiError::internal(e.to_string()) }
+            }
+            _ => ApiError::internal(e.to_string()),
         }
     }
 }

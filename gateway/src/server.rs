@@ -8,7 +8,8 @@ use crate::error::{json_error, ApiError};
 use crate::routes;
 use crate::state::AppState;
 use actix_web::{middleware, web, App, HttpRequest, HttpServer};
-use ragway_engine::embed::worker::{EmbedWorker, EmbedWorkerConfig};
+use ragway_engine::embed::worker::{EmbedHandle, EmbedWorker, EmbedWorkerConfig};
+use ragway_index::{ChunkEmbedder, IndexService, ServiceOptions};
 use ragway_engine::embed::EmbedderOptions;
 use ragway_engine::generate::{GenerateConfig, GenerateWorker};
 use std::sync::Arc;
@@ -54,7 +55,18 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     std::thread::spawn(move || match EmbedWorker::spawn(embed_config) {
         Ok(handle) => {
             tracing::info!(model = %handle.model_id(), dim = handle.embedder().dim(), "embedding model ready");
-            let _ = loader_state.embedder.set(handle);
+            let _ = loader_state.embedder.set(handle.clone());
+            // Collections are bound to the embedding model: open them once it is in.
+            match open_index(&loader_state.settings, handle) {
+                Ok(index) => {
+                    let _ = loader_state.index.set(index);
+                }
+                Err(e) => {
+                    tracing::error!("failed to open the index: {e}");
+                    eprintln!("error: failed to open the index in {}: {e}", loader_state.settings.data_dir.display());
+                    std::process::exit(1);
+                }
+            }
         }
         Err(e) => {
             tracing::error!("failed to load the embedding model: {e}");
@@ -87,6 +99,23 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     });
 
     server.run().await?;
+    if let Some(index) = state.index.get() {
+        // Make every acknowledged write searchable before exiting (it is durable anyway).
+        if let Err(e) = index.flush() {
+            tracing::error!("flushing the index failed: {e}");
+        }
+    }
     tracing::info!("server stopped");
     Ok(())
+}
+
+/// Opens the index service under the data directory with the embedding model.
+pub fn open_index(settings: &Settings, embedder: EmbedHandle) -> ragway_index::Result<Arc<IndexService>> {
+    let options = ServiceOptions {
+        commit_interval: std::time::Duration::from_millis(settings.commit_interval_ms.max(10)),
+        ingest_root: settings.ingest_root.clone(),
+        snapshot_root: settings.data_dir.join("snapshots"),
+    };
+    let default_model = embedder.model_id().to_string();
+    IndexService::open(&settings.data_dir, vec![Arc::new(embedder) as Arc<dyn ChunkEmbedder>], &default_model, options)
 }

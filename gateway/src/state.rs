@@ -3,6 +3,8 @@
 use crate::config::Settings;
 use ragway_engine::embed::worker::EmbedHandle;
 use ragway_engine::generate::GenerateHandle;
+use ragway_index::IndexService;
+use std::sync::Arc;
 use std::sync::OnceLock;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -13,6 +15,8 @@ pub struct AppState {
     pub embedder: OnceLock<EmbedHandle>,
     /// The generation model, once loaded.
     pub generator: OnceLock<GenerateHandle>,
+    /// The vector store, once its collections are open (after the embedding model).
+    pub index: OnceLock<Arc<IndexService>>,
     /// Unix time the server started (the `created` of served models).
     pub started_unix: u64,
 }
@@ -20,11 +24,11 @@ pub struct AppState {
 impl AppState {
     pub fn new(settings: Settings) -> Self {
         let started_unix = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-        Self { settings, embedder: OnceLock::new(), generator: OnceLock::new(), started_unix }
+        Self { settings, embedder: OnceLock::new(), generator: OnceLock::new(), index: OnceLock::new(), started_unix }
     }
 
     /// True once every configured model is loaded.
     pub fn is_ready(&self) -> bool {
-        self.embedder.get().is_some() && self.generator.get().is_some()
+        self.embedder.get().is_some() && self.generator.get().is_some() && self.index.get().is_some()
     }
 }

@@ -605,7 +605,7 @@ impl Collection {
                     exact_search(distance, q, keys.filter_map(|k| table.chunks.get(&k).map(|c| (k, &*c.vector))), candidates)
                 };
                 match &allowed {
-                    Some(set) if set.len() <= EXACT_SCAN_MAX => {
+                    Some(set) if set.len() <= req.exact_scan_max.unwrap_or(EXACT_SCAN_MAX) => {
                         dense_exact = true;
                         exact(&mut set.iter().copied())
                     }

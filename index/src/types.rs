@@ -148,6 +148,8 @@ pub struct SearchRequest {
     pub group_by_document: bool,
     /// A precomputed query vector (skips embedding the query).
     pub vector: Option<Vec<f32>>,
+    /// Filters matching at most this many chunks are served by an exact scan (default 4096).
+    pub exact_scan_max: Option<usize>,
 }
 
 #[derive(Debug, Clone, Serialize)]

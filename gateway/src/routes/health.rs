@@ -10,18 +10,19 @@ pub async fn health() -> HttpResponse {
     HttpResponse::Ok().json(json!({"status": "ok"}))
 }
 
-/// Readiness: 200 once the models are loaded, 503 before.
+/// Readiness: 200 once the models are loaded and the index is open, 503 before.
 #[get("/ready")]
 pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
     let models = json!({
         state.settings.embedding_model_id.clone(): state.embedder.get().is_some(),
         state.settings.generation_model_id.clone(): state.generator.get().is_some(),
     });
+    let index = if state.index.get().is_some() { "ready" } else { "loading" };
     if state.is_ready() {
-        HttpResponse::Ok().json(json!({"status": "ready", "models": models}))
+        HttpResponse::Ok().json(json!({"status": "ready", "models": models, "index": index}))
     } else {
         HttpResponse::ServiceUnavailable()
             .insert_header(("Retry-After", "1"))
-            .json(json!({"status": "loading", "models": models}))
+            .json(json!({"status": "loading", "models": models, "index": index}))
     }
 }

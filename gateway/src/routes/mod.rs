@@ -1,6 +1,7 @@
 //! HTTP routes. Handlers parse and validate, call the engine, and shape the answer; the logic
 //! itself lives in the domain crates.
 
+pub mod collections;
 pub mod completions;
 pub mod embeddings;
 pub mod health;
@@ -18,5 +19,21 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(models::get)
         .service(embeddings::create)
         .service(completions::chat)
-        .service(completions::completions);
+        .service(completions::completions)
+        .service(collections::create)
+        .service(collections::list)
+        .service(collections::describe)
+        .service(collections::remove)
+        .service(collections::upsert)
+        // `documents/delete` before `documents/{id:.*}`, which would swallow it.
+        .service(collections::delete_documents)
+        .service(collections::get_document)
+        .service(collections::delete_document)
+        .service(collections::search)
+        .service(collections::ingest)
+        .service(collections::snapshot)
+        .service(collections::restore)
+        .service(collections::compact)
+        .service(collections::list_jobs)
+        .service(collections::get_job);
 }

@@ -1,0 +1,282 @@
+use crate::common::*;
+use ragway_index::filter::Filter;
+use ragway_index::{Collection, CreateCollection, IndexError, IndexService, SearchMode, SearchRequest, ServiceOptions};
+use serde_json::json;
+
+const TOPICS: [(&str, &str); 6] = [
+    ("cats", "The domestic cat is a small carnivorous mammal that purrs and hunts mice."),
+    ("rocket", "Liquid-fuel rockets burn kerosene and liquid oxygen to reach orbit."),
+    ("bread", "Sourdough bread rises slowly thanks to wild yeast and lactic acid bacteria."),
+    ("volcano", "Magma erupts from a volcano as lava flows down its slopes."),
+    ("tax", "Income tax returns must be filed with the revenue agency before April."),
+    ("guitar", "The electric guitar uses magnetic pickups to turn string vibrations into signals."),
+];
+
+fn topics(c: &Collection) {
+    let docs = TOPICS
+        .iter()
+        .enumerate()
+        .map(|(i, (id, text))| doc(id, text, json!({"topic": id, "year": 2000 + i})))
+        .collect();
+    let r = c.upsert(docs, true).unwrap();
+    assert_eq!((r.upserted, r.unchanged, r.chunks), (6, 0, 6));
+}
+
+fn search(c: &Collection, query: &str, mode: SearchMode, top_k: usize, filter: Option<serde_json::Value>) -> Vec<ragway_index::SearchHit> {
+    let req = SearchRequest {
+        query: query.into(),
+        top_k,
+        mode,
+        filter: filter.map(|f| Filter::parse(&f).unwrap()),
+        ..Default::default()
+    };
+    c.search(&req).unwrap().results
+}
+
+fn ids(hits: &[ragway_index::SearchHit]) -> Vec<&str> {
+    hits.iter().map(|h| h.document_id.as_str()).collect()
+}
+
+fn assert_halves_agree(c: &Collection) {
+    let (visible, in_graph, keyword) = c.visible_keys().unwrap();
+    assert_eq!(visible, in_graph, "every visible chunk is reachable in the graph");
+    assert_eq!(visible, keyword, "the keyword index holds exactly the visible chunks");
+}
+
+#[test]
+fn dense_keyword_and_hybrid_search_upsert_and_delete() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = create(dir.path(), settings("topics"));
+    topics(&c);
+
+    // Meaning without shared words: only the dense half can find it.
+    let hits = search(&c, "a feline pet that catches rodents", SearchMode::Dense, 3, None);
+    assert_eq!(hits[0].document_id, "cats", "{:?}", ids(&hits));
+    assert_eq!(hits[0].dense.unwrap().rank, 1);
+    assert!(hits[0].keyword.is_none() && hits[0].score > 0.3);
+    assert_eq!(hits[0].chunk_id, "cats#0");
+    assert_eq!(hits[0].metadata["year"], 2000);
+
+    // A rare word: BM25 finds the one document that has it, and nothing else.
+    let hits = search(&c, "kerosene", SearchMode::Keyword, 5, None);
+    assert_eq!(ids(&hits), vec!["rocket"]);
+    assert!(hits[0].keyword.unwrap().score > 0.0);
+
+    // Hybrid: both halves rank the volcano first.
+    let hits = search(&c, "volcano lava", SearchMode::Hybrid, 3, None);
+    assert_eq!(hits[0].document_id, "volcano");
+    assert_eq!((hits[0].dense.unwrap().rank, hits[0].keyword.unwrap().rank), (1, 1));
+    let expected = 2.0 / 61.0;
+    assert!((hits[0].score - expected).abs() < 1e-6, "RRF k=60 score {}", hits[0].score);
+
+    // A filter applies to both halves and returns every match when fewer than top_k exist.
+    let hits = search(&c, "rocket", SearchMode::Hybrid, 10, Some(json!({"key": "year", "gte": 2003})));
+    let mut got = ids(&hits);
+    got.sort();
+    assert_eq!(got, vec!["guitar", "tax", "volcano"]);
+    let hits = search(&c, "rocket", SearchMode::Keyword, 10, Some(json!({"key": "topic", "ne": "rocket"})));
+    assert!(hits.is_empty(), "the only keyword match is filtered out: {:?}", ids(&hits));
+
+    // Upsert replaces the document's chunks in both halves at once.
+    let r = c.upsert(vec![doc("cats", "Parrots are colorful birds that can imitate human speech.", json!({"topic": "birds"}))], true).unwrap();
+    assert_eq!(r.upserted, 1);
+    assert!(search(&c, "purrs", SearchMode::Keyword, 5, None).is_empty());
+    let hits = search(&c, "a talking bird", SearchMode::Dense, 1, None);
+    assert_eq!(hits[0].document_id, "cats");
+    assert!(hits[0].text.starts_with("Parrots"));
+    assert_eq!(c.get("cats").unwrap().metadata["topic"], "birds");
+    // The same content again changes nothing.
+    let again = c.upsert(vec![doc("cats", "Parrots are colorful birds that can imitate human speech.", json!({"topic": "birds"}))], true).unwrap();
+    assert_eq!((again.upserted, again.unchanged, again.seq), (0, 1, 0));
+
+    // Deletes, by id and by filter.
+    assert_eq!(c.delete(&["rocket".to_string(), "missing".to_string()], true).unwrap().deleted, 1);
+    assert!(search(&c, "kerosene", SearchMode::Keyword, 5, None).is_empty());
+    assert!(search(&c, "rocket orbit launch", SearchMode::Dense, 10, None).iter().all(|h| h.document_id != "rocket"));
+    let f = Filter::parse(&json!({"key": "topic", "in": ["tax", "bread"]})).unwrap();
+    assert_eq!(c.delete_where(&f, true).unwrap().deleted, 2);
+    assert!(matches!(c.get("tax"), Err(IndexError::DocumentNotFound { .. })));
+    let info = c.info();
+    assert_eq!((info.documents, info.chunks, info.state), (3, 3, "ready"));
+    assert_eq!(info.keyword_chunks, 3);
+    assert_halves_agree(&c);
+}
+
+#[test]
+fn a_filter_never_shrinks_the_result_list() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = create(dir.path(), settings("many"));
+    let words = ["alpha", "beta", "gamma", "delta", "omega"];
+    let docs = (0..300)
+        .map(|i| {
+            let text = format!("Note {i} on {} and {} systems, revision {}.", words[i % 5], words[(i / 5) % 5], i % 7);
+            doc(&format!("d{i}"), &text, json!({"group": i % 50, "n": i}))
+        })
+        .collect();
+    c.upsert(docs, true).unwrap();
+    for exact_scan_max in [Some(0), None] {
+        for mode in [SearchMode::Dense, SearchMode::Keyword, SearchMode::Hybrid] {
+            // 6 documents match: all 6 come back even through the graph's filtered walk.
+            let req = SearchRequest {
+                query: "alpha systems".into(),
+                top_k: 10,
+                mode,
+                filter: Some(Filter::parse(&json!({"key": "group", "eq": 7})).unwrap()),
+                exact_scan_max,
+                ..Default::default()
+            };
+            let hits = c.search(&req).unwrap().results;
+            let want = if mode == SearchMode::Keyword { hits.len() } else { 6 };
+            assert_eq!(hits.len(), want, "{mode:?} {exact_scan_max:?}");
+            assert!(hits.iter().all(|h| h.metadata["group"] == 7));
+            // A broad filter: a full page.
+            let req = SearchRequest {
+                filter: Some(Filter::parse(&json!({"or": [{"key": "n", "lt": 100}, {"key": "group", "in": [1, 2]}]})).unwrap()),
+                top_k: 20,
+                ..req
+            };
+            let hits = c.search(&req).unwrap().results;
+            assert_eq!(hits.len(), 20, "{mode:?} {exact_scan_max:?}");
+            for h in &hits {
+                let (n, g) = (h.metadata["n"].as_i64().unwrap(), h.metadata["group"].as_i64().unwrap());
+                assert!(n < 100 || g == 1 || g == 2);
+            }
+        }
+    }
+    // Grouping by document with overlapping chunks: one result per document.
+    let req = SearchRequest { query: "gamma".into(), top_k: 30, group_by_document: true, ..Default::default() };
+    let hits = c.search(&req).unwrap().results;
+    let mut docs: Vec<&str> = ids(&hits);
+    docs.sort();
+    docs.dedup();
+    assert_eq!(docs.len(), hits.len());
+}
+
+#[test]
+fn unacknowledged_commits_are_replayed_from_the_log_after_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let c = create(dir.path(), settings("crash"));
+        topics(&c);
+        // Durable but never committed to tantivy: a crash now loses tantivy's buffer.
+        c.upsert(vec![doc("late", "Glaciers carve U-shaped valleys as they retreat.", json!({}))], false).unwrap();
+        c.delete(&["bread".to_string()], false).unwrap();
+        assert_eq!(c.info().state, "indexing");
+        // Dropped without close: the tantivy writer's uncommitted work is discarded.
+    }
+    // A torn write after the last acknowledged one.
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().append(true).open(dir.path().join("log.wal")).unwrap();
+        f.write_all(&[200, 1, 0, 0, 1, 2, 3]).unwrap();
+    }
+    let c = Collection::open(dir.path(), embedder()).unwrap();
+    assert_eq!(ids(&search(&c, "glaciers", SearchMode::Keyword, 3, None)), vec!["late"]);
+    assert_eq!(search(&c, "ice sheets shaping mountain valleys", SearchMode::Dense, 1, None)[0].document_id, "late");
+    assert!(search(&c, "sourdough", SearchMode::Keyword, 3, None).is_empty());
+    let info = c.info();
+    assert_eq!((info.documents, info.chunks, info.keyword_chunks as usize), (6, 6, 6));
+    assert_eq!(info.state, "ready");
+    assert_halves_agree(&c);
+    // Writes continue after the cut tail.
+    c.upsert(vec![doc("after", "Tides follow the moon.", json!({}))], true).unwrap();
+    drop(c);
+    let c = Collection::open(dir.path(), embedder()).unwrap();
+    assert_eq!(c.info().documents, 7);
+}
+
+#[test]
+fn compaction_rebuilds_the_graph_and_shrinks_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = create(dir.path(), settings("compact"));
+    let docs = (0..60).map(|i| doc(&format!("d{i}"), &format!("Entry number {i} about topic {}.", i % 4), json!({"i": i}))).collect();
+    c.upsert(docs, true).unwrap();
+    let ids_to_delete: Vec<String> = (0..45).map(|i| format!("d{i}")).collect();
+    c.delete(&ids_to_delete, true).unwrap();
+    let before = std::fs::metadata(dir.path().join("log.wal")).unwrap().len();
+    assert_eq!(c.info().dense_points, 60);
+    c.compact().unwrap();
+    let info = c.info();
+    assert_eq!((info.documents, info.chunks, info.dense_points), (15, 15, 15));
+    assert!(std::fs::metadata(dir.path().join("log.wal")).unwrap().len() < before / 2);
+    assert_halves_agree(&c);
+    c.upsert(vec![doc("new", "Entry about something new.", json!({}))], true).unwrap();
+    drop(c);
+    let c = Collection::open(dir.path(), embedder()).unwrap();
+    assert_eq!(c.info().documents, 16);
+    assert_eq!(search(&c, "Entry number 50", SearchMode::Keyword, 1, None)[0].document_id, "d50");
+    assert_halves_agree(&c);
+}
+
+#[test]
+fn snapshots_restore_and_the_data_dir_has_one_owner() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = ServiceOptions {
+        commit_interval: std::time::Duration::from_millis(100),
+        ingest_root: None,
+        snapshot_root: dir.path().join("snapshots"),
+    };
+    let service = IndexService::open(dir.path(), vec![embedder()], "all-MiniLM-L6-v2", options.clone()).unwrap();
+    assert!(matches!(
+        IndexService::open(dir.path(), vec![embedder()], "all-MiniLM-L6-v2", options.clone()),
+        Err(IndexError::Locked { .. })
+    ));
+    let c = service.create(CreateCollection { name: "orig".into(), ..Default::default() }).unwrap();
+    topics(&c);
+    assert!(matches!(service.create(CreateCollection { name: "orig".into(), ..Default::default() }), Err(IndexError::CollectionExists(_))));
+    assert!(matches!(service.create(CreateCollection { name: "../x".into(), ..Default::default() }), Err(IndexError::InvalidRequest { .. })));
+    service.snapshot("orig", "backup-1").unwrap();
+    assert!(service.snapshot("orig", "../escape").is_err());
+    c.upsert(vec![doc("extra", "Not in the snapshot.", json!({}))], true).unwrap();
+    drop(c);
+    service.delete("orig").unwrap();
+    assert!(matches!(service.get("orig"), Err(IndexError::CollectionNotFound(_))));
+    let restored = service.restore("copy", "backup-1").unwrap();
+    assert_eq!(restored.info().documents, 6);
+    assert_eq!(search(&restored, "kerosene", SearchMode::Keyword, 1, None)[0].document_id, "rocket");
+    assert_halves_agree(&restored);
+    drop(restored);
+    drop(service);
+    // The service reopens what it wrote (the lock is released with it).
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let service = IndexService::open(dir.path(), vec![embedder()], "all-MiniLM-L6-v2", options).unwrap();
+    assert_eq!(service.list().iter().map(|c| c.name().to_string()).collect::<Vec<_>>(), vec!["copy"]);
+}
+
+#[test]
+fn long_documents_are_chunked_within_the_model_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings("long");
+    s.chunking.max_tokens = Some(64);
+    s.chunking.overlap_tokens = 16;
+    let c = create(dir.path(), s);
+    let sentences: Vec<String> = (0..60)
+        .map(|i| format!("Sentence {i} describes experiment {} with a measured outcome of {} units.", i * 7 % 13, i * 31 % 97))
+        .collect();
+    let text = sentences.join(" ");
+    let mut input = doc("paper", &text, json!({}));
+    input.title = Some("A study of many experiments".into());
+    let chunked = c.chunk(input.clone()).unwrap();
+    assert!(chunked.spans.len() > 5);
+    let tokenizer = embedder().tokenizer().clone();
+    let title_len = tokenizer.encode("A study of many experiments", false).unwrap().len();
+    for (span, ids) in chunked.spans.iter().zip(&chunked.embed_inputs) {
+        assert!(ids.len() <= 64, "chunk of {} tokens", ids.len());
+        // The chunk's ids are exactly what the tokenizer makes of its text.
+        let own = tokenizer.encode(&text[span.byte_start..span.byte_end], false).unwrap();
+        assert_eq!(&ids[title_len..], own.get_ids());
+        // Chunks end at sentence boundaries here.
+        assert!(text[span.byte_start..span.byte_end].ends_with('.'));
+    }
+    // Overlap: each chunk starts inside the previous one.
+    for w in chunked.spans.windows(2) {
+        assert!(w[1].byte_start < w[0].byte_end);
+    }
+    c.upsert(vec![input], true).unwrap();
+    let view = c.get("paper").unwrap();
+    assert_eq!(view.chunks.len(), chunked.spans.len());
+    let chars: Vec<char> = text.chars().collect();
+    let hit = &search(&c, "experiment outcome of 42 units", SearchMode::Keyword, 1, None)[0];
+    let from_offsets: String = chars[hit.char_start as usize..hit.char_end as usize].iter().collect();
+    assert_eq!(from_offsets, hit.text);
+}

@@ -1,0 +1,94 @@
+use crate::common::*;
+use ragway_index::ingest::{IngestOptions, OnError, Source};
+use ragway_index::jobs::{JobRegistry, JobState};
+use ragway_index::{SearchMode, SearchRequest};
+use std::io::Write;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn run(registry: &JobRegistry, c: &Arc<ragway_index::Collection>, source: Source, on_error: OnError) -> ragway_index::jobs::JobView {
+    let job = registry.submit(c.clone(), source, IngestOptions { on_error, embed_batch: 32, read_batch: 8 }, None);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while matches!(job.state(), JobState::Queued | JobState::Running) {
+        assert!(Instant::now() < deadline, "job did not finish");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    job.view()
+}
+
+#[test]
+fn jsonl_ingestion_reports_bad_lines_and_is_idempotent() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Arc::new(create(&dir.path().join("c"), settings("ingest")));
+    let path = dir.path().join("docs.jsonl");
+    let mut f = std::fs::File::create(&path).unwrap();
+    for i in 0..40 {
+        match i {
+            2 => writeln!(f, "{{not json").unwrap(),
+            9 => writeln!(f, r#"{{"id": "no-text"}}"#).unwrap(),
+            15 => writeln!(f).unwrap(), // blank lines are skipped, not errors
+            _ => writeln!(f, "{}", serde_json::json!({"id": format!("d{i}"), "text": format!("Document {i} covers subject {}.", i % 5), "metadata": {"i": i}})).unwrap(),
+        }
+    }
+    drop(f);
+    let registry = JobRegistry::default();
+    let view = run(&registry, &c, Source::Jsonl(path.clone()), OnError::Skip);
+    assert_eq!(view.state, JobState::Done, "{view:?}");
+    assert_eq!(view.progress.documents_written, 37);
+    assert_eq!(view.progress.documents_failed, 2);
+    assert_eq!(view.errors.iter().map(|e| e.line.unwrap()).collect::<Vec<_>>(), vec![3, 10]);
+    assert!(view.errors[1].message.contains("missing `text`"));
+    assert_eq!(view.progress.fraction, 1.0);
+    assert_eq!(c.info().documents, 37);
+    let seq = c.info().last_seq;
+    // Re-running the same input changes nothing.
+    let again = run(&registry, &c, Source::Jsonl(path.clone()), OnError::Skip);
+    assert_eq!((again.progress.documents_written, again.progress.documents_unchanged), (0, 37));
+    assert_eq!(c.info().last_seq, seq);
+    // Everything is searchable once the job is done.
+    let hits = c.search(&SearchRequest { query: "Document 33".into(), top_k: 1, mode: SearchMode::Keyword, ..Default::default() }).unwrap();
+    assert_eq!(hits.results[0].document_id, "d33");
+    // With on_error=fail the job stops at the first bad line and says where.
+    let c2 = Arc::new(create(&dir.path().join("c2"), settings("strict")));
+    let failed = run(&registry, &c2, Source::Jsonl(path), OnError::Fail);
+    assert_eq!(failed.state, JobState::Failed);
+    assert!(failed.error.as_deref().unwrap().contains("line 3"), "{failed:?}");
+    assert_eq!(registry.list().len(), 3);
+}
+
+#[test]
+fn beir_corpus_and_directories() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = JobRegistry::default();
+    // A slice of BEIR SciFact's corpus.jsonl (`_id`, `title`, `text`, `metadata: {}`).
+    let c = Arc::new(create(&dir.path().join("beir"), settings("beir")));
+    let corpus = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/scifact_sample.jsonl");
+    let view = run(&registry, &c, Source::from_path(&corpus), OnError::Fail);
+    assert_eq!(view.state, JobState::Done, "{view:?}");
+    assert_eq!(view.progress.documents_written, 40);
+    let doc = c.get("4983").unwrap();
+    assert!(doc.title.as_deref().unwrap().starts_with("Microstructural development"));
+    let hits = c
+        .search(&SearchRequest {
+            query: "diffusion tensor MRI of white matter in preterm infants".into(),
+            top_k: 3,
+            group_by_document: true,
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(hits.results[0].document_id, "4983");
+
+    // A directory of Markdown and text files (others ignored), ids are relative paths.
+    let files = dir.path().join("files");
+    std::fs::create_dir_all(files.join("sub")).unwrap();
+    std::fs::write(files.join("a.md"), "# Heading A\n\nAlpacas graze on high plateaus.").unwrap();
+    std::fs::write(files.join("sub/b.txt"), "Bees make honey from nectar.").unwrap();
+    std::fs::write(files.join("skip.bin"), [0u8, 159, 146, 150]).unwrap();
+    std::fs::write(files.join("bad.txt"), [0xffu8, 0xfe]).unwrap();
+    let d = Arc::new(create(&dir.path().join("dir"), settings("dir")));
+    let view = run(&registry, &d, Source::from_path(&files), OnError::Skip);
+    assert_eq!(view.progress.documents_written, 2, "{view:?}");
+    assert_eq!(view.errors[0].file.as_deref(), Some("bad.txt"));
+    assert_eq!(d.get("a.md").unwrap().title.as_deref(), Some("Heading A"));
+    assert_eq!(d.get("sub/b.txt").unwrap().metadata["path"], "sub/b.txt");
+}
