@@ -18,6 +18,7 @@ pub struct Server {
     pub url: String,
     pub log: Arc<Mutex<Vec<String>>>,
     _data: PathBuf,
+    keep_data: bool,
 }
 
 impl Server {
@@ -29,6 +30,15 @@ impl Server {
     /// Starts the binary with another models directory.
     pub fn start_with_models(models: &std::path::Path, extra: &[&str]) -> Server {
         let data = std::env::temp_dir().join(format!("ragway-gw-{}-{}", std::process::id(), rand_suffix()));
+        Self::spawn(models, data, false, extra)
+    }
+
+    /// Starts the binary on a data directory that outlives it (restarts, crash tests).
+    pub fn start_in(data: &std::path::Path, extra: &[&str]) -> Server {
+        Self::spawn(&models_dir(), data.to_path_buf(), true, extra)
+    }
+
+    fn spawn(models: &std::path::Path, data: PathBuf, keep_data: bool, extra: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_ragway"))
             .args(["serve", "--host", "127.0.0.1", "--port", "0", "--http-workers", "2"])
             .arg("--models-dir")
@@ -57,7 +67,13 @@ impl Server {
         let url = rx
             .recv_timeout(Duration::from_secs(60))
             .unwrap_or_else(|_| panic!("server did not start: {:?}", log.lock().unwrap()));
-        Server { child, url, log, _data: data }
+        Server { child, url, log, _data: data, keep_data }
+    }
+
+    /// SIGKILL: no shutdown, no flush.
+    pub fn kill9(&mut self) {
+        self.child.kill().expect("kill");
+        self.child.wait().expect("wait");
     }
 
     pub fn wait_ready(&self) {
@@ -79,6 +95,12 @@ impl Server {
         (status, r.json().unwrap_or(Value::Null))
     }
 
+    pub fn delete(&self, path: &str) -> (u16, Value) {
+        let r = client().delete(format!("{}{path}", self.url)).send().expect("request");
+        let status = r.status().as_u16();
+        (status, r.json().unwrap_or(Value::Null))
+    }
+
     pub fn get(&self, path: &str) -> (u16, Value) {
         let r = client().get(format!("{}{path}", self.url)).send().expect("request");
         let status = r.status().as_u16();
@@ -95,7 +117,9 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self._data);
+        if !self.keep_data {
+            let _ = std::fs::remove_dir_all(&self._data);
+        }
     }
 }
 

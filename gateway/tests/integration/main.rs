@@ -1,7 +1,9 @@
 //! Gateway tests against the real `ragway` binary and real weights (one test binary, one
 //! module per area).
 
+mod collections;
 mod common;
+mod durability;
 mod completions;
 mod embeddings;
 mod openai_client;

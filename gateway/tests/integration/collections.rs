@@ -1,0 +1,175 @@
+//! The collection, document, search, ingestion and snapshot endpoints over real HTTP.
+
+use crate::common::{assert_openai_error, client, shared, Server};
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+fn wait_job(s: &Server, id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let (status, job) = s.get(&format!("/v1/jobs/{id}"));
+        assert_eq!(status, 200, "{job}");
+        if job["state"] == "done" || job["state"] == "failed" {
+            return job;
+        }
+        assert!(Instant::now() < deadline, "job never finished: {job}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn collections_documents_and_search() {
+    let s = shared();
+    let (status, info) = s.post("/v1/collections", &json!({"name": "api-docs", "hnsw": {"m": 12}, "chunking": {"max_tokens": 128}}));
+    assert_eq!(status, 201, "{info}");
+    assert_eq!(info["settings"]["model"], "all-MiniLM-L6-v2");
+    assert_eq!(info["settings"]["dimension"], 384);
+    assert_eq!(info["settings"]["hnsw"]["m"], 12);
+    assert_eq!(info["state"], "ready");
+    let (status, body) = s.post("/v1/collections", &json!({"name": "api-docs"}));
+    assert_eq!(assert_openai_error(status, &body, 409)["code"], "collection_exists");
+    let (status, body) = s.post("/v1/collections", &json!({"name": "bad name!"}));
+    assert_eq!(assert_openai_error(status, &body, 400)["param"], "name");
+    let (status, body) = s.post("/v1/collections", &json!({"name": "x", "hnsw": {"mm": 3}}));
+    assert_openai_error(status, &body, 400);
+
+    let docs = json!({"documents": [
+        {"id": "cats", "text": "The domestic cat is a small carnivorous mammal that purrs and hunts mice.", "metadata": {"year": 2001, "tags": ["animal"]}},
+        {"id": "rocket", "text": "Liquid-fuel rockets burn kerosene and liquid oxygen to reach orbit.", "title": "Rockets", "metadata": {"year": 2010}},
+        {"id": "path/with/slash", "text": "Sourdough bread rises slowly thanks to wild yeast.", "metadata": {"year": 2020}}
+    ]});
+    let (status, r) = s.post("/v1/collections/api-docs/documents", &docs);
+    assert_eq!(status, 200, "{r}");
+    assert_eq!((r["upserted"].as_u64(), r["chunks"].as_u64()), (Some(3), Some(3)));
+    let (_, r) = s.post("/v1/collections/api-docs/documents", &docs);
+    assert_eq!(r["unchanged"], 3, "the same documents again change nothing");
+
+    let (status, r) = s.post("/v1/collections/api-docs/search", &json!({"query": "a feline pet", "top_k": 2, "mode": "dense"}));
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["results"][0]["document_id"], "cats");
+    assert_eq!(r["results"][0]["chunk_id"], "cats#0");
+    assert_eq!(r["results"][0]["dense"]["rank"], 1);
+    let (_, r) = s.post("/v1/collections/api-docs/search", &json!({"query": "kerosene"}));
+    assert_eq!(r["mode"], "hybrid");
+    assert_eq!(r["results"][0]["document_id"], "rocket");
+    assert_eq!(r["results"][0]["title"], "Rockets");
+    assert_eq!(r["results"][0]["keyword"]["rank"], 1);
+    let (_, r) = s.post(
+        "/v1/collections/api-docs/search",
+        &json!({"query": "kerosene", "filter": {"key": "year", "gte": 2015}, "fusion": {"method": "convex", "dense_weight": 0.5, "keyword_weight": 0.5}}),
+    );
+    let results = r["results"].as_array().unwrap();
+    assert_eq!(results.len(), 1, "{r}");
+    assert_eq!(results[0]["document_id"], "path/with/slash");
+
+    // Bad search input: OpenAI-shaped 400s that name the parameter.
+    let (status, body) = s.post("/v1/collections/api-docs/search", &json!({"query": "x", "filter": {"key": "year", "gte": "soon"}}));
+    assert_eq!(assert_openai_error(status, &body, 400)["param"], "filter.gte");
+    let (status, body) = s.post("/v1/collections/api-docs/search", &json!({"query": "x", "top_k": 0}));
+    assert_eq!(assert_openai_error(status, &body, 400)["param"], "top_k");
+    let (status, body) = s.post("/v1/collections/api-docs/search", &json!({"query": "x", "mode": "fuzzy"}));
+    assert_openai_error(status, &body, 400);
+    let (status, body) = s.post("/v1/collections/api-docs/search", &json!({"query": "  "}));
+    assert_eq!(assert_openai_error(status, &body, 400)["param"], "query");
+    let (status, body) = s.post("/v1/collections/nope/search", &json!({"query": "x"}));
+    assert_eq!(assert_openai_error(status, &body, 404)["code"], "collection_not_found");
+    let (status, body) = s.post("/v1/collections/api-docs/documents", &json!({"documents": [{"id": "", "text": "x"}]}));
+    assert_eq!(assert_openai_error(status, &body, 400)["param"], "documents[0].id");
+    let (status, body) = s.post("/v1/collections/api-docs/documents", &json!({"documents": [{"id": "a", "text": "x", "metadata": [1]}]}));
+    assert_eq!(assert_openai_error(status, &body, 400)["param"], "documents[0].metadata");
+
+    let (status, d) = s.get("/v1/collections/api-docs/documents/path/with/slash");
+    assert_eq!(status, 200, "{d}");
+    assert_eq!(d["metadata"]["year"], 2020);
+    assert_eq!(d["chunks"][0]["chunk_id"], "path/with/slash#0");
+    let (status, body) = s.get("/v1/collections/api-docs/documents/missing");
+    assert_eq!(assert_openai_error(status, &body, 404)["code"], "document_not_found");
+    let (status, r) = s.delete("/v1/collections/api-docs/documents/cats");
+    assert_eq!((status, r["deleted"].as_u64()), (200, Some(1)));
+    let (status, r) = s.post("/v1/collections/api-docs/documents/delete", &json!({"filter": {"key": "year", "lt": 2015}}));
+    assert_eq!((status, r["deleted"].as_u64()), (200, Some(1)), "{r}");
+    let (_, info) = s.get("/v1/collections/api-docs");
+    assert_eq!((info["documents"].as_u64(), info["chunks"].as_u64(), info["keyword_chunks"].as_u64()), (Some(1), Some(1), Some(1)));
+    assert!(info["disk_bytes"].as_u64().unwrap() > 0 && info["memory_bytes"].as_u64().unwrap() > 0);
+
+    // Snapshot, restore under a new name, delete.
+    let (status, r) = s.post("/v1/collections/api-docs/snapshot", &json!({"path": "api-docs-1"}));
+    assert_eq!(status, 201, "{r}");
+    let (status, body) = s.post("/v1/collections/api-docs/snapshot", &json!({"path": "../../etc"}));
+    assert_eq!(assert_openai_error(status, &body, 400)["param"], "path");
+    let (status, r) = s.post("/v1/collections/api-copy/restore", &json!({"path": "api-docs-1"}));
+    assert_eq!(status, 201, "{r}");
+    assert_eq!(r["documents"], 1);
+    let (_, list) = s.get("/v1/collections");
+    let names: Vec<&str> = list["data"].as_array().unwrap().iter().map(|c| c["settings"]["name"].as_str().unwrap()).collect();
+    assert!(names.contains(&"api-docs") && names.contains(&"api-copy"), "{names:?}");
+    let (status, r) = s.delete("/v1/collections/api-copy");
+    assert_eq!((status, r["deleted"].as_bool()), (200, Some(true)));
+    let (status, body) = s.get("/v1/collections/api-copy");
+    assert_openai_error(status, &body, 404);
+}
+
+#[test]
+fn jsonl_upload_runs_a_job_with_progress_and_line_numbers() {
+    let s = shared();
+    assert_eq!(s.post("/v1/collections", &json!({"name": "api-ingest"})).0, 201);
+    let mut body = String::new();
+    for i in 0..30 {
+        if i == 4 {
+            body.push_str("{\"id\": 5, \"text\": \n");
+        } else {
+            body.push_str(&json!({"_id": format!("doc{i}"), "title": format!("Title {i}"), "text": format!("Body text number {i} about rivers and lakes."), "metadata": {}}).to_string());
+            body.push('\n');
+        }
+    }
+    let r = client()
+        .post(format!("{}/v1/collections/api-ingest/ingest", s.url))
+        .header("content-type", "application/x-ndjson")
+        .body(body)
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    let started: Value = r.json().unwrap();
+    let job = wait_job(s, started["job_id"].as_str().unwrap());
+    assert_eq!(job["state"], "done", "{job}");
+    assert_eq!(job["progress"]["documents_written"], 29);
+    assert_eq!(job["progress"]["documents_failed"], 1);
+    assert_eq!(job["errors"][0]["line"], 5);
+    assert_eq!(job["progress"]["fraction"], 1.0);
+    let (_, r) = s.post("/v1/collections/api-ingest/search", &json!({"query": "Body text number 17", "mode": "keyword", "top_k": 1}));
+    assert_eq!(r["results"][0]["document_id"], "doc17");
+    let (_, jobs) = s.get("/v1/jobs");
+    assert!(jobs["data"].as_array().unwrap().iter().any(|j| j["id"] == started["job_id"]));
+    let (status, body) = s.get("/v1/jobs/job-nope");
+    assert_openai_error(status, &body, 404);
+    // Server-side paths are refused unless the server names an ingest root.
+    let (status, body) = s.post("/v1/collections/api-ingest/ingest", &json!({"path": "corpus.jsonl"}));
+    assert_eq!(assert_openai_error(status, &body, 403)["code"], "forbidden");
+    let r = client()
+        .post(format!("{}/v1/collections/api-ingest/ingest", s.url))
+        .header("content-type", "application/x-ndjson")
+        .body("")
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+}
+
+#[test]
+fn server_side_paths_under_the_ingest_root() {
+    let root = std::env::temp_dir().join(format!("ragway-ingest-root-{}", std::process::id()));
+    std::fs::create_dir_all(root.join("notes")).unwrap();
+    std::fs::write(root.join("notes/one.md"), "# First note\n\nOtters hold hands while sleeping.").unwrap();
+    std::fs::write(root.join("notes/two.txt"), "Octopuses have three hearts.").unwrap();
+    let s = Server::start(&["--ingest-root", root.to_str().unwrap()]);
+    s.wait_ready();
+    assert_eq!(s.post("/v1/collections", &json!({"name": "notes"})).0, 201);
+    let (status, r) = s.post("/v1/collections/notes/ingest", &json!({"path": "notes"}));
+    assert_eq!(status, 202, "{r}");
+    let job = wait_job(&s, r["job_id"].as_str().unwrap());
+    assert_eq!(job["progress"]["documents_written"], 2, "{job}");
+    let (status, d) = s.get("/v1/collections/notes/documents/one.md");
+    assert_eq!((status, d["title"].as_str()), (200, Some("First note")));
+    let (status, body) = s.post("/v1/collections/notes/ingest", &json!({"path": "../outside"}));
+    assert_eq!(assert_openai_error(status, &body, 400)["param"], "path");
+    let _ = std::fs::remove_dir_all(root);
+}
