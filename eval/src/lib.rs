@@ -1,2 +1,6 @@
-//! ragway-eval: datasets, metrics, runners and reports for offline evaluation.
-//! Built by the evaluation issue; nothing is exported yet.
+//! # ragway-eval
+//!
+//! Offline evaluation: datasets, metrics with their published definitions, runners and
+//! reports. So far: retrieval metrics as pytrec_eval computes them.
+
+pub mod retrieval;

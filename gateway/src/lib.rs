@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod error;
+pub mod ingest_cmd;
 pub mod routes;
 pub mod server;
 pub mod state;

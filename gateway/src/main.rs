@@ -15,6 +15,8 @@ struct Cli {
 enum Command {
     /// Serve the OpenAI-compatible API with the configured models.
     Serve(ServeArgs),
+    /// Ingest a JSONL / BEIR corpus file or a directory of text files into a collection.
+    Ingest(ragway_gateway::ingest_cmd::IngestArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -31,5 +33,6 @@ fn main() -> anyhow::Result<()> {
             let settings = args.resolve()?;
             actix_web::rt::System::new().block_on(ragway_gateway::server::serve(settings))
         }
+        Command::Ingest(args) => ragway_gateway::ingest_cmd::run(args),
     }
 }

@@ -643,7 +643,7 @@ impl Collection {
             Vec::new()
         } else {
             let allow = allowed.clone().map(|set| Arc::new(move |k: u64| set.contains(&k)) as Arc<dyn Fn(u64) -> bool + Send + Sync>);
-            self.keyword.search(&snapshot, &req.query, candidates, self.settings.keyword.title_boost, allow)?
+            self.keyword.search(&snapshot, &req.query, candidates, req.title_boost.unwrap_or(self.settings.keyword.title_boost), allow)?
         };
         // Drop hits whose chunk left the table since the snapshot was taken (a rare race).
         let present = |hits: Vec<(u64, f32)>| -> Vec<(u64, f32)> {
@@ -701,6 +701,14 @@ impl Collection {
             })
             .collect();
         Ok(SearchResponse { results, mode: req.mode, dense_exact })
+    }
+
+    /// The stored vectors of the live chunks, in key order (benchmarks, exports).
+    pub fn export_vectors(&self) -> Vec<Vec<f32>> {
+        let table = self.table.read().expect("table");
+        let mut keys: Vec<u64> = table.chunks.iter().filter(|(_, c)| c.removed == NOT_REMOVED).map(|(k, _)| *k).collect();
+        keys.sort_unstable();
+        keys.iter().map(|k| table.chunks[k].vector.to_vec()).collect()
     }
 
     /// Counts, sizes and state.

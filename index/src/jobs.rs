@@ -124,14 +124,17 @@ impl Job {
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let elapsed = self.finished.get().copied().unwrap_or_else(|| self.started.get().map_or(0.0, |s| s.elapsed().as_secs_f64()));
         let (read, total) = (get(&p.bytes_read), get(&p.bytes_total));
+        let done_docs = get(&p.documents_written) + get(&p.documents_unchanged) + get(&p.documents_failed);
+        // Bytes read run ahead of documents written by the pipeline's buffers: scale the
+        // share of input read by the share of read documents that are done.
         let fraction = if state == JobState::Done {
             1.0
         } else if total > 0 {
-            (read as f64 / total as f64).min(1.0)
+            let docs_read = get(&p.documents_read).max(1) as f64;
+            ((read as f64 / total as f64) * (done_docs as f64 / docs_read).min(1.0)).min(1.0)
         } else {
             0.0
         };
-        let done_docs = get(&p.documents_written) + get(&p.documents_unchanged) + get(&p.documents_failed);
         let rate = |n: u64| if elapsed > 0.0 { n as f64 / elapsed } else { 0.0 };
         let eta = (state == JobState::Running && fraction > 0.0).then(|| elapsed * (1.0 - fraction) / fraction);
         JobView {

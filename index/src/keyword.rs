@@ -86,11 +86,14 @@ impl KeywordIndex {
             writer.delete_term(Term::from_field_text(self.doc_id, id));
         }
         for c in chunks {
+            // The text field carries the title too (BM25 over "title + text", as BEIR's
+            // BM25 baselines index it); the title field adds an optional boost on top.
+            let body = if c.title.is_empty() { c.text.to_string() } else { format!("{}\n{}", c.title, c.text) };
             writer.add_document(doc!(
                 self.key => c.key,
                 self.doc_id => c.doc_id,
                 self.title => c.title,
-                self.text => c.text,
+                self.text => body,
             ))?;
         }
         self.pending.fetch_max(seq, Ordering::SeqCst);

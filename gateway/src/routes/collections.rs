@@ -176,6 +176,8 @@ pub struct SearchBody {
     group_by_document: bool,
     #[serde(default)]
     vector: Option<Vec<f32>>,
+    #[serde(default)]
+    title_boost: Option<f32>,
 }
 
 #[post("/v1/collections/{name}/search")]
@@ -194,6 +196,9 @@ pub async fn search(
     if b.candidates.is_some_and(|c| c == 0 || c > 10 * MAX_TOP_K) {
         return Err(ApiError::invalid("candidates", format!("candidates must be between 1 and {}", 10 * MAX_TOP_K)));
     }
+    if b.title_boost.is_some_and(|t| !(0.0..=100.0).contains(&t)) {
+        return Err(ApiError::invalid("title_boost", "title_boost must be between 0 and 100"));
+    }
     if b.ef.is_some_and(|e| e == 0 || e > 10_000) {
         return Err(ApiError::invalid("ef", "ef must be between 1 and 10000"));
     }
@@ -208,6 +213,7 @@ pub async fn search(
         group_by_document: b.group_by_document,
         vector: b.vector,
         exact_scan_max: None,
+        title_boost: b.title_boost,
     };
     let resp = blocking(move || index.get(&name)?.search(&req)).await?;
     Ok(HttpResponse::Ok().json(json!({"object": "list", "results": resp.results, "mode": resp.mode, "dense_exact": resp.dense_exact})))

@@ -62,12 +62,25 @@ fn dense_keyword_and_hybrid_search_upsert_and_delete() {
     assert_eq!(ids(&hits), vec!["rocket"]);
     assert!(hits[0].keyword.unwrap().score > 0.0);
 
-    // Hybrid: both halves rank the volcano first.
+    // Hybrid: both halves rank the volcano first; the default convex fusion gives the top
+    // of both lists 0.5 + 0.5.
     let hits = search(&c, "volcano lava", SearchMode::Hybrid, 3, None);
     assert_eq!(hits[0].document_id, "volcano");
     assert_eq!((hits[0].dense.unwrap().rank, hits[0].keyword.unwrap().rank), (1, 1));
-    let expected = 2.0 / 61.0;
-    assert!((hits[0].score - expected).abs() < 1e-6, "RRF k=60 score {}", hits[0].score);
+    assert!((hits[0].score - 1.0).abs() < 1e-6, "convex score {}", hits[0].score);
+    let rrf = SearchRequest {
+        query: "volcano lava".into(),
+        top_k: 3,
+        fusion: Some(ragway_index::fusion::FusionParams {
+            method: ragway_index::fusion::FusionMethod::Rrf,
+            rrf_k: 60.0,
+            dense_weight: 1.0,
+            keyword_weight: 1.0,
+        }),
+        ..Default::default()
+    };
+    let hits = c.search(&rrf).unwrap().results;
+    assert!((hits[0].score - 2.0 / 61.0).abs() < 1e-6, "RRF k=60 score {}", hits[0].score);
 
     // A filter applies to both halves and returns every match when fewer than top_k exist.
     let hits = search(&c, "rocket", SearchMode::Hybrid, 10, Some(json!({"key": "year", "gte": 2003})));

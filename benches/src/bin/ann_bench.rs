@@ -1,0 +1,213 @@
+//! The dense half alone: hnsw_rs as ragway builds and searches it (with its AVX-512 dot
+//! product as the distance), against exact search and against hnswlib and faiss on the very
+//! same vectors in the same run.
+//!
+//! Data (`--data`):
+//! - `scifact` (default): the chunk embeddings of an ingested SciFact collection (run
+//!   `retrieval-bench` first), topped up to `--n` with vectors shaped like them (a random
+//!   mix of two real vectors plus noise, normalized); queries are the 1,109 SciFact queries'
+//!   embeddings.
+//! - `normal`: isotropic Gaussian vectors, a pathological case for every HNSW (reported
+//!   separately).
+//!
+//! Reports build time, resident memory, and per `ef`: recall@10 against exact search, QPS
+//! on one thread and on all threads.
+//!
+//!     cargo run --release -p ragway-benches --bin ann-bench -- --n 100000
+
+use clap::Parser;
+use ragway_benches::{reference_python, workspace_root};
+use ragway_engine::embed::{Embedder, EmbedderOptions};
+use ragway_index::dense::{exact_search, DenseIndex, Distance, HnswParams};
+use ragway_index::{ChunkEmbedder, Collection, LocalEmbedder};
+use rayon::prelude::*;
+use serde_json::{json, Value};
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long, env = "RAGWAY_MODELS_DIR")]
+    models_dir: Option<PathBuf>,
+    #[arg(long, default_value_t = 100_000)]
+    n: usize,
+    #[arg(long, default_value = "scifact")]
+    data: String,
+    /// Ingested SciFact collection (from retrieval-bench).
+    #[arg(long)]
+    collection: Option<PathBuf>,
+    #[arg(long, default_value_t = 16)]
+    m: usize,
+    #[arg(long, default_value_t = 200)]
+    ef_construction: usize,
+    #[arg(long, default_value = "16,32,64,128,256")]
+    efs: String,
+    #[arg(long)]
+    no_reference: bool,
+}
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+        z ^ (z >> 31)
+    }
+    fn uniform(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 24) as f32
+    }
+    fn normal(&mut self) -> f32 {
+        let (u1, u2) = (self.uniform().max(1e-7), self.uniform());
+        (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+    }
+}
+
+fn normalize(v: &mut [f32]) {
+    Distance::Cosine.prepare(v);
+}
+
+fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    statm.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok()).unwrap_or(0) * 4096
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let dim = 384;
+    let mut rng = Rng(42);
+    let (base, queries) = match args.data.as_str() {
+        "normal" => {
+            let mut gen = |n: usize| -> Vec<Vec<f32>> {
+                (0..n)
+                    .map(|_| {
+                        let mut v: Vec<f32> = (0..dim).map(|_| rng.normal()).collect();
+                        normalize(&mut v);
+                        v
+                    })
+                    .collect()
+            };
+            let base = gen(args.n);
+            (base, gen(1000))
+        }
+        "scifact" => {
+            let models = args.models_dir.clone().unwrap_or_else(|| workspace_root().join("models"));
+            let embedder = Arc::new(LocalEmbedder {
+                model_id: "all-MiniLM-L6-v2".into(),
+                embedder: Embedder::load(&models.join("all-MiniLM-L6-v2"), EmbedderOptions::default())?,
+            });
+            let dir = args.collection.clone().unwrap_or_else(|| {
+                PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/ragway/bench/scifact-default")
+            });
+            let real = Collection::open(&dir, embedder.clone())
+                .map_err(|e| anyhow::anyhow!("{}: {e} (run retrieval-bench first)", dir.display()))?
+                .export_vectors();
+            let mut base = real.clone();
+            while base.len() < args.n {
+                let (i, j) = (rng.next() as usize % real.len(), rng.next() as usize % real.len());
+                let a = 0.5 + 0.5 * rng.uniform();
+                let mut v: Vec<f32> = (0..dim).map(|d| a * real[i][d] + (1.0 - a) * real[j][d] + 0.02 * rng.normal()).collect();
+                normalize(&mut v);
+                base.push(v);
+            }
+            base.truncate(args.n);
+            let text = std::fs::read_to_string(workspace_root().join("../shared/data/scifact/queries.jsonl"))?;
+            let queries = text
+                .lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .map(|v| embedder.embed_query(v["text"].as_str().unwrap_or_default()).map(|mut q| {
+                    normalize(&mut q);
+                    q
+                }))
+                .collect::<Result<Vec<_>, _>>()?;
+            (base, queries)
+        }
+        other => anyhow::bail!("unknown --data {other}"),
+    };
+    let k = 10;
+    eprintln!("[ann-bench] {} vectors, {} queries ({}): exact search for the ground truth", base.len(), queries.len(), args.data);
+    let t = Instant::now();
+    let gt: Vec<Vec<u64>> = queries
+        .par_iter()
+        .map(|q| exact_search(Distance::Cosine, q, base.iter().enumerate().map(|(i, v)| (i as u64, v.as_slice())), k).into_iter().map(|x| x.0).collect())
+        .collect();
+    let exact_qps = queries.len() as f64 / t.elapsed().as_secs_f64();
+
+    let rss0 = rss_bytes();
+    let params = HnswParams { m: args.m, ef_construction: args.ef_construction, ef: 64 };
+    let t = Instant::now();
+    let index = DenseIndex::new(params, Distance::Cosine, base.len());
+    let items: Vec<(&[f32], usize)> = base.iter().enumerate().map(|(i, v)| (v.as_slice(), i)).collect();
+    index.insert(&items);
+    let build_s = t.elapsed().as_secs_f64();
+    let graph_mib = (rss_bytes().saturating_sub(rss0)) as f64 / (1 << 20) as f64;
+    eprintln!("[ann-bench] hnsw_rs built in {build_s:.1}s ({} threads), +{graph_mib:.0} MiB resident", rayon::current_num_threads());
+
+    let recall = |found: &[Vec<u64>]| -> f64 {
+        found.iter().zip(&gt).map(|(f, g)| f.iter().filter(|x| g.contains(x)).count() as f64 / k as f64).sum::<f64>() / gt.len() as f64
+    };
+    let efs: Vec<usize> = args.efs.split(',').map(|e| e.parse()).collect::<Result<_, _>>()?;
+    let mut rows = Vec::new();
+    for &ef in &efs {
+        let mut single = Vec::new();
+        let mut found = Vec::new();
+        for _ in 0..3 {
+            let t = Instant::now();
+            found = queries.iter().map(|q| index.search(q, k, ef, &|_| true).into_iter().map(|x| x.0).collect::<Vec<u64>>()).collect();
+            single.push(queries.len() as f64 / t.elapsed().as_secs_f64());
+        }
+        let t = Instant::now();
+        let _: Vec<_> = queries.par_iter().map(|q| index.search(q, k, ef, &|_| true)).collect();
+        let all = queries.len() as f64 / t.elapsed().as_secs_f64();
+        single.sort_by(f64::total_cmp);
+        let r = recall(&found);
+        println!("ragway/hnsw_rs ef={ef:<4} recall@10 {r:.4}  QPS 1 thread {:.0}  all threads {all:.0}", single[1]);
+        rows.push(json!({"ef": ef, "recall": r, "qps_1_thread": single[1], "qps_all_threads": all}));
+    }
+    let mut reference = Value::Null;
+    if !args.no_reference {
+        if let Some(python) = reference_python() {
+            let tmp = tempfile::tempdir()?;
+            let write = |name: &str, bytes: &[u8]| -> anyhow::Result<PathBuf> {
+                let p = tmp.path().join(name);
+                std::fs::File::create(&p)?.write_all(bytes)?;
+                Ok(p)
+            };
+            let flat = |vs: &[Vec<f32>]| vs.iter().flatten().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+            let b = write("base.f32", &flat(&base))?;
+            let q = write("queries.f32", &flat(&queries))?;
+            let g = write("gt.i64", &gt.iter().flatten().flat_map(|x| (*x as i64).to_le_bytes()).collect::<Vec<u8>>())?;
+            let out = std::process::Command::new(python)
+                .arg(workspace_root().join("benches/scripts/ann_reference.py"))
+                .args(["--base", b.to_str().unwrap(), "--queries", q.to_str().unwrap(), "--gt", g.to_str().unwrap()])
+                .args(["--dim", "384", "--M", &args.m.to_string(), "--ef-construction", &args.ef_construction.to_string(), "--efs", &args.efs])
+                .output()?;
+            eprint!("{}", String::from_utf8_lossy(&out.stderr));
+            reference = serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap_or(Value::Null);
+            for lib in ["hnswlib", "faiss"] {
+                if let Some(r) = reference.get(lib) {
+                    println!("{lib:<8} build {:.1}s", r["build_s"].as_f64().unwrap_or(0.0));
+                    for (row, ours) in r["by_ef"].as_array().into_iter().flatten().zip(&rows) {
+                        let qps = row["qps"].as_f64().unwrap_or(0.0);
+                        println!(
+                            "{lib:<8} ef={:<4} recall@10 {:.4}  QPS 1 thread {qps:.0}   ragway/{lib} QPS ratio {:.2}",
+                            row["ef"], row["recall"].as_f64().unwrap_or(0.0),
+                            ours["qps_1_thread"].as_f64().unwrap_or(0.0) / qps
+                        );
+                    }
+                }
+            }
+        }
+    }
+    println!(
+        "{}",
+        json!({"bench": "ann", "data": args.data, "n": base.len(), "queries": queries.len(), "m": args.m,
+               "ef_construction": args.ef_construction, "build_s": build_s, "graph_resident_mib": graph_mib,
+               "exact_qps_all_threads": exact_qps, "ragway": rows, "reference": reference})
+    );
+    Ok(())
+}
