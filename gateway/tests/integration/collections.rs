@@ -173,3 +173,33 @@ fn server_side_paths_under_the_ingest_root() {
     assert_eq!(assert_openai_error(status, &body, 400)["param"], "path");
     let _ = std::fs::remove_dir_all(root);
 }
+
+#[test]
+fn ingest_cli_then_serve_the_same_data_dir() {
+    let data = std::env::temp_dir().join(format!("ragway-cli-ingest-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    let corpus = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../index/tests/data/scifact_sample.jsonl");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ragway"))
+        .args(["ingest", "--collection", "sci", "--input"])
+        .arg(&corpus)
+        .arg("--models-dir")
+        .arg(crate::common::models_dir())
+        .arg("--data-dir")
+        .arg(&data)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .expect("run ragway ingest");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    assert_eq!(report["state"], "done");
+    assert_eq!(report["progress"]["documents_written"], 40);
+    // The server opens what the CLI wrote.
+    let s = Server::start_in(&data, &[]);
+    s.wait_ready();
+    let (_, info) = s.get("/v1/collections/sci");
+    assert_eq!(info["documents"], 40, "{info}");
+    let (_, r) = s.post("/v1/collections/sci/search", &json!({"query": "white matter diffusion in preterm infants", "top_k": 1}));
+    assert_eq!(r["results"][0]["document_id"], "4983");
+    drop(s);
+    let _ = std::fs::remove_dir_all(&data);
+}
