@@ -620,11 +620,14 @@ impl Collection {
                             }
                         };
                         let hits = graph.search(q, candidates, ef, &keep);
-                        let available = match &allowed {
-                            Some(set) => set.len(),
-                            None => table.chunks.values().filter(|c| c.visible(v)).count(),
-                        };
-                        if hits.len() < candidates.min(available) {
+                        // Counting what exists is a scan: only when the walk came up short.
+                        let short = hits.len() < candidates
+                            && hits.len()
+                                < match &allowed {
+                                    Some(set) => set.len(),
+                                    None => table.chunks.values().filter(|c| c.visible(v)).count(),
+                                };
+                        if short {
                             // The filter or tombstones starved the graph walk: never return
                             // fewer results than exist.
                             dense_exact = true;

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Distance {
     #[default]
     Cosine,
@@ -92,6 +93,7 @@ impl GraphDistance<f32> for GraphDist {
 /// HNSW parameters of a collection.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HnswParams {
     /// Links per node (hnsw_rs `max_nb_connection`).
     pub m: usize,
@@ -140,18 +142,37 @@ impl DenseIndex {
     }
 
     /// The `k` best points that pass `keep`, best first, as (key, score).
+    ///
+    /// The graph is walked unfiltered and the results filtered afterwards, widening the walk
+    /// (4x each time) while too few pass. hnsw_rs's own filtered walk never stops early and
+    /// visits most of the graph on every query (measured: 20x slower than hnswlib at the same
+    /// recall); callers fall back to an exact scan when even the widest walk comes up short.
     pub fn search(&self, query: &[f32], k: usize, ef: usize, keep: &dyn Fn(usize) -> bool) -> Vec<(u64, f32)> {
-        if k == 0 || self.is_empty() {
+        let n = self.len();
+        if k == 0 || n == 0 {
             return Vec::new();
         }
-        let filter = |id: &usize| keep(*id);
-        self.graph
-            .search_filter(query, k, ef.max(k), Some(&filter))
-            .into_iter()
-            .map(|n| (n.d_id as u64, self.distance.score_from_graph(n.distance)))
-            .collect()
+        let mut want = k;
+        loop {
+            let hits = self.graph.search(query, want, ef.max(want));
+            let walked_all = want >= n;
+            let found = hits.len();
+            let kept: Vec<(u64, f32)> = hits
+                .into_iter()
+                .filter(|h| keep(h.d_id))
+                .take(k)
+                .map(|h| (h.d_id as u64, self.distance.score_from_graph(h.distance)))
+                .collect();
+            if kept.len() >= k || walked_all || found < want || want >= MAX_WIDENED_WALK {
+                return kept;
+            }
+            want = (want * 4).min(n).min(MAX_WIDENED_WALK);
+        }
     }
 }
+
+/// The widest graph walk before the caller's exact scan takes over.
+const MAX_WIDENED_WALK: usize = 16_384;
 
 /// Exact top-`k` over `candidates`, best first; ties go to the smaller key.
 pub fn exact_search<'a>(
