@@ -86,6 +86,27 @@ pub struct ServeArgs {
     /// HTTP worker threads [default: number of cores].
     #[arg(long, env = "RAGWAY_HTTP_WORKERS")]
     pub http_workers: Option<usize>,
+    /// An API key with every scope (repeatable; the variable takes a comma-separated list).
+    /// With no key at all, authentication is off.
+    #[arg(long = "api-key", env = "RAGWAY_API_KEYS", value_delimiter = ',', hide_env_values = true)]
+    #[serde(default)]
+    pub api_keys: Vec<String>,
+    /// TOML file of `[[keys]]` with `key` (or `key_sha256`), `name`, `scopes` (read, write,
+    /// admin), `requests_per_minute`, `tokens_per_minute`.
+    #[arg(long, env = "RAGWAY_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
+    /// Leave /health, /ready and /metrics open when keys are configured [default: true].
+    #[arg(long, env = "RAGWAY_OPEN_PROBES", action = clap::ArgAction::Set)]
+    pub open_probes: Option<bool>,
+    /// Allow listening beyond loopback with no API key configured [default: false].
+    #[arg(long, env = "RAGWAY_ALLOW_UNAUTHENTICATED", num_args = 0..=1, default_missing_value = "true")]
+    pub allow_unauthenticated: Option<bool>,
+    /// Largest GraphQL query depth [default: 12].
+    #[arg(long, env = "RAGWAY_GRAPHQL_MAX_DEPTH")]
+    pub graphql_max_depth: Option<usize>,
+    /// Largest GraphQL query complexity (fields counted, lists by their limit) [default: 2000].
+    #[arg(long, env = "RAGWAY_GRAPHQL_MAX_COMPLEXITY")]
+    pub graphql_max_complexity: Option<usize>,
 }
 
 /// Resolved settings of the server.
@@ -113,6 +134,12 @@ pub struct Settings {
     pub ingest_root: Option<PathBuf>,
     pub commit_interval_ms: u64,
     pub max_upload_bytes: u64,
+    pub api_keys: Vec<String>,
+    pub api_keys_file: Option<PathBuf>,
+    pub open_probes: bool,
+    pub allow_unauthenticated: bool,
+    pub graphql_max_depth: usize,
+    pub graphql_max_complexity: usize,
 }
 
 impl ServeArgs {
@@ -161,6 +188,12 @@ impl ServeArgs {
             ingest_root: self.ingest_root.clone().or(file.ingest_root.clone()),
             commit_interval_ms: pick!(commit_interval_ms, 1000),
             max_upload_bytes: pick!(max_upload_bytes, 4 << 30),
+            api_keys: if self.api_keys.is_empty() { file.api_keys.clone() } else { self.api_keys.clone() },
+            api_keys_file: self.api_keys_file.clone().or(file.api_keys_file.clone()),
+            open_probes: pick!(open_probes, true),
+            allow_unauthenticated: pick!(allow_unauthenticated, false),
+            graphql_max_depth: pick!(graphql_max_depth, 12),
+            graphql_max_complexity: pick!(graphql_max_complexity, 2000),
         };
         if settings.embed_queue == 0 || settings.max_embed_inputs == 0 || settings.embed_batch_tokens == 0 {
             anyhow::bail!("embed_queue, max_embed_inputs and embed_batch_tokens must be positive");

@@ -5,6 +5,8 @@ use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, ResponseError};
 use ragway_engine::EngineError;
 use ragway_index::IndexError;
+use crate::auth::Scope;
+use crate::telemetry::Rejection;
 use serde::Serialize;
 
 /// An API error (see the module docs).
@@ -82,6 +84,73 @@ impl ApiError {
         }
     }
 
+    /// 401: no key, or a key that is not configured.
+    pub fn unauthenticated(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::UNAUTHORIZED,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("invalid_api_key"),
+            retry_after: None,
+        }
+    }
+
+    /// 403: the key lacks the scope the request needs.
+    pub fn forbidden(key: &str, needed: Scope) -> Self {
+        Self {
+            status: StatusCode::FORBIDDEN,
+            message: format!("the API key `{key}` lacks the `{}` scope this request needs", needed.as_str()),
+            kind: "permission_error",
+            param: None,
+            code: Some("insufficient_scope"),
+            retry_after: None,
+        }
+    }
+
+    /// 429: the key's requests or tokens per minute are spent.
+    pub fn rate_limited(key: &str, retry_after: u32) -> Self {
+        Self {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            message: format!("rate limit of the API key `{key}` reached; retry in {retry_after} s"),
+            kind: "rate_limit_error",
+            param: None,
+            code: Some("rate_limit_exceeded"),
+            retry_after: Some(retry_after),
+        }
+    }
+
+    /// The reason a refused request is counted under in `/metrics` (None for server faults).
+    pub fn rejection(&self) -> Option<Rejection> {
+        Some(match self.status.as_u16() {
+            401 => Rejection::Unauthenticated,
+            403 => Rejection::Forbidden,
+            413 => Rejection::BodyTooLarge,
+            429 if self.code == Some("queue_full") => Rejection::QueueFull,
+            429 => Rejection::RateLimited,
+            503 => Rejection::NotReady,
+            400..=499 => Rejection::InvalidRequest,
+            _ => return None,
+        })
+    }
+
+    /// GraphQL `extensions` of this error: the REST `code` (or `type` when it has none),
+    /// `type`, HTTP `status`, `param` and `retryAfter`.
+    pub fn graphql_extensions(&self) -> serde_json::Value {
+        let mut ext = serde_json::json!({
+            "code": self.code.unwrap_or(self.kind),
+            "type": self.kind,
+            "status": self.status.as_u16(),
+        });
+        if let Some(p) = &self.param {
+            ext["param"] = p.as_str().into();
+        }
+        if let Some(s) = self.retry_after {
+            ext["retryAfter"] = s.into();
+        }
+        ext
+    }
+
     /// 500 for failures that are ragway's fault.
     pub fn internal(message: impl Into<String>) -> Self {
         Self {
@@ -102,7 +171,7 @@ impl ApiError {
                 message: e.to_string(),
                 kind: "rate_limit_error",
                 param: None,
-                code: Some("rate_limit_exceeded"),
+                code: Some("queue_full"),
                 retry_after: Some(1),
             },
             EngineError::WorkerStopped { .. } => {
@@ -144,7 +213,7 @@ impl From<IndexError> for ApiError {
             IndexError::Busy => ApiError {
                 kind: "rate_limit_error",
                 retry_after: Some(1),
-                ..status(StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded", None)
+                ..status(StatusCode::TOO_MANY_REQUESTS, "queue_full", None)
             },
             IndexError::Locked { .. } => {
                 ApiError { status: StatusCode::SERVICE_UNAVAILABLE, retry_after: Some(5), ..ApiError::internal(e.to_string()) }

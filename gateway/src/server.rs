@@ -3,6 +3,7 @@
 //! stops the server with the reason. SIGTERM/SIGINT stop accepting and drain in-flight
 //! requests (actix-web's graceful shutdown).
 
+use crate::auth::KeyStore;
 use crate::config::Settings;
 use crate::error::{json_error, ApiError};
 use crate::routes;
@@ -23,16 +24,32 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     std::fs::create_dir_all(&settings.data_dir)
         .map_err(|e| anyhow::anyhow!("cannot create data dir {}: {e}", settings.data_dir.display()))?;
     let device = ragway_engine::device::open_device(&settings.device)?;
-    let state = web::Data::new(AppState::new(settings.clone()));
+    let keys = KeyStore::load(&settings.api_keys, settings.api_keys_file.as_deref())?;
+    if keys.enabled() {
+        tracing::info!(keys = keys.len(), "API key authentication on");
+    } else if !is_loopback(&settings.host) && !settings.allow_unauthenticated {
+        anyhow::bail!(
+            "refusing to listen on {} without API keys: configure --api-key / --api-keys-file, \
+             or pass --allow-unauthenticated",
+            settings.host
+        );
+    } else {
+        tracing::warn!("no API keys configured: authentication is off");
+    }
+    let state = web::Data::new(AppState::new(settings.clone(), keys));
 
     let max_body = settings.max_body_bytes;
     let app_state = state.clone();
+    let schema = web::Data::new(crate::graphql::schema(state.clone().into_inner()));
     let server = HttpServer::new(move || {
         App::new()
             .app_data(app_state.clone())
+            .app_data(schema.clone())
             .app_data(web::JsonConfig::default().limit(max_body).error_handler(json_error))
+            .wrap(middleware::from_fn(crate::middleware::gate))
             .wrap(middleware::Logger::new("%r %s %Dms").log_target("ragway::http"))
             .configure(routes::configure)
+            .configure(crate::graphql::configure)
             .default_service(web::to(unknown_route))
     })
     .workers(settings.http_workers)
@@ -107,6 +124,11 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     }
     tracing::info!("server stopped");
     Ok(())
+}
+
+fn is_loopback(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Opens the index service under the data directory with the embedding model.

@@ -1,6 +1,8 @@
 //! Shared server state: settings and the model handles, filled in as models finish loading.
 
+use crate::auth::KeyStore;
 use crate::config::Settings;
+use crate::telemetry::RequestMetrics;
 use ragway_engine::embed::worker::EmbedHandle;
 use ragway_engine::generate::GenerateHandle;
 use ragway_index::IndexService;
@@ -19,12 +21,24 @@ pub struct AppState {
     pub index: OnceLock<Arc<IndexService>>,
     /// Unix time the server started (the `created` of served models).
     pub started_unix: u64,
+    /// API keys (empty: authentication off).
+    pub keys: KeyStore,
+    /// Request counts, durations and rejections.
+    pub requests: RequestMetrics,
 }
 
 impl AppState {
-    pub fn new(settings: Settings) -> Self {
+    pub fn new(settings: Settings, keys: KeyStore) -> Self {
         let started_unix = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-        Self { settings, embedder: OnceLock::new(), generator: OnceLock::new(), index: OnceLock::new(), started_unix }
+        Self {
+            settings,
+            embedder: OnceLock::new(),
+            generator: OnceLock::new(),
+            index: OnceLock::new(),
+            started_unix,
+            keys,
+            requests: RequestMetrics::default(),
+        }
     }
 
     /// True once every configured model is loaded.

@@ -14,6 +14,7 @@ use std::collections::HashMap;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum FusionMethod {
     Rrf,
     #[default]
@@ -22,6 +23,7 @@ pub enum FusionMethod {
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct FusionParams {
     pub method: FusionMethod,
     /// RRF's rank constant.
@@ -40,6 +42,7 @@ impl Default for FusionParams {
 
 /// One source's verdict on a fused item: 1-based rank and raw score.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SourceHit {
     pub rank: usize,
     pub score: f32,

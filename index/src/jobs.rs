@@ -15,6 +15,7 @@ pub const MAX_REPORTED_ERRORS: usize = 1000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum JobState {
     Queued,
     Running,
@@ -22,8 +23,20 @@ pub enum JobState {
     Failed,
 }
 
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Done => "done",
+            JobState::Failed => "failed",
+        }
+    }
+}
+
 /// A record that could not be ingested, and where it was.
 #[derive(Debug, Clone, Serialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RecordError {
     /// 1-based line of a JSONL input.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -62,6 +75,7 @@ pub struct Job {
 }
 
 #[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ProgressView {
     pub documents_read: u64,
     pub documents_written: u64,
@@ -80,6 +94,7 @@ pub struct ProgressView {
 }
 
 #[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct JobView {
     pub id: String,
     pub object: &'static str,

@@ -23,5 +23,6 @@ pub use collection::Collection;
 pub use embedder::{ChunkEmbedder, LocalEmbedder};
 pub use error::{IndexError, Result};
 pub use filter::Filter;
+pub use jobs::{JobState, JobView, ProgressView};
 pub use service::{IndexService, ServiceOptions};
 pub use types::*;

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 /// How documents are cut into chunks.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ChunkingParams {
     /// Token budget of a chunk (the title's tokens included when `embed_title`); default:
     /// everything the embedding model takes without truncation.
@@ -26,6 +27,7 @@ impl Default for ChunkingParams {
 /// BM25 settings.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct KeywordParams {
     /// Extra weight of a match in the title field. The text field already holds the title
     /// (BM25 over "title + text"), so 0 (the default, best on SciFact) searches it once.
@@ -41,6 +43,7 @@ impl Default for KeywordParams {
 /// A collection's fixed settings, stored in `settings.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CollectionSettings {
     pub name: String,
     /// Embedding model id the collection is bound to.
@@ -64,6 +67,7 @@ pub struct CollectionSettings {
 /// `POST /v1/collections`.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CreateCollection {
     pub name: String,
     #[serde(default)]
@@ -83,6 +87,7 @@ pub struct CreateCollection {
 /// A document to upsert.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DocumentInput {
     pub id: String,
     pub text: String,
@@ -94,6 +99,7 @@ pub struct DocumentInput {
 
 /// A stored document with its chunks' layout.
 #[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DocumentView {
     pub id: String,
     pub title: Option<String>,
@@ -103,6 +109,7 @@ pub struct DocumentView {
 }
 
 #[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ChunkView {
     pub chunk_id: String,
     pub char_start: u32,
@@ -112,6 +119,7 @@ pub struct ChunkView {
 
 /// What an upsert did.
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WriteResult {
     /// Documents written (new or changed).
     pub upserted: usize,
@@ -125,6 +133,7 @@ pub struct WriteResult {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum SearchMode {
     Dense,
     Keyword,
@@ -156,6 +165,7 @@ pub struct SearchRequest {
 }
 
 #[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SearchHit {
     pub chunk_id: String,
     pub document_id: String,
@@ -172,6 +182,7 @@ pub struct SearchHit {
 }
 
 #[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SearchResponse {
     pub results: Vec<SearchHit>,
     pub mode: SearchMode,
@@ -181,6 +192,7 @@ pub struct SearchResponse {
 
 /// Counts and state of a collection.
 #[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CollectionInfo {
     pub settings: CollectionSettings,
     pub documents: usize,

@@ -8,7 +8,9 @@
 
 use super::{EmbedInput, Embedder, EmbedderOptions, Embedding, Tokenized};
 use crate::error::{EngineError, Result};
+use crate::generate::scheduler::Histogram;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
@@ -33,12 +35,44 @@ struct Job {
     span: tracing::Span,
 }
 
+/// Counters of the worker's forward batches (for `/metrics`).
+#[derive(Debug)]
+pub struct EmbedMetrics {
+    pub batches_total: AtomicU64,
+    pub inputs_total: AtomicU64,
+    pub tokens_total: AtomicU64,
+    pub requests_total: AtomicU64,
+    pub requests_rejected: AtomicU64,
+    /// Inputs per batch.
+    pub batch_inputs: Histogram,
+    /// Tokens per batch.
+    pub batch_tokens: Histogram,
+}
+
+const INPUT_BOUNDS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0];
+const TOKEN_BOUNDS: &[f64] = &[16.0, 64.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0];
+
+impl Default for EmbedMetrics {
+    fn default() -> Self {
+        Self {
+            batches_total: AtomicU64::new(0),
+            inputs_total: AtomicU64::new(0),
+            tokens_total: AtomicU64::new(0),
+            requests_total: AtomicU64::new(0),
+            requests_rejected: AtomicU64::new(0),
+            batch_inputs: Histogram::new(INPUT_BOUNDS),
+            batch_tokens: Histogram::new(TOKEN_BOUNDS),
+        }
+    }
+}
+
 /// Cheap-to-clone async handle on a running embedding worker.
 #[derive(Clone)]
 pub struct EmbedHandle {
     tx: mpsc::Sender<Job>,
     embedder: Arc<Embedder>,
     config: Arc<EmbedWorkerConfig>,
+    metrics: Arc<EmbedMetrics>,
 }
 
 /// Starts embedding workers.
@@ -51,6 +85,8 @@ impl EmbedWorker {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (tx, rx) = mpsc::channel::<Job>(config.queue_capacity.max(1));
         let thread_config = config.clone();
+        let metrics = Arc::new(EmbedMetrics::default());
+        let thread_metrics = metrics.clone();
         std::thread::Builder::new().name(format!("embed-{}", config.model_id)).spawn(move || {
             let loaded =
                 Embedder::from_source(&thread_config.source, &thread_config.models_dir, thread_config.options.clone())
@@ -58,7 +94,7 @@ impl EmbedWorker {
             match loaded {
                 Ok(embedder) => {
                     let _ = ready_tx.send(Ok(embedder.clone()));
-                    run(embedder, rx, thread_config.options.max_batch_tokens);
+                    run(embedder, rx, thread_config.options.max_batch_tokens, &thread_metrics);
                 }
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));
@@ -66,11 +102,11 @@ impl EmbedWorker {
             }
         })?;
         let embedder = ready_rx.recv().map_err(|_| EngineError::WorkerStopped { model: config.model_id.clone() })??;
-        Ok(EmbedHandle { tx, embedder, config: Arc::new(config) })
+        Ok(EmbedHandle { tx, embedder, config: Arc::new(config), metrics })
     }
 }
 
-fn run(embedder: Arc<Embedder>, mut rx: mpsc::Receiver<Job>, max_batch_tokens: usize) {
+fn run(embedder: Arc<Embedder>, mut rx: mpsc::Receiver<Job>, max_batch_tokens: usize, metrics: &EmbedMetrics) {
     while let Some(first) = rx.blocking_recv() {
         let mut jobs = vec![first];
         let mut tokens: usize = jobs[0].inputs.iter().map(|t| t.ids.len()).sum();
@@ -92,6 +128,12 @@ fn run(embedder: Arc<Embedder>, mut rx: mpsc::Receiver<Job>, max_batch_tokens: u
         let counts: Vec<usize> = jobs.iter().map(|j| j.inputs.len()).collect();
         let all: Vec<Tokenized> = jobs.iter_mut().flat_map(|j| std::mem::take(&mut j.inputs)).collect();
         let span = tracing::info_span!("embed_batch", requests = jobs.len(), inputs = all.len(), tokens);
+        let batch_tokens: usize = all.iter().map(|t| t.ids.len()).sum();
+        metrics.batches_total.fetch_add(1, Ordering::Relaxed);
+        metrics.inputs_total.fetch_add(all.len() as u64, Ordering::Relaxed);
+        metrics.tokens_total.fetch_add(batch_tokens as u64, Ordering::Relaxed);
+        metrics.batch_inputs.observe(all.len() as f64 / 1e6);
+        metrics.batch_tokens.observe(batch_tokens as f64 / 1e6);
         let result = span.in_scope(|| embedder.embed_tokenized(&all));
         match result {
             Ok(mut embeddings) => {
@@ -130,8 +172,10 @@ impl EmbedHandle {
     pub async fn embed_tokenized(&self, inputs: Vec<Tokenized>) -> Result<Vec<Embedding>> {
         let (reply, rx) = oneshot::channel();
         let job = Job { inputs, reply, span: tracing::Span::current() };
+        self.metrics.requests_total.fetch_add(1, Ordering::Relaxed);
         self.tx.try_send(job).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => {
+                self.metrics.requests_rejected.fetch_add(1, Ordering::Relaxed);
                 EngineError::QueueFull { model: self.config.model_id.clone(), capacity: self.config.queue_capacity }
             }
             mpsc::error::TrySendError::Closed(_) => self.stopped(),
@@ -167,5 +211,10 @@ impl EmbedHandle {
     /// The worker's configuration.
     pub fn config(&self) -> &EmbedWorkerConfig {
         &self.config
+    }
+
+    /// Batch and request counters.
+    pub fn metrics(&self) -> &EmbedMetrics {
+        &self.metrics
     }
 }

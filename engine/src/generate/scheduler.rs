@@ -73,11 +73,22 @@ pub struct GenerationRequest {
     pub n: usize,
     /// Keep going past end-of-sequence tokens (benchmarks).
     pub ignore_eos: bool,
+    /// The caller's tracing span (its request id): the worker thread logs each sequence's
+    /// start, preemption and end inside it.
+    pub span: tracing::Span,
 }
 
 impl GenerationRequest {
     pub fn new(prompt: Vec<u32>, max_tokens: usize, sampling: SamplingParams) -> Self {
-        Self { prompt, max_tokens: Some(max_tokens), sampling, stop: Vec::new(), n: 1, ignore_eos: false }
+        Self {
+            prompt,
+            max_tokens: Some(max_tokens),
+            sampling,
+            stop: Vec::new(),
+            n: 1,
+            ignore_eos: false,
+            span: tracing::Span::current(),
+        }
     }
 }
 
@@ -140,7 +151,7 @@ pub struct Histogram {
 }
 
 impl Histogram {
-    fn new(bounds: &'static [f64]) -> Self {
+    pub fn new(bounds: &'static [f64]) -> Self {
         Self { bounds, counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(), sum_micros: AtomicU64::new(0) }
     }
 
@@ -385,6 +396,7 @@ struct Seq {
     tx: mpsc::UnboundedSender<GenEvent>,
     received: Instant,
     last_token_at: Option<Instant>,
+    span: tracing::Span,
 }
 
 impl Seq {
@@ -553,6 +565,14 @@ impl Scheduler {
         let base_seed = req.sampling.seed.unwrap_or_else(random_seed);
         let stop = Arc::new(req.stop);
         self.shared.metrics.prompt_tokens_total.fetch_add(req.prompt.len() as u64, Ordering::Relaxed);
+        req.span.in_scope(|| {
+            tracing::debug!(
+                prompt_tokens = req.prompt.len(),
+                n = req.n,
+                queued_ms = job.received.elapsed().as_millis() as u64,
+                "generation started"
+            )
+        });
         self.next_group += 1;
         for index in 0..req.n {
             self.running.push(Seq {
@@ -572,6 +592,7 @@ impl Scheduler {
                 tx: job.tx.clone(),
                 received: job.received,
                 last_token_at: None,
+                span: req.span.clone(),
             });
         }
     }
@@ -583,7 +604,7 @@ impl Scheduler {
             let mut seq = self.running.pop().expect("non-empty");
             seq.cache.clear();
             self.shared.metrics.preemptions.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!("KV cache full: preempting a sequence of {} tokens", seq.tokens.len());
+            seq.span.in_scope(|| tracing::debug!("KV cache full: preempting a sequence of {} tokens", seq.tokens.len()));
             self.preempted.push_front(seq);
         }
     }
@@ -724,6 +745,16 @@ impl Scheduler {
                 let _ = s.tx.send(GenEvent::Text { index: s.index, text: out });
             }
         }
+        s.span.in_scope(|| {
+            tracing::debug!(
+                index = s.index,
+                prompt_tokens = s.prompt_len,
+                completion_tokens = s.generated(),
+                finish_reason = reason.as_str(),
+                elapsed_ms = s.received.elapsed().as_millis() as u64,
+                "sequence finished"
+            )
+        });
         let _ = s.tx.send(GenEvent::Done {
             index: s.index,
             finish_reason: reason,

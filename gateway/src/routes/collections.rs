@@ -3,6 +3,8 @@
 //! pool, answer. Errors map through `ApiError: From<IndexError>`.
 
 use crate::error::ApiError;
+#[allow(unused_imports)]
+use crate::openapi::*;
 use crate::state::AppState;
 use actix_web::http::StatusCode;
 use actix_web::{delete, get, post, web, HttpRequest, HttpResponse};
@@ -18,17 +20,24 @@ use std::sync::Arc;
 /// Largest `top_k` of a search.
 const MAX_TOP_K: usize = 1000;
 
-fn index(state: &AppState) -> Result<Arc<IndexService>, ApiError> {
+pub(crate) fn index(state: &AppState) -> Result<Arc<IndexService>, ApiError> {
     state.index.get().cloned().ok_or_else(|| ApiError::not_ready("the index"))
 }
 
 /// Runs blocking index work off the async workers.
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ragway_index::IndexError> + Send + 'static,
 ) -> Result<T, ApiError> {
     web::block(f).await.map_err(|e| ApiError::internal(format!("worker failed: {e}")))?.map_err(ApiError::from)
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/collections",
+    tag = "collections",
+    request_body = CreateCollection,
+    responses((status = 201, description = "created", body = CollectionInfo), (status = 409, description = "name taken", body = ErrorBody), (status = 400, description = "invalid parameter (named in `param`)", body = ErrorBody), (status = 401, description = "missing or unknown API key", body = ErrorBody), (status = 403, description = "the key lacks the scope", body = ErrorBody), (status = 413, description = "body too large", body = ErrorBody), (status = 429, description = "queue full or rate limited (Retry-After)", body = ErrorBody), (status = 503, description = "still loading", body = ErrorBody))
+)]
 #[post("/v1/collections")]
 pub async fn create(state: web::Data<AppState>, body: web::Json<CreateCollection>) -> Result<HttpResponse, ApiError> {
     let index = index(&state)?;
@@ -36,6 +45,12 @@ pub async fn create(state: web::Data<AppState>, body: web::Json<CreateCollection
     Ok(HttpResponse::Created().json(info))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/collections",
+    tag = "collections",
+    responses((status = 200, description = "every collection", body = CollectionList), (status = 400, description = "invalid parameter (named in `param`)", body = ErrorBody), (status = 401, description = "missing or unknown API key", body = ErrorBody), (status = 403, description = "the key lacks the scope", body = ErrorBody), (status = 413, description = "body too large", body = ErrorBody), (status = 429, description = "queue full or rate limited (Retry-After)", body = ErrorBody), (status = 503, description = "still loading", body = ErrorBody))
+)]
 #[get("/v1/collections")]
 pub async fn list(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let index = index(&state)?;
@@ -43,6 +58,13 @@ pub async fn list(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> 
     Ok(HttpResponse::Ok().json(json!({"object": "list", "data": data})))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/collections/{name}",
+    tag = "collections",
+    params(("name" = String, Path, description = "collection name")),
+    responses((status = 200, description = "settings, counts and state", body = CollectionInfo), (status = 400, description = "invalid parameter (named in `param`)", body = ErrorBody), (status = 401, description = "missing or unknown API key", body = ErrorBody), (status = 403, description = "the key lacks the scope", body = ErrorBody), (status = 413, description = "body too large", body = ErrorBody), (status = 429, description = "queue full or rate limited (Retry-After)", body = ErrorBody), (status = 503, description = "still loading", body = ErrorBody), (status = 404, description = "unknown collection, document, job or model", body = ErrorBody))
+)]
 #[get("/v1/collections/{name}")]
 pub async fn describe(state: web::Data<AppState>, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let index = index(&state)?;
@@ -51,6 +73,13 @@ pub async fn describe(state: web::Data<AppState>, path: web::Path<String>) -> Re
     Ok(HttpResponse::Ok().json(info))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/collections/{name}",
+    tag = "collections",
+    params(("name" = String, Path, description = "collection name")),
+    responses((status = 200, description = "deleted", body = Deleted), (status = 400, description = "invalid parameter (named in `param`)", body = ErrorBody), (status = 401, description = "missing or unknown API key", body = ErrorBody), (status = 403, description = "the key lacks the scope", body = ErrorBody), (status = 413, description = "body too large", body = ErrorBody), (status = 429, description = "queue full or rate limited (Retry-After)", body = ErrorBody), (status = 503, description = "still loading", body = ErrorBody), (status = 404, description = "unknown collection, document, job or model", body = ErrorBody))
+)]
 #[delete("/v1/collections/{name}")]
 pub async fn remove(state: web::Data<AppState>, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let index = index(&state)?;
@@ -62,6 +91,7 @@ pub async fn remove(state: web::Data<AppState>, path: web::Path<String>) -> Resu
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+#[derive(utoipa::ToSchema)]
 pub struct UpsertBody {
     documents: Vec<DocumentInput>,
     /// Answer once the documents are searchable (default); `false`: once durable.
@@ -70,23 +100,40 @@ pub struct UpsertBody {
 }
 
 /// Batch upsert: answered when the write is durable (and, by default, searchable).
+pub(crate) async fn run_upsert(state: &AppState, name: String, body: UpsertBody) -> Result<ragway_index::WriteResult, ApiError> {
+    let index = index(state)?;
+    if body.documents.is_empty() {
+        return Err(ApiError::invalid("documents", "`documents` must not be empty"));
+    }
+    let wait = body.wait.unwrap_or(true);
+    blocking(move || index.get(&name)?.upsert(body.documents, wait)).await
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/collections/{name}/documents",
+    tag = "documents",
+    params(("name" = String, Path, description = "collection name")),
+    request_body = UpsertBody,
+    responses((status = 200, description = "durable (and searchable unless wait is false)", body = WriteResult), (status = 400, description = "invalid parameter (named in `param`)", body = ErrorBody), (status = 401, description = "missing or unknown API key", body = ErrorBody), (status = 403, description = "the key lacks the scope", body = ErrorBody), (status = 413, description = "body too large", body = ErrorBody), (status = 429, description = "queue full or rate limited (Retry-After)", body = ErrorBody), (status = 503, description = "still loading", body = ErrorBody), (status = 404, description = "unknown collection, document, job or model", body = ErrorBody))
+)]
 #[post("/v1/collections/{name}/documents")]
 pub async fn upsert(
     state: web::Data<AppState>,
     path: web::Path<String>,
     body: web::Json<UpsertBody>,
 ) -> Result<HttpResponse, ApiError> {
-    let index = index(&state)?;
-    let name = path.into_inner();
-    let body = body.into_inner();
-    if body.documents.is_empty() {
-        return Err(ApiError::invalid("documents", "`documents` must not be empty"));
-    }
-    let wait = body.wait.unwrap_or(true);
-    let result = blocking(move || index.get(&name)?.upsert(body.documents, wait)).await?;
+    let result = run_upsert(&state, path.into_inner(), body.into_inner()).await?;
     Ok(HttpResponse::Ok().json(result))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/collections/{name}/documents/{id}",
+    tag = "documents",
+    params(("name" = String, Path, description = "collection name"), ("id" = String, Path, description = "document, job or model id")),
+    responses((status = 200, description = "the document and its chunks", body = DocumentView), (status = 400, description = "invalid parameter (named in `param`)", body = ErrorBody), (status = 401, description = "missing or unknown API key", body = ErrorBody), (status = 403, description = "the key lacks the scope", body = ErrorBody), (status = 413, description = "body too large", body = ErrorBody), (status = 429, description = "queue full or rate limited (Retry-After)", body = ErrorBody), (status = 503, description = "still loading", body = ErrorBody), (status = 404, description = "unknown collection, document, job or model", body = ErrorBody))
+)]
 #[get("/v1/collections/{name}/documents/{id:.*}")]
 pub async fn get_document(
     state: web::Data<AppState>,
@@ -98,6 +145,13 @@ pub async fn get_document(
     Ok(HttpResponse::Ok().json(doc))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/collections/{name}/documents/{id}",
+    tag = "documents",
+    params(("name" = String, Path, description = "collection name"), ("id" = String, Path, description = "document, job or model id")),
+    responses((status = 200, description = "deleted", body = WriteResult), (status = 400, description = "invalid parameter (named in `param`)", body = ErrorBody), (status = 401, description = "missing or unknown API key", body = ErrorBody), (status = 403, description = "the key lacks the scope", body = ErrorBody), (status = 413, description = "body too large", body = ErrorBody), (status = 429, description = "queue full or rate limited (Retry-After)", body = ErrorBody), (status = 503, description = "still loading", body = ErrorBody), (status = 404, description = "unknown collection, document, job or model", body = ErrorBody))
+)]
 #[delete("/v1/collections/{name}/documents/{id:.*}")]
 pub async fn delete_document(
     state: web::Data<AppState>,
@@ -119,6 +173,7 @@ pub async fn delete_document(
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+#[derive(utoipa::ToSchema)]
 pub struct DeleteBody {
     #[serde(default)]
     ids: Option<Vec<String>>,
@@ -127,20 +182,13 @@ pub struct DeleteBody {
 }
 
 /// Delete by ids and/or by metadata filter.
-#[post("/v1/collections/{name}/documents/delete")]
-pub async fn delete_documents(
-    state: web::Data<AppState>,
-    path: web::Path<String>,
-    body: web::Json<DeleteBody>,
-) -> Result<HttpResponse, ApiError> {
-    let index = index(&state)?;
-    let name = path.into_inner();
-    let body = body.into_inner();
+pub(crate) async fn run_delete(state: &AppState, name: String, body: DeleteBody) -> Result<ragway_index::WriteResult, ApiError> {
+    let index = index(state)?;
     let filter = body.filter.as_ref().map(Filter::parse).transpose()?;
     if body.ids.is_none() && filter.is_none() {
         return Err(ApiError::invalid("ids", "give `ids`, `filter` or both"));
     }
-    let result = blocking(move || {
+    blocking(move || {
         let c = index.get(&name)?;
         let mut total = ragway_index::WriteResult::default();
         if let Some(ids) = body.ids {
@@ -151,12 +199,30 @@ pub async fn delete_documents(
         }
         Ok(total)
     })
-    .await?;
+    .await
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/collections/{name}/documents/delete",
+    tag = "documents",
+    params(("name" = String, Path, description = "collection name")),
+    request_body = DeleteBody,
+    responses((status = 200, description = "deleted", body = WriteResult), (status = 400, description = "invalid parameter (named in `param`)", body = ErrorBody), (status = 401, description = "missing or unknown API key", body = ErrorBody), (status = 403, description = "the key lacks the scope", body = ErrorBody), (status = 413, description = "body too large", body = ErrorBody), (status = 429, description = "queue full or rate limited (Retry-After)", body = ErrorBody), (status = 503, description = "still loading", body = ErrorBody), (status = 404, description = "unknown collection, document, job or model", body = ErrorBody))
+)]
+#[post("/v1/collections/{name}/documents/delete")]
+pub async fn delete_documents(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+    body: web::Json<DeleteBody>,
+) -> Result<HttpResponse, ApiError> {
+    let result = run_delete(&state, path.into_inner(), body.into_inner()).await?;
     Ok(HttpResponse::Ok().json(result))
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+#[derive(utoipa::ToSchema)]
 pub struct SearchBody {
     #[serde(default)]
     query: String,
@@ -180,15 +246,13 @@ pub struct SearchBody {
     title_boost: Option<f32>,
 }
 
-#[post("/v1/collections/{name}/search")]
-pub async fn search(
-    state: web::Data<AppState>,
-    path: web::Path<String>,
-    body: web::Json<SearchBody>,
-) -> Result<HttpResponse, ApiError> {
-    let index = index(&state)?;
-    let name = path.into_inner();
-    let b = body.into_inner();
+/// Validates and runs a search on the blocking pool.
+pub(crate) async fn run_search(
+    state: &AppState,
+    name: String,
+    b: SearchBody,
+) -> Result<ragway_index::SearchResponse, ApiError> {
+    let index = index(state)?;
     let top_k = b.top_k.unwrap_or(10);
     if top_k == 0 || top_k > MAX_TOP_K {
         return Err(ApiError::invalid("top_k", format!("top_k must be between 1 and {MAX_TOP_K}")));
@@ -215,7 +279,24 @@ pub async fn search(
         exact_scan_max: None,
         title_boost: b.title_boost,
     };
-    let resp = blocking(move || index.get(&name)?.search(&req)).await?;
+    blocking(move || index.get(&name)?.search(&req)).await
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/collections/{name}/search",
+    tag = "search",
+    params(("name" = String, Path, description = "collection name")),
+    request_body = SearchBody,
+    responses((status = 200, description = "ranked chunks", body = SearchResults), (status = 400, description = "invalid parameter (named in `param`)", body = ErrorBody), (status = 401, description = "missing or unknown API key", body = ErrorBody), (status = 403, description = "the key lacks the scope", body = ErrorBody), (status = 413, description = "body too large", body = ErrorBody), (status = 429, description = "queue full or rate limited (Retry-After)", body = ErrorBody), (status = 503, description = "still loading", body = ErrorBody), (status = 404, description = "unknown collection, document, job or model", body = ErrorBody))
+)]
+#[post("/v1/collections/{name}/search")]
+pub async fn search(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+    body: web::Json<SearchBody>,
+) -> Result<HttpResponse, ApiError> {
+    let resp = run_search(&state, path.into_inner(), body.into_inner()).await?;
     Ok(HttpResponse::Ok().json(json!({"object": "list", "results": resp.results, "mode": resp.mode, "dense_exact": resp.dense_exact})))
 }
 
@@ -228,6 +309,7 @@ pub struct IngestQuery {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+#[derive(utoipa::ToSchema)]
 pub struct IngestPathBody {
     path: String,
     #[serde(default)]
@@ -237,6 +319,14 @@ pub struct IngestPathBody {
 /// Starts an ingestion job: the body is JSONL / BEIR `corpus.jsonl` (streamed to a file
 /// under the data directory, never held in memory), or, with `Content-Type:
 /// application/json`, `{"path"}` naming a file or directory under the server's ingest root.
+#[utoipa::path(
+    post,
+    path = "/v1/collections/{name}/ingest",
+    tag = "ingestion",
+    params(("name" = String, Path, description = "collection name")),
+    request_body(content((String = "application/x-ndjson"), (IngestPathBody = "application/json")), description = "JSONL documents (streamed to disk), or {\"path\"} under --ingest-root"),
+    responses((status = 202, description = "job started", body = JobStarted), (status = 400, description = "invalid parameter (named in `param`)", body = ErrorBody), (status = 401, description = "missing or unknown API key", body = ErrorBody), (status = 403, description = "the key lacks the scope", body = ErrorBody), (status = 413, description = "body too large", body = ErrorBody), (status = 429, description = "queue full or rate limited (Retry-After)", body = ErrorBody), (status = 503, description = "still loading", body = ErrorBody), (status = 404, description = "unknown collection, document, job or model", body = ErrorBody))
+)]
 #[post("/v1/collections/{name}/ingest")]
 pub async fn ingest(
     state: web::Data<AppState>,
@@ -246,7 +336,8 @@ pub async fn ingest(
     mut payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let index = index(&state)?;
-    let collection = index.get(&path.into_inner())?;
+    let collection_name = path.into_inner();
+    let collection = index.get(&collection_name)?;
     let is_json = req
         .headers()
         .get("content-type")
@@ -267,7 +358,8 @@ pub async fn ingest(
         if let Some(o) = body.on_error {
             on_error = o;
         }
-        (Source::from_path(&index.ingest_path(&body.path)?), None)
+        return start_path_ingest(&state, &collection_name, &body.path, on_error)
+            .map(|job| HttpResponse::Accepted().json(json!({"job_id": job.id, "object": "ingest_job", "state": job.state()})));
     } else {
         let uploads = state.settings.data_dir.join("uploads");
         std::fs::create_dir_all(&uploads).map_err(|e| ApiError::internal(format!("cannot create {}: {e}", uploads.display())))?;
@@ -306,8 +398,27 @@ pub async fn ingest(
     Ok(HttpResponse::Accepted().json(json!({"job_id": job.id, "object": "ingest_job", "state": job.state()})))
 }
 
+/// Starts a job over a file or directory under the server's ingest root.
+pub(crate) fn start_path_ingest(
+    state: &AppState,
+    collection: &str,
+    path: &str,
+    on_error: OnError,
+) -> Result<Arc<ragway_index::jobs::Job>, ApiError> {
+    let index = index(state)?;
+    let collection = index.get(collection)?;
+    let source = Source::from_path(&index.ingest_path(path)?);
+    Ok(index.jobs().submit(collection, source, IngestOptions { on_error, ..Default::default() }, None))
+}
+
 static UPLOADS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
+#[utoipa::path(
+    get,
+    path = "/v1/jobs",
+    tag = "ingestion",
+    responses((status = 200, description = "every job", body = JobList), (status = 400, description = "invalid parameter (named in `param`)", body = ErrorBody), (status = 401, description = "missing or unknown API key", body = ErrorBody), (status = 403, description = "the key lacks the scope", body = ErrorBody), (status = 413, description = "body too large", body = ErrorBody), (status = 429, description = "queue full or rate limited (Retry-After)", body = ErrorBody), (status = 503, description = "still loading", body = ErrorBody))
+)]
 #[get("/v1/jobs")]
 pub async fn list_jobs(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let index = index(&state)?;
@@ -315,6 +426,13 @@ pub async fn list_jobs(state: web::Data<AppState>) -> Result<HttpResponse, ApiEr
     Ok(HttpResponse::Ok().json(json!({"object": "list", "data": data})))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}",
+    tag = "ingestion",
+    params(("id" = String, Path, description = "document, job or model id")),
+    responses((status = 200, description = "progress and report", body = JobView), (status = 400, description = "invalid parameter (named in `param`)", body = ErrorBody), (status = 401, description = "missing or unknown API key", body = ErrorBody), (status = 403, description = "the key lacks the scope", body = ErrorBody), (status = 413, description = "body too large", body = ErrorBody), (status = 429, description = "queue full or rate limited (Retry-After)", body = ErrorBody), (status = 503, description = "still loading", body = ErrorBody), (status = 404, description = "unknown collection, document, job or model", body = ErrorBody))
+)]
 #[get("/v1/jobs/{id}")]
 pub async fn get_job(state: web::Data<AppState>, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let index = index(&state)?;
@@ -325,11 +443,20 @@ pub async fn get_job(state: web::Data<AppState>, path: web::Path<String>) -> Res
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+#[derive(utoipa::ToSchema)]
 pub struct PathBody {
     path: String,
 }
 
 /// Writes a snapshot of the collection to `<data-dir>/snapshots/<path>`.
+#[utoipa::path(
+    post,
+    path = "/v1/collections/{name}/snapshot",
+    tag = "collections",
+    params(("name" = String, Path, description = "collection name")),
+    request_body = PathBody,
+    responses((status = 201, description = "snapshot written", body = Object), (status = 400, description = "invalid parameter (named in `param`)", body = ErrorBody), (status = 401, description = "missing or unknown API key", body = ErrorBody), (status = 403, description = "the key lacks the scope", body = ErrorBody), (status = 413, description = "body too large", body = ErrorBody), (status = 429, description = "queue full or rate limited (Retry-After)", body = ErrorBody), (status = 503, description = "still loading", body = ErrorBody), (status = 404, description = "unknown collection, document, job or model", body = ErrorBody))
+)]
 #[post("/v1/collections/{name}/snapshot")]
 pub async fn snapshot(
     state: web::Data<AppState>,
@@ -345,6 +472,14 @@ pub async fn snapshot(
 }
 
 /// Creates collection `{name}` from a snapshot under `<data-dir>/snapshots`.
+#[utoipa::path(
+    post,
+    path = "/v1/collections/{name}/restore",
+    tag = "collections",
+    params(("name" = String, Path, description = "collection name")),
+    request_body = PathBody,
+    responses((status = 201, description = "collection restored", body = CollectionInfo), (status = 400, description = "invalid parameter (named in `param`)", body = ErrorBody), (status = 401, description = "missing or unknown API key", body = ErrorBody), (status = 403, description = "the key lacks the scope", body = ErrorBody), (status = 413, description = "body too large", body = ErrorBody), (status = 429, description = "queue full or rate limited (Retry-After)", body = ErrorBody), (status = 503, description = "still loading", body = ErrorBody), (status = 404, description = "unknown collection, document, job or model", body = ErrorBody))
+)]
 #[post("/v1/collections/{name}/restore")]
 pub async fn restore(
     state: web::Data<AppState>,
@@ -359,6 +494,13 @@ pub async fn restore(
 }
 
 /// Rebuilds the graph without deleted points and compacts the log now.
+#[utoipa::path(
+    post,
+    path = "/v1/collections/{name}/compact",
+    tag = "collections",
+    params(("name" = String, Path, description = "collection name")),
+    responses((status = 200, description = "compacted", body = CollectionInfo), (status = 400, description = "invalid parameter (named in `param`)", body = ErrorBody), (status = 401, description = "missing or unknown API key", body = ErrorBody), (status = 403, description = "the key lacks the scope", body = ErrorBody), (status = 413, description = "body too large", body = ErrorBody), (status = 429, description = "queue full or rate limited (Retry-After)", body = ErrorBody), (status = 503, description = "still loading", body = ErrorBody), (status = 404, description = "unknown collection, document, job or model", body = ErrorBody))
+)]
 #[post("/v1/collections/{name}/compact")]
 pub async fn compact(state: web::Data<AppState>, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let index = index(&state)?;

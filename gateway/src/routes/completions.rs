@@ -3,10 +3,14 @@
 //! each), then either gather the events into one response or forward them as chunks as they
 //! are decoded. A client that disconnects drops the stream, which cancels its sequences.
 
+use crate::auth::Principal;
+use crate::middleware::principal;
 use crate::error::ApiError;
+#[allow(unused_imports)]
+use crate::openapi::*;
 use crate::state::AppState;
 use actix_web::web::Bytes;
-use actix_web::{post, web, HttpResponse};
+use actix_web::{post, web, HttpRequest, HttpResponse};
 use futures::stream::{self, Stream, StreamExt};
 use ragway_engine::generate::sampling::random_seed;
 use ragway_engine::generate::{
@@ -16,10 +20,12 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::Arc;
 
 /// Sampling and limit fields shared by both endpoints (OpenAI's, plus vLLM's `top_k`,
 /// `min_p`, `repetition_penalty`, `ignore_eos`).
 #[derive(Debug, Deserialize)]
+#[derive(utoipa::ToSchema)]
 pub struct Common {
     model: String,
     #[serde(default)]
@@ -57,16 +63,19 @@ pub struct Common {
     /// Everything else: accepted when it is an OpenAI field ragway can honour by ignoring it,
     /// refused otherwise (a typo must not pass silently).
     #[serde(flatten)]
+    #[schema(ignore)]
     extra: Map<String, Value>,
 }
 
 #[derive(Debug, Deserialize)]
+#[derive(utoipa::ToSchema)]
 struct StreamOptions {
     #[serde(default)]
     include_usage: bool,
 }
 
 #[derive(Debug, Deserialize)]
+#[derive(utoipa::ToSchema)]
 pub struct ChatRequest {
     messages: Value,
     #[serde(default)]
@@ -78,6 +87,7 @@ pub struct ChatRequest {
 }
 
 #[derive(Debug, Deserialize)]
+#[derive(utoipa::ToSchema)]
 pub struct CompletionRequest {
     prompt: Value,
     #[serde(default)]
@@ -199,10 +209,11 @@ fn template_request(c: &Common, logprobs: Option<usize>, vocab: usize) -> Result
         stop,
         n,
         ignore_eos: c.ignore_eos.unwrap_or(false),
+        span: tracing::Span::current(),
     })
 }
 
-fn chat_messages(v: &Value) -> Result<Vec<ChatMessage>, ApiError> {
+pub(crate) fn chat_messages(v: &Value) -> Result<Vec<ChatMessage>, ApiError> {
     let arr = v.as_array().ok_or_else(|| ApiError::invalid("messages", "messages must be an array"))?;
     if arr.is_empty() {
         return Err(ApiError::invalid("messages", "messages must contain at least one message"));
@@ -314,7 +325,7 @@ enum Kind {
 }
 
 /// Events of every prompt's stream, tagged with the choice index `prompt * n + index`.
-type Events = Pin<Box<dyn Stream<Item = (usize, GenEvent)> + Send>>;
+pub(crate) type Events = Pin<Box<dyn Stream<Item = (usize, GenEvent)> + Send>>;
 
 fn merge(streams: Vec<GenerationStream>, n: usize) -> Events {
     let parts = streams.into_iter().enumerate().map(|(p, s)| {
@@ -422,10 +433,13 @@ async fn gather(
     Ok(out)
 }
 
-fn usage(choices: &[Choice], n: usize) -> Value {
+fn usage(choices: &[Choice], n: usize, caller: Option<&Principal>) -> Value {
     // Each prompt counts once, however many sequences it has.
     let prompt: usize = choices.iter().step_by(n.max(1)).map(|c| c.prompt_tokens).sum();
     let completion: usize = choices.iter().map(|c| c.completion_tokens).sum();
+    if let Some(p) = caller {
+        p.charge_tokens(prompt + completion);
+    }
     json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
 }
 
@@ -448,6 +462,7 @@ fn sse_body(
     choices: usize,
     prompt_tokens: Vec<usize>,
     include_usage: bool,
+    caller: Option<Arc<Principal>>,
 ) -> impl Stream<Item = Result<Bytes, actix_web::Error>> {
     let created = now();
     let object = if kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" };
@@ -470,6 +485,7 @@ fn sse_body(
     stream::unfold(st, move |mut st| {
         let h = h.clone();
         let chunk = chunk.clone();
+        let caller = caller.clone();
         async move {
             // A chat choice's first chunk carries the role, as OpenAI's do.
             let open_chat_choice = |started: &mut Vec<bool>, index: usize, out: &mut Vec<u8>| {
@@ -532,6 +548,9 @@ fn sse_body(
                         out.extend_from_slice(&sse(&chunk(c, include_usage)));
                         st.done += 1;
                         if st.done == choices {
+                            if let Some(p) = &caller {
+                                p.charge_tokens(prompt_total + st.completion_tokens);
+                            }
                             if include_usage {
                                 let mut last = chunk(Value::Null, false);
                                 last["choices"] = json!([]);
@@ -571,10 +590,21 @@ fn new_id(prefix: &str) -> String {
     format!("{prefix}-{:016x}{:08x}", random_seed(), random_seed() as u32)
 }
 
-#[post("/v1/chat/completions")]
-pub async fn chat(state: web::Data<AppState>, body: web::Json<ChatRequest>) -> Result<HttpResponse, ApiError> {
-    let req = body.into_inner();
-    let h = generator(&state, &req.common.model)?.clone();
+/// A chat request admitted by the engine: its events, as both the REST handler and the
+/// GraphQL resolvers consume them.
+pub(crate) struct StartedChat {
+    pub h: GenerateHandle,
+    pub events: Events,
+    pub n: usize,
+    pub prompt_tokens: usize,
+    top: Option<usize>,
+    stream: bool,
+    include_usage: bool,
+}
+
+/// Validates a chat request, renders and tokenizes its prompt, and queues it.
+pub(crate) fn start_chat(state: &AppState, req: ChatRequest) -> Result<StartedChat, ApiError> {
+    let h = generator(state, &req.common.model)?.clone();
     let top = if req.logprobs.unwrap_or(false) {
         Some(req.top_logprobs.unwrap_or(0))
     } else if req.top_logprobs.is_some_and(|k| k > 0) {
@@ -595,15 +625,61 @@ pub async fn chat(state: web::Data<AppState>, body: web::Json<ChatRequest>) -> R
     let prompt_tokens = prompt.len();
     let n = template.n;
     let streams = submit_all(&h, &template, vec![prompt], "messages")?;
-    let events = merge(streams, n);
+    Ok(StartedChat {
+        events: merge(streams, n),
+        h,
+        n,
+        prompt_tokens,
+        top,
+        stream: req.common.stream.unwrap_or(false),
+        include_usage: req.common.stream_options.as_ref().is_some_and(|o| o.include_usage),
+    })
+}
+
+/// One finished chat choice (for GraphQL's `generate`).
+pub(crate) struct ChatOutcome {
+    pub text: String,
+    pub finish_reason: Option<&'static str>,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+}
+
+/// Runs a started chat to the end; charges the caller's token budget.
+pub(crate) async fn finish_chat(started: StartedChat, caller: Option<&Principal>) -> Result<Vec<ChatOutcome>, ApiError> {
+    let choices = gather(&started.h, started.events, started.n, Kind::Chat, None, started.n).await?;
+    usage(&choices, started.n, caller);
+    Ok(choices
+        .into_iter()
+        .map(|c| ChatOutcome {
+            text: c.text,
+            finish_reason: c.finish,
+            prompt_tokens: started.prompt_tokens,
+            completion_tokens: c.completion_tokens,
+        })
+        .collect())
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/chat/completions",
+    tag = "openai",
+    request_body = ChatRequest,
+    responses((status = 200, description = "`chat.completion`, or with `stream` an SSE stream of `chat.completion.chunk` ending with `data: [DONE]`", body = Object), (status = 400, description = "invalid parameter (named in `param`)", body = ErrorBody), (status = 401, description = "missing or unknown API key", body = ErrorBody), (status = 403, description = "the key lacks the scope", body = ErrorBody), (status = 413, description = "body too large", body = ErrorBody), (status = 429, description = "queue full or rate limited (Retry-After)", body = ErrorBody), (status = 503, description = "still loading", body = ErrorBody))
+)]
+#[post("/v1/chat/completions")]
+pub async fn chat(
+    http: HttpRequest,
+    state: web::Data<AppState>,
+    body: web::Json<ChatRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let StartedChat { h, events, n, prompt_tokens, top, stream, include_usage } = start_chat(&state, body.into_inner())?;
     let id = new_id("chatcmpl");
     let model = h.model_id().to_string();
-    if req.common.stream.unwrap_or(false) {
-        let include_usage = req.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
-        return Ok(sse_response(sse_body(h, events, Kind::Chat, id, model, n, vec![prompt_tokens], include_usage)));
+    if stream {
+        return Ok(sse_response(sse_body(h, events, Kind::Chat, id, model, n, vec![prompt_tokens], include_usage, principal(&http))));
     }
     let choices = gather(&h, events, n, Kind::Chat, None, n).await?;
-    let usage = usage(&choices, n);
+    let usage = usage(&choices, n, principal(&http).as_deref());
     let choices: Vec<Value> = choices
         .into_iter()
         .enumerate()
@@ -619,8 +695,16 @@ pub async fn chat(state: web::Data<AppState>, body: web::Json<ChatRequest>) -> R
     })))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/completions",
+    tag = "openai",
+    request_body = CompletionRequest,
+    responses((status = 200, description = "`text_completion` (SSE chunks with `stream`)", body = Object), (status = 400, description = "invalid parameter (named in `param`)", body = ErrorBody), (status = 401, description = "missing or unknown API key", body = ErrorBody), (status = 403, description = "the key lacks the scope", body = ErrorBody), (status = 413, description = "body too large", body = ErrorBody), (status = 429, description = "queue full or rate limited (Retry-After)", body = ErrorBody), (status = 503, description = "still loading", body = ErrorBody))
+)]
 #[post("/v1/completions")]
 pub async fn completions(
+    http: HttpRequest,
     state: web::Data<AppState>,
     body: web::Json<CompletionRequest>,
 ) -> Result<HttpResponse, ApiError> {
@@ -648,10 +732,10 @@ pub async fn completions(
     let model = h.model_id().to_string();
     if req.common.stream.unwrap_or(false) {
         let include_usage = req.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
-        return Ok(sse_response(sse_body(h, events, Kind::Text, id, model, total, prompt_tokens, include_usage)));
+        return Ok(sse_response(sse_body(h, events, Kind::Text, id, model, total, prompt_tokens, include_usage, principal(&http))));
     }
     let choices = gather(&h, events, total, Kind::Text, echo_texts.as_deref(), n).await?;
-    let usage = usage(&choices, n);
+    let usage = usage(&choices, n, principal(&http).as_deref());
     let choices: Vec<Value> = choices
         .into_iter()
         .enumerate()

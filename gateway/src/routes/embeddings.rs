@@ -4,8 +4,11 @@
 //! `x-ragway-truncated-inputs` counts inputs cut to the model's `max_seq_length`.
 
 use crate::error::ApiError;
+#[allow(unused_imports)]
+use crate::openapi::*;
 use crate::state::AppState;
-use actix_web::{post, web, HttpResponse};
+use crate::middleware::principal;
+use actix_web::{post, web, HttpRequest, HttpResponse};
 use base64::Engine as _;
 use ragway_engine::embed::EmbedInput;
 use serde::{Deserialize, Serialize};
@@ -13,6 +16,7 @@ use serde_json::Value;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+#[derive(utoipa::ToSchema)]
 pub struct EmbeddingsRequest {
     input: Value,
     model: String,
@@ -94,8 +98,19 @@ fn encode_base64(v: &[f32]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/embeddings",
+    tag = "openai",
+    request_body = EmbeddingsRequest,
+    responses((status = 200, description = "OpenAI embedding list", body = Object), (status = 400, description = "invalid parameter (named in `param`)", body = ErrorBody), (status = 401, description = "missing or unknown API key", body = ErrorBody), (status = 403, description = "the key lacks the scope", body = ErrorBody), (status = 413, description = "body too large", body = ErrorBody), (status = 429, description = "queue full or rate limited (Retry-After)", body = ErrorBody), (status = 503, description = "still loading", body = ErrorBody), (status = 404, description = "unknown collection, document, job or model", body = ErrorBody))
+)]
 #[post("/v1/embeddings")]
-pub async fn create(state: web::Data<AppState>, body: web::Json<EmbeddingsRequest>) -> Result<HttpResponse, ApiError> {
+pub async fn create(
+    http: HttpRequest,
+    state: web::Data<AppState>,
+    body: web::Json<EmbeddingsRequest>,
+) -> Result<HttpResponse, ApiError> {
     let req = body.into_inner();
     if req.model != state.settings.embedding_model_id {
         return Err(ApiError::model_not_found(&req.model));
@@ -123,6 +138,9 @@ pub async fn create(state: web::Data<AppState>, body: web::Json<EmbeddingsReques
     let inputs = parse_input(&req.input)?;
     let embeddings = handle.embed(inputs).await.map_err(|e| ApiError::from_engine(e, "input"))?;
     let prompt_tokens = embeddings.iter().map(|e| e.num_tokens).sum();
+    if let Some(p) = principal(&http) {
+        p.charge_tokens(prompt_tokens);
+    }
     // Inputs longer than the model's max_seq_length are truncated, never refused; the
     // response says how many were (OpenAI's format has no field for it).
     let truncated = embeddings.iter().filter(|e| e.truncated).count();

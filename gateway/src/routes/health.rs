@@ -1,16 +1,30 @@
 //! Liveness and readiness probes.
 
 use crate::state::AppState;
+#[allow(unused_imports)]
+use crate::openapi::*;
 use actix_web::{get, web, HttpResponse};
 use serde_json::json;
 
 /// Liveness: answers as soon as the server listens.
+#[utoipa::path(
+    get,
+    path = "/health",
+    tag = "probes",
+    responses((status = 200, description = "live", body = Object), (status = 400, description = "invalid parameter (named in `param`)", body = ErrorBody), (status = 401, description = "missing or unknown API key", body = ErrorBody), (status = 403, description = "the key lacks the scope", body = ErrorBody), (status = 413, description = "body too large", body = ErrorBody), (status = 429, description = "queue full or rate limited (Retry-After)", body = ErrorBody), (status = 503, description = "still loading", body = ErrorBody))
+)]
 #[get("/health")]
 pub async fn health() -> HttpResponse {
     HttpResponse::Ok().json(json!({"status": "ok"}))
 }
 
 /// Readiness: 200 once the models are loaded and the index is open, 503 before.
+#[utoipa::path(
+    get,
+    path = "/ready",
+    tag = "probes",
+    responses((status = 200, description = "models and index loaded", body = Object), (status = 400, description = "invalid parameter (named in `param`)", body = ErrorBody), (status = 401, description = "missing or unknown API key", body = ErrorBody), (status = 403, description = "the key lacks the scope", body = ErrorBody), (status = 413, description = "body too large", body = ErrorBody), (status = 429, description = "queue full or rate limited (Retry-After)", body = ErrorBody), (status = 503, description = "still loading", body = ErrorBody))
+)]
 #[get("/ready")]
 pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
     let models = json!({

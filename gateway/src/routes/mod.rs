@@ -7,6 +7,7 @@ pub mod embeddings;
 pub mod health;
 pub mod metrics;
 pub mod models;
+pub mod tokenize;
 
 use actix_web::web;
 
@@ -15,11 +16,14 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(health::health)
         .service(health::ready)
         .service(metrics::metrics)
+        .service(crate::openapi::openapi_json)
         .service(models::list)
         .service(models::get)
         .service(embeddings::create)
         .service(completions::chat)
         .service(completions::completions)
+        .service(tokenize::tokenize)
+        .service(tokenize::detokenize)
         .service(collections::create)
         .service(collections::list)
         .service(collections::describe)

@@ -2,6 +2,8 @@
 
 use crate::error::ApiError;
 use crate::state::AppState;
+#[allow(unused_imports)]
+use crate::openapi::*;
 use actix_web::{get, web, HttpResponse};
 use serde::Serialize;
 
@@ -20,11 +22,24 @@ fn served(state: &AppState) -> Vec<Model<'_>> {
         .collect()
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/models",
+    tag = "openai",
+    responses((status = 200, description = "OpenAI model list", body = Object), (status = 400, description = "invalid parameter (named in `param`)", body = ErrorBody), (status = 401, description = "missing or unknown API key", body = ErrorBody), (status = 403, description = "the key lacks the scope", body = ErrorBody), (status = 413, description = "body too large", body = ErrorBody), (status = 429, description = "queue full or rate limited (Retry-After)", body = ErrorBody), (status = 503, description = "still loading", body = ErrorBody))
+)]
 #[get("/v1/models")]
 pub async fn list(state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::Ok().json(serde_json::json!({"object": "list", "data": served(&state)}))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/models/{id}",
+    tag = "openai",
+    params(("id" = String, Path, description = "document, job or model id")),
+    responses((status = 200, description = "OpenAI model", body = Object), (status = 400, description = "invalid parameter (named in `param`)", body = ErrorBody), (status = 401, description = "missing or unknown API key", body = ErrorBody), (status = 403, description = "the key lacks the scope", body = ErrorBody), (status = 413, description = "body too large", body = ErrorBody), (status = 429, description = "queue full or rate limited (Retry-After)", body = ErrorBody), (status = 503, description = "still loading", body = ErrorBody), (status = 404, description = "unknown collection, document, job or model", body = ErrorBody))
+)]
 #[get("/v1/models/{id:.*}")]
 pub async fn get(state: web::Data<AppState>, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
     served(&state)

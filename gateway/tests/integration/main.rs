@@ -1,10 +1,12 @@
 //! Gateway tests against the real `ragway` binary and real weights (one test binary, one
 //! module per area).
 
+mod auth;
 mod collections;
 mod common;
 mod durability;
 mod completions;
 mod embeddings;
+mod graphql;
 mod openai_client;
 mod server;
