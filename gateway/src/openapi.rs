@@ -37,6 +37,33 @@ pub struct ErrorObject {
     pub code: Option<String>,
 }
 
+/// The errors any endpoint may answer, each in [`ErrorBody`]'s shape.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+pub enum ApiErrors {
+    /// Invalid parameter (named in `param`), unparseable JSON, `context_length_exceeded`.
+    #[response(status = 400)]
+    BadRequest(ErrorBody),
+    /// Missing or unknown API key.
+    #[response(status = 401)]
+    Unauthenticated(ErrorBody),
+    /// The key lacks the scope.
+    #[response(status = 403)]
+    Forbidden(ErrorBody),
+    /// Unknown collection, document, job or model.
+    #[response(status = 404)]
+    NotFound(ErrorBody),
+    /// Body too large.
+    #[response(status = 413)]
+    TooLarge(ErrorBody),
+    /// Queue full or rate limited (see `Retry-After`).
+    #[response(status = 429)]
+    TooMany(ErrorBody),
+    /// Models or index still loading (see `Retry-After`).
+    #[response(status = 503)]
+    NotReady(ErrorBody),
+}
+
 #[derive(Serialize, ToSchema)]
 pub struct CollectionList {
     /// `list`

@@ -36,7 +36,7 @@ pub(crate) async fn blocking<T: Send + 'static>(
     path = "/v1/collections",
     tag = "collections",
     request_body = CreateCollection,
-    responses((status = 201, description = "created", body = CollectionInfo), (status = 409, description = "name taken", body = ErrorBody), (status = 400, description = "invalid parameter (named in `param`)", body = ErrorBody), (status = 401, description = "missing or unknown API key", body = ErrorBody), (status = 403, description = "the key lacks the scope", body = ErrorBody), (status = 413, description = "body too large", body = ErrorBody), (status = 429, description = "queue full or rate limited (Retry-After)", body = ErrorBody), (status = 503, description = "still loading", body = ErrorBody))
+    responses((status = 201, description = "created", body = CollectionInfo), (status = 409, description = "name taken", body = ErrorBody), ApiErrors)
 )]
 #[post("/v1/collections")]
 pub async fn create(state: web::Data<AppState>, body: web::Json<CreateCollection>) -> Result<HttpResponse, ApiError> {
@@ -49,7 +49,7 @@ pub async fn create(state: web::Data<AppState>, body: web::Json<CreateCollection
     get,
     path = "/v1/collections",
     tag = "collections",
-    responses((status = 200, description = "every collection", body = CollectionList), (status = 400, description = "invalid parameter (named in `param`)", body = ErrorBody), (status = 401, description = "missing or unknown API key", body = ErrorBody), (status = 403, description = "the key lacks the scope", body = ErrorBody), (status = 413, description = "body too large", body = ErrorBody), (status = 429, description = "queue full or rate limited (Retry-After)", body = ErrorBody), (status = 503, description = "still loading", body = ErrorBody))
+    responses((status = 200, description = "every collection", body = CollectionList), ApiErrors)
 )]
 #[get("/v1/collections")]
 pub async fn list(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
@@ -63,7 +63,7 @@ pub async fn list(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> 
     path = "/v1/collections/{name}",
     tag = "collections",
     params(("name" = String, Path, description = "collection name")),
-    responses((status = 200, description = "settings, counts and state", body = CollectionInfo), (status = 400, description = "invalid parameter (named in `param`)", body = ErrorBody), (status = 401, description = "missing or unknown API key", body = ErrorBody), (status = 403, description = "the key lacks the scope", body = ErrorBody), (status = 413, description = "body too large", body = ErrorBody), (status = 429, description = "queue full or rate limited (Retry-After)", body = ErrorBody), (status = 503, description = "still loading", body = ErrorBody), (status = 404, description = "unknown collection, document, job or model", body = ErrorBody))
+    responses((status = 200, description = "settings, counts and state", body = CollectionInfo), ApiErrors)
 )]
 #[get("/v1/collections/{name}")]
 pub async fn describe(state: web::Data<AppState>, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
@@ -78,7 +78,7 @@ pub async fn describe(state: web::Data<AppState>, path: web::Path<String>) -> Re
     path = "/v1/collections/{name}",
     tag = "collections",
     params(("name" = String, Path, description = "collection name")),
-    responses((status = 200, description = "deleted", body = Deleted), (status = 400, description = "invalid parameter (named in `param`)", body = ErrorBody), (status = 401, description = "missing or unknown API key", body = ErrorBody), (status = 403, description = "the key lacks the scope", body = ErrorBody), (status = 413, description = "body too large", body = ErrorBody), (status = 429, description = "queue full or rate limited (Retry-After)", body = ErrorBody), (status = 503, description = "still loading", body = ErrorBody), (status = 404, description = "unknown collection, document, job or model", body = ErrorBody))
+    responses((status = 200, description = "deleted", body = Deleted), ApiErrors)
 )]
 #[delete("/v1/collections/{name}")]
 pub async fn remove(state: web::Data<AppState>, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
@@ -115,7 +115,7 @@ pub(crate) async fn run_upsert(state: &AppState, name: String, body: UpsertBody)
     tag = "documents",
     params(("name" = String, Path, description = "collection name")),
     request_body = UpsertBody,
-    responses((status = 200, description = "durable (and searchable unless wait is false)", body = WriteResult), (status = 400, description = "invalid parameter (named in `param`)", body = ErrorBody), (status = 401, description = "missing or unknown API key", body = ErrorBody), (status = 403, description = "the key lacks the scope", body = ErrorBody), (status = 413, description = "body too large", body = ErrorBody), (status = 429, description = "queue full or rate limited (Retry-After)", body = ErrorBody), (status = 503, description = "still loading", body = ErrorBody), (status = 404, description = "unknown collection, document, job or model", body = ErrorBody))
+    responses((status = 200, description = "durable (and searchable unless wait is false)", body = WriteResult), ApiErrors)
 )]
 #[post("/v1/collections/{name}/documents")]
 pub async fn upsert(
@@ -132,7 +132,7 @@ pub async fn upsert(
     path = "/v1/collections/{name}/documents/{id}",
     tag = "documents",
     params(("name" = String, Path, description = "collection name"), ("id" = String, Path, description = "document, job or model id")),
-    responses((status = 200, description = "the document and its chunks", body = DocumentView), (status = 400, description = "invalid parameter (named in `param`)", body = ErrorBody), (status = 401, description = "missing or unknown API key", body = ErrorBody), (status = 403, description = "the key lacks the scope", body = ErrorBody), (status = 413, description = "body too large", body = ErrorBody), (status = 429, description = "queue full or rate limited (Retry-After)", body = ErrorBody), (status = 503, description = "still loading", body = ErrorBody), (status = 404, description = "unknown collection, document, job or model", body = ErrorBody))
+    responses((status = 200, description = "the document and its chunks", body = DocumentView), ApiErrors)
 )]
 #[get("/v1/collections/{name}/documents/{id:.*}")]
 pub async fn get_document(
@@ -150,7 +150,7 @@ pub async fn get_document(
     path = "/v1/collections/{name}/documents/{id}",
     tag = "documents",
     params(("name" = String, Path, description = "collection name"), ("id" = String, Path, description = "document, job or model id")),
-    responses((status = 200, description = "deleted", body = WriteResult), (status = 400, description = "invalid parameter (named in `param`)", body = ErrorBody), (status = 401, description = "missing or unknown API key", body = ErrorBody), (status = 403, description = "the key lacks the scope", body = ErrorBody), (status = 413, description = "body too large", body = ErrorBody), (status = 429, description = "queue full or rate limited (Retry-After)", body = ErrorBody), (status = 503, description = "still loading", body = ErrorBody), (status = 404, description = "unknown collection, document, job or model", body = ErrorBody))
+    responses((status = 200, description = "deleted", body = WriteResult), ApiErrors)
 )]
 #[delete("/v1/collections/{name}/documents/{id:.*}")]
 pub async fn delete_document(
@@ -208,7 +208,7 @@ pub(crate) async fn run_delete(state: &AppState, name: String, body: DeleteBody)
     tag = "documents",
     params(("name" = String, Path, description = "collection name")),
     request_body = DeleteBody,
-    responses((status = 200, description = "deleted", body = WriteResult), (status = 400, description = "invalid parameter (named in `param`)", body = ErrorBody), (status = 401, description = "missing or unknown API key", body = ErrorBody), (status = 403, description = "the key lacks the scope", body = ErrorBody), (status = 413, description = "body too large", body = ErrorBody), (status = 429, description = "queue full or rate limited (Retry-After)", body = ErrorBody), (status = 503, description = "still loading", body = ErrorBody), (status = 404, description = "unknown collection, document, job or model", body = ErrorBody))
+    responses((status = 200, description = "deleted", body = WriteResult), ApiErrors)
 )]
 #[post("/v1/collections/{name}/documents/delete")]
 pub async fn delete_documents(
@@ -288,7 +288,7 @@ pub(crate) async fn run_search(
     tag = "search",
     params(("name" = String, Path, description = "collection name")),
     request_body = SearchBody,
-    responses((status = 200, description = "ranked chunks", body = SearchResults), (status = 400, description = "invalid parameter (named in `param`)", body = ErrorBody), (status = 401, description = "missing or unknown API key", body = ErrorBody), (status = 403, description = "the key lacks the scope", body = ErrorBody), (status = 413, description = "body too large", body = ErrorBody), (status = 429, description = "queue full or rate limited (Retry-After)", body = ErrorBody), (status = 503, description = "still loading", body = ErrorBody), (status = 404, description = "unknown collection, document, job or model", body = ErrorBody))
+    responses((status = 200, description = "ranked chunks", body = SearchResults), ApiErrors)
 )]
 #[post("/v1/collections/{name}/search")]
 pub async fn search(
@@ -325,7 +325,7 @@ pub struct IngestPathBody {
     tag = "ingestion",
     params(("name" = String, Path, description = "collection name")),
     request_body(content((String = "application/x-ndjson"), (IngestPathBody = "application/json")), description = "JSONL documents (streamed to disk), or {\"path\"} under --ingest-root"),
-    responses((status = 202, description = "job started", body = JobStarted), (status = 400, description = "invalid parameter (named in `param`)", body = ErrorBody), (status = 401, description = "missing or unknown API key", body = ErrorBody), (status = 403, description = "the key lacks the scope", body = ErrorBody), (status = 413, description = "body too large", body = ErrorBody), (status = 429, description = "queue full or rate limited (Retry-After)", body = ErrorBody), (status = 503, description = "still loading", body = ErrorBody), (status = 404, description = "unknown collection, document, job or model", body = ErrorBody))
+    responses((status = 202, description = "job started", body = JobStarted), ApiErrors)
 )]
 #[post("/v1/collections/{name}/ingest")]
 pub async fn ingest(
@@ -417,7 +417,7 @@ static UPLOADS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new
     get,
     path = "/v1/jobs",
     tag = "ingestion",
-    responses((status = 200, description = "every job", body = JobList), (status = 400, description = "invalid parameter (named in `param`)", body = ErrorBody), (status = 401, description = "missing or unknown API key", body = ErrorBody), (status = 403, description = "the key lacks the scope", body = ErrorBody), (status = 413, description = "body too large", body = ErrorBody), (status = 429, description = "queue full or rate limited (Retry-After)", body = ErrorBody), (status = 503, description = "still loading", body = ErrorBody))
+    responses((status = 200, description = "every job", body = JobList), ApiErrors)
 )]
 #[get("/v1/jobs")]
 pub async fn list_jobs(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
@@ -431,7 +431,7 @@ pub async fn list_jobs(state: web::Data<AppState>) -> Result<HttpResponse, ApiEr
     path = "/v1/jobs/{id}",
     tag = "ingestion",
     params(("id" = String, Path, description = "document, job or model id")),
-    responses((status = 200, description = "progress and report", body = JobView), (status = 400, description = "invalid parameter (named in `param`)", body = ErrorBody), (status = 401, description = "missing or unknown API key", body = ErrorBody), (status = 403, description = "the key lacks the scope", body = ErrorBody), (status = 413, description = "body too large", body = ErrorBody), (status = 429, description = "queue full or rate limited (Retry-After)", body = ErrorBody), (status = 503, description = "still loading", body = ErrorBody), (status = 404, description = "unknown collection, document, job or model", body = ErrorBody))
+    responses((status = 200, description = "progress and report", body = JobView), ApiErrors)
 )]
 #[get("/v1/jobs/{id}")]
 pub async fn get_job(state: web::Data<AppState>, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
@@ -455,7 +455,7 @@ pub struct PathBody {
     tag = "collections",
     params(("name" = String, Path, description = "collection name")),
     request_body = PathBody,
-    responses((status = 201, description = "snapshot written", body = Object), (status = 400, description = "invalid parameter (named in `param`)", body = ErrorBody), (status = 401, description = "missing or unknown API key", body = ErrorBody), (status = 403, description = "the key lacks the scope", body = ErrorBody), (status = 413, description = "body too large", body = ErrorBody), (status = 429, description = "queue full or rate limited (Retry-After)", body = ErrorBody), (status = 503, description = "still loading", body = ErrorBody), (status = 404, description = "unknown collection, document, job or model", body = ErrorBody))
+    responses((status = 201, description = "snapshot written", body = Object), ApiErrors)
 )]
 #[post("/v1/collections/{name}/snapshot")]
 pub async fn snapshot(
@@ -478,7 +478,7 @@ pub async fn snapshot(
     tag = "collections",
     params(("name" = String, Path, description = "collection name")),
     request_body = PathBody,
-    responses((status = 201, description = "collection restored", body = CollectionInfo), (status = 400, description = "invalid parameter (named in `param`)", body = ErrorBody), (status = 401, description = "missing or unknown API key", body = ErrorBody), (status = 403, description = "the key lacks the scope", body = ErrorBody), (status = 413, description = "body too large", body = ErrorBody), (status = 429, description = "queue full or rate limited (Retry-After)", body = ErrorBody), (status = 503, description = "still loading", body = ErrorBody), (status = 404, description = "unknown collection, document, job or model", body = ErrorBody))
+    responses((status = 201, description = "collection restored", body = CollectionInfo), ApiErrors)
 )]
 #[post("/v1/collections/{name}/restore")]
 pub async fn restore(
@@ -499,7 +499,7 @@ pub async fn restore(
     path = "/v1/collections/{name}/compact",
     tag = "collections",
     params(("name" = String, Path, description = "collection name")),
-    responses((status = 200, description = "compacted", body = CollectionInfo), (status = 400, description = "invalid parameter (named in `param`)", body = ErrorBody), (status = 401, description = "missing or unknown API key", body = ErrorBody), (status = 403, description = "the key lacks the scope", body = ErrorBody), (status = 413, description = "body too large", body = ErrorBody), (status = 429, description = "queue full or rate limited (Retry-After)", body = ErrorBody), (status = 503, description = "still loading", body = ErrorBody), (status = 404, description = "unknown collection, document, job or model", body = ErrorBody))
+    responses((status = 200, description = "compacted", body = CollectionInfo), ApiErrors)
 )]
 #[post("/v1/collections/{name}/compact")]
 pub async fn compact(state: web::Data<AppState>, path: web::Path<String>) -> Result<HttpResponse, ApiError> {

@@ -664,7 +664,7 @@ pub(crate) async fn finish_chat(started: StartedChat, caller: Option<&Principal>
     path = "/v1/chat/completions",
     tag = "openai",
     request_body = ChatRequest,
-    responses((status = 200, description = "`chat.completion`, or with `stream` an SSE stream of `chat.completion.chunk` ending with `data: [DONE]`", body = Object), (status = 400, description = "invalid parameter (named in `param`)", body = ErrorBody), (status = 401, description = "missing or unknown API key", body = ErrorBody), (status = 403, description = "the key lacks the scope", body = ErrorBody), (status = 413, description = "body too large", body = ErrorBody), (status = 429, description = "queue full or rate limited (Retry-After)", body = ErrorBody), (status = 503, description = "still loading", body = ErrorBody))
+    responses((status = 200, description = "`chat.completion`, or with `stream` an SSE stream of `chat.completion.chunk` ending with `data: [DONE]`", body = Object), ApiErrors)
 )]
 #[post("/v1/chat/completions")]
 pub async fn chat(
@@ -700,7 +700,7 @@ pub async fn chat(
     path = "/v1/completions",
     tag = "openai",
     request_body = CompletionRequest,
-    responses((status = 200, description = "`text_completion` (SSE chunks with `stream`)", body = Object), (status = 400, description = "invalid parameter (named in `param`)", body = ErrorBody), (status = 401, description = "missing or unknown API key", body = ErrorBody), (status = 403, description = "the key lacks the scope", body = ErrorBody), (status = 413, description = "body too large", body = ErrorBody), (status = 429, description = "queue full or rate limited (Retry-After)", body = ErrorBody), (status = 503, description = "still loading", body = ErrorBody))
+    responses((status = 200, description = "`text_completion` (SSE chunks with `stream`)", body = Object), ApiErrors)
 )]
 #[post("/v1/completions")]
 pub async fn completions(

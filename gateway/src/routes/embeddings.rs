@@ -103,7 +103,7 @@ fn encode_base64(v: &[f32]) -> String {
     path = "/v1/embeddings",
     tag = "openai",
     request_body = EmbeddingsRequest,
-    responses((status = 200, description = "OpenAI embedding list", body = Object), (status = 400, description = "invalid parameter (named in `param`)", body = ErrorBody), (status = 401, description = "missing or unknown API key", body = ErrorBody), (status = 403, description = "the key lacks the scope", body = ErrorBody), (status = 413, description = "body too large", body = ErrorBody), (status = 429, description = "queue full or rate limited (Retry-After)", body = ErrorBody), (status = 503, description = "still loading", body = ErrorBody), (status = 404, description = "unknown collection, document, job or model", body = ErrorBody))
+    responses((status = 200, description = "OpenAI embedding list", body = Object), ApiErrors)
 )]
 #[post("/v1/embeddings")]
 pub async fn create(

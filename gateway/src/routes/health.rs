@@ -11,7 +11,7 @@ use serde_json::json;
     get,
     path = "/health",
     tag = "probes",
-    responses((status = 200, description = "live", body = Object), (status = 400, description = "invalid parameter (named in `param`)", body = ErrorBody), (status = 401, description = "missing or unknown API key", body = ErrorBody), (status = 403, description = "the key lacks the scope", body = ErrorBody), (status = 413, description = "body too large", body = ErrorBody), (status = 429, description = "queue full or rate limited (Retry-After)", body = ErrorBody), (status = 503, description = "still loading", body = ErrorBody))
+    responses((status = 200, description = "live", body = Object))
 )]
 #[get("/health")]
 pub async fn health() -> HttpResponse {
@@ -23,7 +23,7 @@ pub async fn health() -> HttpResponse {
     get,
     path = "/ready",
     tag = "probes",
-    responses((status = 200, description = "models and index loaded", body = Object), (status = 400, description = "invalid parameter (named in `param`)", body = ErrorBody), (status = 401, description = "missing or unknown API key", body = ErrorBody), (status = 403, description = "the key lacks the scope", body = ErrorBody), (status = 413, description = "body too large", body = ErrorBody), (status = 429, description = "queue full or rate limited (Retry-After)", body = ErrorBody), (status = 503, description = "still loading", body = ErrorBody))
+    responses((status = 200, description = "models and index loaded", body = Object))
 )]
 #[get("/ready")]
 pub async fn ready(state: web::Data<AppState>) -> HttpResponse {

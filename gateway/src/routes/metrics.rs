@@ -32,7 +32,7 @@ fn model_label(id: &str) -> String {
     get,
     path = "/metrics",
     tag = "probes",
-    responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain", body = String), (status = 400, description = "invalid parameter (named in `param`)", body = ErrorBody), (status = 401, description = "missing or unknown API key", body = ErrorBody), (status = 403, description = "the key lacks the scope", body = ErrorBody), (status = 413, description = "body too large", body = ErrorBody), (status = 429, description = "queue full or rate limited (Retry-After)", body = ErrorBody), (status = 503, description = "still loading", body = ErrorBody))
+    responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain", body = String), ApiErrors)
 )]
 #[get("/metrics")]
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {

@@ -26,7 +26,7 @@ fn served(state: &AppState) -> Vec<Model<'_>> {
     get,
     path = "/v1/models",
     tag = "openai",
-    responses((status = 200, description = "OpenAI model list", body = Object), (status = 400, description = "invalid parameter (named in `param`)", body = ErrorBody), (status = 401, description = "missing or unknown API key", body = ErrorBody), (status = 403, description = "the key lacks the scope", body = ErrorBody), (status = 413, description = "body too large", body = ErrorBody), (status = 429, description = "queue full or rate limited (Retry-After)", body = ErrorBody), (status = 503, description = "still loading", body = ErrorBody))
+    responses((status = 200, description = "OpenAI model list", body = Object), ApiErrors)
 )]
 #[get("/v1/models")]
 pub async fn list(state: web::Data<AppState>) -> HttpResponse {
@@ -38,7 +38,7 @@ pub async fn list(state: web::Data<AppState>) -> HttpResponse {
     path = "/v1/models/{id}",
     tag = "openai",
     params(("id" = String, Path, description = "document, job or model id")),
-    responses((status = 200, description = "OpenAI model", body = Object), (status = 400, description = "invalid parameter (named in `param`)", body = ErrorBody), (status = 401, description = "missing or unknown API key", body = ErrorBody), (status = 403, description = "the key lacks the scope", body = ErrorBody), (status = 413, description = "body too large", body = ErrorBody), (status = 429, description = "queue full or rate limited (Retry-After)", body = ErrorBody), (status = 503, description = "still loading", body = ErrorBody), (status = 404, description = "unknown collection, document, job or model", body = ErrorBody))
+    responses((status = 200, description = "OpenAI model", body = Object), ApiErrors)
 )]
 #[get("/v1/models/{id:.*}")]
 pub async fn get(state: web::Data<AppState>, id: web::Path<String>) -> Result<HttpResponse, ApiError> {

@@ -69,7 +69,7 @@ fn target<'a>(state: &'a AppState, model: Option<&str>) -> Result<Target<'a>, Ap
     path = "/tokenize",
     tag = "openai",
     request_body = TokenizeRequest,
-    responses((status = 200, description = "token ids (and pieces)", body = Object), (status = 400, description = "invalid parameter (named in `param`)", body = ErrorBody), (status = 401, description = "missing or unknown API key", body = ErrorBody), (status = 403, description = "the key lacks the scope", body = ErrorBody), (status = 413, description = "body too large", body = ErrorBody), (status = 429, description = "queue full or rate limited (Retry-After)", body = ErrorBody), (status = 503, description = "still loading", body = ErrorBody))
+    responses((status = 200, description = "token ids (and pieces)", body = Object), ApiErrors)
 )]
 #[post("/tokenize")]
 pub async fn tokenize(state: web::Data<AppState>, body: web::Json<TokenizeRequest>) -> Result<HttpResponse, ApiError> {
@@ -130,7 +130,7 @@ pub async fn tokenize(state: web::Data<AppState>, body: web::Json<TokenizeReques
     path = "/detokenize",
     tag = "openai",
     request_body = DetokenizeRequest,
-    responses((status = 200, description = "text", body = Object), (status = 400, description = "invalid parameter (named in `param`)", body = ErrorBody), (status = 401, description = "missing or unknown API key", body = ErrorBody), (status = 403, description = "the key lacks the scope", body = ErrorBody), (status = 413, description = "body too large", body = ErrorBody), (status = 429, description = "queue full or rate limited (Retry-After)", body = ErrorBody), (status = 503, description = "still loading", body = ErrorBody))
+    responses((status = 200, description = "text", body = Object), ApiErrors)
 )]
 #[post("/detokenize")]
 pub async fn detokenize(

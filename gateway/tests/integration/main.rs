@@ -9,4 +9,5 @@ mod completions;
 mod embeddings;
 mod graphql;
 mod openai_client;
+mod openapi_fuzz;
 mod server;

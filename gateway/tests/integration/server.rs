@@ -6,6 +6,22 @@ use std::time::Duration;
 #[test]
 fn health_answers_and_ready_flips_once_loaded() {
     let s = Server::start(&[]);
+    // Models load for a while after the listening line: meanwhile the API answers 503 in
+    // OpenAI's shape with Retry-After (never a hang or a 500).
+    let r = client()
+        .post(format!("{}/v1/collections", s.url))
+        .json(&serde_json::json!({"name": "early"}))
+        .send()
+        .unwrap();
+    let early = r.status().as_u16();
+    if early == 503 {
+        assert!(r.headers().get("retry-after").is_some());
+        let body: serde_json::Value = r.json().unwrap();
+        assert_openai_error(503, &body, 503);
+        assert_eq!(body["error"]["code"], "model_not_ready");
+    } else {
+        assert_eq!(early, 201, "only 503 (loading) or 201 (loaded) are right");
+    }
     let (status, body) = s.get("/health");
     assert_eq!(status, 200);
     assert_eq!(body["status"], "ok");
