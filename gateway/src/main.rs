@@ -7,6 +7,10 @@ use ragway_gateway::config::ServeArgs;
 #[derive(Parser)]
 #[command(name = "ragway", version, about)]
 struct Cli {
+    /// Log format on stderr: `text`, or `json` (one object per line, with the request span's
+    /// fields) for log collectors.
+    #[arg(long, global = true, env = "RAGWAY_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -20,14 +24,15 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if cli.log_format == "json" {
+        logs.json().with_current_span(true).with_span_list(false).init();
+    } else {
+        logs.init();
+    }
     match cli.command {
         Command::Serve(args) => {
             let settings = args.resolve()?;

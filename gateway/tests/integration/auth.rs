@@ -187,6 +187,29 @@ tokens_per_minute = 20
 }
 
 #[test]
+fn official_openai_client_with_keys() {
+    let s = Server::start(&["--api-key", "sk-full", "--api-keys-file", &keys_file_with_slow_key()]);
+    s.wait_ready();
+    let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/openai_auth.py");
+    let out = std::process::Command::new(crate::openai_client::python())
+        .arg(script)
+        .env("RAGWAY_URL", &s.url)
+        .env("RAGWAY_KEY", "sk-full")
+        .env("RAGWAY_SLOW_KEY", "sk-one-a-minute")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "openai auth script failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("openai auth client: all checks passed"), "{stdout}");
+}
+
+fn keys_file_with_slow_key() -> String {
+    let path = std::env::temp_dir().join(format!("ragway-keys-{}.toml", std::process::id()));
+    std::fs::write(&path, "[[keys]]\nkey = \"sk-one-a-minute\"\nrequests_per_minute = 1\n").unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+#[test]
 fn closed_probes_and_refusing_to_listen_beyond_loopback_without_keys() {
     let s = Server::start(&["--api-key", "sk-one", "--open-probes", "false"]);
     let anon = Call { s: &s, key: None };

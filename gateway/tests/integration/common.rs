@@ -59,7 +59,10 @@ impl Server {
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if let Some(i) = line.find("listening on http://") {
-                    let _ = tx.send(line[i + "listening on ".len()..].trim().to_string());
+                    // Text or JSON log lines: the address ends at a quote or a space.
+                    let rest = &line[i + "listening on ".len()..];
+                    let end = rest.find(|c: char| c == '"' || c.is_whitespace()).unwrap_or(rest.len());
+                    let _ = tx.send(rest[..end].to_string());
                 }
                 log2.lock().unwrap().push(line);
             }
@@ -68,6 +71,24 @@ impl Server {
             .recv_timeout(Duration::from_secs(60))
             .unwrap_or_else(|_| panic!("server did not start: {:?}", log.lock().unwrap()));
         Server { child, url, log, _data: data, keep_data }
+    }
+
+    /// SIGTERM: a graceful stop.
+    pub fn terminate(&self) {
+        let ok = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().expect("kill -TERM");
+        assert!(ok.success());
+    }
+
+    /// Waits for the process to exit on its own.
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(Instant::now() < deadline, "the server did not exit");
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// SIGKILL: no shutdown, no flush.

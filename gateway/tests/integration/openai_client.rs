@@ -6,7 +6,7 @@ use std::process::Command;
 
 /// The Python with `openai` installed: `RAGWAY_TEST_PYTHON`, else the venv that
 /// `scripts/test.sh` creates.
-fn python() -> PathBuf {
+pub fn python() -> PathBuf {
     if let Some(p) = std::env::var_os("RAGWAY_TEST_PYTHON") {
         return PathBuf::from(p);
     }

@@ -116,3 +116,37 @@ fn config_file_and_unknown_keys() {
         assert!(help.contains(flag), "--help lacks {flag}:\n{help}");
     }
 }
+
+#[test]
+fn sigterm_finishes_in_flight_streams_flushes_and_exits_cleanly() {
+    let data = tempfile::tempdir().unwrap();
+    let mut s = Server::start_in(data.path(), &["--log-format", "json", "--commit-interval-ms", "600000"]);
+    s.wait_ready();
+    assert_eq!(s.post("/v1/collections", &serde_json::json!({"name": "kb"})).0, 201);
+    // Durable but not yet searchable (the commit interval is 10 minutes): the shutdown flush
+    // must make it searchable before exit.
+    let (status, _) = s.post(
+        "/v1/collections/kb/documents",
+        &serde_json::json!({"documents": [{"id": "d", "text": "graceful shutdown flushes the index"}], "wait": false}),
+    );
+    assert_eq!(status, 200);
+    let url = format!("{}/v1/completions", s.url);
+    let stream = std::thread::spawn(move || {
+        let body = serde_json::json!({"model": "SmolLM2-135M-Instruct", "prompt": "Once upon a time", "max_tokens": 48,
+            "temperature": 0, "ignore_eos": true, "stream": true});
+        client().post(url).json(&body).send().unwrap().text().unwrap()
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    s.terminate();
+    let text = stream.join().unwrap();
+    assert!(text.trim_end().ends_with("data: [DONE]"), "the in-flight stream was cut: {text}");
+    let status = s.wait_exit(Duration::from_secs(60));
+    assert!(status.success(), "{status:?}");
+    let log = s.log.lock().unwrap().join("\n");
+    assert!(log.lines().any(|l| l.starts_with('{') && l.contains("\"server stopped\"")), "{log}");
+    // The flushed keyword index holds the document without any replay of the log.
+    let meta = std::fs::read_to_string(data.path().join("collections/kb/keyword/meta.json")).unwrap();
+    let meta: serde_json::Value = serde_json::from_str(&meta).unwrap();
+    let docs: u64 = meta["segments"].as_array().unwrap().iter().map(|s| s["max_doc"].as_u64().unwrap()).sum();
+    assert_eq!(docs, 1, "the shutdown did not commit the keyword index: {meta}");
+}
