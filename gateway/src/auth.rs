@@ -283,6 +283,10 @@ pub fn access_for(method: &str, path: &str, open_probes: bool) -> Access {
     if method == "GET" || method == "HEAD" {
         return Access::Scoped(Scope::Read);
     }
+    if segs.first() == Some(&"v1") && segs.get(1) == Some(&"prompts") {
+        // Rendering only reads; creating versions and moving labels writes.
+        return Access::Scoped(if segs.last() == Some(&"render") { Scope::Read } else { Scope::Write });
+    }
     if !is_collections {
         // Inference, tokenization and anything else that only reads.
         return Access::Scoped(Scope::Read);
@@ -326,6 +330,12 @@ mod tests {
         assert_eq!(access_for("POST", "/v1/collections/a/ingest", true), Scoped(Write));
         assert_eq!(access_for("POST", "/v1/collections/a/snapshot", true), Scoped(Admin));
         assert_eq!(access_for("GET", "/v1/collections/a/documents/x", true), Scoped(Read));
+        assert_eq!(access_for("POST", "/v1/rag", true), Scoped(Read));
+        assert_eq!(access_for("GET", "/v1/prompts/rag-answer", true), Scoped(Read));
+        assert_eq!(access_for("POST", "/v1/prompts/rag-answer/render", true), Scoped(Read));
+        assert_eq!(access_for("POST", "/v1/prompts/rag-answer/versions", true), Scoped(Write));
+        assert_eq!(access_for("PUT", "/v1/prompts/rag-answer/labels/production", true), Scoped(Write));
+        assert_eq!(access_for("DELETE", "/v1/prompts/mine", true), Scoped(Write));
         assert_eq!(access_for("POST", "/graphql", true), Authenticated);
         assert_eq!(access_for("GET", "/graphql", true), Open);
     }

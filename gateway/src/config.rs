@@ -107,6 +107,25 @@ pub struct ServeArgs {
     /// Largest GraphQL query complexity (fields counted, lists by their limit) [default: 2000].
     #[arg(long, env = "RAGWAY_GRAPHQL_MAX_COMPLEXITY")]
     pub graphql_max_complexity: Option<usize>,
+    /// Directories of prompt templates (`*.prompt`) and few-shot sets (`fewshot/*.jsonl`),
+    /// loaded after the built-in templates; repeat the flag or separate with commas.
+    /// Templates created through the API are kept under `<data-dir>/prompts`.
+    #[arg(long = "prompts-dir", env = "RAGWAY_PROMPTS_DIRS", value_delimiter = ',')]
+    #[serde(default)]
+    pub prompts_dirs: Vec<PathBuf>,
+    /// Template RAG answers with when a request names none [default: rag-answer].
+    #[arg(long, env = "RAGWAY_RAG_TEMPLATE")]
+    pub rag_template: Option<String>,
+    /// Passages whose query cosine is below this are not offered to the model; with none
+    /// left, RAG answers with the template's "don't know" [default: 0.3].
+    #[arg(long, env = "RAGWAY_RAG_MIN_RELEVANCE")]
+    pub rag_min_relevance: Option<f32>,
+    /// RAG answers whose grounding score is below this are flagged [default: 0.5].
+    #[arg(long, env = "RAGWAY_RAG_GROUNDING_THRESHOLD")]
+    pub rag_grounding_threshold: Option<f32>,
+    /// Token budget of the context passages of a RAG prompt [default: 2048].
+    #[arg(long, env = "RAGWAY_RAG_CONTEXT_TOKENS")]
+    pub rag_context_tokens: Option<usize>,
 }
 
 /// Resolved settings of the server.
@@ -140,6 +159,8 @@ pub struct Settings {
     pub allow_unauthenticated: bool,
     pub graphql_max_depth: usize,
     pub graphql_max_complexity: usize,
+    pub prompts_dirs: Vec<PathBuf>,
+    pub rag: ragway_prompts::rag::RagConfig,
 }
 
 impl ServeArgs {
@@ -194,7 +215,21 @@ impl ServeArgs {
             allow_unauthenticated: pick!(allow_unauthenticated, false),
             graphql_max_depth: pick!(graphql_max_depth, 12),
             graphql_max_complexity: pick!(graphql_max_complexity, 2000),
+            prompts_dirs: if self.prompts_dirs.is_empty() { file.prompts_dirs.clone() } else { self.prompts_dirs.clone() },
+            rag: {
+                let d = ragway_prompts::rag::RagConfig::default();
+                ragway_prompts::rag::RagConfig {
+                    template: pick!(rag_template, d.template.clone()),
+                    min_relevance: pick!(rag_min_relevance, d.min_relevance),
+                    grounding_threshold: pick!(rag_grounding_threshold, d.grounding_threshold),
+                    context_tokens: pick!(rag_context_tokens, d.context_tokens),
+                    ..d
+                }
+            },
         };
+        if !(-1.0..=1.0).contains(&settings.rag.min_relevance) || !(0.0..=1.0).contains(&settings.rag.grounding_threshold) {
+            anyhow::bail!("rag_min_relevance must be in [-1, 1] and rag_grounding_threshold in [0, 1]");
+        }
         if settings.embed_queue == 0 || settings.max_embed_inputs == 0 || settings.embed_batch_tokens == 0 {
             anyhow::bail!("embed_queue, max_embed_inputs and embed_batch_tokens must be positive");
         }

@@ -5,6 +5,7 @@ use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, ResponseError};
 use ragway_engine::EngineError;
 use ragway_index::IndexError;
+use ragway_prompts::PromptError;
 use crate::auth::Scope;
 use crate::telemetry::Rejection;
 use serde::Serialize;
@@ -219,6 +220,42 @@ impl From<IndexError> for ApiError {
                 ApiError { status: StatusCode::SERVICE_UNAVAILABLE, retry_after: Some(5), ..ApiError::internal(e.to_string()) }
             }
             _ => ApiError::internal(e.to_string()),
+        }
+    }
+}
+
+impl From<PromptError> for ApiError {
+    /// Template and RAG errors: 400 naming the field (and the template line), 404 for an
+    /// unknown template, version or label, 409 for an immutable version or a file-defined
+    /// template; index and engine errors as those map.
+    fn from(e: PromptError) -> Self {
+        match e {
+            PromptError::Invalid { param, message, line } => {
+                let message = match line {
+                    Some(l) if !message.contains("line ") => format!("{message} (line {l})"),
+                    _ => message,
+                };
+                ApiError::invalid(param, message)
+            }
+            PromptError::NotFound(message) => ApiError {
+                status: StatusCode::NOT_FOUND,
+                message,
+                kind: "invalid_request_error",
+                param: Some("template".into()),
+                code: Some("template_not_found"),
+                retry_after: None,
+            },
+            PromptError::Conflict(message) => ApiError {
+                status: StatusCode::CONFLICT,
+                message,
+                kind: "invalid_request_error",
+                param: None,
+                code: Some("conflict"),
+                retry_after: None,
+            },
+            PromptError::Index(e) => ApiError::from(e),
+            PromptError::Engine(e) => ApiError::from_engine(e, "messages"),
+            PromptError::Io(m) => ApiError::internal(m),
         }
     }
 }

@@ -29,6 +29,17 @@ use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// A prompt template in listings.
+#[derive(SimpleObject)]
+pub struct PromptSummary {
+    pub name: String,
+    pub description: String,
+    pub latest: u32,
+    pub versions: Vec<u32>,
+    /// `{label: version}`.
+    pub labels: Json<Value>,
+}
+
 pub type RagwaySchema = Schema<QueryRoot, MutationRoot, SubscriptionRoot>;
 
 /// Builds the schema with the configured depth and complexity limits.
@@ -491,6 +502,42 @@ impl QueryRoot {
         let job = index.jobs().get(&id).ok_or_else(|| gql(ragway_index::IndexError::JobNotFound(id).into()))?;
         Ok(Job::from(job.as_ref()))
     }
+    /// Prompt templates: name, latest version, versions and labels.
+    async fn prompts(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<PromptSummary>> {
+        require(ctx, Scope::Read)?;
+        Ok(state(ctx)
+            .prompts
+            .list()
+            .into_iter()
+            .map(|p| PromptSummary {
+                name: p.name,
+                description: p.description,
+                latest: p.latest,
+                versions: p.versions,
+                labels: Json(json!(p.labels)),
+            })
+            .collect())
+    }
+
+    /// One template with every version (header, body, source, origin) and its labels.
+    async fn prompt(&self, ctx: &Context<'_>, name: String) -> async_graphql::Result<Json<Value>> {
+        require(ctx, Scope::Read)?;
+        let d = state(ctx).prompts.get(&name).map_err(|e| gql(e.into()))?;
+        Ok(Json(serde_json::to_value(d).map_err(|e| gql(ApiError::internal(e.to_string())))?))
+    }
+
+    /// Renders `reference` (`name`, `name@3`, `name:label`); `input` takes the fields of
+    /// `POST /v1/prompts/{name}/render` (variables, fewshot_mode, fewshot_k, model).
+    async fn render_prompt(
+        &self,
+        ctx: &Context<'_>,
+        reference: String,
+        input: Option<Json<Value>>,
+    ) -> async_graphql::Result<Json<Value>> {
+        require(ctx, Scope::Read)?;
+        let b: crate::routes::prompts::RenderBody = body(input.map(|i| i.0).unwrap_or_else(|| json!({})))?;
+        Ok(Json(crate::routes::prompts::render_prompt(state(ctx), &reference, b).await.map_err(gql)?))
+    }
 }
 
 pub struct MutationRoot;
@@ -584,6 +631,68 @@ impl MutationRoot {
             prompt_tokens: c.prompt_tokens,
             completion_tokens: c.completion_tokens,
         })
+    }
+    /// Adds a template version: `source` (the whole file) or `input` (the parts, as in
+    /// `POST /v1/prompts`). Answers the version and the template's labels.
+    async fn create_prompt_version(
+        &self,
+        ctx: &Context<'_>,
+        source: Option<String>,
+        input: Option<Json<Value>>,
+    ) -> async_graphql::Result<Json<Value>> {
+        require(ctx, Scope::Write)?;
+        let v = match (source, input) {
+            (Some(src), None) => json!({"source": src}),
+            (None, Some(i)) => i.0,
+            _ => return Err(gql(ApiError::invalid("source", "give `source` or `input`"))),
+        };
+        let (out, _) = crate::routes::prompts::create_version(state(ctx), v, None).await.map_err(gql)?;
+        Ok(Json(out))
+    }
+
+    /// Points a label at a version (rollback = moving it back).
+    async fn set_prompt_label(
+        &self,
+        ctx: &Context<'_>,
+        name: String,
+        label: String,
+        version: u32,
+    ) -> async_graphql::Result<Json<Value>> {
+        require(ctx, Scope::Write)?;
+        Ok(Json(crate::routes::prompts::move_label(state(ctx), name, label, version).await.map_err(gql)?))
+    }
+
+    async fn delete_prompt_label(&self, ctx: &Context<'_>, name: String, label: String) -> async_graphql::Result<bool> {
+        require(ctx, Scope::Write)?;
+        let reg = state(ctx).prompts.clone();
+        web::block(move || reg.delete_label(&name, &label))
+            .await
+            .map_err(|e| gql(ApiError::internal(e.to_string())))?
+            .map_err(|e| gql(e.into()))?;
+        Ok(true)
+    }
+
+    /// Deletes a template created through the API.
+    async fn delete_prompt(&self, ctx: &Context<'_>, name: String) -> async_graphql::Result<bool> {
+        require(ctx, Scope::Write)?;
+        let reg = state(ctx).prompts.clone();
+        web::block(move || reg.delete(&name))
+            .await
+            .map_err(|e| gql(ApiError::internal(e.to_string())))?
+            .map_err(|e| gql(e.into()))?;
+        Ok(true)
+    }
+
+    /// A retrieval-augmented answer: `input` takes the body of `POST /v1/rag` (without
+    /// `stream`); answers its JSON (answer, citations, uncited, grounding, template, usage).
+    async fn rag(&self, ctx: &Context<'_>, input: Json<Value>) -> async_graphql::Result<Json<Value>> {
+        let caller = require(ctx, Scope::Read)?;
+        let s = state(ctx);
+        let b = crate::routes::rag::parse_body(s, input.0).map_err(gql)?;
+        if b.common.stream.unwrap_or(false) {
+            return Err(gql(ApiError::invalid("stream", "stream is not available here; subscribe to `generate` for tokens")));
+        }
+        Ok(Json(crate::routes::rag::answer(s, b, Some(&caller)).await.map_err(gql)?))
     }
 }
 

@@ -120,7 +120,7 @@ impl Modify for BearerAuth {
     }
 }
 
-use crate::routes::{collections, completions, embeddings, health, metrics, models, tokenize};
+use crate::routes::{collections, completions, embeddings, health, metrics, models, prompts, rag, tokenize};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -134,6 +134,9 @@ use crate::routes::{collections, completions, embeddings, health, metrics, model
         collections::upsert, collections::get_document, collections::delete_document, collections::delete_documents,
         collections::search, collections::ingest, collections::list_jobs, collections::get_job,
         collections::snapshot, collections::restore, collections::compact,
+        rag::rag,
+        prompts::list, prompts::create, prompts::get, prompts::remove, prompts::create_version_route,
+        prompts::set_label, prompts::delete_label, prompts::render,
     ),
     components(schemas(
         ErrorBody, ErrorObject, CollectionList, Deleted, SearchResults, JobStarted, JobList,
@@ -170,6 +173,10 @@ mod tests {
             "/v1/collections/{name}/documents/{id}",
             "/v1/jobs/{id}",
             "/tokenize",
+            "/v1/rag",
+            "/v1/prompts",
+            "/v1/prompts/{name}/labels/{label}",
+            "/v1/prompts/{name}/render",
         ] {
             assert!(paths.contains_key(p), "{p} missing");
         }

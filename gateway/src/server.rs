@@ -36,7 +36,10 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     } else {
         tracing::warn!("no API keys configured: authentication is off");
     }
-    let state = web::Data::new(AppState::new(settings.clone(), keys));
+    let prompts = ragway_prompts::Registry::open(&settings.prompts_dirs, Some(settings.data_dir.join("prompts")))
+        .map_err(|e| anyhow::anyhow!("cannot load prompt templates: {e}"))?;
+    tracing::info!(templates = prompts.list().len(), "prompt templates loaded");
+    let state = web::Data::new(AppState::new(settings.clone(), keys, Arc::new(prompts)));
 
     let max_body = settings.max_body_bytes;
     let app_state = state.clone();

@@ -2,10 +2,12 @@
 
 use crate::auth::KeyStore;
 use crate::config::Settings;
-use crate::telemetry::RequestMetrics;
+use crate::telemetry::{RagMetrics, RequestMetrics};
 use ragway_engine::embed::worker::EmbedHandle;
 use ragway_engine::generate::GenerateHandle;
 use ragway_index::IndexService;
+use ragway_prompts::rag::Pipeline;
+use ragway_prompts::Registry;
 use std::sync::Arc;
 use std::sync::OnceLock;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -25,10 +27,14 @@ pub struct AppState {
     pub keys: KeyStore,
     /// Request counts, durations and rejections.
     pub requests: RequestMetrics,
+    /// Prompt templates: built-in, from the prompts directories, and created through the API.
+    pub prompts: Arc<Registry>,
+    /// RAG answers by template version, grounding scores, flags.
+    pub rag_metrics: RagMetrics,
 }
 
 impl AppState {
-    pub fn new(settings: Settings, keys: KeyStore) -> Self {
+    pub fn new(settings: Settings, keys: KeyStore, prompts: Arc<Registry>) -> Self {
         let started_unix = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         Self {
             settings,
@@ -38,11 +44,21 @@ impl AppState {
             started_unix,
             keys,
             requests: RequestMetrics::default(),
+            prompts,
+            rag_metrics: RagMetrics::default(),
         }
     }
 
     /// True once every configured model is loaded.
     pub fn is_ready(&self) -> bool {
         self.embedder.get().is_some() && self.generator.get().is_some() && self.index.get().is_some()
+    }
+}
+
+impl AppState {
+    /// The RAG pipeline over the index (once open) and the template registry.
+    pub fn rag(&self) -> Option<Pipeline> {
+        let index = self.index.get()?.clone();
+        Some(Pipeline::new(index, self.prompts.clone(), self.settings.rag.clone()))
     }
 }

@@ -83,6 +83,63 @@ impl RequestMetrics {
     }
 }
 
+/// Grounding score buckets.
+pub const GROUNDING_BOUNDS: &[f64] = &[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0];
+
+/// RAG answers by template version: how they ended (`answered`, `dont_know`, `abstained`),
+/// how many were flagged ungrounded, and their grounding scores — the online half of
+/// hallucination monitoring.
+#[derive(Default)]
+pub struct RagMetrics {
+    answers: Mutex<BTreeMap<(String, u32, &'static str), u64>>,
+    flagged: Mutex<BTreeMap<(String, u32), u64>>,
+    scores: Mutex<BTreeMap<(String, u32), Histogram>>,
+}
+
+impl RagMetrics {
+    pub fn observe(&self, a: &ragway_prompts::rag::RagAnswer) {
+        let key = (a.template.name.clone(), a.template.version);
+        let outcome = if a.dont_know {
+            "dont_know"
+        } else if a.grounding.abstained {
+            "abstained"
+        } else {
+            "answered"
+        };
+        *self.answers.lock().unwrap_or_else(|e| e.into_inner()).entry((key.0.clone(), key.1, outcome)).or_insert(0) += 1;
+        if outcome == "answered" {
+            let mut f = self.flagged.lock().unwrap_or_else(|e| e.into_inner());
+            *f.entry(key.clone()).or_insert(0) += u64::from(a.grounding.flagged);
+            self.scores
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(key)
+                .or_insert_with(|| Histogram::new(GROUNDING_BOUNDS))
+                .observe(a.grounding.score as f64);
+        }
+    }
+
+    pub fn render(&self, out: &mut String) {
+        let label = |t: &str, v: u32| format!("template=\"{}\",version=\"{v}\"", escape(t));
+        let _ = writeln!(out, "# HELP ragway_rag_answers_total RAG answers by template version and outcome.");
+        let _ = writeln!(out, "# TYPE ragway_rag_answers_total counter");
+        for ((t, v, o), n) in self.answers.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            let _ = writeln!(out, "ragway_rag_answers_total{{{},outcome=\"{o}\"}} {n}", label(t, *v));
+        }
+        let _ = writeln!(out, "# HELP ragway_rag_flagged_total RAG answers flagged as not grounded in their passages.");
+        let _ = writeln!(out, "# TYPE ragway_rag_flagged_total counter");
+        for ((t, v), n) in self.flagged.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            let _ = writeln!(out, "ragway_rag_flagged_total{{{}}} {n}", label(t, *v));
+        }
+        let name = "ragway_rag_grounding_score";
+        let _ = writeln!(out, "# HELP {name} Grounding score of RAG answers (abstentions excluded).");
+        let _ = writeln!(out, "# TYPE {name} histogram");
+        for ((t, v), h) in self.scores.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            write_histogram_series(out, name, &label(t, *v), h);
+        }
+    }
+}
+
 /// Label values escaped as the exposition format wants.
 pub fn escape(v: &str) -> String {
     v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")

@@ -56,7 +56,7 @@ impl Default for RagConfig {
 }
 
 /// Calibrated on HaluEval QA (items 200–999 of dev): see `docs/benchmarks.md`.
-pub const DEFAULT_MIN_RELEVANCE: f32 = 0.2;
+pub const DEFAULT_MIN_RELEVANCE: f32 = 0.3;
 /// Calibrated on HaluEval QA (right vs hallucinated answers): see `docs/benchmarks.md`.
 pub const DEFAULT_GROUNDING_THRESHOLD: f32 = 0.5;
 
@@ -185,6 +185,9 @@ pub struct SentenceSupport {
     pub semantic: f32,
     /// The passages it was checked against: its own citations, else the answer's, else all.
     pub passages: Vec<usize>,
+    /// The passage holding the sentence's closest match.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub best_passage: Option<usize>,
     pub supported: bool,
 }
 
@@ -211,6 +214,10 @@ pub struct RagAnswer {
     pub citations: Vec<Passage>,
     /// Passages offered but not cited.
     pub uncited: Vec<Passage>,
+    /// True when the answer had no valid `[n]` marker and the citations were inferred: each
+    /// supported sentence cites the passage holding its closest match (small models often
+    /// leave the markers out).
+    pub citations_inferred: bool,
     /// `[n]` markers that name no offered passage.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub invalid_citations: Vec<usize>,
@@ -430,6 +437,7 @@ impl Pipeline {
                 citations: Vec::new(),
                 uncited: Vec::new(),
                 invalid_citations: Vec::new(),
+                citations_inferred: false,
                 grounding: abstained(prepared.grounding_threshold),
                 template: prepared.template.clone(),
                 question: prepared.question.clone(),
@@ -457,7 +465,18 @@ impl Pipeline {
             check_grounding(embedder.as_ref(), &prepared.question, &answer, &prepared.passages, &cited, prepared.grounding_threshold)?
         };
         let by_index = |i: usize| prepared.passages.iter().find(|p| p.index == i).cloned();
+        let inferred = cited.is_empty() && !grounding.abstained;
+        if inferred {
+            for s in grounding.sentences.iter().filter(|s| s.supported) {
+                if let Some(b) = s.best_passage {
+                    if !cited.contains(&b) {
+                        cited.push(b);
+                    }
+                }
+            }
+        }
         Ok(RagAnswer {
+            citations_inferred: inferred && !cited.is_empty(),
             citations: cited.iter().filter_map(|&i| by_index(i)).collect(),
             uncited: prepared.passages.iter().filter(|p| !cited.contains(&p.index)).cloned().collect(),
             invalid_citations: invalid,
@@ -520,7 +539,7 @@ pub async fn generate_text(gen: &GenerateHandle, req: GenerationRequest) -> Resu
     Err(PromptError::Io("generation ended without finishing".into()))
 }
 
-fn embed_texts(e: &dyn ChunkEmbedder, texts: &[String]) -> Result<Vec<Vec<f32>>> {
+pub fn embed_texts(e: &dyn ChunkEmbedder, texts: &[String]) -> Result<Vec<Vec<f32>>> {
     if texts.is_empty() {
         return Ok(Vec::new());
     }
@@ -813,14 +832,22 @@ pub fn check_grounding(
         } else {
             novel.iter().filter(|w| words.contains(*w)).count() as f32 / novel.len() as f32
         };
-        let semantic = psent
+        let (semantic, best_passage) = psent
             .iter()
             .zip(pvecs)
             .filter(|((i, _), _)| against.contains(i))
-            .map(|(_, v)| cosine(sv, v))
-            .fold(0.0f32, f32::max);
+            .map(|((i, _), v)| (cosine(sv, v), Some(*i)))
+            .fold((0.0f32, None), |a, b| if b.0 > a.0 { b } else { a });
         let score = 0.5 * lexical + 0.5 * semantic;
-        out.push(SentenceSupport { text, score, lexical, semantic, passages: against, supported: score >= threshold });
+        out.push(SentenceSupport {
+            text,
+            score,
+            lexical,
+            semantic,
+            passages: against,
+            best_passage,
+            supported: score >= threshold,
+        });
     }
     let score = out.iter().map(|s| s.score).sum::<f32>() / out.len() as f32;
     Ok(Grounding { score, flagged: score < threshold, threshold, abstained: false, sentences: out })

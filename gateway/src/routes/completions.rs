@@ -27,7 +27,7 @@ use std::sync::Arc;
 #[derive(Debug, Deserialize)]
 #[derive(utoipa::ToSchema)]
 pub struct Common {
-    model: String,
+    pub(crate) model: String,
     #[serde(default)]
     max_tokens: Option<u64>,
     #[serde(default)]
@@ -55,7 +55,7 @@ pub struct Common {
     #[serde(default)]
     stop: Option<Value>,
     #[serde(default)]
-    stream: Option<bool>,
+    pub(crate) stream: Option<bool>,
     #[serde(default)]
     stream_options: Option<StreamOptions>,
     #[serde(default)]
@@ -64,7 +64,18 @@ pub struct Common {
     /// refused otherwise (a typo must not pass silently).
     #[serde(flatten)]
     #[schema(ignore)]
-    extra: Map<String, Value>,
+    pub(crate) extra: Map<String, Value>,
+}
+
+impl Common {
+    /// The seed as a routing key for template splits.
+    pub(crate) fn seed_key(&self) -> Option<u64> {
+        self.seed.map(|s| s as u64)
+    }
+
+    pub(crate) fn max_tokens_usize(&self) -> Option<usize> {
+        self.max_completion_tokens.or(self.max_tokens).map(|m| usize::try_from(m).unwrap_or(usize::MAX))
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -133,7 +144,7 @@ fn check_extra(extra: &Map<String, Value>) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn generator<'a>(state: &'a AppState, model: &str) -> Result<&'a GenerateHandle, ApiError> {
+pub(crate) fn generator<'a>(state: &'a AppState, model: &str) -> Result<&'a GenerateHandle, ApiError> {
     if model != state.settings.generation_model_id {
         if model == state.settings.embedding_model_id {
             return Err(ApiError::invalid(
@@ -148,8 +159,21 @@ fn generator<'a>(state: &'a AppState, model: &str) -> Result<&'a GenerateHandle,
 
 /// Builds one engine request (without its prompt) from the shared fields.
 fn template_request(c: &Common, logprobs: Option<usize>, vocab: usize) -> Result<GenerationRequest, ApiError> {
+    request_over(c, logprobs, vocab, SamplingParams::default(), None, Vec::new())
+}
+
+/// The engine request of `c` over defaults (a prompt template's parameters): fields the
+/// request sets win.
+pub(crate) fn request_over(
+    c: &Common,
+    logprobs: Option<usize>,
+    vocab: usize,
+    base: SamplingParams,
+    base_max_tokens: Option<usize>,
+    base_stop: Vec<String>,
+) -> Result<GenerationRequest, ApiError> {
     check_extra(&c.extra)?;
-    let mut sampling = SamplingParams { logprobs, ..SamplingParams::default() };
+    let mut sampling = SamplingParams { logprobs, ..base };
     if let Some(t) = c.temperature {
         sampling.temperature = t;
     }
@@ -186,10 +210,10 @@ fn template_request(c: &Common, logprobs: Option<usize>, vocab: usize) -> Result
     let max_tokens = match c.max_completion_tokens.or(c.max_tokens) {
         Some(0) => return Err(ApiError::invalid("max_tokens", "max_tokens must be at least 1")),
         Some(m) => Some(usize::try_from(m).unwrap_or(usize::MAX)),
-        None => None,
+        None => base_max_tokens,
     };
     let stop = match &c.stop {
-        None | Some(Value::Null) => Vec::new(),
+        None | Some(Value::Null) => base_stop,
         Some(Value::String(s)) => vec![s.clone()],
         Some(Value::Array(a)) => a
             .iter()
@@ -319,7 +343,7 @@ fn submit_all(
 }
 
 #[derive(Clone, Copy, PartialEq)]
-enum Kind {
+pub(crate) enum Kind {
     Chat,
     Text,
 }
@@ -327,7 +351,7 @@ enum Kind {
 /// Events of every prompt's stream, tagged with the choice index `prompt * n + index`.
 pub(crate) type Events = Pin<Box<dyn Stream<Item = (usize, GenEvent)> + Send>>;
 
-fn merge(streams: Vec<GenerationStream>, n: usize) -> Events {
+pub(crate) fn merge(streams: Vec<GenerationStream>, n: usize) -> Events {
     let parts = streams.into_iter().enumerate().map(|(p, s)| {
         stream::unfold(s, |mut s| async move { s.next().await.map(|e| (e, s)) })
             .map(move |e| {
@@ -367,7 +391,7 @@ fn chat_logprob(h: &GenerateHandle, lp: &TokenLogprob) -> Value {
     v
 }
 
-struct Choice {
+pub(crate) struct Choice {
     text: String,
     finish: Option<&'static str>,
     completion_tokens: usize,
@@ -378,7 +402,7 @@ struct Choice {
     top_logprobs: Vec<Value>,
 }
 
-async fn gather(
+pub(crate) async fn gather(
     h: &GenerateHandle,
     mut events: Events,
     choices: usize,
@@ -433,7 +457,7 @@ async fn gather(
     Ok(out)
 }
 
-fn usage(choices: &[Choice], n: usize, caller: Option<&Principal>) -> Value {
+pub(crate) fn usage(choices: &[Choice], n: usize, caller: Option<&Principal>) -> Value {
     // Each prompt counts once, however many sequences it has.
     let prompt: usize = choices.iter().step_by(n.max(1)).map(|c| c.prompt_tokens).sum();
     let completion: usize = choices.iter().map(|c| c.completion_tokens).sum();
@@ -443,17 +467,21 @@ fn usage(choices: &[Choice], n: usize, caller: Option<&Principal>) -> Value {
     json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
 }
 
-fn now() -> u64 {
+pub(crate) fn now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
-fn sse(v: &Value) -> Bytes {
+pub(crate) fn sse(v: &Value) -> Bytes {
     Bytes::from(format!("data: {v}\n\n"))
 }
 
+/// Work run on a finished stream's text (choice 0), whose value rides in an extra final
+/// chunk (`choices: []`, `rag: {...}`): how chat completions with `rag` return citations.
+pub(crate) type Tail = Box<dyn FnOnce(String) -> Pin<Box<dyn std::future::Future<Output = Value>>>>;
+
 /// The SSE body: chunks as the engine decodes, a final usage chunk on request, `[DONE]`.
 #[allow(clippy::too_many_arguments)]
-fn sse_body(
+pub(crate) fn sse_body(
     h: GenerateHandle,
     events: Events,
     kind: Kind,
@@ -463,6 +491,7 @@ fn sse_body(
     prompt_tokens: Vec<usize>,
     include_usage: bool,
     caller: Option<Arc<Principal>>,
+    tail: Option<Tail>,
 ) -> impl Stream<Item = Result<Bytes, actix_web::Error>> {
     let created = now();
     let object = if kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" };
@@ -479,8 +508,18 @@ fn sse_body(
         completion_tokens: usize,
         finished: bool,
         started: Vec<bool>,
+        tail: Option<Tail>,
+        text: String,
     }
-    let st = St { events, done: 0, completion_tokens: 0, finished: false, started: vec![false; choices] };
+    let st = St {
+        events,
+        done: 0,
+        completion_tokens: 0,
+        finished: false,
+        started: vec![false; choices],
+        tail,
+        text: String::new(),
+    };
     let prompt_total: usize = prompt_tokens.iter().sum();
     stream::unfold(st, move |mut st| {
         let h = h.clone();
@@ -508,6 +547,9 @@ fn sse_body(
                 match ev {
                     GenEvent::Token { index, text, logprob, .. } => {
                         open_chat_choice(&mut st.started, index, &mut out);
+                        if st.tail.is_some() && index == 0 {
+                            st.text.push_str(&text);
+                        }
                         if text.is_empty() && logprob.is_none() {
                             continue;
                         }
@@ -523,6 +565,9 @@ fn sse_body(
                         break;
                     }
                     GenEvent::Text { index, text } => {
+                        if st.tail.is_some() && index == 0 {
+                            st.text.push_str(&text);
+                        }
                         let c = match kind {
                             Kind::Chat => {
                                 json!({"index": index, "delta": {"content": text}, "logprobs": null, "finish_reason": null})
@@ -551,6 +596,13 @@ fn sse_body(
                             if let Some(p) = &caller {
                                 p.charge_tokens(prompt_total + st.completion_tokens);
                             }
+                            if let Some(tail) = st.tail.take() {
+                                let extra = tail(std::mem::take(&mut st.text)).await;
+                                let mut last = chunk(Value::Null, include_usage);
+                                last["choices"] = json!([]);
+                                last["rag"] = extra;
+                                out.extend_from_slice(&sse(&last));
+                            }
                             if include_usage {
                                 let mut last = chunk(Value::Null, false);
                                 last["choices"] = json!([]);
@@ -578,7 +630,7 @@ fn sse_body(
     })
 }
 
-fn sse_response(body: impl Stream<Item = Result<Bytes, actix_web::Error>> + 'static) -> HttpResponse {
+pub(crate) fn sse_response(body: impl Stream<Item = Result<Bytes, actix_web::Error>> + 'static) -> HttpResponse {
     HttpResponse::Ok()
         .content_type("text/event-stream")
         .insert_header(("Cache-Control", "no-cache"))
@@ -586,7 +638,7 @@ fn sse_response(body: impl Stream<Item = Result<Bytes, actix_web::Error>> + 'sta
         .streaming(body)
 }
 
-fn new_id(prefix: &str) -> String {
+pub(crate) fn new_id(prefix: &str) -> String {
     format!("{prefix}-{:016x}{:08x}", random_seed(), random_seed() as u32)
 }
 
@@ -672,11 +724,16 @@ pub async fn chat(
     state: web::Data<AppState>,
     body: web::Json<ChatRequest>,
 ) -> Result<HttpResponse, ApiError> {
-    let StartedChat { h, events, n, prompt_tokens, top, stream, include_usage } = start_chat(&state, body.into_inner())?;
+    let mut req = body.into_inner();
+    match req.common.extra.remove("rag") {
+        None | Some(Value::Null) => {}
+        Some(rag) => return chat_rag(http, state, req, rag).await,
+    }
+    let StartedChat { h, events, n, prompt_tokens, top, stream, include_usage } = start_chat(&state, req)?;
     let id = new_id("chatcmpl");
     let model = h.model_id().to_string();
     if stream {
-        return Ok(sse_response(sse_body(h, events, Kind::Chat, id, model, n, vec![prompt_tokens], include_usage, principal(&http))));
+        return Ok(sse_response(sse_body(h, events, Kind::Chat, id, model, n, vec![prompt_tokens], include_usage, principal(&http), None)));
     }
     let choices = gather(&h, events, n, Kind::Chat, None, n).await?;
     let usage = usage(&choices, n, principal(&http).as_deref());
@@ -692,6 +749,81 @@ pub async fn chat(
     Ok(HttpResponse::Ok().json(json!({
         "id": id, "object": "chat.completion", "created": now(), "model": model,
         "system_fingerprint": null, "choices": choices, "usage": usage,
+    })))
+}
+
+/// A chat completion answered with retrieval (`rag` in the body): the last user message is
+/// the question, earlier turns the history; the response is a normal `chat.completion`
+/// with an extra `rag` field (citations, uncited passages, grounding, template), and a
+/// stream ends with a chunk carrying `rag` and `choices: []` before `[DONE]`.
+async fn chat_rag(http: HttpRequest, state: web::Data<AppState>, req: ChatRequest, rag: Value) -> Result<HttpResponse, ApiError> {
+    use crate::routes::rag as r;
+    let h = generator(&state, &req.common.model)?.clone();
+    let top = if req.logprobs.unwrap_or(false) { Some(req.top_logprobs.unwrap_or(0)) } else { None };
+    template_request(&req.common, top, h.tokenizer().vocab_size())?;
+    let options = r::parse_options(rag)?;
+    let (question, history) = r::question_and_history(None, Some(&req.messages))?;
+    let key = r::routing_key(&req.common);
+    let rreq = r::rag_request(options, question, history, key, req.common.max_tokens_usize())?;
+    let (pipe, prepared) = r::prepare(&state, &h, rreq).await?;
+    let (cp, cc) = prepared.condense_tokens;
+    let id = new_id("chatcmpl");
+    let model = h.model_id().to_string();
+    let stream = req.common.stream.unwrap_or(false);
+    let include_usage = req.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
+    if let Some(dk) = prepared.dont_know.clone() {
+        let ans = r::finish(&state, pipe, prepared, dk.clone()).await?;
+        let usage = json!({"prompt_tokens": cp, "completion_tokens": cc, "total_tokens": cp + cc});
+        if !stream {
+            return Ok(HttpResponse::Ok().json(json!({
+                "id": id, "object": "chat.completion", "created": now(), "model": model, "system_fingerprint": null,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": dk, "refusal": null}, "logprobs": null, "finish_reason": "stop"}],
+                "usage": usage, "rag": r::rag_extra(&ans),
+            })));
+        }
+        let base = json!({"id": id, "object": "chat.completion.chunk", "created": now(), "model": model, "system_fingerprint": null});
+        let with = |choices: Value, extra: Option<(&str, Value)>| {
+            let mut v = base.clone();
+            v["choices"] = choices;
+            if let Some((k, x)) = extra {
+                v[k] = x;
+            }
+            sse(&v)
+        };
+        let mut out = Vec::new();
+        out.extend_from_slice(&with(json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]), None));
+        out.extend_from_slice(&with(json!([{"index": 0, "delta": {"content": dk}, "logprobs": null, "finish_reason": null}]), None));
+        out.extend_from_slice(&with(json!([{"index": 0, "delta": {}, "logprobs": null, "finish_reason": "stop"}]), None));
+        out.extend_from_slice(&with(json!([]), Some(("rag", r::rag_extra(&ans)))));
+        if include_usage {
+            out.extend_from_slice(&with(json!([]), Some(("usage", usage))));
+        }
+        out.extend_from_slice(b"data: [DONE]\n\n");
+        return Ok(sse_response(stream::iter([Ok::<_, actix_web::Error>(Bytes::from(out))])));
+    }
+    let greq = r::engine_request(&req.common, &h, &prepared, top)?;
+    let prompt_tokens = greq.prompt.len();
+    let streams = submit_all(&h, &greq, vec![greq.prompt.clone()], "messages")?;
+    let events = merge(streams, 1);
+    if stream {
+        let tail = r::tail(state.clone().into_inner(), pipe, prepared);
+        return Ok(sse_response(sse_body(h, events, Kind::Chat, id, model, 1, vec![prompt_tokens + cp], include_usage, principal(&http), Some(tail))));
+    }
+    let mut choices = gather(&h, events, 1, Kind::Chat, None, 1).await?;
+    let c = choices.remove(0);
+    let ans = r::finish(&state, pipe, prepared, c.text.clone()).await?;
+    let p = c.prompt_tokens + cp;
+    let done = c.completion_tokens + cc;
+    if let Some(caller) = principal(&http) {
+        caller.charge_tokens(p + done);
+    }
+    Ok(HttpResponse::Ok().json(json!({
+        "id": id, "object": "chat.completion", "created": now(), "model": model, "system_fingerprint": null,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text, "refusal": null},
+            "logprobs": if top.is_some() { json!({"content": c.chat_logprobs}) } else { Value::Null },
+            "finish_reason": c.finish}],
+        "usage": {"prompt_tokens": p, "completion_tokens": done, "total_tokens": p + done},
+        "rag": r::rag_extra(&ans),
     })))
 }
 
@@ -732,7 +864,7 @@ pub async fn completions(
     let model = h.model_id().to_string();
     if req.common.stream.unwrap_or(false) {
         let include_usage = req.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
-        return Ok(sse_response(sse_body(h, events, Kind::Text, id, model, total, prompt_tokens, include_usage, principal(&http))));
+        return Ok(sse_response(sse_body(h, events, Kind::Text, id, model, total, prompt_tokens, include_usage, principal(&http), None)));
     }
     let choices = gather(&h, events, total, Kind::Text, echo_texts.as_deref(), n).await?;
     let usage = usage(&choices, n, principal(&http).as_deref());

@@ -45,6 +45,7 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
 fn render(state: &AppState) -> String {
     let mut out = String::new();
     state.requests.render(&mut out);
+    state.rag_metrics.render(&mut out);
     if let Some(e) = state.embedder.get() {
         let (l, m) = (model_label(e.model_id()), e.metrics());
         family(&mut out, "ragway_embedding_queue_depth", "gauge", "Embedding requests waiting.", &[(l.clone(), e.queue_depth() as f64)]);

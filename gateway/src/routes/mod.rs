@@ -7,6 +7,8 @@ pub mod embeddings;
 pub mod health;
 pub mod metrics;
 pub mod models;
+pub mod prompts;
+pub mod rag;
 pub mod tokenize;
 
 use actix_web::web;
@@ -39,5 +41,14 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(collections::restore)
         .service(collections::compact)
         .service(collections::list_jobs)
-        .service(collections::get_job);
+        .service(collections::get_job)
+        .service(rag::rag)
+        .service(prompts::list)
+        .service(prompts::create)
+        .service(prompts::get)
+        .service(prompts::remove)
+        .service(prompts::create_version_route)
+        .service(prompts::set_label)
+        .service(prompts::delete_label)
+        .service(prompts::render);
 }

@@ -10,4 +10,5 @@ mod embeddings;
 mod graphql;
 mod openai_client;
 mod openapi_fuzz;
+mod rag;
 mod server;

@@ -44,3 +44,27 @@ fn official_openai_client_chat_and_completions() {
     assert!(out.status.success(), "openai chat script failed:\n{stdout}\n{stderr}");
     assert!(stdout.contains("openai chat client: all checks passed"), "{stdout}");
 }
+
+#[test]
+fn official_openai_client_rag_through_extra_body() {
+    let s = shared();
+    let (st, _) = s.post("/v1/collections", &serde_json::json!({"name": "rag-openai"}));
+    assert!(st == 201 || st == 409);
+    let text = std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/halueval_dev_first8.jsonl")).unwrap();
+    let docs: Vec<serde_json::Value> = text
+        .lines()
+        .enumerate()
+        .map(|(i, l)| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            serde_json::json!({"id": format!("halu-{i}"), "text": v["knowledge"]})
+        })
+        .collect();
+    let (st, b) = s.post("/v1/collections/rag-openai/documents", &serde_json::json!({"documents": docs}));
+    assert_eq!(st, 200, "{b}");
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/openai_rag.py");
+    let out = Command::new(python()).arg(script).env("RAGWAY_URL", &s.url).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "openai rag script failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("openai rag client: all checks passed"), "{stdout}");
+}
