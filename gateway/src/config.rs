@@ -120,7 +120,7 @@ pub struct ServeArgs {
     /// left, RAG answers with the template's "don't know" [default: 0.3].
     #[arg(long, env = "RAGWAY_RAG_MIN_RELEVANCE")]
     pub rag_min_relevance: Option<f32>,
-    /// RAG answers whose grounding score is below this are flagged [default: 0.5].
+    /// RAG answers whose grounding score is below this are flagged [default: 0.7].
     #[arg(long, env = "RAGWAY_RAG_GROUNDING_THRESHOLD")]
     pub rag_grounding_threshold: Option<f32>,
     /// Token budget of the context passages of a RAG prompt [default: 2048].

@@ -55,10 +55,10 @@ impl Default for RagConfig {
     }
 }
 
-/// Calibrated on HaluEval QA (items 200–999 of dev): see `docs/benchmarks.md`.
+/// Calibrated on HaluEval QA (items 200–599 of dev): see `docs/benchmarks.md`.
 pub const DEFAULT_MIN_RELEVANCE: f32 = 0.3;
 /// Calibrated on HaluEval QA (right vs hallucinated answers): see `docs/benchmarks.md`.
-pub const DEFAULT_GROUNDING_THRESHOLD: f32 = 0.5;
+pub const DEFAULT_GROUNDING_THRESHOLD: f32 = 0.7;
 
 /// Which template version answers: a reference (`name`, `name@3`, `name:staging`) or a
 /// traffic split between versions of one template.
