@@ -260,6 +260,17 @@ impl From<PromptError> for ApiError {
     }
 }
 
+impl ApiError {
+    /// The JSON body, `{"error": {"message", "type", "param", "code"}}` (also what streams
+    /// send when they fail after the response head).
+    pub fn body(&self) -> serde_json::Value {
+        serde_json::to_value(Body {
+            error: Inner { message: &self.message, kind: self.kind, param: self.param.as_deref(), code: self.code },
+        })
+        .expect("error bodies serialize")
+    }
+}
+
 impl std::fmt::Display for ApiError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} ({})", self.message, self.status)
@@ -276,9 +287,7 @@ impl ResponseError for ApiError {
         if let Some(s) = self.retry_after {
             resp.insert_header(("Retry-After", s.to_string()));
         }
-        resp.json(Body {
-            error: Inner { message: &self.message, kind: self.kind, param: self.param.as_deref(), code: self.code },
-        })
+        resp.json(self.body())
     }
 }
 

@@ -20,10 +20,24 @@ pub trait ChunkEmbedder: Send + Sync {
 
     /// Embeds a query text.
     fn embed_query(&self, text: &str) -> Result<Vec<f32>> {
-        let enc = self.tokenizer().encode(text, false).map_err(|e| IndexError::Internal(format!("tokenizer: {e}")))?;
-        let mut ids = enc.get_ids().to_vec();
-        ids.truncate(self.max_input_tokens());
-        Ok(self.embed_ids(vec![ids])?.pop().expect("one input, one vector"))
+        Ok(self.embed_text_batch(&[text.to_string()])?.pop().expect("one input, one vector"))
+    }
+
+    /// Embeds texts, each truncated to the model's input limit; blocks until done.
+    fn embed_text_batch(&self, texts: &[String]) -> Result<Vec<Vec<f32>>> {
+        if texts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids = texts
+            .iter()
+            .map(|t| {
+                let enc = self.tokenizer().encode(t.as_str(), false).map_err(|e| IndexError::Internal(format!("tokenizer: {e}")))?;
+                let mut ids = enc.get_ids().to_vec();
+                ids.truncate(self.max_input_tokens());
+                Ok(ids)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.embed_ids(ids)
     }
 }
 

@@ -18,7 +18,7 @@
 use crate::error::{PromptError, Result};
 use crate::registry::{cosine, Arm, Registry, Resolved};
 use crate::template::{Message, Parameters};
-use ragway_engine::generate::{ChatMessage, GenEvent, GenerateHandle, GenerationRequest, SamplingParams};
+use ragway_engine::generate::{ChatMessage, FinishReason, GenEvent, GenerateHandle, GenerationRequest, SamplingParams};
 use ragway_index::{ChunkEmbedder, Filter, IndexService, SearchHit, SearchMode, SearchRequest};
 use serde::Serialize;
 use serde_json::{json, Map, Value};
@@ -99,12 +99,6 @@ pub struct RagRequest {
     pub rerank: Option<Rerank>,
     /// Condense with the history (default: true when there is history).
     pub condense: Option<bool>,
-}
-
-impl Default for TemplateSpec {
-    fn default() -> Self {
-        TemplateSpec::Reference(String::new())
-    }
 }
 
 /// A passage offered to the model; with `index` it is what `[index]` cites.
@@ -322,7 +316,7 @@ impl Pipeline {
                 ..Default::default()
             })?;
             let hits = resp.results;
-            let vecs = embed_texts(embedder.as_ref(), &hits.iter().map(|h| h.text.clone()).collect::<Vec<_>>())?;
+            let vecs = embedder.embed_text_batch(&hits.iter().map(|h| h.text.clone()).collect::<Vec<_>>())?;
             let mut scored: Vec<(SearchHit, f32, Vec<f32>)> =
                 hits.into_iter().zip(vecs).map(|(h, v): (SearchHit, Vec<f32>)| { let r = cosine(&qv, &v); (h, r, v) }).collect();
             if let Some(Rerank::Mmr { lambda }) = rerank {
@@ -334,30 +328,31 @@ impl Pipeline {
         .map_err(|e| PromptError::Io(format!("retrieval task: {e}")))??;
         let retrieved: Vec<String> = hits.iter().map(|(h, _)| h.document_id.clone()).collect();
         let relevant: Vec<(SearchHit, f32)> = hits.into_iter().filter(|(_, r)| *r >= min_relevance).collect();
-        let dont_know_text = t.header.dont_know.clone();
-        let used = TemplateUsed::from(&resolved);
+        let mut prepared = Prepared {
+            collection: req.collection.clone(),
+            template: TemplateUsed::from(&resolved),
+            parameters: t.header.parameters.clone(),
+            question: question.clone(),
+            condensed: condense,
+            passages: Vec::new(),
+            retrieved,
+            messages: Vec::new(),
+            prompt: Vec::new(),
+            dont_know: None,
+            dont_know_text: t.header.dont_know.clone(),
+            condense_tokens,
+            grounding_threshold: threshold,
+        };
         if relevant.is_empty() {
-            return Ok(Prepared {
-                collection: req.collection.clone(),
-                template: used,
-                parameters: t.header.parameters.clone(),
-                question,
-                condensed: condense,
-                passages: Vec::new(),
-                retrieved,
-                messages: Vec::new(),
-                prompt: Vec::new(),
-                dont_know: Some(dont_know_text.clone().unwrap_or_else(|| GENERIC_DONT_KNOW.to_string())),
-                dont_know_text,
-                condense_tokens,
-                grounding_threshold: threshold,
-            });
+            let text = prepared.dont_know_text.clone().unwrap_or_else(|| GENERIC_DONT_KNOW.to_string());
+            prepared.dont_know = Some(text);
+            return Ok(prepared);
         }
 
         // 4. Pack: the budget is what the rendered template leaves of the context.
         let max_tokens = req.max_tokens.or(t.header.parameters.max_tokens).unwrap_or(256);
         let mut vars = req.variables.clone();
-        vars.insert("question".into(), Value::String(question.clone()));
+        vars.insert("question".into(), Value::String(question));
         vars.insert("passages".into(), Value::Array(Vec::new()));
         let count = |s: &str| gen.tokenizer().encode(s, false).map(|ids| ids.len()).map_err(PromptError::from);
         let empty = self.prompt_ids(gen, &resolved, &vars)?;
@@ -377,23 +372,10 @@ impl Pipeline {
             .map(|p| json!({"index": p.index, "title": p.title, "text": p.text, "document_id": p.document_id}))
             .collect();
         vars.insert("passages".into(), Value::Array(items));
-        let messages = self.render_messages(&resolved, &vars)?;
-        let prompt = chat_ids(gen, &messages)?;
-        Ok(Prepared {
-            collection: req.collection.clone(),
-            template: used,
-            parameters: t.header.parameters.clone(),
-            question,
-            condensed: condense,
-            passages,
-            retrieved,
-            messages,
-            prompt,
-            dont_know: None,
-            dont_know_text,
-            condense_tokens,
-            grounding_threshold: threshold,
-        })
+        prepared.messages = self.render_messages(&resolved, &vars)?;
+        prepared.prompt = chat_ids(gen, &prepared.messages)?;
+        prepared.passages = passages;
+        Ok(prepared)
     }
 
     fn render_messages(&self, r: &Resolved, vars: &Map<String, Value>) -> Result<Vec<Message>> {
@@ -422,7 +404,7 @@ impl Pipeline {
         let params = &r.version.template.header.parameters;
         let mut req = GenerationRequest::new(prompt, params.max_tokens.unwrap_or(64), sampling_from(params));
         req.stop = params.stop.clone();
-        let (text, p, c) = generate_text(gen, req).await?;
+        let Generated { text, prompt_tokens: p, completion_tokens: c, .. } = generate_text(gen, req).await?;
         let line = text.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or_default();
         let line = line.trim_start_matches("Standalone question:").trim().trim_matches('"').trim();
         Ok((if line.is_empty() { question.to_string() } else { line.to_string() }, p, c))
@@ -515,48 +497,43 @@ pub fn sampling_from(p: &Parameters) -> SamplingParams {
     s
 }
 
-/// Messages through the model's chat template, tokenized.
-pub fn chat_ids(gen: &GenerateHandle, messages: &[Message]) -> Result<Vec<u32>> {
+/// Messages through the model's chat template (the prompt text).
+pub fn chat_text(gen: &GenerateHandle, messages: &[Message]) -> Result<String> {
     let chat: Vec<ChatMessage> = messages.iter().map(|m| ChatMessage::new(m.role.clone(), m.content.clone())).collect();
     let ct = gen.chat_template().ok_or_else(|| {
         PromptError::invalid("model", "the generation model has no chat template; RAG needs one")
     })?;
-    let text = ct.render(&chat, true)?;
-    Ok(gen.tokenizer().encode(&text, false)?)
+    Ok(ct.render(&chat, true)?)
 }
 
-/// Runs one request to the end: (text, prompt tokens, completion tokens).
-pub async fn generate_text(gen: &GenerateHandle, req: GenerationRequest) -> Result<(String, usize, usize)> {
+/// Messages through the model's chat template, tokenized.
+pub fn chat_ids(gen: &GenerateHandle, messages: &[Message]) -> Result<Vec<u32>> {
+    Ok(gen.tokenizer().encode(&chat_text(gen, messages)?, false)?)
+}
+
+/// One engine request run to the end.
+#[derive(Debug, Clone)]
+pub struct Generated {
+    pub text: String,
+    pub finish_reason: FinishReason,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+}
+
+/// Runs one request to the end, gathering its text.
+pub async fn generate_text(gen: &GenerateHandle, req: GenerationRequest) -> Result<Generated> {
     let mut stream = gen.submit(req)?;
     let mut text = String::new();
     while let Some(ev) = stream.next().await {
         match ev {
             GenEvent::Token { text: t, .. } | GenEvent::Text { text: t, .. } => text.push_str(&t),
-            GenEvent::Done { prompt_tokens, completion_tokens, .. } => return Ok((text, prompt_tokens, completion_tokens)),
+            GenEvent::Done { finish_reason, prompt_tokens, completion_tokens, .. } => {
+                return Ok(Generated { text, finish_reason, prompt_tokens, completion_tokens })
+            }
             GenEvent::Error { message } => return Err(PromptError::Io(format!("generation failed: {message}"))),
         }
     }
     Err(PromptError::Io("generation ended without finishing".into()))
-}
-
-pub fn embed_texts(e: &dyn ChunkEmbedder, texts: &[String]) -> Result<Vec<Vec<f32>>> {
-    if texts.is_empty() {
-        return Ok(Vec::new());
-    }
-    let max = e.max_input_tokens();
-    let ids = texts
-        .iter()
-        .map(|t| {
-            let enc = e
-                .tokenizer()
-                .encode(t.as_str(), false)
-                .map_err(|err| PromptError::Io(format!("embedding tokenizer: {err}")))?;
-            let mut ids = enc.get_ids().to_vec();
-            ids.truncate(max);
-            Ok(ids)
-        })
-        .collect::<Result<Vec<_>>>()?;
-    Ok(e.embed_ids(ids)?)
 }
 
 fn mmr(mut pool: Vec<(SearchHit, f32, Vec<f32>)>, k: usize, lambda: f32) -> Vec<(SearchHit, f32, Vec<f32>)> {
@@ -566,8 +543,7 @@ fn mmr(mut pool: Vec<(SearchHit, f32, Vec<f32>)>, k: usize, lambda: f32) -> Vec<
             .iter()
             .enumerate()
             .map(|(i, (_, rel, v))| {
-                let redundancy = picked.iter().map(|(_, _, p)| cosine(v, p)).fold(f32::MIN, f32::max);
-                let redundancy = if picked.is_empty() { 0.0 } else { redundancy };
+                let redundancy = picked.iter().map(|(_, _, p)| cosine(v, p)).reduce(f32::max).unwrap_or(0.0);
                 (i, lambda * rel - (1.0 - lambda) * redundancy)
             })
             .max_by(|a, b| a.1.total_cmp(&b.1).then(b.0.cmp(&a.0)))
@@ -809,7 +785,7 @@ pub fn check_grounding(
         let t = if content_words(s).len() < 3 { format!("{question} {s}") } else { s.clone() };
         texts.push(t);
     }
-    let vecs = embed_texts(embedder, &texts)?;
+    let vecs = embedder.embed_text_batch(&texts)?;
     let (pvecs, svecs) = vecs.split_at(psent.len());
     let all: Vec<usize> = passages.iter().map(|p| p.index).collect();
     let mut out = Vec::new();

@@ -28,6 +28,9 @@ pub const BUILTIN: &[(&str, &str)] = &[
     ("hallucination-judge", include_str!("../templates/hallucination-judge.prompt")),
 ];
 
+/// Embeds texts (for few-shot selection by similarity).
+pub type EmbedFn<'a> = dyn Fn(&[String]) -> Result<Vec<Vec<f32>>> + 'a;
+
 /// The label a bare name resolves to when it exists (else `latest`).
 pub const DEFAULT_LABEL: &str = "production";
 
@@ -544,7 +547,7 @@ impl Registry {
         vars: &Map<String, Value>,
         mode: Option<FewShotMode>,
         k: Option<usize>,
-        embed: Option<&dyn Fn(&[String]) -> Result<Vec<Vec<f32>>>>,
+        embed: Option<&EmbedFn>,
     ) -> Result<Vec<Example>> {
         let Some(f) = &t.header.fewshot else {
             return Ok(Vec::new());
@@ -586,7 +589,7 @@ impl Registry {
         vars: &Map<String, Value>,
         mode: Option<FewShotMode>,
         k: Option<usize>,
-        embed: Option<&dyn Fn(&[String]) -> Result<Vec<Vec<f32>>>>,
+        embed: Option<&EmbedFn>,
     ) -> Result<Rendered> {
         let t = &r.version.template;
         let examples = self.examples(t, vars, mode, k, embed)?;

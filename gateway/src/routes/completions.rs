@@ -158,7 +158,7 @@ pub(crate) fn generator<'a>(state: &'a AppState, model: &str) -> Result<&'a Gene
 }
 
 /// Builds one engine request (without its prompt) from the shared fields.
-fn template_request(c: &Common, logprobs: Option<usize>, vocab: usize) -> Result<GenerationRequest, ApiError> {
+pub(crate) fn template_request(c: &Common, logprobs: Option<usize>, vocab: usize) -> Result<GenerationRequest, ApiError> {
     request_over(c, logprobs, vocab, SamplingParams::default(), None, Vec::new())
 }
 
@@ -760,12 +760,8 @@ async fn chat_rag(http: HttpRequest, state: web::Data<AppState>, req: ChatReques
     use crate::routes::rag as r;
     let h = generator(&state, &req.common.model)?.clone();
     let top = if req.logprobs.unwrap_or(false) { Some(req.top_logprobs.unwrap_or(0)) } else { None };
-    template_request(&req.common, top, h.tokenizer().vocab_size())?;
     let options = r::parse_options(rag)?;
-    let (question, history) = r::question_and_history(None, Some(&req.messages))?;
-    let key = r::routing_key(&req.common);
-    let rreq = r::rag_request(options, question, history, key, req.common.max_tokens_usize())?;
-    let (pipe, prepared) = r::prepare(&state, &h, rreq).await?;
+    let (pipe, prepared) = r::start(&state, &h, &req.common, top, options, None, Some(&req.messages)).await?;
     let (cp, cc) = prepared.condense_tokens;
     let id = new_id("chatcmpl");
     let model = h.model_id().to_string();
@@ -812,17 +808,13 @@ async fn chat_rag(http: HttpRequest, state: web::Data<AppState>, req: ChatReques
     let mut choices = gather(&h, events, 1, Kind::Chat, None, 1).await?;
     let c = choices.remove(0);
     let ans = r::finish(&state, pipe, prepared, c.text.clone()).await?;
-    let p = c.prompt_tokens + cp;
-    let done = c.completion_tokens + cc;
-    if let Some(caller) = principal(&http) {
-        caller.charge_tokens(p + done);
-    }
+    let usage = r::usage_json(c.prompt_tokens + cp, c.completion_tokens + cc, principal(&http).as_deref());
     Ok(HttpResponse::Ok().json(json!({
         "id": id, "object": "chat.completion", "created": now(), "model": model, "system_fingerprint": null,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text, "refusal": null},
             "logprobs": if top.is_some() { json!({"content": c.chat_logprobs}) } else { Value::Null },
             "finish_reason": c.finish}],
-        "usage": {"prompt_tokens": p, "completion_tokens": done, "total_tokens": p + done},
+        "usage": usage,
         "rag": r::rag_extra(&ans),
     })))
 }

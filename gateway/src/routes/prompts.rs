@@ -8,7 +8,7 @@ use crate::error::ApiError;
 use crate::openapi::*;
 use crate::state::AppState;
 use actix_web::{delete, get, post, put, web, HttpResponse};
-use ragway_prompts::rag::chat_ids;
+use ragway_prompts::rag::chat_text;
 use ragway_prompts::registry::Detail;
 use ragway_prompts::{FewShotMode, Header, Rendered, Template};
 use serde::Deserialize;
@@ -136,7 +136,7 @@ pub(crate) async fn render_prompt(state: &AppState, reference: &str, body: Rende
             let e = embedder.as_ref().ok_or_else(|| {
                 ragway_prompts::PromptError::invalid("fewshot_mode", "the embedding model is still loading")
             })?;
-            ragway_prompts::rag::embed_texts(e, texts)
+            Ok(ragway_index::ChunkEmbedder::embed_text_batch(e, texts)?)
         };
         Ok(reg.render(&r2, &vars, mode, k, Some(&embed))?)
     })
@@ -154,17 +154,9 @@ pub(crate) async fn render_prompt(state: &AppState, reference: &str, body: Rende
     }
     if let Some(model) = body.model {
         let h = crate::routes::completions::generator(state, &model)?;
-        let ids = chat_ids(h, &rendered.clone().into_messages())?;
-        out["prompt"] = json!(h.chat_template().and_then(|ct| {
-            let msgs: Vec<_> = rendered
-                .clone()
-                .into_messages()
-                .into_iter()
-                .map(|m| ragway_engine::generate::ChatMessage::new(m.role, m.content))
-                .collect();
-            ct.render(&msgs, true).ok()
-        }));
-        out["prompt_tokens"] = json!(ids.len());
+        let prompt = chat_text(h, &rendered.into_messages())?;
+        out["prompt_tokens"] = json!(h.tokenizer().encode(&prompt, false).map_err(|e| ApiError::from_engine(e, "messages"))?.len());
+        out["prompt"] = json!(prompt);
     }
     Ok(out)
 }

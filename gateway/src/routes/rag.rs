@@ -8,14 +8,14 @@ use crate::error::ApiError;
 #[allow(unused_imports)]
 use crate::openapi::*;
 use crate::middleware::principal;
-use crate::routes::completions::{chat_messages, generator, new_id, now, request_over, sse, sse_response, Common};
+use crate::routes::completions::{chat_messages, generator, new_id, now, request_over, sse, sse_response, template_request, Common};
 use crate::state::AppState;
 use actix_web::web::Bytes;
 use actix_web::{post, web, HttpRequest, HttpResponse};
 use futures::channel::mpsc;
 use ragway_engine::generate::{ChatMessage, GenEvent, GenerateHandle, GenerationRequest};
 use ragway_index::{Filter, SearchMode};
-use ragway_prompts::rag::{sampling_from, Pipeline, Prepared, RagAnswer, RagRequest, Rerank, TemplateSpec};
+use ragway_prompts::rag::{generate_text, sampling_from, Pipeline, Prepared, RagAnswer, RagRequest, Rerank, TemplateSpec};
 use ragway_prompts::registry::{key_of, Arm};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -214,8 +214,21 @@ pub(crate) fn routing_key(c: &Common) -> Option<u64> {
     c.extra.get("user").and_then(Value::as_str).map(key_of).or(c.seed_key())
 }
 
-/// Condenses, retrieves and renders.
-pub(crate) async fn prepare(state: &AppState, h: &GenerateHandle, req: RagRequest) -> Result<(Pipeline, Prepared), ApiError> {
+/// What `/v1/rag` (plain and streamed), GraphQL's `rag` and chat completions with `rag`
+/// share: the sampling fields are checked before anything is retrieved, then the question
+/// is condensed, retrieved for and rendered.
+pub(crate) async fn start(
+    state: &AppState,
+    h: &GenerateHandle,
+    c: &Common,
+    logprobs: Option<usize>,
+    options: RagOptions,
+    query: Option<String>,
+    messages: Option<&Value>,
+) -> Result<(Pipeline, Prepared), ApiError> {
+    template_request(c, logprobs, h.tokenizer().vocab_size())?;
+    let (question, history) = question_and_history(query, messages)?;
+    let req = rag_request(options, question, history, routing_key(c), c.max_tokens_usize())?;
     let pipe = state.rag().ok_or_else(|| ApiError::not_ready("index"))?;
     let prepared = pipe.prepare(h, req).await?;
     Ok((pipe, prepared))
@@ -241,7 +254,7 @@ pub(crate) async fn finish(state: &AppState, pipe: Pipeline, prepared: Prepared,
     Ok(answer)
 }
 
-fn usage_json(prompt: usize, completion: usize, caller: Option<&Principal>) -> Value {
+pub(crate) fn usage_json(prompt: usize, completion: usize, caller: Option<&Principal>) -> Value {
     if let Some(p) = caller {
         p.charge_tokens(prompt + completion);
     }
@@ -260,20 +273,14 @@ pub(crate) fn parse_body(state: &AppState, mut v: Value) -> Result<RagBody, ApiE
 /// Answers a parsed body without streaming (REST and GraphQL).
 pub(crate) async fn answer(state: &AppState, body: RagBody, caller: Option<&Principal>) -> Result<Value, ApiError> {
     let h = generator(state, &body.common.model)?.clone();
-    // Refuse bad sampling fields before retrieving anything.
-    request_over(&body.common, None, h.tokenizer().vocab_size(), Default::default(), None, Vec::new())?;
-    let (question, history) = question_and_history(body.query, body.messages.as_ref())?;
-    let key = routing_key(&body.common);
-    let max_tokens = body.common.max_tokens_usize();
-    let req = rag_request(body.options, question, history, key, max_tokens)?;
-    let (pipe, prepared) = prepare(state, &h, req).await?;
+    let (pipe, prepared) = start(state, &h, &body.common, None, body.options, body.query, body.messages.as_ref()).await?;
     let (cp, cc) = prepared.condense_tokens;
     let (text, finish_reason, pt, ct) = match (&prepared.dont_know, body.answer) {
         (Some(dk), _) => (dk.clone(), "stop", 0, 0),
         (None, Some(a)) => (a, "stop", 0, 0),
         (None, None) => {
-            let req = engine_request(&body.common, &h, &prepared, None)?;
-            run(&h, req).await?
+            let g = generate_text(&h, engine_request(&body.common, &h, &prepared, None)?).await?;
+            (g.text, g.finish_reason.as_str(), g.prompt_tokens, g.completion_tokens)
         }
     };
     let model = h.model_id().to_string();
@@ -286,22 +293,6 @@ pub(crate) async fn answer(state: &AppState, body: RagBody, caller: Option<&Prin
     v["finish_reason"] = json!(finish_reason);
     v["usage"] = usage_json(cp + pt, cc + ct, caller);
     Ok(v)
-}
-
-/// Runs one engine request to the end: (text, finish reason, prompt and completion tokens).
-async fn run(h: &GenerateHandle, req: GenerationRequest) -> Result<(String, &'static str, usize, usize), ApiError> {
-    let mut s = h.submit(req).map_err(|e| ApiError::from_engine(e, "messages"))?;
-    let mut text = String::new();
-    while let Some(ev) = s.next().await {
-        match ev {
-            GenEvent::Token { text: t, .. } | GenEvent::Text { text: t, .. } => text.push_str(&t),
-            GenEvent::Done { finish_reason, prompt_tokens, completion_tokens, .. } => {
-                return Ok((text, finish_reason.as_str(), prompt_tokens, completion_tokens))
-            }
-            GenEvent::Error { message } => return Err(ApiError::internal(message)),
-        }
-    }
-    Err(ApiError::internal("generation ended without finishing"))
 }
 
 #[utoipa::path(
@@ -321,14 +312,10 @@ pub async fn rag(http: HttpRequest, state: web::Data<AppState>, body: web::Json<
     // Streaming: everything up to the prompt happens before the response head, so bad
     // requests still get their status code.
     let h = generator(&state, &body.common.model)?.clone();
-    request_over(&body.common, None, h.tokenizer().vocab_size(), Default::default(), None, Vec::new())?;
     if body.answer.is_some() {
         return Err(ApiError::invalid("answer", "`answer` cannot be combined with `stream`"));
     }
-    let (question, history) = question_and_history(body.query, body.messages.as_ref())?;
-    let key = routing_key(&body.common);
-    let req = rag_request(body.options, question, history, key, body.common.max_tokens_usize())?;
-    let (pipe, prepared) = prepare(&state, &h, req).await?;
+    let (pipe, prepared) = start(&state, &h, &body.common, None, body.options, body.query, body.messages.as_ref()).await?;
     let gen = match &prepared.dont_know {
         Some(_) => None,
         None => Some(engine_request(&body.common, &h, &prepared, None)?),
@@ -377,7 +364,7 @@ pub async fn rag(http: HttpRequest, state: web::Data<AppState>, body: web::Json<
                             break;
                         }
                         GenEvent::Error { message } => {
-                            send(json!({"error": {"message": message, "type": "server_error", "param": null, "code": null}}));
+                            send(ApiError::internal(message).body());
                             return;
                         }
                     }
@@ -397,7 +384,7 @@ pub async fn rag(http: HttpRequest, state: web::Data<AppState>, body: web::Json<
                 send(v);
             }
             Err(e) => {
-                send(json!({"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.code}}));
+                send(e.body());
             }
         }
         let _ = tx.unbounded_send(Ok(Bytes::from_static(b"data: [DONE]\n\n")));
@@ -421,7 +408,7 @@ pub(crate) fn tail(state: Arc<AppState>, pipe: Pipeline, prepared: Prepared) -> 
         Box::pin(async move {
             match finish(&state, pipe, prepared, text).await {
                 Ok(ans) => rag_extra(&ans),
-                Err(e) => json!({"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.code}}),
+                Err(e) => e.body(),
             }
         })
     })
