@@ -93,6 +93,11 @@ impl IndexService {
         &self.options
     }
 
+    /// The embedding model new collections bind to by default.
+    pub fn default_embedder(&self) -> Option<Arc<dyn ChunkEmbedder>> {
+        self.embedders.get(&self.default_model).cloned()
+    }
+
     pub fn jobs(&self) -> &JobRegistry {
         &self.jobs
     }
