@@ -287,6 +287,10 @@ pub fn access_for(method: &str, path: &str, open_probes: bool) -> Access {
         // Rendering only reads; creating versions and moving labels writes.
         return Access::Scoped(if segs.last() == Some(&"render") { Scope::Read } else { Scope::Write });
     }
+    if segs.first() == Some(&"v1") && segs.get(1) == Some(&"evals") {
+        // Starting a run spends the engine for minutes and writes under the data dir.
+        return Access::Scoped(Scope::Write);
+    }
     if !is_collections {
         // Inference, tokenization and anything else that only reads.
         return Access::Scoped(Scope::Read);

@@ -6,6 +6,8 @@
 pub mod auth;
 pub mod config;
 pub mod error;
+pub mod eval_cmd;
+pub mod evals;
 pub mod graphql;
 pub mod ingest_cmd;
 pub mod middleware;

@@ -21,12 +21,15 @@ enum Command {
     Serve(ServeArgs),
     /// Ingest a JSONL / BEIR corpus file or a directory of text files into a collection.
     Ingest(ragway_gateway::ingest_cmd::IngestArgs),
+    /// Offline evaluation runs (retrieval, RAG, HaluEval) and run comparison.
+    #[command(subcommand)]
+    Eval(ragway_gateway::eval_cmd::EvalCommand),
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,hnsw_rs=warn"));
     let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if cli.log_format == "json" {
         logs.json().with_current_span(true).with_span_list(false).init();
@@ -39,5 +42,9 @@ fn main() -> anyhow::Result<()> {
             actix_web::rt::System::new().block_on(ragway_gateway::server::serve(settings))
         }
         Command::Ingest(args) => ragway_gateway::ingest_cmd::run(args),
+        Command::Eval(cmd) => {
+            let code = ragway_gateway::eval_cmd::run(cmd)?;
+            std::process::exit(code)
+        }
     }
 }

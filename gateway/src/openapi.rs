@@ -120,7 +120,7 @@ impl Modify for BearerAuth {
     }
 }
 
-use crate::routes::{collections, completions, embeddings, health, metrics, models, prompts, rag, tokenize};
+use crate::routes::{collections, completions, embeddings, evals, health, metrics, models, prompts, rag, tokenize};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -137,12 +137,14 @@ use crate::routes::{collections, completions, embeddings, health, metrics, model
         rag::rag,
         prompts::list, prompts::create, prompts::get, prompts::remove, prompts::create_version_route,
         prompts::set_label, prompts::delete_label, prompts::render,
+        evals::start, evals::list, evals::get, evals::report,
     ),
     components(schemas(
         ErrorBody, ErrorObject, CollectionList, Deleted, SearchResults, JobStarted, JobList,
         CollectionInfo, CollectionSettings, CreateCollection, DocumentInput, DocumentView, ChunkView, WriteResult,
         SearchHit, SourceHit, SearchMode, JobView, ProgressView, JobState, RecordError, OnError,
         Distance, HnswParams, ChunkingParams, KeywordParams, FusionParams, FusionMethod,
+        crate::evals::StartEval,
     )),
     modifiers(&BearerAuth),
     security(("api_key" = [])),

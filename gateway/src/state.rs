@@ -31,13 +31,14 @@ pub struct AppState {
     pub prompts: Arc<Registry>,
     /// RAG answers by template version, grounding scores, flags.
     pub rag_metrics: RagMetrics,
+    /// Evaluation runs started over the API.
+    pub evals: crate::evals::EvalRuns,
 }
 
 impl AppState {
     pub fn new(settings: Settings, keys: KeyStore, prompts: Arc<Registry>) -> Self {
         let started_unix = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         Self {
-            settings,
             embedder: OnceLock::new(),
             generator: OnceLock::new(),
             index: OnceLock::new(),
@@ -46,6 +47,8 @@ impl AppState {
             requests: RequestMetrics::default(),
             prompts,
             rag_metrics: RagMetrics::default(),
+            evals: crate::evals::EvalRuns::new(settings.data_dir.join("evals").join("runs")),
+            settings,
         }
     }
 

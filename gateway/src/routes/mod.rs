@@ -4,6 +4,7 @@
 pub mod collections;
 pub mod completions;
 pub mod embeddings;
+pub mod evals;
 pub mod health;
 pub mod metrics;
 pub mod models;
@@ -50,5 +51,9 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(prompts::create_version_route)
         .service(prompts::set_label)
         .service(prompts::delete_label)
-        .service(prompts::render);
+        .service(prompts::render)
+        .service(evals::start)
+        .service(evals::list)
+        .service(evals::report)
+        .service(evals::get);
 }
