@@ -538,6 +538,18 @@ impl QueryRoot {
         let b: crate::routes::prompts::RenderBody = body(input.map(|i| i.0).unwrap_or_else(|| json!({})))?;
         Ok(Json(crate::routes::prompts::render_prompt(state(ctx), &reference, b).await.map_err(gql)?))
     }
+
+    /// Evaluation runs (as `GET /v1/evals`), newest first: status, progress, summary.
+    async fn eval_runs(&self, ctx: &Context<'_>) -> async_graphql::Result<Json<Value>> {
+        require(ctx, Scope::Read)?;
+        Ok(Json(json!(state(ctx).evals.list())))
+    }
+
+    /// One evaluation run (as `GET /v1/evals/{id}`).
+    async fn eval_run(&self, ctx: &Context<'_>, id: String) -> async_graphql::Result<Json<Value>> {
+        require(ctx, Scope::Read)?;
+        Ok(Json(state(ctx).evals.get(&id).ok_or_else(|| gql(crate::routes::evals::no_run(&id)))?))
+    }
 }
 
 pub struct MutationRoot;
@@ -681,6 +693,14 @@ impl MutationRoot {
             .map_err(|e| gql(ApiError::internal(e.to_string())))?
             .map_err(|e| gql(e.into()))?;
         Ok(true)
+    }
+
+    /// Starts an evaluation run; `input` takes the fields of `POST /v1/evals` (kind,
+    /// dataset, name, split, collection, mode, top_k, template, limit, ...).
+    async fn start_eval_run(&self, ctx: &Context<'_>, input: Json<Value>) -> async_graphql::Result<Json<Value>> {
+        require(ctx, Scope::Write)?;
+        let req: crate::evals::StartEval = body(input.0)?;
+        Ok(Json(state(ctx).evals.start(state(ctx).clone(), req).map_err(gql)?))
     }
 
     /// A retrieval-augmented answer: `input` takes the body of `POST /v1/rag` (without

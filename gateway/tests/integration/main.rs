@@ -7,6 +7,7 @@ mod common;
 mod durability;
 mod completions;
 mod embeddings;
+mod eval;
 mod graphql;
 mod openai_client;
 mod openapi_fuzz;

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use std::sync::OnceLock;
 
 /// The collection `rag-e2e` with the eight knowledge texts (`halu-0` ... `halu-7`).
-fn corpus() -> &'static Server {
+pub(crate) fn corpus() -> &'static Server {
     static READY: OnceLock<()> = OnceLock::new();
     let s = shared();
     READY.get_or_init(|| {
