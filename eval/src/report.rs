@@ -21,8 +21,11 @@ table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ddd;padding
 th{background:#f4f4f4}td.n{text-align:right;font-variant-numeric:tabular-nums}.meta{color:#555}\
 .good{color:#1a7f37}.bad{color:#c62828}svg{display:block;margin:.5em 0}code{background:#f4f4f4;padding:0 3px}";
 
+/// A bar: label, value, optional 95% interval.
+pub type Bar = (String, f64, Option<(f64, f64)>);
+
 /// Horizontal bars in [0, max] with CI whiskers.
-pub fn bar_chart(items: &[(String, f64, Option<(f64, f64)>)]) -> String {
+pub fn bar_chart(items: &[Bar]) -> String {
     let max = items.iter().map(|(_, v, ci)| ci.map_or(*v, |c| c.1).max(*v)).fold(1.0f64, f64::max);
     let (w, row, left) = (760.0, 22.0, 190.0);
     let h = row * items.len() as f64 + 30.0;
@@ -103,7 +106,7 @@ pub fn metrics_of(summary: &Value) -> Vec<(String, f64)> {
         .as_object()
         .map(|o| o.iter().filter_map(|(k, v)| v.as_f64().filter(|_| k != "n").map(|x| (k.clone(), x))).collect())
         .unwrap_or_default();
-    m.sort_by(|a, b| metric_order(&a.0).cmp(&metric_order(&b.0)));
+    m.sort_by_key(|a| metric_order(&a.0));
     m
 }
 
@@ -160,7 +163,7 @@ pub fn run_report(summary: &Value, records: &[Value]) -> String {
     }
     s.push_str("</table>");
     // Bars: every metric for rag / halueval; the @10 ones for retrieval (the rest are curves).
-    let bars: Vec<(String, f64, Option<(f64, f64)>)> = metrics
+    let bars: Vec<Bar> = metrics
         .iter()
         .filter(|(k, _)| kind != "retrieval" || k.ends_with("@10"))
         .map(|(k, v)| (k.clone(), *v, ci_of(summary, k)))

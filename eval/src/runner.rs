@@ -269,7 +269,7 @@ pub fn run(spec: &RunSpec, ctx: RunContext<'_>, out: &Path) -> Result<Value> {
     let started_unix = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     ctx.progress.set_phase("loading the dataset");
     let mut h = Sha256::new();
-    let (samples, work, extra): (Vec<Sample>, Box<dyn Fn(usize) -> Result<Value> + Sync>, Value) = match spec.kind {
+    let (samples, work, extra): Work = match spec.kind {
         Kind::Retrieval => retrieval_work(spec, &ctx, &mut h)?,
         Kind::Rag => rag_work(spec, &ctx, &mut h, out)?,
         Kind::Halueval => halueval_work(spec, &ctx, &mut h)?,
@@ -319,7 +319,7 @@ pub fn run(spec: &RunSpec, ctx: RunContext<'_>, out: &Path) -> Result<Value> {
 }
 
 /// Runs the samples not already cached for this configuration, appending each record.
-fn execute(out: &Path, config_hash: &str, samples: &[Sample], concurrency: usize, progress: &Progress, work: &(dyn Fn(usize) -> Result<Value> + Sync)) -> Result<Vec<Value>> {
+fn execute(out: &Path, config_hash: &str, samples: &[Sample], concurrency: usize, progress: &Progress, work: &SampleFn) -> Result<Vec<Value>> {
     let path = out.join("samples.jsonl");
     let mut cached: HashMap<String, Value> = HashMap::new();
     let mut stale = false;
@@ -441,7 +441,9 @@ pub fn summarize(kind: Kind, records: &[Value], resamples: usize, seed: u64) -> 
 
 // ---------------------------------------------------------------- retrieval
 
-type Work = (Vec<Sample>, Box<dyn Fn(usize) -> Result<Value> + Sync>, Value);
+/// The samples, the work on sample `i`, and the setup that joins the configuration hash.
+type Work = (Vec<Sample>, Box<SampleFn>, Value);
+type SampleFn = dyn Fn(usize) -> Result<Value> + Sync;
 
 fn limit<T>(mut v: Vec<T>, limit: Option<usize>) -> Vec<T> {
     if let Some(l) = limit {

@@ -39,8 +39,8 @@ impl Server {
     }
 
     fn spawn(models: &std::path::Path, data: PathBuf, keep_data: bool, extra: &[&str]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ragway"))
-            .args(["serve", "--host", "127.0.0.1", "--port", "0", "--http-workers", "2"])
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ragway"));
+        cmd.args(["serve", "--host", "127.0.0.1", "--port", "0", "--http-workers", "2"])
             .arg("--models-dir")
             .arg(models)
             .arg("--data-dir")
@@ -49,9 +49,8 @@ impl Server {
             .env("RUST_LOG", "info")
             .env("HF_HUB_OFFLINE", "1")
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn ragway");
+            .stderr(Stdio::piped());
+        let mut child = spawn_tied(cmd);
         let stderr = child.stderr.take().unwrap();
         let log = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = mpsc::channel();
@@ -148,6 +147,34 @@ fn rand_suffix() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
     N.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Spawns a child that dies with this test process (the shared server lives in a static
+/// that is never dropped). `PR_SET_PDEATHSIG` fires when the *thread* that forked exits, so
+/// every child is forked by one keeper thread that lives as long as the process.
+fn spawn_tied(mut cmd: Command) -> Child {
+    use std::os::unix::process::CommandExt;
+    type Req = (Command, mpsc::Sender<std::io::Result<Child>>);
+    static KEEPER: OnceLock<Mutex<mpsc::Sender<Req>>> = OnceLock::new();
+    // SAFETY: prctl is async-signal-safe and touches only the child's own state.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    let keeper = KEEPER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Req>();
+        std::thread::spawn(move || {
+            for (mut c, reply) in rx {
+                let _ = reply.send(c.spawn());
+            }
+        });
+        Mutex::new(tx)
+    });
+    let (tx, rx) = mpsc::channel();
+    keeper.lock().unwrap().send((cmd, tx)).expect("keeper thread");
+    rx.recv().expect("keeper reply").expect("spawn ragway")
 }
 
 pub fn client() -> &'static reqwest::blocking::Client {
