@@ -22,6 +22,17 @@ if ! "$pyenv/bin/python" -c "import openai" 2>/dev/null; then
 fi
 export RAGWAY_TEST_PYTHON="${RAGWAY_TEST_PYTHON:-$pyenv/bin/python}"
 
+# The deployment checks validate docker-compose.yml and the Prometheus files offline with
+# Debian's docker-compose and prometheus (promtool) packages.
+if ! command -v docker-compose >/dev/null || ! command -v promtool >/dev/null; then
+  echo "[test] installing docker-compose and promtool (Debian packages) for the deployment checks" >&2
+  sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo"
+  export DEBIAN_FRONTEND=noninteractive
+  $sudo apt-get install -y -qq --no-install-recommends docker-compose prometheus >/dev/null 2>&1 ||
+    { $sudo apt-get update -qq && $sudo apt-get install -y -qq --no-install-recommends docker-compose prometheus >/dev/null; }
+fi
+
 # Run once, keep the log, and close with one summary line over every test binary.
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

@@ -4,6 +4,7 @@
 mod auth;
 mod collections;
 mod common;
+mod deploy;
 mod durability;
 mod completions;
 mod embeddings;
