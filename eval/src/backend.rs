@@ -68,14 +68,6 @@ pub trait TextEmbedder: Send + Sync {
     fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>>;
 }
 
-fn mode_name(m: SearchMode) -> &'static str {
-    match m {
-        SearchMode::Dense => "dense",
-        SearchMode::Keyword => "keyword",
-        SearchMode::Hybrid => "hybrid",
-    }
-}
-
 // ---------------------------------------------------------------- in-process
 
 pub struct LocalRetriever {
@@ -91,7 +83,7 @@ impl Retriever for LocalRetriever {
     }
 
     fn describe(&self) -> Value {
-        json!({"backend": "in-process", "collection": self.collection.name(), "mode": mode_name(self.mode)})
+        json!({"backend": "in-process", "collection": self.collection.name(), "mode": self.mode})
     }
 }
 
@@ -148,7 +140,7 @@ impl Answerer for LocalAnswerer {
     }
 
     fn describe(&self) -> Value {
-        json!({"backend": "in-process", "collection": self.collection, "mode": mode_name(self.mode), "top_k": self.top_k,
+        json!({"backend": "in-process", "collection": self.collection, "mode": self.mode, "top_k": self.top_k,
                "template": self.template.clone().unwrap_or_else(|| self.pipeline.config.template.clone()),
                "model": self.generator.model_id()})
     }
@@ -206,15 +198,29 @@ impl Remote {
 
     /// GETs JSON.
     pub fn get(&self, path: &str) -> Result<Value> {
-        let mut req = self.client.get(format!("{}{path}", self.base));
+        self.send(reqwest::Method::GET, path, None)
+    }
+
+    /// POSTs JSON.
+    pub fn post(&self, path: &str, body: &Value) -> Result<Value> {
+        self.send(reqwest::Method::POST, path, Some(body))
+    }
+
+    /// One JSON request; an error status becomes an error carrying the server's message.
+    fn send(&self, method: reqwest::Method, path: &str, body: Option<&Value>) -> Result<Value> {
+        let mut req = self.client.request(method.clone(), format!("{}{path}", self.base));
+        if let Some(b) = body {
+            req = req.json(b);
+        }
         if let Some(k) = &self.api_key {
             req = req.bearer_auth(k);
         }
-        let resp = req.send().with_context(|| format!("GET {}{path}", self.base))?;
+        let resp = req.send().with_context(|| format!("{method} {}{path}", self.base))?;
         let status = resp.status();
         let v: Value = resp.json().unwrap_or(Value::Null);
         if !status.is_success() {
-            bail!("GET {}{path}: {status}: {}", self.base, v["error"]["message"].as_str().unwrap_or_default());
+            let msg = v["error"]["message"].as_str().map(str::to_string).unwrap_or_else(|| v.to_string());
+            bail!("{method} {}{path}: {status}: {msg}", self.base);
         }
         Ok(v)
     }
@@ -235,21 +241,6 @@ impl Remote {
         Ok((chat, embed))
     }
 
-    /// POSTs JSON; an error status becomes an error carrying the server's message.
-    pub fn post(&self, path: &str, body: &Value) -> Result<Value> {
-        let mut req = self.client.post(format!("{}{path}", self.base)).json(body);
-        if let Some(k) = &self.api_key {
-            req = req.bearer_auth(k);
-        }
-        let resp = req.send().with_context(|| format!("POST {}{path}", self.base))?;
-        let status = resp.status();
-        let v: Value = resp.json().unwrap_or(Value::Null);
-        if !status.is_success() {
-            let msg = v["error"]["message"].as_str().map(str::to_string).unwrap_or_else(|| v.to_string());
-            bail!("POST {}{path}: {status}: {msg}", self.base);
-        }
-        Ok(v)
-    }
 }
 
 /// `POST /v1/collections/{name}/search` of a ragway server.
@@ -263,7 +254,7 @@ impl Retriever for RemoteRetriever {
     fn search(&self, query: &str, top_k: usize) -> Result<Vec<Hit>> {
         let v = self.remote.post(
             &format!("/v1/collections/{}/search", self.collection),
-            &json!({"query": query, "top_k": top_k, "mode": mode_name(self.mode), "group_by_document": true}),
+            &json!({"query": query, "top_k": top_k, "mode": self.mode, "group_by_document": true}),
         )?;
         let results = v["results"].as_array().ok_or_else(|| anyhow!("search response without `results`"))?;
         results
@@ -278,7 +269,7 @@ impl Retriever for RemoteRetriever {
     }
 
     fn describe(&self) -> Value {
-        json!({"backend": self.remote.base, "collection": self.collection, "mode": mode_name(self.mode)})
+        json!({"backend": self.remote.base, "collection": self.collection, "mode": self.mode})
     }
 }
 
@@ -294,7 +285,7 @@ pub struct RemoteAnswerer {
 
 impl Answerer for RemoteAnswerer {
     fn answer(&self, question: &str) -> Result<RagOutput> {
-        let mut body = json!({"collection": self.collection, "query": question, "top_k": self.top_k, "mode": mode_name(self.mode)});
+        let mut body = json!({"collection": self.collection, "query": question, "top_k": self.top_k, "mode": self.mode});
         if let Some(t) = &self.template {
             body["template"] = json!(t);
         }
@@ -335,7 +326,7 @@ impl Answerer for RemoteAnswerer {
     }
 
     fn describe(&self) -> Value {
-        json!({"backend": self.remote.base, "collection": self.collection, "mode": mode_name(self.mode), "top_k": self.top_k, "template": self.template, "model": self.model})
+        json!({"backend": self.remote.base, "collection": self.collection, "mode": self.mode, "top_k": self.top_k, "template": self.template, "model": self.model})
     }
 }
 

@@ -25,7 +25,7 @@ use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -38,21 +38,9 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// A kind by its name (`retrieval`, `rag`, `halueval`).
     pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "retrieval" => Some(Self::Retrieval),
-            "rag" => Some(Self::Rag),
-            "halueval" => Some(Self::Halueval),
-            _ => None,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Retrieval => "retrieval",
-            Self::Rag => "rag",
-            Self::Halueval => "halueval",
-        }
+        serde_json::from_value(Value::String(s.to_string())).ok()
     }
 
     /// The per-sample metric that orders "worst samples" and defines a flip between runs.
@@ -143,7 +131,6 @@ pub struct Progress {
     pub done: AtomicUsize,
     pub cached: AtomicUsize,
     pub errors: AtomicUsize,
-    pub cancel: AtomicBool,
     bar: Mutex<Option<indicatif::ProgressBar>>,
 }
 
@@ -309,9 +296,6 @@ pub fn run(spec: &RunSpec, ctx: RunContext<'_>, out: &Path) -> Result<Value> {
     std::fs::write(out.join("report.html"), crate::report::run_report(&summary, &records))?;
     ctx.progress.set_phase("done");
     ctx.progress.finish();
-    if ctx.progress.cancel.load(Ordering::Relaxed) {
-        bail!("the run was cancelled after {} of {} samples", records.len(), samples.len());
-    }
     if records.is_empty() && errors > 0 {
         bail!("every sample failed ({errors}); see the log");
     }
@@ -356,9 +340,6 @@ fn execute(out: &Path, config_hash: &str, samples: &[Sample], concurrency: usize
     std::thread::scope(|scope| {
         for _ in 0..concurrency.min(pending.len().max(1)) {
             scope.spawn(|| loop {
-                if progress.cancel.load(Ordering::Relaxed) {
-                    break;
-                }
                 let n = next.fetch_add(1, Ordering::Relaxed);
                 let Some(&i) = pending.get(n) else { break };
                 let s = &samples[i];
@@ -489,23 +470,9 @@ fn metrics_excluded(run: &[(String, f64)], empty: EmptyQueries) -> bool {
 
 // ---------------------------------------------------------------- rag
 
-/// Strips `[n]` citation markers from a statement.
+/// A statement without the citation markers the pipeline recognizes, whitespace collapsed.
 fn without_markers(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut rest = s;
-    while let Some(i) = rest.find('[') {
-        out.push_str(&rest[..i]);
-        let tail = &rest[i + 1..];
-        match tail.find(']') {
-            Some(j) if j > 0 && tail[..j].chars().all(|c| c.is_ascii_digit() || c == ',' || c == ' ') => rest = &tail[j + 1..],
-            _ => {
-                out.push('[');
-                rest = tail;
-            }
-        }
-    }
-    out.push_str(rest);
-    out.split_whitespace().collect::<Vec<_>>().join(" ")
+    ragway_prompts::rag::remove_citation_markers(s).split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// RAGAS context precision over relevance flags in rank order: the mean of precision@k at
@@ -522,17 +489,6 @@ pub fn context_precision(relevant: &[bool]) -> f64 {
         0.0
     } else {
         sum / hits as f64
-    }
-}
-
-fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
-    let na: f32 = a.iter().map(|x| x * x).sum::<f32>().sqrt();
-    let nb: f32 = b.iter().map(|x| x * x).sum::<f32>().sqrt();
-    if na == 0.0 || nb == 0.0 {
-        0.0
-    } else {
-        (dot / (na * nb)) as f64
     }
 }
 
@@ -649,7 +605,7 @@ fn rag_work(spec: &RunSpec, ctx: &RunContext<'_>, h: &mut Sha256, out: &Path) ->
             0.0
         } else {
             let v = embedder.embed(&[item.question.clone(), without_markers(&out.answer)])?;
-            cosine(&v[0], &v[1]).max(0.0)
+            (ragway_prompts::registry::cosine(&v[0], &v[1]) as f64).max(0.0)
         };
         m.insert("answer_relevancy".into(), json!(relevancy));
         Ok(json!({
@@ -676,21 +632,28 @@ fn halueval_work(spec: &RunSpec, ctx: &RunContext<'_>, h: &mut Sha256) -> Result
     let seed = spec.seed;
     // The HaluEval protocol: each item shows the right or the hallucinated answer, drawn
     // at random (seeded per item, so a subset draws the same as the whole).
-    let shows_hallucinated = move |id: &str| Rng::new(seed ^ stats::key(id)).next_u64() & 1 == 1;
-    let samples = items
+    // Per item: whether the hallucinated answer is shown, and the answer shown.
+    let shown: Vec<(bool, String)> = items
         .iter()
         .map(|q| {
-            let hallucinated = shows_hallucinated(&q.id);
+            let hallucinated = Rng::new(seed ^ ragway_prompts::registry::key_of(&q.id)).next_u64() & 1 == 1;
             let answer = if hallucinated { q.hallucinated_answer.clone() } else { q.answers.first().cloned() };
-            Sample { id: q.id.clone(), inputs: json!({"question": q.question, "answer": answer, "shown": if hallucinated { "hallucinated" } else { "right" }}) }
+            (hallucinated, answer.unwrap_or_default())
+        })
+        .collect();
+    let samples = items
+        .iter()
+        .zip(&shown)
+        .map(|(q, (hallucinated, answer))| Sample {
+            id: q.id.clone(),
+            inputs: json!({"question": q.question, "answer": answer, "shown": if *hallucinated { "hallucinated" } else { "right" }}),
         })
         .collect();
     let setup = json!({"judge": judge.describe()});
     let work = move |i: usize| -> Result<Value> {
         let item = &items[i];
-        let hallucinated = shows_hallucinated(&item.id);
-        let answer = if hallucinated { item.hallucinated_answer.clone() } else { item.answers.first().cloned() }.unwrap_or_default();
-        let j = judge.hallucinated(item.knowledge.as_deref().unwrap_or_default(), &item.question, &answer)?;
+        let (hallucinated, answer) = (shown[i].0, &shown[i].1);
+        let j = judge.hallucinated(item.knowledge.as_deref().unwrap_or_default(), &item.question, answer)?;
         let mut m = Map::new();
         let b = |x: bool| json!(f64::from(u8::from(x)));
         m.insert("unparseable".into(), b(j.verdict == Verdict::Unparseable));

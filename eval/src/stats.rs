@@ -23,11 +23,6 @@ impl Rng {
     }
 }
 
-/// A stable 64-bit key of a string (FNV-1a), e.g. to seed a per-sample draw.
-pub fn key(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
-}
-
 pub fn mean(xs: &[f64]) -> f64 {
     if xs.is_empty() {
         return f64::NAN;

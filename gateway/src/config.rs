@@ -163,6 +163,35 @@ pub struct Settings {
     pub rag: ragway_prompts::rag::RagConfig,
 }
 
+impl Settings {
+    /// The embedding worker these settings describe (opens the device: a bad one fails here).
+    pub fn embed_worker_config(&self) -> anyhow::Result<ragway_engine::embed::worker::EmbedWorkerConfig> {
+        let device = ragway_engine::device::open_device(&self.device)?;
+        Ok(ragway_engine::embed::worker::EmbedWorkerConfig {
+            model_id: self.embedding_model_id.clone(),
+            source: self.embedding_model.clone(),
+            models_dir: self.models_dir.clone(),
+            options: ragway_engine::embed::EmbedderOptions { device, max_batch_tokens: self.embed_batch_tokens, ..Default::default() },
+            queue_capacity: self.embed_queue,
+            max_inputs_per_request: self.max_embed_inputs,
+        })
+    }
+
+    /// The generation worker these settings describe.
+    pub fn generate_config(&self) -> ragway_engine::generate::GenerateConfig {
+        ragway_engine::generate::GenerateConfig {
+            model_id: self.generation_model_id.clone(),
+            source: self.generation_model.clone(),
+            models_dir: self.models_dir.clone(),
+            chat_template: self.chat_template.clone(),
+            max_running: self.max_running_seqs,
+            max_batch_tokens: self.max_batch_tokens,
+            max_waiting: self.max_waiting_requests,
+            kv_cache_mib: self.kv_cache_mib,
+        }
+    }
+}
+
 impl ServeArgs {
     /// Merges flags/environment with the config file and the defaults.
     pub fn resolve(self) -> anyhow::Result<Settings> {

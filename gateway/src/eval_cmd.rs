@@ -3,9 +3,8 @@
 //! (`--url`). Exit codes: 0 done, 1 error, 2 usage, 3 a `--fail-under` threshold missed.
 
 use crate::config::{ServeArgs, Settings};
-use ragway_engine::embed::worker::{EmbedWorker, EmbedWorkerConfig};
-use ragway_engine::embed::EmbedderOptions;
-use ragway_engine::generate::{GenerateConfig, GenerateHandle, GenerateWorker};
+use ragway_engine::embed::worker::EmbedWorker;
+use ragway_engine::generate::{GenerateHandle, GenerateWorker};
 use ragway_eval::backend::{Chat, InProcess, Remote, RemoteChat, RemoteSystem, System};
 use ragway_eval::retrieval::EmptyQueries;
 use ragway_eval::runner::{self, Kind, Progress, RunContext, RunSpec};
@@ -109,13 +108,9 @@ pub struct CompareArgs {
     pub seed: u64,
 }
 
+/// A search mode by its API name (`dense`, `keyword`, `hybrid`).
 pub fn parse_mode(s: &str) -> Option<SearchMode> {
-    match s {
-        "dense" => Some(SearchMode::Dense),
-        "keyword" => Some(SearchMode::Keyword),
-        "hybrid" => Some(SearchMode::Hybrid),
-        _ => None,
-    }
+    serde_json::from_value(Value::String(s.to_string())).ok()
 }
 
 /// Runs the subcommand; returns the process exit code.
@@ -189,28 +184,11 @@ pub fn run(cmd: EvalCommand) -> anyhow::Result<i32> {
 
 /// The models and index of this process, as `serve` would load them.
 pub fn in_process(settings: &Settings, generator: bool, judge: Option<Arc<dyn Chat>>, runtime: tokio::runtime::Handle) -> anyhow::Result<InProcess> {
-    let device = ragway_engine::device::open_device(&settings.device)?;
-    let embed = EmbedWorker::spawn(EmbedWorkerConfig {
-        model_id: settings.embedding_model_id.clone(),
-        source: settings.embedding_model.clone(),
-        models_dir: settings.models_dir.clone(),
-        options: EmbedderOptions { device, max_batch_tokens: settings.embed_batch_tokens, ..Default::default() },
-        queue_capacity: settings.embed_queue,
-        max_inputs_per_request: settings.max_embed_inputs,
-    })?;
+    let embed = EmbedWorker::spawn(settings.embed_worker_config()?)?;
     std::fs::create_dir_all(&settings.data_dir)?;
     let index = crate::server::open_index(settings, embed)?;
     let generator: Option<GenerateHandle> = if generator {
-        Some(GenerateWorker::spawn(GenerateConfig {
-            model_id: settings.generation_model_id.clone(),
-            source: settings.generation_model.clone(),
-            models_dir: settings.models_dir.clone(),
-            chat_template: settings.chat_template.clone(),
-            max_running: settings.max_running_seqs,
-            max_batch_tokens: settings.max_batch_tokens,
-            max_waiting: settings.max_waiting_requests,
-            kv_cache_mib: settings.kv_cache_mib,
-        })?)
+        Some(GenerateWorker::spawn(settings.generate_config())?)
     } else {
         None
     };

@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use crate::routes::completions::now;
 
 /// A run request (`POST /v1/evals`, GraphQL `startEvalRun`).
 #[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
@@ -67,10 +67,6 @@ pub struct EvalRuns {
     root: PathBuf,
     runs: Mutex<BTreeMap<String, Arc<EvalRun>>>,
     next: AtomicU64,
-}
-
-fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 fn valid_id(id: &str) -> bool {

@@ -2,8 +2,7 @@
 //! It takes the data directory's lock, so it runs when no server holds that directory.
 
 use crate::config::ServeArgs;
-use ragway_engine::embed::worker::{EmbedWorker, EmbedWorkerConfig};
-use ragway_engine::embed::EmbedderOptions;
+use ragway_engine::embed::worker::EmbedWorker;
 use ragway_index::ingest::{IngestOptions, OnError, Source};
 use ragway_index::jobs::JobState;
 use ragway_index::CreateCollection;
@@ -30,15 +29,7 @@ pub fn run(args: IngestArgs) -> anyhow::Result<()> {
     if !args.input.exists() {
         anyhow::bail!("{} does not exist", args.input.display());
     }
-    let device = ragway_engine::device::open_device(&settings.device)?;
-    let handle = EmbedWorker::spawn(EmbedWorkerConfig {
-        model_id: settings.embedding_model_id.clone(),
-        source: settings.embedding_model.clone(),
-        models_dir: settings.models_dir.clone(),
-        options: EmbedderOptions { device, max_batch_tokens: settings.embed_batch_tokens, ..Default::default() },
-        queue_capacity: settings.embed_queue,
-        max_inputs_per_request: settings.max_embed_inputs,
-    })?;
+    let handle = EmbedWorker::spawn(settings.embed_worker_config()?)?;
     std::fs::create_dir_all(&settings.data_dir)?;
     let index = crate::server::open_index(&settings, handle)?;
     let collection = match index.get(&args.collection) {

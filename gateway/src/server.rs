@@ -9,10 +9,9 @@ use crate::error::{json_error, ApiError};
 use crate::routes;
 use crate::state::AppState;
 use actix_web::{middleware, web, App, HttpRequest, HttpServer};
-use ragway_engine::embed::worker::{EmbedHandle, EmbedWorker, EmbedWorkerConfig};
+use ragway_engine::embed::worker::{EmbedHandle, EmbedWorker};
 use ragway_index::{ChunkEmbedder, IndexService, ServiceOptions};
-use ragway_engine::embed::EmbedderOptions;
-use ragway_engine::generate::{GenerateConfig, GenerateWorker};
+use ragway_engine::generate::GenerateWorker;
 use std::sync::Arc;
 
 async fn unknown_route(req: HttpRequest) -> Result<actix_web::HttpResponse, ApiError> {
@@ -23,7 +22,7 @@ async fn unknown_route(req: HttpRequest) -> Result<actix_web::HttpResponse, ApiE
 pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     std::fs::create_dir_all(&settings.data_dir)
         .map_err(|e| anyhow::anyhow!("cannot create data dir {}: {e}", settings.data_dir.display()))?;
-    let device = ragway_engine::device::open_device(&settings.device)?;
+    let embed_config = settings.embed_worker_config()?;
     let keys = KeyStore::load(&settings.api_keys, settings.api_keys_file.as_deref())?;
     if keys.enabled() {
         tracing::info!(keys = keys.len(), "API key authentication on");
@@ -64,14 +63,6 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     }
 
     let loader_state: Arc<AppState> = state.clone().into_inner();
-    let embed_config = EmbedWorkerConfig {
-        model_id: settings.embedding_model_id.clone(),
-        source: settings.embedding_model.clone(),
-        models_dir: settings.models_dir.clone(),
-        options: EmbedderOptions { device, max_batch_tokens: settings.embed_batch_tokens, ..Default::default() },
-        queue_capacity: settings.embed_queue,
-        max_inputs_per_request: settings.max_embed_inputs,
-    };
     std::thread::spawn(move || match EmbedWorker::spawn(embed_config) {
         Ok(handle) => {
             tracing::info!(model = %handle.model_id(), dim = handle.embedder().dim(), "embedding model ready");
@@ -96,16 +87,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     });
 
     let loader_state: Arc<AppState> = state.clone().into_inner();
-    let gen_config = GenerateConfig {
-        model_id: settings.generation_model_id.clone(),
-        source: settings.generation_model.clone(),
-        models_dir: settings.models_dir.clone(),
-        chat_template: settings.chat_template.clone(),
-        max_running: settings.max_running_seqs,
-        max_batch_tokens: settings.max_batch_tokens,
-        max_waiting: settings.max_waiting_requests,
-        kv_cache_mib: settings.kv_cache_mib,
-    };
+    let gen_config = settings.generate_config();
     std::thread::spawn(move || match GenerateWorker::spawn(gen_config) {
         Ok(handle) => {
             tracing::info!(model = %handle.model_id(), context = handle.context_length(), "generation model ready");

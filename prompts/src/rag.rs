@@ -690,8 +690,13 @@ pub fn citations(text: &str) -> Vec<usize> {
     out
 }
 
-/// `text` without its citation markers.
+/// `text` without its citation markers, tidied: whitespace collapsed, no space before `.`/`,`.
 fn strip_citations(text: &str) -> String {
+    remove_citation_markers(text).split_whitespace().collect::<Vec<_>>().join(" ").replace(" .", ".").replace(" ,", ",")
+}
+
+/// `text` with every marker [`citations`] recognizes removed, and nothing else changed.
+pub fn remove_citation_markers(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(open) = rest.find('[') {
@@ -706,7 +711,7 @@ fn strip_citations(text: &str) -> String {
         }
     }
     out.push_str(rest);
-    out.split_whitespace().collect::<Vec<_>>().join(" ").replace(" .", ".").replace(" ,", ",")
+    out
 }
 
 /// Whether an answer abstains (says it does not know).
