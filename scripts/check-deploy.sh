@@ -27,5 +27,15 @@ sts = next(d for d in docs if d["kind"] == "StatefulSet")
 assert sts["spec"]["replicas"] == 1, "the index is single-writer: one replica per data volume"
 c = sts["spec"]["template"]["spec"]["containers"][0]
 assert c["readinessProbe"]["httpGet"]["path"] == "/ready"
-print("check-deploy: Kubernetes example parses")
+out = [d for d in yaml.safe_load_all(open("deploy/kubernetes/scale-out.yaml")) if d]
+by = {(d["kind"], d["metadata"]["name"]): d for d in out}
+assert by[("StatefulSet", "ragway-index")]["spec"]["replicas"] == 1, "one index writer"
+assert by[("Service", "ragway-engine")]["spec"]["clusterIP"] == "None", "engines need per-pod DNS names"
+import tomllib
+routing = tomllib.loads(by[("ConfigMap", "ragway-routing")]["data"]["ragway.toml"])
+engines = by[("StatefulSet", "ragway-engine")]["spec"]["replicas"]
+for m in routing["models"]:
+    eps = m["versions"][0]["upstream"]["endpoints"]
+    assert eps == [f"http://ragway-engine-{i}.ragway-engine:8080" for i in range(engines)], eps
+print("check-deploy: Kubernetes examples parse")
 PY

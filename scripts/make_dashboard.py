@@ -69,6 +69,40 @@ ts("Ungrounded share by template version", [
 ts("Grounding score", [
     (f'histogram_quantile({q}, sum by (le) (rate(ragway_rag_grounding_score_bucket[$__rate_interval])))', f"p{int(q * 100)}") for q in (0.1, 0.5)], "percentunit")
 
+row("Model versions (A/B and canary arms side by side)")
+ts("Requests by model version and role", [
+    ('sum by (model, version, role) (rate(ragway_model_requests_total[$__rate_interval]))', "{{model}}@{{version}} {{role}}")], "reqps")
+ts("Error share by model version", [
+    ('sum by (model, version) (rate(ragway_model_requests_total{outcome="error"}[$__rate_interval])) / clamp_min(sum by (model, version) (rate(ragway_model_requests_total[$__rate_interval])), 1e-9)', "{{model}}@{{version}}")],
+    "percentunit", description="5xx and upstream failures; client errors (4xx) are not the version's fault.")
+ts("p95 latency by model version", [
+    ('histogram_quantile(0.95, sum by (le, model, version) (rate(ragway_model_request_duration_seconds_bucket[$__rate_interval])))', "{{model}}@{{version}}")], "s")
+ts("Routing shares and canary rollbacks", [
+    ('ragway_model_routing_share', "share {{model}}@{{version}}"),
+    ('ragway_model_canary_rolled_back', "rolled back {{model}}"),
+], "percentunit")
+ts("Upstream endpoints: healthy and circuit open", [
+    ('ragway_upstream_healthy', "healthy {{endpoint}}"),
+    ('ragway_upstream_circuit_open', "circuit open {{endpoint}}"),
+], "short")
+ts("Upstream load", [
+    ('ragway_upstream_in_flight', "in flight {{endpoint}}"),
+    ('sum by (endpoint, outcome) (rate(ragway_upstream_requests_total[$__rate_interval]))', "{{outcome}}/s {{endpoint}}"),
+], "short")
+
+row("Drift and grounding")
+ts("Query drift: KS statistics (window vs reference)", [
+    ('ragway_drift_similarity_ks', "nearest-chunk similarity {{collection}}"),
+    ('ragway_drift_centroid_ks', "centroid similarity {{collection}}"),
+    ('ragway_drift_projection_ks', "projections (max) {{collection}}"),
+], "short", description="Alert at 0.3 with p < 0.01 (RagwayQueryDrift).")
+ts("Query length PSI and low-score share", [
+    ('ragway_drift_length_psi', "length PSI {{collection}}"),
+    ('ragway_drift_low_score_share', "low-score share {{collection}}"),
+], "short")
+ts("Drift alert state", [('ragway_drift_alert', "{{collection}}"), ('ragway_drift_window_queries', "window queries {{collection}}")], "short")
+ts("Ungrounded share of recent RAG answers by collection", [('ragway_drift_grounding_flagged_share', "{{collection}}")], "percentunit")
+
 row("Index")
 ts("Documents and chunks", [('ragway_index_documents', "documents {{collection}}"), ('ragway_index_chunks', "chunks {{collection}}")], "short")
 ts("Index size", [('ragway_index_disk_bytes', "disk {{collection}}"), ('ragway_index_memory_bytes', "memory {{collection}}")], "bytes")

@@ -22,6 +22,13 @@ if ! "$pyenv/bin/python" -c "import openai" 2>/dev/null; then
 fi
 export RAGWAY_TEST_PYTHON="${RAGWAY_TEST_PYTHON:-$pyenv/bin/python}"
 
+# llama.cpp's OpenAI-compatible server as an upstream (fleet::llama_cpp_server_as_upstream)
+# runs when an environment with llama-cpp-python[server] exists; building llama.cpp takes
+# ~20 minutes on 2 cores, so it is not installed here (the reference drivers' environment has it).
+if [ -z "${RAGWAY_LLAMA_SERVER_PYTHON:-}" ] && "$cache/refenv/bin/python" -c "import llama_cpp.server.app" 2>/dev/null; then
+  export RAGWAY_LLAMA_SERVER_PYTHON="$cache/refenv/bin/python"
+fi
+
 # The deployment checks validate docker-compose.yml and the Prometheus files offline with
 # Debian's docker-compose and prometheus (promtool) packages.
 if ! command -v docker-compose >/dev/null || ! command -v promtool >/dev/null; then

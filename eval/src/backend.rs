@@ -77,7 +77,15 @@ pub struct LocalRetriever {
 
 impl Retriever for LocalRetriever {
     fn search(&self, query: &str, top_k: usize) -> Result<Vec<Hit>> {
-        let req = SearchRequest { query: query.to_string(), top_k, mode: self.mode, group_by_document: true, ..Default::default() };
+        let req = SearchRequest {
+            query: query.to_string(),
+            top_k,
+            mode: self.mode,
+            group_by_document: true,
+            // Evaluation queries are not live traffic.
+            skip_drift: true,
+            ..Default::default()
+        };
         let res = self.collection.search(&req)?;
         Ok(res.results.into_iter().map(|h| Hit { doc_id: h.document_id, score: h.score as f64 }).collect())
     }

@@ -280,6 +280,10 @@ pub fn access_for(method: &str, path: &str, open_probes: bool) -> Access {
     }
     let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     let is_collections = segs.first() == Some(&"v1") && segs.get(1) == Some(&"collections");
+    if segs.first() == Some(&"v1") && segs.get(1) == Some(&"admin") {
+        // The model registry: its views show upstream addresses, its writes move traffic.
+        return Access::Scoped(Scope::Admin);
+    }
     if method == "GET" || method == "HEAD" {
         return Access::Scoped(Scope::Read);
     }

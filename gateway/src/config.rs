@@ -126,6 +126,17 @@ pub struct ServeArgs {
     /// Token budget of the context passages of a RAG prompt [default: 2048].
     #[arg(long, env = "RAGWAY_RAG_CONTEXT_TOKENS")]
     pub rag_context_tokens: Option<usize>,
+    /// Model names with versions and routing (config file only: `[[models]]` tables; see
+    /// the README's "Model versions and rollout").
+    #[arg(skip)]
+    #[serde(default)]
+    pub models: Vec<crate::registry::ModelDecl>,
+    /// Queries kept in each collection's drift window [default: 500].
+    #[arg(long, env = "RAGWAY_DRIFT_WINDOW")]
+    pub drift_window: Option<usize>,
+    /// Queries that form a collection's drift reference when none was set [default: 200].
+    #[arg(long, env = "RAGWAY_DRIFT_BASELINE")]
+    pub drift_baseline: Option<usize>,
 }
 
 /// Resolved settings of the server.
@@ -161,6 +172,8 @@ pub struct Settings {
     pub graphql_max_complexity: usize,
     pub prompts_dirs: Vec<PathBuf>,
     pub rag: ragway_prompts::rag::RagConfig,
+    pub models: Vec<crate::registry::ModelDecl>,
+    pub drift: ragway_index::drift::DriftConfig,
 }
 
 impl Settings {
@@ -245,6 +258,12 @@ impl ServeArgs {
             graphql_max_depth: pick!(graphql_max_depth, 12),
             graphql_max_complexity: pick!(graphql_max_complexity, 2000),
             prompts_dirs: if self.prompts_dirs.is_empty() { file.prompts_dirs.clone() } else { self.prompts_dirs.clone() },
+            models: if self.models.is_empty() { file.models.clone() } else { self.models.clone() },
+            drift: ragway_index::drift::DriftConfig {
+                window: pick!(drift_window, 500).max(10),
+                baseline: pick!(drift_baseline, 200).max(10),
+                ..Default::default()
+            },
             rag: {
                 let d = ragway_prompts::rag::RagConfig::default();
                 ragway_prompts::rag::RagConfig {
@@ -299,5 +318,28 @@ mod tests {
         std::fs::write(&path, "prot = 9000\n").unwrap();
         let err = ServeArgs { config: Some(path), ..Default::default() }.resolve().unwrap_err();
         assert!(err.to_string().contains("prot"), "{err}");
+    }
+
+    #[test]
+    fn the_readme_model_config_parses_and_validates() {
+        let readme = include_str!("../../README.md");
+        let start = readme.find("# ragway.toml (--config)").expect("README example");
+        let toml_text = &readme[start..start + readme[start..].find("```").unwrap()];
+        let dir = std::env::temp_dir().join(format!("ragway-cfg-models-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ragway.toml");
+        std::fs::write(&path, toml_text).unwrap();
+        let s = ServeArgs { config: Some(path), ..Default::default() }.resolve().unwrap();
+        assert_eq!(s.models.len(), 1);
+        let m = &s.models[0];
+        assert_eq!((m.name.as_str(), m.kind, m.versions.len()), ("chat", crate::registry::ModelKind::Generation, 2));
+        let r = m.routing.as_ref().unwrap();
+        r.validate(|v| m.versions.iter().any(|x| x.version == v)).unwrap();
+        assert_eq!(r.rollback.as_ref().unwrap().max_p95_ms, Some(5000.0));
+        m.versions[1].upstream.as_ref().unwrap().validate().unwrap();
+        let bad = dir.join("bad.toml");
+        std::fs::write(&bad, "[[models]]\nname = \"x\"\nkind = \"generation\"\nversions = []\nweights = 1\n").unwrap();
+        let err = ServeArgs { config: Some(bad), ..Default::default() }.resolve().unwrap_err();
+        assert!(err.to_string().contains("weights"), "{err}");
     }
 }

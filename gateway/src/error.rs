@@ -152,6 +152,20 @@ impl ApiError {
         ext
     }
 
+    /// 409: the request conflicts with the current state (a name taken, a version in use).
+    pub fn conflict(param: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { status: StatusCode::CONFLICT, code: Some("conflict"), ..Self::invalid(param, message) }
+    }
+
+    /// 502: the upstream servers of a model version failed (504 when one timed out).
+    pub fn upstream(e: &crate::registry::upstream::UpstreamError) -> Self {
+        let status = match e {
+            crate::registry::upstream::UpstreamError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            _ => StatusCode::BAD_GATEWAY,
+        };
+        Self { status, message: e.to_string(), kind: "server_error", param: None, code: Some("upstream_error"), retry_after: None }
+    }
+
     /// 500 for failures that are ragway's fault.
     pub fn internal(message: impl Into<String>) -> Self {
         Self {

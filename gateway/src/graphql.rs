@@ -380,26 +380,41 @@ pub struct QueryRoot;
 
 #[Object]
 impl QueryRoot {
-    /// The served models.
+    /// The served models: every public name and every pinned `name@version`.
     async fn models(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<Model>> {
         require(ctx, Scope::Read)?;
         let s = state(ctx);
-        Ok(vec![
-            Model {
-                id: s.settings.embedding_model_id.clone(),
-                kind: "embedding".into(),
+        Ok(s.registry
+            .served()
+            .into_iter()
+            .map(|(id, kind, loaded)| Model {
+                id,
+                kind: match kind {
+                    crate::registry::ModelKind::Embedding => "embedding".into(),
+                    crate::registry::ModelKind::Generation => "generation".into(),
+                },
                 created: s.started_unix,
                 owned_by: "ragway".into(),
-                loaded: s.embedder.get().is_some(),
-            },
-            Model {
-                id: s.settings.generation_model_id.clone(),
-                kind: "generation".into(),
-                created: s.started_unix,
-                owned_by: "ragway".into(),
-                loaded: s.generator.get().is_some(),
-            },
-        ])
+                loaded,
+            })
+            .collect())
+    }
+
+    /// The model registry (as `GET /v1/admin/models`): versions, routing, rollbacks,
+    /// request counts and upstream endpoints; `name` narrows it to one model.
+    async fn model_registry(&self, ctx: &Context<'_>, name: Option<String>) -> async_graphql::Result<Json<Value>> {
+        require(ctx, Scope::Admin)?;
+        let s = state(ctx);
+        Ok(Json(match name {
+            Some(n) => crate::routes::admin::describe_of(s, &n).map_err(gql)?,
+            None => json!(s.registry.list()),
+        }))
+    }
+
+    /// A collection's query drift (as `GET /v1/collections/{name}/drift`).
+    async fn drift(&self, ctx: &Context<'_>, collection: String) -> async_graphql::Result<Json<Value>> {
+        require(ctx, Scope::Read)?;
+        Ok(Json(crate::routes::drift::report_of(state(ctx), &collection).map_err(gql)?))
     }
 
     async fn collections(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<Collection>> {
@@ -701,6 +716,37 @@ impl MutationRoot {
         require(ctx, Scope::Write)?;
         let req: crate::evals::StartEval = body(input.0)?;
         Ok(Json(state(ctx).evals.start(state(ctx).clone(), req).map_err(gql)?))
+    }
+
+    /// Registers a model version: `input` takes the body of `POST /v1/admin/models` (name,
+    /// kind, version, local or upstream, description).
+    async fn register_model_version(&self, ctx: &Context<'_>, input: Json<Value>) -> async_graphql::Result<Json<Value>> {
+        require(ctx, Scope::Admin)?;
+        Ok(Json(crate::routes::admin::register_from(state(ctx), input.0).map_err(gql)?))
+    }
+
+    /// Sets a model's routing (the body of `PUT /v1/admin/models/{name}/routing`).
+    async fn set_model_routing(&self, ctx: &Context<'_>, name: String, routing: Json<Value>) -> async_graphql::Result<Json<Value>> {
+        require(ctx, Scope::Admin)?;
+        Ok(Json(crate::routes::admin::set_routing_from(state(ctx), &name, routing.0).map_err(gql)?))
+    }
+
+    /// Retires a model version no routing uses.
+    async fn retire_model_version(&self, ctx: &Context<'_>, name: String, version: String) -> async_graphql::Result<Json<Value>> {
+        require(ctx, Scope::Admin)?;
+        Ok(Json(crate::routes::admin::retire_of(state(ctx), &name, &version).map_err(gql)?))
+    }
+
+    /// Makes a collection's drift reference from these queries.
+    async fn set_drift_reference(&self, ctx: &Context<'_>, collection: String, queries: Vec<String>) -> async_graphql::Result<Json<Value>> {
+        require(ctx, Scope::Admin)?;
+        Ok(Json(crate::routes::drift::set_reference_of(state(ctx), &collection, queries).await.map_err(gql)?))
+    }
+
+    /// Forgets a collection's drift reference; the next live queries make a new one.
+    async fn reset_drift_reference(&self, ctx: &Context<'_>, collection: String) -> async_graphql::Result<Json<Value>> {
+        require(ctx, Scope::Admin)?;
+        Ok(Json(crate::routes::drift::reset_of(state(ctx), &collection).map_err(gql)?))
     }
 
     /// A retrieval-augmented answer: `input` takes the body of `POST /v1/rag` (without

@@ -12,6 +12,7 @@ pub mod graphql;
 pub mod ingest_cmd;
 pub mod middleware;
 pub mod openapi;
+pub mod registry;
 pub mod routes;
 pub mod server;
 pub mod state;

@@ -120,7 +120,7 @@ impl Modify for BearerAuth {
     }
 }
 
-use crate::routes::{collections, completions, embeddings, evals, health, metrics, models, prompts, rag, tokenize};
+use crate::routes::{admin, collections, completions, drift, embeddings, evals, health, metrics, models, prompts, rag, tokenize};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -138,6 +138,8 @@ use crate::routes::{collections, completions, embeddings, evals, health, metrics
         prompts::list, prompts::create, prompts::get, prompts::remove, prompts::create_version_route,
         prompts::set_label, prompts::delete_label, prompts::render,
         evals::start, evals::list, evals::get, evals::report,
+        admin::list, admin::register, admin::describe, admin::set_routing, admin::retire,
+        drift::report, drift::set_reference, drift::reset,
     ),
     components(schemas(
         ErrorBody, ErrorObject, CollectionList, Deleted, SearchResults, JobStarted, JobList,

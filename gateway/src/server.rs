@@ -7,6 +7,7 @@ use crate::auth::KeyStore;
 use crate::config::Settings;
 use crate::error::{json_error, ApiError};
 use crate::routes;
+use crate::registry::Target;
 use crate::state::AppState;
 use actix_web::{middleware, web, App, HttpRequest, HttpServer};
 use ragway_engine::embed::worker::{EmbedHandle, EmbedWorker};
@@ -38,7 +39,14 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     let prompts = ragway_prompts::Registry::open(&settings.prompts_dirs, Some(settings.data_dir.join("prompts")))
         .map_err(|e| anyhow::anyhow!("cannot load prompt templates: {e}"))?;
     tracing::info!(templates = prompts.list().len(), "prompt templates loaded");
-    let state = web::Data::new(AppState::new(settings.clone(), keys, Arc::new(prompts)));
+    let registry = crate::registry::ModelRegistry::new(
+        &settings.generation_model_id,
+        &settings.embedding_model_id,
+        settings.generate_config(),
+        embed_config.clone(),
+        &settings.models,
+    )?;
+    let state = web::Data::new(AppState::new(settings.clone(), keys, Arc::new(prompts), registry));
 
     let max_body = settings.max_body_bytes;
     let app_state = state.clone();
@@ -67,6 +75,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         Ok(handle) => {
             tracing::info!(model = %handle.model_id(), dim = handle.embedder().dim(), "embedding model ready");
             let _ = loader_state.embedder.set(handle.clone());
+            loader_state.registry.builtin_ready(&loader_state.settings.embedding_model_id, Target::Embed(handle.clone()));
             // Collections are bound to the embedding model: open them once it is in.
             match open_index(&loader_state.settings, handle) {
                 Ok(index) => {
@@ -91,6 +100,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     std::thread::spawn(move || match GenerateWorker::spawn(gen_config) {
         Ok(handle) => {
             tracing::info!(model = %handle.model_id(), context = handle.context_length(), "generation model ready");
+            loader_state.registry.builtin_ready(&loader_state.settings.generation_model_id, Target::Generate(handle.clone()));
             let _ = loader_state.generator.set(handle);
         }
         Err(e) => {
@@ -122,6 +132,7 @@ pub fn open_index(settings: &Settings, embedder: EmbedHandle) -> ragway_index::R
         commit_interval: std::time::Duration::from_millis(settings.commit_interval_ms.max(10)),
         ingest_root: settings.ingest_root.clone(),
         snapshot_root: settings.data_dir.join("snapshots"),
+        drift: settings.drift.clone(),
     };
     let default_model = embedder.model_id().to_string();
     IndexService::open(&settings.data_dir, vec![Arc::new(embedder) as Arc<dyn ChunkEmbedder>], &default_model, options)

@@ -33,10 +33,12 @@ pub struct AppState {
     pub rag_metrics: RagMetrics,
     /// Evaluation runs started over the API.
     pub evals: crate::evals::EvalRuns,
+    /// Public model names, their versions and routing.
+    pub registry: Arc<crate::registry::ModelRegistry>,
 }
 
 impl AppState {
-    pub fn new(settings: Settings, keys: KeyStore, prompts: Arc<Registry>) -> Self {
+    pub fn new(settings: Settings, keys: KeyStore, prompts: Arc<Registry>, registry: Arc<crate::registry::ModelRegistry>) -> Self {
         let started_unix = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         Self {
             embedder: OnceLock::new(),
@@ -48,6 +50,7 @@ impl AppState {
             prompts,
             rag_metrics: RagMetrics::default(),
             evals: crate::evals::EvalRuns::new(settings.data_dir.join("evals").join("runs")),
+            registry,
             settings,
         }
     }

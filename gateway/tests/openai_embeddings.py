@@ -15,7 +15,7 @@ items = [it for it in fixture["items"] if it["text"]][:8]
 
 # The client asks for base64 by default and decodes it.
 resp = client.embeddings.create(model="all-MiniLM-L6-v2", input=[it["text"] for it in items])
-assert resp.model == "all-MiniLM-L6-v2", resp.model
+assert resp.model == "all-MiniLM-L6-v2@v1", resp.model
 assert len(resp.data) == len(items)
 for d, it in zip(resp.data, items):
     assert len(d.embedding) == 384

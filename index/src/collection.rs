@@ -177,6 +177,7 @@ pub struct Collection {
     /// Serializes commits (waiters of one commit share it).
     commit_lock: Mutex<()>,
     rebuilding: AtomicBool,
+    drift: crate::drift::DriftMonitor,
 }
 
 impl Collection {
@@ -258,6 +259,7 @@ impl Collection {
             keyword,
             commit_lock: Mutex::new(()),
             rebuilding: AtomicBool::new(false),
+            drift: crate::drift::DriftMonitor::open(dir),
             settings,
         };
         // Records that touched nothing in tantivy still count as seen.
@@ -642,6 +644,15 @@ impl Collection {
                 }
             }
         };
+        if let (Some(q), None, false) = (&query_vector, &req.vector, req.skip_drift) {
+            // Live traffic feeds the drift monitor: the query's best dense score, in the
+            // profile's terms.
+            self.drift.ensure_profile(|| self.profile_of(&table));
+            if let Some(p) = self.drift.profile() {
+                let best = dense_hits.iter().map(|h| h.1).reduce(f32::max).unwrap_or(0.0);
+                self.drift.observe(p.observe(q, best, self.token_count(&req.query)));
+            }
+        }
         let keyword_hits = if req.mode == SearchMode::Dense {
             Vec::new()
         } else {
@@ -704,6 +715,55 @@ impl Collection {
             })
             .collect();
         Ok(SearchResponse { results, mode: req.mode, dense_exact })
+    }
+
+    /// The drift monitor of this collection's queries.
+    pub fn drift(&self) -> &crate::drift::DriftMonitor {
+        &self.drift
+    }
+
+    fn token_count(&self, text: &str) -> u32 {
+        self.embedder.tokenizer().encode(text, false).map_or(0, |e| e.get_ids().len() as u32)
+    }
+
+    /// The drift profile of (an evenly spaced sample of) the visible chunks.
+    fn profile_of(&self, table: &Table) -> Option<crate::drift::Profile> {
+        let config = self.drift.config();
+        let mut keys: Vec<u64> = table.chunks.iter().filter(|(_, c)| c.removed == NOT_REMOVED).map(|(k, _)| *k).collect();
+        keys.sort_unstable();
+        let step = keys.len().div_ceil(config.profile_sample.max(1)).max(1);
+        let sample: Vec<&ChunkEntry> = keys.iter().step_by(step).map(|k| &table.chunks[k]).collect();
+        let vectors: Vec<&[f32]> = sample.iter().map(|c| &*c.vector).collect();
+        let tokens: Vec<u32> = sample.iter().map(|c| self.token_count(c.text())).collect();
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        crate::drift::build_profile(&vectors, &tokens, config.projections, now)
+    }
+
+    /// Makes the drift reference from `queries` (say, a sample of known-good traffic) instead
+    /// of the first live queries; answers how many were observed.
+    pub fn set_drift_reference(&self, queries: &[String]) -> Result<usize> {
+        if queries.is_empty() {
+            return Err(IndexError::invalid("queries", "give at least one query"));
+        }
+        let profile = {
+            let table = self.table.read().expect("table");
+            self.profile_of(&table)
+        }
+        .ok_or_else(|| IndexError::invalid("collection", "the collection has no chunks to profile"))?;
+        let mut observations = Vec::with_capacity(queries.len());
+        for (i, q) in queries.iter().enumerate() {
+            if q.trim().is_empty() {
+                return Err(IndexError::invalid(format!("queries[{i}]"), "queries must not be empty"));
+            }
+            let mut v = self.embedder.embed_query(q)?;
+            self.settings.distance.prepare(&mut v);
+            let req = SearchRequest { query: q.clone(), top_k: 1, mode: SearchMode::Dense, vector: Some(v.clone()), skip_drift: true, ..Default::default() };
+            let best = self.search(&req)?.results.first().and_then(|h| h.dense.as_ref()).map_or(0.0, |d| d.score);
+            observations.push(profile.observe(&v, best, self.token_count(q)));
+        }
+        let n = observations.len();
+        self.drift.set_reference(profile, observations);
+        Ok(n)
     }
 
     /// The stored vectors of the live chunks, in key order (benchmarks, exports).

@@ -8,6 +8,7 @@
 pub mod chunker;
 pub mod collection;
 pub mod dense;
+pub mod drift;
 pub mod embedder;
 pub mod error;
 pub mod filter;

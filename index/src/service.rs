@@ -24,6 +24,8 @@ pub struct ServiceOptions {
     pub ingest_root: Option<PathBuf>,
     /// Snapshots are written under this directory.
     pub snapshot_root: PathBuf,
+    /// Drift monitoring of every collection's queries.
+    pub drift: crate::drift::DriftConfig,
 }
 
 pub struct IndexService {
@@ -69,6 +71,7 @@ impl IndexService {
                 ))
             })?;
             let c = Collection::open(&path, embedder.clone())?;
+            c.drift().configure(options.drift.clone());
             collections.insert(settings.name.clone(), Arc::new(c));
         }
         let service = Arc::new(IndexService {
@@ -148,6 +151,7 @@ impl IndexService {
             std::fs::remove_dir_all(&dir)?; // leftovers of an interrupted delete
         }
         let c = Arc::new(Collection::create(&dir, settings, embedder)?);
+        c.drift().configure(self.options.drift.clone());
         collections.insert(req.name, c.clone());
         Ok(c)
     }
@@ -224,6 +228,7 @@ impl IndexService {
         std::fs::rename(&tmp, &dir)?;
         crate::wal::sync_dir(&dir)?;
         let c = Arc::new(Collection::open(&dir, embedder)?);
+        c.drift().configure(self.options.drift.clone());
         collections.insert(name.to_string(), c.clone());
         Ok(c)
     }

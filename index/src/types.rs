@@ -162,6 +162,8 @@ pub struct SearchRequest {
     pub title_boost: Option<f32>,
     /// Filters matching at most this many chunks are served by an exact scan (default 4096).
     pub exact_scan_max: Option<usize>,
+    /// Keep this search out of the drift monitor (evaluation and reference queries).
+    pub skip_drift: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]

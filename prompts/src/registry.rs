@@ -393,20 +393,11 @@ impl Registry {
         if arms.is_empty() {
             return self.resolve_target(name, None);
         }
-        let total: f64 = arms.iter().map(|a| a.weight).sum();
-        if arms.iter().any(|a| !(a.weight >= 0.0 && a.weight.is_finite())) || total <= 0.0 {
-            return Err(PromptError::invalid("template.split", "split weights must be non-negative with a positive sum"));
-        }
-        let mut x = u.clamp(0.0, 1.0 - f64::EPSILON) * total;
-        let mut pick = &arms[arms.len() - 1];
-        for a in arms {
-            if x < a.weight {
-                pick = a;
-                break;
-            }
-            x -= a.weight;
-        }
-        self.resolve_target(name, Some(&pick.target))
+        let weights: Vec<f64> = arms.iter().map(|a| a.weight).collect();
+        let i = weighted_index(&weights, u).ok_or_else(|| {
+            PromptError::invalid("template.split", "split weights must be non-negative with a positive sum")
+        })?;
+        self.resolve_target(name, Some(&arms[i].target))
     }
 
     fn store_dir(&self, name: &str) -> Result<PathBuf> {
@@ -620,6 +611,23 @@ pub fn uniform_from_key(key: u64) -> f64 {
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^= z >> 31;
     (z >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// The arm a draw `u` in [0, 1) falls in, arms taking shares proportional to their weights;
+/// `None` when a weight is negative or not finite, or none is positive.
+pub fn weighted_index(weights: &[f64], u: f64) -> Option<usize> {
+    let total: f64 = weights.iter().sum();
+    if weights.iter().any(|w| !(*w >= 0.0 && w.is_finite())) || total <= 0.0 {
+        return None;
+    }
+    let mut x = u.clamp(0.0, 1.0 - f64::EPSILON) * total;
+    for (i, &w) in weights.iter().enumerate() {
+        if x < w {
+            return Some(i);
+        }
+        x -= w;
+    }
+    weights.iter().rposition(|&w| w > 0.0)
 }
 
 /// A routing key from a string (FNV-1a).

@@ -278,6 +278,7 @@ pub(crate) async fn run_search(
         vector: b.vector,
         exact_scan_max: None,
         title_boost: b.title_boost,
+        skip_drift: false,
     };
     blocking(move || index.get(&name)?.search(&req)).await
 }

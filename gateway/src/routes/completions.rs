@@ -8,6 +8,8 @@ use crate::middleware::principal;
 use crate::error::ApiError;
 #[allow(unused_imports)]
 use crate::openapi::*;
+use crate::registry::{ModelKind, Target};
+use crate::routes::routed::{self, parse_body, Endpoint};
 use crate::state::AppState;
 use actix_web::web::Bytes;
 use actix_web::{post, web, HttpRequest, HttpResponse};
@@ -144,17 +146,17 @@ fn check_extra(extra: &Map<String, Value>) -> Result<(), ApiError> {
     Ok(())
 }
 
-pub(crate) fn generator<'a>(state: &'a AppState, model: &str) -> Result<&'a GenerateHandle, ApiError> {
-    if model != state.settings.generation_model_id {
-        if model == state.settings.embedding_model_id {
-            return Err(ApiError::invalid(
-                "model",
-                format!("`{model}` is an embedding model; it cannot generate text"),
-            ));
-        }
-        return Err(ApiError::model_not_found(model));
+/// The local engine of the version `model` routes to (for the endpoints that need one in
+/// this process: RAG, GraphQL).
+pub(crate) fn generator(state: &AppState, model: &str) -> Result<GenerateHandle, ApiError> {
+    let routed = state.registry.route(model, ModelKind::Generation, None, None, None)?;
+    match routed.target {
+        Target::Generate(h) => Ok(h),
+        _ => Err(ApiError::invalid(
+            "model",
+            format!("`{}` is served by upstream servers; this needs a model loaded in this server", routed.served_as()),
+        )),
     }
-    state.generator.get().ok_or_else(|| ApiError::not_ready(&state.settings.generation_model_id))
 }
 
 /// Builds one engine request (without its prompt) from the shared fields.
@@ -656,7 +658,12 @@ pub(crate) struct StartedChat {
 
 /// Validates a chat request, renders and tokenizes its prompt, and queues it.
 pub(crate) fn start_chat(state: &AppState, req: ChatRequest) -> Result<StartedChat, ApiError> {
-    let h = generator(state, &req.common.model)?.clone();
+    let h = generator(state, &req.common.model)?;
+    start_chat_on(h, req)
+}
+
+/// [`start_chat`] on a given engine.
+pub(crate) fn start_chat_on(h: GenerateHandle, req: ChatRequest) -> Result<StartedChat, ApiError> {
     let top = if req.logprobs.unwrap_or(false) {
         Some(req.top_logprobs.unwrap_or(0))
     } else if req.top_logprobs.is_some_and(|k| k > 0) {
@@ -719,24 +726,39 @@ pub(crate) async fn finish_chat(started: StartedChat, caller: Option<&Principal>
     responses((status = 200, description = "`chat.completion`, or with `stream` an SSE stream of `chat.completion.chunk` ending with `data: [DONE]`", body = Object), ApiErrors)
 )]
 #[post("/v1/chat/completions")]
-pub async fn chat(
-    http: HttpRequest,
-    state: web::Data<AppState>,
-    body: web::Json<ChatRequest>,
+pub async fn chat(http: HttpRequest, state: web::Data<AppState>, body: web::Json<Value>) -> Result<HttpResponse, ApiError> {
+    let raw = body.into_inner();
+    let mut req: ChatRequest = parse_body(&raw)?;
+    let Some(rag) = req.common.extra.remove("rag").filter(|v| !v.is_null()) else {
+        return routed::handle(&state, &http, Endpoint::Chat, &req.common.model, raw).await;
+    };
+    let routed = routed::route(&state, &http, Endpoint::Chat, &req.common.model, &raw)?;
+    let started = std::time::Instant::now();
+    let served_as = routed.served_as();
+    let result = match &routed.target {
+        Target::Generate(h) => chat_rag(http.clone(), state.clone(), h.clone(), req, rag, served_as).await,
+        _ => Err(ApiError::invalid(
+            "rag",
+            format!("`{served_as}` is served by upstream servers; `rag` needs a model loaded in this server"),
+        )),
+    };
+    routed::finish(&state, routed, Endpoint::Chat, raw, started, result)
+}
+
+/// A chat completion on a local engine, answered as `model`.
+pub(crate) async fn chat_local(
+    caller: Option<Arc<Principal>>,
+    h: GenerateHandle,
+    req: ChatRequest,
+    model: String,
 ) -> Result<HttpResponse, ApiError> {
-    let mut req = body.into_inner();
-    match req.common.extra.remove("rag") {
-        None | Some(Value::Null) => {}
-        Some(rag) => return chat_rag(http, state, req, rag).await,
-    }
-    let StartedChat { h, events, n, prompt_tokens, top, stream, include_usage } = start_chat(&state, req)?;
+    let StartedChat { h, events, n, prompt_tokens, top, stream, include_usage } = start_chat_on(h, req)?;
     let id = new_id("chatcmpl");
-    let model = h.model_id().to_string();
     if stream {
-        return Ok(sse_response(sse_body(h, events, Kind::Chat, id, model, n, vec![prompt_tokens], include_usage, principal(&http), None)));
+        return Ok(sse_response(sse_body(h, events, Kind::Chat, id, model, n, vec![prompt_tokens], include_usage, caller, None)));
     }
     let choices = gather(&h, events, n, Kind::Chat, None, n).await?;
-    let usage = usage(&choices, n, principal(&http).as_deref());
+    let usage = usage(&choices, n, caller.as_deref());
     let choices: Vec<Value> = choices
         .into_iter()
         .enumerate()
@@ -756,15 +778,20 @@ pub async fn chat(
 /// the question, earlier turns the history; the response is a normal `chat.completion`
 /// with an extra `rag` field (citations, uncited passages, grounding, template), and a
 /// stream ends with a chunk carrying `rag` and `choices: []` before `[DONE]`.
-async fn chat_rag(http: HttpRequest, state: web::Data<AppState>, req: ChatRequest, rag: Value) -> Result<HttpResponse, ApiError> {
+async fn chat_rag(
+    http: HttpRequest,
+    state: web::Data<AppState>,
+    h: GenerateHandle,
+    req: ChatRequest,
+    rag: Value,
+    model: String,
+) -> Result<HttpResponse, ApiError> {
     use crate::routes::rag as r;
-    let h = generator(&state, &req.common.model)?.clone();
     let top = if req.logprobs.unwrap_or(false) { Some(req.top_logprobs.unwrap_or(0)) } else { None };
     let options = r::parse_options(rag)?;
     let (pipe, prepared) = r::start(&state, &h, &req.common, top, options, None, Some(&req.messages)).await?;
     let (cp, cc) = prepared.condense_tokens;
     let id = new_id("chatcmpl");
-    let model = h.model_id().to_string();
     let stream = req.common.stream.unwrap_or(false);
     let include_usage = req.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
     if let Some(dk) = prepared.dont_know.clone() {
@@ -827,13 +854,19 @@ async fn chat_rag(http: HttpRequest, state: web::Data<AppState>, req: ChatReques
     responses((status = 200, description = "`text_completion` (SSE chunks with `stream`)", body = Object), ApiErrors)
 )]
 #[post("/v1/completions")]
-pub async fn completions(
-    http: HttpRequest,
-    state: web::Data<AppState>,
-    body: web::Json<CompletionRequest>,
+pub async fn completions(http: HttpRequest, state: web::Data<AppState>, body: web::Json<Value>) -> Result<HttpResponse, ApiError> {
+    let raw = body.into_inner();
+    let req: CompletionRequest = parse_body(&raw)?;
+    routed::handle(&state, &http, Endpoint::Completions, &req.common.model, raw).await
+}
+
+/// A text completion on a local engine, answered as `model`.
+pub(crate) async fn completions_local(
+    caller: Option<Arc<Principal>>,
+    h: GenerateHandle,
+    req: CompletionRequest,
+    model: String,
 ) -> Result<HttpResponse, ApiError> {
-    let req = body.into_inner();
-    let h = generator(&state, &req.common.model)?.clone();
     if req.logprobs.is_some_and(|k| k > 5) {
         return Err(ApiError::invalid("logprobs", "logprobs must be between 0 and 5"));
     }
@@ -853,13 +886,12 @@ pub async fn completions(
     let streams = submit_all(&h, &template, prompts, "prompt")?;
     let events = merge(streams, n);
     let id = new_id("cmpl");
-    let model = h.model_id().to_string();
     if req.common.stream.unwrap_or(false) {
         let include_usage = req.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
-        return Ok(sse_response(sse_body(h, events, Kind::Text, id, model, total, prompt_tokens, include_usage, principal(&http), None)));
+        return Ok(sse_response(sse_body(h, events, Kind::Text, id, model, total, prompt_tokens, include_usage, caller, None)));
     }
     let choices = gather(&h, events, total, Kind::Text, echo_texts.as_deref(), n).await?;
-    let usage = usage(&choices, n, principal(&http).as_deref());
+    let usage = usage(&choices, n, caller.as_deref());
     let choices: Vec<Value> = choices
         .into_iter()
         .enumerate()

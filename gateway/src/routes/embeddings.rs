@@ -7,7 +7,10 @@ use crate::error::ApiError;
 #[allow(unused_imports)]
 use crate::openapi::*;
 use crate::state::AppState;
-use crate::middleware::principal;
+use crate::auth::Principal;
+use crate::routes::routed::{self, Endpoint};
+use ragway_engine::embed::worker::EmbedHandle;
+use std::sync::Arc;
 use actix_web::{post, web, HttpRequest, HttpResponse};
 use base64::Engine as _;
 use ragway_engine::embed::EmbedInput;
@@ -106,15 +109,19 @@ fn encode_base64(v: &[f32]) -> String {
     responses((status = 200, description = "OpenAI embedding list", body = Object), ApiErrors)
 )]
 #[post("/v1/embeddings")]
-pub async fn create(
-    http: HttpRequest,
-    state: web::Data<AppState>,
-    body: web::Json<EmbeddingsRequest>,
+pub async fn create(http: HttpRequest, state: web::Data<AppState>, body: web::Json<Value>) -> Result<HttpResponse, ApiError> {
+    let raw = body.into_inner();
+    let req: EmbeddingsRequest = routed::parse_body(&raw)?;
+    routed::handle(&state, &http, Endpoint::Embeddings, &req.model, raw).await
+}
+
+/// Embeddings from a local model, answered as `model`.
+pub(crate) async fn embed_local(
+    caller: Option<Arc<Principal>>,
+    handle: EmbedHandle,
+    req: EmbeddingsRequest,
+    model: String,
 ) -> Result<HttpResponse, ApiError> {
-    let req = body.into_inner();
-    if req.model != state.settings.embedding_model_id {
-        return Err(ApiError::model_not_found(&req.model));
-    }
     let base64 = match req.encoding_format.as_deref() {
         None | Some("float") => false,
         Some("base64") => true,
@@ -125,7 +132,6 @@ pub async fn create(
             ))
         }
     };
-    let handle = state.embedder.get().ok_or_else(|| ApiError::not_ready(&state.settings.embedding_model_id))?;
     let dim = handle.embedder().dim();
     if let Some(d) = req.dimensions {
         if d != dim {
@@ -138,7 +144,7 @@ pub async fn create(
     let inputs = parse_input(&req.input)?;
     let embeddings = handle.embed(inputs).await.map_err(|e| ApiError::from_engine(e, "input"))?;
     let prompt_tokens = embeddings.iter().map(|e| e.num_tokens).sum();
-    if let Some(p) = principal(&http) {
+    if let Some(p) = caller {
         p.charge_tokens(prompt_tokens);
     }
     // Inputs longer than the model's max_seq_length are truncated, never refused; the
@@ -157,7 +163,7 @@ pub async fn create(
         EmbeddingsResponse {
             object: "list",
             data,
-            model: &state.settings.embedding_model_id,
+            model: &model,
             usage: Usage { prompt_tokens, total_tokens: prompt_tokens },
         },
     ))

@@ -5,7 +5,10 @@
 //! - generation: queue depth, running sequences, batch sizes, tokens prompted and generated,
 //!   KV cache use, preemptions, time to first token and inter-token latency histograms;
 //! - index: documents, chunks, disk and memory per collection; ingestion jobs by state and
-//!   the progress of running ones.
+//!   the progress of running ones;
+//! - model versions: requests by version, routing role and outcome, durations, routing
+//!   shares, canary rollbacks, upstream endpoints' health, circuits and load;
+//! - drift per collection: KS and PSI statistics, low-score and ungrounded shares, alert.
 
 use crate::state::AppState;
 #[allow(unused_imports)]
@@ -46,6 +49,7 @@ fn render(state: &AppState) -> String {
     let mut out = String::new();
     state.requests.render(&mut out);
     state.rag_metrics.render(&mut out);
+    state.registry.render(&mut out);
     if let Some(e) = state.embedder.get() {
         let (l, m) = (model_label(e.model_id()), e.metrics());
         family(&mut out, "ragway_embedding_queue_depth", "gauge", "Embedding requests waiting.", &[(l.clone(), e.queue_depth() as f64)]);
@@ -117,6 +121,21 @@ fn render(state: &AppState) -> String {
             "Log entries written but not yet searchable, per collection.",
             &per(&|i| i.last_seq.saturating_sub(i.visible_seq) as f64),
         );
+        let reports: Vec<(String, ragway_index::drift::DriftReport)> =
+            index.list().iter().map(|c| (format!("collection=\"{}\"", escape(c.name())), c.drift().report())).collect();
+        let drift = |f: &dyn Fn(&ragway_index::drift::DriftReport) -> Option<f64>| -> Vec<(String, f64)> {
+            reports.iter().filter_map(|(l, r)| f(r).map(|v| (l.clone(), v))).collect()
+        };
+        let ks = |k: Option<ragway_index::drift::Ks>| k.map(|k| k.statistic);
+        family(&mut out, "ragway_drift_alert", "gauge", "1 while a collection's query drift crosses a threshold.", &drift(&|r| Some(f64::from(u8::from(r.alert)))));
+        family(&mut out, "ragway_drift_window_queries", "gauge", "Live queries in the drift window.", &drift(&|r| Some(r.window_queries as f64)));
+        family(&mut out, "ragway_drift_reference_queries", "gauge", "Queries in the drift reference (collected so far while it is being made).", &drift(&|r| Some(r.reference_queries as f64)));
+        family(&mut out, "ragway_drift_similarity_ks", "gauge", "KS statistic of nearest-chunk similarity, window vs reference.", &drift(&|r| ks(r.similarity_ks)));
+        family(&mut out, "ragway_drift_centroid_ks", "gauge", "KS statistic of similarity to the collection centroid, window vs reference.", &drift(&|r| ks(r.centroid_ks)));
+        family(&mut out, "ragway_drift_projection_ks", "gauge", "Largest KS statistic over the random projections, window vs reference.", &drift(&|r| ks(r.projection_ks)));
+        family(&mut out, "ragway_drift_length_psi", "gauge", "Population stability index of query token lengths, window vs reference.", &drift(&|r| r.length_psi));
+        family(&mut out, "ragway_drift_low_score_share", "gauge", "Share of window queries whose best score is below the relevance threshold.", &drift(&|r| r.low_score_share));
+        family(&mut out, "ragway_drift_grounding_flagged_share", "gauge", "Share of recent RAG answers flagged as not grounded.", &drift(&|r| r.grounding_flagged_share));
         let jobs = index.jobs().list();
         let by_state: Vec<(String, f64)> = [JobState::Queued, JobState::Running, JobState::Done, JobState::Failed]
             .into_iter()

@@ -10,6 +10,9 @@ pub mod metrics;
 pub mod models;
 pub mod prompts;
 pub mod rag;
+pub mod routed;
+pub mod admin;
+pub mod drift;
 pub mod tokenize;
 
 use actix_web::web;
@@ -55,5 +58,13 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(evals::start)
         .service(evals::list)
         .service(evals::report)
-        .service(evals::get);
+        .service(evals::get)
+        .service(admin::list)
+        .service(admin::register)
+        .service(admin::describe)
+        .service(admin::set_routing)
+        .service(admin::retire)
+        .service(drift::report)
+        .service(drift::set_reference)
+        .service(drift::reset);
 }

@@ -8,17 +8,20 @@ use actix_web::{get, web, HttpResponse};
 use serde::Serialize;
 
 #[derive(Serialize)]
-struct Model<'a> {
-    id: &'a str,
+struct Model {
+    id: String,
     object: &'static str,
     created: u64,
     owned_by: &'static str,
 }
 
-fn served(state: &AppState) -> Vec<Model<'_>> {
-    [&state.settings.embedding_model_id, &state.settings.generation_model_id]
+/// Every public name and every pinned `name@version` the registry serves.
+fn served(state: &AppState) -> Vec<Model> {
+    state
+        .registry
+        .served()
         .into_iter()
-        .map(|id| Model { id, object: "model", created: state.started_unix, owned_by: "ragway" })
+        .map(|(id, _, _)| Model { id, object: "model", created: state.started_unix, owned_by: "ragway" })
         .collect()
 }
 

@@ -154,7 +154,7 @@ pub(crate) async fn render_prompt(state: &AppState, reference: &str, body: Rende
     }
     if let Some(model) = body.model {
         let h = crate::routes::completions::generator(state, &model)?;
-        let prompt = chat_text(h, &rendered.into_messages())?;
+        let prompt = chat_text(&h, &rendered.into_messages())?;
         out["prompt_tokens"] = json!(h.tokenizer().encode(&prompt, false).map_err(|e| ApiError::from_engine(e, "messages"))?.len());
         out["prompt"] = json!(prompt);
     }

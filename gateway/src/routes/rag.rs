@@ -247,10 +247,17 @@ pub(crate) fn engine_request(c: &Common, h: &GenerateHandle, p: &Prepared, logpr
 
 /// Cites and checks the answer off the async workers; counts it in the metrics.
 pub(crate) async fn finish(state: &AppState, pipe: Pipeline, prepared: Prepared, text: String) -> Result<RagAnswer, ApiError> {
+    let collection = prepared.collection.clone();
     let answer = web::block(move || pipe.finish(&prepared, &text))
         .await
         .map_err(|e| ApiError::internal(format!("grounding task: {e}")))??;
     state.rag_metrics.observe(&answer);
+    if !answer.dont_know && !answer.grounding.abstained {
+        // Grounding over time, per collection: a model-quality signal beside query drift.
+        if let Some(c) = state.index.get().and_then(|i| i.get(&collection).ok()) {
+            c.drift().record_grounding(answer.grounding.flagged);
+        }
+    }
     Ok(answer)
 }
 

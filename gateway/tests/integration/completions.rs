@@ -31,7 +31,7 @@ fn chat_completion_greedy_matches_llama_cpp() {
     );
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["object"], "chat.completion");
-    assert_eq!(body["model"], MODEL);
+    assert_eq!(body["model"], format!("{MODEL}@v1"), "the response names the version that served it");
     assert!(body["id"].as_str().unwrap().starts_with("chatcmpl-"));
     // llama.cpp's greedy text for this conversation (tests/data/smollm2_greedy.json, chat_system).
     let fixture: Value = serde_json::from_str(

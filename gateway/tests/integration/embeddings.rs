@@ -37,7 +37,7 @@ fn array_input_matches_reference_in_openai_format() {
     let (status, body) = shared().post("/v1/embeddings", &json!({"model": "all-MiniLM-L6-v2", "input": texts}));
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["object"], "list");
-    assert_eq!(body["model"], "all-MiniLM-L6-v2");
+    assert_eq!(body["model"], "all-MiniLM-L6-v2@v1");
     let data = body["data"].as_array().unwrap();
     assert_eq!(data.len(), refs.len());
     for (i, (d, (text, want, _))) in data.iter().zip(&refs).enumerate() {

@@ -94,7 +94,8 @@ fn graphiql_queries_mutations_errors_and_limits() {
 
     let v = gql(s, "{ models { id kind loaded } }", json!({}));
     let ids: Vec<&str> = data(&v)["models"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
-    assert_eq!(ids, ["all-MiniLM-L6-v2", "SmolLM2-135M-Instruct"]);
+    // Public names and their pinned versions.
+    assert_eq!(ids, ["SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct@v1", "all-MiniLM-L6-v2", "all-MiniLM-L6-v2@v1"]);
 
     let v = gql(
         s,

@@ -228,6 +228,7 @@ fn snapshots_restore_and_the_data_dir_has_one_owner() {
         commit_interval: std::time::Duration::from_millis(100),
         ingest_root: None,
         snapshot_root: dir.path().join("snapshots"),
+        drift: Default::default(),
     };
     let service = IndexService::open(dir.path(), vec![embedder()], "all-MiniLM-L6-v2", options.clone()).unwrap();
     assert!(matches!(

@@ -1,0 +1,216 @@
+//! What the OpenAI endpoints share once the registry has picked a version: running the request
+//! on a local engine or passing it to the version's upstream pool (streams chunk by chunk),
+//! labelling the response with the version, recording the outcome, and mirroring the request
+//! to a shadow version whose answer is discarded.
+
+use crate::error::ApiError;
+use crate::middleware::principal;
+use crate::registry::routing::Role;
+use crate::registry::upstream::{Pool, SseRewriter};
+use crate::registry::{ModelKind, Outcome, Routed, Target};
+use crate::state::AppState;
+use actix_web::http::StatusCode;
+use actix_web::web::Bytes;
+use actix_web::{web, HttpRequest, HttpResponse};
+use futures::StreamExt;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The OpenAI endpoints that route by model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Chat,
+    Completions,
+    Embeddings,
+}
+
+impl Endpoint {
+    pub fn path(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "/v1/chat/completions",
+            Endpoint::Completions => "/v1/completions",
+            Endpoint::Embeddings => "/v1/embeddings",
+        }
+    }
+
+    fn kind(self) -> ModelKind {
+        match self {
+            Endpoint::Embeddings => ModelKind::Embedding,
+            _ => ModelKind::Generation,
+        }
+    }
+}
+
+/// Parses a JSON body into a request type, with the error `web::Json` would give.
+pub fn parse_body<T: serde::de::DeserializeOwned>(raw: &Value) -> Result<T, ApiError> {
+    T::deserialize(raw).map_err(|e| ApiError::invalid("body", format!("invalid JSON body: {e}")))
+}
+
+/// Picks the version of `model` for this request: sticky by the body's `user`, else by the
+/// API key (when keys are on); the canary header is read from the request.
+pub fn route(state: &AppState, http: &HttpRequest, endpoint: Endpoint, model: &str, raw: &Value) -> Result<Routed, ApiError> {
+    let user = raw.get("user").and_then(Value::as_str);
+    let key = principal(http).filter(|_| state.keys.enabled());
+    state.registry.route(model, endpoint.kind(), user, key.as_ref().map(|p| p.name.as_str()), Some(http.headers()))
+}
+
+/// Sends `raw` to an upstream pool as `model` (the upstream's name for it) and passes the
+/// answer back with `model` set to `served_as`: JSON as a whole, SSE line by line as the
+/// chunks arrive. Upstream 4xx answers come back unchanged.
+pub async fn proxy(pool: &Arc<Pool>, endpoint: Endpoint, mut raw: Value, upstream_model: &str, served_as: &str) -> Result<HttpResponse, ApiError> {
+    raw["model"] = json!(upstream_model);
+    let stream = raw.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let (resp, guard) = pool.post(endpoint.path(), &raw).await.map_err(|e| ApiError::upstream(&e))?;
+    let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let is_sse = resp
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    if stream && status.is_success() && is_sse {
+        let rewriter = SseRewriter::new(served_as);
+        let body = futures::stream::unfold(
+            (resp.bytes_stream(), rewriter, guard, false),
+            |(mut upstream, mut rw, guard, done)| async move {
+                if done {
+                    return None;
+                }
+                match upstream.next().await {
+                    Some(Ok(b)) => Some((Ok::<_, actix_web::Error>(Bytes::from(rw.feed(&b))), (upstream, rw, guard, false))),
+                    Some(Err(e)) => {
+                        tracing::warn!(endpoint = guard.endpoint(), "upstream stream broke: {e}");
+                        let err = json!({"error": {"message": format!("upstream {} broke off the stream: {e}", guard.endpoint()),
+                            "type": "server_error", "param": null, "code": "upstream_error"}});
+                        Some((Ok(crate::routes::completions::sse(&err)), (upstream, rw, guard, true)))
+                    }
+                    None => {
+                        let rest = rw.finish();
+                        (!rest.is_empty()).then(|| (Ok(Bytes::from(rest)), (upstream, rw, guard, true)))
+                    }
+                }
+            },
+        );
+        return Ok(crate::routes::completions::sse_response(body));
+    }
+    let timeout = Duration::from_secs_f64(pool.spec.timeout_s);
+    let bytes = match tokio::time::timeout(timeout, resp.bytes()).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => {
+            return Err(ApiError::upstream(&crate::registry::upstream::UpstreamError::Failed(format!(
+                "upstream {} broke off its answer: {e}",
+                guard.endpoint()
+            ))))
+        }
+        Err(_) => {
+            return Err(ApiError::upstream(&crate::registry::upstream::UpstreamError::Timeout(format!(
+                "upstream {} did not finish its answer within {} s",
+                guard.endpoint(),
+                pool.spec.timeout_s
+            ))))
+        }
+    };
+    let mut v: Value = serde_json::from_slice(&bytes).map_err(|_| {
+        ApiError::upstream(&crate::registry::upstream::UpstreamError::Failed(format!(
+            "upstream {} answered {status} with a body that is not JSON",
+            guard.endpoint()
+        )))
+    })?;
+    if v.get("model").is_some() {
+        v["model"] = json!(served_as);
+    }
+    Ok(HttpResponse::build(status).json(v))
+}
+
+/// The whole of an endpoint's request after parsing: route by `model`, run on the chosen
+/// version (here or upstream), label, record, mirror.
+pub async fn handle(state: &web::Data<AppState>, http: &HttpRequest, endpoint: Endpoint, model: &str, raw: Value) -> Result<HttpResponse, ApiError> {
+    let routed = route(state, http, endpoint, model, &raw)?;
+    let started = Instant::now();
+    let (served_as, caller) = (routed.served_as(), principal(http));
+    let result = dispatch(&routed, endpoint, &raw, |t| run_local(caller, endpoint, t, raw.clone(), served_as)).await;
+    finish(state, routed, endpoint, raw, started, result)
+}
+
+/// Runs a routed request on its target (`local` for engines in this process).
+pub async fn dispatch<F, Fut>(routed: &Routed, endpoint: Endpoint, raw: &Value, local: F) -> Result<HttpResponse, ApiError>
+where
+    F: FnOnce(Target) -> Fut,
+    Fut: std::future::Future<Output = Result<HttpResponse, ApiError>>,
+{
+    match &routed.target {
+        Target::Upstream(pool) => {
+            let upstream_model = pool.spec.model.clone().unwrap_or_else(|| routed.name.clone());
+            proxy(pool, endpoint, raw.clone(), &upstream_model, &routed.served_as()).await
+        }
+        t => local(t.clone()).await,
+    }
+}
+
+/// Labels the answer with its version, records its outcome and starts the shadow request.
+pub fn finish(
+    state: &web::Data<AppState>,
+    routed: Routed,
+    endpoint: Endpoint,
+    raw: Value,
+    started: Instant,
+    result: Result<HttpResponse, ApiError>,
+) -> Result<HttpResponse, ApiError> {
+    let status = match &result {
+        Ok(r) => r.status().as_u16(),
+        Err(e) => e.status.as_u16(),
+    };
+    state.registry.record(&routed.name, &routed.version, routed.role, Outcome::from_status(status), started.elapsed().as_secs_f64());
+    // RAG requests are not mirrored: the shadow would answer from the same retrieval anyway.
+    if let Some((version, target)) = routed.shadow.clone().filter(|_| raw.get("rag").is_none_or(Value::is_null)) {
+        shadow(state.clone(), routed.name.clone(), version, target, endpoint, raw);
+    }
+    let mut resp = result?;
+    if let Ok(v) = actix_web::http::header::HeaderValue::from_str(&routed.served_as()) {
+        resp.headers_mut().insert(actix_web::http::header::HeaderName::from_static("x-ragway-model"), v);
+    }
+    if let Ok(v) = actix_web::http::header::HeaderValue::from_str(&routed.version) {
+        resp.headers_mut().insert(actix_web::http::header::HeaderName::from_static("x-ragway-model-version"), v);
+    }
+    Ok(resp)
+}
+
+/// Mirrors a request to a shadow version in the background: unstreamed, uncharged, its answer
+/// dropped; only its outcome and duration are recorded (role `shadow`).
+fn shadow(state: web::Data<AppState>, name: String, version: String, target: Target, endpoint: Endpoint, mut raw: Value) {
+    if let Some(m) = raw.as_object_mut() {
+        m.insert("stream".into(), json!(false));
+        m.remove("stream_options");
+    }
+    actix_web::rt::spawn(async move {
+        let started = Instant::now();
+        let routed = Routed { name: name.clone(), version: version.clone(), role: Role::Shadow, target, shadow: None };
+        let result = dispatch(&routed, endpoint, &raw, |t| run_local(None, endpoint, t, raw.clone(), routed.served_as())).await;
+        let status = match &result {
+            Ok(r) => r.status().as_u16(),
+            Err(e) => e.status.as_u16(),
+        };
+        // Read the body to its end so the work is the same as a real request's.
+        if let Ok(r) = result {
+            let _ = actix_web::body::to_bytes(r.into_body()).await;
+        }
+        state.registry.record(&name, &version, Role::Shadow, Outcome::from_status(status), started.elapsed().as_secs_f64());
+    });
+}
+
+/// The local engine's answer to `raw` on `endpoint` (shadow requests; no caller to charge).
+pub async fn run_local(
+    caller: Option<Arc<crate::auth::Principal>>,
+    endpoint: Endpoint,
+    target: Target,
+    raw: Value,
+    served_as: String,
+) -> Result<HttpResponse, ApiError> {
+    use crate::routes::{completions as c, embeddings as e};
+    match (endpoint, target) {
+        (Endpoint::Chat, Target::Generate(h)) => c::chat_local(caller, h, parse_body(&raw)?, served_as).await,
+        (Endpoint::Completions, Target::Generate(h)) => c::completions_local(caller, h, parse_body(&raw)?, served_as).await,
+        (Endpoint::Embeddings, Target::Embed(h)) => e::embed_local(caller, h, parse_body(&raw)?, served_as).await,
+        _ => Err(ApiError::internal("the version's engine does not match the endpoint")),
+    }
+}
