@@ -389,10 +389,7 @@ impl QueryRoot {
             .into_iter()
             .map(|(id, kind, loaded)| Model {
                 id,
-                kind: match kind {
-                    crate::registry::ModelKind::Embedding => "embedding".into(),
-                    crate::registry::ModelKind::Generation => "generation".into(),
-                },
+                kind: kind.as_str().into(),
                 created: s.started_unix,
                 owned_by: "ragway".into(),
                 loaded,

@@ -146,6 +146,14 @@ pub fn escape(v: &str) -> String {
 }
 
 /// The `_bucket`, `_sum` and `_count` lines of one histogram series.
+/// Writes one metric family: HELP, TYPE and its samples (labels without braces).
+pub fn write_family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, f64)]) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    for (labels, v) in samples {
+        let _ = writeln!(out, "{name}{{{labels}}} {v}");
+    }
+}
+
 pub fn write_histogram_series(out: &mut String, name: &str, labels: &str, h: &Histogram) {
     let (counts, sum) = h.snapshot();
     let sep = if labels.is_empty() { "" } else { "," };

@@ -648,10 +648,8 @@ impl Collection {
             // Live traffic feeds the drift monitor: the query's best dense score, in the
             // profile's terms.
             self.drift.ensure_profile(|| self.profile_of(&table));
-            if let Some(p) = self.drift.profile() {
-                let best = dense_hits.iter().map(|h| h.1).reduce(f32::max).unwrap_or(0.0);
-                self.drift.observe(p.observe(q, best, self.token_count(&req.query)));
-            }
+            let best = dense_hits.iter().map(|h| h.1).reduce(f32::max).unwrap_or(0.0);
+            self.drift.observe_query(q, best, self.token_count(&req.query));
         }
         let keyword_hits = if req.mode == SearchMode::Dense {
             Vec::new()

@@ -187,12 +187,6 @@ impl DriftMonitor {
         self.lock().config.clone()
     }
 
-    /// The profile observations are measured in, if one exists yet.
-    pub fn profile(&self) -> Option<Profile> {
-        let g = self.lock();
-        g.reference.as_ref().map(|r| r.profile.clone()).or_else(|| g.pending_profile.clone())
-    }
-
     /// Installs the profile live observations start from (no-op when one exists).
     pub fn ensure_profile(&self, make: impl FnOnce() -> Option<Profile>) {
         let needed = {
@@ -210,9 +204,23 @@ impl DriftMonitor {
         }
     }
 
-    /// Adds a live query: to the reference while it is being collected, else to the window.
+    /// Adds a live query (its vector, best dense score and token length), measured in the
+    /// current profile: to the reference while it is being collected, else to the window.
+    /// Nothing is recorded before a profile exists.
+    pub fn observe_query(&self, query: &[f32], similarity: f32, tokens: u32) {
+        let mut g = self.lock();
+        let Some(profile) = g.reference.as_ref().map(|r| &r.profile).or(g.pending_profile.as_ref()) else { return };
+        let o = profile.observe(query, similarity, tokens);
+        self.observe_locked(&mut g, o);
+    }
+
+    /// Adds an observation already made in the current profile.
     pub fn observe(&self, o: Observation) {
         let mut g = self.lock();
+        self.observe_locked(&mut g, o);
+    }
+
+    fn observe_locked(&self, g: &mut Inner, o: Observation) {
         if g.reference.is_some() {
             g.window.push_back(o);
             while g.window.len() > g.config.window {

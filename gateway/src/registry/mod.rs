@@ -40,6 +40,16 @@ pub enum ModelKind {
     Embedding,
 }
 
+impl ModelKind {
+    /// The serde name (`generation`, `embedding`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelKind::Generation => "generation",
+            ModelKind::Embedding => "embedding",
+        }
+    }
+}
+
 /// One version as declared (config file or `POST /v1/admin/models`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -127,6 +137,18 @@ impl Routed {
     pub fn served_as(&self) -> String {
         format!("{}@{}", self.name, self.version)
     }
+
+    /// The generation engine in this process serving the request; an upstream-served version
+    /// is refused on `param`, saying that `what` needs a local model.
+    pub fn local_generator(&self, param: &str, what: &str) -> Result<GenerateHandle, ApiError> {
+        match &self.target {
+            Target::Generate(h) => Ok(h.clone()),
+            _ => Err(ApiError::invalid(
+                param,
+                format!("`{}` is served by upstream servers; {what} needs a model loaded in this server", self.served_as()),
+            )),
+        }
+    }
 }
 
 /// How a request went, for metrics and the canary's window.
@@ -161,29 +183,33 @@ const DURATION_BOUNDS: &[f64] = &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5
 
 type SeriesKey = (String, String, Role);
 
-/// Prometheus text grouped by family (each family's series together under its HELP/TYPE).
+/// Prometheus samples gathered by family, so each family's series are written together under
+/// its HELP/TYPE however the loops that produce them interleave.
 pub struct MetricsText {
-    families: Vec<(&'static str, &'static str, &'static str, Vec<String>)>,
+    families: Vec<Family>,
+}
+
+struct Family {
+    name: &'static str,
+    kind: &'static str,
+    help: &'static str,
+    samples: Vec<(String, f64)>,
 }
 
 impl MetricsText {
     pub fn new(decl: &[(&'static str, &'static str, &'static str)]) -> Self {
-        Self { families: decl.iter().map(|&(n, t, h)| (n, t, h, Vec::new())).collect() }
+        Self { families: decl.iter().map(|&(name, kind, help)| Family { name, kind, help, samples: Vec::new() }).collect() }
     }
 
     pub fn add(&mut self, name: &str, labels: &str, value: f64) {
-        if let Some(f) = self.families.iter_mut().find(|f| f.0 == name) {
-            f.3.push(format!("{name}{{{labels}}} {value}"));
+        if let Some(f) = self.families.iter_mut().find(|f| f.name == name) {
+            f.samples.push((labels.to_string(), value));
         }
     }
 
     pub fn render(&self, out: &mut String) {
-        for (name, kind, help, lines) in &self.families {
-            let _ = writeln!(out, "# HELP {name} {help}");
-            let _ = writeln!(out, "# TYPE {name} {kind}");
-            for l in lines {
-                let _ = writeln!(out, "{l}");
-            }
+        for f in &self.families {
+            crate::telemetry::write_family(out, f.name, f.kind, f.help, &f.samples);
         }
     }
 }
@@ -296,7 +322,7 @@ impl ModelRegistry {
                 return Err(ApiError::conflict("version", format!("`{name}@{}` is already registered", spec.version)))
             }
             (Some((k, _)), Some(want)) if k != want => {
-                return Err(ApiError::invalid("kind", format!("`{name}` is a {} model", kind_name(k))))
+                return Err(ApiError::invalid("kind", format!("`{name}` is a {} model", k.as_str())))
             }
             (Some((k, _)), _) => k,
             (None, Some(k)) => k,
@@ -640,12 +666,5 @@ impl ModelRegistry {
         for ((n, v, role), h) in self.durations.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             crate::telemetry::write_histogram_series(out, name, &format!("{},role=\"{}\"", label(n, v), role.as_str()), h);
         }
-    }
-}
-
-fn kind_name(k: ModelKind) -> &'static str {
-    match k {
-        ModelKind::Generation => "generation",
-        ModelKind::Embedding => "embedding",
     }
 }

@@ -8,7 +8,7 @@ use crate::middleware::principal;
 use crate::error::ApiError;
 #[allow(unused_imports)]
 use crate::openapi::*;
-use crate::registry::{ModelKind, Target};
+use crate::registry::ModelKind;
 use crate::routes::routed::{self, parse_body, Endpoint};
 use crate::state::AppState;
 use actix_web::web::Bytes;
@@ -149,14 +149,7 @@ fn check_extra(extra: &Map<String, Value>) -> Result<(), ApiError> {
 /// The local engine of the version `model` routes to (for the endpoints that need one in
 /// this process: RAG, GraphQL).
 pub(crate) fn generator(state: &AppState, model: &str) -> Result<GenerateHandle, ApiError> {
-    let routed = state.registry.route(model, ModelKind::Generation, None, None, None)?;
-    match routed.target {
-        Target::Generate(h) => Ok(h),
-        _ => Err(ApiError::invalid(
-            "model",
-            format!("`{}` is served by upstream servers; this needs a model loaded in this server", routed.served_as()),
-        )),
-    }
+    state.registry.route(model, ModelKind::Generation, None, None, None)?.local_generator("model", "this")
 }
 
 /// Builds one engine request (without its prompt) from the shared fields.
@@ -730,17 +723,14 @@ pub async fn chat(http: HttpRequest, state: web::Data<AppState>, body: web::Json
     let raw = body.into_inner();
     let mut req: ChatRequest = parse_body(&raw)?;
     let Some(rag) = req.common.extra.remove("rag").filter(|v| !v.is_null()) else {
-        return routed::handle(&state, &http, Endpoint::Chat, &req.common.model, raw).await;
+        let model = req.common.model.clone();
+        return routed::handle(&state, &http, &model, raw, routed::Request::Chat(req)).await;
     };
     let routed = routed::route(&state, &http, Endpoint::Chat, &req.common.model, &raw)?;
     let started = std::time::Instant::now();
-    let served_as = routed.served_as();
-    let result = match &routed.target {
-        Target::Generate(h) => chat_rag(http.clone(), state.clone(), h.clone(), req, rag, served_as).await,
-        _ => Err(ApiError::invalid(
-            "rag",
-            format!("`{served_as}` is served by upstream servers; `rag` needs a model loaded in this server"),
-        )),
+    let result = match routed.local_generator("rag", "`rag`") {
+        Ok(h) => chat_rag(http.clone(), state.clone(), h, req, rag, routed.served_as()).await,
+        Err(e) => Err(e),
     };
     routed::finish(&state, routed, Endpoint::Chat, raw, started, result)
 }
@@ -857,7 +847,8 @@ async fn chat_rag(
 pub async fn completions(http: HttpRequest, state: web::Data<AppState>, body: web::Json<Value>) -> Result<HttpResponse, ApiError> {
     let raw = body.into_inner();
     let req: CompletionRequest = parse_body(&raw)?;
-    routed::handle(&state, &http, Endpoint::Completions, &req.common.model, raw).await
+    let model = req.common.model.clone();
+    routed::handle(&state, &http, &model, raw, routed::Request::Completions(req)).await
 }
 
 /// A text completion on a local engine, answered as `model`.

@@ -8,7 +8,7 @@ use crate::error::ApiError;
 use crate::openapi::*;
 use crate::state::AppState;
 use crate::auth::Principal;
-use crate::routes::routed::{self, Endpoint};
+use crate::routes::routed;
 use ragway_engine::embed::worker::EmbedHandle;
 use std::sync::Arc;
 use actix_web::{post, web, HttpRequest, HttpResponse};
@@ -112,7 +112,8 @@ fn encode_base64(v: &[f32]) -> String {
 pub async fn create(http: HttpRequest, state: web::Data<AppState>, body: web::Json<Value>) -> Result<HttpResponse, ApiError> {
     let raw = body.into_inner();
     let req: EmbeddingsRequest = routed::parse_body(&raw)?;
-    routed::handle(&state, &http, Endpoint::Embeddings, &req.model, raw).await
+    let model = req.model.clone();
+    routed::handle(&state, &http, &model, raw, routed::Request::Embeddings(req)).await
 }
 
 /// Embeddings from a local model, answered as `model`.

@@ -13,19 +13,11 @@
 use crate::state::AppState;
 #[allow(unused_imports)]
 use crate::openapi::*;
-use crate::telemetry::{escape, write_histogram_series};
+use crate::telemetry::{escape, write_family as family, write_histogram_series};
 use actix_web::{get, web, HttpResponse};
 use ragway_index::JobState;
 use std::fmt::Write;
 use std::sync::atomic::Ordering::Relaxed;
-
-/// Writes one metric family: HELP, TYPE and its samples (labels without braces).
-fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, f64)]) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-    for (labels, v) in samples {
-        let _ = writeln!(out, "{name}{{{labels}}} {v}");
-    }
-}
 
 fn model_label(id: &str) -> String {
     format!("model=\"{}\"", escape(id))

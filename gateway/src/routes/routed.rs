@@ -42,6 +42,32 @@ impl Endpoint {
     }
 }
 
+/// A parsed request of one of the routed endpoints (what a local engine runs; upstreams get
+/// the JSON body as it came).
+pub enum Request {
+    Chat(crate::routes::completions::ChatRequest),
+    Completions(crate::routes::completions::CompletionRequest),
+    Embeddings(crate::routes::embeddings::EmbeddingsRequest),
+}
+
+impl Request {
+    fn parse(endpoint: Endpoint, raw: &Value) -> Result<Self, ApiError> {
+        Ok(match endpoint {
+            Endpoint::Chat => Request::Chat(parse_body(raw)?),
+            Endpoint::Completions => Request::Completions(parse_body(raw)?),
+            Endpoint::Embeddings => Request::Embeddings(parse_body(raw)?),
+        })
+    }
+
+    fn endpoint(&self) -> Endpoint {
+        match self {
+            Request::Chat(_) => Endpoint::Chat,
+            Request::Completions(_) => Endpoint::Completions,
+            Request::Embeddings(_) => Endpoint::Embeddings,
+        }
+    }
+}
+
 /// Parses a JSON body into a request type, with the error `web::Json` would give.
 pub fn parse_body<T: serde::de::DeserializeOwned>(raw: &Value) -> Result<T, ApiError> {
     T::deserialize(raw).map_err(|e| ApiError::invalid("body", format!("invalid JSON body: {e}")))
@@ -122,28 +148,30 @@ pub async fn proxy(pool: &Arc<Pool>, endpoint: Endpoint, mut raw: Value, upstrea
     Ok(HttpResponse::build(status).json(v))
 }
 
-/// The whole of an endpoint's request after parsing: route by `model`, run on the chosen
-/// version (here or upstream), label, record, mirror.
-pub async fn handle(state: &web::Data<AppState>, http: &HttpRequest, endpoint: Endpoint, model: &str, raw: Value) -> Result<HttpResponse, ApiError> {
+/// The whole of an endpoint's request after parsing (`req` is `raw` parsed): route by
+/// `model`, run on the chosen version (here or upstream), label, record, mirror.
+pub async fn handle(state: &web::Data<AppState>, http: &HttpRequest, model: &str, raw: Value, req: Request) -> Result<HttpResponse, ApiError> {
+    let endpoint = req.endpoint();
     let routed = route(state, http, endpoint, model, &raw)?;
     let started = Instant::now();
-    let (served_as, caller) = (routed.served_as(), principal(http));
-    let result = dispatch(&routed, endpoint, &raw, |t| run_local(caller, endpoint, t, raw.clone(), served_as)).await;
+    let result = run(&routed, &raw, req, principal(http)).await;
     finish(state, routed, endpoint, raw, started, result)
 }
 
-/// Runs a routed request on its target (`local` for engines in this process).
-pub async fn dispatch<F, Fut>(routed: &Routed, endpoint: Endpoint, raw: &Value, local: F) -> Result<HttpResponse, ApiError>
-where
-    F: FnOnce(Target) -> Fut,
-    Fut: std::future::Future<Output = Result<HttpResponse, ApiError>>,
-{
-    match &routed.target {
-        Target::Upstream(pool) => {
+/// Runs a routed request: `raw` proxied to the version's upstream pool, or `req` on its local
+/// engine, answered as `name@version`.
+async fn run(routed: &Routed, raw: &Value, req: Request, caller: Option<Arc<crate::auth::Principal>>) -> Result<HttpResponse, ApiError> {
+    use crate::routes::{completions as c, embeddings as e};
+    let served_as = routed.served_as();
+    match (&routed.target, req) {
+        (Target::Upstream(pool), req) => {
             let upstream_model = pool.spec.model.clone().unwrap_or_else(|| routed.name.clone());
-            proxy(pool, endpoint, raw.clone(), &upstream_model, &routed.served_as()).await
+            proxy(pool, req.endpoint(), raw.clone(), &upstream_model, &served_as).await
         }
-        t => local(t.clone()).await,
+        (Target::Generate(h), Request::Chat(r)) => c::chat_local(caller, h.clone(), r, served_as).await,
+        (Target::Generate(h), Request::Completions(r)) => c::completions_local(caller, h.clone(), r, served_as).await,
+        (Target::Embed(h), Request::Embeddings(r)) => e::embed_local(caller, h.clone(), r, served_as).await,
+        _ => Err(ApiError::internal("the version's engine does not match the endpoint")),
     }
 }
 
@@ -185,7 +213,10 @@ fn shadow(state: web::Data<AppState>, name: String, version: String, target: Tar
     actix_web::rt::spawn(async move {
         let started = Instant::now();
         let routed = Routed { name: name.clone(), version: version.clone(), role: Role::Shadow, target, shadow: None };
-        let result = dispatch(&routed, endpoint, &raw, |t| run_local(None, endpoint, t, raw.clone(), routed.served_as())).await;
+        let result = match Request::parse(endpoint, &raw) {
+            Ok(req) => run(&routed, &raw, req, None).await,
+            Err(e) => Err(e),
+        };
         let status = match &result {
             Ok(r) => r.status().as_u16(),
             Err(e) => e.status.as_u16(),
@@ -196,21 +227,4 @@ fn shadow(state: web::Data<AppState>, name: String, version: String, target: Tar
         }
         state.registry.record(&name, &version, Role::Shadow, Outcome::from_status(status), started.elapsed().as_secs_f64());
     });
-}
-
-/// The local engine's answer to `raw` on `endpoint` (shadow requests; no caller to charge).
-pub async fn run_local(
-    caller: Option<Arc<crate::auth::Principal>>,
-    endpoint: Endpoint,
-    target: Target,
-    raw: Value,
-    served_as: String,
-) -> Result<HttpResponse, ApiError> {
-    use crate::routes::{completions as c, embeddings as e};
-    match (endpoint, target) {
-        (Endpoint::Chat, Target::Generate(h)) => c::chat_local(caller, h, parse_body(&raw)?, served_as).await,
-        (Endpoint::Completions, Target::Generate(h)) => c::completions_local(caller, h, parse_body(&raw)?, served_as).await,
-        (Endpoint::Embeddings, Target::Embed(h)) => e::embed_local(caller, h, parse_body(&raw)?, served_as).await,
-        _ => Err(ApiError::internal("the version's engine does not match the endpoint")),
-    }
 }
