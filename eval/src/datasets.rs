@@ -95,7 +95,20 @@ pub struct Beir {
     pub split: String,
 }
 
+/// A BEIR split names a file `qrels/<split>.tsv`: a plain name, never a path.
+pub fn valid_split(split: &str) -> bool {
+    !split.is_empty()
+        && split.len() <= 64
+        && split.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
 pub fn load_beir(dir: &Path, split: &str) -> Result<Beir> {
+    if !valid_split(split) {
+        return Err(DatasetError::Invalid(format!(
+            "split `{}` must be 1 to 64 letters, digits, `-` or `_` (it names qrels/<split>.tsv)",
+            split.escape_debug()
+        )));
+    }
     let corpus = dir.join("corpus.jsonl");
     if !corpus.is_file() {
         return Err(DatasetError::Invalid(format!(
@@ -295,6 +308,26 @@ fn load_squad(path: &Path) -> Result<Qa> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Audit finding 10: a split of `../...` or an absolute path read a file outside the
+    /// dataset (and the ingest root), and its content came back through the parse error.
+    #[test]
+    fn a_split_is_a_name_and_file_content_never_appears_in_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let ds = dir.path().join("ds");
+        std::fs::create_dir_all(ds.join("qrels")).unwrap();
+        std::fs::write(ds.join("corpus.jsonl"), "{\"_id\":\"d1\",\"text\":\"t\"}\n").unwrap();
+        std::fs::write(ds.join("queries.jsonl"), "{\"_id\":\"q1\",\"text\":\"q\"}\n").unwrap();
+        std::fs::write(dir.path().join("secret.tsv"), "q\td\tscore\nroot\tx\tTOP-SECRET-VALUE\n").unwrap();
+        for split in ["../../secret", "../secret", "/etc/passwd", "a/b", "", "x\0y"] {
+            let e = load_beir(&ds, split).err().unwrap_or_else(|| panic!("split {split:?} was accepted")).to_string();
+            assert!(e.contains("letters, digits"), "{split:?}: {e}");
+            assert!(!e.contains("TOP-SECRET"), "{e}");
+        }
+        std::fs::write(ds.join("qrels").join("test.tsv"), "q\td\tscore\nq1\td1\tTOP-SECRET-VALUE\n").unwrap();
+        let e = load_beir(&ds, "test").err().unwrap().to_string();
+        assert!(e.contains("not an integer") && !e.contains("TOP-SECRET"), "{e}");
+    }
 
     #[test]
     fn malformed_lines_are_reported_with_numbers() {

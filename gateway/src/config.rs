@@ -95,9 +95,31 @@ pub struct ServeArgs {
     /// admin), `requests_per_minute`, `tokens_per_minute`.
     #[arg(long, env = "RAGWAY_API_KEYS_FILE")]
     pub api_keys_file: Option<PathBuf>,
-    /// Leave /health, /ready and /metrics open when keys are configured [default: true].
+    /// Leave /health and /ready open when keys are configured [default: true].
     #[arg(long, env = "RAGWAY_OPEN_PROBES", action = clap::ArgAction::Set)]
     pub open_probes: Option<bool>,
+    /// Leave /metrics open when keys are configured (a scraper on a private network)
+    /// [default: false: it needs a `read` key].
+    #[arg(long, env = "RAGWAY_OPEN_METRICS", action = clap::ArgAction::Set)]
+    pub open_metrics: Option<bool>,
+    /// Leave /openapi.json and the GraphiQL page open when keys are configured
+    /// [default: false: they need a `read` key].
+    #[arg(long, env = "RAGWAY_OPEN_DOCS", action = clap::ArgAction::Set)]
+    pub open_docs: Option<bool>,
+    /// Hosts (`host` or `host:port`) that upstream model versions registered over the admin
+    /// API may reach; none by default (versions in the config file are not restricted).
+    #[arg(long, env = "RAGWAY_UPSTREAM_HOSTS", value_delimiter = ',')]
+    #[serde(default)]
+    pub upstream_hosts: Vec<String>,
+    /// Concurrent GraphQL WebSocket connections per API key [default: 8].
+    #[arg(long, env = "RAGWAY_WS_MAX_CONNECTIONS_PER_KEY")]
+    pub ws_max_connections_per_key: Option<usize>,
+    /// Concurrent GraphQL subscriptions per API key [default: 16].
+    #[arg(long, env = "RAGWAY_WS_MAX_SUBSCRIPTIONS_PER_KEY")]
+    pub ws_max_subscriptions_per_key: Option<usize>,
+    /// Seconds a WebSocket client has to complete `connection_init` [default: 10].
+    #[arg(long, env = "RAGWAY_WS_INIT_TIMEOUT_SECS")]
+    pub ws_init_timeout_secs: Option<u64>,
     /// Allow listening beyond loopback with no API key configured [default: false].
     #[arg(long, env = "RAGWAY_ALLOW_UNAUTHENTICATED", num_args = 0..=1, default_missing_value = "true")]
     pub allow_unauthenticated: Option<bool>,
@@ -130,7 +152,7 @@ pub struct ServeArgs {
     /// the README's "Model versions and rollout").
     #[arg(skip)]
     #[serde(default)]
-    pub models: Vec<crate::registry::ModelDecl>,
+    pub models: Vec<crate::models::ModelDecl>,
     /// Queries kept in each collection's drift window [default: 500].
     #[arg(long, env = "RAGWAY_DRIFT_WINDOW")]
     pub drift_window: Option<usize>,
@@ -167,12 +189,18 @@ pub struct Settings {
     pub api_keys: Vec<String>,
     pub api_keys_file: Option<PathBuf>,
     pub open_probes: bool,
+    pub open_metrics: bool,
+    pub open_docs: bool,
+    pub upstream_hosts: Vec<String>,
+    pub ws_max_connections_per_key: usize,
+    pub ws_max_subscriptions_per_key: usize,
+    pub ws_init_timeout_secs: u64,
     pub allow_unauthenticated: bool,
     pub graphql_max_depth: usize,
     pub graphql_max_complexity: usize,
     pub prompts_dirs: Vec<PathBuf>,
     pub rag: ragway_prompts::rag::RagConfig,
-    pub models: Vec<crate::registry::ModelDecl>,
+    pub models: Vec<crate::models::ModelDecl>,
     pub drift: ragway_index::drift::DriftConfig,
 }
 
@@ -254,6 +282,12 @@ impl ServeArgs {
             api_keys: if self.api_keys.is_empty() { file.api_keys.clone() } else { self.api_keys.clone() },
             api_keys_file: self.api_keys_file.clone().or(file.api_keys_file.clone()),
             open_probes: pick!(open_probes, true),
+            open_metrics: pick!(open_metrics, false),
+            open_docs: pick!(open_docs, false),
+            upstream_hosts: if self.upstream_hosts.is_empty() { file.upstream_hosts.clone() } else { self.upstream_hosts.clone() },
+            ws_max_connections_per_key: pick!(ws_max_connections_per_key, 8),
+            ws_max_subscriptions_per_key: pick!(ws_max_subscriptions_per_key, 16),
+            ws_init_timeout_secs: pick!(ws_init_timeout_secs, 10).min(3600),
             allow_unauthenticated: pick!(allow_unauthenticated, false),
             graphql_max_depth: pick!(graphql_max_depth, 12),
             graphql_max_complexity: pick!(graphql_max_complexity, 2000),
@@ -332,7 +366,7 @@ mod tests {
         let s = ServeArgs { config: Some(path), ..Default::default() }.resolve().unwrap();
         assert_eq!(s.models.len(), 1);
         let m = &s.models[0];
-        assert_eq!((m.name.as_str(), m.kind, m.versions.len()), ("chat", crate::registry::ModelKind::Generation, 2));
+        assert_eq!((m.name.as_str(), m.kind, m.versions.len()), ("chat", crate::models::ModelKind::Generation, 2));
         let r = m.routing.as_ref().unwrap();
         r.validate(|v| m.versions.iter().any(|x| x.version == v)).unwrap();
         assert_eq!(r.rollback.as_ref().unwrap().max_p95_ms, Some(5000.0));

@@ -1,19 +1,21 @@
 //! # ragway-gateway
 //!
-//! The `ragway` server: OpenAI-compatible REST over the engine's handles, configuration,
-//! errors in OpenAI's shape. The binary (`src/main.rs`) adds the subcommands.
+//! The `ragway` server and command line, in layers (see ARCHITECTURE.md, "Request flow"):
+//!
+//! - [`service`]: the operations both APIs offer — typed inputs and outputs, authorization
+//!   per operation ([`service::auth`]), limits ([`service::limits`]) and the one error type
+//!   ([`service::error`]). No actix or async-graphql types.
+//! - [`http`]: REST routes, OpenAI request/response shapes, SSE, middleware, OpenAPI.
+//! - [`graphql`]: the GraphQL schema over the same services.
+//! - [`models`]: the model registry, routing policies and upstream pools.
+//! - [`cli`]: the `ingest` and `eval` subcommands (`serve` is [`http::server`]).
+//! - [`app`]: the state every request shares.
 
-pub mod auth;
+pub mod app;
+pub mod cli;
 pub mod config;
-pub mod error;
-pub mod eval_cmd;
-pub mod evals;
 pub mod graphql;
-pub mod ingest_cmd;
-pub mod middleware;
-pub mod openapi;
-pub mod registry;
-pub mod routes;
-pub mod server;
-pub mod state;
+pub mod http;
+pub mod models;
+pub mod service;
 pub mod telemetry;

@@ -22,10 +22,12 @@ enum Command {
     /// Serve the OpenAI-compatible API with the configured models.
     Serve(ServeArgs),
     /// Ingest a JSONL / BEIR corpus file or a directory of text files into a collection.
-    Ingest(ragway_gateway::ingest_cmd::IngestArgs),
+    Ingest(ragway_gateway::cli::ingest::IngestArgs),
+    /// Cut a collection's damaged log at the damage, keeping a backup (server stopped).
+    Repair(ragway_gateway::cli::repair::RepairArgs),
     /// Offline evaluation runs (retrieval, RAG, HaluEval) and run comparison.
     #[command(subcommand)]
-    Eval(ragway_gateway::eval_cmd::EvalCommand),
+    Eval(ragway_gateway::cli::eval::EvalCommand),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -41,11 +43,12 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
             let settings = args.resolve()?;
-            actix_web::rt::System::new().block_on(ragway_gateway::server::serve(settings))
+            actix_web::rt::System::new().block_on(ragway_gateway::http::server::serve(settings))
         }
-        Command::Ingest(args) => ragway_gateway::ingest_cmd::run(args),
+        Command::Ingest(args) => ragway_gateway::cli::ingest::run(args),
+        Command::Repair(args) => ragway_gateway::cli::repair::run(args),
         Command::Eval(cmd) => {
-            let code = ragway_gateway::eval_cmd::run(cmd)?;
+            let code = ragway_gateway::cli::eval::run(cmd)?;
             std::process::exit(code)
         }
     }

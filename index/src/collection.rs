@@ -32,6 +32,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
+/// Most results one search returns.
+pub const MAX_TOP_K: usize = 1000;
+/// Most candidates one search may ask each half for.
+pub const MAX_CANDIDATES: usize = 10_000;
+
 /// Longest document id accepted.
 pub const MAX_ID_BYTES: usize = 512;
 /// A filter matching at most this many chunks is served by an exact scan.
@@ -546,8 +551,14 @@ impl Collection {
 
     /// Hybrid, dense or keyword search (blocking: call it off the async workers).
     pub fn search(&self, req: &SearchRequest) -> Result<SearchResponse> {
-        if req.top_k == 0 {
-            return Err(IndexError::invalid("top_k", "top_k must be at least 1"));
+        if req.top_k == 0 || req.top_k > MAX_TOP_K {
+            return Err(IndexError::invalid("top_k", format!("top_k must be between 1 and {MAX_TOP_K}")));
+        }
+        if req.candidates.is_some_and(|c| c > MAX_CANDIDATES) {
+            return Err(IndexError::invalid("candidates", format!("candidates must be at most {MAX_CANDIDATES}")));
+        }
+        if req.ef.is_some_and(|ef| ef > MAX_CANDIDATES) {
+            return Err(IndexError::invalid("ef", format!("ef must be at most {MAX_CANDIDATES}")));
         }
         if req.query.trim().is_empty() && req.vector.is_none() {
             return Err(IndexError::invalid("query", "query must not be empty"));
@@ -563,8 +574,16 @@ impl Collection {
                         format!("vector has {} dimensions; the collection's have {}", v.len(), self.settings.dimension),
                     ));
                 }
+                if !v.iter().all(|x| x.is_finite()) {
+                    return Err(IndexError::invalid("vector", "vector values must be finite numbers"));
+                }
                 let mut v = v.clone();
                 self.settings.distance.prepare(&mut v);
+                // Non-finite values would reach the graph walk's distance code (hnsw_rs
+                // panics on NaN); refuse them here.
+                if !v.iter().all(|x| x.is_finite()) {
+                    return Err(IndexError::invalid("vector", "vector values must be finite numbers"));
+                }
                 Some(v)
             }
             (_, None) => {

@@ -59,7 +59,22 @@ impl IndexService {
             embedders.into_iter().map(|e| (e.model_id().to_string(), e)).collect();
         let mut collections = HashMap::new();
         for entry in std::fs::read_dir(&collections_dir)? {
-            let path = entry?.path();
+            let entry = entry?;
+            let path = entry.path();
+            let file_name = entry.file_name();
+            let file_name = file_name.to_string_lossy();
+            // Collection names never start with a dot: such a directory is a delete
+            // (`.deleted-*`, renamed before removal) or a restore (`.restoring-*`, renamed
+            // into place when complete) that a crash interrupted. Finish the delete, drop the
+            // half restore; never load either.
+            if file_name.starts_with('.') {
+                if file_name.starts_with(".deleted-") || file_name.starts_with(".restoring-") {
+                    tracing::warn!(dir = %path.display(), "removing what an interrupted delete or restore left");
+                    std::fs::remove_dir_all(&path)?;
+                    crate::wal::sync_dir(&path)?;
+                }
+                continue;
+            }
             if !path.join("settings.json").exists() {
                 continue;
             }
@@ -86,6 +101,24 @@ impl IndexService {
         let weak = Arc::downgrade(&service);
         std::thread::Builder::new().name("index-maintenance".into()).spawn(move || maintenance(weak))?;
         Ok(service)
+    }
+
+    /// Cuts collection `name`'s log at its first damaged record, keeping a backup of the
+    /// whole log beside it (see [`crate::wal::repair`]). Takes the data directory's lock, so
+    /// it runs only while no server holds it.
+    pub fn repair_log(data_dir: &Path, name: &str) -> Result<crate::wal::Repair> {
+        validate_name(name)?;
+        let lock = File::options().create(true).truncate(false).write(true).open(data_dir.join("LOCK"))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => return Err(IndexError::Locked { path: data_dir.to_path_buf() }),
+            Err(std::fs::TryLockError::Error(e)) => return Err(e.into()),
+        }
+        let log = data_dir.join("collections").join(name).join("log.wal");
+        if !log.exists() {
+            return Err(IndexError::CollectionNotFound(name.to_string()));
+        }
+        crate::wal::repair(&log)
     }
 
     pub fn data_dir(&self) -> &Path {

@@ -3,8 +3,14 @@
 //! Every write is one record, appended and `fdatasync`ed before it is acknowledged. A record
 //! is `[u32 length][u32 crc32][payload]`; the payload is `[u64 seq][u8 kind][u32 json
 //! length][json][f32 vectors, little-endian]`. A batch of documents is one record, so it is
-//! present after a crash either whole or not at all. Replay stops at the first torn or
-//! corrupt record (a write the crash interrupted, never acknowledged) and cuts it off.
+//! present after a crash either whole or not at all.
+//!
+//! Replay stops at the first torn or corrupt record. Since records are appended one at a time
+//! and each is fsynced before the next, a crash can only damage the *last* one: a bad record
+//! with no intact record after it is a torn tail (never acknowledged) and is cut off. A bad
+//! record followed by intact ones is damage to acknowledged data (a disk fault, a stray
+//! write): opening refuses with [`IndexError::Corrupt`] naming the offset, and
+//! [`repair`] (`ragway repair`) cuts the log there only when asked, after keeping a backup.
 //!
 //! The HNSW graph and the tantivy index are derived from this log (see `collection.rs`).
 
@@ -133,60 +139,51 @@ pub struct Wal {
 
 impl Wal {
     /// Opens (creating if needed) the log at `path`, replays every intact record into
-    /// `apply`, cuts off a torn tail, and returns the log ready for appends.
-    pub fn open(path: &Path, mut apply: impl FnMut(Record) -> Result<()>) -> Result<Wal> {
+    /// `apply`, cuts off a torn tail, and returns the log ready for appends. Damage before
+    /// the tail is an error (see the module docs).
+    pub fn open(path: &Path, apply: impl FnMut(Record) -> Result<()>) -> Result<Wal> {
         let existed = path.exists();
         let mut file = OpenOptions::new().read(true).append(true).create(true).open(path)?;
         if !existed {
             sync_dir(path)?;
         }
-        let total = file.metadata()?.len();
-        let mut reader = BufReader::with_capacity(1 << 20, &mut file);
-        let mut valid: u64 = 0;
-        let mut header = [0u8; 8];
-        let mut payload = Vec::new();
-        loop {
-            if read_full(&mut reader, &mut header)? < 8 {
-                break;
+        let scan = scan(&mut file, apply)?;
+        if scan.valid < scan.total {
+            if let Some(next) = scan.intact_after {
+                return Err(IndexError::Corrupt(format!(
+                    "{}: the record at byte {} is damaged but intact records follow it (at byte {next}), so \
+                     acknowledged writes would be lost by cutting it; refusing to open. Restore the \
+                     collection from a snapshot, or run `ragway repair --data-dir <dir> <collection>` to \
+                     keep a backup of the log and cut it at byte {}",
+                    path.display(),
+                    scan.valid,
+                    scan.valid
+                )));
             }
-            let len = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes")) as u64;
-            let crc = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes"));
-            if valid + 8 + len > total {
-                break;
-            }
-            payload.resize(len as usize, 0);
-            if read_full(&mut reader, &mut payload)? < payload.len() || crc32fast::hash(&payload) != crc {
-                break;
-            }
-            match decode(&payload) {
-                Ok(record) => apply(record)?,
-                Err(e) => {
-                    tracing::warn!(log = %path.display(), offset = valid, error = %e, "undecodable log record");
-                    break;
-                }
-            }
-            valid += 8 + len;
-        }
-        drop(reader);
-        if valid < total {
             tracing::warn!(
                 log = %path.display(),
-                kept = valid,
-                dropped = total - valid,
-                "log ends in a torn or corrupt record (a write interrupted before it was acknowledged); cutting it off"
+                kept = scan.valid,
+                dropped = scan.total - scan.valid,
+                "log ends in a torn record (a write interrupted before it was acknowledged); cutting it off"
             );
-            file.set_len(valid)?;
-            file.sync_all()?;
+            truncate(&file, scan.valid)?;
         }
-        Ok(Wal { path: path.to_path_buf(), file, len: valid })
+        Ok(Wal { path: path.to_path_buf(), file, len: scan.valid })
     }
 
     /// Appends one record and makes it durable.
     pub fn append(&mut self, record: &Record) -> Result<()> {
         let bytes = encode(record);
         if let Err(e) = self.file.write_all(&bytes).and_then(|_| self.file.sync_data()) {
-            // Leave no partial record behind for the next append to follow.
-            let _ = self.file.set_len(self.len);
+            // Leave no partial record behind for the next append to follow. If even that
+            // fails the log's end is unknown: report it as broken, not as a failed write.
+            if let Err(cut) = self.file.set_len(self.len).and_then(|_| self.file.sync_all()) {
+                return Err(IndexError::Corrupt(format!(
+                    "{}: an append failed ({e}) and cutting the partial record failed too ({cut}); \
+                     reopen the collection",
+                    self.path.display()
+                )));
+            }
             return Err(e.into());
         }
         self.len += bytes.len() as u64;
@@ -204,6 +201,121 @@ impl Wal {
     pub fn path(&self) -> &Path {
         &self.path
     }
+}
+
+/// What a pass over a log found.
+struct Scan {
+    /// Bytes of intact records from the start.
+    valid: u64,
+    total: u64,
+    /// Offset of an intact record after the first bad one (damage, not a torn tail).
+    intact_after: Option<u64>,
+}
+
+/// Replays the intact records of `file` into `apply` and looks past the first bad one.
+fn scan(file: &mut File, mut apply: impl FnMut(Record) -> Result<()>) -> Result<Scan> {
+    let total = file.metadata()?.len();
+    let mut reader = BufReader::with_capacity(1 << 20, &mut *file);
+    let mut valid: u64 = 0;
+    let mut last_seq = 0u64;
+    let mut header = [0u8; 8];
+    let mut payload = Vec::new();
+    loop {
+        if read_full(&mut reader, &mut header)? < 8 {
+            break;
+        }
+        let len = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes")) as u64;
+        let crc = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes"));
+        if valid + 8 + len > total {
+            break;
+        }
+        payload.resize(len as usize, 0);
+        if read_full(&mut reader, &mut payload)? < payload.len() || crc32fast::hash(&payload) != crc {
+            break;
+        }
+        match decode(&payload) {
+            Ok(record) => {
+                last_seq = record.seq();
+                apply(record)?
+            }
+            Err(e) => {
+                tracing::warn!(offset = valid, error = %e, "undecodable log record");
+                break;
+            }
+        }
+        valid += 8 + len;
+    }
+    drop(reader);
+    let intact_after = if valid < total { find_intact(file, valid, total, last_seq)? } else { None };
+    Ok(Scan { valid, total, intact_after })
+}
+
+/// The offset of the first intact record (checksum right, decodable, sequence after
+/// `last_seq`) that starts after `bad`, if any. Candidates are pruned by their length and
+/// sequence fields before their checksum is computed, so the search is one pass over the
+/// bytes after the damage in practice.
+fn find_intact(file: &mut File, bad: u64, total: u64, last_seq: u64) -> Result<Option<u64>> {
+    use std::io::{Seek, SeekFrom};
+    file.seek(SeekFrom::Start(bad))?;
+    let mut rest = Vec::with_capacity((total - bad) as usize);
+    file.take(total - bad).read_to_end(&mut rest)?;
+    // Zeros (a file extended by a crash before its data reached the disk) are a torn tail.
+    if rest.iter().all(|&b| b == 0) {
+        return Ok(None);
+    }
+    for off in 1..rest.len().saturating_sub(8 + 13) + 1 {
+        let len = u32::from_le_bytes(rest[off..off + 4].try_into().expect("4 bytes")) as usize;
+        if len < 13 || off + 8 + len > rest.len() {
+            continue;
+        }
+        let payload = &rest[off + 8..off + 8 + len];
+        let seq = u64::from_le_bytes(payload[0..8].try_into().expect("8 bytes"));
+        if seq <= last_seq || seq - last_seq > 1 << 32 {
+            continue;
+        }
+        let crc = u32::from_le_bytes(rest[off + 4..off + 8].try_into().expect("4 bytes"));
+        if crc32fast::hash(payload) == crc && decode(payload).is_ok() {
+            return Ok(Some(bad + off as u64));
+        }
+    }
+    Ok(None)
+}
+
+fn truncate(file: &File, len: u64) -> Result<()> {
+    file.set_len(len)?;
+    file.sync_all()?;
+    Ok(())
+}
+
+/// What [`repair`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Repair {
+    /// Bytes of the log kept (every intact record before the first damaged one).
+    pub kept: u64,
+    /// Bytes cut off.
+    pub dropped: u64,
+    /// The copy of the whole log taken before cutting (None when nothing needed cutting).
+    pub backup: Option<PathBuf>,
+}
+
+/// Cuts the log at `path` at its first damaged record after copying it whole to
+/// `<path>.bak-<unix seconds>` (fsynced). The records after the damage are lost from the
+/// collection but stay in the backup. A log with no damage is left as it is.
+pub fn repair(path: &Path) -> Result<Repair> {
+    let mut file = OpenOptions::new().read(true).write(true).open(path)?;
+    let scan = scan(&mut file, |_| Ok(()))?;
+    if scan.valid == scan.total {
+        return Ok(Repair { kept: scan.valid, dropped: 0, backup: None });
+    }
+    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".bak-{stamp}"));
+    let backup = path.with_file_name(name);
+    std::fs::copy(path, &backup)?;
+    File::open(&backup)?.sync_all()?;
+    sync_dir(&backup)?;
+    truncate(&file, scan.valid)?;
+    Ok(Repair { kept: scan.valid, dropped: scan.total - scan.valid, backup: Some(backup) })
 }
 
 /// Writes a whole new log to `path` (through a temporary file, fsynced and renamed, so a
@@ -307,5 +419,52 @@ mod tests {
         bytes[last] ^= 0xff;
         std::fs::write(&path, &bytes).unwrap();
         assert_eq!(replay(&path), vec![a, b]);
+    }
+
+    /// Audit finding 6: one bad byte in the middle of a log silently cut every later write.
+    #[test]
+    fn damage_before_the_tail_refuses_to_open_and_repair_keeps_a_backup() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log.wal");
+        let records: Vec<Record> = (1..=20)
+            .map(|i| Record::Upsert { seq: i, docs: vec![doc(&format!("d{i}"), i)], vectors: vec![i as f32; 4] })
+            .collect();
+        {
+            let mut wal = Wal::open(&path, |_| Ok(())).unwrap();
+            for r in &records {
+                wal.append(r).unwrap();
+            }
+        }
+        let clean = std::fs::read(&path).unwrap();
+        let record_len = encode(&records[0]).len();
+        for at in [record_len * 3 + 20, record_len * 3 + 2, 40] {
+            let mut bytes = clean.clone();
+            bytes[at] ^= 0x5a;
+            std::fs::write(&path, &bytes).unwrap();
+            let err = Wal::open(&path, |_| Ok(())).err().expect("damage in the middle must refuse to open");
+            let msg = err.to_string();
+            assert!(msg.contains("ragway repair") && msg.contains("intact records follow"), "{msg}");
+            assert_eq!(std::fs::read(&path).unwrap(), bytes, "refusing to open changes nothing");
+        }
+        // Repair: a backup of the whole log, then the cut.
+        let damaged = std::fs::read(&path).unwrap();
+        let report = repair(&path).unwrap();
+        let backup = report.backup.clone().unwrap();
+        assert_eq!(std::fs::read(&backup).unwrap(), damaged);
+        assert_eq!(report.kept, 0);
+        assert_eq!(replay(&path), Vec::<Record>::new());
+        // Damage in record 4: records 1-3 are kept.
+        let mut bytes = clean.clone();
+        bytes[record_len * 3 + 20] ^= 0x5a;
+        std::fs::write(&path, &bytes).unwrap();
+        let report = repair(&path).unwrap();
+        assert_eq!((report.kept, report.dropped), ((record_len * 3) as u64, (clean.len() - record_len * 3) as u64));
+        assert_eq!(replay(&path), records[..3].to_vec());
+        assert_eq!(repair(&path).unwrap().backup, None, "an intact log needs no repair");
+        // A zero-filled tail (the file grew, its data never reached the disk) is torn, not damage.
+        let mut bytes = clean.clone();
+        bytes.extend(std::iter::repeat_n(0u8, 4096));
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(replay(&path), records);
     }
 }

@@ -10,7 +10,7 @@
 //! release is rolled back; `latest` always means the highest version.
 
 use crate::error::{PromptError, Result};
-use crate::template::{check_name, Example, FewShotMode, Rendered, Template};
+use crate::template::{check_name, Example, FewShotMode, Rendered, Template, MAX_SOURCE_BYTES};
 use serde::Serialize;
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
@@ -132,6 +132,8 @@ pub struct Arm {
 pub struct Registry {
     store: Option<PathBuf>,
     inner: RwLock<Inner>,
+    /// Stored files that could not be loaded, with the reason.
+    skipped: std::sync::Mutex<Vec<String>>,
 }
 
 fn io_err(path: &Path, e: impl std::fmt::Display) -> PromptError {
@@ -192,7 +194,7 @@ fn read_examples(path: &Path) -> Result<Vec<Example>> {
 impl Registry {
     /// Loads the built-in templates, then `dirs` (read-only), then the store (writable).
     pub fn open(dirs: &[PathBuf], store: Option<PathBuf>) -> Result<Registry> {
-        let reg = Registry { store: store.clone(), inner: RwLock::new(Inner::default()) };
+        let reg = Registry { store: store.clone(), inner: RwLock::new(Inner::default()), skipped: Default::default() };
         {
             let mut inner = reg.inner.write().expect("registry lock");
             // Example sets first: templates are checked against them.
@@ -233,19 +235,36 @@ impl Registry {
                 let mut names: Vec<PathBuf> =
                     fs::read_dir(store).map_err(|e| io_err(store, e))?.flatten().map(|e| e.path()).collect();
                 names.sort();
+                // The store is written by the API: one file it cannot read (damaged on disk,
+                // or written by a version with other rules) is reported and skipped, so that it
+                // can never keep the server from starting.
                 for dir in names.into_iter().filter(|p| p.is_dir() && p.extension().is_none_or(|e| e != "deleted")) {
                     let mut files = Vec::new();
-                    prompt_files(&dir, &mut files)?;
+                    if let Err(e) = prompt_files(&dir, &mut files) {
+                        reg.skip(&dir, &e);
+                        continue;
+                    }
                     for p in files {
-                        let text = fs::read_to_string(&p).map_err(|e| io_err(&p, e))?;
-                        let t = Template::parse(&text).map_err(|e| PromptError::Io(format!("{}: {e}", p.display())))?;
-                        Self::insert_loaded(&mut inner, t, Origin::Store)?;
+                        let loaded = fs::read_to_string(&p)
+                            .map_err(|e| io_err(&p, e))
+                            .and_then(|text| Template::parse(&text))
+                            .and_then(|t| Self::insert_loaded(&mut inner, t, Origin::Store));
+                        if let Err(e) = loaded {
+                            reg.skip(&p, &e);
+                        }
                     }
                     let labels = dir.join("labels.json");
                     if labels.is_file() {
-                        let text = fs::read_to_string(&labels).map_err(|e| io_err(&labels, e))?;
-                        let moved: BTreeMap<String, Option<u32>> =
-                            serde_json::from_str(&text).map_err(|e| io_err(&labels, e))?;
+                        let moved: BTreeMap<String, Option<u32>> = match fs::read_to_string(&labels)
+                            .map_err(|e| io_err(&labels, e))
+                            .and_then(|text| serde_json::from_str(&text).map_err(|e| io_err(&labels, e)))
+                        {
+                            Ok(m) => m,
+                            Err(e) => {
+                                reg.skip(&labels, &e);
+                                continue;
+                            }
+                        };
                         let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default();
                         if let Some(entry) = inner.templates.get_mut(name) {
                             for (label, v) in moved {
@@ -400,6 +419,16 @@ impl Registry {
         self.resolve_target(name, Some(&arms[i].target))
     }
 
+    fn skip(&self, path: &Path, e: &PromptError) {
+        tracing::error!(file = %path.display(), error = %e, "skipping a stored prompt file that cannot be loaded");
+        self.skipped.lock().unwrap_or_else(|e| e.into_inner()).push(format!("{}: {e}", path.display()));
+    }
+
+    /// Stored files skipped at start-up, each with its reason.
+    pub fn skipped(&self) -> Vec<String> {
+        self.skipped.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     fn store_dir(&self, name: &str) -> Result<PathBuf> {
         let store = self
             .store
@@ -437,7 +466,24 @@ impl Registry {
             )));
         }
         let labels = std::mem::take(&mut t.header.labels);
-        write_durably(&dir.join(format!("{v}.prompt")), t.to_source().as_bytes())?;
+        // What is stored must load again, whole: the size limit applies to the stored file,
+        // and the file must parse back to this very template (a header value holding a
+        // `+++` line, say, would end the header early on the next start).
+        let source = t.to_source();
+        if source.len() > MAX_SOURCE_BYTES {
+            return Err(PromptError::invalid(
+                "template",
+                format!("the template's file would be {} bytes, over the limit of {MAX_SOURCE_BYTES}", source.len()),
+            ));
+        }
+        match Template::parse(&source) {
+            Ok(back) if back.header == t.header && back.body == t.body => {}
+            Ok(_) => {
+                return Err(PromptError::invalid("template", "the template does not read back as written (a header value that looks like template syntax?)"))
+            }
+            Err(e) => return Err(PromptError::invalid("template", format!("the template does not read back as written: {e}"))),
+        }
+        write_durably(&dir.join(format!("{v}.prompt")), source.as_bytes())?;
         let name = t.name().to_string();
         let version = Arc::new(Version { template: t, origin: Origin::Store });
         let entry = inner.templates.entry(name.clone()).or_default();

@@ -504,7 +504,17 @@ impl Template {
                 continue;
             }
             let tmpl = env.template_from_str(&s.source).map_err(|e| PromptError::invalid("template", e.to_string()))?;
-            let out = tmpl.render(&ctx).map_err(|e| {
+            // Rendered into a writer that refuses bytes past what is left of the budget: a
+            // loop producing gigabytes stops at the cap instead of after building them.
+            let mut out = Capped { buf: Vec::new(), room: MAX_OUTPUT_BYTES.saturating_sub(total), overflow: false };
+            let rendered = tmpl.render_captured_to(&ctx, &mut out).map(drop);
+            if out.overflow {
+                return Err(PromptError::invalid(
+                    "variables",
+                    format!("the rendered prompt is larger than {MAX_OUTPUT_BYTES} bytes"),
+                ));
+            }
+            rendered.map_err(|e| {
                 let line = e.line().map(|l| l + s.first_line - 1).unwrap_or(s.first_line);
                 let detail = match e.kind() {
                     minijinja::ErrorKind::OutOfFuel => {
@@ -514,13 +524,8 @@ impl Template {
                 };
                 PromptError::at_line("variables", line, format!("rendering {}@{} failed at line {line}: {detail}", h.name, self.version()))
             })?;
+            let out = String::from_utf8(out.buf).map_err(|_| PromptError::invalid("variables", "the rendered prompt is not UTF-8"))?;
             total += out.len();
-            if total > MAX_OUTPUT_BYTES {
-                return Err(PromptError::invalid(
-                    "variables",
-                    format!("the rendered prompt is larger than {MAX_OUTPUT_BYTES} bytes"),
-                ));
-            }
             messages.push((s.role, out.trim().to_string()));
         }
         Ok(match h.kind {
@@ -533,6 +538,28 @@ impl Template {
                     .collect(),
             },
         })
+    }
+}
+
+/// A render's output with a byte budget: writes past it fail (and abort the render).
+struct Capped {
+    buf: Vec<u8>,
+    room: usize,
+    overflow: bool,
+}
+
+impl std::io::Write for Capped {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if self.buf.len().saturating_add(data.len()) > self.room {
+            self.overflow = true;
+            return Err(std::io::Error::other("the rendered prompt is over its size limit"));
+        }
+        self.buf.extend_from_slice(data);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 

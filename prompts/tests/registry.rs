@@ -291,3 +291,61 @@ fn seeded_split_matches_its_weights() {
     assert_eq!(r.number(), 2);
     assert!(reg.choose("greet", &[Arm { target: "production".into(), weight: -1.0 }], 0.5).is_err());
 }
+
+/// Audit finding 4: a version whose header held a `+++` line (or whose whole file exceeded
+/// the size checked at creation) was accepted, then stopped the server from ever starting.
+#[test]
+fn stored_versions_round_trip_and_a_bad_stored_file_never_stops_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("prompts");
+    let reg = Registry::open(&[], Some(store.clone())).unwrap();
+    // A description whose TOML form puts a `+++` line inside the header.
+    let mut t = Template::parse(V1).unwrap();
+    let mut header = t.header.clone();
+    header.description = "first line\n+++\nthird line".into();
+    t = Template::from_parts(header, "Hello {{ who }}!".into()).unwrap();
+    let err = reg.create(t).unwrap_err();
+    assert!(matches!(&err, PromptError::Invalid { param, .. } if param == "template"), "{err:?}");
+    // A body under the limit whose header pushes the whole file over it.
+    let mut header = Template::parse(V1).unwrap().header;
+    header.description = "d".repeat(100 * 1024);
+    let body = format!("Hello {{{{ who }}}}!{}", " ".repeat(60 * 1024));
+    let err = reg.create(Template::from_parts(header, body).unwrap()).unwrap_err();
+    assert!(err.to_string().contains("over the limit"), "{err}");
+    // Nothing of either reached the store, and a good version still does.
+    reg.create(Template::parse(V1).unwrap()).unwrap();
+    drop(reg);
+    // A stored file damaged on disk (or written by anything else) is reported and skipped.
+    std::fs::write(store.join("greet").join("7.prompt"), "+++\nname = \"greet\"\n+++\n+++\nbroken").unwrap();
+    std::fs::create_dir_all(store.join("other")).unwrap();
+    std::fs::write(store.join("other").join("1.prompt"), [0xff, 0xfe, 0x00]).unwrap();
+    std::fs::write(store.join("other").join("labels.json"), "{not json").unwrap();
+    let reg = Registry::open(&[], Some(store)).expect("start-up survives bad stored files");
+    assert_eq!(text_of(&reg, "greet@1"), "Hello Ada!");
+    let skipped = reg.skipped();
+    assert_eq!(skipped.len(), 3, "{skipped:?}");
+    assert!(skipped.iter().any(|s| s.contains("7.prompt")), "{skipped:?}");
+}
+
+/// Peak resident memory of this process (VmHWM), in bytes.
+fn peak_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kb: u64 = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
+    kb * 1024
+}
+
+/// Audit finding 12: the output cap was checked after rendering, so a loop over a large
+/// variable built hundreds of megabytes before being refused. It is now a capped writer.
+#[test]
+fn a_render_stops_at_the_output_cap_instead_of_building_the_whole_output() {
+    let source = "+++\nname = \"loop\"\nkind = \"text\"\n[variables.chunk]\ntype = \"string\"\n+++\n\
+                  {% for i in range(4000) %}{{ chunk }}{% endfor %}";
+    let t = Template::parse(source).unwrap();
+    // 4,000 x 100 KB = 400 MB if built whole.
+    let chunk = "x".repeat(100 * 1024);
+    let before = peak_rss();
+    let err = t.render(&vars(json!({ "chunk": chunk })), &[]).unwrap_err();
+    let grown = peak_rss().saturating_sub(before);
+    assert!(err.to_string().contains("larger than"), "{err}");
+    assert!(grown < 64 << 20, "rendering grew the peak memory by {} MB", grown >> 20);
+}

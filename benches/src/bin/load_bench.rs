@@ -150,7 +150,7 @@ fn start_server(models: &std::path::Path, data: &std::path::Path) -> anyhow::Res
         .arg(models)
         .arg("--data-dir")
         .arg(data)
-        .env("RUST_LOG", "warn,ragway_gateway::server=info")
+        .env("RUST_LOG", "warn,ragway_gateway::http::server=info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()?;

@@ -344,8 +344,11 @@ impl GenerateHandle {
         req.sampling.validate(s.vocab)?;
         let prompt_len = req.prompt.len();
         let limit = s.context_length.min(s.kv_budget_tokens / req.n);
-        let max_tokens = req.max_tokens.unwrap_or(limit.saturating_sub(prompt_len));
-        if prompt_len + max_tokens > limit || max_tokens == 0 {
+        // What the context leaves after the prompt; compared, never added to, so a
+        // `max_tokens` near usize::MAX cannot wrap the check.
+        let room = limit.saturating_sub(prompt_len);
+        let max_tokens = req.max_tokens.unwrap_or(room);
+        if max_tokens > room || max_tokens == 0 {
             return Err(EngineError::ContextLengthExceeded {
                 prompt_tokens: prompt_len,
                 max_tokens: max_tokens.max(1),
@@ -728,7 +731,9 @@ impl Scheduler {
                 finish = Some(FinishReason::Stop);
             }
         }
-        if finish.is_none() && s.generated() >= s.max_new {
+        // The context bounds every sequence whatever `max_new` says: one that reached it ends
+        // here instead of failing the next forward pass (and the batch with it).
+        if finish.is_none() && (s.generated() >= s.max_new || s.tokens.len() >= self.shared.context_length) {
             finish = Some(FinishReason::Length);
         }
         let _ = s.tx.send(GenEvent::Token { index: s.index, token: id, text, logprob });

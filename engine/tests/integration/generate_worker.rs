@@ -189,6 +189,37 @@ fn prompt_plus_max_tokens_beyond_context_is_refused() {
     assert!(matches!(h.submit(GenerationRequest::new(p, 4, bad)), Err(EngineError::InvalidRequest { .. })));
 }
 
+/// Audit finding 5: `max_tokens` near 2^64 wrapped `prompt + max_tokens`, passed the check,
+/// and the sequence outgrew the context, failing every sequence in the batch with it.
+#[test]
+fn max_tokens_near_usize_max_is_refused_and_fails_no_other_sequence() {
+    let h = worker();
+    let p = prompt(h, "Hello there");
+    // A healthy sequence decoding while the hostile ones arrive.
+    let mut healthy = h.submit(GenerationRequest::new(p.clone(), 24, SamplingParams::greedy())).expect("submit");
+    for huge in [usize::MAX, usize::MAX - 1, usize::MAX - p.len() + 1, usize::MAX / 2 + 1] {
+        match h.submit(GenerationRequest::new(p.clone(), huge, SamplingParams::greedy())) {
+            Err(EngineError::ContextLengthExceeded { prompt_tokens, context, .. }) => {
+                assert_eq!((prompt_tokens, context), (p.len(), 8192));
+            }
+            other => panic!("max_tokens {huge}: expected ContextLengthExceeded, got {:?}", other.map(|_| ())),
+        }
+    }
+    let mut finish = None;
+    while let Some(ev) = healthy.blocking_next() {
+        match ev {
+            GenEvent::Done { finish_reason, completion_tokens, .. } => {
+                assert_eq!(completion_tokens, 24);
+                finish = Some(finish_reason);
+                break;
+            }
+            GenEvent::Error { message } => panic!("the healthy sequence failed: {message}"),
+            _ => {}
+        }
+    }
+    assert_eq!(finish, Some(FinishReason::Length));
+}
+
 #[test]
 fn dropping_the_stream_cancels_and_frees_the_cache() {
     let h = GenerateWorker::spawn(config()).unwrap();

@@ -167,8 +167,9 @@ tokens_per_minute = 20
     assert_eq!(body["errors"][0]["extensions"]["code"], "insufficient_scope", "{body}");
     assert_eq!(body["errors"][0]["extensions"]["status"], 403);
 
-    // The metrics saw all of it.
-    let (status, text) = anon.get("/metrics");
+    // The metrics saw all of it (they need a key once keys are configured).
+    assert_eq!(anon.get("/metrics").0, 401);
+    let (status, text) = admin.get("/metrics");
     assert_eq!(status, 200);
     let text = text.as_str().unwrap().to_string();
     let ok_models = metric(&text, "ragway_http_requests_total{route=\"/v1/models\",method=\"GET\",status=\"200\"}").unwrap();
@@ -213,8 +214,16 @@ fn keys_file_with_slow_key() -> String {
 fn closed_probes_and_refusing_to_listen_beyond_loopback_without_keys() {
     let s = Server::start(&["--api-key", "sk-one", "--open-probes", "false"]);
     let anon = Call { s: &s, key: None };
-    assert_eq!(anon.get("/metrics").0, 401);
+    for path in ["/health", "/ready", "/metrics", "/openapi.json"] {
+        assert_eq!(anon.get(path).0, 401, "{path}");
+    }
     assert_eq!(Call { s: &s, key: Some("sk-one") }.get("/metrics").0, 200);
+    assert_eq!(Call { s: &s, key: Some("sk-one") }.get("/health").0, 200);
+    drop(s);
+    // A scraper on a private network: --open-metrics.
+    let s = Server::start(&["--api-key", "sk-one", "--open-metrics", "true"]);
+    assert_eq!(Call { s: &s, key: None }.get("/metrics").0, 200);
+    assert_eq!(Call { s: &s, key: None }.get("/openapi.json").0, 401);
     drop(s);
 
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_ragway"))

@@ -65,7 +65,8 @@ fn metric(s: &Server, line_prefix: &str) -> Option<f64> {
 
 #[test]
 fn local_versions_ab_canary_rollback_and_shadow() {
-    let s = Server::start(&[]);
+    // Upstreams registered over the API may only reach hosts the operator allows.
+    let s = Server::start(&["--upstream-hosts", "127.0.0.1"]);
     s.wait_ready();
     // Versions registered and loaded at run time, no restart.
     for v in ["a", "b"] {

@@ -153,9 +153,16 @@ fn graphiql_queries_mutations_errors_and_limits() {
     assert_eq!(first_error(&v)["extensions"]["code"], "model_not_found");
 
     // Depth and complexity limits.
-    let deep = "{ __schema { types { fields { type { ofType { ofType { ofType { ofType { ofType { ofType { ofType { ofType { ofType { ofType { name } } } } } } } } } } } } } } }";
+    // Ordinary queries keep the depth limit (introspection has its own, larger one).
+    let deep = "{ collections { a { b { c { d { e { f { g { h { i { j { k { l { m } } } } } } } } } } } } } }";
     let v = gql(s, deep, json!({}));
     assert!(first_error(&v)["message"].as_str().unwrap().to_lowercase().contains("too deep"), "{v}");
+    let mut intro = String::from("name");
+    for _ in 0..30 {
+        intro = format!("ofType {{ {intro} }}");
+    }
+    let v = gql(s, &format!("{{ __schema {{ types {{ {intro} }} }} }}"), json!({}));
+    assert!(first_error(&v)["message"].as_str().unwrap().contains("introspection query is nested too deep"), "{v}");
     let wide = "{ search(collection: \"gqlkb\", query: \"x\", topK: 1000) { chunkId documentId text score metadata } }";
     let v = gql(s, wide, json!({}));
     assert!(first_error(&v)["message"].as_str().unwrap().to_lowercase().contains("complex"), "{v}");

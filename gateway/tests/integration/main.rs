@@ -1,6 +1,7 @@
 //! Gateway tests against the real `ragway` binary and real weights (one test binary, one
 //! module per area).
 
+mod audit;
 mod auth;
 mod collections;
 mod common;

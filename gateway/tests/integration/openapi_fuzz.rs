@@ -83,3 +83,125 @@ fn every_operation_refuses_bad_bodies_with_4xx_in_shape() {
     assert!(calls > 100, "{calls} calls");
     assert_eq!(s.get("/health").0, 200);
 }
+
+/// The scope each documented operation needs (the service layer's `Operation` table, as the
+/// API promises it). An operation missing here fails the test: a new route must be placed.
+const SCOPES: &[(&str, &str, &str)] = &[
+    ("get", "/v1/models", "read"),
+    ("get", "/v1/models/{id}", "read"),
+    ("post", "/v1/chat/completions", "read"),
+    ("post", "/v1/completions", "read"),
+    ("post", "/v1/embeddings", "read"),
+    ("post", "/tokenize", "read"),
+    ("post", "/detokenize", "read"),
+    ("post", "/v1/rag", "read"),
+    ("get", "/v1/collections", "read"),
+    ("post", "/v1/collections", "admin"),
+    ("get", "/v1/collections/{name}", "read"),
+    ("delete", "/v1/collections/{name}", "admin"),
+    ("post", "/v1/collections/{name}/documents", "write"),
+    ("get", "/v1/collections/{name}/documents/{id}", "read"),
+    ("delete", "/v1/collections/{name}/documents/{id}", "write"),
+    ("post", "/v1/collections/{name}/documents/delete", "write"),
+    ("post", "/v1/collections/{name}/search", "read"),
+    ("post", "/v1/collections/{name}/ingest", "write"),
+    ("post", "/v1/collections/{name}/snapshot", "admin"),
+    ("post", "/v1/collections/{name}/restore", "admin"),
+    ("post", "/v1/collections/{name}/compact", "admin"),
+    ("get", "/v1/collections/{name}/drift", "read"),
+    ("put", "/v1/collections/{name}/drift/reference", "admin"),
+    ("delete", "/v1/collections/{name}/drift/reference", "admin"),
+    ("get", "/v1/jobs", "read"),
+    ("get", "/v1/jobs/{id}", "read"),
+    ("get", "/v1/prompts", "read"),
+    ("post", "/v1/prompts", "write"),
+    ("get", "/v1/prompts/{name}", "read"),
+    ("delete", "/v1/prompts/{name}", "write"),
+    ("post", "/v1/prompts/{name}/versions", "write"),
+    ("put", "/v1/prompts/{name}/labels/{label}", "write"),
+    ("delete", "/v1/prompts/{name}/labels/{label}", "write"),
+    ("post", "/v1/prompts/{name}/render", "read"),
+    ("post", "/v1/evals", "write"),
+    ("get", "/v1/evals", "read"),
+    ("get", "/v1/evals/{id}", "read"),
+    ("get", "/v1/evals/{id}/report", "read"),
+    ("get", "/v1/admin/models", "admin"),
+    ("post", "/v1/admin/models", "admin"),
+    ("get", "/v1/admin/models/{name}", "admin"),
+    ("put", "/v1/admin/models/{name}/routing", "admin"),
+    ("delete", "/v1/admin/models/{name}/versions/{version}", "admin"),
+    ("get", "/metrics", "read"),
+    ("get", "/openapi.json", "read"),
+    ("get", "/health", "open"),
+    ("get", "/ready", "open"),
+];
+
+#[test]
+fn every_operation_answers_only_the_scopes_it_allows() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys.toml");
+    std::fs::write(
+        &keys,
+        "[[keys]]\nkey = \"sk-r\"\nscopes = [\"read\"]\n[[keys]]\nkey = \"sk-w\"\nscopes = [\"write\"]\n\
+         [[keys]]\nkey = \"sk-a\"\nscopes = [\"admin\"]\n",
+    )
+    .unwrap();
+    let s = Server::start(&["--api-keys-file", keys.to_str().unwrap()]);
+    s.wait_ready();
+    let send = |method: &str, url: &str, key: Option<&str>, body: Option<&Value>| -> (u16, String) {
+        let m = reqwest::Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+        let mut r = client().request(m, url);
+        if let Some(k) = key {
+            r = r.bearer_auth(k);
+        }
+        if let Some(b) = body {
+            r = r.header("content-type", "application/json").body(b.to_string());
+        }
+        let resp = r.send().unwrap_or_else(|e| panic!("{method} {url}: {e}"));
+        (resp.status().as_u16(), resp.text().unwrap_or_default())
+    };
+    assert_eq!(send("post", &format!("{}/v1/collections", s.url), Some("sk-a"), Some(&json!({"name": "fuzz"}))).0, 201);
+    let (st, text) = send("get", &format!("{}/openapi.json", s.url), Some("sk-r"), None);
+    assert_eq!(st, 200);
+    let doc: Value = serde_json::from_str(&text).unwrap();
+    let mut ops: Vec<(String, String, Value)> = doc["paths"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .flat_map(|(p, item)| item.as_object().unwrap().iter().map(move |(m, op)| (p.clone(), m.clone(), op.clone())))
+        .collect();
+    ops.sort_by_key(|(_, m, _)| m == "delete");
+    let rank = |scope: &str| ["open", "read", "write", "admin"].iter().position(|s| *s == scope).unwrap();
+    let keys = [(None, "open"), (Some("sk-r"), "read"), (Some("sk-w"), "write"), (Some("sk-a"), "admin")];
+    let mut checked = 0;
+    for (path, method, op) in ops {
+        let needed = SCOPES
+            .iter()
+            .find(|(m, p, _)| *m == method && *p == path)
+            .unwrap_or_else(|| panic!("{method} {path} is not in SCOPES: decide which scope it needs"))
+            .2;
+        let url = format!(
+            "{}{}",
+            s.url,
+            path.replace("{name}", "fuzz").replace("{id}", "no-such-id").replace("{label}", "l").replace("{version}", "v")
+        );
+        let schema = op["requestBody"]["content"]["application/json"]["schema"].clone();
+        let cases = if schema.is_null() { vec![None] } else { bodies(&doc, &schema).into_iter().map(Some).collect() };
+        for (key, held) in keys {
+            for body in &cases {
+                let (status, text) = send(&method, &url, key, body.as_ref());
+                checked += 1;
+                assert!(status < 500, "{method} {path} as {held} → {status}: {text}");
+                if rank(held) < rank(needed) {
+                    // Refused before the body is looked at, whatever it holds.
+                    let want = if key.is_none() { 401 } else { 403 };
+                    assert_eq!(status, want, "{method} {path} as {held} with {body:?}: {text}");
+                } else {
+                    assert!(status != 401 && status != 403, "{method} {path} as {held} → {status}: {text}");
+                }
+            }
+        }
+    }
+    assert!(checked > 300, "{checked} calls");
+    assert_eq!(send("get", &format!("{}/health", s.url), None, None).0, 200);
+}

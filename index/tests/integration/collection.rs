@@ -294,3 +294,34 @@ fn long_documents_are_chunked_within_the_model_budget() {
     let from_offsets: String = chars[hit.char_start as usize..hit.char_end as usize].iter().collect();
     assert_eq!(from_offsets, hit.text);
 }
+
+/// Audit finding 7: a collection deleted during a crash came back, because the `.deleted-*`
+/// (and `.restoring-*`) directories a crash leaves were loaded as collections on open.
+#[test]
+fn a_delete_or_restore_interrupted_by_a_crash_does_not_come_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = ServiceOptions {
+        commit_interval: std::time::Duration::from_millis(100),
+        ingest_root: None,
+        snapshot_root: dir.path().join("snapshots"),
+        drift: Default::default(),
+    };
+    let service = IndexService::open(dir.path(), vec![embedder()], "all-MiniLM-L6-v2", options.clone()).unwrap();
+    for name in ["doomed", "half", "kept"] {
+        let c = service.create(CreateCollection { name: name.into(), ..Default::default() }).unwrap();
+        c.upsert(vec![doc("a", "Wild yeast makes bread rise.", json!({}))], true).unwrap();
+    }
+    drop(service);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // What a crash leaves: the delete's rename happened, its removal did not; a restore
+    // copied its files but was not renamed into place.
+    let collections = dir.path().join("collections");
+    std::fs::rename(collections.join("doomed"), collections.join(".deleted-doomed-4242")).unwrap();
+    std::fs::rename(collections.join("half"), collections.join(".restoring-half")).unwrap();
+    let service = IndexService::open(dir.path(), vec![embedder()], "all-MiniLM-L6-v2", options).unwrap();
+    let names: Vec<String> = service.list().iter().map(|c| c.name().to_string()).collect();
+    assert_eq!(names, vec!["kept"]);
+    let left: Vec<String> =
+        std::fs::read_dir(&collections).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(left, vec!["kept"], "the interrupted delete is finished and the half restore removed");
+}

@@ -1,0 +1,54 @@
+//! `GET /v1/models` and `GET /v1/models/{id}` in OpenAI's format.
+
+use crate::http::middleware::{op, Authorized};
+use crate::service::error::ServiceError;
+use crate::app::AppState;
+#[allow(unused_imports)]
+use crate::http::openapi::*;
+use actix_web::{get, web, HttpResponse};
+use serde::Serialize;
+
+#[derive(Serialize)]
+struct Model {
+    id: String,
+    object: &'static str,
+    created: u64,
+    owned_by: &'static str,
+}
+
+/// Every public name and every pinned `name@version` the registry serves.
+fn served(state: &AppState) -> Vec<Model> {
+    state
+        .registry
+        .served()
+        .into_iter()
+        .map(|(id, _, _)| Model { id, object: "model", created: state.started_unix, owned_by: "ragway" })
+        .collect()
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/models",
+    tag = "openai",
+    responses((status = 200, description = "OpenAI model list", body = Object), ApiErrors)
+)]
+#[get("/v1/models")]
+pub async fn list(_: Authorized<op::ListModels>, state: web::Data<AppState>) -> Result<HttpResponse, ServiceError> {
+    Ok(HttpResponse::Ok().json(serde_json::json!({"object": "list", "data": served(&state)})))
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/models/{id}",
+    tag = "openai",
+    params(("id" = String, Path, description = "document, job or model id")),
+    responses((status = 200, description = "OpenAI model", body = Object), ApiErrors)
+)]
+#[get("/v1/models/{id:.*}")]
+pub async fn get(_: Authorized<op::GetModel>, state: web::Data<AppState>, id: web::Path<String>) -> Result<HttpResponse, ServiceError> {
+    served(&state)
+        .into_iter()
+        .find(|m| m.id == id.as_str())
+        .map(|m| HttpResponse::Ok().json(m))
+        .ok_or_else(|| ServiceError::model_not_found(&id))
+}
