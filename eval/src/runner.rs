@@ -218,7 +218,7 @@ pub fn ensure_collection(index: &IndexService, corpus: &Path, progress: &Progres
         Err(e) => return Err(e.into()),
     };
     progress.set_phase(&format!("ingesting {} into {name}", corpus.display()));
-    let job = index.jobs().submit(collection, Source::from_path(corpus), IngestOptions::default(), None);
+    let job = index.jobs().submit(collection, Source::from_path(corpus), IngestOptions::default(), None)?;
     while matches!(job.state(), JobState::Queued | JobState::Running) {
         let v = job.view();
         progress.set_total(1000, (v.progress.fraction * 1000.0) as usize);

@@ -133,14 +133,26 @@ fn read_source(source: Source, job: &Job, batch: usize, tx: SyncSender<Vec<Item>
                     break;
                 }
                 buf.clear();
-                let n = reader.read_until(b'\n', &mut buf)?;
+                // One line is read into memory at most MAX_LINE_BYTES at a time; the rest of
+                // an over-long line is skipped, not buffered.
+                let n = (&mut reader).take(MAX_LINE_BYTES as u64 + 1).read_until(b'\n', &mut buf)?;
                 if n == 0 {
                     break;
                 }
                 line_no += 1;
-                progress.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
+                let mut consumed = n as u64;
+                let too_long = buf.len() > MAX_LINE_BYTES && buf.last() != Some(&b'\n');
+                if too_long {
+                    consumed += skip_line(&mut reader)?;
+                }
+                progress.bytes_read.fetch_add(consumed, Ordering::Relaxed);
                 let at = RecordError { line: Some(line_no), file: None, message: String::new() };
-                let item = match std::str::from_utf8(&buf) {
+                let decoded = if too_long { Err(()) } else { std::str::from_utf8(&buf).map_err(|_| ()) };
+                let item = match decoded {
+                    Err(()) if too_long => Item::Bad(RecordError {
+                        message: format!("line is longer than {MAX_LINE_BYTES} bytes"),
+                        ..at
+                    }),
                     Err(_) => Item::Bad(RecordError { message: "line is not valid UTF-8".into(), ..at }),
                     Ok(text) if text.trim().is_empty() => continue,
                     Ok(text) => match parse_line(text) {
@@ -167,7 +179,16 @@ fn read_source(source: Source, job: &Job, batch: usize, tx: SyncSender<Vec<Item>
                 let rel = path.strip_prefix(&root).unwrap_or(&path).to_string_lossy().replace('\\', "/");
                 let at = RecordError { line: None, file: Some(rel.clone()), message: String::new() };
                 let mut bytes = Vec::new();
-                std::fs::File::open(&path)?.read_to_end(&mut bytes)?;
+                let file = std::fs::File::open(&path)?;
+                if file.metadata()?.len() > MAX_LINE_BYTES as u64 {
+                    let item = Item::Bad(RecordError { message: format!("file is larger than {MAX_LINE_BYTES} bytes"), ..at });
+                    progress.documents_read.fetch_add(1, Ordering::Relaxed);
+                    if !send(item, &mut items) {
+                        return Ok(());
+                    }
+                    continue;
+                }
+                file.take(MAX_LINE_BYTES as u64).read_to_end(&mut bytes)?;
                 progress.bytes_read.fetch_add(bytes.len() as u64, Ordering::Relaxed);
                 progress.documents_read.fetch_add(1, Ordering::Relaxed);
                 let item = match String::from_utf8(bytes) {
@@ -195,12 +216,58 @@ fn read_source(source: Source, job: &Job, batch: usize, tx: SyncSender<Vec<Item>
     Ok(())
 }
 
+/// Largest JSONL line (one document) and largest text file ingested: 16 MiB.
+pub const MAX_LINE_BYTES: usize = 16 << 20;
+/// Deepest directory level and most files a directory source may hold.
+const MAX_DEPTH: usize = 32;
+const MAX_FILES: usize = 1_000_000;
+
+/// Reads past the rest of the current line; the bytes skipped.
+fn skip_line(reader: &mut impl BufRead) -> std::io::Result<u64> {
+    let mut skipped = 0u64;
+    loop {
+        let available = reader.fill_buf()?;
+        if available.is_empty() {
+            return Ok(skipped);
+        }
+        match available.iter().position(|&b| b == b'\n') {
+            Some(i) => {
+                reader.consume(i + 1);
+                return Ok(skipped + i as u64 + 1);
+            }
+            None => {
+                let n = available.len();
+                reader.consume(n);
+                skipped += n as u64;
+            }
+        }
+    }
+}
+
+/// The `.txt` and `.md` files under `dir`. Symbolic links are not followed (a link to a
+/// parent would loop, and one pointing out of the ingest root would escape it); depth and
+/// file count are bounded.
 fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    walk_at(dir, out, 0)
+}
+
+fn walk_at(dir: &Path, out: &mut Vec<PathBuf>, depth: usize) -> Result<()> {
+    if depth > MAX_DEPTH {
+        return Err(IndexError::invalid("path", format!("directories nest deeper than {MAX_DEPTH} levels")));
+    }
     for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
-        if path.is_dir() {
-            walk(&path, out)?;
-        } else if path.extension().is_some_and(|e| e == "txt" || e == "md") {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        let path = entry.path();
+        if kind.is_symlink() {
+            continue;
+        }
+        if kind.is_dir() {
+            walk_at(&path, out, depth + 1)?;
+        } else if kind.is_file() && path.extension().is_some_and(|e| e == "txt" || e == "md") {
+            if out.len() >= MAX_FILES {
+                return Err(IndexError::invalid("path", format!("more than {MAX_FILES} files to ingest")));
+            }
             out.push(path);
         }
     }

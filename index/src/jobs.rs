@@ -1,6 +1,7 @@
 //! Ingestion jobs: ids, state, progress (documents, chunks, rate, ETA), bad records and a
 //! final report. Jobs run one at a time, in submission order, on a runner thread.
 
+use crate::error::IndexError;
 use crate::collection::Collection;
 use crate::ingest::{run_ingest, IngestOptions, Source};
 use serde::Serialize;
@@ -12,6 +13,10 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 /// Bad records kept in a job's report (all of them are counted).
 pub const MAX_REPORTED_ERRORS: usize = 1000;
+/// Ingestion jobs queued or running at once; more are refused (429) until some finish.
+pub const MAX_PENDING_JOBS: usize = 16;
+/// Finished jobs kept for reading back.
+pub const MAX_KEPT_JOBS: usize = 1000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -198,14 +203,38 @@ pub struct JobRegistry {
 }
 
 impl JobRegistry {
-    /// Queues an ingestion of `source` into `collection`.
+    /// Queues an ingestion of `source` into `collection`. [`IndexError::Busy`] when
+    /// [`MAX_PENDING_JOBS`] are already queued or running (the upload, if any, is removed).
     pub fn submit(
         &self,
         collection: Arc<Collection>,
         source: Source,
         options: IngestOptions,
         cleanup: Option<PathBuf>,
-    ) -> Arc<Job> {
+    ) -> Result<Arc<Job>, IndexError> {
+        {
+            let mut jobs = self.jobs.lock().expect("jobs");
+            let pending = jobs.values().filter(|j| matches!(j.state(), JobState::Queued | JobState::Running)).count();
+            if pending >= MAX_PENDING_JOBS {
+                drop(jobs);
+                if let Some(p) = cleanup {
+                    let _ = std::fs::remove_file(p);
+                }
+                return Err(IndexError::Busy);
+            }
+            // Finished jobs are kept for reading back, the newest MAX_KEPT_JOBS of them.
+            let mut finished: Vec<(u64, String)> = jobs
+                .values()
+                .filter(|j| matches!(j.state(), JobState::Done | JobState::Failed))
+                .map(|j| (j.created_at, j.id.clone()))
+                .collect();
+            if finished.len() >= MAX_KEPT_JOBS {
+                finished.sort();
+                for (_, id) in finished.iter().take(finished.len() + 1 - MAX_KEPT_JOBS) {
+                    jobs.remove(id);
+                }
+            }
+        }
         let n = self.next.fetch_add(1, Ordering::Relaxed) + 1;
         let created_at = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         let job = Arc::new(Job {
@@ -237,7 +266,7 @@ impl JobRegistry {
         if let Err(mpsc::SendError(q)) = runner.lock().expect("runner").send(queued) {
             q.job.set_state(JobState::Failed, Some("the ingestion runner stopped".into()));
         }
-        job
+        Ok(job)
     }
 
     pub fn get(&self, id: &str) -> Option<Arc<Job>> {

@@ -225,7 +225,7 @@ fn ingest_corpus(dir: &Path, corpus: &Path, max_tokens: Option<usize>, embedder:
     let c = Arc::new(Collection::create(dir, settings, embedder.clone())?);
     let registry = JobRegistry::default();
     let t0 = Instant::now();
-    let job = registry.submit(c.clone(), Source::Jsonl(corpus.to_path_buf()), IngestOptions::default(), None);
+    let job = registry.submit(c.clone(), Source::Jsonl(corpus.to_path_buf()), IngestOptions::default(), None)?;
     let mut last = Instant::now();
     while matches!(job.state(), JobState::Queued | JobState::Running) {
         std::thread::sleep(std::time::Duration::from_millis(100));

@@ -384,7 +384,7 @@ pub async fn ingest(_: Authorized<op::Ingest>, state: web::Data<AppState>,
         (Source::Jsonl(file_path.clone()), Some(file_path))
     };
     let options = IngestOptions { on_error, ..Default::default() };
-    let job = index.jobs().submit(collection, source, options, cleanup);
+    let job = index.jobs().submit(collection, source, options, cleanup)?;
     Ok(HttpResponse::Accepted().json(json!({"job_id": job.id, "object": "ingest_job", "state": job.state()})))
 }
 
@@ -398,7 +398,7 @@ pub(crate) fn start_path_ingest(
     let index = index(state)?;
     let collection = index.get(collection)?;
     let source = Source::from_path(&index.ingest_path(path)?);
-    Ok(index.jobs().submit(collection, source, IngestOptions { on_error, ..Default::default() }, None))
+    Ok(index.jobs().submit(collection, source, IngestOptions { on_error, ..Default::default() }, None)?)
 }
 
 static UPLOADS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);

@@ -150,7 +150,7 @@ fn check_extra(extra: &Map<String, Value>) -> Result<(), ServiceError> {
 /// The local engine of the version `model` routes to (for the endpoints that need one in
 /// this process: RAG, GraphQL).
 pub(crate) fn generator(state: &AppState, model: &str) -> Result<GenerateHandle, ServiceError> {
-    state.registry.route(model, ModelKind::Generation, None, None, None)?.local_generator("model", "this")
+    state.registry.route(model, ModelKind::Generation, None, None, &|_| None)?.local_generator("model", "this")
 }
 
 /// Builds one engine request (without its prompt) from the shared fields.

@@ -78,7 +78,8 @@ pub fn parse_body<T: serde::de::DeserializeOwned>(raw: &Value) -> Result<T, Serv
 pub fn route(state: &AppState, http: &HttpRequest, endpoint: Endpoint, model: &str, raw: &Value) -> Result<Routed, ServiceError> {
     let user = raw.get("user").and_then(Value::as_str);
     let key = principal(http).filter(|_| state.keys.enabled());
-    state.registry.route(model, endpoint.kind(), user, key.as_ref().map(|p| p.name.as_str()), Some(http.headers()))
+    let header = |name: &str| http.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+    state.registry.route(model, endpoint.kind(), user, key.as_ref().map(|p| p.name.as_str()), &header)
 }
 
 /// Sends `raw` to an upstream pool as `model` (the upstream's name for it) and passes the

@@ -24,6 +24,16 @@ async fn unknown_route(req: HttpRequest) -> Result<actix_web::HttpResponse, Serv
 pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     std::fs::create_dir_all(&settings.data_dir)
         .map_err(|e| anyhow::anyhow!("cannot create data dir {}: {e}", settings.data_dir.display()))?;
+    // Uploads belong to ingestion jobs of a previous process, which died with it.
+    let uploads = settings.data_dir.join("uploads");
+    if let Ok(entries) = std::fs::read_dir(&uploads) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_file()) {
+                tracing::info!(file = %e.path().display(), "removing an upload left by a previous run");
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
     let embed_config = settings.embed_worker_config()?;
     let keys = KeyStore::load(&settings.api_keys, settings.api_keys_file.as_deref())?;
     if keys.enabled() {

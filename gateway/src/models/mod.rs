@@ -15,7 +15,6 @@ pub mod routing;
 pub mod upstream;
 
 use crate::service::error::ServiceError;
-use actix_web::http::header::HeaderMap;
 use ragway_engine::embed::worker::{EmbedHandle, EmbedWorker, EmbedWorkerConfig};
 use ragway_engine::generate::sampling::random_seed;
 use ragway_engine::generate::scheduler::Histogram;
@@ -473,14 +472,15 @@ impl ModelRegistry {
         Ok(())
     }
 
-    /// Picks the version serving a request for `requested` (`name` or `name@version`).
+    /// Picks the version serving a request for `requested` (`name` or `name@version`);
+    /// `header` reads one of the request's headers (the canary header), by name.
     pub fn route(
         &self,
         requested: &str,
         kind: ModelKind,
         user: Option<&str>,
         api_key: Option<&str>,
-        headers: Option<&HeaderMap>,
+        header: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Routed, ServiceError> {
         let entries = self.read();
         let (name, pinned) = match entries.get_key_value(requested) {
@@ -500,9 +500,10 @@ impl ModelRegistry {
                 },
             ));
         }
-        let canary_header = e.routing.canary_header().zip(headers).is_some_and(|((h, want), map)| {
-            map.get(h).and_then(|v| v.to_str().ok()).is_some_and(|got| want.is_none_or(|w| w == got.trim()))
-        });
+        let canary_header = e
+            .routing
+            .canary_header()
+            .is_some_and(|(h, want)| header(h).is_some_and(|got| want.is_none_or(|w| w == got.trim())));
         let caller = Caller { user, api_key, canary_header };
         let (version, role) = match pinned {
             Some(v) => (v.to_string(), Role::Primary),

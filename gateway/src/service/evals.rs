@@ -6,7 +6,7 @@
 
 use crate::service::error::ServiceError;
 use crate::app::AppState;
-use actix_web::http::StatusCode;
+use crate::service::error::StatusCode;
 use ragway_eval::backend::InProcess;
 use ragway_eval::retrieval::EmptyQueries;
 use ragway_eval::runner::{self, Kind, Progress, RunContext, RunSpec};
@@ -68,6 +68,9 @@ pub struct EvalRuns {
     runs: Mutex<BTreeMap<String, Arc<EvalRun>>>,
     next: AtomicU64,
 }
+
+/// Evaluation runs at once: each spends the engine for minutes beside live traffic.
+pub const MAX_RUNNING: usize = 2;
 
 fn valid_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
@@ -140,6 +143,16 @@ impl EvalRuns {
         });
         {
             let mut runs = self.runs.lock().expect("runs");
+            let running = runs.values().filter(|r| matches!(*r.status.lock().expect("status"), Status::Running)).count();
+            if running >= MAX_RUNNING {
+                return Err(ServiceError {
+                    status: StatusCode::TOO_MANY_REQUESTS,
+                    kind: "rate_limit_error",
+                    code: Some("too_many_eval_runs"),
+                    retry_after: Some(60),
+                    ..ServiceError::invalid("", format!("{running} evaluation runs are running (at most {MAX_RUNNING}); retry when one ends"))
+                });
+            }
             if runs.get(&id).is_some_and(|r| matches!(*r.status.lock().expect("status"), Status::Running)) {
                 let mut e = ServiceError::invalid("name", format!("run `{id}` is still running"));
                 e.status = StatusCode::CONFLICT;

@@ -320,7 +320,18 @@ fn twenty_sigkills_during_upserts_deletes_compaction_and_collection_deletes() {
     }
     let s = Server::start_in(&data, &[]);
     s.wait_ready();
-    check_mixed(&s, &acked.lock().unwrap());
+    let a = acked.lock().unwrap();
+    check_mixed(&s, &a);
+    assert!(a.present.len() >= 20, "too little was acknowledged to test anything: {}", a.present.len());
+    eprintln!(
+        "crash test: 20 kill -9 runs, all reopened; {} documents acknowledged and present, {} acknowledged deletes \
+         absent, {} deleted collections absent, {} collections present, 0 lost",
+        a.present.len(),
+        a.deleted.len(),
+        a.dropped.len(),
+        a.created.len()
+    );
+    drop(a);
     drop(s);
     let _ = std::fs::remove_dir_all(&data);
 }

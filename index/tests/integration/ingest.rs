@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 fn run(registry: &JobRegistry, c: &Arc<ragway_index::Collection>, source: Source, on_error: OnError) -> ragway_index::jobs::JobView {
-    let job = registry.submit(c.clone(), source, IngestOptions { on_error, embed_batch: 32, read_batch: 8 }, None);
+    let job = registry.submit(c.clone(), source, IngestOptions { on_error, embed_batch: 32, read_batch: 8 }, None).unwrap();
     let deadline = Instant::now() + Duration::from_secs(300);
     while matches!(job.state(), JobState::Queued | JobState::Running) {
         assert!(Instant::now() < deadline, "job did not finish");
@@ -91,4 +91,55 @@ fn beir_corpus_and_directories() {
     assert_eq!(view.errors[0].file.as_deref(), Some("bad.txt"));
     assert_eq!(d.get("a.md").unwrap().title.as_deref(), Some("Heading A"));
     assert_eq!(d.get("sub/b.txt").unwrap().metadata["path"], "sub/b.txt");
+}
+
+/// Low findings: JSONL lines were read whole whatever their length, directory ingestion
+/// followed symbolic links (a link to a parent looped forever), and the job queue had no cap.
+#[test]
+fn long_lines_symlink_loops_and_the_job_queue_are_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Arc::new(create(&dir.path().join("c"), settings("bounded")));
+    let path = dir.path().join("long.jsonl");
+    let mut f = std::fs::File::create(&path).unwrap();
+    writeln!(f, r#"{{"id": "a", "text": "short one"}}"#).unwrap();
+    let huge = "x".repeat(ragway_index::ingest::MAX_LINE_BYTES + 10);
+    writeln!(f, r#"{{"id": "b", "text": "{huge}"}}"#).unwrap();
+    writeln!(f, r#"{{"id": "c", "text": "after the long line"}}"#).unwrap();
+    drop(f);
+    let registry = JobRegistry::default();
+    let view = run(&registry, &c, Source::Jsonl(path), OnError::Skip);
+    assert_eq!(view.state, JobState::Done, "{view:?}");
+    assert_eq!(view.progress.documents_written, 2);
+    assert_eq!(view.errors.len(), 1);
+    assert_eq!(view.errors[0].line, Some(2));
+    assert!(view.errors[0].message.contains("longer than"), "{:?}", view.errors);
+
+    // A directory holding a link to itself and one leading out of it.
+    let docs = dir.path().join("docs");
+    std::fs::create_dir_all(docs.join("sub")).unwrap();
+    std::fs::write(docs.join("sub").join("one.txt"), "The first text file.").unwrap();
+    std::os::unix::fs::symlink(&docs, docs.join("sub").join("loop")).unwrap();
+    std::fs::write(dir.path().join("outside.txt"), "Outside the ingested directory.").unwrap();
+    std::os::unix::fs::symlink(dir.path().join("outside.txt"), docs.join("escape.txt")).unwrap();
+    let view = run(&registry, &c, Source::Directory(docs), OnError::Skip);
+    assert_eq!(view.state, JobState::Done, "{view:?}");
+    assert_eq!(view.progress.documents_written, 1, "{view:?}");
+
+    // The queue: more pending jobs than the cap are refused at once.
+    let slow = dir.path().join("slow.jsonl");
+    let mut f = std::fs::File::create(&slow).unwrap();
+    for i in 0..400 {
+        writeln!(f, "{}", serde_json::json!({"id": format!("s{i}"), "text": format!("Sentence number {i} about nothing in particular.")})).unwrap();
+    }
+    drop(f);
+    let registry = JobRegistry::default();
+    let mut refused = 0;
+    for _ in 0..ragway_index::jobs::MAX_PENDING_JOBS + 4 {
+        match registry.submit(c.clone(), Source::Jsonl(slow.clone()), IngestOptions::default(), None) {
+            Ok(_) => {}
+            Err(ragway_index::IndexError::Busy) => refused += 1,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(refused >= 4, "{refused} refused");
 }
