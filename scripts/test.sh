@@ -30,14 +30,16 @@ if [ -z "${RAGWAY_LLAMA_SERVER_PYTHON:-}" ] && "$cache/refenv/bin/python" -c "im
 fi
 
 # The deployment checks validate docker-compose.yml and the Prometheus files offline with
-# Debian's docker-compose and prometheus (promtool) packages.
-if ! command -v docker-compose >/dev/null || ! command -v promtool >/dev/null; then
-  echo "[test] installing docker-compose and promtool (Debian packages) for the deployment checks" >&2
+# Debian's docker-compose and prometheus (promtool) packages; the GraphiQL page is tested in
+# Debian's headless chromium.
+if ! command -v docker-compose >/dev/null || ! command -v promtool >/dev/null || ! command -v chromium >/dev/null; then
+  echo "[test] installing docker-compose, promtool and chromium (Debian packages) for the deployment and browser checks" >&2
   sudo=""
   [ "$(id -u)" = 0 ] || sudo="sudo"
   export DEBIAN_FRONTEND=noninteractive
-  $sudo apt-get install -y -qq --no-install-recommends docker-compose prometheus >/dev/null 2>&1 ||
-    { $sudo apt-get update -qq && $sudo apt-get install -y -qq --no-install-recommends docker-compose prometheus >/dev/null; }
+  pkgs="docker-compose prometheus chromium"
+  $sudo apt-get install -y -qq --no-install-recommends $pkgs >/dev/null 2>&1 ||
+    { $sudo apt-get update -qq && $sudo apt-get install -y -qq --no-install-recommends $pkgs >/dev/null; }
 fi
 
 # Run once, keep the log, and close with one summary line over every test binary.

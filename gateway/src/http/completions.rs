@@ -469,10 +469,7 @@ pub(crate) fn usage(choices: &[Choice], n: usize, caller: Option<&Principal>) ->
     // Each prompt counts once, however many sequences it has.
     let prompt: usize = choices.iter().step_by(n.max(1)).map(|c| c.prompt_tokens).sum();
     let completion: usize = choices.iter().map(|c| c.completion_tokens).sum();
-    if let Some(p) = caller {
-        p.charge_tokens(prompt + completion);
-    }
-    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+    crate::service::usage::Usage::charged(prompt, completion, caller).json()
 }
 
 pub(crate) fn now() -> u64 {
@@ -601,9 +598,7 @@ pub(crate) fn sse_body(
                         out.extend_from_slice(&sse(&chunk(c, include_usage)));
                         st.done += 1;
                         if st.done == choices {
-                            if let Some(p) = &caller {
-                                p.charge_tokens(prompt_total + st.completion_tokens);
-                            }
+                            let usage = crate::service::usage::Usage::charged(prompt_total, st.completion_tokens, caller.as_deref());
                             if let Some(tail) = st.tail.take() {
                                 let extra = tail(std::mem::take(&mut st.text)).await;
                                 let mut last = chunk(Value::Null, include_usage);
@@ -614,8 +609,7 @@ pub(crate) fn sse_body(
                             if include_usage {
                                 let mut last = chunk(Value::Null, false);
                                 last["choices"] = json!([]);
-                                last["usage"] = json!({"prompt_tokens": prompt_total, "completion_tokens": st.completion_tokens,
-                                    "total_tokens": prompt_total + st.completion_tokens});
+                                last["usage"] = usage.json();
                                 out.extend_from_slice(&sse(&last));
                             }
                             out.extend_from_slice(b"data: [DONE]\n\n");
@@ -801,7 +795,7 @@ async fn chat_rag(
     let include_usage = req.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
     if let Some(dk) = prepared.dont_know.clone() {
         let ans = r::finish(&state, pipe, prepared, dk.clone()).await?;
-        let usage = json!({"prompt_tokens": cp, "completion_tokens": cc, "total_tokens": cp + cc});
+        let usage = crate::service::usage::Usage::uncharged(cp, cc).json();
         if !stream {
             return Ok(HttpResponse::Ok().json(json!({
                 "id": id, "object": "chat.completion", "created": now(), "model": model, "system_fingerprint": null,

@@ -263,10 +263,7 @@ pub(crate) async fn finish(state: &AppState, pipe: Pipeline, prepared: Prepared,
 }
 
 pub(crate) fn usage_json(prompt: usize, completion: usize, caller: Option<&Principal>) -> Value {
-    if let Some(p) = caller {
-        p.charge_tokens(prompt + completion);
-    }
-    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+    crate::service::usage::Usage::charged(prompt, completion, caller).json()
 }
 
 /// Parses `/v1/rag`'s body; `model` defaults to the generation model.

@@ -6,3 +6,4 @@ pub mod auth;
 pub mod error;
 pub mod evals;
 pub mod limits;
+pub mod usage;

@@ -12,6 +12,7 @@ mod completions;
 mod embeddings;
 mod eval;
 mod fleet;
+mod graphiql_browser;
 mod graphql;
 mod openai_client;
 mod openapi_fuzz;

@@ -224,12 +224,7 @@ fn compaction_rebuilds_the_graph_and_shrinks_the_log() {
 #[test]
 fn snapshots_restore_and_the_data_dir_has_one_owner() {
     let dir = tempfile::tempdir().unwrap();
-    let options = ServiceOptions {
-        commit_interval: std::time::Duration::from_millis(100),
-        ingest_root: None,
-        snapshot_root: dir.path().join("snapshots"),
-        drift: Default::default(),
-    };
+    let options = service_options(dir.path());
     let service = IndexService::open(dir.path(), vec![embedder()], "all-MiniLM-L6-v2", options.clone()).unwrap();
     assert!(matches!(
         IndexService::open(dir.path(), vec![embedder()], "all-MiniLM-L6-v2", options.clone()),
@@ -300,12 +295,7 @@ fn long_documents_are_chunked_within_the_model_budget() {
 #[test]
 fn a_delete_or_restore_interrupted_by_a_crash_does_not_come_back() {
     let dir = tempfile::tempdir().unwrap();
-    let options = ServiceOptions {
-        commit_interval: std::time::Duration::from_millis(100),
-        ingest_root: None,
-        snapshot_root: dir.path().join("snapshots"),
-        drift: Default::default(),
-    };
+    let options = service_options(dir.path());
     let service = IndexService::open(dir.path(), vec![embedder()], "all-MiniLM-L6-v2", options.clone()).unwrap();
     for name in ["doomed", "half", "kept"] {
         let c = service.create(CreateCollection { name: name.into(), ..Default::default() }).unwrap();
@@ -324,4 +314,14 @@ fn a_delete_or_restore_interrupted_by_a_crash_does_not_come_back() {
     let left: Vec<String> =
         std::fs::read_dir(&collections).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     assert_eq!(left, vec!["kept"], "the interrupted delete is finished and the half restore removed");
+}
+
+/// Service options over `dir` with a short commit interval.
+fn service_options(dir: &std::path::Path) -> ServiceOptions {
+    ServiceOptions {
+        commit_interval: std::time::Duration::from_millis(100),
+        ingest_root: None,
+        snapshot_root: dir.join("snapshots"),
+        drift: Default::default(),
+    }
 }
