@@ -34,6 +34,8 @@ use std::sync::{Arc, Mutex, RwLock};
 
 /// Most results one search returns.
 pub const MAX_TOP_K: usize = 1000;
+/// Longest query text.
+pub const MAX_QUERY_BYTES: usize = 64 << 10;
 /// Most candidates one search may ask each half for.
 pub const MAX_CANDIDATES: usize = 10_000;
 
@@ -189,6 +191,8 @@ impl Collection {
     /// Creates a collection directory with its settings.
     pub fn create(dir: &Path, settings: CollectionSettings, embedder: Arc<dyn ChunkEmbedder>) -> Result<Collection> {
         std::fs::create_dir_all(dir)?;
+        // The collection's directory entry itself must survive a crash, not only its files.
+        wal::sync_dir(dir)?;
         wal::write_atomic(&dir.join("settings.json"), &serde_json::to_vec_pretty(&settings)?)?;
         Self::open(dir, embedder)
     }
@@ -563,6 +567,9 @@ impl Collection {
         if req.query.trim().is_empty() && req.vector.is_none() {
             return Err(IndexError::invalid("query", "query must not be empty"));
         }
+        if req.query.len() > MAX_QUERY_BYTES {
+            return Err(IndexError::invalid("query", format!("query must be at most {MAX_QUERY_BYTES} bytes")));
+        }
         let fusion = req.fusion.unwrap_or(self.settings.fusion);
         let candidates = req.candidates.unwrap_or((req.top_k * 2).max(50)).max(req.top_k);
         let query_vector = match (req.mode, &req.vector) {
@@ -844,19 +851,14 @@ impl Collection {
     /// Rebuilds the graph without deleted points and rewrites the log with live documents
     /// only. Writes wait; searches go on (on the old graph until the swap).
     pub fn compact(&self) -> Result<()> {
-        let writer = self.writer.lock().expect("writer lock");
+        let mut writer = self.writer.lock().expect("writer lock");
         self.rebuilding.store(true, Ordering::Relaxed);
-        let result = self.compact_locked(&writer);
+        let result = self.compact_locked(&mut writer);
         self.rebuilding.store(false, Ordering::Relaxed);
-        let mut writer = writer;
-        if result.is_ok() {
-            // The log file was replaced: reopen it for appends.
-            writer.wal = Wal::open(&self.dir.join("log.wal"), |_| Ok(()))?;
-        }
         result
     }
 
-    fn compact_locked(&self, writer: &Writer) -> Result<()> {
+    fn compact_locked(&self, writer: &mut Writer) -> Result<()> {
         self.commit()?;
         let started = std::time::Instant::now();
         let (records, items_len) = {
@@ -869,7 +871,15 @@ impl Collection {
             let items: Vec<(&[f32], usize)> = table.chunks.iter().map(|(k, c)| (&*c.vector, *k as usize)).collect();
             fresh.insert(&items);
         }
-        wal::write_log(&self.dir.join("log.wal"), records)?;
+        // The new log comes back open for appends; until then the old one stays in use.
+        writer.wal = match wal::replace_log(&self.dir.join("log.wal"), records) {
+            Ok(new_log) => new_log,
+            Err(wal::ReplaceError::OldLogKept(e)) => return Err(e),
+            Err(wal::ReplaceError::Unknown(e)) => {
+                writer.wal.poison(format!("compaction renamed a new log into place but could not make it durable ({e})"));
+                return Err(e);
+            }
+        };
         *self.dense.write().expect("dense") = Arc::new(fresh);
         self.table.write().expect("table").dead_points = 0;
         tracing::info!(collection = %self.settings.name, seconds = started.elapsed().as_secs_f32(), "compacted");

@@ -38,10 +38,13 @@ impl Source {
         }
     }
 
+    /// What job views show: the kind and the file or folder name, never the server's path
+    /// to it (job views are readable with a `read` key).
     pub fn describe(&self) -> String {
+        let name = |p: &Path| p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         match self {
-            Source::Jsonl(p) => format!("jsonl:{}", p.display()),
-            Source::Directory(p) => format!("directory:{}", p.display()),
+            Source::Jsonl(p) => format!("jsonl:{}", name(p)),
+            Source::Directory(p) => format!("directory:{}", name(p)),
         }
     }
 }

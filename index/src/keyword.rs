@@ -21,6 +21,9 @@ const ANALYZER: &str = "ragway_en";
 const WRITER_MEMORY: usize = 64 << 20;
 
 /// A searcher over one commit and the log sequence number that commit covers.
+/// Most analyzed terms a keyword query may have.
+pub const MAX_QUERY_TERMS: usize = 1024;
+
 pub struct KeywordSnapshot {
     pub searcher: Searcher,
     pub seq: u64,
@@ -157,6 +160,13 @@ impl KeywordIndex {
         let terms = self.query_terms(query);
         if terms.is_empty() || k == 0 {
             return Ok(Vec::new());
+        }
+        // Each term is a clause of the boolean query (two with a title boost): bounded.
+        if terms.len() > MAX_QUERY_TERMS {
+            return Err(crate::error::IndexError::invalid(
+                "query",
+                format!("the query has {} terms; keyword search takes at most {MAX_QUERY_TERMS}", terms.len()),
+            ));
         }
         let mut clauses: Vec<(Occur, Box<dyn Query>)> = Vec::new();
         for t in &terms {

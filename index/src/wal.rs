@@ -135,6 +135,9 @@ pub struct Wal {
     path: PathBuf,
     file: File,
     len: u64,
+    /// Set when a failure left the file's end unknown: every later append is refused, so
+    /// nothing is acknowledged that a restart could not read back.
+    broken: Option<String>,
 }
 
 impl Wal {
@@ -168,21 +171,22 @@ impl Wal {
             );
             truncate(&file, scan.valid)?;
         }
-        Ok(Wal { path: path.to_path_buf(), file, len: scan.valid })
+        Ok(Wal { path: path.to_path_buf(), file, len: scan.valid, broken: None })
     }
 
     /// Appends one record and makes it durable.
     pub fn append(&mut self, record: &Record) -> Result<()> {
+        if let Some(why) = &self.broken {
+            return Err(IndexError::Corrupt(format!("{}: {why}; restart to reopen the collection", self.path.display())));
+        }
         let bytes = encode(record);
         if let Err(e) = self.file.write_all(&bytes).and_then(|_| self.file.sync_data()) {
             // Leave no partial record behind for the next append to follow. If even that
-            // fails the log's end is unknown: report it as broken, not as a failed write.
+            // fails the log's end is unknown: the log is broken until it is reopened.
             if let Err(cut) = self.file.set_len(self.len).and_then(|_| self.file.sync_all()) {
-                return Err(IndexError::Corrupt(format!(
-                    "{}: an append failed ({e}) and cutting the partial record failed too ({cut}); \
-                     reopen the collection",
-                    self.path.display()
-                )));
+                let why = format!("an append failed ({e}) and cutting the partial record failed too ({cut})");
+                self.broken = Some(why.clone());
+                return Err(IndexError::Corrupt(format!("{}: {why}", self.path.display())));
             }
             return Err(e.into());
         }
@@ -321,17 +325,48 @@ pub fn repair(path: &Path) -> Result<Repair> {
 /// Writes a whole new log to `path` (through a temporary file, fsynced and renamed, so a
 /// crash leaves either the old or the new log).
 pub fn write_log(path: &Path, records: impl IntoIterator<Item = Record>) -> Result<()> {
+    replace_log(path, records).map(drop).map_err(|e| match e {
+        ReplaceError::OldLogKept(e) | ReplaceError::Unknown(e) => e,
+    })
+}
+
+/// [`write_log`], returning the new log opened for appends. The append handle is opened
+/// before the rename: once the new log is in place there is no step left that could fail
+/// and leave a writer appending to the old, unlinked file. A failed rename leaves the old
+/// log in place and in use; a failed directory fsync after it leaves the new log's place
+/// unknown, so the returned error says the old handle must not be used either.
+pub fn replace_log(path: &Path, records: impl IntoIterator<Item = Record>) -> std::result::Result<Wal, ReplaceError> {
     let tmp = path.with_extension("tmp");
-    {
+    let file = (|| -> Result<File> {
         let mut w = BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
         for r in records {
             w.write_all(&encode(&r))?;
         }
         let file = w.into_inner().map_err(|e| e.into_error())?;
         file.sync_all()?;
+        Ok(OpenOptions::new().read(true).append(true).open(&tmp)?)
+    })()
+    .map_err(ReplaceError::OldLogKept)?;
+    let len = file.metadata().map_err(|e| ReplaceError::OldLogKept(e.into()))?.len();
+    std::fs::rename(&tmp, path).map_err(|e| ReplaceError::OldLogKept(e.into()))?;
+    sync_dir(path).map_err(ReplaceError::Unknown)?;
+    Ok(Wal { path: path.to_path_buf(), file, len, broken: None })
+}
+
+/// How [`replace_log`] failed.
+#[derive(Debug)]
+pub enum ReplaceError {
+    /// Before the rename: the old log is still the log.
+    OldLogKept(IndexError),
+    /// After it: which log a restart finds is unknown.
+    Unknown(IndexError),
+}
+
+impl Wal {
+    /// Refuses every later append (see [`Wal::append`]).
+    pub fn poison(&mut self, why: impl Into<String>) {
+        self.broken = Some(why.into());
     }
-    std::fs::rename(&tmp, path)?;
-    sync_dir(path)
 }
 
 /// Writes a small file atomically (temporary file, fsync, rename, fsync of the directory).
@@ -419,6 +454,30 @@ mod tests {
         bytes[last] ^= 0xff;
         std::fs::write(&path, &bytes).unwrap();
         assert_eq!(replay(&path), vec![a, b]);
+    }
+
+    /// Low finding: after a compaction replaced the log, a failed reopen left the writer
+    /// appending to the old, unlinked file. The new log now comes back already open, a failed
+    /// rename keeps the old log in use, and a log whose state is unknown refuses appends.
+    #[test]
+    fn replacing_a_log_never_leaves_a_writer_on_an_unlinked_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log.wal");
+        let mut old = Wal::open(&path, |_| Ok(())).unwrap();
+        old.append(&Record::Delete { seq: 1, ids: vec!["a".into()] }).unwrap();
+        let mut new = replace_log(&path, [Record::Checkpoint { seq: 1, next_key: 5 }]).unwrap();
+        new.append(&Record::Delete { seq: 2, ids: vec!["b".into()] }).unwrap();
+        assert_eq!(
+            replay(&path),
+            vec![Record::Checkpoint { seq: 1, next_key: 5 }, Record::Delete { seq: 2, ids: vec!["b".into()] }],
+            "appends after the swap land in the log a restart reads"
+        );
+        // A rename that fails (the target is a non-empty directory): the old log stays.
+        let blocked = dir.path().join("blocked.wal");
+        std::fs::create_dir_all(blocked.join("x")).unwrap();
+        assert!(matches!(replace_log(&blocked, [Record::Checkpoint { seq: 1, next_key: 1 }]), Err(ReplaceError::OldLogKept(_))));
+        new.poison("test");
+        assert!(matches!(new.append(&Record::Delete { seq: 3, ids: vec![] }), Err(IndexError::Corrupt(_))));
     }
 
     /// Audit finding 6: one bad byte in the middle of a log silently cut every later write.

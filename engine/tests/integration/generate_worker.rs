@@ -271,8 +271,9 @@ fn a_full_waiting_queue_refuses_at_once() {
 }
 
 /// Prompts prefilled in 16-token chunks (interleaved with other sequences' decoding) give the
-/// same greedy output as whole-prompt prefill (a prompt whose continuation has clear margins:
-/// 8-bit activations make chunked and whole prefill differ in the last bits).
+/// same greedy output as whole-prompt prefill, up to a near-tie (8-bit activations make
+/// chunked and whole prefill differ in the last bits, and where chunks fall depends on when
+/// the other sequence decodes).
 #[test]
 fn chunked_prefill_gives_the_same_output() {
     let mut cfg = config();
@@ -293,12 +294,27 @@ fn chunked_prefill_gives_the_same_output() {
     // Chunk boundaries depend on whether the other sequence is decoding at that moment, and
     // float sums in another order differ in their last bits: the outputs are equal, except
     // that they may part at a near-tie (and differ after it).
-    let (a, b) = (&chunked[0].tokens, &whole.tokens);
-    match a.iter().zip(b).position(|(x, y)| x != y) {
-        None => assert_eq!(chunked[0].text, whole.text),
-        Some(i) => assert!(margins[i] < 0.05, "chunked and whole prefill part at token {i}, margin {}: {a:?} vs {b:?}", margins[i]),
-    }
+    assert_equal_up_to_a_near_tie(&chunked[0], &whole, &margins);
     assert!(small.metrics().last_batch_tokens.load(std::sync::atomic::Ordering::Relaxed) <= 16);
+}
+
+/// Largest top-2 logprob margin at which a different batching may pick the other token
+/// (sums in another order and 8-bit activations quantized over other rows move logits by
+/// far less).
+const NEAR_TIE: f32 = 0.05;
+
+/// `got` (a greedy run under another batching) equals `reference`, or parts from it only at
+/// a position where the reference's top two candidates were a near-tie.
+fn assert_equal_up_to_a_near_tie(got: &Output, reference: &Output, margins: &[f32]) {
+    let (a, b) = (&got.tokens, &reference.tokens);
+    match a.iter().zip(b).position(|(x, y)| x != y) {
+        None => assert_eq!(got.text, reference.text),
+        Some(i) => assert!(
+            margins[i] < NEAR_TIE,
+            "the runs part at token {i} where the margin was {} (not a near-tie): {a:?} vs {b:?}",
+            margins[i]
+        ),
+    }
 }
 
 /// One greedy sequence with the logprob margin between its top two candidates at each step.
@@ -332,9 +348,10 @@ fn preempted_sequences_resume_with_the_same_output() {
     cfg.kv_cache_mib = 2; // ~91 tokens of SmolLM2 cache
     let tight = GenerateWorker::spawn(cfg).unwrap();
     let texts = ["The capital of France is", "Water boils at", "List of prime numbers: 2, 3,"];
-    let alone: Vec<Output> = texts
+    let greedy_with_margins = SamplingParams { logprobs: Some(2), ..SamplingParams::greedy() };
+    let alone: Vec<(Output, Vec<f32>)> = texts
         .iter()
-        .map(|t| run(worker(), GenerationRequest::new(prompt(worker(), t), 40, SamplingParams::greedy())).remove(0))
+        .map(|t| run_with_margins(worker(), GenerationRequest::new(prompt(worker(), t), 40, greedy_with_margins.clone())))
         .collect();
     let together: Vec<Output> = std::thread::scope(|s| {
         let hs: Vec<_> = texts
@@ -346,7 +363,10 @@ fn preempted_sequences_resume_with_the_same_output() {
             .collect();
         hs.into_iter().map(|j| j.join().unwrap()).collect()
     });
-    assert_eq!(together, alone);
+    // Preempted sequences are prefilled again in other batches: equal up to a near-tie.
+    for (got, (reference, margins)) in together.iter().zip(&alone) {
+        assert_equal_up_to_a_near_tie(got, reference, margins);
+    }
     assert!(tight.metrics().preemptions.load(std::sync::atomic::Ordering::Relaxed) > 0, "the cache never filled");
 }
 

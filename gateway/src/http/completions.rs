@@ -11,6 +11,7 @@ use crate::service::error::ServiceError;
 use crate::http::openapi::*;
 use crate::models::ModelKind;
 use crate::http::dispatch::{self as dispatch, parse_body, Endpoint};
+use crate::http::openai::{AssistantMessage, ChatChoice, ChatCompletion, TextChoice, TextCompletion};
 use crate::app::AppState;
 use actix_web::web::Bytes;
 use actix_web::{post, web, HttpRequest, HttpResponse};
@@ -465,11 +466,11 @@ pub(crate) async fn gather(
     Ok(out)
 }
 
-pub(crate) fn usage(choices: &[Choice], n: usize, caller: Option<&Principal>) -> Value {
+pub(crate) fn usage(choices: &[Choice], n: usize, caller: Option<&Principal>) -> crate::service::usage::Usage {
     // Each prompt counts once, however many sequences it has.
     let prompt: usize = choices.iter().step_by(n.max(1)).map(|c| c.prompt_tokens).sum();
     let completion: usize = choices.iter().map(|c| c.completion_tokens).sum();
-    crate::service::usage::Usage::charged(prompt, completion, caller).json()
+    crate::service::usage::Usage::charged(prompt, completion, caller)
 }
 
 pub(crate) fn now() -> u64 {
@@ -724,7 +725,7 @@ pub(crate) async fn finish_chat(started: StartedChat, caller: Option<&Principal>
     path = "/v1/chat/completions",
     tag = "openai",
     request_body = ChatRequest,
-    responses((status = 200, description = "`chat.completion`, or with `stream` an SSE stream of `chat.completion.chunk` ending with `data: [DONE]`", body = Object), ApiErrors)
+    responses((status = 200, description = "`chat.completion`, or with `stream` an SSE stream of `chat.completion.chunk` ending with `data: [DONE]`", body = ChatCompletion), ApiErrors)
 )]
 #[post("/v1/chat/completions")]
 pub async fn chat(_: Authorized<op::Chat>, http: HttpRequest, state: web::Data<AppState>, body: web::Json<Value>) -> Result<HttpResponse, ServiceError> {
@@ -758,19 +759,17 @@ pub(crate) async fn chat_local(
     }
     let choices = gather(&h, events, n, Kind::Chat, None, n).await?;
     let usage = usage(&choices, n, caller.as_deref());
-    let choices: Vec<Value> = choices
+    let choices = choices
         .into_iter()
         .enumerate()
-        .map(|(i, c)| {
-            json!({"index": i, "message": {"role": "assistant", "content": c.text, "refusal": null},
-                "logprobs": if top.is_some() { json!({"content": c.chat_logprobs}) } else { Value::Null },
-                "finish_reason": c.finish})
+        .map(|(i, c)| ChatChoice {
+            index: i,
+            logprobs: top.is_some().then(|| json!({"content": c.chat_logprobs})),
+            finish_reason: c.finish,
+            message: AssistantMessage::new(c.text),
         })
         .collect();
-    Ok(HttpResponse::Ok().json(json!({
-        "id": id, "object": "chat.completion", "created": now(), "model": model,
-        "system_fingerprint": null, "choices": choices, "usage": usage,
-    })))
+    Ok(HttpResponse::Ok().json(ChatCompletion::new(id, model, choices, usage, None)))
 }
 
 /// A chat completion answered with retrieval (`rag` in the body): the last user message is
@@ -797,11 +796,14 @@ async fn chat_rag(
         let ans = r::finish(&state, pipe, prepared, dk.clone()).await?;
         let usage = crate::service::usage::Usage::uncharged(cp, cc).json();
         if !stream {
-            return Ok(HttpResponse::Ok().json(json!({
-                "id": id, "object": "chat.completion", "created": now(), "model": model, "system_fingerprint": null,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": dk, "refusal": null}, "logprobs": null, "finish_reason": "stop"}],
-                "usage": usage, "rag": r::rag_extra(&ans),
-            })));
+            let choice = ChatChoice { index: 0, message: AssistantMessage::new(dk), logprobs: None, finish_reason: Some("stop") };
+            return Ok(HttpResponse::Ok().json(ChatCompletion::new(
+                id,
+                model,
+                vec![choice],
+                crate::service::usage::Usage::uncharged(cp, cc),
+                Some(r::rag_extra(&ans)),
+            )));
         }
         let base = json!({"id": id, "object": "chat.completion.chunk", "created": now(), "model": model, "system_fingerprint": null});
         let with = |choices: Value, extra: Option<(&str, Value)>| {
@@ -834,15 +836,14 @@ async fn chat_rag(
     let mut choices = gather(&h, events, 1, Kind::Chat, None, 1).await?;
     let c = choices.remove(0);
     let ans = r::finish(&state, pipe, prepared, c.text.clone()).await?;
-    let usage = r::usage_json(c.prompt_tokens + cp, c.completion_tokens + cc, principal(&http).as_deref());
-    Ok(HttpResponse::Ok().json(json!({
-        "id": id, "object": "chat.completion", "created": now(), "model": model, "system_fingerprint": null,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text, "refusal": null},
-            "logprobs": if top.is_some() { json!({"content": c.chat_logprobs}) } else { Value::Null },
-            "finish_reason": c.finish}],
-        "usage": usage,
-        "rag": r::rag_extra(&ans),
-    })))
+    let usage = crate::service::usage::Usage::charged(c.prompt_tokens + cp, c.completion_tokens + cc, principal(&http).as_deref());
+    let choice = ChatChoice {
+        index: 0,
+        logprobs: top.is_some().then(|| json!({"content": c.chat_logprobs})),
+        finish_reason: c.finish,
+        message: AssistantMessage::new(c.text),
+    };
+    Ok(HttpResponse::Ok().json(ChatCompletion::new(id, model, vec![choice], usage, Some(r::rag_extra(&ans)))))
 }
 
 #[utoipa::path(
@@ -850,7 +851,7 @@ async fn chat_rag(
     path = "/v1/completions",
     tag = "openai",
     request_body = CompletionRequest,
-    responses((status = 200, description = "`text_completion` (SSE chunks with `stream`)", body = Object), ApiErrors)
+    responses((status = 200, description = "`text_completion` (SSE chunks with `stream`)", body = TextCompletion), ApiErrors)
 )]
 #[post("/v1/completions")]
 pub async fn completions(_: Authorized<op::Completions>, http: HttpRequest, state: web::Data<AppState>, body: web::Json<Value>) -> Result<HttpResponse, ServiceError> {
@@ -892,22 +893,19 @@ pub(crate) async fn completions_local(
     }
     let choices = gather(&h, events, total, Kind::Text, echo_texts.as_deref(), n).await?;
     let usage = usage(&choices, n, caller.as_deref());
-    let choices: Vec<Value> = choices
+    let choices = choices
         .into_iter()
         .enumerate()
-        .map(|(i, c)| {
-            let logprobs = if req.logprobs.is_some() {
+        .map(|(i, c)| TextChoice {
+            index: i,
+            logprobs: req.logprobs.is_some().then(|| {
                 json!({"tokens": c.tokens, "token_logprobs": c.token_logprobs, "top_logprobs": c.top_logprobs, "text_offset": Value::Null})
-            } else {
-                Value::Null
-            };
-            json!({"index": i, "text": c.text, "logprobs": logprobs, "finish_reason": c.finish})
+            }),
+            finish_reason: c.finish,
+            text: c.text,
         })
         .collect();
-    Ok(HttpResponse::Ok().json(json!({
-        "id": id, "object": "text_completion", "created": now(), "model": model,
-        "system_fingerprint": null, "choices": choices, "usage": usage,
-    })))
+    Ok(HttpResponse::Ok().json(TextCompletion::new(id, model, choices, usage)))
 }
 
 /// Property tests over the OpenAI request types: any JSON body either parses and validates

@@ -14,6 +14,7 @@ pub mod health;
 pub mod metrics;
 pub mod middleware;
 pub mod models;
+pub mod openai;
 pub mod openapi;
 pub mod prompts;
 pub mod rag;

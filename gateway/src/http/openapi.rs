@@ -147,6 +147,8 @@ use crate::http::{admin, collections, completions, drift, embeddings, evals, hea
         SearchHit, SourceHit, SearchMode, JobView, ProgressView, JobState, RecordError, OnError,
         Distance, HnswParams, ChunkingParams, KeywordParams, FusionParams, FusionMethod,
         crate::service::evals::StartEval,
+        crate::http::openai::ChatCompletion, crate::http::openai::ChatChoice, crate::http::openai::AssistantMessage,
+        crate::http::openai::TextCompletion, crate::http::openai::TextChoice, crate::service::usage::Usage,
     )),
     modifiers(&BearerAuth),
     security(("api_key" = [])),

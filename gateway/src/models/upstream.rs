@@ -373,11 +373,13 @@ impl Pool {
             .collect()
     }
 
-    /// Prometheus series of the endpoints, labelled with `labels` (model and version).
+    /// Prometheus series of the endpoints, labelled with `labels` (model and version) and the
+    /// endpoint's position in the version's list: `/metrics` carries no internal addresses
+    /// (the admin API's view of the version maps positions to URLs).
     pub fn render(&self, labels: &str, out: &mut crate::models::MetricsText) {
         let now = Instant::now();
-        for e in &self.endpoints {
-            let l = format!("{labels},endpoint=\"{}\"", crate::telemetry::escape(&e.url));
+        for (i, e) in self.endpoints.iter().enumerate() {
+            let l = format!("{labels},endpoint=\"{i}\"");
             out.add("ragway_upstream_requests_total", &format!("{l},outcome=\"ok\""), e.ok.load(Ordering::Relaxed) as f64);
             out.add("ragway_upstream_requests_total", &format!("{l},outcome=\"failed\""), e.failed.load(Ordering::Relaxed) as f64);
             out.add("ragway_upstream_in_flight", &l, e.in_flight.load(Ordering::Relaxed) as f64);

@@ -5,7 +5,7 @@ use crate::service::auth::Principal;
 use serde::Serialize;
 
 /// `{"prompt_tokens", "completion_tokens", "total_tokens"}`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,

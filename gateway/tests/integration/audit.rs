@@ -421,6 +421,28 @@ fn search_vectors_must_be_finite_and_search_sizes_bounded() {
         assert_eq!(st, 400, "{field}: {resp}");
         assert_eq!(resp["error"]["param"], field, "{resp}");
     }
+    // Query text and keyword terms are bounded too.
+    let many_terms: String = (0..2000).map(|i| format!("w{i} ")).collect();
+    for query in ["x".repeat(70 << 10), many_terms] {
+        let body = json!({"query": query, "mode": "keyword", "top_k": 3});
+        let (st, resp) = call(s, "POST", "/v1/collections/kb/search", Some("sk-reader"), Some(&body));
+        assert_eq!(st, 400, "{resp}");
+        assert_eq!(resp["error"]["param"], "query", "{resp}");
+    }
     let (st, resp) = call(s, "POST", "/v1/collections/kb/search", Some("sk-reader"), Some(&json!({"query": "bread", "top_k": 3})));
     assert_eq!(st, 200, "{resp}");
+}
+
+/// Low: job views (readable with a read key) showed the server's absolute paths.
+#[test]
+fn job_views_show_no_server_paths() {
+    let s = server();
+    let (st, job) = call(s, "POST", "/v1/collections/kb/ingest", Some("sk-writer"), Some(&json!({"path": "scifact_slice/corpus.jsonl"})));
+    assert_eq!(st, 202, "{job}");
+    let id = job["job_id"].as_str().unwrap().to_string();
+    let (st, view) = call(s, "GET", &format!("/v1/jobs/{id}"), Some("sk-reader"), None);
+    assert_eq!(st, 200, "{view}");
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    assert!(!view.to_string().contains(root.to_str().unwrap()), "{view}");
+    assert_eq!(view["source"], "jsonl:corpus.jsonl", "{view}");
 }
