@@ -51,7 +51,10 @@ impl AppState {
             requests: RequestMetrics::default(),
             prompts,
             rag_metrics: RagMetrics::default(),
-            evals: crate::service::evals::EvalRuns::new(settings.data_dir.join("evals").join("runs")),
+            evals: crate::service::evals::EvalRuns::new(
+                settings.data_dir.join("evals").join("runs"),
+                settings.ingest_root.clone(),
+            ),
             registry,
             streams: crate::service::limits::StreamLimits::new(
                 settings.ws_max_connections_per_key.max(1),

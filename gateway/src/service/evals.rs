@@ -65,8 +65,27 @@ pub struct EvalRun {
 /// The runs of this server.
 pub struct EvalRuns {
     root: PathBuf,
+    /// The server's ingest root, which run views never show (datasets are named relative
+    /// to it, and errors and summaries have it replaced).
+    ingest_root: Option<PathBuf>,
     runs: Mutex<BTreeMap<String, Arc<EvalRun>>>,
     next: AtomicU64,
+}
+
+/// `v` with every mention of `root` (as written and canonical) replaced by `<ingest-root>`.
+fn hide_root(v: Value, root: Option<&std::path::Path>) -> Value {
+    let Some(root) = root else { return v };
+    let mut text = v.to_string();
+    let canonical = root.canonicalize().ok();
+    for r in [Some(root.to_path_buf()), canonical].into_iter().flatten() {
+        // As it appears inside a JSON string (backslashes and quotes escaped).
+        let quoted = serde_json::to_string(&r.to_string_lossy()).unwrap_or_default();
+        let inner = quoted.trim_matches('"');
+        if inner.len() > 1 {
+            text = text.replace(inner, "<ingest-root>");
+        }
+    }
+    serde_json::from_str(&text).unwrap_or(v)
 }
 
 /// Evaluation runs at once: each spends the engine for minutes beside live traffic.
@@ -77,8 +96,8 @@ fn valid_id(id: &str) -> bool {
 }
 
 impl EvalRuns {
-    pub fn new(root: PathBuf) -> Self {
-        Self { root, runs: Mutex::new(BTreeMap::new()), next: AtomicU64::new(0) }
+    pub fn new(root: PathBuf, ingest_root: Option<PathBuf>) -> Self {
+        Self { root, ingest_root, runs: Mutex::new(BTreeMap::new()), next: AtomicU64::new(0) }
     }
 
     fn spec(state: &AppState, req: &StartEval) -> Result<RunSpec, ServiceError> {
@@ -198,11 +217,12 @@ impl EvalRuns {
             Status::Failed(e) => ("failed", Some(e.clone())),
         };
         let summary = if status == "succeeded" { read_summary(&run.dir) } else { None };
-        json!({
+        let view = json!({
             "id": run.id, "object": "eval.run", "kind": run.spec.kind, "status": status, "created": run.created,
             "dataset": run.spec.dataset, "progress": run.progress.view(), "error": error, "summary": summary,
             "report": format!("/v1/evals/{}/report", run.id),
-        })
+        });
+        hide_root(view, self.ingest_root.as_deref())
     }
 
     /// A run started since this server came up, or a finished one on disk.
@@ -214,12 +234,13 @@ impl EvalRuns {
             return None;
         }
         let summary = read_summary(&self.root.join(id))?;
-        Some(json!({
+        let view = json!({
             "id": id, "object": "eval.run", "kind": summary["run"]["kind"], "status": "succeeded",
             "created": summary["run"]["started_unix"], "dataset": summary["run"]["dataset"],
             "progress": {"phase": "done", "total": summary["run"]["samples"], "done": summary["run"]["samples"], "cached": 0, "errors": summary["run"]["errors"]},
             "error": null, "summary": summary, "report": format!("/v1/evals/{id}/report"),
-        }))
+        });
+        Some(hide_root(view, self.ingest_root.as_deref()))
     }
 
     /// Every run: those of this server and those finished on disk, newest first.

@@ -247,6 +247,15 @@ fn eval_splits_cannot_escape_the_ingest_root() {
         assert_eq!(st, 400, "{split}: {resp}");
         assert_eq!(resp["error"]["param"], "split", "{resp}");
     }
+    // A valid run's view names its dataset under the root, never the server's path.
+    let body = json!({"kind": "retrieval", "dataset": "scifact_slice", "collection": "kb", "limit": 2, "name": "audit-run"});
+    let (st, resp) = call(s, "POST", "/v1/evals", Some("sk-writer"), Some(&body));
+    assert!(st == 200 || st == 201 || st == 202, "{resp}");
+    let (st, view) = call(s, "GET", "/v1/evals/audit-run", Some("sk-reader"), None);
+    assert_eq!(st, 200, "{view}");
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    assert!(!view.to_string().contains(root.to_str().unwrap()), "{view}");
+    assert_eq!(view["dataset"], "<ingest-root>/scifact_slice", "{view}");
     for dataset in ["../../../../etc", "/etc"] {
         let body = json!({"kind": "retrieval", "dataset": dataset, "collection": "kb"});
         let (st, resp) = call(s, "POST", "/v1/evals", Some("sk-writer"), Some(&body));
