@@ -746,10 +746,7 @@ impl MutationRoot {
     async fn delete_prompt_label(&self, ctx: &Context<'_>, name: String, label: String) -> async_graphql::Result<bool> {
         require(ctx, Operation::DeletePromptLabel)?;
         let reg = state(ctx).prompts.clone();
-        web::block(move || reg.delete_label(&name, &label))
-            .await
-            .map_err(|e| gql(ServiceError::internal(e.to_string())))?
-            .map_err(|e| gql(e.into()))?;
+        crate::service::limits::blocking(move || reg.delete_label(&name, &label).map_err(ServiceError::from)).await.map_err(gql)?;
         Ok(true)
     }
 
@@ -757,10 +754,7 @@ impl MutationRoot {
     async fn delete_prompt(&self, ctx: &Context<'_>, name: String) -> async_graphql::Result<bool> {
         require(ctx, Operation::DeletePrompt)?;
         let reg = state(ctx).prompts.clone();
-        web::block(move || reg.delete(&name))
-            .await
-            .map_err(|e| gql(ServiceError::internal(e.to_string())))?
-            .map_err(|e| gql(e.into()))?;
+        crate::service::limits::blocking(move || reg.delete(&name).map_err(ServiceError::from)).await.map_err(gql)?;
         Ok(true)
     }
 

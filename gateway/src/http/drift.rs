@@ -22,7 +22,7 @@ pub fn report_of(state: &AppState, collection: &str) -> Result<Value, ServiceErr
 pub async fn set_reference_of(state: &AppState, collection: &str, queries: Vec<String>) -> Result<Value, ServiceError> {
     let c = index(state)?.get(collection)?;
     // Embedding the queries blocks: off the HTTP worker.
-    web::block(move || c.set_drift_reference(&queries)).await.map_err(|e| ServiceError::internal(e.to_string()))??;
+    crate::service::limits::blocking(move || c.set_drift_reference(&queries).map_err(ServiceError::from)).await?;
     report_of(state, collection)
 }
 

@@ -34,7 +34,7 @@ pub async fn metrics(http: actix_web::HttpRequest, state: web::Data<AppState>) -
     crate::http::middleware::authorize_unless(&http, crate::service::auth::Operation::Metrics, state.settings.open_metrics)?;
     let state = state.into_inner();
     // Collection info reads the disk: off the async workers.
-    let out = web::block(move || render(&state)).await.unwrap_or_default();
+    let out = crate::service::limits::blocking(move || Ok(render(&state))).await.unwrap_or_default();
     Ok(HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(out))
 }
 

@@ -90,13 +90,12 @@ fn version_json(d: &Detail, v: u32) -> Value {
 pub(crate) async fn create_version(state: &AppState, body: Value, path_name: Option<&str>) -> Result<(Value, bool), ServiceError> {
     let t = template_from_body(body, path_name)?;
     let reg = state.prompts.clone();
-    let (v, created, detail) = web::block(move || -> Result<_, ServiceError> {
+    let (v, created, detail) = crate::service::limits::blocking(move || -> Result<_, ServiceError> {
         let (v, created) = reg.create(t)?;
         let detail = reg.get(v.template.name())?;
         Ok((v.template.version(), created, detail))
     })
-    .await
-    .map_err(|e| ServiceError::internal(e.to_string()))??;
+    .await?;
     Ok((version_json(&detail, v), created))
 }
 
@@ -132,7 +131,7 @@ pub(crate) async fn render_prompt(state: &AppState, reference: &str, body: Rende
     let embedder = state.embedder.get().cloned();
     let (vars, mode, k) = (body.variables, body.fewshot_mode, body.fewshot_k);
     let r2 = r.clone();
-    let rendered = web::block(move || -> Result<Rendered, ServiceError> {
+    let rendered = crate::service::limits::blocking(move || -> Result<Rendered, ServiceError> {
         let embed = |texts: &[String]| -> ragway_prompts::Result<Vec<Vec<f32>>> {
             let e = embedder.as_ref().ok_or_else(|| {
                 ragway_prompts::PromptError::invalid("fewshot_mode", "the embedding model is still loading")
@@ -141,8 +140,7 @@ pub(crate) async fn render_prompt(state: &AppState, reference: &str, body: Rende
         };
         Ok(reg.render(&r2, &vars, mode, k, Some(&embed))?)
     })
-    .await
-    .map_err(|e| ServiceError::internal(e.to_string()))??;
+    .await?;
     let t = &r.version.template;
     let mut out = json!({
         "template": {"name": t.name(), "version": t.version(), "label": r.label},
@@ -190,7 +188,7 @@ pub async fn get(_: Authorized<op::GetPrompt>, state: web::Data<AppState>, name:
 pub async fn remove(_: Authorized<op::DeletePrompt>, state: web::Data<AppState>, name: web::Path<String>) -> Result<HttpResponse, ServiceError> {
     let reg = state.prompts.clone();
     let n = name.clone();
-    web::block(move || reg.delete(&n)).await.map_err(|e| ServiceError::internal(e.to_string()))??;
+    crate::service::limits::blocking(move || reg.delete(&n).map_err(ServiceError::from)).await?;
     Ok(HttpResponse::Ok().json(json!({"name": name.into_inner(), "deleted": true})))
 }
 
@@ -209,7 +207,7 @@ pub async fn create_version_route(_: Authorized<op::CreatePromptVersion>, state:
 pub(crate) async fn move_label(state: &AppState, name: String, label: String, version: u32) -> Result<Value, ServiceError> {
     let reg = state.prompts.clone();
     let (n, l) = (name.clone(), label.clone());
-    web::block(move || reg.set_label(&n, &l, version)).await.map_err(|e| ServiceError::internal(e.to_string()))??;
+    crate::service::limits::blocking(move || reg.set_label(&n, &l, version).map_err(ServiceError::from)).await?;
     Ok(json!({"name": name, "label": label, "version": version}))
 }
 
@@ -232,7 +230,7 @@ pub async fn delete_label(_: Authorized<op::DeletePromptLabel>, state: web::Data
     let (name, label) = path.into_inner();
     let reg = state.prompts.clone();
     let (n, l) = (name.clone(), label.clone());
-    web::block(move || reg.delete_label(&n, &l)).await.map_err(|e| ServiceError::internal(e.to_string()))??;
+    crate::service::limits::blocking(move || reg.delete_label(&n, &l).map_err(ServiceError::from)).await?;
     Ok(HttpResponse::Ok().json(json!({"name": name, "label": label, "deleted": true})))
 }
 

@@ -249,9 +249,7 @@ pub(crate) fn engine_request(c: &Common, h: &GenerateHandle, p: &Prepared, logpr
 /// Cites and checks the answer off the async workers; counts it in the metrics.
 pub(crate) async fn finish(state: &AppState, pipe: Pipeline, prepared: Prepared, text: String) -> Result<RagAnswer, ServiceError> {
     let collection = prepared.collection.clone();
-    let answer = web::block(move || pipe.finish(&prepared, &text))
-        .await
-        .map_err(|e| ServiceError::internal(format!("grounding task: {e}")))??;
+    let answer = crate::service::limits::blocking(move || pipe.finish(&prepared, &text).map_err(ServiceError::from)).await?;
     state.rag_metrics.observe(&answer);
     if !answer.dont_know && !answer.grounding.abstained {
         // Grounding over time, per collection: a model-quality signal beside query drift.
