@@ -8,7 +8,7 @@
 //! - [`http`]: REST routes, OpenAI request/response shapes, SSE, middleware, OpenAPI.
 //! - [`graphql`]: the GraphQL schema over the same services.
 //! - [`models`]: the model registry, routing policies and upstream pools.
-//! - [`cli`]: the `ingest` and `eval` subcommands (`serve` is [`http::server`]).
+//! - [`cli`]: the `ingest`, `eval` and `repair` subcommands (`serve` is [`http::server`]).
 //! - [`app`]: the state every request shares.
 
 pub mod app;

@@ -96,8 +96,8 @@ pub fn principal(req: &actix_web::HttpRequest) -> Option<Arc<Principal>> {
     }
 }
 
-/// Authorizes `op` for the caller of `req` (the REST handlers' first step for operations
-/// that are not shared with GraphQL; shared ones authorize inside the service function).
+/// Authorizes `op` for the caller of `req`. Handlers take [`Authorized`] instead; this
+/// serves it and [`authorize_unless`].
 pub fn authorize(req: &actix_web::HttpRequest, op: Operation) -> Result<Arc<Principal>, ServiceError> {
     caller(req).authorize(op).map_err(ServiceError::from)
 }
