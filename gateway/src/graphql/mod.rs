@@ -2,13 +2,14 @@
 //! `POST`, subscriptions over WebSocket (graphql-transport-ws, and the older graphql-ws) on
 //! the same path.
 //!
-//! Resolvers call the very functions the REST handlers call (`routes::collections::run_*`,
-//! `routes::completions::start_chat`): the requests are built as the REST JSON bodies and go
+//! Resolvers call the very functions the REST handlers call (`http::collections::run_*`,
+//! `http::completions::start_chat`): the requests are built as the REST JSON bodies and go
 //! through the same validation, so both APIs accept and refuse the same things. Errors carry
 //! the REST error's `code` (or `type`), HTTP `status` and `param` in `extensions`.
 //!
-//! Auth: the middleware authenticates `POST /graphql`; each field checks its scope (queries
-//! `read`, document writes and ingestion `write`, collection create/delete `admin`).
+//! Auth: `POST /graphql` without a valid key is refused whole (401); otherwise every field
+//! authorizes its own operation through `require` (the `service::auth::Operation` table),
+//! each alias charged once.
 //! WebSocket clients send the key as an `Authorization` header or in the `connection_init`
 //! payload (`{"Authorization": "Bearer ..."}`), as browsers cannot set headers.
 
