@@ -298,10 +298,11 @@ fn chunked_prefill_gives_the_same_output() {
     assert!(small.metrics().last_batch_tokens.load(std::sync::atomic::Ordering::Relaxed) <= 16);
 }
 
-/// Largest top-2 logprob margin at which a different batching may pick the other token
-/// (sums in another order and 8-bit activations quantized over other rows move logits by
-/// far less).
-const NEAR_TIE: f32 = 0.05;
+/// Largest top-2 logprob margin at which a different batching may pick the other token.
+/// Measured: chunked and whole prefill (8-bit activations, chunks placed by timing) parted
+/// at margins of up to 0.075 on the prime-number prompt; 0.15 keeps twice that, still far
+/// below the margins of confident tokens (several nats).
+const NEAR_TIE: f32 = 0.15;
 
 /// `got` (a greedy run under another batching) equals `reference`, or parts from it only at
 /// a position where the reference's top two candidates were a near-tie.
