@@ -31,7 +31,7 @@ pub fn compare(a_dir: &Path, b_dir: &Path, resamples: usize, seed: u64) -> Resul
     if ka != kb {
         bail!("cannot compare a {ka} run with a {kb} run");
     }
-    let kind = crate::runner::Kind::parse(ka).unwrap_or(crate::runner::Kind::Rag);
+    let kind = crate::runner::EvalKind::parse(ka).unwrap_or(crate::runner::EvalKind::Rag);
     let by_id: HashMap<&str, &Value> = ra.iter().filter_map(|r| r["id"].as_str().map(|id| (id, r))).collect();
     let pairs: Vec<(&Value, &Value)> = rb.iter().filter_map(|b| b["id"].as_str().and_then(|id| by_id.get(id)).map(|a| (*a, b))).collect();
     let mut metrics = Vec::new();

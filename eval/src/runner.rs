@@ -31,13 +31,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Kind {
+pub enum EvalKind {
     Retrieval,
     Rag,
     Halueval,
 }
 
-impl Kind {
+impl EvalKind {
     /// A kind by its name (`retrieval`, `rag`, `halueval`).
     pub fn parse(s: &str) -> Option<Self> {
         serde_json::from_value(Value::String(s.to_string())).ok()
@@ -65,7 +65,7 @@ impl Kind {
 /// What a run evaluates and how.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunSpec {
-    pub kind: Kind,
+    pub kind: EvalKind,
     /// BEIR folder (retrieval) or QA / SQuAD / HaluEval file (rag, halueval).
     pub dataset: PathBuf,
     /// BEIR qrels split.
@@ -118,7 +118,7 @@ fn default_bootstrap() -> usize {
 }
 
 impl RunSpec {
-    pub fn new(kind: Kind, dataset: PathBuf) -> Self {
+    pub fn new(kind: EvalKind, dataset: PathBuf) -> Self {
         serde_json::from_value(json!({"kind": kind, "dataset": dataset})).expect("defaults")
     }
 }
@@ -257,9 +257,9 @@ pub fn run(spec: &RunSpec, ctx: RunContext<'_>, out: &Path) -> Result<Value> {
     ctx.progress.set_phase("loading the dataset");
     let mut h = Sha256::new();
     let (samples, work, extra): Work = match spec.kind {
-        Kind::Retrieval => retrieval_work(spec, &ctx, &mut h)?,
-        Kind::Rag => rag_work(spec, &ctx, &mut h, out)?,
-        Kind::Halueval => halueval_work(spec, &ctx, &mut h)?,
+        EvalKind::Retrieval => retrieval_work(spec, &ctx, &mut h)?,
+        EvalKind::Rag => rag_work(spec, &ctx, &mut h, out)?,
+        EvalKind::Halueval => halueval_work(spec, &ctx, &mut h)?,
     };
     // The configuration that determines a sample's result (not how many run, nor how fast).
     let mut config = serde_json::to_value(spec)?;
@@ -287,7 +287,7 @@ pub fn run(spec: &RunSpec, ctx: RunContext<'_>, out: &Path) -> Result<Value> {
         "started_unix": started_unix,
         "duration_s": started.elapsed().as_secs_f64(),
         "ragway_version": env!("CARGO_PKG_VERSION"),
-        "empty_queries": if spec.kind == Kind::Retrieval { json!(spec.empty_queries.describe()) } else { Value::Null },
+        "empty_queries": if spec.kind == EvalKind::Retrieval { json!(spec.empty_queries.describe()) } else { Value::Null },
     });
     summary["run"] = run_meta;
     let tmp = out.join("summary.json.tmp");
@@ -387,7 +387,7 @@ fn execute(out: &Path, config_hash: &str, samples: &[Sample], concurrency: usize
 
 /// Mean of every per-sample metric over the samples that have it, with its bootstrap 95%
 /// interval and count; judge call counts summed.
-pub fn summarize(kind: Kind, records: &[Value], resamples: usize, seed: u64) -> Value {
+pub fn summarize(kind: EvalKind, records: &[Value], resamples: usize, seed: u64) -> Value {
     let mut values: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     let (mut calls, mut unparseable) = (0u64, 0u64);
     for r in records {
@@ -743,7 +743,7 @@ mod tests {
             json!({"metrics": {"unparseable": 1.0}, "judge": {"calls": 1, "unparseable": 1}}),
             json!({"metrics": {"accuracy": 0.0, "unparseable": 0.0}, "judge": {"calls": 1, "unparseable": 0}}),
         ];
-        let s = summarize(Kind::Halueval, &recs, 200, 1);
+        let s = summarize(EvalKind::Halueval, &recs, 200, 1);
         assert_eq!(s["accuracy"], 0.5);
         assert_eq!(s["n_by_metric"]["accuracy"], 2);
         assert_eq!(s["n"], 3);

@@ -5,7 +5,7 @@
 
 use anyhow::Result;
 use ragway_eval::backend::{Answerer, Chat, Passage, RagOutput, Retriever, System, TextEmbedder};
-use ragway_eval::runner::{self, Kind, Progress, RunContext, RunSpec};
+use ragway_eval::runner::{self, EvalKind, Progress, RunContext, RunSpec};
 use ragway_index::SearchMode;
 use ragway_prompts::{Message, Registry};
 use serde_json::{json, Value};
@@ -118,7 +118,7 @@ fn judge_based_context_metrics_no_answer_scoring_and_resume() {
     )
     .unwrap();
     let system = Rules { chat: Arc::new(SubstringJudge(AtomicUsize::new(0))), registry: Arc::new(Registry::open(&[], None).unwrap()) };
-    let mut spec = RunSpec::new(Kind::Rag, ds.clone());
+    let mut spec = RunSpec::new(EvalKind::Rag, ds.clone());
     spec.collection = Some("rules".into());
     spec.concurrency = 2;
     let out = dir.path().join("run");

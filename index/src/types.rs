@@ -141,6 +141,18 @@ pub enum SearchMode {
     Hybrid,
 }
 
+impl SearchMode {
+    /// A mode by its API name (`dense`, `keyword`, `hybrid`).
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "dense" => Some(Self::Dense),
+            "keyword" => Some(Self::Keyword),
+            "hybrid" => Some(Self::Hybrid),
+            _ => None,
+        }
+    }
+}
+
 /// A search. `filter` is parsed by [`crate::filter::Filter::parse`].
 #[derive(Debug, Clone, Default)]
 pub struct SearchRequest {

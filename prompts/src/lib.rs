@@ -18,4 +18,4 @@ pub mod template;
 
 pub use error::{PromptError, Result};
 pub use registry::{Registry, Resolved};
-pub use template::{Example, FewShotMode, Header, Kind, Message, Rendered, Template};
+pub use template::{Example, FewShotMode, Header, Message, TemplateKind, Rendered, Template};

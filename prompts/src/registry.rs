@@ -93,7 +93,7 @@ impl Resolved {
 pub struct Summary {
     pub name: String,
     pub description: String,
-    pub kind: crate::template::Kind,
+    pub kind: crate::template::TemplateKind,
     pub latest: u32,
     pub versions: Vec<u32>,
     pub labels: BTreeMap<String, u32>,

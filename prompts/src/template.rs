@@ -43,7 +43,7 @@ const BUILTIN_NAMES: [&str; 8] = ["examples", "range", "dict", "namespace", "deb
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
-pub enum Kind {
+pub enum TemplateKind {
     /// The body renders to a list of messages.
     #[default]
     Chat,
@@ -210,7 +210,7 @@ pub struct Header {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub description: String,
     #[serde(default)]
-    pub kind: Kind,
+    pub kind: TemplateKind,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub variables: BTreeMap<String, Variable>,
     #[serde(default, skip_serializing_if = "Parameters::is_empty")]
@@ -529,8 +529,8 @@ impl Template {
             messages.push((s.role, out.trim().to_string()));
         }
         Ok(match h.kind {
-            Kind::Text => Rendered::Text { text: messages.pop().map(|m| m.1).unwrap_or_default() },
-            Kind::Chat => Rendered::Chat {
+            TemplateKind::Text => Rendered::Text { text: messages.pop().map(|m| m.1).unwrap_or_default() },
+            TemplateKind::Chat => Rendered::Chat {
                 messages: messages
                     .into_iter()
                     .filter(|(_, c)| !c.is_empty())
@@ -586,14 +586,14 @@ fn role_marker(line: &str) -> Option<&'static str> {
     ROLES.iter().copied().find(|r| *r == inner)
 }
 
-fn split_sections(kind: Kind, body: &str, body_line: usize) -> Result<Vec<Section>> {
+fn split_sections(kind: TemplateKind, body: &str, body_line: usize) -> Result<Vec<Section>> {
     let mut sections: Vec<Section> = Vec::new();
     let mut current: Option<Section> = None;
     let mut preamble_line = None;
     for (i, line) in body.split_inclusive('\n').enumerate() {
         let n = body_line + i;
         if let Some(role) = role_marker(line) {
-            if kind == Kind::Text {
+            if kind == TemplateKind::Text {
                 return Err(PromptError::at_line(
                     "template",
                     n,
@@ -610,12 +610,12 @@ fn split_sections(kind: Kind, body: &str, body_line: usize) -> Result<Vec<Sectio
         }
         match &mut current {
             Some(s) => s.source.push_str(line),
-            None if kind == Kind::Chat && sections.last().is_some_and(|s| s.role == Some("examples")) => {
+            None if kind == TemplateKind::Chat && sections.last().is_some_and(|s| s.role == Some("examples")) => {
                 if !line.trim().is_empty() && preamble_line.is_none() {
                     preamble_line = Some(n);
                 }
             }
-            None if kind == Kind::Text => {
+            None if kind == TemplateKind::Text => {
                 current = Some(Section { role: None, source: line.to_string(), first_line: n });
             }
             None => {
@@ -626,7 +626,7 @@ fn split_sections(kind: Kind, body: &str, body_line: usize) -> Result<Vec<Sectio
         }
     }
     sections.extend(current);
-    if kind == Kind::Chat {
+    if kind == TemplateKind::Chat {
         if let Some(n) = preamble_line {
             return Err(PromptError::at_line(
                 "template",

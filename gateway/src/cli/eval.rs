@@ -7,7 +7,7 @@ use ragway_engine::embed::worker::EmbedWorker;
 use ragway_engine::generate::{GenerateHandle, GenerateWorker};
 use ragway_eval::backend::{Chat, InProcess, Remote, RemoteChat, RemoteSystem, System};
 use ragway_eval::retrieval::EmptyQueries;
-use ragway_eval::runner::{self, Kind, Progress, RunContext, RunSpec};
+use ragway_eval::runner::{self, EvalKind, Progress, RunContext, RunSpec};
 use ragway_index::SearchMode;
 use serde_json::Value;
 use std::path::PathBuf;
@@ -108,24 +108,19 @@ pub struct CompareArgs {
     pub seed: u64,
 }
 
-/// A search mode by its API name (`dense`, `keyword`, `hybrid`).
-pub fn parse_mode(s: &str) -> Option<SearchMode> {
-    serde_json::from_value(Value::String(s.to_string())).ok()
-}
-
 /// Runs the subcommand; returns the process exit code.
 pub fn run(cmd: EvalCommand) -> anyhow::Result<i32> {
     let (kind, args) = match cmd {
         EvalCommand::Compare(c) => return compare(c),
-        EvalCommand::Retrieval(a) => (Kind::Retrieval, a),
-        EvalCommand::Rag(a) => (Kind::Rag, a),
-        EvalCommand::Halueval(a) => (Kind::Halueval, a),
+        EvalCommand::Retrieval(a) => (EvalKind::Retrieval, a),
+        EvalCommand::Rag(a) => (EvalKind::Rag, a),
+        EvalCommand::Halueval(a) => (EvalKind::Halueval, a),
     };
     let thresholds = args.fail_under.as_deref().map(runner::parse_thresholds).transpose()?;
     let mut spec = RunSpec::new(kind, args.dataset.clone());
     spec.split = args.split.clone();
     spec.collection = args.collection.clone();
-    spec.mode = parse_mode(&args.mode).expect("clap checked the mode");
+    spec.mode = SearchMode::parse(&args.mode).expect("clap checked the mode");
     spec.top_k = args.top_k;
     spec.template = args.template.clone();
     spec.model = args.model.clone();
@@ -164,7 +159,7 @@ pub fn run(cmd: EvalCommand) -> anyhow::Result<i32> {
         }
         None => {
             // Retrieval needs only the embedder; answers and judging need the generator too.
-            let needs_generator = kind != Kind::Retrieval && !(kind == Kind::Halueval && judge.is_some());
+            let needs_generator = kind != EvalKind::Retrieval && !(kind == EvalKind::Halueval && judge.is_some());
             Box::new(in_process(&settings, needs_generator, judge, runtime.handle().clone())?)
         }
     };

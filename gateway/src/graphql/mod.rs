@@ -2,10 +2,11 @@
 //! `POST`, subscriptions over WebSocket (graphql-transport-ws, and the older graphql-ws) on
 //! the same path.
 //!
-//! Resolvers call the very functions the REST handlers call (`http::collections::run_*`,
-//! `http::completions::start_chat`): the requests are built as the REST JSON bodies and go
-//! through the same validation, so both APIs accept and refuse the same things. Errors carry
-//! the REST error's `code` (or `type`), HTTP `status` and `param` in `extensions`.
+//! Resolvers build the typed inputs of the service layer (`service::collections`,
+//! `service::completions`, ...) and call the same operations the REST handlers call, so both
+//! APIs validate alike. Inputs that are free-form JSON on both APIs (collection settings,
+//! eval and RAG options) are parsed by the same serde types. Errors carry the REST error's
+//! `code` (or `type`), HTTP `status` and `param` in `extensions`.
 //!
 //! Auth: `POST /graphql` without a valid key is refused whole (401); otherwise every field
 //! authorizes its own operation through `require` (the `service::auth::Operation` table),
@@ -21,8 +22,8 @@ use crate::http::middleware::{authorize_unless, caller};
 use crate::service::auth::{bearer, Caller, Operation, Principal};
 use crate::service::error::ServiceError;
 use crate::service::limits::Slot;
-use crate::http::collections::{run_delete, run_search, run_upsert, start_path_ingest};
-use crate::http::completions::{finish_chat, start_chat, ChatRequest};
+use crate::service::collections::{self as collections, index, start_path_ingest, DeleteBody, SearchBody, UpsertBody};
+use crate::service::completions::{finish_chat, start_chat, ChatRequest, Common};
 use crate::app::AppState;
 use actix_web::{guard, web, HttpRequest, HttpResponse};
 use async_graphql::futures_util::{Stream, StreamExt};
@@ -199,7 +200,12 @@ fn require(ctx: &Context<'_>, op: Operation) -> async_graphql::Result<Arc<Princi
     caller.authorize(op).map_err(|d| gql(d.into()))
 }
 
-/// Deserializes a REST body built from GraphQL arguments (so both APIs validate alike).
+/// A service output as a GraphQL `JSON` value.
+fn json_of<T: serde::Serialize>(v: T) -> async_graphql::Result<Json<Value>> {
+    serde_json::to_value(v).map(Json).map_err(|e| gql(ServiceError::internal(e.to_string())))
+}
+
+/// Parses a free-form JSON input into the service's type (as REST parses its body).
 fn body<T: serde::de::DeserializeOwned>(v: Value) -> async_graphql::Result<T> {
     serde_json::from_value(v).map_err(|e| gql(ServiceError::invalid("input", format!("invalid input: {e}"))))
 }
@@ -395,23 +401,20 @@ pub struct GenerateInput {
 
 impl GenerateInput {
     fn into_chat_request(self, state: &AppState) -> async_graphql::Result<ChatRequest> {
-        let mut v = json!({
-            "model": self.model.unwrap_or_else(|| state.settings.generation_model_id.clone()),
-            "messages": self.messages.iter().map(|m| json!({"role": m.role, "content": m.content})).collect::<Vec<_>>(),
-        });
-        let o = v.as_object_mut().expect("object");
-        let mut put = |k: &str, x: Value| {
-            if !x.is_null() {
-                o.insert(k.to_string(), x);
-            }
-        };
-        put("max_tokens", json!(self.max_tokens));
-        put("temperature", json!(self.temperature));
-        put("top_p", json!(self.top_p));
-        put("top_k", json!(self.top_k));
-        put("seed", json!(self.seed));
-        put("stop", json!(self.stop));
-        body(v)
+        Ok(ChatRequest {
+            messages: self.messages.iter().map(|m| json!({"role": m.role, "content": m.content})).collect(),
+            common: Common {
+                model: self.model.unwrap_or_else(|| state.settings.generation_model_id.clone()),
+                max_tokens: self.max_tokens.map(u64::from),
+                temperature: self.temperature,
+                top_p: self.top_p,
+                top_k: self.top_k.map(i64::from),
+                seed: self.seed,
+                stop: self.stop.map(|s| json!(s)),
+                ..Default::default()
+            },
+            ..Default::default()
+        })
     }
 }
 
@@ -460,7 +463,7 @@ impl QueryRoot {
         require(ctx, Operation::ListModelVersions)?;
         let s = state(ctx);
         Ok(Json(match name {
-            Some(n) => crate::http::admin::describe_of(s, &n).map_err(gql)?,
+            Some(n) => crate::service::models::describe_of(s, &n).map_err(gql)?,
             None => json!(s.registry.list()),
         }))
     }
@@ -468,29 +471,22 @@ impl QueryRoot {
     /// A collection's query drift (as `GET /v1/collections/{name}/drift`).
     async fn drift(&self, ctx: &Context<'_>, collection: String) -> async_graphql::Result<Json<Value>> {
         require(ctx, Operation::DriftReport)?;
-        Ok(Json(crate::http::drift::report_of(state(ctx), &collection).map_err(gql)?))
+        Ok(Json(crate::service::drift::report_of(state(ctx), &collection).map_err(gql)?))
     }
 
     async fn collections(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<Collection>> {
         require(ctx, Operation::ListCollections)?;
-        let index = crate::http::collections::index(state(ctx)).map_err(gql)?;
-        let infos = crate::http::collections::blocking(move || Ok(index.list().iter().map(|c| c.info()).collect::<Vec<_>>()))
-            .await
-            .map_err(gql)?;
-        Ok(infos.into_iter().map(Collection::from).collect())
+        Ok(collections::list(state(ctx)).await.map_err(gql)?.into_iter().map(Collection::from).collect())
     }
 
     async fn collection(&self, ctx: &Context<'_>, name: String) -> async_graphql::Result<Collection> {
         require(ctx, Operation::GetCollection)?;
-        let index = crate::http::collections::index(state(ctx)).map_err(gql)?;
-        let info = crate::http::collections::blocking(move || index.get(&name).map(|c| c.info())).await.map_err(gql)?;
-        Ok(info.into())
+        Ok(collections::describe(state(ctx), name).await.map_err(gql)?.into())
     }
 
     async fn document(&self, ctx: &Context<'_>, collection: String, id: String) -> async_graphql::Result<Document> {
         require(ctx, Operation::GetDocument)?;
-        let index = crate::http::collections::index(state(ctx)).map_err(gql)?;
-        let d = crate::http::collections::blocking(move || index.get(&collection)?.get(&id)).await.map_err(gql)?;
+        let d = collections::document(state(ctx), collection, id).await.map_err(gql)?;
         Ok(Document {
             id: d.id,
             title: d.title,
@@ -519,25 +515,23 @@ impl QueryRoot {
         ef: Option<u32>,
     ) -> async_graphql::Result<Vec<SearchHit>> {
         require(ctx, Operation::Search)?;
-        let mode = mode.map(|m| match m {
-            SearchMode::Dense => "dense",
-            SearchMode::Keyword => "keyword",
-            SearchMode::Hybrid => "hybrid",
-        });
-        let mut v = json!({"query": query, "group_by_document": group_by_document.unwrap_or(false)});
-        if let Some(k) = top_k {
-            v["top_k"] = json!(k);
-        }
-        if let Some(m) = mode {
-            v["mode"] = json!(m);
-        }
-        if let Some(f) = filter {
-            v["filter"] = f.0;
-        }
-        if let Some(ef) = ef {
-            v["ef"] = json!(ef);
-        }
-        let resp = run_search(state(ctx), collection, body(v)?).await.map_err(gql)?;
+        let input = SearchBody {
+            query,
+            top_k: top_k.map(|k| k as usize),
+            mode: mode.map(|m| match m {
+                SearchMode::Dense => ragway_index::SearchMode::Dense,
+                SearchMode::Keyword => ragway_index::SearchMode::Keyword,
+                SearchMode::Hybrid => ragway_index::SearchMode::Hybrid,
+            }),
+            filter: filter.map(|f| f.0),
+            ef: ef.map(|e| e as usize),
+            fusion: None,
+            candidates: None,
+            group_by_document: group_by_document.unwrap_or(false),
+            vector: None,
+            title_boost: None,
+        };
+        let resp = collections::search(state(ctx), collection, input).await.map_err(gql)?;
         Ok(resp
             .results
             .into_iter()
@@ -561,13 +555,13 @@ impl QueryRoot {
 
     async fn jobs(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<Job>> {
         require(ctx, Operation::ListJobs)?;
-        let index = crate::http::collections::index(state(ctx)).map_err(gql)?;
+        let index = index(state(ctx)).map_err(gql)?;
         Ok(index.jobs().list().iter().map(|j| Job::from(j.as_ref())).collect())
     }
 
     async fn job(&self, ctx: &Context<'_>, id: String) -> async_graphql::Result<Job> {
         require(ctx, Operation::GetJob)?;
-        let index = crate::http::collections::index(state(ctx)).map_err(gql)?;
+        let index = index(state(ctx)).map_err(gql)?;
         let job = index.jobs().get(&id).ok_or_else(|| gql(ragway_index::IndexError::JobNotFound(id).into()))?;
         Ok(Job::from(job.as_ref()))
     }
@@ -592,7 +586,7 @@ impl QueryRoot {
     async fn prompt(&self, ctx: &Context<'_>, name: String) -> async_graphql::Result<Json<Value>> {
         require(ctx, Operation::GetPrompt)?;
         let d = state(ctx).prompts.get(&name).map_err(|e| gql(e.into()))?;
-        Ok(Json(serde_json::to_value(d).map_err(|e| gql(ServiceError::internal(e.to_string())))?))
+        json_of(d)
     }
 
     /// Renders `reference` (`name`, `name@3`, `name:label`); `input` takes the fields of
@@ -604,8 +598,12 @@ impl QueryRoot {
         input: Option<Json<Value>>,
     ) -> async_graphql::Result<Json<Value>> {
         require(ctx, Operation::RenderPrompt)?;
-        let b: crate::http::prompts::RenderBody = body(input.map(|i| i.0).unwrap_or_else(|| json!({})))?;
-        Ok(Json(crate::http::prompts::render_prompt(state(ctx), &reference, b).await.map_err(gql)?))
+        let b: crate::service::prompts::RenderBody = match input {
+            Some(i) => body(i.0)?,
+            None => Default::default(),
+        };
+        let out = crate::service::prompts::render_prompt(state(ctx), &reference, b).await.map_err(gql)?;
+        json_of(out)
     }
 
     /// Evaluation runs (as `GET /v1/evals`), newest first: status, progress, summary.
@@ -617,7 +615,7 @@ impl QueryRoot {
     /// One evaluation run (as `GET /v1/evals/{id}`).
     async fn eval_run(&self, ctx: &Context<'_>, id: String) -> async_graphql::Result<Json<Value>> {
         require(ctx, Operation::GetEval)?;
-        Ok(Json(state(ctx).evals.get(&id).ok_or_else(|| gql(crate::http::evals::no_run(&id)))?))
+        Ok(Json(state(ctx).evals.get(&id).ok_or_else(|| gql(crate::service::evals::no_run(&id)))?))
     }
 }
 
@@ -640,15 +638,12 @@ impl MutationRoot {
         };
         o.insert("name".into(), json!(name));
         let create: ragway_index::CreateCollection = body(v)?;
-        let index = crate::http::collections::index(state(ctx)).map_err(gql)?;
-        let info = crate::http::collections::blocking(move || index.create(create).map(|c| c.info())).await.map_err(gql)?;
-        Ok(info.into())
+        Ok(collections::create(state(ctx), create).await.map_err(gql)?.into())
     }
 
     async fn delete_collection(&self, ctx: &Context<'_>, name: String) -> async_graphql::Result<bool> {
         require(ctx, Operation::DeleteCollection)?;
-        let index = crate::http::collections::index(state(ctx)).map_err(gql)?;
-        crate::http::collections::blocking(move || index.delete(&name)).await.map_err(gql)?;
+        collections::delete_collection(state(ctx), name).await.map_err(gql)?;
         Ok(true)
     }
 
@@ -661,15 +656,11 @@ impl MutationRoot {
         wait: Option<bool>,
     ) -> async_graphql::Result<WriteResult> {
         require(ctx, Operation::UpsertDocuments)?;
-        let docs: Vec<Value> = documents
+        let documents = documents
             .into_iter()
-            .map(|d| json!({"id": d.id, "text": d.text, "title": d.title, "metadata": d.metadata.map(|m| m.0)}))
+            .map(|d| ragway_index::DocumentInput { id: d.id, text: d.text, title: d.title, metadata: d.metadata.map(|m| m.0) })
             .collect();
-        let mut v = json!({"documents": docs});
-        if let Some(w) = wait {
-            v["wait"] = json!(w);
-        }
-        Ok(run_upsert(state(ctx), collection, body(v)?).await.map_err(gql)?.into())
+        Ok(collections::upsert(state(ctx), collection, UpsertBody { documents, wait }).await.map_err(gql)?.into())
     }
 
     /// Deletes documents by id and/or metadata filter.
@@ -681,8 +672,8 @@ impl MutationRoot {
         filter: Option<Json<Value>>,
     ) -> async_graphql::Result<WriteResult> {
         require(ctx, Operation::DeleteDocuments)?;
-        let v = json!({"ids": ids, "filter": filter.map(|f| f.0)});
-        Ok(run_delete(state(ctx), collection, body(v)?).await.map_err(gql)?.into())
+        let input = DeleteBody { ids, filter: filter.map(|f| f.0) };
+        Ok(collections::delete(state(ctx), collection, input).await.map_err(gql)?.into())
     }
 
     /// Starts an ingestion job over a file or directory under the server's ingest root.
@@ -694,7 +685,11 @@ impl MutationRoot {
         #[graphql(desc = "`skip` (default) or `fail`")] on_error: Option<String>,
     ) -> async_graphql::Result<Job> {
         require(ctx, Operation::Ingest)?;
-        let on_error = body(json!(on_error.unwrap_or_else(|| "skip".into())))?;
+        let on_error = match on_error.as_deref() {
+            None | Some("skip") => ragway_index::ingest::OnError::Skip,
+            Some("fail") => ragway_index::ingest::OnError::Fail,
+            Some(_) => return Err(gql(ServiceError::invalid("onError", "onError is `skip` or `fail`"))),
+        };
         let job = start_path_ingest(state(ctx), &collection, &path, on_error).map_err(gql)?;
         Ok(Job::from(job.as_ref()))
     }
@@ -728,8 +723,8 @@ impl MutationRoot {
             (None, Some(i)) => i.0,
             _ => return Err(gql(ServiceError::invalid("source", "give `source` or `input`"))),
         };
-        let (out, _) = crate::http::prompts::create_version(state(ctx), v, None).await.map_err(gql)?;
-        Ok(Json(out))
+        let (out, _) = crate::service::prompts::create_version(state(ctx), v, None).await.map_err(gql)?;
+        json_of(out)
     }
 
     /// Points a label at a version (rollback = moving it back).
@@ -741,21 +736,20 @@ impl MutationRoot {
         version: u32,
     ) -> async_graphql::Result<Json<Value>> {
         require(ctx, Operation::SetPromptLabel)?;
-        Ok(Json(crate::http::prompts::move_label(state(ctx), name, label, version).await.map_err(gql)?))
+        let out = crate::service::prompts::move_label(state(ctx), name, label, version).await.map_err(gql)?;
+        json_of(out)
     }
 
     async fn delete_prompt_label(&self, ctx: &Context<'_>, name: String, label: String) -> async_graphql::Result<bool> {
         require(ctx, Operation::DeletePromptLabel)?;
-        let reg = state(ctx).prompts.clone();
-        crate::service::limits::blocking(move || reg.delete_label(&name, &label).map_err(ServiceError::from)).await.map_err(gql)?;
+        crate::service::prompts::delete_label(state(ctx), name, label).await.map_err(gql)?;
         Ok(true)
     }
 
     /// Deletes a template created through the API.
     async fn delete_prompt(&self, ctx: &Context<'_>, name: String) -> async_graphql::Result<bool> {
         require(ctx, Operation::DeletePrompt)?;
-        let reg = state(ctx).prompts.clone();
-        crate::service::limits::blocking(move || reg.delete(&name).map_err(ServiceError::from)).await.map_err(gql)?;
+        crate::service::prompts::delete(state(ctx), name).await.map_err(gql)?;
         Ok(true)
     }
 
@@ -771,31 +765,31 @@ impl MutationRoot {
     /// kind, version, local or upstream, description).
     async fn register_model_version(&self, ctx: &Context<'_>, input: Json<Value>) -> async_graphql::Result<Json<Value>> {
         require(ctx, Operation::RegisterModelVersion)?;
-        Ok(Json(crate::http::admin::register_from(state(ctx), input.0).map_err(gql)?))
+        Ok(Json(crate::service::models::register_from(state(ctx), input.0).map_err(gql)?))
     }
 
     /// Sets a model's routing (the body of `PUT /v1/admin/models/{name}/routing`).
     async fn set_model_routing(&self, ctx: &Context<'_>, name: String, routing: Json<Value>) -> async_graphql::Result<Json<Value>> {
         require(ctx, Operation::SetModelRouting)?;
-        Ok(Json(crate::http::admin::set_routing_from(state(ctx), &name, routing.0).map_err(gql)?))
+        Ok(Json(crate::service::models::set_routing_from(state(ctx), &name, routing.0).map_err(gql)?))
     }
 
     /// Retires a model version no routing uses.
     async fn retire_model_version(&self, ctx: &Context<'_>, name: String, version: String) -> async_graphql::Result<Json<Value>> {
         require(ctx, Operation::RetireModelVersion)?;
-        Ok(Json(crate::http::admin::retire_of(state(ctx), &name, &version).map_err(gql)?))
+        Ok(Json(crate::service::models::retire_of(state(ctx), &name, &version).map_err(gql)?))
     }
 
     /// Makes a collection's drift reference from these queries.
     async fn set_drift_reference(&self, ctx: &Context<'_>, collection: String, queries: Vec<String>) -> async_graphql::Result<Json<Value>> {
         require(ctx, Operation::SetDriftReference)?;
-        Ok(Json(crate::http::drift::set_reference_of(state(ctx), &collection, queries).await.map_err(gql)?))
+        Ok(Json(crate::service::drift::set_reference_of(state(ctx), &collection, queries).await.map_err(gql)?))
     }
 
     /// Forgets a collection's drift reference; the next live queries make a new one.
     async fn reset_drift_reference(&self, ctx: &Context<'_>, collection: String) -> async_graphql::Result<Json<Value>> {
         require(ctx, Operation::ResetDriftReference)?;
-        Ok(Json(crate::http::drift::reset_of(state(ctx), &collection).map_err(gql)?))
+        Ok(Json(crate::service::drift::reset_of(state(ctx), &collection).map_err(gql)?))
     }
 
     /// A retrieval-augmented answer: `input` takes the body of `POST /v1/rag` (without
@@ -803,11 +797,11 @@ impl MutationRoot {
     async fn rag(&self, ctx: &Context<'_>, input: Json<Value>) -> async_graphql::Result<Json<Value>> {
         let caller = require(ctx, Operation::Rag)?;
         let s = state(ctx);
-        let b = crate::http::rag::parse_body(s, input.0).map_err(gql)?;
+        let b = crate::service::rag::parse_body(s, input.0).map_err(gql)?;
         if b.common.stream.unwrap_or(false) {
             return Err(gql(ServiceError::invalid("stream", "stream is not available here; subscribe to `generate` for tokens")));
         }
-        Ok(Json(crate::http::rag::answer(s, b, Some(&caller)).await.map_err(gql)?))
+        Ok(Json(crate::service::rag::answer(s, b, Some(&caller)).await.map_err(gql)?))
     }
 }
 
@@ -862,7 +856,7 @@ impl SubscriptionRoot {
     ) -> async_graphql::Result<impl Stream<Item = Job>> {
         let caller = require(ctx, Operation::GetJob)?;
         let slot = state(ctx).streams.subscription(&caller.name).map_err(gql)?;
-        let index = crate::http::collections::index(state(ctx)).map_err(gql)?;
+        let index = index(state(ctx)).map_err(gql)?;
         let job = index.jobs().get(&id).ok_or_else(|| gql(ragway_index::IndexError::JobNotFound(id).into()))?;
         let every = Duration::from_millis(interval_ms.unwrap_or(500).clamp(50, 60_000) as u64);
         Ok(async_graphql::futures_util::stream::unfold((job, true, false, slot), move |(job, first, ended, slot)| async move {

@@ -1,6 +1,6 @@
 //! Collections, documents, search, ingestion jobs and snapshots (`/v1/collections/...`,
-//! `/v1/jobs/...`). Thin: parse, validate the shape, run the index service on the blocking
-//! pool, answer. Errors map through `ServiceError: From<IndexError>`.
+//! `/v1/jobs/...`): the REST shapes over `service::collections`. The one piece of work done
+//! here is streaming a JSONL upload to disk.
 
 use crate::http::middleware::{op, Authorized};
 use crate::service::error::ServiceError;
@@ -10,27 +10,12 @@ use crate::app::AppState;
 use actix_web::http::StatusCode;
 use actix_web::{delete, get, post, web, HttpRequest, HttpResponse};
 use futures::StreamExt;
-use ragway_index::fusion::FusionParams;
+use crate::service::collections::{self as svc, index, DeleteBody, IngestPathBody, SearchBody, UpsertBody};
 use ragway_index::ingest::{IngestOptions, OnError, Source};
-use ragway_index::{CreateCollection, DocumentInput, Filter, IndexService, SearchMode, SearchRequest};
+use ragway_index::CreateCollection;
 use serde::Deserialize;
 use serde_json::json;
 use std::io::Write;
-use std::sync::Arc;
-
-/// Largest `top_k` of a search.
-const MAX_TOP_K: usize = 1000;
-
-pub(crate) fn index(state: &AppState) -> Result<Arc<IndexService>, ServiceError> {
-    state.index.get().cloned().ok_or_else(|| ServiceError::not_ready("the index"))
-}
-
-/// Runs blocking index work off the async workers (on the service layer's bounded pool).
-pub(crate) async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, ragway_index::IndexError> + Send + 'static,
-) -> Result<T, ServiceError> {
-    crate::service::limits::blocking(move || f().map_err(ServiceError::from)).await
-}
 
 #[utoipa::path(
     post,
@@ -41,9 +26,7 @@ pub(crate) async fn blocking<T: Send + 'static>(
 )]
 #[post("/v1/collections")]
 pub async fn create(_: Authorized<op::CreateCollection>, state: web::Data<AppState>, body: web::Json<CreateCollection>) -> Result<HttpResponse, ServiceError> {
-    let index = index(&state)?;
-    let info = blocking(move || index.create(body.into_inner()).map(|c| c.info())).await?;
-    Ok(HttpResponse::Created().json(info))
+    Ok(HttpResponse::Created().json(svc::create(&state, body.into_inner()).await?))
 }
 
 #[utoipa::path(
@@ -54,8 +37,7 @@ pub async fn create(_: Authorized<op::CreateCollection>, state: web::Data<AppSta
 )]
 #[get("/v1/collections")]
 pub async fn list(_: Authorized<op::ListCollections>, state: web::Data<AppState>) -> Result<HttpResponse, ServiceError> {
-    let index = index(&state)?;
-    let data = blocking(move || Ok(index.list().iter().map(|c| c.info()).collect::<Vec<_>>())).await?;
+    let data = svc::list(&state).await?;
     Ok(HttpResponse::Ok().json(json!({"object": "list", "data": data})))
 }
 
@@ -68,10 +50,7 @@ pub async fn list(_: Authorized<op::ListCollections>, state: web::Data<AppState>
 )]
 #[get("/v1/collections/{name}")]
 pub async fn describe(_: Authorized<op::GetCollection>, state: web::Data<AppState>, path: web::Path<String>) -> Result<HttpResponse, ServiceError> {
-    let index = index(&state)?;
-    let name = path.into_inner();
-    let info = blocking(move || index.get(&name).map(|c| c.info())).await?;
-    Ok(HttpResponse::Ok().json(info))
+    Ok(HttpResponse::Ok().json(svc::describe(&state, path.into_inner()).await?))
 }
 
 #[utoipa::path(
@@ -83,31 +62,10 @@ pub async fn describe(_: Authorized<op::GetCollection>, state: web::Data<AppStat
 )]
 #[delete("/v1/collections/{name}")]
 pub async fn remove(_: Authorized<op::DeleteCollection>, state: web::Data<AppState>, path: web::Path<String>) -> Result<HttpResponse, ServiceError> {
-    let index = index(&state)?;
     let name = path.into_inner();
-    let deleted = name.clone();
-    blocking(move || index.delete(&name)).await?;
+    svc::delete_collection(&state, name.clone()).await?;
+    let deleted = name;
     Ok(HttpResponse::Ok().json(json!({"id": deleted, "object": "collection", "deleted": true})))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-#[derive(utoipa::ToSchema)]
-pub struct UpsertBody {
-    documents: Vec<DocumentInput>,
-    /// Answer once the documents are searchable (default); `false`: once durable.
-    #[serde(default)]
-    wait: Option<bool>,
-}
-
-/// Batch upsert: answered when the write is durable (and, by default, searchable).
-pub(crate) async fn run_upsert(state: &AppState, name: String, body: UpsertBody) -> Result<ragway_index::WriteResult, ServiceError> {
-    let index = index(state)?;
-    if body.documents.is_empty() {
-        return Err(ServiceError::invalid("documents", "`documents` must not be empty"));
-    }
-    let wait = body.wait.unwrap_or(true);
-    blocking(move || index.get(&name)?.upsert(body.documents, wait)).await
 }
 
 #[utoipa::path(
@@ -122,7 +80,7 @@ pub(crate) async fn run_upsert(state: &AppState, name: String, body: UpsertBody)
 pub async fn upsert(_: Authorized<op::UpsertDocuments>, state: web::Data<AppState>,
     path: web::Path<String>,
     body: web::Json<UpsertBody>,) -> Result<HttpResponse, ServiceError> {
-    let result = run_upsert(&state, path.into_inner(), body.into_inner()).await?;
+    let result = svc::upsert(&state, path.into_inner(), body.into_inner()).await?;
     Ok(HttpResponse::Ok().json(result))
 }
 
@@ -136,10 +94,8 @@ pub async fn upsert(_: Authorized<op::UpsertDocuments>, state: web::Data<AppStat
 #[get("/v1/collections/{name}/documents/{id:.*}")]
 pub async fn get_document(_: Authorized<op::GetDocument>, state: web::Data<AppState>,
     path: web::Path<(String, String)>,) -> Result<HttpResponse, ServiceError> {
-    let index = index(&state)?;
     let (name, id) = path.into_inner();
-    let doc = blocking(move || index.get(&name)?.get(&id)).await?;
-    Ok(HttpResponse::Ok().json(doc))
+    Ok(HttpResponse::Ok().json(svc::document(&state, name, id).await?))
 }
 
 #[utoipa::path(
@@ -152,49 +108,8 @@ pub async fn get_document(_: Authorized<op::GetDocument>, state: web::Data<AppSt
 #[delete("/v1/collections/{name}/documents/{id:.*}")]
 pub async fn delete_document(_: Authorized<op::DeleteDocuments>, state: web::Data<AppState>,
     path: web::Path<(String, String)>,) -> Result<HttpResponse, ServiceError> {
-    let index = index(&state)?;
     let (name, id) = path.into_inner();
-    let result = blocking(move || {
-        let c = index.get(&name)?;
-        let r = c.delete(std::slice::from_ref(&id), true)?;
-        if r.deleted == 0 {
-            return Err(ragway_index::IndexError::DocumentNotFound { collection: name, id });
-        }
-        Ok(r)
-    })
-    .await?;
-    Ok(HttpResponse::Ok().json(result))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-#[derive(utoipa::ToSchema)]
-pub struct DeleteBody {
-    #[serde(default)]
-    ids: Option<Vec<String>>,
-    #[serde(default)]
-    filter: Option<serde_json::Value>,
-}
-
-/// Delete by ids and/or by metadata filter.
-pub(crate) async fn run_delete(state: &AppState, name: String, body: DeleteBody) -> Result<ragway_index::WriteResult, ServiceError> {
-    let index = index(state)?;
-    let filter = body.filter.as_ref().map(Filter::parse).transpose()?;
-    if body.ids.is_none() && filter.is_none() {
-        return Err(ServiceError::invalid("ids", "give `ids`, `filter` or both"));
-    }
-    blocking(move || {
-        let c = index.get(&name)?;
-        let mut total = ragway_index::WriteResult::default();
-        if let Some(ids) = body.ids {
-            total.deleted += c.delete(&ids, true)?.deleted;
-        }
-        if let Some(f) = filter {
-            total.deleted += c.delete_where(&f, true)?.deleted;
-        }
-        Ok(total)
-    })
-    .await
+    Ok(HttpResponse::Ok().json(svc::delete_document(&state, name, id).await?))
 }
 
 #[utoipa::path(
@@ -209,71 +124,8 @@ pub(crate) async fn run_delete(state: &AppState, name: String, body: DeleteBody)
 pub async fn delete_documents(_: Authorized<op::DeleteDocuments>, state: web::Data<AppState>,
     path: web::Path<String>,
     body: web::Json<DeleteBody>,) -> Result<HttpResponse, ServiceError> {
-    let result = run_delete(&state, path.into_inner(), body.into_inner()).await?;
+    let result = svc::delete(&state, path.into_inner(), body.into_inner()).await?;
     Ok(HttpResponse::Ok().json(result))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-#[derive(utoipa::ToSchema)]
-pub struct SearchBody {
-    #[serde(default)]
-    query: String,
-    #[serde(default)]
-    top_k: Option<usize>,
-    #[serde(default)]
-    mode: Option<SearchMode>,
-    #[serde(default)]
-    filter: Option<serde_json::Value>,
-    #[serde(default)]
-    ef: Option<usize>,
-    #[serde(default)]
-    fusion: Option<FusionParams>,
-    #[serde(default)]
-    candidates: Option<usize>,
-    #[serde(default)]
-    group_by_document: bool,
-    #[serde(default)]
-    vector: Option<Vec<f32>>,
-    #[serde(default)]
-    title_boost: Option<f32>,
-}
-
-/// Validates and runs a search on the blocking pool.
-pub(crate) async fn run_search(
-    state: &AppState,
-    name: String,
-    b: SearchBody,
-) -> Result<ragway_index::SearchResponse, ServiceError> {
-    let index = index(state)?;
-    let top_k = b.top_k.unwrap_or(10);
-    if top_k == 0 || top_k > MAX_TOP_K {
-        return Err(ServiceError::invalid("top_k", format!("top_k must be between 1 and {MAX_TOP_K}")));
-    }
-    if b.candidates.is_some_and(|c| c == 0 || c > 10 * MAX_TOP_K) {
-        return Err(ServiceError::invalid("candidates", format!("candidates must be between 1 and {}", 10 * MAX_TOP_K)));
-    }
-    if b.title_boost.is_some_and(|t| !(0.0..=100.0).contains(&t)) {
-        return Err(ServiceError::invalid("title_boost", "title_boost must be between 0 and 100"));
-    }
-    if b.ef.is_some_and(|e| e == 0 || e > 10_000) {
-        return Err(ServiceError::invalid("ef", "ef must be between 1 and 10000"));
-    }
-    let req = SearchRequest {
-        query: b.query,
-        top_k,
-        mode: b.mode.unwrap_or_default(),
-        filter: b.filter.as_ref().map(Filter::parse).transpose()?,
-        ef: b.ef,
-        fusion: b.fusion,
-        candidates: b.candidates,
-        group_by_document: b.group_by_document,
-        vector: b.vector,
-        exact_scan_max: None,
-        title_boost: b.title_boost,
-        skip_drift: false,
-    };
-    blocking(move || index.get(&name)?.search(&req)).await
 }
 
 #[utoipa::path(
@@ -288,7 +140,7 @@ pub(crate) async fn run_search(
 pub async fn search(_: Authorized<op::Search>, state: web::Data<AppState>,
     path: web::Path<String>,
     body: web::Json<SearchBody>,) -> Result<HttpResponse, ServiceError> {
-    let resp = run_search(&state, path.into_inner(), body.into_inner()).await?;
+    let resp = svc::search(&state, path.into_inner(), body.into_inner()).await?;
     Ok(HttpResponse::Ok().json(json!({"object": "list", "results": resp.results, "mode": resp.mode, "dense_exact": resp.dense_exact})))
 }
 
@@ -299,14 +151,6 @@ pub struct IngestQuery {
     on_error: Option<OnError>,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-#[derive(utoipa::ToSchema)]
-pub struct IngestPathBody {
-    path: String,
-    #[serde(default)]
-    on_error: Option<OnError>,
-}
 
 /// Starts an ingestion job: the body is JSONL / BEIR `corpus.jsonl` (streamed to a file
 /// under the data directory, never held in memory), or, with `Content-Type:
@@ -348,7 +192,7 @@ pub async fn ingest(_: Authorized<op::Ingest>, state: web::Data<AppState>,
         if let Some(o) = body.on_error {
             on_error = o;
         }
-        return start_path_ingest(&state, &collection_name, &body.path, on_error)
+        return svc::start_path_ingest(&state, &collection_name, &body.path, on_error)
             .map(|job| HttpResponse::Accepted().json(json!({"job_id": job.id, "object": "ingest_job", "state": job.state()})));
     } else {
         let uploads = state.settings.data_dir.join("uploads");
@@ -386,19 +230,6 @@ pub async fn ingest(_: Authorized<op::Ingest>, state: web::Data<AppState>,
     let options = IngestOptions { on_error, ..Default::default() };
     let job = index.jobs().submit(collection, source, options, cleanup)?;
     Ok(HttpResponse::Accepted().json(json!({"job_id": job.id, "object": "ingest_job", "state": job.state()})))
-}
-
-/// Starts a job over a file or directory under the server's ingest root.
-pub(crate) fn start_path_ingest(
-    state: &AppState,
-    collection: &str,
-    path: &str,
-    on_error: OnError,
-) -> Result<Arc<ragway_index::jobs::Job>, ServiceError> {
-    let index = index(state)?;
-    let collection = index.get(collection)?;
-    let source = Source::from_path(&index.ingest_path(path)?);
-    Ok(index.jobs().submit(collection, source, IngestOptions { on_error, ..Default::default() }, None)?)
 }
 
 static UPLOADS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -445,18 +276,13 @@ pub struct PathBody {
     tag = "collections",
     params(("name" = String, Path, description = "collection name")),
     request_body = PathBody,
-    responses((status = 201, description = "snapshot written", body = Object), ApiErrors)
+    responses((status = 201, description = "snapshot written", body = svc::SnapshotWritten), ApiErrors)
 )]
 #[post("/v1/collections/{name}/snapshot")]
 pub async fn snapshot(_: Authorized<op::Snapshot>, state: web::Data<AppState>,
     path: web::Path<String>,
     body: web::Json<PathBody>,) -> Result<HttpResponse, ServiceError> {
-    let index = index(&state)?;
-    let name = path.into_inner();
-    let rel = body.into_inner().path;
-    let shown = rel.clone();
-    blocking(move || index.snapshot(&name, &rel)).await?;
-    Ok(HttpResponse::Created().json(json!({"object": "snapshot", "path": shown})))
+    Ok(HttpResponse::Created().json(svc::snapshot(&state, path.into_inner(), body.into_inner().path).await?))
 }
 
 /// Creates collection `{name}` from a snapshot under `<data-dir>/snapshots`.
@@ -472,11 +298,7 @@ pub async fn snapshot(_: Authorized<op::Snapshot>, state: web::Data<AppState>,
 pub async fn restore(_: Authorized<op::Restore>, state: web::Data<AppState>,
     path: web::Path<String>,
     body: web::Json<PathBody>,) -> Result<HttpResponse, ServiceError> {
-    let index = index(&state)?;
-    let name = path.into_inner();
-    let rel = body.into_inner().path;
-    let info = blocking(move || index.restore(&name, &rel).map(|c| c.info())).await?;
-    Ok(HttpResponse::Created().json(info))
+    Ok(HttpResponse::Created().json(svc::restore(&state, path.into_inner(), body.into_inner().path).await?))
 }
 
 /// Rebuilds the graph without deleted points and compacts the log now.
@@ -489,13 +311,5 @@ pub async fn restore(_: Authorized<op::Restore>, state: web::Data<AppState>,
 )]
 #[post("/v1/collections/{name}/compact")]
 pub async fn compact(_: Authorized<op::Compact>, state: web::Data<AppState>, path: web::Path<String>) -> Result<HttpResponse, ServiceError> {
-    let index = index(&state)?;
-    let name = path.into_inner();
-    let info = blocking(move || {
-        let c = index.get(&name)?;
-        c.compact()?;
-        Ok(c.info())
-    })
-    .await?;
-    Ok(HttpResponse::Ok().json(info))
+    Ok(HttpResponse::Ok().json(svc::compact(&state, path.into_inner()).await?))
 }

@@ -45,8 +45,8 @@ impl Endpoint {
 /// A parsed request of one of the routed endpoints (what a local engine runs; upstreams get
 /// the JSON body as it came).
 pub enum Request {
-    Chat(crate::http::completions::ChatRequest),
-    Completions(crate::http::completions::CompletionRequest),
+    Chat(crate::service::completions::ChatRequest),
+    Completions(crate::service::completions::CompletionRequest),
     Embeddings(crate::http::embeddings::EmbeddingsRequest),
 }
 
@@ -109,7 +109,7 @@ pub async fn proxy(pool: &Arc<Pool>, endpoint: Endpoint, mut raw: Value, upstrea
                         tracing::warn!(endpoint = guard.endpoint(), "upstream stream broke: {e}");
                         let err = json!({"error": {"message": format!("upstream {} broke off the stream: {e}", guard.endpoint()),
                             "type": "server_error", "param": null, "code": "upstream_error"}});
-                        Some((Ok(crate::http::completions::sse(&err)), (upstream, rw, guard, true)))
+                        Some((Ok(crate::http::sse::event(&err)), (upstream, rw, guard, true)))
                     }
                     None => {
                         let rest = rw.finish();
@@ -118,7 +118,7 @@ pub async fn proxy(pool: &Arc<Pool>, endpoint: Endpoint, mut raw: Value, upstrea
                 }
             },
         );
-        return Ok(crate::http::completions::sse_response(body));
+        return Ok(crate::http::sse::response(body));
     }
     let timeout = Duration::from_secs_f64(pool.spec.timeout_s);
     let bytes = match tokio::time::timeout(timeout, resp.bytes()).await {

@@ -5,31 +5,11 @@
 
 use crate::http::middleware::{op, Authorized};
 use crate::service::error::ServiceError;
-use crate::http::collections::index;
 #[allow(unused_imports)]
 use crate::http::openapi::*;
 use crate::app::AppState;
+use crate::service::drift::*;
 use actix_web::{delete, get, put, web, HttpResponse};
-use serde_json::{json, Value};
-
-pub fn report_of(state: &AppState, collection: &str) -> Result<Value, ServiceError> {
-    let c = index(state)?.get(collection)?;
-    let mut v = json!(c.drift().report());
-    v["collection"] = json!(collection);
-    Ok(v)
-}
-
-pub async fn set_reference_of(state: &AppState, collection: &str, queries: Vec<String>) -> Result<Value, ServiceError> {
-    let c = index(state)?.get(collection)?;
-    // Embedding the queries blocks: off the HTTP worker.
-    crate::service::limits::blocking(move || c.set_drift_reference(&queries).map_err(ServiceError::from)).await?;
-    report_of(state, collection)
-}
-
-pub fn reset_of(state: &AppState, collection: &str) -> Result<Value, ServiceError> {
-    index(state)?.get(collection)?.drift().reset();
-    report_of(state, collection)
-}
 
 #[utoipa::path(get, path = "/v1/collections/{name}/drift", tag = "collections", params(("name" = String, Path)),
     responses((status = 200, description = "Drift state: KS, PSI, low-score share, grounding, alert"), (status = 404, description = "No such collection")))]
@@ -38,16 +18,11 @@ pub async fn report(_: Authorized<op::DriftReport>, state: web::Data<AppState>, 
     Ok(HttpResponse::Ok().json(report_of(&state, &name)?))
 }
 
-#[utoipa::path(put, path = "/v1/collections/{name}/drift/reference", tag = "collections", params(("name" = String, Path)), request_body = Object,
+#[utoipa::path(put, path = "/v1/collections/{name}/drift/reference", tag = "collections", params(("name" = String, Path)), request_body = DriftReference,
     responses((status = 200, description = "The reference is made from the queries"), (status = 400, description = "Bad request")))]
 #[put("/v1/collections/{name}/drift/reference")]
-pub async fn set_reference(_: Authorized<op::SetDriftReference>, state: web::Data<AppState>, name: web::Path<String>, body: web::Json<Value>) -> Result<HttpResponse, ServiceError> {
-    let queries: Vec<String> = match body.into_inner().get("queries") {
-        Some(q) => serde_json::from_value(q.clone())
-            .map_err(|_| ServiceError::invalid("queries", "`queries` must be an array of strings"))?,
-        None => return Err(ServiceError::invalid("queries", "`queries` (an array of strings) is required")),
-    };
-    Ok(HttpResponse::Ok().json(set_reference_of(&state, &name, queries).await?))
+pub async fn set_reference(_: Authorized<op::SetDriftReference>, state: web::Data<AppState>, name: web::Path<String>, body: web::Json<DriftReference>) -> Result<HttpResponse, ServiceError> {
+    Ok(HttpResponse::Ok().json(set_reference_of(&state, &name, body.into_inner().queries).await?))
 }
 
 #[utoipa::path(delete, path = "/v1/collections/{name}/drift/reference", tag = "collections", params(("name" = String, Path)),

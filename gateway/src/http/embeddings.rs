@@ -33,25 +33,39 @@ pub struct EmbeddingsRequest {
     user: Option<String>,
 }
 
-#[derive(Serialize)]
-struct EmbeddingObject {
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct EmbeddingObject {
+    /// Always `embedding`.
+    #[schema(value_type = String)]
     object: &'static str,
     index: usize,
-    embedding: Value,
+    /// The vector: numbers, or with `encoding_format: base64` the little-endian f32 bytes
+    /// in base64.
+    embedding: Embedding,
 }
 
-#[derive(Serialize)]
-struct Usage {
+#[derive(Serialize, utoipa::ToSchema)]
+#[serde(untagged)]
+pub enum Embedding {
+    Float(Vec<f32>),
+    Base64(String),
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct EmbeddingsUsage {
     prompt_tokens: usize,
     total_tokens: usize,
 }
 
-#[derive(Serialize)]
-struct EmbeddingsResponse<'a> {
+/// OpenAI's embedding list.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct EmbeddingsResponse {
+    /// Always `list`.
+    #[schema(value_type = String)]
     object: &'static str,
     data: Vec<EmbeddingObject>,
-    model: &'a str,
-    usage: Usage,
+    model: String,
+    usage: EmbeddingsUsage,
 }
 
 const INPUT_SHAPE: &str =
@@ -114,7 +128,7 @@ fn encode_base64(v: &[f32]) -> String {
     path = "/v1/embeddings",
     tag = "openai",
     request_body = EmbeddingsRequest,
-    responses((status = 200, description = "OpenAI embedding list", body = Object), ApiErrors)
+    responses((status = 200, description = "OpenAI embedding list", body = EmbeddingsResponse), ApiErrors)
 )]
 #[post("/v1/embeddings")]
 pub async fn create(_: Authorized<op::Embeddings>, http: HttpRequest, state: web::Data<AppState>, body: web::Json<Value>) -> Result<HttpResponse, ServiceError> {
@@ -165,15 +179,15 @@ pub(crate) async fn embed_local(
         .map(|(index, e)| EmbeddingObject {
             object: "embedding",
             index,
-            embedding: if base64 { Value::String(encode_base64(&e.vector)) } else { serde_json::json!(e.vector) },
+            embedding: if base64 { Embedding::Base64(encode_base64(&e.vector)) } else { Embedding::Float(e.vector) },
         })
         .collect();
     Ok(HttpResponse::Ok().insert_header(("x-ragway-truncated-inputs", truncated.to_string())).json(
         EmbeddingsResponse {
             object: "list",
             data,
-            model: &model,
-            usage: Usage { prompt_tokens, total_tokens: prompt_tokens },
+            model,
+            usage: EmbeddingsUsage { prompt_tokens, total_tokens: prompt_tokens },
         },
     ))
 }

@@ -4,7 +4,7 @@
 
 use crate::http::middleware::{op, Authorized};
 use crate::service::error::ServiceError;
-use crate::service::evals::StartEval;
+use crate::service::evals::{no_run, StartEval};
 use crate::app::AppState;
 use actix_web::{get, post, web, HttpResponse};
 use serde_json::{json, Value};
@@ -39,12 +39,4 @@ pub async fn get(_: Authorized<op::GetEval>, state: web::Data<AppState>, id: web
 pub async fn report(_: Authorized<op::GetEval>, state: web::Data<AppState>, id: web::Path<String>) -> Result<HttpResponse, ServiceError> {
     let html = state.evals.report(&id).ok_or_else(|| no_run(&id))?;
     Ok(HttpResponse::Ok().content_type("text/html; charset=utf-8").body(html))
-}
-
-pub(crate) fn no_run(id: &str) -> ServiceError {
-    let mut e = ServiceError::not_found(id);
-    e.message = format!("no finished or running evaluation run `{id}`");
-    e.param = Some("id".into());
-    e.code = Some("run_not_found");
-    e
 }

@@ -19,6 +19,7 @@ pub mod openapi;
 pub mod prompts;
 pub mod rag;
 pub mod server;
+pub mod sse;
 pub mod tokenize;
 
 use actix_web::web;

@@ -8,12 +8,25 @@ use crate::http::openapi::*;
 use actix_web::{get, web, HttpResponse};
 use serde::Serialize;
 
-#[derive(Serialize)]
-struct Model {
+/// An OpenAI model object.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Model {
     id: String,
+    /// Always `model`.
+    #[schema(value_type = String)]
     object: &'static str,
     created: u64,
+    #[schema(value_type = String)]
     owned_by: &'static str,
+}
+
+/// OpenAI's model list.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ModelList {
+    /// Always `list`.
+    #[schema(value_type = String)]
+    object: &'static str,
+    data: Vec<Model>,
 }
 
 /// Every public name and every pinned `name@version` the registry serves.
@@ -30,11 +43,11 @@ fn served(state: &AppState) -> Vec<Model> {
     get,
     path = "/v1/models",
     tag = "openai",
-    responses((status = 200, description = "OpenAI model list", body = Object), ApiErrors)
+    responses((status = 200, description = "OpenAI model list", body = ModelList), ApiErrors)
 )]
 #[get("/v1/models")]
 pub async fn list(_: Authorized<op::ListModels>, state: web::Data<AppState>) -> Result<HttpResponse, ServiceError> {
-    Ok(HttpResponse::Ok().json(serde_json::json!({"object": "list", "data": served(&state)})))
+    Ok(HttpResponse::Ok().json(ModelList { object: "list", data: served(&state) }))
 }
 
 #[utoipa::path(
@@ -42,7 +55,7 @@ pub async fn list(_: Authorized<op::ListModels>, state: web::Data<AppState>) -> 
     path = "/v1/models/{id}",
     tag = "openai",
     params(("id" = String, Path, description = "document, job or model id")),
-    responses((status = 200, description = "OpenAI model", body = Object), ApiErrors)
+    responses((status = 200, description = "OpenAI model", body = Model), ApiErrors)
 )]
 #[get("/v1/models/{id:.*}")]
 pub async fn get(_: Authorized<op::GetModel>, state: web::Data<AppState>, id: web::Path<String>) -> Result<HttpResponse, ServiceError> {

@@ -1,10 +1,14 @@
-//! OpenAI's response shapes for chat and text completions, as types: the handlers build
-//! these, and `/openapi.json` documents them from the same definitions.
+//! OpenAI's response shapes for chat and text completions, whole and as stream chunks, as
+//! types: the handlers and the SSE encoder build these, and `/openapi.json` documents them
+//! from the same definitions.
 
-use crate::http::completions::now;
+use crate::service::now;
 use crate::service::usage::Usage;
+use ragway_engine::generate::tokenizer::TextTokenizer;
+use ragway_engine::generate::TokenLogprob;
 use serde::Serialize;
 use serde_json::Value;
+use std::collections::BTreeMap;
 
 /// A `chat.completion`.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -29,9 +33,8 @@ pub struct ChatCompletion {
 pub struct ChatChoice {
     pub index: usize,
     pub message: AssistantMessage,
-    /// `{"content": [...]}` when `logprobs` was asked for.
-    #[schema(value_type = Option<Object>)]
-    pub logprobs: Option<Value>,
+    /// When `logprobs` was asked for.
+    pub logprobs: Option<ChatLogprobs>,
     /// `stop` or `length`.
     #[schema(value_type = Option<String>)]
     pub finish_reason: Option<&'static str>,
@@ -70,9 +73,8 @@ pub struct TextCompletion {
 pub struct TextChoice {
     pub index: usize,
     pub text: String,
-    /// `{"tokens", "token_logprobs", "top_logprobs", "text_offset"}` when `logprobs` was set.
-    #[schema(value_type = Option<Object>)]
-    pub logprobs: Option<Value>,
+    /// When `logprobs` was set.
+    pub logprobs: Option<TextLogprobs>,
     #[schema(value_type = Option<String>)]
     pub finish_reason: Option<&'static str>,
 }
@@ -87,4 +89,121 @@ impl TextCompletion {
     pub fn new(id: String, model: String, choices: Vec<TextChoice>, usage: Usage) -> Self {
         Self { id, object: "text_completion", created: now(), model, system_fingerprint: None, choices, usage }
     }
+}
+
+/// A chat choice's logprobs: one entry per generated token.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ChatLogprobs {
+    pub content: Vec<ChatTokenLogprob>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ChatTokenLogprob {
+    pub token: String,
+    pub logprob: f32,
+    /// The token's UTF-8 bytes.
+    pub bytes: Vec<u8>,
+    /// The `top_logprobs` most likely tokens at this position.
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct TopLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+}
+
+impl ChatLogprobs {
+    pub fn of(tok: &TextTokenizer, lps: &[TokenLogprob]) -> Self {
+        let top = |id: u32, logprob: f32| {
+            let token = tok.token_text(id);
+            TopLogprob { bytes: token.as_bytes().to_vec(), token, logprob }
+        };
+        let content = lps
+            .iter()
+            .map(|lp| {
+                let token = tok.token_text(lp.id);
+                ChatTokenLogprob {
+                    bytes: token.as_bytes().to_vec(),
+                    token,
+                    logprob: lp.logprob,
+                    top_logprobs: lp.top.iter().map(|&(id, l)| top(id, l)).collect(),
+                }
+            })
+            .collect();
+        Self { content }
+    }
+}
+
+/// A text choice's logprobs (the legacy completions shape).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct TextLogprobs {
+    pub tokens: Vec<String>,
+    pub token_logprobs: Vec<f32>,
+    /// Per position, the alternatives as `{token: logprob}`.
+    pub top_logprobs: Vec<BTreeMap<String, f32>>,
+    /// Not computed: always null.
+    pub text_offset: Option<Vec<usize>>,
+}
+
+impl TextLogprobs {
+    pub fn of(tok: &TextTokenizer, lps: &[TokenLogprob]) -> Self {
+        Self {
+            tokens: lps.iter().map(|lp| tok.token_text(lp.id)).collect(),
+            token_logprobs: lps.iter().map(|lp| lp.logprob).collect(),
+            top_logprobs: lps.iter().map(|lp| lp.top.iter().map(|&(id, l)| (tok.token_text(id), l)).collect()).collect(),
+            text_offset: None,
+        }
+    }
+}
+
+/// One server-sent event of a stream: a `chat.completion.chunk` (choices are
+/// [`ChatChunkChoice`]) or a `text_completion` chunk ([`TextChunkChoice`]).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct CompletionChunk<C> {
+    pub id: String,
+    /// `chat.completion.chunk` or `text_completion`.
+    #[schema(value_type = String)]
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub system_fingerprint: Option<String>,
+    /// One choice per chunk; empty in the final usage (and `rag`) chunks.
+    pub choices: Vec<C>,
+    /// With `stream_options.include_usage`: null on every chunk but the last, which has it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Option<Usage>>,
+    /// With a `rag` chat request: the last chunk before usage carries citations.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub rag: Option<Value>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ChatChunkChoice {
+    pub index: usize,
+    pub delta: Delta,
+    pub logprobs: Option<ChatLogprobs>,
+    #[schema(value_type = Option<String>)]
+    pub finish_reason: Option<&'static str>,
+}
+
+/// What a chunk adds to the assistant message: the role in a choice's first chunk, then text.
+#[derive(Debug, Default, Serialize, utoipa::ToSchema)]
+pub struct Delta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct TextChunkChoice {
+    pub index: usize,
+    pub text: String,
+    pub logprobs: Option<TextLogprobs>,
+    #[schema(value_type = Option<String>)]
+    pub finish_reason: Option<&'static str>,
 }

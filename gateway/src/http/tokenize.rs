@@ -88,7 +88,7 @@ pub async fn tokenize(_: Authorized<op::Tokenize>, state: web::Data<AppState>, b
             Target::Generation(h) => {
                 let (text, default_special) = match &req.messages {
                     Some(m) => {
-                        let messages = super::completions::chat_messages(m)?;
+                        let messages = crate::service::completions::chat_messages(m)?;
                         crate::service::limits::check_prompt_bytes(messages.iter().map(|m| m.content.len()).sum(), "messages")?;
                         let template = h
                             .chat_template()

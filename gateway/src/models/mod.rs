@@ -32,7 +32,7 @@ use upstream::{Pool, UpstreamSpec};
 /// The version name of the server's own models (`--generation-model`, `--embedding-model`).
 pub const BUILTIN_VERSION: &str = "v1";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ModelKind {
     Generation,
@@ -50,7 +50,7 @@ impl ModelKind {
 }
 
 /// One version as declared (config file or `POST /v1/admin/models`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VersionSpec {
     pub version: String,
@@ -63,13 +63,14 @@ pub struct VersionSpec {
 }
 
 /// A model this server loads itself.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LocalSpec {
     /// A .gguf file, a model folder, a name under the models directory, or a hub repository.
     pub model: String,
     /// A Jinja file replacing a generation model's own chat template.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
     pub chat_template: Option<std::path::PathBuf>,
 }
 
@@ -275,7 +276,7 @@ pub struct ModelRegistry {
 }
 
 fn now_unix() -> u64 {
-    crate::http::completions::now()
+    crate::service::now()
 }
 
 fn draw() -> f64 {

@@ -9,14 +9,14 @@ use crate::app::AppState;
 use crate::service::error::StatusCode;
 use ragway_eval::backend::InProcess;
 use ragway_eval::retrieval::EmptyQueries;
-use ragway_eval::runner::{self, Kind, Progress, RunContext, RunSpec};
+use ragway_eval::runner::{self, EvalKind, Progress, RunContext, RunSpec};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use crate::http::completions::now;
+use crate::service::now;
 
 /// A run request (`POST /v1/evals`, GraphQL `startEvalRun`).
 #[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
@@ -101,7 +101,7 @@ impl EvalRuns {
     }
 
     fn spec(state: &AppState, req: &StartEval) -> Result<RunSpec, ServiceError> {
-        let kind = Kind::parse(&req.kind).ok_or_else(|| ServiceError::invalid("kind", "kind must be `retrieval`, `rag` or `halueval`"))?;
+        let kind = EvalKind::parse(&req.kind).ok_or_else(|| ServiceError::invalid("kind", "kind must be `retrieval`, `rag` or `halueval`"))?;
         let index = state.index.get().ok_or_else(|| ServiceError::not_ready("index"))?;
         let root = index.options().ingest_root.clone().ok_or_else(|| {
             ServiceError::invalid("dataset", "server-side datasets are disabled: start the server with --ingest-root and put datasets under it")
@@ -119,7 +119,7 @@ impl EvalRuns {
         }
         spec.collection = req.collection.clone();
         if let Some(m) = &req.mode {
-            spec.mode = crate::cli::eval::parse_mode(m).ok_or_else(|| ServiceError::invalid("mode", "mode must be `dense`, `keyword` or `hybrid`"))?;
+            spec.mode = ragway_index::SearchMode::parse(m).ok_or_else(|| ServiceError::invalid("mode", "mode must be `dense`, `keyword` or `hybrid`"))?;
         }
         if req.top_k.is_some_and(|k| k == 0 || k > 1000) {
             return Err(ServiceError::invalid("top_k", "top_k must be between 1 and 1000"));
@@ -144,7 +144,7 @@ impl EvalRuns {
     /// Starts a run on its own thread; its view at once.
     pub fn start(&self, state: Arc<AppState>, req: StartEval) -> Result<Value, ServiceError> {
         let spec = Self::spec(&state, &req)?;
-        if spec.kind != Kind::Retrieval && state.generator.get().is_none() {
+        if spec.kind != EvalKind::Retrieval && state.generator.get().is_none() {
             return Err(ServiceError::not_ready("generation model"));
         }
         let id = match &req.name {
@@ -267,4 +267,13 @@ impl EvalRuns {
 
 fn read_summary(dir: &std::path::Path) -> Option<Value> {
     serde_json::from_slice(&std::fs::read(dir.join("summary.json")).ok()?).ok()
+}
+
+/// The error for an unknown run id.
+pub fn no_run(id: &str) -> ServiceError {
+    let mut e = ServiceError::not_found(id);
+    e.message = format!("no finished or running evaluation run `{id}`");
+    e.param = Some("id".into());
+    e.code = Some("run_not_found");
+    e
 }

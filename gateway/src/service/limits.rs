@@ -14,11 +14,11 @@ use std::sync::{Arc, Mutex};
 pub struct StreamLimits {
     max_connections: usize,
     max_subscriptions: usize,
-    live: Mutex<HashMap<(String, Kind), usize>>,
+    live: Mutex<HashMap<(String, SlotKind), usize>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Kind {
+enum SlotKind {
     Connection,
     Subscription,
 }
@@ -27,7 +27,7 @@ enum Kind {
 #[derive(Debug)]
 pub struct Slot {
     owner: Arc<StreamLimits>,
-    key: (String, Kind),
+    key: (String, SlotKind),
 }
 
 impl Drop for Slot {
@@ -47,17 +47,17 @@ impl StreamLimits {
         Arc::new(Self { max_connections, max_subscriptions, live: Mutex::new(HashMap::new()) })
     }
 
-    fn take(self: &Arc<Self>, key: &str, kind: Kind) -> Result<Slot, ServiceError> {
+    fn take(self: &Arc<Self>, key: &str, kind: SlotKind) -> Result<Slot, ServiceError> {
         let max = match kind {
-            Kind::Connection => self.max_connections,
-            Kind::Subscription => self.max_subscriptions,
+            SlotKind::Connection => self.max_connections,
+            SlotKind::Subscription => self.max_subscriptions,
         };
         let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
         let n = live.entry((key.to_string(), kind)).or_insert(0);
         if *n >= max {
             let what = match kind {
-                Kind::Connection => "WebSocket connections",
-                Kind::Subscription => "subscriptions",
+                SlotKind::Connection => "WebSocket connections",
+                SlotKind::Subscription => "subscriptions",
             };
             return Err(ServiceError {
                 status: StatusCode::TOO_MANY_REQUESTS,
@@ -73,19 +73,19 @@ impl StreamLimits {
 
     /// A WebSocket connection for the key `key`.
     pub fn connection(self: &Arc<Self>, key: &str) -> Result<Slot, ServiceError> {
-        self.take(key, Kind::Connection)
+        self.take(key, SlotKind::Connection)
     }
 
     /// A running subscription for the key `key`.
     pub fn subscription(self: &Arc<Self>, key: &str) -> Result<Slot, ServiceError> {
-        self.take(key, Kind::Subscription)
+        self.take(key, SlotKind::Subscription)
     }
 
     /// Live slots of a key (for tests and metrics).
     pub fn held(&self, key: &str) -> (usize, usize) {
         let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
         let get = |k| live.get(&(key.to_string(), k)).copied().unwrap_or(0);
-        (get(Kind::Connection), get(Kind::Subscription))
+        (get(SlotKind::Connection), get(SlotKind::Subscription))
     }
 }
 

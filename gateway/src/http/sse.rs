@@ -1,0 +1,225 @@
+//! The one SSE encoder of the OpenAI endpoints: typed chunks (`http::openai`) as the engine
+//! decodes, a final usage chunk on request, then `data: [DONE]`.
+
+use crate::http::openai::{ChatChunkChoice, ChatLogprobs, CompletionChunk, Delta, TextChunkChoice, TextLogprobs};
+use crate::service::auth::Principal;
+use crate::service::completions::Events;
+use crate::service::usage::Usage;
+use actix_web::web::Bytes;
+use actix_web::HttpResponse;
+use futures::stream::{self, Stream, StreamExt};
+use ragway_engine::generate::{GenEvent, GenerateHandle, TokenLogprob};
+use serde::Serialize;
+use serde_json::Value;
+use std::pin::Pin;
+use std::sync::Arc;
+
+/// The stream's choice shape: chat deltas or text pieces.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum ChoiceFormat {
+    Chat,
+    Text,
+}
+
+const DONE: &[u8] = b"data: [DONE]\n\n";
+
+/// One server-sent event carrying `v` as JSON.
+pub(crate) fn event<T: Serialize>(v: &T) -> Bytes {
+    // The chunk types hold only strings, numbers and JSON values: serializing cannot fail.
+    Bytes::from(format!("data: {}\n\n", serde_json::to_string(v).unwrap_or_default()))
+}
+
+/// Builds the chunks of one response: its id, model, creation time and shape are fixed.
+#[derive(Clone)]
+pub(crate) struct Encoder {
+    h: GenerateHandle,
+    format: ChoiceFormat,
+    id: String,
+    model: String,
+    created: u64,
+    include_usage: bool,
+}
+
+impl Encoder {
+    pub(crate) fn new(h: GenerateHandle, format: ChoiceFormat, id: String, model: String, include_usage: bool) -> Self {
+        Self { h, format, id, model, created: crate::service::now(), include_usage }
+    }
+
+    fn chunk<C: Serialize>(&self, choices: Vec<C>) -> CompletionChunk<C> {
+        CompletionChunk {
+            id: self.id.clone(),
+            object: match self.format {
+                ChoiceFormat::Chat => "chat.completion.chunk",
+                ChoiceFormat::Text => "text_completion",
+            },
+            created: self.created,
+            model: self.model.clone(),
+            system_fingerprint: None,
+            choices,
+            usage: self.include_usage.then_some(None),
+            rag: None,
+        }
+    }
+
+    fn choice(&self, index: usize, delta: Delta, text: String, lp: Option<&TokenLogprob>, finish: Option<&'static str>) -> Bytes {
+        let tok = self.h.tokenizer();
+        match self.format {
+            ChoiceFormat::Chat => event(&self.chunk(vec![ChatChunkChoice {
+                index,
+                delta,
+                logprobs: lp.map(|lp| ChatLogprobs::of(tok, std::slice::from_ref(lp))),
+                finish_reason: finish,
+            }])),
+            ChoiceFormat::Text => event(&self.chunk(vec![TextChunkChoice {
+                index,
+                text,
+                logprobs: lp.map(|lp| TextLogprobs::of(tok, std::slice::from_ref(lp))),
+                finish_reason: finish,
+            }])),
+        }
+    }
+
+    /// A chat choice's first chunk: the role, as OpenAI's streams begin.
+    pub(crate) fn role(&self, index: usize) -> Bytes {
+        self.choice(index, Delta { role: Some("assistant"), content: Some(String::new()) }, String::new(), None, None)
+    }
+
+    /// Decoded text (and its token's logprobs, when asked for).
+    pub(crate) fn text(&self, index: usize, text: String, lp: Option<&TokenLogprob>) -> Bytes {
+        self.choice(index, Delta { role: None, content: Some(text.clone()) }, text, lp, None)
+    }
+
+    /// A choice's last chunk.
+    pub(crate) fn finish(&self, index: usize, reason: &'static str) -> Bytes {
+        self.choice(index, Delta::default(), String::new(), None, Some(reason))
+    }
+
+    /// The chunk after the choices that carries a RAG answer's citations.
+    pub(crate) fn rag(&self, extra: Value) -> Bytes {
+        let mut c = self.chunk::<ChatChunkChoice>(Vec::new());
+        c.rag = Some(extra);
+        event(&c)
+    }
+
+    /// The usage chunk (sent only with `stream_options.include_usage`), then `[DONE]`.
+    pub(crate) fn end(&self, usage: Usage) -> Bytes {
+        let mut out = Vec::new();
+        if self.include_usage {
+            let mut c = self.chunk::<ChatChunkChoice>(Vec::new());
+            c.usage = Some(Some(usage));
+            out.extend_from_slice(&event(&c));
+        }
+        out.extend_from_slice(DONE);
+        Bytes::from(out)
+    }
+}
+
+/// Work run on a finished stream's text (choice 0), whose value rides in an extra final
+/// chunk (`choices: []`, `rag: {...}`): how chat completions with `rag` return citations.
+pub(crate) type Tail = Box<dyn FnOnce(String) -> Pin<Box<dyn std::future::Future<Output = Value>>>>;
+
+/// The SSE body of `choices` sequences: chunks as the engine decodes, then the usage chunk
+/// (charged to `caller`) and `[DONE]`. `prompt_tokens` is the request's whole prompt count.
+pub(crate) fn body(
+    enc: Encoder,
+    events: Events,
+    choices: usize,
+    prompt_tokens: usize,
+    caller: Option<Arc<Principal>>,
+    tail: Option<Tail>,
+) -> impl Stream<Item = Result<Bytes, actix_web::Error>> {
+    struct St {
+        events: Events,
+        done: usize,
+        completion_tokens: usize,
+        finished: bool,
+        started: Vec<bool>,
+        tail: Option<Tail>,
+        text: String,
+    }
+    let st = St {
+        events,
+        done: 0,
+        completion_tokens: 0,
+        finished: false,
+        started: vec![false; choices],
+        tail,
+        text: String::new(),
+    };
+    stream::unfold(st, move |mut st| {
+        let enc = enc.clone();
+        let caller = caller.clone();
+        async move {
+            if st.finished {
+                return None;
+            }
+            let open = |started: &mut Vec<bool>, index: usize, out: &mut Vec<u8>| {
+                if enc.format == ChoiceFormat::Chat && !std::mem::replace(&mut started[index], true) {
+                    out.extend_from_slice(&enc.role(index));
+                }
+            };
+            let mut out: Vec<u8> = Vec::new();
+            loop {
+                let Some((_, ev)) = st.events.next().await else {
+                    st.finished = true;
+                    out.extend_from_slice(DONE);
+                    break;
+                };
+                match ev {
+                    GenEvent::Token { index, text, logprob, .. } => {
+                        open(&mut st.started, index, &mut out);
+                        if st.tail.is_some() && index == 0 {
+                            st.text.push_str(&text);
+                        }
+                        if text.is_empty() && logprob.is_none() {
+                            continue;
+                        }
+                        out.extend_from_slice(&enc.text(index, text, logprob.as_ref()));
+                        break;
+                    }
+                    GenEvent::Text { index, text } => {
+                        open(&mut st.started, index, &mut out);
+                        if st.tail.is_some() && index == 0 {
+                            st.text.push_str(&text);
+                        }
+                        out.extend_from_slice(&enc.text(index, text, None));
+                        break;
+                    }
+                    GenEvent::Done { index, finish_reason, completion_tokens, .. } => {
+                        open(&mut st.started, index, &mut out);
+                        st.completion_tokens = st.completion_tokens.saturating_add(completion_tokens);
+                        out.extend_from_slice(&enc.finish(index, finish_reason.as_str()));
+                        st.done += 1;
+                        if st.done == choices {
+                            let usage = Usage::charged(prompt_tokens, st.completion_tokens, caller.as_deref());
+                            if let Some(tail) = st.tail.take() {
+                                let extra = tail(std::mem::take(&mut st.text)).await;
+                                out.extend_from_slice(&enc.rag(extra));
+                            }
+                            out.extend_from_slice(&enc.end(usage));
+                            st.finished = true;
+                        }
+                        break;
+                    }
+                    GenEvent::Error { message } => {
+                        // The status line is gone: report the failure in the stream itself.
+                        let err = crate::service::error::ServiceError::internal(message).body();
+                        out.extend_from_slice(&event(&err));
+                        st.finished = true;
+                        break;
+                    }
+                }
+            }
+            Some((Ok::<_, actix_web::Error>(Bytes::from(out)), st))
+        }
+    })
+}
+
+/// The HTTP response of an SSE body.
+pub(crate) fn response(body: impl Stream<Item = Result<Bytes, actix_web::Error>> + 'static) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/event-stream")
+        .insert_header(("Cache-Control", "no-cache"))
+        .insert_header(("X-Accel-Buffering", "no"))
+        .streaming(body)
+}
