@@ -8,7 +8,7 @@
 set -euo pipefail
 env="${RAGWAY_CACHE:-$HOME/.cache/ragway}/refenv"
 [ -x "$env/bin/python" ] || python3 -m venv "$env"
-"$env/bin/pip" install --quiet --disable-pip-version-check sentence-transformers torch numpy
+"$env/bin/pip" install --quiet --disable-pip-version-check sentence-transformers torch numpy hnswlib==0.8.0 faiss-cpu
 if [ "${1:-}" = "--with-llamacpp" ]; then
   # Native build, but without AMX: -march=native turns on AMX tiles on Sapphire Rapids, and
   # VMs that do not grant the tile state kill the process with SIGILL at the first prefill.

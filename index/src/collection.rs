@@ -12,13 +12,19 @@
 //! makes a whole batch visible at once.
 //!
 //! Removed chunks stay in the table until `V` passes their removal, then leave it; their
-//! graph points stay (hnsw_rs cannot delete) and are filtered out until a rebuild
-//! ([`Collection::compact`]) builds a fresh graph and rewrites the log with live documents.
-//! On open, the log is replayed into the table, the graph is built from it, and tantivy gets
-//! the records after its last commit's sequence number.
+//! graph points stay and are filtered out until a rebuild ([`Collection::compact`]) builds a
+//! fresh graph and rewrites the log with live documents. The graph holds the one copy of
+//! each vector; the table refers to it by point.
+//!
+//! The graph is saved (`dense.hnsw`, marked with the last log record it covers) after a
+//! compaction, on close, and every [`GRAPH_SAVE_EVERY`] new points. On open, the log is
+//! replayed into the table, the saved graph is loaded and gets only the chunks written after
+//! it (the whole graph is built when none is saved or it does not match the log), and
+//! tantivy gets the records after its last commit's sequence number.
 
 use crate::chunker::{chunk_text, ChunkSpan};
 use crate::dense::{exact_search, DenseIndex};
+use crate::simd::dot;
 use crate::embedder::ChunkEmbedder;
 use crate::error::{IndexError, Result};
 use crate::filter::Filter;
@@ -41,9 +47,50 @@ pub const MAX_CANDIDATES: usize = 10_000;
 
 /// Longest document id accepted.
 pub const MAX_ID_BYTES: usize = 512;
+/// Most chunks a document may bring with its own vectors.
+pub const MAX_OWN_CHUNKS: usize = 4096;
 /// A filter matching at most this many chunks is served by an exact scan.
 const EXACT_SCAN_MAX: usize = 4096;
 const NOT_REMOVED: u64 = u64::MAX;
+/// The saved graph, and the file it is written to before the rename.
+const GRAPH_FILE: &str = "dense.hnsw";
+const GRAPH_TMP_FILE: &str = "dense.tmp";
+/// Points inserted since the last save after which a write saves the graph again (also
+/// saved after a compaction and on close), so that an open replays a bounded log tail.
+const GRAPH_SAVE_EVERY: usize = 50_000;
+
+/// Why an open failed: a saved graph that does not match the log is rebuilt, not fatal.
+enum OpenError {
+    StaleGraph(String),
+    Index(IndexError),
+}
+
+impl OpenError {
+    fn into_index(self) -> IndexError {
+        match self {
+            OpenError::StaleGraph(why) => IndexError::Corrupt(why),
+            OpenError::Index(e) => e,
+        }
+    }
+}
+
+impl From<IndexError> for OpenError {
+    fn from(e: IndexError) -> Self {
+        OpenError::Index(e)
+    }
+}
+
+impl From<std::io::Error> for OpenError {
+    fn from(e: std::io::Error) -> Self {
+        OpenError::Index(e.into())
+    }
+}
+
+impl From<serde_json::Error> for OpenError {
+    fn from(e: serde_json::Error) -> Self {
+        OpenError::Index(e.into())
+    }
+}
 
 /// One version of a document.
 pub(crate) struct DocEntry {
@@ -58,10 +105,15 @@ pub(crate) struct DocEntry {
 struct ChunkEntry {
     doc: Arc<DocEntry>,
     index: u32,
-    vector: Box<[f32]>,
+    /// The chunk's point in the graph, which holds its vector ([`UNPLACED`] while a replay
+    /// has not inserted it yet).
+    point: u32,
     added: u64,
     removed: u64,
 }
+
+/// The point of a chunk whose vector is not in the graph yet.
+const UNPLACED: u32 = u32::MAX;
 
 impl ChunkEntry {
     fn visible(&self, v: u64) -> bool {
@@ -85,9 +137,9 @@ struct Table {
 }
 
 impl Table {
-    /// Applies a logged upsert; returns the keys of chunks it removed.
-    fn upsert(&mut self, seq: u64, docs: &[DocRecord], vectors: &[f32], dim: usize) {
-        let mut offset = 0;
+    /// Applies a logged upsert; `points` are its chunks' graph points, in order.
+    fn upsert(&mut self, seq: u64, docs: &[DocRecord], points: &[u32]) {
+        let mut points = points.iter().copied();
         for d in docs {
             if let Some(old) = self.docs.get(&d.id).cloned() {
                 for c in &old.chunks {
@@ -103,11 +155,10 @@ impl Table {
                 chunks: d.chunks.clone(),
             });
             for (i, c) in d.chunks.iter().enumerate() {
-                let vector = vectors[offset..offset + dim].to_vec().into_boxed_slice();
-                offset += dim;
+                let point = points.next().unwrap_or(UNPLACED);
                 self.chunks.insert(
                     c.key,
-                    ChunkEntry { doc: entry.clone(), index: i as u32, vector, added: seq, removed: NOT_REMOVED },
+                    ChunkEntry { doc: entry.clone(), index: i as u32, point, added: seq, removed: NOT_REMOVED },
                 );
             }
             self.docs.insert(d.id.clone(), entry);
@@ -156,6 +207,8 @@ struct Writer {
     wal: Wal,
     next_seq: u64,
     next_key: u64,
+    /// Graph points inserted since the graph was last saved.
+    unsaved_points: usize,
 }
 
 /// A document chunked and ready to embed.
@@ -163,8 +216,11 @@ pub struct ChunkedDoc {
     pub input: DocumentInput,
     pub hash: u64,
     pub spans: Vec<ChunkSpan>,
-    /// Embedding inputs, one per span (title tokens in front when configured).
+    /// Embedding inputs, one per span (title tokens in front when configured; empty for
+    /// chunks that brought their own vectors).
     pub embed_inputs: Vec<Vec<u32>>,
+    /// The vectors the document brought (checked and in stored form), one per span.
+    pub vectors: Option<Vec<Vec<f32>>>,
 }
 
 /// A document with its chunks' vectors.
@@ -176,7 +232,9 @@ pub struct PreparedDoc {
 pub struct Collection {
     settings: CollectionSettings,
     dir: PathBuf,
-    embedder: Arc<dyn ChunkEmbedder>,
+    /// The embedding model; `None` for a collection whose documents and searches bring their
+    /// own vectors.
+    embedder: Option<Arc<dyn ChunkEmbedder>>,
     writer: Mutex<Writer>,
     table: RwLock<Table>,
     dense: RwLock<Arc<DenseIndex>>,
@@ -185,29 +243,65 @@ pub struct Collection {
     commit_lock: Mutex<()>,
     rebuilding: AtomicBool,
     drift: crate::drift::DriftMonitor,
+    /// Graph points loaded from the saved graph and inserted from the log when opened.
+    open_stats: (usize, usize),
 }
 
 impl Collection {
     /// Creates a collection directory with its settings.
     pub fn create(dir: &Path, settings: CollectionSettings, embedder: Arc<dyn ChunkEmbedder>) -> Result<Collection> {
+        Self::create_with(dir, settings, Some(embedder))
+    }
+
+    /// [`Collection::create`], for a collection with or without an embedding model.
+    pub fn create_with(dir: &Path, settings: CollectionSettings, embedder: Option<Arc<dyn ChunkEmbedder>>) -> Result<Collection> {
         std::fs::create_dir_all(dir)?;
         // The collection's directory entry itself must survive a crash, not only its files.
         wal::sync_dir(dir)?;
         wal::write_atomic(&dir.join("settings.json"), &serde_json::to_vec_pretty(&settings)?)?;
-        Self::open(dir, embedder)
+        Self::open_embedded_by(dir, embedder)
     }
 
-    /// Opens a collection: replays its log, builds the graph, brings tantivy up to date.
+    /// Opens a collection: replays its log into the table, loads the saved graph and inserts
+    /// what the log holds beyond it (or builds the graph when none is saved), brings tantivy
+    /// up to date.
     pub fn open(dir: &Path, embedder: Arc<dyn ChunkEmbedder>) -> Result<Collection> {
+        Self::open_embedded_by(dir, Some(embedder))
+    }
+
+    /// [`Collection::open`], for a collection with or without an embedding model.
+    pub fn open_embedded_by(dir: &Path, embedder: Option<Arc<dyn ChunkEmbedder>>) -> Result<Collection> {
+        let _ = std::fs::remove_file(dir.join(GRAPH_TMP_FILE));
+        let saved = match DenseIndex::load(&dir.join(GRAPH_FILE)) {
+            Ok(g) => Some(g),
+            Err(IndexError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => {
+                // Derived data: rebuilt from the log.
+                tracing::warn!(dir = %dir.display(), error = %e, "saved graph unreadable; rebuilding it from the log");
+                None
+            }
+        };
+        match Self::open_with(dir, embedder.clone(), saved) {
+            Err(OpenError::StaleGraph(why)) => {
+                tracing::warn!(dir = %dir.display(), why = %why, "saved graph does not match the log; rebuilding it");
+                Self::open_with(dir, embedder, None).map_err(OpenError::into_index)
+            }
+            other => other.map_err(OpenError::into_index),
+        }
+    }
+
+    fn open_with(dir: &Path, embedder: Option<Arc<dyn ChunkEmbedder>>, saved: Option<DenseIndex>) -> std::result::Result<Collection, OpenError> {
         let settings: CollectionSettings = serde_json::from_slice(&std::fs::read(dir.join("settings.json"))?)?;
-        if embedder.dim() != settings.dimension {
-            return Err(IndexError::Corrupt(format!(
-                "collection `{}` holds {}-d vectors but model `{}` makes {}-d ones",
-                settings.name,
-                settings.dimension,
-                embedder.model_id(),
-                embedder.dim()
-            )));
+        if let Some(embedder) = &embedder {
+            if embedder.dim() != settings.dimension {
+                return Err(OpenError::Index(IndexError::Corrupt(format!(
+                    "collection `{}` holds {}-d vectors but model `{}` makes {}-d ones",
+                    settings.name,
+                    settings.dimension,
+                    embedder.model_id(),
+                    embedder.dim()
+                ))));
+            }
         }
         let started = std::time::Instant::now();
         let keyword = match KeywordIndex::open(&dir.join("keyword")) {
@@ -221,15 +315,54 @@ impl Collection {
         };
         let keyword_seq = keyword.snapshot().seq;
         let dim = settings.dimension;
+        let (dense, covered) = match saved {
+            Some(g) => {
+                let (gd, gdist) = {
+                    let r = g.read();
+                    (r.dim(), r.distance())
+                };
+                if gd != dim || gdist != settings.distance {
+                    return Err(OpenError::StaleGraph(format!("graph of {gd}-d {gdist:?} vectors")));
+                }
+                let covered = g.read().covered_seq();
+                (g, covered)
+            }
+            None => (DenseIndex::new(settings.hnsw, settings.distance, dim, 1024), 0),
+        };
+        // Chunks the saved graph holds, by key.
+        let placed: HashMap<u64, u32> = {
+            let g = dense.read();
+            (0..g.len() as u32).map(|p| (g.key(p), p)).collect()
+        };
+        // Vectors of chunks written after the saved graph, inserted once the replay is done.
+        let mut pending: HashMap<u64, Box<[f32]>> = HashMap::new();
+        let mut last_seq = 0u64;
         let mut table = Table::default();
         let (mut next_seq, mut next_key) = (1u64, 0u64);
         let mut replayed = 0usize;
         let wal = Wal::open(&dir.join("log.wal"), |record| {
             let seq = record.seq();
             next_seq = next_seq.max(seq + 1);
+            last_seq = last_seq.max(seq);
             match &record {
                 Record::Upsert { docs, vectors, .. } => {
-                    table.upsert(seq, docs, vectors, dim);
+                    let mut points = Vec::new();
+                    let mut offset = 0;
+                    for d in docs {
+                        for c in &d.chunks {
+                            if seq <= covered {
+                                points.push(placed.get(&c.key).copied().unwrap_or(UNPLACED));
+                            } else {
+                                points.push(UNPLACED);
+                                let v = vectors.get(offset..offset + dim).ok_or_else(|| {
+                                    IndexError::Corrupt(format!("log record {seq} has too few vector values"))
+                                })?;
+                                pending.insert(c.key, v.into());
+                            }
+                            offset += dim;
+                        }
+                    }
+                    table.upsert(seq, docs, &points);
                     for d in docs {
                         for c in &d.chunks {
                             next_key = next_key.max(c.key + 1);
@@ -254,15 +387,35 @@ impl Collection {
         })?;
         // After the replay everything is committed below, so nothing removed stays visible.
         table.collect(u64::MAX);
-        table.dead_points = 0;
-        let dense = DenseIndex::new(settings.hnsw, settings.distance, table.chunks.len());
-        let items: Vec<(&[f32], usize)> = table.chunks.iter().map(|(k, c)| (&*c.vector, *k as usize)).collect();
-        dense.insert(&items);
-        drop(items);
+        if covered > last_seq {
+            return Err(OpenError::StaleGraph(format!("graph covers log record {covered}, the log ends at {last_seq}")));
+        }
+        let mut unplaced: Vec<u64> = Vec::new();
+        for (k, c) in &table.chunks {
+            if c.point == UNPLACED {
+                if c.added <= covered {
+                    return Err(OpenError::StaleGraph(format!("chunk {k} is missing from the graph")));
+                }
+                unplaced.push(*k);
+            }
+        }
+        unplaced.sort_unstable();
+        let built = unplaced.len();
+        {
+            let items: Vec<(&[f32], u64)> = unplaced.iter().map(|k| (&*pending[k], *k)).collect();
+            let points = dense.insert(&items);
+            for (k, p) in unplaced.iter().zip(points) {
+                if let Some(c) = table.chunks.get_mut(k) {
+                    c.point = p;
+                }
+            }
+        }
+        drop(pending);
+        table.dead_points = dense.len().saturating_sub(table.chunks.len());
         let collection = Collection {
             dir: dir.to_path_buf(),
             embedder,
-            writer: Mutex::new(Writer { wal, next_seq, next_key }),
+            writer: Mutex::new(Writer { wal, next_seq, next_key, unsaved_points: built }),
             table: RwLock::new(table),
             dense: RwLock::new(Arc::new(dense)),
             keyword,
@@ -270,6 +423,7 @@ impl Collection {
             rebuilding: AtomicBool::new(false),
             drift: crate::drift::DriftMonitor::open(dir),
             settings,
+            open_stats: (placed.len(), built),
         };
         // Records that touched nothing in tantivy still count as seen.
         collection.keyword.skip(next_seq - 1);
@@ -279,10 +433,17 @@ impl Collection {
             documents = collection.table.read().expect("table").docs.len(),
             chunks = collection.table.read().expect("table").chunks.len(),
             keyword_replayed_records = replayed,
+            graph_points_loaded = placed.len(),
+            graph_points_inserted = built,
             seconds = started.elapsed().as_secs_f32(),
             "collection opened"
         );
         Ok(collection)
+    }
+
+    /// Graph points the last open loaded from the saved graph, and inserted from the log.
+    pub fn open_stats(&self) -> (usize, usize) {
+        self.open_stats
     }
 
     pub fn settings(&self) -> &CollectionSettings {
@@ -297,21 +458,76 @@ impl Collection {
         &self.dir
     }
 
-    pub fn embedder(&self) -> &Arc<dyn ChunkEmbedder> {
-        &self.embedder
+    /// The embedding model (`None`: documents and searches bring their own vectors).
+    pub fn embedder(&self) -> Option<&Arc<dyn ChunkEmbedder>> {
+        self.embedder.as_ref()
     }
 
-    /// Token budget of one chunk.
-    fn chunk_budget(&self) -> usize {
-        let model_max = self.embedder.max_input_tokens();
-        self.settings.chunking.max_tokens.unwrap_or(model_max).min(model_max)
+    /// The embedding model, or an error saying what to send instead.
+    fn model(&self, needs: &str) -> Result<&Arc<dyn ChunkEmbedder>> {
+        self.embedder.as_ref().ok_or_else(|| {
+            IndexError::invalid(
+                "vector",
+                format!("collection `{}` has no embedding model: {needs}", self.settings.name),
+            )
+        })
     }
 
-    /// Validates a document and chunks it (tokenizing once).
-    pub fn chunk(&self, input: DocumentInput) -> Result<ChunkedDoc> {
+    /// A vector a request brought, checked and brought into stored form.
+    fn own_vector(&self, doc: &str, param: &str, mut v: Vec<f32>) -> Result<Vec<f32>> {
+        let dim = self.settings.dimension;
+        if v.len() != dim {
+            return Err(IndexError::invalid(
+                param,
+                format!("document `{doc}`: `{param}` has {} dimensions; the collection's have {dim}", v.len()),
+            ));
+        }
+        if !v.iter().all(|x| x.is_finite()) || !dot(&v, &v).is_finite() {
+            return Err(IndexError::invalid(param, format!("document `{doc}`: `{param}` must hold finite numbers of moderate size")));
+        }
+        self.settings.distance.prepare(&mut v);
+        Ok(v)
+    }
+
+    /// Validates a document and chunks it (tokenizing once). A document that brings its own
+    /// vector is one chunk; one that brings `chunks` keeps them as given.
+    pub fn chunk(&self, mut input: DocumentInput) -> Result<ChunkedDoc> {
         let hash = doc_hash(&input);
-        let budget = self.chunk_budget();
-        let tokenizer = self.embedder.tokenizer();
+        if let Some(chunks) = input.chunks.take() {
+            let mut text = String::new();
+            let mut chars = 0usize;
+            let mut spans = Vec::with_capacity(chunks.len());
+            let mut vectors = Vec::with_capacity(chunks.len());
+            for (i, c) in chunks.into_iter().enumerate() {
+                if i > 0 {
+                    text.push_str("\n\n");
+                    chars += 2;
+                }
+                let (byte_start, char_start) = (text.len(), chars);
+                text.push_str(&c.text);
+                chars += c.text.chars().count();
+                spans.push(ChunkSpan { byte_start, byte_end: text.len(), char_start, char_end: chars, token_ids: Vec::new() });
+                vectors.push(self.own_vector(&input.id, &format!("chunks[{i}].vector"), c.vector)?);
+            }
+            input.text = text;
+            let embed_inputs = vec![Vec::new(); spans.len()];
+            return Ok(ChunkedDoc { input, hash, spans, embed_inputs, vectors: Some(vectors) });
+        }
+        if let Some(v) = input.vector.take() {
+            let v = self.own_vector(&input.id, "vector", v)?;
+            let span = ChunkSpan {
+                byte_start: 0,
+                byte_end: input.text.len(),
+                char_start: 0,
+                char_end: input.text.chars().count(),
+                token_ids: Vec::new(),
+            };
+            return Ok(ChunkedDoc { input, hash, spans: vec![span], embed_inputs: vec![Vec::new()], vectors: Some(vec![v]) });
+        }
+        let embedder = self.model(&format!("document `{}` needs `vector` or `chunks` with vectors", input.id))?;
+        let model_max = embedder.max_input_tokens();
+        let budget = self.settings.chunking.max_tokens.unwrap_or(model_max).min(model_max);
+        let tokenizer = embedder.tokenizer();
         let title_ids: Vec<u32> = match (&input.title, self.settings.chunking.embed_title) {
             (Some(t), true) if !t.trim().is_empty() => tokenizer
                 .encode(t.as_str(), false)
@@ -330,24 +546,32 @@ impl Collection {
             spans.push(ChunkSpan { byte_start: 0, byte_end: 0, char_start: 0, char_end: 0, token_ids: Vec::new() });
         }
         let embed_inputs = spans.iter().map(|s| [title_ids, &s.token_ids[..]].concat()).collect();
-        Ok(ChunkedDoc { input, hash, spans, embed_inputs })
+        Ok(ChunkedDoc { input, hash, spans, embed_inputs, vectors: None })
     }
 
-    /// Embeds chunked documents (in batches of `batch` inputs).
+    /// Embeds chunked documents (in batches of `batch` inputs); documents that brought their
+    /// own vectors keep them.
     pub fn embed(&self, docs: Vec<ChunkedDoc>, batch: usize) -> Result<Vec<PreparedDoc>> {
-        let inputs: Vec<Vec<u32>> = docs.iter().flat_map(|d| d.embed_inputs.iter().cloned()).collect();
+        let inputs: Vec<Vec<u32>> =
+            docs.iter().filter(|d| d.vectors.is_none()).flat_map(|d| d.embed_inputs.iter().cloned()).collect();
         let mut vectors = Vec::with_capacity(inputs.len());
         let mut inputs = inputs.into_iter().peekable();
-        while inputs.peek().is_some() {
-            let part: Vec<Vec<u32>> = inputs.by_ref().take(batch.max(1)).collect();
-            vectors.extend(self.embedder.embed_ids(part)?);
+        if inputs.peek().is_some() {
+            let embedder = self.model("documents need `vector` or `chunks` with vectors")?;
+            while inputs.peek().is_some() {
+                let part: Vec<Vec<u32>> = inputs.by_ref().take(batch.max(1)).collect();
+                vectors.extend(embedder.embed_ids(part)?);
+            }
         }
         let mut vectors = vectors.into_iter();
         Ok(docs
             .into_iter()
-            .map(|chunked| {
-                let n = chunked.spans.len();
-                PreparedDoc { chunked, vectors: vectors.by_ref().take(n).collect() }
+            .map(|mut chunked| match chunked.vectors.take() {
+                Some(own) => PreparedDoc { chunked, vectors: own },
+                None => {
+                    let n = chunked.spans.len();
+                    PreparedDoc { chunked, vectors: vectors.by_ref().take(n).collect() }
+                }
             })
             .collect())
     }
@@ -447,15 +671,21 @@ impl Collection {
         writer.wal.append(&record)?;
         writer.next_seq += 1;
         let Record::Upsert { docs, vectors, .. } = record else { unreachable!() };
-        self.table.write().expect("table").upsert(seq, &docs, &vectors, dim);
-        let items: Vec<(&[f32], usize)> = docs
-            .iter()
-            .flat_map(|d| d.chunks.iter())
-            .zip(vectors.chunks_exact(dim))
-            .map(|(c, v)| (v, c.key as usize))
-            .collect();
-        self.dense.read().expect("dense").insert(&items);
+        let items: Vec<(&[f32], u64)> =
+            docs.iter().flat_map(|d| d.chunks.iter()).zip(vectors.chunks_exact(dim)).map(|(c, v)| (v, c.key)).collect();
+        let dense = self.dense.read().expect("dense").clone();
+        let points = dense.insert(&items);
+        drop(items);
+        self.table.write().expect("table").upsert(seq, &docs, &points);
         apply_keyword(&self.keyword, seq, &docs)?;
+        writer.unsaved_points += points.len();
+        if writer.unsaved_points >= GRAPH_SAVE_EVERY {
+            // Derived data: a failed save costs the next open a longer replay, nothing more.
+            match dense.save(&self.dir.join(GRAPH_FILE), seq) {
+                Ok(()) => writer.unsaved_points = 0,
+                Err(e) => tracing::warn!(collection = %self.settings.name, error = %e, "could not save the graph"),
+            }
+        }
         result.seq = seq;
         Ok(result)
     }
@@ -586,15 +816,19 @@ impl Collection {
                 }
                 let mut v = v.clone();
                 self.settings.distance.prepare(&mut v);
-                // Non-finite values would reach the graph walk's distance code (hnsw_rs
-                // panics on NaN); refuse them here.
+                // Non-finite values would reach the graph walk's distance code (a NaN
+                // distance orders nowhere); refuse them here.
                 if !v.iter().all(|x| x.is_finite()) {
                     return Err(IndexError::invalid("vector", "vector values must be finite numbers"));
                 }
                 Some(v)
             }
-            (_, None) => {
-                let mut v = self.embedder.embed_query(&req.query)?;
+            (mode, None) => {
+                let needs = match mode {
+                    SearchMode::Dense => "dense searches need `vector`",
+                    _ => "hybrid searches need `vector` (or use `mode: keyword`)",
+                };
+                let mut v = self.model(needs)?.embed_query(&req.query)?;
                 self.settings.distance.prepare(&mut v);
                 Some(v)
             }
@@ -629,8 +863,15 @@ impl Collection {
             None => Vec::new(),
             Some(q) => {
                 let distance = self.settings.distance;
+                let dense = self.dense.read().expect("dense").clone();
                 let exact = |keys: &mut dyn Iterator<Item = u64>| {
-                    exact_search(distance, q, keys.filter_map(|k| table.chunks.get(&k).map(|c| (k, &*c.vector))), candidates)
+                    let g = dense.read();
+                    exact_search(
+                        distance,
+                        q,
+                        keys.filter_map(|k| table.chunks.get(&k).filter(|c| c.point != UNPLACED).map(|c| (k, g.vector(c.point)))),
+                        candidates,
+                    )
                 };
                 match &allowed {
                     Some(set) if set.len() <= req.exact_scan_max.unwrap_or(EXACT_SCAN_MAX) => {
@@ -638,16 +879,14 @@ impl Collection {
                         exact(&mut set.iter().copied())
                     }
                     _ => {
-                        let graph = self.dense.read().expect("dense").clone();
                         let ef = req.ef.unwrap_or(self.settings.hnsw.ef).max(candidates);
-                        let keep = |id: usize| {
-                            let key = id as u64;
+                        let keep = |key: u64| {
                             match &allowed {
                                 Some(set) => set.contains(&key),
                                 None => table.chunks.get(&key).is_some_and(|c| c.visible(v)),
                             }
                         };
-                        let hits = graph.search(q, candidates, ef, &keep);
+                        let hits = dense.search(q, candidates, ef, &keep);
                         // Counting what exists is a scan: only when the walk came up short.
                         let short = hits.len() < candidates
                             && hits.len()
@@ -747,7 +986,11 @@ impl Collection {
     }
 
     fn token_count(&self, text: &str) -> u32 {
-        self.embedder.tokenizer().encode(text, false).map_or(0, |e| e.get_ids().len() as u32)
+        match &self.embedder {
+            Some(e) => e.tokenizer().encode(text, false).map_or(0, |e| e.get_ids().len() as u32),
+            // Without a model, words stand in for tokens.
+            None => text.split_whitespace().count() as u32,
+        }
     }
 
     /// The drift profile of (an evenly spaced sample of) the visible chunks.
@@ -757,7 +1000,9 @@ impl Collection {
         keys.sort_unstable();
         let step = keys.len().div_ceil(config.profile_sample.max(1)).max(1);
         let sample: Vec<&ChunkEntry> = keys.iter().step_by(step).map(|k| &table.chunks[k]).collect();
-        let vectors: Vec<&[f32]> = sample.iter().map(|c| &*c.vector).collect();
+        let dense = self.dense.read().expect("dense").clone();
+        let g = dense.read();
+        let vectors: Vec<&[f32]> = sample.iter().map(|c| g.vector(c.point)).collect();
         let tokens: Vec<u32> = sample.iter().map(|c| self.token_count(c.text())).collect();
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
         crate::drift::build_profile(&vectors, &tokens, config.projections, now)
@@ -779,7 +1024,7 @@ impl Collection {
             if q.trim().is_empty() {
                 return Err(IndexError::invalid(format!("queries[{i}]"), "queries must not be empty"));
             }
-            let mut v = self.embedder.embed_query(q)?;
+            let mut v = self.model("a drift reference is made by embedding its queries")?.embed_query(q)?;
             self.settings.distance.prepare(&mut v);
             let req = SearchRequest { query: q.clone(), top_k: 1, mode: SearchMode::Dense, vector: Some(v.clone()), skip_drift: true, ..Default::default() };
             let best = self.search(&req)?.results.first().and_then(|h| h.dense.as_ref()).map_or(0.0, |d| d.score);
@@ -795,7 +1040,9 @@ impl Collection {
         let table = self.table.read().expect("table");
         let mut keys: Vec<u64> = table.chunks.iter().filter(|(_, c)| c.removed == NOT_REMOVED).map(|(k, _)| *k).collect();
         keys.sort_unstable();
-        keys.iter().map(|k| table.chunks[k].vector.to_vec()).collect()
+        let dense = self.dense.read().expect("dense").clone();
+        let g = dense.read();
+        keys.iter().map(|k| g.vector(table.chunks[k].point).to_vec()).collect()
     }
 
     /// Counts, sizes and state.
@@ -806,9 +1053,10 @@ impl Collection {
         let dense_points = self.dense.read().expect("dense").len();
         let dim = self.settings.dimension;
         let text_bytes: usize = table.docs.values().map(|d| d.text.len() + d.id.len() + 64).sum();
-        let chunk_bytes = table.chunks.len() * (dim * 4 + 96);
-        // hnsw_rs keeps its own copy of each vector plus ~2·M links of 16 bytes at layer 0.
-        let graph_bytes = dense_points * (dim * 4 + self.settings.hnsw.m * 2 * 16 + 128);
+        let chunk_bytes = table.chunks.len() * 96;
+        // The one copy of each vector, 2·M + 1 link slots of 4 bytes at layer 0, a lock,
+        // key and level (upper layers are a few percent more).
+        let graph_bytes = dense_points * (dim * 4 + (self.settings.hnsw.m * 2 + 1) * 4 + 24);
         let state = if self.rebuilding.load(Ordering::Relaxed) {
             "rebuilding"
         } else if snapshot.seq < last_seq {
@@ -841,7 +1089,10 @@ impl Collection {
         let mut in_graph: Vec<u64> = visible
             .iter()
             .copied()
-            .filter(|k| graph.search(&table.chunks[k].vector, 1, 16, &|id| id as u64 == *k).len() == 1)
+            .filter(|k| {
+                let v = graph.read().vector(table.chunks[k].point).to_vec();
+                graph.search(&v, 1, 16, &|key| key == *k).len() == 1
+            })
             .collect();
         in_graph.sort_unstable();
         let keyword = self.keyword.all_keys(&snapshot)?;
@@ -861,16 +1112,18 @@ impl Collection {
     fn compact_locked(&self, writer: &mut Writer) -> Result<()> {
         self.commit()?;
         let started = std::time::Instant::now();
-        let (records, items_len) = {
+        let old = self.dense.read().expect("dense").clone();
+        let (records, fresh, moved) = {
             let table = self.table.read().expect("table");
-            (self.live_records(&table, writer), table.chunks.len())
+            let records = self.live_records(&table, writer);
+            let fresh = DenseIndex::new(self.settings.hnsw, self.settings.distance, self.settings.dimension, table.chunks.len());
+            let mut keys: Vec<u64> = table.chunks.keys().copied().collect();
+            keys.sort_unstable();
+            let g = old.read();
+            let items: Vec<(&[f32], u64)> = keys.iter().map(|k| (g.vector(table.chunks[k].point), *k)).collect();
+            let points = fresh.insert(&items);
+            (records, fresh, keys.into_iter().zip(points).collect::<Vec<_>>())
         };
-        let fresh = DenseIndex::new(self.settings.hnsw, self.settings.distance, items_len);
-        {
-            let table = self.table.read().expect("table");
-            let items: Vec<(&[f32], usize)> = table.chunks.iter().map(|(k, c)| (&*c.vector, *k as usize)).collect();
-            fresh.insert(&items);
-        }
         // The new log comes back open for appends; until then the old one stays in use.
         writer.wal = match wal::replace_log(&self.dir.join("log.wal"), records) {
             Ok(new_log) => new_log,
@@ -880,8 +1133,23 @@ impl Collection {
                 return Err(e);
             }
         };
-        *self.dense.write().expect("dense") = Arc::new(fresh);
-        self.table.write().expect("table").dead_points = 0;
+        // The table's points and the graph change together: a search holds the table's read
+        // lock while it uses the graph.
+        {
+            let mut table = self.table.write().expect("table");
+            for (k, p) in moved {
+                if let Some(c) = table.chunks.get_mut(&k) {
+                    c.point = p;
+                }
+            }
+            table.dead_points = 0;
+            *self.dense.write().expect("dense") = Arc::new(fresh);
+        }
+        let dense = self.dense.read().expect("dense").clone();
+        match dense.save(&self.dir.join(GRAPH_FILE), writer.next_seq - 1) {
+            Ok(()) => writer.unsaved_points = 0,
+            Err(e) => tracing::warn!(collection = %self.settings.name, error = %e, "could not save the graph"),
+        }
         tracing::info!(collection = %self.settings.name, seconds = started.elapsed().as_secs_f32(), "compacted");
         Ok(())
     }
@@ -892,8 +1160,10 @@ impl Collection {
             table.docs.values().map(|d| (d, d.chunks.first().map_or(0, |c| table.chunks[&c.key].added))).collect();
         docs.sort_by_key(|(d, seq)| (*seq, d.chunks.first().map_or(0, |c| c.key)));
         let mut out = vec![Record::Checkpoint { seq: writer.next_seq - 1, next_key: writer.next_key }];
+        let dense = self.dense.read().expect("dense").clone();
+        let g = dense.read();
         for (d, seq) in docs {
-            let vectors: Vec<f32> = d.chunks.iter().flat_map(|c| table.chunks[&c.key].vector.iter().copied()).collect();
+            let vectors: Vec<f32> = d.chunks.iter().flat_map(|c| g.vector(table.chunks[&c.key].point).iter().copied()).collect();
             out.push(Record::Upsert {
                 seq: seq.max(1),
                 docs: vec![DocRecord {
@@ -928,10 +1198,26 @@ impl Collection {
         Ok(())
     }
 
-    /// Commits and stops the keyword writer (graceful shutdown).
+    /// Commits, saves the graph when it grew, and stops the keyword writer (graceful
+    /// shutdown).
     pub fn close(self) -> Result<()> {
         self.commit()?;
+        if let Err(e) = self.save_graph() {
+            tracing::warn!(collection = %self.settings.name, error = %e, "could not save the graph");
+        }
         self.keyword.close()
+    }
+
+    /// Saves the graph when points were added since it was last saved, so that the next
+    /// open inserts nothing (graceful shutdown).
+    pub fn save_graph(&self) -> Result<()> {
+        let mut writer = self.writer.lock().expect("writer lock");
+        if writer.unsaved_points > 0 {
+            let dense = self.dense.read().expect("dense").clone();
+            dense.save(&self.dir.join(GRAPH_FILE), writer.next_seq - 1)?;
+            writer.unsaved_points = 0;
+        }
+        Ok(())
     }
 }
 
@@ -978,6 +1264,15 @@ pub fn doc_hash(doc: &DocumentInput) -> u64 {
     feed(doc.title.as_deref().unwrap_or("").as_bytes());
     feed(doc.text.as_bytes());
     feed(serde_json::to_string(doc.metadata.as_ref().unwrap_or(&serde_json::Value::Null)).unwrap_or_default().as_bytes());
+    // Own vectors count only when given, so the hashes of plain documents never change.
+    let floats = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+    if let Some(v) = &doc.vector {
+        feed(&floats(v));
+    }
+    for c in doc.chunks.iter().flatten() {
+        feed(c.text.as_bytes());
+        feed(&floats(&c.vector));
+    }
     h
 }
 
@@ -1000,8 +1295,28 @@ pub fn validate_doc(d: &DocumentInput, at: &str) -> Result<()> {
     if d.id.is_empty() || d.id.len() > MAX_ID_BYTES {
         return Err(IndexError::invalid(format!("{at}.id"), format!("`{at}.id` must be 1 to {MAX_ID_BYTES} bytes")));
     }
-    if d.text.trim().is_empty() && d.title.as_deref().is_none_or(|t| t.trim().is_empty()) {
-        return Err(IndexError::invalid(format!("{at}.text"), format!("`{at}` has neither text nor title")));
+    match (&d.vector, &d.chunks) {
+        (Some(_), Some(_)) => {
+            return Err(IndexError::invalid(format!("{at}.chunks"), format!("`{at}`: give `vector` or `chunks`, not both")))
+        }
+        (_, Some(chunks)) => {
+            if chunks.is_empty() || chunks.len() > MAX_OWN_CHUNKS {
+                return Err(IndexError::invalid(
+                    format!("{at}.chunks"),
+                    format!("`{at}.chunks` must hold 1 to {MAX_OWN_CHUNKS} chunks"),
+                ));
+            }
+            if !d.text.is_empty() {
+                return Err(IndexError::invalid(
+                    format!("{at}.text"),
+                    format!("`{at}`: with `chunks`, the text is the chunks' texts; leave `text` out"),
+                ));
+            }
+        }
+        _ if d.text.trim().is_empty() && d.title.as_deref().is_none_or(|t| t.trim().is_empty()) => {
+            return Err(IndexError::invalid(format!("{at}.text"), format!("`{at}` has neither text nor title")));
+        }
+        _ => {}
     }
     if let Some(m) = &d.metadata {
         if !m.is_object() && !m.is_null() {

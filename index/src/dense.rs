@@ -1,17 +1,15 @@
-//! The dense half: an hnsw_rs graph over chunk vectors, plus exact search for filtered
-//! queries the graph cannot serve well.
+//! The dense half: ragway's HNSW graph over chunk vectors ([`crate::hnsw`]), plus exact
+//! search for filtered queries the graph cannot serve well.
 //!
-//! hnsw_rs wants a non-negative distance that grows as points get further apart. Cosine
-//! vectors are normalized when stored, and scored by their dot product; the graph uses
-//! `1 - dot`. Dot-product collections use `softplus(-dot)`, which is positive and falls as
-//! the dot product rises (so the graph ranks by dot product). L2 uses the squared distance.
-//! Reported scores are always "higher is better": cosine similarity, dot product, or the
-//! negated Euclidean distance.
+//! Cosine vectors are normalized when stored and scored by their dot product. Reported
+//! scores are always "higher is better": cosine similarity, dot product, or the negated
+//! Euclidean distance.
 
-use hnsw_rs::anndists::dist::distances::Distance as GraphDistance;
-use hnsw_rs::hnsw::Hnsw;
-use ragway_engine::kernels::dot;
+use crate::hnsw::{Graph, Params};
+use crate::simd::{dot, squared_l2};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
+use std::sync::{Mutex, RwLock, RwLockReadGuard};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -41,61 +39,15 @@ impl Distance {
             Distance::L2 => -squared_l2(q, v).sqrt(),
         }
     }
-
-    fn graph_distance(self, a: &[f32], b: &[f32]) -> f32 {
-        match self {
-            Distance::Cosine => (1.0 - dot(a, b)).max(0.0),
-            Distance::Dot => softplus(-dot(a, b)),
-            Distance::L2 => squared_l2(a, b),
-        }
-    }
-
-    fn score_from_graph(self, d: f32) -> f32 {
-        match self {
-            Distance::Cosine => 1.0 - d,
-            // Inverse of softplus(-x): x = -ln(e^d - 1).
-            Distance::Dot => -(d.exp_m1()).ln(),
-            Distance::L2 => -d.sqrt(),
-        }
-    }
 }
 
-fn softplus(x: f32) -> f32 {
-    if x > 0.0 {
-        x + (-x).exp().ln_1p()
-    } else {
-        x.exp().ln_1p()
-    }
-}
-
-fn squared_l2(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for i in 0..16 {
-            let d = x[i] - y[i];
-            acc[i] += d * d;
-        }
-    }
-    acc.iter().sum::<f32>() + ra.iter().zip(rb).map(|(x, y)| (x - y) * (x - y)).sum::<f32>()
-}
-
-#[derive(Debug, Clone, Copy)]
-pub struct GraphDist(pub Distance);
-
-impl GraphDistance<f32> for GraphDist {
-    fn eval(&self, a: &[f32], b: &[f32]) -> f32 {
-        self.0.graph_distance(a, b)
-    }
-}
 
 /// HNSW parameters of a collection.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HnswParams {
-    /// Links per node (hnsw_rs `max_nb_connection`).
+    /// Links per node above layer 0 (layer 0 keeps twice as many).
     pub m: usize,
     pub ef_construction: usize,
     /// Search breadth when a request does not name one.
@@ -108,61 +60,89 @@ impl Default for HnswParams {
     }
 }
 
-/// One hnsw_rs graph. Ids are chunk keys; points are never removed (deleted chunks are
-/// filtered at search and dropped by the next rebuild).
+/// The collection's HNSW graph ([`crate::hnsw::Graph`]) behind a lock that is taken
+/// exclusively only to grow it. It holds the one stored copy of each vector: chunks refer to
+/// their vector by point id. Points are never removed (deleted chunks are filtered at search
+/// and dropped by the next rebuild).
 pub struct DenseIndex {
-    graph: Hnsw<'static, f32, GraphDist>,
-    distance: Distance,
+    graph: RwLock<Graph>,
+    /// Serializes batch inserts (each batch inserts in parallel).
+    insert_lock: Mutex<()>,
 }
 
 impl DenseIndex {
-    pub fn new(params: HnswParams, distance: Distance, capacity: usize) -> Self {
-        let graph = Hnsw::new(params.m, capacity.max(1024), 16, params.ef_construction, GraphDist(distance));
-        Self { graph, distance }
+    pub fn new(params: HnswParams, distance: Distance, dim: usize, capacity: usize) -> Self {
+        let graph = Graph::new(dim, distance, Params { m: params.m, ef_construction: params.ef_construction }, capacity.max(1024));
+        Self::from_graph(graph)
     }
 
-    /// Inserts prepared vectors; large batches are inserted in parallel.
-    pub fn insert(&self, items: &[(&[f32], usize)]) {
-        if items.len() >= 256 {
-            self.graph.parallel_insert_slice(&items.to_vec());
-        } else {
-            for &(v, id) in items {
-                self.graph.insert_slice((v, id));
-            }
+    pub fn from_graph(graph: Graph) -> Self {
+        Self { graph: RwLock::new(graph), insert_lock: Mutex::new(()) }
+    }
+
+    /// Reads a graph saved by [`DenseIndex::save`].
+    pub fn load(path: &std::path::Path) -> crate::error::Result<Self> {
+        Ok(Self::from_graph(Graph::load(path, 1024)?))
+    }
+
+    /// Inserts prepared vectors with their keys, in parallel; returns their point ids in
+    /// order.
+    pub fn insert(&self, items: &[(&[f32], u64)]) -> Vec<u32> {
+        let _one_batch = self.insert_lock.lock().unwrap_or_else(|e| e.into_inner());
+        if !self.read().has_room(items.len()) {
+            let mut g = self.graph.write().unwrap_or_else(|e| e.into_inner());
+            let want = (g.capacity() * 2).max(g.len() + items.len() + 1024);
+            *g = g.grown(want);
         }
+        let g = self.read();
+        if items.len() >= 64 {
+            items.par_iter().map(|&(v, key)| g.insert(v, key)).collect()
+        } else {
+            items.iter().map(|&(v, key)| g.insert(v, key)).collect()
+        }
+    }
+
+    /// The graph, for reading vectors by point id and searching.
+    pub fn read(&self) -> RwLockReadGuard<'_, Graph> {
+        self.graph.read().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Points in the graph (deleted ones included until a rebuild).
     pub fn len(&self) -> usize {
-        self.graph.get_nb_point()
+        self.read().len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// The `k` best points that pass `keep`, best first, as (key, score).
+    /// Saves the graph, marked as covering the log up to `seq`. No insert may run meanwhile
+    /// (the collection holds its writer lock).
+    pub fn save(&self, path: &std::path::Path, seq: u64) -> crate::error::Result<()> {
+        let _no_inserts = self.insert_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let g = self.read();
+        g.set_covered_seq(seq);
+        g.save(path)
+    }
+
+    /// The `k` best points whose key passes `keep`, best first, as (key, score).
     ///
     /// The graph is walked unfiltered and the results filtered afterwards, widening the walk
-    /// (4x each time) while too few pass. hnsw_rs's own filtered walk never stops early and
-    /// visits most of the graph on every query (measured: 20x slower than hnswlib at the same
-    /// recall); callers fall back to an exact scan when even the widest walk comes up short.
-    pub fn search(&self, query: &[f32], k: usize, ef: usize, keep: &dyn Fn(usize) -> bool) -> Vec<(u64, f32)> {
-        let n = self.len();
+    /// (4x each time) while too few pass; callers fall back to an exact scan when even the
+    /// widest walk comes up short.
+    pub fn search(&self, query: &[f32], k: usize, ef: usize, keep: &dyn Fn(u64) -> bool) -> Vec<(u64, f32)> {
+        let g = self.read();
+        let n = g.len();
         if k == 0 || n == 0 {
             return Vec::new();
         }
         let mut want = k;
         loop {
-            let hits = self.graph.search(query, want, ef.max(want));
+            let hits = g.search(query, want, ef.max(want), &|_| true);
             let walked_all = want >= n;
             let found = hits.len();
-            let kept: Vec<(u64, f32)> = hits
-                .into_iter()
-                .filter(|h| keep(h.d_id))
-                .take(k)
-                .map(|h| (h.d_id as u64, self.distance.score_from_graph(h.distance)))
-                .collect();
+            let kept: Vec<(u64, f32)> =
+                hits.into_iter().map(|(id, s)| (g.key(id), s)).filter(|(key, _)| keep(*key)).take(k).collect();
             if kept.len() >= k || walked_all || found < want || want >= MAX_WIDENED_WALK {
                 return kept;
             }
@@ -219,10 +199,11 @@ impl Ord for Scored {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn vectors(n: usize, dim: usize, seed: u64) -> Vec<Vec<f32>> {
+    /// Seeded unit vectors (the graph tests share them).
+    pub(crate) fn vectors(n: usize, dim: usize, seed: u64) -> Vec<Vec<f32>> {
         let mut s = seed;
         (0..n)
             .map(|_| {
@@ -242,8 +223,8 @@ mod tests {
     fn graph_search_agrees_with_exact_search() {
         for distance in [Distance::Cosine, Distance::Dot, Distance::L2] {
             let data = vectors(2000, 16, 1);
-            let index = DenseIndex::new(HnswParams::default(), distance, data.len());
-            let items: Vec<(&[f32], usize)> = data.iter().enumerate().map(|(i, v)| (v.as_slice(), i)).collect();
+            let index = DenseIndex::new(HnswParams::default(), distance, 16, data.len());
+            let items: Vec<(&[f32], u64)> = data.iter().enumerate().map(|(i, v)| (v.as_slice(), i as u64)).collect();
             index.insert(&items);
             assert_eq!(index.len(), 2000);
             let queries = vectors(50, 16, 2);
@@ -267,8 +248,8 @@ mod tests {
     #[test]
     fn filtered_search_only_returns_kept_points() {
         let data = vectors(500, 8, 3);
-        let index = DenseIndex::new(HnswParams::default(), Distance::Cosine, 500);
-        let items: Vec<(&[f32], usize)> = data.iter().enumerate().map(|(i, v)| (v.as_slice(), i)).collect();
+        let index = DenseIndex::new(HnswParams::default(), Distance::Cosine, 8, 500);
+        let items: Vec<(&[f32], u64)> = data.iter().enumerate().map(|(i, v)| (v.as_slice(), i as u64)).collect();
         index.insert(&items);
         let found = index.search(&data[0], 10, 200, &|id| id % 2 == 1);
         assert!(!found.is_empty());

@@ -93,6 +93,10 @@ struct JsonRecord {
     title: Option<String>,
     #[serde(default)]
     metadata: Option<serde_json::Value>,
+    #[serde(default)]
+    vector: Option<Vec<f32>>,
+    #[serde(default)]
+    chunks: Option<Vec<crate::types::ChunkInput>>,
 }
 
 fn parse_line(line: &str) -> std::result::Result<DocumentInput, String> {
@@ -103,14 +107,18 @@ fn parse_line(line: &str) -> std::result::Result<DocumentInput, String> {
         Some(_) => return Err("`id` must be a string or a number".into()),
         None => return Err("missing `id` (or `_id`)".into()),
     };
-    let text = r.text.ok_or("missing `text`")?;
+    let text = match (r.text, &r.chunks) {
+        (Some(t), _) => t,
+        (None, Some(_)) => String::new(),
+        (None, None) => return Err("missing `text`".into()),
+    };
     // BEIR corpora carry `"metadata": {}`; an empty title is no title.
     let metadata = match r.metadata {
         Some(serde_json::Value::Object(m)) if m.is_empty() => None,
         other => other,
     };
     let title = r.title.filter(|t| !t.trim().is_empty());
-    Ok(DocumentInput { id, text, title, metadata })
+    Ok(DocumentInput { id, text, title, metadata, vector: r.vector, chunks: r.chunks })
 }
 
 /// Reads the source into batches of items; counts bytes for progress.
@@ -203,6 +211,7 @@ fn read_source(source: Source, job: &Job, batch: usize, tx: SyncSender<Vec<Item>
                             text,
                             title,
                             metadata: Some(serde_json::json!({ "path": rel })),
+                            ..Default::default()
                         };
                         Item::Doc { at, doc }
                     }
@@ -348,13 +357,41 @@ fn chunk_stage(
                         progress.documents_unchanged.fetch_add(1, Ordering::Relaxed);
                         continue;
                     }
-                    docs.push(doc);
+                    docs.push((at, doc));
                 }
             }
         }
-        let chunked: Result<Vec<ChunkedDoc>> = docs.into_par_iter().map(|d| collection.chunk(d)).collect();
-        let failed = chunked.is_err();
-        if tx.send(chunked).is_err() || failed {
+        let results: Vec<(RecordError, Result<ChunkedDoc>)> =
+            docs.into_par_iter().map(|(at, d)| (at, collection.chunk(d))).collect();
+        let mut chunked = Vec::with_capacity(results.len());
+        let mut fatal = None;
+        for (at, r) in results {
+            match r {
+                Ok(c) => chunked.push(c),
+                // A record the collection refuses (say, a vector of the wrong size) is a bad
+                // record like any other.
+                Err(e @ IndexError::InvalidRequest { .. }) => {
+                    let err = RecordError { message: e.to_string(), ..at };
+                    if on_error == OnError::Fail {
+                        let msg = format!("bad record at {}: {}", location(&err), err.message);
+                        job.record_error(err);
+                        fatal = Some(IndexError::invalid("input", msg));
+                        break;
+                    }
+                    job.record_error(err);
+                }
+                Err(e) => {
+                    fatal = Some(e);
+                    break;
+                }
+            }
+        }
+        let failed = fatal.is_some();
+        let batch = match fatal {
+            Some(e) => Err(e),
+            None => Ok(chunked),
+        };
+        if tx.send(batch).is_err() || failed {
             break;
         }
     }

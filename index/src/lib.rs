@@ -1,7 +1,7 @@
 //! # ragway-index
 //!
 //! ragway's vector store: collections of chunked documents searchable by meaning (HNSW over
-//! embeddings, hnsw_rs) and by words (BM25, tantivy), fused into one ranking; durable
+//! embeddings, ragway's own graph) and by words (BM25, tantivy), fused into one ranking; durable
 //! through a write-ahead log that both indexes are derived from; fed by bulk ingestion
 //! jobs. No HTTP here: the gateway exposes [`IndexService`].
 
@@ -13,10 +13,12 @@ pub mod embedder;
 pub mod error;
 pub mod filter;
 pub mod fusion;
+pub mod hnsw;
 pub mod ingest;
 pub mod jobs;
 pub mod keyword;
 pub mod service;
+pub mod simd;
 pub mod types;
 pub mod wal;
 

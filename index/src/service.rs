@@ -6,6 +6,9 @@
 
 use crate::collection::Collection;
 use crate::embedder::ChunkEmbedder;
+
+/// Largest vector dimension of a collection without a model.
+pub const MAX_DIMENSION: usize = 16_384;
 use crate::error::{IndexError, Result};
 use crate::jobs::JobRegistry;
 use crate::types::*;
@@ -79,13 +82,16 @@ impl IndexService {
                 continue;
             }
             let settings: CollectionSettings = serde_json::from_slice(&std::fs::read(path.join("settings.json"))?)?;
-            let embedder = embedders.get(&settings.model).ok_or_else(|| {
-                IndexError::Internal(format!(
-                    "collection `{}` is bound to embedding model `{}`, which is not loaded",
-                    settings.name, settings.model
-                ))
-            })?;
-            let c = Collection::open(&path, embedder.clone())?;
+            let embedder = match &settings.model {
+                None => None,
+                Some(model) => Some(embedders.get(model).cloned().ok_or_else(|| {
+                    IndexError::Internal(format!(
+                        "collection `{}` is bound to embedding model `{model}`, which is not loaded",
+                        settings.name
+                    ))
+                })?),
+            };
+            let c = Collection::open_embedded_by(&path, embedder)?;
             c.drift().configure(options.drift.clone());
             collections.insert(settings.name.clone(), Arc::new(c));
         }
@@ -140,15 +146,39 @@ impl IndexService {
 
     pub fn create(&self, req: CreateCollection) -> Result<Arc<Collection>> {
         validate_name(&req.name)?;
-        let model = req.model.clone().unwrap_or_else(|| self.default_model.clone());
-        let embedder = self
-            .embedders
-            .get(&model)
-            .ok_or_else(|| IndexError::invalid("model", format!("embedding model `{model}` is not served")))?
-            .clone();
+        // A missing `model` is the server's; `null` is none (own vectors).
+        let model = match req.model.clone() {
+            None => Some(self.default_model.clone()),
+            Some(m) => m,
+        };
+        let embedder = match &model {
+            None => None,
+            Some(m) => Some(
+                self.embedders
+                    .get(m)
+                    .ok_or_else(|| IndexError::invalid("model", format!("embedding model `{m}` is not served")))?
+                    .clone(),
+            ),
+        };
+        let dimension = match (&embedder, req.dimension) {
+            (None, None) => {
+                return Err(IndexError::invalid("dimension", "a collection without a model (`model: null`) needs `dimension`"))
+            }
+            (None, Some(d)) if d == 0 || d > MAX_DIMENSION => {
+                return Err(IndexError::invalid("dimension", format!("dimension must be between 1 and {MAX_DIMENSION}")))
+            }
+            (None, Some(d)) => d,
+            (Some(e), Some(d)) if d != e.dim() => {
+                return Err(IndexError::invalid(
+                    "dimension",
+                    format!("model `{}` makes {}-d vectors, not {d}", e.model_id(), e.dim()),
+                ))
+            }
+            (Some(e), _) => e.dim(),
+        };
         let hnsw = req.hnsw.unwrap_or_default();
-        if hnsw.m < 2 || hnsw.m > 255 {
-            return Err(IndexError::invalid("hnsw.m", "hnsw.m must be between 2 and 255"));
+        if hnsw.m < 2 || hnsw.m > 128 {
+            return Err(IndexError::invalid("hnsw.m", "hnsw.m must be between 2 and 128"));
         }
         if hnsw.ef_construction == 0 || hnsw.ef == 0 {
             return Err(IndexError::invalid("hnsw", "hnsw.ef_construction and hnsw.ef must be at least 1"));
@@ -164,7 +194,7 @@ impl IndexService {
         let settings = CollectionSettings {
             name: req.name.clone(),
             model,
-            dimension: embedder.dim(),
+            dimension,
             distance: req.distance.unwrap_or_default(),
             hnsw,
             chunking,
@@ -183,7 +213,7 @@ impl IndexService {
         if dir.exists() {
             std::fs::remove_dir_all(&dir)?; // leftovers of an interrupted delete
         }
-        let c = Arc::new(Collection::create(&dir, settings, embedder)?);
+        let c = Arc::new(Collection::create_with(&dir, settings, embedder)?);
         c.drift().configure(self.options.drift.clone());
         collections.insert(req.name, c.clone());
         Ok(c)
@@ -236,11 +266,15 @@ impl IndexService {
             &std::fs::read(src.join("settings.json"))
                 .map_err(|_| IndexError::invalid("path", format!("{} is not a collection snapshot", src.display())))?,
         )?;
-        let embedder = self
-            .embedders
-            .get(&settings.model)
-            .ok_or_else(|| IndexError::invalid("path", format!("the snapshot needs embedding model `{}`", settings.model)))?
-            .clone();
+        let embedder = match &settings.model {
+            None => None,
+            Some(m) => Some(
+                self.embedders
+                    .get(m)
+                    .ok_or_else(|| IndexError::invalid("path", format!("the snapshot needs embedding model `{m}`")))?
+                    .clone(),
+            ),
+        };
         let mut collections = self.collections.write().expect("collections");
         if collections.contains_key(name) {
             return Err(IndexError::CollectionExists(name.to_string()));
@@ -260,7 +294,7 @@ impl IndexService {
         }
         std::fs::rename(&tmp, &dir)?;
         crate::wal::sync_dir(&dir)?;
-        let c = Arc::new(Collection::open(&dir, embedder)?);
+        let c = Arc::new(Collection::open_embedded_by(&dir, embedder)?);
         c.drift().configure(self.options.drift.clone());
         collections.insert(name.to_string(), c.clone());
         Ok(c)
@@ -290,10 +324,14 @@ impl IndexService {
         Ok(p)
     }
 
-    /// Makes every pending write searchable (graceful shutdown).
+    /// Makes every pending write searchable and saves grown graphs (graceful shutdown).
     pub fn flush(&self) -> Result<()> {
         for c in self.list() {
             c.commit()?;
+            if let Err(e) = c.save_graph() {
+                // Derived data: the next open rebuilds what is missing from the log.
+                tracing::warn!(collection = c.name(), error = %e, "could not save the graph");
+            }
         }
         Ok(())
     }

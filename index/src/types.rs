@@ -46,8 +46,9 @@ impl Default for KeywordParams {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CollectionSettings {
     pub name: String,
-    /// Embedding model id the collection is bound to.
-    pub model: String,
+    /// Embedding model id the collection is bound to; `null`: none (documents and searches
+    /// bring their own vectors).
+    pub model: Option<String>,
     pub dimension: usize,
     #[serde(default)]
     pub distance: Distance,
@@ -70,8 +71,15 @@ pub struct CollectionSettings {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CreateCollection {
     pub name: String,
+    /// The embedding model [default: the server's]; `null` for a collection without one,
+    /// whose documents and searches bring their own vectors (then `dimension` is required).
+    #[serde(default, deserialize_with = "present")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>))]
+    pub model: Option<Option<String>>,
+    /// The vectors' dimension: required without a model, checked against the model's
+    /// otherwise.
     #[serde(default)]
-    pub model: Option<String>,
+    pub dimension: Option<usize>,
     #[serde(default)]
     pub distance: Option<Distance>,
     #[serde(default)]
@@ -84,17 +92,40 @@ pub struct CreateCollection {
     pub keyword: Option<KeywordParams>,
 }
 
-/// A document to upsert.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Tells a field given as `null` (`Some(None)`) from a missing one (`None`).
+fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
+}
+
+/// A document to upsert. With no `vector` or `chunks`, its text is chunked and embedded by
+/// the collection's model.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DocumentInput {
     pub id: String,
+    /// The text; with `chunks`, leave it out (the text is the chunks' texts, joined).
+    #[serde(default)]
     pub text: String,
     #[serde(default)]
     pub title: Option<String>,
     #[serde(default)]
     pub metadata: Option<serde_json::Value>,
+    /// The document's own vector: the text is then stored as one chunk, not split.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vector: Option<Vec<f32>>,
+    /// The document's own chunks, each with its vector.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunks: Option<Vec<ChunkInput>>,
+}
+
+/// A chunk that brings its own vector.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ChunkInput {
+    pub text: String,
+    pub vector: Vec<f32>,
 }
 
 /// A stored document with its chunks' layout.

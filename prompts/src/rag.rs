@@ -223,6 +223,18 @@ pub struct RagAnswer {
     pub dont_know: bool,
 }
 
+
+/// The collection's embedding model: retrieval-augmented answers embed the question and
+/// the passages, so a collection without one cannot serve them.
+fn needs_model(c: &ragway_index::Collection) -> Result<Arc<dyn ragway_index::ChunkEmbedder>> {
+    c.embedder().cloned().ok_or_else(|| {
+        PromptError::invalid(
+            "collection",
+            format!("collection `{}` has no embedding model; answers need one to embed the question", c.name()),
+        )
+    })
+}
+
 /// The pipeline over the index and the template registry.
 pub struct Pipeline {
     pub index: Arc<IndexService>,
@@ -304,7 +316,7 @@ impl Pipeline {
         let (mode, filter, rerank) = (req.mode.unwrap_or_default(), req.filter.clone(), req.rerank);
         let q = question.clone();
         let hits = tokio::task::spawn_blocking(move || -> Result<Vec<(SearchHit, f32)>> {
-            let embedder = collection.embedder().clone();
+            let embedder = needs_model(&collection)?;
             let qv = embedder.embed_query(&q)?;
             let wanted = if rerank.is_some() { (3 * top_k).min(150) } else { top_k };
             let resp = collection.search(&SearchRequest {
@@ -443,7 +455,7 @@ impl Pipeline {
         let grounding = if is_abstention(&answer, prepared.dont_know_text.as_deref()) {
             abstained(prepared.grounding_threshold)
         } else {
-            let embedder = self.index.get(&prepared.collection)?.embedder().clone();
+            let embedder = needs_model(&*self.index.get(&prepared.collection)?)?;
             check_grounding(embedder.as_ref(), &prepared.question, &answer, &prepared.passages, &cited, prepared.grounding_threshold)?
         };
         let by_index = |i: usize| prepared.passages.iter().find(|p| p.index == i).cloned();

@@ -1,5 +1,5 @@
-//! The dense half alone: hnsw_rs as ragway builds and searches it (with its AVX-512 dot
-//! product as the distance), against exact search and against hnswlib and faiss on the very
+//! The dense half alone: ragway's HNSW graph (`ragway_index::hnsw`, with the engine's
+//! AVX-512 dot product as the distance), against exact search and against hnswlib and faiss on the very
 //! same vectors in the same run.
 //!
 //! Data (`--data`):
@@ -140,12 +140,12 @@ fn main() -> anyhow::Result<()> {
     let rss0 = rss_bytes();
     let params = HnswParams { m: args.m, ef_construction: args.ef_construction, ef: 64 };
     let t = Instant::now();
-    let index = DenseIndex::new(params, Distance::Cosine, base.len());
-    let items: Vec<(&[f32], usize)> = base.iter().enumerate().map(|(i, v)| (v.as_slice(), i)).collect();
+    let index = DenseIndex::new(params, Distance::Cosine, base[0].len(), base.len());
+    let items: Vec<(&[f32], u64)> = base.iter().enumerate().map(|(i, v)| (v.as_slice(), i as u64)).collect();
     index.insert(&items);
     let build_s = t.elapsed().as_secs_f64();
     let graph_mib = (rss_bytes().saturating_sub(rss0)) as f64 / (1 << 20) as f64;
-    eprintln!("[ann-bench] hnsw_rs built in {build_s:.1}s ({} threads), +{graph_mib:.0} MiB resident", rayon::current_num_threads());
+    eprintln!("[ann-bench] ragway HNSW built in {build_s:.1}s ({} threads), +{graph_mib:.0} MiB resident", rayon::current_num_threads());
 
     let recall = |found: &[Vec<u64>]| -> f64 {
         found.iter().zip(&gt).map(|(f, g)| f.iter().filter(|x| g.contains(x)).count() as f64 / k as f64).sum::<f64>() / gt.len() as f64
@@ -165,7 +165,7 @@ fn main() -> anyhow::Result<()> {
         let all = queries.len() as f64 / t.elapsed().as_secs_f64();
         single.sort_by(f64::total_cmp);
         let r = recall(&found);
-        println!("ragway/hnsw_rs ef={ef:<4} recall@10 {r:.4}  QPS 1 thread {:.0}  all threads {all:.0}", single[1]);
+        println!("ragway   ef={ef:<4} recall@10 {r:.4}  QPS 1 thread {:.0}  all threads {all:.0}", single[1]);
         rows.push(json!({"ef": ef, "recall": r, "qps_1_thread": single[1], "qps_all_threads": all}));
     }
     let mut reference = Value::Null;

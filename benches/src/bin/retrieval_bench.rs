@@ -212,7 +212,7 @@ fn memory_child(dir: &Path) -> anyhow::Result<Value> {
 fn ingest_corpus(dir: &Path, corpus: &Path, max_tokens: Option<usize>, embedder: Arc<LocalEmbedder>) -> anyhow::Result<Value> {
     let mut settings = CollectionSettings {
         name: "scifact".into(),
-        model: "all-MiniLM-L6-v2".into(),
+        model: Some("all-MiniLM-L6-v2".into()),
         dimension: 384,
         distance: Default::default(),
         hnsw: Default::default(),
@@ -252,7 +252,7 @@ fn ingest_corpus(dir: &Path, corpus: &Path, max_tokens: Option<usize>, embedder:
             id: v["_id"].as_str().unwrap_or_default().into(),
             text: v["text"].as_str().unwrap_or_default().into(),
             title: v["title"].as_str().filter(|t| !t.is_empty()).map(String::from),
-            metadata: None,
+            ..Default::default()
         })
         .collect();
     let inputs: Vec<Vec<u32>> =

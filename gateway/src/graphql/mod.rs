@@ -108,7 +108,8 @@ async fn execute_body(
 ) -> Result<GraphQLResponse, ServiceError> {
     // A request without a valid key is refused as a whole (401), before its body is read;
     // with one, each field authorizes its own operation.
-    caller(http).authenticated().map_err(|d| ServiceError::from(d.clone()))?;
+    let who = caller(http);
+    who.authenticated().map_err(ServiceError::from)?;
     let limit = state.settings.max_body_bytes;
     let body = read_body(payload, limit).await?;
     let content_type = http.headers().get("content-type").and_then(|v| v.to_str().ok()).map(str::to_string);
@@ -117,7 +118,7 @@ async fn execute_body(
     let request = async_graphql::http::receive_batch_body(content_type, futures::io::Cursor::new(body.freeze()), options)
         .await
         .map_err(|e| ServiceError::invalid("body", format!("invalid GraphQL request: {e}")))?;
-    Ok(schema.execute_batch(request.data(caller(http))).await.into())
+    Ok(schema.execute_batch(request.data(who)).await.into())
 }
 
 async fn subscribe(
@@ -223,7 +224,8 @@ pub struct Model {
 #[derive(SimpleObject)]
 pub struct Collection {
     name: String,
-    model: String,
+    /// The embedding model; null when documents and searches bring their own vectors.
+    model: Option<String>,
     dimension: usize,
     distance: String,
     documents: usize,
@@ -373,9 +375,22 @@ impl From<ragway_index::WriteResult> for WriteResult {
 #[derive(InputObject)]
 pub struct DocumentInput {
     id: String,
+    /// The text (leave it out with `chunks`).
+    #[graphql(default)]
     text: String,
     title: Option<String>,
     metadata: Option<Json<Value>>,
+    /// The document's own vector: its text is then one chunk.
+    vector: Option<Vec<f32>>,
+    /// The document's own chunks, each with its vector.
+    chunks: Option<Vec<ChunkInput>>,
+}
+
+/// A chunk that brings its own vector.
+#[derive(InputObject)]
+pub struct ChunkInput {
+    text: String,
+    vector: Vec<f32>,
 }
 
 #[derive(InputObject)]
@@ -500,14 +515,17 @@ impl QueryRoot {
         })
     }
 
-    /// Hybrid (default), dense or keyword search, with the REST API's JSON filters.
+    /// Hybrid (default), dense or keyword search, with the REST API's JSON filters. `vector`
+    /// searches the dense half with your own query vector (required in collections without
+    /// a model, where `query` feeds the keyword half).
     #[graphql(complexity = "top_k.unwrap_or(10) as usize * child_complexity")]
     #[allow(clippy::too_many_arguments)]
     async fn search(
         &self,
         ctx: &Context<'_>,
         collection: String,
-        query: String,
+        query: Option<String>,
+        vector: Option<Vec<f32>>,
         top_k: Option<u32>,
         mode: Option<SearchMode>,
         filter: Option<Json<Value>>,
@@ -516,7 +534,7 @@ impl QueryRoot {
     ) -> async_graphql::Result<Vec<SearchHit>> {
         require(ctx, Operation::Search)?;
         let input = SearchBody {
-            query,
+            query: query.unwrap_or_default(),
             top_k: top_k.map(|k| k as usize),
             mode: mode.map(|m| match m {
                 SearchMode::Dense => ragway_index::SearchMode::Dense,
@@ -528,7 +546,7 @@ impl QueryRoot {
             fusion: None,
             candidates: None,
             group_by_document: group_by_document.unwrap_or(false),
-            vector: None,
+            vector,
             title_boost: None,
         };
         let resp = collections::search(state(ctx), collection, input).await.map_err(gql)?;
@@ -658,7 +676,14 @@ impl MutationRoot {
         require(ctx, Operation::UpsertDocuments)?;
         let documents = documents
             .into_iter()
-            .map(|d| ragway_index::DocumentInput { id: d.id, text: d.text, title: d.title, metadata: d.metadata.map(|m| m.0) })
+            .map(|d| ragway_index::DocumentInput {
+                id: d.id,
+                text: d.text,
+                title: d.title,
+                metadata: d.metadata.map(|m| m.0),
+                vector: d.vector,
+                chunks: d.chunks.map(|cs| cs.into_iter().map(|c| ragway_index::ChunkInput { text: c.text, vector: c.vector }).collect()),
+            })
             .collect();
         Ok(collections::upsert(state(ctx), collection, UpsertBody { documents, wait }).await.map_err(gql)?.into())
     }
@@ -801,7 +826,7 @@ impl MutationRoot {
         if b.common.stream.unwrap_or(false) {
             return Err(gql(ServiceError::invalid("stream", "stream is not available here; subscribe to `generate` for tokens")));
         }
-        Ok(Json(crate::service::rag::answer(s, b, Some(&caller)).await.map_err(gql)?))
+        json_of(crate::service::rag::answer(s, b, Some(&caller)).await.map_err(gql)?)
     }
 }
 

@@ -7,19 +7,39 @@ use crate::http::middleware::authorize_unless;
 use crate::service::auth::Operation;
 use crate::service::error::ServiceError;
 use actix_web::{get, web, HttpRequest, HttpResponse};
-use serde_json::json;
 
 /// Liveness: answers as soon as the server listens.
 #[utoipa::path(
     get,
     path = "/health",
     tag = "probes",
-    responses((status = 200, description = "live", body = Object))
+    responses((status = 200, description = "live", body = Health))
 )]
 #[get("/health")]
 pub async fn health(http: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ServiceError> {
     authorize_unless(&http, Operation::Probe, state.settings.open_probes)?;
-    Ok(HttpResponse::Ok().json(json!({"status": "ok"})))
+    Ok(HttpResponse::Ok().json(Health { status: "ok" }))
+}
+
+/// Liveness.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct Health {
+    /// Always `ok`.
+    #[schema(value_type = String)]
+    pub status: &'static str,
+}
+
+/// Readiness: each served model's loaded state and the index's.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct Readiness {
+    /// `ready` or `loading`.
+    #[schema(value_type = String)]
+    pub status: &'static str,
+    /// Model id → loaded.
+    pub models: std::collections::BTreeMap<String, bool>,
+    /// `ready` or `loading`.
+    #[schema(value_type = String)]
+    pub index: &'static str,
 }
 
 /// Readiness: 200 once the models are loaded and the index is open, 503 before.
@@ -27,21 +47,21 @@ pub async fn health(http: HttpRequest, state: web::Data<AppState>) -> Result<Htt
     get,
     path = "/ready",
     tag = "probes",
-    responses((status = 200, description = "models and index loaded", body = Object))
+    responses((status = 200, description = "models and index loaded", body = Readiness), (status = 503, description = "still loading (Retry-After: 1)", body = Readiness))
 )]
 #[get("/ready")]
 pub async fn ready(http: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ServiceError> {
     authorize_unless(&http, Operation::Probe, state.settings.open_probes)?;
-    let models = json!({
-        state.settings.embedding_model_id.clone(): state.embedder.get().is_some(),
-        state.settings.generation_model_id.clone(): state.generator.get().is_some(),
-    });
+    let models = [
+        (state.settings.embedding_model_id.clone(), state.embedder.get().is_some()),
+        (state.settings.generation_model_id.clone(), state.generator.get().is_some()),
+    ]
+    .into_iter()
+    .collect();
     let index = if state.index.get().is_some() { "ready" } else { "loading" };
     Ok(if state.is_ready() {
-        HttpResponse::Ok().json(json!({"status": "ready", "models": models, "index": index}))
+        HttpResponse::Ok().json(Readiness { status: "ready", models, index })
     } else {
-        HttpResponse::ServiceUnavailable()
-            .insert_header(("Retry-After", "1"))
-            .json(json!({"status": "loading", "models": models, "index": index}))
+        HttpResponse::ServiceUnavailable().insert_header(("Retry-After", "1")).json(Readiness { status: "loading", models, index })
     })
 }

@@ -11,6 +11,14 @@ use actix_web::{delete, get, post, put, web, HttpResponse};
 use crate::service::prompts::{self as svc, create_version, move_label, render_prompt, LabelBody, RenderBody, CreatePrompt, LabelSet, RenderedPrompt, VersionCreated};
 use serde_json::{json, Value};
 
+/// A removed label.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct LabelDeleted {
+    name: String,
+    label: String,
+    deleted: bool,
+}
+
 /// Every template.
 #[derive(serde::Serialize, utoipa::ToSchema)]
 pub struct PromptList {
@@ -75,12 +83,12 @@ pub async fn set_label(_: Authorized<op::SetPromptLabel>, state: web::Data<AppSt
 
 #[utoipa::path(delete, path = "/v1/prompts/{name}/labels/{label}", tag = "prompts",
     params(("name" = String, Path), ("label" = String, Path)),
-    responses((status = 200, description = "`{name, label, deleted: true}`", body = Object), ApiErrors))]
+    responses((status = 200, description = "the label is gone", body = LabelDeleted), ApiErrors))]
 #[delete("/v1/prompts/{name}/labels/{label}")]
 pub async fn delete_label(_: Authorized<op::DeletePromptLabel>, state: web::Data<AppState>, path: web::Path<(String, String)>) -> Result<HttpResponse, ServiceError> {
     let (name, label) = path.into_inner();
     svc::delete_label(&state, name.clone(), label.clone()).await?;
-    Ok(HttpResponse::Ok().json(json!({"name": name, "label": label, "deleted": true})))
+    Ok(HttpResponse::Ok().json(LabelDeleted { name, label, deleted: true }))
 }
 
 #[utoipa::path(post, path = "/v1/prompts/{name}/render", tag = "prompts",

@@ -26,7 +26,7 @@ use std::sync::Arc;
     path = "/v1/rag",
     tag = "rag",
     request_body = RagBody,
-    responses((status = 200, description = "`rag.answer`: `answer`, `citations`, `uncited`, `grounding`, `template`, `usage`; with `stream`, SSE events `context`, `token`..., `final`, then `data: [DONE]`", body = Object), ApiErrors)
+    responses((status = 200, description = "`rag.answer`: `answer`, `citations`, `uncited`, `grounding`, `template`, `usage`; with `stream`, SSE events `context`, `token`..., `final`, then `data: [DONE]`", body = RagResponse), ApiErrors)
 )]
 #[post("/v1/rag")]
 pub async fn rag(who: Authorized<op::Rag>, state: web::Data<AppState>, body: web::Json<Value>) -> Result<HttpResponse, ServiceError> {

@@ -10,7 +10,7 @@ use crate::http::openapi::*;
 use crate::app::AppState;
 use actix_web::{post, web, HttpResponse};
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -70,7 +70,7 @@ fn target<'a>(state: &'a AppState, model: Option<&str>) -> Result<Target<'a>, Se
     path = "/tokenize",
     tag = "openai",
     request_body = TokenizeRequest,
-    responses((status = 200, description = "token ids (and pieces)", body = Object), ApiErrors)
+    responses((status = 200, description = "token ids (and pieces)", body = Tokenized), ApiErrors)
 )]
 #[post("/tokenize")]
 pub async fn tokenize(_: Authorized<op::Tokenize>, state: web::Data<AppState>, body: web::Json<TokenizeRequest>) -> Result<HttpResponse, ServiceError> {
@@ -83,13 +83,12 @@ pub async fn tokenize(_: Authorized<op::Tokenize>, state: web::Data<AppState>, b
     let state = state.into_inner();
     let text_bytes = req.prompt.as_ref().or(req.content.as_ref()).map_or(0, String::len);
     crate::service::limits::check_prompt_bytes(text_bytes, "prompt")?;
-    crate::service::limits::blocking(move || -> Result<Value, ServiceError> {
+    crate::service::limits::blocking(move || -> Result<Tokenized, ServiceError> {
         let (ids, pieces, model, max_len) = match target(&state, model_param.as_deref())? {
             Target::Generation(h) => {
                 let (text, default_special) = match &req.messages {
                     Some(m) => {
                         let messages = crate::service::completions::chat_messages(m)?;
-                        crate::service::limits::check_prompt_bytes(messages.iter().map(|m| m.content.len()).sum(), "messages")?;
                         let template = h
                             .chat_template()
                             .ok_or_else(|| ServiceError::invalid("messages", "this model has no chat template"))?;
@@ -118,11 +117,8 @@ pub async fn tokenize(_: Authorized<op::Tokenize>, state: web::Data<AppState>, b
                 (ids, pieces, e.model_id().to_string(), e.embedder().max_seq_length())
             }
         };
-        let mut out = json!({"model": model, "count": ids.len(), "max_model_len": max_len, "tokens": ids});
-        if req.with_pieces.unwrap_or(false) {
-            out["pieces"] = json!(pieces);
-        }
-        Ok(out)
+        let pieces = req.with_pieces.unwrap_or(false).then_some(pieces);
+        Ok(Tokenized { model, count: ids.len(), max_model_len: max_len, tokens: ids, pieces })
     })
     .await
     .map(|v| HttpResponse::Ok().json(v))
@@ -133,7 +129,7 @@ pub async fn tokenize(_: Authorized<op::Tokenize>, state: web::Data<AppState>, b
     path = "/detokenize",
     tag = "openai",
     request_body = DetokenizeRequest,
-    responses((status = 200, description = "text", body = Object), ApiErrors)
+    responses((status = 200, description = "text", body = Detokenized), ApiErrors)
 )]
 #[post("/detokenize")]
 pub async fn detokenize(_: Authorized<op::Detokenize>, state: web::Data<AppState>,
@@ -168,5 +164,26 @@ pub async fn detokenize(_: Authorized<op::Detokenize>, state: web::Data<AppState
             (tk.decode(&ids, false).map_err(|err| ServiceError::invalid("tokens", err.to_string()))?, e.model_id().to_string())
         }
     };
-    Ok(HttpResponse::Ok().json(json!({"model": model, "prompt": text, "content": text})))
+    Ok(HttpResponse::Ok().json(Detokenized { model, prompt: text.clone(), content: text }))
+}
+
+/// Token ids of a text (vLLM's and llama.cpp's `/tokenize`).
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct Tokenized {
+    pub model: String,
+    pub count: usize,
+    /// The model's context length (generation) or input limit (embedding).
+    pub max_model_len: usize,
+    pub tokens: Vec<u32>,
+    /// Each token's text, with `with_pieces`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pieces: Option<Vec<String>>,
+}
+
+/// The text of token ids (`prompt` as vLLM names it, `content` as llama.cpp does).
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct Detokenized {
+    pub model: String,
+    pub prompt: String,
+    pub content: String,
 }

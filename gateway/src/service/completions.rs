@@ -227,12 +227,15 @@ pub fn request_over(
     })
 }
 
+/// Parses OpenAI chat messages (text parts only; `developer` is `system`) and applies the
+/// prompt-size limit to their text.
 pub fn chat_messages(v: &Value) -> Result<Vec<ChatMessage>, ServiceError> {
     let arr = v.as_array().ok_or_else(|| ServiceError::invalid("messages", "messages must be an array"))?;
     if arr.is_empty() {
         return Err(ServiceError::invalid("messages", "messages must contain at least one message"));
     }
-    arr.iter()
+    let messages = arr
+        .iter()
         .enumerate()
         .map(|(i, m)| {
             let param = format!("messages[{i}]");
@@ -280,7 +283,10 @@ pub fn chat_messages(v: &Value) -> Result<Vec<ChatMessage>, ServiceError> {
             };
             Ok(ChatMessage::new(role, content))
         })
-        .collect()
+        .collect::<Result<Vec<_>, _>>()?;
+    // The prompt-size limit, before anything renders or tokenizes the messages.
+    crate::service::limits::check_prompt_bytes(messages.iter().map(|m| m.content.len()).sum(), "messages")?;
+    Ok(messages)
 }
 
 pub fn completion_prompts(v: &Value, h: &GenerateHandle) -> Result<Vec<Vec<u32>>, ServiceError> {
@@ -458,7 +464,6 @@ pub fn start_chat_on(h: GenerateHandle, req: ChatRequest) -> Result<StartedChat,
     };
     let template = template_request(&req.common, top, h.tokenizer().vocab_size())?;
     let messages = chat_messages(&req.messages)?;
-    crate::service::limits::check_prompt_bytes(messages.iter().map(|m| m.content.len()).sum(), "messages")?;
     let chat_template = h.chat_template().ok_or_else(|| {
         ServiceError::invalid(
             "messages",

@@ -13,7 +13,7 @@ use ragway_index::{Filter, SearchMode};
 use ragway_prompts::rag::{generate_text, sampling_from, Pipeline, Prepared, RagAnswer, RagRequest, Rerank, TemplateSpec};
 use ragway_prompts::registry::{key_of, Arm};
 use serde::Deserialize;
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 
 /// What to retrieve and how to answer: the body of `/v1/rag` and the `rag` object of a
 /// chat completion.
@@ -267,7 +267,25 @@ pub fn parse_body(state: &AppState, mut v: Value) -> Result<RagBody, ServiceErro
 }
 
 /// Answers a parsed body without streaming (REST and GraphQL).
-pub async fn answer(state: &AppState, body: RagBody, caller: Option<&Principal>) -> Result<Value, ServiceError> {
+/// A whole `rag.answer`: the answer with its citations and grounding, and the response's
+/// id, model, finish reason and usage.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct RagResponse {
+    pub id: String,
+    /// Always `rag.answer`.
+    #[schema(value_type = String)]
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    /// `stop` or `length`.
+    #[schema(value_type = String)]
+    pub finish_reason: &'static str,
+    pub usage: Usage,
+    #[serde(flatten)]
+    pub answer: RagAnswer,
+}
+
+pub async fn answer(state: &AppState, body: RagBody, caller: Option<&Principal>) -> Result<RagResponse, ServiceError> {
     let h = generator(state, &body.common.model)?.clone();
     let (pipe, prepared) = start(state, &h, &body.common, None, body.options, body.query, body.messages.as_ref()).await?;
     let (cp, cc) = prepared.condense_tokens;
@@ -280,15 +298,16 @@ pub async fn answer(state: &AppState, body: RagBody, caller: Option<&Principal>)
         }
     };
     let model = h.model_id().to_string();
-    let ans = finish(state, pipe, prepared, text).await?;
-    let mut v = serde_json::to_value(&ans).map_err(|e| ServiceError::internal(e.to_string()))?;
-    v["id"] = json!(new_id("rag"));
-    v["object"] = json!("rag.answer");
-    v["created"] = json!(now());
-    v["model"] = json!(model);
-    v["finish_reason"] = json!(finish_reason);
-    v["usage"] = usage_json(cp + pt, cc + ct, caller);
-    Ok(v)
+    let answer = finish(state, pipe, prepared, text).await?;
+    Ok(RagResponse {
+        id: new_id("rag"),
+        object: "rag.answer",
+        created: now(),
+        model,
+        finish_reason,
+        usage: Usage::charged(cp + pt, cc + ct, caller),
+        answer,
+    })
 }
 
 /// The `rag` extra of a chat completion, as JSON (citations, grounding, template).

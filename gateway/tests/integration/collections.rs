@@ -17,6 +17,21 @@ fn wait_job(s: &Server, id: &str) -> Value {
     }
 }
 
+/// Uploads JSONL to a collection's ingest endpoint; answers the finished job and the 202
+/// body that started it.
+fn ingest_jsonl(s: &Server, collection: &str, body: String) -> (Value, Value) {
+    let r = client()
+        .post(format!("{}/v1/collections/{collection}/ingest", s.url))
+        .header("content-type", "application/x-ndjson")
+        .body(body)
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    let started: Value = r.json().unwrap();
+    let job = wait_job(s, started["job_id"].as_str().unwrap());
+    (job, started)
+}
+
 #[test]
 fn collections_documents_and_search() {
     let s = shared();
@@ -122,15 +137,7 @@ fn jsonl_upload_runs_a_job_with_progress_and_line_numbers() {
             body.push('\n');
         }
     }
-    let r = client()
-        .post(format!("{}/v1/collections/api-ingest/ingest", s.url))
-        .header("content-type", "application/x-ndjson")
-        .body(body)
-        .send()
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 202);
-    let started: Value = r.json().unwrap();
-    let job = wait_job(s, started["job_id"].as_str().unwrap());
+    let (job, started) = ingest_jsonl(s, "api-ingest", body);
     assert_eq!(job["state"], "done", "{job}");
     assert_eq!(job["progress"]["documents_written"], 29);
     assert_eq!(job["progress"]["documents_failed"], 1);
@@ -202,4 +209,89 @@ fn ingest_cli_then_serve_the_same_data_dir() {
     assert_eq!(r["results"][0]["document_id"], "4983");
     drop(s);
     let _ = std::fs::remove_dir_all(&data);
+}
+
+/// Collections without a model: documents, searches and JSONL ingestion bring their own
+/// vectors, over REST and GraphQL; bad vectors are 400s that name the document.
+#[test]
+fn own_vectors_over_rest_and_graphql() {
+    let s = shared();
+    let (status, body) = s.post("/v1/collections", &json!({"name": "byo", "model": null}));
+    assert_eq!(assert_openai_error(status, &body, 400)["param"], "dimension");
+    let (status, body) = s.post("/v1/collections", &json!({"name": "byo", "dimension": 3}));
+    assert_eq!(assert_openai_error(status, &body, 400)["param"], "dimension");
+    let (status, info) = s.post("/v1/collections", &json!({"name": "byo", "model": null, "dimension": 3}));
+    assert_eq!(status, 201, "{info}");
+    assert!(info["settings"]["model"].is_null(), "{info}");
+    assert_eq!(info["settings"]["dimension"], 3);
+
+    let docs = json!({"documents": [
+        {"id": "x", "text": "Points along the first axis, such as glaciers.", "vector": [1.0, 0.1, 0.0]},
+        {"id": "yz", "chunks": [
+            {"text": "The second axis holds deserts.", "vector": [0.0, 1.0, 0.1]},
+            {"text": "The third axis holds oceans.", "vector": [0.1, 0.0, 1.0]}
+        ], "metadata": {"pair": true}}
+    ]});
+    let (status, r) = s.post("/v1/collections/byo/documents", &docs);
+    assert_eq!(status, 200, "{r}");
+    assert_eq!((r["upserted"].as_u64(), r["chunks"].as_u64()), (Some(2), Some(3)));
+    let (_, r) = s.post("/v1/collections/byo/search", &json!({"vector": [0.0, 0.1, 0.9], "mode": "dense", "top_k": 1}));
+    assert_eq!(r["results"][0]["chunk_id"], "yz#1", "{r}");
+    let (_, r) = s.post("/v1/collections/byo/search", &json!({"query": "glaciers", "mode": "keyword"}));
+    assert_eq!(r["results"][0]["document_id"], "x", "{r}");
+    let (_, r) = s.post("/v1/collections/byo/search", &json!({"query": "deserts", "vector": [0.0, 1.0, 0.0], "top_k": 2}));
+    assert_eq!(r["results"][0]["chunk_id"], "yz#0", "{r}");
+
+    // Bad vectors and missing ones: 400s naming the document; nothing is written.
+    let (status, body) = s.post("/v1/collections/byo/documents", &json!({"documents": [{"id": "short", "text": "t", "vector": [1.0, 2.0]}]}));
+    let e = assert_openai_error(status, &body, 400);
+    assert_eq!(e["param"], "vector");
+    assert!(e["message"].as_str().unwrap().contains("`short`"), "{e}");
+    let (status, body) = s.post("/v1/collections/byo/documents", &json!({"documents": [{"id": "huge", "text": "t", "vector": [1e39, 0.0, 0.0]}]}));
+    let e = assert_openai_error(status, &body, 400);
+    assert!(e["message"].as_str().unwrap().contains("`huge`"), "{e}");
+    let (status, body) = s.post("/v1/collections/byo/documents", &json!({"documents": [{"id": "plain", "text": "No vector."}]}));
+    let e = assert_openai_error(status, &body, 400);
+    assert!(e["message"].as_str().unwrap().contains("`plain`"), "{e}");
+    let (status, body) = s.post("/v1/collections/byo/search", &json!({"query": "deserts", "mode": "dense"}));
+    assert_eq!(assert_openai_error(status, &body, 400)["param"], "vector");
+    let (status, body) = s.post("/v1/collections/byo/search", &json!({"vector": [1.0, 0.0], "mode": "dense"}));
+    assert_eq!(assert_openai_error(status, &body, 400)["param"], "vector");
+    let (_, info) = s.get("/v1/collections/byo");
+    assert_eq!(info["documents"], 2);
+
+    // JSONL ingestion carries vectors too; a bad line fails alone, with its line number.
+    let body = [
+        json!({"id": "j1", "text": "Ingested with its vector.", "vector": [0.7, 0.7, 0.0]}).to_string(),
+        json!({"id": "j2", "text": "Wrong size.", "vector": [1.0]}).to_string(),
+    ]
+    .join("\n");
+    let (job, _) = ingest_jsonl(s, "byo", body);
+    assert_eq!((job["progress"]["documents_written"].as_u64(), job["progress"]["documents_failed"].as_u64()), (Some(1), Some(1)), "{job}");
+    assert_eq!(job["errors"][0]["line"], 2, "{job}");
+    let (_, r) = s.post("/v1/collections/byo/search", &json!({"vector": [0.7, 0.7, 0.0], "mode": "dense", "top_k": 1}));
+    assert_eq!(r["results"][0]["document_id"], "j1", "{r}");
+
+    // GraphQL: the same inputs, the same checks.
+    let gql = |query: &str, variables: Value| -> Value {
+        client().post(format!("{}/graphql", s.url)).json(&json!({"query": query, "variables": variables})).send().unwrap().json().unwrap()
+    };
+    let v = gql(
+        "mutation($d: [DocumentInput!]!) { upsertDocuments(collection: \"byo\", documents: $d) { upserted chunks } }",
+        json!({"d": [{"id": "g", "text": "Sent through GraphQL.", "vector": [0.0, 0.0, 1.0]}]}),
+    );
+    assert_eq!(v["data"]["upsertDocuments"]["upserted"], 1, "{v}");
+    let v = gql(
+        "query($v: [Float!]) { search(collection: \"byo\", vector: $v, mode: DENSE, topK: 2) { chunkId } collection(name: \"byo\") { model dimension } }",
+        json!({"v": [0.0, 0.05, 1.0]}),
+    );
+    assert_eq!(v["data"]["search"][0]["chunkId"], "g#0", "{v}");
+    assert!(v["data"]["collection"]["model"].is_null() && v["data"]["collection"]["dimension"] == 3, "{v}");
+    let v = gql(
+        "mutation($d: [DocumentInput!]!) { upsertDocuments(collection: \"byo\", documents: $d) { upserted } }",
+        json!({"d": [{"id": "gbad", "text": "t", "vector": [1.0]}]}),
+    );
+    let e = &v["errors"][0];
+    assert_eq!(e["extensions"]["status"], 400, "{v}");
+    assert!(e["message"].as_str().unwrap().contains("`gbad`"), "{v}");
 }

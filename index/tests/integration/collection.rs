@@ -325,3 +325,179 @@ fn service_options(dir: &std::path::Path) -> ServiceOptions {
         drift: Default::default(),
     }
 }
+
+#[test]
+fn the_saved_graph_is_loaded_on_open_and_only_the_log_tail_is_inserted() {
+    let dir = tempfile::tempdir().unwrap();
+    let queries = ["a feline pet", "space travel", "baking", "music instruments", "paying taxes"];
+    let dense_ids = |c: &Collection| -> Vec<Vec<String>> {
+        queries.iter().map(|q| search(c, q, SearchMode::Dense, 5, None).into_iter().map(|h| h.chunk_id).collect()).collect()
+    };
+    let c = create(dir.path(), settings("saved"));
+    topics(&c);
+    let docs = (0..30).map(|i| doc(&format!("n{i}"), &format!("Note {i} on subject {}.", i % 5), json!({"i": i}))).collect();
+    c.upsert(docs, true).unwrap();
+    let before = dense_ids(&c);
+    assert!(!dir.path().join("dense.hnsw").exists(), "saved only on close, compaction or every 50,000 points");
+    c.close().unwrap();
+    assert!(dir.path().join("dense.hnsw").exists());
+
+    // Reopened: the whole graph comes from the file, none of it from the log.
+    let c = Collection::open(dir.path(), embedder()).unwrap();
+    assert_eq!(c.open_stats(), (36, 0));
+    assert_eq!(dense_ids(&c), before);
+    assert_halves_agree(&c);
+    let log_after_close = std::fs::read(dir.path().join("log.wal")).unwrap();
+
+    // A crash after more writes: the saved graph plus the log's tail.
+    c.upsert(vec![doc("late", "Glaciers carve U-shaped valleys as they retreat.", json!({}))], true).unwrap();
+    c.delete(&["n3".to_string()], true).unwrap();
+    drop(c);
+    let c = Collection::open(dir.path(), embedder()).unwrap();
+    assert_eq!(c.open_stats(), (36, 1));
+    assert_eq!(search(&c, "ice sheets shaping mountain valleys", SearchMode::Dense, 1, None)[0].document_id, "late");
+    assert_eq!(c.info().documents, 36);
+    assert_halves_agree(&c);
+    c.close().unwrap();
+
+    // A damaged graph file is rebuilt from the log, not trusted.
+    let path = dir.path().join("dense.hnsw");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x10;
+    std::fs::write(&path, &bytes).unwrap();
+    let c = Collection::open(dir.path(), embedder()).unwrap();
+    assert_eq!(c.open_stats(), (0, 36));
+    assert_eq!(search(&c, "ice sheets shaping mountain valleys", SearchMode::Dense, 1, None)[0].document_id, "late");
+    assert_halves_agree(&c);
+    c.close().unwrap();
+
+    // A graph that covers more of the log than the log holds (the log was replaced by an
+    // older copy) does not match: rebuilt too.
+    std::fs::write(dir.path().join("log.wal"), &log_after_close).unwrap();
+    std::fs::remove_dir_all(dir.path().join("keyword")).unwrap();
+    let c = Collection::open(dir.path(), embedder()).unwrap();
+    assert_eq!(c.open_stats(), (0, 36));
+    assert_eq!(dense_ids(&c), before);
+    assert_halves_agree(&c);
+}
+
+fn create_req(v: serde_json::Value) -> CreateCollection {
+    serde_json::from_value(v).unwrap()
+}
+
+fn own(id: &str, text: &str, vector: Vec<f32>) -> ragway_index::DocumentInput {
+    ragway_index::DocumentInput { id: id.into(), text: text.into(), vector: Some(vector), ..Default::default() }
+}
+
+fn invalid_param<T>(r: Result<T, IndexError>) -> (String, String) {
+    match r {
+        Err(IndexError::InvalidRequest { param, message }) => (param.unwrap_or_default(), message),
+        Err(e) => panic!("expected a bad-request error, got {e:?}"),
+        Ok(_) => panic!("expected a bad-request error, got success"),
+    }
+}
+
+#[test]
+fn collections_without_a_model_take_their_own_vectors() {
+    let dir = tempfile::tempdir().unwrap();
+    let service = IndexService::open(dir.path(), vec![embedder()], "all-MiniLM-L6-v2", service_options(dir.path())).unwrap();
+    // `model: null` needs a dimension; a model's dimension is checked.
+    let (param, _) = invalid_param(service.create(create_req(json!({"name": "v", "model": null}))));
+    assert_eq!(param, "dimension");
+    let (param, msg) = invalid_param(service.create(create_req(json!({"name": "v", "dimension": 3}))));
+    assert_eq!(param, "dimension");
+    assert!(msg.contains("384"), "{msg}");
+    let c = service.create(create_req(json!({"name": "v", "model": null, "dimension": 4}))).unwrap();
+    assert_eq!(c.settings().model, None);
+    assert!(c.embedder().is_none());
+
+    let axis = |i: usize| -> Vec<f32> { (0..4).map(|d| if d == i { 1.0 } else { 0.1 }).collect() };
+    c.upsert(
+        vec![
+            own("north", "Polar bears roam the arctic ice.", axis(0)),
+            own("east", "Spices arrive from distant ports.", axis(1)),
+            ragway_index::DocumentInput {
+                id: "split".into(),
+                chunks: Some(vec![
+                    ragway_index::ChunkInput { text: "First part, about deserts.".into(), vector: axis(2) },
+                    ragway_index::ChunkInput { text: "Second part, about oceans.".into(), vector: axis(3) },
+                ]),
+                metadata: Some(json!({"kind": "two"})),
+                ..Default::default()
+            },
+        ],
+        true,
+    )
+    .unwrap();
+    let info = c.info();
+    assert_eq!((info.documents, info.chunks), (3, 4));
+    // The text of a document with one vector is one chunk, however long; given chunks are kept.
+    let split = c.get("split").unwrap();
+    assert_eq!(split.text, "First part, about deserts.\n\nSecond part, about oceans.");
+    assert_eq!(split.chunks.len(), 2);
+    let (a, b) = (split.chunks[1].char_start as usize, split.chunks[1].char_end as usize);
+    assert_eq!(split.text.chars().skip(a).take(b - a).collect::<String>(), "Second part, about oceans.");
+
+    // Dense searches bring their vector; keyword searches still take words.
+    let dense = |v: Vec<f32>| {
+        c.search(&SearchRequest { vector: Some(v), top_k: 2, mode: SearchMode::Dense, ..Default::default() }).unwrap().results
+    };
+    let hits = dense(axis(3));
+    assert_eq!((hits[0].document_id.as_str(), hits[0].chunk_id.as_str()), ("split", "split#1"));
+    assert_eq!(dense(axis(0))[0].document_id, "north");
+    assert_eq!(ids(&search(&c, "spices", SearchMode::Keyword, 3, None)), vec!["east"]);
+    let hybrid = c
+        .search(&SearchRequest { query: "polar bears".into(), vector: Some(axis(0)), top_k: 3, ..Default::default() })
+        .unwrap()
+        .results;
+    assert_eq!(hybrid[0].document_id, "north");
+    assert!(hybrid[0].dense.is_some() && hybrid[0].keyword.is_some());
+    // Without a vector, dense and hybrid searches say what is missing.
+    let (param, msg) = invalid_param(c.search(&SearchRequest { query: "bears".into(), top_k: 1, mode: SearchMode::Dense, ..Default::default() }));
+    assert_eq!(param, "vector");
+    assert!(msg.contains("no embedding model"), "{msg}");
+
+    // Bad vectors are refused, naming the document; nothing is written.
+    let (param, msg) = invalid_param(c.upsert(vec![own("bad", "x", vec![1.0, 2.0, 3.0])], true));
+    assert_eq!(param, "vector");
+    assert!(msg.contains("`bad`") && msg.contains("3 dimensions"), "{msg}");
+    let (_, msg) = invalid_param(c.upsert(vec![own("nan", "x", vec![f32::NAN, 0.0, 0.0, 1.0])], true));
+    assert!(msg.contains("`nan`") && msg.contains("finite"), "{msg}");
+    let (_, msg) = invalid_param(c.upsert(vec![own("inf", "x", vec![f32::INFINITY, 0.0, 0.0, 1.0])], true));
+    assert!(msg.contains("finite"), "{msg}");
+    let (param, msg) = invalid_param(c.upsert(vec![doc("novec", "No vector here.", json!({}))], true));
+    assert_eq!(param, "vector");
+    assert!(msg.contains("`novec`") && msg.contains("no embedding model"), "{msg}");
+    let both = ragway_index::DocumentInput { vector: Some(axis(0)), chunks: Some(vec![]), ..own("both", "", axis(0)) };
+    let (param, _) = invalid_param(c.upsert(vec![both], true));
+    assert_eq!(param, "documents[0].chunks");
+    assert_eq!(c.info().documents, 3);
+
+    // The same vectors again change nothing; a new vector is a new version.
+    let r = c.upsert(vec![own("north", "Polar bears roam the arctic ice.", axis(0))], true).unwrap();
+    assert_eq!((r.upserted, r.unchanged), (0, 1));
+    let r = c.upsert(vec![own("north", "Polar bears roam the arctic ice.", axis(1))], true).unwrap();
+    assert_eq!(r.upserted, 1);
+
+    // Reopened without a model.
+    drop(c);
+    drop(service);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let service = IndexService::open(dir.path(), vec![embedder()], "all-MiniLM-L6-v2", service_options(dir.path())).unwrap();
+    let c = service.get("v").unwrap();
+    assert!(c.embedder().is_none());
+    let hits = c.search(&SearchRequest { vector: Some(axis(2)), top_k: 1, mode: SearchMode::Dense, ..Default::default() }).unwrap().results;
+    assert_eq!(hits[0].chunk_id, "split#0");
+    assert_halves_agree(&c);
+
+    // A collection with a model takes own vectors too, dimension-checked.
+    let m = service.create(create_req(json!({"name": "m"}))).unwrap();
+    let mut v = vec![0.0f32; 384];
+    v[7] = 1.0;
+    m.upsert(vec![own("mine", "Precomputed elsewhere.", v.clone()), doc("plain", "Embedded here.", json!({}))], true).unwrap();
+    let hits = m.search(&SearchRequest { vector: Some(v), top_k: 1, mode: SearchMode::Dense, ..Default::default() }).unwrap().results;
+    assert_eq!(hits[0].document_id, "mine");
+    let (_, msg) = invalid_param(m.upsert(vec![own("short", "x", vec![1.0; 4])], true));
+    assert!(msg.contains("384"), "{msg}");
+}

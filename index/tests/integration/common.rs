@@ -24,7 +24,7 @@ pub fn embedder() -> Arc<dyn ChunkEmbedder> {
 pub fn settings(name: &str) -> CollectionSettings {
     CollectionSettings {
         name: name.into(),
-        model: "all-MiniLM-L6-v2".into(),
+        model: Some("all-MiniLM-L6-v2".into()),
         dimension: 384,
         distance: Default::default(),
         hnsw: Default::default(),
@@ -40,5 +40,5 @@ pub fn create(dir: &Path, settings: CollectionSettings) -> Collection {
 }
 
 pub fn doc(id: &str, text: &str, metadata: serde_json::Value) -> ragway_index::DocumentInput {
-    ragway_index::DocumentInput { id: id.into(), text: text.into(), title: None, metadata: Some(metadata) }
+    ragway_index::DocumentInput { id: id.into(), text: text.into(), metadata: Some(metadata), ..Default::default() }
 }

@@ -1,0 +1,926 @@
+//! ragway's own HNSW graph (Malkov & Yashunin, 2016): the dense half's index.
+//!
+//! One copy of each vector: the graph owns the stored (prepared) vectors, and the rest of
+//! the collection reads them from here by point id. Points are numbered densely from 0 in
+//! insertion order; each carries the caller's 64-bit key.
+//!
+//! ## Concurrency
+//! Inserts run in parallel with each other and with searches, as in hnswlib:
+//! - a point's vector, key and level are written by its inserter before the point is
+//!   *published*, i.e. before its id is stored into any neighbor list or the entry point;
+//! - neighbor lists are arrays of atomics: slot 0 holds the count, slots 1.. the ids. A
+//!   list is only modified under its node's lock; ids are stored with `Release` and read
+//!   with `Acquire`, so a reader that finds an id also sees the vector written before it
+//!   was published. A reader may see a list mid-rewrite (a mix of old and new ids): every
+//!   id in it is a published point, which is all a search needs.
+//! - the capacity is fixed per [`Graph`]; [`Graph::grown`] copies into a larger one while
+//!   the caller holds it exclusively.
+//!
+//! ## Distances
+//! Internally "smaller is closer": cosine and dot products use `-dot` (vectors of cosine
+//! collections are unit length), L2 the squared distance. Scores reported outward are
+//! "higher is better" (see [`Distance::score`]).
+//!
+//! ## File format (little-endian)
+//! `RGWHNSW1`, then a header of u64s (version, dim, m, m0, ef_construction, distance,
+//! points, entry point + 1 (0: none), max level, covered log sequence number), then the
+//! keys (u64 × n), levels (u8 × n, padded to 8), vectors (f32 × n × dim), layer-0 lists
+//! (u32 × n × (m0 + 1)), the upper lists' offsets (u64 × (n + 1)) and their lists
+//! (u32), and a CRC-32 of everything before it.
+
+use crate::dense::Distance;
+use crate::error::{IndexError, Result};
+use crate::simd::{dot, squared_l2};
+use std::cell::UnsafeCell;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::io::Write;
+use std::path::Path;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock, RwLock};
+
+const MAGIC: &[u8; 8] = b"RGWHNSW1";
+/// How much of a neighbor's vector the walk prefetches.
+const PREFETCH_BYTES: usize = 256;
+const FORMAT_VERSION: u64 = 1;
+/// Highest layer a point may get (the level draw is capped here).
+const MAX_LEVEL: usize = 16;
+
+/// A distance in the graph: smaller is closer.
+#[derive(Debug, Clone, Copy, PartialEq, PartialOrd)]
+struct Dist(f32);
+
+impl Eq for Dist {}
+
+impl Ord for Dist {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.total_cmp(&other.0)
+    }
+}
+
+/// The graph's view of a [`Distance`].
+#[derive(Debug, Clone, Copy)]
+struct Metric(Distance);
+
+impl Metric {
+    #[inline]
+    fn eval(self, a: &[f32], b: &[f32]) -> f32 {
+        match self.0 {
+            Distance::Cosine | Distance::Dot => -dot(a, b),
+            Distance::L2 => squared_l2(a, b),
+        }
+    }
+
+    /// The outward score of an internal distance.
+    #[inline]
+    fn score(self, d: f32) -> f32 {
+        match self.0 {
+            Distance::Cosine | Distance::Dot => -d,
+            Distance::L2 => -d.max(0.0).sqrt(),
+        }
+    }
+}
+
+/// Build parameters.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Params {
+    /// Links per node above layer 0 (layer 0 keeps twice as many).
+    pub m: usize,
+    pub ef_construction: usize,
+}
+
+/// A visited set over every id the graph can hold, cleared in O(1) by bumping a generation
+/// (and in O(n) once every 65,535 uses).
+struct Visited {
+    marks: Vec<u16>,
+    generation: u16,
+}
+
+impl Visited {
+    fn new(n: usize) -> Self {
+        Self { marks: vec![0; n], generation: 0 }
+    }
+
+    fn reset(&mut self, n: usize) {
+        if self.marks.len() < n {
+            self.marks.resize(n, 0);
+        }
+        self.generation = self.generation.wrapping_add(1);
+        if self.generation == 0 {
+            self.marks.iter_mut().for_each(|m| *m = 0);
+            self.generation = 1;
+        }
+    }
+
+    /// Marks `id`; true when it was not marked yet.
+    #[inline]
+    fn insert(&mut self, id: u32) -> bool {
+        let m = &mut self.marks[id as usize];
+        if *m == self.generation {
+            false
+        } else {
+            *m = self.generation;
+            true
+        }
+    }
+}
+
+/// An HNSW graph over up to `capacity` points.
+pub struct Graph {
+    dim: usize,
+    m: usize,
+    m0: usize,
+    ef_construction: usize,
+    metric: Metric,
+    level_mult: f64,
+    capacity: usize,
+    /// Ids handed out (points being inserted included).
+    allocated: AtomicUsize,
+    /// Points whose insertion finished.
+    inserted: AtomicUsize,
+    vectors: Box<[UnsafeCell<f32>]>,
+    keys: Box<[AtomicU64]>,
+    levels: Box<[AtomicU8]>,
+    links0: Box<[AtomicU32]>,
+    upper: Box<[OnceLock<Box<[AtomicU32]>>]>,
+    locks: Box<[Mutex<()>]>,
+    /// `(entry point, its level)`; `None` while empty.
+    entry: RwLock<Option<(u32, usize)>>,
+    visited: Mutex<Vec<Visited>>,
+    /// Log sequence number the contents cover (set by the owner; saved with the file).
+    covered_seq: AtomicU64,
+}
+
+// SAFETY: the only non-`Sync` field is `vectors` (`UnsafeCell<f32>`). A vector slot is
+// written once, by the thread that allocated its id, before the id is published with a
+// `Release` store; every read of a slot happens after an `Acquire` load that observed the
+// id (see the module documentation), or with exclusive access (`&mut self`).
+unsafe impl Sync for Graph {}
+
+impl Graph {
+    pub fn new(dim: usize, distance: Distance, params: Params, capacity: usize) -> Self {
+        let m = params.m.clamp(2, 128);
+        let m0 = 2 * m;
+        let capacity = capacity.max(16);
+        // Zeroed allocations are mapped lazily: advising huge pages before the first write
+        // lets the kernel back them with huge pages from the start.
+        let vectors = vec![0f32; capacity * dim].into_boxed_slice();
+        advise_huge_pages(&vectors);
+        // SAFETY: `UnsafeCell<f32>` is `repr(transparent)` over `f32`.
+        let vectors = unsafe { Box::from_raw(Box::into_raw(vectors) as *mut [UnsafeCell<f32>]) };
+        let links0 = vec![0u32; capacity * (m0 + 1)].into_boxed_slice();
+        advise_huge_pages(&links0);
+        // SAFETY: `AtomicU32` has the same size, alignment and bit validity as `u32`.
+        let links0 = unsafe { Box::from_raw(Box::into_raw(links0) as *mut [AtomicU32]) };
+        Self {
+            dim,
+            m,
+            m0,
+            ef_construction: params.ef_construction.max(m),
+            metric: Metric(distance),
+            level_mult: 1.0 / (m as f64).ln(),
+            capacity,
+            allocated: AtomicUsize::new(0),
+            inserted: AtomicUsize::new(0),
+            vectors,
+            keys: (0..capacity).map(|_| AtomicU64::new(0)).collect(),
+            levels: (0..capacity).map(|_| AtomicU8::new(0)).collect(),
+            links0,
+            upper: (0..capacity).map(|_| OnceLock::new()).collect(),
+            locks: (0..capacity).map(|_| Mutex::new(())).collect(),
+            entry: RwLock::new(None),
+            visited: Mutex::new(Vec::new()),
+            covered_seq: AtomicU64::new(0),
+        }
+    }
+
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    pub fn distance(&self) -> Distance {
+        self.metric.0
+    }
+
+    pub fn params(&self) -> Params {
+        Params { m: self.m, ef_construction: self.ef_construction }
+    }
+
+    /// Points inserted.
+    pub fn len(&self) -> usize {
+        self.inserted.load(Ordering::Acquire)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Room for `more` points beyond those allocated.
+    pub fn has_room(&self, more: usize) -> bool {
+        self.allocated.load(Ordering::Acquire).saturating_add(more) <= self.capacity
+    }
+
+    pub fn covered_seq(&self) -> u64 {
+        self.covered_seq.load(Ordering::Acquire)
+    }
+
+    pub fn set_covered_seq(&self, seq: u64) {
+        self.covered_seq.store(seq, Ordering::Release);
+    }
+
+    /// The stored vector of point `id` (a published point).
+    #[inline]
+    pub fn vector(&self, id: u32) -> &[f32] {
+        let start = id as usize * self.dim;
+        let cells = &self.vectors[start..start + self.dim];
+        // SAFETY: `UnsafeCell<f32>` has the layout of `f32`; the slot was fully written
+        // before `id` was published (module documentation), and is never written again.
+        unsafe { std::slice::from_raw_parts(cells.as_ptr() as *const f32, self.dim) }
+    }
+
+    pub fn key(&self, id: u32) -> u64 {
+        self.keys[id as usize].load(Ordering::Acquire)
+    }
+
+    fn level(&self, id: u32) -> usize {
+        self.levels[id as usize].load(Ordering::Acquire) as usize
+    }
+
+    /// The list of `id` at `level`: slot 0 is the count.
+    #[inline]
+    fn list(&self, id: u32, level: usize) -> &[AtomicU32] {
+        if level == 0 {
+            let start = id as usize * (self.m0 + 1);
+            &self.links0[start..start + self.m0 + 1]
+        } else {
+            let upper = self.upper[id as usize].get().expect("points above layer 0 have upper lists");
+            let start = (level - 1) * (self.m + 1);
+            &upper[start..start + self.m + 1]
+        }
+    }
+
+    #[inline]
+    fn neighbors(&self, id: u32, level: usize, out: &mut Vec<u32>) {
+        let list = self.list(id, level);
+        let n = (list[0].load(Ordering::Acquire) as usize).min(list.len() - 1);
+        out.clear();
+        out.extend(list[1..=n].iter().map(|s| s.load(Ordering::Acquire)));
+    }
+
+    fn set_neighbors(&self, id: u32, level: usize, ids: &[u32]) {
+        let list = self.list(id, level);
+        let n = ids.len().min(list.len() - 1);
+        for (slot, &x) in list[1..=n].iter().zip(ids) {
+            slot.store(x, Ordering::Release);
+        }
+        list[0].store(n as u32, Ordering::Release);
+    }
+
+    fn visited(&self) -> Visited {
+        let mut v = self.visited.lock().unwrap_or_else(|e| e.into_inner()).pop().unwrap_or_else(|| Visited::new(0));
+        // Sized to the capacity: concurrent inserts may publish ids beyond today's count.
+        v.reset(self.capacity);
+        v
+    }
+
+    fn give_back(&self, v: Visited) {
+        let mut pool = self.visited.lock().unwrap_or_else(|e| e.into_inner());
+        if pool.len() < 16 {
+            pool.push(v);
+        }
+    }
+
+    /// Asks the CPU to start loading the vector of `id` (a hint; no effect elsewhere).
+    #[inline]
+    fn prefetch(&self, id: u32) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let start = id as usize * self.dim;
+            let ptr = self.vectors[start..start + self.dim].as_ptr() as *const i8;
+            // One hint per 64-byte line of the vector.
+            for line in (0..(self.dim * 4).min(PREFETCH_BYTES)).step_by(64) {
+                // SAFETY: prefetching is a hint that never faults; the address is inside
+                // the vector slice.
+                unsafe { std::arch::x86_64::_mm_prefetch(ptr.add(line), std::arch::x86_64::_MM_HINT_T0) };
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = id;
+    }
+
+    #[inline]
+    fn dist_to(&self, q: &[f32], id: u32) -> Dist {
+        Dist(self.metric.eval(q, self.vector(id)))
+    }
+
+    /// Greedy descent on one upper layer: the closest point reachable from `start`.
+    fn greedy(&self, q: &[f32], mut cur: u32, mut cur_d: Dist, level: usize, buf: &mut Vec<u32>) -> (u32, Dist) {
+        loop {
+            let mut changed = false;
+            self.neighbors(cur, level, buf);
+            for &n in buf.iter() {
+                let d = self.dist_to(q, n);
+                if d < cur_d {
+                    cur_d = d;
+                    cur = n;
+                    changed = true;
+                }
+            }
+            if !changed {
+                return (cur, cur_d);
+            }
+        }
+    }
+
+    /// Beam search on one layer from `start`: up to `ef` closest points, as a max-heap on
+    /// distance. `keep` filters what enters the results (every point still guides the walk).
+    fn search_layer(
+        &self,
+        q: &[f32],
+        start: &[(u32, Dist)],
+        ef: usize,
+        level: usize,
+        visited: &mut Visited,
+        keep: &dyn Fn(u32) -> bool,
+    ) -> BinaryHeap<(Dist, u32)> {
+        let mut candidates: BinaryHeap<Reverse<(Dist, u32)>> = BinaryHeap::with_capacity(ef * 2);
+        let mut results: BinaryHeap<(Dist, u32)> = BinaryHeap::with_capacity(ef + 1);
+        for &(id, d) in start {
+            if visited.insert(id) {
+                candidates.push(Reverse((d, id)));
+                if keep(id) {
+                    results.push((d, id));
+                }
+            }
+        }
+        while results.len() > ef {
+            results.pop();
+        }
+        let mut buf = Vec::with_capacity(self.m0);
+        while let Some(Reverse((d, id))) = candidates.pop() {
+            if results.len() >= ef && d > results.peek().expect("non-empty").0 {
+                break;
+            }
+            self.neighbors(id, level, &mut buf);
+            // Unvisited neighbors first, their vectors fetched ahead of the distance loop
+            // (hnswlib's prefetching: the walk is bound by memory latency, not arithmetic).
+            // Unvisited neighbors first, their vectors fetched ahead of the distance loop
+            // (the walk is bound by memory latency, not arithmetic).
+            buf.retain(|&n| visited.insert(n));
+            for &n in &buf {
+                self.prefetch(n);
+            }
+            for &n in &buf {
+                let nd = self.dist_to(q, n);
+                if results.len() < ef || nd < results.peek().expect("non-empty").0 {
+                    candidates.push(Reverse((nd, n)));
+                    if keep(n) {
+                        results.push((nd, n));
+                        if results.len() > ef {
+                            results.pop();
+                        }
+                    }
+                }
+            }
+        }
+        results
+    }
+
+    /// The neighbor heuristic (the paper's, as hnswlib has it): from candidates sorted by
+    /// distance to the new point, keep one only if it is closer to the new point than to
+    /// every neighbor kept so far; then fill the free slots with the closest pruned ones
+    /// (the paper's `keepPrunedConnections`). Without the fill, clusters of near-duplicate
+    /// vectors (templated texts, boilerplate chunks) leave points their neighbors no longer
+    /// link to, which a search cannot reach even for its own vector.
+    fn select(&self, sorted: &[(Dist, u32)], m: usize) -> Vec<u32> {
+        if sorted.len() <= m {
+            return sorted.iter().map(|c| c.1).collect();
+        }
+        let mut kept: Vec<(Dist, u32)> = Vec::with_capacity(m);
+        let mut pruned: Vec<u32> = Vec::new();
+        for &(d, id) in sorted {
+            if kept.len() >= m {
+                break;
+            }
+            let v = self.vector(id);
+            if kept.iter().all(|&(_, k)| Dist(self.metric.eval(v, self.vector(k))) > d) {
+                kept.push((d, id));
+            } else {
+                pruned.push(id);
+            }
+        }
+        let mut out: Vec<u32> = kept.into_iter().map(|c| c.1).collect();
+        let free = m - out.len();
+        out.extend(pruned.into_iter().take(free));
+        out
+    }
+
+    fn random_level(&self, seed: u64) -> usize {
+        // splitmix64 of the point's id: reproducible for a given insertion order.
+        let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        let u = ((z >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+        ((-u.ln() * self.level_mult) as usize).min(MAX_LEVEL)
+    }
+
+    /// Inserts one point; returns its id. Panics when the graph is full (callers check
+    /// [`Graph::has_room`] and grow first).
+    pub fn insert(&self, vector: &[f32], key: u64) -> u32 {
+        assert_eq!(vector.len(), self.dim, "vector dimension");
+        let id = self.allocated.fetch_add(1, Ordering::AcqRel);
+        assert!(id < self.capacity, "HNSW graph is full ({} points)", self.capacity);
+        let id32 = id as u32;
+        let start = id * self.dim;
+        for (cell, &x) in self.vectors[start..start + self.dim].iter().zip(vector) {
+            // SAFETY: slot `id` was just allocated to this thread and is not published yet.
+            unsafe { *cell.get() = x };
+        }
+        self.keys[id].store(key, Ordering::Release);
+        let level = self.random_level(id as u64);
+        self.levels[id].store(level as u8, Ordering::Release);
+        if level > 0 {
+            let lists: Box<[AtomicU32]> = (0..level * (self.m + 1)).map(|_| AtomicU32::new(0)).collect();
+            let _ = self.upper[id].set(lists);
+        }
+        let entry = {
+            let e = *self.entry.read().unwrap_or_else(|e| e.into_inner());
+            match e {
+                Some(e) => e,
+                None => {
+                    let mut w = self.entry.write().unwrap_or_else(|e| e.into_inner());
+                    match *w {
+                        Some(e) => e,
+                        None => {
+                            *w = Some((id32, level));
+                            drop(w);
+                            self.inserted.fetch_add(1, Ordering::AcqRel);
+                            return id32;
+                        }
+                    }
+                }
+            }
+        };
+        let (ep, max_level) = entry;
+        let mut buf = Vec::with_capacity(self.m0);
+        let mut cur = ep;
+        let mut cur_d = self.dist_to(vector, ep);
+        for l in (level + 1..=max_level).rev() {
+            (cur, cur_d) = self.greedy(vector, cur, cur_d, l, &mut buf);
+        }
+        let mut visited = self.visited();
+        let mut start = vec![(cur, cur_d)];
+        for l in (0..=level.min(max_level)).rev() {
+            visited.reset(self.capacity);
+            let found = self.search_layer(vector, &start, self.ef_construction, l, &mut visited, &|_| true);
+            let sorted: Vec<(Dist, u32)> = found.into_sorted_vec().into_iter().filter(|c| c.1 != id32).collect();
+            let chosen = self.select(&sorted, self.m);
+            let cap = if l == 0 { self.m0 } else { self.m };
+            {
+                // One lock at a time, never nested: inserts cannot deadlock. Once this point
+                // was published on a higher layer, concurrent inserts may already have linked
+                // themselves into this list: keep those links after our own choice.
+                let _own = self.locks[id].lock().unwrap_or_else(|e| e.into_inner());
+                self.neighbors(id32, l, &mut buf);
+                let mut merged = chosen.clone();
+                for &x in buf.iter() {
+                    if merged.len() >= cap {
+                        break;
+                    }
+                    if !merged.contains(&x) {
+                        merged.push(x);
+                    }
+                }
+                self.set_neighbors(id32, l, &merged);
+            }
+            for &n in &chosen {
+                self.link_back(n, id32, l, cap, &mut buf);
+            }
+            start = sorted.into_iter().map(|(d, id)| (id, d)).collect();
+        }
+        self.give_back(visited);
+        if level > max_level {
+            let mut w = self.entry.write().unwrap_or_else(|e| e.into_inner());
+            if w.is_none_or(|(_, l)| level > l) {
+                *w = Some((id32, level));
+            }
+        }
+        self.inserted.fetch_add(1, Ordering::AcqRel);
+        id32
+    }
+
+    /// Adds `new` to the list of `n` at `level`, re-selecting when the list is full.
+    fn link_back(&self, n: u32, new: u32, level: usize, cap: usize, buf: &mut Vec<u32>) {
+        let _g = self.locks[n as usize].lock().unwrap_or_else(|e| e.into_inner());
+        self.neighbors(n, level, buf);
+        if buf.contains(&new) {
+            return;
+        }
+        if buf.len() < cap {
+            let list = self.list(n, level);
+            list[buf.len() + 1].store(new, Ordering::Release);
+            list[0].store(buf.len() as u32 + 1, Ordering::Release);
+            return;
+        }
+        let base = self.vector(n);
+        let mut cands: Vec<(Dist, u32)> =
+            buf.iter().chain(std::iter::once(&new)).map(|&x| (Dist(self.metric.eval(base, self.vector(x))), x)).collect();
+        cands.sort_unstable();
+        let chosen = self.select(&cands, cap);
+        self.set_neighbors(n, level, &chosen);
+    }
+
+    /// The `k` closest points that pass `keep`, closest first, as (id, score).
+    pub fn search(&self, q: &[f32], k: usize, ef: usize, keep: &dyn Fn(u32) -> bool) -> Vec<(u32, f32)> {
+        let Some((ep, max_level)) = *self.entry.read().unwrap_or_else(|e| e.into_inner()) else {
+            return Vec::new();
+        };
+        if k == 0 {
+            return Vec::new();
+        }
+        let mut buf = Vec::with_capacity(self.m0);
+        let mut cur = ep;
+        let mut cur_d = self.dist_to(q, ep);
+        for l in (1..=max_level).rev() {
+            (cur, cur_d) = self.greedy(q, cur, cur_d, l, &mut buf);
+        }
+        let mut visited = self.visited();
+        let found = self.search_layer(q, &[(cur, cur_d)], ef.max(k), 0, &mut visited, keep);
+        self.give_back(visited);
+        let metric = self.metric;
+        found.into_sorted_vec().into_iter().take(k).map(|(d, id)| (id, metric.score(d.0))).collect()
+    }
+
+    /// A copy with room for `capacity` points (the caller holds `self` exclusively).
+    pub fn grown(&mut self, capacity: usize) -> Graph {
+        let n = *self.allocated.get_mut();
+        let mut g = Graph::new(self.dim, self.metric.0, self.params(), capacity.max(n));
+        g.m = self.m;
+        g.m0 = self.m0;
+        for i in 0..n * self.dim {
+            *g.vectors[i].get_mut() = *self.vectors[i].get_mut();
+        }
+        for i in 0..n {
+            *g.keys[i].get_mut() = *self.keys[i].get_mut();
+            *g.levels[i].get_mut() = *self.levels[i].get_mut();
+            if let Some(u) = self.upper[i].take() {
+                let _ = g.upper[i].set(u);
+            }
+        }
+        for i in 0..n * (self.m0 + 1) {
+            *g.links0[i].get_mut() = *self.links0[i].get_mut();
+        }
+        *g.allocated.get_mut() = n;
+        *g.inserted.get_mut() = *self.inserted.get_mut();
+        *g.entry.get_mut().unwrap_or_else(|e| e.into_inner()) = *self.entry.get_mut().unwrap_or_else(|e| e.into_inner());
+        *g.covered_seq.get_mut() = *self.covered_seq.get_mut();
+        g
+    }
+
+    /// Writes the graph to `path` (atomically: a temporary file, fsynced, then renamed).
+    /// The caller ensures no insert runs meanwhile.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let n = self.len();
+        assert_eq!(n, self.allocated.load(Ordering::Acquire), "save while inserting");
+        let tmp = path.with_extension("tmp");
+        {
+            let file = std::fs::File::create(&tmp)?;
+            let mut w = Crc32Writer { inner: std::io::BufWriter::with_capacity(1 << 20, file), crc: crc32fast::Hasher::new() };
+            w.write_all(MAGIC)?;
+            let (entry, max_level) = match *self.entry.read().unwrap_or_else(|e| e.into_inner()) {
+                Some((e, l)) => (e as u64 + 1, l as u64),
+                None => (0, 0),
+            };
+            let distance = match self.metric.0 {
+                Distance::Cosine => 0u64,
+                Distance::Dot => 1,
+                Distance::L2 => 2,
+            };
+            for x in [
+                FORMAT_VERSION,
+                self.dim as u64,
+                self.m as u64,
+                self.m0 as u64,
+                self.ef_construction as u64,
+                distance,
+                n as u64,
+                entry,
+                max_level,
+                self.covered_seq(),
+            ] {
+                w.write_all(&x.to_le_bytes())?;
+            }
+            let mut bytes = Vec::with_capacity(1 << 16);
+            let flush = |w: &mut Crc32Writer<_>, bytes: &mut Vec<u8>, force: bool| -> std::io::Result<()> {
+                if force || bytes.len() >= 1 << 16 {
+                    w.write_all(bytes)?;
+                    bytes.clear();
+                }
+                Ok(())
+            };
+            for i in 0..n {
+                bytes.extend_from_slice(&self.key(i as u32).to_le_bytes());
+                flush(&mut w, &mut bytes, false)?;
+            }
+            for i in 0..n {
+                bytes.push(self.level(i as u32) as u8);
+            }
+            bytes.resize(bytes.len() + (8 - n % 8) % 8, 0);
+            flush(&mut w, &mut bytes, true)?;
+            for i in 0..n {
+                for x in self.vector(i as u32) {
+                    bytes.extend_from_slice(&x.to_le_bytes());
+                }
+                flush(&mut w, &mut bytes, false)?;
+            }
+            for s in &self.links0[..n * (self.m0 + 1)] {
+                bytes.extend_from_slice(&s.load(Ordering::Acquire).to_le_bytes());
+                flush(&mut w, &mut bytes, false)?;
+            }
+            let mut offset = 0u64;
+            for i in 0..=n {
+                bytes.extend_from_slice(&offset.to_le_bytes());
+                if i < n {
+                    offset += (self.level(i as u32) * (self.m + 1)) as u64;
+                }
+                flush(&mut w, &mut bytes, false)?;
+            }
+            for i in 0..n {
+                if let Some(u) = self.upper[i].get() {
+                    for s in u.iter() {
+                        bytes.extend_from_slice(&s.load(Ordering::Acquire).to_le_bytes());
+                    }
+                    flush(&mut w, &mut bytes, false)?;
+                }
+            }
+            flush(&mut w, &mut bytes, true)?;
+            let crc = w.crc.clone().finalize();
+            let mut inner = w.inner;
+            inner.write_all(&crc.to_le_bytes())?;
+            let file = inner.into_inner().map_err(|e| e.into_error())?;
+            file.sync_all()?;
+        }
+        std::fs::rename(&tmp, path)?;
+        if let Some(dir) = path.parent() {
+            crate::wal::sync_dir(dir)?;
+        }
+        Ok(())
+    }
+
+    /// Reads a graph written by [`Graph::save`], with room for `extra` more points.
+    pub fn load(path: &Path, extra: usize) -> Result<Graph> {
+        let bad = |why: &str| IndexError::Corrupt(format!("{}: {why}", path.display()));
+        let data = std::fs::read(path)?;
+        if data.len() < 8 + 10 * 8 + 4 || &data[..8] != MAGIC {
+            return Err(bad("not a ragway HNSW file"));
+        }
+        let (body, crc) = data.split_at(data.len() - 4);
+        if crc32fast::hash(body) != u32::from_le_bytes(crc.try_into().expect("4 bytes")) {
+            return Err(bad("checksum mismatch"));
+        }
+        let mut r = Cursor { data: body, at: 8 };
+        let header: Vec<u64> = (0..10).map(|_| r.u64()).collect::<Option<_>>().ok_or_else(|| bad("short header"))?;
+        let [version, dim, m, m0, efc, distance, n, entry, max_level, seq] = header[..] else { unreachable!() };
+        if version != FORMAT_VERSION {
+            return Err(bad(&format!("format version {version}, this build reads {FORMAT_VERSION}")));
+        }
+        let distance = match distance {
+            0 => Distance::Cosine,
+            1 => Distance::Dot,
+            2 => Distance::L2,
+            _ => return Err(bad("unknown distance")),
+        };
+        let (dim, m, m0, n) = (dim as usize, m as usize, m0 as usize, n as usize);
+        if dim == 0 || dim > 1 << 16 || m < 2 || m > 128 || m0 != 2 * m || n > u32::MAX as usize || max_level > MAX_LEVEL as u64 {
+            return Err(bad("implausible header"));
+        }
+        let capacity = n.checked_add(extra).ok_or_else(|| bad("size"))?;
+        let mut g = Graph::new(dim, distance, Params { m, ef_construction: efc as usize }, capacity);
+        for i in 0..n {
+            *g.keys[i].get_mut() = r.u64().ok_or_else(|| bad("short keys"))?;
+        }
+        let levels = r.take(n + (8 - n % 8) % 8).ok_or_else(|| bad("short levels"))?;
+        for i in 0..n {
+            if levels[i] as usize > MAX_LEVEL {
+                return Err(bad("level out of range"));
+            }
+            *g.levels[i].get_mut() = levels[i];
+        }
+        let vecs = r.take(n * dim * 4).ok_or_else(|| bad("short vectors"))?;
+        for (i, c) in vecs.chunks_exact(4).enumerate() {
+            *g.vectors[i].get_mut() = f32::from_le_bytes(c.try_into().expect("4 bytes"));
+        }
+        let links = r.take(n * (m0 + 1) * 4).ok_or_else(|| bad("short links"))?;
+        for (i, c) in links.chunks_exact(4).enumerate() {
+            let x = u32::from_le_bytes(c.try_into().expect("4 bytes"));
+            let slot = i % (m0 + 1);
+            if (slot == 0 && x as usize > m0) || (slot > 0 && x as usize >= n.max(1)) {
+                return Err(bad("link out of range"));
+            }
+            *g.links0[i].get_mut() = x;
+        }
+        let offsets: Vec<u64> = (0..=n).map(|_| r.u64()).collect::<Option<_>>().ok_or_else(|| bad("short offsets"))?;
+        for i in 0..n {
+            let level = levels[i] as usize;
+            let len = (offsets[i + 1].checked_sub(offsets[i]).ok_or_else(|| bad("offsets"))?) as usize;
+            if len != level * (m + 1) {
+                return Err(bad("upper list size"));
+            }
+            if level > 0 {
+                let raw = r.take(len * 4).ok_or_else(|| bad("short upper lists"))?;
+                let mut lists = Vec::with_capacity(len);
+                for (j, c) in raw.chunks_exact(4).enumerate() {
+                    let x = u32::from_le_bytes(c.try_into().expect("4 bytes"));
+                    let slot = j % (m + 1);
+                    if (slot == 0 && x as usize > m) || (slot > 0 && x as usize >= n) {
+                        return Err(bad("link out of range"));
+                    }
+                    lists.push(AtomicU32::new(x));
+                }
+                let _ = g.upper[i].set(lists.into_boxed_slice());
+            }
+        }
+        if r.at != body.len() {
+            return Err(bad("trailing bytes"));
+        }
+        let entry = match entry {
+            0 if n == 0 => None,
+            0 => return Err(bad("no entry point")),
+            e if (e - 1) as usize >= n => return Err(bad("entry point out of range")),
+            e => Some(((e - 1) as u32, max_level as usize)),
+        };
+        if let Some((e, l)) = entry {
+            if levels[e as usize] as usize != l {
+                return Err(bad("entry point level"));
+            }
+        }
+        *g.entry.get_mut().unwrap_or_else(|e| e.into_inner()) = entry;
+        *g.allocated.get_mut() = n;
+        *g.inserted.get_mut() = n;
+        *g.covered_seq.get_mut() = seq;
+        Ok(g)
+    }
+}
+
+/// Asks Linux to back a large array with huge pages: a graph walk touches vectors and
+/// link lists at random, and with 4 KiB pages most of those touches also miss the TLB.
+/// (Where transparent huge pages are `madvise`-only, the common default, nothing else
+/// turns them on.) A hint: failure changes nothing.
+fn advise_huge_pages<T>(array: &[T]) {
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let bytes = std::mem::size_of_val(array);
+        if bytes < 2 * HUGE {
+            return;
+        }
+        let start = array.as_ptr() as usize;
+        let aligned = start.next_multiple_of(4096);
+        let len = (start + bytes - aligned) / 4096 * 4096;
+        // SAFETY: madvise with MADV_HUGEPAGE only changes how the kernel backs this range of
+        // our own allocation; it neither moves nor frees memory.
+        unsafe {
+            libc::madvise(aligned as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = array;
+}
+
+struct Crc32Writer<W: Write> {
+    inner: W,
+    crc: crc32fast::Hasher,
+}
+
+impl<W: Write> Write for Crc32Writer<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.crc.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+struct Cursor<'a> {
+    data: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let end = self.at.checked_add(n)?;
+        let s = self.data.get(self.at..end)?;
+        self.at = end;
+        Some(s)
+    }
+
+    fn u64(&mut self) -> Option<u64> {
+        self.take(8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dense::tests::vectors;
+    use crate::dense::exact_search;
+    use rayon::prelude::*;
+
+    fn recall(g: &Graph, data: &[Vec<f32>], queries: &[Vec<f32>], distance: Distance, ef: usize) -> f64 {
+        let mut hits = 0;
+        for q in queries {
+            let exact = exact_search(distance, q, data.iter().enumerate().map(|(i, v)| (i as u64, v.as_slice())), 10);
+            let approx = g.search(q, 10, ef, &|_| true);
+            assert_eq!(approx.len(), 10);
+            for (id, score) in &approx {
+                let want = distance.score(q, &data[g.key(*id) as usize]);
+                assert!((score - want).abs() < 1e-4, "{distance:?}: {score} vs {want}");
+            }
+            hits += approx.iter().filter(|a| exact.iter().any(|e| e.0 == g.key(a.0))).count();
+        }
+        hits as f64 / (10 * queries.len()) as f64
+    }
+
+    #[test]
+    fn parallel_build_reaches_exact_search_recall_for_every_distance() {
+        for distance in [Distance::Cosine, Distance::Dot, Distance::L2] {
+            let data = vectors(3000, 24, 1);
+            let g = Graph::new(24, distance, Params { m: 16, ef_construction: 100 }, data.len());
+            data.par_iter().enumerate().for_each(|(i, v)| {
+                g.insert(v, i as u64);
+            });
+            assert_eq!(g.len(), 3000);
+            let r = recall(&g, &data, &vectors(50, 24, 2), distance, 100);
+            assert!(r > 0.95, "{distance:?} recall {r}");
+        }
+    }
+
+    #[test]
+    fn save_and_load_round_trip_answer_alike_and_keep_growing() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = vectors(1500, 16, 3);
+        let g = Graph::new(16, Distance::Cosine, Params { m: 8, ef_construction: 64 }, 100);
+        let mut g = g;
+        for (i, v) in data[..1000].iter().enumerate() {
+            if !g.has_room(1) {
+                g = g.grown(g.capacity() * 2);
+            }
+            g.insert(v, i as u64);
+        }
+        g.set_covered_seq(42);
+        let path = dir.path().join("g.hnsw");
+        g.save(&path).unwrap();
+        let loaded = Graph::load(&path, 500).unwrap();
+        assert_eq!(loaded.len(), 1000);
+        assert_eq!(loaded.covered_seq(), 42);
+        let queries = vectors(20, 16, 4);
+        for q in &queries {
+            assert_eq!(g.search(q, 10, 50, &|_| true), loaded.search(q, 10, 50, &|_| true));
+        }
+        for (i, v) in data[1000..].iter().enumerate() {
+            loaded.insert(v, 1000 + i as u64);
+        }
+        assert!(recall(&loaded, &data, &queries, Distance::Cosine, 100) > 0.95);
+    }
+
+    #[test]
+    fn damaged_files_are_refused_not_trusted() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = vectors(200, 8, 5);
+        let g = Graph::new(8, Distance::Dot, Params { m: 4, ef_construction: 32 }, 200);
+        for (i, v) in data.iter().enumerate() {
+            g.insert(v, i as u64);
+        }
+        let path = dir.path().join("g.hnsw");
+        g.save(&path).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        for at in [0, 20, 100, bytes.len() / 2, bytes.len() - 1] {
+            let mut b = bytes.clone();
+            b[at] ^= 0x40;
+            std::fs::write(&path, &b).unwrap();
+            assert!(Graph::load(&path, 0).is_err(), "flip at {at} accepted");
+        }
+        std::fs::write(&path, &bytes[..bytes.len() - 9]).unwrap();
+        assert!(Graph::load(&path, 0).is_err());
+    }
+
+    #[test]
+    fn filtered_search_returns_only_kept_points() {
+        let data = vectors(800, 8, 6);
+        let g = Graph::new(8, Distance::Cosine, Params { m: 8, ef_construction: 64 }, 800);
+        for (i, v) in data.iter().enumerate() {
+            g.insert(v, i as u64);
+        }
+        let found = g.search(&data[0], 10, 200, &|id| g.key(id) % 3 == 0);
+        assert_eq!(found.len(), 10);
+        assert!(found.iter().all(|(id, _)| g.key(*id) % 3 == 0));
+    }
+}

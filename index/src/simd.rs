@@ -1,0 +1,207 @@
+//! Distance kernels of the dense half, vectorized by hand.
+//!
+//! A graph walk spends most of its time in these two functions, and leaving them to the
+//! auto-vectorizer proved fragile: measured on the same machine, two builds of identical
+//! source differed 2.3x in search speed because, in one, the inliner gave up on the slice
+//! iterators inside the generic dot product and it ran scalar. These kernels use explicit
+//! AVX2 + FMA intrinsics, chosen once at run time, with a portable fallback.
+
+use std::sync::OnceLock;
+
+type Kernel = fn(&[f32], &[f32]) -> f32;
+
+struct Kernels {
+    dot: Kernel,
+    l2: Kernel,
+}
+
+fn kernels() -> &'static Kernels {
+    static K: OnceLock<Kernels> = OnceLock::new();
+    K.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            return Kernels { dot: x86::dot, l2: x86::l2 };
+        }
+        Kernels { dot: portable::dot, l2: portable::l2 }
+    })
+}
+
+/// The dot product of two vectors of equal length.
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    (kernels().dot)(a, b)
+}
+
+/// The squared Euclidean distance of two vectors of equal length.
+#[inline]
+pub fn squared_l2(a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    (kernels().l2)(a, b)
+}
+
+mod portable {
+    /// Eight independent accumulators over indexed (bounds-check free) chunks.
+    pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let (a, b) = (&a[..n], &b[..n]);
+        let mut acc = [0f32; 8];
+        let full = n / 8 * 8;
+        let mut i = 0;
+        while i < full {
+            for l in 0..8 {
+                acc[l] += a[i + l] * b[i + l];
+            }
+            i += 8;
+        }
+        let mut s: f32 = acc.iter().sum();
+        for j in full..n {
+            s += a[j] * b[j];
+        }
+        s
+    }
+
+    pub fn l2(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let (a, b) = (&a[..n], &b[..n]);
+        let mut acc = [0f32; 8];
+        let full = n / 8 * 8;
+        let mut i = 0;
+        while i < full {
+            for l in 0..8 {
+                let d = a[i + l] - b[i + l];
+                acc[l] += d * d;
+            }
+            i += 8;
+        }
+        let mut s: f32 = acc.iter().sum();
+        for j in full..n {
+            let d = a[j] - b[j];
+            s += d * d;
+        }
+        s
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+        // SAFETY: selected only after `avx2` and `fma` were detected on this CPU.
+        unsafe { dot_avx2(a, b) }
+    }
+
+    pub fn l2(a: &[f32], b: &[f32]) -> f32 {
+        // SAFETY: as above.
+        unsafe { l2_avx2(a, b) }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    fn hsum(v: __m256) -> f32 {
+        let lo = _mm256_castps256_ps128(v);
+        let hi = _mm256_extractf128_ps::<1>(v);
+        let s = _mm_add_ps(lo, hi);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s));
+        _mm_cvtss_f32(s)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let (mut s0, mut s1, mut s2, mut s3) = (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut i = 0;
+        // SAFETY (all loads): `i + 32 <= n` (then `i + 8 <= n`) keeps every 8-lane
+        // unaligned load inside both slices.
+        while i + 32 <= n {
+            unsafe {
+                s0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), s0);
+                s1 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i + 8)), _mm256_loadu_ps(pb.add(i + 8)), s1);
+                s2 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i + 16)), _mm256_loadu_ps(pb.add(i + 16)), s2);
+                s3 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i + 24)), _mm256_loadu_ps(pb.add(i + 24)), s3);
+            }
+            i += 32;
+        }
+        while i + 8 <= n {
+            unsafe {
+                s0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), s0);
+            }
+            i += 8;
+        }
+        let mut s = hsum(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
+        while i < n {
+            s += a[i] * b[i];
+            i += 1;
+        }
+        s
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    fn l2_avx2(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut i = 0;
+        // SAFETY (all loads): as in `dot_avx2`.
+        while i + 16 <= n {
+            unsafe {
+                let d0 = _mm256_sub_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)));
+                let d1 = _mm256_sub_ps(_mm256_loadu_ps(pa.add(i + 8)), _mm256_loadu_ps(pb.add(i + 8)));
+                s0 = _mm256_fmadd_ps(d0, d0, s0);
+                s1 = _mm256_fmadd_ps(d1, d1, s1);
+            }
+            i += 16;
+        }
+        while i + 8 <= n {
+            unsafe {
+                let d = _mm256_sub_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)));
+                s0 = _mm256_fmadd_ps(d, d, s0);
+            }
+            i += 8;
+        }
+        let mut s = hsum(_mm256_add_ps(s0, s1));
+        while i < n {
+            let d = a[i] - b[i];
+            s += d * d;
+            i += 1;
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exact_dot(a: &[f32], b: &[f32]) -> f64 {
+        a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum()
+    }
+
+    fn exact_l2(a: &[f32], b: &[f32]) -> f64 {
+        a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum()
+    }
+
+    #[test]
+    fn kernels_agree_with_f64_sums_at_every_length() {
+        let mut s = 7u64;
+        let mut next = || {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+        };
+        for n in (0..80).chain([127, 128, 129, 384, 385, 768, 1536]) {
+            let a: Vec<f32> = (0..n).map(|_| next()).collect();
+            let b: Vec<f32> = (0..n).map(|_| next()).collect();
+            let tol = 1e-5 * (n as f64 + 1.0);
+            for (got, want) in [
+                (dot(&a, &b) as f64, exact_dot(&a, &b)),
+                (portable::dot(&a, &b) as f64, exact_dot(&a, &b)),
+                (squared_l2(&a, &b) as f64, exact_l2(&a, &b)),
+                (portable::l2(&a, &b) as f64, exact_l2(&a, &b)),
+            ] {
+                assert!((got - want).abs() <= tol, "n {n}: {got} vs {want}");
+            }
+        }
+    }
+}
