@@ -52,9 +52,8 @@ pub const MAX_OWN_CHUNKS: usize = 4096;
 /// A filter matching at most this many chunks is served by an exact scan.
 const EXACT_SCAN_MAX: usize = 4096;
 const NOT_REMOVED: u64 = u64::MAX;
-/// The saved graph, and the file it is written to before the rename.
+/// The saved graph.
 const GRAPH_FILE: &str = "dense.hnsw";
-const GRAPH_TMP_FILE: &str = "dense.tmp";
 /// Points inserted since the last save after which a write saves the graph again (also
 /// saved after a compaction and on close), so that an open replays a bounded log tail.
 const GRAPH_SAVE_EVERY: usize = 50_000;
@@ -271,7 +270,7 @@ impl Collection {
 
     /// [`Collection::open`], for a collection with or without an embedding model.
     pub fn open_embedded_by(dir: &Path, embedder: Option<Arc<dyn ChunkEmbedder>>) -> Result<Collection> {
-        let _ = std::fs::remove_file(dir.join(GRAPH_TMP_FILE));
+        let _ = std::fs::remove_file(crate::hnsw::Graph::temp_path(&dir.join(GRAPH_FILE)));
         let saved = match DenseIndex::load(&dir.join(GRAPH_FILE)) {
             Ok(g) => Some(g),
             Err(IndexError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => None,
@@ -290,7 +289,11 @@ impl Collection {
         }
     }
 
-    fn open_with(dir: &Path, embedder: Option<Arc<dyn ChunkEmbedder>>, saved: Option<DenseIndex>) -> std::result::Result<Collection, OpenError> {
+    fn open_with(
+        dir: &Path,
+        embedder: Option<Arc<dyn ChunkEmbedder>>,
+        saved: Option<(DenseIndex, u64)>,
+    ) -> std::result::Result<Collection, OpenError> {
         let settings: CollectionSettings = serde_json::from_slice(&std::fs::read(dir.join("settings.json"))?)?;
         if let Some(embedder) = &embedder {
             if embedder.dim() != settings.dimension {
@@ -316,15 +319,11 @@ impl Collection {
         let keyword_seq = keyword.snapshot().seq;
         let dim = settings.dimension;
         let (dense, covered) = match saved {
-            Some(g) => {
-                let (gd, gdist) = {
-                    let r = g.read();
-                    (r.dim(), r.distance())
-                };
+            Some((g, covered)) => {
+                let (gd, gdist) = (g.read().dim(), g.read().distance());
                 if gd != dim || gdist != settings.distance {
                     return Err(OpenError::StaleGraph(format!("graph of {gd}-d {gdist:?} vectors")));
                 }
-                let covered = g.read().covered_seq();
                 (g, covered)
             }
             None => (DenseIndex::new(settings.hnsw, settings.distance, dim, 1024), 0),
@@ -439,6 +438,11 @@ impl Collection {
             "collection opened"
         );
         Ok(collection)
+    }
+
+    /// The current graph (compaction swaps in a fresh one).
+    fn graph(&self) -> Arc<DenseIndex> {
+        self.dense.read().expect("dense").clone()
     }
 
     /// Graph points the last open loaded from the saved graph, and inserted from the log.
@@ -673,18 +677,14 @@ impl Collection {
         let Record::Upsert { docs, vectors, .. } = record else { unreachable!() };
         let items: Vec<(&[f32], u64)> =
             docs.iter().flat_map(|d| d.chunks.iter()).zip(vectors.chunks_exact(dim)).map(|(c, v)| (v, c.key)).collect();
-        let dense = self.dense.read().expect("dense").clone();
+        let dense = self.graph();
         let points = dense.insert(&items);
         drop(items);
         self.table.write().expect("table").upsert(seq, &docs, &points);
         apply_keyword(&self.keyword, seq, &docs)?;
         writer.unsaved_points += points.len();
         if writer.unsaved_points >= GRAPH_SAVE_EVERY {
-            // Derived data: a failed save costs the next open a longer replay, nothing more.
-            match dense.save(&self.dir.join(GRAPH_FILE), seq) {
-                Ok(()) => writer.unsaved_points = 0,
-                Err(e) => tracing::warn!(collection = %self.settings.name, error = %e, "could not save the graph"),
-            }
+            self.save_graph_or_warn(&mut writer);
         }
         result.seq = seq;
         Ok(result)
@@ -788,11 +788,14 @@ impl Collection {
         if req.top_k == 0 || req.top_k > MAX_TOP_K {
             return Err(IndexError::invalid("top_k", format!("top_k must be between 1 and {MAX_TOP_K}")));
         }
-        if req.candidates.is_some_and(|c| c > MAX_CANDIDATES) {
-            return Err(IndexError::invalid("candidates", format!("candidates must be at most {MAX_CANDIDATES}")));
+        if req.candidates.is_some_and(|c| c == 0 || c > MAX_CANDIDATES) {
+            return Err(IndexError::invalid("candidates", format!("candidates must be between 1 and {MAX_CANDIDATES}")));
         }
-        if req.ef.is_some_and(|ef| ef > MAX_CANDIDATES) {
-            return Err(IndexError::invalid("ef", format!("ef must be at most {MAX_CANDIDATES}")));
+        if req.ef.is_some_and(|ef| ef == 0 || ef > MAX_CANDIDATES) {
+            return Err(IndexError::invalid("ef", format!("ef must be between 1 and {MAX_CANDIDATES}")));
+        }
+        if req.title_boost.is_some_and(|t| !(0.0..=100.0).contains(&t)) {
+            return Err(IndexError::invalid("title_boost", "title_boost must be between 0 and 100"));
         }
         if req.query.trim().is_empty() && req.vector.is_none() {
             return Err(IndexError::invalid("query", "query must not be empty"));
@@ -863,7 +866,7 @@ impl Collection {
             None => Vec::new(),
             Some(q) => {
                 let distance = self.settings.distance;
-                let dense = self.dense.read().expect("dense").clone();
+                let dense = self.graph();
                 let exact = |keys: &mut dyn Iterator<Item = u64>| {
                     let g = dense.read();
                     exact_search(
@@ -1000,7 +1003,7 @@ impl Collection {
         keys.sort_unstable();
         let step = keys.len().div_ceil(config.profile_sample.max(1)).max(1);
         let sample: Vec<&ChunkEntry> = keys.iter().step_by(step).map(|k| &table.chunks[k]).collect();
-        let dense = self.dense.read().expect("dense").clone();
+        let dense = self.graph();
         let g = dense.read();
         let vectors: Vec<&[f32]> = sample.iter().map(|c| g.vector(c.point)).collect();
         let tokens: Vec<u32> = sample.iter().map(|c| self.token_count(c.text())).collect();
@@ -1040,7 +1043,7 @@ impl Collection {
         let table = self.table.read().expect("table");
         let mut keys: Vec<u64> = table.chunks.iter().filter(|(_, c)| c.removed == NOT_REMOVED).map(|(k, _)| *k).collect();
         keys.sort_unstable();
-        let dense = self.dense.read().expect("dense").clone();
+        let dense = self.graph();
         let g = dense.read();
         keys.iter().map(|k| g.vector(table.chunks[k].point).to_vec()).collect()
     }
@@ -1085,7 +1088,7 @@ impl Collection {
         let table = self.table.read().expect("table");
         let mut visible: Vec<u64> = table.chunks.iter().filter(|(_, c)| c.visible(snapshot.seq)).map(|(k, _)| *k).collect();
         visible.sort_unstable();
-        let graph = self.dense.read().expect("dense").clone();
+        let graph = self.graph();
         let mut in_graph: Vec<u64> = visible
             .iter()
             .copied()
@@ -1112,7 +1115,7 @@ impl Collection {
     fn compact_locked(&self, writer: &mut Writer) -> Result<()> {
         self.commit()?;
         let started = std::time::Instant::now();
-        let old = self.dense.read().expect("dense").clone();
+        let old = self.graph();
         let (records, fresh, moved) = {
             let table = self.table.read().expect("table");
             let records = self.live_records(&table, writer);
@@ -1145,11 +1148,7 @@ impl Collection {
             table.dead_points = 0;
             *self.dense.write().expect("dense") = Arc::new(fresh);
         }
-        let dense = self.dense.read().expect("dense").clone();
-        match dense.save(&self.dir.join(GRAPH_FILE), writer.next_seq - 1) {
-            Ok(()) => writer.unsaved_points = 0,
-            Err(e) => tracing::warn!(collection = %self.settings.name, error = %e, "could not save the graph"),
-        }
+        self.save_graph_or_warn(writer);
         tracing::info!(collection = %self.settings.name, seconds = started.elapsed().as_secs_f32(), "compacted");
         Ok(())
     }
@@ -1160,7 +1159,7 @@ impl Collection {
             table.docs.values().map(|d| (d, d.chunks.first().map_or(0, |c| table.chunks[&c.key].added))).collect();
         docs.sort_by_key(|(d, seq)| (*seq, d.chunks.first().map_or(0, |c| c.key)));
         let mut out = vec![Record::Checkpoint { seq: writer.next_seq - 1, next_key: writer.next_key }];
-        let dense = self.dense.read().expect("dense").clone();
+        let dense = self.graph();
         let g = dense.read();
         for (d, seq) in docs {
             let vectors: Vec<f32> = d.chunks.iter().flat_map(|c| g.vector(table.chunks[&c.key].point).iter().copied()).collect();
@@ -1213,11 +1212,26 @@ impl Collection {
     pub fn save_graph(&self) -> Result<()> {
         let mut writer = self.writer.lock().expect("writer lock");
         if writer.unsaved_points > 0 {
-            let dense = self.dense.read().expect("dense").clone();
-            dense.save(&self.dir.join(GRAPH_FILE), writer.next_seq - 1)?;
-            writer.unsaved_points = 0;
+            self.save_graph_locked(&mut writer)?;
         }
         Ok(())
+    }
+
+    /// Saves the graph as covering every record written so far (the caller holds the
+    /// writer lock, so no insert runs meanwhile).
+    fn save_graph_locked(&self, writer: &mut Writer) -> Result<()> {
+        let dense = self.graph();
+        dense.save(&self.dir.join(GRAPH_FILE), writer.next_seq - 1)?;
+        writer.unsaved_points = 0;
+        Ok(())
+    }
+
+    /// [`Collection::save_graph_locked`] where a failure is only logged: the graph is
+    /// derived data, and a failed save costs the next open a longer replay, nothing more.
+    fn save_graph_or_warn(&self, writer: &mut Writer) {
+        if let Err(e) = self.save_graph_locked(writer) {
+            tracing::warn!(collection = %self.settings.name, error = %e, "could not save the graph");
+        }
     }
 }
 

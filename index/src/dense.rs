@@ -80,9 +80,10 @@ impl DenseIndex {
         Self { graph: RwLock::new(graph), insert_lock: Mutex::new(()) }
     }
 
-    /// Reads a graph saved by [`DenseIndex::save`].
-    pub fn load(path: &std::path::Path) -> crate::error::Result<Self> {
-        Ok(Self::from_graph(Graph::load(path, 1024)?))
+    /// Reads a graph saved by [`DenseIndex::save`]; answers it with the log record it covers.
+    pub fn load(path: &std::path::Path) -> crate::error::Result<(Self, u64)> {
+        let (graph, covered) = Graph::load(path, 1024)?;
+        Ok((Self::from_graph(graph), covered))
     }
 
     /// Inserts prepared vectors with their keys, in parallel; returns their point ids in
@@ -120,9 +121,7 @@ impl DenseIndex {
     /// (the collection holds its writer lock).
     pub fn save(&self, path: &std::path::Path, seq: u64) -> crate::error::Result<()> {
         let _no_inserts = self.insert_lock.lock().unwrap_or_else(|e| e.into_inner());
-        let g = self.read();
-        g.set_covered_seq(seq);
-        g.save(path)
+        self.read().save(path, seq)
     }
 
     /// The `k` best points whose key passes `keep`, best first, as (key, score).

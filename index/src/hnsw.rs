@@ -47,10 +47,22 @@ const FORMAT_VERSION: u64 = 1;
 const MAX_LEVEL: usize = 16;
 
 /// A distance in the graph: smaller is closer.
-#[derive(Debug, Clone, Copy, PartialEq, PartialOrd)]
+#[derive(Debug, Clone, Copy)]
 struct Dist(f32);
 
+impl PartialEq for Dist {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other).is_eq()
+    }
+}
+
 impl Eq for Dist {}
+
+impl PartialOrd for Dist {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
 
 impl Ord for Dist {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
@@ -147,8 +159,6 @@ pub struct Graph {
     /// `(entry point, its level)`; `None` while empty.
     entry: RwLock<Option<(u32, usize)>>,
     visited: Mutex<Vec<Visited>>,
-    /// Log sequence number the contents cover (set by the owner; saved with the file).
-    covered_seq: AtomicU64,
 }
 
 // SAFETY: the only non-`Sync` field is `vectors` (`UnsafeCell<f32>`). A vector slot is
@@ -190,7 +200,6 @@ impl Graph {
             locks: (0..capacity).map(|_| Mutex::new(())).collect(),
             entry: RwLock::new(None),
             visited: Mutex::new(Vec::new()),
-            covered_seq: AtomicU64::new(0),
         }
     }
 
@@ -222,14 +231,6 @@ impl Graph {
     /// Room for `more` points beyond those allocated.
     pub fn has_room(&self, more: usize) -> bool {
         self.allocated.load(Ordering::Acquire).saturating_add(more) <= self.capacity
-    }
-
-    pub fn covered_seq(&self) -> u64 {
-        self.covered_seq.load(Ordering::Acquire)
-    }
-
-    pub fn set_covered_seq(&self, seq: u64) {
-        self.covered_seq.store(seq, Ordering::Release);
     }
 
     /// The stored vector of point `id` (a published point).
@@ -578,16 +579,22 @@ impl Graph {
         *g.allocated.get_mut() = n;
         *g.inserted.get_mut() = *self.inserted.get_mut();
         *g.entry.get_mut().unwrap_or_else(|e| e.into_inner()) = *self.entry.get_mut().unwrap_or_else(|e| e.into_inner());
-        *g.covered_seq.get_mut() = *self.covered_seq.get_mut();
         g
     }
 
-    /// Writes the graph to `path` (atomically: a temporary file, fsynced, then renamed).
-    /// The caller ensures no insert runs meanwhile.
-    pub fn save(&self, path: &Path) -> Result<()> {
+    /// The temporary file [`Graph::save`] writes before renaming it to `path` (a crash may
+    /// leave it behind).
+    pub fn temp_path(path: &Path) -> std::path::PathBuf {
+        path.with_extension("tmp")
+    }
+
+    /// Writes the graph to `path`, marked as covering the owner's log up to record
+    /// `covered_seq` (atomically: a temporary file, fsynced, then renamed). The caller
+    /// ensures no insert runs meanwhile.
+    pub fn save(&self, path: &Path, covered_seq: u64) -> Result<()> {
         let n = self.len();
         assert_eq!(n, self.allocated.load(Ordering::Acquire), "save while inserting");
-        let tmp = path.with_extension("tmp");
+        let tmp = Self::temp_path(path);
         {
             let file = std::fs::File::create(&tmp)?;
             let mut w = Crc32Writer { inner: std::io::BufWriter::with_capacity(1 << 20, file), crc: crc32fast::Hasher::new() };
@@ -611,7 +618,7 @@ impl Graph {
                 n as u64,
                 entry,
                 max_level,
-                self.covered_seq(),
+                covered_seq,
             ] {
                 w.write_all(&x.to_le_bytes())?;
             }
@@ -672,8 +679,9 @@ impl Graph {
         Ok(())
     }
 
-    /// Reads a graph written by [`Graph::save`], with room for `extra` more points.
-    pub fn load(path: &Path, extra: usize) -> Result<Graph> {
+    /// Reads a graph written by [`Graph::save`], with room for `extra` more points; answers
+    /// it with the log record it covers.
+    pub fn load(path: &Path, extra: usize) -> Result<(Graph, u64)> {
         let bad = |why: &str| IndexError::Corrupt(format!("{}: {why}", path.display()));
         let data = std::fs::read(path)?;
         if data.len() < 8 + 10 * 8 + 4 || &data[..8] != MAGIC {
@@ -696,7 +704,7 @@ impl Graph {
             _ => return Err(bad("unknown distance")),
         };
         let (dim, m, m0, n) = (dim as usize, m as usize, m0 as usize, n as usize);
-        if dim == 0 || dim > 1 << 16 || m < 2 || m > 128 || m0 != 2 * m || n > u32::MAX as usize || max_level > MAX_LEVEL as u64 {
+        if dim == 0 || dim > 1 << 16 || !(2..=128).contains(&m) || m0 != 2 * m || n > u32::MAX as usize || max_level > MAX_LEVEL as u64 {
             return Err(bad("implausible header"));
         }
         let capacity = n.checked_add(extra).ok_or_else(|| bad("size"))?;
@@ -705,11 +713,11 @@ impl Graph {
             *g.keys[i].get_mut() = r.u64().ok_or_else(|| bad("short keys"))?;
         }
         let levels = r.take(n + (8 - n % 8) % 8).ok_or_else(|| bad("short levels"))?;
-        for i in 0..n {
-            if levels[i] as usize > MAX_LEVEL {
+        for (slot, &level) in g.levels.iter_mut().zip(&levels[..n]) {
+            if level as usize > MAX_LEVEL {
                 return Err(bad("level out of range"));
             }
-            *g.levels[i].get_mut() = levels[i];
+            *slot.get_mut() = level;
         }
         let vecs = r.take(n * dim * 4).ok_or_else(|| bad("short vectors"))?;
         for (i, c) in vecs.chunks_exact(4).enumerate() {
@@ -762,8 +770,7 @@ impl Graph {
         *g.entry.get_mut().unwrap_or_else(|e| e.into_inner()) = entry;
         *g.allocated.get_mut() = n;
         *g.inserted.get_mut() = n;
-        *g.covered_seq.get_mut() = seq;
-        Ok(g)
+        Ok((g, seq))
     }
 }
 
@@ -875,12 +882,11 @@ mod tests {
             }
             g.insert(v, i as u64);
         }
-        g.set_covered_seq(42);
         let path = dir.path().join("g.hnsw");
-        g.save(&path).unwrap();
-        let loaded = Graph::load(&path, 500).unwrap();
+        g.save(&path, 42).unwrap();
+        let (loaded, covered) = Graph::load(&path, 500).unwrap();
         assert_eq!(loaded.len(), 1000);
-        assert_eq!(loaded.covered_seq(), 42);
+        assert_eq!(covered, 42);
         let queries = vectors(20, 16, 4);
         for q in &queries {
             assert_eq!(g.search(q, 10, 50, &|_| true), loaded.search(q, 10, 50, &|_| true));
@@ -900,7 +906,7 @@ mod tests {
             g.insert(v, i as u64);
         }
         let path = dir.path().join("g.hnsw");
-        g.save(&path).unwrap();
+        g.save(&path, 0).unwrap();
         let bytes = std::fs::read(&path).unwrap();
         for at in [0, 20, 100, bytes.len() / 2, bytes.len() - 1] {
             let mut b = bytes.clone();

@@ -41,8 +41,10 @@ pub fn squared_l2(a: &[f32], b: &[f32]) -> f32 {
 }
 
 mod portable {
-    /// Eight independent accumulators over indexed (bounds-check free) chunks.
-    pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    /// `Σ term(a[i], b[i])` over eight independent accumulators of indexed chunks (no
+    /// bounds checks in the loop), so that it vectorizes where the target allows.
+    #[inline(always)]
+    fn sum8(a: &[f32], b: &[f32], term: impl Fn(f32, f32) -> f32) -> f32 {
         let n = a.len().min(b.len());
         let (a, b) = (&a[..n], &b[..n]);
         let mut acc = [0f32; 8];
@@ -50,36 +52,23 @@ mod portable {
         let mut i = 0;
         while i < full {
             for l in 0..8 {
-                acc[l] += a[i + l] * b[i + l];
+                acc[l] += term(a[i + l], b[i + l]);
             }
             i += 8;
         }
         let mut s: f32 = acc.iter().sum();
         for j in full..n {
-            s += a[j] * b[j];
+            s += term(a[j], b[j]);
         }
         s
     }
 
+    pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+        sum8(a, b, |x, y| x * y)
+    }
+
     pub fn l2(a: &[f32], b: &[f32]) -> f32 {
-        let n = a.len().min(b.len());
-        let (a, b) = (&a[..n], &b[..n]);
-        let mut acc = [0f32; 8];
-        let full = n / 8 * 8;
-        let mut i = 0;
-        while i < full {
-            for l in 0..8 {
-                let d = a[i + l] - b[i + l];
-                acc[l] += d * d;
-            }
-            i += 8;
-        }
-        let mut s: f32 = acc.iter().sum();
-        for j in full..n {
-            let d = a[j] - b[j];
-            s += d * d;
-        }
-        s
+        sum8(a, b, |x, y| (x - y) * (x - y))
     }
 }
 

@@ -61,18 +61,27 @@ impl Encoder {
         }
     }
 
-    fn choice(&self, index: usize, delta: Delta, text: String, lp: Option<&TokenLogprob>, finish: Option<&'static str>) -> Bytes {
+    /// One choice's chunk. `text` is the chat delta's content or the text choice's text
+    /// (`None`: a chat delta without content, an empty text).
+    fn choice(
+        &self,
+        index: usize,
+        role: Option<&'static str>,
+        text: Option<String>,
+        lp: Option<&TokenLogprob>,
+        finish: Option<&'static str>,
+    ) -> Bytes {
         let tok = self.h.tokenizer();
         match self.format {
             ChoiceFormat::Chat => event(&self.chunk(vec![ChatChunkChoice {
                 index,
-                delta,
+                delta: Delta { role, content: text },
                 logprobs: lp.map(|lp| ChatLogprobs::of(tok, std::slice::from_ref(lp))),
                 finish_reason: finish,
             }])),
             ChoiceFormat::Text => event(&self.chunk(vec![TextChunkChoice {
                 index,
-                text,
+                text: text.unwrap_or_default(),
                 logprobs: lp.map(|lp| TextLogprobs::of(tok, std::slice::from_ref(lp))),
                 finish_reason: finish,
             }])),
@@ -81,17 +90,17 @@ impl Encoder {
 
     /// A chat choice's first chunk: the role, as OpenAI's streams begin.
     pub(crate) fn role(&self, index: usize) -> Bytes {
-        self.choice(index, Delta { role: Some("assistant"), content: Some(String::new()) }, String::new(), None, None)
+        self.choice(index, Some("assistant"), Some(String::new()), None, None)
     }
 
     /// Decoded text (and its token's logprobs, when asked for).
     pub(crate) fn text(&self, index: usize, text: String, lp: Option<&TokenLogprob>) -> Bytes {
-        self.choice(index, Delta { role: None, content: Some(text.clone()) }, text, lp, None)
+        self.choice(index, None, Some(text), lp, None)
     }
 
     /// A choice's last chunk.
     pub(crate) fn finish(&self, index: usize, reason: &'static str) -> Bytes {
-        self.choice(index, Delta::default(), String::new(), None, Some(reason))
+        self.choice(index, None, None, None, Some(reason))
     }
 
     /// The chunk after the choices that carries a RAG answer's citations.

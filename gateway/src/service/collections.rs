@@ -10,9 +10,6 @@ use ragway_index::{CollectionInfo, CreateCollection, DocumentInput, DocumentView
 use serde::Deserialize;
 use std::sync::Arc;
 
-/// Largest `top_k` of a search.
-const MAX_TOP_K: usize = 1000;
-
 pub fn index(state: &AppState) -> Result<Arc<IndexService>, ServiceError> {
     state.index.get().cloned().ok_or_else(|| ServiceError::not_ready("the index"))
 }
@@ -152,22 +149,10 @@ pub async fn search(
     b: SearchBody,
 ) -> Result<ragway_index::SearchResponse, ServiceError> {
     let index = index(state)?;
-    let top_k = b.top_k.unwrap_or(10);
-    if top_k == 0 || top_k > MAX_TOP_K {
-        return Err(ServiceError::invalid("top_k", format!("top_k must be between 1 and {MAX_TOP_K}")));
-    }
-    if b.candidates.is_some_and(|c| c == 0 || c > 10 * MAX_TOP_K) {
-        return Err(ServiceError::invalid("candidates", format!("candidates must be between 1 and {}", 10 * MAX_TOP_K)));
-    }
-    if b.title_boost.is_some_and(|t| !(0.0..=100.0).contains(&t)) {
-        return Err(ServiceError::invalid("title_boost", "title_boost must be between 0 and 100"));
-    }
-    if b.ef.is_some_and(|e| e == 0 || e > 10_000) {
-        return Err(ServiceError::invalid("ef", "ef must be between 1 and 10000"));
-    }
+    // Sizes are checked by the index itself (`Collection::search`), for every caller.
     let req = SearchRequest {
         query: b.query,
-        top_k,
+        top_k: b.top_k.unwrap_or(10),
         mode: b.mode.unwrap_or_default(),
         filter: b.filter.as_ref().map(Filter::parse).transpose()?,
         ef: b.ef,
