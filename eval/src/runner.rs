@@ -30,6 +30,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum EvalKind {
     Retrieval,
@@ -176,15 +177,28 @@ impl Progress {
         }
     }
 
-    pub fn view(&self) -> Value {
-        json!({
-            "phase": *self.phase.lock().expect("phase"),
-            "total": self.total.load(Ordering::Relaxed),
-            "done": self.done.load(Ordering::Relaxed),
-            "cached": self.cached.load(Ordering::Relaxed),
-            "errors": self.errors.load(Ordering::Relaxed),
-        })
+    pub fn view(&self) -> ProgressSnapshot {
+        ProgressSnapshot {
+            phase: self.phase.lock().expect("phase").clone(),
+            total: self.total.load(Ordering::Relaxed),
+            done: self.done.load(Ordering::Relaxed),
+            cached: self.cached.load(Ordering::Relaxed),
+            errors: self.errors.load(Ordering::Relaxed),
+        }
     }
+}
+
+/// A run's progress at one moment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ProgressSnapshot {
+    /// `loading the dataset`, `indexing`, `evaluating`, `summarizing`, `done`, ...
+    pub phase: String,
+    pub total: usize,
+    pub done: usize,
+    /// Samples taken from an earlier run's cache.
+    pub cached: usize,
+    pub errors: usize,
 }
 
 fn sha256_file(h: &mut Sha256, path: &Path) -> Result<()> {

@@ -28,6 +28,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 /// Thresholds and sizes of drift monitoring.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DriftConfig {
@@ -100,6 +101,7 @@ struct Reference {
 }
 
 /// A two-sample test's statistic and p-value.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Ks {
     pub statistic: f64,
@@ -107,9 +109,11 @@ pub struct Ks {
 }
 
 /// The drift state of a collection, as the API and the metrics show it.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Serialize)]
 pub struct DriftReport {
     /// `collecting_reference`, `collecting_window`, `ok` or `drift`.
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub state: &'static str,
     pub alert: bool,
     pub reasons: Vec<String>,
@@ -132,6 +136,7 @@ pub struct DriftReport {
     pub config: DriftConfig,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Serialize)]
 pub struct ProfileSummary {
     pub chunks_sampled: usize,

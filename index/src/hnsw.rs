@@ -368,8 +368,6 @@ impl Graph {
             }
             self.neighbors(id, level, &mut buf);
             // Unvisited neighbors first, their vectors fetched ahead of the distance loop
-            // (hnswlib's prefetching: the walk is bound by memory latency, not arithmetic).
-            // Unvisited neighbors first, their vectors fetched ahead of the distance loop
             // (the walk is bound by memory latency, not arithmetic).
             buf.retain(|&n| visited.insert(n));
             for &n in &buf {

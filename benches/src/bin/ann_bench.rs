@@ -1,5 +1,5 @@
-//! The dense half alone: ragway's HNSW graph (`ragway_index::hnsw`, with the engine's
-//! AVX-512 dot product as the distance), against exact search and against hnswlib and faiss on the very
+//! The dense half alone: ragway's HNSW graph (`ragway_index::hnsw`, with the index's
+//! AVX2/FMA kernels of `ragway_index::simd` as the distance), against exact search and against hnswlib and faiss on the very
 //! same vectors in the same run.
 //!
 //! Data (`--data`):

@@ -478,7 +478,7 @@ impl QueryRoot {
         require(ctx, Operation::ListModelVersions)?;
         let s = state(ctx);
         Ok(Json(match name {
-            Some(n) => crate::service::models::describe_of(s, &n).map_err(gql)?,
+            Some(n) => json!(crate::service::models::describe_of(s, &n).map_err(gql)?),
             None => json!(s.registry.list()),
         }))
     }
@@ -486,7 +486,7 @@ impl QueryRoot {
     /// A collection's query drift (as `GET /v1/collections/{name}/drift`).
     async fn drift(&self, ctx: &Context<'_>, collection: String) -> async_graphql::Result<Json<Value>> {
         require(ctx, Operation::DriftReport)?;
-        Ok(Json(crate::service::drift::report_of(state(ctx), &collection).map_err(gql)?))
+        Ok(Json(json!(crate::service::drift::report_of(state(ctx), &collection).map_err(gql)?)))
     }
 
     async fn collections(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<Collection>> {
@@ -633,7 +633,7 @@ impl QueryRoot {
     /// One evaluation run (as `GET /v1/evals/{id}`).
     async fn eval_run(&self, ctx: &Context<'_>, id: String) -> async_graphql::Result<Json<Value>> {
         require(ctx, Operation::GetEval)?;
-        Ok(Json(state(ctx).evals.get(&id).ok_or_else(|| gql(crate::service::evals::no_run(&id)))?))
+        Ok(Json(json!(state(ctx).evals.get(&id).ok_or_else(|| gql(crate::service::evals::no_run(&id)))?)))
     }
 }
 
@@ -783,38 +783,38 @@ impl MutationRoot {
     async fn start_eval_run(&self, ctx: &Context<'_>, input: Json<Value>) -> async_graphql::Result<Json<Value>> {
         require(ctx, Operation::StartEval)?;
         let req: crate::service::evals::StartEval = body(input.0)?;
-        Ok(Json(state(ctx).evals.start(state(ctx).clone(), req).map_err(gql)?))
+        Ok(Json(json!(state(ctx).evals.start(state(ctx).clone(), req).map_err(gql)?)))
     }
 
     /// Registers a model version: `input` takes the body of `POST /v1/admin/models` (name,
     /// kind, version, local or upstream, description).
     async fn register_model_version(&self, ctx: &Context<'_>, input: Json<Value>) -> async_graphql::Result<Json<Value>> {
         require(ctx, Operation::RegisterModelVersion)?;
-        Ok(Json(crate::service::models::register_from(state(ctx), input.0).map_err(gql)?))
+        Ok(Json(json!(crate::service::models::register_from(state(ctx), input.0).map_err(gql)?)))
     }
 
     /// Sets a model's routing (the body of `PUT /v1/admin/models/{name}/routing`).
     async fn set_model_routing(&self, ctx: &Context<'_>, name: String, routing: Json<Value>) -> async_graphql::Result<Json<Value>> {
         require(ctx, Operation::SetModelRouting)?;
-        Ok(Json(crate::service::models::set_routing_from(state(ctx), &name, routing.0).map_err(gql)?))
+        Ok(Json(json!(crate::service::models::set_routing_from(state(ctx), &name, routing.0).map_err(gql)?)))
     }
 
     /// Retires a model version no routing uses.
     async fn retire_model_version(&self, ctx: &Context<'_>, name: String, version: String) -> async_graphql::Result<Json<Value>> {
         require(ctx, Operation::RetireModelVersion)?;
-        Ok(Json(crate::service::models::retire_of(state(ctx), &name, &version).map_err(gql)?))
+        Ok(Json(json!(crate::service::models::retire_of(state(ctx), &name, &version).map_err(gql)?)))
     }
 
     /// Makes a collection's drift reference from these queries.
     async fn set_drift_reference(&self, ctx: &Context<'_>, collection: String, queries: Vec<String>) -> async_graphql::Result<Json<Value>> {
         require(ctx, Operation::SetDriftReference)?;
-        Ok(Json(crate::service::drift::set_reference_of(state(ctx), &collection, queries).await.map_err(gql)?))
+        Ok(Json(json!(crate::service::drift::set_reference_of(state(ctx), &collection, queries).await.map_err(gql)?)))
     }
 
     /// Forgets a collection's drift reference; the next live queries make a new one.
     async fn reset_drift_reference(&self, ctx: &Context<'_>, collection: String) -> async_graphql::Result<Json<Value>> {
         require(ctx, Operation::ResetDriftReference)?;
-        Ok(Json(crate::service::drift::reset_of(state(ctx), &collection).map_err(gql)?))
+        Ok(Json(json!(crate::service::drift::reset_of(state(ctx), &collection).map_err(gql)?)))
     }
 
     /// A retrieval-augmented answer: `input` takes the body of `POST /v1/rag` (without

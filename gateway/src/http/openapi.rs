@@ -200,4 +200,52 @@ mod tests {
         let create = &doc["components"]["schemas"]["CreateCollection"];
         assert_eq!(create["required"], serde_json::json!(["name"]), "{create}");
     }
+
+    /// Every JSON request body and every 2xx JSON answer has a schema with named properties (a
+    /// `$ref` to a component or an inline object); no `{}` or bare `object` bodies. Text and
+    /// HTML answers (`/metrics`, the eval report) and 204s carry no JSON.
+    #[test]
+    fn no_untyped_bodies() {
+        let doc: serde_json::Value = serde_json::from_str(super::document()).unwrap();
+        let schemas = &doc["components"]["schemas"];
+        let typed = |s: &serde_json::Value| -> bool {
+            let resolved = match s.get("$ref").and_then(|r| r.as_str()) {
+                Some(r) => &schemas[r.trim_start_matches("#/components/schemas/")],
+                None => s,
+            };
+            resolved.get("properties").is_some()
+                || resolved.get("items").is_some()
+                || resolved.get("oneOf").is_some()
+                || resolved.get("allOf").is_some()
+                || resolved.get("enum").is_some()
+                || resolved.get("type").and_then(|t| t.as_str()).is_some_and(|t| t != "object")
+        };
+        let mut untyped = Vec::new();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for (method, op) in item.as_object().unwrap() {
+                if let Some(schema) = op.pointer("/requestBody/content/application~1json/schema") {
+                    if !typed(schema) {
+                        untyped.push(format!("{method} {path} request"));
+                    }
+                }
+                for (status, resp) in op["responses"].as_object().unwrap() {
+                    if !status.starts_with('2') || status == "204" {
+                        continue;
+                    }
+                    let content = resp.get("content").and_then(|c| c.as_object());
+                    match content {
+                        None => untyped.push(format!("{method} {path} {status}: no content")),
+                        Some(c) => {
+                            if let Some(j) = c.get("application/json") {
+                                if !typed(&j["schema"]) {
+                                    untyped.push(format!("{method} {path} {status}: untyped"));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert!(untyped.is_empty(), "untyped bodies:\n{}", untyped.join("\n"));
+    }
 }

@@ -22,7 +22,7 @@ use ragway_engine::generate::{GenerateConfig, GenerateHandle, GenerateWorker};
 use ragway_prompts::registry::uniform_from_key;
 use routing::{Caller, Role, Routing, Window};
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write;
 use std::sync::{Arc, Mutex, RwLock, Weak};
@@ -170,6 +170,64 @@ struct Entry {
     rolled_back: Option<RollbackEvent>,
     /// Recent outcomes of the canary version.
     canary_window: Window,
+}
+
+/// The admin API's view of a public model name (`GET /v1/admin/models/{name}`).
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct ModelView {
+    pub name: String,
+    pub kind: ModelKind,
+    pub routing: Routing,
+    /// The last automatic canary rollback, while its routing is still in force.
+    pub rolled_back: Option<RolledBack>,
+    pub versions: Vec<VersionView>,
+}
+
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct RolledBack {
+    pub version: String,
+    /// Which rule fired, with the window's figures.
+    pub reason: String,
+    /// Unix seconds.
+    pub at: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum VersionState {
+    Loading,
+    Ready,
+    Failed,
+}
+
+/// One version of a model name.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct VersionView {
+    pub version: String,
+    /// `builtin` (the server's own models), `local` or `upstream`.
+    pub backend: String,
+    pub state: VersionState,
+    /// Why loading failed (`state: failed`).
+    pub error: Option<String>,
+    pub spec: VersionSpec,
+    /// Share of the name's traffic the routing sends here, in [0, 1].
+    pub share: f64,
+    /// Unix seconds.
+    pub registered: u64,
+    /// Requests by role (`primary`, `arm`, `stable`, `canary`, `shadow`) and outcome (`ok`,
+    /// `client_error`, `error`).
+    pub requests: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Upstream versions: each endpoint's health and counters.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoints: Option<Vec<upstream::EndpointView>>,
+}
+
+/// `GET /v1/admin/models`.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct ModelList {
+    /// `list`
+    pub object: String,
+    pub data: Vec<ModelView>,
 }
 
 /// A request's routing decision.
@@ -583,49 +641,54 @@ impl ModelRegistry {
     }
 
     /// The admin API's view of one name.
-    pub fn describe(&self, name: &str) -> Option<Value> {
+    pub fn describe(&self, name: &str) -> Option<ModelView> {
         let entries = self.read();
         let e = entries.get(name)?;
         let counts = self.outcomes.lock().unwrap_or_else(|e| e.into_inner());
         let rolled_back = e.rolled_back.is_some();
         let shares: HashMap<String, f64> = e.routing.shares(rolled_back).into_iter().collect();
-        let versions: Vec<Value> = e
+        let versions = e
             .versions
             .iter()
             .map(|(v, x)| {
                 let (state, error) = match &x.state {
-                    State::Loading => ("loading", None),
-                    State::Ready(_) => ("ready", None),
-                    State::Failed(m) => ("failed", Some(m.clone())),
+                    State::Loading => (VersionState::Loading, None),
+                    State::Ready(_) => (VersionState::Ready, None),
+                    State::Failed(m) => (VersionState::Failed, Some(m.clone())),
                 };
-                let mut requests = serde_json::Map::new();
+                let mut requests: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
                 for ((n, ver, role, outcome), c) in counts.iter() {
                     if n == name && ver == v {
-                        let slot = requests.entry(role.as_str()).or_insert_with(|| json!({}));
-                        slot[outcome.as_str()] = json!(c);
+                        requests.entry(role.as_str().to_string()).or_default().insert(outcome.as_str().to_string(), *c);
                     }
                 }
-                let mut out = json!({
-                    "version": v, "backend": x.backend, "state": state, "error": error,
-                    "spec": x.spec, "share": shares.get(v).copied().unwrap_or(0.0),
-                    "registered": x.registered_unix, "requests": requests,
-                });
-                if let State::Ready(Target::Upstream(p)) = &x.state {
-                    out["endpoints"] = p.describe();
+                let endpoints = match &x.state {
+                    State::Ready(Target::Upstream(p)) => Some(p.describe()),
+                    _ => None,
+                };
+                VersionView {
+                    version: v.clone(),
+                    backend: x.backend.to_string(),
+                    state,
+                    error,
+                    spec: x.spec.clone(),
+                    share: shares.get(v).copied().unwrap_or(0.0),
+                    registered: x.registered_unix,
+                    requests,
+                    endpoints,
                 }
-                out
             })
             .collect();
-        Some(json!({
-            "name": name,
-            "kind": e.kind,
-            "routing": e.routing,
-            "rolled_back": e.rolled_back.as_ref().map(|r| json!({"version": r.version, "reason": r.reason, "at": r.at_unix})),
-            "versions": versions,
-        }))
+        Some(ModelView {
+            name: name.to_string(),
+            kind: e.kind,
+            routing: e.routing.clone(),
+            rolled_back: e.rolled_back.as_ref().map(|r| RolledBack { version: r.version.clone(), reason: r.reason.clone(), at: r.at_unix }),
+            versions,
+        })
     }
 
-    pub fn list(&self) -> Vec<Value> {
+    pub fn list(&self) -> Vec<ModelView> {
         self.names().iter().filter_map(|n| self.describe(n)).collect()
     }
 

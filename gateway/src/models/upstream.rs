@@ -198,6 +198,28 @@ impl std::fmt::Display for UpstreamError {
     }
 }
 
+/// An endpoint's state in the admin API's view of an upstream version.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct EndpointView {
+    pub url: String,
+    /// The last health check passed.
+    pub healthy: bool,
+    pub circuit: Circuit,
+    pub in_flight: u64,
+    pub requests_ok: u64,
+    pub requests_failed: u64,
+}
+
+/// An endpoint's circuit breaker: `open` sends it nothing until the cool-down ends, then
+/// `half_open` lets one trial request through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Circuit {
+    Closed,
+    Open,
+    HalfOpen,
+}
+
 /// The endpoints of one version.
 pub struct Pool {
     pub spec: UpstreamSpec,
@@ -356,19 +378,23 @@ impl Pool {
     }
 
     /// The endpoints' state for the admin API.
-    pub fn describe(&self) -> serde_json::Value {
+    pub fn describe(&self) -> Vec<EndpointView> {
         let now = Instant::now();
         self.endpoints
             .iter()
-            .map(|e| {
-                serde_json::json!({
-                    "url": e.url,
-                    "healthy": e.healthy.load(Ordering::Relaxed),
-                    "circuit": if e.circuit_open(now) { "open" } else if e.consecutive_failures.load(Ordering::Relaxed) >= self.spec.failure_threshold { "half_open" } else { "closed" },
-                    "in_flight": e.in_flight.load(Ordering::Relaxed),
-                    "requests_ok": e.ok.load(Ordering::Relaxed),
-                    "requests_failed": e.failed.load(Ordering::Relaxed),
-                })
+            .map(|e| EndpointView {
+                url: e.url.clone(),
+                healthy: e.healthy.load(Ordering::Relaxed),
+                circuit: if e.circuit_open(now) {
+                    Circuit::Open
+                } else if e.consecutive_failures.load(Ordering::Relaxed) >= self.spec.failure_threshold {
+                    Circuit::HalfOpen
+                } else {
+                    Circuit::Closed
+                },
+                in_flight: e.in_flight.load(Ordering::Relaxed) as u64,
+                requests_ok: e.ok.load(Ordering::Relaxed),
+                requests_failed: e.failed.load(Ordering::Relaxed),
             })
             .collect()
     }
@@ -485,8 +511,8 @@ mod tests {
         // Half-open after the cooldown, closed again by a success.
         assert!(!pool.endpoints[1].circuit_open(Instant::now() + Duration::from_secs(61)));
         pool.success(1);
-        assert_eq!(pool.describe()[1]["circuit"], "closed");
-        assert_eq!(pool.describe()[0]["circuit"], "open");
+        assert_eq!(pool.describe()[1].circuit, Circuit::Closed);
+        assert_eq!(pool.describe()[0].circuit, Circuit::Open);
     }
 
     #[test]

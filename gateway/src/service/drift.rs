@@ -4,8 +4,8 @@
 use crate::app::AppState;
 use crate::service::collections::index;
 use crate::service::error::ServiceError;
-use serde::Deserialize;
-use serde_json::{json, Value};
+use ragway_index::drift::DriftReport;
+use serde::{Deserialize, Serialize};
 
 /// The body of `PUT /v1/collections/{name}/drift/reference`.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -15,22 +15,28 @@ pub struct DriftReference {
     pub queries: Vec<String>,
 }
 
-/// The collection's drift state: KS, PSI, low-score share, grounding, alert.
-pub fn report_of(state: &AppState, collection: &str) -> Result<Value, ServiceError> {
-    let c = index(state)?.get(collection)?;
-    let mut v = json!(c.drift().report());
-    v["collection"] = json!(collection);
-    Ok(v)
+/// A collection's drift report (`GET /v1/collections/{name}/drift`).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct DriftView {
+    pub collection: String,
+    #[serde(flatten)]
+    pub report: DriftReport,
 }
 
-pub async fn set_reference_of(state: &AppState, collection: &str, queries: Vec<String>) -> Result<Value, ServiceError> {
+/// The collection's drift state: KS, PSI, low-score share, grounding, alert.
+pub fn report_of(state: &AppState, collection: &str) -> Result<DriftView, ServiceError> {
+    let c = index(state)?.get(collection)?;
+    Ok(DriftView { collection: collection.to_string(), report: c.drift().report() })
+}
+
+pub async fn set_reference_of(state: &AppState, collection: &str, queries: Vec<String>) -> Result<DriftView, ServiceError> {
     let c = index(state)?.get(collection)?;
     // Embedding the queries blocks: off the HTTP worker.
     crate::service::limits::blocking(move || c.set_drift_reference(&queries).map_err(ServiceError::from)).await?;
     report_of(state, collection)
 }
 
-pub fn reset_of(state: &AppState, collection: &str) -> Result<Value, ServiceError> {
+pub fn reset_of(state: &AppState, collection: &str) -> Result<DriftView, ServiceError> {
     index(state)?.get(collection)?.drift().reset();
     report_of(state, collection)
 }

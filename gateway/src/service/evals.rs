@@ -9,9 +9,9 @@ use crate::app::AppState;
 use crate::service::error::StatusCode;
 use ragway_eval::backend::InProcess;
 use ragway_eval::retrieval::EmptyQueries;
-use ragway_eval::runner::{self, EvalKind, Progress, RunContext, RunSpec};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use ragway_eval::runner::{self, EvalKind, Progress, ProgressSnapshot, RunContext, RunSpec};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -72,20 +72,126 @@ pub struct EvalRuns {
     next: AtomicU64,
 }
 
-/// `v` with every mention of `root` (as written and canonical) replaced by `<ingest-root>`.
-fn hide_root(v: Value, root: Option<&std::path::Path>) -> Value {
-    let Some(root) = root else { return v };
-    let mut text = v.to_string();
-    let canonical = root.canonicalize().ok();
-    for r in [Some(root.to_path_buf()), canonical].into_iter().flatten() {
-        // As it appears inside a JSON string (backslashes and quotes escaped).
-        let quoted = serde_json::to_string(&r.to_string_lossy()).unwrap_or_default();
-        let inner = quoted.trim_matches('"');
-        if inner.len() > 1 {
-            text = text.replace(inner, "<ingest-root>");
+/// A run as the API shows it (`GET /v1/evals/{id}`, GraphQL `evalRun`). Paths under the
+/// server's ingest root are shown relative to it: the API never reveals server paths.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct EvalRunView {
+    pub id: String,
+    /// `eval.run`
+    pub object: String,
+    pub kind: EvalKind,
+    pub status: RunStatus,
+    /// Unix seconds.
+    pub created: u64,
+    /// The dataset, relative to the ingest root.
+    pub dataset: String,
+    pub progress: ProgressSnapshot,
+    /// Why the run failed (`status: failed`).
+    pub error: Option<String>,
+    /// The summary of a finished run.
+    pub summary: Option<RunSummary>,
+    /// The HTML report's path.
+    pub report: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    Running,
+    Succeeded,
+    Failed,
+}
+
+/// `summary.json` of a finished run: each metric's mean at the top level (`ndcg@10`, `f1`,
+/// `accuracy`, ...) beside the fixed fields below.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct RunSummary {
+    /// The metric that orders samples and compares runs (`ndcg@10`, `f1`, `accuracy`).
+    pub primary: String,
+    /// Samples summarized.
+    pub n: usize,
+    /// Samples that have each metric.
+    pub n_by_metric: BTreeMap<String, usize>,
+    /// Seeded bootstrap 95% interval of each metric's mean.
+    pub ci95: BTreeMap<String, [Option<f64>; 2]>,
+    /// The judge's calls, when judge-based metrics ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub judge: Option<JudgeCalls>,
+    pub run: RunMeta,
+    /// Each metric's mean over the samples that have it.
+    #[serde(flatten)]
+    pub metrics: BTreeMap<String, Option<f64>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct JudgeCalls {
+    pub calls: u64,
+    pub unparseable: u64,
+    pub unparseable_rate: f64,
+}
+
+/// How a run was made.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct RunMeta {
+    pub kind: EvalKind,
+    /// The dataset, relative to the ingest root.
+    pub dataset: String,
+    /// The configuration the run's cache key is the hash of: the run request's settings, the
+    /// system under test (models, collection settings) and the dataset setup.
+    #[schema(value_type = BTreeMap<String, serde_json::Value>)]
+    pub config: serde_json::Map<String, Value>,
+    pub config_hash: String,
+    pub samples: usize,
+    pub evaluated: usize,
+    pub cached: usize,
+    pub errors: usize,
+    pub started_unix: u64,
+    pub duration_s: f64,
+    pub ragway_version: String,
+    /// Retrieval runs: how queries without relevant documents count (`beir` or `trec-c`).
+    pub empty_queries: Option<String>,
+}
+
+/// `GET /v1/evals`.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct EvalRunList {
+    /// `list`
+    pub object: String,
+    pub data: Vec<EvalRunView>,
+}
+
+/// `path` as the API shows it: relative to `root` when under it (as written or canonical),
+/// else its file name only.
+fn shown_path(path: &str, root: Option<&std::path::Path>) -> String {
+    let p = std::path::Path::new(path);
+    if let Some(root) = root {
+        let canonical = root.canonicalize().ok();
+        for r in [Some(root.to_path_buf()), canonical].into_iter().flatten() {
+            if let Ok(rel) = p.strip_prefix(&r) {
+                return rel.to_string_lossy().into_owned();
+            }
         }
     }
-    serde_json::from_str(&text).unwrap_or(v)
+    if p.is_absolute() {
+        p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+    } else {
+        path.to_string()
+    }
+}
+
+/// `message` with every mention of `root` (as written and canonical) replaced by
+/// `<ingest-root>` (errors name the files they failed on).
+fn hide_root_in(message: &str, root: Option<&std::path::Path>) -> String {
+    let Some(root) = root else { return message.to_string() };
+    let mut text = message.to_string();
+    let canonical = root.canonicalize().ok();
+    for r in [canonical, Some(root.to_path_buf())].into_iter().flatten() {
+        let r = r.to_string_lossy();
+        if r.len() > 1 {
+            text = text.replace(r.as_ref(), "<ingest-root>");
+        }
+    }
+    text
 }
 
 /// Evaluation runs at once: each spends the engine for minutes beside live traffic.
@@ -142,7 +248,7 @@ impl EvalRuns {
     }
 
     /// Starts a run on its own thread; its view at once.
-    pub fn start(&self, state: Arc<AppState>, req: StartEval) -> Result<Value, ServiceError> {
+    pub fn start(&self, state: Arc<AppState>, req: StartEval) -> Result<EvalRunView, ServiceError> {
         let spec = Self::spec(&state, &req)?;
         if spec.kind != EvalKind::Retrieval && state.generator.get().is_none() {
             return Err(ServiceError::not_ready("generation model"));
@@ -210,41 +316,69 @@ impl EvalRuns {
         Ok(self.view(&run))
     }
 
-    fn view(&self, run: &EvalRun) -> Value {
+    fn view(&self, run: &EvalRun) -> EvalRunView {
         let (status, error) = match &*run.status.lock().expect("status") {
-            Status::Running => ("running", None),
-            Status::Succeeded => ("succeeded", None),
-            Status::Failed(e) => ("failed", Some(e.clone())),
+            Status::Running => (RunStatus::Running, None),
+            Status::Succeeded => (RunStatus::Succeeded, None),
+            Status::Failed(e) => (RunStatus::Failed, Some(e.clone())),
         };
-        let summary = if status == "succeeded" { read_summary(&run.dir) } else { None };
-        let view = json!({
-            "id": run.id, "object": "eval.run", "kind": run.spec.kind, "status": status, "created": run.created,
-            "dataset": run.spec.dataset, "progress": run.progress.view(), "error": error, "summary": summary,
-            "report": format!("/v1/evals/{}/report", run.id),
-        });
-        hide_root(view, self.ingest_root.as_deref())
+        let root = self.ingest_root.as_deref();
+        EvalRunView {
+            id: run.id.clone(),
+            object: "eval.run".into(),
+            kind: run.spec.kind,
+            status,
+            created: run.created,
+            dataset: shown_path(&run.spec.dataset.to_string_lossy(), root),
+            progress: run.progress.view(),
+            error: error.map(|e| hide_root_in(&e, root)),
+            summary: if status == RunStatus::Succeeded { self.read_summary(&run.dir) } else { None },
+            report: format!("/v1/evals/{}/report", run.id),
+        }
+    }
+
+    /// A finished run's summary with its paths shown as the API shows them.
+    fn read_summary(&self, dir: &std::path::Path) -> Option<RunSummary> {
+        let mut s: RunSummary = serde_json::from_slice(&std::fs::read(dir.join("summary.json")).ok()?).ok()?;
+        let root = self.ingest_root.as_deref();
+        s.run.dataset = shown_path(&s.run.dataset, root);
+        if let Some(Value::String(d)) = s.run.config.get_mut("dataset") {
+            *d = shown_path(d, root);
+        }
+        Some(s)
     }
 
     /// A run started since this server came up, or a finished one on disk.
-    pub fn get(&self, id: &str) -> Option<Value> {
+    pub fn get(&self, id: &str) -> Option<EvalRunView> {
         if let Some(r) = self.runs.lock().expect("runs").get(id).cloned() {
             return Some(self.view(&r));
         }
         if !valid_id(id) {
             return None;
         }
-        let summary = read_summary(&self.root.join(id))?;
-        let view = json!({
-            "id": id, "object": "eval.run", "kind": summary["run"]["kind"], "status": "succeeded",
-            "created": summary["run"]["started_unix"], "dataset": summary["run"]["dataset"],
-            "progress": {"phase": "done", "total": summary["run"]["samples"], "done": summary["run"]["samples"], "cached": 0, "errors": summary["run"]["errors"]},
-            "error": null, "summary": summary, "report": format!("/v1/evals/{id}/report"),
-        });
-        Some(hide_root(view, self.ingest_root.as_deref()))
+        let summary = self.read_summary(&self.root.join(id))?;
+        Some(EvalRunView {
+            id: id.to_string(),
+            object: "eval.run".into(),
+            kind: summary.run.kind,
+            status: RunStatus::Succeeded,
+            created: summary.run.started_unix,
+            dataset: summary.run.dataset.clone(),
+            progress: ProgressSnapshot {
+                phase: "done".into(),
+                total: summary.run.samples,
+                done: summary.run.samples,
+                cached: 0,
+                errors: summary.run.errors,
+            },
+            error: None,
+            summary: Some(summary),
+            report: format!("/v1/evals/{id}/report"),
+        })
     }
 
     /// Every run: those of this server and those finished on disk, newest first.
-    pub fn list(&self) -> Vec<Value> {
+    pub fn list(&self) -> Vec<EvalRunView> {
         let mut ids: Vec<String> = self.runs.lock().expect("runs").keys().cloned().collect();
         if let Ok(rd) = std::fs::read_dir(&self.root) {
             for e in rd.flatten() {
@@ -254,8 +388,8 @@ impl EvalRuns {
                 }
             }
         }
-        let mut out: Vec<Value> = ids.iter().filter_map(|id| self.get(id)).collect();
-        out.sort_by(|a, b| b["created"].as_u64().cmp(&a["created"].as_u64()).then_with(|| a["id"].as_str().cmp(&b["id"].as_str())));
+        let mut out: Vec<EvalRunView> = ids.iter().filter_map(|id| self.get(id)).collect();
+        out.sort_by(|a, b| b.created.cmp(&a.created).then_with(|| a.id.cmp(&b.id)));
         out
     }
 
@@ -263,10 +397,6 @@ impl EvalRuns {
     pub fn report(&self, id: &str) -> Option<String> {
         valid_id(id).then(|| std::fs::read_to_string(self.root.join(id).join("report.html")).ok()).flatten()
     }
-}
-
-fn read_summary(dir: &std::path::Path) -> Option<Value> {
-    serde_json::from_slice(&std::fs::read(dir.join("summary.json")).ok()?).ok()
 }
 
 /// The error for an unknown run id.

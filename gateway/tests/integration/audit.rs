@@ -255,7 +255,7 @@ fn eval_splits_cannot_escape_the_ingest_root() {
     assert_eq!(st, 200, "{view}");
     let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     assert!(!view.to_string().contains(root.to_str().unwrap()), "{view}");
-    assert_eq!(view["dataset"], "<ingest-root>/scifact_slice", "{view}");
+    assert_eq!(view["dataset"], "scifact_slice", "{view}");
     for dataset in ["../../../../etc", "/etc"] {
         let body = json!({"kind": "retrieval", "dataset": dataset, "collection": "kb"});
         let (st, resp) = call(s, "POST", "/v1/evals", Some("sk-writer"), Some(&body));
