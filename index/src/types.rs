@@ -203,7 +203,8 @@ pub struct SearchRequest {
     pub vector: Option<Vec<f32>>,
     /// BM25 weight of title matches (default: the collection's).
     pub title_boost: Option<f32>,
-    /// Filters matching at most this many chunks are served by an exact scan (default 4096).
+    /// Filters matching at most this many chunks are served by an exact scan (default: the
+    /// planner decides from the filter's match count and the collection's size).
     pub exact_scan_max: Option<usize>,
     /// Keep this search out of the drift monitor (evaluation and reference queries).
     pub skip_drift: bool,

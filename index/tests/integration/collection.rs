@@ -501,3 +501,101 @@ fn collections_without_a_model_take_their_own_vectors() {
     let (_, msg) = invalid_param(m.upsert(vec![own("short", "x", vec![1.0; 4])], true));
     assert!(msg.contains("384"), "{msg}");
 }
+
+/// Filtered dense search keeps recall@10 ≥ 0.95 at every selectivity, whichever plan runs:
+/// the planner's choice, the exact scan forced, the filtered graph walk forced. The planner
+/// scans when few chunks match and walks the graph when many do.
+#[test]
+fn filtered_search_recall_at_every_selectivity() {
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+            z ^ (z >> 31)
+        }
+        fn normal(&mut self) -> f32 {
+            let u = ((self.next() >> 11) as f64 / (1u64 << 53) as f64).max(1e-12);
+            let v = (self.next() >> 11) as f64 / (1u64 << 53) as f64;
+            ((-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32
+        }
+    }
+    fn unit(mut v: Vec<f32>) -> Vec<f32> {
+        let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        v.iter_mut().for_each(|x| *x /= n);
+        v
+    }
+    const N: usize = 20_000;
+    const DIM: usize = 32;
+    let mut rng = Rng(7);
+    let centers: Vec<Vec<f32>> = (0..200).map(|_| unit((0..DIM).map(|_| rng.normal()).collect())).collect();
+    let mut point = || {
+        let c = &centers[(rng.next() % 200) as usize];
+        unit(c.iter().map(|x| x + 0.5 * rng.normal() / (DIM as f32).sqrt()).collect())
+    };
+    let vectors: Vec<Vec<f32>> = (0..N).map(|_| point()).collect();
+    let queries: Vec<Vec<f32>> = (0..40).map(|_| point()).collect();
+
+    let dir = tempfile::tempdir().unwrap();
+    let s = ragway_index::CollectionSettings { model: None, dimension: DIM, ..settings("filtered") };
+    let c = Collection::create_with(dir.path(), s, None).unwrap();
+    for (b, batch) in vectors.chunks(2000).enumerate() {
+        let docs = batch
+            .iter()
+            .enumerate()
+            .map(|(j, v)| {
+                let i = b * 2000 + j;
+                ragway_index::DocumentInput {
+                    id: format!("d{i}"),
+                    text: format!("chunk {i}"),
+                    metadata: Some(json!({"bucket": i % 1000})),
+                    vector: Some(v.clone()),
+                    ..Default::default()
+                }
+            })
+            .collect();
+        c.upsert(docs, true).unwrap();
+    }
+    // (matching buckets of 1000, whether the planner should scan)
+    for (buckets, planner_scans) in [(2, true), (10, true), (50, true), (200, false), (600, false), (1000, false)] {
+        let filter = Filter::parse(&json!({"key": "bucket", "lt": buckets})).unwrap();
+        let truth: Vec<Vec<String>> = queries
+            .iter()
+            .map(|q| {
+                let mut scored: Vec<(f32, usize)> = (0..N)
+                    .filter(|i| i % 1000 < buckets)
+                    .map(|i| (vectors[i].iter().zip(q).map(|(a, b)| a * b).sum::<f32>(), i))
+                    .collect();
+                scored.sort_by(|a, b| b.0.total_cmp(&a.0));
+                scored.iter().take(10).map(|(_, i)| format!("d{i}")).collect()
+            })
+            .collect();
+        for exact_scan_max in [None, Some(0), Some(usize::MAX)] {
+            let mut found = 0;
+            for (q, want) in queries.iter().zip(&truth) {
+                let req = SearchRequest {
+                    top_k: 10,
+                    mode: SearchMode::Dense,
+                    filter: Some(filter.clone()),
+                    vector: Some(q.clone()),
+                    exact_scan_max,
+                    skip_drift: true,
+                    ..Default::default()
+                };
+                let r = c.search(&req).unwrap();
+                assert_eq!(r.results.len(), 10, "{buckets} {exact_scan_max:?}");
+                assert!(r.results.iter().all(|h| h.metadata["bucket"].as_u64().unwrap() < buckets as u64));
+                match exact_scan_max {
+                    None => assert_eq!(r.dense_exact, planner_scans, "planner at {buckets}/1000"),
+                    Some(0) => {}
+                    Some(_) => assert!(r.dense_exact),
+                }
+                found += r.results.iter().filter(|h| want.contains(&h.document_id)).count();
+            }
+            let recall = found as f64 / (10 * queries.len()) as f64;
+            assert!(recall >= 0.95, "recall@10 {recall:.3} at {buckets}/1000 matching with {exact_scan_max:?}");
+        }
+    }
+}
