@@ -20,5 +20,6 @@ pub mod error;
 pub mod generate;
 pub mod kernels;
 pub mod models;
+pub mod rng;
 
 pub use error::{EngineError, Result};

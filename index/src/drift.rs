@@ -384,22 +384,10 @@ pub fn build_profile(vectors: &[&[f32]], tokens: &[u32], projections: usize, bui
     }
     let cn = centroid.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-12);
     let centroid: Vec<f32> = centroid.iter().map(|x| (x / cn) as f32).collect();
-    let mut state = 0x5eed_d21f_u64 ^ dim as u64;
-    let mut gauss = || {
-        // Box–Muller over splitmix64 draws.
-        let mut u = || {
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-        };
-        let (a, b) = (u().max(1e-300), u());
-        (-2.0 * a.ln()).sqrt() * (std::f64::consts::TAU * b).cos()
-    };
+    let mut rng = ragway_engine::rng::SplitMix64::new(0x5eed_d21f_u64 ^ dim as u64);
     let directions: Vec<Vec<f32>> = (0..projections)
         .map(|_| {
-            let d: Vec<f64> = (0..dim).map(|_| gauss()).collect();
+            let d: Vec<f64> = (0..dim).map(|_| rng.normal()).collect();
             let n = d.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-12);
             d.iter().map(|x| (x / n) as f32).collect()
         })

@@ -420,10 +420,7 @@ impl Graph {
 
     fn random_level(&self, seed: u64) -> usize {
         // splitmix64 of the point's id: reproducible for a given insertion order.
-        let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
+        let z = ragway_engine::rng::SplitMix64::new(seed).next_u64();
         let u = ((z >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
         ((-u.ln() * self.level_mult) as usize).min(MAX_LEVEL)
     }

@@ -16,6 +16,7 @@
 //!     cargo run --release -p ragway-benches --bin ann-bench -- --n 100000
 
 use clap::Parser;
+use ragway_engine::rng::SplitMix64;
 use ragway_benches::{reference_python, workspace_root};
 use ragway_engine::embed::{Embedder, EmbedderOptions};
 use ragway_index::dense::{exact_search, DenseIndex, Distance, HnswParams};
@@ -48,23 +49,10 @@ struct Args {
     no_reference: bool,
 }
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
-        z ^ (z >> 31)
-    }
-    fn uniform(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 24) as f32
-    }
-    fn normal(&mut self) -> f32 {
-        let (u1, u2) = (self.uniform().max(1e-7), self.uniform());
-        (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
-    }
+/// A standard normal from 24-bit uniforms (the data this driver's published runs used).
+fn normal(rng: &mut SplitMix64) -> f32 {
+    let (u1, u2) = (rng.next_f32().max(1e-7), rng.next_f32());
+    (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
 }
 
 fn normalize(v: &mut [f32]) {
@@ -79,13 +67,13 @@ fn rss_bytes() -> u64 {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let dim = 384;
-    let mut rng = Rng(42);
+    let mut rng = SplitMix64::new(42);
     let (base, queries) = match args.data.as_str() {
         "normal" => {
             let mut gen = |n: usize| -> Vec<Vec<f32>> {
                 (0..n)
                     .map(|_| {
-                        let mut v: Vec<f32> = (0..dim).map(|_| rng.normal()).collect();
+                        let mut v: Vec<f32> = (0..dim).map(|_| normal(&mut rng)).collect();
                         normalize(&mut v);
                         v
                     })
@@ -108,9 +96,9 @@ fn main() -> anyhow::Result<()> {
                 .export_vectors();
             let mut base = real.clone();
             while base.len() < args.n {
-                let (i, j) = (rng.next() as usize % real.len(), rng.next() as usize % real.len());
-                let a = 0.5 + 0.5 * rng.uniform();
-                let mut v: Vec<f32> = (0..dim).map(|d| a * real[i][d] + (1.0 - a) * real[j][d] + 0.02 * rng.normal()).collect();
+                let (i, j) = (rng.next_u64() as usize % real.len(), rng.next_u64() as usize % real.len());
+                let a = 0.5 + 0.5 * rng.next_f32();
+                let mut v: Vec<f32> = (0..dim).map(|d| a * real[i][d] + (1.0 - a) * real[j][d] + 0.02 * normal(&mut rng)).collect();
                 normalize(&mut v);
                 base.push(v);
             }

@@ -11,6 +11,7 @@
 //!     cargo run --release -p ragway-benches --bin filter-bench -- --n 100000
 
 use clap::Parser;
+use ragway_engine::rng::SplitMix64 as Rng;
 use ragway_index::dense::{Distance, HnswParams};
 use ragway_index::filter::Filter;
 use ragway_index::{Collection, CollectionSettings, DocumentInput, SearchMode, SearchRequest};
@@ -31,27 +32,6 @@ struct Args {
     buckets: String,
 }
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
-        z ^ (z >> 31)
-    }
-
-    fn uniform(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    fn normal(&mut self) -> f32 {
-        let (u, v) = (self.uniform().max(1e-12), self.uniform());
-        ((-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32
-    }
-}
-
 fn normalized(mut v: Vec<f32>) -> Vec<f32> {
     let n = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
     v.iter_mut().for_each(|x| *x /= n);
@@ -61,11 +41,11 @@ fn normalized(mut v: Vec<f32>) -> Vec<f32> {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let dim = args.dim;
-    let mut rng = Rng(42);
-    let centers: Vec<Vec<f32>> = (0..1000).map(|_| normalized((0..dim).map(|_| rng.normal()).collect())).collect();
+    let mut rng = Rng::new(42);
+    let centers: Vec<Vec<f32>> = (0..1000).map(|_| normalized((0..dim).map(|_| rng.normal() as f32).collect())).collect();
     let point = |rng: &mut Rng| {
-        let c = &centers[(rng.next() % 1000) as usize];
-        normalized(c.iter().map(|x| x + 0.6 * rng.normal() / (dim as f32).sqrt()).collect())
+        let c = &centers[rng.below(1000)];
+        normalized(c.iter().map(|x| x + 0.6 * rng.normal() as f32 / (dim as f32).sqrt()).collect())
     };
     let vectors: Vec<Vec<f32>> = (0..args.n).map(|_| point(&mut rng)).collect();
     let queries: Vec<Vec<f32>> = (0..args.queries).map(|_| point(&mut rng)).collect();

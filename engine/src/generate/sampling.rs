@@ -6,6 +6,7 @@
 //! Log-probabilities are those of the model's own distribution (before bias, penalties and
 //! temperature).
 
+use crate::rng::SplitMix64;
 use crate::error::{EngineError, Result};
 use std::collections::HashMap;
 
@@ -128,7 +129,7 @@ pub struct Sampler {
 
 impl Sampler {
     pub fn new(params: SamplingParams, seed: u64) -> Self {
-        Self { params, rng: SplitMix64(seed), counts: HashMap::new() }
+        Self { params, rng: SplitMix64::new(seed), counts: HashMap::new() }
     }
 
     pub fn params(&self) -> &SamplingParams {
@@ -268,25 +269,6 @@ pub fn top_k_indices(xs: &[f32], k: usize) -> Vec<usize> {
     idx
 }
 
-/// SplitMix64: small, fast, and the same on every platform (seeded outputs are portable).
-#[derive(Debug, Clone)]
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1).
-    fn next_f32(&mut self) -> f32 {
-        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
-    }
-}
-
 /// A seed for requests that give none.
 pub fn random_seed() -> u64 {
     use std::hash::{BuildHasher, Hasher};
@@ -317,7 +299,7 @@ mod tests {
 
     #[test]
     fn nucleus_shortcut_equals_full_sort() {
-        let mut rng = SplitMix64(3);
+        let mut rng = SplitMix64::new(3);
         for case in 0..40 {
             let n = 2000;
             // Peaked and flat distributions: the shortcut applies to the first, not the second.

@@ -507,21 +507,6 @@ fn collections_without_a_model_take_their_own_vectors() {
 /// scans when few chunks match and walks the graph when many do.
 #[test]
 fn filtered_search_recall_at_every_selectivity() {
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
-            z ^ (z >> 31)
-        }
-        fn normal(&mut self) -> f32 {
-            let u = ((self.next() >> 11) as f64 / (1u64 << 53) as f64).max(1e-12);
-            let v = (self.next() >> 11) as f64 / (1u64 << 53) as f64;
-            ((-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32
-        }
-    }
     fn unit(mut v: Vec<f32>) -> Vec<f32> {
         let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
         v.iter_mut().for_each(|x| *x /= n);
@@ -529,11 +514,11 @@ fn filtered_search_recall_at_every_selectivity() {
     }
     const N: usize = 20_000;
     const DIM: usize = 32;
-    let mut rng = Rng(7);
-    let centers: Vec<Vec<f32>> = (0..200).map(|_| unit((0..DIM).map(|_| rng.normal()).collect())).collect();
+    let mut rng = ragway_engine::rng::SplitMix64::new(7);
+    let centers: Vec<Vec<f32>> = (0..200).map(|_| unit((0..DIM).map(|_| rng.normal() as f32).collect())).collect();
     let mut point = || {
-        let c = &centers[(rng.next() % 200) as usize];
-        unit(c.iter().map(|x| x + 0.5 * rng.normal() / (DIM as f32).sqrt()).collect())
+        let c = &centers[rng.below(200)];
+        unit(c.iter().map(|x| x + 0.5 * rng.normal() as f32 / (DIM as f32).sqrt()).collect())
     };
     let vectors: Vec<Vec<f32>> = (0..N).map(|_| point()).collect();
     let queries: Vec<Vec<f32>> = (0..40).map(|_| point()).collect();
