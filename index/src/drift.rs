@@ -22,6 +22,7 @@
 //! RAG answers' grounding outcomes are tracked in a window of their own (`record_grounding`):
 //! a model-quality signal beside the query-side statistics.
 
+use crate::simd::{cosine, dot};
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -417,21 +418,8 @@ impl Profile {
     }
 }
 
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
-}
-
 fn norm(a: &[f32]) -> f64 {
     a.iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>().sqrt()
-}
-
-fn cosine(a: &[f32], b: &[f32]) -> f32 {
-    let d = norm(a) * norm(b);
-    if d == 0.0 {
-        0.0
-    } else {
-        (dot(a, b) as f64 / d) as f32
-    }
 }
 
 fn deciles(xs: &[f64]) -> Vec<f64> {

@@ -40,6 +40,21 @@ pub fn squared_l2(a: &[f32], b: &[f32]) -> f32 {
     (kernels().l2)(a, b)
 }
 
+/// Cosine similarity: one definition for the workspace (RAG reranking and MMR, few-shot
+/// selection, drift profiles, eval metrics). 0 when either vector is zero or their lengths
+/// differ.
+pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    if a.len() != b.len() {
+        return 0.0;
+    }
+    let d = (dot(a, a) as f64 * dot(b, b) as f64).sqrt();
+    if d == 0.0 {
+        0.0
+    } else {
+        (dot(a, b) as f64 / d) as f32
+    }
+}
+
 mod portable {
     /// `Σ term(a[i], b[i])` over eight independent accumulators of indexed chunks (no
     /// bounds checks in the loop), so that it vectorizes where the target allows.

@@ -638,16 +638,8 @@ fn not_found(name: &str) -> PromptError {
     PromptError::NotFound(format!("template `{name}` does not exist"))
 }
 
-pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
-    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
-    let na: f32 = a.iter().map(|x| x * x).sum::<f32>().sqrt();
-    let nb: f32 = b.iter().map(|x| x * x).sum::<f32>().sqrt();
-    if na == 0.0 || nb == 0.0 {
-        0.0
-    } else {
-        dot / (na * nb)
-    }
-}
+/// Cosine similarity (the index's, one definition for the workspace).
+pub use ragway_index::simd::cosine;
 
 /// A deterministic uniform draw in [0, 1) from a routing key (splitmix64), so a user's
 /// requests keep landing on the same arm of a split.
