@@ -24,12 +24,12 @@
 
 use crate::chunker::{chunk_text, ChunkSpan};
 use crate::dense::{exact_search, DenseIndex};
-use crate::simd::dot;
 use crate::embedder::ChunkEmbedder;
 use crate::error::{IndexError, Result};
 use crate::filter::Filter;
 use crate::fusion::{fuse, Fused, SourceHit};
 use crate::keyword::{KeywordChunk, KeywordIndex};
+use crate::simd::dot;
 use crate::types::*;
 use crate::wal::{self, ChunkRecord, DocRecord, Record, Wal};
 use rayon::prelude::*;
@@ -277,7 +277,11 @@ impl Collection {
     }
 
     /// [`Collection::create`], for a collection with or without an embedding model.
-    pub fn create_with(dir: &Path, settings: CollectionSettings, embedder: Option<Arc<dyn ChunkEmbedder>>) -> Result<Collection> {
+    pub fn create_with(
+        dir: &Path,
+        settings: CollectionSettings,
+        embedder: Option<Arc<dyn ChunkEmbedder>>,
+    ) -> Result<Collection> {
         std::fs::create_dir_all(dir)?;
         // The collection's directory entry itself must survive a crash, not only its files.
         wal::sync_dir(dir)?;
@@ -411,7 +415,9 @@ impl Collection {
         // After the replay everything is committed below, so nothing removed stays visible.
         table.collect(u64::MAX);
         if covered > last_seq {
-            return Err(OpenError::StaleGraph(format!("graph covers log record {covered}, the log ends at {last_seq}")));
+            return Err(OpenError::StaleGraph(format!(
+                "graph covers log record {covered}, the log ends at {last_seq}"
+            )));
         }
         let mut unplaced: Vec<u64> = Vec::new();
         for (k, c) in &table.chunks {
@@ -511,7 +517,10 @@ impl Collection {
             ));
         }
         if !v.iter().all(|x| x.is_finite()) || !dot(&v, &v).is_finite() {
-            return Err(IndexError::invalid(param, format!("document `{doc}`: `{param}` must hold finite numbers of moderate size")));
+            return Err(IndexError::invalid(
+                param,
+                format!("document `{doc}`: `{param}` must hold finite numbers of moderate size"),
+            ));
         }
         self.settings.distance.prepare(&mut v);
         Ok(v)
@@ -534,7 +543,13 @@ impl Collection {
                 let (byte_start, char_start) = (text.len(), chars);
                 text.push_str(&c.text);
                 chars += c.text.chars().count();
-                spans.push(ChunkSpan { byte_start, byte_end: text.len(), char_start, char_end: chars, token_ids: Vec::new() });
+                spans.push(ChunkSpan {
+                    byte_start,
+                    byte_end: text.len(),
+                    char_start,
+                    char_end: chars,
+                    token_ids: Vec::new(),
+                });
                 vectors.push(self.own_vector(&input.id, &format!("chunks[{i}].vector"), c.vector)?);
             }
             input.text = text;
@@ -550,7 +565,13 @@ impl Collection {
                 char_end: input.text.chars().count(),
                 token_ids: Vec::new(),
             };
-            return Ok(ChunkedDoc { input, hash, spans: vec![span], embed_inputs: vec![Vec::new()], vectors: Some(vec![v]) });
+            return Ok(ChunkedDoc {
+                input,
+                hash,
+                spans: vec![span],
+                embed_inputs: vec![Vec::new()],
+                vectors: Some(vec![v]),
+            });
         }
         let embedder = self.model(&format!("document `{}` needs `vector` or `chunks` with vectors", input.id))?;
         let model_max = embedder.max_input_tokens();
@@ -666,7 +687,10 @@ impl Collection {
             let mut chunks = Vec::with_capacity(doc.chunked.spans.len());
             for (span, mut vector) in doc.chunked.spans.iter().zip(doc.vectors) {
                 if vector.len() != dim {
-                    return Err(IndexError::Internal(format!("embedding has {} dimensions, expected {dim}", vector.len())));
+                    return Err(IndexError::Internal(format!(
+                        "embedding has {} dimensions, expected {dim}",
+                        vector.len()
+                    )));
                 }
                 self.settings.distance.prepare(&mut vector);
                 flat.extend_from_slice(&vector);
@@ -813,7 +837,10 @@ impl Collection {
             return Err(IndexError::invalid("top_k", format!("top_k must be between 1 and {MAX_TOP_K}")));
         }
         if req.candidates.is_some_and(|c| c == 0 || c > MAX_CANDIDATES) {
-            return Err(IndexError::invalid("candidates", format!("candidates must be between 1 and {MAX_CANDIDATES}")));
+            return Err(IndexError::invalid(
+                "candidates",
+                format!("candidates must be between 1 and {MAX_CANDIDATES}"),
+            ));
         }
         if req.ef.is_some_and(|ef| ef == 0 || ef > MAX_CANDIDATES) {
             return Err(IndexError::invalid("ef", format!("ef must be between 1 and {MAX_CANDIDATES}")));
@@ -914,7 +941,9 @@ impl Collection {
                     exact_search(
                         distance,
                         q,
-                        keys.filter_map(|k| table.chunks.get(&k).filter(|c| c.point != UNPLACED).map(|c| (k, g.vector(c.point)))),
+                        keys.filter_map(|k| {
+                            table.chunks.get(&k).filter(|c| c.point != UNPLACED).map(|c| (k, g.vector(c.point)))
+                        }),
                         candidates,
                     )
                 };
@@ -931,9 +960,10 @@ impl Collection {
                     _ => {
                         let keep = |key: u64| match (&allowed, &req.filter) {
                             (Some(set), _) => set.contains(&key),
-                            (None, Some(f)) => {
-                                table.chunks.get(&key).is_some_and(|c| c.visible(v) && f.matches(&c.doc.id, &c.doc.metadata))
-                            }
+                            (None, Some(f)) => table
+                                .chunks
+                                .get(&key)
+                                .is_some_and(|c| c.visible(v) && f.matches(&c.doc.id, &c.doc.metadata)),
                             (None, None) => table.chunks.get(&key).is_some_and(|c| c.visible(v)),
                         };
                         let hits = dense.search(q, candidates, ef, &keep);
@@ -953,7 +983,9 @@ impl Collection {
                             match (&allowed, &req.filter) {
                                 (Some(set), _) => exact(&mut set.iter().copied()),
                                 (None, Some(f)) => exact(&mut allowed_set(f).iter().copied()),
-                                (None, None) => exact(&mut table.chunks.iter().filter(|(_, c)| c.visible(v)).map(|(k, _)| *k)),
+                                (None, None) => {
+                                    exact(&mut table.chunks.iter().filter(|(_, c)| c.visible(v)).map(|(k, _)| *k))
+                                }
                             }
                         } else {
                             hits
@@ -972,8 +1004,16 @@ impl Collection {
         let keyword_hits = if req.mode == SearchMode::Dense {
             Vec::new()
         } else {
-            let allow = allowed.clone().map(|set| Arc::new(move |k: u64| set.contains(&k)) as Arc<dyn Fn(u64) -> bool + Send + Sync>);
-            self.keyword.search(&snapshot, &req.query, candidates, req.title_boost.unwrap_or(self.settings.keyword.title_boost), allow)?
+            let allow = allowed
+                .clone()
+                .map(|set| Arc::new(move |k: u64| set.contains(&k)) as Arc<dyn Fn(u64) -> bool + Send + Sync>);
+            self.keyword.search(
+                &snapshot,
+                &req.query,
+                candidates,
+                req.title_boost.unwrap_or(self.settings.keyword.title_boost),
+                allow,
+            )?
         };
         // Drop hits whose chunk left the table since the snapshot was taken (a rare race).
         let present = |hits: Vec<(u64, f32)>| -> Vec<(u64, f32)> {
@@ -1074,7 +1114,8 @@ impl Collection {
     /// The drift profile of (an evenly spaced sample of) the visible chunks.
     fn profile_of(&self, table: &Table) -> Option<crate::drift::Profile> {
         let config = self.drift.config();
-        let mut keys: Vec<u64> = table.chunks.iter().filter(|(_, c)| c.removed == NOT_REMOVED).map(|(k, _)| *k).collect();
+        let mut keys: Vec<u64> =
+            table.chunks.iter().filter(|(_, c)| c.removed == NOT_REMOVED).map(|(k, _)| *k).collect();
         keys.sort_unstable();
         let step = keys.len().div_ceil(config.profile_sample.max(1)).max(1);
         let sample: Vec<&ChunkEntry> = keys.iter().step_by(step).map(|k| &table.chunks[k]).collect();
@@ -1104,7 +1145,14 @@ impl Collection {
             }
             let mut v = self.model("a drift reference is made by embedding its queries")?.embed_query(q)?;
             self.settings.distance.prepare(&mut v);
-            let req = SearchRequest { query: q.clone(), top_k: 1, mode: SearchMode::Dense, vector: Some(v.clone()), skip_drift: true, ..Default::default() };
+            let req = SearchRequest {
+                query: q.clone(),
+                top_k: 1,
+                mode: SearchMode::Dense,
+                vector: Some(v.clone()),
+                skip_drift: true,
+                ..Default::default()
+            };
             let best = self.search(&req)?.results.first().and_then(|h| h.dense.as_ref()).map_or(0.0, |d| d.score);
             observations.push(profile.observe(&v, best, self.token_count(q)));
         }
@@ -1116,7 +1164,8 @@ impl Collection {
     /// The stored vectors of the live chunks, in key order (benchmarks, exports).
     pub fn export_vectors(&self) -> Vec<Vec<f32>> {
         let table = self.table.read().expect("table");
-        let mut keys: Vec<u64> = table.chunks.iter().filter(|(_, c)| c.removed == NOT_REMOVED).map(|(k, _)| *k).collect();
+        let mut keys: Vec<u64> =
+            table.chunks.iter().filter(|(_, c)| c.removed == NOT_REMOVED).map(|(k, _)| *k).collect();
         keys.sort_unstable();
         let dense = self.graph();
         let g = dense.read();
@@ -1161,7 +1210,8 @@ impl Collection {
     pub fn visible_keys(&self) -> Result<(Vec<u64>, Vec<u64>, Vec<u64>)> {
         let snapshot = self.keyword.snapshot();
         let table = self.table.read().expect("table");
-        let mut visible: Vec<u64> = table.chunks.iter().filter(|(_, c)| c.visible(snapshot.seq)).map(|(k, _)| *k).collect();
+        let mut visible: Vec<u64> =
+            table.chunks.iter().filter(|(_, c)| c.visible(snapshot.seq)).map(|(k, _)| *k).collect();
         visible.sort_unstable();
         let graph = self.graph();
         let mut in_graph: Vec<u64> = visible
@@ -1194,7 +1244,12 @@ impl Collection {
         let (records, fresh, moved) = {
             let table = self.table.read().expect("table");
             let records = self.live_records(&table, writer);
-            let fresh = DenseIndex::new(self.settings.hnsw, self.settings.distance, self.settings.dimension, table.chunks.len());
+            let fresh = DenseIndex::new(
+                self.settings.hnsw,
+                self.settings.distance,
+                self.settings.dimension,
+                table.chunks.len(),
+            );
             let mut keys: Vec<u64> = table.chunks.keys().copied().collect();
             keys.sort_unstable();
             let g = old.read();
@@ -1207,7 +1262,9 @@ impl Collection {
             Ok(new_log) => new_log,
             Err(wal::ReplaceError::OldLogKept(e)) => return Err(e),
             Err(wal::ReplaceError::Unknown(e)) => {
-                writer.wal.poison(format!("compaction renamed a new log into place but could not make it durable ({e})"));
+                writer
+                    .wal
+                    .poison(format!("compaction renamed a new log into place but could not make it durable ({e})"));
                 return Err(e);
             }
         };
@@ -1237,7 +1294,8 @@ impl Collection {
         let dense = self.graph();
         let g = dense.read();
         for (d, seq) in docs {
-            let vectors: Vec<f32> = d.chunks.iter().flat_map(|c| g.vector(table.chunks[&c.key].point).iter().copied()).collect();
+            let vectors: Vec<f32> =
+                d.chunks.iter().flat_map(|c| g.vector(table.chunks[&c.key].point).iter().copied()).collect();
             out.push(Record::Upsert {
                 seq: seq.max(1),
                 docs: vec![DocRecord {
@@ -1352,7 +1410,9 @@ pub fn doc_hash(doc: &DocumentInput) -> u64 {
     };
     feed(doc.title.as_deref().unwrap_or("").as_bytes());
     feed(doc.text.as_bytes());
-    feed(serde_json::to_string(doc.metadata.as_ref().unwrap_or(&serde_json::Value::Null)).unwrap_or_default().as_bytes());
+    feed(
+        serde_json::to_string(doc.metadata.as_ref().unwrap_or(&serde_json::Value::Null)).unwrap_or_default().as_bytes(),
+    );
     // Own vectors count only when given, so the hashes of plain documents never change.
     let floats = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
     if let Some(v) = &doc.vector {
@@ -1386,7 +1446,10 @@ pub fn validate_doc(d: &DocumentInput, at: &str) -> Result<()> {
     }
     match (&d.vector, &d.chunks) {
         (Some(_), Some(_)) => {
-            return Err(IndexError::invalid(format!("{at}.chunks"), format!("`{at}`: give `vector` or `chunks`, not both")))
+            return Err(IndexError::invalid(
+                format!("{at}.chunks"),
+                format!("`{at}`: give `vector` or `chunks`, not both"),
+            ))
         }
         (_, Some(chunks)) => {
             if chunks.is_empty() || chunks.len() > MAX_OWN_CHUNKS {

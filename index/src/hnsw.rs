@@ -524,8 +524,11 @@ impl Graph {
             return;
         }
         let base = self.vector(n);
-        let mut cands: Vec<(Dist, u32)> =
-            buf.iter().chain(std::iter::once(&new)).map(|&x| (Dist(self.metric.eval(base, self.vector(x))), x)).collect();
+        let mut cands: Vec<(Dist, u32)> = buf
+            .iter()
+            .chain(std::iter::once(&new))
+            .map(|&x| (Dist(self.metric.eval(base, self.vector(x))), x))
+            .collect();
         cands.sort_unstable();
         let chosen = self.select(&cands, cap);
         self.set_neighbors(n, level, &chosen);
@@ -573,7 +576,8 @@ impl Graph {
         }
         *g.allocated.get_mut() = n;
         *g.inserted.get_mut() = *self.inserted.get_mut();
-        *g.entry.get_mut().unwrap_or_else(|e| e.into_inner()) = *self.entry.get_mut().unwrap_or_else(|e| e.into_inner());
+        *g.entry.get_mut().unwrap_or_else(|e| e.into_inner()) =
+            *self.entry.get_mut().unwrap_or_else(|e| e.into_inner());
         g
     }
 
@@ -592,7 +596,8 @@ impl Graph {
         let tmp = Self::temp_path(path);
         {
             let file = std::fs::File::create(&tmp)?;
-            let mut w = Crc32Writer { inner: std::io::BufWriter::with_capacity(1 << 20, file), crc: crc32fast::Hasher::new() };
+            let mut w =
+                Crc32Writer { inner: std::io::BufWriter::with_capacity(1 << 20, file), crc: crc32fast::Hasher::new() };
             w.write_all(MAGIC)?;
             let (entry, max_level) = match *self.entry.read().unwrap_or_else(|e| e.into_inner()) {
                 Some((e, l)) => (e as u64 + 1, l as u64),
@@ -699,7 +704,13 @@ impl Graph {
             _ => return Err(bad("unknown distance")),
         };
         let (dim, m, m0, n) = (dim as usize, m as usize, m0 as usize, n as usize);
-        if dim == 0 || dim > 1 << 16 || !(2..=128).contains(&m) || m0 != 2 * m || n > u32::MAX as usize || max_level > MAX_LEVEL as u64 {
+        if dim == 0
+            || dim > 1 << 16
+            || !(2..=128).contains(&m)
+            || m0 != 2 * m
+            || n > u32::MAX as usize
+            || max_level > MAX_LEVEL as u64
+        {
             return Err(bad("implausible header"));
         }
         let capacity = n.checked_add(extra).ok_or_else(|| bad("size"))?;
@@ -832,8 +843,8 @@ impl<'a> Cursor<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dense::tests::vectors;
     use crate::dense::exact_search;
+    use crate::dense::tests::vectors;
     use rayon::prelude::*;
 
     fn recall(g: &Graph, data: &[Vec<f32>], queries: &[Vec<f32>], distance: Distance, ef: usize) -> f64 {

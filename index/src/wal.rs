@@ -50,10 +50,20 @@ pub struct ChunkRecord {
 pub enum Record {
     /// Documents replacing any previous version with the same id; `vectors` holds one
     /// vector per chunk, in order.
-    Upsert { seq: u64, docs: Vec<DocRecord>, vectors: Vec<f32> },
-    Delete { seq: u64, ids: Vec<String> },
+    Upsert {
+        seq: u64,
+        docs: Vec<DocRecord>,
+        vectors: Vec<f32>,
+    },
+    Delete {
+        seq: u64,
+        ids: Vec<String>,
+    },
     /// Written first in a compacted log: sequence and key counters carry on from here.
-    Checkpoint { seq: u64, next_key: u64 },
+    Checkpoint {
+        seq: u64,
+        next_key: u64,
+    },
 }
 
 impl Record {
@@ -177,7 +187,10 @@ impl Wal {
     /// Appends one record and makes it durable.
     pub fn append(&mut self, record: &Record) -> Result<()> {
         if let Some(why) = &self.broken {
-            return Err(IndexError::Corrupt(format!("{}: {why}; restart to reopen the collection", self.path.display())));
+            return Err(IndexError::Corrupt(format!(
+                "{}: {why}; restart to reopen the collection",
+                self.path.display()
+            )));
         }
         let bytes = encode(record);
         if let Err(e) = self.file.write_all(&bytes).and_then(|_| self.file.sync_data()) {
@@ -475,7 +488,10 @@ mod tests {
         // A rename that fails (the target is a non-empty directory): the old log stays.
         let blocked = dir.path().join("blocked.wal");
         std::fs::create_dir_all(blocked.join("x")).unwrap();
-        assert!(matches!(replace_log(&blocked, [Record::Checkpoint { seq: 1, next_key: 1 }]), Err(ReplaceError::OldLogKept(_))));
+        assert!(matches!(
+            replace_log(&blocked, [Record::Checkpoint { seq: 1, next_key: 1 }]),
+            Err(ReplaceError::OldLogKept(_))
+        ));
         new.poison("test");
         assert!(matches!(new.append(&Record::Delete { seq: 3, ids: vec![] }), Err(IndexError::Corrupt(_))));
     }

@@ -22,7 +22,13 @@ fn topics(c: &Collection) {
     assert_eq!((r.upserted, r.unchanged, r.chunks), (6, 0, 6));
 }
 
-fn search(c: &Collection, query: &str, mode: SearchMode, top_k: usize, filter: Option<serde_json::Value>) -> Vec<ragway_index::SearchHit> {
+fn search(
+    c: &Collection,
+    query: &str,
+    mode: SearchMode,
+    top_k: usize,
+    filter: Option<serde_json::Value>,
+) -> Vec<ragway_index::SearchHit> {
     let req = SearchRequest {
         query: query.into(),
         top_k,
@@ -91,7 +97,12 @@ fn dense_keyword_and_hybrid_search_upsert_and_delete() {
     assert!(hits.is_empty(), "the only keyword match is filtered out: {:?}", ids(&hits));
 
     // Upsert replaces the document's chunks in both halves at once.
-    let r = c.upsert(vec![doc("cats", "Parrots are colorful birds that can imitate human speech.", json!({"topic": "birds"}))], true).unwrap();
+    let r = c
+        .upsert(
+            vec![doc("cats", "Parrots are colorful birds that can imitate human speech.", json!({"topic": "birds"}))],
+            true,
+        )
+        .unwrap();
     assert_eq!(r.upserted, 1);
     assert!(search(&c, "purrs", SearchMode::Keyword, 5, None).is_empty());
     let hits = search(&c, "a talking bird", SearchMode::Dense, 1, None);
@@ -99,7 +110,12 @@ fn dense_keyword_and_hybrid_search_upsert_and_delete() {
     assert!(hits[0].text.starts_with("Parrots"));
     assert_eq!(c.get("cats").unwrap().metadata["topic"], "birds");
     // The same content again changes nothing.
-    let again = c.upsert(vec![doc("cats", "Parrots are colorful birds that can imitate human speech.", json!({"topic": "birds"}))], true).unwrap();
+    let again = c
+        .upsert(
+            vec![doc("cats", "Parrots are colorful birds that can imitate human speech.", json!({"topic": "birds"}))],
+            true,
+        )
+        .unwrap();
     assert_eq!((again.upserted, again.unchanged, again.seq), (0, 1, 0));
 
     // Deletes, by id and by filter.
@@ -144,7 +160,9 @@ fn a_filter_never_shrinks_the_result_list() {
             assert!(hits.iter().all(|h| h.metadata["group"] == 7));
             // A broad filter: a full page.
             let req = SearchRequest {
-                filter: Some(Filter::parse(&json!({"or": [{"key": "n", "lt": 100}, {"key": "group", "in": [1, 2]}]})).unwrap()),
+                filter: Some(
+                    Filter::parse(&json!({"or": [{"key": "n", "lt": 100}, {"key": "group", "in": [1, 2]}]})).unwrap(),
+                ),
                 top_k: 20,
                 ..req
             };
@@ -202,7 +220,9 @@ fn unacknowledged_commits_are_replayed_from_the_log_after_a_crash() {
 fn compaction_rebuilds_the_graph_and_shrinks_the_log() {
     let dir = tempfile::tempdir().unwrap();
     let c = create(dir.path(), settings("compact"));
-    let docs = (0..60).map(|i| doc(&format!("d{i}"), &format!("Entry number {i} about topic {}.", i % 4), json!({"i": i}))).collect();
+    let docs = (0..60)
+        .map(|i| doc(&format!("d{i}"), &format!("Entry number {i} about topic {}.", i % 4), json!({"i": i})))
+        .collect();
     c.upsert(docs, true).unwrap();
     let ids_to_delete: Vec<String> = (0..45).map(|i| format!("d{i}")).collect();
     c.delete(&ids_to_delete, true).unwrap();
@@ -232,8 +252,14 @@ fn snapshots_restore_and_the_data_dir_has_one_owner() {
     ));
     let c = service.create(CreateCollection { name: "orig".into(), ..Default::default() }).unwrap();
     topics(&c);
-    assert!(matches!(service.create(CreateCollection { name: "orig".into(), ..Default::default() }), Err(IndexError::CollectionExists(_))));
-    assert!(matches!(service.create(CreateCollection { name: "../x".into(), ..Default::default() }), Err(IndexError::InvalidRequest { .. })));
+    assert!(matches!(
+        service.create(CreateCollection { name: "orig".into(), ..Default::default() }),
+        Err(IndexError::CollectionExists(_))
+    ));
+    assert!(matches!(
+        service.create(CreateCollection { name: "../x".into(), ..Default::default() }),
+        Err(IndexError::InvalidRequest { .. })
+    ));
     service.snapshot("orig", "backup-1").unwrap();
     assert!(service.snapshot("orig", "../escape").is_err());
     c.upsert(vec![doc("extra", "Not in the snapshot.", json!({}))], true).unwrap();
@@ -260,7 +286,13 @@ fn long_documents_are_chunked_within_the_model_budget() {
     s.chunking.overlap_tokens = 16;
     let c = create(dir.path(), s);
     let sentences: Vec<String> = (0..60)
-        .map(|i| format!("Sentence {i} describes experiment {} with a measured outcome of {} units.", i * 7 % 13, i * 31 % 97))
+        .map(|i| {
+            format!(
+                "Sentence {i} describes experiment {} with a measured outcome of {} units.",
+                i * 7 % 13,
+                i * 31 % 97
+            )
+        })
         .collect();
     let text = sentences.join(" ");
     let mut input = doc("paper", &text, json!({}));
@@ -311,8 +343,10 @@ fn a_delete_or_restore_interrupted_by_a_crash_does_not_come_back() {
     let service = IndexService::open(dir.path(), vec![embedder()], "all-MiniLM-L6-v2", options).unwrap();
     let names: Vec<String> = service.list().iter().map(|c| c.name().to_string()).collect();
     assert_eq!(names, vec!["kept"]);
-    let left: Vec<String> =
-        std::fs::read_dir(&collections).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let left: Vec<String> = std::fs::read_dir(&collections)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
     assert_eq!(left, vec!["kept"], "the interrupted delete is finished and the half restore removed");
 }
 
@@ -331,11 +365,15 @@ fn the_saved_graph_is_loaded_on_open_and_only_the_log_tail_is_inserted() {
     let dir = tempfile::tempdir().unwrap();
     let queries = ["a feline pet", "space travel", "baking", "music instruments", "paying taxes"];
     let dense_ids = |c: &Collection| -> Vec<Vec<String>> {
-        queries.iter().map(|q| search(c, q, SearchMode::Dense, 5, None).into_iter().map(|h| h.chunk_id).collect()).collect()
+        queries
+            .iter()
+            .map(|q| search(c, q, SearchMode::Dense, 5, None).into_iter().map(|h| h.chunk_id).collect())
+            .collect()
     };
     let c = create(dir.path(), settings("saved"));
     topics(&c);
-    let docs = (0..30).map(|i| doc(&format!("n{i}"), &format!("Note {i} on subject {}.", i % 5), json!({"i": i}))).collect();
+    let docs =
+        (0..30).map(|i| doc(&format!("n{i}"), &format!("Note {i} on subject {}.", i % 5), json!({"i": i}))).collect();
     c.upsert(docs, true).unwrap();
     let before = dense_ids(&c);
     assert!(!dir.path().join("dense.hnsw").exists(), "saved only on close, compaction or every 50,000 points");
@@ -401,7 +439,8 @@ fn invalid_param<T>(r: Result<T, IndexError>) -> (String, String) {
 #[test]
 fn collections_without_a_model_take_their_own_vectors() {
     let dir = tempfile::tempdir().unwrap();
-    let service = IndexService::open(dir.path(), vec![embedder()], "all-MiniLM-L6-v2", service_options(dir.path())).unwrap();
+    let service =
+        IndexService::open(dir.path(), vec![embedder()], "all-MiniLM-L6-v2", service_options(dir.path())).unwrap();
     // `model: null` needs a dimension; a model's dimension is checked.
     let (param, _) = invalid_param(service.create(create_req(json!({"name": "v", "model": null}))));
     assert_eq!(param, "dimension");
@@ -441,7 +480,9 @@ fn collections_without_a_model_take_their_own_vectors() {
 
     // Dense searches bring their vector; keyword searches still take words.
     let dense = |v: Vec<f32>| {
-        c.search(&SearchRequest { vector: Some(v), top_k: 2, mode: SearchMode::Dense, ..Default::default() }).unwrap().results
+        c.search(&SearchRequest { vector: Some(v), top_k: 2, mode: SearchMode::Dense, ..Default::default() })
+            .unwrap()
+            .results
     };
     let hits = dense(axis(3));
     assert_eq!((hits[0].document_id.as_str(), hits[0].chunk_id.as_str()), ("split", "split#1"));
@@ -454,7 +495,12 @@ fn collections_without_a_model_take_their_own_vectors() {
     assert_eq!(hybrid[0].document_id, "north");
     assert!(hybrid[0].dense.is_some() && hybrid[0].keyword.is_some());
     // Without a vector, dense and hybrid searches say what is missing.
-    let (param, msg) = invalid_param(c.search(&SearchRequest { query: "bears".into(), top_k: 1, mode: SearchMode::Dense, ..Default::default() }));
+    let (param, msg) = invalid_param(c.search(&SearchRequest {
+        query: "bears".into(),
+        top_k: 1,
+        mode: SearchMode::Dense,
+        ..Default::default()
+    }));
     assert_eq!(param, "vector");
     assert!(msg.contains("no embedding model"), "{msg}");
 
@@ -484,10 +530,14 @@ fn collections_without_a_model_take_their_own_vectors() {
     drop(c);
     drop(service);
     std::thread::sleep(std::time::Duration::from_millis(300));
-    let service = IndexService::open(dir.path(), vec![embedder()], "all-MiniLM-L6-v2", service_options(dir.path())).unwrap();
+    let service =
+        IndexService::open(dir.path(), vec![embedder()], "all-MiniLM-L6-v2", service_options(dir.path())).unwrap();
     let c = service.get("v").unwrap();
     assert!(c.embedder().is_none());
-    let hits = c.search(&SearchRequest { vector: Some(axis(2)), top_k: 1, mode: SearchMode::Dense, ..Default::default() }).unwrap().results;
+    let hits = c
+        .search(&SearchRequest { vector: Some(axis(2)), top_k: 1, mode: SearchMode::Dense, ..Default::default() })
+        .unwrap()
+        .results;
     assert_eq!(hits[0].chunk_id, "split#0");
     assert_halves_agree(&c);
 
@@ -495,8 +545,12 @@ fn collections_without_a_model_take_their_own_vectors() {
     let m = service.create(create_req(json!({"name": "m"}))).unwrap();
     let mut v = vec![0.0f32; 384];
     v[7] = 1.0;
-    m.upsert(vec![own("mine", "Precomputed elsewhere.", v.clone()), doc("plain", "Embedded here.", json!({}))], true).unwrap();
-    let hits = m.search(&SearchRequest { vector: Some(v), top_k: 1, mode: SearchMode::Dense, ..Default::default() }).unwrap().results;
+    m.upsert(vec![own("mine", "Precomputed elsewhere.", v.clone()), doc("plain", "Embedded here.", json!({}))], true)
+        .unwrap();
+    let hits = m
+        .search(&SearchRequest { vector: Some(v), top_k: 1, mode: SearchMode::Dense, ..Default::default() })
+        .unwrap()
+        .results;
     assert_eq!(hits[0].document_id, "mine");
     let (_, msg) = invalid_param(m.upsert(vec![own("short", "x", vec![1.0; 4])], true));
     assert!(msg.contains("384"), "{msg}");
