@@ -30,6 +30,7 @@ use crate::filter::Filter;
 use crate::fusion::{fuse, Fused, SourceHit};
 use crate::keyword::{KeywordChunk, KeywordIndex};
 use crate::simd::dot;
+use crate::table::{ChunkEntry, DocEntry, Table, TableMark, NOT_REMOVED, UNPLACED};
 use crate::types::*;
 use crate::wal::{self, ChunkRecord, DocRecord, Record, Wal};
 use rayon::prelude::*;
@@ -75,11 +76,13 @@ fn exact_scan_pays(matching: usize, total: usize, ef: usize) -> bool {
     matching <= EXACT_SCAN_MIN || m * m <= WALK_OVER_DISTANCE * ef as f64 * total as f64
 }
 
-const NOT_REMOVED: u64 = u64::MAX;
 /// The saved graph.
 const GRAPH_FILE: &str = "dense.hnsw";
-/// Points inserted since the last save after which a write saves the graph again (also
-/// saved after a compaction and on close), so that an open replays a bounded log tail.
+/// The saved chunk table (saved with the graph, covering the same log records).
+const TABLE_FILE: &str = "table.snap";
+/// Points inserted since the last save after which a write saves the graph and the table
+/// again, or a quarter of the graph when that is more (also saved after a compaction and on
+/// close), so that an open replays a bounded log tail.
 const GRAPH_SAVE_EVERY: usize = 50_000;
 
 /// Why an open failed: a saved graph that does not match the log is rebuilt, not fatal.
@@ -115,123 +118,25 @@ impl From<serde_json::Error> for OpenError {
     }
 }
 
-/// One version of a document.
-pub(crate) struct DocEntry {
-    id: String,
-    title: Option<String>,
-    text: String,
-    metadata: serde_json::Value,
-    hash: u64,
-    chunks: Vec<ChunkRecord>,
-}
-
-struct ChunkEntry {
-    doc: Arc<DocEntry>,
-    index: u32,
-    /// The chunk's point in the graph, which holds its vector ([`UNPLACED`] while a replay
-    /// has not inserted it yet).
-    point: u32,
-    added: u64,
-    removed: u64,
-}
-
-/// The point of a chunk whose vector is not in the graph yet.
-const UNPLACED: u32 = u32::MAX;
-
-impl ChunkEntry {
-    fn visible(&self, v: u64) -> bool {
-        self.added <= v && self.removed > v
-    }
-
-    fn text(&self) -> &str {
-        let r = &self.doc.chunks[self.index as usize];
-        &self.doc.text[r.byte_start as usize..r.byte_end as usize]
-    }
-}
-
-#[derive(Default)]
-struct Table {
-    docs: HashMap<String, Arc<DocEntry>>,
-    chunks: HashMap<u64, ChunkEntry>,
-    /// Removed chunks still in `chunks`, with their removal sequence number.
-    garbage: Vec<(u64, u64)>,
-    /// Graph points whose chunk is gone.
-    dead_points: usize,
-}
-
-impl Table {
-    /// Applies a logged upsert; `points` are its chunks' graph points, in order.
-    fn upsert(&mut self, seq: u64, docs: &[DocRecord], points: &[u32]) {
-        let mut points = points.iter().copied();
-        for d in docs {
-            if let Some(old) = self.docs.get(&d.id).cloned() {
-                for c in &old.chunks {
-                    self.mark_removed(c.key, seq);
-                }
-            }
-            let entry = Arc::new(DocEntry {
-                id: d.id.clone(),
-                title: d.title.clone(),
-                text: d.text.clone(),
-                metadata: d.metadata.clone(),
-                hash: d.hash,
-                chunks: d.chunks.clone(),
-            });
-            for (i, c) in d.chunks.iter().enumerate() {
-                let point = points.next().unwrap_or(UNPLACED);
-                self.chunks.insert(
-                    c.key,
-                    ChunkEntry { doc: entry.clone(), index: i as u32, point, added: seq, removed: NOT_REMOVED },
-                );
-            }
-            self.docs.insert(d.id.clone(), entry);
-        }
-    }
-
-    fn delete(&mut self, seq: u64, ids: &[String]) {
-        for id in ids {
-            if let Some(old) = self.docs.remove(id) {
-                for c in &old.chunks {
-                    self.mark_removed(c.key, seq);
-                }
-            }
-        }
-    }
-
-    fn mark_removed(&mut self, key: u64, seq: u64) {
-        if let Some(c) = self.chunks.get_mut(&key) {
-            if c.removed == NOT_REMOVED {
-                c.removed = seq;
-                self.garbage.push((key, seq));
-            }
-        }
-    }
-
-    /// Drops removed chunks that no search can see any more.
-    fn collect(&mut self, visible: u64) {
-        let mut kept = Vec::new();
-        for (key, removed) in std::mem::take(&mut self.garbage) {
-            if removed <= visible {
-                self.chunks.remove(&key);
-                self.dead_points += 1;
-            } else {
-                kept.push((key, removed));
-            }
-        }
-        self.garbage = kept;
-    }
-
-    fn live_chunks(&self) -> usize {
-        self.chunks.len() - self.garbage.len()
-    }
-}
-
 struct Writer {
     wal: Wal,
     next_seq: u64,
     next_key: u64,
     /// Graph points inserted since the graph was last saved.
     unsaved_points: usize,
+}
+
+/// What an open read from saved files and what it had to redo from the log.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OpenStats {
+    /// Graph points loaded from the saved graph.
+    pub graph_loaded: usize,
+    /// Graph points inserted from the log (written after the saved graph).
+    pub graph_inserted: usize,
+    /// Whether the chunk table came from its saved file (else from the whole log).
+    pub table_loaded: bool,
+    /// Log records read.
+    pub log_records: usize,
 }
 
 /// A document chunked and ready to embed.
@@ -266,8 +171,8 @@ pub struct Collection {
     commit_lock: Mutex<()>,
     rebuilding: AtomicBool,
     drift: crate::drift::DriftMonitor,
-    /// Graph points loaded from the saved graph and inserted from the log when opened.
-    open_stats: (usize, usize),
+    /// What the last open read from saved files and from the log.
+    open_stats: OpenStats,
 }
 
 impl Collection {
@@ -298,7 +203,9 @@ impl Collection {
 
     /// [`Collection::open`], for a collection with or without an embedding model.
     pub fn open_embedded_by(dir: &Path, embedder: Option<Arc<dyn ChunkEmbedder>>) -> Result<Collection> {
-        let _ = std::fs::remove_file(crate::hnsw::Graph::temp_path(&dir.join(GRAPH_FILE)));
+        for file in [GRAPH_FILE, TABLE_FILE] {
+            let _ = std::fs::remove_file(crate::filefmt::temp_path(&dir.join(file)));
+        }
         let saved = match DenseIndex::load(&dir.join(GRAPH_FILE)) {
             Ok(g) => Some(g),
             Err(IndexError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => None,
@@ -356,62 +263,47 @@ impl Collection {
             }
             None => (DenseIndex::new(settings.hnsw, settings.distance, dim, 1024), 0),
         };
-        // Chunks the saved graph holds, by key.
-        let placed: HashMap<u64, u32> = {
+        let loaded = dense.len();
+        // The saved table, when it covers what the saved graph covers and tantivy holds all
+        // of it: then only the log after it is replayed.
+        let mut snapshot = if loaded > 0 && keyword_seq >= covered {
             let g = dense.read();
-            (0..g.len() as u32).map(|p| (g.key(p), p)).collect()
-        };
-        // Vectors of chunks written after the saved graph, inserted once the replay is done.
-        let mut pending: HashMap<u64, Box<[f32]>> = HashMap::new();
-        let mut last_seq = 0u64;
-        let mut table = Table::default();
-        let (mut next_seq, mut next_key) = (1u64, 0u64);
-        let mut replayed = 0usize;
-        let wal = Wal::open(&dir.join("log.wal"), |record| {
-            let seq = record.seq();
-            next_seq = next_seq.max(seq + 1);
-            last_seq = last_seq.max(seq);
-            match &record {
-                Record::Upsert { docs, vectors, .. } => {
-                    let mut points = Vec::new();
-                    let mut offset = 0;
-                    for d in docs {
-                        for c in &d.chunks {
-                            if seq <= covered {
-                                points.push(placed.get(&c.key).copied().unwrap_or(UNPLACED));
-                            } else {
-                                points.push(UNPLACED);
-                                let v = vectors.get(offset..offset + dim).ok_or_else(|| {
-                                    IndexError::Corrupt(format!("log record {seq} has too few vector values"))
-                                })?;
-                                pending.insert(c.key, v.into());
-                            }
-                            offset += dim;
-                        }
-                    }
-                    table.upsert(seq, docs, &points);
-                    for d in docs {
-                        for c in &d.chunks {
-                            next_key = next_key.max(c.key + 1);
-                        }
-                    }
-                    if seq > keyword_seq {
-                        apply_keyword(&keyword, seq, docs)?;
-                        replayed += 1;
-                    }
+            match Table::load(&dir.join(TABLE_FILE), |p| ((p as usize) < g.len()).then(|| g.key(p))) {
+                Ok((t, m)) if m.covered == covered => Some((t, m)),
+                Ok((_, m)) => {
+                    tracing::info!(collection = %settings.name, table = m.covered, graph = covered, "saved table and graph cover different log records; replaying the whole log");
+                    None
                 }
-                Record::Delete { ids, .. } => {
-                    table.delete(seq, ids);
-                    if seq > keyword_seq {
-                        let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-                        keyword.apply(seq, &refs, &[])?;
-                        replayed += 1;
-                    }
+                Err(IndexError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) => {
+                    tracing::warn!(collection = %settings.name, error = %e, "saved table unreadable; replaying the whole log");
+                    None
                 }
-                Record::Checkpoint { next_key: k, .. } => next_key = next_key.max(*k),
             }
-            Ok(())
-        })?;
+        } else {
+            None
+        };
+        let log = dir.join("log.wal");
+        let (wal, mut replay, table_loaded) = loop {
+            let from_snapshot = snapshot.is_some();
+            let (mut replay, mark) = match snapshot.take() {
+                Some((table, m)) => (Replay::new(table, m.next_seq, m.next_key, covered, covered, dim), Some(m.mark)),
+                None => (Replay::new(Table::default(), 1, 0, 0, covered, dim).with_placed(&dense), None),
+            };
+            let opened = Wal::open_after(&log, mark, |record| replay.apply(record, &keyword, keyword_seq))?;
+            match opened {
+                Some(wal) => break (wal, replay, from_snapshot),
+                None if from_snapshot => {
+                    tracing::warn!(collection = %settings.name, "saved table does not match the log; replaying the whole log");
+                }
+                None => unreachable!("a replay from the start has no mark to miss"),
+            }
+        };
+        let (next_seq, next_key, last_seq, replayed, log_records) =
+            (replay.next_seq, replay.next_key, replay.last_seq, replay.replayed, replay.records);
+        let mut table = std::mem::take(&mut replay.table);
+        let mut pending = std::mem::take(&mut replay.pending);
+        drop(replay);
         // After the replay everything is committed below, so nothing removed stays visible.
         table.collect(u64::MAX);
         if covered > last_seq {
@@ -439,7 +331,7 @@ impl Collection {
                 }
             }
         }
-        drop(pending);
+        pending.clear();
         table.dead_points = dense.len().saturating_sub(table.chunks.len());
         let collection = Collection {
             dir: dir.to_path_buf(),
@@ -452,7 +344,7 @@ impl Collection {
             rebuilding: AtomicBool::new(false),
             drift: crate::drift::DriftMonitor::open(dir),
             settings,
-            open_stats: (placed.len(), built),
+            open_stats: OpenStats { graph_loaded: loaded, graph_inserted: built, table_loaded, log_records },
         };
         // Records that touched nothing in tantivy still count as seen.
         collection.keyword.skip(next_seq - 1);
@@ -462,8 +354,10 @@ impl Collection {
             documents = collection.table.read().expect("table").docs.len(),
             chunks = collection.table.read().expect("table").chunks.len(),
             keyword_replayed_records = replayed,
-            graph_points_loaded = placed.len(),
+            graph_points_loaded = loaded,
             graph_points_inserted = built,
+            table_loaded,
+            log_records,
             seconds = started.elapsed().as_secs_f32(),
             "collection opened"
         );
@@ -475,8 +369,8 @@ impl Collection {
         self.dense.read().expect("dense").clone()
     }
 
-    /// Graph points the last open loaded from the saved graph, and inserted from the log.
-    pub fn open_stats(&self) -> (usize, usize) {
+    /// What the last open read from saved files and from the log.
+    pub fn open_stats(&self) -> OpenStats {
         self.open_stats
     }
 
@@ -731,7 +625,9 @@ impl Collection {
         self.table.write().expect("table").upsert(seq, &docs, &points);
         apply_keyword(&self.keyword, seq, &docs)?;
         writer.unsaved_points += points.len();
-        if writer.unsaved_points >= GRAPH_SAVE_EVERY {
+        // Saves grow with the collection, so they come at a fixed share of its size: the
+        // work over a whole ingestion stays proportional to its size.
+        if writer.unsaved_points >= GRAPH_SAVE_EVERY.max(dense.len() / 4) {
             self.save_graph_or_warn(&mut writer);
         }
         result.seq = seq;
@@ -1239,6 +1135,7 @@ impl Collection {
 
     fn compact_locked(&self, writer: &mut Writer) -> Result<()> {
         self.commit()?;
+        self.verify_saved_vectors()?;
         let started = std::time::Instant::now();
         let old = self.graph();
         let (records, fresh, moved) = {
@@ -1257,6 +1154,8 @@ impl Collection {
             let points = fresh.insert(&items);
             (records, fresh, keys.into_iter().zip(points).collect::<Vec<_>>())
         };
+        // The saved table points into the old log; it is saved again below.
+        let _ = std::fs::remove_file(self.dir.join(TABLE_FILE));
         // The new log comes back open for appends; until then the old one stays in use.
         writer.wal = match wal::replace_log(&self.dir.join("log.wal"), records) {
             Ok(new_log) => new_log,
@@ -1282,6 +1181,23 @@ impl Collection {
         }
         self.save_graph_or_warn(writer);
         tracing::info!(collection = %self.settings.name, seconds = started.elapsed().as_secs_f32(), "compacted");
+        Ok(())
+    }
+
+    /// Checks the vectors the graph reads from its saved file before they are copied into a
+    /// log (compaction, snapshots): damage there must not reach the source of truth. A
+    /// damaged file is removed, so that the next open rebuilds the graph from the log.
+    fn verify_saved_vectors(&self) -> Result<()> {
+        if let Err(e) = self.graph().read().verify_vectors() {
+            tracing::error!(collection = %self.settings.name, error = %e, "saved graph damaged; it will be rebuilt from the log on the next open");
+            for file in [GRAPH_FILE, TABLE_FILE] {
+                let _ = std::fs::remove_file(self.dir.join(file));
+            }
+            return Err(IndexError::Corrupt(format!(
+                "collection `{}`: {e}; restart to rebuild the graph from the log",
+                self.settings.name
+            )));
+        }
         Ok(())
     }
 
@@ -1320,6 +1236,7 @@ impl Collection {
         }
         let writer = self.writer.lock().expect("writer lock");
         self.commit()?;
+        self.verify_saved_vectors()?;
         let records = {
             let table = self.table.read().expect("table");
             self.live_records(&table, &writer)
@@ -1350,12 +1267,20 @@ impl Collection {
         Ok(())
     }
 
-    /// Saves the graph as covering every record written so far (the caller holds the
-    /// writer lock, so no insert runs meanwhile).
+    /// Saves the graph and the chunk table as covering every record written so far (the
+    /// caller holds the writer lock, so neither changes meanwhile). tantivy commits first,
+    /// so that the next open finds everything they cover in it and replays only the log
+    /// after them.
     fn save_graph_locked(&self, writer: &mut Writer) -> Result<()> {
+        self.commit()?;
         let dense = self.graph();
-        dense.save(&self.dir.join(GRAPH_FILE), writer.next_seq - 1)?;
+        let covered = writer.next_seq - 1;
+        dense.save(&self.dir.join(GRAPH_FILE), covered)?;
         writer.unsaved_points = 0;
+        if let Some(mark) = writer.wal.mark() {
+            let mark = TableMark { covered, mark, next_seq: writer.next_seq, next_key: writer.next_key };
+            self.table.read().expect("table").save(&self.dir.join(TABLE_FILE), &mark)?;
+        }
         Ok(())
     }
 
@@ -1365,6 +1290,93 @@ impl Collection {
         if let Err(e) = self.save_graph_locked(writer) {
             tracing::warn!(collection = %self.settings.name, error = %e, "could not save the graph");
         }
+    }
+}
+
+/// The state a log replay builds on open.
+struct Replay {
+    table: Table,
+    /// Vectors of chunks written after the saved graph, inserted once the replay is done.
+    pending: HashMap<u64, Box<[f32]>>,
+    /// Chunks the saved graph holds, by key (needed only when records it covers are
+    /// replayed).
+    placed: HashMap<u64, u32>,
+    next_seq: u64,
+    next_key: u64,
+    last_seq: u64,
+    /// The log record the saved graph covers up to.
+    covered: u64,
+    dim: usize,
+    /// Records applied to tantivy.
+    replayed: usize,
+    /// Records read.
+    records: usize,
+}
+
+impl Replay {
+    fn new(table: Table, next_seq: u64, next_key: u64, last_seq: u64, covered: u64, dim: usize) -> Replay {
+        Replay {
+            table,
+            pending: HashMap::new(),
+            placed: HashMap::new(),
+            next_seq,
+            next_key,
+            last_seq,
+            covered,
+            dim,
+            replayed: 0,
+            records: 0,
+        }
+    }
+
+    fn with_placed(mut self, dense: &DenseIndex) -> Replay {
+        let g = dense.read();
+        self.placed = (0..g.len() as u32).map(|p| (g.key(p), p)).collect();
+        drop(g);
+        self
+    }
+
+    fn apply(&mut self, record: Record, keyword: &KeywordIndex, keyword_seq: u64) -> Result<()> {
+        let seq = record.seq();
+        self.records += 1;
+        self.next_seq = self.next_seq.max(seq + 1);
+        self.last_seq = self.last_seq.max(seq);
+        match &record {
+            Record::Upsert { docs, vectors, .. } => {
+                let mut points = Vec::new();
+                let mut offset = 0;
+                for d in docs {
+                    for c in &d.chunks {
+                        if seq <= self.covered {
+                            points.push(self.placed.get(&c.key).copied().unwrap_or(UNPLACED));
+                        } else {
+                            points.push(UNPLACED);
+                            let v = vectors.get(offset..offset + self.dim).ok_or_else(|| {
+                                IndexError::Corrupt(format!("log record {seq} has too few vector values"))
+                            })?;
+                            self.pending.insert(c.key, v.into());
+                        }
+                        offset += self.dim;
+                        self.next_key = self.next_key.max(c.key + 1);
+                    }
+                }
+                self.table.upsert(seq, docs, &points);
+                if seq > keyword_seq {
+                    apply_keyword(keyword, seq, docs)?;
+                    self.replayed += 1;
+                }
+            }
+            Record::Delete { ids, .. } => {
+                self.table.delete(seq, ids);
+                if seq > keyword_seq {
+                    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+                    keyword.apply(seq, &refs, &[])?;
+                    self.replayed += 1;
+                }
+            }
+            Record::Checkpoint { next_key: k, .. } => self.next_key = self.next_key.max(*k),
+        }
+        Ok(())
     }
 }
 

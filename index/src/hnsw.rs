@@ -24,17 +24,28 @@
 //! ## File format (little-endian)
 //! `RGWHNSW1`, then a header of u64s (version, dim, m, m0, ef_construction, distance,
 //! points, entry point + 1 (0: none), max level, covered log sequence number), then the
-//! keys (u64 × n), levels (u8 × n, padded to 8), vectors (f32 × n × dim), layer-0 lists
-//! (u32 × n × (m0 + 1)), the upper lists' offsets (u64 × (n + 1)) and their lists
-//! (u32), and a CRC-32 of everything before it.
+//! keys (u64 × n), levels (u8 × n, padded to 8), layer-0 lists (u32 × n × (m0 + 1)), the
+//! upper lists' offsets (u64 × (n + 1)) and their lists (u32), and a CRC-32 of everything
+//! before it. Then zeros up to a multiple of 64 bytes, the vectors (f32 × n × dim) and a
+//! CRC-32 of that padding and the vectors.
+//!
+//! ## Opening by memory-mapping
+//! [`Graph::load`] maps the file: the structure (keys, levels, lists) is checked and copied
+//! into the graph's growable arrays, the vectors stay in the mapping and are read from the
+//! page cache where the search touches them. An open therefore costs the structure (about
+//! 150 bytes per point), not the vectors (`4 × dim` bytes per point), and the vectors are
+//! never held twice. Points inserted after the open live in memory. The file is only ever
+//! replaced by a rename, so a mapping stays valid after a later save. The vectors'
+//! checksum is not read on open (it would read every vector); [`Graph::verify_vectors`]
+//! checks it.
 
 use crate::dense::Distance;
 use crate::error::{IndexError, Result};
+use crate::filefmt::{Cursor, SumWriter};
 use crate::simd::{dot, squared_l2};
 use std::cell::UnsafeCell;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
-use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock, RwLock};
@@ -42,7 +53,9 @@ use std::sync::{Mutex, OnceLock, RwLock};
 const MAGIC: &[u8; 8] = b"RGWHNSW1";
 /// How much of a neighbor's vector the walk prefetches.
 const PREFETCH_BYTES: usize = 256;
-const FORMAT_VERSION: u64 = 1;
+const FORMAT_VERSION: u64 = 2;
+/// Alignment of the vectors in the file (a cache line).
+const VECTORS_ALIGN: u64 = 64;
 /// Highest layer a point may get (the level draw is capped here).
 const MAX_LEVEL: usize = 16;
 
@@ -150,6 +163,12 @@ pub struct Graph {
     allocated: AtomicUsize,
     /// Points whose insertion finished.
     inserted: AtomicUsize,
+    /// Vectors of points `0..mapped_points`, read from the saved file.
+    mapped: Option<Mapped>,
+    /// `mapped`'s first vector (null without one), read without unwrapping on the hot path.
+    mapped_ptr: *const f32,
+    mapped_points: usize,
+    /// Vectors of points `mapped_points..capacity`.
     vectors: Box<[UnsafeCell<f32>]>,
     keys: Box<[AtomicU64]>,
     levels: Box<[AtomicU8]>,
@@ -161,20 +180,44 @@ pub struct Graph {
     visited: Mutex<Vec<Visited>>,
 }
 
-// SAFETY: the only non-`Sync` field is `vectors` (`UnsafeCell<f32>`). A vector slot is
-// written once, by the thread that allocated its id, before the id is published with a
-// `Release` store; every read of a slot happens after an `Acquire` load that observed the
-// id (see the module documentation), or with exclusive access (`&mut self`).
+/// The vectors of a saved graph, in its memory-mapped file.
+struct Mapped {
+    map: memmap2::Mmap,
+    /// Where the vectors' checksummed section (padding, then vectors) starts.
+    section: usize,
+    /// The first vector (4-byte aligned: the file puts them at a multiple of 64 bytes).
+    ptr: *const f32,
+}
+
+// SAFETY: the non-`Sync` fields are `vectors` (`UnsafeCell<f32>`) and the mapped vectors'
+// pointer. A vector slot is written once, by the thread that allocated its id, before the id
+// is published with a `Release` store; every read of a slot happens after an `Acquire` load
+// that observed the id (see the module documentation), or with exclusive access
+// (`&mut self`). The mapping is read-only, never written and lives as long as the graph.
 unsafe impl Sync for Graph {}
+// SAFETY: the pointer refers into the mapping the graph owns, which moves with it.
+unsafe impl Send for Graph {}
 
 impl Graph {
     pub fn new(dim: usize, distance: Distance, params: Params, capacity: usize) -> Self {
+        Self::with_mapped(dim, distance, params, capacity, None, 0)
+    }
+
+    /// A graph whose first `mapped_points` vectors are in `mapped`.
+    fn with_mapped(
+        dim: usize,
+        distance: Distance,
+        params: Params,
+        capacity: usize,
+        mapped: Option<Mapped>,
+        mapped_points: usize,
+    ) -> Self {
         let m = params.m.clamp(2, 128);
         let m0 = 2 * m;
-        let capacity = capacity.max(16);
+        let capacity = capacity.max(16).max(mapped_points);
         // Zeroed allocations are mapped lazily: advising huge pages before the first write
         // lets the kernel back them with huge pages from the start.
-        let vectors = vec![0f32; capacity * dim].into_boxed_slice();
+        let vectors = vec![0f32; (capacity - mapped_points) * dim].into_boxed_slice();
         advise_huge_pages(&vectors);
         // SAFETY: `UnsafeCell<f32>` is `repr(transparent)` over `f32`.
         let vectors = unsafe { Box::from_raw(Box::into_raw(vectors) as *mut [UnsafeCell<f32>]) };
@@ -192,6 +235,9 @@ impl Graph {
             capacity,
             allocated: AtomicUsize::new(0),
             inserted: AtomicUsize::new(0),
+            mapped_ptr: mapped.as_ref().map_or(std::ptr::null(), |m| m.ptr),
+            mapped,
+            mapped_points,
             vectors,
             keys: (0..capacity).map(|_| AtomicU64::new(0)).collect(),
             levels: (0..capacity).map(|_| AtomicU8::new(0)).collect(),
@@ -236,7 +282,13 @@ impl Graph {
     /// The stored vector of point `id` (a published point).
     #[inline]
     pub fn vector(&self, id: u32) -> &[f32] {
-        let start = id as usize * self.dim;
+        let i = id as usize;
+        if i < self.mapped_points {
+            // SAFETY: the mapping holds `mapped_points × dim` f32s from `mapped_ptr` (checked
+            // when loaded), is read-only and lives as long as `self`.
+            return unsafe { std::slice::from_raw_parts(self.mapped_ptr.add(i * self.dim), self.dim) };
+        }
+        let start = (i - self.mapped_points) * self.dim;
         let cells = &self.vectors[start..start + self.dim];
         // SAFETY: `UnsafeCell<f32>` has the layout of `f32`; the slot was fully written
         // before `id` was published (module documentation), and is never written again.
@@ -300,8 +352,7 @@ impl Graph {
     fn prefetch(&self, id: u32) {
         #[cfg(target_arch = "x86_64")]
         {
-            let start = id as usize * self.dim;
-            let ptr = self.vectors[start..start + self.dim].as_ptr() as *const i8;
+            let ptr = self.vector(id).as_ptr() as *const i8;
             // One hint per 64-byte line of the vector.
             for line in (0..(self.dim * 4).min(PREFETCH_BYTES)).step_by(64) {
                 // SAFETY: prefetching is a hint that never faults; the address is inside
@@ -432,7 +483,8 @@ impl Graph {
         let id = self.allocated.fetch_add(1, Ordering::AcqRel);
         assert!(id < self.capacity, "HNSW graph is full ({} points)", self.capacity);
         let id32 = id as u32;
-        let start = id * self.dim;
+        // Mapped points were all inserted before the graph was saved.
+        let start = (id - self.mapped_points) * self.dim;
         for (cell, &x) in self.vectors[start..start + self.dim].iter().zip(vector) {
             // SAFETY: slot `id` was just allocated to this thread and is not published yet.
             unsafe { *cell.get() = x };
@@ -558,10 +610,20 @@ impl Graph {
     /// A copy with room for `capacity` points (the caller holds `self` exclusively).
     pub fn grown(&mut self, capacity: usize) -> Graph {
         let n = *self.allocated.get_mut();
-        let mut g = Graph::new(self.dim, self.metric.0, self.params(), capacity.max(n));
+        let mapped_points = self.mapped_points;
+        let mut g = Graph::with_mapped(
+            self.dim,
+            self.metric.0,
+            self.params(),
+            capacity.max(n),
+            self.mapped.take(),
+            mapped_points,
+        );
+        self.mapped_points = 0;
+        self.mapped_ptr = std::ptr::null();
         g.m = self.m;
         g.m0 = self.m0;
-        for i in 0..n * self.dim {
+        for i in 0..(n - mapped_points) * self.dim {
             *g.vectors[i].get_mut() = *self.vectors[i].get_mut();
         }
         for i in 0..n {
@@ -584,7 +646,7 @@ impl Graph {
     /// The temporary file [`Graph::save`] writes before renaming it to `path` (a crash may
     /// leave it behind).
     pub fn temp_path(path: &Path) -> std::path::PathBuf {
-        path.with_extension("tmp")
+        crate::filefmt::temp_path(path)
     }
 
     /// Writes the graph to `path`, marked as covering the owner's log up to record
@@ -593,105 +655,78 @@ impl Graph {
     pub fn save(&self, path: &Path, covered_seq: u64) -> Result<()> {
         let n = self.len();
         assert_eq!(n, self.allocated.load(Ordering::Acquire), "save while inserting");
-        let tmp = Self::temp_path(path);
-        {
-            let file = std::fs::File::create(&tmp)?;
-            let mut w =
-                Crc32Writer { inner: std::io::BufWriter::with_capacity(1 << 20, file), crc: crc32fast::Hasher::new() };
-            w.write_all(MAGIC)?;
-            let (entry, max_level) = match *self.entry.read().unwrap_or_else(|e| e.into_inner()) {
-                Some((e, l)) => (e as u64 + 1, l as u64),
-                None => (0, 0),
-            };
-            let distance = match self.metric.0 {
-                Distance::Cosine => 0u64,
-                Distance::Dot => 1,
-                Distance::L2 => 2,
-            };
-            for x in [
-                FORMAT_VERSION,
-                self.dim as u64,
-                self.m as u64,
-                self.m0 as u64,
-                self.ef_construction as u64,
-                distance,
-                n as u64,
-                entry,
-                max_level,
-                covered_seq,
-            ] {
-                w.write_all(&x.to_le_bytes())?;
-            }
-            let mut bytes = Vec::with_capacity(1 << 16);
-            let flush = |w: &mut Crc32Writer<_>, bytes: &mut Vec<u8>, force: bool| -> std::io::Result<()> {
-                if force || bytes.len() >= 1 << 16 {
-                    w.write_all(bytes)?;
-                    bytes.clear();
-                }
-                Ok(())
-            };
-            for i in 0..n {
-                bytes.extend_from_slice(&self.key(i as u32).to_le_bytes());
-                flush(&mut w, &mut bytes, false)?;
-            }
-            for i in 0..n {
-                bytes.push(self.level(i as u32) as u8);
-            }
-            bytes.resize(bytes.len() + (8 - n % 8) % 8, 0);
-            flush(&mut w, &mut bytes, true)?;
-            for i in 0..n {
-                for x in self.vector(i as u32) {
-                    bytes.extend_from_slice(&x.to_le_bytes());
-                }
-                flush(&mut w, &mut bytes, false)?;
-            }
-            for s in &self.links0[..n * (self.m0 + 1)] {
-                bytes.extend_from_slice(&s.load(Ordering::Acquire).to_le_bytes());
-                flush(&mut w, &mut bytes, false)?;
-            }
-            let mut offset = 0u64;
-            for i in 0..=n {
-                bytes.extend_from_slice(&offset.to_le_bytes());
-                if i < n {
-                    offset += (self.level(i as u32) * (self.m + 1)) as u64;
-                }
-                flush(&mut w, &mut bytes, false)?;
-            }
-            for i in 0..n {
-                if let Some(u) = self.upper[i].get() {
-                    for s in u.iter() {
-                        bytes.extend_from_slice(&s.load(Ordering::Acquire).to_le_bytes());
-                    }
-                    flush(&mut w, &mut bytes, false)?;
-                }
-            }
-            flush(&mut w, &mut bytes, true)?;
-            let crc = w.crc.clone().finalize();
-            let mut inner = w.inner;
-            inner.write_all(&crc.to_le_bytes())?;
-            let file = inner.into_inner().map_err(|e| e.into_error())?;
-            file.sync_all()?;
+        let mut w = SumWriter::create(path, MAGIC)?;
+        let (entry, max_level) = match *self.entry.read().unwrap_or_else(|e| e.into_inner()) {
+            Some((e, l)) => (e as u64 + 1, l as u64),
+            None => (0, 0),
+        };
+        let distance = match self.metric.0 {
+            Distance::Cosine => 0u64,
+            Distance::Dot => 1,
+            Distance::L2 => 2,
+        };
+        for x in [
+            FORMAT_VERSION,
+            self.dim as u64,
+            self.m as u64,
+            self.m0 as u64,
+            self.ef_construction as u64,
+            distance,
+            n as u64,
+            entry,
+            max_level,
+            covered_seq,
+        ] {
+            w.u64(x)?;
         }
-        std::fs::rename(&tmp, path)?;
-        if let Some(dir) = path.parent() {
-            crate::wal::sync_dir(dir)?;
+        for i in 0..n {
+            w.u64(self.key(i as u32))?;
         }
-        Ok(())
+        let levels: Vec<u8> = (0..n).map(|i| self.level(i as u32) as u8).collect();
+        w.put(&levels)?;
+        w.put(&[0u8; 8][..(8 - n % 8) % 8])?;
+        for s in &self.links0[..n * (self.m0 + 1)] {
+            w.u32(s.load(Ordering::Acquire))?;
+        }
+        let mut offset = 0u64;
+        for i in 0..=n {
+            w.u64(offset)?;
+            if i < n {
+                offset += (self.level(i as u32) * (self.m + 1)) as u64;
+            }
+        }
+        for i in 0..n {
+            if let Some(u) = self.upper[i].get() {
+                for s in u.iter() {
+                    w.u32(s.load(Ordering::Acquire))?;
+                }
+            }
+        }
+        w.seal()?;
+        let pad = (VECTORS_ALIGN - w.position() % VECTORS_ALIGN) % VECTORS_ALIGN;
+        w.put(&[0u8; VECTORS_ALIGN as usize][..pad as usize])?;
+        for i in 0..n {
+            for x in self.vector(i as u32) {
+                w.put(&x.to_le_bytes())?;
+            }
+        }
+        w.finish()
     }
 
-    /// Reads a graph written by [`Graph::save`], with room for `extra` more points; answers
-    /// it with the log record it covers.
+    /// Opens a graph written by [`Graph::save`] with room for `extra` more points (see
+    /// the module documentation: the vectors stay in the mapped file); answers it with the
+    /// log record it covers.
     pub fn load(path: &Path, extra: usize) -> Result<(Graph, u64)> {
         let bad = |why: &str| IndexError::Corrupt(format!("{}: {why}", path.display()));
-        let data = std::fs::read(path)?;
-        if data.len() < 8 + 10 * 8 + 4 || &data[..8] != MAGIC {
+        let file = std::fs::File::open(path)?;
+        // SAFETY: the file is only ever replaced by a rename, never written in place or
+        // truncated, so the mapping's contents do not change under it.
+        let map = unsafe { memmap2::Mmap::map(&file)? };
+        if map.len() < 8 + 10 * 8 + 4 || &map[..8] != MAGIC {
             return Err(bad("not a ragway HNSW file"));
         }
-        let (body, crc) = data.split_at(data.len() - 4);
-        if crc32fast::hash(body) != u32::from_le_bytes(crc.try_into().expect("4 bytes")) {
-            return Err(bad("checksum mismatch"));
-        }
-        let mut r = Cursor { data: body, at: 8 };
+        let mut r = Cursor::new(&map);
+        r.take(8);
         let header: Vec<u64> = (0..10).map(|_| r.u64()).collect::<Option<_>>().ok_or_else(|| bad("short header"))?;
         let [version, dim, m, m0, efc, distance, n, entry, max_level, seq] = header[..] else { unreachable!() };
         if version != FORMAT_VERSION {
@@ -703,33 +738,54 @@ impl Graph {
             2 => Distance::L2,
             _ => return Err(bad("unknown distance")),
         };
-        let (dim, m, m0, n) = (dim as usize, m as usize, m0 as usize, n as usize);
         if dim == 0
             || dim > 1 << 16
             || !(2..=128).contains(&m)
             || m0 != 2 * m
-            || n > u32::MAX as usize
+            || n > u32::MAX as u64
             || max_level > MAX_LEVEL as u64
         {
             return Err(bad("implausible header"));
         }
-        let capacity = n.checked_add(extra).ok_or_else(|| bad("size"))?;
-        let mut g = Graph::new(dim, distance, Params { m, ef_construction: efc as usize }, capacity);
-        for i in 0..n {
-            *g.keys[i].get_mut() = r.u64().ok_or_else(|| bad("short keys"))?;
+        let (dim, m, m0, n) = (dim as usize, m as usize, m0 as usize, n as usize);
+        // The vectors must fit in the file before anything is sized by `n`.
+        if (n as u64).checked_mul(dim as u64 * 4 + 8).is_none_or(|b| b > map.len() as u64) {
+            return Err(bad("short file"));
         }
+        let keys = r.take(n * 8).ok_or_else(|| bad("short keys"))?;
         let levels = r.take(n + (8 - n % 8) % 8).ok_or_else(|| bad("short levels"))?;
+        let links = r.take(n * (m0 + 1) * 4).ok_or_else(|| bad("short links"))?;
+        let offsets: Vec<u64> = (0..=n).map(|_| r.u64()).collect::<Option<_>>().ok_or_else(|| bad("short offsets"))?;
+        let upper_len = offsets[n].checked_mul(4).ok_or_else(|| bad("offsets"))?;
+        let upper =
+            r.take(usize::try_from(upper_len).map_err(|_| bad("offsets"))?).ok_or_else(|| bad("short upper lists"))?;
+        let structure_end = r.at;
+        let crc = r.u32().ok_or_else(|| bad("short file"))?;
+        if crc32fast::hash(&map[..structure_end]) != crc {
+            return Err(bad("checksum mismatch"));
+        }
+        let section = r.at;
+        let vectors_at = (r.at as u64).next_multiple_of(VECTORS_ALIGN) as usize;
+        let vectors_end = vectors_at + n * dim * 4;
+        if map.len() != vectors_end + 4 {
+            return Err(bad("file size does not match its header"));
+        }
+        let ptr = map[vectors_at..].as_ptr() as *const f32;
+        if (ptr as usize) % std::mem::align_of::<f32>() != 0 {
+            return Err(bad("misaligned vectors"));
+        }
+        let capacity = n.checked_add(extra).ok_or_else(|| bad("size"))?;
+        // The mapping moves in last, once nothing borrows from it.
+        let mut g = Graph::with_mapped(dim, distance, Params { m, ef_construction: efc as usize }, capacity, None, n);
+        for (slot, b) in g.keys.iter_mut().zip(keys.chunks_exact(8)) {
+            *slot.get_mut() = u64::from_le_bytes(b.try_into().expect("8 bytes"));
+        }
         for (slot, &level) in g.levels.iter_mut().zip(&levels[..n]) {
             if level as usize > MAX_LEVEL {
                 return Err(bad("level out of range"));
             }
             *slot.get_mut() = level;
         }
-        let vecs = r.take(n * dim * 4).ok_or_else(|| bad("short vectors"))?;
-        for (i, c) in vecs.chunks_exact(4).enumerate() {
-            *g.vectors[i].get_mut() = f32::from_le_bytes(c.try_into().expect("4 bytes"));
-        }
-        let links = r.take(n * (m0 + 1) * 4).ok_or_else(|| bad("short links"))?;
         for (i, c) in links.chunks_exact(4).enumerate() {
             let x = u32::from_le_bytes(c.try_into().expect("4 bytes"));
             let slot = i % (m0 + 1);
@@ -738,7 +794,7 @@ impl Graph {
             }
             *g.links0[i].get_mut() = x;
         }
-        let offsets: Vec<u64> = (0..=n).map(|_| r.u64()).collect::<Option<_>>().ok_or_else(|| bad("short offsets"))?;
+        let mut upper = Cursor::new(upper);
         for i in 0..n {
             let level = levels[i] as usize;
             let len = (offsets[i + 1].checked_sub(offsets[i]).ok_or_else(|| bad("offsets"))?) as usize;
@@ -746,7 +802,7 @@ impl Graph {
                 return Err(bad("upper list size"));
             }
             if level > 0 {
-                let raw = r.take(len * 4).ok_or_else(|| bad("short upper lists"))?;
+                let raw = upper.take(len * 4).ok_or_else(|| bad("short upper lists"))?;
                 let mut lists = Vec::with_capacity(len);
                 for (j, c) in raw.chunks_exact(4).enumerate() {
                     let x = u32::from_le_bytes(c.try_into().expect("4 bytes"));
@@ -759,8 +815,8 @@ impl Graph {
                 let _ = g.upper[i].set(lists.into_boxed_slice());
             }
         }
-        if r.at != body.len() {
-            return Err(bad("trailing bytes"));
+        if !upper.is_done() {
+            return Err(bad("upper lists"));
         }
         let entry = match entry {
             0 if n == 0 => None,
@@ -776,7 +832,21 @@ impl Graph {
         *g.entry.get_mut().unwrap_or_else(|e| e.into_inner()) = entry;
         *g.allocated.get_mut() = n;
         *g.inserted.get_mut() = n;
+        g.mapped_ptr = ptr;
+        g.mapped = Some(Mapped { ptr, section, map });
         Ok((g, seq))
+    }
+
+    /// Checks the saved vectors' checksum (reading every one of them) for a graph opened by
+    /// [`Graph::load`]; `Ok` for a graph with none mapped.
+    pub fn verify_vectors(&self) -> Result<()> {
+        let Some(m) = &self.mapped else { return Ok(()) };
+        let end = m.map.len() - 4;
+        let crc = u32::from_le_bytes(m.map[end..].try_into().expect("4 bytes"));
+        if crc32fast::hash(&m.map[m.section..end]) != crc {
+            return Err(IndexError::Corrupt("saved graph: the vectors' checksum does not match".into()));
+        }
+        Ok(())
     }
 }
 
@@ -803,41 +873,6 @@ fn advise_huge_pages<T>(array: &[T]) {
     }
     #[cfg(not(target_os = "linux"))]
     let _ = array;
-}
-
-struct Crc32Writer<W: Write> {
-    inner: W,
-    crc: crc32fast::Hasher,
-}
-
-impl<W: Write> Write for Crc32Writer<W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.crc.update(&buf[..n]);
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
-}
-
-struct Cursor<'a> {
-    data: &'a [u8],
-    at: usize,
-}
-
-impl<'a> Cursor<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        let end = self.at.checked_add(n)?;
-        let s = self.data.get(self.at..end)?;
-        self.at = end;
-        Some(s)
-    }
-
-    fn u64(&mut self) -> Option<u64> {
-        self.take(8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
-    }
 }
 
 #[cfg(test)]
@@ -890,17 +925,33 @@ mod tests {
         }
         let path = dir.path().join("g.hnsw");
         g.save(&path, 42).unwrap();
-        let (loaded, covered) = Graph::load(&path, 500).unwrap();
+        let (mut loaded, covered) = Graph::load(&path, 10).unwrap();
         assert_eq!(loaded.len(), 1000);
         assert_eq!(covered, 42);
+        assert_eq!(loaded.mapped_points, 1000, "the saved vectors are read from the file");
+        loaded.verify_vectors().unwrap();
         let queries = vectors(20, 16, 4);
         for q in &queries {
             assert_eq!(g.search(q, 10, 50, &|_| true), loaded.search(q, 10, 50, &|_| true));
         }
+        // Growing past the room it was opened with keeps the mapped vectors.
         for (i, v) in data[1000..].iter().enumerate() {
+            if !loaded.has_room(1) {
+                loaded = loaded.grown(loaded.capacity() * 2);
+            }
             loaded.insert(v, 1000 + i as u64);
         }
+        for (i, v) in data.iter().enumerate() {
+            assert_eq!(loaded.vector(i as u32), &v[..], "point {i}");
+        }
         assert!(recall(&loaded, &data, &queries, Distance::Cosine, 100) > 0.95);
+        // Saved again (over the file it maps) and reopened: the same answers.
+        loaded.save(&path, 43).unwrap();
+        let (again, covered) = Graph::load(&path, 0).unwrap();
+        assert_eq!((again.len(), covered), (1500, 43));
+        for q in &queries {
+            assert_eq!(loaded.search(q, 10, 50, &|_| true), again.search(q, 10, 50, &|_| true));
+        }
     }
 
     #[test]
@@ -914,14 +965,28 @@ mod tests {
         let path = dir.path().join("g.hnsw");
         g.save(&path, 0).unwrap();
         let bytes = std::fs::read(&path).unwrap();
-        for at in [0, 20, 100, bytes.len() / 2, bytes.len() - 1] {
+        let vectors_at = bytes.len() - 4 - 200 * 8 * 4;
+        // The structure is checked on open.
+        for at in [0, 20, 100, vectors_at / 2, vectors_at - 70] {
             let mut b = bytes.clone();
             b[at] ^= 0x40;
             std::fs::write(&path, &b).unwrap();
             assert!(Graph::load(&path, 0).is_err(), "flip at {at} accepted");
         }
-        std::fs::write(&path, &bytes[..bytes.len() - 9]).unwrap();
-        assert!(Graph::load(&path, 0).is_err());
+        // The vectors by their own checksum, on demand.
+        for at in [vectors_at, bytes.len() - 100, bytes.len() - 1] {
+            let mut b = bytes.clone();
+            b[at] ^= 0x40;
+            std::fs::write(&path, &b).unwrap();
+            let (g, _) = Graph::load(&path, 0).unwrap();
+            assert!(g.verify_vectors().is_err(), "flip at {at} accepted");
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        Graph::load(&path, 0).unwrap().0.verify_vectors().unwrap();
+        for cut in [1, 9, bytes.len() / 2] {
+            std::fs::write(&path, &bytes[..bytes.len() - cut]).unwrap();
+            assert!(Graph::load(&path, 0).is_err(), "cut of {cut} accepted");
+        }
     }
 
     #[test]

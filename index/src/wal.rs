@@ -140,11 +140,31 @@ fn decode(payload: &[u8]) -> Result<Record> {
     }
 }
 
+/// Where a saved state (graph and chunk table) ends in the log: the end of the last record
+/// it covers, and that record's start, checksum and sequence number, which identify it. A
+/// log rewritten since (by a compaction or a restore) does not match.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogMark {
+    pub end: u64,
+    pub last_start: u64,
+    pub last_crc: u32,
+    pub last_seq: u64,
+}
+
+impl LogMark {
+    fn of(start: u64, bytes: &[u8], seq: u64) -> LogMark {
+        let crc = u32::from_le_bytes(bytes[4..8].try_into().expect("4 bytes"));
+        LogMark { end: start + bytes.len() as u64, last_start: start, last_crc: crc, last_seq: seq }
+    }
+}
+
 /// An open log, positioned at its end.
 pub struct Wal {
     path: PathBuf,
     file: File,
     len: u64,
+    /// The last record (`None` while the log is empty).
+    last: Option<LogMark>,
     /// Set when a failure left the file's end unknown: every later append is refused, so
     /// nothing is acknowledged that a restart could not read back.
     broken: Option<String>,
@@ -155,12 +175,28 @@ impl Wal {
     /// `apply`, cuts off a torn tail, and returns the log ready for appends. Damage before
     /// the tail is an error (see the module docs).
     pub fn open(path: &Path, apply: impl FnMut(Record) -> Result<()>) -> Result<Wal> {
+        Ok(Self::open_after(path, None, apply)?.expect("a replay from the start has no mark to miss"))
+    }
+
+    /// [`Wal::open`], replaying only the records after `mark` (all of them when `None`).
+    /// Answers `None`, having replayed nothing, when the log does not hold the record the
+    /// mark names where it says: the saved state belongs to another log.
+    pub fn open_after(
+        path: &Path,
+        mark: Option<LogMark>,
+        apply: impl FnMut(Record) -> Result<()>,
+    ) -> Result<Option<Wal>> {
         let existed = path.exists();
         let mut file = OpenOptions::new().read(true).append(true).create(true).open(path)?;
         if !existed {
             sync_dir(path)?;
         }
-        let scan = scan(&mut file, apply)?;
+        if let Some(mark) = mark {
+            if !mark_matches(&mut file, &mark)? {
+                return Ok(None);
+            }
+        }
+        let scan = scan(&mut file, mark, apply)?;
         if scan.valid < scan.total {
             if let Some(next) = scan.intact_after {
                 return Err(IndexError::Corrupt(format!(
@@ -181,7 +217,12 @@ impl Wal {
             );
             truncate(&file, scan.valid)?;
         }
-        Ok(Wal { path: path.to_path_buf(), file, len: scan.valid, broken: None })
+        Ok(Some(Wal { path: path.to_path_buf(), file, len: scan.valid, last: scan.last, broken: None }))
+    }
+
+    /// The position of the last record, for a saved state that covers the log so far.
+    pub fn mark(&self) -> Option<LogMark> {
+        self.last
     }
 
     /// Appends one record and makes it durable.
@@ -203,6 +244,7 @@ impl Wal {
             }
             return Err(e.into());
         }
+        self.last = Some(LogMark::of(self.len, &bytes, record.seq()));
         self.len += bytes.len() as u64;
         Ok(())
     }
@@ -227,14 +269,38 @@ struct Scan {
     total: u64,
     /// Offset of an intact record after the first bad one (damage, not a torn tail).
     intact_after: Option<u64>,
+    last: Option<LogMark>,
 }
 
-/// Replays the intact records of `file` into `apply` and looks past the first bad one.
-fn scan(file: &mut File, mut apply: impl FnMut(Record) -> Result<()>) -> Result<Scan> {
+/// Whether the log holds, at `mark.last_start`, the record the mark names, ending where it
+/// says.
+fn mark_matches(file: &mut File, mark: &LogMark) -> Result<bool> {
+    use std::io::{Seek, SeekFrom};
     let total = file.metadata()?.len();
+    if mark.end > total || mark.last_start.checked_add(8 + 13).is_none_or(|e| e > mark.end) {
+        return Ok(false);
+    }
+    file.seek(SeekFrom::Start(mark.last_start))?;
+    let mut head = [0u8; 16];
+    if read_full(file, &mut head)? < 16 {
+        return Ok(false);
+    }
+    let len = u32::from_le_bytes(head[0..4].try_into().expect("4 bytes")) as u64;
+    let crc = u32::from_le_bytes(head[4..8].try_into().expect("4 bytes"));
+    let seq = u64::from_le_bytes(head[8..16].try_into().expect("8 bytes"));
+    Ok(mark.last_start + 8 + len == mark.end && crc == mark.last_crc && seq == mark.last_seq)
+}
+
+/// Replays the intact records of `file` after `from` (from the start when `None`) into
+/// `apply` and looks past the first bad one.
+fn scan(file: &mut File, from: Option<LogMark>, mut apply: impl FnMut(Record) -> Result<()>) -> Result<Scan> {
+    use std::io::{Seek, SeekFrom};
+    let total = file.metadata()?.len();
+    let mut valid: u64 = from.map_or(0, |m| m.end);
+    let mut last = from;
+    let mut last_seq = from.map_or(0, |m| m.last_seq);
+    file.seek(SeekFrom::Start(valid))?;
     let mut reader = BufReader::with_capacity(1 << 20, &mut *file);
-    let mut valid: u64 = 0;
-    let mut last_seq = 0u64;
     let mut header = [0u8; 8];
     let mut payload = Vec::new();
     loop {
@@ -253,6 +319,7 @@ fn scan(file: &mut File, mut apply: impl FnMut(Record) -> Result<()>) -> Result<
         match decode(&payload) {
             Ok(record) => {
                 last_seq = record.seq();
+                last = Some(LogMark { end: valid + 8 + len, last_start: valid, last_crc: crc, last_seq });
                 apply(record)?
             }
             Err(e) => {
@@ -264,7 +331,7 @@ fn scan(file: &mut File, mut apply: impl FnMut(Record) -> Result<()>) -> Result<
     }
     drop(reader);
     let intact_after = if valid < total { find_intact(file, valid, total, last_seq)? } else { None };
-    Ok(Scan { valid, total, intact_after })
+    Ok(Scan { valid, total, intact_after, last })
 }
 
 /// The offset of the first intact record (checksum right, decodable, sequence after
@@ -320,7 +387,7 @@ pub struct Repair {
 /// collection but stay in the backup. A log with no damage is left as it is.
 pub fn repair(path: &Path) -> Result<Repair> {
     let mut file = OpenOptions::new().read(true).write(true).open(path)?;
-    let scan = scan(&mut file, |_| Ok(()))?;
+    let scan = scan(&mut file, None, |_| Ok(()))?;
     if scan.valid == scan.total {
         return Ok(Repair { kept: scan.valid, dropped: 0, backup: None });
     }
@@ -350,10 +417,15 @@ pub fn write_log(path: &Path, records: impl IntoIterator<Item = Record>) -> Resu
 /// unknown, so the returned error says the old handle must not be used either.
 pub fn replace_log(path: &Path, records: impl IntoIterator<Item = Record>) -> std::result::Result<Wal, ReplaceError> {
     let tmp = path.with_extension("tmp");
+    let mut last = None;
     let file = (|| -> Result<File> {
         let mut w = BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
+        let mut at = 0u64;
         for r in records {
-            w.write_all(&encode(&r))?;
+            let bytes = encode(&r);
+            w.write_all(&bytes)?;
+            last = Some(LogMark::of(at, &bytes, r.seq()));
+            at += bytes.len() as u64;
         }
         let file = w.into_inner().map_err(|e| e.into_error())?;
         file.sync_all()?;
@@ -363,7 +435,7 @@ pub fn replace_log(path: &Path, records: impl IntoIterator<Item = Record>) -> st
     let len = file.metadata().map_err(|e| ReplaceError::OldLogKept(e.into()))?.len();
     std::fs::rename(&tmp, path).map_err(|e| ReplaceError::OldLogKept(e.into()))?;
     sync_dir(path).map_err(ReplaceError::Unknown)?;
-    Ok(Wal { path: path.to_path_buf(), file, len, broken: None })
+    Ok(Wal { path: path.to_path_buf(), file, len, last, broken: None })
 }
 
 /// How [`replace_log`] failed.

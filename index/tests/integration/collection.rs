@@ -360,6 +360,16 @@ fn service_options(dir: &std::path::Path) -> ServiceOptions {
     }
 }
 
+/// Graph points an open loaded from the saved graph and inserted from the log.
+fn graph_stats(c: &Collection) -> (usize, usize) {
+    (c.open_stats().graph_loaded, c.open_stats().graph_inserted)
+}
+
+/// Whether an open loaded the saved table, and how many log records it read.
+fn table_stats(c: &Collection) -> (bool, usize) {
+    (c.open_stats().table_loaded, c.open_stats().log_records)
+}
+
 #[test]
 fn the_saved_graph_is_loaded_on_open_and_only_the_log_tail_is_inserted() {
     let dir = tempfile::tempdir().unwrap();
@@ -382,9 +392,33 @@ fn the_saved_graph_is_loaded_on_open_and_only_the_log_tail_is_inserted() {
 
     // Reopened: the whole graph comes from the file, none of it from the log.
     let c = Collection::open(dir.path(), embedder()).unwrap();
-    assert_eq!(c.open_stats(), (36, 0));
+    assert_eq!(graph_stats(&c), (36, 0));
+    // The chunk table too: not one log record is read.
+    assert_eq!(table_stats(&c), (true, 0));
+    assert_eq!(dense_ids(&c), before);
+    assert_eq!(c.info().documents, 36);
+    assert_eq!(search(&c, "Note 7", SearchMode::Keyword, 1, None)[0].document_id, "n7");
+    assert_halves_agree(&c);
+    drop(c);
+
+    // A damaged saved table (or a save cut short: its temporary file) is not used: the whole
+    // log is replayed, with the same answers.
+    let table = dir.path().join("table.snap");
+    let saved_table = std::fs::read(&table).unwrap();
+    let mut damaged = saved_table.clone();
+    let mid = damaged.len() / 2;
+    damaged[mid] ^= 0x01;
+    std::fs::write(&table, &damaged).unwrap();
+    std::fs::write(dir.path().join("table.tmp"), &saved_table[..100]).unwrap();
+    let c = Collection::open(dir.path(), embedder()).unwrap();
+    assert_eq!(table_stats(&c), (false, 2));
+    assert!(!dir.path().join("table.tmp").exists(), "a save's leftover is removed");
     assert_eq!(dense_ids(&c), before);
     assert_halves_agree(&c);
+    std::fs::write(&table, &saved_table).unwrap();
+    drop(c);
+    let c = Collection::open(dir.path(), embedder()).unwrap();
+    assert_eq!(table_stats(&c), (true, 0));
     let log_after_close = std::fs::read(dir.path().join("log.wal")).unwrap();
 
     // A crash after more writes: the saved graph plus the log's tail.
@@ -392,21 +426,42 @@ fn the_saved_graph_is_loaded_on_open_and_only_the_log_tail_is_inserted() {
     c.delete(&["n3".to_string()], true).unwrap();
     drop(c);
     let c = Collection::open(dir.path(), embedder()).unwrap();
-    assert_eq!(c.open_stats(), (36, 1));
+    assert_eq!(graph_stats(&c), (36, 1));
+    assert_eq!(table_stats(&c), (true, 2), "the saved table and the log's two records after it");
     assert_eq!(search(&c, "ice sheets shaping mountain valleys", SearchMode::Dense, 1, None)[0].document_id, "late");
     assert_eq!(c.info().documents, 36);
+    assert!(search(&c, "Note 3 on subject 3", SearchMode::Keyword, 10, None).iter().all(|h| h.document_id != "n3"));
     assert_halves_agree(&c);
     c.close().unwrap();
 
-    // A damaged graph file is rebuilt from the log, not trusted.
+    // A graph file with damaged structure is rebuilt from the log, not trusted.
     let path = dir.path().join("dense.hnsw");
-    let mut bytes = std::fs::read(&path).unwrap();
-    let mid = bytes.len() / 2;
-    bytes[mid] ^= 0x10;
-    std::fs::write(&path, &bytes).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    let mut damaged = bytes.clone();
+    damaged[200] ^= 0x10;
+    std::fs::write(&path, &damaged).unwrap();
     let c = Collection::open(dir.path(), embedder()).unwrap();
-    assert_eq!(c.open_stats(), (0, 36));
+    assert_eq!(graph_stats(&c), (0, 36));
     assert_eq!(search(&c, "ice sheets shaping mountain valleys", SearchMode::Dense, 1, None)[0].document_id, "late");
+    assert_halves_agree(&c);
+    c.close().unwrap();
+
+    // Damaged vectors (read from the mapped file, not checked on open) never reach the log:
+    // a compaction checks them first, refuses, and the next open rebuilds the graph.
+    let bytes = std::fs::read(&path).unwrap();
+    let mut damaged = bytes.clone();
+    let last = damaged.len() - 10;
+    damaged[last] ^= 0x10;
+    std::fs::write(&path, &damaged).unwrap();
+    let c = Collection::open(dir.path(), embedder()).unwrap();
+    assert_eq!(graph_stats(&c), (36, 0));
+    let log_before = std::fs::read(dir.path().join("log.wal")).unwrap();
+    assert!(matches!(c.compact(), Err(IndexError::Corrupt(_))));
+    assert_eq!(std::fs::read(dir.path().join("log.wal")).unwrap(), log_before, "the log is untouched");
+    drop(c);
+    let c = Collection::open(dir.path(), embedder()).unwrap();
+    assert_eq!(graph_stats(&c), (0, 36));
+    c.compact().unwrap();
     assert_halves_agree(&c);
     c.close().unwrap();
 
@@ -415,7 +470,8 @@ fn the_saved_graph_is_loaded_on_open_and_only_the_log_tail_is_inserted() {
     std::fs::write(dir.path().join("log.wal"), &log_after_close).unwrap();
     std::fs::remove_dir_all(dir.path().join("keyword")).unwrap();
     let c = Collection::open(dir.path(), embedder()).unwrap();
-    assert_eq!(c.open_stats(), (0, 36));
+    assert_eq!(graph_stats(&c), (0, 36));
+    assert!(!table_stats(&c).0, "a table saved with another log is not used");
     assert_eq!(dense_ids(&c), before);
     assert_halves_agree(&c);
 }

@@ -1,0 +1,271 @@
+//! The chunk table: every document's current version and its chunks, with the graph point
+//! that holds each chunk's vector and the log records that added and removed it.
+//!
+//! The table is rebuilt from the log on open. To spare an open the replay of the whole log,
+//! it is saved (`table.snap`) together with the graph, marked with the log position both
+//! cover ([`LogMark`]); an open then loads both and replays only the records after the mark.
+//!
+//! `table.snap` is a [`crate::filefmt`] file: a header of u64s (format version, covered
+//! sequence number, next sequence number, next chunk key, the log mark — end, last record's
+//! start, checksum and sequence number — and the document count), then per document its
+//! id, title (`u32::MAX` length for none), text and metadata JSON as length-prefixed byte
+//! strings, its hash and the sequence number that added it, its chunk count, and per chunk
+//! its key (u64), byte and char spans, token count and graph point (u32 each).
+
+use crate::error::{IndexError, Result};
+use crate::filefmt::{Checked, Cursor, SumWriter};
+use crate::wal::{ChunkRecord, DocRecord, LogMark};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+pub(crate) const NOT_REMOVED: u64 = u64::MAX;
+const MAGIC: &[u8; 8] = b"RGWTABL1";
+const FORMAT_VERSION: u64 = 1;
+/// No title (a length no string in the file can have).
+const NO_TITLE: u32 = u32::MAX;
+
+/// What a saved table covers: the log up to `mark`, and the counters to carry on with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct TableMark {
+    /// The last log record applied (in a compacted log this is not the last record's
+    /// sequence number: its records keep their original ones).
+    pub covered: u64,
+    pub mark: LogMark,
+    pub next_seq: u64,
+    pub next_key: u64,
+}
+
+/// One version of a document.
+pub(crate) struct DocEntry {
+    pub id: String,
+    pub title: Option<String>,
+    pub text: String,
+    pub metadata: serde_json::Value,
+    pub hash: u64,
+    pub chunks: Vec<ChunkRecord>,
+}
+
+pub(crate) struct ChunkEntry {
+    pub doc: Arc<DocEntry>,
+    pub index: u32,
+    /// The chunk's point in the graph, which holds its vector ([`UNPLACED`] while a replay
+    /// has not inserted it yet).
+    pub point: u32,
+    pub added: u64,
+    pub removed: u64,
+}
+
+/// The point of a chunk whose vector is not in the graph yet.
+pub(crate) const UNPLACED: u32 = u32::MAX;
+
+impl ChunkEntry {
+    pub fn visible(&self, v: u64) -> bool {
+        self.added <= v && self.removed > v
+    }
+
+    pub fn text(&self) -> &str {
+        let r = &self.doc.chunks[self.index as usize];
+        &self.doc.text[r.byte_start as usize..r.byte_end as usize]
+    }
+}
+
+#[derive(Default)]
+pub(crate) struct Table {
+    pub docs: HashMap<String, Arc<DocEntry>>,
+    pub chunks: HashMap<u64, ChunkEntry>,
+    /// Removed chunks still in `chunks`, with their removal sequence number.
+    pub garbage: Vec<(u64, u64)>,
+    /// Graph points whose chunk is gone.
+    pub dead_points: usize,
+}
+
+impl Table {
+    /// Applies a logged upsert; `points` are its chunks' graph points, in order.
+    pub fn upsert(&mut self, seq: u64, docs: &[DocRecord], points: &[u32]) {
+        let mut points = points.iter().copied();
+        for d in docs {
+            if let Some(old) = self.docs.get(&d.id).cloned() {
+                for c in &old.chunks {
+                    self.mark_removed(c.key, seq);
+                }
+            }
+            let entry = Arc::new(DocEntry {
+                id: d.id.clone(),
+                title: d.title.clone(),
+                text: d.text.clone(),
+                metadata: d.metadata.clone(),
+                hash: d.hash,
+                chunks: d.chunks.clone(),
+            });
+            for (i, c) in d.chunks.iter().enumerate() {
+                let point = points.next().unwrap_or(UNPLACED);
+                self.chunks.insert(
+                    c.key,
+                    ChunkEntry { doc: entry.clone(), index: i as u32, point, added: seq, removed: NOT_REMOVED },
+                );
+            }
+            self.docs.insert(d.id.clone(), entry);
+        }
+    }
+
+    pub fn delete(&mut self, seq: u64, ids: &[String]) {
+        for id in ids {
+            if let Some(old) = self.docs.remove(id) {
+                for c in &old.chunks {
+                    self.mark_removed(c.key, seq);
+                }
+            }
+        }
+    }
+
+    fn mark_removed(&mut self, key: u64, seq: u64) {
+        if let Some(c) = self.chunks.get_mut(&key) {
+            if c.removed == NOT_REMOVED {
+                c.removed = seq;
+                self.garbage.push((key, seq));
+            }
+        }
+    }
+
+    /// Drops removed chunks that no search can see any more.
+    pub fn collect(&mut self, visible: u64) {
+        let mut kept = Vec::new();
+        for (key, removed) in std::mem::take(&mut self.garbage) {
+            if removed <= visible {
+                self.chunks.remove(&key);
+                self.dead_points += 1;
+            } else {
+                kept.push((key, removed));
+            }
+        }
+        self.garbage = kept;
+    }
+
+    pub fn live_chunks(&self) -> usize {
+        self.chunks.len() - self.garbage.len()
+    }
+}
+
+impl Table {
+    /// Saves the table as covering the log up to `mark` (the caller holds the writer lock,
+    /// so the table does not change meanwhile).
+    pub fn save(&self, path: &Path, mark: &TableMark) -> Result<()> {
+        let mut w = SumWriter::create(path, MAGIC)?;
+        let m = &mark.mark;
+        for x in [
+            FORMAT_VERSION,
+            mark.covered,
+            mark.next_seq,
+            mark.next_key,
+            m.end,
+            m.last_start,
+            m.last_crc as u64,
+            m.last_seq,
+            self.docs.len() as u64,
+        ] {
+            w.u64(x)?;
+        }
+        for d in self.docs.values() {
+            w.bytes(d.id.as_bytes())?;
+            match &d.title {
+                Some(t) => w.bytes(t.as_bytes())?,
+                None => w.u32(NO_TITLE)?,
+            }
+            w.bytes(d.text.as_bytes())?;
+            w.bytes(&serde_json::to_vec(&d.metadata)?)?;
+            w.u64(d.hash)?;
+            let added = d.chunks.first().and_then(|c| self.chunks.get(&c.key)).map_or(0, |c| c.added);
+            w.u64(added)?;
+            w.u32(d.chunks.len() as u32)?;
+            for c in &d.chunks {
+                let point = self.chunks.get(&c.key).map_or(UNPLACED, |e| e.point);
+                w.u64(c.key)?;
+                for x in [c.byte_start, c.byte_end, c.char_start, c.char_end, c.tokens, point] {
+                    w.u32(x)?;
+                }
+            }
+        }
+        w.finish()
+    }
+
+    /// Reads a table written by [`Table::save`]. Every chunk's point is checked against
+    /// `key_of` (the saved graph's key at a point, `None` past its end): a table and a graph
+    /// that do not belong together are refused, never mixed.
+    pub fn load(path: &Path, key_of: impl Fn(u32) -> Option<u64>) -> Result<(Table, TableMark)> {
+        let file = Checked::open(path, MAGIC, "chunk table")?;
+        let body = file.body();
+        let bad = |why: &str| IndexError::Corrupt(format!("{}: {why}", path.display()));
+        let mut r = Cursor::new(body);
+        let header: Vec<u64> = (0..9).map(|_| r.u64()).collect::<Option<_>>().ok_or_else(|| bad("short header"))?;
+        let [version, covered, next_seq, next_key, end, last_start, last_crc, last_seq, docs] = header[..] else {
+            unreachable!()
+        };
+        if version != FORMAT_VERSION {
+            return Err(bad(&format!("format version {version}, this build reads {FORMAT_VERSION}")));
+        }
+        let last_crc = u32::try_from(last_crc).map_err(|_| bad("checksum field"))?;
+        let mark = TableMark { covered, mark: LogMark { end, last_start, last_crc, last_seq }, next_seq, next_key };
+        let string =
+            |b: &[u8], what: &str| String::from_utf8(b.to_vec()).map_err(|_| bad(&format!("{what} is not UTF-8")));
+        let mut table = Table::default();
+        // Each document takes at least 4 × 4 + 8 + 8 + 4 bytes: a count beyond that is damage.
+        if docs > (body.len() / 36) as u64 {
+            return Err(bad("document count"));
+        }
+        table.docs.reserve(docs as usize);
+        for _ in 0..docs {
+            let short = || bad("short document");
+            let id = string(r.bytes().ok_or_else(short)?, "an id")?;
+            let title = match r.u32().ok_or_else(short)? {
+                NO_TITLE => None,
+                n => Some(string(r.take(n as usize).ok_or_else(short)?, "a title")?),
+            };
+            let text = string(r.bytes().ok_or_else(short)?, "a text")?;
+            let metadata: serde_json::Value = serde_json::from_slice(r.bytes().ok_or_else(short)?)?;
+            let hash = r.u64().ok_or_else(short)?;
+            let added = r.u64().ok_or_else(short)?;
+            let n = r.u32().ok_or_else(short)? as usize;
+            let mut chunks = Vec::with_capacity(n.min(r.data.len() / 32));
+            let mut points = Vec::with_capacity(chunks.capacity());
+            for _ in 0..n {
+                let key = r.u64().ok_or_else(short)?;
+                let f: Vec<u32> = (0..6).map(|_| r.u32()).collect::<Option<_>>().ok_or_else(short)?;
+                let c = ChunkRecord {
+                    key,
+                    byte_start: f[0],
+                    byte_end: f[1],
+                    char_start: f[2],
+                    char_end: f[3],
+                    tokens: f[4],
+                };
+                let (s, e) = (c.byte_start as usize, c.byte_end as usize);
+                if s > e || e > text.len() || !text.is_char_boundary(s) || !text.is_char_boundary(e) {
+                    return Err(bad(&format!("chunk {key} spans outside its text")));
+                }
+                if key >= next_key || added > covered {
+                    return Err(bad(&format!("chunk {key} is newer than the table")));
+                }
+                if key_of(f[5]) != Some(key) {
+                    return Err(bad(&format!("chunk {key} is not at its point in the saved graph")));
+                }
+                chunks.push(c);
+                points.push(f[5]);
+            }
+            let doc = Arc::new(DocEntry { id: id.clone(), title, text, metadata, hash, chunks });
+            for (i, (c, point)) in doc.chunks.iter().zip(points).enumerate() {
+                let entry = ChunkEntry { doc: doc.clone(), index: i as u32, point, added, removed: NOT_REMOVED };
+                if table.chunks.insert(c.key, entry).is_some() {
+                    return Err(bad(&format!("chunk {} appears twice", c.key)));
+                }
+            }
+            if table.docs.insert(id, doc).is_some() {
+                return Err(bad("a document appears twice"));
+            }
+        }
+        if !r.is_done() {
+            return Err(bad("trailing bytes"));
+        }
+        Ok((table, mark))
+    }
+}
