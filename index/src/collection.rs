@@ -711,7 +711,7 @@ impl Collection {
         Ok(DocumentView {
             id: d.id.clone(),
             title: d.title.clone(),
-            text: d.text.clone(),
+            text: d.text.to_string(),
             metadata: d.metadata.clone(),
             chunks: d
                 .chunks
@@ -1217,7 +1217,7 @@ impl Collection {
                 docs: vec![DocRecord {
                     id: d.id.clone(),
                     title: d.title.clone(),
-                    text: d.text.clone(),
+                    text: d.text.to_string(),
                     metadata: d.metadata.clone(),
                     hash: d.hash,
                     chunks: d.chunks.clone(),

@@ -140,6 +140,21 @@ impl IndexService {
         self.embedders.get(&self.default_model).cloned()
     }
 
+    /// The served embedding model `model` (`None`: a collection without one); when it is
+    /// not served, a bad-request error on `param` with `missing`'s message.
+    fn embedder_for(
+        &self,
+        model: Option<&str>,
+        param: &str,
+        missing: impl FnOnce(&str) -> String,
+    ) -> Result<Option<Arc<dyn ChunkEmbedder>>> {
+        let Some(m) = model else { return Ok(None) };
+        match self.embedders.get(m) {
+            Some(e) => Ok(Some(e.clone())),
+            None => Err(IndexError::invalid(param, missing(m))),
+        }
+    }
+
     pub fn jobs(&self) -> &JobRegistry {
         &self.jobs
     }
@@ -151,15 +166,7 @@ impl IndexService {
             None => Some(self.default_model.clone()),
             Some(m) => m,
         };
-        let embedder = match &model {
-            None => None,
-            Some(m) => Some(
-                self.embedders
-                    .get(m)
-                    .ok_or_else(|| IndexError::invalid("model", format!("embedding model `{m}` is not served")))?
-                    .clone(),
-            ),
-        };
+        let embedder = self.embedder_for(model.as_deref(), "model", |m| format!("embedding model `{m}` is not served"))?;
         let dimension = match (&embedder, req.dimension) {
             (None, None) => {
                 return Err(IndexError::invalid("dimension", "a collection without a model (`model: null`) needs `dimension`"))
@@ -266,15 +273,9 @@ impl IndexService {
             &std::fs::read(src.join("settings.json"))
                 .map_err(|_| IndexError::invalid("path", format!("{} is not a collection snapshot", src.display())))?,
         )?;
-        let embedder = match &settings.model {
-            None => None,
-            Some(m) => Some(
-                self.embedders
-                    .get(m)
-                    .ok_or_else(|| IndexError::invalid("path", format!("the snapshot needs embedding model `{m}`")))?
-                    .clone(),
-            ),
-        };
+        let embedder = self.embedder_for(settings.model.as_deref(), "path", |m| {
+            format!("the snapshot needs embedding model `{m}`")
+        })?;
         let mut collections = self.collections.write().expect("collections");
         if collections.contains_key(name) {
             return Err(IndexError::CollectionExists(name.to_string()));

@@ -25,6 +25,30 @@ const FORMAT_VERSION: u64 = 1;
 /// No title (a length no string in the file can have).
 const NO_TITLE: u32 = u32::MAX;
 
+/// A document's text: its own, or a range of the saved table it was loaded from (the
+/// memory-mapped file; the text is read from the page cache where it is used and never
+/// copied on open).
+pub(crate) enum Text {
+    Owned(String),
+    Saved { file: Arc<Checked>, start: usize, len: usize },
+}
+
+impl std::ops::Deref for Text {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        match self {
+            Text::Owned(s) => s,
+            Text::Saved { file, start, len } => {
+                let bytes = &file.body()[*start..*start + *len];
+                // SAFETY: checked to be UTF-8 when the table was loaded; the mapping is
+                // read-only and its file is only ever replaced by a rename.
+                unsafe { std::str::from_utf8_unchecked(bytes) }
+            }
+        }
+    }
+}
+
 /// What a saved table covers: the log up to `mark`, and the counters to carry on with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct TableMark {
@@ -40,7 +64,7 @@ pub(crate) struct TableMark {
 pub(crate) struct DocEntry {
     pub id: String,
     pub title: Option<String>,
-    pub text: String,
+    pub text: Text,
     pub metadata: serde_json::Value,
     pub hash: u64,
     pub chunks: Vec<ChunkRecord>,
@@ -93,7 +117,7 @@ impl Table {
             let entry = Arc::new(DocEntry {
                 id: d.id.clone(),
                 title: d.title.clone(),
-                text: d.text.clone(),
+                text: Text::Owned(d.text.clone()),
                 metadata: d.metadata.clone(),
                 hash: d.hash,
                 chunks: d.chunks.clone(),
@@ -193,7 +217,7 @@ impl Table {
     /// `key_of` (the saved graph's key at a point, `None` past its end): a table and a graph
     /// that do not belong together are refused, never mixed.
     pub fn load(path: &Path, key_of: impl Fn(u32) -> Option<u64>) -> Result<(Table, TableMark)> {
-        let file = Checked::open(path, MAGIC, "chunk table")?;
+        let file = Arc::new(Checked::open(path, MAGIC, "chunk table")?);
         let body = file.body();
         let bad = |why: &str| IndexError::Corrupt(format!("{}: {why}", path.display()));
         let mut r = Cursor::new(body);
@@ -221,7 +245,9 @@ impl Table {
                 NO_TITLE => None,
                 n => Some(string(r.take(n as usize).ok_or_else(short)?, "a title")?),
             };
-            let text = string(r.bytes().ok_or_else(short)?, "a text")?;
+            let text_bytes = r.bytes().ok_or_else(short)?;
+            let text_start = r.at - text_bytes.len();
+            let text = std::str::from_utf8(text_bytes).map_err(|_| bad("a text is not UTF-8"))?;
             let metadata: serde_json::Value = serde_json::from_slice(r.bytes().ok_or_else(short)?)?;
             let hash = r.u64().ok_or_else(short)?;
             let added = r.u64().ok_or_else(short)?;
@@ -252,6 +278,7 @@ impl Table {
                 chunks.push(c);
                 points.push(f[5]);
             }
+            let text = Text::Saved { file: file.clone(), start: text_start, len: text_bytes.len() };
             let doc = Arc::new(DocEntry { id: id.clone(), title, text, metadata, hash, chunks });
             for (i, (c, point)) in doc.chunks.iter().zip(points).enumerate() {
                 let entry = ChunkEntry { doc: doc.clone(), index: i as u32, point, added, removed: NOT_REMOVED };

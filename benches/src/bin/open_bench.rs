@@ -41,9 +41,20 @@ struct Args {
     cold: bool,
 }
 
-fn rss_bytes() -> u64 {
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    statm.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok()).unwrap_or(0) * 4096
+/// Resident memory: (anonymous, file-backed) bytes. File-backed pages are the mapped
+/// files' page cache, shared and dropped under memory pressure.
+fn rss_bytes() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
+    };
+    (field("RssAnon:"), field("RssFile:"))
 }
 
 fn files(dir: &Path) -> Vec<PathBuf> {
@@ -118,15 +129,17 @@ fn open_only(dir: &Path, cold: bool) -> anyhow::Result<()> {
         ..Default::default()
     })?;
     let open_s = t.elapsed().as_secs_f64();
-    let rss = rss_bytes().saturating_sub(rss0);
+    let now = rss_bytes();
+    let (rss, rss_file) = (now.0.saturating_sub(rss0.0), now.1.saturating_sub(rss0.1));
     let stats = c.open_stats();
     let (loaded, inserted) = (stats.graph_loaded, stats.graph_inserted);
     let qps = if cold { None } else { Some(qps(&c, &queries(dim))?) };
     // After the searches: what they brought in (vectors read from the page cache).
-    let rss_searched = rss_bytes().saturating_sub(rss0);
+    let now = rss_bytes();
+    let rss_searched = (now.0 + now.1).saturating_sub(rss0.0 + rss0.1);
     println!(
         "{}",
-        json!({"open_s": open_s, "rss_bytes": rss, "hits": r.results.len(), "graph_loaded": loaded,
+        json!({"open_s": open_s, "rss_bytes": rss, "rss_file_bytes": rss_file, "hits": r.results.len(), "graph_loaded": loaded,
                "graph_inserted": inserted, "table_loaded": stats.table_loaded, "log_records": stats.log_records,
                "qps": qps, "rss_after_searches": rss_searched})
     );
@@ -220,7 +233,7 @@ fn main() -> anyhow::Result<()> {
     };
     let exe = std::env::current_exe()?;
     let mut report = json!({"n": args.n, "dim": args.dim, "files_bytes": sizes});
-    println!("| page cache | open (median s) | resident MiB | bytes per chunk | graph points loaded / inserted | table loaded / log records read | QPS after open | bytes per chunk after the searches |");
+    println!("| page cache | open (median s) | resident MiB (anonymous + file) | bytes per chunk (anonymous + file) | graph points loaded / inserted | table loaded / log records read | QPS after open | bytes per chunk after the searches (both) |");
     println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     for cold in [false, true] {
         let mut runs = Vec::new();
@@ -237,11 +250,14 @@ fn main() -> anyhow::Result<()> {
         }
         let open_s = median(runs.iter().map(|r| r["open_s"].as_f64().unwrap_or(f64::NAN)).collect());
         let rss = median(runs.iter().map(|r| r["rss_bytes"].as_f64().unwrap_or(f64::NAN)).collect());
+        let rss_file = median(runs.iter().map(|r| r["rss_file_bytes"].as_f64().unwrap_or(f64::NAN)).collect());
         let state = if cold { "dropped" } else { "warm" };
         println!(
-            "| {state} | {open_s:.2} | {:.0} | {:.0} | {} / {} | {} / {} | {} | {:.0} |",
+            "| {state} | {open_s:.2} | {:.0} + {:.0} | {:.0} + {:.0} | {} / {} | {} / {} | {} | {:.0} |",
             rss / (1 << 20) as f64,
+            rss_file / (1 << 20) as f64,
             rss / args.n as f64,
+            rss_file / args.n as f64,
             runs[0]["graph_loaded"],
             runs[0]["graph_inserted"],
             runs[0]["table_loaded"],
@@ -249,7 +265,7 @@ fn main() -> anyhow::Result<()> {
             runs[0]["qps"].as_f64().map_or("-".to_string(), |q| format!("{q:.0}")),
             runs[0]["rss_after_searches"].as_f64().unwrap_or(f64::NAN) / args.n as f64
         );
-        report[state] = json!({"open_s": open_s, "rss_bytes": rss, "runs": runs});
+        report[state] = json!({"open_s": open_s, "rss_bytes": rss, "rss_file_bytes": rss_file, "runs": runs});
     }
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
