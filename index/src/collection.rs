@@ -788,8 +788,16 @@ impl Collection {
         let table = self.table.read().expect("table");
         let ef = req.ef.unwrap_or(self.settings.hnsw.ef).max(candidates);
         let dense = self.graph();
-        // Chunks the filter allows (visible ones only): a scan of the table.
+        // Chunks the filter allows (visible ones only): the payload index's candidates when it
+        // can narrow the filter down, else a scan of the table.
         let allowed_set = |f: &Filter| -> Arc<HashSet<u64>> {
+            if let Some(keys) = table.payload.candidates(f) {
+                let set = keys
+                    .into_iter()
+                    .filter(|k| table.chunks.get(k).is_some_and(|c| c.visible(v) && f.matches(&c.doc.id, &c.doc.metadata)))
+                    .collect();
+                return Arc::new(set);
+            }
             let mut last: Option<(*const DocEntry, bool)> = None;
             let set = table
                 .chunks
@@ -814,11 +822,16 @@ impl Collection {
         // graph testing the filter on the points it meets, and never scans the table (the
         // keyword half needs the whole set inside tantivy's collector, so other modes scan).
         let walk_lazily = match (&req.filter, req.mode, req.exact_scan_max) {
-            (Some(f), SearchMode::Dense, None) if query_vector.is_some() => {
-                let share = self.filter_share(f, &table, &dense, v);
-                let expected = (share * table.chunks.len() as f64) as usize;
-                !table_scan_pays(expected, ef)
-            }
+            (Some(f), SearchMode::Dense, None) if query_vector.is_some() => match table.payload.count(f) {
+                // The index finds the candidates without a scan: build the set when exact
+                // distances to it cost less than a walk.
+                Some(n) => !exact_scan_pays(n, dense.len(), ef),
+                None => {
+                    let share = self.filter_share(f, &table, &dense, v);
+                    let expected = (share * table.chunks.len() as f64) as usize;
+                    !table_scan_pays(expected, ef)
+                }
+            },
             // The walk forced (benchmarks and tests of the plan).
             (Some(_), SearchMode::Dense, Some(0)) => query_vector.is_some(),
             _ => false,

@@ -18,6 +18,7 @@ pub mod hnsw;
 pub mod ingest;
 pub mod jobs;
 pub mod keyword;
+mod payload;
 pub mod service;
 pub mod simd;
 mod table;

@@ -14,6 +14,7 @@
 
 use crate::error::{IndexError, Result};
 use crate::filefmt::{Checked, Cursor, SumWriter};
+use crate::payload::PayloadIndex;
 use crate::wal::{ChunkRecord, DocRecord, LogMark};
 use std::collections::HashMap;
 use std::path::Path;
@@ -102,6 +103,8 @@ pub(crate) struct Table {
     pub garbage: Vec<(u64, u64)>,
     /// Graph points whose chunk is gone.
     pub dead_points: usize,
+    /// Chunk keys by metadata value (every chunk in `chunks`, and some that left it).
+    pub payload: PayloadIndex,
 }
 
 impl Table {
@@ -124,6 +127,7 @@ impl Table {
             });
             for (i, c) in d.chunks.iter().enumerate() {
                 let point = points.next().unwrap_or(UNPLACED);
+                self.payload.add(c.key, &d.metadata);
                 self.chunks.insert(
                     c.key,
                     ChunkEntry { doc: entry.clone(), index: i as u32, point, added: seq, removed: NOT_REMOVED },
@@ -159,11 +163,18 @@ impl Table {
             if removed <= visible {
                 self.chunks.remove(&key);
                 self.dead_points += 1;
+                self.payload.removed();
             } else {
                 kept.push((key, removed));
             }
         }
         self.garbage = kept;
+        if self.payload.needs_rebuild() {
+            self.payload = PayloadIndex::default();
+            for (k, c) in &self.chunks {
+                self.payload.add(*k, &c.doc.metadata);
+            }
+        }
     }
 
     pub fn live_chunks(&self) -> usize {
@@ -281,6 +292,7 @@ impl Table {
             let text = Text::Saved { file: file.clone(), start: text_start, len: text_bytes.len() };
             let doc = Arc::new(DocEntry { id: id.clone(), title, text, metadata, hash, chunks });
             for (i, (c, point)) in doc.chunks.iter().zip(points).enumerate() {
+                table.payload.add(c.key, &doc.metadata);
                 let entry = ChunkEntry { doc: doc.clone(), index: i as u32, point, added, removed: NOT_REMOVED };
                 if table.chunks.insert(c.key, entry).is_some() {
                     return Err(bad(&format!("chunk {} appears twice", c.key)));
