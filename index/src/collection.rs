@@ -137,6 +137,11 @@ pub struct OpenStats {
     pub table_loaded: bool,
     /// Log records read.
     pub log_records: usize,
+    /// Milliseconds spent mapping the saved graph, opening tantivy and loading the saved
+    /// table, and on the whole open.
+    pub graph_ms: u64,
+    pub table_ms: u64,
+    pub total_ms: u64,
 }
 
 /// A document chunked and ready to embed.
@@ -206,6 +211,7 @@ impl Collection {
         for file in [GRAPH_FILE, TABLE_FILE] {
             let _ = std::fs::remove_file(crate::filefmt::temp_path(&dir.join(file)));
         }
+        let started = std::time::Instant::now();
         let saved = match DenseIndex::load(&dir.join(GRAPH_FILE)) {
             Ok(g) => Some(g),
             Err(IndexError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => None,
@@ -215,13 +221,19 @@ impl Collection {
                 None
             }
         };
-        match Self::open_with(dir, embedder.clone(), saved) {
+        let graph_ms = started.elapsed().as_millis() as u64;
+        let opened = match Self::open_with(dir, embedder.clone(), saved) {
             Err(OpenError::StaleGraph(why)) => {
                 tracing::warn!(dir = %dir.display(), why = %why, "saved graph does not match the log; rebuilding it");
                 Self::open_with(dir, embedder, None).map_err(OpenError::into_index)
             }
             other => other.map_err(OpenError::into_index),
-        }
+        };
+        opened.map(|mut c| {
+            c.open_stats.graph_ms = graph_ms;
+            c.open_stats.total_ms = started.elapsed().as_millis() as u64;
+            c
+        })
     }
 
     fn open_with(
@@ -283,6 +295,7 @@ impl Collection {
         } else {
             None
         };
+        let table_ms = started.elapsed().as_millis() as u64;
         let log = dir.join("log.wal");
         let (wal, mut replay, table_loaded) = loop {
             let from_snapshot = snapshot.is_some();
@@ -344,7 +357,14 @@ impl Collection {
             rebuilding: AtomicBool::new(false),
             drift: crate::drift::DriftMonitor::open(dir),
             settings,
-            open_stats: OpenStats { graph_loaded: loaded, graph_inserted: built, table_loaded, log_records },
+            open_stats: OpenStats {
+                graph_loaded: loaded,
+                graph_inserted: built,
+                table_loaded,
+                log_records,
+                table_ms,
+                ..Default::default()
+            },
         };
         // Records that touched nothing in tantivy still count as seen.
         collection.keyword.skip(next_seq - 1);
@@ -791,10 +811,12 @@ impl Collection {
         // Chunks the filter allows (visible ones only): the payload index's candidates when it
         // can narrow the filter down, else a scan of the table.
         let allowed_set = |f: &Filter| -> Arc<HashSet<u64>> {
-            if let Some(keys) = table.payload.candidates(f) {
+            if let Some(keys) = table.payload().candidates(f) {
                 let set = keys
                     .into_iter()
-                    .filter(|k| table.chunks.get(k).is_some_and(|c| c.visible(v) && f.matches(&c.doc.id, &c.doc.metadata)))
+                    .filter(|k| {
+                        table.chunks.get(k).is_some_and(|c| c.visible(v) && f.matches(&c.doc.id, &c.doc.metadata))
+                    })
                     .collect();
                 return Arc::new(set);
             }
@@ -822,7 +844,7 @@ impl Collection {
         // graph testing the filter on the points it meets, and never scans the table (the
         // keyword half needs the whole set inside tantivy's collector, so other modes scan).
         let walk_lazily = match (&req.filter, req.mode, req.exact_scan_max) {
-            (Some(f), SearchMode::Dense, None) if query_vector.is_some() => match table.payload.count(f) {
+            (Some(f), SearchMode::Dense, None) if query_vector.is_some() => match table.payload().count(f) {
                 // The index finds the candidates without a scan: build the set when exact
                 // distances to it cost less than a walk.
                 Some(n) => !exact_scan_pays(n, dense.len(), ef),

@@ -113,7 +113,7 @@ impl Checked {
         }
         let at = map.len() - 4;
         let crc = u32::from_le_bytes(map[at..].try_into().expect("4 bytes"));
-        if crc32fast::hash(&map[..at]) != crc {
+        if parallel_crc(&map[..at]) != crc {
             return Err(IndexError::Corrupt(format!("{}: checksum mismatch", path.display())));
         }
         Ok(Checked { map })
@@ -122,6 +122,25 @@ impl Checked {
     pub fn body(&self) -> &[u8] {
         &self.map[8..self.map.len() - 4]
     }
+}
+
+/// The CRC-32 of `bytes`, computed in 64 MiB pieces on the rayon pool and combined.
+fn parallel_crc(bytes: &[u8]) -> u32 {
+    use rayon::prelude::*;
+    const PIECE: usize = 64 << 20;
+    let parts: Vec<crc32fast::Hasher> = bytes
+        .par_chunks(PIECE)
+        .map(|piece| {
+            let mut h = crc32fast::Hasher::new();
+            h.update(piece);
+            h
+        })
+        .collect();
+    let mut all = crc32fast::Hasher::new();
+    for p in &parts {
+        all.combine(p);
+    }
+    all.finalize()
 }
 
 /// Reads fields in order; every read is bounds-checked (`None` past the end).

@@ -113,18 +113,24 @@ impl PayloadIndex {
         if path.is_empty() {
             return;
         }
-        if let Some(s) = scalar(v) {
-            let list = self.values.entry(path.to_string()).or_default().entry(s).or_default();
+        fn push(list: &mut Vec<u64>, key: u64) {
             // A document's array may repeat a value: one entry per chunk and value.
             if list.last() != Some(&key) {
                 list.push(key);
             }
         }
-        if let Some(x) = v.as_f64().filter(|_| v.is_number()) {
-            let list = self.numbers.entry(path.to_string()).or_default().entry(ordered(x)).or_default();
-            if list.last() != Some(&key) {
-                list.push(key);
+        if let Some(s) = scalar(v) {
+            // The path's map exists after its first value: no allocation for the key then.
+            if !self.values.contains_key(path) {
+                self.values.insert(path.to_string(), HashMap::new());
             }
+            push(self.values.get_mut(path).expect("inserted").entry(s).or_default(), key);
+        }
+        if let Some(x) = v.as_f64().filter(|_| v.is_number()) {
+            if !self.numbers.contains_key(path) {
+                self.numbers.insert(path.to_string(), BTreeMap::new());
+            }
+            push(self.numbers.get_mut(path).expect("inserted").entry(ordered(x)).or_default(), key);
         }
     }
 

@@ -25,6 +25,8 @@ const MAGIC: &[u8; 8] = b"RGWTABL1";
 const FORMAT_VERSION: u64 = 1;
 /// No title (a length no string in the file can have).
 const NO_TITLE: u32 = u32::MAX;
+/// A chunk's record: key (u64) and six u32s.
+const CHUNK_BYTES: usize = 8 + 6 * 4;
 
 /// A document's text: its own, or a range of the saved table it was loaded from (the
 /// memory-mapped file; the text is read from the page cache where it is used and never
@@ -103,8 +105,9 @@ pub(crate) struct Table {
     pub garbage: Vec<(u64, u64)>,
     /// Graph points whose chunk is gone.
     pub dead_points: usize,
-    /// Chunk keys by metadata value (every chunk in `chunks`, and some that left it).
-    pub payload: PayloadIndex,
+    /// Chunk keys by metadata value (every chunk in `chunks`, and some that left it), built
+    /// by the first filtered search after an open ([`Table::payload`]), then kept up to date.
+    payload: std::sync::OnceLock<PayloadIndex>,
 }
 
 impl Table {
@@ -127,7 +130,9 @@ impl Table {
             });
             for (i, c) in d.chunks.iter().enumerate() {
                 let point = points.next().unwrap_or(UNPLACED);
-                self.payload.add(c.key, &d.metadata);
+                if let Some(p) = self.payload.get_mut() {
+                    p.add(c.key, &d.metadata);
+                }
                 self.chunks.insert(
                     c.key,
                     ChunkEntry { doc: entry.clone(), index: i as u32, point, added: seq, removed: NOT_REMOVED },
@@ -163,18 +168,29 @@ impl Table {
             if removed <= visible {
                 self.chunks.remove(&key);
                 self.dead_points += 1;
-                self.payload.removed();
+                if let Some(p) = self.payload.get_mut() {
+                    p.removed();
+                }
             } else {
                 kept.push((key, removed));
             }
         }
         self.garbage = kept;
-        if self.payload.needs_rebuild() {
-            self.payload = PayloadIndex::default();
-            for (k, c) in &self.chunks {
-                self.payload.add(*k, &c.doc.metadata);
-            }
+        if self.payload.get().is_some_and(PayloadIndex::needs_rebuild) {
+            self.payload = std::sync::OnceLock::new();
         }
+    }
+
+    /// The payload index, built from the chunks on first use (an open does not pay for it;
+    /// the first filtered search does, once).
+    pub fn payload(&self) -> &PayloadIndex {
+        self.payload.get_or_init(|| {
+            let mut p = PayloadIndex::default();
+            for (k, c) in &self.chunks {
+                p.add(*k, &c.doc.metadata);
+            }
+            p
+        })
     }
 
     pub fn live_chunks(&self) -> usize {
@@ -227,7 +243,8 @@ impl Table {
     /// Reads a table written by [`Table::save`]. Every chunk's point is checked against
     /// `key_of` (the saved graph's key at a point, `None` past its end): a table and a graph
     /// that do not belong together are refused, never mixed.
-    pub fn load(path: &Path, key_of: impl Fn(u32) -> Option<u64>) -> Result<(Table, TableMark)> {
+    pub fn load(path: &Path, key_of: impl Fn(u32) -> Option<u64> + Sync) -> Result<(Table, TableMark)> {
+        use rayon::prelude::*;
         let file = Arc::new(Checked::open(path, MAGIC, "chunk table")?);
         let body = file.body();
         let bad = |why: &str| IndexError::Corrupt(format!("{}: {why}", path.display()));
@@ -241,16 +258,37 @@ impl Table {
         }
         let last_crc = u32::try_from(last_crc).map_err(|_| bad("checksum field"))?;
         let mark = TableMark { covered, mark: LogMark { end, last_start, last_crc, last_seq }, next_seq, next_key };
-        let string =
-            |b: &[u8], what: &str| String::from_utf8(b.to_vec()).map_err(|_| bad(&format!("{what} is not UTF-8")));
-        let mut table = Table::default();
         // Each document takes at least 4 × 4 + 8 + 8 + 4 bytes: a count beyond that is damage.
         if docs > (body.len() / 36) as u64 {
             return Err(bad("document count"));
         }
-        table.docs.reserve(docs as usize);
+        // Where each document starts: a pass over the length fields only, so that the
+        // documents can be parsed in parallel.
+        let mut starts = Vec::with_capacity(docs as usize);
         for _ in 0..docs {
+            starts.push(r.at);
             let short = || bad("short document");
+            r.bytes().ok_or_else(short)?;
+            match r.u32().ok_or_else(short)? {
+                NO_TITLE => {}
+                n => {
+                    r.take(n as usize).ok_or_else(short)?;
+                }
+            }
+            r.bytes().ok_or_else(short)?;
+            r.bytes().ok_or_else(short)?;
+            r.take(16).ok_or_else(short)?;
+            let n = r.u32().ok_or_else(short)? as usize;
+            r.take(n.checked_mul(CHUNK_BYTES).ok_or_else(short)?).ok_or_else(short)?;
+        }
+        if !r.is_done() {
+            return Err(bad("trailing bytes"));
+        }
+        let parse = |start: usize| -> Result<(Arc<DocEntry>, Vec<u32>, u64)> {
+            let mut r = Cursor { data: body, at: start };
+            let short = || bad("short document");
+            let string =
+                |b: &[u8], what: &str| String::from_utf8(b.to_vec()).map_err(|_| bad(&format!("{what} is not UTF-8")));
             let id = string(r.bytes().ok_or_else(short)?, "an id")?;
             let title = match r.u32().ok_or_else(short)? {
                 NO_TITLE => None,
@@ -263,11 +301,14 @@ impl Table {
             let hash = r.u64().ok_or_else(short)?;
             let added = r.u64().ok_or_else(short)?;
             let n = r.u32().ok_or_else(short)? as usize;
-            let mut chunks = Vec::with_capacity(n.min(r.data.len() / 32));
-            let mut points = Vec::with_capacity(chunks.capacity());
+            let mut chunks = Vec::with_capacity(n);
+            let mut points = Vec::with_capacity(n);
             for _ in 0..n {
                 let key = r.u64().ok_or_else(short)?;
-                let f: Vec<u32> = (0..6).map(|_| r.u32()).collect::<Option<_>>().ok_or_else(short)?;
+                let mut f = [0u32; 6];
+                for x in &mut f {
+                    *x = r.u32().ok_or_else(short)?;
+                }
                 let c = ChunkRecord {
                     key,
                     byte_start: f[0],
@@ -290,21 +331,95 @@ impl Table {
                 points.push(f[5]);
             }
             let text = Text::Saved { file: file.clone(), start: text_start, len: text_bytes.len() };
-            let doc = Arc::new(DocEntry { id: id.clone(), title, text, metadata, hash, chunks });
+            Ok((Arc::new(DocEntry { id, title, text, metadata, hash, chunks }), points, added))
+        };
+        let parsed = starts.into_par_iter().map(parse).collect::<Result<Vec<_>>>()?;
+        let mut table = Table::default();
+        table.docs.reserve(parsed.len());
+        table.chunks.reserve(parsed.len());
+        for (doc, points, added) in parsed {
             for (i, (c, point)) in doc.chunks.iter().zip(points).enumerate() {
-                table.payload.add(c.key, &doc.metadata);
                 let entry = ChunkEntry { doc: doc.clone(), index: i as u32, point, added, removed: NOT_REMOVED };
                 if table.chunks.insert(c.key, entry).is_some() {
                     return Err(bad(&format!("chunk {} appears twice", c.key)));
                 }
             }
-            if table.docs.insert(id, doc).is_some() {
+            if table.docs.insert(doc.id.clone(), doc).is_some() {
                 return Err(bad("a document appears twice"));
             }
         }
-        if !r.is_done() {
-            return Err(bad("trailing bytes"));
-        }
         Ok((table, mark))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A table file holding `body` under a valid checksum: what a buggy writer could leave.
+    fn file_with(dir: &Path, body: &[u8]) -> std::path::PathBuf {
+        let path = dir.join("table.snap");
+        let mut w = SumWriter::create(&path, MAGIC).unwrap();
+        w.put(body).unwrap();
+        w.finish().unwrap();
+        path
+    }
+
+    fn sample_body(dir: &Path) -> Vec<u8> {
+        let mut table = Table::default();
+        let docs: Vec<DocRecord> = (0..5u64)
+            .map(|i| DocRecord {
+                id: format!("d{i}"),
+                title: (i % 2 == 0).then(|| format!("T{i}")),
+                text: "héllo wörld, twice".repeat(i as usize + 1),
+                metadata: serde_json::json!({"i": i}),
+                hash: i,
+                chunks: vec![ChunkRecord { key: i, byte_start: 0, byte_end: 6, char_start: 0, char_end: 5, tokens: 2 }],
+            })
+            .collect();
+        table.upsert(1, &docs, &[0, 1, 2, 3, 4]);
+        let mark = TableMark {
+            covered: 1,
+            mark: LogMark { end: 100, last_start: 0, last_crc: 7, last_seq: 1 },
+            next_seq: 2,
+            next_key: 5,
+        };
+        let path = dir.join("table.snap");
+        table.save(&path, &mark).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        bytes[8..bytes.len() - 4].to_vec()
+    }
+
+    #[test]
+    fn a_saved_table_loads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let body = sample_body(dir.path());
+        let path = file_with(dir.path(), &body);
+        let (t, mark) = Table::load(&path, |p| (p < 5).then_some(p as u64)).unwrap();
+        assert_eq!((t.docs.len(), t.chunks.len(), mark.next_key), (5, 5, 5));
+        assert_eq!(&*t.docs["d3"].text, "héllo wörld, twice".repeat(4));
+        assert_eq!(t.chunks[&3].text(), "héllo");
+        // A table whose points do not match the graph is refused.
+        assert!(Table::load(&path, |p| (p < 5).then_some(p as u64 + 1)).is_err());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+        /// Damaged tables under a valid checksum (a buggy writer) are refused, never panic.
+        #[test]
+        fn damaged_tables_never_panic(flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
+                                      cut in any::<prop::sample::Index>(), garbage in prop::collection::vec(any::<u8>(), 0..200)) {
+            let dir = tempfile::tempdir().unwrap();
+            let mut body = sample_body(dir.path());
+            for (at, x) in &flips {
+                let i = at.index(body.len());
+                body[i] ^= x | 1;
+            }
+            let _ = Table::load(&file_with(dir.path(), &body), |p| (p < 5).then_some(p as u64));
+            let cut = cut.index(body.len());
+            let _ = Table::load(&file_with(dir.path(), &body[..cut]), |p| (p < 5).then_some(p as u64));
+            let _ = Table::load(&file_with(dir.path(), &garbage), |p| (p < 5).then_some(p as u64));
+        }
     }
 }
