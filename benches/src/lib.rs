@@ -17,6 +17,49 @@ pub fn median(xs: &[f64]) -> f64 {
     }
 }
 
+/// Unit vectors in 1,000 Gaussian clusters on the sphere of `dim` dimensions: the shape of
+/// real embeddings, seeded, for collections whose documents bring their own vectors.
+pub struct Clusters {
+    centers: Vec<Vec<f32>>,
+    dim: usize,
+}
+
+impl Clusters {
+    /// Draws the cluster centers from `rng`.
+    pub fn new(dim: usize, rng: &mut ragway_engine::rng::SplitMix64) -> Clusters {
+        let centers = (0..1000).map(|_| unit((0..dim).map(|_| rng.normal() as f32).collect())).collect();
+        Clusters { centers, dim }
+    }
+
+    /// A point of a random cluster.
+    pub fn point(&self, rng: &mut ragway_engine::rng::SplitMix64) -> Vec<f32> {
+        let c = &self.centers[rng.below(self.centers.len())];
+        unit(c.iter().map(|x| x + 0.6 * rng.normal() as f32 / (self.dim as f32).sqrt()).collect())
+    }
+}
+
+/// `v` scaled to unit length.
+pub fn unit(mut v: Vec<f32>) -> Vec<f32> {
+    ragway_index::dense::Distance::Cosine.prepare(&mut v);
+    v
+}
+
+/// Settings of a collection without an embedding model whose documents bring `dim`-dimension
+/// vectors (cosine, default HNSW parameters).
+pub fn own_vectors_settings(name: &str, dim: usize) -> ragway_index::CollectionSettings {
+    ragway_index::CollectionSettings {
+        name: name.into(),
+        model: None,
+        dimension: dim,
+        distance: ragway_index::dense::Distance::Cosine,
+        hnsw: Default::default(),
+        chunking: Default::default(),
+        fusion: Default::default(),
+        keyword: Default::default(),
+        created_at: 0,
+    }
+}
+
 /// Texts of a JSONL file with a `text` field per line.
 pub fn load_jsonl_texts(path: &Path) -> anyhow::Result<Vec<String>> {
     let raw = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;

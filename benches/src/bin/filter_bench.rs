@@ -11,10 +11,10 @@
 //!     cargo run --release -p ragway-benches --bin filter-bench -- --n 100000
 
 use clap::Parser;
+use ragway_benches::{own_vectors_settings, Clusters};
 use ragway_engine::rng::SplitMix64 as Rng;
-use ragway_index::dense::{Distance, HnswParams};
 use ragway_index::filter::Filter;
-use ragway_index::{Collection, CollectionSettings, DocumentInput, SearchMode, SearchRequest};
+use ragway_index::{Collection, DocumentInput, SearchMode, SearchRequest};
 use serde_json::json;
 use std::collections::HashSet;
 use std::time::Instant;
@@ -32,37 +32,16 @@ struct Args {
     buckets: String,
 }
 
-fn normalized(mut v: Vec<f32>) -> Vec<f32> {
-    let n = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
-    v.iter_mut().for_each(|x| *x /= n);
-    v
-}
-
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let dim = args.dim;
     let mut rng = Rng::new(42);
-    let centers: Vec<Vec<f32>> = (0..1000).map(|_| normalized((0..dim).map(|_| rng.normal() as f32).collect())).collect();
-    let point = |rng: &mut Rng| {
-        let c = &centers[rng.below(1000)];
-        normalized(c.iter().map(|x| x + 0.6 * rng.normal() as f32 / (dim as f32).sqrt()).collect())
-    };
-    let vectors: Vec<Vec<f32>> = (0..args.n).map(|_| point(&mut rng)).collect();
-    let queries: Vec<Vec<f32>> = (0..args.queries).map(|_| point(&mut rng)).collect();
+    let clusters = Clusters::new(dim, &mut rng);
+    let vectors: Vec<Vec<f32>> = (0..args.n).map(|_| clusters.point(&mut rng)).collect();
+    let queries: Vec<Vec<f32>> = (0..args.queries).map(|_| clusters.point(&mut rng)).collect();
 
     let dir = tempfile::tempdir()?;
-    let settings = CollectionSettings {
-        name: "filtered".into(),
-        model: None,
-        dimension: dim,
-        distance: Distance::Cosine,
-        hnsw: HnswParams::default(),
-        chunking: Default::default(),
-        fusion: Default::default(),
-        keyword: Default::default(),
-        created_at: 0,
-    };
-    let c = Collection::create_with(&dir.path().join("filtered"), settings, None)?;
+    let c = Collection::create_with(&dir.path().join("filtered"), own_vectors_settings("filtered", dim), None)?;
     let t = Instant::now();
     for (start, batch) in vectors.chunks(1000).enumerate().map(|(b, v)| (b * 1000, v)) {
         let docs = batch

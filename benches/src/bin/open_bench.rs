@@ -11,10 +11,9 @@
 //!     cargo run --release -p ragway-benches --bin open-bench -- --n 100000
 
 use clap::Parser;
-use ragway_benches::workspace_root;
+use ragway_benches::{median, own_vectors_settings, unit, workspace_root, Clusters};
 use ragway_engine::rng::SplitMix64 as Rng;
-use ragway_index::dense::{Distance, HnswParams};
-use ragway_index::{Collection, CollectionSettings, DocumentInput, SearchMode, SearchRequest};
+use ragway_index::{Collection, DocumentInput, SearchMode, SearchRequest};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -108,7 +107,7 @@ fn qps(c: &Collection, queries: &[Vec<f32>]) -> anyhow::Result<f64> {
 /// Query vectors: random unit vectors near random stored ones' clusters (seeded).
 fn queries(dim: usize) -> Vec<Vec<f32>> {
     let mut rng = Rng::new(7);
-    (0..2000).map(|_| normalized((0..dim).map(|_| rng.normal() as f32).collect())).collect()
+    (0..2000).map(|_| unit((0..dim).map(|_| rng.normal() as f32).collect())).collect()
 }
 
 fn open_only(dir: &Path, cold: bool) -> anyhow::Result<()> {
@@ -147,11 +146,6 @@ fn open_only(dir: &Path, cold: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn normalized(mut v: Vec<f32>) -> Vec<f32> {
-    Distance::Cosine.prepare(&mut v);
-    v
-}
-
 fn build(dir: &Path, n: usize, dim: usize) -> anyhow::Result<()> {
     let corpus = std::fs::read_to_string(workspace_root().join("../shared/data/scifact/corpus.jsonl"))?;
     let texts: Vec<(String, String)> = corpus
@@ -161,29 +155,15 @@ fn build(dir: &Path, n: usize, dim: usize) -> anyhow::Result<()> {
         .collect();
     anyhow::ensure!(!texts.is_empty(), "no SciFact texts");
     let mut rng = Rng::new(42);
-    let centers: Vec<Vec<f32>> =
-        (0..1000).map(|_| normalized((0..dim).map(|_| rng.normal() as f32).collect())).collect();
-    let settings = CollectionSettings {
-        name: "open".into(),
-        model: None,
-        dimension: dim,
-        distance: Distance::Cosine,
-        hnsw: HnswParams::default(),
-        chunking: Default::default(),
-        fusion: Default::default(),
-        keyword: Default::default(),
-        created_at: 0,
-    };
-    let c = Collection::create_with(dir, settings, None)?;
+    let clusters = Clusters::new(dim, &mut rng);
+    let c = Collection::create_with(dir, own_vectors_settings("open", dim), None)?;
     let t = Instant::now();
     let batch = 1000;
     for start in (0..n).step_by(batch) {
         let docs = (start..(start + batch).min(n))
             .map(|i| {
                 let (title, text) = &texts[i % texts.len()];
-                let center = &centers[rng.below(1000)];
-                let v =
-                    normalized(center.iter().map(|x| x + 0.6 * rng.normal() as f32 / (dim as f32).sqrt()).collect());
+                let v = clusters.point(&mut rng);
                 DocumentInput {
                     id: format!("d{i}"),
                     title: Some(title.clone()),
@@ -206,11 +186,6 @@ fn build(dir: &Path, n: usize, dim: usize) -> anyhow::Result<()> {
     c.close()?;
     eprintln!("[open-bench] {n} documents written in {write_s:.1} s, closed in {:.1} s", t.elapsed().as_secs_f64());
     Ok(())
-}
-
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    xs[xs.len() / 2]
 }
 
 fn main() -> anyhow::Result<()> {
@@ -249,9 +224,10 @@ fn main() -> anyhow::Result<()> {
             let line = String::from_utf8_lossy(&out.stdout);
             runs.push(serde_json::from_str::<Value>(line.trim())?);
         }
-        let open_s = median(runs.iter().map(|r| r["open_s"].as_f64().unwrap_or(f64::NAN)).collect());
-        let rss = median(runs.iter().map(|r| r["rss_bytes"].as_f64().unwrap_or(f64::NAN)).collect());
-        let rss_file = median(runs.iter().map(|r| r["rss_file_bytes"].as_f64().unwrap_or(f64::NAN)).collect());
+        let open_s = median(&runs.iter().map(|r| r["open_s"].as_f64().unwrap_or(f64::NAN)).collect::<Vec<_>>());
+        let rss = median(&runs.iter().map(|r| r["rss_bytes"].as_f64().unwrap_or(f64::NAN)).collect::<Vec<_>>());
+        let rss_file =
+            median(&runs.iter().map(|r| r["rss_file_bytes"].as_f64().unwrap_or(f64::NAN)).collect::<Vec<_>>());
         let state = if cold { "dropped" } else { "warm" };
         println!(
             "| {state} | {open_s:.2} | {:.0} + {:.0} | {:.0} + {:.0} | {} / {} | {} / {} | {} | {:.0} |",
