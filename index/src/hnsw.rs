@@ -185,8 +185,6 @@ struct Mapped {
     map: memmap2::Mmap,
     /// Where the vectors' checksummed section (padding, then vectors) starts.
     section: usize,
-    /// The first vector (4-byte aligned: the file puts them at a multiple of 64 bytes).
-    ptr: *const f32,
 }
 
 // SAFETY: the non-`Sync` fields are `vectors` (`UnsafeCell<f32>`) and the mapped vectors'
@@ -235,7 +233,8 @@ impl Graph {
             capacity,
             allocated: AtomicUsize::new(0),
             inserted: AtomicUsize::new(0),
-            mapped_ptr: mapped.as_ref().map_or(std::ptr::null(), |m| m.ptr),
+            // Set by whoever hands over the mapping ([`Graph::load`], [`Graph::grown`]).
+            mapped_ptr: std::ptr::null(),
             mapped,
             mapped_points,
             vectors,
@@ -620,7 +619,7 @@ impl Graph {
             mapped_points,
         );
         self.mapped_points = 0;
-        self.mapped_ptr = std::ptr::null();
+        g.mapped_ptr = std::mem::replace(&mut self.mapped_ptr, std::ptr::null());
         g.m = self.m;
         g.m0 = self.m0;
         for i in 0..(n - mapped_points) * self.dim {
@@ -641,12 +640,6 @@ impl Graph {
         *g.entry.get_mut().unwrap_or_else(|e| e.into_inner()) =
             *self.entry.get_mut().unwrap_or_else(|e| e.into_inner());
         g
-    }
-
-    /// The temporary file [`Graph::save`] writes before renaming it to `path` (a crash may
-    /// leave it behind).
-    pub fn temp_path(path: &Path) -> std::path::PathBuf {
-        crate::filefmt::temp_path(path)
     }
 
     /// Writes the graph to `path`, marked as covering the owner's log up to record
@@ -833,7 +826,7 @@ impl Graph {
         *g.allocated.get_mut() = n;
         *g.inserted.get_mut() = n;
         g.mapped_ptr = ptr;
-        g.mapped = Some(Mapped { ptr, section, map });
+        g.mapped = Some(Mapped { section, map });
         Ok((g, seq))
     }
 
