@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The test command: fetches the default models (scripts/setup-models.sh), creates the
-# Python environment with the official `openai` client that the API tests drive, then runs
+# The test command: fetches the default models (scripts/setup-models.sh) and PostgreSQL with
+# pgvector (scripts/setup-postgres.sh), creates the Python environment with the official
+# `openai` client that the API tests drive, then runs
 # every test of the workspace in the `ci` profile (optimized, so real models run fast).
 #
 #   scripts/test.sh [extra cargo test args]
@@ -21,6 +22,13 @@ if ! "$pyenv/bin/python" -c "import openai" 2>/dev/null; then
   "$pyenv/bin/pip" install --quiet --disable-pip-version-check "openai>=1.40,<4"
 fi
 export RAGWAY_TEST_PYTHON="${RAGWAY_TEST_PYTHON:-$pyenv/bin/python}"
+
+# PostgreSQL 18 + pgvector for the `postgres` store's tests (each test starts its own server
+# from this installation and stops it).
+if [ -z "${RAGWAY_PG_INSTALL:-}" ]; then
+  RAGWAY_PG_INSTALL=$(scripts/setup-postgres.sh)
+  export RAGWAY_PG_INSTALL
+fi
 
 # llama.cpp's OpenAI-compatible server as an upstream (fleet::llama_cpp_server_as_upstream)
 # runs when an environment with llama-cpp-python[server] exists; building llama.cpp takes

@@ -77,6 +77,15 @@ pub struct ServeArgs {
     /// `{"path"}`); unset: server-side paths are refused.
     #[arg(long, env = "RAGWAY_INGEST_ROOT")]
     pub ingest_root: Option<PathBuf>,
+    /// PostgreSQL with pgvector for new collections (`postgres://user:password@host:port/db`);
+    /// unset: collections live in the embedded store under the data directory.
+    #[arg(long, env = "RAGWAY_POSTGRES_URL", hide_env_values = true)]
+    pub postgres_url: Option<String>,
+    /// Read replicas of that database that searches may use (repeatable; the variable takes
+    /// a comma-separated list).
+    #[arg(long = "postgres-read-url", env = "RAGWAY_POSTGRES_READ_URLS", value_delimiter = ',', hide_env_values = true)]
+    #[serde(default)]
+    pub postgres_read_urls: Vec<String>,
     /// Milliseconds between commits of writes nobody waits for (ingestion jobs) [default: 1000].
     #[arg(long, env = "RAGWAY_COMMIT_INTERVAL_MS")]
     pub commit_interval_ms: Option<u64>,
@@ -184,6 +193,8 @@ pub struct Settings {
     pub max_body_bytes: usize,
     pub http_workers: usize,
     pub ingest_root: Option<PathBuf>,
+    pub postgres_url: Option<String>,
+    pub postgres_read_urls: Vec<String>,
     pub commit_interval_ms: u64,
     pub max_upload_bytes: u64,
     pub api_keys: Vec<String>,
@@ -277,6 +288,13 @@ impl ServeArgs {
             max_body_bytes: pick!(max_body_bytes, 16 * 1024 * 1024),
             http_workers: pick!(http_workers, std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)),
             ingest_root: self.ingest_root.clone().or(file.ingest_root.clone()),
+            // Empty (an unset variable passed through, as docker-compose does): none.
+            postgres_url: self.postgres_url.clone().or(file.postgres_url.clone()).filter(|u| !u.trim().is_empty()),
+            postgres_read_urls: if self.postgres_read_urls.is_empty() {
+                file.postgres_read_urls.clone()
+            } else {
+                self.postgres_read_urls.clone()
+            },
             commit_interval_ms: pick!(commit_interval_ms, 1000),
             max_upload_bytes: pick!(max_upload_bytes, 4 << 30),
             api_keys: if self.api_keys.is_empty() { file.api_keys.clone() } else { self.api_keys.clone() },

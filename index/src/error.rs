@@ -26,6 +26,9 @@ pub enum IndexError {
     /// The embedding model is busy; retry later.
     #[error("embedding queue is full; retry later")]
     Busy,
+    /// The storage engine cannot be reached (a database down or restarting); retry later.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("embedding failed: {0}")]
     Embed(String),
     #[error("stored data is corrupt: {0}")]

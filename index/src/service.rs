@@ -11,6 +11,7 @@ use crate::embedder::ChunkEmbedder;
 pub const MAX_DIMENSION: usize = 16_384;
 use crate::error::{IndexError, Result};
 use crate::jobs::JobRegistry;
+use crate::postgres::{PgDatabase, PgOptions, PgStore};
 use crate::types::*;
 use std::collections::HashMap;
 use std::fs::File;
@@ -29,6 +30,8 @@ pub struct ServiceOptions {
     pub snapshot_root: PathBuf,
     /// Drift monitoring of every collection's queries.
     pub drift: crate::drift::DriftConfig,
+    /// PostgreSQL + pgvector for new collections; `None`: the embedded store.
+    pub postgres: Option<PgOptions>,
 }
 
 pub struct IndexService {
@@ -37,6 +40,8 @@ pub struct IndexService {
     embedders: HashMap<String, Arc<dyn ChunkEmbedder>>,
     default_model: String,
     collections: RwLock<HashMap<String, Arc<Collection>>>,
+    /// Where new collections live when PostgreSQL is configured.
+    postgres: Option<Arc<PgDatabase>>,
     jobs: JobRegistry,
     _lock: File,
 }
@@ -95,7 +100,38 @@ impl IndexService {
             c.drift().configure(options.drift.clone());
             collections.insert(settings.name.clone(), Arc::new(c));
         }
+        // Collections in PostgreSQL: listed by the database (another ragway may have
+        // created them); their directories here keep only the drift monitor's state.
+        let postgres = match &options.postgres {
+            None => None,
+            Some(pg) => {
+                let db = PgDatabase::connect(pg)?;
+                for (name, settings) in db.collections()? {
+                    if collections.contains_key(&name) {
+                        tracing::warn!(collection = %name, "a collection of this name is in the data directory and in PostgreSQL; serving the data directory's");
+                        continue;
+                    }
+                    let embedder = match &settings.model {
+                        None => None,
+                        Some(model) => Some(embedders.get(model).cloned().ok_or_else(|| {
+                            IndexError::Internal(format!(
+                                "collection `{name}` (PostgreSQL) is bound to embedding model `{model}`, which is not loaded"
+                            ))
+                        })?),
+                    };
+                    let dir = collections_dir.join(&name);
+                    std::fs::create_dir_all(&dir)?;
+                    let store = PgStore::open(db.clone(), &name)?;
+                    let c = Collection::on_store(&dir, settings, embedder, Box::new(store))?;
+                    c.drift().configure(options.drift.clone());
+                    collections.insert(name, Arc::new(c));
+                }
+                tracing::info!(database = db.address(), "collections in PostgreSQL");
+                Some(db)
+            }
+        };
         let service = Arc::new(IndexService {
+            postgres,
             data_dir: data_dir.to_path_buf(),
             options,
             embedders,
@@ -166,13 +202,20 @@ impl IndexService {
             None => Some(self.default_model.clone()),
             Some(m) => m,
         };
-        let embedder = self.embedder_for(model.as_deref(), "model", |m| format!("embedding model `{m}` is not served"))?;
+        let embedder =
+            self.embedder_for(model.as_deref(), "model", |m| format!("embedding model `{m}` is not served"))?;
         let dimension = match (&embedder, req.dimension) {
             (None, None) => {
-                return Err(IndexError::invalid("dimension", "a collection without a model (`model: null`) needs `dimension`"))
+                return Err(IndexError::invalid(
+                    "dimension",
+                    "a collection without a model (`model: null`) needs `dimension`",
+                ))
             }
             (None, Some(d)) if d == 0 || d > MAX_DIMENSION => {
-                return Err(IndexError::invalid("dimension", format!("dimension must be between 1 and {MAX_DIMENSION}")))
+                return Err(IndexError::invalid(
+                    "dimension",
+                    format!("dimension must be between 1 and {MAX_DIMENSION}"),
+                ))
             }
             (None, Some(d)) => d,
             (Some(e), Some(d)) if d != e.dim() => {
@@ -220,7 +263,14 @@ impl IndexService {
         if dir.exists() {
             std::fs::remove_dir_all(&dir)?; // leftovers of an interrupted delete
         }
-        let c = Arc::new(Collection::create_with(&dir, settings, embedder)?);
+        let c = match &self.postgres {
+            None => Arc::new(Collection::create_with(&dir, settings, embedder)?),
+            Some(db) => {
+                let store = PgStore::create(db.clone(), settings.clone())?;
+                std::fs::create_dir_all(&dir)?;
+                Arc::new(Collection::on_store(&dir, settings, embedder, Box::new(store))?)
+            }
+        };
         c.drift().configure(self.options.drift.clone());
         collections.insert(req.name, c.clone());
         Ok(c)
@@ -248,6 +298,10 @@ impl IndexService {
             .expect("collections")
             .remove(name)
             .ok_or_else(|| IndexError::CollectionNotFound(name.to_string()))?;
+        if let (Some(db), "postgres") = (&self.postgres, c.store().kind()) {
+            // The database's transaction drops the tables and the catalog row together.
+            PgStore::drop_collection(db, name)?;
+        }
         // Rename first (atomic), then remove: a crash never leaves half a collection.
         let trash = self.data_dir.join("collections").join(format!(".deleted-{}-{}", name, std::process::id()));
         std::fs::rename(c.dir(), &trash)?;
@@ -269,13 +323,12 @@ impl IndexService {
     pub fn restore(&self, name: &str, path: &str) -> Result<Arc<Collection>> {
         validate_name(name)?;
         let src = self.resolve_under(&self.options.snapshot_root, path, "path")?;
-        let mut settings: CollectionSettings = serde_json::from_slice(
-            &std::fs::read(src.join("settings.json"))
-                .map_err(|_| IndexError::invalid("path", format!("{} is not a collection snapshot", src.display())))?,
-        )?;
-        let embedder = self.embedder_for(settings.model.as_deref(), "path", |m| {
-            format!("the snapshot needs embedding model `{m}`")
-        })?;
+        let mut settings: CollectionSettings =
+            serde_json::from_slice(&std::fs::read(src.join("settings.json")).map_err(|_| {
+                IndexError::invalid("path", format!("{} is not a collection snapshot", src.display()))
+            })?)?;
+        let embedder = self
+            .embedder_for(settings.model.as_deref(), "path", |m| format!("the snapshot needs embedding model `{m}`"))?;
         let mut collections = self.collections.write().expect("collections");
         if collections.contains_key(name) {
             return Err(IndexError::CollectionExists(name.to_string()));
@@ -337,6 +390,14 @@ impl IndexService {
         Ok(())
     }
 
+    /// Whether the storage engines answer: PostgreSQL when configured (readiness).
+    pub fn check_storage(&self) -> Result<()> {
+        match &self.postgres {
+            Some(db) => db.ping(),
+            None => Ok(()),
+        }
+    }
+
     fn collection_dir(&self, name: &str) -> PathBuf {
         self.data_dir.join("collections").join(name)
     }
@@ -350,7 +411,10 @@ fn validate_name(name: &str) -> Result<()> {
     if ok {
         Ok(())
     } else {
-        Err(IndexError::invalid("name", "collection names are 1 to 64 letters, digits, `-` or `_`, starting with a letter or digit"))
+        Err(IndexError::invalid(
+            "name",
+            "collection names are 1 to 64 letters, digits, `-` or `_`, starting with a letter or digit",
+        ))
     }
 }
 

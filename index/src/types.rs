@@ -241,6 +241,8 @@ pub struct SearchResponse {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CollectionInfo {
     pub settings: CollectionSettings,
+    /// Where the collection's documents live: `embedded` (the data directory) or `postgres`.
+    pub storage: &'static str,
     pub documents: usize,
     pub chunks: usize,
     /// Points in the HNSW graph (deleted ones included until the next rebuild).

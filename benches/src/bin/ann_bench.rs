@@ -93,7 +93,7 @@ fn main() -> anyhow::Result<()> {
             });
             let real = Collection::open(&dir, embedder.clone())
                 .map_err(|e| anyhow::anyhow!("{}: {e} (run retrieval-bench first)", dir.display()))?
-                .export_vectors();
+                .export_vectors()?;
             let mut base = real.clone();
             while base.len() < args.n {
                 let (i, j) = (rng.next_u64() as usize % real.len(), rng.next_u64() as usize % real.len());

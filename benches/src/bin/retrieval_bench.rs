@@ -8,7 +8,11 @@
 //! same chunk inputs, in the same run. Memory: resident memory of a process that opens the
 //! ingested collection, per million chunks.
 //!
-//!     cargo run --release -p ragway-benches --bin retrieval-bench -- [--max-tokens default,128]
+//! With `--postgres` (a throwaway server from `RAGWAY_PG_INSTALL`) or `--postgres-url URL`,
+//! the corpus is also ingested into a collection in PostgreSQL + pgvector and every
+//! configuration runs there too, printed beside the embedded store's figures.
+//!
+//!     cargo run --release -p ragway-benches --bin retrieval-bench -- [--max-tokens default,128] [--postgres]
 
 use clap::Parser;
 use ragway_benches::{reference_python, workspace_root};
@@ -42,6 +46,13 @@ struct Args {
     /// Ingest again even if a collection from an earlier run exists.
     #[arg(long)]
     reingest: bool,
+    /// Also run on PostgreSQL + pgvector: a throwaway server from `RAGWAY_PG_INSTALL`.
+    #[arg(long)]
+    postgres: bool,
+    /// Also run on this PostgreSQL (a collection `scifact_bench` is created there, replacing
+    /// one of that name).
+    #[arg(long)]
+    postgres_url: Option<String>,
     /// Internal: open the collection in this folder and print resident memory as JSON.
     #[arg(long, hide = true)]
     memory_of: Option<PathBuf>,
@@ -68,7 +79,10 @@ fn main() -> anyhow::Result<()> {
         unsafe { libc::malloc_trim(0) };
         let after = rss_bytes();
         let info = c.info();
-        println!("{}", json!({"rss_delta_bytes": after.saturating_sub(before), "chunks": info.chunks, "estimate_bytes": info.memory_bytes}));
+        println!(
+            "{}",
+            json!({"rss_delta_bytes": after.saturating_sub(before), "chunks": info.chunks, "estimate_bytes": info.memory_bytes})
+        );
         return Ok(());
     }
     let data = args.data.clone().unwrap_or_else(|| workspace_root().join("../shared/data/scifact"));
@@ -80,7 +94,9 @@ fn main() -> anyhow::Result<()> {
     let queries: Vec<(String, String)> = std::fs::read_to_string(data.join("queries.jsonl"))?
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .map(|v| (v["_id"].as_str().unwrap_or_default().to_string(), v["text"].as_str().unwrap_or_default().to_string()))
+        .map(|v| {
+            (v["_id"].as_str().unwrap_or_default().to_string(), v["text"].as_str().unwrap_or_default().to_string())
+        })
         .filter(|(id, _)| qrels.contains_key(id))
         .collect();
     eprintln!("[retrieval-bench] {} train queries with judgements", queries.len());
@@ -104,15 +120,23 @@ fn main() -> anyhow::Result<()> {
         eprintln!("[retrieval-bench] chunks≤{budget}: {} documents, {} chunks", info.documents, info.chunks);
         let mut rows = Vec::new();
         for (name, mode, fusion, title_boost) in configs() {
+            let t = Instant::now();
             let run = run_queries(&c, &queries, &query_vectors, mode, fusion, title_boost)?;
+            let qps = queries.len() as f64 / t.elapsed().as_secs_f64();
             let (ndcg, recall, n) = mean_ndcg_recall(&qrels, &run, 10, 100);
-            println!("chunks<={budget:<8} {name:<34} nDCG@10 {ndcg:.4}  recall@100 {recall:.4}  ({n} queries)");
-            rows.push(json!({"config": name, "ndcg@10": ndcg, "recall@100": recall, "queries": n}));
+            println!(
+                "chunks<={budget:<8} {name:<34} nDCG@10 {ndcg:.4}  recall@100 {recall:.4}  ({n} queries, {qps:.0}/s)"
+            );
+            rows.push(json!({"config": name, "ndcg@10": ndcg, "recall@100": recall, "queries": n, "qps": qps}));
             if let Some(dir) = std::env::var_os("RAGWAY_BENCH_RUNS") {
                 write_trec(&Path::new(&dir).join(format!("{budget}-{name}.trec")), &run)?;
             }
         }
-        report.push(json!({"max_tokens": budget, "documents": info.documents, "chunks": info.chunks, "ingest": ingest, "memory": memory, "results": rows}));
+        report.push(json!({"max_tokens": budget, "storage": "embedded", "documents": info.documents, "chunks": info.chunks, "ingest": ingest, "memory": memory, "results": rows}));
+    }
+    if args.postgres || args.postgres_url.is_some() {
+        let embedded = report.first().cloned().unwrap_or(Value::Null);
+        report.push(postgres_pass(&args, &work, &data, &queries, &query_vectors, &qrels, embedder.clone(), &embedded)?);
     }
     if let (Some(python), Some(runs)) = (reference_python(), std::env::var_os("RAGWAY_BENCH_RUNS")) {
         // Cross-check the metric code with pytrec_eval itself on the written runs.
@@ -131,8 +155,14 @@ fn main() -> anyhow::Result<()> {
 type Config = (String, SearchMode, Option<FusionParams>, Option<f32>);
 
 fn configs() -> Vec<Config> {
-    let rrf = |k: f32, d: f32, w: f32| FusionParams { method: FusionMethod::Rrf, rrf_k: k, dense_weight: d, keyword_weight: w };
-    let convex = |d: f32| FusionParams { method: FusionMethod::Convex, rrf_k: 60.0, dense_weight: d, keyword_weight: 1.0 - d };
+    let rrf = |k: f32, d: f32, w: f32| FusionParams {
+        method: FusionMethod::Rrf,
+        rrf_k: k,
+        dense_weight: d,
+        keyword_weight: w,
+    };
+    let convex =
+        |d: f32| FusionParams { method: FusionMethod::Convex, rrf_k: 60.0, dense_weight: d, keyword_weight: 1.0 - d };
     let mut out: Vec<Config> = vec![
         ("dense".into(), SearchMode::Dense, None, None),
         ("default (collection settings)".into(), SearchMode::Hybrid, None, None),
@@ -145,7 +175,12 @@ fn configs() -> Vec<Config> {
             out.push((format!("rrf(k={k},title_boost={tb})"), SearchMode::Hybrid, Some(rrf(k, 1.0, 1.0)), Some(tb)));
         }
         for (d, w) in [(1.0, 0.8), (0.8, 1.0)] {
-            out.push((format!("rrf(k=5,w={d}/{w},title_boost={tb})"), SearchMode::Hybrid, Some(rrf(5.0, d, w)), Some(tb)));
+            out.push((
+                format!("rrf(k=5,w={d}/{w},title_boost={tb})"),
+                SearchMode::Hybrid,
+                Some(rrf(5.0, d, w)),
+                Some(tb),
+            ));
         }
         for d in [0.4, 0.5, 0.6] {
             out.push((format!("convex(dense={d},title_boost={tb})"), SearchMode::Hybrid, Some(convex(d)), Some(tb)));
@@ -203,13 +238,66 @@ fn memory_child(dir: &Path) -> anyhow::Result<Value> {
     let chunks = v["chunks"].as_f64().unwrap_or(0.0);
     if chunks > 0.0 {
         let per_million = v["rss_delta_bytes"].as_f64().unwrap_or(0.0) / chunks * 1e6;
-        eprintln!("[retrieval-bench] memory: {:.0} MiB per million chunks (resident, measured)", per_million / (1 << 20) as f64);
+        eprintln!(
+            "[retrieval-bench] memory: {:.0} MiB per million chunks (resident, measured)",
+            per_million / (1 << 20) as f64
+        );
         return Ok(json!({"measured": v, "rss_mib_per_million_chunks": per_million / (1 << 20) as f64}));
     }
     Ok(v)
 }
 
-fn ingest_corpus(dir: &Path, corpus: &Path, max_tokens: Option<usize>, embedder: Arc<LocalEmbedder>) -> anyhow::Result<Value> {
+/// The same corpus and configurations on PostgreSQL + pgvector (default chunking), each
+/// figure printed beside the embedded store's.
+#[allow(clippy::too_many_arguments)]
+fn postgres_pass(
+    args: &Args,
+    work: &Path,
+    data: &Path,
+    queries: &[(String, String)],
+    vectors: &[Vec<f32>],
+    qrels: &ragway_eval::retrieval::Qrels,
+    embedder: Arc<LocalEmbedder>,
+    embedded: &Value,
+) -> anyhow::Result<Value> {
+    use ragway_index::postgres::{LocalServer, PgDatabase, PgOptions, PgStore};
+    let server = match &args.postgres_url {
+        Some(_) => None,
+        None => Some(LocalServer::from_env()?),
+    };
+    let url = args.postgres_url.clone().unwrap_or_else(|| server.as_ref().expect("server").url());
+    let db = PgDatabase::connect(&PgOptions::new(url))?;
+    let mut settings = scifact_settings(None);
+    settings.name = "scifact_bench".into();
+    let _ = PgStore::drop_collection(&db, &settings.name);
+    let store = PgStore::create(db, settings.clone())?;
+    let dir = work.join("scifact-postgres");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let c = Arc::new(Collection::with_store(&dir, settings, Some(embedder.clone()), Box::new(store)));
+    let ingest = ingest_into(c.clone(), &data.join("corpus.jsonl"), embedder)?;
+    let before: HashMap<String, f64> = embedded["results"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| (r["config"].as_str().unwrap_or_default().to_string(), r["ndcg@10"].as_f64().unwrap_or(0.0)))
+        .collect();
+    let mut rows = Vec::new();
+    for (name, mode, fusion, title_boost) in configs() {
+        let t = Instant::now();
+        let run = run_queries(&c, queries, vectors, mode, fusion, title_boost)?;
+        let qps = queries.len() as f64 / t.elapsed().as_secs_f64();
+        let (ndcg, recall, n) = mean_ndcg_recall(qrels, &run, 10, 100);
+        let diff = before.get(&name).map_or(f64::NAN, |b| ndcg - b);
+        println!("postgres         {name:<34} nDCG@10 {ndcg:.4}  recall@100 {recall:.4}  ({n} queries, {qps:.0}/s)  vs embedded {diff:+.4}");
+        rows.push(json!({"config": name, "ndcg@10": ndcg, "recall@100": recall, "queries": n, "qps": qps, "ndcg_minus_embedded": diff}));
+    }
+    let info = c.info();
+    Ok(json!({"max_tokens": "default", "storage": "postgres", "documents": info.documents, "chunks": info.chunks,
+              "disk_bytes": info.disk_bytes, "ingest": ingest, "results": rows}))
+}
+
+fn scifact_settings(max_tokens: Option<usize>) -> CollectionSettings {
     let mut settings = CollectionSettings {
         name: "scifact".into(),
         model: Some("all-MiniLM-L6-v2".into()),
@@ -222,7 +310,22 @@ fn ingest_corpus(dir: &Path, corpus: &Path, max_tokens: Option<usize>, embedder:
         created_at: 0,
     };
     settings.chunking.max_tokens = max_tokens;
-    let c = Arc::new(Collection::create(dir, settings, embedder.clone())?);
+    settings
+}
+
+fn ingest_corpus(
+    dir: &Path,
+    corpus: &Path,
+    max_tokens: Option<usize>,
+    embedder: Arc<LocalEmbedder>,
+) -> anyhow::Result<Value> {
+    let c = Arc::new(Collection::create(dir, scifact_settings(max_tokens), embedder.clone())?);
+    ingest_into(c, corpus, embedder)
+}
+
+/// Ingests the corpus with an ingestion job, then times the embedder alone on the same
+/// chunk inputs.
+fn ingest_into(c: Arc<Collection>, corpus: &Path, embedder: Arc<LocalEmbedder>) -> anyhow::Result<Value> {
     let registry = JobRegistry::default();
     let t0 = Instant::now();
     let job = registry.submit(c.clone(), Source::Jsonl(corpus.to_path_buf()), IngestOptions::default(), None)?;
@@ -255,8 +358,13 @@ fn ingest_corpus(dir: &Path, corpus: &Path, max_tokens: Option<usize>, embedder:
             ..Default::default()
         })
         .collect();
-    let inputs: Vec<Vec<u32>> =
-        docs.into_iter().map(|d| c.chunk(d)).collect::<Result<Vec<_>, _>>()?.into_iter().flat_map(|d| d.embed_inputs).collect();
+    let inputs: Vec<Vec<u32>> = docs
+        .into_iter()
+        .map(|d| c.chunk(d))
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .flat_map(|d| d.embed_inputs)
+        .collect();
     let n_chunks = inputs.len();
     let t1 = Instant::now();
     for part in inputs.chunks(256) {

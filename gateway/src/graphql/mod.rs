@@ -236,6 +236,8 @@ pub struct Collection {
     memory_bytes: u64,
     /// `ready`, `indexing` or `rebuilding`.
     state: String,
+    /// Where the documents live: `embedded` (the data directory) or `postgres`.
+    storage: String,
     created_at: u64,
     /// Every setting (HNSW, chunking, fusion, keyword), as the REST API shows them.
     settings: Json<Value>,
@@ -256,6 +258,7 @@ impl From<ragway_index::CollectionInfo> for Collection {
             disk_bytes: i.disk_bytes,
             memory_bytes: i.memory_bytes,
             state: i.state.to_string(),
+            storage: i.storage.to_string(),
             created_at: i.settings.created_at,
             settings: Json(settings),
         }

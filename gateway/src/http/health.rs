@@ -1,9 +1,9 @@
 //! Liveness and readiness probes.
 
 use crate::app::AppState;
+use crate::http::middleware::authorize_unless;
 #[allow(unused_imports)]
 use crate::http::openapi::*;
-use crate::http::middleware::authorize_unless;
 use crate::service::auth::Operation;
 use crate::service::error::ServiceError;
 use actix_web::{get, web, HttpRequest, HttpResponse};
@@ -37,12 +37,14 @@ pub struct Readiness {
     pub status: &'static str,
     /// Model id → loaded.
     pub models: std::collections::BTreeMap<String, bool>,
-    /// `ready` or `loading`.
+    /// `ready`, `loading`, or `storage_unavailable` (the configured PostgreSQL does not
+    /// answer).
     #[schema(value_type = String)]
     pub index: &'static str,
 }
 
-/// Readiness: 200 once the models are loaded and the index is open, 503 before.
+/// Readiness: 200 once the models are loaded and the index is open (and its PostgreSQL, when
+/// configured, answers), 503 otherwise.
 #[utoipa::path(
     get,
     path = "/ready",
@@ -58,10 +60,22 @@ pub async fn ready(http: HttpRequest, state: web::Data<AppState>) -> Result<Http
     ]
     .into_iter()
     .collect();
-    let index = if state.index.get().is_some() { "ready" } else { "loading" };
-    Ok(if state.is_ready() {
+    // A configured PostgreSQL that does not answer makes the index unready (load balancers
+    // stop sending searches that would fail), without restarting anything.
+    let index = match state.index.get() {
+        None => "loading",
+        Some(index) => {
+            let index = index.clone();
+            match actix_web::rt::task::spawn_blocking(move || index.check_storage()).await {
+                Ok(Ok(())) => "ready",
+                _ => "storage_unavailable",
+            }
+        }
+    };
+    Ok(if state.is_ready() && index == "ready" {
         HttpResponse::Ok().json(Readiness { status: "ready", models, index })
     } else {
-        HttpResponse::ServiceUnavailable().insert_header(("Retry-After", "1")).json(Readiness { status: "loading", models, index })
+        let status = if index == "storage_unavailable" { "unavailable" } else { "loading" };
+        HttpResponse::ServiceUnavailable().insert_header(("Retry-After", "1")).json(Readiness { status, models, index })
     })
 }

@@ -144,6 +144,10 @@ pub fn open_index(settings: &Settings, embedder: EmbedHandle) -> ragway_index::R
         ingest_root: settings.ingest_root.clone(),
         snapshot_root: settings.data_dir.join("snapshots"),
         drift: settings.drift.clone(),
+        postgres: settings.postgres_url.as_ref().map(|url| ragway_index::postgres::PgOptions {
+            read_urls: settings.postgres_read_urls.clone(),
+            ..ragway_index::postgres::PgOptions::new(url.clone())
+        }),
     };
     let default_model = embedder.model_id().to_string();
     IndexService::open(&settings.data_dir, vec![Arc::new(embedder) as Arc<dyn ChunkEmbedder>], &default_model, options)

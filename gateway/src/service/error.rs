@@ -3,12 +3,12 @@
 //! shape `{"error": {"message", "type", "param", "code"}}` (`http::error`), GraphQL as an
 //! error with `extensions.code` (`graphql`). Nothing here depends on either transport.
 
+use crate::service::auth::{Denied, Scope};
+use crate::telemetry::Rejection;
 pub use http::StatusCode;
 use ragway_engine::EngineError;
 use ragway_index::IndexError;
 use ragway_prompts::PromptError;
-use crate::service::auth::{Denied, Scope};
-use crate::telemetry::Rejection;
 use serde::Serialize;
 
 /// An API error (see the module docs).
@@ -173,7 +173,14 @@ impl ServiceError {
             crate::models::upstream::UpstreamError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             _ => StatusCode::BAD_GATEWAY,
         };
-        Self { status, message: e.to_string(), kind: "server_error", param: None, code: Some("upstream_error"), retry_after: None }
+        Self {
+            status,
+            message: e.to_string(),
+            kind: "server_error",
+            param: None,
+            code: Some("upstream_error"),
+            retry_after: None,
+        }
     }
 
     /// 500 for failures that are ragway's fault.
@@ -214,7 +221,8 @@ impl ServiceError {
 
 impl From<IndexError> for ServiceError {
     /// Index errors: 400 naming the parameter, 404 for unknown collections, documents and
-    /// jobs, 409 for a name taken, 403 for refused paths, 429 when the embedder is busy.
+    /// jobs, 409 for a name taken, 403 for refused paths, 429 when the embedder is busy, 503
+    /// with `Retry-After` when the storage engine (PostgreSQL) cannot be reached.
     fn from(e: IndexError) -> Self {
         let status = |status: StatusCode, code: &'static str, param: Option<&str>| ServiceError {
             status,
@@ -240,9 +248,17 @@ impl From<IndexError> for ServiceError {
                 retry_after: Some(1),
                 ..status(StatusCode::TOO_MANY_REQUESTS, "queue_full", None)
             },
-            IndexError::Locked { .. } => {
-                ServiceError { status: StatusCode::SERVICE_UNAVAILABLE, retry_after: Some(5), ..ServiceError::internal(e.to_string()) }
-            }
+            IndexError::Unavailable(_) => ServiceError {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                kind: "server_error",
+                retry_after: Some(2),
+                ..status(StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable", None)
+            },
+            IndexError::Locked { .. } => ServiceError {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                retry_after: Some(5),
+                ..ServiceError::internal(e.to_string())
+            },
             _ => ServiceError::internal(e.to_string()),
         }
     }

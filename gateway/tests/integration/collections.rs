@@ -35,7 +35,8 @@ fn ingest_jsonl(s: &Server, collection: &str, body: String) -> (Value, Value) {
 #[test]
 fn collections_documents_and_search() {
     let s = shared();
-    let (status, info) = s.post("/v1/collections", &json!({"name": "api-docs", "hnsw": {"m": 12}, "chunking": {"max_tokens": 128}}));
+    let (status, info) =
+        s.post("/v1/collections", &json!({"name": "api-docs", "hnsw": {"m": 12}, "chunking": {"max_tokens": 128}}));
     assert_eq!(status, 201, "{info}");
     assert_eq!(info["settings"]["model"], "all-MiniLM-L6-v2");
     assert_eq!(info["settings"]["dimension"], 384);
@@ -59,7 +60,8 @@ fn collections_documents_and_search() {
     let (_, r) = s.post("/v1/collections/api-docs/documents", &docs);
     assert_eq!(r["unchanged"], 3, "the same documents again change nothing");
 
-    let (status, r) = s.post("/v1/collections/api-docs/search", &json!({"query": "a feline pet", "top_k": 2, "mode": "dense"}));
+    let (status, r) =
+        s.post("/v1/collections/api-docs/search", &json!({"query": "a feline pet", "top_k": 2, "mode": "dense"}));
     assert_eq!(status, 200, "{r}");
     assert_eq!(r["results"][0]["document_id"], "cats");
     assert_eq!(r["results"][0]["chunk_id"], "cats#0");
@@ -78,7 +80,8 @@ fn collections_documents_and_search() {
     assert_eq!(results[0]["document_id"], "path/with/slash");
 
     // Bad search input: OpenAI-shaped 400s that name the parameter.
-    let (status, body) = s.post("/v1/collections/api-docs/search", &json!({"query": "x", "filter": {"key": "year", "gte": "soon"}}));
+    let (status, body) =
+        s.post("/v1/collections/api-docs/search", &json!({"query": "x", "filter": {"key": "year", "gte": "soon"}}));
     assert_eq!(assert_openai_error(status, &body, 400)["param"], "filter.gte");
     let (status, body) = s.post("/v1/collections/api-docs/search", &json!({"query": "x", "top_k": 0}));
     assert_eq!(assert_openai_error(status, &body, 400)["param"], "top_k");
@@ -90,7 +93,8 @@ fn collections_documents_and_search() {
     assert_eq!(assert_openai_error(status, &body, 404)["code"], "collection_not_found");
     let (status, body) = s.post("/v1/collections/api-docs/documents", &json!({"documents": [{"id": "", "text": "x"}]}));
     assert_eq!(assert_openai_error(status, &body, 400)["param"], "documents[0].id");
-    let (status, body) = s.post("/v1/collections/api-docs/documents", &json!({"documents": [{"id": "a", "text": "x", "metadata": [1]}]}));
+    let (status, body) = s
+        .post("/v1/collections/api-docs/documents", &json!({"documents": [{"id": "a", "text": "x", "metadata": [1]}]}));
     assert_eq!(assert_openai_error(status, &body, 400)["param"], "documents[0].metadata");
 
     let (status, d) = s.get("/v1/collections/api-docs/documents/path/with/slash");
@@ -101,10 +105,14 @@ fn collections_documents_and_search() {
     assert_eq!(assert_openai_error(status, &body, 404)["code"], "document_not_found");
     let (status, r) = s.delete("/v1/collections/api-docs/documents/cats");
     assert_eq!((status, r["deleted"].as_u64()), (200, Some(1)));
-    let (status, r) = s.post("/v1/collections/api-docs/documents/delete", &json!({"filter": {"key": "year", "lt": 2015}}));
+    let (status, r) =
+        s.post("/v1/collections/api-docs/documents/delete", &json!({"filter": {"key": "year", "lt": 2015}}));
     assert_eq!((status, r["deleted"].as_u64()), (200, Some(1)), "{r}");
     let (_, info) = s.get("/v1/collections/api-docs");
-    assert_eq!((info["documents"].as_u64(), info["chunks"].as_u64(), info["keyword_chunks"].as_u64()), (Some(1), Some(1), Some(1)));
+    assert_eq!(
+        (info["documents"].as_u64(), info["chunks"].as_u64(), info["keyword_chunks"].as_u64()),
+        (Some(1), Some(1), Some(1))
+    );
     assert!(info["disk_bytes"].as_u64().unwrap() > 0 && info["memory_bytes"].as_u64().unwrap() > 0);
 
     // Snapshot, restore under a new name, delete.
@@ -116,7 +124,8 @@ fn collections_documents_and_search() {
     assert_eq!(status, 201, "{r}");
     assert_eq!(r["documents"], 1);
     let (_, list) = s.get("/v1/collections");
-    let names: Vec<&str> = list["data"].as_array().unwrap().iter().map(|c| c["settings"]["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> =
+        list["data"].as_array().unwrap().iter().map(|c| c["settings"]["name"].as_str().unwrap()).collect();
     assert!(names.contains(&"api-docs") && names.contains(&"api-copy"), "{names:?}");
     let (status, r) = s.delete("/v1/collections/api-copy");
     assert_eq!((status, r["deleted"].as_bool()), (200, Some(true)));
@@ -143,7 +152,10 @@ fn jsonl_upload_runs_a_job_with_progress_and_line_numbers() {
     assert_eq!(job["progress"]["documents_failed"], 1);
     assert_eq!(job["errors"][0]["line"], 5);
     assert_eq!(job["progress"]["fraction"], 1.0);
-    let (_, r) = s.post("/v1/collections/api-ingest/search", &json!({"query": "Body text number 17", "mode": "keyword", "top_k": 1}));
+    let (_, r) = s.post(
+        "/v1/collections/api-ingest/search",
+        &json!({"query": "Body text number 17", "mode": "keyword", "top_k": 1}),
+    );
     assert_eq!(r["results"][0]["document_id"], "doc17");
     let (_, jobs) = s.get("/v1/jobs");
     assert!(jobs["data"].as_array().unwrap().iter().any(|j| j["id"] == started["job_id"]));
@@ -205,7 +217,8 @@ fn ingest_cli_then_serve_the_same_data_dir() {
     s.wait_ready();
     let (_, info) = s.get("/v1/collections/sci");
     assert_eq!(info["documents"], 40, "{info}");
-    let (_, r) = s.post("/v1/collections/sci/search", &json!({"query": "white matter diffusion in preterm infants", "top_k": 1}));
+    let (_, r) = s
+        .post("/v1/collections/sci/search", &json!({"query": "white matter diffusion in preterm infants", "top_k": 1}));
     assert_eq!(r["results"][0]["document_id"], "4983");
     drop(s);
     let _ = std::fs::remove_dir_all(&data);
@@ -239,18 +252,26 @@ fn own_vectors_over_rest_and_graphql() {
     assert_eq!(r["results"][0]["chunk_id"], "yz#1", "{r}");
     let (_, r) = s.post("/v1/collections/byo/search", &json!({"query": "glaciers", "mode": "keyword"}));
     assert_eq!(r["results"][0]["document_id"], "x", "{r}");
-    let (_, r) = s.post("/v1/collections/byo/search", &json!({"query": "deserts", "vector": [0.0, 1.0, 0.0], "top_k": 2}));
+    let (_, r) =
+        s.post("/v1/collections/byo/search", &json!({"query": "deserts", "vector": [0.0, 1.0, 0.0], "top_k": 2}));
     assert_eq!(r["results"][0]["chunk_id"], "yz#0", "{r}");
 
     // Bad vectors and missing ones: 400s naming the document; nothing is written.
-    let (status, body) = s.post("/v1/collections/byo/documents", &json!({"documents": [{"id": "short", "text": "t", "vector": [1.0, 2.0]}]}));
+    let (status, body) = s.post(
+        "/v1/collections/byo/documents",
+        &json!({"documents": [{"id": "short", "text": "t", "vector": [1.0, 2.0]}]}),
+    );
     let e = assert_openai_error(status, &body, 400);
     assert_eq!(e["param"], "vector");
     assert!(e["message"].as_str().unwrap().contains("`short`"), "{e}");
-    let (status, body) = s.post("/v1/collections/byo/documents", &json!({"documents": [{"id": "huge", "text": "t", "vector": [1e39, 0.0, 0.0]}]}));
+    let (status, body) = s.post(
+        "/v1/collections/byo/documents",
+        &json!({"documents": [{"id": "huge", "text": "t", "vector": [1e39, 0.0, 0.0]}]}),
+    );
     let e = assert_openai_error(status, &body, 400);
     assert!(e["message"].as_str().unwrap().contains("`huge`"), "{e}");
-    let (status, body) = s.post("/v1/collections/byo/documents", &json!({"documents": [{"id": "plain", "text": "No vector."}]}));
+    let (status, body) =
+        s.post("/v1/collections/byo/documents", &json!({"documents": [{"id": "plain", "text": "No vector."}]}));
     let e = assert_openai_error(status, &body, 400);
     assert!(e["message"].as_str().unwrap().contains("`plain`"), "{e}");
     let (status, body) = s.post("/v1/collections/byo/search", &json!({"query": "deserts", "mode": "dense"}));
@@ -267,14 +288,24 @@ fn own_vectors_over_rest_and_graphql() {
     ]
     .join("\n");
     let (job, _) = ingest_jsonl(s, "byo", body);
-    assert_eq!((job["progress"]["documents_written"].as_u64(), job["progress"]["documents_failed"].as_u64()), (Some(1), Some(1)), "{job}");
+    assert_eq!(
+        (job["progress"]["documents_written"].as_u64(), job["progress"]["documents_failed"].as_u64()),
+        (Some(1), Some(1)),
+        "{job}"
+    );
     assert_eq!(job["errors"][0]["line"], 2, "{job}");
     let (_, r) = s.post("/v1/collections/byo/search", &json!({"vector": [0.7, 0.7, 0.0], "mode": "dense", "top_k": 1}));
     assert_eq!(r["results"][0]["document_id"], "j1", "{r}");
 
     // GraphQL: the same inputs, the same checks.
     let gql = |query: &str, variables: Value| -> Value {
-        client().post(format!("{}/graphql", s.url)).json(&json!({"query": query, "variables": variables})).send().unwrap().json().unwrap()
+        client()
+            .post(format!("{}/graphql", s.url))
+            .json(&json!({"query": query, "variables": variables}))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap()
     };
     let v = gql(
         "mutation($d: [DocumentInput!]!) { upsertDocuments(collection: \"byo\", documents: $d) { upserted chunks } }",
@@ -294,4 +325,54 @@ fn own_vectors_over_rest_and_graphql() {
     let e = &v["errors"][0];
     assert_eq!(e["extensions"]["status"], 400, "{v}");
     assert!(e["message"].as_str().unwrap().contains("`gbad`"), "{v}");
+}
+
+/// Collections in PostgreSQL + pgvector (`--postgres-url`, a real server from
+/// `scripts/setup-postgres.sh`): the same REST and GraphQL API, then the database stopped
+/// under the running gateway (503 with `Retry-After`, `/ready` unready) and started again
+/// (served again without restarting ragway).
+#[test]
+fn collections_in_postgres_over_rest_and_graphql_and_the_database_going_down() {
+    let pg = ragway_index::postgres::LocalServer::from_env().unwrap_or_else(|e| panic!("{e}"));
+    let s = Server::start(&["--postgres-url", &pg.url()]);
+    s.wait_ready();
+    let (status, info) = s.post("/v1/collections", &json!({"name": "in-pg"}));
+    assert_eq!(status, 201, "{info}");
+    assert_eq!(info["storage"], "postgres");
+    let docs = json!({"wait": true, "documents": [
+        {"id": "cats", "text": "The domestic cat is a small carnivorous mammal that purrs and hunts mice.", "metadata": {"year": 2001}},
+        {"id": "rocket", "text": "Liquid-fuel rockets burn kerosene and liquid oxygen to reach orbit.", "metadata": {"year": 2005}}]});
+    let (status, r) = s.post("/v1/collections/in-pg/documents", &docs);
+    assert_eq!(status, 200, "{r}");
+    let (status, r) =
+        s.post("/v1/collections/in-pg/search", &json!({"query": "a feline pet", "top_k": 1, "mode": "dense"}));
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["results"][0]["document_id"], "cats");
+    let (_, r) =
+        s.post("/v1/collections/in-pg/search", &json!({"query": "kerosene", "filter": {"key": "year", "gte": 2003}}));
+    assert_eq!(r["results"][0]["document_id"], "rocket", "{r}");
+    let (status, r) = s.post("/graphql", &json!({"query": "{ collections { name storage documents } }"}));
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["data"]["collections"][0], json!({"name": "in-pg", "storage": "postgres", "documents": 2}));
+
+    pg.stop().unwrap();
+    let r = client()
+        .post(format!("{}/v1/collections/in-pg/search", s.url))
+        .json(&json!({"query": "a feline pet"}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 503);
+    assert!(r.headers().get("retry-after").is_some());
+    let body: Value = r.json().unwrap();
+    assert_openai_error(503, &body, 503);
+    assert_eq!(body["error"]["code"], "storage_unavailable", "{body}");
+    let (status, ready) = s.get("/ready");
+    assert_eq!((status, ready["index"].as_str()), (503, Some("storage_unavailable")), "{ready}");
+
+    pg.start_again().unwrap();
+    s.wait_ready();
+    let (status, r) =
+        s.post("/v1/collections/in-pg/search", &json!({"query": "a feline pet", "top_k": 1, "mode": "dense"}));
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["results"][0]["document_id"], "cats");
 }

@@ -44,15 +44,23 @@ fn ids(hits: &[ragway_index::SearchHit]) -> Vec<&str> {
 }
 
 fn assert_halves_agree(c: &Collection) {
-    let (visible, in_graph, keyword) = c.visible_keys().unwrap();
+    let (visible, in_graph, keyword) = c.embedded().expect("an embedded collection").visible_keys().unwrap();
     assert_eq!(visible, in_graph, "every visible chunk is reachable in the graph");
     assert_eq!(visible, keyword, "the keyword index holds exactly the visible chunks");
 }
 
 #[test]
 fn dense_keyword_and_hybrid_search_upsert_and_delete() {
-    let dir = tempfile::tempdir().unwrap();
-    let c = create(dir.path(), settings("topics"));
+    search_modes_upserts_and_deletes(Backend::Embedded);
+}
+
+#[test]
+fn dense_keyword_and_hybrid_search_upsert_and_delete_on_postgres() {
+    search_modes_upserts_and_deletes(Backend::Postgres);
+}
+
+fn search_modes_upserts_and_deletes(backend: Backend) {
+    let c = create_on(backend, settings("topics"));
     topics(&c);
 
     // Meaning without shared words: only the dense half can find it.
@@ -128,13 +136,23 @@ fn dense_keyword_and_hybrid_search_upsert_and_delete() {
     let info = c.info();
     assert_eq!((info.documents, info.chunks, info.state), (3, 3, "ready"));
     assert_eq!(info.keyword_chunks, 3);
-    assert_halves_agree(&c);
+    if backend == Backend::Embedded {
+        assert_halves_agree(&c);
+    }
 }
 
 #[test]
 fn a_filter_never_shrinks_the_result_list() {
-    let dir = tempfile::tempdir().unwrap();
-    let c = create(dir.path(), settings("many"));
+    filters_never_shrink_the_result_list(Backend::Embedded);
+}
+
+#[test]
+fn a_filter_never_shrinks_the_result_list_on_postgres() {
+    filters_never_shrink_the_result_list(Backend::Postgres);
+}
+
+fn filters_never_shrink_the_result_list(backend: Backend) {
+    let c = create_on(backend, settings("many"));
     let words = ["alpha", "beta", "gamma", "delta", "omega"];
     let docs = (0..300)
         .map(|i| {
@@ -357,6 +375,7 @@ fn service_options(dir: &std::path::Path) -> ServiceOptions {
         ingest_root: None,
         snapshot_root: dir.join("snapshots"),
         drift: Default::default(),
+        postgres: None,
     }
 }
 

@@ -1,0 +1,1123 @@
+//! Collections in PostgreSQL + pgvector: the `postgres` [`ChunkStore`].
+//!
+//! ## Schema (version [`SCHEMA_VERSION`])
+//! `ragway_collections` lists the collections (name, schema version, settings, the table
+//! prefix and the last write's sequence number). Each collection has two tables named by a
+//! hash of its name (`rw_<16 hex digits>_docs`, `_chunks`), so any collection name fits
+//! PostgreSQL's identifiers:
+//! - `_docs`: one row per document (id, title, text, metadata, content hash);
+//! - `_chunks`: one row per chunk (key, document, offsets, its text, the document's title
+//!   and metadata, a generated `tsvector` — title weighted `A`, text `B` — and the vector),
+//!   with an HNSW index for the collection's distance, GIN indexes on the `tsvector` and on
+//!   `metadata` (`jsonb_path_ops`), and a B-tree on the document id.
+//!
+//! ## Consistency
+//! A write is one transaction, acknowledged once committed; it first takes the collection's
+//! row in `ragway_collections` (its sequence number), so writes to a collection are
+//! serialized. A document's old chunks are deleted and its new ones inserted in that
+//! transaction, so a search never sees half a document. A search's halves run in one
+//! `REPEATABLE READ` read-only transaction: they see one state. Committed is visible:
+//! `wait_visible` returns at once.
+//!
+//! ## Search
+//! The dense half orders by pgvector's distance operator with `hnsw.ef_search` and
+//! `hnsw.iterative_scan` set for the transaction (`SET LOCAL`, which also reaches Citus
+//! workers). When the walk returns fewer hits than asked while more chunks match, the
+//! search is repeated without the index (exact distances): filtered searches are never
+//! short. The keyword half ranks with `ts_rank` over the `tsvector` (any of the query's
+//! words, as ragway's BM25 half does), so PostgreSQL's ranking stands in for BM25; both
+//! halves are fused by ragway's own code.
+
+use crate::collection::chunk_id;
+use crate::dense::Distance;
+use crate::error::{IndexError, Result};
+use crate::filter::{Filter, Op};
+use crate::store::{ChunkStore, DenseHits, DenseQuery, NewDoc, SampledChunk, StoreStats, StoreView, StoredChunk};
+use crate::types::{ChunkView, CollectionSettings, DocumentView, WriteResult};
+use pgvector::Vector;
+use postgres::types::ToSql;
+use postgres::NoTls;
+use r2d2_postgres::PostgresConnectionManager;
+use serde_json::Value;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The schema version ragway writes; collections of older versions are migrated on open.
+pub const SCHEMA_VERSION: i32 = 1;
+/// pgvector's largest `hnsw.ef_search`.
+const MAX_EF_SEARCH: usize = 1000;
+
+type Pool = r2d2::Pool<PostgresConnectionManager<NoTls>>;
+type Conn = r2d2::PooledConnection<PostgresConnectionManager<NoTls>>;
+
+/// How to reach PostgreSQL.
+#[derive(Debug, Clone)]
+pub struct PgOptions {
+    /// `postgres://user:password@host:port/database` (or the key=value form).
+    pub url: String,
+    /// Read replicas that searches may use (round robin); writes and reads of one's own
+    /// writes go to `url`.
+    pub read_urls: Vec<String>,
+    /// Connections per pool.
+    pub pool_size: u32,
+    /// Longest wait for a connection.
+    pub connect_timeout: Duration,
+    /// Longest a statement may run (PostgreSQL's `statement_timeout`).
+    pub statement_timeout: Duration,
+}
+
+impl PgOptions {
+    pub fn new(url: impl Into<String>) -> PgOptions {
+        PgOptions {
+            url: url.into(),
+            read_urls: Vec::new(),
+            pool_size: 16,
+            connect_timeout: Duration::from_secs(5),
+            statement_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// The database: a pool for writes and one per read replica.
+pub struct PgDatabase {
+    write: Pool,
+    reads: Vec<Pool>,
+    next_read: AtomicUsize,
+    /// The primary's address without its password (logs, errors, collection info).
+    shown: String,
+}
+
+impl std::fmt::Debug for PgDatabase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgDatabase").field("url", &self.shown).field("replicas", &self.reads.len()).finish()
+    }
+}
+
+/// Where an address points, without its password.
+fn shown(config: &postgres::Config) -> String {
+    let host = config
+        .get_hosts()
+        .first()
+        .map(|h| match h {
+            postgres::config::Host::Tcp(h) => h.clone(),
+            postgres::config::Host::Unix(p) => p.display().to_string(),
+        })
+        .unwrap_or_else(|| "localhost".into());
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    format!("postgres://{}@{host}:{port}/{}", config.get_user().unwrap_or(""), config.get_dbname().unwrap_or(""))
+}
+
+impl PgDatabase {
+    /// Connects (failing with the server's own words: a bad address, refused
+    /// authentication, a missing database), creates the pgvector extension and ragway's
+    /// catalog table when missing, and checks each replica.
+    pub fn connect(options: &PgOptions) -> Result<Arc<PgDatabase>> {
+        let (write, shown) = Self::pool(&options.url, options, "postgres_url")?;
+        let db = PgDatabase {
+            write,
+            reads: options
+                .read_urls
+                .iter()
+                .map(|u| Self::pool(u, options, "postgres_read_urls").map(|(p, _)| p))
+                .collect::<Result<_>>()?,
+            next_read: AtomicUsize::new(0),
+            shown,
+        };
+        let mut conn = db.conn()?;
+        conn.batch_execute(
+            "CREATE EXTENSION IF NOT EXISTS vector;
+             CREATE TABLE IF NOT EXISTS ragway_collections (
+                 name text PRIMARY KEY,
+                 schema_version int NOT NULL,
+                 prefix text NOT NULL,
+                 settings jsonb NOT NULL,
+                 seq bigint NOT NULL DEFAULT 0
+             );",
+        )
+        .map_err(|e| startup(&db.shown, e))?;
+        Ok(Arc::new(db))
+    }
+
+    fn pool(url: &str, options: &PgOptions, param: &str) -> Result<(Pool, String)> {
+        let mut config = postgres::Config::from_str(url)
+            .map_err(|e| IndexError::invalid(param, format!("`{param}` is not a PostgreSQL address: {e}")))?;
+        if config.get_ssl_mode() == postgres::config::SslMode::Require {
+            return Err(IndexError::invalid(
+                param,
+                format!("`{param}` asks for TLS (sslmode=require), which this build does not support; use sslmode=disable on a trusted network"),
+            ));
+        }
+        config.connect_timeout(options.connect_timeout);
+        config.options(&format!("-c statement_timeout={}", options.statement_timeout.as_millis()));
+        config.application_name("ragway");
+        let shown = shown(&config);
+        // One connection first, for the server's own words when it refuses.
+        config.connect(NoTls).map_err(|e| startup(&shown, e))?;
+        let pool = r2d2::Pool::builder()
+            .max_size(options.pool_size.max(1))
+            .min_idle(Some(0))
+            .connection_timeout(options.connect_timeout)
+            .build_unchecked(PostgresConnectionManager::new(config, NoTls));
+        Ok((pool, shown))
+    }
+
+    /// The primary's address, without its password.
+    pub fn address(&self) -> &str {
+        &self.shown
+    }
+
+    fn conn(&self) -> Result<Conn> {
+        self.write.get().map_err(|e| unavailable(&self.shown, &e.to_string()))
+    }
+
+    /// A connection for a search: a replica's when there are replicas.
+    fn read_conn(&self) -> Result<Conn> {
+        if self.reads.is_empty() {
+            return self.conn();
+        }
+        let i = self.next_read.fetch_add(1, Ordering::Relaxed) % self.reads.len();
+        self.reads[i].get().map_err(|e| unavailable(&self.shown, &format!("read replica {i}: {e}")))
+    }
+
+    /// Whether the primary answers (readiness).
+    pub fn ping(&self) -> Result<()> {
+        self.conn()?.batch_execute("SELECT 1").map_err(|e| db_error(&self.shown, e))
+    }
+
+    /// The names of the collections stored in the database.
+    pub fn collections(&self) -> Result<Vec<(String, CollectionSettings)>> {
+        let rows = self
+            .conn()?
+            .query("SELECT name, settings FROM ragway_collections ORDER BY name", &[])
+            .map_err(|e| db_error(&self.shown, e))?;
+        rows.iter()
+            .map(|r| {
+                let settings: Value = r.get(1);
+                Ok((r.get(0), serde_json::from_value(settings)?))
+            })
+            .collect()
+    }
+}
+
+/// A start-up failure, in the server's words.
+fn startup(shown: &str, e: postgres::Error) -> IndexError {
+    let why = match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.code().code(), db.message()),
+        None => e.to_string(),
+    };
+    IndexError::Unavailable(format!("PostgreSQL at {shown}: {why}"))
+}
+
+fn unavailable(shown: &str, why: &str) -> IndexError {
+    IndexError::Unavailable(format!("PostgreSQL at {shown} is unavailable: {why}"))
+}
+
+/// A failed statement: the database gone (connection lost, shutting down, too many
+/// connections) is `Unavailable` (retry later); anything else is an internal error.
+fn db_error(shown: &str, e: postgres::Error) -> IndexError {
+    match e.as_db_error() {
+        Some(db) => {
+            let code = db.code().code();
+            // Class 08: connection exceptions; 57P0x: shutdown, cannot connect now; 53300:
+            // too many connections; 57014: statement timeout (cancelled).
+            if code.starts_with("08") || code.starts_with("57P") || code == "53300" || code == "57014" {
+                unavailable(shown, &format!("{code}: {}", db.message()))
+            } else {
+                IndexError::Internal(format!("PostgreSQL: {code}: {}", db.message()))
+            }
+        }
+        None if e.is_closed() || std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>()) => {
+            unavailable(shown, &e.to_string())
+        }
+        None => {
+            // The client's own errors (a parameter it could not encode, ...) say why in
+            // their source.
+            let why = std::error::Error::source(&e).map(|s| format!(": {s}")).unwrap_or_default();
+            IndexError::Internal(format!("PostgreSQL: {e}{why}"))
+        }
+    }
+}
+
+/// The table prefix of a collection: a hash of its name, so that any name fits.
+fn prefix_of(name: &str) -> String {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in name.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    format!("rw_{h:016x}")
+}
+
+/// A collection's documents in PostgreSQL.
+pub struct PgStore {
+    db: Arc<PgDatabase>,
+    settings: CollectionSettings,
+    docs: String,
+    chunks: String,
+    keys: String,
+}
+
+impl PgStore {
+    /// Creates the collection's tables and indexes and lists it in `ragway_collections`;
+    /// fails when a collection of that name is already there.
+    pub fn create(db: Arc<PgDatabase>, settings: CollectionSettings) -> Result<PgStore> {
+        let prefix = prefix_of(&settings.name);
+        let store = PgStore::with_prefix(db, settings, &prefix);
+        let (ops, dim) = (store.ops_class(), store.settings.dimension);
+        let (m, efc) = (store.settings.hnsw.m, store.settings.hnsw.ef_construction);
+        let (docs, chunks, keys) = (&store.docs, &store.chunks, &store.keys);
+        let ddl = format!(
+            "CREATE TABLE {docs} (
+                 doc_id text PRIMARY KEY,
+                 title text,
+                 text text NOT NULL,
+                 metadata jsonb NOT NULL,
+                 hash bigint NOT NULL
+             );
+             CREATE SEQUENCE {keys};
+             CREATE TABLE {chunks} (
+                 key bigint PRIMARY KEY,
+                 doc_key bigint NOT NULL,
+                 doc_id text NOT NULL REFERENCES {docs} (doc_id) ON DELETE CASCADE,
+                 chunk_index int NOT NULL,
+                 char_start int NOT NULL,
+                 char_end int NOT NULL,
+                 tokens int NOT NULL,
+                 title text,
+                 text text NOT NULL,
+                 metadata jsonb NOT NULL,
+                 tsv tsvector GENERATED ALWAYS AS (
+                     setweight(to_tsvector('english', coalesce(title, '')), 'A')
+                     || setweight(to_tsvector('english', text), 'B')) STORED,
+                 embedding vector({dim}) NOT NULL
+             );
+             CREATE INDEX {chunks}_doc ON {chunks} (doc_id);
+             CREATE INDEX {chunks}_hnsw ON {chunks} USING hnsw (embedding {ops}) WITH (m = {m}, ef_construction = {efc});
+             CREATE INDEX {chunks}_tsv ON {chunks} USING gin (tsv);
+             CREATE INDEX {chunks}_meta ON {chunks} USING gin (metadata jsonb_path_ops);"
+        );
+        let mut conn = store.db.conn()?;
+        let mut tx = conn.transaction().map_err(|e| store.err(e))?;
+        let taken = tx
+            .execute(
+                "INSERT INTO ragway_collections (name, schema_version, prefix, settings) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (name) DO NOTHING",
+                &[&store.settings.name, &SCHEMA_VERSION, &prefix, &serde_json::to_value(&store.settings)?],
+            )
+            .map_err(|e| store.err(e))?
+            == 0;
+        if taken {
+            return Err(IndexError::CollectionExists(store.settings.name.clone()));
+        }
+        tx.batch_execute(&ddl).map_err(|e| store.err(e))?;
+        tx.commit().map_err(|e| store.err(e))?;
+        Ok(store)
+    }
+
+    /// Opens a collection listed in `ragway_collections`, migrating its schema when it was
+    /// written by an older version.
+    pub fn open(db: Arc<PgDatabase>, name: &str) -> Result<PgStore> {
+        let row = db
+            .conn()?
+            .query_opt("SELECT schema_version, prefix, settings FROM ragway_collections WHERE name = $1", &[&name])
+            .map_err(|e| db_error(&db.shown, e))?
+            .ok_or_else(|| IndexError::CollectionNotFound(name.to_string()))?;
+        let version: i32 = row.get(0);
+        if version > SCHEMA_VERSION {
+            return Err(IndexError::Corrupt(format!(
+                "collection `{name}` in PostgreSQL has schema version {version}; this ragway knows versions up to {SCHEMA_VERSION}: upgrade ragway"
+            )));
+        }
+        let prefix: String = row.get(1);
+        let settings: CollectionSettings = serde_json::from_value(row.get::<_, Value>(2))?;
+        Ok(PgStore::with_prefix(db, settings, &prefix))
+    }
+
+    /// Drops the collection's tables and its catalog row.
+    pub fn drop_collection(db: &PgDatabase, name: &str) -> Result<()> {
+        let mut conn = db.conn()?;
+        let mut tx = conn.transaction().map_err(|e| db_error(&db.shown, e))?;
+        let prefix: Option<String> = tx
+            .query_opt("DELETE FROM ragway_collections WHERE name = $1 RETURNING prefix", &[&name])
+            .map_err(|e| db_error(&db.shown, e))?
+            .map(|r| r.get(0));
+        let Some(prefix) = prefix else { return Err(IndexError::CollectionNotFound(name.to_string())) };
+        tx.batch_execute(&format!(
+            "DROP TABLE IF EXISTS {prefix}_chunks; DROP TABLE IF EXISTS {prefix}_docs; DROP SEQUENCE IF EXISTS {prefix}_keys;"
+        ))
+        .map_err(|e| db_error(&db.shown, e))?;
+        tx.commit().map_err(|e| db_error(&db.shown, e))
+    }
+
+    fn with_prefix(db: Arc<PgDatabase>, settings: CollectionSettings, prefix: &str) -> PgStore {
+        PgStore {
+            db,
+            settings,
+            docs: format!("{prefix}_docs"),
+            chunks: format!("{prefix}_chunks"),
+            keys: format!("{prefix}_keys"),
+        }
+    }
+
+    fn err(&self, e: postgres::Error) -> IndexError {
+        db_error(&self.db.shown, e)
+    }
+
+    /// pgvector's operator class and distance operator for the collection's distance. The
+    /// stored vectors are prepared (unit length for cosine), so cosine ranks by inner
+    /// product; scores are the negated operator, as ragway's are (higher is better).
+    fn ops_class(&self) -> &'static str {
+        match self.settings.distance {
+            Distance::Cosine | Distance::Dot => "vector_ip_ops",
+            Distance::L2 => "vector_l2_ops",
+        }
+    }
+
+    fn operator(&self) -> &'static str {
+        match self.settings.distance {
+            Distance::Cosine | Distance::Dot => "<#>",
+            Distance::L2 => "<->",
+        }
+    }
+
+    /// Starts a write: takes the collection's row (serializing writes) and returns the new
+    /// sequence number.
+    fn begin_write<'c>(&self, conn: &'c mut Conn) -> Result<(postgres::Transaction<'c>, u64)> {
+        let mut tx = conn.transaction().map_err(|e| self.err(e))?;
+        let seq: i64 = tx
+            .query_one(
+                "UPDATE ragway_collections SET seq = seq + 1 WHERE name = $1 RETURNING seq",
+                &[&self.settings.name],
+            )
+            .map_err(|e| self.err(e))?
+            .get(0);
+        Ok((tx, seq as u64))
+    }
+
+    fn write(&self, docs: Vec<NewDoc>) -> Result<WriteResult> {
+        let mut result = WriteResult::default();
+        if docs.is_empty() {
+            return Ok(result);
+        }
+        let mut conn = self.db.conn()?;
+        let (mut tx, seq) = self.begin_write(&mut conn)?;
+        let ids: Vec<&str> = docs.iter().map(|d| d.id.as_str()).collect();
+        let stored: HashMap<String, i64> = tx
+            .query(&format!("SELECT doc_id, hash FROM {} WHERE doc_id = ANY($1)", self.docs), &[&ids])
+            .map_err(|e| self.err(e))?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        let fresh: Vec<NewDoc> = docs
+            .into_iter()
+            .filter(|d| {
+                let same = stored.get(&d.id) == Some(&(d.hash as i64));
+                result.unchanged += same as usize;
+                !same
+            })
+            .collect();
+        if fresh.is_empty() {
+            // Nothing changes: the sequence number taken is given back.
+            tx.rollback().map_err(|e| self.err(e))?;
+            return Ok(result);
+        }
+        let n: usize = fresh.iter().map(|d| d.chunks.len()).sum();
+        let keys: Vec<i64> = tx
+            .query(&format!("SELECT nextval('{}') FROM generate_series(1, $1::bigint)", self.keys), &[&(n as i64)])
+            .map_err(|e| self.err(e))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        // Replacing a document: its old chunks go with its row, in this transaction.
+        let fresh_ids: Vec<&str> = fresh.iter().map(|d| d.id.as_str()).collect();
+        tx.execute(&format!("DELETE FROM {} WHERE doc_id = ANY($1)", self.docs), &[&fresh_ids])
+            .map_err(|e| self.err(e))?;
+        let (mut d_ids, mut d_titles, mut d_texts, mut d_meta, mut d_hash) = (vec![], vec![], vec![], vec![], vec![]);
+        let mut c = ChunkColumns::default();
+        let mut next = keys.into_iter();
+        for d in fresh {
+            let first = c.key.len();
+            for (i, ch) in d.chunks.iter().enumerate() {
+                let key = next.next().ok_or_else(|| IndexError::Internal("too few chunk keys".into()))?;
+                let doc_key = if i == 0 { key } else { c.key[first] };
+                let text = d
+                    .text
+                    .get(ch.byte_start as usize..ch.byte_end as usize)
+                    .ok_or_else(|| IndexError::Internal(format!("chunk {i} of `{}` is outside the text", d.id)))?;
+                c.key.push(key);
+                c.doc_key.push(doc_key);
+                c.doc_id.push(d.id.clone());
+                c.index.push(i as i32);
+                c.char_start.push(ch.char_start as i32);
+                c.char_end.push(ch.char_end as i32);
+                c.tokens.push(ch.tokens as i32);
+                c.title.push(d.title.clone());
+                c.text.push(text.to_string());
+                c.metadata.push(d.metadata.clone());
+                c.vector.push(Vector::from(ch.vector.clone()));
+            }
+            result.chunks += d.chunks.len();
+            d_ids.push(d.id);
+            d_titles.push(d.title);
+            d_texts.push(d.text);
+            d_meta.push(d.metadata);
+            d_hash.push(d.hash as i64);
+        }
+        result.upserted = d_ids.len();
+        tx.execute(
+            &format!(
+                "INSERT INTO {} (doc_id, title, text, metadata, hash)
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[], $5::bigint[])",
+                self.docs
+            ),
+            &[&d_ids, &d_titles, &d_texts, &d_meta, &d_hash],
+        )
+        .map_err(|e| self.err(e))?;
+        tx.execute(
+            &format!(
+                "INSERT INTO {} (key, doc_key, doc_id, chunk_index, char_start, char_end, tokens, title, text, metadata, embedding)
+                 SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::int[], $5::int[], $6::int[], $7::int[],
+                                      $8::text[], $9::text[], $10::jsonb[], $11::vector[])",
+                self.chunks
+            ),
+            &[
+                &c.key,
+                &c.doc_key,
+                &c.doc_id,
+                &c.index,
+                &c.char_start,
+                &c.char_end,
+                &c.tokens,
+                &c.title,
+                &c.text,
+                &c.metadata,
+                &c.vector,
+            ],
+        )
+        .map_err(|e| self.err(e))?;
+        tx.commit().map_err(|e| self.err(e))?;
+        result.seq = seq;
+        Ok(result)
+    }
+
+    fn delete_sql(&self, condition: &str, params: &[&(dyn ToSql + Sync)]) -> Result<WriteResult> {
+        let mut conn = self.db.conn()?;
+        let (mut tx, seq) = self.begin_write(&mut conn)?;
+        let deleted = tx
+            .execute(&format!("DELETE FROM {} d WHERE {condition}", self.docs), params)
+            .map_err(|e| self.err(e))? as usize;
+        if deleted == 0 {
+            tx.rollback().map_err(|e| self.err(e))?;
+            return Ok(WriteResult::default());
+        }
+        tx.commit().map_err(|e| self.err(e))?;
+        Ok(WriteResult { deleted, seq, ..Default::default() })
+    }
+
+    fn seq(&self) -> Result<u64> {
+        let row = self
+            .db
+            .conn()?
+            .query_one("SELECT seq FROM ragway_collections WHERE name = $1", &[&self.settings.name])
+            .map_err(|e| self.err(e))?;
+        Ok(row.get::<_, i64>(0) as u64)
+    }
+}
+
+/// Column arrays of an insert of chunks.
+#[derive(Default)]
+struct ChunkColumns {
+    key: Vec<i64>,
+    doc_key: Vec<i64>,
+    doc_id: Vec<String>,
+    index: Vec<i32>,
+    char_start: Vec<i32>,
+    char_end: Vec<i32>,
+    tokens: Vec<i32>,
+    title: Vec<Option<String>>,
+    text: Vec<String>,
+    metadata: Vec<Value>,
+    vector: Vec<Vector>,
+}
+
+impl ChunkStore for PgStore {
+    fn kind(&self) -> &'static str {
+        "postgres"
+    }
+
+    fn unchanged(&self, id: &str, hash: u64) -> bool {
+        let Ok(mut conn) = self.db.conn() else { return false };
+        conn.query_opt(&format!("SELECT 1 FROM {} WHERE doc_id = $1 AND hash = $2", self.docs), &[&id, &(hash as i64)])
+            .is_ok_and(|r| r.is_some())
+    }
+
+    fn upsert(&self, docs: Vec<NewDoc>) -> Result<WriteResult> {
+        self.write(docs)
+    }
+
+    fn delete(&self, ids: &[String]) -> Result<WriteResult> {
+        if ids.is_empty() {
+            return Ok(WriteResult::default());
+        }
+        self.delete_sql("d.doc_id = ANY($1)", &[&ids])
+    }
+
+    fn delete_by_filter(&self, filter: &Filter) -> Result<WriteResult> {
+        let mut sql = Sql::default();
+        let condition = sql.filter(filter, "d.metadata", "d.doc_id");
+        let params = sql.refs();
+        self.delete_sql(&condition, &params)
+    }
+
+    fn get(&self, id: &str) -> Result<Option<DocumentView>> {
+        let mut conn = self.db.conn()?;
+        let mut tx = conn
+            .build_transaction()
+            .read_only(true)
+            .isolation_level(postgres::IsolationLevel::RepeatableRead)
+            .start()
+            .map_err(|e| self.err(e))?;
+        let Some(doc) = tx
+            .query_opt(&format!("SELECT title, text, metadata FROM {} WHERE doc_id = $1", self.docs), &[&id])
+            .map_err(|e| self.err(e))?
+        else {
+            return Ok(None);
+        };
+        let chunks = tx
+            .query(
+                &format!(
+                    "SELECT chunk_index, char_start, char_end, tokens FROM {} WHERE doc_id = $1 ORDER BY chunk_index",
+                    self.chunks
+                ),
+                &[&id],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(Some(DocumentView {
+            id: id.to_string(),
+            title: doc.get(0),
+            text: doc.get(1),
+            metadata: doc.get(2),
+            chunks: chunks
+                .iter()
+                .map(|r| ChunkView {
+                    chunk_id: chunk_id(id, r.get::<_, i32>(0) as usize),
+                    char_start: r.get::<_, i32>(1) as u32,
+                    char_end: r.get::<_, i32>(2) as u32,
+                    tokens: r.get::<_, i32>(3) as u32,
+                })
+                .collect(),
+        }))
+    }
+
+    fn commit(&self) -> Result<u64> {
+        self.seq()
+    }
+
+    fn wait_visible(&self, _seq: u64) -> Result<()> {
+        // Committed is visible.
+        Ok(())
+    }
+
+    fn has_pending(&self) -> bool {
+        false
+    }
+
+    fn view<'a>(&'a self, filter: Option<&'a Filter>) -> Result<Box<dyn StoreView + 'a>> {
+        let mut conn = self.db.read_conn()?;
+        conn.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").map_err(|e| self.err(e))?;
+        let mut sql = Sql::default();
+        let condition = match filter {
+            Some(f) => sql.filter(f, "c.metadata", "c.doc_id"),
+            None => "true".into(),
+        };
+        Ok(Box::new(PgView {
+            store: self,
+            conn: RefCell::new(conn),
+            sql,
+            condition,
+            seen: RefCell::new(HashMap::new()),
+        }))
+    }
+
+    fn sample(&self, n: usize) -> Result<Vec<SampledChunk>> {
+        let rows = self
+            .db
+            .read_conn()?
+            .query(
+                &format!(
+                    "SELECT embedding, text FROM (
+                         SELECT embedding, text, row_number() OVER (ORDER BY key) AS i, count(*) OVER () AS n FROM {}
+                     ) s WHERE (i - 1) % greatest(1, ceil(n::float8 / $1::bigint)::bigint) = 0 LIMIT $1::bigint",
+                    self.chunks
+                ),
+                &[&(n.max(1) as i64)],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(rows.iter().map(|r| SampledChunk { vector: r.get::<_, Vector>(0).to_vec(), text: r.get(1) }).collect())
+    }
+
+    fn stats(&self) -> StoreStats {
+        let read = || -> Result<StoreStats> {
+            let mut conn = self.db.conn()?;
+            let row = conn
+                .query_one(
+                    &format!(
+                        "SELECT (SELECT count(*) FROM {docs}), (SELECT count(*) FROM {chunks}),
+                                pg_total_relation_size('{docs}') + pg_total_relation_size('{chunks}'),
+                                (SELECT seq FROM ragway_collections WHERE name = $1)",
+                        docs = self.docs,
+                        chunks = self.chunks
+                    ),
+                    &[&self.settings.name],
+                )
+                .map_err(|e| self.err(e))?;
+            let chunks = row.get::<_, i64>(1) as usize;
+            let seq = row.get::<_, i64>(3) as u64;
+            Ok(StoreStats {
+                documents: row.get::<_, i64>(0) as usize,
+                chunks,
+                dense_points: chunks,
+                keyword_chunks: chunks as u64,
+                last_seq: seq,
+                visible_seq: seq,
+                disk_bytes: row.get::<_, i64>(2) as u64,
+                // Held by the database server, not by ragway.
+                memory_bytes: 0,
+                state: "ready",
+            })
+        };
+        read().unwrap_or_else(|e| {
+            tracing::warn!(collection = %self.settings.name, error = %e, "could not read the collection's counts");
+            StoreStats { state: "unavailable", ..Default::default() }
+        })
+    }
+
+    fn vectors(&self) -> Result<Vec<Vec<f32>>> {
+        let rows = self
+            .db
+            .conn()?
+            .query(&format!("SELECT embedding FROM {} ORDER BY key", self.chunks), &[])
+            .map_err(|e| self.err(e))?;
+        Ok(rows.iter().map(|r| r.get::<_, Vector>(0).to_vec()).collect())
+    }
+
+    fn snapshot(&self, _dest: &Path) -> Result<()> {
+        Err(IndexError::invalid(
+            "name",
+            format!(
+                "collection `{}` lives in PostgreSQL: back it up with the database's own tools (pg_dump, base backups)",
+                self.settings.name
+            ),
+        ))
+    }
+
+    fn needs_compaction(&self) -> bool {
+        // PostgreSQL's autovacuum reclaims deleted rows.
+        false
+    }
+
+    fn compact(&self) -> Result<()> {
+        // One statement per call: several in one simple query form a transaction block,
+        // where VACUUM cannot run.
+        let mut conn = self.db.conn()?;
+        for table in [&self.docs, &self.chunks] {
+            conn.batch_execute(&format!("VACUUM (ANALYZE) {table}")).map_err(|e| self.err(e))?;
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn close(self: Box<Self>) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// One search's read-only transaction.
+struct PgView<'a> {
+    store: &'a PgStore,
+    conn: RefCell<Conn>,
+    /// The filter's parameters; the query vector or text and the limit come after them.
+    sql: Sql,
+    /// The filter as SQL over the chunks table (alias `c`).
+    condition: String,
+    /// The chunks the halves returned, for `document_of` and `chunk`.
+    seen: RefCell<HashMap<u64, (u64, StoredChunk)>>,
+}
+
+impl Drop for PgView<'_> {
+    fn drop(&mut self) {
+        // A connection whose transaction cannot be ended is closed by the pool's check.
+        let _ = self.conn.get_mut().batch_execute("ROLLBACK");
+    }
+}
+
+/// The columns a hit brings along (after its score).
+const HIT_COLUMNS: &str =
+    "c.key, c.doc_key, c.doc_id, c.chunk_index, c.text, c.title, c.metadata, c.char_start, c.char_end";
+
+impl PgView<'_> {
+    /// Runs a query returning `score` then [`HIT_COLUMNS`], remembering the chunks.
+    fn hits(&self, query: &str, extra: &[&(dyn ToSql + Sync)]) -> Result<Vec<(u64, f32)>> {
+        let mut params = self.sql.refs();
+        params.extend_from_slice(extra);
+        let rows = self.conn.borrow_mut().query(query, &params).map_err(|e| self.store.err(e))?;
+        let mut seen = self.seen.borrow_mut();
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let key = r.get::<_, i64>(1) as u64;
+                let chunk = StoredChunk {
+                    document_id: r.get(3),
+                    chunk_index: r.get::<_, i32>(4) as u32,
+                    text: r.get(5),
+                    title: r.get(6),
+                    metadata: r.get(7),
+                    char_start: r.get::<_, i32>(8) as u32,
+                    char_end: r.get::<_, i32>(9) as u32,
+                };
+                seen.insert(key, (r.get::<_, i64>(2) as u64, chunk));
+                (key, r.get::<_, f64>(0) as f32)
+            })
+            .collect())
+    }
+
+    fn next_param(&self, after: usize) -> String {
+        format!("${}", self.sql.params.len() + after)
+    }
+}
+
+impl StoreView for PgView<'_> {
+    fn dense_search(&self, query: &DenseQuery<'_>) -> Result<DenseHits> {
+        let (op, k) = (self.store.operator(), query.k);
+        let ef = query.ef.max(k).min(MAX_EF_SEARCH);
+        let (qp, kp) = (self.next_param(1), self.next_param(2));
+        let vector = Vector::from(query.vector.to_vec());
+        let limit = k as i64;
+        let select = format!(
+            "SELECT -(c.embedding {op} {qp}::vector)::float8, {HIT_COLUMNS} FROM {} c WHERE {}
+             ORDER BY c.embedding {op} {qp}::vector LIMIT {kp}::bigint",
+            self.store.chunks, self.condition
+        );
+        let exact_forced = match query.exact_scan_max {
+            Some(0) | None => false,
+            Some(max) => self.count_matching(max + 1)? <= max,
+        };
+        if !exact_forced {
+            // Strict order keeps the walk's results in distance order while it widens past
+            // chunks the filter rejects.
+            self.conn
+                .borrow_mut()
+                .batch_execute(&format!(
+                    "SET LOCAL hnsw.ef_search = {ef}; SET LOCAL hnsw.iterative_scan = strict_order"
+                ))
+                .map_err(|e| self.store.err(e))?;
+            let hits = self.hits(&select, &[&vector, &limit])?;
+            if hits.len() == k || self.count_matching(k)? <= hits.len() {
+                return Ok(DenseHits { hits, exact: false });
+            }
+        }
+        // Too few hits while enough chunks match (or exact distances asked for): the same
+        // query without the vector index ranks every matching chunk.
+        self.conn.borrow_mut().batch_execute("SET LOCAL enable_indexscan = off").map_err(|e| self.store.err(e))?;
+        let hits = self.hits(&select, &[&vector, &limit]);
+        self.conn.borrow_mut().batch_execute("SET LOCAL enable_indexscan = on").map_err(|e| self.store.err(e))?;
+        Ok(DenseHits { hits: hits?, exact: true })
+    }
+
+    fn keyword_search(&self, query: &str, k: usize, title_boost: f32) -> Result<Vec<(u64, f32)>> {
+        // ts_rank's weights, in order D, C, B (text) and A (title), must lie in [0, 1].
+        let boost = title_boost.max(0.0);
+        let (a, b) = if boost >= 1.0 { (1.0, 1.0 / boost) } else { (boost, 1.0) };
+        let weights: Vec<f32> = vec![0.0, 0.0, b, a];
+        let (tp, wp, kp) = (self.next_param(1), self.next_param(2), self.next_param(3));
+        // Any of the query's words (its lexemes joined by `|`), as ragway's BM25 half.
+        let select = format!(
+            "WITH q AS (
+                 SELECT (string_agg(quote_literal(lexeme), ' | '))::tsquery AS q FROM unnest(to_tsvector('english', {tp}::text))
+             )
+             SELECT ts_rank({wp}::float4[], c.tsv, q.q, 1)::float8 AS s, {HIT_COLUMNS} FROM {} c, q
+             WHERE q.q IS NOT NULL AND c.tsv @@ q.q AND {}
+             ORDER BY s DESC, c.key LIMIT {kp}::bigint",
+            self.store.chunks, self.condition
+        );
+        self.hits(&select, &[&query, &weights, &(k as i64)])
+    }
+
+    fn document_of(&self, key: u64) -> Option<u64> {
+        self.seen.borrow().get(&key).map(|(doc, _)| *doc)
+    }
+
+    fn chunk(&self, key: u64) -> Option<StoredChunk> {
+        self.seen.borrow().get(&key).map(|(_, c)| c.clone())
+    }
+}
+
+impl PgView<'_> {
+    /// How many chunks match the filter, counting up to `cap`.
+    fn count_matching(&self, cap: usize) -> Result<usize> {
+        let cp = self.next_param(1);
+        let q = format!(
+            "SELECT count(*) FROM (SELECT 1 FROM {} c WHERE {} LIMIT {cp}::bigint) s",
+            self.store.chunks, self.condition
+        );
+        let mut params = self.sql.refs();
+        let cap = cap as i64;
+        params.push(&cap);
+        let row = self.conn.borrow_mut().query_one(&q, &params).map_err(|e| self.store.err(e))?;
+        Ok(row.get::<_, i64>(0) as usize)
+    }
+}
+
+/// A filter translated to SQL: the condition text refers to `$1..$n`, whose values are
+/// kept here.
+#[derive(Default)]
+struct Sql {
+    params: Vec<Box<dyn ToSql + Sync + Send>>,
+}
+
+impl Sql {
+    fn param(&mut self, value: impl ToSql + Sync + Send + 'static) -> String {
+        self.params.push(Box::new(value));
+        format!("${}", self.params.len())
+    }
+
+    fn refs(&self) -> Vec<&(dyn ToSql + Sync)> {
+        self.params.iter().map(|p| &**p as &(dyn ToSql + Sync)).collect()
+    }
+
+    /// The condition of `f` over a `jsonb` metadata column and a text id column. Every
+    /// part is true or false, never NULL, so `NOT` negates exactly as ragway's filters do.
+    fn filter(&mut self, f: &Filter, meta: &str, id: &str) -> String {
+        match f {
+            Filter::And(fs) if fs.is_empty() => "true".into(),
+            Filter::Or(fs) if fs.is_empty() => "false".into(),
+            Filter::And(fs) => {
+                let parts: Vec<String> = fs.iter().map(|f| self.filter(f, meta, id)).collect();
+                format!("({})", parts.join(" AND "))
+            }
+            Filter::Or(fs) => {
+                let parts: Vec<String> = fs.iter().map(|f| self.filter(f, meta, id)).collect();
+                format!("({})", parts.join(" OR "))
+            }
+            Filter::Not(f) => format!("(NOT {})", self.filter(f, meta, id)),
+            Filter::Cond { key, op } if key.len() == 1 && key[0] == "_id" => self.id_condition(op, id),
+            Filter::Cond { key, op } => self.condition(key, op, meta),
+        }
+    }
+
+    /// A condition on the document id (a string).
+    fn id_condition(&mut self, op: &Op, id: &str) -> String {
+        let strings = |values: &[Value]| -> Vec<String> {
+            values.iter().filter_map(|v| v.as_str().map(str::to_string)).collect()
+        };
+        match op {
+            Op::Exists(want) => want.to_string(),
+            Op::Eq(Value::String(s)) => format!("({id} = {})", self.param(s.clone())),
+            Op::Ne(Value::String(s)) => format!("({id} <> {})", self.param(s.clone())),
+            Op::Eq(_) => "false".into(),
+            Op::Ne(_) => "true".into(),
+            Op::In(values) => format!("({id} = ANY({}::text[]))", self.param(strings(values))),
+            Op::Nin(values) => format!("(NOT ({id} = ANY({}::text[])))", self.param(strings(values))),
+            Op::Range { .. } => "false".into(),
+        }
+    }
+
+    /// The value at a dotted path: `->` steps with text keys, so an array on the way is
+    /// never indexed by a numeric key (ragway's paths walk objects only). NULL when missing.
+    fn path(&mut self, key: &[String], meta: &str) -> String {
+        let mut out = meta.to_string();
+        for part in key {
+            out = format!("({out} -> {}::text)", self.param(part.clone()));
+        }
+        out
+    }
+
+    /// True when any candidate of the value at `key` (its elements when it is an array,
+    /// else itself) satisfies `test` (SQL over `e`).
+    fn any_candidate(&mut self, key: &[String], meta: &str, test: &str) -> String {
+        let v = self.path(key, meta);
+        format!(
+            "COALESCE((SELECT bool_or({test}) FROM jsonb_array_elements(CASE jsonb_typeof({v}) WHEN 'array' THEN {v} ELSE jsonb_build_array({v}) END) AS t(e) WHERE {v} IS NOT NULL), false)"
+        )
+    }
+
+    /// `metadata` holds `value` at `key`, itself or as an array element: containment, which
+    /// the GIN index on `metadata` answers.
+    fn contains(&mut self, key: &[String], meta: &str, value: &Value) -> String {
+        let nest = |leaf: Value| {
+            key.iter().rev().fold(leaf, |inner, k| Value::Object([(k.clone(), inner)].into_iter().collect()))
+        };
+        let (one, many) = (nest(value.clone()), nest(Value::Array(vec![value.clone()])));
+        format!("({meta} @> {}::jsonb OR {meta} @> {}::jsonb)", self.param(one), self.param(many))
+    }
+
+    fn equals(&mut self, key: &[String], meta: &str, value: &Value) -> String {
+        match value {
+            // Containment of a scalar is equality (numbers by value, as JSON means them).
+            Value::Null | Value::Bool(_) | Value::Number(_) | Value::String(_) => self.contains(key, meta, value),
+            // Objects and arrays: equal to a candidate, not contained in one.
+            _ => {
+                let p = self.param(value.clone());
+                self.any_candidate(key, meta, &format!("e = {p}::jsonb"))
+            }
+        }
+    }
+
+    fn condition(&mut self, key: &[String], op: &Op, meta: &str) -> String {
+        match op {
+            Op::Exists(want) => {
+                let v = self.path(key, meta);
+                let present = format!("COALESCE({v} IS NOT NULL AND {v} <> 'null'::jsonb, false)");
+                if *want {
+                    present
+                } else {
+                    format!("(NOT {present})")
+                }
+            }
+            Op::Eq(x) => self.equals(key, meta, x),
+            Op::Ne(x) => format!("(NOT {})", self.equals(key, meta, x)),
+            Op::In(xs) if xs.is_empty() => "false".into(),
+            Op::Nin(xs) if xs.is_empty() => "true".into(),
+            Op::In(xs) => {
+                let parts: Vec<String> = xs.iter().map(|x| self.equals(key, meta, x)).collect();
+                format!("({})", parts.join(" OR "))
+            }
+            Op::Nin(xs) => {
+                let parts: Vec<String> = xs.iter().map(|x| self.equals(key, meta, x)).collect();
+                format!("(NOT ({}))", parts.join(" OR "))
+            }
+            Op::Range { gt, gte, lt, lte } => {
+                let mut bounds = Vec::new();
+                for (bound, op) in [(gt, ">"), (gte, ">="), (lt, "<"), (lte, "<=")] {
+                    if let Some(b) = bound {
+                        let p = self.param(*b);
+                        bounds.push(format!("n {op} {p}::float8"));
+                    }
+                }
+                if bounds.is_empty() {
+                    bounds.push("true".into());
+                }
+                // The number, when the candidate is one (CASE keeps the cast from others).
+                let test = format!(
+                    "(SELECT {} FROM (SELECT CASE WHEN jsonb_typeof(e) = 'number' THEN (e)::float8 END AS n) AS x WHERE n IS NOT NULL)",
+                    bounds.join(" AND ")
+                );
+                self.any_candidate(key, meta, &format!("COALESCE({test}, false)"))
+            }
+        }
+    }
+}
+
+/// A throwaway PostgreSQL server for tests and benchmarks: `initdb` into a fresh directory
+/// under `/tmp`, started on a free loopback port, stopped (and its directory removed) when
+/// dropped. `install` is a PostgreSQL installation with pgvector (the `pginstall` directory
+/// that `scripts/setup-postgres.sh` prints). PostgreSQL refuses to run as root: as root, the
+/// server runs as the `postgres` user.
+pub struct LocalServer {
+    install: std::path::PathBuf,
+    dir: std::path::PathBuf,
+    pub port: u16,
+}
+
+impl LocalServer {
+    /// The installation named by `RAGWAY_PG_INSTALL`.
+    pub fn from_env() -> std::io::Result<LocalServer> {
+        let install = std::env::var_os("RAGWAY_PG_INSTALL").ok_or_else(|| {
+            std::io::Error::other(
+                "RAGWAY_PG_INSTALL is not set: run `export RAGWAY_PG_INSTALL=$(scripts/setup-postgres.sh)` (scripts/test.sh does)",
+            )
+        })?;
+        LocalServer::start(Path::new(&install))
+    }
+
+    pub fn start(install: &Path) -> std::io::Result<LocalServer> {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "ragway-pg-{}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed),
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos())
+        ));
+        std::fs::create_dir_all(&dir)?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let server = LocalServer { install: install.to_path_buf(), dir, port };
+        if is_root() {
+            run(std::process::Command::new("chown").arg("postgres").arg(&server.dir))?;
+        }
+        run(server
+            .command("initdb")
+            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync", "-D"])
+            .arg(server.data()))?;
+        server.start_again()?;
+        Ok(server)
+    }
+
+    fn data(&self) -> std::path::PathBuf {
+        self.dir.join("data")
+    }
+
+    fn command(&self, name: &str) -> std::process::Command {
+        let bin = self.install.join("bin").join(name);
+        if is_root() {
+            let mut c = std::process::Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(bin);
+            c
+        } else {
+            std::process::Command::new(bin)
+        }
+    }
+
+    /// Starts the server again after [`LocalServer::stop`].
+    pub fn start_again(&self) -> std::io::Result<()> {
+        let options = format!("-p {} -k {} -c listen_addresses=127.0.0.1", self.port, self.dir.display());
+        run(self
+            .command("pg_ctl")
+            .arg("-D")
+            .arg(self.data())
+            .args(["-o", &options, "-l"])
+            .arg(self.dir.join("log"))
+            .args(["-w", "-t", "60", "start"]))
+    }
+
+    /// Stops the server at once, without a checkpoint (as a crash would).
+    pub fn stop(&self) -> std::io::Result<()> {
+        run(self.command("pg_ctl").arg("-D").arg(self.data()).args(["-m", "immediate", "-w", "stop"]))
+    }
+
+    /// `postgres://postgres@127.0.0.1:PORT/postgres`.
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for LocalServer {
+    fn drop(&mut self) {
+        let _ = self.command("pg_ctl").arg("-D").arg(self.data()).args(["-m", "immediate", "-w", "stop"]).output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn run(cmd: &mut std::process::Command) -> std::io::Result<()> {
+    let out = cmd.output()?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(std::io::Error::other(format!(
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )))
+}

@@ -1,0 +1,302 @@
+//! The `postgres` store against a real PostgreSQL 18 + pgvector (see `common::PgServer`),
+//! with the same expectations as the embedded store where behaviour must match.
+
+use crate::common::*;
+use ragway_index::filter::Filter;
+use ragway_index::postgres::{PgDatabase, PgOptions, PgStore};
+use ragway_index::{Collection, CollectionSettings, DocumentInput, IndexError, SearchMode, SearchRequest};
+use serde_json::{json, Value};
+use std::collections::BTreeSet;
+
+/// A collection without a model: documents and searches bring 8-d vectors.
+fn own_settings(name: &str) -> CollectionSettings {
+    CollectionSettings { model: None, dimension: 8, ..settings(name) }
+}
+
+/// A deterministic generator (splitmix64).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e3779b97f4a7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    fn vector(&mut self) -> Vec<f32> {
+        (0..8).map(|_| (self.below(2000) as f32 / 1000.0) - 1.0).collect()
+    }
+}
+
+/// Metadata with every shape the filter language meets: numbers (integer and not),
+/// strings, booleans, nulls, arrays, nested objects, missing keys.
+fn metadata(rng: &mut Rng) -> Value {
+    let mut m = serde_json::Map::new();
+    match rng.below(5) {
+        0 => {}
+        1 => {
+            m.insert("a".into(), Value::Null);
+        }
+        2 => {
+            m.insert("a".into(), json!(["x", "y", "z"][rng.below(3) as usize]));
+        }
+        3 => {
+            m.insert("a".into(), json!([rng.below(4), rng.below(4)]));
+        }
+        _ => {
+            m.insert("a".into(), json!(rng.below(4)));
+        }
+    }
+    if rng.below(3) > 0 {
+        m.insert("n".into(), json!(rng.below(100) as f64 / 4.0));
+    }
+    if rng.below(2) == 0 {
+        m.insert("flag".into(), json!(rng.below(2) == 0));
+    }
+    match rng.below(4) {
+        0 => {}
+        1 => {
+            m.insert("o".into(), json!({"p": rng.below(3)}));
+        }
+        2 => {
+            m.insert("o".into(), json!([{"p": 1}]));
+        }
+        _ => {
+            m.insert("o".into(), json!({"p": {"q": "deep"}}));
+        }
+    }
+    Value::Object(m)
+}
+
+/// A random filter over those shapes, `depth` levels of `and`/`or`/`not` at most.
+fn filter(rng: &mut Rng, depth: u32) -> Value {
+    if depth > 0 && rng.below(3) == 0 {
+        return match rng.below(3) {
+            0 => json!({"and": (0..rng.below(3) + 1).map(|_| filter(rng, depth - 1)).collect::<Vec<_>>()}),
+            1 => json!({"or": (0..rng.below(3) + 1).map(|_| filter(rng, depth - 1)).collect::<Vec<_>>()}),
+            _ => json!({"not": filter(rng, depth - 1)}),
+        };
+    }
+    let values = [json!("x"), json!("y"), json!(1), json!(2.0), json!(null), json!(true), json!({"p": 1}), json!(3)];
+    let key = ["a", "n", "flag", "o.p", "o.p.q", "o", "_id", "missing"][rng.below(8) as usize];
+    let pick = rng.below(values.len() as u64) as usize;
+    let v = || values[pick].clone();
+    match rng.below(9) {
+        0 => json!({"key": key, "eq": v()}),
+        1 => json!({"key": key, "ne": v()}),
+        2 => json!({"key": key, "in": [v(), values[rng.below(8) as usize].clone()]}),
+        3 => json!({"key": key, "nin": [v()]}),
+        4 => json!({"key": key, "gte": rng.below(30) as f64 / 2.0}),
+        5 => json!({"key": key, "gt": 1, "lt": rng.below(25)}),
+        6 => json!({"key": key, "exists": rng.below(2) == 0}),
+        7 => json!({"key": "_id", "in": [format!("d{}", rng.below(60)), format!("d{}", rng.below(60))]}),
+        _ => json!({"key": key, "eq": format!("d{}", rng.below(60))}),
+    }
+}
+
+fn own_doc(id: &str, text: &str, metadata: Value, vector: Vec<f32>) -> DocumentInput {
+    DocumentInput {
+        id: id.into(),
+        text: text.into(),
+        metadata: Some(metadata),
+        vector: Some(vector),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn filters_select_in_sql_exactly_what_they_select_in_ragway() {
+    let c = create_on(Backend::Postgres, own_settings("filters"));
+    let mut rng = Rng(7);
+    let docs: Vec<DocumentInput> = (0..60)
+        .map(|i| own_doc(&format!("d{i}"), &format!("document {i}"), metadata(&mut rng), rng.vector()))
+        .collect();
+    let stored: Vec<(String, Value)> = docs.iter().map(|d| (d.id.clone(), d.metadata.clone().unwrap())).collect();
+    c.upsert(docs, true).unwrap();
+    let query = rng.vector();
+    let mut nonempty = 0;
+    for round in 0..300 {
+        let raw = filter(&mut rng, 2);
+        let f = Filter::parse(&raw).unwrap();
+        let want: BTreeSet<&str> =
+            stored.iter().filter(|(id, m)| f.matches(id, m)).map(|(id, _)| id.as_str()).collect();
+        let req = SearchRequest {
+            query: String::new(),
+            vector: Some(query.clone()),
+            mode: SearchMode::Dense,
+            top_k: 100,
+            filter: Some(f),
+            ..Default::default()
+        };
+        let hits = c.search(&req).unwrap().results;
+        let got: BTreeSet<&str> = hits.iter().map(|h| h.document_id.as_str()).collect();
+        assert_eq!(got, want, "round {round}: filter {raw}");
+        nonempty += usize::from(!want.is_empty() && want.len() < stored.len());
+    }
+    assert!(nonempty > 60, "the filters must discriminate: {nonempty} of 300 selected some but not all");
+}
+
+/// A reader never sees part of a document while a writer keeps replacing it with versions
+/// of 2 and 5 chunks (both backends).
+fn replacement_is_atomic(backend: Backend) {
+    let c = create_on(backend, own_settings("atomic"));
+    let near = vec![1.0f32, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0];
+    let far: Vec<DocumentInput> = (0..20)
+        .map(|i| {
+            own_doc(&format!("far{i}"), "far away", json!({}), vec![-1.0, 0.1 * i as f32, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0])
+        })
+        .collect();
+    c.upsert(far, true).unwrap();
+    let version = |v: usize| -> DocumentInput {
+        let n = if v % 2 == 0 { 2 } else { 5 };
+        let chunks = (0..n)
+            .map(|i| ragway_index::ChunkInput {
+                text: format!("version {v} chunk {i} of {n}"),
+                vector: vec![1.0, 0.01 * i as f32, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+            })
+            .collect();
+        DocumentInput { id: "doc".into(), chunks: Some(chunks), metadata: Some(json!({"v": v})), ..Default::default() }
+    };
+    c.upsert(vec![version(0)], true).unwrap();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            for v in 1..60 {
+                c.upsert(vec![version(v)], true).unwrap();
+            }
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+        let mut reads = 0;
+        while !done.load(std::sync::atomic::Ordering::SeqCst) || reads < 20 {
+            let req =
+                SearchRequest { vector: Some(near.clone()), mode: SearchMode::Dense, top_k: 10, ..Default::default() };
+            let hits = c.search(&req).unwrap().results;
+            let mine: Vec<&str> = hits.iter().filter(|h| h.document_id == "doc").map(|h| h.text.as_str()).collect();
+            let versions: BTreeSet<&str> = mine.iter().map(|t| t.split(" chunk").next().unwrap()).collect();
+            assert_eq!(versions.len(), 1, "one version at a time: {mine:?}");
+            let n: usize = mine[0].rsplit(' ').next().unwrap().parse().unwrap();
+            assert_eq!(mine.len(), n, "all chunks of the version: {mine:?}");
+            reads += 1;
+        }
+    });
+}
+
+#[test]
+fn replacing_a_document_is_atomic_for_searches() {
+    replacement_is_atomic(Backend::Embedded);
+}
+
+#[test]
+fn replacing_a_document_is_atomic_for_searches_on_postgres() {
+    replacement_is_atomic(Backend::Postgres);
+}
+
+#[test]
+fn the_database_down_is_unavailable_then_recovers_without_a_restart() {
+    let c = create_on(Backend::Postgres, own_settings("restart"));
+    let pg = c.pg.as_ref().unwrap();
+    c.upsert(vec![own_doc("a", "alpha", json!({}), vec![1.0; 8])], true).unwrap();
+    let req = SearchRequest { vector: Some(vec![1.0; 8]), mode: SearchMode::Dense, top_k: 1, ..Default::default() };
+    assert_eq!(c.search(&req).unwrap().results.len(), 1);
+
+    pg.stop();
+    match c.search(&req) {
+        Err(IndexError::Unavailable(why)) => assert!(why.contains("PostgreSQL"), "{why}"),
+        other => panic!("a search with the database down: {other:?}"),
+    }
+    match c.upsert(vec![own_doc("b", "beta", json!({}), vec![0.5; 8])], true) {
+        Err(IndexError::Unavailable(_)) => {}
+        other => panic!("a write with the database down: {other:?}"),
+    }
+
+    // Back up (after an immediate stop: crash recovery): the acknowledged write is there and
+    // the same collection works again.
+    pg.start_again();
+    let hits = c.search(&req).unwrap().results;
+    assert_eq!(hits[0].document_id, "a");
+    c.upsert(vec![own_doc("b", "beta", json!({}), vec![0.5; 8])], true).unwrap();
+    assert_eq!(c.info().documents, 2);
+    assert_eq!(c.info().storage, "postgres");
+}
+
+#[test]
+fn bad_addresses_and_refused_logins_are_clear_start_up_errors() {
+    let pg = PgServer::start();
+    let message = |url: String| match PgDatabase::connect(&PgOptions::new(url)) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("connected"),
+    };
+    let m = message(format!("postgres://nobody@127.0.0.1:{}/postgres", pg.port));
+    assert!(m.contains("28000") && m.contains("nobody"), "{m}");
+    let m = message(format!("postgres://postgres@127.0.0.1:{}/nowhere", pg.port));
+    assert!(m.contains("3D000") && m.contains("nowhere"), "{m}");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let m = message(format!("postgres://postgres@127.0.0.1:{closed}/postgres"));
+    assert!(m.contains(&format!("127.0.0.1:{closed}")), "{m}");
+    match PgDatabase::connect(&PgOptions::new("not a url at all ://")) {
+        Err(IndexError::InvalidRequest { param, .. }) => assert_eq!(param.as_deref(), Some("postgres_url")),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_collection_of_a_newer_schema_is_refused_with_a_clear_error() {
+    let pg = PgServer::start();
+    let db = PgDatabase::connect(&PgOptions::new(pg.url())).unwrap();
+    PgStore::create(db.clone(), own_settings("newer")).unwrap();
+    assert!(matches!(PgStore::create(db.clone(), own_settings("newer")), Err(IndexError::CollectionExists(_))));
+    let mut client = postgres::Client::connect(&pg.url(), postgres::NoTls).unwrap();
+    client.execute("UPDATE ragway_collections SET schema_version = 99 WHERE name = 'newer'", &[]).unwrap();
+    match PgStore::open(db.clone(), "newer") {
+        Err(e) => assert!(e.to_string().contains("schema version 99"), "{e}"),
+        Ok(_) => panic!("opened a newer schema"),
+    }
+    PgStore::drop_collection(&db, "newer").unwrap();
+    assert!(matches!(PgStore::open(db, "newer"), Err(IndexError::CollectionNotFound(_))));
+}
+
+#[test]
+fn collections_in_postgres_are_served_by_the_index_service_across_restarts() {
+    let pg = PgServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let options = || ragway_index::ServiceOptions {
+        commit_interval: std::time::Duration::from_millis(100),
+        ingest_root: None,
+        snapshot_root: dir.path().join("snapshots"),
+        drift: Default::default(),
+        postgres: Some(PgOptions::new(pg.url())),
+    };
+    let create = |name: &str| ragway_index::CreateCollection {
+        name: name.into(),
+        model: Some(None),
+        dimension: Some(8),
+        ..Default::default()
+    };
+    {
+        let service =
+            ragway_index::IndexService::open(dir.path(), vec![embedder()], "all-MiniLM-L6-v2", options()).unwrap();
+        let c = service.create(create("kept")).unwrap();
+        assert_eq!(c.info().storage, "postgres");
+        c.upsert(vec![own_doc("a", "alpha", json!({"k": 1}), vec![1.0; 8])], true).unwrap();
+        c.upsert(vec![own_doc("a", "alpha again", json!({"k": 1}), vec![1.0; 8])], true).unwrap();
+        c.compact().unwrap();
+        service.create(create("dropped")).unwrap();
+        service.delete("dropped").unwrap();
+        assert!(service.snapshot("kept", "snap").is_err(), "PostgreSQL collections are backed up by the database");
+        service.check_storage().unwrap();
+    }
+    let service =
+        ragway_index::IndexService::open(dir.path(), vec![embedder()], "all-MiniLM-L6-v2", options()).unwrap();
+    let names: Vec<String> = service.list().iter().map(|c| c.name().to_string()).collect();
+    assert_eq!(names, vec!["kept"]);
+    let c: std::sync::Arc<Collection> = service.get("kept").unwrap();
+    assert_eq!(c.get("a").unwrap().metadata["k"], 1);
+    pg.stop();
+    assert!(matches!(service.check_storage(), Err(IndexError::Unavailable(_))));
+}
