@@ -632,20 +632,7 @@ impl Collection {
 
     /// Counts, sizes and state.
     pub fn info(&self) -> CollectionInfo {
-        let s = self.store.stats();
-        CollectionInfo {
-            settings: self.settings.clone(),
-            storage: self.store.kind(),
-            documents: s.documents,
-            chunks: s.chunks,
-            dense_points: s.dense_points,
-            keyword_chunks: s.keyword_chunks,
-            last_seq: s.last_seq,
-            visible_seq: s.visible_seq,
-            disk_bytes: s.disk_bytes,
-            memory_bytes: s.memory_bytes,
-            state: s.state,
-        }
+        CollectionInfo { settings: self.settings.clone(), storage: self.store.kind(), stats: self.store.stats() }
     }
 
     /// Reclaims what removed documents hold (the embedded store rebuilds its graph and

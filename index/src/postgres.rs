@@ -1039,6 +1039,33 @@ impl LocalServer {
     }
 
     pub fn start(install: &Path) -> std::io::Result<LocalServer> {
+        let server = LocalServer::empty(install)?;
+        run(server
+            .command("initdb")
+            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync", "-D"])
+            .arg(server.data()))?;
+        server.start_again()?;
+        Ok(server)
+    }
+
+    fn data(&self) -> std::path::PathBuf {
+        self.dir.join("data")
+    }
+
+    /// A streaming replica of this server (`pg_basebackup -R -X stream`), started on a port
+    /// of its own: a hot standby that serves reads.
+    pub fn replica(&self) -> std::io::Result<LocalServer> {
+        let replica = LocalServer::empty(&self.install)?;
+        run(replica
+            .command("pg_basebackup")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres", "-R", "-X", "stream", "-D"])
+            .arg(replica.data()))?;
+        replica.start_again()?;
+        Ok(replica)
+    }
+
+    /// A directory and a free port for a server, nothing in them yet.
+    fn empty(install: &Path) -> std::io::Result<LocalServer> {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let dir = std::env::temp_dir().join(format!(
             "ragway-pg-{}-{}-{}",
@@ -1052,16 +1079,7 @@ impl LocalServer {
         if is_root() {
             run(std::process::Command::new("chown").arg("postgres").arg(&server.dir))?;
         }
-        run(server
-            .command("initdb")
-            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync", "-D"])
-            .arg(server.data()))?;
-        server.start_again()?;
         Ok(server)
-    }
-
-    fn data(&self) -> std::path::PathBuf {
-        self.dir.join("data")
     }
 
     fn command(&self, name: &str) -> std::process::Command {

@@ -89,17 +89,24 @@ pub struct SampledChunk {
 }
 
 /// Counts, sizes and state of a store (a collection's info, without its settings).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StoreStats {
     pub documents: usize,
     pub chunks: usize,
+    /// Points in the dense index (the embedded graph keeps deleted ones until the next
+    /// rebuild).
     pub dense_points: usize,
+    /// Chunks in the searchable keyword snapshot.
     pub keyword_chunks: u64,
+    /// Last write's sequence number, and the one searches see.
     pub last_seq: u64,
     pub visible_seq: u64,
     pub disk_bytes: u64,
+    /// Estimate of what ragway holds in memory: vectors, texts, graph links and tables (0
+    /// for a store held by a database server).
     pub memory_bytes: u64,
-    /// `ready`, `indexing` (writes not yet searchable) or `rebuilding`.
+    /// `ready`, `indexing` (writes not yet searchable), `rebuilding` or `unavailable`.
     pub state: &'static str,
 }
 

@@ -243,18 +243,15 @@ pub struct CollectionInfo {
     pub settings: CollectionSettings,
     /// Where the collection's documents live: `embedded` (the data directory) or `postgres`.
     pub storage: &'static str,
-    pub documents: usize,
-    pub chunks: usize,
-    /// Points in the HNSW graph (deleted ones included until the next rebuild).
-    pub dense_points: usize,
-    /// Chunks in the searchable keyword snapshot.
-    pub keyword_chunks: u64,
-    /// Last log sequence number written, and the one searches see.
-    pub last_seq: u64,
-    pub visible_seq: u64,
-    pub disk_bytes: u64,
-    /// Estimate: vectors, texts, graph links and tables.
-    pub memory_bytes: u64,
-    /// `ready`, `indexing` (writes not yet searchable) or `rebuilding`.
-    pub state: &'static str,
+    /// What its store counts (shown beside the settings).
+    #[serde(flatten)]
+    pub stats: crate::store::StoreStats,
+}
+
+/// `info.documents` reads the store's counts.
+impl std::ops::Deref for CollectionInfo {
+    type Target = crate::store::StoreStats;
+    fn deref(&self) -> &Self::Target {
+        &self.stats
+    }
 }

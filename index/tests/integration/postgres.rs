@@ -300,3 +300,37 @@ fn collections_in_postgres_are_served_by_the_index_service_across_restarts() {
     pg.stop();
     assert!(matches!(service.check_storage(), Err(IndexError::Unavailable(_))));
 }
+
+#[test]
+fn searches_on_a_read_replica_see_writes_once_replicated() {
+    let pg = PgServer::start();
+    let replica = pg.replica().unwrap();
+    let options = PgOptions { read_urls: vec![replica.url()], ..PgOptions::new(pg.url()) };
+    let db = PgDatabase::connect(&options).unwrap();
+    let settings = own_settings("replicated");
+    let store = PgStore::create(db, settings.clone()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let c = Collection::with_store(dir.path(), settings, None, Box::new(store));
+    c.upsert(vec![own_doc("a", "alpha", json!({}), vec![1.0; 8])], true).unwrap();
+    let req = SearchRequest { vector: Some(vec![1.0; 8]), mode: SearchMode::Dense, top_k: 5, ..Default::default() };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        // Until the replica has replayed the collection's tables, its searches fail.
+        if let Ok(r) = c.search(&req) {
+            if let [hit] = &r.results[..] {
+                assert_eq!(hit.document_id, "a");
+                break;
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "the replica never showed the write");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // Searches are the replica's: with the primary down they still answer, while writes
+    // are unavailable.
+    pg.stop();
+    assert_eq!(c.search(&req).unwrap().results.len(), 1);
+    assert!(matches!(
+        c.upsert(vec![own_doc("b", "beta", json!({}), vec![0.5; 8])], true),
+        Err(IndexError::Unavailable(_))
+    ));
+}
