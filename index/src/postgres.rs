@@ -833,9 +833,11 @@ impl StoreView for PgView<'_> {
     }
 
     fn keyword_search(&self, query: &str, k: usize, title_boost: f32) -> Result<Vec<(u64, f32)>> {
-        // ts_rank's weights, in order D, C, B (text) and A (title), must lie in [0, 1].
+        // As in the embedded store, the title's words count as the text's, and
+        // `title_boost` adds that much again: title weight 1 + boost against text weight 1,
+        // scaled into ts_rank's [0, 1] (weights in order D, C, B: text, A: title).
         let boost = title_boost.max(0.0);
-        let (a, b) = if boost >= 1.0 { (1.0, 1.0 / boost) } else { (boost, 1.0) };
+        let (a, b) = (1.0, 1.0 / (1.0 + boost));
         let weights: Vec<f32> = vec![0.0, 0.0, b, a];
         let (tp, wp, kp) = (self.next_param(1), self.next_param(2), self.next_param(3));
         // Any of the query's words (its lexemes joined by `|`), as ragway's BM25 half.

@@ -53,6 +53,13 @@ struct Args {
     /// one of that name).
     #[arg(long)]
     postgres_url: Option<String>,
+    /// With `--postgres-url`: search the collection an earlier run left there instead of
+    /// ingesting again.
+    #[arg(long)]
+    postgres_reuse: bool,
+    /// Only the configurations whose names start with one of these (`;`-separated).
+    #[arg(long)]
+    only: Option<String>,
     /// Internal: open the collection in this folder and print resident memory as JSON.
     #[arg(long, hide = true)]
     memory_of: Option<PathBuf>,
@@ -119,7 +126,7 @@ fn main() -> anyhow::Result<()> {
         let info = c.info();
         eprintln!("[retrieval-bench] chunks≤{budget}: {} documents, {} chunks", info.documents, info.chunks);
         let mut rows = Vec::new();
-        for (name, mode, fusion, title_boost) in configs() {
+        for (name, mode, fusion, title_boost) in configs(args.only.as_deref()) {
             let t = Instant::now();
             let run = run_queries(&c, &queries, &query_vectors, mode, fusion, title_boost)?;
             let qps = queries.len() as f64 / t.elapsed().as_secs_f64();
@@ -154,7 +161,16 @@ fn main() -> anyhow::Result<()> {
 
 type Config = (String, SearchMode, Option<FusionParams>, Option<f32>);
 
-fn configs() -> Vec<Config> {
+fn configs(only: Option<&str>) -> Vec<Config> {
+    let mut all = all_configs();
+    if let Some(only) = only {
+        let prefixes: Vec<&str> = only.split(';').map(str::trim).collect();
+        all.retain(|(name, ..)| prefixes.iter().any(|p| name.starts_with(p)));
+    }
+    all
+}
+
+fn all_configs() -> Vec<Config> {
     let rrf = |k: f32, d: f32, w: f32| FusionParams {
         method: FusionMethod::Rrf,
         rrf_k: k,
@@ -269,13 +285,26 @@ fn postgres_pass(
     let db = PgDatabase::connect(&PgOptions::new(url))?;
     let mut settings = scifact_settings(None);
     settings.name = "scifact_bench".into();
-    let _ = PgStore::drop_collection(&db, &settings.name);
-    let store = PgStore::create(db, settings.clone())?;
     let dir = work.join("scifact-postgres");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    let c = Arc::new(Collection::with_store(&dir, settings, Some(embedder.clone()), Box::new(store)));
-    let ingest = ingest_into(c.clone(), &data.join("corpus.jsonl"), embedder)?;
+    let reused = match args.postgres_reuse {
+        true => PgStore::open(db.clone(), &settings.name).ok(),
+        false => None,
+    };
+    let (c, ingest) = match reused {
+        Some(store) => {
+            std::fs::create_dir_all(&dir)?;
+            (Arc::new(Collection::with_store(&dir, settings, Some(embedder.clone()), Box::new(store))), Value::Null)
+        }
+        None => {
+            let _ = PgStore::drop_collection(&db, &settings.name);
+            let store = PgStore::create(db, settings.clone())?;
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir)?;
+            let c = Arc::new(Collection::with_store(&dir, settings, Some(embedder.clone()), Box::new(store)));
+            let ingest = ingest_into(c.clone(), &data.join("corpus.jsonl"), embedder)?;
+            (c, ingest)
+        }
+    };
     let before: HashMap<String, f64> = embedded["results"]
         .as_array()
         .into_iter()
@@ -283,7 +312,7 @@ fn postgres_pass(
         .map(|r| (r["config"].as_str().unwrap_or_default().to_string(), r["ndcg@10"].as_f64().unwrap_or(0.0)))
         .collect();
     let mut rows = Vec::new();
-    for (name, mode, fusion, title_boost) in configs() {
+    for (name, mode, fusion, title_boost) in configs(args.only.as_deref()) {
         let t = Instant::now();
         let run = run_queries(&c, queries, vectors, mode, fusion, title_boost)?;
         let qps = queries.len() as f64 / t.elapsed().as_secs_f64();
