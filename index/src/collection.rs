@@ -21,6 +21,7 @@ use rayon::prelude::*;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 pub use crate::embedded::OpenStats;
 
@@ -296,23 +297,21 @@ impl Collection {
     }
 
     /// True when the stored version of `id` has this hash (an upsert would change nothing).
-    pub fn is_unchanged(&self, id: &str, hash: u64) -> bool {
-        self.store.unchanged(id, hash)
+    /// For each `(id, content hash)`, whether the stored document has that hash, in one
+    /// look-up of the store.
+    pub fn unchanged(&self, docs: &[(&str, u64)]) -> Vec<bool> {
+        self.store.unchanged(docs)
     }
 
     /// Upserts documents end to end: validate, skip unchanged ones, chunk, embed, write.
     /// With `wait`, returns once the write is searchable (it is durable either way).
     pub fn upsert(&self, docs: Vec<DocumentInput>, wait: bool) -> Result<WriteResult> {
         validate_batch(&docs)?;
-        let mut unchanged = 0;
-        let fresh: Vec<DocumentInput> = docs
-            .into_iter()
-            .filter(|d| {
-                let same = self.is_unchanged(&d.id, doc_hash(d));
-                unchanged += same as usize;
-                !same
-            })
-            .collect();
+        let hashes: Vec<u64> = docs.iter().map(doc_hash).collect();
+        let keys: Vec<(&str, u64)> = docs.iter().zip(&hashes).map(|(d, h)| (d.id.as_str(), *h)).collect();
+        let same = self.unchanged(&keys);
+        let unchanged = same.iter().filter(|s| **s).count();
+        let fresh: Vec<DocumentInput> = docs.into_iter().zip(same).filter(|(_, s)| !s).map(|(d, _)| d).collect();
         let chunked = fresh.into_par_iter().map(|d| self.chunk(d)).collect::<Result<Vec<_>>>()?;
         let prepared = self.embed(chunked, 256)?;
         let mut result = self.write(prepared)?;
@@ -327,6 +326,46 @@ impl Collection {
     /// the same hash are skipped (re-running an ingestion changes nothing); within one batch
     /// the last version of a document wins (as if written in order).
     pub fn write(&self, docs: Vec<PreparedDoc>) -> Result<WriteResult> {
+        self.write_retrying(docs, Duration::ZERO, |_, _| {})
+    }
+
+    /// [`Collection::write`], retrying for up to `retry_for` while the store is
+    /// unavailable (a database restarting): the write is idempotent (same documents, same
+    /// hashes), so a retry after a commit whose answer was lost only finds them unchanged.
+    /// `on_retry` hears each failure and the wait before the next attempt.
+    pub fn write_retrying(
+        &self,
+        docs: Vec<PreparedDoc>,
+        retry_for: Duration,
+        on_retry: impl Fn(&IndexError, Duration),
+    ) -> Result<WriteResult> {
+        let (out, mut result) = self.new_docs(docs)?;
+        let stored = if retry_for.is_zero() {
+            self.store.upsert(out)?
+        } else {
+            let deadline = Instant::now() + retry_for;
+            let mut wait = Duration::from_millis(200);
+            loop {
+                match self.store.upsert(out.clone()) {
+                    Err(e @ IndexError::Unavailable(_)) if Instant::now() + wait < deadline => {
+                        on_retry(&e, wait);
+                        std::thread::sleep(wait);
+                        wait = (wait * 2).min(Duration::from_secs(5));
+                    }
+                    r => break r?,
+                }
+            }
+        };
+        result.upserted += stored.upserted;
+        result.unchanged += stored.unchanged;
+        result.chunks += stored.chunks;
+        result.seq = stored.seq;
+        Ok(result)
+    }
+
+    /// The store's form of prepared documents (distance applied, spans and token counts),
+    /// the last version of a document given twice winning; the result counts the others.
+    fn new_docs(&self, docs: Vec<PreparedDoc>) -> Result<(Vec<NewDoc>, WriteResult)> {
         let dim = self.settings.dimension;
         let mut result = WriteResult::default();
         let mut last: HashMap<String, usize> = HashMap::new();
@@ -375,12 +414,7 @@ impl Collection {
                 chunks,
             });
         }
-        let stored = self.store.upsert(out)?;
-        result.upserted += stored.upserted;
-        result.unchanged += stored.unchanged;
-        result.chunks += stored.chunks;
-        result.seq = stored.seq;
-        Ok(result)
+        Ok((out, result))
     }
 
     /// Deletes documents by id; ids that do not exist are ignored (counted out).

@@ -764,8 +764,9 @@ impl ChunkStore for EmbeddedStore {
         "embedded"
     }
 
-    fn unchanged(&self, id: &str, hash: u64) -> bool {
-        self.is_unchanged(id, hash)
+    fn unchanged(&self, docs: &[(&str, u64)]) -> Vec<bool> {
+        let table = self.table.read().expect("table");
+        docs.iter().map(|(id, hash)| table.docs.get(*id).is_some_and(|d| d.hash == *hash)).collect()
     }
 
     fn upsert(&self, docs: Vec<NewDoc>) -> Result<WriteResult> {

@@ -18,7 +18,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone)]
 pub enum Source {
@@ -67,11 +67,14 @@ pub struct IngestOptions {
     pub embed_batch: usize,
     /// Documents per parsed batch.
     pub read_batch: usize,
+    /// How long a batch's write is retried while the store is unavailable (a database
+    /// restarting) before the job fails.
+    pub retry_unavailable: Duration,
 }
 
 impl Default for IngestOptions {
     fn default() -> Self {
-        Self { on_error: OnError::Skip, embed_batch: 256, read_batch: 64 }
+        Self { on_error: OnError::Skip, embed_batch: 256, read_batch: 64, retry_unavailable: Duration::from_secs(60) }
     }
 }
 
@@ -308,7 +311,8 @@ pub fn run_ingest(collection: &Collection, source: Source, options: &IngestOptio
     std::thread::scope(|scope| -> Result<()> {
         let reader = scope.spawn(move || read_source(source, job, read_batch, read_tx));
         let chunker = scope.spawn(move || chunk_stage(collection, job, on_error, read_rx, chunk_tx));
-        let writer = scope.spawn(move || write_stage(collection, job, write_rx));
+        let retry = options.retry_unavailable;
+        let writer = scope.spawn(move || write_stage(collection, job, retry, write_rx));
         // Embedding runs here: gather chunked documents until a batch is full.
         let embedded = embed_stage(collection, job, embed_batch, chunk_rx, write_tx);
         let written = writer.join().map_err(|_| IndexError::Internal("ingestion writer panicked".into()))?;
@@ -352,15 +356,18 @@ fn chunk_stage(
                         job.record_error(err);
                         continue;
                     }
-                    let hash = crate::collection::doc_hash(&doc);
-                    if collection.is_unchanged(&doc.id, hash) {
-                        progress.documents_unchanged.fetch_add(1, Ordering::Relaxed);
-                        continue;
-                    }
                     docs.push((at, doc));
                 }
             }
         }
+        // Documents stored with the same content are skipped before chunking and
+        // embedding; one look-up per batch.
+        let keys: Vec<(&str, u64)> =
+            docs.iter().map(|(_, d)| (d.id.as_str(), crate::collection::doc_hash(d))).collect();
+        let same = collection.unchanged(&keys);
+        let skipped = same.iter().filter(|s| **s).count();
+        progress.documents_unchanged.fetch_add(skipped as u64, Ordering::Relaxed);
+        let docs: Vec<_> = docs.into_iter().zip(same).filter(|(_, s)| !s).map(|(d, _)| d).collect();
         let results: Vec<(RecordError, Result<ChunkedDoc>)> =
             docs.into_par_iter().map(|(at, d)| (at, collection.chunk(d))).collect();
         let mut chunked = Vec::with_capacity(results.len());
@@ -431,10 +438,13 @@ fn embed_stage(
     Ok(())
 }
 
-fn write_stage(collection: &Collection, job: &Job, rx: Receiver<Vec<PreparedDoc>>) -> Result<()> {
+fn write_stage(collection: &Collection, job: &Job, retry: Duration, rx: Receiver<Vec<PreparedDoc>>) -> Result<()> {
     let progress = &job.progress;
     for docs in rx {
-        let result = collection.write(docs)?;
+        let result = collection.write_retrying(docs, retry, |e, wait| {
+            progress.write_retries.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(job = %job.id, error = %e, retry_in_ms = wait.as_millis() as u64, "ingestion write failed; retrying");
+        })?;
         progress.documents_written.fetch_add(result.upserted as u64, Ordering::Relaxed);
         progress.documents_unchanged.fetch_add(result.unchanged as u64, Ordering::Relaxed);
         progress.chunks_written.fetch_add(result.chunks as u64, Ordering::Relaxed);

@@ -64,6 +64,8 @@ pub struct Progress {
     pub bytes_total: AtomicU64,
     /// Seconds spent waiting for the embedding model (for the overhead figure).
     pub embed_micros: AtomicU64,
+    /// Writes retried because the store was unavailable.
+    pub write_retries: AtomicU64,
 }
 
 pub struct Job {
@@ -96,6 +98,8 @@ pub struct ProgressView {
     pub elapsed_seconds: f64,
     pub eta_seconds: Option<f64>,
     pub embed_seconds: f64,
+    /// Writes retried because the store was unavailable (a database restarting).
+    pub write_retries: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -178,6 +182,7 @@ impl Job {
                 elapsed_seconds: elapsed,
                 eta_seconds: eta,
                 embed_seconds: get(&p.embed_micros) as f64 / 1e6,
+                write_retries: get(&p.write_retries),
             },
             errors: self.errors.lock().expect("job errors").clone(),
             error,

@@ -550,10 +550,23 @@ impl ChunkStore for PgStore {
         "postgres"
     }
 
-    fn unchanged(&self, id: &str, hash: u64) -> bool {
-        let Ok(mut conn) = self.db.conn() else { return false };
-        conn.query_opt(&format!("SELECT 1 FROM {} WHERE doc_id = $1 AND hash = $2", self.docs), &[&id, &(hash as i64)])
-            .is_ok_and(|r| r.is_some())
+    fn unchanged(&self, docs: &[(&str, u64)]) -> Vec<bool> {
+        let mut same = vec![false; docs.len()];
+        if docs.is_empty() {
+            return same;
+        }
+        let ids: Vec<&str> = docs.iter().map(|d| d.0).collect();
+        let stored: HashMap<String, i64> = match self.db.conn().and_then(|mut conn| {
+            conn.query(&format!("SELECT doc_id, hash FROM {} WHERE doc_id = ANY($1)", self.docs), &[&ids])
+                .map_err(|e| self.err(e))
+        }) {
+            Ok(rows) => rows.iter().map(|r| (r.get(0), r.get(1))).collect(),
+            Err(_) => return same,
+        };
+        for (s, (id, hash)) in same.iter_mut().zip(docs) {
+            *s = stored.get(*id) == Some(&(*hash as i64));
+        }
+        same
     }
 
     fn upsert(&self, docs: Vec<NewDoc>) -> Result<WriteResult> {

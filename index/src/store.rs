@@ -115,8 +115,10 @@ pub trait ChunkStore: Send + Sync {
     /// The engine's name as a collection's info shows it (`embedded`, ...).
     fn kind(&self) -> &'static str;
 
-    /// True when document `id` is stored with this content hash.
-    fn unchanged(&self, id: &str, hash: u64) -> bool;
+    /// For each `(id, content hash)`, whether the document is stored with that hash (an
+    /// upsert of it would change nothing), in one look-up. A store that cannot tell (say,
+    /// its database is down) answers `false`: the write decides again.
+    fn unchanged(&self, docs: &[(&str, u64)]) -> Vec<bool>;
 
     /// Stores documents, each replacing any stored version of it, in one durable write.
     /// Documents stored with the same hash are skipped (counted as unchanged).

@@ -82,7 +82,7 @@ pub enum Backend {
 
 /// A collection on a backend, with what keeps it alive (its directory, its server).
 pub struct TestCollection {
-    pub c: Collection,
+    pub c: std::sync::Arc<Collection>,
     pub pg: Option<PgServer>,
     _dir: tempfile::TempDir,
 }
@@ -101,7 +101,7 @@ pub fn create_on(backend: Backend, settings: CollectionSettings) -> TestCollecti
     match backend {
         Backend::Embedded => {
             let c = Collection::create_with(dir.path(), settings, embedder).expect("create collection");
-            TestCollection { c, pg: None, _dir: dir }
+            TestCollection { c: c.into(), pg: None, _dir: dir }
         }
         Backend::Postgres => {
             let pg = PgServer::start();
@@ -109,7 +109,7 @@ pub fn create_on(backend: Backend, settings: CollectionSettings) -> TestCollecti
                 .expect("connect");
             let store = ragway_index::postgres::PgStore::create(db, settings.clone()).expect("create in PostgreSQL");
             let c = Collection::with_store(dir.path(), settings, embedder, Box::new(store));
-            TestCollection { c, pg: Some(pg), _dir: dir }
+            TestCollection { c: c.into(), pg: Some(pg), _dir: dir }
         }
     }
 }

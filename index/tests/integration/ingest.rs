@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 fn run(registry: &JobRegistry, c: &Arc<ragway_index::Collection>, source: Source, on_error: OnError) -> ragway_index::jobs::JobView {
-    let job = registry.submit(c.clone(), source, IngestOptions { on_error, embed_batch: 32, read_batch: 8 }, None).unwrap();
+    let job = registry.submit(c.clone(), source, IngestOptions { on_error, embed_batch: 32, read_batch: 8, ..Default::default() }, None).unwrap();
     let deadline = Instant::now() + Duration::from_secs(300);
     while matches!(job.state(), JobState::Queued | JobState::Running) {
         assert!(Instant::now() < deadline, "job did not finish");
@@ -18,8 +18,18 @@ fn run(registry: &JobRegistry, c: &Arc<ragway_index::Collection>, source: Source
 
 #[test]
 fn jsonl_ingestion_reports_bad_lines_and_is_idempotent() {
+    jsonl_ingestion(Backend::Embedded);
+}
+
+#[test]
+fn jsonl_ingestion_reports_bad_lines_and_is_idempotent_on_postgres() {
+    jsonl_ingestion(Backend::Postgres);
+}
+
+fn jsonl_ingestion(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let c = Arc::new(create(&dir.path().join("c"), settings("ingest")));
+    let tc = create_on(backend, settings("ingest"));
+    let c = &tc.c;
     let path = dir.path().join("docs.jsonl");
     let mut f = std::fs::File::create(&path).unwrap();
     for i in 0..40 {
@@ -32,7 +42,7 @@ fn jsonl_ingestion_reports_bad_lines_and_is_idempotent() {
     }
     drop(f);
     let registry = JobRegistry::default();
-    let view = run(&registry, &c, Source::Jsonl(path.clone()), OnError::Skip);
+    let view = run(&registry, c, Source::Jsonl(path.clone()), OnError::Skip);
     assert_eq!(view.state, JobState::Done, "{view:?}");
     assert_eq!(view.progress.documents_written, 37);
     assert_eq!(view.progress.documents_failed, 2);
@@ -42,15 +52,15 @@ fn jsonl_ingestion_reports_bad_lines_and_is_idempotent() {
     assert_eq!(c.info().documents, 37);
     let seq = c.info().last_seq;
     // Re-running the same input changes nothing.
-    let again = run(&registry, &c, Source::Jsonl(path.clone()), OnError::Skip);
+    let again = run(&registry, c, Source::Jsonl(path.clone()), OnError::Skip);
     assert_eq!((again.progress.documents_written, again.progress.documents_unchanged), (0, 37));
     assert_eq!(c.info().last_seq, seq);
     // Everything is searchable once the job is done.
     let hits = c.search(&SearchRequest { query: "Document 33".into(), top_k: 1, mode: SearchMode::Keyword, ..Default::default() }).unwrap();
     assert_eq!(hits.results[0].document_id, "d33");
     // With on_error=fail the job stops at the first bad line and says where.
-    let c2 = Arc::new(create(&dir.path().join("c2"), settings("strict")));
-    let failed = run(&registry, &c2, Source::Jsonl(path), OnError::Fail);
+    let c2 = create_on(backend, settings("strict"));
+    let failed = run(&registry, &c2.c, Source::Jsonl(path), OnError::Fail);
     assert_eq!(failed.state, JobState::Failed);
     assert!(failed.error.as_deref().unwrap().contains("line 3"), "{failed:?}");
     assert_eq!(registry.list().len(), 3);
@@ -142,4 +152,89 @@ fn long_lines_symlink_loops_and_the_job_queue_are_bounded() {
         }
     }
     assert!(refused >= 4, "{refused} refused");
+}
+
+/// A JSONL file of `n` short documents.
+fn numbered_docs(dir: &std::path::Path, n: usize) -> std::path::PathBuf {
+    let path = dir.join("many.jsonl");
+    let mut f = std::fs::File::create(&path).unwrap();
+    for i in 0..n {
+        let text = format!("Record {i} is about the {} season and the river {}.", ["wet", "dry", "cold"][i % 3], i % 17);
+        writeln!(f, "{}", serde_json::json!({"id": format!("r{i}"), "text": text})).unwrap();
+    }
+    path
+}
+
+/// Waits until the job has written at least `n` documents (or ended).
+fn written_at_least(job: &ragway_index::jobs::Job, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while job.view().progress.documents_written < n && matches!(job.state(), JobState::Queued | JobState::Running) {
+        assert!(Instant::now() < deadline, "job made no progress");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn finish(job: &ragway_index::jobs::Job) -> ragway_index::jobs::JobView {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while matches!(job.state(), JobState::Queued | JobState::Running) {
+        assert!(Instant::now() < deadline, "job did not finish");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    job.view()
+}
+
+#[test]
+fn an_ingestion_resumes_after_the_database_restarts_and_fails_cleanly_when_it_stays_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let tc = create_on(Backend::Postgres, settings("restarts"));
+    let (c, pg) = (&tc.c, tc.pg.as_ref().unwrap());
+    let n = 600;
+    let path = numbered_docs(dir.path(), n);
+    let registry = JobRegistry::default();
+    // Small batches: many writes, so the restart falls between two of them.
+    let options = IngestOptions { embed_batch: 8, read_batch: 8, ..Default::default() };
+    let job = registry.submit(c.clone(), Source::Jsonl(path.clone()), options, None).unwrap();
+    written_at_least(&job, 40);
+    pg.stop();
+    // Down for longer than the pool waits for a connection (5 s), so a write fails and is
+    // retried.
+    std::thread::sleep(Duration::from_secs(7));
+    pg.start_again();
+    let view = finish(&job);
+    assert_eq!(view.state, JobState::Done, "{view:?}");
+    assert!(view.progress.write_retries > 0, "the restart fell after the last write: {view:?}");
+    // Every document is stored once; a write whose commit's answer was lost was retried
+    // and found unchanged.
+    let p = &view.progress;
+    assert_eq!(p.documents_written + p.documents_unchanged, n as u64, "{view:?}");
+    assert_eq!(c.info().documents, n);
+    let hits = c
+        .search(&SearchRequest { query: "Record 599".into(), top_k: 1, mode: SearchMode::Keyword, ..Default::default() })
+        .unwrap();
+    assert_eq!(hits.results[0].document_id, "r599");
+
+    // Down for longer than the job waits: it fails, saying why, and what it reported as
+    // written is stored; running it again stores the rest.
+    let c2 = create_on(Backend::Postgres, settings("stays-down"));
+    let pg2 = c2.pg.as_ref().unwrap();
+    let options = IngestOptions {
+        embed_batch: 8,
+        read_batch: 8,
+        retry_unavailable: Duration::from_secs(2),
+        ..Default::default()
+    };
+    let job = registry.submit(c2.c.clone(), Source::Jsonl(path.clone()), options.clone(), None).unwrap();
+    written_at_least(&job, 40);
+    pg2.stop();
+    let failed = finish(&job);
+    assert_eq!(failed.state, JobState::Failed, "{failed:?}");
+    let why = failed.error.clone().unwrap();
+    assert!(why.contains("unavailable"), "{why}");
+    pg2.start_again();
+    let stored = c2.c.info().documents as u64;
+    assert!(stored >= failed.progress.documents_written && stored < n as u64, "{stored} stored, {failed:?}");
+    let again = finish(&registry.submit(c2.c.clone(), Source::Jsonl(path), options, None).unwrap());
+    assert_eq!(again.state, JobState::Done, "{again:?}");
+    assert_eq!(again.progress.documents_unchanged, stored, "{again:?}");
+    assert_eq!(c2.c.info().documents, n);
 }
