@@ -47,7 +47,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// The schema version ragway writes; collections of older versions are migrated on open.
+/// The schema version ragway writes; a collection of a newer version is refused on open.
 pub const SCHEMA_VERSION: i32 = 1;
 /// pgvector's largest `hnsw.ef_search`.
 const MAX_EF_SEARCH: usize = 1000;
@@ -189,18 +189,34 @@ impl PgDatabase {
         self.conn()?.batch_execute("SELECT 1").map_err(|e| db_error(&self.shown, e))
     }
 
-    /// The names of the collections stored in the database.
-    pub fn collections(&self) -> Result<Vec<(String, CollectionSettings)>> {
+    /// The collections listed in the database's catalog.
+    pub fn collections(&self) -> Result<Vec<CatalogEntry>> {
         let rows = self
             .conn()?
-            .query("SELECT name, settings FROM ragway_collections ORDER BY name", &[])
+            .query("SELECT name, schema_version, prefix, settings FROM ragway_collections ORDER BY name", &[])
             .map_err(|e| db_error(&self.shown, e))?;
-        rows.iter()
-            .map(|r| {
-                let settings: Value = r.get(1);
-                Ok((r.get(0), serde_json::from_value(settings)?))
-            })
-            .collect()
+        rows.iter().map(CatalogEntry::of_row).collect()
+    }
+}
+
+/// A collection's row in `ragway_collections`.
+#[derive(Debug, Clone)]
+pub struct CatalogEntry {
+    pub name: String,
+    pub schema_version: i32,
+    prefix: String,
+    pub settings: CollectionSettings,
+}
+
+impl CatalogEntry {
+    /// From a row of `name, schema_version, prefix, settings`.
+    fn of_row(row: &postgres::Row) -> Result<CatalogEntry> {
+        Ok(CatalogEntry {
+            name: row.get(0),
+            schema_version: row.get(1),
+            prefix: row.get(2),
+            settings: serde_json::from_value(row.get::<_, Value>(3))?,
+        })
     }
 }
 
@@ -319,23 +335,26 @@ impl PgStore {
         Ok(store)
     }
 
-    /// Opens a collection listed in `ragway_collections`, migrating its schema when it was
-    /// written by an older version.
+    /// Opens a collection listed in `ragway_collections`; one written by a newer ragway
+    /// (a higher schema version) is refused.
     pub fn open(db: Arc<PgDatabase>, name: &str) -> Result<PgStore> {
         let row = db
             .conn()?
-            .query_opt("SELECT schema_version, prefix, settings FROM ragway_collections WHERE name = $1", &[&name])
+            .query_opt("SELECT name, schema_version, prefix, settings FROM ragway_collections WHERE name = $1", &[&name])
             .map_err(|e| db_error(&db.shown, e))?
             .ok_or_else(|| IndexError::CollectionNotFound(name.to_string()))?;
-        let version: i32 = row.get(0);
+        PgStore::of_entry(db, CatalogEntry::of_row(&row)?)
+    }
+
+    /// The collection of a catalog entry (see [`PgDatabase::collections`]).
+    pub fn of_entry(db: Arc<PgDatabase>, entry: CatalogEntry) -> Result<PgStore> {
+        let (name, version) = (&entry.name, entry.schema_version);
         if version > SCHEMA_VERSION {
             return Err(IndexError::Corrupt(format!(
                 "collection `{name}` in PostgreSQL has schema version {version}; this ragway knows versions up to {SCHEMA_VERSION}: upgrade ragway"
             )));
         }
-        let prefix: String = row.get(1);
-        let settings: CollectionSettings = serde_json::from_value(row.get::<_, Value>(2))?;
-        Ok(PgStore::with_prefix(db, settings, &prefix))
+        Ok(PgStore::with_prefix(db, entry.settings, &entry.prefix))
     }
 
     /// Drops the collection's tables and its catalog row.
@@ -354,6 +373,11 @@ impl PgStore {
         tx.commit().map_err(|e| db_error(&db.shown, e))
     }
 
+    /// The settings the collection was created with.
+    pub fn settings(&self) -> &CollectionSettings {
+        &self.settings
+    }
+
     fn with_prefix(db: Arc<PgDatabase>, settings: CollectionSettings, prefix: &str) -> PgStore {
         PgStore {
             db,
@@ -365,6 +389,10 @@ impl PgStore {
     }
 
     fn err(&self, e: postgres::Error) -> IndexError {
+        // 42P01 (undefined table): another ragway dropped the collection.
+        if e.as_db_error().is_some_and(|d| d.code().code() == "42P01") {
+            return IndexError::CollectionNotFound(self.settings.name.clone());
+        }
         db_error(&self.db.shown, e)
     }
 

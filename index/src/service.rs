@@ -13,11 +13,15 @@ use crate::error::{IndexError, Result};
 use crate::jobs::JobRegistry;
 use crate::postgres::{PgDatabase, PgOptions, PgStore};
 use crate::types::*;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock, Weak};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::{Duration, Instant};
+
+/// How often PostgreSQL's catalog is read again, at most (for collections other ragway
+/// servers created or dropped).
+const CATALOG_REFRESH: Duration = Duration::from_secs(1);
 
 /// Service options.
 #[derive(Debug, Clone)]
@@ -42,6 +46,9 @@ pub struct IndexService {
     collections: RwLock<HashMap<String, Arc<Collection>>>,
     /// Where new collections live when PostgreSQL is configured.
     postgres: Option<Arc<PgDatabase>>,
+    /// Serializes reading PostgreSQL's catalog against creating and dropping collections
+    /// there; holds when the catalog was last read.
+    catalog: Mutex<Option<Instant>>,
     jobs: JobRegistry,
     _lock: File,
 }
@@ -87,45 +94,15 @@ impl IndexService {
                 continue;
             }
             let settings: CollectionSettings = serde_json::from_slice(&std::fs::read(path.join("settings.json"))?)?;
-            let embedder = match &settings.model {
-                None => None,
-                Some(model) => Some(embedders.get(model).cloned().ok_or_else(|| {
-                    IndexError::Internal(format!(
-                        "collection `{}` is bound to embedding model `{model}`, which is not loaded",
-                        settings.name
-                    ))
-                })?),
-            };
+            let embedder = model_of(&embedders, &settings)?;
             let c = Collection::open_embedded_by(&path, embedder)?;
             c.drift().configure(options.drift.clone());
             collections.insert(settings.name.clone(), Arc::new(c));
         }
-        // Collections in PostgreSQL: listed by the database (another ragway may have
-        // created them); their directories here keep only the drift monitor's state.
         let postgres = match &options.postgres {
             None => None,
             Some(pg) => {
                 let db = PgDatabase::connect(pg)?;
-                for (name, settings) in db.collections()? {
-                    if collections.contains_key(&name) {
-                        tracing::warn!(collection = %name, "a collection of this name is in the data directory and in PostgreSQL; serving the data directory's");
-                        continue;
-                    }
-                    let embedder = match &settings.model {
-                        None => None,
-                        Some(model) => Some(embedders.get(model).cloned().ok_or_else(|| {
-                            IndexError::Internal(format!(
-                                "collection `{name}` (PostgreSQL) is bound to embedding model `{model}`, which is not loaded"
-                            ))
-                        })?),
-                    };
-                    let dir = collections_dir.join(&name);
-                    std::fs::create_dir_all(&dir)?;
-                    let store = PgStore::open(db.clone(), &name)?;
-                    let c = Collection::on_store(&dir, settings, embedder, Box::new(store))?;
-                    c.drift().configure(options.drift.clone());
-                    collections.insert(name, Arc::new(c));
-                }
                 tracing::info!(database = db.address(), "collections in PostgreSQL");
                 Some(db)
             }
@@ -137,9 +114,14 @@ impl IndexService {
             embedders,
             default_model: default_model.to_string(),
             collections: RwLock::new(collections),
+            catalog: Mutex::new(None),
             jobs: JobRegistry::default(),
             _lock: lock,
         });
+        // Collections in PostgreSQL: listed by the database (another ragway may have
+        // created them); their directories here keep only the drift monitor's state. At
+        // start-up one that cannot be served is an error, as for the data directory's.
+        service.sync_with_database(true)?;
         let weak = Arc::downgrade(&service);
         std::thread::Builder::new().name("index-maintenance".into()).spawn(move || maintenance(weak))?;
         Ok(service)
@@ -255,6 +237,7 @@ impl IndexService {
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
         };
+        let _catalog = self.catalog.lock().expect("catalog");
         let mut collections = self.collections.write().expect("collections");
         if collections.contains_key(&req.name) {
             return Err(IndexError::CollectionExists(req.name));
@@ -277,21 +260,127 @@ impl IndexService {
     }
 
     pub fn get(&self, name: &str) -> Result<Arc<Collection>> {
-        self.collections
-            .read()
-            .expect("collections")
-            .get(name)
-            .cloned()
-            .ok_or_else(|| IndexError::CollectionNotFound(name.to_string()))
+        let found = self.collections.read().expect("collections").get(name).cloned();
+        match found {
+            Some(c) => Ok(c),
+            // Perhaps another ragway created it in PostgreSQL: one look-up of that name.
+            None if self.postgres.is_some() && validate_name(name).is_ok() => self.open_from_database(name),
+            None => Err(IndexError::CollectionNotFound(name.to_string())),
+        }
     }
 
+    /// Serves collection `name` from PostgreSQL's catalog, where another ragway created it.
+    fn open_from_database(&self, name: &str) -> Result<Arc<Collection>> {
+        let Some(db) = &self.postgres else { return Err(IndexError::CollectionNotFound(name.to_string())) };
+        let _catalog = self.catalog.lock().expect("catalog");
+        if let Some(c) = self.collections.read().expect("collections").get(name) {
+            return Ok(c.clone());
+        }
+        let store = PgStore::open(db.clone(), name)?;
+        let c = Arc::new(self.on_database(store)?);
+        tracing::info!(collection = %name, "serving a collection found in PostgreSQL");
+        self.collections.write().expect("collections").insert(name.to_string(), c.clone());
+        Ok(c)
+    }
+
+    /// A collection of PostgreSQL's, with its local directory (the drift monitor's state).
+    fn on_database(&self, store: PgStore) -> Result<Collection> {
+        let settings = store.settings().clone();
+        let embedder = model_of(&self.embedders, &settings)?;
+        let dir = self.collection_dir(&settings.name);
+        std::fs::create_dir_all(&dir)?;
+        let c = Collection::on_store(&dir, settings, embedder, Box::new(store))?;
+        c.drift().configure(self.options.drift.clone());
+        Ok(c)
+    }
+
+    /// The collections, by name (PostgreSQL's catalog read again when it is due).
     pub fn list(&self) -> Vec<Arc<Collection>> {
+        if self.postgres.is_some() {
+            self.sync_quietly();
+        }
+        self.listed()
+    }
+
+    fn listed(&self) -> Vec<Arc<Collection>> {
         let mut all: Vec<_> = self.collections.read().expect("collections").values().cloned().collect();
         all.sort_by(|a, b| a.name().cmp(b.name()));
         all
     }
 
+    /// [`IndexService::sync_with_database`] when it is due, logging a failure: what is
+    /// served stays as it was while the database is away.
+    fn sync_quietly(&self) {
+        if let Err(e) = self.sync_with_database(false) {
+            tracing::debug!(error = %e, "could not read PostgreSQL's catalog");
+        }
+    }
+
+    /// Serves what PostgreSQL's catalog lists: collections another ragway created are
+    /// opened, ones it dropped are no longer served. Unless `now`, does nothing when the
+    /// catalog was read less than a second ago or is being read. With `now` (start-up), a
+    /// collection that cannot be served is an error; otherwise it is skipped with a warning.
+    fn sync_with_database(&self, now: bool) -> Result<()> {
+        let Some(db) = &self.postgres else { return Ok(()) };
+        let mut last = if now {
+            self.catalog.lock().expect("catalog")
+        } else {
+            match self.catalog.try_lock() {
+                Ok(guard) if guard.is_none_or(|t| t.elapsed() >= CATALOG_REFRESH) => guard,
+                _ => return Ok(()),
+            }
+        };
+        *last = Some(Instant::now());
+        let entries = db.collections()?;
+        let listed: HashSet<&str> = entries.iter().map(|e| e.name.as_str()).collect();
+        let mut opened = Vec::new();
+        {
+            let collections = self.collections.read().expect("collections");
+            for entry in &entries {
+                match collections.get(&entry.name) {
+                    Some(c) if c.store().kind() != "postgres" && now => {
+                        tracing::warn!(collection = %entry.name, "a collection of this name is in the data directory and in PostgreSQL; serving the data directory's");
+                    }
+                    Some(_) => {}
+                    None => opened.push(entry.clone()),
+                }
+            }
+        }
+        let mut added = Vec::new();
+        for entry in opened {
+            let name = entry.name.clone();
+            let result = PgStore::of_entry(db.clone(), entry).and_then(|store| self.on_database(store));
+            match result {
+                Ok(c) => added.push((name, Arc::new(c))),
+                Err(e) if now => return Err(e),
+                Err(e) => tracing::warn!(collection = %name, error = %e, "cannot serve a collection in PostgreSQL"),
+            }
+        }
+        let mut collections = self.collections.write().expect("collections");
+        for (name, c) in added {
+            if !now {
+                tracing::info!(collection = %name, "serving a collection found in PostgreSQL");
+            }
+            collections.entry(name).or_insert(c);
+        }
+        let gone: Vec<String> = collections
+            .iter()
+            .filter(|(name, c)| c.store().kind() == "postgres" && !listed.contains(name.as_str()))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in gone {
+            tracing::info!(collection = %name, "a collection was dropped from PostgreSQL; no longer serving it");
+            if let Some(c) = collections.remove(&name) {
+                if let Err(e) = self.remove_dir(c) {
+                    tracing::warn!(collection = %name, error = %e, "could not remove its directory");
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub fn delete(&self, name: &str) -> Result<()> {
+        let _catalog = self.catalog.lock().expect("catalog");
         let c = self
             .collections
             .write()
@@ -300,10 +389,20 @@ impl IndexService {
             .ok_or_else(|| IndexError::CollectionNotFound(name.to_string()))?;
         if let (Some(db), "postgres") = (&self.postgres, c.store().kind()) {
             // The database's transaction drops the tables and the catalog row together.
-            PgStore::drop_collection(db, name)?;
+            if let Err(e) = PgStore::drop_collection(db, name) {
+                // Still there: still served.
+                self.collections.write().expect("collections").insert(name.to_string(), c);
+                return Err(e);
+            }
         }
-        // Rename first (atomic), then remove: a crash never leaves half a collection.
-        let trash = self.data_dir.join("collections").join(format!(".deleted-{}-{}", name, std::process::id()));
+        self.remove_dir(c)
+    }
+
+    /// Removes a collection's directory: renamed first (atomic), then removed, so that a
+    /// crash never leaves half a collection.
+    fn remove_dir(&self, c: Arc<Collection>) -> Result<()> {
+        let trash =
+            self.data_dir.join("collections").join(format!(".deleted-{}-{}", c.name(), std::process::id()));
         std::fs::rename(c.dir(), &trash)?;
         crate::wal::sync_dir(&trash)?;
         drop(c);
@@ -400,6 +499,21 @@ impl IndexService {
 
     fn collection_dir(&self, name: &str) -> PathBuf {
         self.data_dir.join("collections").join(name)
+    }
+}
+
+/// The embedding model a collection is bound to, which must be loaded.
+fn model_of(
+    embedders: &HashMap<String, Arc<dyn ChunkEmbedder>>,
+    settings: &CollectionSettings,
+) -> Result<Option<Arc<dyn ChunkEmbedder>>> {
+    let Some(model) = &settings.model else { return Ok(None) };
+    match embedders.get(model) {
+        Some(e) => Ok(Some(e.clone())),
+        None => Err(IndexError::Internal(format!(
+            "collection `{}` is bound to embedding model `{model}`, which is not loaded",
+            settings.name
+        ))),
     }
 }
 

@@ -302,6 +302,47 @@ fn collections_in_postgres_are_served_by_the_index_service_across_restarts() {
 }
 
 #[test]
+fn two_servers_on_one_database_see_each_others_collections() {
+    let pg = PgServer::start();
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let options = |dir: &std::path::Path| ragway_index::ServiceOptions {
+        commit_interval: std::time::Duration::from_millis(100),
+        ingest_root: None,
+        snapshot_root: dir.join("snapshots"),
+        drift: Default::default(),
+        postgres: Some(PgOptions::new(pg.url())),
+    };
+    let open = |dir: &std::path::Path| {
+        ragway_index::IndexService::open(dir, vec![embedder()], "all-MiniLM-L6-v2", options(dir)).unwrap()
+    };
+    let (a, b) = (open(dir_a.path()), open(dir_b.path()));
+    assert!(b.list().is_empty());
+    let create = ragway_index::CreateCollection {
+        name: "shared".into(),
+        model: Some(None),
+        dimension: Some(8),
+        ..Default::default()
+    };
+    let c = a.create(create.clone()).unwrap();
+    c.upsert(vec![own_doc("x", "written by a", json!({}), vec![1.0; 8])], true).unwrap();
+    // `b` finds it on first use, without a restart, and sees `a`'s writes.
+    let seen = b.get("shared").unwrap();
+    assert_eq!(seen.get("x").unwrap().text, "written by a");
+    seen.upsert(vec![own_doc("y", "written by b", json!({}), vec![0.5; 8])], true).unwrap();
+    assert_eq!(c.info().documents, 2);
+    assert!(matches!(b.create(create), Err(IndexError::CollectionExists(_))));
+    // Dropped by `a`: `b`'s searches say so at once, and `b` stops serving it once it
+    // reads the catalog again.
+    a.delete("shared").unwrap();
+    let search = SearchRequest { vector: Some(vec![1.0; 8]), top_k: 1, mode: SearchMode::Dense, ..Default::default() };
+    assert!(matches!(seen.search(&search), Err(IndexError::CollectionNotFound(_))));
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    assert!(b.list().is_empty());
+    assert!(matches!(b.get("shared"), Err(IndexError::CollectionNotFound(_))));
+    assert!(!dir_b.path().join("collections/shared").exists(), "its drift state went with it");
+}
+
+#[test]
 fn searches_on_a_read_replica_see_writes_once_replicated() {
     let pg = PgServer::start();
     let replica = pg.replica().unwrap();
