@@ -20,6 +20,7 @@ pub mod ingest;
 pub mod jobs;
 pub mod keyword;
 mod payload;
+pub mod pgtls;
 pub mod postgres;
 pub mod service;
 pub mod simd;

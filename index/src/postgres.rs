@@ -36,7 +36,7 @@ use crate::store::{ChunkStore, DenseHits, DenseQuery, NewDoc, SampledChunk, Stor
 use crate::types::{ChunkView, CollectionSettings, DocumentView, WriteResult};
 use pgvector::Vector;
 use postgres::types::ToSql;
-use postgres::NoTls;
+use crate::pgtls::{split_address, MakeRustls};
 use r2d2_postgres::PostgresConnectionManager;
 use serde_json::Value;
 use std::cell::RefCell;
@@ -52,8 +52,8 @@ pub const SCHEMA_VERSION: i32 = 1;
 /// pgvector's largest `hnsw.ef_search`.
 const MAX_EF_SEARCH: usize = 1000;
 
-type Pool = r2d2::Pool<PostgresConnectionManager<NoTls>>;
-type Conn = r2d2::PooledConnection<PostgresConnectionManager<NoTls>>;
+type Pool = r2d2::Pool<PostgresConnectionManager<MakeRustls>>;
+type Conn = r2d2::PooledConnection<PostgresConnectionManager<MakeRustls>>;
 
 /// How to reach PostgreSQL.
 #[derive(Debug, Clone)]
@@ -144,25 +144,23 @@ impl PgDatabase {
     }
 
     fn pool(url: &str, options: &PgOptions, param: &str) -> Result<(Pool, String)> {
-        let mut config = postgres::Config::from_str(url)
-            .map_err(|e| IndexError::invalid(param, format!("`{param}` is not a PostgreSQL address: {e}")))?;
-        if config.get_ssl_mode() == postgres::config::SslMode::Require {
-            return Err(IndexError::invalid(
-                param,
-                format!("`{param}` asks for TLS (sslmode=require), which this build does not support; use sslmode=disable on a trusted network"),
-            ));
-        }
+        let bad = |e: String| IndexError::invalid(param, format!("`{param}` is not a PostgreSQL address: {e}"));
+        // TLS as the address asks (`sslmode`, `sslrootcert`; see `pgtls`).
+        let address = split_address(url).map_err(bad)?;
+        let tls = MakeRustls::new(address.mode, address.root_cert.as_deref())
+            .map_err(|e| IndexError::invalid(param, format!("`{param}`: {e}")))?;
+        let mut config = postgres::Config::from_str(&address.address).map_err(|e| bad(e.to_string()))?;
         config.connect_timeout(options.connect_timeout);
         config.options(&format!("-c statement_timeout={}", options.statement_timeout.as_millis()));
         config.application_name("ragway");
         let shown = shown(&config);
         // One connection first, for the server's own words when it refuses.
-        config.connect(NoTls).map_err(|e| startup(&shown, e))?;
+        config.connect(tls.clone()).map_err(|e| startup(&shown, e))?;
         let pool = r2d2::Pool::builder()
             .max_size(options.pool_size.max(1))
             .min_idle(Some(0))
             .connection_timeout(options.connect_timeout)
-            .build_unchecked(PostgresConnectionManager::new(config, NoTls));
+            .build_unchecked(PostgresConnectionManager::new(config, tls));
         Ok((pool, shown))
     }
 
@@ -182,6 +180,15 @@ impl PgDatabase {
         }
         let i = self.next_read.fetch_add(1, Ordering::Relaxed) % self.reads.len();
         self.reads[i].get().map_err(|e| unavailable(&self.shown, &format!("read replica {i}: {e}")))
+    }
+
+    /// The TLS version of a connection to the primary, `None` when it is not encrypted.
+    pub fn tls_version(&self) -> Result<Option<String>> {
+        let row = self
+            .conn()?
+            .query_one("SELECT CASE WHEN ssl THEN version END FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[])
+            .map_err(|e| db_error(&self.shown, e))?;
+        Ok(row.get(0))
     }
 
     /// Whether the primary answers (readiness).
@@ -224,7 +231,16 @@ impl CatalogEntry {
 fn startup(shown: &str, e: postgres::Error) -> IndexError {
     let why = match e.as_db_error() {
         Some(db) => format!("{}: {}", db.code().code(), db.message()),
-        None => e.to_string(),
+        None => {
+            // The cause (a refused certificate, a refused connection) is in the sources.
+            let mut why = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                why.push_str(&format!(": {s}"));
+                source = s.source();
+            }
+            why
+        }
     };
     IndexError::Unavailable(format!("PostgreSQL at {shown}: {why}"))
 }
@@ -1146,6 +1162,13 @@ impl LocalServer {
             .args(["-o", &options, "-l"])
             .arg(self.dir.join("log"))
             .args(["-w", "-t", "60", "start"]))
+        .map_err(|e| {
+            // The server's own words are in its log.
+            let log = std::fs::read_to_string(self.dir.join("log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(10).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            std::io::Error::other(format!("{e}\nserver log:\n{}", tail.join("\n")))
+        })
     }
 
     /// Stops the server at once, without a checkpoint (as a crash would).

@@ -103,7 +103,8 @@ impl IndexService {
             None => None,
             Some(pg) => {
                 let db = PgDatabase::connect(pg)?;
-                tracing::info!(database = db.address(), "collections in PostgreSQL");
+                let tls = db.tls_version()?.unwrap_or_else(|| "off".into());
+                tracing::info!(database = db.address(), tls = %tls, "collections in PostgreSQL");
                 Some(db)
             }
         };

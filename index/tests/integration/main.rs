@@ -5,3 +5,4 @@ mod collection;
 mod common;
 mod ingest;
 mod postgres;
+mod tlsproxy;

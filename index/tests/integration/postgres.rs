@@ -375,3 +375,72 @@ fn searches_on_a_read_replica_see_writes_once_replicated() {
         Err(IndexError::Unavailable(_))
     ));
 }
+
+/// Runs `openssl` with `args` in `dir`.
+fn openssl(dir: &std::path::Path, args: &str) {
+    let out = std::process::Command::new("openssl")
+        .args(args.split_whitespace())
+        .current_dir(dir)
+        .output()
+        .expect("the `openssl` command makes this test's certificates");
+    assert!(out.status.success(), "openssl {args}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn tls_as_the_address_asks_with_the_certificate_verified_against_its_root() {
+    let pg = PgServer::start();
+    let certs = tempfile::tempdir().unwrap();
+    let dir = certs.path();
+    // A CA, and a server certificate it signs for `db.internal` and 127.0.0.1 (not for
+    // `localhost`).
+    openssl(dir, "req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout ca.key -out ca.crt -days 2 -subj /CN=ragway-test-ca");
+    openssl(dir, "req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout server.key -out server.csr -subj /CN=db.internal");
+    std::fs::write(dir.join("san.ext"), "subjectAltName=DNS:db.internal,IP:127.0.0.1\n").unwrap();
+    openssl(dir, "x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out server.crt -days 2 -extfile san.ext");
+    // The test server's build has no TLS: a rustls front answers for it (see `tlsproxy`).
+    let proxy = crate::tlsproxy::TlsProxy::start(pg.port, &dir.join("server.crt"), &dir.join("server.key"));
+    let ca = dir.join("ca.crt").display().to_string();
+    let at = |host: &str, query: &str| format!("postgres://postgres@{host}:{}/postgres?{query}", proxy.port);
+    let connect = |url: String| PgDatabase::connect(&PgOptions::new(url));
+    let sessions = || proxy.sessions.load(std::sync::atomic::Ordering::Relaxed);
+    // Plain TCP when asked: the front sees a connection without TLS and refuses it.
+    assert!(connect(at("127.0.0.1", "sslmode=disable")).is_err());
+    assert_eq!((sessions(), proxy.plain.load(std::sync::atomic::Ordering::Relaxed)), (0, 1));
+    // Encrypted without checks (require, and prefer: the default), and verified against the
+    // CA for the name connected to.
+    connect(at("127.0.0.1", "sslmode=require")).unwrap().ping().unwrap();
+    connect(at("127.0.0.1", "")).unwrap().ping().unwrap();
+    let db = connect(at("127.0.0.1", &format!("sslmode=verify-full&sslrootcert={ca}"))).unwrap();
+    assert!(sessions() >= 3);
+    // A certificate for another name: verify-full refuses it, verify-ca takes it.
+    let wrong_name = connect(at("localhost", &format!("sslmode=verify-full&sslrootcert={ca}"))).unwrap_err().to_string();
+    assert!(wrong_name.contains("certificate not valid for name"), "{wrong_name}");
+    connect(at("localhost", &format!("sslmode=verify-ca&sslrootcert={ca}"))).unwrap().ping().unwrap();
+    // Not signed by a root ragway trusts.
+    let unknown = connect(at("127.0.0.1", "sslmode=verify-full&sslrootcert=system")).unwrap_err().to_string();
+    assert!(unknown.contains("UnknownIssuer"), "{unknown}");
+    let missing = connect(at("127.0.0.1", "sslmode=verify-full")).unwrap_err().to_string();
+    assert!(missing.contains("sslrootcert"), "{missing}");
+    // Directly to the server (no TLS in its build): the connection says it is plain.
+    assert_eq!(connect(pg.url()).unwrap().tls_version().unwrap(), None);
+
+    // A collection's traffic over the verified connection: writes and searches larger than
+    // one TLS record.
+    let c = Collection::with_store(
+        certs.path(),
+        own_settings("over-tls"),
+        None,
+        Box::new(PgStore::create(db, own_settings("over-tls")).unwrap()),
+    );
+    let mut rng = Rng(7);
+    let long = "encrypted words travel in records ".repeat(200);
+    let docs: Vec<DocumentInput> =
+        (0..60).map(|i| own_doc(&format!("d{i}"), &format!("{i} {long}"), json!({"i": i}), rng.vector())).collect();
+    c.upsert(docs, true).unwrap();
+    assert_eq!(c.info().documents, 60);
+    let hits = c
+        .search(&SearchRequest { query: "encrypted records".into(), top_k: 50, mode: SearchMode::Keyword, ..Default::default() })
+        .unwrap();
+    assert_eq!(hits.results.len(), 50);
+    assert!(hits.results[0].text.len() > 6000);
+}
