@@ -3,7 +3,9 @@
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 /// Median of a non-empty sample.
 pub fn median(xs: &[f64]) -> f64 {
@@ -111,4 +113,91 @@ pub fn run_reference(python: &Path, script: &str, args: &[String]) -> anyhow::Re
     let stdout = String::from_utf8_lossy(&out.stdout);
     let line = stdout.lines().rev().find(|l| l.trim_start().starts_with('{')).unwrap_or_default();
     Ok(serde_json::from_str(line)?)
+}
+
+/// The `p` quantile of a sample (nearest rank); NaN when empty.
+pub fn pct(xs: &[f64], p: f64) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((p * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1;
+    v[i]
+}
+
+/// Latencies (s) of every request completed in `seconds` by `c` clients looping on `call`.
+pub async fn closed_loop<F, Fut>(c: usize, seconds: f64, call: F) -> (Vec<f64>, f64)
+where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
+{
+    let t0 = Instant::now();
+    let end = t0 + Duration::from_secs_f64(seconds);
+    let tasks: Vec<_> = (0..c)
+        .map(|_| {
+            let call = call.clone();
+            tokio::spawn(async move {
+                let mut lat = Vec::new();
+                while Instant::now() < end {
+                    let t = Instant::now();
+                    call().await.expect("request failed");
+                    lat.push(t.elapsed().as_secs_f64());
+                }
+                lat
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.expect("client task"));
+    }
+    (all, t0.elapsed().as_secs_f64())
+}
+
+/// A server process, killed when dropped.
+pub struct ServerProcess(pub std::process::Child);
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts the `ragway` binary beside the running one on a free port with these models and
+/// data directory (and `extra` arguments); returns once `/ready` answers 200.
+pub fn start_server(models: &Path, data: &Path, extra: &[String]) -> anyhow::Result<(ServerProcess, String)> {
+    let exe = std::env::current_exe()?.with_file_name("ragway");
+    anyhow::ensure!(exe.is_file(), "{} not found: build it with `cargo build --release --bins`", exe.display());
+    let mut child = Command::new(&exe)
+        .args(["serve", "--host", "127.0.0.1", "--port", "0"])
+        .arg("--models-dir")
+        .arg(models)
+        .arg("--data-dir")
+        .arg(data)
+        .args(extra)
+        .env("RUST_LOG", "warn,ragway_gateway::http::server=info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let stderr = child.stderr.take().expect("piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(i) = line.find("listening on http://") {
+                let _ = tx.send(line[i + "listening on ".len()..].trim().to_string());
+            }
+        }
+    });
+    let url = rx.recv_timeout(Duration::from_secs(60)).map_err(|_| anyhow::anyhow!("the server did not start"))?;
+    let server = ServerProcess(child);
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        if reqwest::blocking::get(format!("{url}/ready")).is_ok_and(|r| r.status() == 200) {
+            return Ok((server, url));
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the server never became ready");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }

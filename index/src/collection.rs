@@ -564,12 +564,14 @@ impl Collection {
             SearchMode::Dense => single(&dense_list, true),
             SearchMode::Keyword => single(&keyword_list, false),
         };
+        let key_of = |f: &Fused| best_chunk.as_ref().map_or(f.id, |b| b[&f.id]);
+        view.load(&fused.iter().take(req.top_k).map(key_of).collect::<Vec<_>>())?;
         let mut results = Vec::with_capacity(req.top_k);
         for f in fused {
             if results.len() == req.top_k {
                 break;
             }
-            let key = best_chunk.as_ref().map_or(f.id, |b| b[&f.id]);
+            let key = key_of(&f);
             // A chunk that left the store since its half ran (a rare race) is passed over.
             let Some(c) = view.chunk(key) else { continue };
             results.push(SearchHit {

@@ -698,6 +698,7 @@ impl ChunkStore for PgStore {
             sql,
             condition,
             seen: RefCell::new(HashMap::new()),
+            loaded: RefCell::new(HashMap::new()),
         }))
     }
 
@@ -805,8 +806,10 @@ struct PgView<'a> {
     sql: Sql,
     /// The filter as SQL over the chunks table (alias `c`).
     condition: String,
-    /// The chunks the halves returned, for `document_of` and `chunk`.
-    seen: RefCell<HashMap<u64, (u64, StoredChunk)>>,
+    /// The chunks the halves returned, with their documents (for `document_of`).
+    seen: RefCell<HashMap<u64, u64>>,
+    /// What `load` fetched of them (for `chunk`).
+    loaded: RefCell<HashMap<u64, StoredChunk>>,
 }
 
 impl Drop for PgView<'_> {
@@ -816,12 +819,8 @@ impl Drop for PgView<'_> {
     }
 }
 
-/// The columns a hit brings along (after its score).
-const HIT_COLUMNS: &str =
-    "c.key, c.doc_key, c.doc_id, c.chunk_index, c.text, c.title, c.metadata, c.char_start, c.char_end";
-
 impl PgView<'_> {
-    /// Runs a query returning `score` then [`HIT_COLUMNS`], remembering the chunks.
+    /// Runs a query returning `score, c.key, c.doc_key`, remembering the chunks' documents.
     fn hits(&self, query: &str, extra: &[&(dyn ToSql + Sync)]) -> Result<Vec<(u64, f32)>> {
         let mut params = self.sql.refs();
         params.extend_from_slice(extra);
@@ -831,16 +830,7 @@ impl PgView<'_> {
             .iter()
             .map(|r| {
                 let key = r.get::<_, i64>(1) as u64;
-                let chunk = StoredChunk {
-                    document_id: r.get(3),
-                    chunk_index: r.get::<_, i32>(4) as u32,
-                    text: r.get(5),
-                    title: r.get(6),
-                    metadata: r.get(7),
-                    char_start: r.get::<_, i32>(8) as u32,
-                    char_end: r.get::<_, i32>(9) as u32,
-                };
-                seen.insert(key, (r.get::<_, i64>(2) as u64, chunk));
+                seen.insert(key, r.get::<_, i64>(2) as u64);
                 (key, r.get::<_, f64>(0) as f32)
             })
             .collect())
@@ -859,7 +849,7 @@ impl StoreView for PgView<'_> {
         let vector = Vector::from(query.vector.to_vec());
         let limit = k as i64;
         let select = format!(
-            "SELECT -(c.embedding {op} {qp}::vector)::float8, {HIT_COLUMNS} FROM {} c WHERE {}
+            "SELECT -(c.embedding {op} {qp}::vector)::float8, c.key, c.doc_key FROM {} c WHERE {}
              ORDER BY c.embedding {op} {qp}::vector LIMIT {kp}::bigint",
             self.store.chunks, self.condition
         );
@@ -902,7 +892,7 @@ impl StoreView for PgView<'_> {
             "WITH q AS (
                  SELECT (string_agg(quote_literal(lexeme), ' | '))::tsquery AS q FROM unnest(to_tsvector('english', {tp}::text))
              )
-             SELECT ts_rank({wp}::float4[], c.tsv, q.q, 1)::float8 AS s, {HIT_COLUMNS} FROM {} c, q
+             SELECT ts_rank({wp}::float4[], c.tsv, q.q, 1)::float8 AS s, c.key, c.doc_key FROM {} c, q
              WHERE q.q IS NOT NULL AND c.tsv @@ q.q AND {}
              ORDER BY s DESC, c.key LIMIT {kp}::bigint",
             self.store.chunks, self.condition
@@ -911,11 +901,41 @@ impl StoreView for PgView<'_> {
     }
 
     fn document_of(&self, key: u64) -> Option<u64> {
-        self.seen.borrow().get(&key).map(|(doc, _)| *doc)
+        self.seen.borrow().get(&key).copied()
+    }
+
+    fn load(&self, keys: &[u64]) -> Result<()> {
+        let keys: Vec<i64> = keys.iter().map(|k| *k as i64).collect();
+        // The same transaction as the halves: the chunks they returned are there.
+        let rows = self
+            .conn
+            .borrow_mut()
+            .query(
+                &format!(
+                    "SELECT key, doc_id, chunk_index, text, title, metadata, char_start, char_end FROM {} WHERE key = ANY($1)",
+                    self.store.chunks
+                ),
+                &[&keys],
+            )
+            .map_err(|e| self.store.err(e))?;
+        let mut loaded = self.loaded.borrow_mut();
+        for r in rows {
+            let chunk = StoredChunk {
+                document_id: r.get(1),
+                chunk_index: r.get::<_, i32>(2) as u32,
+                text: r.get(3),
+                title: r.get(4),
+                metadata: r.get(5),
+                char_start: r.get::<_, i32>(6) as u32,
+                char_end: r.get::<_, i32>(7) as u32,
+            };
+            loaded.insert(r.get::<_, i64>(0) as u64, chunk);
+        }
+        Ok(())
     }
 
     fn chunk(&self, key: u64) -> Option<StoredChunk> {
-        self.seen.borrow().get(&key).map(|(_, c)| c.clone())
+        self.loaded.borrow().get(&key).cloned()
     }
 }
 

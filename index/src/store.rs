@@ -189,6 +189,13 @@ pub trait StoreView {
     /// document's first chunk); `None` when the chunk is not in this view.
     fn document_of(&self, key: u64) -> Option<u64>;
 
-    /// What a result shows of a chunk; `None` when it is not in this view.
+    /// Fetches what [`StoreView::chunk`] shows of these chunks in one go (the results of a
+    /// search, once fused), for stores whose halves return keys only.
+    fn load(&self, _keys: &[u64]) -> Result<()> {
+        Ok(())
+    }
+
+    /// What a result shows of a chunk (after [`StoreView::load`]); `None` when it is not in
+    /// this view.
     fn chunk(&self, key: u64) -> Option<StoredChunk>;
 }

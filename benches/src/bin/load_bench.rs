@@ -15,18 +15,16 @@
 
 use clap::Parser;
 use futures::StreamExt;
-use ragway_benches::{median, workspace_root};
+use ragway_benches::{closed_loop, median, pct, start_server, workspace_root};
 use ragway_engine::embed::worker::{EmbedHandle, EmbedWorker, EmbedWorkerConfig};
 use ragway_engine::embed::{EmbedInput, EmbedderOptions};
 use ragway_engine::generate::chat::ChatMessage;
 use ragway_engine::generate::sampling::SamplingParams;
 use ragway_engine::generate::{GenEvent, GenerateConfig, GenerateHandle, GenerateWorker, GenerationRequest};
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 #[derive(Parser)]
 struct Args {
@@ -51,45 +49,6 @@ struct Args {
 
 const SENTENCE: &str = "How do enzymes lower the activation energy of chemical reactions";
 const QUESTION: &str = "Write a short story about a lighthouse keeper.";
-
-fn pct(xs: &[f64], p: f64) -> f64 {
-    let mut v = xs.to_vec();
-    v.sort_by(|a, b| a.total_cmp(b));
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((p * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1;
-    v[i]
-}
-
-/// Latencies (s) of every request completed in `seconds` by `c` clients looping on `call`.
-async fn closed_loop<F, Fut>(c: usize, seconds: f64, call: F) -> (Vec<f64>, f64)
-where
-    F: Fn() -> Fut + Clone + Send + 'static,
-    Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
-{
-    let t0 = Instant::now();
-    let end = t0 + Duration::from_secs_f64(seconds);
-    let tasks: Vec<_> = (0..c)
-        .map(|_| {
-            let call = call.clone();
-            tokio::spawn(async move {
-                let mut lat = Vec::new();
-                while Instant::now() < end {
-                    let t = Instant::now();
-                    call().await.expect("request failed");
-                    lat.push(t.elapsed().as_secs_f64());
-                }
-                lat
-            })
-        })
-        .collect();
-    let mut all = Vec::new();
-    for t in tasks {
-        all.extend(t.await.expect("client task"));
-    }
-    (all, t0.elapsed().as_secs_f64())
-}
 
 /// One streamed generation: (time to first token, tokens, total time).
 type StreamStat = (f64, usize, f64);
@@ -132,48 +91,6 @@ fn summarize_chat(stats: &[StreamStat], wall: f64) -> Value {
         "stream_tok_s_median": median(&per_stream), "aggregate_tok_s": tokens as f64 / wall})
 }
 
-struct ServerProcess(Child);
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_server(models: &std::path::Path, data: &std::path::Path) -> anyhow::Result<(ServerProcess, String)> {
-    let exe = std::env::current_exe()?.with_file_name("ragway");
-    anyhow::ensure!(exe.is_file(), "{} not found: build it with `cargo build --release --bins`", exe.display());
-    let mut child = Command::new(&exe)
-        .args(["serve", "--host", "127.0.0.1", "--port", "0"])
-        .arg("--models-dir")
-        .arg(models)
-        .arg("--data-dir")
-        .arg(data)
-        .env("RUST_LOG", "warn,ragway_gateway::http::server=info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let stderr = child.stderr.take().expect("piped");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(i) = line.find("listening on http://") {
-                let _ = tx.send(line[i + "listening on ".len()..].trim().to_string());
-            }
-        }
-    });
-    let url = rx.recv_timeout(Duration::from_secs(60)).map_err(|_| anyhow::anyhow!("the server did not start"))?;
-    let server = ServerProcess(child);
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        if reqwest::blocking::get(format!("{url}/ready")).is_ok_and(|r| r.status() == 200) {
-            return Ok((server, url));
-        }
-        anyhow::ensure!(Instant::now() < deadline, "the server never became ready");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
 
 async fn http_chat(client: reqwest::Client, url: String, max_tokens: usize) -> anyhow::Result<StreamStat> {
     let body = json!({"model": "SmolLM2-135M-Instruct", "stream": true, "max_tokens": max_tokens, "ignore_eos": true,
@@ -287,7 +204,7 @@ fn main() -> anyhow::Result<()> {
 
     // Over HTTP: the real server on the same machine.
     let data = tempfile::tempdir()?;
-    let (_server, url) = start_server(&models, data.path())?;
+    let (_server, url) = start_server(&models, data.path(), &[])?;
     let client = reqwest::Client::builder().pool_max_idle_per_host(256).build()?;
     let mut rows = Vec::new();
     for (i, &c) in levels.iter().enumerate() {
