@@ -302,6 +302,71 @@ fn collections_in_postgres_are_served_by_the_index_service_across_restarts() {
 }
 
 #[test]
+fn a_collection_of_schema_version_1_is_migrated_when_opened() {
+    let pg = PgServer::start();
+    let db = PgDatabase::connect(&PgOptions::new(pg.url())).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = Rng(11);
+    let store = PgStore::create(db.clone(), own_settings("old")).unwrap();
+    let c = Collection::with_store(dir.path(), own_settings("old"), None, Box::new(store));
+    let docs: Vec<DocumentInput> =
+        (0..40).map(|i| own_doc(&format!("d{i}"), &format!("old document {i}"), json!({"i": i}), rng.vector())).collect();
+    c.upsert(docs, true).unwrap();
+    drop(c);
+    // The tables as version 1 made them.
+    let mut client = postgres::Client::connect(&pg.url(), postgres::NoTls).unwrap();
+    let prefix: String =
+        client.query_one("SELECT prefix FROM ragway_collections WHERE name = 'old'", &[]).unwrap().get(0);
+    let layout = |client: &mut postgres::Client| -> (i32, Option<Vec<String>>, Vec<(String, String)>) {
+        let version = client.query_one("SELECT schema_version FROM ragway_collections WHERE name = 'old'", &[]).unwrap().get(0);
+        let options = client
+            .query_one(&format!("SELECT reloptions FROM pg_class WHERE relname = '{prefix}_chunks'"), &[])
+            .unwrap()
+            .get(0);
+        let storage = client
+            .query(
+                &format!(
+                    "SELECT attname::text, attstorage::text FROM pg_attribute
+                     WHERE attrelid = '{prefix}_chunks'::regclass AND attname IN ('embedding', 'tsv') ORDER BY attname"
+                ),
+                &[],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        (version, options, storage)
+    };
+    let current = layout(&mut client);
+    assert_eq!(current.0, ragway_index::postgres::SCHEMA_VERSION);
+    client
+        .batch_execute(&format!(
+            "ALTER TABLE {prefix}_chunks RESET (toast_tuple_target);
+             ALTER TABLE {prefix}_chunks ALTER COLUMN embedding SET STORAGE EXTERNAL, ALTER COLUMN tsv SET STORAGE EXTENDED;
+             UPDATE ragway_collections SET schema_version = 1 WHERE name = 'old';"
+        ))
+        .unwrap();
+    assert_eq!(layout(&mut client), (1, None, vec![("embedding".into(), "e".into()), ("tsv".into(), "x".into())]));
+    // Opened by this ragway: migrated, with what it held.
+    let store = PgStore::open(db.clone(), "old").unwrap();
+    assert_eq!(layout(&mut client), current);
+    assert_eq!(current.1, Some(vec!["toast_tuple_target=8160".to_string()]));
+    let c = Collection::with_store(dir.path(), own_settings("old"), None, Box::new(store));
+    assert_eq!(c.info().documents, 40);
+    assert_eq!(c.get("d7").unwrap().metadata["i"], 7);
+    let hits = c
+        .search(&SearchRequest { query: "document 31".into(), top_k: 3, mode: SearchMode::Keyword, ..Default::default() })
+        .unwrap();
+    assert_eq!(hits.results[0].document_id, "d31");
+    // Opening again changes nothing.
+    PgStore::open(db.clone(), "old").unwrap();
+    assert_eq!(layout(&mut client), current);
+    // Wider vectors than pgvector's HNSW index takes are refused up front.
+    let wide = CollectionSettings { dimension: 2001, ..own_settings("wide") };
+    assert!(matches!(PgStore::create(db, wide), Err(IndexError::InvalidRequest { .. })));
+}
+
+#[test]
 fn two_servers_on_one_database_see_each_others_collections() {
     let pg = PgServer::start();
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
