@@ -40,6 +40,15 @@ impl Clusters {
     }
 }
 
+/// `n` clustered unit vectors and `queries` more from the same clusters (seed 42).
+pub fn clustered(n: usize, queries: usize, dim: usize) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
+    let mut rng = ragway_engine::rng::SplitMix64::new(42);
+    let clusters = Clusters::new(dim, &mut rng);
+    let vectors = (0..n).map(|_| clusters.point(&mut rng)).collect();
+    let queries = (0..queries).map(|_| clusters.point(&mut rng)).collect();
+    (vectors, queries)
+}
+
 /// `v` scaled to unit length.
 pub fn unit(mut v: Vec<f32>) -> Vec<f32> {
     ragway_index::dense::Distance::Cosine.prepare(&mut v);

@@ -11,8 +11,7 @@
 //!     cargo run --release -p ragway-benches --bin filter-bench -- --n 100000
 
 use clap::Parser;
-use ragway_benches::{own_vectors_settings, Clusters};
-use ragway_engine::rng::SplitMix64 as Rng;
+use ragway_benches::{clustered, own_vectors_settings};
 use ragway_index::filter::Filter;
 use ragway_index::{Collection, DocumentInput, SearchMode, SearchRequest};
 use serde_json::json;
@@ -35,10 +34,7 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let dim = args.dim;
-    let mut rng = Rng::new(42);
-    let clusters = Clusters::new(dim, &mut rng);
-    let vectors: Vec<Vec<f32>> = (0..args.n).map(|_| clusters.point(&mut rng)).collect();
-    let queries: Vec<Vec<f32>> = (0..args.queries).map(|_| clusters.point(&mut rng)).collect();
+    let (vectors, queries) = clustered(args.n, args.queries, dim);
 
     let dir = tempfile::tempdir()?;
     let c = Collection::create_with(&dir.path().join("filtered"), own_vectors_settings("filtered", dim), None)?;

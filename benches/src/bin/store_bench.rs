@@ -10,8 +10,7 @@
 //!     cargo run --release -p ragway-benches --bin store-bench -- --n 200000
 
 use clap::Parser;
-use ragway_benches::{median, own_vectors_settings, Clusters};
-use ragway_engine::rng::SplitMix64 as Rng;
+use ragway_benches::{clustered, median, own_vectors_settings};
 use ragway_index::postgres::{LocalServer, PgDatabase, PgOptions, PgStore};
 use ragway_index::{Collection, DocumentInput, SearchMode, SearchRequest};
 use rayon::prelude::*;
@@ -42,10 +41,7 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let dim = args.dim;
-    let mut rng = Rng::new(42);
-    let clusters = Clusters::new(dim, &mut rng);
-    let vectors: Vec<Vec<f32>> = (0..args.n).map(|_| clusters.point(&mut rng)).collect();
-    let queries: Vec<Vec<f32>> = (0..args.queries).map(|_| clusters.point(&mut rng)).collect();
+    let (vectors, queries) = clustered(args.n, args.queries, dim);
     let efs: Vec<usize> = args.efs.split(',').map(|s| s.trim().parse()).collect::<Result<_, _>>()?;
     eprintln!("[store-bench] exact top 10 of {} queries over {} vectors", queries.len(), args.n);
     let truth: Vec<HashSet<String>> = queries

@@ -516,7 +516,21 @@ fn invalid_param<T>(r: Result<T, IndexError>) -> (String, String) {
 
 #[test]
 fn collections_without_a_model_take_their_own_vectors() {
+    own_vectors(Backend::Embedded);
+}
+
+#[test]
+fn collections_without_a_model_take_their_own_vectors_on_postgres() {
+    own_vectors(Backend::Postgres);
+}
+
+fn own_vectors(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
+    let pg = (backend == Backend::Postgres).then(PgServer::start);
+    let service_options = |dir: &std::path::Path| ServiceOptions {
+        postgres: pg.as_ref().map(|pg| ragway_index::postgres::PgOptions::new(pg.url())),
+        ..service_options(dir)
+    };
     let service =
         IndexService::open(dir.path(), vec![embedder()], "all-MiniLM-L6-v2", service_options(dir.path())).unwrap();
     // `model: null` needs a dimension; a model's dimension is checked.
@@ -526,6 +540,7 @@ fn collections_without_a_model_take_their_own_vectors() {
     assert_eq!(param, "dimension");
     assert!(msg.contains("384"), "{msg}");
     let c = service.create(create_req(json!({"name": "v", "model": null, "dimension": 4}))).unwrap();
+    assert_eq!(c.info().storage, if backend == Backend::Postgres { "postgres" } else { "embedded" });
     assert_eq!(c.settings().model, None);
     assert!(c.embedder().is_none());
 
@@ -617,7 +632,9 @@ fn collections_without_a_model_take_their_own_vectors() {
         .unwrap()
         .results;
     assert_eq!(hits[0].chunk_id, "split#0");
-    assert_halves_agree(&c);
+    if backend == Backend::Embedded {
+        assert_halves_agree(&c);
+    }
 
     // A collection with a model takes own vectors too, dimension-checked.
     let m = service.create(create_req(json!({"name": "m"}))).unwrap();
@@ -723,10 +740,27 @@ fn filtered_search_recall_at_every_selectivity() {
 /// current metadata matches, in every mode.
 #[test]
 fn filtered_results_follow_updates_and_deletes() {
+    filtered_results_follow_writes(Backend::Embedded);
+}
+
+#[test]
+fn filtered_results_follow_updates_and_deletes_on_postgres() {
+    filtered_results_follow_writes(Backend::Postgres);
+}
+
+fn filtered_results_follow_writes(backend: Backend) {
     const N: usize = 1500;
     let dir = tempfile::tempdir().unwrap();
     let s = ragway_index::CollectionSettings { model: None, dimension: 4, ..settings("payload") };
-    let c = Collection::create_with(dir.path(), s, None).unwrap();
+    let (tc, embedded) = match backend {
+        Backend::Postgres => (Some(create_on(backend, s)), None),
+        Backend::Embedded => (None, Some(Collection::create_with(dir.path(), s, None).unwrap())),
+    };
+    let c: &Collection = match (&tc, &embedded) {
+        (Some(t), _) => &t.c,
+        (None, Some(e)) => e,
+        (None, None) => unreachable!(),
+    };
     let docs = |round: usize| -> Vec<ragway_index::DocumentInput> {
         (0..N)
             .map(|i| ragway_index::DocumentInput {
@@ -768,19 +802,21 @@ fn filtered_results_follow_updates_and_deletes() {
     };
     let mut deleted = std::collections::HashSet::new();
     c.upsert(docs(0), true).unwrap();
-    check(&c, 0, &deleted);
+    check(c, 0, &deleted);
     // Every document's metadata changes twice: more than half the index's keys go stale,
     // and it is rebuilt.
     for round in 1..=2 {
         c.upsert(docs(round), true).unwrap();
-        check(&c, round, &deleted);
+        check(c, round, &deleted);
     }
     let gone: Vec<String> = (0..N).step_by(7).map(|i| format!("d{i}")).collect();
     c.delete(&gone, true).unwrap();
     deleted.extend(gone);
-    check(&c, 2, &deleted);
-    c.close().unwrap();
-    let c = Collection::open_embedded_by(dir.path(), None).unwrap();
-    assert!(c.open_stats().table_loaded);
-    check(&c, 2, &deleted);
+    check(c, 2, &deleted);
+    if let Some(e) = embedded {
+        e.close().unwrap();
+        let c = Collection::open_embedded_by(dir.path(), None).unwrap();
+        assert!(c.open_stats().table_loaded);
+        check(&c, 2, &deleted);
+    }
 }

@@ -8,12 +8,7 @@ use std::time::{Duration, Instant};
 
 fn run(registry: &JobRegistry, c: &Arc<ragway_index::Collection>, source: Source, on_error: OnError) -> ragway_index::jobs::JobView {
     let job = registry.submit(c.clone(), source, IngestOptions { on_error, embed_batch: 32, read_batch: 8, ..Default::default() }, None).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while matches!(job.state(), JobState::Queued | JobState::Running) {
-        assert!(Instant::now() < deadline, "job did not finish");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    job.view()
+    finish(&job)
 }
 
 #[test]
