@@ -16,7 +16,9 @@ use rayon::prelude::*;
 use serde::Deserialize;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::time::{Duration, Instant};
 
@@ -440,7 +442,7 @@ fn embed_stage(
 
 fn write_stage(collection: &Collection, job: &Job, retry: Duration, rx: Receiver<Vec<PreparedDoc>>) -> Result<()> {
     let progress = &job.progress;
-    for docs in rx {
+    let write = |docs: Vec<PreparedDoc>| -> Result<()> {
         let result = collection.write_retrying(docs, retry, |e, wait| {
             progress.write_retries.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(job = %job.id, error = %e, retry_in_ms = wait.as_millis() as u64, "ingestion write failed; retrying");
@@ -448,8 +450,59 @@ fn write_stage(collection: &Collection, job: &Job, retry: Duration, rx: Receiver
         progress.documents_written.fetch_add(result.upserted as u64, Ordering::Relaxed);
         progress.documents_unchanged.fetch_add(result.unchanged as u64, Ordering::Relaxed);
         progress.chunks_written.fetch_add(result.chunks as u64, Ordering::Relaxed);
+        Ok(())
+    };
+    let writers = collection.store().parallel_writes().max(1);
+    if writers == 1 {
+        return rx.into_iter().try_for_each(write);
     }
-    Ok(())
+    // Several writers, and still in input order for any one document: a batch that shares
+    // a document with a batch being written waits for it, and so do the batches behind it
+    // (they are taken in order, one at a time).
+    let next = Mutex::new(rx);
+    let in_flight: Mutex<HashSet<String>> = Mutex::new(HashSet::new());
+    let done = Condvar::new();
+    let failed = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..writers)
+            .map(|_| {
+                scope.spawn(|| -> Result<()> {
+                    loop {
+                        let (docs, ids) = {
+                            let rx = next.lock().expect("ingestion batches");
+                            let Ok(docs) = rx.recv() else { return Ok(()) };
+                            let ids: Vec<String> = docs.iter().map(|d| d.chunked.input.id.clone()).collect();
+                            let mut busy = in_flight.lock().expect("documents in flight");
+                            while ids.iter().any(|id| busy.contains(id)) {
+                                busy = done.wait(busy).expect("documents in flight");
+                            }
+                            busy.extend(ids.iter().cloned());
+                            (docs, ids)
+                        };
+                        if failed.load(Ordering::Relaxed) {
+                            return Ok(());
+                        }
+                        let result = write(docs);
+                        let mut busy = in_flight.lock().expect("documents in flight");
+                        for id in &ids {
+                            busy.remove(id);
+                        }
+                        done.notify_all();
+                        drop(busy);
+                        if result.is_err() {
+                            failed.store(true, Ordering::Relaxed);
+                            return result;
+                        }
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().map_err(|_| IndexError::Internal("ingestion writer panicked".into()))?)
+            .collect::<Result<Vec<()>>>()
+            .map(|_| ())
+    })
 }
 
 fn location(e: &RecordError) -> String {

@@ -12,10 +12,12 @@
 //!   `metadata` (`jsonb_path_ops`), and a B-tree on the document id.
 //!
 //! ## Consistency
-//! A write is one transaction, acknowledged once committed; it first takes the collection's
-//! row in `ragway_collections` (its sequence number), so writes to a collection are
-//! serialized. A document's old chunks are deleted and its new ones inserted in that
-//! transaction, so a search never sees half a document. A search's halves run in one
+//! A write is one transaction, acknowledged once committed. It first takes its documents'
+//! advisory locks (in one order), so writes of the same document wait for each other while
+//! writes of different documents run side by side; just before committing it takes the
+//! collection's row in `ragway_collections` for its sequence number, so writes are
+//! numbered in commit order. A document's old chunks are deleted and its new ones inserted
+//! in that transaction, so a search never sees half a document. A search's halves run in one
 //! `REPEATABLE READ` read-only transaction: they see one state. Committed is visible:
 //! `wait_visible` returns at once.
 //!
@@ -60,6 +62,9 @@ pub const SCHEMA_VERSION: i32 = 2;
 /// pgvector's HNSW index takes `vector`s of at most this many dimensions (which also keeps a
 /// plain-stored vector within a page).
 pub const MAX_PG_DIMENSION: usize = 2000;
+/// Writes an ingestion job sends at once to one collection (each is one backend inserting
+/// into the HNSW index).
+const PARALLEL_WRITES: usize = 4;
 /// pgvector's largest `hnsw.ef_search`.
 const MAX_EF_SEARCH: usize = 1000;
 
@@ -300,6 +305,8 @@ fn prefix_of(name: &str) -> String {
 pub struct PgStore {
     db: Arc<PgDatabase>,
     settings: CollectionSettings,
+    /// The first key of the collection's document locks (advisory locks).
+    lock_space: i32,
     docs: String,
     chunks: String,
     keys: String,
@@ -458,6 +465,7 @@ impl PgStore {
     fn with_prefix(db: Arc<PgDatabase>, settings: CollectionSettings, prefix: &str) -> PgStore {
         PgStore {
             db,
+            lock_space: u64::from_str_radix(prefix.trim_start_matches("rw_"), 16).map_or(0, |h| h as i32),
             settings,
             docs: format!("{prefix}_docs"),
             chunks: format!("{prefix}_chunks"),
@@ -490,18 +498,29 @@ impl PgStore {
         }
     }
 
-    /// Starts a write: takes the collection's row (serializing writes) and returns the new
-    /// sequence number.
-    fn begin_write<'c>(&self, conn: &'c mut Conn) -> Result<(postgres::Transaction<'c>, u64)> {
-        let mut tx = conn.transaction().map_err(|e| self.err(e))?;
+    /// Ends a write: numbers it (taking the collection's catalog row, held only from here to
+    /// the commit, so that writes are numbered in commit order) and commits.
+    fn commit_write(&self, mut tx: postgres::Transaction<'_>) -> Result<u64> {
         let seq: i64 = tx
-            .query_one(
-                "UPDATE ragway_collections SET seq = seq + 1 WHERE name = $1 RETURNING seq",
-                &[&self.settings.name],
-            )
+            .query_one("UPDATE ragway_collections SET seq = seq + 1 WHERE name = $1 RETURNING seq", &[&self.settings.name])
             .map_err(|e| self.err(e))?
             .get(0);
-        Ok((tx, seq as u64))
+        tx.commit().map_err(|e| self.err(e))?;
+        Ok(seq as u64)
+    }
+
+    /// Takes the documents' locks for this transaction: writes of the same document wait for
+    /// each other, writes of others run side by side (pgvector inserts into the HNSW index
+    /// on one thread per write). Locks are taken in one order, so writers never deadlock;
+    /// two ids whose hashes collide merely wait for each other.
+    fn lock_documents(&self, tx: &mut postgres::Transaction<'_>, ids: &[&str]) -> Result<()> {
+        tx.execute(
+            "SELECT count(pg_advisory_xact_lock($1::int4, h))
+             FROM (SELECT DISTINCT hashtext(x) AS h FROM unnest($2::text[]) AS x ORDER BY 1) s",
+            &[&self.lock_space, &ids],
+        )
+        .map_err(|e| self.err(e))?;
+        Ok(())
     }
 
     fn write(&self, docs: Vec<NewDoc>) -> Result<WriteResult> {
@@ -510,8 +529,10 @@ impl PgStore {
             return Ok(result);
         }
         let mut conn = self.db.conn()?;
-        let (mut tx, seq) = self.begin_write(&mut conn)?;
+        let mut tx = conn.transaction().map_err(|e| self.err(e))?;
         let ids: Vec<&str> = docs.iter().map(|d| d.id.as_str()).collect();
+        self.lock_documents(&mut tx, &ids)?;
+        // Read after the locks: a write of the same documents that committed meanwhile is seen.
         let stored: HashMap<String, i64> = tx
             .query(&format!("SELECT doc_id, hash FROM {} WHERE doc_id = ANY($1)", self.docs), &[&ids])
             .map_err(|e| self.err(e))?
@@ -527,7 +548,7 @@ impl PgStore {
             })
             .collect();
         if fresh.is_empty() {
-            // Nothing changes: the sequence number taken is given back.
+            // Nothing changes: no sequence number.
             tx.rollback().map_err(|e| self.err(e))?;
             return Ok(result);
         }
@@ -605,14 +626,13 @@ impl PgStore {
             ],
         )
         .map_err(|e| self.err(e))?;
-        tx.commit().map_err(|e| self.err(e))?;
-        result.seq = seq;
+        result.seq = self.commit_write(tx)?;
         Ok(result)
     }
 
     fn delete_sql(&self, condition: &str, params: &[&(dyn ToSql + Sync)]) -> Result<WriteResult> {
         let mut conn = self.db.conn()?;
-        let (mut tx, seq) = self.begin_write(&mut conn)?;
+        let mut tx = conn.transaction().map_err(|e| self.err(e))?;
         let deleted = tx
             .execute(&format!("DELETE FROM {} d WHERE {condition}", self.docs), params)
             .map_err(|e| self.err(e))? as usize;
@@ -620,7 +640,7 @@ impl PgStore {
             tx.rollback().map_err(|e| self.err(e))?;
             return Ok(WriteResult::default());
         }
-        tx.commit().map_err(|e| self.err(e))?;
+        let seq = self.commit_write(tx)?;
         Ok(WriteResult { deleted, seq, ..Default::default() })
     }
 
@@ -676,6 +696,10 @@ impl ChunkStore for PgStore {
 
     fn upsert(&self, docs: Vec<NewDoc>) -> Result<WriteResult> {
         self.write(docs)
+    }
+
+    fn parallel_writes(&self) -> usize {
+        PARALLEL_WRITES
     }
 
     fn delete(&self, ids: &[String]) -> Result<WriteResult> {

@@ -124,6 +124,12 @@ pub trait ChunkStore: Send + Sync {
     /// Documents stored with the same hash are skipped (counted as unchanged).
     fn upsert(&self, docs: Vec<NewDoc>) -> Result<WriteResult>;
 
+    /// How many [`ChunkStore::upsert`]s of different documents are worth running at once
+    /// (an ingestion job's writers); 1 where writes are serialized anyway.
+    fn parallel_writes(&self) -> usize {
+        1
+    }
+
     /// Removes documents by id; ids not stored are ignored.
     fn delete(&self, ids: &[String]) -> Result<WriteResult>;
 

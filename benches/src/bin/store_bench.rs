@@ -26,6 +26,9 @@ struct Args {
     dim: usize,
     #[arg(long, default_value_t = 200)]
     queries: usize,
+    /// Clients upserting at once (disjoint batches).
+    #[arg(long, default_value_t = 1)]
+    writers: usize,
     /// `ef` values to search with, comma-separated.
     #[arg(long, default_value = "16,32,64,128,256")]
     efs: String,
@@ -73,29 +76,46 @@ fn main() -> anyhow::Result<()> {
             }
         };
         let t = Instant::now();
-        let mut last = Instant::now();
-        for (b, batch) in vectors.chunks(1000).enumerate() {
-            let docs = batch
-                .iter()
-                .enumerate()
-                .map(|(j, v)| DocumentInput {
-                    id: format!("d{}", b * 1000 + j),
-                    text: format!("chunk {}", b * 1000 + j),
-                    vector: Some(v.clone()),
-                    ..Default::default()
+        let batches: Vec<(usize, &[Vec<f32>])> = vectors.chunks(1000).enumerate().collect();
+        let done = std::sync::atomic::AtomicUsize::new(0);
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|scope| -> anyhow::Result<()> {
+            let workers: Vec<_> = (0..args.writers.max(1))
+                .map(|_| {
+                    scope.spawn(|| -> anyhow::Result<()> {
+                        let mut last = Instant::now();
+                        loop {
+                            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let Some(&(b, batch)) = batches.get(i) else { return Ok(()) };
+                            let docs = batch
+                                .iter()
+                                .enumerate()
+                                .map(|(j, v)| DocumentInput {
+                                    id: format!("d{}", b * 1000 + j),
+                                    text: format!("chunk {}", b * 1000 + j),
+                                    vector: Some(v.clone()),
+                                    ..Default::default()
+                                })
+                                .collect();
+                            c.upsert(docs, false)?;
+                            let n = done.fetch_add(batch.len(), std::sync::atomic::Ordering::Relaxed) + batch.len();
+                            if last.elapsed().as_secs() >= 10 {
+                                last = Instant::now();
+                                eprintln!("[store-bench] {store}: {n} upserted, {:.0}/s", n as f64 / t.elapsed().as_secs_f64());
+                            }
+                        }
+                    })
                 })
                 .collect();
-            c.upsert(docs, false)?;
-            if last.elapsed().as_secs() >= 10 {
-                last = Instant::now();
-                let done = (b + 1) * 1000;
-                eprintln!("[store-bench] {store}: {done} upserted, {:.0}/s", done as f64 / t.elapsed().as_secs_f64());
+            for w in workers {
+                w.join().map_err(|_| anyhow::anyhow!("writer panicked"))??;
             }
-        }
+            Ok(())
+        })?;
         c.commit()?;
         let upsert_s = t.elapsed().as_secs_f64();
         let rate = args.n as f64 / upsert_s;
-        println!("{store:<9} upserted {} vectors in {upsert_s:.1} s: {rate:.0}/s", args.n);
+        println!("{store:<9} upserted {} vectors in {upsert_s:.1} s with {} writers: {rate:.0}/s", args.n, args.writers);
         let mut searches = Vec::new();
         for &ef in &efs {
             let mut times = Vec::new();
@@ -121,7 +141,7 @@ fn main() -> anyhow::Result<()> {
             println!("{store:<9} ef {ef:<4} recall@10 {recall:.3}  median {ms:.2} ms  {:.0} QPS (1 client)", 1e3 / ms);
             searches.push(json!({"ef": ef, "recall@10": recall, "median_ms": ms, "qps": 1e3 / ms}));
         }
-        rows.push(json!({"store": store, "upsert_s": upsert_s, "upserts_per_s": rate, "searches": searches}));
+        rows.push(json!({"store": store, "writers": args.writers, "upsert_s": upsert_s, "upserts_per_s": rate, "searches": searches}));
     }
     // Side by side: the fastest setting of each store that reaches recall@10 0.95.
     let at_95 = |row: &Value| {

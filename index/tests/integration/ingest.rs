@@ -233,3 +233,142 @@ fn an_ingestion_resumes_after_the_database_restarts_and_fails_cleanly_when_it_st
     assert_eq!(again.progress.documents_unchanged, stored, "{again:?}");
     assert_eq!(c2.c.info().documents, n);
 }
+
+/// Own-vector documents `r0..r{n}` whose text says which pass wrote them.
+fn own_vector_lines(f: &mut std::fs::File, n: usize, pass: &str) {
+    for i in 0..n {
+        let v: Vec<f32> = (0..8).map(|d| ((i * 7 + d) % 11) as f32 + 1.0).collect();
+        writeln!(f, "{}", serde_json::json!({"id": format!("r{i}"), "text": format!("{pass} of record {i}"), "vector": v})).unwrap();
+    }
+}
+
+/// The embedded store taking several writes at once, with writes holding `slow` held up:
+/// a later write of the same document would overtake it if the pipeline let it.
+struct HeldUp {
+    inner: ragway_index::embedded::EmbeddedStore,
+    slow: &'static str,
+}
+
+impl ragway_index::store::ChunkStore for HeldUp {
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+    fn unchanged(&self, docs: &[(&str, u64)]) -> Vec<bool> {
+        self.inner.unchanged(docs)
+    }
+    fn upsert(&self, docs: Vec<ragway_index::store::NewDoc>) -> ragway_index::Result<ragway_index::WriteResult> {
+        if docs.iter().any(|d| d.id == self.slow) {
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        self.inner.upsert(docs)
+    }
+    fn parallel_writes(&self) -> usize {
+        4
+    }
+    fn delete(&self, ids: &[String]) -> ragway_index::Result<ragway_index::WriteResult> {
+        self.inner.delete(ids)
+    }
+    fn delete_by_filter(&self, f: &ragway_index::filter::Filter) -> ragway_index::Result<ragway_index::WriteResult> {
+        self.inner.delete_by_filter(f)
+    }
+    fn get(&self, id: &str) -> ragway_index::Result<Option<ragway_index::DocumentView>> {
+        self.inner.get(id)
+    }
+    fn commit(&self) -> ragway_index::Result<u64> {
+        self.inner.commit()
+    }
+    fn wait_visible(&self, seq: u64) -> ragway_index::Result<()> {
+        self.inner.wait_visible(seq)
+    }
+    fn has_pending(&self) -> bool {
+        self.inner.has_pending()
+    }
+    fn view<'a>(
+        &'a self,
+        filter: Option<&'a ragway_index::filter::Filter>,
+    ) -> ragway_index::Result<Box<dyn ragway_index::store::StoreView + 'a>> {
+        self.inner.view(filter)
+    }
+    fn sample(&self, n: usize) -> ragway_index::Result<Vec<ragway_index::store::SampledChunk>> {
+        self.inner.sample(n)
+    }
+    fn stats(&self) -> ragway_index::store::StoreStats {
+        self.inner.stats()
+    }
+    fn vectors(&self) -> ragway_index::Result<Vec<Vec<f32>>> {
+        self.inner.vectors()
+    }
+    fn snapshot(&self, dest: &std::path::Path) -> ragway_index::Result<()> {
+        self.inner.snapshot(dest)
+    }
+    fn needs_compaction(&self) -> bool {
+        self.inner.needs_compaction()
+    }
+    fn compact(&self) -> ragway_index::Result<()> {
+        self.inner.compact()
+    }
+    fn flush(&self) -> ragway_index::Result<()> {
+        self.inner.flush()
+    }
+    fn close(self: Box<Self>) -> ragway_index::Result<()> {
+        Box::new(self.inner).close()
+    }
+}
+
+#[test]
+fn parallel_writers_never_let_a_later_version_of_a_document_be_overtaken() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = ragway_index::CollectionSettings { model: None, dimension: 8, ..settings("held") };
+    std::fs::create_dir_all(dir.path().join("c")).unwrap();
+    let inner = ragway_index::embedded::EmbeddedStore::open(&dir.path().join("c"), settings.clone()).unwrap();
+    let c = Arc::new(ragway_index::Collection::with_store(
+        &dir.path().join("c"),
+        settings,
+        None,
+        Box::new(HeldUp { inner, slow: "slow" }),
+    ));
+    // Batches of 2: [slow, hot v0], [hot v1], [hot v2], ... — the first write is held up
+    // while the others are free to go.
+    let path = dir.path().join("hot.jsonl");
+    let mut f = std::fs::File::create(&path).unwrap();
+    writeln!(f, "{}", serde_json::json!({"id": "slow", "text": "slow", "vector": vec![1.0f32; 8]})).unwrap();
+    for k in 0..6 {
+        writeln!(f, "{}", serde_json::json!({"id": "hot", "text": format!("version {k}"), "vector": vec![1.0f32; 8]})).unwrap();
+        writeln!(f, "{}", serde_json::json!({"id": format!("other{k}"), "text": "x", "vector": vec![0.5f32; 8]})).unwrap();
+    }
+    drop(f);
+    let registry = JobRegistry::default();
+    let options = IngestOptions { embed_batch: 2, read_batch: 2, ..Default::default() };
+    let view = finish(&registry.submit(c.clone(), Source::Jsonl(path), options, None).unwrap());
+    assert_eq!(view.state, JobState::Done, "{view:?}");
+    assert_eq!(c.get("hot").unwrap().text, "version 5");
+    assert_eq!(c.info().documents, 8);
+}
+
+#[test]
+fn parallel_ingestion_writers_keep_the_input_order_of_each_document() {
+    // PostgreSQL takes several writes at once; a document given twice in the input must
+    // still end as its later version.
+    let dir = tempfile::tempdir().unwrap();
+    let settings = ragway_index::CollectionSettings { model: None, dimension: 8, ..settings("order") };
+    let tc = create_on(Backend::Postgres, settings);
+    assert!(tc.c.store().parallel_writes() > 1);
+    let path = dir.path().join("twice.jsonl");
+    let mut f = std::fs::File::create(&path).unwrap();
+    own_vector_lines(&mut f, 300, "first");
+    own_vector_lines(&mut f, 300, "second");
+    // One record given many times in a row, each batch its own write.
+    for k in 0..40 {
+        writeln!(f, "{}", serde_json::json!({"id": "hot", "text": format!("version {k}"), "vector": vec![1.0f32; 8]})).unwrap();
+    }
+    drop(f);
+    let registry = JobRegistry::default();
+    let options = IngestOptions { embed_batch: 4, read_batch: 4, ..Default::default() };
+    let view = finish(&registry.submit(tc.c.clone(), Source::Jsonl(path), options, None).unwrap());
+    assert_eq!(view.state, JobState::Done, "{view:?}");
+    assert_eq!(tc.c.info().documents, 301);
+    for i in [0, 1, 150, 299] {
+        assert_eq!(tc.c.get(&format!("r{i}")).unwrap().text, format!("second of record {i}"));
+    }
+    assert_eq!(tc.c.get("hot").unwrap().text, "version 39");
+}

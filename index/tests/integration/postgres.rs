@@ -301,6 +301,67 @@ fn collections_in_postgres_are_served_by_the_index_service_across_restarts() {
     assert!(matches!(service.check_storage(), Err(IndexError::Unavailable(_))));
 }
 
+/// Several writers replace the same documents at once, each version with its own number
+/// of chunks: every document ends whole, as one writer's version.
+fn concurrent_writers_leave_documents_whole(backend: Backend) {
+    let tc = create_on(backend, own_settings("writers"));
+    let c = &tc.c;
+    std::thread::scope(|scope| {
+        for w in 0..4u64 {
+            scope.spawn(move || {
+                let mut rng = Rng(100 + w);
+                for round in 0..15 {
+                    let docs: Vec<DocumentInput> = (0..12)
+                        .map(|d| {
+                            let parts = 1 + rng.below(3) as usize;
+                            DocumentInput {
+                                id: format!("d{d}"),
+                                chunks: Some(
+                                    (0..parts)
+                                        .map(|p| ragway_index::ChunkInput {
+                                            text: format!("writer {w} round {round} part {p} of {parts}"),
+                                            vector: rng.vector(),
+                                        })
+                                        .collect(),
+                                ),
+                                ..Default::default()
+                            }
+                        })
+                        .collect();
+                    c.upsert(docs, false).unwrap();
+                }
+            });
+        }
+    });
+    c.commit().unwrap();
+    assert_eq!(c.info().documents, 12);
+    let mut chunks = 0;
+    for d in 0..12 {
+        let doc = c.get(&format!("d{d}")).unwrap();
+        let texts: Vec<String> = doc
+            .chunks
+            .iter()
+            .map(|ch| doc.text.chars().skip(ch.char_start as usize).take((ch.char_end - ch.char_start) as usize).collect())
+            .collect();
+        let (version, parts) = texts[0].split_once(" part ").unwrap();
+        let parts: usize = parts.split(" of ").nth(1).unwrap().parse().unwrap();
+        assert_eq!(texts.len(), parts, "d{d}: {texts:?}");
+        assert!(texts.iter().all(|t| t.starts_with(version)), "d{d} mixes versions: {texts:?}");
+        chunks += parts;
+    }
+    assert_eq!(c.info().chunks, chunks);
+}
+
+#[test]
+fn concurrent_writers_of_the_same_documents_leave_each_whole() {
+    concurrent_writers_leave_documents_whole(Backend::Embedded);
+}
+
+#[test]
+fn concurrent_writers_of_the_same_documents_leave_each_whole_on_postgres() {
+    concurrent_writers_leave_documents_whole(Backend::Postgres);
+}
+
 #[test]
 fn a_collection_of_schema_version_1_is_migrated_when_opened() {
     let pg = PgServer::start();
