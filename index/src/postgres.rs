@@ -68,8 +68,67 @@ const PARALLEL_WRITES: usize = 4;
 /// pgvector's largest `hnsw.ef_search`.
 const MAX_EF_SEARCH: usize = 1000;
 
-type Pool = r2d2::Pool<PostgresConnectionManager<MakeRustls>>;
-type Conn = r2d2::PooledConnection<PostgresConnectionManager<MakeRustls>>;
+type Pool = r2d2::Pool<Manager>;
+type Conn = r2d2::PooledConnection<Manager>;
+
+/// Statements a connection keeps prepared (searches' shapes: a filter's structure makes its
+/// own); past this the cache starts over.
+const MAX_PREPARED: usize = 256;
+
+/// A pooled client with the statements it has prepared, so that a search's statements are
+/// parsed once per connection instead of once per search (a round trip each).
+pub struct PgConn {
+    client: postgres::Client,
+    prepared: HashMap<String, postgres::Statement>,
+}
+
+impl PgConn {
+    /// `sql` prepared on this connection (once).
+    fn prepared(&mut self, sql: &str) -> std::result::Result<postgres::Statement, postgres::Error> {
+        if let Some(s) = self.prepared.get(sql) {
+            return Ok(s.clone());
+        }
+        if self.prepared.len() >= MAX_PREPARED {
+            self.prepared.clear();
+        }
+        let statement = self.client.prepare(sql)?;
+        self.prepared.insert(sql.to_string(), statement.clone());
+        Ok(statement)
+    }
+}
+
+impl std::ops::Deref for PgConn {
+    type Target = postgres::Client;
+    fn deref(&self) -> &postgres::Client {
+        &self.client
+    }
+}
+
+impl std::ops::DerefMut for PgConn {
+    fn deref_mut(&mut self) -> &mut postgres::Client {
+        &mut self.client
+    }
+}
+
+/// The pool's connections: r2d2-postgres's, with their prepared statements.
+pub struct Manager(PostgresConnectionManager<MakeRustls>);
+
+impl r2d2::ManageConnection for Manager {
+    type Connection = PgConn;
+    type Error = postgres::Error;
+
+    fn connect(&self) -> std::result::Result<PgConn, postgres::Error> {
+        Ok(PgConn { client: self.0.connect()?, prepared: HashMap::new() })
+    }
+
+    fn is_valid(&self, conn: &mut PgConn) -> std::result::Result<(), postgres::Error> {
+        self.0.is_valid(&mut conn.client)
+    }
+
+    fn has_broken(&self, conn: &mut PgConn) -> bool {
+        self.0.has_broken(&mut conn.client)
+    }
+}
 
 /// How to reach PostgreSQL.
 #[derive(Debug, Clone)]
@@ -176,7 +235,7 @@ impl PgDatabase {
             .max_size(options.pool_size.max(1))
             .min_idle(Some(0))
             .connection_timeout(options.connect_timeout)
-            .build_unchecked(PostgresConnectionManager::new(config, tls));
+            .build_unchecked(Manager(PostgresConnectionManager::new(config, tls)));
         Ok((pool, shown))
     }
 
@@ -770,8 +829,8 @@ impl ChunkStore for PgStore {
     }
 
     fn view<'a>(&'a self, filter: Option<&'a Filter>) -> Result<Box<dyn StoreView + 'a>> {
-        let mut conn = self.db.read_conn()?;
-        conn.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").map_err(|e| self.err(e))?;
+        // The transaction begins with the view's first statement (one round trip less).
+        let conn = self.db.read_conn()?;
         let mut sql = Sql::default();
         let condition = match filter {
             Some(f) => sql.filter(f, "c.metadata", "c.doc_id"),
@@ -784,6 +843,7 @@ impl ChunkStore for PgStore {
             condition,
             seen: RefCell::new(HashMap::new()),
             loaded: RefCell::new(HashMap::new()),
+            begun: std::cell::Cell::new(false),
         }))
     }
 
@@ -895,12 +955,16 @@ struct PgView<'a> {
     seen: RefCell<HashMap<u64, u64>>,
     /// What `load` fetched of them (for `chunk`).
     loaded: RefCell<HashMap<u64, StoredChunk>>,
+    /// Whether the transaction has begun.
+    begun: std::cell::Cell<bool>,
 }
 
 impl Drop for PgView<'_> {
     fn drop(&mut self) {
         // A connection whose transaction cannot be ended is closed by the pool's check.
-        let _ = self.conn.get_mut().batch_execute("ROLLBACK");
+        if self.begun.get() {
+            let _ = self.conn.get_mut().batch_execute("ROLLBACK");
+        }
     }
 }
 
@@ -909,7 +973,7 @@ impl PgView<'_> {
     fn hits(&self, query: &str, extra: &[&(dyn ToSql + Sync)]) -> Result<Vec<(u64, f32)>> {
         let mut params = self.sql.refs();
         params.extend_from_slice(extra);
-        let rows = self.conn.borrow_mut().query(query, &params).map_err(|e| self.store.err(e))?;
+        let rows = self.query(query, &params)?;
         let mut seen = self.seen.borrow_mut();
         Ok(rows
             .iter()
@@ -919,6 +983,25 @@ impl PgView<'_> {
                 (key, r.get::<_, f64>(0) as f32)
             })
             .collect())
+    }
+
+    /// Begins the view's transaction if it has not, sending `settings` (`SET LOCAL ...;`
+    /// statements) with the `BEGIN`, or on their own once it has begun.
+    fn begin(&self, settings: &str) -> Result<()> {
+        let batch = match self.begun.replace(true) {
+            false => format!("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; {settings}"),
+            true if settings.is_empty() => return Ok(()),
+            true => settings.to_string(),
+        };
+        self.conn.borrow_mut().batch_execute(&batch).map_err(|e| self.store.err(e))
+    }
+
+    /// Runs a statement of the view (prepared once per connection) in its transaction.
+    fn query(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<postgres::Row>> {
+        self.begin("")?;
+        let mut conn = self.conn.borrow_mut();
+        let statement = conn.prepared(sql).map_err(|e| self.store.err(e))?;
+        conn.query(&statement, params).map_err(|e| self.store.err(e))
     }
 
     fn next_param(&self, after: usize) -> String {
@@ -945,12 +1028,7 @@ impl StoreView for PgView<'_> {
         if !exact_forced {
             // Strict order keeps the walk's results in distance order while it widens past
             // chunks the filter rejects.
-            self.conn
-                .borrow_mut()
-                .batch_execute(&format!(
-                    "SET LOCAL hnsw.ef_search = {ef}; SET LOCAL hnsw.iterative_scan = strict_order"
-                ))
-                .map_err(|e| self.store.err(e))?;
+            self.begin(&format!("SET LOCAL hnsw.ef_search = {ef}; SET LOCAL hnsw.iterative_scan = strict_order"))?;
             let hits = self.hits(&select, &[&vector, &limit])?;
             if hits.len() == k || self.count_matching(k)? <= hits.len() {
                 return Ok(DenseHits { hits, exact: false });
@@ -958,9 +1036,9 @@ impl StoreView for PgView<'_> {
         }
         // Too few hits while enough chunks match (or exact distances asked for): the same
         // query without the vector index ranks every matching chunk.
-        self.conn.borrow_mut().batch_execute("SET LOCAL enable_indexscan = off").map_err(|e| self.store.err(e))?;
+        self.begin("SET LOCAL enable_indexscan = off")?;
         let hits = self.hits(&select, &[&vector, &limit]);
-        self.conn.borrow_mut().batch_execute("SET LOCAL enable_indexscan = on").map_err(|e| self.store.err(e))?;
+        self.begin("SET LOCAL enable_indexscan = on")?;
         Ok(DenseHits { hits: hits?, exact: true })
     }
 
@@ -992,17 +1070,13 @@ impl StoreView for PgView<'_> {
     fn load(&self, keys: &[u64]) -> Result<()> {
         let keys: Vec<i64> = keys.iter().map(|k| *k as i64).collect();
         // The same transaction as the halves: the chunks they returned are there.
-        let rows = self
-            .conn
-            .borrow_mut()
-            .query(
-                &format!(
-                    "SELECT key, doc_id, chunk_index, text, title, metadata, char_start, char_end FROM {} WHERE key = ANY($1)",
-                    self.store.chunks
-                ),
-                &[&keys],
-            )
-            .map_err(|e| self.store.err(e))?;
+        let rows = self.query(
+            &format!(
+                "SELECT key, doc_id, chunk_index, text, title, metadata, char_start, char_end FROM {} WHERE key = ANY($1)",
+                self.store.chunks
+            ),
+            &[&keys],
+        )?;
         let mut loaded = self.loaded.borrow_mut();
         for r in rows {
             let chunk = StoredChunk {
@@ -1035,7 +1109,8 @@ impl PgView<'_> {
         let mut params = self.sql.refs();
         let cap = cap as i64;
         params.push(&cap);
-        let row = self.conn.borrow_mut().query_one(&q, &params).map_err(|e| self.store.err(e))?;
+        let rows = self.query(&q, &params)?;
+        let row = rows.first().ok_or_else(|| IndexError::Internal("count returned no row".into()))?;
         Ok(row.get::<_, i64>(0) as usize)
     }
 }
