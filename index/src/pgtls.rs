@@ -12,6 +12,7 @@
 //! `sslrootcert` is a PEM file of root certificates, or `system` for the Mozilla roots built
 //! into ragway (`webpki-roots`); `verify-ca` and `verify-full` need one of them.
 
+use postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
@@ -25,7 +26,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect};
 
 /// How much the client checks of the server's certificate (libpq's `sslmode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,7 +59,11 @@ pub fn split_address(address: &str) -> Result<TlsAddress, String> {
                     "require" => SslMode::Require,
                     "verify-ca" => SslMode::VerifyCa,
                     "verify-full" => SslMode::VerifyFull,
-                    other => return Err(format!("unknown sslmode `{other}` (disable, prefer, require, verify-ca, verify-full)")),
+                    other => {
+                        return Err(format!(
+                            "unknown sslmode `{other}` (disable, prefer, require, verify-ca, verify-full)"
+                        ))
+                    }
                 });
                 Ok(true)
             }
@@ -165,7 +169,9 @@ impl MakeRustls {
                 let chain = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
                     .build()
                     .map_err(|e| e.to_string())?;
-                builder.dangerous().with_custom_certificate_verifier(Arc::new(Verifier { chain: Some(chain), provider }))
+                builder
+                    .dangerous()
+                    .with_custom_certificate_verifier(Arc::new(Verifier { chain: Some(chain), provider }))
             }
             _ => builder.dangerous().with_custom_certificate_verifier(Arc::new(Verifier { chain: None, provider })),
         };
@@ -448,8 +454,10 @@ mod tests {
 
     #[test]
     fn sslmode_and_sslrootcert_come_off_both_address_forms() {
-        let a = split_address("postgres://u:p@db:5432/rag?sslmode=verify-full&sslrootcert=%2Fetc%2Fca.pem&application_name=x")
-            .unwrap();
+        let a = split_address(
+            "postgres://u:p@db:5432/rag?sslmode=verify-full&sslrootcert=%2Fetc%2Fca.pem&application_name=x",
+        )
+        .unwrap();
         assert_eq!(a.mode, SslMode::VerifyFull);
         assert_eq!(a.root_cert.as_deref(), Some("/etc/ca.pem"));
         assert_eq!(a.address, "postgres://u:p@db:5432/rag?application_name=x&sslmode=require");

@@ -77,7 +77,11 @@ fn main() -> anyhow::Result<()> {
     let client = reqwest::Client::builder().pool_max_idle_per_host(256).build()?;
 
     let embedded_src = work.join("scifact-default");
-    anyhow::ensure!(embedded_src.join("settings.json").is_file(), "{} missing: run retrieval-bench first", embedded_src.display());
+    anyhow::ensure!(
+        embedded_src.join("settings.json").is_file(),
+        "{} missing: run retrieval-bench first",
+        embedded_src.display()
+    );
     let mut results = Vec::new();
     for store in ["embedded", "postgres"] {
         let data = tempfile::tempdir()?;
@@ -95,7 +99,8 @@ fn main() -> anyhow::Result<()> {
         for mode in &modes {
             for &c in &levels {
                 let next = Arc::new(AtomicUsize::new(0));
-                let (cl, u, q, m, k) = (client.clone(), url.clone(), Arc::new(queries.clone()), mode.clone(), args.top_k);
+                let (cl, u, q, m, k) =
+                    (client.clone(), url.clone(), Arc::new(queries.clone()), mode.clone(), args.top_k);
                 let (lat, wall) = rt.block_on(closed_loop(c, args.seconds, move || {
                     let (cl, u, q, m, next) = (cl.clone(), u.clone(), q.clone(), m.clone(), next.clone());
                     async move {

@@ -50,8 +50,11 @@ fn main() -> anyhow::Result<()> {
     let truth: Vec<HashSet<String>> = queries
         .par_iter()
         .map(|q| {
-            let mut scored: Vec<(f32, usize)> =
-                vectors.iter().enumerate().map(|(i, v)| (v.iter().zip(q).map(|(a, b)| a * b).sum::<f32>(), i)).collect();
+            let mut scored: Vec<(f32, usize)> = vectors
+                .iter()
+                .enumerate()
+                .map(|(i, v)| (v.iter().zip(q).map(|(a, b)| a * b).sum::<f32>(), i))
+                .collect();
             scored.select_nth_unstable_by(10, |a, b| b.0.total_cmp(&a.0));
             scored[..10].iter().map(|(_, i)| format!("d{i}")).collect()
         })
@@ -101,7 +104,10 @@ fn main() -> anyhow::Result<()> {
                             let n = done.fetch_add(batch.len(), std::sync::atomic::Ordering::Relaxed) + batch.len();
                             if last.elapsed().as_secs() >= 10 {
                                 last = Instant::now();
-                                eprintln!("[store-bench] {store}: {n} upserted, {:.0}/s", n as f64 / t.elapsed().as_secs_f64());
+                                eprintln!(
+                                    "[store-bench] {store}: {n} upserted, {:.0}/s",
+                                    n as f64 / t.elapsed().as_secs_f64()
+                                );
                             }
                         }
                     })
@@ -115,7 +121,10 @@ fn main() -> anyhow::Result<()> {
         c.commit()?;
         let upsert_s = t.elapsed().as_secs_f64();
         let rate = args.n as f64 / upsert_s;
-        println!("{store:<9} upserted {} vectors in {upsert_s:.1} s with {} writers: {rate:.0}/s", args.n, args.writers);
+        println!(
+            "{store:<9} upserted {} vectors in {upsert_s:.1} s with {} writers: {rate:.0}/s",
+            args.n, args.writers
+        );
         let mut searches = Vec::new();
         for &ef in &efs {
             let mut times = Vec::new();

@@ -52,7 +52,8 @@ impl TlsProxy {
             while !stop.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((client, _)) => {
-                        let (config, sessions, plain, stop) = (config.clone(), sessions.clone(), plain.clone(), stop.clone());
+                        let (config, sessions, plain, stop) =
+                            (config.clone(), sessions.clone(), plain.clone(), stop.clone());
                         std::thread::spawn(move || {
                             let _ = serve(client, backend_port, config, &sessions, &plain, &stop);
                         });
