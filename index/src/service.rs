@@ -271,17 +271,20 @@ impl IndexService {
     }
 
     /// Serves collection `name` from PostgreSQL's catalog, where another ragway created it.
+    /// The look-up holds no lock (misses, hostile or not, never queue behind one another or
+    /// behind creates); a collection dropped meanwhile answers `CollectionNotFound` on use
+    /// and leaves at the next catalog read.
     fn open_from_database(&self, name: &str) -> Result<Arc<Collection>> {
         let Some(db) = &self.postgres else { return Err(IndexError::CollectionNotFound(name.to_string())) };
-        let _catalog = self.catalog.lock().expect("catalog");
-        if let Some(c) = self.collections.read().expect("collections").get(name) {
-            return Ok(c.clone());
-        }
         let store = PgStore::open(db.clone(), name)?;
         let c = Arc::new(self.on_database(store)?);
-        tracing::info!(collection = %name, "serving a collection found in PostgreSQL");
-        self.collections.write().expect("collections").insert(name.to_string(), c.clone());
-        Ok(c)
+        let mut collections = self.collections.write().expect("collections");
+        // Another request may have opened it meanwhile: serve one.
+        let served = collections.entry(name.to_string()).or_insert_with(|| {
+            tracing::info!(collection = %name, "serving a collection found in PostgreSQL");
+            c
+        });
+        Ok(served.clone())
     }
 
     /// A collection of PostgreSQL's, with its local directory (the drift monitor's state).
