@@ -296,22 +296,20 @@ impl Collection {
             .collect())
     }
 
-    /// True when the stored version of `id` has this hash (an upsert would change nothing).
-    /// For each `(id, content hash)`, whether the stored document has that hash, in one
-    /// look-up of the store.
-    pub fn unchanged(&self, docs: &[(&str, u64)]) -> Vec<bool> {
-        self.store.unchanged(docs)
+    /// `items` without those whose document is stored with the same content (an upsert
+    /// would change nothing), in one look-up of the store; and how many were dropped.
+    pub fn skip_unchanged<T>(&self, items: Vec<T>, doc_of: impl Fn(&T) -> &DocumentInput) -> (Vec<T>, usize) {
+        let keys: Vec<(&str, u64)> = items.iter().map(|t| (doc_of(t).id.as_str(), doc_hash(doc_of(t)))).collect();
+        let same = self.store.unchanged(&keys);
+        let skipped = same.iter().filter(|s| **s).count();
+        (items.into_iter().zip(same).filter(|(_, s)| !s).map(|(t, _)| t).collect(), skipped)
     }
 
     /// Upserts documents end to end: validate, skip unchanged ones, chunk, embed, write.
     /// With `wait`, returns once the write is searchable (it is durable either way).
     pub fn upsert(&self, docs: Vec<DocumentInput>, wait: bool) -> Result<WriteResult> {
         validate_batch(&docs)?;
-        let hashes: Vec<u64> = docs.iter().map(doc_hash).collect();
-        let keys: Vec<(&str, u64)> = docs.iter().zip(&hashes).map(|(d, h)| (d.id.as_str(), *h)).collect();
-        let same = self.unchanged(&keys);
-        let unchanged = same.iter().filter(|s| **s).count();
-        let fresh: Vec<DocumentInput> = docs.into_iter().zip(same).filter(|(_, s)| !s).map(|(d, _)| d).collect();
+        let (fresh, unchanged) = self.skip_unchanged(docs, |d| d);
         let chunked = fresh.into_par_iter().map(|d| self.chunk(d)).collect::<Result<Vec<_>>>()?;
         let prepared = self.embed(chunked, 256)?;
         let mut result = self.write(prepared)?;

@@ -364,12 +364,8 @@ fn chunk_stage(
         }
         // Documents stored with the same content are skipped before chunking and
         // embedding; one look-up per batch.
-        let keys: Vec<(&str, u64)> =
-            docs.iter().map(|(_, d)| (d.id.as_str(), crate::collection::doc_hash(d))).collect();
-        let same = collection.unchanged(&keys);
-        let skipped = same.iter().filter(|s| **s).count();
+        let (docs, skipped) = collection.skip_unchanged(docs, |(_, d)| d);
         progress.documents_unchanged.fetch_add(skipped as u64, Ordering::Relaxed);
-        let docs: Vec<_> = docs.into_iter().zip(same).filter(|(_, s)| !s).map(|(d, _)| d).collect();
         let results: Vec<(RecordError, Result<ChunkedDoc>)> =
             docs.into_par_iter().map(|(at, d)| (at, collection.chunk(d))).collect();
         let mut chunked = Vec::with_capacity(results.len());
