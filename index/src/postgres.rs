@@ -568,6 +568,14 @@ impl PgStore {
         Ok(seq as u64)
     }
 
+    /// The content hashes of those of `ids` that are stored.
+    fn stored_hashes(&self, client: &mut impl postgres::GenericClient, ids: &[&str]) -> Result<HashMap<String, i64>> {
+        let rows = client
+            .query(&format!("SELECT doc_id, hash FROM {} WHERE doc_id = ANY($1)", self.docs), &[&ids])
+            .map_err(|e| self.err(e))?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
     /// Takes the documents' locks for this transaction: writes of the same document wait for
     /// each other, writes of others run side by side (pgvector inserts into the HNSW index
     /// on one thread per write). Locks are taken in one order, so writers never deadlock;
@@ -592,12 +600,7 @@ impl PgStore {
         let ids: Vec<&str> = docs.iter().map(|d| d.id.as_str()).collect();
         self.lock_documents(&mut tx, &ids)?;
         // Read after the locks: a write of the same documents that committed meanwhile is seen.
-        let stored: HashMap<String, i64> = tx
-            .query(&format!("SELECT doc_id, hash FROM {} WHERE doc_id = ANY($1)", self.docs), &[&ids])
-            .map_err(|e| self.err(e))?
-            .iter()
-            .map(|r| (r.get(0), r.get(1)))
-            .collect();
+        let stored = self.stored_hashes(&mut tx, &ids)?;
         let fresh: Vec<NewDoc> = docs
             .into_iter()
             .filter(|d| {
@@ -740,12 +743,8 @@ impl ChunkStore for PgStore {
             return same;
         }
         let ids: Vec<&str> = docs.iter().map(|d| d.0).collect();
-        let stored: HashMap<String, i64> = match self.db.conn().and_then(|mut conn| {
-            conn.query(&format!("SELECT doc_id, hash FROM {} WHERE doc_id = ANY($1)", self.docs), &[&ids])
-                .map_err(|e| self.err(e))
-        }) {
-            Ok(rows) => rows.iter().map(|r| (r.get(0), r.get(1))).collect(),
-            Err(_) => return same,
+        let Ok(stored) = self.db.conn().and_then(|mut conn| self.stored_hashes(&mut conn.client, &ids)) else {
+            return same;
         };
         for (s, (id, hash)) in same.iter_mut().zip(docs) {
             *s = stored.get(*id) == Some(&(*hash as i64));
