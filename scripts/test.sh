@@ -13,7 +13,7 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$cache/target}"
 export RAGWAY_MODELS_DIR="${RAGWAY_MODELS_DIR:-$PWD/models}"
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
 
-scripts/setup-models.sh "$RAGWAY_MODELS_DIR" >/dev/null
+scripts/setup-models.sh --with-gemma3 "$RAGWAY_MODELS_DIR" >/dev/null
 
 pyenv="$cache/pyenv"
 if ! "$pyenv/bin/python" -c "import openai" 2>/dev/null; then

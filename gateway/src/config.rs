@@ -70,6 +70,10 @@ pub struct ServeArgs {
     /// Memory for the generation KV cache, MiB [default: 2048].
     #[arg(long, env = "RAGWAY_KV_CACHE_MIB")]
     pub kv_cache_mib: Option<usize>,
+    /// Tokens generated at most when a request sets no `max_tokens` (fewer when the prompt
+    /// leaves less of the context) [default: 1024].
+    #[arg(long, env = "RAGWAY_DEFAULT_MAX_TOKENS")]
+    pub default_max_tokens: Option<usize>,
     /// Largest request body in bytes [default: 16777216].
     #[arg(long, env = "RAGWAY_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<usize>,
@@ -190,6 +194,7 @@ pub struct Settings {
     pub max_waiting_requests: usize,
     pub max_batch_tokens: usize,
     pub kv_cache_mib: usize,
+    pub default_max_tokens: usize,
     pub max_body_bytes: usize,
     pub http_workers: usize,
     pub ingest_root: Option<PathBuf>,
@@ -240,6 +245,7 @@ impl Settings {
             max_batch_tokens: self.max_batch_tokens,
             max_waiting: self.max_waiting_requests,
             kv_cache_mib: self.kv_cache_mib,
+            default_max_tokens: self.default_max_tokens,
         }
     }
 }
@@ -285,6 +291,7 @@ impl ServeArgs {
             max_waiting_requests: pick!(max_waiting_requests, 64),
             max_batch_tokens: pick!(max_batch_tokens, 512),
             kv_cache_mib: pick!(kv_cache_mib, 2048),
+            default_max_tokens: pick!(default_max_tokens, ragway_engine::generate::DEFAULT_MAX_TOKENS),
             max_body_bytes: pick!(max_body_bytes, 16 * 1024 * 1024),
             http_workers: pick!(http_workers, std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)),
             ingest_root: self.ingest_root.clone().or(file.ingest_root.clone()),
@@ -337,8 +344,11 @@ impl ServeArgs {
             || settings.max_waiting_requests == 0
             || settings.max_batch_tokens == 0
             || settings.kv_cache_mib == 0
+            || settings.default_max_tokens == 0
         {
-            anyhow::bail!("max_running_seqs, max_waiting_requests, max_batch_tokens and kv_cache_mib must be positive");
+            anyhow::bail!(
+                "max_running_seqs, max_waiting_requests, max_batch_tokens, kv_cache_mib and default_max_tokens must be positive"
+            );
         }
         Ok(settings)
     }

@@ -185,6 +185,7 @@ fn main() -> anyhow::Result<()> {
                 max_batch_tokens: 512,
                 max_waiting: 64,
                 kv_cache_mib: 2048,
+                default_max_tokens: ragway_engine::generate::DEFAULT_MAX_TOKENS,
             })?;
             let rendered = gen
                 .chat_template()

@@ -17,15 +17,16 @@
 pub mod chat;
 pub mod model;
 pub mod qmatmul;
+pub mod repack;
 pub mod sampling;
 pub mod scheduler;
 pub mod tokenizer;
 
 pub use chat::{ChatMessage, ChatTemplate};
 pub use model::{KvCache, Llama, LlamaConfig, Scratch, SeqBatch};
-pub use sampling::{SamplingParams, TokenLogprob};
+pub use sampling::{ModelSampling, SamplingParams, TokenLogprob};
 pub use scheduler::{
-    FinishReason, GenEvent, GenMetrics, GenerateConfig, GenerateHandle, GenerateWorker, GenerationRequest,
+    FinishReason, GenEvent, GenMetrics, GenerateConfig, DEFAULT_MAX_TOKENS, GenerateHandle, GenerateWorker, GenerationRequest,
     GenerationStream,
 };
 pub use tokenizer::{IncrementalDecoder, TextTokenizer};
@@ -43,6 +44,8 @@ pub struct GenerativeModel {
     pub tokenizer: TextTokenizer,
     /// `None` when the model has no chat template and none was configured.
     pub chat_template: Option<ChatTemplate>,
+    /// Sampling values the model recommends.
+    pub sampling: ModelSampling,
     /// Where the weights came from.
     pub path: PathBuf,
 }
@@ -84,7 +87,8 @@ impl GenerativeModel {
             template_override.map(str::to_string).or_else(|| model::md_str(&content, "tokenizer.chat_template"));
         let chat_template = compile_template(source, &tokenizer)?;
         check_vocab(&model, &tokenizer, path)?;
-        Ok(Self { model, tokenizer, chat_template, path: path.to_path_buf() })
+        let sampling = ModelSampling::from_gguf(&content);
+        Ok(Self { model, tokenizer, chat_template, sampling, path: path.to_path_buf() })
     }
 
     fn from_safetensors(dir: &Path, template_override: Option<&str>) -> Result<Self> {
@@ -110,7 +114,12 @@ impl GenerativeModel {
             .or_else(|| tk_cfg.get("chat_template").and_then(|v| v.as_str()).map(str::to_string));
         let chat_template = compile_template(source, &tokenizer)?;
         check_vocab(&model, &tokenizer, dir)?;
-        Ok(Self { model, tokenizer, chat_template, path: dir.to_path_buf() })
+        let sampling = std::fs::read_to_string(dir.join("generation_config.json"))
+            .ok()
+            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+            .map(|v| ModelSampling::from_generation_config(&v))
+            .unwrap_or_default();
+        Ok(Self { model, tokenizer, chat_template, sampling, path: dir.to_path_buf() })
     }
 }
 

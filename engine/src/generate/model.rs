@@ -1,4 +1,7 @@
-//! Llama-family decoder on the CPU: GGUF (quantized) or safetensors (f32/f16/bf16) weights,
+//! Decoder on the CPU for the llama family and Gemma 3 (one forward pass, per-architecture
+//! switches: embedding scale, per-head Q/K norms, norms after attention and MLP, GeGLU,
+//! sliding-window layers with their own RoPE base): GGUF (quantized) or safetensors
+//! (f32/f16/bf16) weights,
 //! per-sequence KV caches, and one forward pass over a *batch of sequences* — each with its
 //! own new tokens (a prefill chunk or one decode token), position and cache. Every linear
 //! layer runs once over all the batch's tokens, so the weights are read once per step.
@@ -6,7 +9,8 @@
 //! Layout: activations are row-major `[tokens, width]` f32; Q, K and V come out of one fused
 //! product, as do the MLP's gate and up projections. Attention reads the cache in place.
 
-use super::qmatmul::{DenseMatrix, Linear, PackedMatrix, QActs, QKind};
+use super::qmatmul::{DenseMatrix, Linear, PackedMatrix, QActs};
+use super::repack;
 use crate::error::{EngineError, Result};
 use crate::kernels::{dot, exp, gemm_f32, softmax_inplace, Parallel};
 use candle_core::quantized::{gguf_file, QTensor};
@@ -39,6 +43,58 @@ pub struct LlamaConfig {
     pub rope_theta: f32,
     pub rms_eps: f32,
     pub rope_style: RopeStyle,
+    /// What differs between the architectures this decoder runs.
+    pub arch: ArchConfig,
+}
+
+/// The feed-forward activation of a gated MLP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// `silu(gate) * up` (llama).
+    Silu,
+    /// `gelu_tanh(gate) * up` (Gemma).
+    GeluTanh,
+}
+
+/// Per-architecture switches of the one decoder.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ArchConfig {
+    /// `general.architecture`: `llama` or `gemma3`.
+    pub name: String,
+    /// Token embeddings are multiplied by this (Gemma: sqrt(width)).
+    pub embed_scale: Option<f32>,
+    pub activation: Activation,
+    /// Layers with a local attention window (Gemma 3: five of every six), in tokens: a
+    /// position sees itself and the `window - 1` before it.
+    pub sliding_window: Option<usize>,
+    /// Every `n`-th layer (the last of each group) is global; the others slide.
+    pub sliding_pattern: usize,
+    /// RoPE base of the sliding layers (the global ones use `rope_theta`).
+    pub rope_theta_local: f32,
+    /// Linear RoPE scaling of the global layers (positions divided by this).
+    pub rope_scale_global: f32,
+    /// Attention logits are `q·k * attn_scale`.
+    pub attn_scale: f32,
+}
+
+impl ArchConfig {
+    fn llama(head_dim: usize) -> Self {
+        Self {
+            name: "llama".into(),
+            embed_scale: None,
+            activation: Activation::Silu,
+            sliding_window: None,
+            sliding_pattern: 1,
+            rope_theta_local: 10_000.0,
+            rope_scale_global: 1.0,
+            attn_scale: 1.0 / (head_dim as f32).sqrt(),
+        }
+    }
+
+    /// Whether layer `i` uses the sliding window.
+    fn slides(&self, i: usize) -> bool {
+        self.sliding_window.is_some() && self.sliding_pattern > 1 && i % self.sliding_pattern < self.sliding_pattern - 1
+    }
 }
 
 impl LlamaConfig {
@@ -57,8 +113,14 @@ impl LlamaConfig {
         if self.n_heads == 0 || self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
             return bad(format!("{} heads cannot share {} KV heads", self.n_heads, self.n_kv_heads));
         }
-        if self.head_dim % 2 != 0 || self.n_heads * self.head_dim != self.hidden {
+        if self.head_dim % 2 != 0 || self.head_dim == 0 {
+            return bad(format!("head size {} is not a positive even number", self.head_dim));
+        }
+        if self.arch.name == "llama" && self.n_heads * self.head_dim != self.hidden {
             return bad(format!("{} heads of {} do not make width {}", self.n_heads, self.head_dim, self.hidden));
+        }
+        if self.arch.sliding_window == Some(0) || self.arch.rope_scale_global <= 0.0 {
+            return bad("sliding window 0 or a non-positive RoPE scale".into());
         }
         Ok(())
     }
@@ -67,10 +129,40 @@ impl LlamaConfig {
 struct Layer {
     attn_norm: Vec<f32>,
     qkv: Linear,
+    /// Per-head RMS norms of Q and K before RoPE (Gemma 3, Qwen 3).
+    q_norm: Option<Vec<f32>>,
+    k_norm: Option<Vec<f32>>,
     o: Linear,
+    /// RMS norm of the attention output before the residual add (Gemma).
+    post_attn_norm: Option<Vec<f32>>,
     ffn_norm: Vec<f32>,
     gate_up: Linear,
     down: Linear,
+    /// RMS norm of the MLP output before the residual add (Gemma).
+    post_ffn_norm: Option<Vec<f32>>,
+    /// Positions seen at most (sliding-window layers).
+    window: Option<usize>,
+    /// RoPE base and position scale of this layer.
+    rope: (f32, f32),
+}
+
+impl Layer {
+    fn plain(attn_norm: Vec<f32>, qkv: Linear, o: Linear, ffn_norm: Vec<f32>, gate_up: Linear, down: Linear) -> Self {
+        Self {
+            attn_norm,
+            qkv,
+            q_norm: None,
+            k_norm: None,
+            o,
+            post_attn_norm: None,
+            ffn_norm,
+            gate_up,
+            down,
+            post_ffn_norm: None,
+            window: None,
+            rope: (0.0, 1.0),
+        }
+    }
 }
 
 /// A loaded llama-family model (CPU).
@@ -81,9 +173,6 @@ pub struct Llama {
     norm: Vec<f32>,
     /// `None`: tied to the token embedding.
     lm_head: Option<Linear>,
-    /// `[context_length, head_dim / 2]` cos and sin of each position's angles.
-    rope_cos: Vec<f32>,
-    rope_sin: Vec<f32>,
     weight_bytes: usize,
 }
 
@@ -202,25 +291,22 @@ impl Llama {
         self.weight_bytes
     }
 
-    /// Loads a GGUF file with `general.architecture = llama`.
+    /// Loads a GGUF file with `general.architecture` `llama` or `gemma3`.
     pub fn from_gguf(path: &Path, content: &gguf_file::Content) -> Result<Self> {
         let invalid = |reason: String| EngineError::InvalidModel { path: path.to_path_buf(), reason };
         let arch = md_str(content, "general.architecture").unwrap_or_default();
-        if arch != "llama" {
-            return Err(invalid(format!("architecture `{arch}` is not supported (llama family only)")));
+        if !matches!(arch.as_str(), "llama" | "gemma3") {
+            return Err(invalid(format!("architecture `{arch}` is not supported (llama, gemma3)")));
         }
+        let value = |key: &str| content.metadata.get(&format!("{arch}.{key}"));
         let get = |key: &str| -> Result<usize> {
-            content
-                .metadata
-                .get(&format!("llama.{key}"))
-                .ok_or_else(|| invalid(format!("missing metadata llama.{key}")))?
+            value(key)
+                .ok_or_else(|| invalid(format!("missing metadata {arch}.{key}")))?
                 .to_u32()
                 .map(|v| v as usize)
-                .map_err(|e| invalid(format!("llama.{key}: {e}")))
+                .map_err(|e| invalid(format!("{arch}.{key}: {e}")))
         };
-        let getf = |key: &str, default: f32| -> f32 {
-            content.metadata.get(&format!("llama.{key}")).and_then(|v| v.to_f32().ok()).unwrap_or(default)
-        };
+        let getf = |key: &str, default: f32| -> f32 { value(key).and_then(|v| v.to_f32().ok()).unwrap_or(default) };
         let hidden = get("embedding_length")?;
         let n_heads = get("attention.head_count")?;
         let mut file = std::fs::File::open(path)?;
@@ -229,38 +315,65 @@ impl Llama {
         };
         let embed_q = tensor("token_embd.weight")?;
         let vocab = embed_q.shape().dims()[0];
+        let head_dim = get("attention.key_length")
+            .or_else(|_| get("rope.dimension_count"))
+            .unwrap_or(hidden / n_heads.max(1));
+        let gemma = arch == "gemma3";
+        let arch_cfg = if gemma {
+            let linear = value("rope.scaling.type").and_then(|v| v.to_string().ok()).is_some_and(|t| t == "linear");
+            ArchConfig {
+                name: arch.clone(),
+                embed_scale: Some((hidden as f32).sqrt()),
+                activation: Activation::GeluTanh,
+                sliding_window: get("attention.sliding_window").ok(),
+                // llama.cpp's Gemma 3 pattern: five local layers, then a global one.
+                sliding_pattern: 6,
+                rope_theta_local: 10_000.0,
+                rope_scale_global: if linear { getf("rope.scaling.factor", 1.0) } else { 1.0 },
+                attn_scale: 1.0 / (head_dim as f32).sqrt(),
+            }
+        } else {
+            ArchConfig::llama(head_dim)
+        };
         let cfg = LlamaConfig {
             n_layers: get("block_count")?,
             hidden,
             ffn: get("feed_forward_length")?,
             n_heads,
             n_kv_heads: get("attention.head_count_kv").unwrap_or(n_heads),
-            head_dim: get("rope.dimension_count").unwrap_or(hidden / n_heads.max(1)),
+            head_dim,
             vocab,
             context_length: get("context_length")?,
             rope_theta: getf("rope.freq_base", 10_000.0),
             rms_eps: getf("attention.layer_norm_rms_epsilon", 1e-5),
-            rope_style: RopeStyle::Interleaved,
+            // llama.cpp permutes llama's Q and K for adjacent pairs; Gemma keeps halves.
+            rope_style: if gemma { RopeStyle::Half } else { RopeStyle::Interleaved },
+            arch: arch_cfg,
         };
         cfg.check(path)?;
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
             let p = format!("blk.{i}");
-            layers.push(Layer {
-                attn_norm: vector(&tensor(&format!("{p}.attn_norm.weight"))?)?,
-                qkv: linear_from_q(vec![
+            let mut layer = Layer::plain(
+                vector(&tensor(&format!("{p}.attn_norm.weight"))?)?,
+                linear_from_q(vec![
                     tensor(&format!("{p}.attn_q.weight"))?,
                     tensor(&format!("{p}.attn_k.weight"))?,
                     tensor(&format!("{p}.attn_v.weight"))?,
                 ])?,
-                o: linear_from_q(vec![tensor(&format!("{p}.attn_output.weight"))?])?,
-                ffn_norm: vector(&tensor(&format!("{p}.ffn_norm.weight"))?)?,
-                gate_up: linear_from_q(vec![
-                    tensor(&format!("{p}.ffn_gate.weight"))?,
-                    tensor(&format!("{p}.ffn_up.weight"))?,
-                ])?,
-                down: linear_from_q(vec![tensor(&format!("{p}.ffn_down.weight"))?])?,
-            });
+                linear_from_q(vec![tensor(&format!("{p}.attn_output.weight"))?])?,
+                vector(&tensor(&format!("{p}.ffn_norm.weight"))?)?,
+                linear_from_q(vec![tensor(&format!("{p}.ffn_gate.weight"))?, tensor(&format!("{p}.ffn_up.weight"))?])?,
+                linear_from_q(vec![tensor(&format!("{p}.ffn_down.weight"))?])?,
+            );
+            if gemma {
+                // The converter already added Gemma's `1 +` to these weights.
+                layer.q_norm = Some(vector(&tensor(&format!("{p}.attn_q_norm.weight"))?)?);
+                layer.k_norm = Some(vector(&tensor(&format!("{p}.attn_k_norm.weight"))?)?);
+                layer.post_attn_norm = Some(vector(&tensor(&format!("{p}.post_attention_norm.weight"))?)?);
+                layer.post_ffn_norm = Some(vector(&tensor(&format!("{p}.post_ffw_norm.weight"))?)?);
+            }
+            layers.push(layer);
         }
         let norm = vector(&tensor("output_norm.weight")?)?;
         let lm_head = match content.tensor_infos.contains_key("output.weight") {
@@ -301,6 +414,7 @@ impl Llama {
             rope_theta: c.rope_theta.unwrap_or(10_000.0),
             rms_eps: c.rms_norm_eps.unwrap_or(1e-5),
             rope_style: RopeStyle::Half,
+            arch: ArchConfig::llama(head_dim),
         };
         cfg.check(dir)?;
         let load = |name: &str| -> Result<(Vec<usize>, Vec<f32>)> {
@@ -327,18 +441,18 @@ impl Llama {
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
             let p = format!("model.layers.{i}");
-            layers.push(Layer {
-                attn_norm: vec1(&format!("{p}.input_layernorm.weight"))?,
-                qkv: dense(&[
+            layers.push(Layer::plain(
+                vec1(&format!("{p}.input_layernorm.weight"))?,
+                dense(&[
                     format!("{p}.self_attn.q_proj.weight"),
                     format!("{p}.self_attn.k_proj.weight"),
                     format!("{p}.self_attn.v_proj.weight"),
                 ])?,
-                o: dense(&[format!("{p}.self_attn.o_proj.weight")])?,
-                ffn_norm: vec1(&format!("{p}.post_attention_layernorm.weight"))?,
-                gate_up: dense(&[format!("{p}.mlp.gate_proj.weight"), format!("{p}.mlp.up_proj.weight")])?,
-                down: dense(&[format!("{p}.mlp.down_proj.weight")])?,
-            });
+                dense(&[format!("{p}.self_attn.o_proj.weight")])?,
+                vec1(&format!("{p}.post_attention_layernorm.weight"))?,
+                dense(&[format!("{p}.mlp.gate_proj.weight"), format!("{p}.mlp.up_proj.weight")])?,
+                dense(&[format!("{p}.mlp.down_proj.weight")])?,
+            ));
         }
         let embed = dense(&["model.embed_tokens.weight".to_string()])?;
         let tied = c.tie_word_embeddings.unwrap_or(false) || st.get("lm_head.weight").is_err();
@@ -350,38 +464,37 @@ impl Llama {
     fn assemble(
         cfg: LlamaConfig,
         embed: Linear,
-        layers: Vec<Layer>,
+        mut layers: Vec<Layer>,
         norm: Vec<f32>,
         lm_head: Option<Linear>,
         path: &Path,
     ) -> Result<Self> {
         let bad = |reason: String| Err(EngineError::InvalidModel { path: path.to_path_buf(), reason });
+        let q_dim = cfg.n_heads * cfg.head_dim;
         let qkv_n = (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim;
         if embed.n() != cfg.vocab || embed.k() != cfg.hidden {
             return bad(format!("token embedding is [{}, {}]", embed.n(), embed.k()));
         }
-        for (i, l) in layers.iter().enumerate() {
+        let norm_ok = |n: &Option<Vec<f32>>, len: usize| n.as_ref().is_none_or(|n| n.len() == len);
+        for (i, l) in layers.iter_mut().enumerate() {
             if l.qkv.n() != qkv_n
                 || l.qkv.k() != cfg.hidden
                 || l.o.n() != cfg.hidden
+                || l.o.k() != q_dim
                 || l.gate_up.n() != 2 * cfg.ffn
                 || l.down.k() != cfg.ffn
                 || l.attn_norm.len() != cfg.hidden
                 || l.ffn_norm.len() != cfg.hidden
+                || !norm_ok(&l.q_norm, cfg.head_dim)
+                || !norm_ok(&l.k_norm, cfg.head_dim)
+                || !norm_ok(&l.post_attn_norm, cfg.hidden)
+                || !norm_ok(&l.post_ffn_norm, cfg.hidden)
             {
                 return bad(format!("layer {i} has shapes that do not match the configuration"));
             }
-        }
-        let half = cfg.head_dim / 2;
-        let mut rope_cos = vec![0f32; cfg.context_length * half];
-        let mut rope_sin = vec![0f32; cfg.context_length * half];
-        for pos in 0..cfg.context_length {
-            for i in 0..half {
-                let freq = (cfg.rope_theta as f64).powf(-2.0 * i as f64 / cfg.head_dim as f64);
-                let angle = pos as f64 * freq;
-                rope_cos[pos * half + i] = angle.cos() as f32;
-                rope_sin[pos * half + i] = angle.sin() as f32;
-            }
+            let slides = cfg.arch.slides(i);
+            l.window = if slides { cfg.arch.sliding_window } else { None };
+            l.rope = if slides { (cfg.arch.rope_theta_local, 1.0) } else { (cfg.rope_theta, cfg.arch.rope_scale_global) };
         }
         let weight_bytes = embed.size_in_bytes()
             + lm_head.as_ref().map_or(0, |l| l.size_in_bytes())
@@ -392,16 +505,18 @@ impl Llama {
                 })
                 .sum::<usize>();
         tracing::info!(
+            architecture = %cfg.arch.name,
             layers = cfg.n_layers,
             width = cfg.hidden,
             heads = cfg.n_heads,
             kv_heads = cfg.n_kv_heads,
             context = cfg.context_length,
+            sliding_window = ?cfg.arch.sliding_window,
             weights = %layers.first().map(|l| l.qkv.describe()).unwrap_or_default(),
             weight_mib = weight_bytes / (1 << 20),
             "decoder loaded"
         );
-        Ok(Self { cfg, embed, layers, norm, lm_head, rope_cos, rope_sin, weight_bytes })
+        Ok(Self { cfg, embed, layers, norm, lm_head, weight_bytes })
     }
 
     /// Runs the new tokens of every sequence through the model, appends their keys and values
@@ -438,17 +553,32 @@ impl Llama {
         // Embeddings.
         s.x.resize(total * cfg.hidden, 0.0);
         let tokens: Vec<u32> = batch.iter().flat_map(|b| b.tokens.iter().copied()).collect();
+        let embed_scale = cfg.arch.embed_scale;
         s.x.par_chunks_exact_mut(cfg.hidden).zip(tokens.par_iter()).with_min_len(8).for_each(|(row, &t)| {
             self.embed.row(t as usize, row);
+            if let Some(scale) = embed_scale {
+                row.iter_mut().for_each(|x| *x *= scale);
+            }
         });
         for b in batch.iter_mut() {
             let need = b.cache.len + b.tokens.len();
             b.cache.reserve(need, 256);
         }
+        // cos/sin of this batch's positions for each RoPE base the layers use.
+        let mut ropes: Vec<((f32, f32), Rope)> = Vec::new();
+        for l in &self.layers {
+            if !ropes.iter().any(|(k, _)| *k == l.rope) {
+                ropes.push((l.rope, Rope::new(l.rope, cfg.head_dim, &positions)));
+            }
+        }
         for (li, layer) in self.layers.iter().enumerate() {
             rms_norm(&s.x, &layer.attn_norm, cfg.rms_eps, &mut s.h);
             layer.qkv.forward(&s.h, total, &mut s.acts, &mut s.qkv);
-            self.rope(&mut s.qkv, qkv_w, &positions);
+            if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+                head_norms(&mut s.qkv, qkv_w, cfg, qn, kn);
+            }
+            let rope = &ropes.iter().find(|(k, _)| *k == layer.rope).expect("computed above").1;
+            self.rope(&mut s.qkv, qkv_w, rope);
             for (b, &(off, start, n)) in batch.iter_mut().zip(&starts) {
                 for i in 0..n {
                     let row = &s.qkv[(off + i) * qkv_w..(off + i + 1) * qkv_w];
@@ -458,13 +588,19 @@ impl Llama {
             s.attn.resize(total * q_dim, 0.0);
             let caches: Vec<(&[f16], &[f16])> =
                 batch.iter().map(|b| (b.cache.k[li].as_slice(), b.cache.v[li].as_slice())).collect();
-            attention(cfg, &s.qkv, &caches, &starts, &mut s.attn);
+            attention(cfg, &s.qkv, &caches, &starts, layer.window, &mut s.attn);
             layer.o.forward(&s.attn, total, &mut s.acts, &mut s.proj);
+            if let Some(w) = &layer.post_attn_norm {
+                rms_norm_inplace(&mut s.proj, w, cfg.rms_eps);
+            }
             add_inplace(&mut s.x, &s.proj);
             rms_norm(&s.x, &layer.ffn_norm, cfg.rms_eps, &mut s.h);
             layer.gate_up.forward(&s.h, total, &mut s.acts, &mut s.gate_up);
-            swiglu(&s.gate_up, cfg.ffn, &mut s.act);
+            gated(&s.gate_up, cfg.ffn, cfg.arch.activation, &mut s.act);
             layer.down.forward(&s.act, total, &mut s.acts, &mut s.proj);
+            if let Some(w) = &layer.post_ffn_norm {
+                rms_norm_inplace(&mut s.proj, w, cfg.rms_eps);
+            }
             add_inplace(&mut s.x, &s.proj);
         }
         for b in batch.iter_mut() {
@@ -487,14 +623,14 @@ impl Llama {
     }
 
     /// Rotates Q and K of every row by its position.
-    fn rope(&self, qkv: &mut [f32], qkv_w: usize, positions: &[usize]) {
+    fn rope(&self, qkv: &mut [f32], qkv_w: usize, rope: &Rope) {
         let cfg = &self.cfg;
         let (hd, half) = (cfg.head_dim, cfg.head_dim / 2);
         let heads = cfg.n_heads + cfg.n_kv_heads;
         let style = cfg.rope_style;
-        qkv.par_chunks_exact_mut(qkv_w).zip(positions.par_iter()).with_min_len(16).for_each(|(row, &pos)| {
-            let cos = &self.rope_cos[pos * half..(pos + 1) * half];
-            let sin = &self.rope_sin[pos * half..(pos + 1) * half];
+        qkv.par_chunks_exact_mut(qkv_w).enumerate().with_min_len(16).for_each(|(r, row)| {
+            let cos = &rope.cos[r * half..(r + 1) * half];
+            let sin = &rope.sin[r * half..(r + 1) * half];
             for h in 0..heads {
                 let x = &mut row[h * hd..(h + 1) * hd];
                 match style {
@@ -515,6 +651,31 @@ impl Llama {
                 }
             }
         });
+    }
+}
+
+/// cos and sin of the rotary angles of a batch's positions, `[rows, head_dim / 2]`.
+struct Rope {
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl Rope {
+    /// For RoPE base `theta` with positions divided by `scale`.
+    fn new((theta, scale): (f32, f32), head_dim: usize, positions: &[usize]) -> Self {
+        let half = head_dim / 2;
+        let freqs: Vec<f64> = (0..half).map(|i| (theta as f64).powf(-2.0 * i as f64 / head_dim as f64)).collect();
+        let mut cos = vec![0f32; positions.len() * half];
+        let mut sin = vec![0f32; positions.len() * half];
+        for (r, &pos) in positions.iter().enumerate() {
+            let p = pos as f64 / scale as f64;
+            for (i, f) in freqs.iter().enumerate() {
+                let angle = p * f;
+                cos[r * half + i] = angle.cos() as f32;
+                sin[r * half + i] = angle.sin() as f32;
+            }
+        }
+        Self { cos, sin }
     }
 }
 
@@ -541,20 +702,30 @@ fn vector(t: &QTensor) -> Result<Vec<f32>> {
     Ok(t.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?)
 }
 
-/// One linear layer from GGUF tensors stacked along the output dimension: packed when they
-/// share a kernel type and tile, f32 otherwise.
+/// One linear layer from GGUF tensors stacked along the output dimension: packed when every
+/// part is (or rewrites into, see [`super::repack`]) the same packed kind and the shape tiles,
+/// f32 otherwise.
 fn linear_from_q(parts: Vec<QTensor>) -> Result<Linear> {
     let k = parts[0].shape().dims()[1];
-    let kind = QKind::from_ggml(parts[0].dtype());
     let n: usize = parts.iter().map(|p| p.shape().dims()[0]).sum();
+    let kind = repack::target(parts[0].dtype());
     if let Some(kind) = kind {
-        if parts.iter().all(|p| p.dtype() == parts[0].dtype() && p.shape().dims()[1] == k) {
+        if parts.iter().all(|p| repack::target(p.dtype()) == Some(kind) && p.shape().dims()[1] == k) {
             let mut raw = Vec::new();
             for p in &parts {
-                raw.extend_from_slice(&p.data()?);
+                let values = || p.dequantize(&Device::Cpu).ok()?.flatten_all().ok()?.to_vec1::<f32>().ok();
+                match repack::rewrite(p.dtype(), &p.data()?, values) {
+                    Some(bytes) => raw.extend_from_slice(&bytes),
+                    None => {
+                        raw.clear();
+                        break;
+                    }
+                }
             }
-            if let Ok(packed) = PackedMatrix::from_ggml(kind, n, k, &raw) {
-                return Ok(Linear::Packed(packed));
+            if !raw.is_empty() {
+                if let Ok(packed) = PackedMatrix::from_ggml(kind, n, k, &raw) {
+                    return Ok(Linear::Packed(packed));
+                }
             }
         }
     }
@@ -583,16 +754,53 @@ fn add_inplace(x: &mut [f32], y: &[f32]) {
     }
 }
 
-/// `act[t, i] = silu(gate[t, i]) * up[t, i]` with `gate_up[t] = [gate | up]`.
-fn swiglu(gate_up: &[f32], ffn: usize, act: &mut Vec<f32>) {
+/// `act[t, i] = f(gate[t, i]) * up[t, i]` with `gate_up[t] = [gate | up]`, `f` SiLU or
+/// GELU (tanh approximation).
+fn gated(gate_up: &[f32], ffn: usize, f: Activation, act: &mut Vec<f32>) {
     let rows = gate_up.len() / (2 * ffn);
     act.resize(rows * ffn, 0.0);
     act.par_chunks_exact_mut(ffn).zip(gate_up.par_chunks_exact(2 * ffn)).with_min_len(16).for_each(|(a, gu)| {
         let (g, u) = gu.split_at(ffn);
-        for ((a, &g), &u) in a.iter_mut().zip(g).zip(u) {
-            *a = g / (1.0 + exp(-g)) * u;
+        match f {
+            Activation::Silu => {
+                for ((a, &g), &u) in a.iter_mut().zip(g).zip(u) {
+                    *a = g / (1.0 + exp(-g)) * u;
+                }
+            }
+            Activation::GeluTanh => {
+                const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+                for ((a, &g), &u) in a.iter_mut().zip(g).zip(u) {
+                    *a = 0.5 * g * (1.0 + (SQRT_2_OVER_PI * (g + 0.044_715 * g * g * g)).tanh()) * u;
+                }
+            }
         }
     });
+}
+
+/// RMS norm of each `w.len()`-wide row in place.
+fn rms_norm_inplace(x: &mut [f32], w: &[f32], eps: f32) {
+    x.par_chunks_exact_mut(w.len()).with_min_len(16).for_each(|x| rms_norm_inplace_serial(x, w, eps));
+}
+
+/// Per-head RMS norms of the Q heads (`qn`) and K heads (`kn`) of each `[q | k | v]` row.
+fn head_norms(qkv: &mut [f32], qkv_w: usize, cfg: &LlamaConfig, qn: &[f32], kn: &[f32]) {
+    let hd = cfg.head_dim;
+    let q_dim = cfg.n_heads * hd;
+    let k_end = q_dim + cfg.kv_dim();
+    qkv.par_chunks_exact_mut(qkv_w).with_min_len(16).for_each(|row| {
+        rms_norm_inplace_serial(&mut row[..q_dim], qn, cfg.rms_eps);
+        rms_norm_inplace_serial(&mut row[q_dim..k_end], kn, cfg.rms_eps);
+    });
+}
+
+fn rms_norm_inplace_serial(x: &mut [f32], w: &[f32], eps: f32) {
+    let d = w.len();
+    for x in x.chunks_exact_mut(d) {
+        let inv = 1.0 / (dot(x, x) / d as f32 + eps).sqrt();
+        for (x, w) in x.iter_mut().zip(w) {
+            *x *= inv * w;
+        }
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -601,20 +809,23 @@ struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
-/// Causal attention of each sequence's new queries over its whole cache (which already holds
-/// the new keys and values). `starts[i] = (row offset in the batch, first position, new tokens)`.
+/// Causal attention of each sequence's new queries over its cache (which already holds the
+/// new keys and values): all of it, or the last `window` positions of each query's.
+/// `starts[i] = (row offset in the batch, first position, new tokens)`.
 fn attention(
     cfg: &LlamaConfig,
     qkv: &[f32],
     caches: &[(&[f16], &[f16])],
     starts: &[(usize, usize, usize)],
+    window: Option<usize>,
     out: &mut [f32],
 ) {
     let (hd, kv_dim) = (cfg.head_dim, cfg.kv_dim());
     let q_dim = cfg.n_heads * hd;
     let qkv_w = q_dim + 2 * kv_dim;
     let group = cfg.n_heads / cfg.n_kv_heads;
-    let scale = 1.0 / (hd as f32).sqrt();
+    let scale = cfg.arch.attn_scale;
+    let first_seen = |end: usize| window.map_or(0, |w| end.saturating_sub(w));
     let optr = SendPtr(out.as_mut_ptr());
     // One task per KV head for a decoding sequence (its query heads share K and V), one per
     // query head for a prompt chunk.
@@ -635,8 +846,9 @@ fn attention(
             // Q (row stride hd), so both products run once per KV head, reading K and V once.
             let g = h;
             let q = &qkv[off * qkv_w + g * group * hd..off * qkv_w + (g + 1) * group * hd];
-            let scores = decode_scores(q, kc, g, kv_dim, ctx, hd, scale);
-            let o = decode_values(&scores, &vc[g * hd..], kv_dim, ctx, hd);
+            let lo = first_seen(ctx);
+            let scores = decode_scores(q, kc, g, kv_dim, lo..ctx, hd, scale);
+            let o = decode_values(&scores, &vc[lo * kv_dim + g * hd..], kv_dim, ctx - lo, hd);
             // SAFETY: row `off`, columns of the group's heads: written by this task only.
             unsafe { std::ptr::copy_nonoverlapping(o.as_ptr(), optr.0.add(off * q_dim + g * group * hd), group * hd) };
             return;
@@ -672,10 +884,12 @@ fn attention(
         for i in 0..n {
             let row = &mut scores[i * ctx..(i + 1) * ctx];
             let visible = start + i + 1;
-            for v in row[..visible].iter_mut() {
+            let lo = first_seen(visible);
+            for v in row[lo..visible].iter_mut() {
                 *v *= scale;
             }
-            softmax_inplace(&mut row[..visible]);
+            softmax_inplace(&mut row[lo..visible]);
+            row[..lo].fill(0.0);
             row[visible..].fill(0.0);
         }
         unsafe {
@@ -702,14 +916,23 @@ const W: usize = 16;
 /// Query heads handled together (independent accumulator chains).
 const HEADS: usize = 4;
 
-/// Softmax-normalized scores `[heads, ctx]` of the query heads `q` (`[heads, hd]`) against
-/// KV head `g` of the blocked keys `kc` (see [`KvCache`]): 16 positions at a time, one fused
-/// multiply-add per dimension and head, no horizontal sums. The last block is computed whole
-/// (its unused positions are allocated) and cut to `ctx`.
-fn decode_scores(q: &[f32], kc: &[f16], g: usize, kv_dim: usize, ctx: usize, hd: usize, scale: f32) -> Vec<f32> {
+/// Softmax-normalized scores `[heads, span.len()]` of the query heads `q` (`[heads, hd]`)
+/// against positions `span` of KV head `g` of the blocked keys `kc` (see [`KvCache`]): 16
+/// positions at a time, one fused multiply-add per dimension and head, no horizontal sums.
+/// Blocks at the span's ends are computed whole (their unused positions are allocated) and cut.
+fn decode_scores(
+    q: &[f32],
+    kc: &[f16],
+    g: usize,
+    kv_dim: usize,
+    span: std::ops::Range<usize>,
+    hd: usize,
+    scale: f32,
+) -> Vec<f32> {
     let heads = q.len() / hd;
-    let blocks = ctx.div_ceil(W);
-    let mut scores = vec![0f32; heads * ctx];
+    let (lo, ctx) = (span.start, span.end);
+    let len = ctx - lo;
+    let mut scores = vec![0f32; heads * len];
     for h0 in (0..heads).step_by(HEADS) {
         let hn = HEADS.min(heads - h0);
         let mut qs = vec![[0f32; HEADS]; hd];
@@ -718,7 +941,7 @@ fn decode_scores(q: &[f32], kc: &[f16], g: usize, kv_dim: usize, ctx: usize, hd:
                 qd[i] = q[(h0 + i) * hd + d];
             }
         }
-        for b in 0..blocks {
+        for b in lo / W..ctx.div_ceil(W) {
             let blk = &kc[b * kv_dim * W + g * hd * W..b * kv_dim * W + (g + 1) * hd * W];
             let mut acc = [[0f32; W]; HEADS];
             for (k16, qd) in blk.chunks_exact(W).zip(&qs) {
@@ -730,15 +953,16 @@ fn decode_scores(q: &[f32], kc: &[f16], g: usize, kv_dim: usize, ctx: usize, hd:
                     }
                 }
             }
-            let n = W.min(ctx - b * W);
+            let from = lo.max(b * W);
+            let to = ctx.min((b + 1) * W);
             for i in 0..hn {
-                for l in 0..n {
-                    scores[(h0 + i) * ctx + b * W + l] = acc[i][l] * scale;
+                for pos in from..to {
+                    scores[(h0 + i) * len + pos - lo] = acc[i][pos - b * W] * scale;
                 }
             }
         }
     }
-    scores.chunks_exact_mut(ctx).for_each(softmax_inplace);
+    scores.chunks_exact_mut(len).for_each(softmax_inplace);
     scores
 }
 

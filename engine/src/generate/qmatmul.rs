@@ -42,6 +42,16 @@ impl QKind {
         }
     }
 
+    /// The GGUF block type of the same layout.
+    pub fn ggml_dtype(self) -> candle_core::quantized::GgmlDType {
+        use candle_core::quantized::GgmlDType;
+        match self {
+            Self::Q4_0 => GgmlDType::Q4_0,
+            Self::Q4_1 => GgmlDType::Q4_1,
+            Self::Q8_0 => GgmlDType::Q8_0,
+        }
+    }
+
     /// Bytes of one GGUF block of 32 values.
     pub fn ggml_block_bytes(self) -> usize {
         match self {

@@ -53,12 +53,101 @@ impl Default for SamplingParams {
     }
 }
 
+/// Sampling values a model's authors recommend: the GGUF `general.sampling.*` keys
+/// (llama.cpp's) or the `generation_config.json` beside safetensors weights. A request's own
+/// fields win; what neither sets comes from [`SamplingParams::server_default`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct ModelSampling {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_p: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repetition_penalty: Option<f32>,
+}
+
+impl ModelSampling {
+    /// From GGUF metadata (`general.sampling.temp`, `top_p`, `top_k`, `min_p`,
+    /// `penalty_repeat`).
+    pub fn from_gguf(content: &candle_core::quantized::gguf_file::Content) -> Self {
+        let f = |k: &str| content.metadata.get(&format!("general.sampling.{k}")).and_then(|v| v.to_f32().ok().or_else(|| v.to_f64().ok().map(|x| x as f32)));
+        let u = |k: &str| {
+            let v = content.metadata.get(&format!("general.sampling.{k}"))?;
+            v.to_u32().ok().map(|x| x as usize).or_else(|| v.to_i32().ok().map(|x| x.max(0) as usize))
+        };
+        Self {
+            temperature: f("temp"),
+            top_p: f("top_p"),
+            top_k: u("top_k"),
+            min_p: f("min_p"),
+            repetition_penalty: f("penalty_repeat"),
+        }
+        .sane()
+    }
+
+    /// From a Hugging Face `generation_config.json`; `do_sample: false` means greedy.
+    pub fn from_generation_config(v: &serde_json::Value) -> Self {
+        let f = |k: &str| v.get(k).and_then(serde_json::Value::as_f64).map(|x| x as f32);
+        let greedy = v.get("do_sample").and_then(serde_json::Value::as_bool) == Some(false);
+        Self {
+            temperature: if greedy { Some(0.0) } else { f("temperature") },
+            top_p: f("top_p"),
+            top_k: v.get("top_k").and_then(serde_json::Value::as_u64).map(|k| k as usize),
+            min_p: f("min_p"),
+            repetition_penalty: f("repetition_penalty"),
+        }
+        .sane()
+    }
+
+    /// Drops values a request could not set either (a model file is input too).
+    fn sane(mut self) -> Self {
+        let keep = |v: &mut Option<f32>, ok: &dyn Fn(f32) -> bool, name: &str| {
+            if let Some(x) = *v {
+                if !ok(x) {
+                    tracing::warn!(value = x, "the model's recommended {name} is out of range; ignored");
+                    *v = None;
+                }
+            }
+        };
+        keep(&mut self.temperature, &|t| (0.0..=2.0).contains(&t), "temperature");
+        keep(&mut self.top_p, &|p| p > 0.0 && p <= 1.0, "top_p");
+        keep(&mut self.min_p, &|p| (0.0..=1.0).contains(&p), "min_p");
+        keep(&mut self.repetition_penalty, &|p| p > 0.0 && p <= 10.0, "repetition_penalty");
+        self
+    }
+
+    /// ragway's defaults with the model's values over them.
+    pub fn resolve(&self) -> SamplingParams {
+        let base = SamplingParams::server_default();
+        SamplingParams {
+            temperature: self.temperature.unwrap_or(base.temperature),
+            top_p: self.top_p.unwrap_or(base.top_p),
+            top_k: self.top_k.unwrap_or(base.top_k),
+            min_p: self.min_p.unwrap_or(base.min_p),
+            repetition_penalty: self.repetition_penalty.unwrap_or(base.repetition_penalty),
+            ..base
+        }
+    }
+}
+
 /// Most alternatives a caller may ask for (OpenAI allows 20).
 pub const MAX_TOP_LOGPROBS: usize = 20;
 
 impl SamplingParams {
     pub fn greedy() -> Self {
         Self { temperature: 0.0, ..Self::default() }
+    }
+
+    /// What a request that sets no sampling field gets when the model recommends nothing
+    /// (llama.cpp server's defaults): temperature 0.8, top-k 40, top-p 0.95, min-p 0.05. The
+    /// truncation keeps small models on topic, where OpenAI's temperature 1.0 over the whole
+    /// vocabulary drifts into noise.
+    pub fn server_default() -> Self {
+        Self { temperature: 0.8, top_k: 40, top_p: 0.95, min_p: 0.05, ..Self::default() }
     }
 
     /// Rejects values outside their ranges, naming the parameter.
@@ -280,6 +369,38 @@ pub fn random_seed() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn model_recommendations_fill_unset_fields_over_server_defaults() {
+        use candle_core::quantized::gguf_file::{Content, Value, VersionedMagic};
+        let mut metadata = std::collections::HashMap::new();
+        metadata.insert("general.sampling.temp".to_string(), Value::F32(0.6));
+        metadata.insert("general.sampling.top_k".to_string(), Value::U32(20));
+        metadata.insert("general.sampling.min_p".to_string(), Value::F64(0.0));
+        // Out of range: ignored, the server default stays.
+        metadata.insert("general.sampling.top_p".to_string(), Value::F32(1.5));
+        let content = Content {
+            magic: VersionedMagic::GgufV3,
+            metadata,
+            tensor_infos: Default::default(),
+            tensor_data_offset: 0,
+        };
+        let m = ModelSampling::from_gguf(&content);
+        assert_eq!(m, ModelSampling { temperature: Some(0.6), top_k: Some(20), min_p: Some(0.0), ..Default::default() });
+        let r = m.resolve();
+        let d = SamplingParams::server_default();
+        assert_eq!((r.temperature, r.top_k, r.min_p, r.top_p), (0.6, 20, 0.0, d.top_p));
+        assert_eq!(serde_json::to_value(m).unwrap(), serde_json::json!({"temperature": 0.6f32, "top_k": 20, "min_p": 0.0}));
+
+        let hf = serde_json::json!({"do_sample": true, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05});
+        let m = ModelSampling::from_generation_config(&hf);
+        assert_eq!(m.resolve().repetition_penalty, 1.05);
+        assert_eq!((m.temperature, m.top_p, m.top_k), (Some(0.7), Some(0.8), Some(20)));
+        let greedy = ModelSampling::from_generation_config(&serde_json::json!({"do_sample": false, "temperature": 0.9}));
+        assert_eq!(greedy.resolve().temperature, 0.0);
+        assert_eq!(ModelSampling::default().resolve().temperature, d.temperature);
+        assert!(d.validate(10).is_ok());
+    }
 
     fn full_sort_nucleus(cand: &[u32], probs: &[f32], top_p: f32) -> Vec<usize> {
         let total: f32 = probs.iter().sum();

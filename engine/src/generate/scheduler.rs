@@ -14,7 +14,7 @@
 //! fails at once with [`EngineError::QueueFull`].
 
 use super::model::{KvCache, Llama, Scratch, SeqBatch};
-use super::sampling::{random_seed, Sampler, SamplingParams, TokenLogprob};
+use super::sampling::{random_seed, ModelSampling, Sampler, SamplingParams, TokenLogprob};
 use super::tokenizer::{IncrementalDecoder, TextTokenizer};
 use super::{ChatTemplate, GenerativeModel};
 use crate::error::{EngineError, Result};
@@ -44,7 +44,13 @@ pub struct GenerateConfig {
     pub max_waiting: usize,
     /// KV cache budget in MiB.
     pub kv_cache_mib: usize,
+    /// Tokens generated at most when a request sets no `max_tokens` (fewer when the context
+    /// leaves fewer).
+    pub default_max_tokens: usize,
 }
+
+/// [`GenerateConfig::default_max_tokens`] unless configured.
+pub const DEFAULT_MAX_TOKENS: usize = 1024;
 
 impl GenerateConfig {
     pub fn new(model_id: &str, source: &str, models_dir: PathBuf) -> Self {
@@ -57,6 +63,7 @@ impl GenerateConfig {
             max_batch_tokens: 512,
             max_waiting: 64,
             kv_cache_mib: 2048,
+            default_max_tokens: DEFAULT_MAX_TOKENS,
         }
     }
 }
@@ -65,7 +72,8 @@ impl GenerateConfig {
 #[derive(Debug, Clone)]
 pub struct GenerationRequest {
     pub prompt: Vec<u32>,
-    /// `None`: until the context is full.
+    /// `None`: the worker's [`GenerateConfig::default_max_tokens`], or what the context
+    /// leaves if that is less.
     pub max_tokens: Option<usize>,
     pub sampling: SamplingParams,
     /// Generation stops before any of these strings; they are not part of the output.
@@ -235,6 +243,7 @@ struct Shared {
     config: GenerateConfig,
     tokenizer: TextTokenizer,
     chat_template: Option<ChatTemplate>,
+    model_sampling: ModelSampling,
     context_length: usize,
     vocab: usize,
     kv_budget_tokens: usize,
@@ -264,6 +273,7 @@ impl GenerateWorker {
                         metrics: GenMetrics::new(kv_budget_tokens),
                         tokenizer: m.tokenizer.clone(),
                         chat_template: m.chat_template,
+                        model_sampling: m.sampling,
                         config: cfg,
                     });
                     tracing::info!(
@@ -300,6 +310,17 @@ impl GenerateHandle {
 
     pub fn context_length(&self) -> usize {
         self.shared.context_length
+    }
+
+    /// The sampling values the model recommends (empty when it recommends none).
+    pub fn model_sampling(&self) -> ModelSampling {
+        self.shared.model_sampling
+    }
+
+    /// What a request gets for the sampling fields it leaves unset: the model's
+    /// recommendations over [`SamplingParams::server_default`].
+    pub fn default_sampling(&self) -> SamplingParams {
+        self.shared.model_sampling.resolve()
     }
 
     pub fn metrics(&self) -> &GenMetrics {
@@ -347,7 +368,7 @@ impl GenerateHandle {
         // What the context leaves after the prompt; compared, never added to, so a
         // `max_tokens` near usize::MAX cannot wrap the check.
         let room = limit.saturating_sub(prompt_len);
-        let max_tokens = req.max_tokens.unwrap_or(room);
+        let max_tokens = req.max_tokens.unwrap_or(s.config.default_max_tokens.min(room));
         if max_tokens > room || max_tokens == 0 {
             return Err(EngineError::ContextLengthExceeded {
                 prompt_tokens: prompt_len,

@@ -1,11 +1,20 @@
 //! The decoder's tokenizer: `tokenizer.json` beside the model when there is one, otherwise
-//! rebuilt from the GGUF metadata (`tokenizer.ggml.*`) as a byte-level BPE with the
-//! pre-tokenizer that llama.cpp uses for the file's `tokenizer.ggml.pre`. Also the
+//! rebuilt from the GGUF metadata (`tokenizer.ggml.*`): a byte-level BPE with the
+//! pre-tokenizer that llama.cpp uses for the file's `tokenizer.ggml.pre`, or a SentencePiece
+//! BPE (scores, byte fallback) as llama.cpp runs `llama`-type vocabularies. Also the
 //! incremental detokenizer used by streaming.
 
 use crate::error::{EngineError, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
+use tokenizers::decoders::byte_fallback::ByteFallback;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::decoders::fuse::Fuse;
+use tokenizers::decoders::sequence::Sequence as DecoderSequence;
+use tokenizers::decoders::strip::Strip;
+use tokenizers::decoders::DecoderWrapper;
+use tokenizers::normalizers::prepend::Prepend;
+use tokenizers::normalizers::replace::Replace;
+use tokenizers::normalizers::{NormalizerWrapper, Sequence as NormalizerSequence};
 use tokenizers::models::bpe::{Vocab, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
@@ -32,22 +41,50 @@ pub struct TextTokenizer {
 }
 
 impl TextTokenizer {
-    /// From GGUF metadata (`tokenizer.ggml.model = gpt2`).
+    /// From GGUF metadata: `tokenizer.ggml.model = gpt2` (byte-level BPE with merges) or
+    /// `llama` (SentencePiece: pieces with scores, byte fallback).
     pub fn from_gguf(content: &Content) -> Result<Self> {
         let md = |k: &str| content.metadata.get(k);
         let err = |m: String| EngineError::Tokenizer(m);
         let model = md("tokenizer.ggml.model").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
-        if model != "gpt2" {
-            return Err(err(format!(
-                "GGUF tokenizer model `{model}` cannot be rebuilt (byte-level BPE `gpt2` only); put the model's tokenizer.json beside the GGUF file"
-            )));
-        }
         let tokens = strings(md("tokenizer.ggml.tokens"), "tokenizer.ggml.tokens")?;
-        let merges = strings(md("tokenizer.ggml.merges"), "tokenizer.ggml.merges")?;
         let types: Vec<i64> = match md("tokenizer.ggml.token_type") {
             Some(Value::Array(a)) => a.iter().map(|v| v.to_i32().map(i64::from).unwrap_or(1)).collect(),
             _ => vec![1; tokens.len()],
         };
+        let mut tk = match model.as_str() {
+            "gpt2" => Self::byte_level_bpe(content, &tokens)?,
+            "llama" => Self::sentencepiece(content, &tokens)?,
+            other => {
+                return Err(err(format!(
+                    "GGUF tokenizer model `{other}` cannot be rebuilt (`gpt2` byte-level BPE and `llama` SentencePiece only); put the model's tokenizer.json beside the GGUF file"
+                )))
+            }
+        };
+        // Control (3) tokens are special: matched in text, dropped when decoding; user-defined
+        // (4) tokens are matched in text but kept.
+        let added: Vec<AddedToken> = tokens
+            .iter()
+            .zip(&types)
+            .filter(|(_, &t)| t == 3 || t == 4)
+            .map(|(tok, &t)| AddedToken::from(tok.clone(), t == 3).normalized(false))
+            .collect();
+        let (specials, plain): (Vec<_>, Vec<_>) = added.into_iter().partition(|a| a.special);
+        tk.add_special_tokens(specials).map_err(|e| err(format!("special tokens: {e}")))?;
+        tk.add_tokens(plain).map_err(|e| err(format!("added tokens: {e}")))?;
+        let (bos_id, eos_id, add_bos) = Self::gguf_specials(content);
+        let eot = md("tokenizer.ggml.eot_token_id").and_then(|v| v.to_u32().ok());
+        let mut this = Self { inner: tk, bos_id, eos_id, add_bos, stop_ids: Vec::new() };
+        this.stop_ids = this.end_of_turn_ids(eot);
+        Ok(this)
+    }
+
+    /// `gpt2`: the vocabulary and merges as a byte-level BPE, with the pre-tokenizer that
+    /// llama.cpp uses for `tokenizer.ggml.pre`.
+    fn byte_level_bpe(content: &Content, tokens: &[String]) -> Result<Tokenizer> {
+        let md = |k: &str| content.metadata.get(k);
+        let err = |m: String| EngineError::Tokenizer(m);
+        let merges = strings(md("tokenizer.ggml.merges"), "tokenizer.ggml.merges")?;
         let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
         let merges: Vec<(String, String)> = merges
             .iter()
@@ -79,22 +116,56 @@ impl TextTokenizer {
         };
         tk.with_pre_tokenizer(Some(pre_tokenizer));
         tk.with_decoder(Some(ByteLevelDecoder::new(false, true, true)));
-        // Control (3) tokens are special: matched in text, dropped when decoding; user-defined
-        // (4) tokens are matched in text but kept.
-        let added: Vec<AddedToken> = tokens
-            .iter()
-            .zip(&types)
-            .filter(|(_, &t)| t == 3 || t == 4)
-            .map(|(tok, &t)| AddedToken::from(tok.clone(), t == 3).normalized(false))
-            .collect();
-        let (specials, plain): (Vec<_>, Vec<_>) = added.into_iter().partition(|a| a.special);
-        tk.add_special_tokens(specials).map_err(|e| err(format!("special tokens: {e}")))?;
-        tk.add_tokens(plain).map_err(|e| err(format!("added tokens: {e}")))?;
-        let (bos_id, eos_id, add_bos) = Self::gguf_specials(content);
-        let eot = md("tokenizer.ggml.eot_token_id").and_then(|v| v.to_u32().ok());
-        let mut this = Self { inner: tk, bos_id, eos_id, add_bos, stop_ids: Vec::new() };
-        this.stop_ids = this.end_of_turn_ids(eot);
-        Ok(this)
+        Ok(tk)
+    }
+
+    /// `llama`: a SentencePiece BPE as llama.cpp runs it — spaces become `▁` (and one leads
+    /// the text when `tokenizer.ggml.add_space_prefix`), the whole text is one sequence, and
+    /// adjacent pieces merge while their concatenation is a piece, the highest-scoring result
+    /// first; characters no piece covers fall back to `<0xXX>` byte pieces. The same as a BPE
+    /// whose merges are every split of every piece into two pieces, ranked by the piece's
+    /// score.
+    fn sentencepiece(content: &Content, tokens: &[String]) -> Result<Tokenizer> {
+        let md = |k: &str| content.metadata.get(k);
+        let err = |m: String| EngineError::Tokenizer(m);
+        let scores: Vec<f32> = match md("tokenizer.ggml.scores") {
+            Some(Value::Array(a)) if a.len() == tokens.len() => a.iter().map(|v| v.to_f32().unwrap_or(0.0)).collect(),
+            _ => return Err(err("a SentencePiece GGUF needs `tokenizer.ggml.scores`, one per token".into())),
+        };
+        let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        let mut merges: Vec<(f32, u32, &str, &str)> = Vec::new();
+        for (id, piece) in tokens.iter().enumerate() {
+            for (k, _) in piece.char_indices().skip(1) {
+                let (a, b) = piece.split_at(k);
+                if vocab.contains_key(a) && vocab.contains_key(b) {
+                    merges.push((scores[id], id as u32, a, b));
+                }
+            }
+        }
+        // Highest score first; a piece reachable by several splits keeps them together.
+        merges.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)));
+        let merges: Vec<(String, String)> = merges.into_iter().map(|(_, _, a, b)| (a.to_string(), b.to_string())).collect();
+        let mut builder = BPE::builder().vocab_and_merges(vocab, merges).byte_fallback(true);
+        let unk = md("tokenizer.ggml.unknown_token_id").and_then(|v| v.to_u32().ok());
+        if let Some(unk) = unk.and_then(|u| tokens.get(u as usize)) {
+            builder = builder.unk_token(unk.clone());
+        }
+        let bpe = builder.build().map_err(|e| err(format!("SentencePiece BPE from GGUF: {e}")))?;
+        let mut tk = Tokenizer::new(bpe);
+        let space_prefix = md("tokenizer.ggml.add_space_prefix").and_then(|v| v.to_bool().ok()).unwrap_or(true);
+        let replace = |from: &str, to: &str| Replace::new(from, to).map_err(|e| err(format!("normalizer: {e}")));
+        let mut normalizers: Vec<NormalizerWrapper> = Vec::new();
+        if space_prefix {
+            normalizers.push(Prepend::new("▁".into()).into());
+        }
+        normalizers.push(replace(" ", "▁")?.into());
+        tk.with_normalizer(Some(NormalizerSequence::new(normalizers))).map_err(|e| err(format!("normalizer: {e}")))?;
+        let mut decoders: Vec<DecoderWrapper> = vec![replace("▁", " ")?.into(), ByteFallback::new().into(), Fuse::new().into()];
+        if space_prefix {
+            decoders.push(Strip::new(' ', 1, 0).into());
+        }
+        tk.with_decoder(Some(DecoderSequence::new(decoders)));
+        Ok(tk)
     }
 
     /// BOS id, EOS id and whether BOS starts every prompt, from GGUF metadata.

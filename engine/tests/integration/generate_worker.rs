@@ -387,3 +387,30 @@ fn n_sequences_share_one_prefill() {
     let fed = h.metrics().forward_tokens_total.load(std::sync::atomic::Ordering::Relaxed) as usize;
     assert_eq!(fed, (p.len() + 4 * 2) + (p.len() + 2));
 }
+
+/// A request without `max_tokens` stops at the worker's default cap (issue 21: the README's
+/// chat example used to run until the 8,192-token context was full), and the fields a
+/// request leaves unset take ragway's defaults when the model file recommends none.
+#[test]
+fn an_unset_max_tokens_stops_at_the_configured_default() {
+    let mut cfg = config();
+    cfg.default_max_tokens = 7;
+    cfg.kv_cache_mib = 2; // ~91 tokens of SmolLM2 cache: a short prompt can leave less than 7
+    let h = GenerateWorker::spawn(cfg).unwrap();
+    let mut req = GenerationRequest::new(prompt(&h, "Once upon a time"), 1, SamplingParams::greedy());
+    req.max_tokens = None;
+    req.ignore_eos = true;
+    let out = run(&h, req);
+    assert_eq!((out[0].finish, out[0].completion_tokens), (Some(FinishReason::Length), 7));
+    // SmolLM2's GGUF carries no general.sampling.* keys.
+    assert_eq!(h.model_sampling(), Default::default());
+    let d = h.default_sampling();
+    assert_eq!((d.temperature, d.top_k, d.top_p, d.min_p), (0.8, 40, 0.95, 0.05));
+    // A prompt that leaves less than the cap gets what is left, not an error.
+    let limit = (2 << 20) / 23_040; // a 2 MiB cache: 30 layers x (K, V) x 192 x f16 per token
+    let long: Vec<u32> = std::iter::repeat_n(prompt(&h, "a")[0], limit - 3).collect();
+    let mut req = GenerationRequest::new(long, 1, SamplingParams::greedy());
+    req.max_tokens = None;
+    req.ignore_eos = true;
+    assert_eq!(run(&h, req)[0].completion_tokens, 3);
+}

@@ -17,7 +17,7 @@ pub fn smollm() -> &'static GenerativeModel {
     })
 }
 
-fn data(name: &str) -> PathBuf {
+pub fn data(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(name)
 }
 
@@ -25,12 +25,12 @@ fn fixture() -> Value {
     serde_json::from_str(&std::fs::read_to_string(data("smollm2_greedy.json")).unwrap()).unwrap()
 }
 
-fn ids(v: &Value) -> Vec<u32> {
+pub fn ids(v: &Value) -> Vec<u32> {
     v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
 }
 
 /// float32 little-endian `.npy` (1-D).
-fn read_npy(path: &PathBuf) -> Vec<f32> {
+pub fn read_npy(path: &PathBuf) -> Vec<f32> {
     let bytes = std::fs::read(path).unwrap();
     assert_eq!(&bytes[..6], b"\x93NUMPY");
     let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
@@ -40,7 +40,7 @@ fn read_npy(path: &PathBuf) -> Vec<f32> {
 }
 
 /// Logits after feeding `tokens` to a fresh cache as one prefill.
-fn prefill_logits(m: &GenerativeModel, tokens: &[u32], cache: &mut KvCache, scratch: &mut Scratch) -> Vec<f32> {
+pub fn prefill_logits(m: &GenerativeModel, tokens: &[u32], cache: &mut KvCache, scratch: &mut Scratch) -> Vec<f32> {
     let mut batch = [SeqBatch { tokens, cache, want_logits: true }];
     m.model.forward(&mut batch, scratch).unwrap()
 }
@@ -115,7 +115,12 @@ fn first_position_logits_match_llama_cpp() {
 /// part at such a near-tie.
 #[test]
 fn greedy_decoding_matches_llama_cpp() {
-    let m = smollm();
+    greedy_matches_llama_cpp(smollm(), fixture()["prompts"].as_array().unwrap());
+}
+
+/// The checks above for any model and llama.cpp fixture (`prompt_ids`, `generated_ids`,
+/// per-step `margin`).
+pub fn greedy_matches_llama_cpp(m: &GenerativeModel, prompts: &[Value]) {
     let mut report = Vec::new();
     // Our logits differ from llama.cpp's by ~0.12 on average and ~1 at most (centered), so two
     // candidates within a few tenths of each other can swap order.
@@ -123,7 +128,7 @@ fn greedy_decoding_matches_llama_cpp() {
     const DISAGREEMENT: f64 = 0.75;
     let (mut free_total, mut free_match) = (0, 0);
     let (mut forced_total, mut forced_match) = (0, 0);
-    for p in fixture()["prompts"].as_array().unwrap() {
+    for p in prompts {
         let name = p["name"].as_str().unwrap();
         let prompt = ids(&p["prompt_ids"]);
         let reference = ids(&p["generated_ids"]);
@@ -183,9 +188,13 @@ fn greedy_decoding_matches_llama_cpp() {
 /// Sequences decoded together in one forward pass give the tokens each gives alone.
 #[test]
 fn batched_decoding_equals_sequential() {
-    let m = smollm();
     let prompts: Vec<Vec<u32>> =
         fixture()["prompts"].as_array().unwrap().iter().take(4).map(|p| ids(&p["prompt_ids"])).collect();
+    batched_equals_sequential(smollm(), &prompts);
+}
+
+/// [`batched_decoding_equals_sequential`] for any model.
+pub fn batched_equals_sequential(m: &GenerativeModel, prompts: &[Vec<u32>]) {
     let steps = 12;
     let mut scratch = Scratch::default();
     let alone: Vec<Vec<u32>> = prompts
@@ -346,9 +355,9 @@ fn chunked_prefill_equals_whole_prefill() {
 }
 
 /// GGUF files of other block types load and compute what their own dequantized weights say:
-/// a small random llama (SmolLM2's tokenizer metadata, width 256) written as Q4_0, Q8_0
-/// (packed integer kernels) and Q4_K, Q6_K (dequantized at load), each against a twin file
-/// holding the same weights dequantized to F32.
+/// a small random llama (SmolLM2's tokenizer metadata, width 256) written as Q4_0, Q8_0,
+/// Q5_0, Q4_K, Q6_K, Q5_K (packed integer kernels, the last four rewritten at load) and F16
+/// (f32 at load), each against a twin file holding the same weights dequantized to F32.
 #[test]
 fn gguf_block_types_match_their_f32_dequantization() {
     use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
@@ -423,7 +432,7 @@ fn gguf_block_types_match_their_f32_dequantization() {
     };
     let prompt: Vec<u32> = vec![504, 3575, 282, 4649, 314, 7042, 30, 198];
     for (dtype, packed) in
-        [(GgmlDType::Q4_0, true), (GgmlDType::Q8_0, true), (GgmlDType::Q4K, false), (GgmlDType::Q6K, false)]
+        [(GgmlDType::Q4_0, true), (GgmlDType::Q8_0, true), (GgmlDType::Q5_0, true), (GgmlDType::Q4K, true), (GgmlDType::Q6K, true), (GgmlDType::Q5K, true), (GgmlDType::F16, false)]
     {
         let qpath = dir.join(format!("tiny-{dtype:?}.gguf"));
         let fpath = dir.join(format!("tiny-{dtype:?}-f32.gguf"));

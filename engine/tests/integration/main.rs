@@ -4,5 +4,6 @@
 mod common;
 mod embeddings;
 mod generate_worker;
+mod gemma3;
 mod generation;
 mod worker;

@@ -165,7 +165,7 @@ pub(crate) async fn completions_local(
     if req.logprobs.is_some_and(|k| k > 5) {
         return Err(ServiceError::invalid("logprobs", "logprobs must be between 0 and 5"));
     }
-    let template = template_request(&req.common, req.logprobs, h.tokenizer().vocab_size())?;
+    let template = template_request(&req.common, req.logprobs, &h)?;
     let (prompts, h, req) = crate::service::limits::blocking(move || Ok((completion_prompts(&req.prompt, &h)?, h, req))).await?;
     let echo_texts: Option<Vec<String>> = if req.echo.unwrap_or(false) {
         if req.common.stream.unwrap_or(false) {
@@ -207,7 +207,8 @@ pub(crate) async fn completions_local(
 #[cfg(test)]
 mod fuzz {
     use super::*;
-    use crate::service::completions::chat_messages;
+    use crate::service::completions::{chat_messages, request_over};
+    use ragway_engine::generate::SamplingParams;
     use proptest::prelude::*;
     use serde_json::json;
 
@@ -246,13 +247,13 @@ mod fuzz {
         fn request_bodies_parse_and_validate_without_panicking(raw in body(), vocab in 1usize..200_000) {
             if let Ok(req) = dispatch::parse_body::<ChatRequest>(&raw) {
                 let _ = chat_messages(&req.messages);
-                if let Ok(r) = template_request(&req.common, req.top_logprobs, vocab) {
+                if let Ok(r) = request_over(&req.common, req.top_logprobs, vocab, SamplingParams::server_default(), None, Vec::new()) {
                     prop_assert!((1..=16).contains(&r.n));
                     prop_assert!(r.max_tokens.is_none_or(|m| m >= 1));
                 }
             }
             if let Ok(req) = dispatch::parse_body::<CompletionRequest>(&raw) {
-                let _ = template_request(&req.common, req.logprobs, vocab);
+                let _ = request_over(&req.common, req.logprobs, vocab, SamplingParams::server_default(), None, Vec::new());
             }
             if let Ok(req) = dispatch::parse_body::<crate::http::embeddings::EmbeddingsRequest>(&raw) {
                 let _ = crate::http::embeddings::parse_input(&req.input);

@@ -2,6 +2,7 @@
 
 use crate::http::middleware::{op, Authorized};
 use crate::service::error::ServiceError;
+use crate::service::models::{generation_defaults, GenerationDefaults};
 use crate::app::AppState;
 #[allow(unused_imports)]
 use crate::http::openapi::*;
@@ -18,6 +19,10 @@ pub struct Model {
     created: u64,
     #[schema(value_type = String)]
     owned_by: &'static str,
+    /// Generation models served here (`GET /v1/models/{id}` only): what a request gets for
+    /// the sampling fields and `max_tokens` it leaves unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    generation_defaults: Option<GenerationDefaults>,
 }
 
 /// OpenAI's model list.
@@ -35,7 +40,7 @@ fn served(state: &AppState) -> Vec<Model> {
         .registry
         .served()
         .into_iter()
-        .map(|(id, _, _)| Model { id, object: "model", created: state.started_unix, owned_by: "ragway" })
+        .map(|(id, _, _)| Model { id, object: "model", created: state.started_unix, owned_by: "ragway", generation_defaults: None })
         .collect()
 }
 
@@ -62,6 +67,6 @@ pub async fn get(_: Authorized<op::GetModel>, state: web::Data<AppState>, id: we
     served(&state)
         .into_iter()
         .find(|m| m.id == id.as_str())
-        .map(|m| HttpResponse::Ok().json(m))
+        .map(|m| HttpResponse::Ok().json(Model { generation_defaults: generation_defaults(&state, &m.id), ..m }))
         .ok_or_else(|| ServiceError::model_not_found(&id))
 }

@@ -147,9 +147,11 @@ pub fn generator(state: &AppState, model: &str) -> Result<GenerateHandle, Servic
     state.registry.route(model, ModelKind::Generation, None, None, &|_| None)?.local_generator("model", "this")
 }
 
-/// Builds one engine request (without its prompt) from the shared fields.
-pub fn template_request(c: &Common, logprobs: Option<usize>, vocab: usize) -> Result<GenerationRequest, ServiceError> {
-    request_over(c, logprobs, vocab, SamplingParams::default(), None, Vec::new())
+/// Builds one engine request (without its prompt) from the shared fields; the fields it
+/// leaves unset take the engine's defaults (the model's recommendations, then ragway's), and
+/// an unset `max_tokens` the engine's cap.
+pub fn template_request(c: &Common, logprobs: Option<usize>, h: &GenerateHandle) -> Result<GenerationRequest, ServiceError> {
+    request_over(c, logprobs, h.tokenizer().vocab_size(), h.default_sampling(), None, Vec::new())
 }
 
 /// The engine request of `c` over defaults (a prompt template's parameters): fields the
@@ -462,7 +464,7 @@ pub fn start_chat_on(h: GenerateHandle, req: ChatRequest) -> Result<StartedChat,
     } else {
         None
     };
-    let template = template_request(&req.common, top, h.tokenizer().vocab_size())?;
+    let template = template_request(&req.common, top, &h)?;
     let messages = chat_messages(&req.messages)?;
     let chat_template = h.chat_template().ok_or_else(|| {
         ServiceError::invalid(

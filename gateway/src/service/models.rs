@@ -6,7 +6,8 @@ use crate::models::routing::Routing;
 use crate::models::upstream::UpstreamSpec;
 use crate::models::{LocalSpec, ModelKind, ModelView, VersionSpec};
 use crate::service::error::ServiceError;
-use serde::Deserialize;
+use ragway_engine::generate::GenerateHandle;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// The body of `POST /v1/admin/models`: a version of a public model name.
@@ -77,4 +78,50 @@ pub fn retire_of(state: &AppState, name: &str, version: &str) -> Result<ModelVie
         .registry
         .describe(name)
         .unwrap_or(ModelView { versions: Vec::new(), rolled_back: None, routing: Routing::default(), ..before }))
+}
+
+/// What a generation request to a model gets for the fields it leaves unset.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct GenerationDefaults {
+    pub temperature: f32,
+    pub top_p: f32,
+    /// 0: off.
+    pub top_k: usize,
+    pub min_p: f32,
+    pub repetition_penalty: f32,
+    /// Tokens generated at most when a request sets no `max_tokens` (fewer when the prompt
+    /// leaves less of the context).
+    pub max_tokens: usize,
+    /// Tokens of prompt and output together.
+    pub context_length: usize,
+    /// The fields above whose value the model file recommends; the others are ragway's.
+    pub from_model: Vec<String>,
+}
+
+impl GenerationDefaults {
+    pub fn of(h: &GenerateHandle) -> Self {
+        let d = h.default_sampling();
+        let m = h.model_sampling();
+        let from_model = serde_json::to_value(m)
+            .ok()
+            .and_then(|v| v.as_object().map(|o| o.keys().cloned().collect()))
+            .unwrap_or_default();
+        Self {
+            temperature: d.temperature,
+            top_p: d.top_p,
+            top_k: d.top_k,
+            min_p: d.min_p,
+            repetition_penalty: d.repetition_penalty,
+            max_tokens: h.config().default_max_tokens.min(h.context_length()),
+            context_length: h.context_length(),
+            from_model,
+        }
+    }
+}
+
+/// The defaults of the local generation engine a request for `id` without a routing key
+/// would reach; `None` for embedding models and upstream-served versions.
+pub fn generation_defaults(state: &AppState, id: &str) -> Option<GenerationDefaults> {
+    let routed = state.registry.route(id, ModelKind::Generation, None, None, &|_| None).ok()?;
+    routed.local_generator("model", "this").ok().map(|h| GenerationDefaults::of(&h))
 }

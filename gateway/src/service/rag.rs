@@ -220,7 +220,7 @@ pub async fn start(
     query: Option<String>,
     messages: Option<&Value>,
 ) -> Result<(Pipeline, Prepared), ServiceError> {
-    template_request(c, logprobs, h.tokenizer().vocab_size())?;
+    template_request(c, logprobs, h)?;
     let (question, history) = question_and_history(query, messages)?;
     let req = rag_request(options, question, history, routing_key(c), c.max_tokens_usize())?;
     let pipe = state.rag().ok_or_else(|| ServiceError::not_ready("index"))?;

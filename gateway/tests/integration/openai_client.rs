@@ -68,3 +68,20 @@ fn official_openai_client_rag_through_extra_body() {
     assert!(out.status.success(), "openai rag script failed:\n{stdout}\n{stderr}");
     assert!(stdout.contains("openai rag client: all checks passed"), "{stdout}");
 }
+
+/// Issue 21: the README's chat example, unchanged but for its base URL, finishes by itself
+/// within the default token cap; `/v1/models/{id}` shows the defaults in use; and the
+/// server's log, written to a pipe, holds no colour codes.
+#[test]
+fn official_openai_client_runs_the_readme_example() {
+    let s = shared();
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/openai_readme.py");
+    let out = Command::new(python()).arg(script).env("RAGWAY_URL", &s.url).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "README example failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("openai readme example: all checks passed"), "{stdout}");
+    let log = s.log.lock().unwrap();
+    assert!(!log.is_empty());
+    assert!(log.iter().all(|l| !l.contains('\u{1b}')), "colour codes in a piped log: {:?}", log.iter().find(|l| l.contains('\u{1b}')));
+}

@@ -1,0 +1,170 @@
+//! GGUF block types the packed kernels do not read directly, rewritten at load into the
+//! 32-value blocks they do read, without an f32 copy of the weights:
+//!
+//! - Q5_0 → Q8_0, exactly: the same f16 scale, the 5-bit values as 8-bit ones.
+//! - Q4_K → Q4_1: each 32-value sub-block's `d·scale` and `dmin·min` become its f16 scale and
+//!   minimum (rounded to f16: ~5e-4 relative, far below the 4-bit step); the nibbles are
+//!   the same.
+//! - Q6_K, Q5_K, Q5_1 → Q8_0, requantized per 32 values as llama.cpp quantizes Q8_0
+//!   (`d = max|x| / 127`): an error under an eighth of the 6-bit step.
+//!
+//! The result is the GGUF byte layout of the target type, for [`PackedMatrix::from_ggml`].
+//!
+//! [`PackedMatrix::from_ggml`]: super::qmatmul::PackedMatrix::from_ggml
+
+use super::qmatmul::QKind;
+use candle_core::quantized::GgmlDType;
+use half::f16;
+
+/// The packed kind that `dtype` is read as (itself, or what it is rewritten into).
+pub fn target(dtype: GgmlDType) -> Option<QKind> {
+    match dtype {
+        GgmlDType::Q4_0 => Some(QKind::Q4_0),
+        GgmlDType::Q4_1 | GgmlDType::Q4K => Some(QKind::Q4_1),
+        GgmlDType::Q8_0 | GgmlDType::Q5_0 | GgmlDType::Q5_1 | GgmlDType::Q5K | GgmlDType::Q6K => Some(QKind::Q8_0),
+        _ => None,
+    }
+}
+
+/// `raw` (whole blocks of `dtype`) in the GGUF layout of `target(dtype)`; `dequantized`
+/// gives the tensor's f32 values for the requantized types. `None` when the bytes are not
+/// whole blocks.
+pub fn rewrite(dtype: GgmlDType, raw: &[u8], dequantized: impl FnOnce() -> Option<Vec<f32>>) -> Option<Vec<u8>> {
+    match dtype {
+        GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q8_0 => Some(raw.to_vec()),
+        GgmlDType::Q5_0 => q5_0_to_q8_0(raw),
+        GgmlDType::Q4K => q4k_to_q4_1(raw),
+        GgmlDType::Q5_1 | GgmlDType::Q5K | GgmlDType::Q6K => Some(quantize_q8_0(&dequantized()?)),
+        _ => None,
+    }
+}
+
+const Q5_0_BYTES: usize = 22;
+const Q8_0_BYTES: usize = 34;
+const Q4K_BYTES: usize = 144;
+const Q4_1_BYTES: usize = 20;
+
+/// Q5_0 (`d`, 32 high bits, 16 bytes of low nibbles) → Q8_0 (`d`, 32 signed bytes).
+fn q5_0_to_q8_0(raw: &[u8]) -> Option<Vec<u8>> {
+    if raw.len() % Q5_0_BYTES != 0 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(raw.len() / Q5_0_BYTES * Q8_0_BYTES);
+    for b in raw.chunks_exact(Q5_0_BYTES) {
+        out.extend_from_slice(&b[..2]);
+        let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+        let qs = &b[6..22];
+        let mut vals = [0i8; 32];
+        for j in 0..16 {
+            let hi0 = ((qh >> j) << 4) & 0x10;
+            let hi1 = (qh >> (j + 12)) & 0x10;
+            vals[j] = ((qs[j] as u32 & 0x0F) | hi0) as i8 - 16;
+            vals[j + 16] = ((qs[j] as u32 >> 4) | hi1) as i8 - 16;
+        }
+        out.extend(vals.iter().map(|&v| v as u8));
+    }
+    Some(out)
+}
+
+/// The 6-bit scale and minimum of sub-block `j` of a K-quant's 12 packed scale bytes.
+fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        ((q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+    }
+}
+
+/// Q4_K (256 values: `d`, `dmin`, 12 scale bytes, 128 bytes of nibbles; value
+/// `d·sc·q − dmin·m`) → eight Q4_1 blocks (`d`, `m`, 16 bytes; value `d·q + m`).
+fn q4k_to_q4_1(raw: &[u8]) -> Option<Vec<u8>> {
+    if raw.len() % Q4K_BYTES != 0 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(raw.len() / Q4K_BYTES * 8 * Q4_1_BYTES);
+    for b in raw.chunks_exact(Q4K_BYTES) {
+        let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
+        let dmin = f16::from_le_bytes([b[2], b[3]]).to_f32();
+        let scales = &b[4..16];
+        let qs = &b[16..144];
+        for pair in 0..4 {
+            // 32 bytes: the low nibbles are sub-block 2·pair, the high ones 2·pair + 1.
+            let q = &qs[pair * 32..(pair + 1) * 32];
+            for half in 0..2 {
+                let (sc, m) = scale_min_k4(2 * pair + half, scales);
+                out.extend_from_slice(&f16::from_f32(d * sc as f32).to_le_bytes());
+                out.extend_from_slice(&f16::from_f32(-dmin * m as f32).to_le_bytes());
+                let nib = |l: usize| if half == 0 { q[l] & 0x0F } else { q[l] >> 4 };
+                for j in 0..16 {
+                    out.push(nib(j) | (nib(j + 16) << 4));
+                }
+            }
+        }
+    }
+    Some(out)
+}
+
+/// f32 values (a multiple of 32) → Q8_0 blocks, as ggml's reference quantizer.
+fn quantize_q8_0(x: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(x.len() / 32 * Q8_0_BYTES);
+    for block in x.chunks_exact(32) {
+        let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+        out.extend(block.iter().map(|&v| (v * id).round() as i8 as u8));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::QTensor;
+    use candle_core::{Device, Tensor};
+
+    /// Values of GGUF blocks of `dtype` read back through candle's own dequantization.
+    fn decode(dtype: GgmlDType, raw: &[u8], n: usize) -> Vec<f32> {
+        let storage = candle_core::quantized::QStorage::from_data(std::borrow::Cow::Borrowed(raw), &Device::Cpu, dtype)
+            .unwrap();
+        let t = QTensor::new(storage, (n,)).unwrap();
+        t.dequantize(&Device::Cpu).unwrap().to_vec1::<f32>().unwrap()
+    }
+
+    fn values(n: usize) -> Vec<f32> {
+        let mut rng = crate::rng::SplitMix64::new(7);
+        (0..n).map(|i| (rng.next_f32() * 2.0 - 1.0) * if i % 97 == 0 { 4.0 } else { 1.0 }).collect()
+    }
+
+    #[test]
+    fn rewritten_blocks_hold_the_same_values() {
+        let n = 4096;
+        let x = Tensor::from_vec(values(n), (n,), &Device::Cpu).unwrap();
+        for (dtype, tol) in [
+            (GgmlDType::Q5_0, 0.0),
+            (GgmlDType::Q4K, 2e-3),
+            (GgmlDType::Q6K, 1.5e-2),
+            (GgmlDType::Q5K, 1.5e-2),
+            (GgmlDType::Q5_1, 1.5e-2),
+        ] {
+            let q = QTensor::quantize(&x, dtype).unwrap();
+            let raw = q.data().unwrap();
+            let want = q.dequantize(&Device::Cpu).unwrap().to_vec1::<f32>().unwrap();
+            let kind = target(dtype).unwrap();
+            let out = rewrite(dtype, &raw, || Some(want.clone())).unwrap();
+            let got = decode(kind.ggml_dtype(), &out, n);
+            // Errors relative to each 32-value block's largest magnitude.
+            let worst = want
+                .chunks(32)
+                .zip(got.chunks(32))
+                .map(|(w, g)| {
+                    let amax = w.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+                    w.iter().zip(g).map(|(a, b)| (a - b).abs() / amax).fold(0f32, f32::max)
+                })
+                .fold(0f32, f32::max);
+            assert!(worst <= tol, "{dtype:?} → {kind:?}: worst error {worst} of the block maximum");
+        }
+        assert!(rewrite(GgmlDType::Q5_0, &[0u8; 21], || None).is_none());
+        assert!(rewrite(GgmlDType::Q4K, &[0u8; 143], || None).is_none());
+    }
+}
