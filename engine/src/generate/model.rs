@@ -20,6 +20,12 @@ use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 use std::path::Path;
 
+/// `general.architecture` values [`Llama::from_gguf`] loads.
+pub const GGUF_ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3", "phi3", "gemma3"];
+
+/// `model_type` values of `config.json` that [`Llama::from_safetensors`] loads.
+pub const SAFETENSORS_ARCHITECTURES: &[&str] = &["llama", "mistral", "qwen2", "qwen3", "phi3"];
+
 /// How rotary embeddings pair the dimensions of a head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RopeStyle {
@@ -59,7 +65,8 @@ pub enum Activation {
 /// Per-architecture switches of the one decoder.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ArchConfig {
-    /// `general.architecture`: `llama` or `gemma3`.
+    /// `general.architecture` (`llama`, `qwen2`, `qwen3`, `phi3`, `gemma3`) or the
+    /// safetensors `model_type` (`llama`, `mistral`, `qwen2`, `qwen3`, `phi3`).
     pub name: String,
     /// Token embeddings are multiplied by this (Gemma: sqrt(width)).
     pub embed_scale: Option<f32>,
@@ -67,8 +74,9 @@ pub struct ArchConfig {
     /// Layers with a local attention window (Gemma 3: five of every six), in tokens: a
     /// position sees itself and the `window - 1` before it.
     pub sliding_window: Option<usize>,
-    /// Every `n`-th layer (the last of each group) is global; the others slide.
-    pub sliding_pattern: usize,
+    /// `Some(n)`: every `n`-th layer (the last of each group) is global, the others slide
+    /// (Gemma 3: 6); `None`: every layer slides (Mistral).
+    pub sliding_pattern: Option<usize>,
     /// RoPE base of the sliding layers (the global ones use `rope_theta`).
     pub rope_theta_local: f32,
     /// Linear RoPE scaling of the global layers (positions divided by this).
@@ -84,7 +92,7 @@ impl ArchConfig {
             embed_scale: None,
             activation: Activation::Silu,
             sliding_window: None,
-            sliding_pattern: 1,
+            sliding_pattern: None,
             rope_theta_local: 10_000.0,
             rope_scale_global: 1.0,
             attn_scale: 1.0 / (head_dim as f32).sqrt(),
@@ -93,7 +101,7 @@ impl ArchConfig {
 
     /// Whether layer `i` uses the sliding window.
     fn slides(&self, i: usize) -> bool {
-        self.sliding_window.is_some() && self.sliding_pattern > 1 && i % self.sliding_pattern < self.sliding_pattern - 1
+        self.sliding_window.is_some() && self.sliding_pattern.is_none_or(|n| n > 1 && i % n < n - 1)
     }
 }
 
@@ -129,6 +137,8 @@ impl LlamaConfig {
 struct Layer {
     attn_norm: Vec<f32>,
     qkv: Linear,
+    /// Added to Q, K and V (Qwen 2).
+    qkv_bias: Option<Vec<f32>>,
     /// Per-head RMS norms of Q and K before RoPE (Gemma 3, Qwen 3).
     q_norm: Option<Vec<f32>>,
     k_norm: Option<Vec<f32>>,
@@ -151,6 +161,7 @@ impl Layer {
         Self {
             attn_norm,
             qkv,
+            qkv_bias: None,
             q_norm: None,
             k_norm: None,
             o,
@@ -291,12 +302,13 @@ impl Llama {
         self.weight_bytes
     }
 
-    /// Loads a GGUF file with `general.architecture` `llama` or `gemma3`.
+    /// Loads a GGUF file with `general.architecture` `llama`, `qwen2`, `qwen3`, `phi3` or
+    /// `gemma3`.
     pub fn from_gguf(path: &Path, content: &gguf_file::Content) -> Result<Self> {
         let invalid = |reason: String| EngineError::InvalidModel { path: path.to_path_buf(), reason };
         let arch = md_str(content, "general.architecture").unwrap_or_default();
-        if !matches!(arch.as_str(), "llama" | "gemma3") {
-            return Err(invalid(format!("architecture `{arch}` is not supported (llama, gemma3)")));
+        if !GGUF_ARCHITECTURES.contains(&arch.as_str()) {
+            return Err(invalid(format!("architecture `{arch}` is not supported ({})", GGUF_ARCHITECTURES.join(", "))));
         }
         let value = |key: &str| content.metadata.get(&format!("{arch}.{key}"));
         let get = |key: &str| -> Result<usize> {
@@ -309,6 +321,7 @@ impl Llama {
         let getf = |key: &str, default: f32| -> f32 { value(key).and_then(|v| v.to_f32().ok()).unwrap_or(default) };
         let hidden = get("embedding_length")?;
         let n_heads = get("attention.head_count")?;
+        let has = |name: &str| content.tensor_infos.contains_key(name);
         let mut file = std::fs::File::open(path)?;
         let mut tensor = |name: &str| -> Result<QTensor> {
             content.tensor(&mut file, name, &Device::Cpu).map_err(|e| invalid(format!("tensor {name}: {e}")))
@@ -319,22 +332,22 @@ impl Llama {
             .or_else(|_| get("rope.dimension_count"))
             .unwrap_or(hidden / n_heads.max(1));
         let gemma = arch == "gemma3";
-        let arch_cfg = if gemma {
+        let mut arch_cfg = ArchConfig { name: arch.clone(), ..ArchConfig::llama(head_dim) };
+        if gemma {
             let linear = value("rope.scaling.type").and_then(|v| v.to_string().ok()).is_some_and(|t| t == "linear");
-            ArchConfig {
-                name: arch.clone(),
+            arch_cfg = ArchConfig {
                 embed_scale: Some((hidden as f32).sqrt()),
                 activation: Activation::GeluTanh,
                 sliding_window: get("attention.sliding_window").ok(),
                 // llama.cpp's Gemma 3 pattern: five local layers, then a global one.
-                sliding_pattern: 6,
+                sliding_pattern: Some(6),
                 rope_theta_local: 10_000.0,
                 rope_scale_global: if linear { getf("rope.scaling.factor", 1.0) } else { 1.0 },
-                attn_scale: 1.0 / (head_dim as f32).sqrt(),
-            }
-        } else {
-            ArchConfig::llama(head_dim)
-        };
+                ..arch_cfg
+            };
+        }
+        // llama.cpp ignores the sliding window of llama-architecture (Mistral) and phi3 files,
+        // and so does ragway: outputs stay equal to llama.cpp's.
         let cfg = LlamaConfig {
             n_layers: get("block_count")?,
             hidden,
@@ -346,37 +359,53 @@ impl Llama {
             context_length: get("context_length")?,
             rope_theta: getf("rope.freq_base", 10_000.0),
             rms_eps: getf("attention.layer_norm_rms_epsilon", 1e-5),
-            // llama.cpp permutes llama's Q and K for adjacent pairs; Gemma keeps halves.
-            rope_style: if gemma { RopeStyle::Half } else { RopeStyle::Interleaved },
+            // llama.cpp permutes llama's Q and K for adjacent pairs; the others keep halves.
+            rope_style: if arch == "llama" { RopeStyle::Interleaved } else { RopeStyle::Half },
             arch: arch_cfg,
         };
         cfg.check(path)?;
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
             let p = format!("blk.{i}");
+            let n = |t: &str| format!("{p}.{t}");
+            let qkv = if has(&n("attn_qkv.weight")) {
+                vec![tensor(&n("attn_qkv.weight"))?]
+            } else {
+                vec![tensor(&n("attn_q.weight"))?, tensor(&n("attn_k.weight"))?, tensor(&n("attn_v.weight"))?]
+            };
+            // phi3 stores gate and up as one `ffn_up` of twice the width.
+            let gate_up = if has(&n("ffn_gate.weight")) {
+                vec![tensor(&n("ffn_gate.weight"))?, tensor(&n("ffn_up.weight"))?]
+            } else {
+                vec![tensor(&n("ffn_up.weight"))?]
+            };
             let mut layer = Layer::plain(
-                vector(&tensor(&format!("{p}.attn_norm.weight"))?)?,
-                linear_from_q(vec![
-                    tensor(&format!("{p}.attn_q.weight"))?,
-                    tensor(&format!("{p}.attn_k.weight"))?,
-                    tensor(&format!("{p}.attn_v.weight"))?,
-                ])?,
-                linear_from_q(vec![tensor(&format!("{p}.attn_output.weight"))?])?,
-                vector(&tensor(&format!("{p}.ffn_norm.weight"))?)?,
-                linear_from_q(vec![tensor(&format!("{p}.ffn_gate.weight"))?, tensor(&format!("{p}.ffn_up.weight"))?])?,
-                linear_from_q(vec![tensor(&format!("{p}.ffn_down.weight"))?])?,
+                vector(&tensor(&n("attn_norm.weight"))?)?,
+                linear_from_q(qkv)?,
+                linear_from_q(vec![tensor(&n("attn_output.weight"))?])?,
+                vector(&tensor(&n("ffn_norm.weight"))?)?,
+                linear_from_q(gate_up)?,
+                linear_from_q(vec![tensor(&n("ffn_down.weight"))?])?,
             );
+            if has(&n("attn_q.bias")) {
+                let mut bias = vector(&tensor(&n("attn_q.bias"))?)?;
+                bias.extend(vector(&tensor(&n("attn_k.bias"))?)?);
+                bias.extend(vector(&tensor(&n("attn_v.bias"))?)?);
+                layer.qkv_bias = Some(bias);
+            }
+            if has(&n("attn_q_norm.weight")) {
+                // Gemma's `1 +` is already in these weights (the converter adds it).
+                layer.q_norm = Some(vector(&tensor(&n("attn_q_norm.weight"))?)?);
+                layer.k_norm = Some(vector(&tensor(&n("attn_k_norm.weight"))?)?);
+            }
             if gemma {
-                // The converter already added Gemma's `1 +` to these weights.
-                layer.q_norm = Some(vector(&tensor(&format!("{p}.attn_q_norm.weight"))?)?);
-                layer.k_norm = Some(vector(&tensor(&format!("{p}.attn_k_norm.weight"))?)?);
-                layer.post_attn_norm = Some(vector(&tensor(&format!("{p}.post_attention_norm.weight"))?)?);
-                layer.post_ffn_norm = Some(vector(&tensor(&format!("{p}.post_ffw_norm.weight"))?)?);
+                layer.post_attn_norm = Some(vector(&tensor(&n("post_attention_norm.weight"))?)?);
+                layer.post_ffn_norm = Some(vector(&tensor(&n("post_ffw_norm.weight"))?)?);
             }
             layers.push(layer);
         }
         let norm = vector(&tensor("output_norm.weight")?)?;
-        let lm_head = match content.tensor_infos.contains_key("output.weight") {
+        let lm_head = match has("output.weight") {
             true => Some(linear_from_q(vec![tensor("output.weight")?])?),
             false => None,
         };
@@ -384,7 +413,8 @@ impl Llama {
         Self::assemble(cfg, embed, layers, norm, lm_head, path)
     }
 
-    /// Loads a Hugging Face llama folder: `config.json` and `*.safetensors`.
+    /// Loads a Hugging Face folder (`config.json` and `*.safetensors`) of a `model_type` in
+    /// [`SAFETENSORS_ARCHITECTURES`].
     pub fn from_safetensors(dir: &Path) -> Result<Self> {
         let invalid = |reason: String| EngineError::InvalidModel { path: dir.to_path_buf(), reason };
         let raw = std::fs::read_to_string(dir.join("config.json"))?;
@@ -401,7 +431,19 @@ impl Llama {
         // does not modify model files while it runs.
         let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }
             .map_err(|e| invalid(format!("safetensors: {e}")))?;
+        let model_type = c.model_type.clone().unwrap_or_else(|| "llama".into());
+        if !SAFETENSORS_ARCHITECTURES.contains(&model_type.as_str()) {
+            return Err(invalid(format!(
+                "model_type `{model_type}` is not supported ({})",
+                SAFETENSORS_ARCHITECTURES.join(", ")
+            )));
+        }
         let head_dim = c.head_dim.unwrap_or(c.hidden_size / c.num_attention_heads.max(1));
+        let mut arch = ArchConfig { name: model_type.clone(), ..ArchConfig::llama(head_dim) };
+        if model_type == "mistral" {
+            // Every layer sees the last `sliding_window` positions (Mistral 7B v0.1: 4096).
+            arch.sliding_window = c.sliding_window;
+        }
         let cfg = LlamaConfig {
             n_layers: c.num_hidden_layers,
             hidden: c.hidden_size,
@@ -414,9 +456,10 @@ impl Llama {
             rope_theta: c.rope_theta.unwrap_or(10_000.0),
             rms_eps: c.rms_norm_eps.unwrap_or(1e-5),
             rope_style: RopeStyle::Half,
-            arch: ArchConfig::llama(head_dim),
+            arch,
         };
         cfg.check(dir)?;
+        let has = |name: &str| st.get(name).is_ok();
         let load = |name: &str| -> Result<(Vec<usize>, Vec<f32>)> {
             let t = st.load(name, &Device::Cpu).map_err(|e| invalid(format!("{name}: {e}")))?;
             let dims = t.dims().to_vec();
@@ -441,18 +484,37 @@ impl Llama {
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
             let p = format!("model.layers.{i}");
-            layers.push(Layer::plain(
-                vec1(&format!("{p}.input_layernorm.weight"))?,
-                dense(&[
-                    format!("{p}.self_attn.q_proj.weight"),
-                    format!("{p}.self_attn.k_proj.weight"),
-                    format!("{p}.self_attn.v_proj.weight"),
-                ])?,
-                dense(&[format!("{p}.self_attn.o_proj.weight")])?,
-                vec1(&format!("{p}.post_attention_layernorm.weight"))?,
-                dense(&[format!("{p}.mlp.gate_proj.weight"), format!("{p}.mlp.up_proj.weight")])?,
-                dense(&[format!("{p}.mlp.down_proj.weight")])?,
-            ));
+            let n = |t: &str| format!("{p}.{t}");
+            // phi3 fuses Q, K and V into `qkv_proj`, and gate and up into `gate_up_proj`.
+            let qkv = if has(&n("self_attn.qkv_proj.weight")) {
+                dense(&[n("self_attn.qkv_proj.weight")])?
+            } else {
+                dense(&[n("self_attn.q_proj.weight"), n("self_attn.k_proj.weight"), n("self_attn.v_proj.weight")])?
+            };
+            let gate_up = if has(&n("mlp.gate_up_proj.weight")) {
+                dense(&[n("mlp.gate_up_proj.weight")])?
+            } else {
+                dense(&[n("mlp.gate_proj.weight"), n("mlp.up_proj.weight")])?
+            };
+            let mut layer = Layer::plain(
+                vec1(&n("input_layernorm.weight"))?,
+                qkv,
+                dense(&[n("self_attn.o_proj.weight")])?,
+                vec1(&n("post_attention_layernorm.weight"))?,
+                gate_up,
+                dense(&[n("mlp.down_proj.weight")])?,
+            );
+            if has(&n("self_attn.q_proj.bias")) {
+                let mut bias = vec1(&n("self_attn.q_proj.bias"))?;
+                bias.extend(vec1(&n("self_attn.k_proj.bias"))?);
+                bias.extend(vec1(&n("self_attn.v_proj.bias"))?);
+                layer.qkv_bias = Some(bias);
+            }
+            if has(&n("self_attn.q_norm.weight")) {
+                layer.q_norm = Some(vec1(&n("self_attn.q_norm.weight"))?);
+                layer.k_norm = Some(vec1(&n("self_attn.k_norm.weight"))?);
+            }
+            layers.push(layer);
         }
         let embed = dense(&["model.embed_tokens.weight".to_string()])?;
         let tied = c.tie_word_embeddings.unwrap_or(false) || st.get("lm_head.weight").is_err();
@@ -485,6 +547,7 @@ impl Llama {
                 || l.down.k() != cfg.ffn
                 || l.attn_norm.len() != cfg.hidden
                 || l.ffn_norm.len() != cfg.hidden
+                || !norm_ok(&l.qkv_bias, qkv_n)
                 || !norm_ok(&l.q_norm, cfg.head_dim)
                 || !norm_ok(&l.k_norm, cfg.head_dim)
                 || !norm_ok(&l.post_attn_norm, cfg.hidden)
@@ -574,6 +637,9 @@ impl Llama {
         for (li, layer) in self.layers.iter().enumerate() {
             rms_norm(&s.x, &layer.attn_norm, cfg.rms_eps, &mut s.h);
             layer.qkv.forward(&s.h, total, &mut s.acts, &mut s.qkv);
+            if let Some(bias) = &layer.qkv_bias {
+                s.qkv.chunks_exact_mut(qkv_w).for_each(|row| add_inplace(row, bias));
+            }
             if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
                 head_norms(&mut s.qkv, qkv_w, cfg, qn, kn);
             }
@@ -681,6 +747,10 @@ impl Rope {
 
 #[derive(serde::Deserialize)]
 struct HfLlamaConfig {
+    #[serde(default)]
+    model_type: Option<String>,
+    #[serde(default)]
+    sliding_window: Option<usize>,
     hidden_size: usize,
     intermediate_size: usize,
     num_hidden_layers: usize,

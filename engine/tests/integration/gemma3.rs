@@ -6,7 +6,7 @@ use super::common::{cosine, models_dir};
 use super::generation::{batched_equals_sequential, data, greedy_matches_llama_cpp, ids, prefill_logits, read_npy};
 use candle_core::quantized::gguf_file::Content;
 use ragway_engine::generate::sampling::argmax;
-use ragway_engine::generate::{GenerativeModel, KvCache, Scratch, TextTokenizer};
+use ragway_engine::generate::{GenerativeModel, KvCache, Scratch, SeqBatch, TextTokenizer};
 use serde_json::Value;
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -119,4 +119,44 @@ fn gemma3_weights_stay_packed() {
     let held = m.model.weight_bytes() as f64;
     eprintln!("weights held {:.1} MiB for a {:.1} MiB file ({:.3}x)", held / 1048576.0, file / 1048576.0, held / file);
     assert!(held <= 1.15 * file, "{held} bytes of weights for a {file}-byte file");
+}
+
+/// Past the 512-token window: the sliding layers' prefill path (one pass, and chunks that
+/// start mid-sequence) and decode path (one token at a time) see the same positions, so all
+/// three give the same logits.
+#[test]
+fn gemma3_sliding_window_paths_agree() {
+    let m = gemma3();
+    let text = fixture()["prompts"].as_array().unwrap().iter().find(|p| p["name"] == "long").unwrap()["prompt"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut ids = m.tokenizer.encode(&text.repeat(3), true).unwrap();
+    ids.truncate(700);
+    assert_eq!(ids.len(), 700);
+    let mut scratch = Scratch::default();
+    let whole = prefill_logits(m, &ids, &mut KvCache::new(m.model.config()), &mut scratch);
+    // Chunks of 128: later chunks attend across the window edge from the prefill path.
+    let mut cache = KvCache::new(m.model.config());
+    let mut chunked = Vec::new();
+    for (i, c) in ids.chunks(128).enumerate() {
+        let last = (i + 1) * 128 >= ids.len();
+        let mut b = [SeqBatch { tokens: c, cache: &mut cache, want_logits: last }];
+        chunked = m.model.forward(&mut b, &mut scratch).unwrap();
+    }
+    // The last 20 tokens one at a time: the decode path's window.
+    let mut cache = KvCache::new(m.model.config());
+    prefill_logits(m, &ids[..680], &mut cache, &mut scratch);
+    let mut stepped = Vec::new();
+    for t in &ids[680..] {
+        let mut b = [SeqBatch { tokens: std::slice::from_ref(t), cache: &mut cache, want_logits: true }];
+        stepped = m.model.forward(&mut b, &mut scratch).unwrap();
+    }
+    for (name, other) in [("chunked", &chunked), ("stepped", &stepped)] {
+        let max = whole.iter().zip(other.iter()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let cos = cosine(&centered(&whole), &centered(other));
+        eprintln!("{name}: cosine {cos:.7}, max |diff| {max:.4}");
+        assert!(cos > 0.9999 && max < 0.5, "{name}: cosine {cos}, max |diff| {max}");
+        assert_eq!(argmax(&whole), argmax(other), "{name}");
+    }
 }

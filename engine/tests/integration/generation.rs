@@ -461,7 +461,7 @@ fn gguf_block_types_match_their_f32_dequantization() {
 /// Deterministic pseudo-random weights (uniform, variance `scale²`), so tests built on random
 /// models are the same on every run.
 /// Each `seed` gives its own values (tensors of equal shape must differ).
-fn pseudo_random(shape: &[usize], scale: f32, seed: u64) -> candle_core::Tensor {
+pub fn pseudo_random(shape: &[usize], scale: f32, seed: u64) -> candle_core::Tensor {
     let n: usize = shape.iter().product();
     let mut state = 0x9E37_79B9_7F4A_7C15u64 ^ seed.wrapping_mul(0xD1B5_4A32_D192_ED03);
     let v: Vec<f32> = (0..n)

@@ -5,5 +5,6 @@ mod common;
 mod embeddings;
 mod generate_worker;
 mod gemma3;
+mod families;
 mod generation;
 mod worker;

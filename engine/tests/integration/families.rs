@@ -1,0 +1,277 @@
+//! Architectures without real weights here — Qwen 2 (QKV bias), Qwen 3 (per-head Q/K norms,
+//! head size apart from the width), Phi-3 (fused QKV and gate/up) and Mistral (sliding window)
+//! — as tiny random-weight models that the tests write in safetensors (f32), checked against
+//! candle-transformers' own implementation of each family on the same files (logits within
+//! 1e-3 relative on prefill and decode steps); then the same weights written as GGUF under
+//! llama.cpp's tensor names, which must load to the same logits.
+
+use super::common::models_dir;
+use super::generation::{prefill_logits, pseudo_random, smollm};
+use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+use candle_core::{DType, Device, Tensor};
+use ragway_engine::generate::sampling::argmax;
+use ragway_engine::generate::{GenerativeModel, KvCache, Scratch, SeqBatch};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+const HIDDEN: usize = 64;
+const INTER: usize = 96;
+const LAYERS: usize = 2;
+const HEADS: usize = 4;
+const KV_HEADS: usize = 2;
+
+struct Tiny {
+    dir: PathBuf,
+    config: Value,
+    tensors: HashMap<String, Tensor>,
+}
+
+/// A random model of `model_type` in a fresh folder: config.json, model.safetensors and
+/// SmolLM2's tokenizer.json.
+fn tiny(model_type: &str, head_dim: usize, extra: Value) -> Tiny {
+    let dir = std::env::temp_dir().join(format!("ragway-tiny-{model_type}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let vocab = smollm().tokenizer.vocab_size();
+    let mut config = json!({
+        "model_type": model_type, "hidden_size": HIDDEN, "intermediate_size": INTER, "vocab_size": vocab,
+        "num_hidden_layers": LAYERS, "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS,
+        "head_dim": head_dim, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 256,
+        "tie_word_embeddings": false, "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2,
+        "sliding_window": null, "max_window_layers": LAYERS, "use_sliding_window": false, "attention_bias": false,
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        config[k] = v.clone();
+    }
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    smollm().tokenizer.inner().save(dir.join("tokenizer.json"), false).unwrap();
+    let mut tensors = HashMap::new();
+    let mut seed = 100;
+    let mut put = |name: String, shape: &[usize], scale: f32, plus_one: bool| {
+        seed += 1;
+        let mut t = pseudo_random(shape, scale, seed);
+        if plus_one {
+            t = (t + 1.0).unwrap();
+        }
+        tensors.insert(name, t);
+    };
+    put("model.embed_tokens.weight".into(), &[vocab, HIDDEN], 1.0, false);
+    put("lm_head.weight".into(), &[vocab, HIDDEN], 0.2, false);
+    put("model.norm.weight".into(), &[HIDDEN], 0.2, true);
+    let (q, kv) = (HEADS * head_dim, KV_HEADS * head_dim);
+    for i in 0..LAYERS {
+        let p = format!("model.layers.{i}");
+        if model_type == "phi3" {
+            put(format!("{p}.self_attn.qkv_proj.weight"), &[q + 2 * kv, HIDDEN], 0.15, false);
+            put(format!("{p}.mlp.gate_up_proj.weight"), &[2 * INTER, HIDDEN], 0.15, false);
+        } else {
+            put(format!("{p}.self_attn.q_proj.weight"), &[q, HIDDEN], 0.15, false);
+            put(format!("{p}.self_attn.k_proj.weight"), &[kv, HIDDEN], 0.15, false);
+            put(format!("{p}.self_attn.v_proj.weight"), &[kv, HIDDEN], 0.15, false);
+            put(format!("{p}.mlp.gate_proj.weight"), &[INTER, HIDDEN], 0.15, false);
+            put(format!("{p}.mlp.up_proj.weight"), &[INTER, HIDDEN], 0.15, false);
+        }
+        if model_type == "qwen2" {
+            put(format!("{p}.self_attn.q_proj.bias"), &[q], 0.3, false);
+            put(format!("{p}.self_attn.k_proj.bias"), &[kv], 0.3, false);
+            put(format!("{p}.self_attn.v_proj.bias"), &[kv], 0.3, false);
+        }
+        if model_type == "qwen3" {
+            put(format!("{p}.self_attn.q_norm.weight"), &[head_dim], 0.2, true);
+            put(format!("{p}.self_attn.k_norm.weight"), &[head_dim], 0.2, true);
+        }
+        put(format!("{p}.self_attn.o_proj.weight"), &[HIDDEN, q], 0.15, false);
+        put(format!("{p}.mlp.down_proj.weight"), &[HIDDEN, INTER], 0.15, false);
+        put(format!("{p}.input_layernorm.weight"), &[HIDDEN], 0.2, true);
+        put(format!("{p}.post_attention_layernorm.weight"), &[HIDDEN], 0.2, true);
+    }
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
+    Tiny { dir, config, tensors }
+}
+
+impl Drop for Tiny {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The same weights as a GGUF file of architecture `arch` under llama.cpp's tensor names
+/// (F32, no Q/K permutation: these architectures rotate halves), with SmolLM2's tokenizer.
+fn write_gguf(t: &Tiny, arch: &str, path: &Path) {
+    let real = models_dir().join("SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let content = gguf_file::Content::read(&mut std::fs::File::open(real).unwrap()).unwrap();
+    let c = &t.config;
+    let u = |k: &str| gguf_file::Value::U32(c[k].as_u64().unwrap() as u32);
+    let mut md: Vec<(String, gguf_file::Value)> = vec![
+        ("general.architecture".into(), gguf_file::Value::String(arch.into())),
+        (format!("{arch}.block_count"), u("num_hidden_layers")),
+        (format!("{arch}.context_length"), u("max_position_embeddings")),
+        (format!("{arch}.embedding_length"), u("hidden_size")),
+        (format!("{arch}.feed_forward_length"), u("intermediate_size")),
+        (format!("{arch}.attention.head_count"), u("num_attention_heads")),
+        (format!("{arch}.attention.head_count_kv"), u("num_key_value_heads")),
+        (format!("{arch}.attention.key_length"), u("head_dim")),
+        (format!("{arch}.attention.value_length"), u("head_dim")),
+        (format!("{arch}.rope.freq_base"), gguf_file::Value::F32(c["rope_theta"].as_f64().unwrap() as f32)),
+        (format!("{arch}.attention.layer_norm_rms_epsilon"), gguf_file::Value::F32(1e-6)),
+    ];
+    for (k, v) in &content.metadata {
+        if k.starts_with("tokenizer.ggml.") {
+            md.push((k.clone(), v.clone()));
+        }
+    }
+    let rename = |name: &str| -> String {
+        let name = name.replace("model.embed_tokens.weight", "token_embd.weight");
+        let name = name.replace("model.norm.weight", "output_norm.weight").replace("lm_head.weight", "output.weight");
+        let name = name.replace("model.layers.", "blk.");
+        [
+            ("input_layernorm", "attn_norm"),
+            ("post_attention_layernorm", "ffn_norm"),
+            ("self_attn.qkv_proj", "attn_qkv"),
+            ("self_attn.q_proj", "attn_q"),
+            ("self_attn.k_proj", "attn_k"),
+            ("self_attn.v_proj", "attn_v"),
+            ("self_attn.o_proj", "attn_output"),
+            ("self_attn.q_norm", "attn_q_norm"),
+            ("self_attn.k_norm", "attn_k_norm"),
+            ("mlp.gate_up_proj", "ffn_up"),
+            ("mlp.gate_proj", "ffn_gate"),
+            ("mlp.up_proj", "ffn_up"),
+            ("mlp.down_proj", "ffn_down"),
+        ]
+        .iter()
+        .fold(name, |n, (from, to)| n.replace(from, to))
+    };
+    let qs: Vec<(String, QTensor)> =
+        t.tensors.iter().map(|(n, w)| (rename(n), QTensor::quantize(w, GgmlDType::F32).unwrap())).collect();
+    let mdr: Vec<(&str, &gguf_file::Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let ts: Vec<(&str, &QTensor)> = qs.iter().map(|(n, q)| (n.as_str(), q)).collect();
+    gguf_file::write(&mut std::fs::File::create(path).unwrap(), &mdr, &ts).unwrap();
+}
+
+fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
+    let diff = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    diff / b.iter().map(|v| v.abs()).fold(0f32, f32::max).max(1.0)
+}
+
+/// Prefill then `steps` greedy decode steps on both; `reference(tokens, offset)` is the
+/// candle-transformers model's forward (logits of the last position).
+fn compare(
+    ours: &GenerativeModel,
+    prompt: &[u32],
+    steps: usize,
+    mut reference: impl FnMut(&[u32], usize) -> Vec<f32>,
+) -> Vec<Vec<f32>> {
+    let mut cache = KvCache::new(ours.model.config());
+    let mut scratch = Scratch::default();
+    let mut logits = prefill_logits(ours, prompt, &mut cache, &mut scratch);
+    let mut want = reference(prompt, 0);
+    let mut pos = prompt.len();
+    let mut all = Vec::new();
+    for step in 0..=steps {
+        let rel = max_rel_diff(&logits, &want);
+        assert!(rel <= 1e-3, "step {step}: max |diff| {rel} of the largest logit");
+        let next = argmax(&want);
+        assert_eq!(argmax(&logits), next, "step {step}");
+        all.push(logits.clone());
+        if step == steps {
+            break;
+        }
+        let mut b = [SeqBatch { tokens: &[next], cache: &mut cache, want_logits: true }];
+        logits = ours.model.forward(&mut b, &mut scratch).unwrap();
+        want = reference(&[next], pos);
+        pos += 1;
+    }
+    all
+}
+
+fn vb(t: &Tiny) -> candle_nn::VarBuilder<'static> {
+    unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&[t.dir.join("model.safetensors")], DType::F32, &Device::Cpu) }
+        .unwrap()
+}
+
+fn run(m: &mut dyn FnMut(&Tensor, usize) -> candle_core::Result<Tensor>, tokens: &[u32], offset: usize) -> Vec<f32> {
+    let input = Tensor::new(tokens, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    m(&input, offset).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+}
+
+/// Our GGUF load of the same weights gives the logits of our safetensors load.
+fn gguf_twin_agrees(t: &Tiny, arch: &str, prompt: &[u32], want: &[f32]) {
+    let path = t.dir.join(format!("tiny-{arch}.gguf"));
+    write_gguf(t, arch, &path);
+    let g = GenerativeModel::load(path.to_str().unwrap(), &t.dir, None).unwrap();
+    assert_eq!(g.model.config().arch.name, arch);
+    let got = prefill_logits(&g, prompt, &mut KvCache::new(g.model.config()), &mut Scratch::default());
+    let rel = max_rel_diff(&got, want);
+    assert!(rel <= 1e-4, "{arch} GGUF: max |diff| {rel} against the safetensors load");
+}
+
+fn prompt(m: &GenerativeModel) -> Vec<u32> {
+    m.tokenizer.encode("The capital of France is Paris, and the capital of Italy is", false).unwrap()
+}
+
+#[test]
+fn qwen2_matches_candle_transformers() {
+    use candle_transformers::models::qwen2::{Config, ModelForCausalLM};
+    let t = tiny("qwen2", HIDDEN / HEADS, json!({}));
+    let ours = GenerativeModel::load(t.dir.to_str().unwrap(), &t.dir, None).unwrap();
+    // candle's Qwen 2 config wants a number here (unused without use_sliding_window).
+    let mut c = t.config.clone();
+    c["sliding_window"] = json!(256);
+    let cfg: Config = serde_json::from_value(c).unwrap();
+    let mut reference = ModelForCausalLM::new(&cfg, vb(&t)).unwrap();
+    let p = prompt(&ours);
+    let logits = compare(&ours, &p, 4, |x, o| run(&mut |i, o| reference.forward(i, o), x, o));
+    gguf_twin_agrees(&t, "qwen2", &p, &logits[0]);
+}
+
+#[test]
+fn qwen3_matches_candle_transformers() {
+    use candle_transformers::models::qwen3::{Config, ModelForCausalLM};
+    // Head size 32 with 4 heads: Q is twice the width, as in Qwen 3.
+    let t = tiny("qwen3", 32, json!({}));
+    let ours = GenerativeModel::load(t.dir.to_str().unwrap(), &t.dir, None).unwrap();
+    let cfg: Config = serde_json::from_value(t.config.clone()).unwrap();
+    let mut reference = ModelForCausalLM::new(&cfg, vb(&t)).unwrap();
+    let p = prompt(&ours);
+    let logits = compare(&ours, &p, 4, |x, o| run(&mut |i, o| reference.forward(i, o), x, o));
+    gguf_twin_agrees(&t, "qwen3", &p, &logits[0]);
+}
+
+#[test]
+fn phi3_matches_candle_transformers() {
+    use candle_transformers::models::phi3::{Config, Model};
+    let t = tiny("phi3", HIDDEN / HEADS, json!({}));
+    let ours = GenerativeModel::load(t.dir.to_str().unwrap(), &t.dir, None).unwrap();
+    let cfg: Config = serde_json::from_value(t.config.clone()).unwrap();
+    let mut reference = Model::new(&cfg, vb(&t)).unwrap();
+    let p = prompt(&ours);
+    let logits = compare(&ours, &p, 4, |x, o| run(&mut |i, o| reference.forward(i, o), x, o));
+    gguf_twin_agrees(&t, "phi3", &p, &logits[0]);
+}
+
+/// A window of 6 positions on a 13-token prompt: prefill logits against candle-transformers'
+/// `mistral` (whose mask lets a position see `sliding_window + 1` positions, so it gets 5),
+/// and against the same model without a window, which must differ.
+#[test]
+fn mistral_sliding_window_matches_candle_transformers() {
+    use candle_transformers::models::mistral::{Config, Model};
+    let t = tiny("mistral", HIDDEN / HEADS, json!({"sliding_window": 6}));
+    let ours = GenerativeModel::load(t.dir.to_str().unwrap(), &t.dir, None).unwrap();
+    assert_eq!(ours.model.config().arch.sliding_window, Some(6));
+    let p = prompt(&ours);
+    assert!(p.len() > 6);
+    let got = prefill_logits(&ours, &p, &mut KvCache::new(ours.model.config()), &mut Scratch::default());
+    let mut c = t.config.clone();
+    c["sliding_window"] = json!(5);
+    let cfg: Config = serde_json::from_value(c).unwrap();
+    let mut reference = Model::new(&cfg, vb(&t)).unwrap();
+    let want = run(&mut |i, o| reference.forward(i, o), &p, 0);
+    let rel = max_rel_diff(&got, &want);
+    assert!(rel <= 1e-3, "max |diff| {rel}");
+    let mut c = t.config.clone();
+    c["sliding_window"] = json!(null);
+    let mut unwindowed = Model::new(&serde_json::from_value(c).unwrap(), vb(&t)).unwrap();
+    let full = run(&mut |i, o| unwindowed.forward(i, o), &p, 0);
+    assert!(max_rel_diff(&full, &want) > 1e-2, "the window changes nothing: the test would not see it");
+}
