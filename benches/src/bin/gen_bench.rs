@@ -7,12 +7,12 @@
 //! that many requests at once (distinct 32-token prompts, 128 tokens each), aggregate decode
 //! tokens/s and time to first token p50/p95. Medians over `--runs`.
 //!
-//!     cargo run --release -p ragway-benches --bin gen-bench -- --threads 2
+//!     cargo run --release -p ragway-benches --bin gen-bench -- --threads 2 [--model gemma-3-270m]
 
 use clap::Parser;
 use ragway_benches::{median, reference_python, run_reference, workspace_root};
 use ragway_engine::generate::{
-    GenEvent, GenerateConfig, GenerateHandle, GenerateWorker, GenerationRequest, SamplingParams,
+    resolve_generation_model, GenEvent, GenerateConfig, GenerateHandle, GenerateWorker, GenerationRequest, SamplingParams,
 };
 use ragway_engine::models::DEFAULT_GENERATION_MODEL_ID;
 use serde_json::{json, Value};
@@ -40,6 +40,10 @@ struct Args {
     /// Skip the llama.cpp comparison.
     #[arg(long)]
     no_reference: bool,
+    /// The GGUF both run: a file, or a name under the models directory
+    /// (e.g. `gemma-3-270m` after `scripts/setup-models.sh --with-gemma3`).
+    #[arg(long, default_value = DEFAULT_GENERATION_MODEL_ID)]
+    model: String,
 }
 
 /// The text bench_llamacpp.py repeats to build its prompt.
@@ -140,7 +144,9 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     rayon::ThreadPoolBuilder::new().num_threads(args.threads).build_global()?;
     let models_dir = args.models_dir.clone().unwrap_or_else(|| workspace_root().join("models"));
-    let mut config = GenerateConfig::new(DEFAULT_GENERATION_MODEL_ID, DEFAULT_GENERATION_MODEL_ID, models_dir.clone());
+    let gguf = resolve_generation_model(&args.model, &models_dir)?;
+    let name = gguf.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let mut config = GenerateConfig::new(&args.model, &gguf.display().to_string(), models_dir.clone());
     config.max_running = 16;
     let handle = GenerateWorker::spawn(config)?;
 
@@ -156,7 +162,6 @@ fn main() -> anyhow::Result<()> {
     let reference = if args.no_reference {
         None
     } else if let Some(py) = reference_python() {
-        let gguf = models_dir.join("SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
         let a = vec![
             "--model".into(),
             gguf.display().to_string(),
@@ -183,7 +188,7 @@ fn main() -> anyhow::Result<()> {
         None
     };
 
-    println!("\n== generation, SmolLM2-135M-Instruct Q4_1, {} threads (medians of {}) ==", args.threads, args.runs);
+    println!("\n== generation, {name}, {} threads (medians of {}) ==", args.threads, args.runs);
     let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
     let (rp, rd) = (f(&single, "prefill_tok_s_median"), f(&single, "decode_tok_s_median"));
     match &reference {
@@ -218,7 +223,7 @@ fn main() -> anyhow::Result<()> {
     }
     println!(
         "{}",
-        json!({"bench": "gen", "threads": args.threads, "single": single, "concurrency": conc, "llamacpp": reference})
+        json!({"bench": "gen", "model": name, "threads": args.threads, "single": single, "concurrency": conc, "llamacpp": reference})
     );
     Ok(())
 }
