@@ -116,6 +116,47 @@ impl LlamaConfig {
         2 * self.n_layers * self.kv_dim() * 2
     }
 
+    /// The attention window of layer `i` (`None`: it sees every earlier position).
+    pub fn layer_window(&self, i: usize) -> Option<usize> {
+        if self.arch.slides(i) {
+            self.arch.sliding_window
+        } else {
+            None
+        }
+    }
+
+    /// KV memory of a sequence of `len` tokens between forward passes, in tokens of every
+    /// layer (`kv_bytes_per_token` each, rounded up): `len` for models without sliding
+    /// layers; sliding layers count at most `window + 15` positions.
+    pub fn kv_tokens(&self, len: usize) -> usize {
+        let slots: usize = (0..self.n_layers)
+            .map(|i| match self.layer_window(i) {
+                Some(w) => len.min(w + KB - 1),
+                None => len,
+            })
+            .sum();
+        slots.div_ceil(self.n_layers.max(1))
+    }
+
+    /// The longest sequence whose [`kv_tokens`](Self::kv_tokens) fit `budget`, up to the
+    /// context length.
+    pub fn max_len_within(&self, budget: usize) -> usize {
+        if self.kv_tokens(self.context_length) <= budget {
+            return self.context_length;
+        }
+        // kv_tokens is non-decreasing in len: the largest len with kv_tokens(len) <= budget.
+        let (mut lo, mut hi) = (0, self.context_length);
+        while lo < hi {
+            let mid = (lo + hi).div_ceil(2);
+            if self.kv_tokens(mid) <= budget {
+                lo = mid;
+            } else {
+                hi = mid - 1;
+            }
+        }
+        lo
+    }
+
     fn check(&self, path: &Path) -> Result<()> {
         let bad = |reason: String| Err(EngineError::InvalidModel { path: path.to_path_buf(), reason });
         if self.n_heads == 0 || self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
@@ -195,12 +236,20 @@ pub struct Llama {
 /// by side, so decoding scores 16 positions with one vector multiply-add per dimension and
 /// streams the cache sequentially; growing appends blocks (no re-layout). Values are
 /// `[tokens, kv_dim]`. Memory grows on demand.
+///
+/// A sliding-window layer keeps only the blocks a later query can still see: after each
+/// forward pass the blocks wholly before `len + 1 - window` are dropped, so it holds at most
+/// `window + 15` positions between passes (plus the chunk being prefilled), whatever the
+/// sequence's length. Each layer's storage starts at its own `base` (a multiple of 16).
 #[derive(Debug, Default, Clone)]
 pub struct KvCache {
     k: Vec<Vec<f16>>,
     v: Vec<Vec<f16>>,
+    /// First position each layer still stores.
+    base: Vec<usize>,
+    /// The window of each sliding layer.
+    window: Vec<Option<usize>>,
     len: usize,
-    cap: usize,
     kv_dim: usize,
 }
 
@@ -212,13 +261,14 @@ impl KvCache {
         Self {
             k: vec![Vec::new(); cfg.n_layers],
             v: vec![Vec::new(); cfg.n_layers],
+            base: vec![0; cfg.n_layers],
+            window: (0..cfg.n_layers).map(|i| cfg.layer_window(i)).collect(),
             len: 0,
-            cap: 0,
             kv_dim: cfg.kv_dim(),
         }
     }
 
-    /// Tokens whose keys and values are stored.
+    /// Tokens whose keys and values are stored (or were, for dropped window blocks).
     pub fn len(&self) -> usize {
         self.len
     }
@@ -227,37 +277,52 @@ impl KvCache {
         self.len == 0
     }
 
-    /// Tokens the allocated buffers can hold without growing.
-    pub fn capacity_tokens(&self) -> usize {
-        self.cap
+    /// Positions held in memory, summed over the layers.
+    pub fn held_positions(&self) -> usize {
+        self.v.iter().map(|v| v.len() / self.kv_dim.max(1)).sum()
     }
 
-    /// Makes room for `tokens` tokens in all, growing in steps of `step` tokens.
+    /// Makes room for positions up to `tokens` in every layer, growing in steps of `step`.
     pub fn reserve(&mut self, tokens: usize, step: usize) {
-        if tokens <= self.cap {
-            return;
-        }
         let step = step.max(KB).div_ceil(KB) * KB;
-        let new_cap = tokens.div_ceil(step) * step;
-        for k in self.k.iter_mut() {
-            k.resize(new_cap * self.kv_dim, f16::ZERO);
+        for ((k, v), &base) in self.k.iter_mut().zip(self.v.iter_mut()).zip(&self.base) {
+            let need = tokens - base;
+            if k.len() < need * self.kv_dim {
+                k.resize(need.div_ceil(step) * step * self.kv_dim, f16::ZERO);
+            }
+            if v.capacity() < need * self.kv_dim {
+                v.reserve_exact(need * self.kv_dim - v.len());
+            }
         }
-        for v in self.v.iter_mut() {
-            v.reserve_exact(new_cap * self.kv_dim - v.len());
-        }
-        self.cap = new_cap;
     }
 
-    /// Stores the key and value of position `pos` (< capacity) in layer `layer`.
+    /// Stores the key and value of position `pos` (room reserved) in layer `layer`.
     fn put(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
+        let rel = pos - self.base[layer];
         let kl = &mut self.k[layer];
-        let base = pos / KB * self.kv_dim * KB + pos % KB;
+        let at = rel / KB * self.kv_dim * KB + rel % KB;
         for (r, &x) in k.iter().enumerate() {
-            kl[base + r * KB] = f16::from_f32(x);
+            kl[at + r * KB] = f16::from_f32(x);
         }
         let vl = &mut self.v[layer];
-        vl.truncate(pos * v.len());
+        vl.truncate(rel * v.len());
         vl.extend(v.iter().map(|&x| f16::from_f32(x)));
+    }
+
+    /// Drops the blocks of sliding layers that no query from position `len` on can see.
+    fn trim(&mut self) {
+        for l in 0..self.k.len() {
+            let Some(w) = self.window[l] else { continue };
+            let new_base = (self.len + 1).saturating_sub(w) / KB * KB;
+            let base = self.base[l];
+            if new_base > base {
+                let drop = (new_base - base) * self.kv_dim;
+                let (k, v) = (&mut self.k[l], &mut self.v[l]);
+                k.drain(..drop.min(k.len()));
+                v.drain(..drop.min(v.len()));
+                self.base[l] = new_base;
+            }
+        }
     }
 
     /// Drops every stored token and frees the memory.
@@ -265,8 +330,8 @@ impl KvCache {
         for buf in self.k.iter_mut().chain(self.v.iter_mut()) {
             *buf = Vec::new();
         }
+        self.base.iter_mut().for_each(|b| *b = 0);
         self.len = 0;
-        self.cap = 0;
     }
 }
 
@@ -652,8 +717,10 @@ impl Llama {
                 }
             }
             s.attn.resize(total * q_dim, 0.0);
-            let caches: Vec<(&[f16], &[f16])> =
-                batch.iter().map(|b| (b.cache.k[li].as_slice(), b.cache.v[li].as_slice())).collect();
+            let caches: Vec<(&[f16], &[f16], usize)> = batch
+                .iter()
+                .map(|b| (b.cache.k[li].as_slice(), b.cache.v[li].as_slice(), b.cache.base[li]))
+                .collect();
             attention(cfg, &s.qkv, &caches, &starts, layer.window, &mut s.attn);
             layer.o.forward(&s.attn, total, &mut s.acts, &mut s.proj);
             if let Some(w) = &layer.post_attn_norm {
@@ -671,6 +738,7 @@ impl Llama {
         }
         for b in batch.iter_mut() {
             b.cache.len += b.tokens.len();
+            b.cache.trim();
         }
         // Logits for the last token of each sequence that asked.
         let rows: Vec<usize> =
@@ -881,11 +949,12 @@ unsafe impl Sync for SendPtr {}
 
 /// Causal attention of each sequence's new queries over its cache (which already holds the
 /// new keys and values): all of it, or the last `window` positions of each query's.
-/// `starts[i] = (row offset in the batch, first position, new tokens)`.
+/// `starts[i] = (row offset in the batch, first position, new tokens)`; `caches[i]` = keys,
+/// values and the first position they hold.
 fn attention(
     cfg: &LlamaConfig,
     qkv: &[f32],
-    caches: &[(&[f16], &[f16])],
+    caches: &[(&[f16], &[f16], usize)],
     starts: &[(usize, usize, usize)],
     window: Option<usize>,
     out: &mut [f32],
@@ -909,7 +978,7 @@ fn attention(
     let run = |&(si, h): &(usize, usize)| {
         let optr = optr;
         let (off, start, n) = starts[si];
-        let (kc, vc) = caches[si];
+        let (kc, vc, base) = caches[si];
         let ctx = start + n;
         if n == 1 {
             // Decode: task `h` is KV head `h`; its `group` query heads are contiguous rows of
@@ -917,44 +986,50 @@ fn attention(
             let g = h;
             let q = &qkv[off * qkv_w + g * group * hd..off * qkv_w + (g + 1) * group * hd];
             let lo = first_seen(ctx);
-            let scores = decode_scores(q, kc, g, kv_dim, lo..ctx, hd, scale);
-            let o = decode_values(&scores, &vc[lo * kv_dim + g * hd..], kv_dim, ctx - lo, hd);
+            let scores = decode_scores(q, kc, g, kv_dim, lo - base..ctx - base, hd, scale);
+            let o = decode_values(&scores, &vc[(lo - base) * kv_dim + g * hd..], kv_dim, ctx - lo, hd);
             // SAFETY: row `off`, columns of the group's heads: written by this task only.
             unsafe { std::ptr::copy_nonoverlapping(o.as_ptr(), optr.0.add(off * q_dim + g * group * hd), group * hd) };
             return;
         }
         let g = h / group;
-        // Keys of KV head g as a plain [ctx, hd] matrix for the product.
-        let mut keys = vec![0f32; ctx * hd];
+        // Positions [from, ctx) are visible to some query of the chunk (`from` is at or
+        // after the cache's base: the window dropped only blocks no query here sees).
+        let from = first_seen(start + 1);
+        let span = ctx - from;
+        // Keys of KV head g as a plain [span, hd] matrix for the product.
+        let mut keys = vec![0f32; span * hd];
         for (j, row) in keys.chunks_exact_mut(hd).enumerate() {
-            let base = j / KB * kv_dim * KB + g * hd * KB + j % KB;
+            let rel = from + j - base;
+            let at = rel / KB * kv_dim * KB + g * hd * KB + rel % KB;
             for (d, x) in row.iter_mut().enumerate() {
-                *x = kc[base + d * KB].to_f32();
+                *x = kc[at + d * KB].to_f32();
             }
         }
-        let mut values = vec![0f32; ctx * hd];
+        let mut values = vec![0f32; span * hd];
         for (j, row) in values.chunks_exact_mut(hd).enumerate() {
-            vc[j * kv_dim + g * hd..j * kv_dim + (g + 1) * hd].convert_to_f32_slice(row);
+            let rel = from + j - base;
+            vc[rel * kv_dim + g * hd..rel * kv_dim + (g + 1) * hd].convert_to_f32_slice(row);
         }
-        let mut scores = vec![0f32; n * ctx];
+        let mut scores = vec![0f32; n * span];
         // SAFETY: Q rows [off, off + n) of head h read through the qkv row stride; K rows
-        // [0, ctx) of KV head g through kv_dim; the output block is this task's own.
+        // [0, span) of KV head g through hd; the output block is this task's own.
         unsafe {
             gemm_f32(
                 n,
-                ctx,
+                span,
                 hd,
                 scores.as_mut_ptr(),
-                ctx,
+                span,
                 (qkv.as_ptr().add(off * qkv_w + h * hd), qkv_w as isize, 1),
                 (keys.as_ptr(), 1, hd as isize),
                 Parallel::Single,
             );
         }
         for i in 0..n {
-            let row = &mut scores[i * ctx..(i + 1) * ctx];
-            let visible = start + i + 1;
-            let lo = first_seen(visible);
+            let row = &mut scores[i * span..(i + 1) * span];
+            let visible = start + i + 1 - from;
+            let lo = first_seen(start + i + 1) - from;
             for v in row[lo..visible].iter_mut() {
                 *v *= scale;
             }
@@ -966,10 +1041,10 @@ fn attention(
             gemm_f32(
                 n,
                 hd,
-                ctx,
+                span,
                 optr.0.add(off * q_dim + h * hd),
                 q_dim,
-                (scores.as_ptr(), ctx as isize, 1),
+                (scores.as_ptr(), span as isize, 1),
                 (values.as_ptr(), hd as isize, 1),
                 Parallel::Single,
             );

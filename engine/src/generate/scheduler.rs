@@ -13,7 +13,7 @@
 //! Waiting requests sit in a bounded queue; when it is full, [`GenerateHandle::submit`]
 //! fails at once with [`EngineError::QueueFull`].
 
-use super::model::{KvCache, Llama, Scratch, SeqBatch};
+use super::model::{KvCache, Llama, LlamaConfig, Scratch, SeqBatch};
 use super::sampling::{random_seed, ModelSampling, Sampler, SamplingParams, TokenLogprob};
 use super::tokenizer::{IncrementalDecoder, TextTokenizer};
 use super::{ChatTemplate, GenerativeModel};
@@ -244,6 +244,7 @@ struct Shared {
     tokenizer: TextTokenizer,
     chat_template: Option<ChatTemplate>,
     model_sampling: ModelSampling,
+    model_config: LlamaConfig,
     context_length: usize,
     vocab: usize,
     kv_budget_tokens: usize,
@@ -274,6 +275,7 @@ impl GenerateWorker {
                         tokenizer: m.tokenizer.clone(),
                         chat_template: m.chat_template,
                         model_sampling: m.sampling,
+                        model_config: mc.clone(),
                         config: cfg,
                     });
                     tracing::info!(
@@ -364,7 +366,7 @@ impl GenerateHandle {
         }
         req.sampling.validate(s.vocab)?;
         let prompt_len = req.prompt.len();
-        let limit = s.context_length.min(s.kv_budget_tokens / req.n);
+        let limit = s.model_config.max_len_within(s.kv_budget_tokens / req.n);
         // What the context leaves after the prompt; compared, never added to, so a
         // `max_tokens` near usize::MAX cannot wrap the check.
         let room = limit.saturating_sub(prompt_len);
@@ -495,7 +497,15 @@ impl Scheduler {
     /// Tokens of KV cache the running sequences hold or are about to hold (siblings waiting to
     /// copy their first sequence's prompt hold nothing yet).
     fn kv_used(&self) -> usize {
-        self.running.iter().filter(|s| !s.awaits_fork).map(|s| s.tokens.len()).sum()
+        self.kv_after(0)
+    }
+
+    /// [`kv_used`](Self::kv_used) once every running sequence has `extra` more tokens. A
+    /// sequence costs [`LlamaConfig::kv_tokens`](super::LlamaConfig::kv_tokens) of its length:
+    /// sliding-window layers hold only their window.
+    fn kv_after(&self, extra: usize) -> usize {
+        let cfg = self.model.config();
+        self.running.iter().filter(|s| !s.awaits_fork).map(|s| cfg.kv_tokens(s.tokens.len() + extra)).sum()
     }
 
     fn run(mut self) {
@@ -550,7 +560,9 @@ impl Scheduler {
                 return;
             }
             if let Some(seq) = self.preempted.front() {
-                if self.kv_used() + seq.tokens.len() + 1 > budget && !self.running.is_empty() {
+                if self.kv_used() + self.model.config().kv_tokens(seq.tokens.len() + 1) > budget
+                    && !self.running.is_empty()
+                {
                     return;
                 }
                 let seq = self.preempted.pop_front().expect("front exists");
@@ -575,7 +587,7 @@ impl Scheduler {
                 continue;
             }
             let n = job.req.n;
-            let need = n * (job.req.prompt.len() + 1);
+            let need = n * self.model.config().kv_tokens(job.req.prompt.len() + 1);
             if (self.kv_used() + need > budget || self.running.len() + n > max_running) && !self.running.is_empty() {
                 self.held = Some(job);
                 return;
@@ -624,7 +636,7 @@ impl Scheduler {
     /// Preempts the most recent sequences while the next step would outgrow the KV budget.
     fn make_room(&mut self) {
         let budget = self.shared.kv_budget_tokens;
-        while self.running.len() > 1 && self.kv_used() + self.running.len() > budget {
+        while self.running.len() > 1 && self.kv_after(1) > budget {
             let mut seq = self.running.pop().expect("non-empty");
             seq.cache.clear();
             self.shared.metrics.preemptions.fetch_add(1, Ordering::Relaxed);

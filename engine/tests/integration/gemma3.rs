@@ -152,6 +152,15 @@ fn gemma3_sliding_window_paths_agree() {
         let mut b = [SeqBatch { tokens: std::slice::from_ref(t), cache: &mut cache, want_logits: true }];
         stepped = m.model.forward(&mut b, &mut scratch).unwrap();
     }
+    // Sliding layers (15 of 18) kept only their window: at most 512 + 15 positions each.
+    let cfg = m.model.config();
+    let held = cache.held_positions();
+    eprintln!("positions held after 600 tokens: {held} (all layers: {})", 600 * cfg.n_layers);
+    assert!(held <= 3 * 600 + 15 * (512 + 15), "{held} positions held");
+    assert!(held <= cfg.kv_tokens(600) * cfg.n_layers);
+    assert!(cfg.kv_tokens(600) < 600 && cfg.kv_tokens(100) == 100);
+    let longest = cfg.max_len_within(cfg.kv_tokens(20_000));
+    assert!(longest >= 20_000 && cfg.kv_tokens(longest) == cfg.kv_tokens(20_000) && cfg.kv_tokens(longest + 1) > cfg.kv_tokens(20_000));
     for (name, other) in [("chunked", &chunked), ("stepped", &stepped)] {
         let max = whole.iter().zip(other.iter()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         let mean = whole.iter().zip(other.iter()).map(|(a, b)| (a - b).abs()).sum::<f32>() / whole.len() as f32;
