@@ -15,5 +15,7 @@ if [ "${1:-}" = "--with-llamacpp" ]; then
   noamx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
   CMAKE_ARGS="-DGGML_NATIVE=ON" CFLAGS="$noamx" CXXFLAGS="$noamx" \
     "$env/bin/pip" install --quiet --force-reinstall --no-deps --no-cache-dir llama-cpp-python==0.3.36
+  # Its run-time dependencies (--no-deps above keeps pip from rebuilding numpy and friends).
+  "$env/bin/pip" install --quiet --disable-pip-version-check diskcache jinja2 typing-extensions
 fi
 echo "$env/bin/python"

@@ -11,8 +11,9 @@
 //! step and reused, from L1, for every row of `x` — a batch of B sequences reads the weights
 //! once, not B times.
 //!
-//! CPUs without AVX-512 VNNI run a portable version of the same loop over the same layout.
-//! Other GGUF types (K-quants, f16...) are dequantized to f32 at load and use gemm.
+//! CPUs with AVX2 but without AVX-512 VNNI run the same loop with `vpmaddubsw`/`vpmaddwd`
+//! pairs over the same layout; others a portable version. Other GGUF types are rewritten
+//! into these at load (`repack`) or, for f16/bf16/f32, run through gemm in f32.
 
 use crate::kernels::{gemm_f32, Parallel};
 use rayon::prelude::*;
@@ -307,6 +308,23 @@ fn has_vnni() -> bool {
     })
 }
 
+fn has_avx2() -> bool {
+    static AVX2: OnceLock<bool> = OnceLock::new();
+    *AVX2.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::is_x86_feature_detected!("avx2")
+                && std::is_x86_feature_detected!("fma")
+                && std::is_x86_feature_detected!("f16c")
+                && std::env::var_os("RAGWAY_NO_AVX2").is_none()
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
 /// Rows of `x` per kernel call: a tile's unpacked block (8 registers) is reused for this many
 /// activation rows, each with its own accumulator.
 // (8 was measured slower: 8 accumulators plus the 8 unpacked weight vectors spill.)
@@ -331,6 +349,27 @@ unsafe fn run_tile(kind: QKind, tile: *const u8, nb: usize, x: &QActs, out: *mut
                     1 => avx512::tile::<1, { $kind }>(tile, nb, x, r, out, out_rs),
                     2 => avx512::tile::<2, { $kind }>(tile, nb, x, r, out, out_rs),
                     _ => avx512::tile::<3, { $kind }>(tile, nb, x, r, out, out_rs),
+                }
+            }};
+        }
+        match kind {
+            QKind::Q4_0 => go!(K_Q4_0),
+            QKind::Q4_1 => go!(K_Q4_1),
+            QKind::Q8_0 => go!(K_Q8_0),
+        }
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        macro_rules! go {
+            ($kind:expr) => {{
+                let mut r = 0;
+                while r + 2 <= rows {
+                    avx2::tile::<2, { $kind }>(tile, nb, x, r, out, out_rs);
+                    r += 2;
+                }
+                if r < rows {
+                    avx2::tile::<1, { $kind }>(tile, nb, x, r, out, out_rs);
                 }
             }};
         }
@@ -449,6 +488,112 @@ mod avx512 {
         }
         for (r, acc) in acc.iter().enumerate() {
             _mm512_storeu_ps(out.add((row0 + r) * out_rs), *acc);
+        }
+    }
+}
+
+/// The same tiles on AVX2 (no AVX-512): each 64-byte group of four inputs × 16 rows is two
+/// 256-bit halves (rows 0-7, rows 8-15). `vpmaddubsw` multiplies unsigned weight bytes by
+/// the broadcast signed activations and adds pairs to i16, `vpmaddwd` by ones adds those to
+/// i32: four inputs per row per lane, as `vpdpbusd` does in one step. Q4 nibbles (≤ 15)
+/// cannot saturate the i16 sums; Q8_0 weights go through llama.cpp's sign trick
+/// (`|w|` times `a·sign(w)`, at most 2·128·127) and need no offset correction.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{QActs, K_Q4_1, K_Q8_0, QK};
+    use std::arch::x86_64::*;
+
+    /// One tile × `R` activation rows starting at `row0`.
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C; pointers as in [`super::run_tile`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn tile<const R: usize, const KIND: u8>(
+        tile: *const u8,
+        nb: usize,
+        x: &QActs,
+        row0: usize,
+        out: *mut f32,
+        out_rs: usize,
+    ) {
+        let (vb, tbb) = match KIND {
+            K_Q8_0 => (512, 544),
+            K_Q4_1 => (256, 320),
+            _ => (256, 288),
+        };
+        let low = _mm256_set1_epi8(0x0F);
+        let flip = _mm256_set1_epi8(-128);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        let k = x.k;
+        let xnb = k / QK;
+        for b in 0..nb {
+            let w = tile.add(b * tbb);
+            let mut s = [[_mm256_setzero_si256(); 2]; R];
+            for i in 0..8 {
+                // Group i: inputs 4i..4i+3 of the 16 rows, as two halves of 8 rows.
+                let half = |h: usize| -> __m256i {
+                    if KIND == K_Q8_0 {
+                        _mm256_loadu_si256(w.add(i * 64 + h * 32) as *const __m256i)
+                    } else {
+                        let v = _mm256_loadu_si256(w.add((i / 2) * 64 + h * 32) as *const __m256i);
+                        if i % 2 == 0 {
+                            _mm256_and_si256(v, low)
+                        } else {
+                            _mm256_and_si256(_mm256_srli_epi16::<4>(v), low)
+                        }
+                    }
+                };
+                let wv = [half(0), half(1)];
+                // Q8_0: the signed weights and their magnitudes.
+                let signed = [_mm256_xor_si256(wv[0], flip), _mm256_xor_si256(wv[1], flip)];
+                for (r, s) in s.iter_mut().enumerate() {
+                    let a4 = (x.qs.as_ptr().add((row0 + r) * k + b * QK) as *const i32).add(i).read_unaligned();
+                    let a = _mm256_set1_epi32(a4);
+                    for h in 0..2 {
+                        let p16 = if KIND == K_Q8_0 {
+                            _mm256_maddubs_epi16(
+                                _mm256_sign_epi8(signed[h], signed[h]),
+                                _mm256_sign_epi8(a, signed[h]),
+                            )
+                        } else {
+                            _mm256_maddubs_epi16(wv[h], a)
+                        };
+                        s[h] = _mm256_add_epi32(s[h], _mm256_madd_epi16(p16, ones));
+                    }
+                }
+            }
+            let dw = [
+                _mm256_cvtph_ps(_mm_loadu_si128(w.add(vb) as *const __m128i)),
+                _mm256_cvtph_ps(_mm_loadu_si128(w.add(vb + 16) as *const __m128i)),
+            ];
+            let mw = if KIND == K_Q4_1 {
+                [
+                    _mm256_cvtph_ps(_mm_loadu_si128(w.add(vb + 32) as *const __m128i)),
+                    _mm256_cvtph_ps(_mm_loadu_si128(w.add(vb + 48) as *const __m128i)),
+                ]
+            } else {
+                [_mm256_setzero_ps(); 2]
+            };
+            for (r, (acc, s)) in acc.iter_mut().zip(&s).enumerate() {
+                let row = row0 + r;
+                let da = *x.d.get_unchecked(row * xnb + b);
+                let sa = *x.s.get_unchecked(row * xnb + b);
+                for h in 0..2 {
+                    let mut si = s[h];
+                    if KIND != K_Q8_0 && KIND != K_Q4_1 {
+                        si = _mm256_sub_epi32(si, _mm256_set1_epi32(8 * sa));
+                    }
+                    acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(si), _mm256_mul_ps(dw[h], _mm256_set1_ps(da)), acc[h]);
+                    if KIND == K_Q4_1 {
+                        acc[h] = _mm256_fmadd_ps(mw[h], _mm256_set1_ps(da * sa as f32), acc[h]);
+                    }
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            _mm256_storeu_ps(out.add((row0 + r) * out_rs), acc[0]);
+            _mm256_storeu_ps(out.add((row0 + r) * out_rs + 8), acc[1]);
         }
     }
 }
