@@ -80,6 +80,16 @@ const K_Q4_0: u8 = 0;
 const K_Q4_1: u8 = 1;
 const K_Q8_0: u8 = 2;
 
+/// Bytes of a kind's packed values and of its whole tile block, for the SIMD kernels'
+/// const kind numbers (see [`QKind::tile_value_bytes`], [`QKind::tile_block_bytes`]).
+const fn tile_layout(kind: u8) -> (usize, usize) {
+    match kind {
+        K_Q8_0 => (512, 544),
+        K_Q4_1 => (256, 320),
+        _ => (256, 288),
+    }
+}
+
 /// Activations quantized to 8 bits per block of 32: values, per-block scale and per-block
 /// sum of the quantized values (the sum carries the weights' offsets: `-8` for Q4_0, the
 /// minimum for Q4_1, `-128` for the unsigned view of Q8_0).
@@ -291,37 +301,38 @@ impl SendPtr {
     }
 }
 
-fn has_vnni() -> bool {
-    static VNNI: OnceLock<bool> = OnceLock::new();
-    *VNNI.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            std::is_x86_feature_detected!("avx512f")
-                && std::is_x86_feature_detected!("avx512bw")
-                && std::is_x86_feature_detected!("avx512vnni")
-                && std::env::var_os("RAGWAY_NO_AVX512").is_none()
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
-    })
+/// The widest kernel this CPU runs (`RAGWAY_NO_AVX512`, `RAGWAY_NO_AVX2` step down, for
+/// comparisons).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+enum Simd {
+    Avx512Vnni,
+    Avx2,
+    Portable,
 }
 
-fn has_avx2() -> bool {
-    static AVX2: OnceLock<bool> = OnceLock::new();
-    *AVX2.get_or_init(|| {
+fn simd() -> Simd {
+    static SIMD: OnceLock<Simd> = OnceLock::new();
+    *SIMD.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
         {
-            std::is_x86_feature_detected!("avx2")
+            let off = |var: &str| std::env::var_os(var).is_some();
+            if std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx512bw")
+                && std::is_x86_feature_detected!("avx512vnni")
+                && !off("RAGWAY_NO_AVX512")
+            {
+                return Simd::Avx512Vnni;
+            }
+            if std::is_x86_feature_detected!("avx2")
                 && std::is_x86_feature_detected!("fma")
                 && std::is_x86_feature_detected!("f16c")
-                && std::env::var_os("RAGWAY_NO_AVX2").is_none()
+                && !off("RAGWAY_NO_AVX2")
+            {
+                return Simd::Avx2;
+            }
         }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
+        Simd::Portable
     })
 }
 
@@ -336,7 +347,7 @@ const ROWS: usize = 4;
 unsafe fn run_tile(kind: QKind, tile: *const u8, nb: usize, x: &QActs, out: *mut f32, out_rs: usize) {
     let rows = x.rows;
     #[cfg(target_arch = "x86_64")]
-    if has_vnni() {
+    if simd() == Simd::Avx512Vnni {
         macro_rules! go {
             ($kind:expr) => {{
                 let mut r = 0;
@@ -360,7 +371,7 @@ unsafe fn run_tile(kind: QKind, tile: *const u8, nb: usize, x: &QActs, out: *mut
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
+    if simd() == Simd::Avx2 {
         macro_rules! go {
             ($kind:expr) => {{
                 let mut r = 0;
@@ -418,7 +429,7 @@ unsafe fn portable_tile(kind: QKind, tile: *const u8, nb: usize, x: &QActs, row:
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{QActs, K_Q4_1, K_Q8_0, QK};
+    use super::{tile_layout, QActs, K_Q4_1, K_Q8_0, QK};
     use std::arch::x86_64::*;
 
     /// One tile × `R` activation rows starting at `row0`.
@@ -434,11 +445,7 @@ mod avx512 {
         out: *mut f32,
         out_rs: usize,
     ) {
-        let (vb, tbb) = match KIND {
-            K_Q8_0 => (512, 544),
-            K_Q4_1 => (256, 320),
-            _ => (256, 288),
-        };
+        let (vb, tbb) = tile_layout(KIND);
         let low = _mm512_set1_epi8(0x0F);
         let mut acc = [_mm512_setzero_ps(); R];
         let k = x.k;
@@ -500,7 +507,7 @@ mod avx512 {
 /// (`|w|` times `a·sign(w)`, at most 2·128·127) and need no offset correction.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{QActs, K_Q4_1, K_Q8_0, QK};
+    use super::{tile_layout, QActs, K_Q4_1, K_Q8_0, QK};
     use std::arch::x86_64::*;
 
     /// One tile × `R` activation rows starting at `row0`.
@@ -516,11 +523,7 @@ mod avx2 {
         out: *mut f32,
         out_rs: usize,
     ) {
-        let (vb, tbb) = match KIND {
-            K_Q8_0 => (512, 544),
-            K_Q4_1 => (256, 320),
-            _ => (256, 288),
-        };
+        let (vb, tbb) = tile_layout(KIND);
         let low = _mm256_set1_epi8(0x0F);
         let flip = _mm256_set1_epi8(-128);
         let ones = _mm256_set1_epi16(1);
