@@ -100,7 +100,11 @@ fn first_position_logits_match_llama_cpp() {
         let shift = (got.iter().sum::<f32>() - reference.iter().sum::<f32>()) / got.len() as f32;
         let mean = got.iter().zip(&reference).map(|(a, b)| (a - b - shift).abs()).sum::<f32>() / got.len() as f32;
         eprintln!("{name}: cosine {cos:.6}, max |diff| {max:.4}, mean |diff| {mean:.4}");
-        assert!(cos > 0.999, "{name}: cosine {cos}");
+        // The 8-bit activations round differently with the order of float operations: the
+        // same weights gave 0.99916 (portable loop), 0.99899 (AVX2 with FMA) and 0.99919
+        // (AVX2 without) on raw_capital, and above 0.999 on AVX-512; 0.999 sits inside that
+        // noise, so the bound is 0.998, with the mean difference as the sharper check.
+        assert!(cos > 0.998, "{name}: cosine {cos}");
         assert!(mean < 0.15, "{name}: mean |diff| {mean}");
         assert_eq!(argmax(&got), argmax(&reference), "{name}: top token");
     }
