@@ -9,7 +9,7 @@
 //! Layout: activations are row-major `[tokens, width]` f32; Q, K and V come out of one fused
 //! product, as do the MLP's gate and up projections. Attention reads the cache in place.
 
-use super::qmatmul::{DenseMatrix, Linear, PackedMatrix, QActs};
+use super::qmatmul::{DenseMatrix, HalfMatrix, HalfWeights, Linear, PackedMatrix, QActs};
 use super::repack;
 use crate::error::{EngineError, Result};
 use crate::kernels::{dot, exp, gemm_f32, softmax_inplace, Parallel};
@@ -531,19 +531,22 @@ impl Llama {
             let v = t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
             Ok((dims, v))
         };
+        // Matrices keep f16/bf16 as they are (half the memory); f32 stays f32.
         let dense = |names: &[String]| -> Result<Linear> {
-            let mut w = Vec::new();
+            let mut tensors = Vec::with_capacity(names.len());
             let (mut n, mut k) = (0, 0);
             for name in names {
-                let (dims, v) = load(name)?;
+                let t = st.load(name, &Device::Cpu).map_err(|e| invalid(format!("{name}: {e}")))?;
+                let dims = t.dims().to_vec();
                 if dims.len() != 2 || (k != 0 && dims[1] != k) {
                     return Err(invalid(format!("{name}: unexpected shape {dims:?}")));
                 }
                 n += dims[0];
                 k = dims[1];
-                w.extend(v);
+                tensors.push(t);
             }
-            Ok(Linear::Dense(DenseMatrix::new(n, k, w)))
+            let t = candle_core::Tensor::cat(&tensors, 0)?;
+            half_or_f32(t, n, k)
         };
         let vec1 = |name: &str| -> Result<Vec<f32>> { Ok(load(name)?.1) };
         let mut layers = Vec::with_capacity(cfg.n_layers);
@@ -867,11 +870,32 @@ fn linear_from_q(parts: Vec<QTensor>) -> Result<Linear> {
             }
         }
     }
+    // F16/BF16 parts stay half precision when they all share the type.
+    use candle_core::quantized::GgmlDType;
+    let half = [GgmlDType::F16, GgmlDType::BF16].into_iter().find(|&d| parts.iter().all(|p| p.dtype() == d));
+    if let Some(dtype) = half {
+        let target = if dtype == GgmlDType::F16 { candle_core::DType::F16 } else { candle_core::DType::BF16 };
+        let tensors = parts
+            .iter()
+            .map(|p| p.dequantize(&Device::Cpu).and_then(|t| t.to_dtype(target)))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        return half_or_f32(candle_core::Tensor::cat(&tensors, 0)?, n, k);
+    }
     let mut w = Vec::with_capacity(n * k);
     for p in &parts {
         w.extend(p.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?);
     }
     Ok(Linear::Dense(DenseMatrix::new(n, k, w)))
+}
+
+/// A `[n, k]` tensor as a linear layer: f16 and bf16 stay half precision, anything else f32.
+fn half_or_f32(t: candle_core::Tensor, n: usize, k: usize) -> Result<Linear> {
+    use candle_core::DType;
+    Ok(match t.dtype() {
+        DType::F16 => Linear::Half(HalfMatrix::new(n, k, HalfWeights::F16(t.flatten_all()?.to_vec1()?))),
+        DType::BF16 => Linear::Half(HalfMatrix::new(n, k, HalfWeights::Bf16(t.flatten_all()?.to_vec1()?))),
+        _ => Linear::Dense(DenseMatrix::new(n, k, t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)),
+    })
 }
 
 fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut Vec<f32>) {

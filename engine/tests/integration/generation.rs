@@ -294,6 +294,9 @@ fn safetensors_llama_matches_candle_transformers() {
     candle_core::safetensors::save(&t, dir.join("model.safetensors")).unwrap();
 
     let ours = GenerativeModel::load(dir.to_str().unwrap(), &dir, None).unwrap();
+    // bf16 matrices stay bf16: two bytes per weight, not an f32 copy.
+    let matrix_weights: usize = t.values().filter(|w| w.rank() == 2).map(|w| w.elem_count()).sum();
+    assert_eq!(ours.model.weight_bytes(), 2 * matrix_weights);
     let cfg: candle_transformers::models::llama::LlamaConfig = serde_json::from_value(config).unwrap();
     let cfg = cfg.into_config(false);
     let vb =
