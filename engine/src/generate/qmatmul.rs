@@ -375,12 +375,15 @@ unsafe fn run_tile(kind: QKind, tile: *const u8, nb: usize, x: &QActs, out: *mut
         macro_rules! go {
             ($kind:expr) => {{
                 let mut r = 0;
-                while r + 2 <= rows {
-                    avx2::tile::<2, { $kind }>(tile, nb, x, r, out, out_rs);
-                    r += 2;
+                while r + 4 <= rows {
+                    avx2::tile::<4, { $kind }>(tile, nb, x, r, out, out_rs);
+                    r += 4;
                 }
-                if r < rows {
-                    avx2::tile::<1, { $kind }>(tile, nb, x, r, out, out_rs);
+                match rows - r {
+                    0 => {}
+                    1 => avx2::tile::<1, { $kind }>(tile, nb, x, r, out, out_rs),
+                    2 => avx2::tile::<2, { $kind }>(tile, nb, x, r, out, out_rs),
+                    _ => avx2::tile::<3, { $kind }>(tile, nb, x, r, out, out_rs),
                 }
             }};
         }
@@ -499,7 +502,8 @@ mod avx512 {
     }
 }
 
-/// The same tiles on AVX2 (no AVX-512): each 64-byte group of four inputs × 16 rows is two
+/// The same tiles on AVX2 (no AVX-512), four activation rows per call as with AVX-512
+/// (measured against two, alternating runs: prefill +11–24%, 8 streams +10–45%): each 64-byte group of four inputs × 16 rows is two
 /// 256-bit halves (rows 0-7, rows 8-15). `vpmaddubsw` multiplies unsigned weight bytes by
 /// the broadcast signed activations and adds pairs to i16, `vpmaddwd` by ones adds those to
 /// i32: four inputs per row per lane, as `vpdpbusd` does in one step. Q4 nibbles (≤ 15)
