@@ -125,6 +125,16 @@ impl LlamaConfig {
         }
     }
 
+    /// RoPE base and position scale of layer `i`: sliding layers use the local base
+    /// unscaled, the others `rope_theta` with the global scale.
+    pub fn layer_rope(&self, i: usize) -> (f32, f32) {
+        if self.arch.slides(i) {
+            (self.arch.rope_theta_local, 1.0)
+        } else {
+            (self.rope_theta, self.arch.rope_scale_global)
+        }
+    }
+
     /// KV memory of a sequence of `len` tokens between forward passes, in tokens of every
     /// layer (`kv_bytes_per_token` each, rounded up): `len` for models without sliding
     /// layers; sliding layers count at most `window + 15` positions.
@@ -191,10 +201,6 @@ struct Layer {
     down: Linear,
     /// RMS norm of the MLP output before the residual add (Gemma).
     post_ffn_norm: Option<Vec<f32>>,
-    /// Positions seen at most (sliding-window layers).
-    window: Option<usize>,
-    /// RoPE base and position scale of this layer.
-    rope: (f32, f32),
 }
 
 impl Layer {
@@ -211,8 +217,6 @@ impl Layer {
             gate_up,
             down,
             post_ffn_norm: None,
-            window: None,
-            rope: (0.0, 1.0),
         }
     }
 }
@@ -594,7 +598,7 @@ impl Llama {
     fn assemble(
         cfg: LlamaConfig,
         embed: Linear,
-        mut layers: Vec<Layer>,
+        layers: Vec<Layer>,
         norm: Vec<f32>,
         lm_head: Option<Linear>,
         path: &Path,
@@ -606,7 +610,7 @@ impl Llama {
             return bad(format!("token embedding is [{}, {}]", embed.n(), embed.k()));
         }
         let norm_ok = |n: &Option<Vec<f32>>, len: usize| n.as_ref().is_none_or(|n| n.len() == len);
-        for (i, l) in layers.iter_mut().enumerate() {
+        for (i, l) in layers.iter().enumerate() {
             if l.qkv.n() != qkv_n
                 || l.qkv.k() != cfg.hidden
                 || l.o.n() != cfg.hidden
@@ -623,9 +627,6 @@ impl Llama {
             {
                 return bad(format!("layer {i} has shapes that do not match the configuration"));
             }
-            let slides = cfg.arch.slides(i);
-            l.window = if slides { cfg.arch.sliding_window } else { None };
-            l.rope = if slides { (cfg.arch.rope_theta_local, 1.0) } else { (cfg.rope_theta, cfg.arch.rope_scale_global) };
         }
         let weight_bytes = embed.size_in_bytes()
             + lm_head.as_ref().map_or(0, |l| l.size_in_bytes())
@@ -697,9 +698,10 @@ impl Llama {
         }
         // cos/sin of this batch's positions for each RoPE base the layers use.
         let mut ropes: Vec<((f32, f32), Rope)> = Vec::new();
-        for l in &self.layers {
-            if !ropes.iter().any(|(k, _)| *k == l.rope) {
-                ropes.push((l.rope, Rope::new(l.rope, cfg.head_dim, &positions)));
+        for li in 0..cfg.n_layers {
+            let key = cfg.layer_rope(li);
+            if !ropes.iter().any(|(k, _)| *k == key) {
+                ropes.push((key, Rope::new(key, cfg.head_dim, &positions)));
             }
         }
         for (li, layer) in self.layers.iter().enumerate() {
@@ -711,7 +713,8 @@ impl Llama {
             if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
                 head_norms(&mut s.qkv, qkv_w, cfg, qn, kn);
             }
-            let rope = &ropes.iter().find(|(k, _)| *k == layer.rope).expect("computed above").1;
+            let key = cfg.layer_rope(li);
+            let rope = &ropes.iter().find(|(k, _)| *k == key).expect("computed above").1;
             self.rope(&mut s.qkv, qkv_w, rope);
             for (b, &(off, start, n)) in batch.iter_mut().zip(&starts) {
                 for i in 0..n {
@@ -724,7 +727,7 @@ impl Llama {
                 .iter()
                 .map(|b| (b.cache.k[li].as_slice(), b.cache.v[li].as_slice(), b.cache.base[li]))
                 .collect();
-            attention(cfg, &s.qkv, &caches, &starts, layer.window, &mut s.attn);
+            attention(cfg, &s.qkv, &caches, &starts, cfg.layer_window(li), &mut s.attn);
             layer.o.forward(&s.attn, total, &mut s.acts, &mut s.proj);
             if let Some(w) = &layer.post_attn_norm {
                 rms_norm_inplace(&mut s.proj, w, cfg.rms_eps);

@@ -33,16 +33,6 @@ pub enum QKind {
 }
 
 impl QKind {
-    pub fn from_ggml(dtype: candle_core::quantized::GgmlDType) -> Option<Self> {
-        use candle_core::quantized::GgmlDType;
-        match dtype {
-            GgmlDType::Q4_0 => Some(Self::Q4_0),
-            GgmlDType::Q4_1 => Some(Self::Q4_1),
-            GgmlDType::Q8_0 => Some(Self::Q8_0),
-            _ => None,
-        }
-    }
-
     /// The GGUF block type of the same layout.
     pub fn ggml_dtype(self) -> candle_core::quantized::GgmlDType {
         use candle_core::quantized::GgmlDType;
@@ -346,53 +336,38 @@ const ROWS: usize = 4;
 /// with row stride `out_rs` and at least `x.rows` rows.
 unsafe fn run_tile(kind: QKind, tile: *const u8, nb: usize, x: &QActs, out: *mut f32, out_rs: usize) {
     let rows = x.rows;
+    // Both SIMD kernels take ROWS activation rows per call, then the rest in one call.
     #[cfg(target_arch = "x86_64")]
-    if simd() == Simd::Avx512Vnni {
-        macro_rules! go {
-            ($kind:expr) => {{
-                let mut r = 0;
-                while r + ROWS <= rows {
-                    avx512::tile::<ROWS, { $kind }>(tile, nb, x, r, out, out_rs);
-                    r += ROWS;
-                }
-                match rows - r {
-                    0 => {}
-                    1 => avx512::tile::<1, { $kind }>(tile, nb, x, r, out, out_rs),
-                    2 => avx512::tile::<2, { $kind }>(tile, nb, x, r, out, out_rs),
-                    _ => avx512::tile::<3, { $kind }>(tile, nb, x, r, out, out_rs),
-                }
-            }};
-        }
-        match kind {
-            QKind::Q4_0 => go!(K_Q4_0),
-            QKind::Q4_1 => go!(K_Q4_1),
-            QKind::Q8_0 => go!(K_Q8_0),
-        }
-        return;
+    macro_rules! rows_through {
+        ($m:ident) => {{
+            macro_rules! go {
+                ($kind:expr) => {{
+                    let mut r = 0;
+                    while r + ROWS <= rows {
+                        $m::tile::<ROWS, { $kind }>(tile, nb, x, r, out, out_rs);
+                        r += ROWS;
+                    }
+                    match rows - r {
+                        0 => {}
+                        1 => $m::tile::<1, { $kind }>(tile, nb, x, r, out, out_rs),
+                        2 => $m::tile::<2, { $kind }>(tile, nb, x, r, out, out_rs),
+                        _ => $m::tile::<3, { $kind }>(tile, nb, x, r, out, out_rs),
+                    }
+                }};
+            }
+            match kind {
+                QKind::Q4_0 => go!(K_Q4_0),
+                QKind::Q4_1 => go!(K_Q4_1),
+                QKind::Q8_0 => go!(K_Q8_0),
+            }
+            return;
+        }};
     }
     #[cfg(target_arch = "x86_64")]
-    if simd() == Simd::Avx2 {
-        macro_rules! go {
-            ($kind:expr) => {{
-                let mut r = 0;
-                while r + 4 <= rows {
-                    avx2::tile::<4, { $kind }>(tile, nb, x, r, out, out_rs);
-                    r += 4;
-                }
-                match rows - r {
-                    0 => {}
-                    1 => avx2::tile::<1, { $kind }>(tile, nb, x, r, out, out_rs),
-                    2 => avx2::tile::<2, { $kind }>(tile, nb, x, r, out, out_rs),
-                    _ => avx2::tile::<3, { $kind }>(tile, nb, x, r, out, out_rs),
-                }
-            }};
-        }
-        match kind {
-            QKind::Q4_0 => go!(K_Q4_0),
-            QKind::Q4_1 => go!(K_Q4_1),
-            QKind::Q8_0 => go!(K_Q8_0),
-        }
-        return;
+    match simd() {
+        Simd::Avx512Vnni => rows_through!(avx512),
+        Simd::Avx2 => rows_through!(avx2),
+        Simd::Portable => {}
     }
     for r in 0..rows {
         portable_tile(kind, tile, nb, x, r, out.add(r * out_rs));
@@ -808,7 +783,7 @@ mod tests {
         let wt = Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap();
         let q = QTensor::quantize(&wt, dtype).unwrap();
         let deq: Vec<f32> = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        let packed = PackedMatrix::from_ggml(QKind::from_ggml(dtype).unwrap(), n, k, &q.data().unwrap()).unwrap();
+        let packed = PackedMatrix::from_ggml(crate::generate::repack::target(dtype).unwrap(), n, k, &q.data().unwrap()).unwrap();
         // dequantize_row reproduces candle's dequantization exactly
         let mut row = vec![0f32; k];
         for r in [0, 5, n - 1] {

@@ -245,8 +245,6 @@ struct Shared {
     chat_template: Option<ChatTemplate>,
     model_sampling: ModelSampling,
     model_config: LlamaConfig,
-    context_length: usize,
-    vocab: usize,
     kv_budget_tokens: usize,
     metrics: GenMetrics,
 }
@@ -268,8 +266,6 @@ impl GenerateWorker {
                     let mc = m.model.config();
                     let kv_budget_tokens = (cfg.kv_cache_mib << 20) / mc.kv_bytes_per_token();
                     let shared = Arc::new(Shared {
-                        context_length: mc.context_length,
-                        vocab: mc.vocab,
                         kv_budget_tokens,
                         metrics: GenMetrics::new(kv_budget_tokens),
                         tokenizer: m.tokenizer.clone(),
@@ -311,7 +307,7 @@ impl GenerateHandle {
     }
 
     pub fn context_length(&self) -> usize {
-        self.shared.context_length
+        self.shared.model_config.context_length
     }
 
     /// The sampling values the model recommends (empty when it recommends none).
@@ -343,8 +339,8 @@ impl GenerateHandle {
                 message: "the prompt is empty".into(),
             });
         }
-        if let Some(&bad) = req.prompt.iter().find(|&&t| t as usize >= s.vocab) {
-            return Err(EngineError::InvalidTokenId { index: 0, token_id: bad, vocab_size: s.vocab });
+        if let Some(&bad) = req.prompt.iter().find(|&&t| t as usize >= s.model_config.vocab) {
+            return Err(EngineError::InvalidTokenId { index: 0, token_id: bad, vocab_size: s.model_config.vocab });
         }
         if req.n == 0 || req.n > 16 {
             return Err(EngineError::InvalidRequest {
@@ -364,7 +360,7 @@ impl GenerateHandle {
                 message: "at most 4 non-empty stop strings".into(),
             });
         }
-        req.sampling.validate(s.vocab)?;
+        req.sampling.validate(s.model_config.vocab)?;
         let prompt_len = req.prompt.len();
         let limit = s.model_config.max_len_within(s.kv_budget_tokens / req.n);
         // What the context leaves after the prompt; compared, never added to, so a
@@ -766,7 +762,7 @@ impl Scheduler {
         }
         // The context bounds every sequence whatever `max_new` says: one that reached it ends
         // here instead of failing the next forward pass (and the batch with it).
-        if finish.is_none() && (s.generated() >= s.max_new || s.tokens.len() >= self.shared.context_length) {
+        if finish.is_none() && (s.generated() >= s.max_new || s.tokens.len() >= self.shared.model_config.context_length) {
             finish = Some(FinishReason::Length);
         }
         let _ = s.tx.send(GenEvent::Token { index: s.index, token: id, text, logprob });
