@@ -15,6 +15,7 @@
 //! ```
 
 pub mod chat;
+pub mod constrain;
 pub mod model;
 pub mod qmatmul;
 pub mod repack;
@@ -23,6 +24,7 @@ pub mod scheduler;
 pub mod tokenizer;
 
 pub use chat::{ChatMessage, ChatTemplate};
+pub use constrain::{Constrainer, Constraint, Grammar, GrammarLimits};
 pub use model::{KvCache, Llama, LlamaConfig, Scratch, SeqBatch};
 pub use sampling::{ModelSampling, SamplingParams, TokenLogprob};
 pub use scheduler::{

@@ -14,6 +14,7 @@
 //! fails at once with [`EngineError::QueueFull`].
 
 use super::model::{KvCache, Llama, LlamaConfig, Scratch, SeqBatch};
+use super::constrain::{Constrainer, Constraint, Grammar, GrammarLimits};
 use super::sampling::{random_seed, ModelSampling, Sampler, SamplingParams, TokenLogprob};
 use super::tokenizer::{IncrementalDecoder, TextTokenizer};
 use super::{ChatTemplate, GenerativeModel};
@@ -22,7 +23,7 @@ use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 use tokio::sync::mpsc;
 
@@ -84,6 +85,9 @@ pub struct GenerationRequest {
     /// The caller's tracing span (its request id): the worker thread logs each sequence's
     /// start, preemption and end inside it.
     pub span: tracing::Span,
+    /// A grammar the output must match ([`GenerateHandle::compile`]); each of the `n`
+    /// sequences gets its own copy of the state.
+    pub constraint: Option<Constraint>,
 }
 
 impl GenerationRequest {
@@ -96,6 +100,7 @@ impl GenerationRequest {
             n: 1,
             ignore_eos: false,
             span: tracing::Span::current(),
+            constraint: None,
         }
     }
 }
@@ -201,6 +206,12 @@ pub struct GenMetrics {
     pub kv_capacity_tokens: AtomicUsize,
     pub time_to_first_token: Histogram,
     pub inter_token_latency: Histogram,
+    /// Grammar masks computed, and the time spent on them (µs), beside the forward passes.
+    pub masks_total: AtomicU64,
+    pub mask_micros_total: AtomicU64,
+    /// Steps whose masks took longer than their forward pass (the grammar, not the model,
+    /// set the pace).
+    pub mask_bound_steps: AtomicU64,
 }
 
 impl GenMetrics {
@@ -222,6 +233,9 @@ impl GenMetrics {
             kv_capacity_tokens: AtomicUsize::new(kv_capacity),
             time_to_first_token: Histogram::new(LATENCY_BOUNDS),
             inter_token_latency: Histogram::new(LATENCY_BOUNDS),
+            masks_total: AtomicU64::new(0),
+            mask_micros_total: AtomicU64::new(0),
+            mask_bound_steps: AtomicU64::new(0),
         }
     }
 }
@@ -247,6 +261,10 @@ struct Shared {
     model_config: LlamaConfig,
     kv_budget_tokens: usize,
     metrics: GenMetrics,
+    /// The grammar compiler over this model's vocabulary, built at the first constrained
+    /// request (building the token trie takes a moment and memory unconstrained serving
+    /// does not need).
+    constrainer: OnceLock<std::result::Result<Arc<Constrainer>, String>>,
 }
 
 /// Starts generation workers.
@@ -272,6 +290,7 @@ impl GenerateWorker {
                         chat_template: m.chat_template,
                         model_sampling: m.sampling,
                         model_config: mc.clone(),
+                        constrainer: OnceLock::new(),
                         config: cfg,
                     });
                     tracing::info!(
@@ -323,6 +342,26 @@ impl GenerateHandle {
 
     pub fn metrics(&self) -> &GenMetrics {
         &self.shared.metrics
+    }
+
+    /// The grammar compiler over this model's vocabulary (built on first use).
+    pub fn constrainer(&self) -> Result<Arc<Constrainer>> {
+        let s = &self.shared;
+        s.constrainer
+            .get_or_init(|| {
+                let started = Instant::now();
+                let c = Constrainer::new(&s.tokenizer, s.model_config.vocab, GrammarLimits::default());
+                tracing::info!(model = %s.config.model_id, ms = started.elapsed().as_millis() as u64, "grammar engine ready");
+                c.map(Arc::new).map_err(|e| e.to_string())
+            })
+            .clone()
+            .map_err(EngineError::Internal)
+    }
+
+    /// Checks and compiles `grammar` for a request ([`GenerationRequest::constraint`]);
+    /// `param` names the request field it came from in errors.
+    pub fn compile(&self, grammar: &Grammar, param: &str) -> Result<Constraint> {
+        self.constrainer()?.compile(grammar, param)
     }
 
     pub fn config(&self) -> &GenerateConfig {
@@ -419,6 +458,7 @@ struct Seq {
     received: Instant,
     last_token_at: Option<Instant>,
     span: tracing::Span,
+    constraint: Option<Constraint>,
 }
 
 impl Seq {
@@ -625,6 +665,7 @@ impl Scheduler {
                 received: job.received,
                 last_token_at: None,
                 span: req.span.clone(),
+                constraint: req.constraint.clone(),
             });
         }
     }
@@ -669,6 +710,10 @@ impl Scheduler {
         plan.sort_unstable();
         let want: Vec<bool> = plan.iter().map(|&(i, c)| self.running[i].to_feed() == c).collect();
         let total_tokens: usize = plan.iter().map(|p| p.1).sum();
+        // Constraints leave their sequences for the pass so that their masks can be computed
+        // beside it; they are put back before sampling.
+        let mut masks_due: Vec<(usize, Constraint)> =
+            self.running.iter_mut().enumerate().filter_map(|(i, s)| s.constraint.take().map(|c| (i, c))).collect();
         let logits = {
             let mut slots: Vec<Option<&mut Seq>> = self.running.iter_mut().map(Some).collect();
             let mut batch: Vec<SeqBatch<'_>> = Vec::with_capacity(plan.len());
@@ -678,10 +723,41 @@ impl Scheduler {
                 batch.push(SeqBatch { tokens: &s.tokens[start..start + chunk], cache: &mut s.cache, want_logits: w });
             }
             // Run the whole pass on a pool thread: its many parallel loops then fork inside the
-            // pool instead of each waking the pool from outside.
+            // pool instead of each waking the pool from outside. Grammar masks depend only on
+            // the tokens already sampled: they are computed on a thread of their own meanwhile.
             let (model, scratch) = (&self.model, &mut self.scratch);
-            rayon::scope(|_| model.forward(&mut batch, scratch))?
+            let constraints: Vec<&mut Constraint> = masks_due.iter_mut().map(|(_, c)| c).collect();
+            if constraints.is_empty() {
+                rayon::scope(|_| model.forward(&mut batch, scratch))
+            } else {
+                let (out, mask_time) = std::thread::scope(|sc| {
+                    let masks = sc.spawn(move || {
+                        let t = Instant::now();
+                        for c in constraints {
+                            // A failure stays in the constraint and surfaces when it is applied.
+                            let _ = c.compute_mask();
+                        }
+                        t.elapsed()
+                    });
+                    let t = Instant::now();
+                    let out = rayon::scope(|_| model.forward(&mut batch, scratch));
+                    let forward_time = t.elapsed();
+                    let mask_time = masks.join().unwrap_or_default();
+                    (out, (mask_time, forward_time))
+                });
+                let m = &self.shared.metrics;
+                m.masks_total.fetch_add(masks_due.len() as u64, Ordering::Relaxed);
+                m.mask_micros_total.fetch_add(mask_time.0.as_micros() as u64, Ordering::Relaxed);
+                if mask_time.0 > mask_time.1 {
+                    m.mask_bound_steps.fetch_add(1, Ordering::Relaxed);
+                }
+                out
+            }
         };
+        for (i, c) in masks_due {
+            self.running[i].constraint = Some(c);
+        }
+        let logits = logits?;
         let m = &self.shared.metrics;
         m.steps.fetch_add(1, Ordering::Relaxed);
         m.last_batch_seqs.store(plan.len(), Ordering::Relaxed);
@@ -733,8 +809,23 @@ impl Scheduler {
         let tk = &self.tokenizer;
         let m = &self.shared.metrics;
         let s = &mut self.running[i];
+        if let Some(c) = s.constraint.as_mut() {
+            if let Err(e) = c.apply(logits) {
+                let _ = s.tx.send(GenEvent::Error { message: e.to_string() });
+                return true;
+            }
+        }
         let (id, logprob) = s.sampler.sample(logits, &s.tokens);
         s.tokens.push(id);
+        // The grammar has taken its last token: the output is complete.
+        let mut grammar_done = false;
+        if let Some(c) = s.constraint.as_mut() {
+            if let Err(e) = c.accept(id) {
+                let _ = s.tx.send(GenEvent::Error { message: e.to_string() });
+                return true;
+            }
+            grammar_done = c.is_finished();
+        }
         m.generated_tokens_total.fetch_add(1, Ordering::Relaxed);
         match s.last_token_at {
             None => m.time_to_first_token.observe(now.duration_since(s.received).as_secs_f64()),
@@ -756,7 +847,7 @@ impl Scheduler {
             };
             let (out, stopped) = s.push_text(&delta);
             text = out;
-            if stopped {
+            if stopped || grammar_done {
                 finish = Some(FinishReason::Stop);
             }
         }
@@ -768,7 +859,7 @@ impl Scheduler {
         let _ = s.tx.send(GenEvent::Token { index: s.index, token: id, text, logprob });
         let Some(reason) = finish else { return false };
         // Release what was held back (incomplete bytes, a partial stop string).
-        if reason == FinishReason::Length || is_end {
+        if reason == FinishReason::Length || is_end || grammar_done {
             let rest =
                 s.decoder.flush(tk, &s.tokens[s.prompt_len..s.tokens.len() - usize::from(is_end)]).unwrap_or_default();
             let (mut out, stopped) = s.push_text(&rest);

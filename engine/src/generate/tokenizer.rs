@@ -233,6 +233,61 @@ impl TextTokenizer {
     pub fn id_to_token(&self, id: u32) -> Option<String> {
         self.inner.id_to_token(id)
     }
+
+    /// The bytes each token stands for in generated text, by id: what constrained decoding
+    /// matches grammars against. Byte-level vocabularies map their characters back to bytes,
+    /// SentencePiece ones turn `▁` into a space and `<0xNN>` into its byte. Special tokens
+    /// (control tokens, `<|im_end|>`) are `None`: they are never text.
+    pub fn token_bytes(&self) -> Vec<Option<Vec<u8>>> {
+        #[derive(PartialEq)]
+        enum Kind {
+            ByteLevel,
+            Pieces,
+        }
+        fn kind_of(d: &DecoderWrapper) -> Option<Kind> {
+            match d {
+                DecoderWrapper::ByteLevel(_) => Some(Kind::ByteLevel),
+                DecoderWrapper::ByteFallback(_) | DecoderWrapper::Metaspace(_) => Some(Kind::Pieces),
+                DecoderWrapper::Sequence(s) => s.get_decoders().iter().find_map(kind_of),
+                _ => None,
+            }
+        }
+        let kind = self.inner.get_decoder().and_then(kind_of);
+        // GPT-2's byte-to-character table: printable Latin-1 maps to itself, the other bytes to
+        // U+0100 onwards in byte order.
+        let mut char_to_byte = std::collections::HashMap::with_capacity(256);
+        let mut next = 0x100u32;
+        for b in 0..=255u8 {
+            let printable = matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+            let c = if printable {
+                char::from(b)
+            } else {
+                next += 1;
+                char::from_u32(next - 1).unwrap_or('\0')
+            };
+            char_to_byte.insert(c, b);
+        }
+        let added = self.inner.get_added_tokens_decoder();
+        (0..self.vocab_size() as u32)
+            .map(|id| {
+                if let Some(a) = added.get(&id) {
+                    return (!a.special).then(|| a.content.as_bytes().to_vec());
+                }
+                let piece = self.inner.id_to_token(id)?;
+                Some(match kind {
+                    Some(Kind::ByteLevel) => piece.chars().map(|c| char_to_byte.get(&c).copied()).collect::<Option<_>>()?,
+                    Some(Kind::Pieces) => {
+                        let hex = piece.strip_prefix("<0x").and_then(|h| h.strip_suffix('>'));
+                        match hex.filter(|h| h.len() == 2).and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                            Some(b) => vec![b],
+                            None => piece.replace('▁', " ").into_bytes(),
+                        }
+                    }
+                    None => piece.into_bytes(),
+                })
+            })
+            .collect()
+    }
 }
 
 fn strings(v: Option<&Value>, name: &str) -> Result<Vec<String>> {

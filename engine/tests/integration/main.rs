@@ -2,6 +2,7 @@
 //! module per area). The models come from `scripts/setup-models.sh`.
 
 mod common;
+mod constrained;
 mod embeddings;
 mod generate_worker;
 mod gemma3;

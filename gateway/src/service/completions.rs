@@ -226,6 +226,7 @@ pub fn request_over(
         n,
         ignore_eos: c.ignore_eos.unwrap_or(false),
         span: tracing::Span::current(),
+        constraint: None,
     })
 }
 
