@@ -16,10 +16,10 @@ export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
 scripts/setup-models.sh --with-gemma3 "$RAGWAY_MODELS_DIR" >/dev/null
 
 pyenv="$cache/pyenv"
-if ! "$pyenv/bin/python" -c "import openai" 2>/dev/null; then
-  echo "[test] creating $pyenv with the openai client" >&2
-  python3 -m venv "$pyenv"
-  "$pyenv/bin/pip" install --quiet --disable-pip-version-check "openai>=1.40,<4"
+if ! "$pyenv/bin/python" -c "import openai, langchain_openai" 2>/dev/null; then
+  echo "[test] creating $pyenv with the openai client and LangChain's OpenAI integration" >&2
+  [ -x "$pyenv/bin/pip" ] || python3 -m venv "$pyenv"
+  "$pyenv/bin/pip" install --quiet --disable-pip-version-check "openai>=1.40,<4" "langchain-openai>=0.3,<2"
 fi
 export RAGWAY_TEST_PYTHON="${RAGWAY_TEST_PYTHON:-$pyenv/bin/python}"
 

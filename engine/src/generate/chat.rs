@@ -8,16 +8,27 @@ use crate::error::{EngineError, Result};
 use minijinja::{context, Environment, ErrorKind};
 use serde::{Deserialize, Serialize};
 
-/// One chat message.
+/// One chat message. The optional fields are absent from the template's view unless set,
+/// as Hugging Face templates test them with `is defined`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    /// An assistant turn's calls: `[{"id", "type": "function", "function": {"name",
+    /// "arguments": {...}}}]`, arguments as an object (what templates expect).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<serde_json::Value>,
+    /// A `tool` turn: the call it answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    /// A `tool` turn: the function's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 impl ChatMessage {
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        Self { role: role.into(), content: content.into() }
+        Self { role: role.into(), content: content.into(), tool_calls: None, tool_call_id: None, name: None }
     }
 }
 
@@ -68,6 +79,23 @@ impl ChatTemplate {
 
     /// The prompt for `messages`; `add_generation_prompt` opens the assistant's turn.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        self.render_with_tools(messages, None, add_generation_prompt)
+    }
+
+    /// Whether the template renders a `tools` list itself (Qwen, Hermes, Llama 3.x, SmolLM3
+    /// templates do; plain ChatML ones do not).
+    pub fn renders_tools(&self) -> bool {
+        self.source.contains("tools")
+    }
+
+    /// [`render`](Self::render) with the request's tool definitions (OpenAI's
+    /// `[{"type": "function", "function": {...}}]`) as the template's `tools`.
+    pub fn render_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&serde_json::Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         if messages.is_empty() {
             return Err(EngineError::InvalidRequest {
                 param: Some("messages".into()),
@@ -78,6 +106,7 @@ impl ChatTemplate {
         tmpl.render(context! {
             messages => minijinja::Value::from(minijinja::value::Serde(messages)),
             add_generation_prompt => add_generation_prompt,
+            tools => tools.map(|t| minijinja::Value::from(minijinja::value::Serde(t))),
             bos_token => self.bos_token.as_str(),
             eos_token => self.eos_token.as_str(),
         })

@@ -55,10 +55,39 @@ impl Default for GrammarLimits {
     }
 }
 
-/// JSON output settings every schema is compiled with: one space after `:` and `,`, no
-/// other whitespace. Free whitespace lets small models loop on newlines until `max_tokens`.
-fn json_options() -> Value {
+/// JSON output settings every schema is compiled with (llguidance's `x-guidance`): one space
+/// after `:` and `,`, no other whitespace. Free whitespace lets small models loop on
+/// newlines until `max_tokens`. Grammars that embed `%json {...}` put it in their schemas.
+pub fn json_layout() -> Value {
     serde_json::json!({ "whitespace_flexible": false, "item_separator": ", ", "key_separator": ": " })
+}
+
+/// Gives every object schema with `properties` and no `additionalProperties` an
+/// `additionalProperties: false`, as llama.cpp's schema converter does: output then holds only
+/// the declared keys (still valid against the original schema), where small models otherwise
+/// invent keys until `max_tokens`. A schema that wants other keys says so.
+pub fn close_objects(schema: &mut Value) {
+    fn walk(v: &mut Value, depth: usize) {
+        if depth > 64 {
+            return;
+        }
+        match v {
+            Value::Object(m) => {
+                if m.contains_key("properties") && !m.contains_key("additionalProperties") {
+                    m.insert("additionalProperties".into(), Value::Bool(false));
+                }
+                for (k, child) in m.iter_mut() {
+                    // `const`, `enum` and `default` hold data, not schemas.
+                    if !matches!(k.as_str(), "const" | "enum" | "default" | "examples") {
+                        walk(child, depth + 1);
+                    }
+                }
+            }
+            Value::Array(a) => a.iter_mut().for_each(|c| walk(c, depth + 1)),
+            _ => {}
+        }
+    }
+    walk(schema, 0);
 }
 
 /// The token trie of one tokenizer and the grammar compiler over it.
@@ -98,9 +127,12 @@ impl Constrainer {
         if vocab < bytes.len() {
             return Err(EngineError::Internal(format!("vocabulary {vocab} below the tokenizer's {}", bytes.len())));
         }
-        let eos = tokenizer.stop_ids.first().copied().or(tokenizer.eos_id).ok_or_else(|| {
-            EngineError::Internal("constrained decoding needs an end-of-sequence token".into())
-        })?;
+        let eos = tokenizer
+            .stop_ids
+            .first()
+            .copied()
+            .or(tokenizer.eos_id)
+            .ok_or_else(|| EngineError::Internal("constrained decoding needs an end-of-sequence token".into()))?;
         // Special tokens keep a name the trie cannot match as text (its marker byte first).
         let words: Vec<Vec<u8>> = (0..vocab)
             .map(|i| match bytes.get(i) {
@@ -157,9 +189,10 @@ impl Constrainer {
                 if map.contains_key("x-guidance") {
                     return Err(invalid("`x-guidance` is not accepted in schemas".into()));
                 }
-                let mut s = map.clone();
-                s.insert("x-guidance".into(), json_options());
-                TopLevelGrammar::from_json_schema(Value::Object(s))
+                let mut s = Value::Object(map.clone());
+                close_objects(&mut s);
+                s["x-guidance"] = json_layout();
+                TopLevelGrammar::from_json_schema(s)
             }
             Grammar::Regex(rx) => TopLevelGrammar::from_regex(rx),
             Grammar::Lark(src) => TopLevelGrammar::from_lark(src.clone()),
@@ -264,9 +297,25 @@ mod tests {
 
     #[test]
     fn json_options_are_valid_for_llguidance() {
-        let o: llguidance::JsonCompileOptions = serde_json::from_value(json_options()).unwrap();
+        let o: llguidance::JsonCompileOptions = serde_json::from_value(json_layout()).unwrap();
         assert!(!o.whitespace_flexible);
         assert_eq!(o.item_separator, ", ");
+    }
+
+    #[test]
+    fn objects_are_closed_unless_they_say_otherwise() {
+        let mut s = serde_json::json!({
+            "type": "object",
+            "properties": {"a": {"type": "object", "properties": {"b": {}}}, "c": {"type": "object", "properties": {}, "additionalProperties": true}},
+            "anyOf": [{"properties": {"d": {}}}],
+            "const": {"properties": {}}
+        });
+        close_objects(&mut s);
+        assert_eq!(s["additionalProperties"], false);
+        assert_eq!(s["properties"]["a"]["additionalProperties"], false);
+        assert_eq!(s["properties"]["c"]["additionalProperties"], true);
+        assert_eq!(s["anyOf"][0]["additionalProperties"], false);
+        assert!(s["const"].get("additionalProperties").is_none());
     }
 
     #[test]

@@ -3,13 +3,13 @@
 //! Schema validator, and constrained sequences batched with unconstrained ones.
 
 use super::common::models_dir;
+use proptest::prelude::*;
 use ragway_engine::generate::{
     resolve_generation_model, Constrainer, FinishReason, GenEvent, GenerateConfig, GenerateHandle, GenerateWorker,
     GenerationRequest, Grammar, GrammarLimits, SamplingParams, TextTokenizer,
 };
 use ragway_engine::models::DEFAULT_GENERATION_MODEL_ID;
 use ragway_engine::EngineError;
-use proptest::prelude::*;
 use serde_json::{json, Value};
 use std::sync::OnceLock;
 
@@ -56,7 +56,10 @@ fn canonical(v: &Value) -> String {
         Value::Array(a) => format!("[{}]", a.iter().map(canonical).collect::<Vec<_>>().join(", ")),
         Value::Object(o) => format!(
             "{{{}}}",
-            o.iter().map(|(k, v)| format!("{}: {}", Value::from(k.as_str()), canonical(v))).collect::<Vec<_>>().join(", ")
+            o.iter()
+                .map(|(k, v)| format!("{}: {}", Value::from(k.as_str()), canonical(v)))
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
         other => other.to_string(),
     }
@@ -70,7 +73,8 @@ fn validator(schema: &Value) -> jsonschema::Validator {
 fn token_bytes_spell_the_text_they_encode() {
     let tk = tokenizer();
     let bytes = tk.token_bytes();
-    for text in ["Hello, wörld! {\"a\": [1, 2.5e-3]}", "  indented\n\ttabs", "日本語 and emoji 🦀", "\u{7f}\u{1}"] {
+    for text in ["Hello, wörld! {\"a\": [1, 2.5e-3]}", "  indented\n\ttabs", "日本語 and emoji 🦀", "\u{7f}\u{1}"]
+    {
         let ids = tk.encode(text, false).unwrap();
         let spelled: Vec<u8> = ids.iter().flat_map(|&i| bytes[i as usize].clone().expect("text token")).collect();
         assert_eq!(String::from_utf8_lossy(&spelled), text);
@@ -96,7 +100,10 @@ fn masks_follow_a_nested_schema() {
     });
     let g = Grammar::JsonSchema(schema);
     assert!(accepts(&g, r#"{"name": "Ada", "age": 36}"#));
-    assert!(accepts(&g, r#"{"name": "Ada", "age": 36, "tags": ["red", "blue"], "where": {"x": 1.5, "y": -2}, "when": "2024-02-29"}"#));
+    assert!(accepts(
+        &g,
+        r#"{"name": "Ada", "age": 36, "tags": ["red", "blue"], "where": {"x": 1.5, "y": -2}, "when": "2024-02-29"}"#
+    ));
     assert!(accepts(&g, r#"{"name": "Ada", "age": 36, "when": null}"#));
     // Missing required field, out of range, bad enum, too many items, bad date, extra key.
     assert!(!accepts(&g, r#"{"name": "Ada"}"#));
@@ -241,7 +248,13 @@ fn chat_prompt(h: &GenerateHandle, question: &str) -> Vec<u32> {
     h.tokenizer().encode(&text, false).unwrap()
 }
 
-fn constrained(h: &GenerateHandle, question: &str, schema: &Value, max_tokens: usize, sampling: SamplingParams) -> GenerationRequest {
+fn constrained(
+    h: &GenerateHandle,
+    question: &str,
+    schema: &Value,
+    max_tokens: usize,
+    sampling: SamplingParams,
+) -> GenerationRequest {
     let mut req = GenerationRequest::new(chat_prompt(h, question), max_tokens, sampling);
     req.constraint = Some(h.compile(&Grammar::JsonSchema(schema.clone()), "response_format").unwrap());
     req
@@ -251,7 +264,8 @@ fn constrained(h: &GenerateHandle, question: &str, schema: &Value, max_tokens: u
 fn constrained_and_unconstrained_sequences_share_a_batch() {
     let h = worker();
     let schema = person_schema();
-    let alone_c = collect(h.submit(constrained(h, "Describe a person as JSON.", &schema, 80, SamplingParams::greedy())).unwrap());
+    let alone_c =
+        collect(h.submit(constrained(h, "Describe a person as JSON.", &schema, 80, SamplingParams::greedy())).unwrap());
     let free = || GenerationRequest::new(chat_prompt(h, "Name three colours."), 40, SamplingParams::greedy());
     let alone_u = collect(h.submit(free()).unwrap());
     assert_eq!(alone_c.finish, Some(FinishReason::Stop), "{}", alone_c.text);
@@ -273,7 +287,8 @@ fn constrained_and_unconstrained_sequences_share_a_batch() {
 #[test]
 fn an_unfinishable_schema_ends_with_length() {
     let h = worker();
-    let schema = json!({"type": "object", "properties": {"s": {"type": "string", "minLength": 500}}, "required": ["s"]});
+    let schema =
+        json!({"type": "object", "properties": {"s": {"type": "string", "minLength": 500}}, "required": ["s"]});
     let out = collect(h.submit(constrained(h, "Say hi.", &schema, 12, SamplingParams::greedy())).unwrap());
     assert_eq!(out.finish, Some(FinishReason::Length));
     assert!(out.text.starts_with("{\"s\": \""), "{}", out.text);
@@ -300,7 +315,9 @@ fn random_schema(seed: u64) -> Value {
             3 => json!({"type": "boolean"}),
             4 => json!({"enum": ["alpha", "beta", "gamma"]}),
             5 => json!({"type": "array", "items": {"type": "integer"}, "minItems": 1, "maxItems": 1 + next(4)}),
-            6 => json!({"type": "object", "properties": {"id": {"type": "integer"}, "label": {"type": "string", "maxLength": 12}}, "required": ["id"]}),
+            6 => {
+                json!({"type": "object", "properties": {"id": {"type": "integer"}, "label": {"type": "string", "maxLength": 12}}, "required": ["id"]})
+            }
             _ => json!({"anyOf": [{"type": "string", "maxLength": 10}, {"type": "null"}]}),
         };
         let name = format!("field_{i}");
@@ -322,7 +339,8 @@ fn two_hundred_seeded_requests_with_random_schemas_are_all_valid() {
             .map(|k| {
                 let seed = wave * 20 + k;
                 let schema = random_schema(seed);
-                let sampling = SamplingParams { temperature: 0.8, top_p: 0.95, seed: Some(seed), ..SamplingParams::default() };
+                let sampling =
+                    SamplingParams { temperature: 0.8, top_p: 0.95, seed: Some(seed), ..SamplingParams::default() };
                 let req = constrained(h, "Fill in the record with plausible values.", &schema, 120, sampling);
                 (schema, h.submit(req).unwrap())
             })
@@ -331,7 +349,8 @@ fn two_hundred_seeded_requests_with_random_schemas_are_all_valid() {
             let out = collect(stream);
             if out.finish == Some(FinishReason::Stop) {
                 stops += 1;
-                let v: Value = serde_json::from_str(&out.text).unwrap_or_else(|e| panic!("{e}: {} for {schema}", out.text));
+                let v: Value =
+                    serde_json::from_str(&out.text).unwrap_or_else(|e| panic!("{e}: {} for {schema}", out.text));
                 assert!(validator(&schema).is_valid(&v), "{} does not validate against {schema}", out.text);
             }
         }

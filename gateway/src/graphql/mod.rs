@@ -415,6 +415,10 @@ pub struct GenerateInput {
     top_k: Option<i32>,
     seed: Option<i64>,
     stop: Option<Vec<String>>,
+    /// As OpenAI's `response_format`: `{"type": "json_schema", "json_schema": {"name",
+    /// "schema"}}`, `{"type": "json_object"}`, or ragway's `regex` and `grammar`; the text
+    /// then always parses (unless cut by `maxTokens`: finish reason `length`).
+    response_format: Option<Json<Value>>,
 }
 
 impl GenerateInput {
@@ -429,6 +433,7 @@ impl GenerateInput {
                 top_k: self.top_k.map(i64::from),
                 seed: self.seed,
                 stop: self.stop.map(|s| json!(s)),
+                response_format: self.response_format.map(|j| j.0),
                 ..Default::default()
             },
             ..Default::default()

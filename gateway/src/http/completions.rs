@@ -12,10 +12,11 @@ use crate::http::openapi::*;
 use crate::http::sse::{self, ChoiceFormat, Encoder};
 use crate::service::auth::Principal;
 use crate::service::completions::{
-    completion_prompts, gather, merge, new_id, start_chat_on, submit_all, template_request, usage, ChatRequest,
+    completion_prompts, gather, merge, new_id, output_constraint, start_chat_on, submit_all, template_request, usage, ChatRequest,
     CompletionRequest, StartedChat,
 };
 use crate::service::error::ServiceError;
+use crate::service::structured::split_calls;
 use crate::service::usage::Usage;
 use actix_web::web::Bytes;
 use actix_web::{post, web, HttpRequest, HttpResponse};
@@ -56,11 +57,11 @@ pub(crate) async fn chat_local(
     req: ChatRequest,
     model: String,
 ) -> Result<HttpResponse, ServiceError> {
-    let StartedChat { h, events, n, prompt_tokens, top, stream, include_usage } =
+    let StartedChat { h, events, n, prompt_tokens, top, stream, include_usage, tools } =
         crate::service::limits::blocking(move || start_chat_on(h, req)).await?;
     let id = new_id("chatcmpl");
     if stream {
-        let enc = Encoder::new(h, ChoiceFormat::Chat, id, model, include_usage);
+        let enc = Encoder::new(h, ChoiceFormat::Chat, id, model, include_usage).with_tools(tools);
         return Ok(sse::response(sse::body(enc, events, n, prompt_tokens, caller, None)));
     }
     let choices = gather(events, n, None, n).await?;
@@ -68,11 +69,21 @@ pub(crate) async fn chat_local(
     let choices = choices
         .into_iter()
         .enumerate()
-        .map(|(i, c)| ChatChoice {
-            index: i,
-            logprobs: top.is_some().then(|| ChatLogprobs::of(h.tokenizer(), &c.logprobs)),
-            finish_reason: c.finish,
-            message: AssistantMessage::new(c.text),
+        .map(|(i, c)| {
+            let (message, finish_reason) = match tools {
+                Some(t) => {
+                    let (content, calls) = split_calls(t.format, t.forced, &c.text);
+                    let reason = if !calls.is_empty() && c.finish == Some("stop") { Some("tool_calls") } else { c.finish };
+                    (AssistantMessage::with_calls(content, calls), reason)
+                }
+                None => (AssistantMessage::new(c.text), c.finish),
+            };
+            ChatChoice {
+                index: i,
+                logprobs: top.is_some().then(|| ChatLogprobs::of(h.tokenizer(), &c.logprobs)),
+                finish_reason,
+                message,
+            }
         })
         .collect();
     Ok(HttpResponse::Ok().json(ChatCompletion::new(id, model, choices, usage, None)))
@@ -165,8 +176,12 @@ pub(crate) async fn completions_local(
     if req.logprobs.is_some_and(|k| k > 5) {
         return Err(ServiceError::invalid("logprobs", "logprobs must be between 0 and 5"));
     }
-    let template = template_request(&req.common, req.logprobs, &h)?;
-    let (prompts, h, req) = crate::service::limits::blocking(move || Ok((completion_prompts(&req.prompt, &h)?, h, req))).await?;
+    let mut template = template_request(&req.common, req.logprobs, &h)?;
+    let (prompts, constraint, h, req) = crate::service::limits::blocking(move || {
+        Ok((completion_prompts(&req.prompt, &h)?, output_constraint(&h, &req.common)?, h, req))
+    })
+    .await?;
+    template.constraint = constraint;
     let echo_texts: Option<Vec<String>> = if req.echo.unwrap_or(false) {
         if req.common.stream.unwrap_or(false) {
             return Err(ServiceError::invalid("echo", "echo is not supported with stream"));

@@ -45,14 +45,73 @@ pub struct AssistantMessage {
     /// Always `assistant`.
     #[schema(value_type = String)]
     pub role: &'static str,
-    pub content: String,
+    /// The text; `null` when the turn is only tool calls.
+    pub content: Option<String>,
     pub refusal: Option<String>,
+    /// The functions the model calls.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCall>>,
 }
 
 impl AssistantMessage {
     pub fn new(content: String) -> Self {
-        Self { role: "assistant", content, refusal: None }
+        Self { role: "assistant", content: Some(content), refusal: None, tool_calls: None }
     }
+
+    /// A turn read for tool calls: `content` is `null` when there is only calls.
+    pub fn with_calls(content: String, calls: Vec<(String, String, String)>) -> Self {
+        if calls.is_empty() {
+            return Self::new(content);
+        }
+        let tool_calls = calls
+            .into_iter()
+            .map(|(id, name, arguments)| ToolCall { id, kind: "function", function: FunctionCall { name, arguments } })
+            .collect();
+        Self {
+            role: "assistant",
+            content: (!content.is_empty()).then_some(content),
+            refusal: None,
+            tool_calls: Some(tool_calls),
+        }
+    }
+}
+
+/// One call in an assistant message.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ToolCall {
+    pub id: String,
+    /// Always `function`.
+    #[serde(rename = "type")]
+    #[schema(value_type = String)]
+    pub kind: &'static str,
+    pub function: FunctionCall,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct FunctionCall {
+    pub name: String,
+    /// The arguments as JSON text.
+    pub arguments: String,
+}
+
+/// A piece of a call in a stream: the first carries `id`, `type` and the name, the rest
+/// pieces of `arguments`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ToolCallDelta {
+    pub index: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub kind: Option<&'static str>,
+    pub function: FunctionDelta,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct FunctionDelta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub arguments: String,
 }
 
 /// A `text_completion`.
@@ -197,6 +256,8 @@ pub struct Delta {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallDelta>>,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]

@@ -147,7 +147,7 @@ use crate::http::{admin, collections, completions, drift, embeddings, evals, hea
         SearchHit, SourceHit, SearchMode, JobView, ProgressView, JobState, RecordError, OnError,
         Distance, HnswParams, ChunkingParams, KeywordParams, FusionParams, FusionMethod,
         crate::service::evals::StartEval,
-        crate::http::openai::ChatCompletion, crate::http::openai::ChatChoice, crate::http::openai::AssistantMessage,
+        crate::http::openai::ChatCompletion, crate::http::openai::ChatChoice, crate::http::openai::AssistantMessage, crate::http::openai::ToolCall, crate::http::openai::FunctionCall, crate::http::openai::ToolCallDelta, crate::http::openai::FunctionDelta,
         crate::http::openai::TextCompletion, crate::http::openai::TextChoice, crate::service::usage::Usage,
         crate::http::openai::ChatLogprobs, crate::http::openai::ChatTokenLogprob, crate::http::openai::TopLogprob,
         crate::http::openai::TextLogprobs, crate::http::openai::Delta,

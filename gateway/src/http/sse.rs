@@ -1,7 +1,11 @@
 //! The one SSE encoder of the OpenAI endpoints: typed chunks (`http::openai`) as the engine
 //! decodes, a final usage chunk on request, then `data: [DONE]`.
 
-use crate::http::openai::{ChatChunkChoice, ChatLogprobs, CompletionChunk, Delta, TextChunkChoice, TextLogprobs};
+use crate::http::openai::{
+    ChatChunkChoice, ChatLogprobs, CompletionChunk, Delta, FunctionDelta, TextChunkChoice, TextLogprobs, ToolCallDelta,
+};
+use crate::service::completions::ToolOutput;
+use crate::service::structured::{Piece, ToolParser};
 use crate::service::auth::Principal;
 use crate::service::completions::Events;
 use crate::service::usage::Usage;
@@ -38,11 +42,19 @@ pub(crate) struct Encoder {
     model: String,
     created: u64,
     include_usage: bool,
+    /// Chat with tools: each choice's text goes through a [`ToolParser`].
+    tools: Option<ToolOutput>,
 }
 
 impl Encoder {
     pub(crate) fn new(h: GenerateHandle, format: ChoiceFormat, id: String, model: String, include_usage: bool) -> Self {
-        Self { h, format, id, model, created: crate::service::now(), include_usage }
+        Self { h, format, id, model, created: crate::service::now(), include_usage, tools: None }
+    }
+
+    /// Reads tool calls out of the choices' text.
+    pub(crate) fn with_tools(mut self, tools: Option<ToolOutput>) -> Self {
+        self.tools = tools;
+        self
     }
 
     fn chunk<C: Serialize>(&self, choices: Vec<C>) -> CompletionChunk<C> {
@@ -75,7 +87,7 @@ impl Encoder {
         match self.format {
             ChoiceFormat::Chat => event(&self.chunk(vec![ChatChunkChoice {
                 index,
-                delta: Delta { role, content: text },
+                delta: Delta { role, content: text, tool_calls: None },
                 logprobs: lp.map(|lp| ChatLogprobs::of(tok, std::slice::from_ref(lp))),
                 finish_reason: finish,
             }])),
@@ -96,6 +108,33 @@ impl Encoder {
     /// Decoded text (and its token's logprobs, when asked for).
     pub(crate) fn text(&self, index: usize, text: String, lp: Option<&TokenLogprob>) -> Bytes {
         self.choice(index, None, Some(text), lp, None)
+    }
+
+    /// Part of a choice's text as read by its tool-call parser: content, or a call's start
+    /// or arguments in OpenAI's `tool_calls` delta format.
+    pub(crate) fn piece(&self, index: usize, piece: Piece) -> Bytes {
+        let call = |i: usize, id: Option<String>, name: Option<String>, arguments: String| {
+            event(&self.chunk(vec![ChatChunkChoice {
+                index,
+                delta: Delta {
+                    role: None,
+                    content: None,
+                    tool_calls: Some(vec![ToolCallDelta {
+                        index: i,
+                        kind: id.as_ref().map(|_| "function"),
+                        id,
+                        function: FunctionDelta { name, arguments },
+                    }]),
+                },
+                logprobs: None,
+                finish_reason: None,
+            }]))
+        };
+        match piece {
+            Piece::Content(text) => self.text(index, text, None),
+            Piece::CallStart { index: i, id, name } => call(i, Some(id), Some(name), String::new()),
+            Piece::Arguments { index: i, text } => call(i, None, None, text),
+        }
     }
 
     /// A choice's last chunk.
@@ -145,7 +184,12 @@ pub(crate) fn body(
         started: Vec<bool>,
         tail: Option<Tail>,
         text: String,
+        parsers: Vec<ToolParser>,
     }
+    let parsers = match enc.tools {
+        Some(t) => (0..choices).map(|_| ToolParser::new(t.format, t.forced)).collect(),
+        None => Vec::new(),
+    };
     let st = St {
         events,
         done: 0,
@@ -154,6 +198,7 @@ pub(crate) fn body(
         started: vec![false; choices],
         tail,
         text: String::new(),
+        parsers,
     };
     stream::unfold(st, move |mut st| {
         let enc = enc.clone();
@@ -180,6 +225,16 @@ pub(crate) fn body(
                         if st.tail.is_some() && index == 0 {
                             st.text.push_str(&text);
                         }
+                        if let Some(p) = st.parsers.get_mut(index) {
+                            let pieces = p.push(&text);
+                            if pieces.is_empty() {
+                                continue;
+                            }
+                            for piece in pieces {
+                                out.extend_from_slice(&enc.piece(index, piece));
+                            }
+                            break;
+                        }
                         if text.is_empty() && logprob.is_none() {
                             continue;
                         }
@@ -191,13 +246,28 @@ pub(crate) fn body(
                         if st.tail.is_some() && index == 0 {
                             st.text.push_str(&text);
                         }
+                        if let Some(p) = st.parsers.get_mut(index) {
+                            for piece in p.push(&text) {
+                                out.extend_from_slice(&enc.piece(index, piece));
+                            }
+                            break;
+                        }
                         out.extend_from_slice(&enc.text(index, text, None));
                         break;
                     }
                     GenEvent::Done { index, finish_reason, completion_tokens, .. } => {
                         open(&mut st.started, index, &mut out);
                         st.completion_tokens = st.completion_tokens.saturating_add(completion_tokens);
-                        out.extend_from_slice(&enc.finish(index, finish_reason.as_str()));
+                        let mut reason = finish_reason.as_str();
+                        if let Some(p) = st.parsers.get_mut(index) {
+                            for piece in p.finish() {
+                                out.extend_from_slice(&enc.piece(index, piece));
+                            }
+                            if p.calls() > 0 && reason == "stop" {
+                                reason = "tool_calls";
+                            }
+                        }
+                        out.extend_from_slice(&enc.finish(index, reason));
                         st.done += 1;
                         if st.done == choices {
                             let usage = Usage::charged(prompt_tokens, st.completion_tokens, caller.as_deref());

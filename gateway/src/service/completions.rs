@@ -8,11 +8,12 @@ use crate::app::AppState;
 use crate::models::ModelKind;
 use crate::service::auth::Principal;
 use crate::service::error::ServiceError;
+use crate::service::structured::{self, ToolChoice, ToolFormat, Tools};
 use crate::service::usage::Usage;
 use futures::stream::{self, Stream, StreamExt};
 use ragway_engine::generate::sampling::random_seed;
 use ragway_engine::generate::{
-    ChatMessage, GenEvent, GenerateHandle, GenerationRequest, GenerationStream, SamplingParams, TokenLogprob,
+    ChatMessage, Constraint, GenEvent, GenerateHandle, GenerationRequest, GenerationStream, SamplingParams, TokenLogprob,
 };
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -57,6 +58,12 @@ pub struct Common {
     pub stream_options: Option<StreamOptions>,
     #[serde(default)]
     pub ignore_eos: Option<bool>,
+    /// `{"type": "text"}`, `{"type": "json_object"}`, `{"type": "json_schema", "json_schema":
+    /// {"name", "schema", "strict"}}`, or ragway's `{"type": "regex", "pattern"}` and
+    /// `{"type": "grammar", "grammar"}` (Lark, llguidance's dialect).
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub response_format: Option<Value>,
     /// Everything else: accepted when it is an OpenAI field ragway can honour by ignoring it,
     /// refused otherwise (a typo must not pass silently).
     #[serde(flatten)]
@@ -90,6 +97,18 @@ pub struct ChatRequest {
     pub logprobs: Option<bool>,
     #[serde(default)]
     pub top_logprobs: Option<usize>,
+    /// Function tools: `[{"type": "function", "function": {"name", "description", "parameters"}}]`.
+    #[serde(default)]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub tools: Option<Value>,
+    /// `none`, `auto` (the default with tools), `required`, or `{"type": "function", "function": {"name"}}`.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub tool_choice: Option<Value>,
+    /// Whether one turn may hold several calls (default true).
+    #[serde(default)]
+    #[schema(value_type = Option<bool>)]
+    pub parallel_tool_calls: Option<Value>,
     #[serde(flatten)]
     pub common: Common,
 }
@@ -107,7 +126,7 @@ pub struct CompletionRequest {
 }
 
 /// OpenAI fields that change nothing here.
-const IGNORED: &[&str] = &["user", "store", "metadata", "service_tier", "parallel_tool_calls", "stream_options"];
+const IGNORED: &[&str] = &["user", "store", "metadata", "service_tier", "stream_options"];
 
 fn check_extra(extra: &Map<String, Value>) -> Result<(), ServiceError> {
     for (k, v) in extra {
@@ -115,18 +134,10 @@ fn check_extra(extra: &Map<String, Value>) -> Result<(), ServiceError> {
             continue;
         }
         let msg = match k.as_str() {
-            "tools" | "tool_choice" | "functions" | "function_call" => {
-                if k == "tool_choice" && v == "none" || v.as_array().is_some_and(|a| a.is_empty()) {
-                    continue;
-                }
-                format!("`{k}` is not supported: this server does not do tool calling")
+            "tools" | "tool_choice" | "parallel_tool_calls" => {
+                format!("`{k}` is a chat completions parameter; /v1/completions takes `response_format`")
             }
-            "response_format" => {
-                if v.get("type").and_then(Value::as_str) == Some("text") {
-                    continue;
-                }
-                "only `response_format: {\"type\": \"text\"}` is supported".to_string()
-            }
+            "functions" | "function_call" => format!("`{k}` is deprecated by OpenAI; use `tools` and `tool_choice`"),
             "best_of" => {
                 if v.as_u64() == Some(1) {
                     continue;
@@ -247,12 +258,12 @@ pub fn chat_messages(v: &Value) -> Result<Vec<ChatMessage>, ServiceError> {
                 .and_then(Value::as_str)
                 .ok_or_else(|| ServiceError::invalid(&param, format!("{param}.role must be a string")))?;
             let role = match role {
-                "system" | "user" | "assistant" => role,
+                "system" | "user" | "assistant" | "tool" => role,
                 "developer" => "system",
                 other => {
                     return Err(ServiceError::invalid(
                         format!("{param}.role"),
-                        format!("unsupported role `{other}` (system, developer, user, assistant)"),
+                        format!("unsupported role `{other}` (system, developer, user, assistant, tool)"),
                     ))
                 }
             };
@@ -284,12 +295,70 @@ pub fn chat_messages(v: &Value) -> Result<Vec<ChatMessage>, ServiceError> {
                     ))
                 }
             };
-            Ok(ChatMessage::new(role, content))
+            let mut msg = ChatMessage::new(role, content);
+            if role == "assistant" {
+                msg.tool_calls = assistant_calls(m.get("tool_calls"), &param)?;
+            }
+            if role == "tool" {
+                let id = m.get("tool_call_id").and_then(Value::as_str).ok_or_else(|| {
+                    ServiceError::invalid(format!("{param}.tool_call_id"), "a tool message needs its tool_call_id")
+                })?;
+                msg.tool_call_id = Some(id.to_string());
+            }
+            Ok(msg)
         })
         .collect::<Result<Vec<_>, _>>()?;
+    // A tool result carries the name of the function whose call it answers.
+    let mut names: HashMap<String, String> = HashMap::new();
+    let mut messages = messages;
+    for m in &mut messages {
+        for c in m.tool_calls.as_ref().and_then(Value::as_array).into_iter().flatten() {
+            if let (Some(id), Some(name)) = (c["id"].as_str(), c["function"]["name"].as_str()) {
+                names.insert(id.to_string(), name.to_string());
+            }
+        }
+        if let Some(id) = &m.tool_call_id {
+            m.name = names.get(id).cloned();
+        }
+    }
     // The prompt-size limit, before anything renders or tokenizes the messages.
     crate::service::limits::check_prompt_bytes(messages.iter().map(|m| m.content.len()).sum(), "messages")?;
     Ok(messages)
+}
+
+/// An assistant message's `tool_calls`, with each call's `arguments` (a JSON string in
+/// OpenAI's format) parsed into the object templates expect.
+fn assistant_calls(v: Option<&Value>, param: &str) -> Result<Option<Value>, ServiceError> {
+    let calls = match v {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Array(a)) if a.len() <= crate::service::structured::MAX_TOOLS => a,
+        Some(_) => {
+            return Err(ServiceError::invalid(
+                format!("{param}.tool_calls"),
+                format!("tool_calls must be an array of at most {} calls", crate::service::structured::MAX_TOOLS),
+            ))
+        }
+    };
+    let mut out = Vec::with_capacity(calls.len());
+    for (j, c) in calls.iter().enumerate() {
+        let p = format!("{param}.tool_calls[{j}]");
+        let f = c.get("function").and_then(Value::as_object);
+        let (Some(id), Some(name), Some(args)) = (
+            c.get("id").and_then(Value::as_str),
+            f.and_then(|f| f.get("name")).and_then(Value::as_str),
+            f.and_then(|f| f.get("arguments")),
+        ) else {
+            return Err(ServiceError::invalid(p, "a tool call is {\"id\", \"type\": \"function\", \"function\": {\"name\", \"arguments\"}}"));
+        };
+        let arguments = match args {
+            Value::String(s) => serde_json::from_str::<Value>(s).map_err(|e| {
+                ServiceError::invalid(format!("{p}.function.arguments"), format!("arguments must be JSON text: {e}"))
+            })?,
+            other => other.clone(),
+        };
+        out.push(serde_json::json!({"id": id, "type": "function", "function": {"name": name, "arguments": arguments}}));
+    }
+    Ok(Some(Value::Array(out)))
 }
 
 pub fn completion_prompts(v: &Value, h: &GenerateHandle) -> Result<Vec<Vec<u32>>, ServiceError> {
@@ -448,6 +517,22 @@ pub struct StartedChat {
     pub top: Option<usize>,
     pub stream: bool,
     pub include_usage: bool,
+    /// With tools on: how calls are read out of the text.
+    pub tools: Option<ToolOutput>,
+}
+
+/// How a chat's text turns into `tool_calls`.
+#[derive(Debug, Clone, Copy)]
+pub struct ToolOutput {
+    pub format: ToolFormat,
+    /// Required or named: the whole output is calls.
+    pub forced: bool,
+}
+
+/// `response_format` of a request, compiled for `h` (checked before anything is queued).
+pub fn output_constraint(h: &GenerateHandle, c: &Common) -> Result<Option<Constraint>, ServiceError> {
+    let Some(g) = structured::response_format(c.response_format.as_ref())? else { return Ok(None) };
+    h.compile(&g, "response_format").map(Some).map_err(|e| ServiceError::from_engine(e, "response_format"))
 }
 
 /// Validates a chat request, renders and tokenizes its prompt, and queues it.
@@ -465,7 +550,7 @@ pub fn start_chat_on(h: GenerateHandle, req: ChatRequest) -> Result<StartedChat,
     } else {
         None
     };
-    let template = template_request(&req.common, top, &h)?;
+    let mut template = template_request(&req.common, top, &h)?;
     let messages = chat_messages(&req.messages)?;
     let chat_template = h.chat_template().ok_or_else(|| {
         ServiceError::invalid(
@@ -473,7 +558,24 @@ pub fn start_chat_on(h: GenerateHandle, req: ChatRequest) -> Result<StartedChat,
             "this model has no chat template; use /v1/completions or configure --chat-template",
         )
     })?;
-    let rendered = chat_template.render(&messages, true).map_err(|e| ServiceError::from_engine(e, "messages"))?;
+    let tools = Tools::parse(req.tools.as_ref(), req.tool_choice.as_ref(), req.parallel_tool_calls.as_ref())?;
+    let active = tools.as_ref().filter(|t| t.choice != ToolChoice::None);
+    let (format, native) = ToolFormat::of(chat_template);
+    let wants_format = structured::response_format(req.common.response_format.as_ref())?.is_some();
+    if wants_format && active.is_some() {
+        return Err(ServiceError::invalid(
+            "response_format",
+            "response_format cannot be combined with tools the model may call; set tool_choice to none, or drop response_format",
+        ));
+    }
+    template.constraint = match active.and_then(|t| t.grammar(format)) {
+        Some(g) => Some(h.compile(&g, "tools").map_err(|e| ServiceError::from_engine(e, "tools"))?),
+        None => output_constraint(&h, &req.common)?,
+    };
+    let messages = structured::prepare_messages(messages, tools.as_ref(), native);
+    let rendered = chat_template
+        .render_with_tools(&messages, active.filter(|_| native).map(|t| &t.defs), true)
+        .map_err(|e| ServiceError::from_engine(e, "messages"))?;
     let prompt = h.tokenizer().encode(&rendered, false).map_err(|e| ServiceError::from_engine(e, "messages"))?;
     let prompt_tokens = prompt.len();
     let n = template.n;
@@ -486,6 +588,7 @@ pub fn start_chat_on(h: GenerateHandle, req: ChatRequest) -> Result<StartedChat,
         top,
         stream: req.common.stream.unwrap_or(false),
         include_usage: req.common.stream_options.as_ref().is_some_and(|o| o.include_usage),
+        tools: active.map(|t| ToolOutput { format, forced: t.forced() }),
     })
 }
 

@@ -12,6 +12,7 @@ pub mod limits;
 pub mod models;
 pub mod prompts;
 pub mod rag;
+pub mod structured;
 pub mod usage;
 
 /// Seconds since the Unix epoch (OpenAI's `created`, job and run times).

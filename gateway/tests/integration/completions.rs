@@ -159,3 +159,80 @@ fn a_client_that_disconnects_cancels_its_generation() {
     let (st, b) = s.post("/v1/completions", &json!({"model": MODEL, "prompt": "Hi", "max_tokens": 2}));
     assert_eq!(st, 200, "{b}");
 }
+
+const WEATHER: &str = r#"{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object",
+    "properties": {"city": {"type": "string"}}, "required": ["city"]}}}"#;
+
+/// Issue 23: a forced call streams as OpenAI's `tool_calls` deltas — the first with id, type
+/// and name, then `arguments` in pieces that join into the schema's JSON — and ends with
+/// `finish_reason: "tool_calls"`; the same request unstreamed gives the same call.
+#[test]
+fn streamed_tool_calls_have_openai_delta_shape() {
+    let s = shared();
+    let body = json!({
+        "model": MODEL, "temperature": 0, "parallel_tool_calls": false,
+        "messages": [{"role": "user", "content": "What is the weather in Oslo?"}],
+        "tools": [serde_json::from_str::<Value>(WEATHER).unwrap()], "tool_choice": "required",
+    });
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let events = sse_events("/v1/chat/completions", &streamed);
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    let deltas: Vec<&Value> = chunks.iter().map(|c| &c["choices"][0]["delta"]).collect();
+    assert_eq!(deltas[0]["role"], "assistant");
+    let calls: Vec<&Value> = deltas.iter().filter_map(|d| d.get("tool_calls")).map(|t| &t[0]).collect();
+    assert!(calls.len() > 2, "{events:?}");
+    assert_eq!(calls[0]["index"], 0);
+    assert_eq!(calls[0]["type"], "function");
+    assert_eq!(calls[0]["function"]["name"], "get_weather");
+    assert!(calls[0]["id"].as_str().unwrap().starts_with("call_"));
+    assert!(calls[1..].iter().all(|c| c.get("id").is_none() && c["function"].get("name").is_none()));
+    assert!(deltas.iter().all(|d| d.get("content").is_none_or(|c| c == "")), "no content beside a forced call");
+    let args: String = calls.iter().map(|c| c["function"]["arguments"].as_str().unwrap()).collect();
+    let parsed: Value = serde_json::from_str(&args).unwrap();
+    assert!(parsed["city"].is_string() && parsed.as_object().unwrap().len() == 1, "{args}");
+    assert_eq!(chunks.last().unwrap()["choices"][0]["finish_reason"], "tool_calls");
+
+    let (st, whole) = s.post("/v1/chat/completions", &body);
+    assert_eq!(st, 200, "{whole}");
+    let msg = &whole["choices"][0]["message"];
+    assert!(msg["content"].is_null(), "{whole}");
+    assert_eq!(msg["tool_calls"][0]["function"]["arguments"].as_str().unwrap(), args);
+    assert_eq!(whole["choices"][0]["finish_reason"], "tool_calls");
+}
+
+/// Issue 23: `response_format` on `/v1/completions`, and the limits on what a request may
+/// bring (schema size, tool count, conflicting options).
+#[test]
+fn text_completions_take_response_format_and_limits_hold() {
+    let s = shared();
+    let (st, b) = s.post(
+        "/v1/completions",
+        &json!({"model": MODEL, "prompt": "The year the Berlin wall fell:", "temperature": 0,
+                "response_format": {"type": "regex", "pattern": "1[0-9]{3}"}}),
+    );
+    assert_eq!(st, 200, "{b}");
+    let text = b["choices"][0]["text"].as_str().unwrap();
+    assert!(text.len() == 4 && text.starts_with('1') && text.bytes().all(|c| c.is_ascii_digit()), "{text}");
+    assert_eq!(b["choices"][0]["finish_reason"], "stop");
+
+    let huge: serde_json::Map<String, Value> = (0..3000).map(|i| (format!("field_number_{i}"), json!({"type": "string"}))).collect();
+    let (st, b) = s.post(
+        "/v1/chat/completions",
+        &json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                "response_format": {"type": "json_schema", "json_schema": {"name": "h", "schema": {"type": "object", "properties": huge}}}}),
+    );
+    assert!(assert_openai_error(st, &b, 400)["message"].as_str().unwrap().contains("bytes"), "{b}");
+    let tools: Vec<Value> = (0..129).map(|i| json!({"type": "function", "function": {"name": format!("f{i}")}})).collect();
+    let (st, b) = s.post("/v1/chat/completions", &json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": tools}));
+    assert_eq!(assert_openai_error(st, &b, 400)["param"], "tools");
+    let (st, b) = s.post(
+        "/v1/chat/completions",
+        &json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                "tools": [serde_json::from_str::<Value>(WEATHER).unwrap()], "response_format": {"type": "json_object"}}),
+    );
+    assert_eq!(assert_openai_error(st, &b, 400)["param"], "response_format");
+    let (st, b) = s.post("/v1/completions", &json!({"model": MODEL, "prompt": "x", "tools": []}));
+    assert_eq!(assert_openai_error(st, &b, 400)["param"], "tools");
+}

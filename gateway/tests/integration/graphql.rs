@@ -183,6 +183,23 @@ fn subscriptions_stream_generation_tokens_and_job_progress() {
     let whole = data(&v)["generate"].clone();
     assert!(whole["completionTokens"].as_u64().unwrap() > 0);
 
+    // Issue 23: a response format makes the text parse as the schema says; a bad one is a
+    // request error naming the field.
+    let schema = json!({"type": "object", "properties": {"colors": {"type": "array", "items": {"type": "string"}, "maxItems": 3}}, "required": ["colors"]});
+    let typed = json!({"messages": [{"role": "user", "content": "Name three colors."}], "maxTokens": 60, "temperature": 0.0,
+        "responseFormat": {"type": "json_schema", "json_schema": {"name": "c", "schema": schema}}});
+    let v = gql(s, "mutation($i: GenerateInput!) { generate(input: $i) { text finishReason } }", json!({"i": typed}));
+    let g = &data(&v)["generate"];
+    assert_eq!(g["finishReason"], "stop", "{v}");
+    let parsed: Value = serde_json::from_str(g["text"].as_str().unwrap()).unwrap();
+    assert!(parsed["colors"].as_array().is_some_and(|a| !a.is_empty() && a.len() <= 3), "{parsed}");
+    let mut bad = typed.clone();
+    bad["responseFormat"] = json!({"type": "json_schema", "json_schema": {"name": "c", "schema": {"type": "nonsense"}}});
+    let v = gql(s, "mutation($i: GenerateInput!) { generate(input: $i) { text } }", json!({"i": bad}));
+    let e = first_error(&v);
+    assert_eq!(e["extensions"]["code"], "invalid_request_error", "{v}");
+    assert_eq!(e["extensions"]["param"], "response_format", "{v}");
+
     let mut ws = Ws::connect(s, json!({}));
     let events = ws.subscribe(
         "gen1",

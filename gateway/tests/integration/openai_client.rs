@@ -85,3 +85,27 @@ fn official_openai_client_runs_the_readme_example() {
     assert!(!log.is_empty());
     assert!(log.iter().all(|l| !l.contains('\u{1b}')), "colour codes in a piped log: {:?}", log.iter().find(|l| l.contains('\u{1b}')));
 }
+
+/// Runs a Python client script against the shared server; it must print `marker`.
+fn run_script(name: &str, marker: &str) {
+    let s = shared();
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests").join(name);
+    let out = Command::new(python()).arg(script).env("RAGWAY_URL", &s.url).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{name} failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains(marker), "{stdout}");
+}
+
+/// Issue 23: `chat.completions.parse` with Pydantic models, json_object, regex, tools with
+/// `required` and a named function, streamed tool-call deltas, a tool round trip.
+#[test]
+fn official_openai_client_structured_outputs_and_tools() {
+    run_script("openai_structured.py", "openai structured: all checks passed");
+}
+
+/// Issue 23: LangChain's `bind_tools` and `with_structured_output(method="json_schema")`.
+#[test]
+fn langchain_bind_tools_and_structured_output() {
+    run_script("langchain_tools.py", "langchain: all checks passed");
+}
