@@ -424,6 +424,12 @@ impl Pipeline {
 
     /// Cites and checks a finished answer (embeds: call off the async workers).
     pub fn finish(&self, prepared: &Prepared, answer: &str) -> Result<RagAnswer> {
+        self.finish_with(prepared, answer, &[])
+    }
+
+    /// [`finish`](Self::finish) for an answer that lists its citations apart from its text
+    /// (a structured answer's `citations` array): they count as if written as `[n]` markers.
+    pub fn finish_with(&self, prepared: &Prepared, answer: &str, listed: &[usize]) -> Result<RagAnswer> {
         let answer = answer.trim().to_string();
         if let Some(dk) = &prepared.dont_know {
             return Ok(RagAnswer {
@@ -440,7 +446,8 @@ impl Pipeline {
             });
         }
         let n = prepared.passages.len();
-        let markers = citations(&answer);
+        let mut markers = citations(&answer);
+        markers.extend_from_slice(listed);
         let mut cited: Vec<usize> = Vec::new();
         let mut invalid = Vec::new();
         for &m in &markers {

@@ -110,7 +110,7 @@ async fn chat_rag(
     let stream = req.common.stream.unwrap_or(false);
     let include_usage = req.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
     if let Some(dk) = prepared.dont_know.clone() {
-        let ans = r::finish(&state, pipe, prepared, dk.clone()).await?;
+        let ans = r::finish(&state, pipe, prepared, dk.clone(), false).await?;
         let usage = Usage::uncharged(cp, cc);
         if !stream {
             let choice = ChatChoice { index: 0, message: AssistantMessage::new(dk), logprobs: None, finish_reason: Some("stop") };
@@ -134,13 +134,13 @@ async fn chat_rag(
     let streams = submit_all(&h, &greq, vec![greq.prompt.clone()], "messages")?;
     let events = merge(streams, 1);
     if stream {
-        let tail = crate::http::rag::tail(state.clone().into_inner(), pipe, prepared);
+        let tail = crate::http::rag::tail(state.clone().into_inner(), pipe, prepared, r::wants_cited(&req.common));
         let enc = Encoder::new(h, ChoiceFormat::Chat, id, model, include_usage);
         return Ok(sse::response(sse::body(enc, events, 1, prompt_tokens + cp, caller, Some(tail))));
     }
     let mut choices = gather(events, 1, None, 1).await?;
     let c = choices.remove(0);
-    let ans = r::finish(&state, pipe, prepared, c.text.clone()).await?;
+    let ans = r::finish(&state, pipe, prepared, c.text.clone(), r::wants_cited(&req.common)).await?;
     let usage = Usage::charged(c.prompt_tokens + cp, c.completion_tokens + cc, caller.as_deref());
     let choice = ChatChoice {
         index: 0,

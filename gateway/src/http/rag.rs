@@ -50,6 +50,7 @@ pub async fn rag(who: Authorized<op::Rag>, state: web::Data<AppState>, body: web
         Some(r) => Some(h.submit(r).map_err(|e| ServiceError::from_engine(e, "messages"))?),
         None => None,
     };
+    let cited = wants_cited(&body.common);
     let (tx, rx) = mpsc::unbounded::<Result<Bytes, actix_web::Error>>();
     let state = state.into_inner();
     let id = new_id("rag");
@@ -99,7 +100,7 @@ pub async fn rag(who: Authorized<op::Rag>, state: web::Data<AppState>, body: web
                 (text, f, p, c)
             }
         };
-        match finish(&state, pipe, prepared, text).await {
+        match finish(&state, pipe, prepared, text, cited).await {
             Ok(ans) => {
                 let mut v = serde_json::to_value(&ans).unwrap_or_default();
                 v["type"] = json!("final");
@@ -119,10 +120,10 @@ pub async fn rag(who: Authorized<op::Rag>, state: web::Data<AppState>, body: web
 }
 
 /// The tail of a streamed chat completion with `rag`: cites and checks the finished text.
-pub(crate) fn tail(state: Arc<AppState>, pipe: Pipeline, prepared: Prepared) -> crate::http::sse::Tail {
+pub(crate) fn tail(state: Arc<AppState>, pipe: Pipeline, prepared: Prepared, cited: bool) -> crate::http::sse::Tail {
     Box::new(move |text: String| {
         Box::pin(async move {
-            match finish(&state, pipe, prepared, text).await {
+            match finish(&state, pipe, prepared, text, cited).await {
                 Ok(ans) => rag_extra(&ans),
                 Err(e) => e.body(),
             }

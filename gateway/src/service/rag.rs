@@ -4,11 +4,13 @@
 
 use crate::app::AppState;
 use crate::service::auth::Principal;
-use crate::service::completions::{chat_messages, generator, new_id, request_over, template_request, Common};
+use crate::service::completions::{
+    chat_messages, generator, new_id, output_constraint, request_over, template_request, Common,
+};
 use crate::service::error::ServiceError;
 use crate::service::now;
 use crate::service::usage::Usage;
-use ragway_engine::generate::{ChatMessage, GenerateHandle, GenerationRequest};
+use ragway_engine::generate::{ChatMessage, GenerateHandle, GenerationRequest, Grammar};
 use ragway_index::{Filter, SearchMode};
 use ragway_prompts::rag::{generate_text, sampling_from, Pipeline, Prepared, RagAnswer, RagRequest, Rerank, TemplateSpec};
 use ragway_prompts::registry::{key_of, Arm};
@@ -229,6 +231,8 @@ pub async fn start(
 }
 
 /// The engine request for a prepared prompt: the template's parameters under the request's.
+/// A `response_format` constrains the answer; ragway's `{"type": "cited_answer"}` asks for
+/// `{"answer": "...", "citations": [n, ...]}` where each `n` can only be a passage offered.
 pub fn engine_request(c: &Common, h: &GenerateHandle, p: &Prepared, logprobs: Option<usize>) -> Result<GenerationRequest, ServiceError> {
     let params = &p.parameters;
     let mut req = request_over(c, logprobs, h.tokenizer().vocab_size(), sampling_from(params), params.max_tokens.or(Some(256)), params.stop.clone())?;
@@ -236,13 +240,49 @@ pub fn engine_request(c: &Common, h: &GenerateHandle, p: &Prepared, logprobs: Op
         return Err(ServiceError::invalid("n", "retrieval-augmented answers have one choice (n = 1)"));
     }
     req.prompt = p.prompt.clone();
+    req.constraint = if wants_cited(c) {
+        let g = Grammar::JsonSchema(cited_schema(p));
+        Some(h.compile(&g, "response_format").map_err(|e| ServiceError::from_engine(e, "response_format"))?)
+    } else {
+        output_constraint(h, c)?
+    };
     Ok(req)
 }
 
-/// Cites and checks the answer off the async workers; counts it in the metrics.
-pub async fn finish(state: &AppState, pipe: Pipeline, prepared: Prepared, text: String) -> Result<RagAnswer, ServiceError> {
+/// Whether the request asks for ragway's `cited_answer` format.
+pub fn wants_cited(c: &Common) -> bool {
+    c.response_format.as_ref().and_then(|f| f.get("type")).and_then(Value::as_str) == Some("cited_answer")
+}
+
+/// The JSON an answer with listed citations has: the answer's text and the numbers of the
+/// passages it rests on, drawn from those offered.
+fn cited_schema(p: &Prepared) -> Value {
+    let numbers: Vec<usize> = p.passages.iter().map(|x| x.index).collect();
+    serde_json::json!({
+        "type": "object",
+        "properties": {
+            "answer": {"type": "string", "maxLength": 4000},
+            "citations": {"type": "array", "items": {"enum": numbers}, "maxItems": numbers.len().max(1)}
+        },
+        "required": ["answer", "citations"]
+    })
+}
+
+/// Cites and checks the answer off the async workers; counts it in the metrics. With
+/// `cited` (the `cited_answer` format), `text` is that JSON: its `answer` is what is checked
+/// and its `citations` count as markers (text that does not parse, cut by `max_tokens`, is
+/// checked as it is).
+pub async fn finish(state: &AppState, pipe: Pipeline, prepared: Prepared, text: String, cited: bool) -> Result<RagAnswer, ServiceError> {
     let collection = prepared.collection.clone();
-    let answer = crate::service::limits::blocking(move || pipe.finish(&prepared, &text).map_err(ServiceError::from)).await?;
+    let (text, listed) = match serde_json::from_str::<Value>(&text).ok().filter(|_| cited) {
+        Some(v) => (
+            v["answer"].as_str().unwrap_or_default().to_string(),
+            v["citations"].as_array().into_iter().flatten().filter_map(Value::as_u64).map(|n| n as usize).collect(),
+        ),
+        None => (text, Vec::new()),
+    };
+    let answer =
+        crate::service::limits::blocking(move || pipe.finish_with(&prepared, &text, &listed).map_err(ServiceError::from)).await?;
     state.rag_metrics.observe(&answer);
     if !answer.dont_know && !answer.grounding.abstained {
         // Grounding over time, per collection: a model-quality signal beside query drift.
@@ -298,7 +338,7 @@ pub async fn answer(state: &AppState, body: RagBody, caller: Option<&Principal>)
         }
     };
     let model = h.model_id().to_string();
-    let answer = finish(state, pipe, prepared, text).await?;
+    let answer = finish(state, pipe, prepared, text, wants_cited(&body.common)).await?;
     Ok(RagResponse {
         id: new_id("rag"),
         object: "rag.answer",

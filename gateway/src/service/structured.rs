@@ -69,7 +69,7 @@ pub fn response_format(v: Option<&Value>) -> Result<Option<Grammar>, ServiceErro
         other => {
             return Err(ServiceError::invalid(
                 format!("{p}.type"),
-                format!("unknown response_format type `{other}` (text, json_object, json_schema, regex, grammar)"),
+                format!("unknown response_format type `{other}` (text, json_object, json_schema, regex, grammar; cited_answer with rag)"),
             ))
         }
     })

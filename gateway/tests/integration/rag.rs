@@ -302,3 +302,54 @@ fn template_split_reports_the_version_it_chose() {
     }
     assert_eq!(seen.len(), 2, "12 users on a 50/50 split all landed on one arm: {seen:?}");
 }
+
+/// Issue 23: a RAG answer as JSON with a citations array. `cited_answer` constrains the
+/// answer to `{"answer", "citations"}` whose numbers can only be passages offered; `/v1/rag`
+/// checks the `answer` and cites the listed passages; a chat completion with `rag` returns
+/// the JSON itself as content. A plain JSON Schema works on `/v1/rag` too.
+#[test]
+fn rag_answers_as_json_with_citations() {
+    let s = corpus();
+    let body = json!({"collection": "rag-e2e", "query": OBEROI, "top_k": 3, "temperature": 0,
+                      "response_format": {"type": "cited_answer"}});
+    let (st, b) = s.post("/v1/rag", &body);
+    assert_eq!(st, 200, "{b}");
+    assert_eq!(b["finish_reason"], "stop", "{b}");
+    assert!(b["answer"].as_str().unwrap().contains("Delhi"), "{b}");
+    assert!(b.get("invalid_citations").is_none_or(|v| v == &json!([])), "{b}");
+    assert_eq!(b["citations_inferred"], false, "the JSON's citations were used: {b}");
+    assert_eq!(b["citations"][0]["document_id"], "halu-1", "{b}");
+
+    let chat = json!({
+        "model": "SmolLM2-135M-Instruct", "temperature": 0,
+        "messages": [{"role": "user", "content": OBEROI}],
+        "rag": {"collection": "rag-e2e", "top_k": 3},
+        "response_format": {"type": "cited_answer"},
+    });
+    let (st, c) = s.post("/v1/chat/completions", &chat);
+    assert_eq!(st, 200, "{c}");
+    let content: Value = serde_json::from_str(c["choices"][0]["message"]["content"].as_str().unwrap()).unwrap();
+    let offered: Vec<u64> = c["rag"]["citations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(c["rag"]["uncited"].as_array().unwrap())
+        .map(|p| p["index"].as_u64().unwrap())
+        .collect();
+    assert!(content["answer"].is_string(), "{content}");
+    for n in content["citations"].as_array().unwrap() {
+        assert!(offered.contains(&n.as_u64().unwrap()), "{n} was not offered: {c}");
+    }
+
+    let schema = json!({"type": "object", "properties": {"city": {"type": "string", "maxLength": 40}}, "required": ["city"]});
+    let (st, b) = s.post(
+        "/v1/rag",
+        &json!({"collection": "rag-e2e", "query": OBEROI, "top_k": 3, "temperature": 0,
+                "response_format": {"type": "json_schema", "json_schema": {"name": "c", "schema": schema}}}),
+    );
+    assert_eq!(st, 200, "{b}");
+    let v: Value = serde_json::from_str(b["answer"].as_str().unwrap()).unwrap();
+    assert!(v["city"].is_string(), "{b}");
+    let (st, b) = s.post("/v1/rag", &json!({"collection": "rag-e2e", "query": OBEROI, "response_format": {"type": "xml"}}));
+    assert_eq!(assert_openai_error(st, &b, 400)["param"], "response_format.type");
+}
