@@ -358,3 +358,32 @@ fn two_hundred_seeded_requests_with_random_schemas_are_all_valid() {
     // Most finish within 120 tokens; the ones that do not are cut, never wrong.
     assert!(stops >= 150, "only {stops} of 200 finished");
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+    /// Grammars are request bytes: any regex, Lark text or schema compiles or is refused as
+    /// the caller's error — never a panic, never an internal error.
+    #[test]
+    fn any_grammar_text_compiles_or_is_refused(
+        text in prop_oneof![
+            ".{0,40}",
+            "[\\[\\]\\(\\)\\{\\}a-c|*+?\\\\^$.,0-9:\" %]{0,30}",
+            "start: [a-z\" |()*+?:/\\n{},0-9%]{0,40}",
+        ],
+        kind in 0..3usize,
+    ) {
+        let g = match kind {
+            0 => Grammar::Regex(text),
+            1 => Grammar::Lark(text),
+            _ => Grammar::JsonSchema(serde_json::from_str(&text).unwrap_or_else(|_| json!({"type": "object", "pattern": text}))),
+        };
+        match constrainer().compile(&g, "response_format") {
+            Ok(mut c) => {
+                let mut logits = vec![0.0f32; tokenizer().vocab_size()];
+                prop_assert!(c.apply(&mut logits).is_ok());
+            }
+            Err(EngineError::InvalidRequest { .. }) => {}
+            Err(e) => prop_assert!(false, "not a request error: {e:?}"),
+        }
+    }
+}

@@ -3,7 +3,8 @@
 //!   requests by reason;
 //! - embeddings: queue depth, requests, batch size histograms (inputs and tokens);
 //! - generation: queue depth, running sequences, batch sizes, tokens prompted and generated,
-//!   KV cache use, preemptions, time to first token and inter-token latency histograms;
+//!   KV cache use, preemptions, grammar mask counts and time, time to first token and
+//!   inter-token latency histograms;
 //! - index: documents, chunks, disk and memory per collection; ingestion jobs by state and
 //!   the progress of running ones;
 //! - model versions: requests by version, routing role and outcome, durations, routing
@@ -86,6 +87,9 @@ fn render(state: &AppState) -> String {
             ("ragway_generation_requests_total", "Generation requests accepted.", m.requests_total.load(Relaxed)),
             ("ragway_generation_requests_rejected_total", "Generation requests refused (queue full).", m.requests_rejected.load(Relaxed)),
             ("ragway_generation_preemptions_total", "Sequences preempted for KV cache memory.", m.preemptions.load(Relaxed)),
+            ("ragway_generation_grammar_masks_total", "Token masks computed for constrained sequences.", m.masks_total.load(Relaxed)),
+            ("ragway_generation_grammar_mask_microseconds_total", "Time spent computing token masks (beside the forward passes).", m.mask_micros_total.load(Relaxed)),
+            ("ragway_generation_grammar_bound_steps_total", "Steps whose masks took longer than their forward pass.", m.mask_bound_steps.load(Relaxed)),
         ];
         for (name, help, v) in counters {
             family(&mut out, name, "counter", help, &[(l.clone(), v as f64)]);

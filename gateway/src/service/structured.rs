@@ -873,6 +873,75 @@ mod tests {
         assert!(Tools::parse(Some(&many), None, None).is_err());
     }
 
+    /// A Hermes/Qwen-style template (tools in the system turn, calls in `<tool_call>` tags)
+    /// and a Llama-3.x-style one (bare JSON calls with `parameters`), written the way those
+    /// templates read `tools`, `tool_calls` and `tool` turns.
+    const HERMES: &str = r#"{%- if tools %}<|im_start|>system
+# Tools
+<tools>
+{%- for tool in tools %}
+{{ tool | tojson }}
+{%- endfor %}
+</tools>
+Return calls as <tool_call>{"name": ..., "arguments": ...}</tool_call><|im_end|>
+{% endif %}
+{%- for m in messages %}
+{%- if m.role == 'assistant' and m.tool_calls is defined %}<|im_start|>assistant
+{%- for c in m.tool_calls %}
+<tool_call>
+{"name": "{{ c.function.name }}", "arguments": {{ c.function.arguments | tojson }}}
+</tool_call>
+{%- endfor %}<|im_end|>
+{% elif m.role == 'tool' %}<|im_start|>user
+<tool_response>
+{{ m.content }}
+</tool_response><|im_end|>
+{% else %}<|im_start|>{{ m.role }}
+{{ m.content }}<|im_end|>
+{% endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"#;
+
+    const LLAMA3: &str = r#"{%- if tools %}Respond with {"name": function name, "parameters": dictionary of argument name and its value}.
+{% for t in tools %}{{ t | tojson }}
+{% endfor %}{% endif %}
+{%- for m in messages %}<|start_header_id|>{{ 'ipython' if m.role == 'tool' else m.role }}<|end_header_id|>
+{% if m.tool_calls is defined %}{% for c in m.tool_calls %}{"name": "{{ c.function.name }}", "parameters": {{ c.function.arguments | tojson }}}{% endfor %}{% else %}{{ m.content }}{% endif %}<|eot_id|>
+{%- endfor %}"#;
+
+    #[test]
+    fn templates_that_render_tools_get_them_natively() {
+        let t = Tools::parse(Some(&weather()), Some(&json!("required")), None).unwrap().unwrap();
+        let hermes = ChatTemplate::new(HERMES, "", "").unwrap();
+        assert_eq!(ToolFormat::of(&hermes), (ToolFormat::Tagged, true));
+        let llama = ChatTemplate::new(LLAMA3, "", "").unwrap();
+        assert_eq!(ToolFormat::of(&llama), (ToolFormat::Bare, true));
+        let plain = ChatTemplate::new("{% for m in messages %}{{ m.content }}{% endfor %}", "", "").unwrap();
+        assert_eq!(ToolFormat::of(&plain), (ToolFormat::Tagged, false));
+
+        let mut call = ChatMessage::new("assistant", "");
+        call.tool_calls = Some(json!([{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]));
+        let mut result = ChatMessage::new("tool", "{\"temp\": 3}");
+        result.tool_call_id = Some("c1".into());
+        let history = vec![ChatMessage::new("user", "Weather in Oslo?"), call, result];
+        let msgs = prepare_messages(history.clone(), Some(&t), true);
+        assert_eq!(msgs, history, "a native template gets the messages as they are");
+        let out = hermes.render_with_tools(&msgs, Some(&t.defs), true).unwrap();
+        let tools_part = &out[out.find("<tools>").unwrap()..out.find("</tools>").unwrap()];
+        assert!(tools_part.contains("\"name\": \"get_weather\"") && tools_part.contains("\"name\": \"now\""), "{out}");
+        assert!(out.contains("<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}\n</tool_call>"), "{out}");
+        assert!(out.contains("<tool_response>\n{\"temp\": 3}\n</tool_response>"), "{out}");
+        let out = llama.render_with_tools(&msgs, Some(&t.defs), true).unwrap();
+        assert!(out.contains("{\"name\": \"get_weather\", \"parameters\": {\"city\": \"Oslo\"}}"), "{out}");
+        assert!(out.contains("<|start_header_id|>ipython<|end_header_id|>\n{\"temp\": 3}"), "{out}");
+        // The forced grammar follows each format.
+        let Some(Grammar::Lark(g)) = t.grammar(ToolFormat::Bare) else { panic!() };
+        assert!(g.contains("\"parameters\"") && !g.contains("<tool_call>"), "{g}");
+        let Some(Grammar::Lark(g)) = t.grammar(ToolFormat::Tagged) else { panic!() };
+        assert!(g.contains("\"arguments\"") && g.contains("<tool_call>"), "{g}");
+    }
+
     #[test]
     fn generic_prompt_writes_history_as_text() {
         let t = Tools::parse(Some(&weather()), None, None).unwrap().unwrap();
@@ -891,5 +960,60 @@ mod tests {
             "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\":\"Oslo\"}}\n</tool_call>"
         );
         assert_eq!(msgs[3].content, "<tool_response>\n{\"temp\": 3}\n</tool_response>");
+    }
+}
+
+/// The tool-call parser reads model output, which is as arbitrary as any input: it never
+/// panics, and text fed in any pieces reads the same as fed whole.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn text() -> impl Strategy<Value = String> {
+        let piece = prop_oneof![
+            Just("<tool_call>".to_string()),
+            Just("</tool_call>".to_string()),
+            Just("<tool_ca".to_string()),
+            Just("{\"name\": \"f\", \"arguments\": ".to_string()),
+            Just("{\"name\": \"g\", \"parameters\": {\"a\": [1, \"}\"]}}".to_string()),
+            Just("{".to_string()),
+            Just("}".to_string()),
+            Just("\"\\\"".to_string()),
+            Just("\n".to_string()),
+            "[a-zé日 ,:\\[\\]]{0,6}",
+        ];
+        prop::collection::vec(piece, 0..12).prop_map(|v| v.concat())
+    }
+
+    fn read(format: ToolFormat, forced: bool, parts: &[&str]) -> (String, Vec<(String, String)>) {
+        let mut p = ToolParser::new(format, forced);
+        let mut pieces = Vec::new();
+        for part in parts {
+            pieces.extend(p.push(part));
+        }
+        pieces.extend(p.finish());
+        let mut content = String::new();
+        let mut calls: Vec<(String, String)> = Vec::new();
+        for piece in pieces {
+            match piece {
+                Piece::Content(c) => content.push_str(&c),
+                Piece::CallStart { name, .. } => calls.push((name, String::new())),
+                Piece::Arguments { index, text } => calls[index].1.push_str(&text),
+            }
+        }
+        (content, calls)
+    }
+
+    proptest! {
+        #[test]
+        fn pieces_read_like_the_whole(t in text(), cut in 1usize..7, bare in any::<bool>(), forced in any::<bool>()) {
+            let format = if bare { ToolFormat::Bare } else { ToolFormat::Tagged };
+            let chars: Vec<char> = t.chars().collect();
+            let parts: Vec<String> = chars.chunks(cut).map(|c| c.iter().collect()).collect();
+            let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
+            let whole = read(format, forced, &[t.as_str()]);
+            prop_assert_eq!(read(format, forced, &refs), whole);
+        }
     }
 }

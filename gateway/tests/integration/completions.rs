@@ -236,3 +236,40 @@ fn text_completions_take_response_format_and_limits_hold() {
     let (st, b) = s.post("/v1/completions", &json!({"model": MODEL, "prompt": "x", "tools": []}));
     assert_eq!(assert_openai_error(st, &b, 400)["param"], "tools");
 }
+
+/// Issue 23: a model whose template renders `tools` itself (a Hermes/Qwen-style ChatML
+/// template, `tests/data/hermes_tools.jinja`, given with `--chat-template`) gets the tool
+/// definitions through it, calls in its `<tool_call>` format, and reads the tool's answer
+/// from its own `tool` turn.
+#[test]
+fn a_template_that_renders_tools_drives_the_round_trip() {
+    let template = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/hermes_tools.jinja");
+    let s = crate::common::Server::start(&["--chat-template", template]);
+    s.wait_ready();
+    let weather: Value = serde_json::from_str(WEATHER).unwrap();
+    let ask = json!([{"role": "user", "content": "What is the weather in Oslo?"}]);
+    let (st, first) = s.post(
+        "/v1/chat/completions",
+        &json!({"model": MODEL, "temperature": 0, "messages": ask, "tools": [weather], "tool_choice": "required", "parallel_tool_calls": false}),
+    );
+    assert_eq!(st, 200, "{first}");
+    let call = &first["choices"][0]["message"]["tool_calls"][0];
+    assert_eq!(call["function"]["name"], "get_weather", "{first}");
+    let args: Value = serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+    assert!(args["city"].is_string(), "{args}");
+    // The definitions reached the prompt through the template: more prompt tokens than without tools.
+    let (_, plain) = s.post("/v1/chat/completions", &json!({"model": MODEL, "temperature": 0, "messages": ask, "max_tokens": 1}));
+    assert!(first["usage"]["prompt_tokens"].as_u64() > plain["usage"]["prompt_tokens"].as_u64().map(|n| n + 40), "{first} {plain}");
+    let history = json!([
+        ask[0],
+        first["choices"][0]["message"],
+        {"role": "tool", "tool_call_id": call["id"], "content": "{\"temperature\": 4, \"sky\": \"snow\"}"},
+    ]);
+    let (st, reply) = s.post(
+        "/v1/chat/completions",
+        &json!({"model": MODEL, "temperature": 0, "messages": history, "tools": [weather], "tool_choice": "none", "max_tokens": 60}),
+    );
+    assert_eq!(st, 200, "{reply}");
+    assert!(reply["choices"][0]["message"]["content"].as_str().unwrap().trim().len() > 0, "{reply}");
+    assert!(reply["choices"][0]["message"].get("tool_calls").is_none(), "{reply}");
+}
