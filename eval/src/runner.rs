@@ -282,7 +282,7 @@ pub fn run(spec: &RunSpec, ctx: RunContext<'_>, out: &Path) -> Result<Value> {
     }
     config["system"] = ctx.system.describe();
     config["setup"] = extra.clone();
-    h.update(config.to_string().as_bytes());
+    h.update(ragway_index::collection::canonical_json(&config).as_bytes());
     let config_hash = hex(&h.finalize())[..16].to_string();
 
     let records = execute(out, &config_hash, &samples, spec.concurrency.max(1), ctx.progress, work.as_ref())?;

@@ -708,7 +708,46 @@ pub fn chunk_id(doc_id: &str, index: usize) -> String {
     format!("{doc_id}#{index}")
 }
 
-/// FNV-1a over the document's content: stable across versions and platforms.
+/// Compact JSON with every object's keys sorted: the same text for the same value whatever
+/// order its keys came in (serde_json keeps insertion order in this workspace, which
+/// constrained decoding needs for schema property order).
+pub fn canonical_json(v: &serde_json::Value) -> String {
+    fn write(v: &serde_json::Value, out: &mut String) {
+        match v {
+            serde_json::Value::Object(m) => {
+                let mut keys: Vec<&String> = m.keys().collect();
+                keys.sort();
+                out.push('{');
+                for (i, k) in keys.into_iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    out.push_str(&serde_json::Value::from(k.as_str()).to_string());
+                    out.push(':');
+                    write(&m[k], out);
+                }
+                out.push('}');
+            }
+            serde_json::Value::Array(a) => {
+                out.push('[');
+                for (i, x) in a.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    write(x, out);
+                }
+                out.push(']');
+            }
+            other => out.push_str(&other.to_string()),
+        }
+    }
+    let mut out = String::new();
+    write(v, &mut out);
+    out
+}
+
+/// FNV-1a over the document's content: stable across versions and platforms (metadata in
+/// [`canonical_json`], so key order does not matter).
 pub fn doc_hash(doc: &DocumentInput) -> u64 {
     let mut h: u64 = 0xcbf29ce484222325;
     let mut feed = |bytes: &[u8]| {
@@ -719,9 +758,7 @@ pub fn doc_hash(doc: &DocumentInput) -> u64 {
     };
     feed(doc.title.as_deref().unwrap_or("").as_bytes());
     feed(doc.text.as_bytes());
-    feed(
-        serde_json::to_string(doc.metadata.as_ref().unwrap_or(&serde_json::Value::Null)).unwrap_or_default().as_bytes(),
-    );
+    feed(canonical_json(doc.metadata.as_ref().unwrap_or(&serde_json::Value::Null)).as_bytes());
     // Own vectors count only when given, so the hashes of plain documents never change.
     let floats = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
     if let Some(v) = &doc.vector {
@@ -785,4 +822,25 @@ pub fn validate_doc(d: &DocumentInput, at: &str) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod hash_tests {
+    use super::*;
+
+    #[test]
+    fn metadata_key_order_does_not_change_a_documents_hash() {
+        let doc = |meta: &str| DocumentInput {
+            id: "d".into(),
+            text: "t".into(),
+            metadata: Some(serde_json::from_str(meta).unwrap()),
+            ..Default::default()
+        };
+        let a = doc(r#"{"b": 1, "a": {"y": [1, {"q": 2, "p": 3}], "x": "s"}}"#);
+        let b = doc(r#"{"a": {"x": "s", "y": [1, {"p": 3, "q": 2}]}, "b": 1}"#);
+        assert_eq!(doc_hash(&a), doc_hash(&b));
+        // The same text serde_json wrote when its maps were sorted: hashes stored before
+        // key order was kept still match.
+        assert_eq!(canonical_json(a.metadata.as_ref().unwrap()), r#"{"a":{"x":"s","y":[1,{"p":3,"q":2}]},"b":1}"#);
+    }
 }

@@ -28,7 +28,7 @@ pub use constrain::{Constrainer, Constraint, Grammar, GrammarLimits};
 pub use model::{KvCache, Llama, LlamaConfig, Scratch, SeqBatch};
 pub use sampling::{ModelSampling, SamplingParams, TokenLogprob};
 pub use scheduler::{
-    FinishReason, GenEvent, GenMetrics, GenerateConfig, DEFAULT_MAX_TOKENS, GenerateHandle, GenerateWorker, GenerationRequest,
+    FinishReason, GenEvent, GenMetrics, GenerateConfig, DEFAULT_MAX_TOKENS, GenerateHandle, GenerateWorker, GenerationRequest, LazyConstraint,
     GenerationStream,
 };
 pub use tokenizer::{IncrementalDecoder, TextTokenizer};

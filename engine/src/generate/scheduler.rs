@@ -88,6 +88,18 @@ pub struct GenerationRequest {
     /// A grammar the output must match ([`GenerateHandle::compile`]); each of the `n`
     /// sequences gets its own copy of the state.
     pub constraint: Option<Constraint>,
+    /// A grammar that takes over once the output contains a trigger (unused with
+    /// `constraint`).
+    pub lazy: Option<LazyConstraint>,
+}
+
+/// A grammar that starts when the generated text contains `trigger`: the text after the
+/// trigger must match it. Tool calls with `tool_choice: auto` use it — the model may answer
+/// in text, but a call, once begun with `<tool_call>`, is constrained to parse.
+#[derive(Debug, Clone)]
+pub struct LazyConstraint {
+    pub trigger: String,
+    pub constraint: Constraint,
 }
 
 impl GenerationRequest {
@@ -101,6 +113,7 @@ impl GenerationRequest {
             ignore_eos: false,
             span: tracing::Span::current(),
             constraint: None,
+            lazy: None,
         }
     }
 }
@@ -459,6 +472,9 @@ struct Seq {
     last_token_at: Option<Instant>,
     span: tracing::Span,
     constraint: Option<Constraint>,
+    lazy: Option<LazyConstraint>,
+    /// The end of the decoded text, while a lazy grammar waits for its trigger.
+    recent: String,
 }
 
 impl Seq {
@@ -469,6 +485,37 @@ impl Seq {
     /// Tokens still to feed before the next sample.
     fn to_feed(&self) -> usize {
         self.tokens.len() - self.cache.len()
+    }
+
+    /// Looks for the lazy grammar's trigger in the text so far; once found, the grammar
+    /// starts, fed the text after the trigger (a text the grammar refuses leaves the sequence
+    /// unconstrained). True when that text already completes the grammar.
+    fn watch_trigger(&mut self, tk: &TextTokenizer, delta: &str) -> bool {
+        let Some(lazy) = self.lazy.as_ref() else { return false };
+        self.recent.push_str(delta);
+        let Some(at) = self.recent.find(lazy.trigger.as_str()) else {
+            // Keep only what could still be the start of the trigger.
+            let keep = lazy.trigger.len();
+            if self.recent.len() > keep {
+                let mut cut = self.recent.len() - keep;
+                while !self.recent.is_char_boundary(cut) {
+                    cut += 1;
+                }
+                self.recent.drain(..cut);
+            }
+            return false;
+        };
+        let rest = self.recent[at + lazy.trigger.len()..].to_string();
+        let mut c = self.lazy.take().expect("checked above").constraint;
+        self.recent.clear();
+        let fits = rest.is_empty()
+            || tk.encode(&rest, false).is_ok_and(|ids| ids.iter().all(|&t| c.allows(t).unwrap_or(false) && c.accept(t).is_ok()));
+        if !fits {
+            return false;
+        }
+        let done = c.is_finished();
+        self.constraint = Some(c);
+        done
     }
 
     /// Adds decoded text; returns what may be sent now and whether a stop string was hit.
@@ -666,6 +713,8 @@ impl Scheduler {
                 last_token_at: None,
                 span: req.span.clone(),
                 constraint: req.constraint.clone(),
+                lazy: if req.constraint.is_none() { req.lazy.clone() } else { None },
+                recent: String::new(),
             });
         }
     }
@@ -845,6 +894,9 @@ impl Scheduler {
                     return true;
                 }
             };
+            if s.lazy.is_some() && !delta.is_empty() {
+                grammar_done |= s.watch_trigger(tk, &delta);
+            }
             let (out, stopped) = s.push_text(&delta);
             text = out;
             if stopped || grammar_done {

@@ -387,3 +387,28 @@ proptest! {
         }
     }
 }
+
+/// A lazy grammar leaves the text free until its trigger appears, then constrains what
+/// follows (how `tool_choice: auto` keeps a begun call well-formed). SmolLM2 answers "What
+/// is 2+2?" greedily with "The answer to this classic math problem is 4."
+#[test]
+fn a_lazy_grammar_takes_over_after_its_trigger() {
+    let h = worker();
+    let ask = || GenerationRequest::new(chat_prompt(h, "What is 2+2?"), 40, SamplingParams::greedy());
+    let free = collect(h.submit(ask()).unwrap());
+    assert!(free.text.starts_with("The answer"), "{}", free.text);
+    let lazy = |trigger: &str, rx: &str| {
+        let mut req = ask();
+        let constraint = h.compile(&Grammar::Regex(rx.into()), "test").unwrap();
+        req.lazy = Some(ragway_engine::generate::LazyConstraint { trigger: trigger.into(), constraint });
+        collect(h.submit(req).unwrap())
+    };
+    // Triggered: "The answer" is free, the rest must be " is <digit>!!".
+    let out = lazy("The answer", r" is [0-9]!!");
+    let digit = out.text.strip_prefix("The answer is ").and_then(|r| r.strip_suffix("!!"));
+    assert!(digit.is_some_and(|d| d.len() == 1 && d.as_bytes()[0].is_ascii_digit()), "{}", out.text);
+    assert_eq!(out.finish, Some(FinishReason::Stop));
+    // Never triggered: the free text, unchanged.
+    let out = lazy("<tool_call>", r"\{\}");
+    assert_eq!(out.text, free.text);
+}

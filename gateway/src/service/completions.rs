@@ -13,7 +13,7 @@ use crate::service::usage::Usage;
 use futures::stream::{self, Stream, StreamExt};
 use ragway_engine::generate::sampling::random_seed;
 use ragway_engine::generate::{
-    ChatMessage, Constraint, GenEvent, GenerateHandle, GenerationRequest, GenerationStream, SamplingParams, TokenLogprob,
+    ChatMessage, Constraint, GenEvent, GenerateHandle, GenerationRequest, LazyConstraint, GenerationStream, SamplingParams, TokenLogprob,
 };
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -238,6 +238,7 @@ pub fn request_over(
         ignore_eos: c.ignore_eos.unwrap_or(false),
         span: tracing::Span::current(),
         constraint: None,
+        lazy: None,
     })
 }
 
@@ -572,6 +573,10 @@ pub fn start_chat_on(h: GenerateHandle, req: ChatRequest) -> Result<StartedChat,
         Some(g) => Some(h.compile(&g, "tools").map_err(|e| ServiceError::from_engine(e, "tools"))?),
         None => output_constraint(&h, &req.common)?,
     };
+    if let Some((trigger, g)) = active.and_then(|t| t.lazy_grammar(format)) {
+        let constraint = h.compile(&g, "tools").map_err(|e| ServiceError::from_engine(e, "tools"))?;
+        template.lazy = Some(LazyConstraint { trigger, constraint });
+    }
     let messages = structured::prepare_messages(messages, tools.as_ref(), native);
     let rendered = chat_template
         .render_with_tools(&messages, active.filter(|_| native).map(|t| &t.defs), true)

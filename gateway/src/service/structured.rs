@@ -229,6 +229,43 @@ impl Tools {
             ToolChoice::Named(n) => self.names.iter().position(|x| x == n).into_iter().collect(),
             ToolChoice::None | ToolChoice::Auto => return None,
         };
+        let schema = self.calls_schema(&chosen, format);
+        let call = match format {
+            ToolFormat::Tagged => format!("\"<tool_call>\\n\" %json {schema} \"\\n</tool_call>\""),
+            ToolFormat::Bare => format!("%json {schema}"),
+        };
+        let start = if self.parallel {
+            format!("call (\"\\n\" call){{0,{}}}", MAX_PARALLEL_CALLS - 1)
+        } else {
+            "call".to_string()
+        };
+        Some(Grammar::Lark(format!("start: {start}\ncall: {call}\n")))
+    }
+
+    /// For `auto` with `<tool_call>` tags: the trigger and the grammar of what follows it —
+    /// the rest of the call, and more calls when parallel calls are allowed. The model may
+    /// answer in text; a call it begins is constrained to parse and to follow its schema.
+    pub fn lazy_grammar(&self, format: ToolFormat) -> Option<(String, Grammar)> {
+        if self.choice != ToolChoice::Auto || format != ToolFormat::Tagged {
+            return None;
+        }
+        let schema = self.calls_schema(&(0..self.names.len()).collect::<Vec<_>>(), format);
+        let (more, more_rule) = if self.parallel {
+            (
+                format!(" more{{0,{}}}", MAX_PARALLEL_CALLS - 1),
+                "more: WS? \"<tool_call>\" WS? call WS? \"</tool_call>\"\n",
+            )
+        } else {
+            (String::new(), "")
+        };
+        let g = format!(
+            "start: WS? call WS? \"</tool_call>\"{more}\n{more_rule}call: %json {schema}\nWS: /[ \\t\\n]{{1,4}}/\n"
+        );
+        Some((OPEN.to_string(), Grammar::Lark(g)))
+    }
+
+    /// One call to any of `chosen`: `{"name": <const>, "arguments": <its schema>}`.
+    fn calls_schema(&self, chosen: &[usize], format: ToolFormat) -> Value {
         let key = format.arguments_key();
         let calls: Vec<Value> = chosen
             .iter()
@@ -245,16 +282,7 @@ impl Tools {
             .collect();
         let mut schema = if calls.len() == 1 { calls[0].clone() } else { json!({"anyOf": calls}) };
         schema["x-guidance"] = json_layout();
-        let call = match format {
-            ToolFormat::Tagged => format!("\"<tool_call>\\n\" %json {schema} \"\\n</tool_call>\""),
-            ToolFormat::Bare => format!("%json {schema}"),
-        };
-        let start = if self.parallel {
-            format!("call (\"\\n\" call){{0,{}}}", MAX_PARALLEL_CALLS - 1)
-        } else {
-            "call".to_string()
-        };
-        Some(Grammar::Lark(format!("start: {start}\ncall: {call}\n")))
+        schema
     }
 
     /// Our system prompt for templates that do not render tools.
@@ -386,11 +414,13 @@ pub struct ToolParser {
     pos: usize,
     state: State,
     calls: usize,
+    /// A call just closed: whitespace that follows is layout, not content.
+    after_call: bool,
 }
 
 impl ToolParser {
     pub fn new(format: ToolFormat, forced: bool) -> Self {
-        Self { format, forced, buf: String::new(), pos: 0, state: State::Text, calls: 0 }
+        Self { format, forced, buf: String::new(), pos: 0, state: State::Text, calls: 0, after_call: false }
     }
 
     /// Calls begun so far.
@@ -444,12 +474,14 @@ impl ToolParser {
             State::Text => match self.format {
                 ToolFormat::Tagged => {
                     // Whitespace between and after calls is layout, not content.
-                    if self.calls > 0 {
+                    if self.after_call {
                         let ws = rest.len() - rest.trim_start().len();
-                        if ws > 0 {
-                            self.pos += ws;
-                            return true;
+                        self.pos += ws;
+                        if ws == rest.len() {
+                            return false;
                         }
+                        self.after_call = false;
+                        return true;
                     }
                     if let Some(k) = rest.find(OPEN) {
                         let before = rest[..k].to_string();
@@ -580,6 +612,7 @@ impl ToolParser {
                     Some(k) => {
                         self.pos += k;
                         self.state = State::Text;
+                        self.after_call = true;
                         true
                     }
                     None => false,
@@ -600,12 +633,12 @@ impl ToolParser {
                         }
                     }
                 };
-                let key = self.format.arguments_key();
                 let parsed = serde_json::from_str::<Value>(body.trim()).ok().and_then(|v| {
                     let name = v.get("name")?.as_str()?.to_string();
-                    let args = v.get(key).or_else(|| v.get("arguments")).cloned().unwrap_or_else(|| json!({}));
+                    let args = v.get("arguments").or_else(|| v.get("parameters")).cloned().unwrap_or_else(|| json!({}));
                     Some((name, args))
                 });
+                let parsed_ok = parsed.is_some();
                 match parsed {
                     Some((name, args)) => {
                         let index = self.calls;
@@ -628,6 +661,7 @@ impl ToolParser {
                 }
                 self.pos += consumed;
                 self.state = State::Text;
+                self.after_call = parsed_ok;
                 true
             }
         }
@@ -690,10 +724,11 @@ fn call_head(s: &str, format: ToolFormat) -> Head {
     i += 1;
     expect!(",");
     ws(&mut i);
-    let key = format!("\"{}\"", format.arguments_key());
-    match (lit(&mut i.clone(), &key), lit(&mut i.clone(), "\"arguments\"")) {
-        (Some(true), _) => i += key.len(),
-        (_, Some(true)) => i += "\"arguments\"".len(),
+    // Either key, whatever the format: models trained on one write it in the other's.
+    let _ = format;
+    match (lit(&mut i.clone(), "\"arguments\""), lit(&mut i.clone(), "\"parameters\"")) {
+        (Some(true), _) => i += "\"arguments\"".len(),
+        (_, Some(true)) => i += "\"parameters\"".len(),
         (None, _) | (_, None) => return Head::Need,
         _ => return Head::Fail,
     }
@@ -793,6 +828,24 @@ mod tests {
         // Keys in another order are read whole.
         let (_, calls) = calls_of(ToolFormat::Bare, false, "{\"parameters\": {\"a\": 1}, \"name\": \"f\"}");
         assert_eq!(calls, vec![("f".to_string(), "{\"a\":1}".to_string())]);
+    }
+
+    #[test]
+    fn spaces_in_text_after_a_call_survive_streaming() {
+        // Found by the fuzz test: whitespace was dropped wherever it began a piece.
+        let t = "<tool_call>{\"name\": \"g\", \"parameters\": {\"a\": 1}}</tool_call>\n and then some text";
+        let whole = calls_of(ToolFormat::Tagged, false, t);
+        assert_eq!(whole, ("and then some text".to_string(), vec![("g".to_string(), "{\"a\": 1}".to_string())]));
+        let mut p = ToolParser::new(ToolFormat::Tagged, false);
+        let mut content = String::new();
+        for c in t.chars() {
+            for piece in p.push(&c.to_string()) {
+                if let Piece::Content(c) = piece {
+                    content.push_str(&c);
+                }
+            }
+        }
+        assert_eq!(content, "and then some text");
     }
 
     #[test]
@@ -940,6 +993,13 @@ Return calls as <tool_call>{"name": ..., "arguments": ...}</tool_call><|im_end|>
         assert!(g.contains("\"parameters\"") && !g.contains("<tool_call>"), "{g}");
         let Some(Grammar::Lark(g)) = t.grammar(ToolFormat::Tagged) else { panic!() };
         assert!(g.contains("\"arguments\"") && g.contains("<tool_call>"), "{g}");
+        // `auto` constrains a call only once it has begun, and only with tags to begin it.
+        assert!(t.lazy_grammar(ToolFormat::Tagged).is_none(), "required is constrained from the start");
+        let auto = Tools::parse(Some(&weather()), None, Some(&json!(false))).unwrap().unwrap();
+        let (trigger, Grammar::Lark(g)) = auto.lazy_grammar(ToolFormat::Tagged).unwrap() else { panic!() };
+        assert_eq!(trigger, "<tool_call>");
+        assert!(g.starts_with("start: WS? call WS? \"</tool_call>\"\ncall: %json") && !g.contains("more"), "{g}");
+        assert!(auto.lazy_grammar(ToolFormat::Bare).is_none());
     }
 
     #[test]
