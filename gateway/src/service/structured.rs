@@ -776,6 +776,26 @@ pub fn split_calls(format: ToolFormat, forced: bool, text: &str) -> (String, Vec
 mod tests {
     use super::*;
 
+    /// Content and calls `(name, arguments)` read from `parts` fed one after another.
+    pub(super) fn read_in_pieces(format: ToolFormat, forced: bool, parts: &[&str]) -> (String, Vec<(String, String)>) {
+        let mut p = ToolParser::new(format, forced);
+        let mut pieces = Vec::new();
+        for part in parts {
+            pieces.extend(p.push(part));
+        }
+        pieces.extend(p.finish());
+        let mut content = String::new();
+        let mut calls: Vec<(String, String)> = Vec::new();
+        for piece in pieces {
+            match piece {
+                Piece::Content(c) => content.push_str(&c),
+                Piece::CallStart { name, .. } => calls.push((name, String::new())),
+                Piece::Arguments { index, text } => calls[index].1.push_str(&text),
+            }
+        }
+        (content, calls)
+    }
+
     fn calls_of(format: ToolFormat, forced: bool, text: &str) -> (String, Vec<(String, String)>) {
         let (content, calls) = split_calls(format, forced, text);
         (content, calls.into_iter().map(|(_, n, a)| (n, a)).collect())
@@ -797,23 +817,10 @@ mod tests {
         let t = "Sure <tool_call>\n{\"name\": \"f\", \"arguments\": {\"q\": \"a \\\"}\\\" b\", \"n\": [1, {\"x\": 2}]}}\n</tool_call> done";
         let whole = calls_of(ToolFormat::Tagged, false, t);
         for size in 1..8 {
-            let mut p = ToolParser::new(ToolFormat::Tagged, false);
-            let mut pieces = Vec::new();
             let chars: Vec<char> = t.chars().collect();
-            for chunk in chars.chunks(size) {
-                pieces.extend(p.push(&chunk.iter().collect::<String>()));
-            }
-            pieces.extend(p.finish());
-            let mut content = String::new();
-            let mut calls: Vec<(String, String)> = Vec::new();
-            for piece in pieces {
-                match piece {
-                    Piece::Content(c) => content.push_str(&c),
-                    Piece::CallStart { name, .. } => calls.push((name, String::new())),
-                    Piece::Arguments { index, text } => calls[index].1.push_str(&text),
-                }
-            }
-            assert_eq!((content, calls), whole, "chunks of {size}");
+            let parts: Vec<String> = chars.chunks(size).map(|c| c.iter().collect()).collect();
+            let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
+            assert_eq!(read_in_pieces(ToolFormat::Tagged, false, &refs), whole, "chunks of {size}");
         }
         assert_eq!(whole.1[0].1, "{\"q\": \"a \\\"}\\\" b\", \"n\": [1, {\"x\": 2}]}");
         assert_eq!(whole.0, "Sure done");
@@ -836,16 +843,9 @@ mod tests {
         let t = "<tool_call>{\"name\": \"g\", \"parameters\": {\"a\": 1}}</tool_call>\n and then some text";
         let whole = calls_of(ToolFormat::Tagged, false, t);
         assert_eq!(whole, ("and then some text".to_string(), vec![("g".to_string(), "{\"a\": 1}".to_string())]));
-        let mut p = ToolParser::new(ToolFormat::Tagged, false);
-        let mut content = String::new();
-        for c in t.chars() {
-            for piece in p.push(&c.to_string()) {
-                if let Piece::Content(c) = piece {
-                    content.push_str(&c);
-                }
-            }
-        }
-        assert_eq!(content, "and then some text");
+        let chars: Vec<String> = t.chars().map(String::from).collect();
+        let refs: Vec<&str> = chars.iter().map(String::as_str).collect();
+        assert_eq!(read_in_pieces(ToolFormat::Tagged, false, &refs).0, "and then some text");
     }
 
     #[test]
@@ -1046,24 +1046,7 @@ mod fuzz {
         prop::collection::vec(piece, 0..12).prop_map(|v| v.concat())
     }
 
-    fn read(format: ToolFormat, forced: bool, parts: &[&str]) -> (String, Vec<(String, String)>) {
-        let mut p = ToolParser::new(format, forced);
-        let mut pieces = Vec::new();
-        for part in parts {
-            pieces.extend(p.push(part));
-        }
-        pieces.extend(p.finish());
-        let mut content = String::new();
-        let mut calls: Vec<(String, String)> = Vec::new();
-        for piece in pieces {
-            match piece {
-                Piece::Content(c) => content.push_str(&c),
-                Piece::CallStart { name, .. } => calls.push((name, String::new())),
-                Piece::Arguments { index, text } => calls[index].1.push_str(&text),
-            }
-        }
-        (content, calls)
-    }
+    use super::tests::read_in_pieces as read;
 
     proptest! {
         #[test]
