@@ -506,3 +506,37 @@ fn a_lazy_grammar_takes_over_after_its_trigger() {
     let out = lazy("<tool_call>", r"\{\}");
     assert_eq!(out.text, free.text);
 }
+
+/// `n` sequences of one request each carry their own copy of the grammar state: every
+/// sampled one is valid.
+#[test]
+fn n_sampled_sequences_each_follow_the_schema() {
+    let h = worker();
+    let schema = person_schema();
+    let sampling = SamplingParams { temperature: 1.0, seed: Some(7), ..SamplingParams::default() };
+    let mut req = constrained(h, "Describe a person as JSON.", &schema, 80, sampling);
+    req.n = 3;
+    let mut stream = h.submit(req).unwrap();
+    let mut texts = vec![String::new(); 3];
+    let mut done = vec![None; 3];
+    while let Some(ev) = stream.blocking_next() {
+        match ev {
+            GenEvent::Token { index, text, .. } | GenEvent::Text { index, text } => texts[index].push_str(&text),
+            GenEvent::Done { index, finish_reason, .. } => {
+                done[index] = Some(finish_reason);
+                if done.iter().all(Option::is_some) {
+                    break;
+                }
+            }
+            GenEvent::Error { message } => panic!("{message}"),
+        }
+    }
+    for (t, f) in texts.iter().zip(&done) {
+        if *f == Some(FinishReason::Stop) {
+            let v: Value = serde_json::from_str(t).unwrap_or_else(|e| panic!("{e}: {t}"));
+            assert!(validator(&schema).is_valid(&v), "{t}");
+        }
+    }
+    assert!(done.iter().filter(|f| **f == Some(FinishReason::Stop)).count() >= 2, "{texts:?}");
+    assert!(texts[0] != texts[1] || texts[1] != texts[2], "three seeded draws should not all agree: {texts:?}");
+}

@@ -240,7 +240,16 @@ mod fuzz {
             Just(json!([{"role": "user", "content": "hi"}])),
             Just(json!([{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "image_url"}]}])),
             Just(json!({"type": "json_object"})),
+            Just(json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}})),
+            Just(json!({"type": "regex"})),
             Just(json!({"1": 5.0, "x": 1})),
+            Just(json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}])),
+            Just(json!([{"type": "function", "function": {"name": "f g"}}, {"type": "function"}])),
+            Just(json!({"type": "function", "function": {"name": "f"}})),
+            Just(json!("required")),
+            Just(json!([{"role": "assistant", "content": null, "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{\"a\": 1}"}}]},
+                        {"role": "tool", "tool_call_id": "c", "content": "ok"}])),
+            Just(json!([{"role": "assistant", "tool_calls": [{"id": 3, "function": {"arguments": "{"}}]}, {"role": "tool"}])),
         ]
     }
 
@@ -250,7 +259,7 @@ mod fuzz {
             Just("temperature"), Just("top_p"), Just("top_k"), Just("min_p"), Just("n"), Just("stop"), Just("seed"),
             Just("logprobs"), Just("top_logprobs"), Just("logit_bias"), Just("stream"), Just("stream_options"),
             Just("presence_penalty"), Just("frequency_penalty"), Just("repetition_penalty"), Just("echo"),
-            Just("response_format"), Just("tools"), Just("input"), Just("encoding_format"), Just("dimensions"),
+            Just("response_format"), Just("tools"), Just("tool_choice"), Just("parallel_tool_calls"), Just("input"), Just("encoding_format"), Just("dimensions"),
             Just("user"), Just("bogus"),
         ];
         prop::collection::vec((key, field_value()), 0..10)
@@ -262,6 +271,11 @@ mod fuzz {
         fn request_bodies_parse_and_validate_without_panicking(raw in body(), vocab in 1usize..200_000) {
             if let Ok(req) = dispatch::parse_body::<ChatRequest>(&raw) {
                 let _ = chat_messages(&req.messages);
+                if let Ok(Some(t)) = crate::service::structured::Tools::parse(req.tools.as_ref(), req.tool_choice.as_ref(), req.parallel_tool_calls.as_ref()) {
+                    let _ = t.grammar(crate::service::structured::ToolFormat::Tagged);
+                    let _ = t.lazy_grammar(crate::service::structured::ToolFormat::Tagged);
+                }
+                let _ = crate::service::structured::response_format(req.common.response_format.as_ref());
                 if let Ok(r) = request_over(&req.common, req.top_logprobs, vocab, SamplingParams::server_default(), None, Vec::new()) {
                     prop_assert!((1..=16).contains(&r.n));
                     prop_assert!(r.max_tokens.is_none_or(|m| m >= 1));

@@ -230,8 +230,13 @@ pub(crate) fn body(
                             if pieces.is_empty() {
                                 continue;
                             }
+                            // Logprobs describe content: they ride on the token's content piece.
+                            let mut lp = logprob;
                             for piece in pieces {
-                                out.extend_from_slice(&enc.piece(index, piece));
+                                match piece {
+                                    Piece::Content(t) => out.extend_from_slice(&enc.text(index, t, lp.take().as_ref())),
+                                    call => out.extend_from_slice(&enc.piece(index, call)),
+                                }
                             }
                             break;
                         }

@@ -200,6 +200,16 @@ fn streamed_tool_calls_have_openai_delta_shape() {
     assert!(msg["content"].is_null(), "{whole}");
     assert_eq!(msg["tool_calls"][0]["function"]["arguments"].as_str().unwrap(), args);
     assert_eq!(whole["choices"][0]["finish_reason"], "tool_calls");
+
+    // With `auto` the model answers in text here; its content chunks keep their logprobs.
+    let mut auto = streamed.clone();
+    auto["tool_choice"] = json!("auto");
+    auto["logprobs"] = json!(true);
+    auto["max_tokens"] = json!(12);
+    let events = sse_events("/v1/chat/completions", &auto);
+    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    let with_lp = chunks.iter().filter(|c| c["choices"][0]["logprobs"]["content"].as_array().is_some_and(|a| !a.is_empty())).count();
+    assert!(with_lp > 0, "{events:?}");
 }
 
 /// Issue 23: `response_format` on `/v1/completions`, and the limits on what a request may
