@@ -100,6 +100,9 @@ pub struct GenerationRequest {
 pub struct LazyConstraint {
     pub trigger: String,
     pub constraint: Constraint,
+    /// The trigger counts only at the start of the output (after whitespace): Llama-3-style
+    /// calls are a bare JSON object that is the whole message.
+    pub anchored: bool,
 }
 
 impl GenerationRequest {
@@ -493,6 +496,17 @@ impl Seq {
     fn watch_trigger(&mut self, tk: &TextTokenizer, delta: &str) -> bool {
         let Some(lazy) = self.lazy.as_ref() else { return false };
         self.recent.push_str(delta);
+        if lazy.anchored {
+            let head = self.recent.trim_start();
+            if !head.starts_with(lazy.trigger.as_str()) {
+                if !lazy.trigger.starts_with(head) {
+                    // The output began otherwise: it is text, and stays free.
+                    self.lazy = None;
+                    self.recent.clear();
+                }
+                return false;
+            }
+        }
         let Some(at) = self.recent.find(lazy.trigger.as_str()) else {
             // Keep only what could still be the start of the trigger.
             let keep = lazy.trigger.len();

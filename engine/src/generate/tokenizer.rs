@@ -79,6 +79,14 @@ impl TextTokenizer {
         Ok(this)
     }
 
+    /// The tokenizer of a GGUF file, read from its metadata alone (no weights loaded).
+    pub fn from_gguf_path(path: &std::path::Path) -> Result<Self> {
+        let mut f = std::fs::File::open(path)?;
+        let content = Content::read(&mut f)
+            .map_err(|e| EngineError::InvalidModel { path: path.to_path_buf(), reason: format!("GGUF: {e}") })?;
+        Self::from_gguf(&content)
+    }
+
     /// `gpt2`: the vocabulary and merges as a byte-level BPE, with the pre-tokenizer that
     /// llama.cpp uses for `tokenizer.ggml.pre`.
     fn byte_level_bpe(content: &Content, tokens: &[String]) -> Result<Tokenizer> {

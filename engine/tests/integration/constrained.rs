@@ -494,7 +494,7 @@ fn a_lazy_grammar_takes_over_after_its_trigger() {
     let lazy = |trigger: &str, rx: &str| {
         let mut req = ask();
         let constraint = h.compile(&Grammar::Regex(rx.into()), "test").unwrap();
-        req.lazy = Some(ragway_engine::generate::LazyConstraint { trigger: trigger.into(), constraint });
+        req.lazy = Some(ragway_engine::generate::LazyConstraint { trigger: trigger.into(), constraint, anchored: false });
         collect(h.submit(req).unwrap())
     };
     // Triggered: "The answer" is free, the rest must be " is <digit>!!".
@@ -505,6 +505,15 @@ fn a_lazy_grammar_takes_over_after_its_trigger() {
     // Never triggered: the free text, unchanged.
     let out = lazy("<tool_call>", r"\{\}");
     assert_eq!(out.text, free.text);
+    // Anchored: counts only at the very start of the output.
+    let anchored = |trigger: &str| {
+        let mut req = ask();
+        let constraint = h.compile(&Grammar::Regex(r" is [0-9]!!".into()), "test").unwrap();
+        req.lazy = Some(ragway_engine::generate::LazyConstraint { trigger: trigger.into(), constraint, anchored: true });
+        collect(h.submit(req).unwrap())
+    };
+    assert!(anchored("The answer").text.starts_with("The answer is "), "at the start: constrained");
+    assert_eq!(anchored("answer").text, free.text, "not at the start: free");
 }
 
 /// `n` sequences of one request each carry their own copy of the grammar state: every

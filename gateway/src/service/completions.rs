@@ -575,7 +575,7 @@ pub fn start_chat_on(h: GenerateHandle, req: ChatRequest) -> Result<StartedChat,
     };
     if let Some((trigger, g)) = active.and_then(|t| t.lazy_grammar(format)) {
         let constraint = h.compile(&g, "tools").map_err(|e| ServiceError::from_engine(e, "tools"))?;
-        template.lazy = Some(LazyConstraint { trigger, constraint });
+        template.lazy = Some(LazyConstraint { trigger, constraint, anchored: format == ToolFormat::Bare });
     }
     let messages = structured::prepare_messages(messages, tools.as_ref(), native);
     let rendered = chat_template

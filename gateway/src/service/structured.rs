@@ -245,9 +245,31 @@ impl Tools {
     /// For `auto` with `<tool_call>` tags: the trigger and the grammar of what follows it —
     /// the rest of the call, and more calls when parallel calls are allowed. The model may
     /// answer in text; a call it begins is constrained to parse and to follow its schema.
+    ///
+    /// Bare calls (Llama 3.x) have no tag: their trigger is `{"name"` at the start of the
+    /// output (the engine anchors it there), and the grammar is the rest of one call object.
     pub fn lazy_grammar(&self, format: ToolFormat) -> Option<(String, Grammar)> {
-        if self.choice != ToolChoice::Auto || format != ToolFormat::Tagged {
+        if self.choice != ToolChoice::Auto {
             return None;
+        }
+        if format == ToolFormat::Bare {
+            // `{"name"` is written; what follows is `: "f", "parameters": {...}}` for one f.
+            let alts: Vec<String> = self
+                .names
+                .iter()
+                .zip(&self.params)
+                .map(|(name, params)| {
+                    let mut p = params.clone();
+                    close_objects(&mut p);
+                    p["x-guidance"] = json_layout();
+                    format!("\"\\\"{name}\\\"\" WS? \",\" WS? \"\\\"parameters\\\"\" WS? \":\" WS? %json {p}")
+                })
+                .collect();
+            let g = format!(
+                "start: WS? \":\" WS? call WS? \"}}\"\ncall: {}\nWS: /[ \\t\\n]{{1,4}}/\n",
+                alts.join(" | ")
+            );
+            return Some(("{\"name\"".to_string(), Grammar::Lark(g)));
         }
         let schema = self.calls_schema(&(0..self.names.len()).collect::<Vec<_>>(), format);
         let (more, more_rule) = if self.parallel {
@@ -999,7 +1021,9 @@ Return calls as <tool_call>{"name": ..., "arguments": ...}</tool_call><|im_end|>
         let (trigger, Grammar::Lark(g)) = auto.lazy_grammar(ToolFormat::Tagged).unwrap() else { panic!() };
         assert_eq!(trigger, "<tool_call>");
         assert!(g.starts_with("start: WS? call WS? \"</tool_call>\"\ncall: %json") && !g.contains("more"), "{g}");
-        assert!(auto.lazy_grammar(ToolFormat::Bare).is_none());
+        let (trigger, Grammar::Lark(g)) = auto.lazy_grammar(ToolFormat::Bare).unwrap() else { panic!() };
+        assert_eq!(trigger, "{\"name\"");
+        assert!(g.contains("\"\\\"get_weather\\\"\"") && g.contains("\"\\\"parameters\\\"\""), "{g}");
     }
 
     #[test]

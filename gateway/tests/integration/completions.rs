@@ -283,3 +283,70 @@ fn a_template_that_renders_tools_drives_the_round_trip() {
     assert!(reply["choices"][0]["message"]["content"].as_str().unwrap().trim().len() > 0, "{reply}");
     assert!(reply["choices"][0]["message"].get("tool_calls").is_none(), "{reply}");
 }
+
+/// Issue 23: a Llama-3.x-style template (`tests/data/llama3_tools.jinja`: tools in the system
+/// turn, calls as a bare `{"name", "parameters"}` object, results in an `ipython` turn). A
+/// forced call is written and read in that format; `auto` compiles its anchored lazy grammar
+/// and answers.
+#[test]
+fn a_llama3_style_template_calls_with_bare_json() {
+    let template = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/llama3_tools.jinja");
+    let s = crate::common::Server::start(&["--chat-template", template]);
+    s.wait_ready();
+    let weather: Value = serde_json::from_str(WEATHER).unwrap();
+    let ask = json!([{"role": "user", "content": "What is the weather in Oslo?"}]);
+    let (st, first) = s.post(
+        "/v1/chat/completions",
+        &json!({"model": MODEL, "temperature": 0, "messages": ask, "tools": [weather], "tool_choice": "required", "parallel_tool_calls": false}),
+    );
+    assert_eq!(st, 200, "{first}");
+    assert_eq!(first["choices"][0]["finish_reason"], "tool_calls", "{first}");
+    let call = &first["choices"][0]["message"]["tool_calls"][0];
+    assert_eq!(call["function"]["name"], "get_weather", "{first}");
+    let args: Value = serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+    assert!(args["city"].is_string() && args.as_object().unwrap().len() == 1, "{args}");
+    let (st, auto) = s.post(
+        "/v1/chat/completions",
+        &json!({"model": MODEL, "temperature": 0, "messages": ask, "tools": [weather], "max_tokens": 40}),
+    );
+    assert_eq!(st, 200, "{auto}");
+    let m = &auto["choices"][0]["message"];
+    assert!(m["content"].is_string() || m["tool_calls"].is_array(), "{auto}");
+}
+
+/// The lazy grammars of `auto` accept the calls each format writes after its trigger, and
+/// refuse calls to unknown functions or with arguments off their schema (compiled with the
+/// real SmolLM2 vocabulary).
+#[test]
+fn auto_mode_lazy_grammars_accept_real_calls_only() {
+    use ragway_engine::generate::{Constrainer, GrammarLimits, TextTokenizer};
+    use ragway_gateway::service::structured::{ToolFormat, Tools};
+    let models = crate::common::models_dir();
+    let path = ragway_engine::generate::resolve_generation_model(MODEL, &models).unwrap();
+    let tk = TextTokenizer::from_gguf_path(&path).unwrap();
+    let c = Constrainer::new(&tk, tk.vocab_size(), GrammarLimits::default()).unwrap();
+    let tools: Value = json!([serde_json::from_str::<Value>(WEATHER).unwrap(),
+        {"type": "function", "function": {"name": "now", "parameters": {"type": "object", "properties": {}}}}]);
+    let t = Tools::parse(Some(&tools), None, None).unwrap().unwrap();
+    let accepts = |format: ToolFormat, rest: &str| {
+        let (_, g) = t.lazy_grammar(format).unwrap();
+        let mut k = c.compile(&g, "tools").unwrap();
+        for id in tk.encode(rest, false).unwrap() {
+            if !k.allows(id).unwrap() {
+                return false;
+            }
+            k.accept(id).unwrap();
+        }
+        tk.stop_ids.iter().any(|&e| k.allows(e).unwrap())
+    };
+    // After `<tool_call>`.
+    assert!(accepts(ToolFormat::Tagged, "\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}\n</tool_call>"));
+    assert!(accepts(ToolFormat::Tagged, "{\"name\": \"now\", \"arguments\": {}}</tool_call>\n<tool_call>{\"name\": \"now\", \"arguments\": {}}</tool_call>"));
+    assert!(!accepts(ToolFormat::Tagged, "\n{\"name\": \"get_time\", \"arguments\": {}}\n</tool_call>"));
+    assert!(!accepts(ToolFormat::Tagged, "\n{\"name\": \"get_weather\", \"arguments\": {\"town\": \"Oslo\"}}\n</tool_call>"));
+    // After `{"name"` at the start (Llama 3.x).
+    assert!(accepts(ToolFormat::Bare, ": \"get_weather\", \"parameters\": {\"city\": \"Oslo\"}}"));
+    assert!(accepts(ToolFormat::Bare, ": \"now\", \"parameters\": {}}"));
+    assert!(!accepts(ToolFormat::Bare, ": \"get_weather\", \"parameters\": {}}"));
+    assert!(!accepts(ToolFormat::Bare, ": \"other\", \"parameters\": {}}"));
+}
