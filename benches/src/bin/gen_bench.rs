@@ -168,7 +168,7 @@ fn structured(handle: &GenerateHandle, args: &Args, gguf: &std::path::Path, spec
     println!("token trie built in {:.3}s, schema compiled in {:.4}s", trie_s, compile_s);
     for r in &rows {
         println!(
-            "ragway {} stream(s): free {:8.1} tok/s   schema {:8.1} tok/s   cost {:5.1}%   mask {:6.0} µs/token",
+            "ragway {} stream(s): free {:8.1} tok/s   schema {:8.1} tok/s   cost {:5.1}%   {:6.0} µs per mask",
             r["streams"], f(r, "free_tok_s_median"), f(r, "schema_tok_s_median"), 100.0 * f(r, "schema_cost"), f(r, "mask_us_per_token")
         );
     }

@@ -280,6 +280,13 @@ impl Constraint {
         self.matcher.consume_token(token).map_err(|e| EngineError::Internal(format!("grammar: {e}")))
     }
 
+    /// The tokens the grammar allows no alternative to from here (llguidance's fast-forward
+    /// tokens, on token boundaries it knows are safe), taken as if accepted one by one.
+    pub fn take_forced(&mut self) -> Vec<u32> {
+        self.mask = None;
+        self.matcher.consume_ff_tokens()
+    }
+
     /// The grammar is complete and allows nothing more.
     pub fn is_finished(&self) -> bool {
         self.matcher.is_stopped()

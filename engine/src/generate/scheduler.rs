@@ -225,6 +225,8 @@ pub struct GenMetrics {
     /// Grammar masks computed, and the time spent on them (µs), beside the forward passes.
     pub masks_total: AtomicU64,
     pub mask_micros_total: AtomicU64,
+    /// Tokens a grammar forced (appended without sampling, fed in chunks).
+    pub forced_tokens_total: AtomicU64,
     /// Steps whose masks took longer than their forward pass (the grammar, not the model,
     /// set the pace).
     pub mask_bound_steps: AtomicU64,
@@ -250,6 +252,7 @@ impl GenMetrics {
             time_to_first_token: Histogram::new(LATENCY_BOUNDS),
             inter_token_latency: Histogram::new(LATENCY_BOUNDS),
             masks_total: AtomicU64::new(0),
+            forced_tokens_total: AtomicU64::new(0),
             mask_micros_total: AtomicU64::new(0),
             mask_bound_steps: AtomicU64::new(0),
         }
@@ -452,6 +455,15 @@ impl GenerateHandle {
             }
         }
     }
+}
+
+/// How a token came: sampled, or forced by the grammar (before the last of a run of forced
+/// tokens, or the last).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Forced {
+    No,
+    Before,
+    Last,
 }
 
 /// One sequence in flight.
@@ -869,8 +881,6 @@ impl Scheduler {
 
     /// Samples, streams; true when the sequence is over.
     fn emit(&mut self, i: usize, logits: &mut [f32], now: Instant) -> bool {
-        let tk = &self.tokenizer;
-        let m = &self.shared.metrics;
         let s = &mut self.running[i];
         if let Some(c) = s.constraint.as_mut() {
             if let Err(e) = c.apply(logits) {
@@ -879,22 +889,52 @@ impl Scheduler {
             }
         }
         let (id, logprob) = s.sampler.sample(logits, &s.tokens);
+        if self.deliver(i, id, logprob, now, Forced::No) {
+            return true;
+        }
+        // Tokens the grammar allows no alternative to are appended without sampling; the
+        // next step feeds them in one chunk, as a prompt is fed, instead of one pass each.
+        let forced = self.running[i].constraint.as_mut().map(Constraint::take_forced).unwrap_or_default();
+        if !forced.is_empty() {
+            self.shared.metrics.forced_tokens_total.fetch_add(forced.len() as u64, Ordering::Relaxed);
+        }
+        let n = forced.len();
+        for (k, t) in forced.into_iter().enumerate() {
+            // The grammar took them all at once: only after the last may it be complete.
+            if self.deliver(i, t, None, now, if k + 1 == n { Forced::Last } else { Forced::Before }) {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Appends token `id` (sampled, or `forced` by the grammar, which has then taken it
+    /// already) and streams it; true when the sequence is over.
+    fn deliver(&mut self, i: usize, id: u32, logprob: Option<TokenLogprob>, now: Instant, forced: Forced) -> bool {
+        let tk = &self.tokenizer;
+        let m = &self.shared.metrics;
+        let s = &mut self.running[i];
         s.tokens.push(id);
         // The grammar has taken its last token: the output is complete.
         let mut grammar_done = false;
         if let Some(c) = s.constraint.as_mut() {
-            if let Err(e) = c.accept(id) {
-                let _ = s.tx.send(GenEvent::Error { message: e.to_string() });
-                return true;
+            if forced == Forced::No {
+                if let Err(e) = c.accept(id) {
+                    let _ = s.tx.send(GenEvent::Error { message: e.to_string() });
+                    return true;
+                }
             }
-            grammar_done = c.is_finished();
+            grammar_done = forced != Forced::Before && c.is_finished();
         }
         m.generated_tokens_total.fetch_add(1, Ordering::Relaxed);
-        match s.last_token_at {
-            None => m.time_to_first_token.observe(now.duration_since(s.received).as_secs_f64()),
-            Some(t) => m.inter_token_latency.observe(now.duration_since(t).as_secs_f64()),
+        if forced == Forced::No {
+            // Forced tokens arrive with the token that released them, not after a wait.
+            match s.last_token_at {
+                None => m.time_to_first_token.observe(now.duration_since(s.received).as_secs_f64()),
+                Some(t) => m.inter_token_latency.observe(now.duration_since(t).as_secs_f64()),
+            }
+            s.last_token_at = Some(now);
         }
-        s.last_token_at = Some(now);
         let is_end = !s.ignore_eos && tk.stop_ids.contains(&id);
         let mut finish = None;
         let mut text = String::new();

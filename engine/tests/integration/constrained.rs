@@ -375,6 +375,8 @@ fn constrained_and_unconstrained_sequences_share_a_batch() {
     assert_eq!(outs[2].text, alone_u.text);
     assert_eq!(outs[1].text, alone_c.text);
     assert!(h.metrics().masks_total.load(std::sync::atomic::Ordering::Relaxed) > 0);
+    // The keys after `{` are forced: appended without sampling, fed as one chunk.
+    assert!(h.metrics().forced_tokens_total.load(std::sync::atomic::Ordering::Relaxed) > 0);
 }
 
 #[test]
