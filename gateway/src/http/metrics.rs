@@ -90,6 +90,7 @@ fn render(state: &AppState) -> String {
             ("ragway_generation_grammar_masks_total", "Token masks computed for constrained sequences.", m.masks_total.load(Relaxed)),
             ("ragway_generation_grammar_mask_microseconds_total", "Time spent computing token masks (beside the forward passes).", m.mask_micros_total.load(Relaxed)),
             ("ragway_generation_grammar_bound_steps_total", "Steps whose masks took longer than their forward pass.", m.mask_bound_steps.load(Relaxed)),
+            ("ragway_generation_grammar_forced_tokens_total", "Tokens a grammar forced (appended without sampling).", m.forced_tokens_total.load(Relaxed)),
         ];
         for (name, help, v) in counters {
             family(&mut out, name, "counter", help, &[(l.clone(), v as f64)]);

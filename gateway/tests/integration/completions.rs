@@ -200,6 +200,16 @@ fn streamed_tool_calls_have_openai_delta_shape() {
     assert!(msg["content"].is_null(), "{whole}");
     assert_eq!(msg["tool_calls"][0]["function"]["arguments"].as_str().unwrap(), args);
     assert_eq!(whole["choices"][0]["finish_reason"], "tool_calls");
+    // The grammar's work shows in /metrics: masks computed, tokens forced.
+    let text = client().get(format!("{}/metrics", s.url)).send().unwrap().text().unwrap();
+    for name in ["ragway_generation_grammar_masks_total", "ragway_generation_grammar_forced_tokens_total"] {
+        let total: f64 = text
+            .lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        assert!(total > 0.0, "{name} in {text}");
+    }
 
     // With `auto` the model answers in text here; its content chunks keep their logprobs.
     let mut auto = streamed.clone();
