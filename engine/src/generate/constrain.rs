@@ -209,11 +209,6 @@ impl Constrainer {
         }
         Ok(Constraint { matcher, mask: Some(first) })
     }
-
-    /// Tokens in the trie (the model's logit count).
-    pub fn vocab_size(&self) -> usize {
-        self.factory.tok_env().tok_trie().vocab_size()
-    }
 }
 
 /// llguidance's messages carry internal context after the first line; the first line says
@@ -290,11 +285,6 @@ impl Constraint {
     /// The grammar is complete and allows nothing more.
     pub fn is_finished(&self) -> bool {
         self.matcher.is_stopped()
-    }
-
-    /// Whether the text so far is a complete match (EOS would be allowed).
-    pub fn is_accepting(&mut self) -> bool {
-        self.matcher.is_accepting().unwrap_or(false)
     }
 }
 

@@ -16,7 +16,7 @@ use crate::service::completions::{
     CompletionRequest, StartedChat,
 };
 use crate::service::error::ServiceError;
-use crate::service::structured::split_calls;
+use crate::service::structured::{finish_reason, split_calls};
 use crate::service::usage::Usage;
 use actix_web::web::Bytes;
 use actix_web::{post, web, HttpRequest, HttpResponse};
@@ -73,7 +73,7 @@ pub(crate) async fn chat_local(
             let (message, finish_reason) = match tools {
                 Some(t) => {
                     let (content, calls) = split_calls(t.format, t.forced, &c.text);
-                    let reason = if !calls.is_empty() && c.finish == Some("stop") { Some("tool_calls") } else { c.finish };
+                    let reason = c.finish.map(|f| finish_reason(f, calls.len()));
                     (AssistantMessage::with_calls(content, calls), reason)
                 }
                 None => (AssistantMessage::new(c.text), c.finish),

@@ -5,7 +5,7 @@ use crate::http::openai::{
     ChatChunkChoice, ChatLogprobs, CompletionChunk, Delta, FunctionDelta, TextChunkChoice, TextLogprobs, ToolCallDelta,
 };
 use crate::service::completions::ToolOutput;
-use crate::service::structured::{Piece, ToolParser};
+use crate::service::structured::{self, Piece, ToolParser};
 use crate::service::auth::Principal;
 use crate::service::completions::Events;
 use crate::service::usage::Usage;
@@ -268,9 +268,7 @@ pub(crate) fn body(
                             for piece in p.finish() {
                                 out.extend_from_slice(&enc.piece(index, piece));
                             }
-                            if p.calls() > 0 && reason == "stop" {
-                                reason = "tool_calls";
-                            }
+                            reason = structured::finish_reason(reason, p.calls());
                         }
                         out.extend_from_slice(&enc.finish(index, reason));
                         st.done += 1;

@@ -13,7 +13,7 @@ use crate::service::usage::Usage;
 use futures::stream::{self, Stream, StreamExt};
 use ragway_engine::generate::sampling::random_seed;
 use ragway_engine::generate::{
-    ChatMessage, Constraint, GenEvent, GenerateHandle, GenerationRequest, LazyConstraint, GenerationStream, SamplingParams, TokenLogprob,
+    ChatMessage, Constraint, GenEvent, GenerateHandle, GenerationRequest, Grammar, LazyConstraint, GenerationStream, SamplingParams, TokenLogprob,
 };
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -530,10 +530,15 @@ pub struct ToolOutput {
     pub forced: bool,
 }
 
+/// `grammar` compiled for `h`; its errors name `param`, the request field it came from.
+pub fn compile(h: &GenerateHandle, grammar: &Grammar, param: &str) -> Result<Constraint, ServiceError> {
+    h.compile(grammar, param).map_err(|e| ServiceError::from_engine(e, param))
+}
+
 /// `response_format` of a request, compiled for `h` (checked before anything is queued).
 pub fn output_constraint(h: &GenerateHandle, c: &Common) -> Result<Option<Constraint>, ServiceError> {
-    let Some(g) = structured::response_format(c.response_format.as_ref())? else { return Ok(None) };
-    h.compile(&g, "response_format").map(Some).map_err(|e| ServiceError::from_engine(e, "response_format"))
+    let format = structured::response_format(c.response_format.as_ref())?;
+    format.map(|g| compile(h, &g, "response_format")).transpose()
 }
 
 /// Validates a chat request, renders and tokenizes its prompt, and queues it.
@@ -562,19 +567,20 @@ pub fn start_chat_on(h: GenerateHandle, req: ChatRequest) -> Result<StartedChat,
     let tools = Tools::parse(req.tools.as_ref(), req.tool_choice.as_ref(), req.parallel_tool_calls.as_ref())?;
     let active = tools.as_ref().filter(|t| t.choice != ToolChoice::None);
     let (format, native) = ToolFormat::of(chat_template);
-    let wants_format = structured::response_format(req.common.response_format.as_ref())?.is_some();
-    if wants_format && active.is_some() {
+    let output_format = structured::response_format(req.common.response_format.as_ref())?;
+    if output_format.is_some() && active.is_some() {
         return Err(ServiceError::invalid(
             "response_format",
             "response_format cannot be combined with tools the model may call; set tool_choice to none, or drop response_format",
         ));
     }
-    template.constraint = match active.and_then(|t| t.grammar(format)) {
-        Some(g) => Some(h.compile(&g, "tools").map_err(|e| ServiceError::from_engine(e, "tools"))?),
-        None => output_constraint(&h, &req.common)?,
+    template.constraint = match (active.and_then(|t| t.grammar(format)), output_format) {
+        (Some(g), _) => Some(compile(&h, &g, "tools")?),
+        (None, Some(g)) => Some(compile(&h, &g, "response_format")?),
+        (None, None) => None,
     };
     if let Some((trigger, g)) = active.and_then(|t| t.lazy_grammar(format)) {
-        let constraint = h.compile(&g, "tools").map_err(|e| ServiceError::from_engine(e, "tools"))?;
+        let constraint = compile(&h, &g, "tools")?;
         template.lazy = Some(LazyConstraint { trigger, constraint, anchored: format == ToolFormat::Bare });
     }
     let messages = structured::prepare_messages(messages, tools.as_ref(), native);

@@ -5,7 +5,7 @@
 use crate::app::AppState;
 use crate::service::auth::Principal;
 use crate::service::completions::{
-    chat_messages, generator, new_id, output_constraint, request_over, template_request, Common,
+    chat_messages, compile, generator, new_id, output_constraint, request_over, template_request, Common,
 };
 use crate::service::error::ServiceError;
 use crate::service::now;
@@ -241,8 +241,7 @@ pub fn engine_request(c: &Common, h: &GenerateHandle, p: &Prepared, logprobs: Op
     }
     req.prompt = p.prompt.clone();
     req.constraint = if wants_cited(c) {
-        let g = Grammar::JsonSchema(cited_schema(p));
-        Some(h.compile(&g, "response_format").map_err(|e| ServiceError::from_engine(e, "response_format"))?)
+        Some(compile(h, &Grammar::JsonSchema(cited_schema(p)), "response_format")?)
     } else {
         output_constraint(h, c)?
     };

@@ -549,7 +549,7 @@ impl ToolParser {
                 self.content(out, s);
                 false
             }
-            State::Head => match call_head(rest, self.format) {
+            State::Head => match call_head(rest) {
                 Head::Match { len, name } => {
                     self.pos += len;
                     self.start_call(out, name);
@@ -696,8 +696,9 @@ enum Head {
     Fail,
 }
 
-/// `{"name": "NAME", "arguments": ` at the start of `s` (whitespace between tokens allowed).
-fn call_head(s: &str, format: ToolFormat) -> Head {
+/// `{"name": "NAME", "arguments": ` (or `"parameters": `) at the start of `s` (whitespace
+/// between tokens allowed).
+fn call_head(s: &str) -> Head {
     let b = s.as_bytes();
     let mut i = 0;
     let ws = |i: &mut usize| {
@@ -747,7 +748,6 @@ fn call_head(s: &str, format: ToolFormat) -> Head {
     expect!(",");
     ws(&mut i);
     // Either key, whatever the format: models trained on one write it in the other's.
-    let _ = format;
     match (lit(&mut i.clone(), "\"arguments\""), lit(&mut i.clone(), "\"parameters\"")) {
         (Some(true), _) => i += "\"arguments\"".len(),
         (_, Some(true)) => i += "\"parameters\"".len(),
@@ -760,6 +760,16 @@ fn call_head(s: &str, format: ToolFormat) -> Head {
         return Head::Need;
     }
     Head::Match { len: i, name }
+}
+
+/// A choice's finish reason once its calls are read: a turn that stopped by itself after
+/// calling ends with `tool_calls`.
+pub fn finish_reason(reason: &'static str, calls: usize) -> &'static str {
+    if calls > 0 && reason == "stop" {
+        "tool_calls"
+    } else {
+        reason
+    }
 }
 
 /// An OpenAI-style call id.

@@ -257,25 +257,39 @@ fn text_completions_take_response_format_and_limits_hold() {
     assert_eq!(assert_openai_error(st, &b, 400)["param"], "tools");
 }
 
+fn weather_question() -> Value {
+    json!([{"role": "user", "content": "What is the weather in Oslo?"}])
+}
+
+/// A server running with `--chat-template tests/data/{template}`, and its forced call of
+/// `get_weather` for the Oslo question: the response (checked to be 200 and to call
+/// `get_weather`) and the call's parsed arguments.
+fn forced_weather_call(template: &str) -> (crate::common::Server, Value, Value) {
+    let path = format!("{}/tests/data/{template}", env!("CARGO_MANIFEST_DIR"));
+    let s = crate::common::Server::start(&["--chat-template", &path]);
+    s.wait_ready();
+    let weather: Value = serde_json::from_str(WEATHER).unwrap();
+    let (st, first) = s.post(
+        "/v1/chat/completions",
+        &json!({"model": MODEL, "temperature": 0, "messages": weather_question(), "tools": [weather],
+                "tool_choice": "required", "parallel_tool_calls": false}),
+    );
+    assert_eq!(st, 200, "{first}");
+    let call = &first["choices"][0]["message"]["tool_calls"][0];
+    assert_eq!(call["function"]["name"], "get_weather", "{first}");
+    let args: Value = serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+    (s, first, args)
+}
+
 /// Issue 23: a model whose template renders `tools` itself (a Hermes/Qwen-style ChatML
 /// template, `tests/data/hermes_tools.jinja`, given with `--chat-template`) gets the tool
 /// definitions through it, calls in its `<tool_call>` format, and reads the tool's answer
 /// from its own `tool` turn.
 #[test]
 fn a_template_that_renders_tools_drives_the_round_trip() {
-    let template = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/hermes_tools.jinja");
-    let s = crate::common::Server::start(&["--chat-template", template]);
-    s.wait_ready();
-    let weather: Value = serde_json::from_str(WEATHER).unwrap();
-    let ask = json!([{"role": "user", "content": "What is the weather in Oslo?"}]);
-    let (st, first) = s.post(
-        "/v1/chat/completions",
-        &json!({"model": MODEL, "temperature": 0, "messages": ask, "tools": [weather], "tool_choice": "required", "parallel_tool_calls": false}),
-    );
-    assert_eq!(st, 200, "{first}");
+    let (s, first, args) = forced_weather_call("hermes_tools.jinja");
+    let (weather, ask): (Value, Value) = (serde_json::from_str(WEATHER).unwrap(), weather_question());
     let call = &first["choices"][0]["message"]["tool_calls"][0];
-    assert_eq!(call["function"]["name"], "get_weather", "{first}");
-    let args: Value = serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
     assert!(args["city"].is_string(), "{args}");
     // The definitions reached the prompt through the template: more prompt tokens than without tools.
     let (_, plain) = s.post("/v1/chat/completions", &json!({"model": MODEL, "temperature": 0, "messages": ask, "max_tokens": 1}));
@@ -300,20 +314,9 @@ fn a_template_that_renders_tools_drives_the_round_trip() {
 /// and answers.
 #[test]
 fn a_llama3_style_template_calls_with_bare_json() {
-    let template = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/llama3_tools.jinja");
-    let s = crate::common::Server::start(&["--chat-template", template]);
-    s.wait_ready();
-    let weather: Value = serde_json::from_str(WEATHER).unwrap();
-    let ask = json!([{"role": "user", "content": "What is the weather in Oslo?"}]);
-    let (st, first) = s.post(
-        "/v1/chat/completions",
-        &json!({"model": MODEL, "temperature": 0, "messages": ask, "tools": [weather], "tool_choice": "required", "parallel_tool_calls": false}),
-    );
-    assert_eq!(st, 200, "{first}");
+    let (s, first, args) = forced_weather_call("llama3_tools.jinja");
+    let (weather, ask): (Value, Value) = (serde_json::from_str(WEATHER).unwrap(), weather_question());
     assert_eq!(first["choices"][0]["finish_reason"], "tool_calls", "{first}");
-    let call = &first["choices"][0]["message"]["tool_calls"][0];
-    assert_eq!(call["function"]["name"], "get_weather", "{first}");
-    let args: Value = serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
     assert!(args["city"].is_string() && args.as_object().unwrap().len() == 1, "{args}");
     let (st, auto) = s.post(
         "/v1/chat/completions",
