@@ -64,6 +64,7 @@ pub fn own_vectors_settings(name: &str, dim: usize) -> ragway_index::CollectionS
         dimension: dim,
         distance: ragway_index::dense::Distance::Cosine,
         hnsw: Default::default(),
+        quantization: Default::default(),
         chunking: Default::default(),
         fusion: Default::default(),
         keyword: Default::default(),

@@ -6,6 +6,7 @@
 //! Euclidean distance.
 
 use crate::hnsw::{Graph, Params};
+pub use crate::quant::Quantization;
 use crate::simd::{dot, squared_l2};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -71,8 +72,9 @@ pub struct DenseIndex {
 }
 
 impl DenseIndex {
-    pub fn new(params: HnswParams, distance: Distance, dim: usize, capacity: usize) -> Self {
-        let graph = Graph::new(dim, distance, Params { m: params.m, ef_construction: params.ef_construction }, capacity.max(1024));
+    pub fn new(params: HnswParams, quantization: Quantization, distance: Distance, dim: usize, capacity: usize) -> Self {
+        let params = Params { m: params.m, ef_construction: params.ef_construction, quantization };
+        let graph = Graph::new(dim, distance, params, capacity.max(1024));
         Self::from_graph(graph)
     }
 
@@ -101,6 +103,13 @@ impl DenseIndex {
         } else {
             items.iter().map(|&(v, key)| g.insert(v, key)).collect()
         }
+    }
+
+    /// Recomputes every point's code for `quant` (benchmarks; see
+    /// [`Graph::set_quantization`]).
+    pub fn set_quantization(&self, quant: Quantization) {
+        let _no_inserts = self.insert_lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.graph.write().unwrap_or_else(|e| e.into_inner()).set_quantization(quant);
     }
 
     /// The graph, for reading vectors by point id and searching.
@@ -222,7 +231,7 @@ pub(crate) mod tests {
     fn graph_search_agrees_with_exact_search() {
         for distance in [Distance::Cosine, Distance::Dot, Distance::L2] {
             let data = vectors(2000, 16, 1);
-            let index = DenseIndex::new(HnswParams::default(), distance, 16, data.len());
+            let index = DenseIndex::new(HnswParams::default(), Quantization::None, distance, 16, data.len());
             let items: Vec<(&[f32], u64)> = data.iter().enumerate().map(|(i, v)| (v.as_slice(), i as u64)).collect();
             index.insert(&items);
             assert_eq!(index.len(), 2000);
@@ -247,7 +256,7 @@ pub(crate) mod tests {
     #[test]
     fn filtered_search_only_returns_kept_points() {
         let data = vectors(500, 8, 3);
-        let index = DenseIndex::new(HnswParams::default(), Distance::Cosine, 8, 500);
+        let index = DenseIndex::new(HnswParams::default(), Quantization::None, Distance::Cosine, 8, 500);
         let items: Vec<(&[f32], u64)> = data.iter().enumerate().map(|(i, v)| (v.as_slice(), i as u64)).collect();
         index.insert(&items);
         let found = index.search(&data[0], 10, 200, &|id| id % 2 == 1);

@@ -21,20 +21,29 @@
 //! collections are unit length), L2 the squared distance. Scores reported outward are
 //! "higher is better" (see [`Distance::score`]).
 //!
+//! ## Quantization
+//! With [`Quantization::F16`] or [`Quantization::Int8`] the graph also keeps a code of each
+//! vector ([`crate::quant`]): searches walk the graph on the codes and rescore the `ef`
+//! candidates they end with exactly from the f32 vectors. Inserts (the build) use the f32
+//! vectors throughout, so the graph's links are the same with or without quantization.
+//!
 //! ## File format (little-endian)
 //! `RGWHNSW1`, then a header of u64s (version, dim, m, m0, ef_construction, distance,
-//! points, entry point + 1 (0: none), max level, covered log sequence number), then the
+//! points, entry point + 1 (0: none), max level, covered log sequence number, and from
+//! version 3 the quantization), then the
 //! keys (u64 × n), levels (u8 × n, padded to 8), layer-0 lists (u32 × n × (m0 + 1)), the
 //! upper lists' offsets (u64 × (n + 1)) and their lists (u32), and a CRC-32 of everything
 //! before it. Then zeros up to a multiple of 64 bytes, the vectors (f32 × n × dim) and a
-//! CRC-32 of that padding and the vectors.
+//! CRC-32 of that padding and the vectors. With quantization, then zeros up to a multiple
+//! of 64 bytes, the codes (u32 × n × words) and a CRC-32 of that padding and the codes.
+//! Version 2 files (no quantization field, no codes) are read as unquantized graphs.
 //!
 //! ## Opening by memory-mapping
 //! [`Graph::load`] maps the file: the structure (keys, levels, lists) is checked and copied
 //! into the graph's growable arrays, the vectors stay in the mapping and are read from the
 //! page cache where the search touches them. An open therefore costs the structure (about
 //! 150 bytes per point), not the vectors (`4 × dim` bytes per point), and the vectors are
-//! never held twice. Points inserted after the open live in memory. The file is only ever
+//! never held twice. Codes are mapped the same way. Points inserted after the open live in memory. The file is only ever
 //! replaced by a rename, so a mapping stays valid after a later save. The vectors'
 //! checksum is not read on open (it would read every vector); [`Graph::verify_vectors`]
 //! checks it.
@@ -42,7 +51,8 @@
 use crate::dense::Distance;
 use crate::error::{IndexError, Result};
 use crate::filefmt::{Cursor, SumWriter};
-use crate::simd::{dot, squared_l2};
+use crate::quant::{f16_parts, int8_parts, Quantization};
+use crate::simd::{dot, dot_f16, dot_i8, squared_l2, squared_l2_f16, squared_l2_i8};
 use std::cell::UnsafeCell;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -53,7 +63,7 @@ use std::sync::{Mutex, OnceLock, RwLock};
 const MAGIC: &[u8; 8] = b"RGWHNSW1";
 /// How much of a neighbor's vector the walk prefetches.
 const PREFETCH_BYTES: usize = 256;
-const FORMAT_VERSION: u64 = 2;
+const FORMAT_VERSION: u64 = 3;
 /// Alignment of the vectors in the file (a cache line).
 const VECTORS_ALIGN: u64 = 64;
 /// Highest layer a point may get (the level draw is capped here).
@@ -96,6 +106,31 @@ impl Metric {
         }
     }
 
+    /// The internal distance from `q` to a code of `quant` (not `None`).
+    #[inline]
+    fn eval_code(self, quant: Quantization, q: &[f32], code: &[u32]) -> f32 {
+        let l2 = matches!(self.0, Distance::L2);
+        match quant {
+            Quantization::Int8 => {
+                let (scale, c) = int8_parts(code, q.len());
+                if l2 {
+                    squared_l2_i8(q, c, scale)
+                } else {
+                    -dot_i8(q, c, scale)
+                }
+            }
+            Quantization::F16 => {
+                let c = f16_parts(code, q.len());
+                if l2 {
+                    squared_l2_f16(q, c)
+                } else {
+                    -dot_f16(q, c)
+                }
+            }
+            Quantization::None => unreachable!("codes exist only with quantization"),
+        }
+    }
+
     /// The outward score of an internal distance.
     #[inline]
     fn score(self, d: f32) -> f32 {
@@ -112,6 +147,8 @@ pub struct Params {
     /// Links per node above layer 0 (layer 0 keeps twice as many).
     pub m: usize,
     pub ef_construction: usize,
+    /// Codes the search walks on (the build always uses the f32 vectors).
+    pub quantization: Quantization,
 }
 
 /// A visited set over every id the graph can hold, cleared in O(1) by bumping a generation
@@ -170,6 +207,13 @@ pub struct Graph {
     mapped_points: usize,
     /// Vectors of points `mapped_points..capacity`.
     vectors: Box<[UnsafeCell<f32>]>,
+    quant: Quantization,
+    /// `u32` words of one point's code (0 without quantization).
+    code_words: usize,
+    /// The mapped codes of points `0..mapped_points` (null without).
+    mapped_codes: *const u32,
+    /// Codes of points `mapped_points..capacity`.
+    codes: Box<[UnsafeCell<u32>]>,
     keys: Box<[AtomicU64]>,
     levels: Box<[AtomicU8]>,
     links0: Box<[AtomicU32]>,
@@ -185,15 +229,18 @@ struct Mapped {
     map: memmap2::Mmap,
     /// Where the vectors' checksummed section (padding, then vectors) starts.
     section: usize,
+    /// Where the codes' section starts (0: none).
+    codes_section: usize,
 }
 
-// SAFETY: the non-`Sync` fields are `vectors` (`UnsafeCell<f32>`) and the mapped vectors'
-// pointer. A vector slot is written once, by the thread that allocated its id, before the id
+// SAFETY: the non-`Sync` fields are `vectors` (`UnsafeCell<f32>`), `codes`
+// (`UnsafeCell<u32>`) and the mapped vectors' and codes' pointers. A vector or code slot is
+// written once, by the thread that allocated its id, before the id
 // is published with a `Release` store; every read of a slot happens after an `Acquire` load
 // that observed the id (see the module documentation), or with exclusive access
 // (`&mut self`). The mapping is read-only, never written and lives as long as the graph.
 unsafe impl Sync for Graph {}
-// SAFETY: the pointer refers into the mapping the graph owns, which moves with it.
+// SAFETY: the pointers refer into the mapping the graph owns, which moves with it.
 unsafe impl Send for Graph {}
 
 impl Graph {
@@ -219,6 +266,11 @@ impl Graph {
         advise_huge_pages(&vectors);
         // SAFETY: `UnsafeCell<f32>` is `repr(transparent)` over `f32`.
         let vectors = unsafe { Box::from_raw(Box::into_raw(vectors) as *mut [UnsafeCell<f32>]) };
+        let code_words = params.quantization.words(dim);
+        let codes = vec![0u32; (capacity - mapped_points) * code_words].into_boxed_slice();
+        advise_huge_pages(&codes);
+        // SAFETY: `UnsafeCell<u32>` is `repr(transparent)` over `u32`.
+        let codes = unsafe { Box::from_raw(Box::into_raw(codes) as *mut [UnsafeCell<u32>]) };
         let links0 = vec![0u32; capacity * (m0 + 1)].into_boxed_slice();
         advise_huge_pages(&links0);
         // SAFETY: `AtomicU32` has the same size, alignment and bit validity as `u32`.
@@ -238,6 +290,10 @@ impl Graph {
             mapped,
             mapped_points,
             vectors,
+            quant: params.quantization,
+            code_words,
+            mapped_codes: std::ptr::null(),
+            codes,
             keys: (0..capacity).map(|_| AtomicU64::new(0)).collect(),
             levels: (0..capacity).map(|_| AtomicU8::new(0)).collect(),
             links0,
@@ -257,7 +313,11 @@ impl Graph {
     }
 
     pub fn params(&self) -> Params {
-        Params { m: self.m, ef_construction: self.ef_construction }
+        Params { m: self.m, ef_construction: self.ef_construction, quantization: self.quant }
+    }
+
+    pub fn quantization(&self) -> Quantization {
+        self.quant
     }
 
     /// Points inserted.
@@ -292,6 +352,46 @@ impl Graph {
         // SAFETY: `UnsafeCell<f32>` has the layout of `f32`; the slot was fully written
         // before `id` was published (module documentation), and is never written again.
         unsafe { std::slice::from_raw_parts(cells.as_ptr() as *const f32, self.dim) }
+    }
+
+    /// The code of point `id` (a published point; empty without quantization).
+    #[inline]
+    fn code(&self, id: u32) -> &[u32] {
+        let i = id as usize;
+        let w = self.code_words;
+        if i < self.mapped_points {
+            // SAFETY: as for `vector`: the mapping holds `mapped_points × code_words` u32s
+            // from `mapped_codes` (checked when loaded).
+            return unsafe { std::slice::from_raw_parts(self.mapped_codes.add(i * w), w) };
+        }
+        let start = (i - self.mapped_points) * w;
+        let cells = &self.codes[start..start + w];
+        // SAFETY: as for `vector`: written before `id` was published, never again.
+        unsafe { std::slice::from_raw_parts(cells.as_ptr() as *const u32, w) }
+    }
+
+    /// The code of `vector`, encoded the way the codes of the file are.
+    pub fn encode(&self, vector: &[f32]) -> Vec<u32> {
+        let mut code = vec![0u32; self.code_words];
+        self.quant.encode(vector, &mut code);
+        code
+    }
+
+    /// Recomputes the codes of every point for `quant` (benchmarks compare quantizations on
+    /// one build; a collection's quantization is fixed when it is created). The caller holds
+    /// the graph exclusively; the graph must have no mapped points.
+    pub fn set_quantization(&mut self, quant: Quantization) {
+        assert_eq!(self.mapped_points, 0, "set_quantization on a mapped graph");
+        let n = *self.allocated.get_mut();
+        let w = quant.words(self.dim);
+        let mut codes = vec![0u32; self.capacity * w].into_boxed_slice();
+        for i in 0..n {
+            quant.encode(self.vector(i as u32), &mut codes[i * w..(i + 1) * w]);
+        }
+        // SAFETY: `UnsafeCell<u32>` is `repr(transparent)` over `u32`.
+        self.codes = unsafe { Box::from_raw(Box::into_raw(codes) as *mut [UnsafeCell<u32>]) };
+        self.quant = quant;
+        self.code_words = w;
     }
 
     pub fn key(&self, id: u32) -> u64 {
@@ -346,14 +446,19 @@ impl Graph {
         }
     }
 
-    /// Asks the CPU to start loading the vector of `id` (a hint; no effect elsewhere).
+    /// Asks the CPU to start loading the vector of `id`, or its code when the walk reads
+    /// codes (a hint; no effect elsewhere).
     #[inline]
-    fn prefetch(&self, id: u32) {
+    fn prefetch<const CODES: bool>(&self, id: u32) {
         #[cfg(target_arch = "x86_64")]
         {
-            let ptr = self.vector(id).as_ptr() as *const i8;
+            let (ptr, bytes) = if CODES {
+                (self.code(id).as_ptr() as *const i8, self.code_words * 4)
+            } else {
+                (self.vector(id).as_ptr() as *const i8, self.dim * 4)
+            };
             // One hint per 64-byte line of the vector.
-            for line in (0..(self.dim * 4).min(PREFETCH_BYTES)).step_by(64) {
+            for line in (0..bytes.min(PREFETCH_BYTES)).step_by(64) {
                 // SAFETY: prefetching is a hint that never faults; the address is inside
                 // the vector slice.
                 unsafe { std::arch::x86_64::_mm_prefetch(ptr.add(line), std::arch::x86_64::_MM_HINT_T0) };
@@ -368,13 +473,30 @@ impl Graph {
         Dist(self.metric.eval(q, self.vector(id)))
     }
 
+    /// The distance the walk uses: to the code when `CODES`, else to the vector.
+    #[inline]
+    fn walk_dist<const CODES: bool>(&self, q: &[f32], id: u32) -> Dist {
+        if CODES {
+            Dist(self.metric.eval_code(self.quant, q, self.code(id)))
+        } else {
+            self.dist_to(q, id)
+        }
+    }
+
     /// Greedy descent on one upper layer: the closest point reachable from `start`.
-    fn greedy(&self, q: &[f32], mut cur: u32, mut cur_d: Dist, level: usize, buf: &mut Vec<u32>) -> (u32, Dist) {
+    fn greedy<const CODES: bool>(
+        &self,
+        q: &[f32],
+        mut cur: u32,
+        mut cur_d: Dist,
+        level: usize,
+        buf: &mut Vec<u32>,
+    ) -> (u32, Dist) {
         loop {
             let mut changed = false;
             self.neighbors(cur, level, buf);
             for &n in buf.iter() {
-                let d = self.dist_to(q, n);
+                let d = self.walk_dist::<CODES>(q, n);
                 if d < cur_d {
                     cur_d = d;
                     cur = n;
@@ -389,7 +511,7 @@ impl Graph {
 
     /// Beam search on one layer from `start`: up to `ef` closest points, as a max-heap on
     /// distance. `keep` filters what enters the results (every point still guides the walk).
-    fn search_layer(
+    fn search_layer<const CODES: bool>(
         &self,
         q: &[f32],
         start: &[(u32, Dist)],
@@ -421,10 +543,10 @@ impl Graph {
             // (the walk is bound by memory latency, not arithmetic).
             buf.retain(|&n| visited.insert(n));
             for &n in &buf {
-                self.prefetch(n);
+                self.prefetch::<CODES>(n);
             }
             for &n in &buf {
-                let nd = self.dist_to(q, n);
+                let nd = self.walk_dist::<CODES>(q, n);
                 if results.len() < ef || nd < results.peek().expect("non-empty").0 {
                     candidates.push(Reverse((nd, n)));
                     if keep(n) {
@@ -488,6 +610,14 @@ impl Graph {
             // SAFETY: slot `id` was just allocated to this thread and is not published yet.
             unsafe { *cell.get() = x };
         }
+        if self.code_words > 0 {
+            let start = (id - self.mapped_points) * self.code_words;
+            let code = self.encode(vector);
+            for (cell, x) in self.codes[start..start + self.code_words].iter().zip(code) {
+                // SAFETY: as for the vector slot above.
+                unsafe { *cell.get() = x };
+            }
+        }
         self.keys[id].store(key, Ordering::Release);
         let level = self.random_level(id as u64);
         self.levels[id].store(level as u8, Ordering::Release);
@@ -518,13 +648,13 @@ impl Graph {
         let mut cur = ep;
         let mut cur_d = self.dist_to(vector, ep);
         for l in (level + 1..=max_level).rev() {
-            (cur, cur_d) = self.greedy(vector, cur, cur_d, l, &mut buf);
+            (cur, cur_d) = self.greedy::<false>(vector, cur, cur_d, l, &mut buf);
         }
         let mut visited = self.visited();
         let mut start = vec![(cur, cur_d)];
         for l in (0..=level.min(max_level)).rev() {
             visited.reset(self.capacity);
-            let found = self.search_layer(vector, &start, self.ef_construction, l, &mut visited, &|_| true);
+            let found = self.search_layer::<false>(vector, &start, self.ef_construction, l, &mut visited, &|_| true);
             let sorted: Vec<(Dist, u32)> = found.into_sorted_vec().into_iter().filter(|c| c.1 != id32).collect();
             let chosen = self.select(&sorted, self.m);
             let cap = if l == 0 { self.m0 } else { self.m };
@@ -585,8 +715,17 @@ impl Graph {
         self.set_neighbors(n, level, &chosen);
     }
 
-    /// The `k` closest points that pass `keep`, closest first, as (id, score).
+    /// The `k` closest points that pass `keep`, closest first, as (id, score). Scores are
+    /// exact: with quantization the walk's `ef` candidates are rescored from the vectors.
     pub fn search(&self, q: &[f32], k: usize, ef: usize, keep: &dyn Fn(u32) -> bool) -> Vec<(u32, f32)> {
+        if self.quant == Quantization::None {
+            self.walk::<false>(q, k, ef, keep)
+        } else {
+            self.walk::<true>(q, k, ef, keep)
+        }
+    }
+
+    fn walk<const CODES: bool>(&self, q: &[f32], k: usize, ef: usize, keep: &dyn Fn(u32) -> bool) -> Vec<(u32, f32)> {
         let Some((ep, max_level)) = *self.entry.read().unwrap_or_else(|e| e.into_inner()) else {
             return Vec::new();
         };
@@ -595,15 +734,25 @@ impl Graph {
         }
         let mut buf = Vec::with_capacity(self.m0);
         let mut cur = ep;
-        let mut cur_d = self.dist_to(q, ep);
+        let mut cur_d = self.walk_dist::<CODES>(q, ep);
         for l in (1..=max_level).rev() {
-            (cur, cur_d) = self.greedy(q, cur, cur_d, l, &mut buf);
+            (cur, cur_d) = self.greedy::<CODES>(q, cur, cur_d, l, &mut buf);
         }
         let mut visited = self.visited();
-        let found = self.search_layer(q, &[(cur, cur_d)], ef.max(k), 0, &mut visited, keep);
+        let found = self.search_layer::<CODES>(q, &[(cur, cur_d)], ef.max(k), 0, &mut visited, keep);
         self.give_back(visited);
+        let mut found = found.into_vec();
+        if CODES {
+            for c in found.iter_mut() {
+                self.prefetch::<false>(c.1);
+            }
+            for c in found.iter_mut() {
+                c.0 = self.dist_to(q, c.1);
+            }
+        }
+        found.sort_unstable();
         let metric = self.metric;
-        found.into_sorted_vec().into_iter().take(k).map(|(d, id)| (id, metric.score(d.0))).collect()
+        found.into_iter().take(k).map(|(d, id)| (id, metric.score(d.0))).collect()
     }
 
     /// A copy with room for `capacity` points (the caller holds `self` exclusively).
@@ -620,10 +769,14 @@ impl Graph {
         );
         self.mapped_points = 0;
         g.mapped_ptr = std::mem::replace(&mut self.mapped_ptr, std::ptr::null());
+        g.mapped_codes = std::mem::replace(&mut self.mapped_codes, std::ptr::null());
         g.m = self.m;
         g.m0 = self.m0;
         for i in 0..(n - mapped_points) * self.dim {
             *g.vectors[i].get_mut() = *self.vectors[i].get_mut();
+        }
+        for i in 0..(n - mapped_points) * self.code_words {
+            *g.codes[i].get_mut() = *self.codes[i].get_mut();
         }
         for i in 0..n {
             *g.keys[i].get_mut() = *self.keys[i].get_mut();
@@ -669,6 +822,7 @@ impl Graph {
             entry,
             max_level,
             covered_seq,
+            self.quant.tag(),
         ] {
             w.u64(x)?;
         }
@@ -703,6 +857,16 @@ impl Graph {
                 w.put(&x.to_le_bytes())?;
             }
         }
+        if self.code_words > 0 {
+            w.seal()?;
+            let pad = (VECTORS_ALIGN - w.position() % VECTORS_ALIGN) % VECTORS_ALIGN;
+            w.put(&[0u8; VECTORS_ALIGN as usize][..pad as usize])?;
+            for i in 0..n {
+                for x in self.code(i as u32) {
+                    w.put(&x.to_le_bytes())?;
+                }
+            }
+        }
         w.finish()
     }
 
@@ -722,9 +886,14 @@ impl Graph {
         r.take(8);
         let header: Vec<u64> = (0..10).map(|_| r.u64()).collect::<Option<_>>().ok_or_else(|| bad("short header"))?;
         let [version, dim, m, m0, efc, distance, n, entry, max_level, seq] = header[..] else { unreachable!() };
-        if version != FORMAT_VERSION {
-            return Err(bad(&format!("format version {version}, this build reads {FORMAT_VERSION}")));
-        }
+        let quant = match version {
+            2 => Quantization::None,
+            FORMAT_VERSION => {
+                let tag = r.u64().ok_or_else(|| bad("short header"))?;
+                Quantization::from_tag(tag).ok_or_else(|| bad("unknown quantization"))?
+            }
+            _ => return Err(bad(&format!("format version {version}, this build reads 2 and {FORMAT_VERSION}"))),
+        };
         let distance = match distance {
             0 => Distance::Cosine,
             1 => Distance::Dot,
@@ -760,16 +929,27 @@ impl Graph {
         let section = r.at;
         let vectors_at = (r.at as u64).next_multiple_of(VECTORS_ALIGN) as usize;
         let vectors_end = vectors_at + n * dim * 4;
-        if map.len() != vectors_end + 4 {
+        let code_words = quant.words(dim);
+        let (codes_section, codes_at, end) = if code_words > 0 {
+            let section = vectors_end + 4;
+            let at = (section as u64).next_multiple_of(VECTORS_ALIGN) as usize;
+            let bytes = (n as u64).checked_mul(code_words as u64 * 4).ok_or_else(|| bad("size"))?;
+            (section, at, at as u64 + bytes + 4)
+        } else {
+            (0, 0, vectors_end as u64 + 4)
+        };
+        if map.len() as u64 != end {
             return Err(bad("file size does not match its header"));
         }
         let ptr = map[vectors_at..].as_ptr() as *const f32;
         if (ptr as usize) % std::mem::align_of::<f32>() != 0 {
             return Err(bad("misaligned vectors"));
         }
+        let codes_ptr = if code_words > 0 { map[codes_at..].as_ptr() as *const u32 } else { std::ptr::null() };
         let capacity = n.checked_add(extra).ok_or_else(|| bad("size"))?;
         // The mapping moves in last, once nothing borrows from it.
-        let mut g = Graph::with_mapped(dim, distance, Params { m, ef_construction: efc as usize }, capacity, None, n);
+        let params = Params { m, ef_construction: efc as usize, quantization: quant };
+        let mut g = Graph::with_mapped(dim, distance, params, capacity, None, n);
         for (slot, b) in g.keys.iter_mut().zip(keys.chunks_exact(8)) {
             *slot.get_mut() = u64::from_le_bytes(b.try_into().expect("8 bytes"));
         }
@@ -826,7 +1006,8 @@ impl Graph {
         *g.allocated.get_mut() = n;
         *g.inserted.get_mut() = n;
         g.mapped_ptr = ptr;
-        g.mapped = Some(Mapped { section, map });
+        g.mapped_codes = codes_ptr;
+        g.mapped = Some(Mapped { section, codes_section, map });
         Ok((g, seq))
     }
 
@@ -834,10 +1015,16 @@ impl Graph {
     /// [`Graph::load`]; `Ok` for a graph with none mapped.
     pub fn verify_vectors(&self) -> Result<()> {
         let Some(m) = &self.mapped else { return Ok(()) };
-        let end = m.map.len() - 4;
-        let crc = u32::from_le_bytes(m.map[end..].try_into().expect("4 bytes"));
-        if crc32fast::hash(&m.map[m.section..end]) != crc {
-            return Err(IndexError::Corrupt("saved graph: the vectors' checksum does not match".into()));
+        let sections = if m.codes_section > 0 {
+            [(m.section, m.codes_section - 4, "vectors"), (m.codes_section, m.map.len() - 4, "codes")].to_vec()
+        } else {
+            vec![(m.section, m.map.len() - 4, "vectors")]
+        };
+        for (start, end, what) in sections {
+            let crc = u32::from_le_bytes(m.map[end..end + 4].try_into().expect("4 bytes"));
+            if crc32fast::hash(&m.map[start..end]) != crc {
+                return Err(IndexError::Corrupt(format!("saved graph: the {what}' checksum does not match")));
+            }
         }
         Ok(())
     }
@@ -894,7 +1081,7 @@ mod tests {
     fn parallel_build_reaches_exact_search_recall_for_every_distance() {
         for distance in [Distance::Cosine, Distance::Dot, Distance::L2] {
             let data = vectors(3000, 24, 1);
-            let g = Graph::new(24, distance, Params { m: 16, ef_construction: 100 }, data.len());
+            let g = Graph::new(24, distance, Params { m: 16, ef_construction: 100, quantization: Quantization::None }, data.len());
             data.par_iter().enumerate().for_each(|(i, v)| {
                 g.insert(v, i as u64);
             });
@@ -908,7 +1095,7 @@ mod tests {
     fn save_and_load_round_trip_answer_alike_and_keep_growing() {
         let dir = tempfile::tempdir().unwrap();
         let data = vectors(1500, 16, 3);
-        let g = Graph::new(16, Distance::Cosine, Params { m: 8, ef_construction: 64 }, 100);
+        let g = Graph::new(16, Distance::Cosine, Params { m: 8, ef_construction: 64, quantization: Quantization::None }, 100);
         let mut g = g;
         for (i, v) in data[..1000].iter().enumerate() {
             if !g.has_room(1) {
@@ -951,7 +1138,7 @@ mod tests {
     fn damaged_files_are_refused_not_trusted() {
         let dir = tempfile::tempdir().unwrap();
         let data = vectors(200, 8, 5);
-        let g = Graph::new(8, Distance::Dot, Params { m: 4, ef_construction: 32 }, 200);
+        let g = Graph::new(8, Distance::Dot, Params { m: 4, ef_construction: 32, quantization: Quantization::None }, 200);
         for (i, v) in data.iter().enumerate() {
             g.insert(v, i as u64);
         }
@@ -983,9 +1170,126 @@ mod tests {
     }
 
     #[test]
+    fn quantized_walks_keep_recall_and_report_exact_scores() {
+        for distance in [Distance::Cosine, Distance::Dot, Distance::L2] {
+            let data = vectors(3000, 40, 11);
+            let queries = vectors(50, 40, 12);
+            let mut g = Graph::new(40, distance, Params { m: 16, ef_construction: 100, quantization: Quantization::None }, 3000);
+            data.par_iter().enumerate().for_each(|(i, v)| {
+                g.insert(v, i as u64);
+            });
+            let plain = recall(&g, &data, &queries, distance, 100);
+            for quant in [Quantization::F16, Quantization::Int8] {
+                g.set_quantization(quant);
+                // `recall` also checks that every reported score is the exact one.
+                let r = recall(&g, &data, &queries, distance, 100);
+                assert!(r > 0.95 && r >= plain - 0.02, "{distance:?} {quant:?}: recall {r} (unquantized {plain})");
+                // The walk really reads the codes: with every code zeroed it stops finding
+                // the neighbors, while a vector's own search still finds it exactly.
+                for q in &queries[..5] {
+                    let found = g.search(q, 10, 100, &|_| true);
+                    assert!(found.windows(2).all(|w| w[0].1 >= w[1].1), "{quant:?}: results best first");
+                }
+            }
+            g.set_quantization(Quantization::Int8);
+            for c in g.codes.iter_mut() {
+                *c.get_mut() = 0;
+            }
+            let starved = recall(&g, &data, &queries, distance, 100);
+            assert!(starved < 0.5, "{distance:?}: zeroed codes still gave recall {starved}");
+        }
+    }
+
+    #[test]
+    fn quantized_graphs_save_their_codes_and_reopen_alike() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = vectors(1200, 24, 13);
+        let queries = vectors(20, 24, 14);
+        for quant in [Quantization::F16, Quantization::Int8] {
+            let params = Params { m: 8, ef_construction: 64, quantization: quant };
+            let g = Graph::new(24, Distance::Cosine, params, 1000);
+            for (i, v) in data[..1000].iter().enumerate() {
+                g.insert(v, i as u64);
+            }
+            let path = dir.path().join(format!("{quant:?}.hnsw"));
+            g.save(&path, 7).unwrap();
+            let (mut loaded, covered) = Graph::load(&path, 0).unwrap();
+            assert_eq!((loaded.len(), covered, loaded.quantization()), (1000, 7, quant));
+            loaded.verify_vectors().unwrap();
+            for i in 0..1000u32 {
+                assert_eq!(loaded.code(i), g.code(i), "{quant:?} point {i}");
+            }
+            for q in &queries {
+                assert_eq!(g.search(q, 10, 50, &|_| true), loaded.search(q, 10, 50, &|_| true));
+            }
+            // Points added after the open get codes in memory; a grown graph keeps both.
+            for (i, v) in data[1000..].iter().enumerate() {
+                if !loaded.has_room(1) {
+                    loaded = loaded.grown(loaded.capacity() * 2);
+                }
+                loaded.insert(v, 1000 + i as u64);
+            }
+            for (i, v) in data.iter().enumerate() {
+                assert_eq!(loaded.code(i as u32), &loaded.encode(v)[..], "{quant:?} point {i}");
+            }
+            assert!(recall(&loaded, &data, &queries, Distance::Cosine, 100) > 0.95);
+            // A flipped bit among the codes is caught by their checksum.
+            let bytes = std::fs::read(&path).unwrap();
+            let mut b = bytes.clone();
+            let at = bytes.len() - 40;
+            b[at] ^= 0x10;
+            std::fs::write(&path, &b).unwrap();
+            let (damaged, _) = Graph::load(&path, 0).unwrap();
+            let err = damaged.verify_vectors().unwrap_err().to_string();
+            assert!(err.contains("codes"), "{err}");
+        }
+    }
+
+    #[test]
+    fn version_2_files_still_open_as_unquantized_graphs() {
+        // A version-2 file is a version-3 file of an unquantized graph without the last
+        // header field.
+        let dir = tempfile::tempdir().unwrap();
+        let data = vectors(300, 8, 15);
+        let g = Graph::new(8, Distance::Cosine, Params { m: 4, ef_construction: 32, quantization: Quantization::None }, 300);
+        for (i, v) in data.iter().enumerate() {
+            g.insert(v, i as u64);
+        }
+        let path = dir.path().join("g.hnsw");
+        g.save(&path, 3).unwrap();
+        let v3 = std::fs::read(&path).unwrap();
+        let header_end = 8 + 11 * 8;
+        // Structure: magic, header without the quantization, the rest; its CRC recomputed.
+        let mut v2: Vec<u8> = Vec::new();
+        v2.extend_from_slice(&v3[..8]);
+        v2.extend_from_slice(&2u64.to_le_bytes());
+        v2.extend_from_slice(&v3[16..header_end - 8]);
+        // The rest of the structure (keys, levels, lists, offsets, upper lists), by the format.
+        let n = 300;
+        let upper: usize = (0..n).map(|i| g.level(i as u32) * (4 + 1) * 4).sum();
+        let body_end = header_end + n * 8 + n.next_multiple_of(8) + n * (8 + 1) * 4 + (n + 1) * 8 + upper;
+        v2.extend_from_slice(&v3[header_end..body_end]);
+        let crc = crc32fast::hash(&v2);
+        v2.extend_from_slice(&crc.to_le_bytes());
+        let pad = (64 - v2.len() % 64) % 64;
+        v2.extend(std::iter::repeat(0u8).take(pad));
+        let vectors_start = v2.len();
+        v2.extend_from_slice(&v3[v3.len() - 4 - 300 * 8 * 4..v3.len() - 4]);
+        let vcrc = crc32fast::hash(&v2[vectors_start - pad..]);
+        v2.extend_from_slice(&vcrc.to_le_bytes());
+        std::fs::write(&path, &v2).unwrap();
+        let (old, covered) = Graph::load(&path, 0).unwrap();
+        assert_eq!((old.len(), covered, old.quantization()), (300, 3, Quantization::None));
+        old.verify_vectors().unwrap();
+        for q in &vectors(10, 8, 16) {
+            assert_eq!(g.search(q, 5, 40, &|_| true), old.search(q, 5, 40, &|_| true));
+        }
+    }
+
+    #[test]
     fn filtered_search_returns_only_kept_points() {
         let data = vectors(800, 8, 6);
-        let g = Graph::new(8, Distance::Cosine, Params { m: 8, ef_construction: 64 }, 800);
+        let g = Graph::new(8, Distance::Cosine, Params { m: 8, ef_construction: 64, quantization: Quantization::None }, 800);
         for (i, v) in data.iter().enumerate() {
             g.insert(v, i as u64);
         }

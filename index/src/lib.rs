@@ -22,6 +22,7 @@ pub mod keyword;
 mod payload;
 pub mod pgtls;
 pub mod postgres;
+pub mod quant;
 pub mod service;
 pub mod simd;
 pub mod store;

@@ -386,7 +386,7 @@ impl PgStore {
         }
         let prefix = prefix_of(&settings.name);
         let store = PgStore::with_prefix(db, settings, &prefix);
-        let (ops, dim) = (store.ops_class(), store.settings.dimension);
+        let (ops, dim, vt) = (store.ops_class(), store.settings.dimension, store.vector_type());
         let (m, efc) = (store.settings.hnsw.m, store.settings.hnsw.ef_construction);
         let (docs, chunks, keys) = (&store.docs, &store.chunks, &store.keys);
         let ddl = format!(
@@ -412,7 +412,7 @@ impl PgStore {
                  tsv tsvector GENERATED ALWAYS AS (
                      setweight(to_tsvector('english', coalesce(title, '')), 'A')
                      || setweight(to_tsvector('english', text), 'B')) STORED,
-                 embedding vector({dim}) NOT NULL
+                 embedding {vt}({dim}) NOT NULL
              ) WITH (toast_tuple_target = 8160);
              ALTER TABLE {chunks} ALTER COLUMN embedding SET STORAGE PLAIN, ALTER COLUMN tsv SET STORAGE MAIN;
              CREATE INDEX {chunks}_doc ON {chunks} (doc_id);
@@ -544,9 +544,23 @@ impl PgStore {
     /// stored vectors are prepared (unit length for cosine), so cosine ranks by inner
     /// product; scores are the negated operator, as ragway's are (higher is better).
     fn ops_class(&self) -> &'static str {
-        match self.settings.distance {
-            Distance::Cosine | Distance::Dot => "vector_ip_ops",
-            Distance::L2 => "vector_l2_ops",
+        match (self.settings.distance, self.vector_type()) {
+            (Distance::Cosine | Distance::Dot, "halfvec") => "halfvec_ip_ops",
+            (Distance::L2, "halfvec") => "halfvec_l2_ops",
+            (Distance::Cosine | Distance::Dot, _) => "vector_ip_ops",
+            (Distance::L2, _) => "vector_l2_ops",
+        }
+    }
+
+    /// The column type of the vectors: pgvector's `halfvec` (2 bytes a dimension, in the
+    /// table and in the HNSW index) when the collection asks for quantization, else
+    /// `vector`. pgvector has no int8 vectors, so `int8` is stored as `halfvec` too; and
+    /// unlike the embedded store, PostgreSQL keeps no f32 copy to rescore from: its scores
+    /// are those of the half-precision vectors.
+    fn vector_type(&self) -> &'static str {
+        match self.settings.quantization {
+            crate::dense::Quantization::None => "vector",
+            _ => "halfvec",
         }
     }
 
@@ -670,8 +684,9 @@ impl PgStore {
             &format!(
                 "INSERT INTO {} (key, doc_key, doc_id, chunk_index, char_start, char_end, tokens, title, text, metadata, embedding)
                  SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::int[], $5::int[], $6::int[], $7::int[],
-                                      $8::text[], $9::text[], $10::jsonb[], $11::vector[])",
-                self.chunks
+                                      $8::text[], $9::text[], $10::jsonb[], $11::vector[]::{}[])",
+                self.chunks,
+                self.vector_type()
             ),
             &[
                 &c.key,
@@ -852,7 +867,7 @@ impl ChunkStore for PgStore {
             .read_conn()?
             .query(
                 &format!(
-                    "SELECT embedding, text FROM (
+                    "SELECT embedding::vector, text FROM (
                          SELECT embedding, text, row_number() OVER (ORDER BY key) AS i, count(*) OVER () AS n FROM {}
                      ) s WHERE (i - 1) % greatest(1, ceil(n::float8 / $1::bigint)::bigint) = 0 LIMIT $1::bigint",
                     self.chunks
@@ -903,7 +918,7 @@ impl ChunkStore for PgStore {
         let rows = self
             .db
             .conn()?
-            .query(&format!("SELECT embedding FROM {} ORDER BY key", self.chunks), &[])
+            .query(&format!("SELECT embedding::vector FROM {} ORDER BY key", self.chunks), &[])
             .map_err(|e| self.err(e))?;
         Ok(rows.iter().map(|r| r.get::<_, Vector>(0).to_vec()).collect())
     }
@@ -1015,9 +1030,10 @@ impl StoreView for PgView<'_> {
         let (qp, kp) = (self.next_param(1), self.next_param(2));
         let vector = Vector::from(query.vector.to_vec());
         let limit = k as i64;
+        let vt = self.store.vector_type();
         let select = format!(
-            "SELECT -(c.embedding {op} {qp}::vector)::float8, c.key, c.doc_key FROM {} c WHERE {}
-             ORDER BY c.embedding {op} {qp}::vector LIMIT {kp}::bigint",
+            "SELECT -(c.embedding {op} {qp}::vector::{vt})::float8, c.key, c.doc_key FROM {} c WHERE {}
+             ORDER BY c.embedding {op} {qp}::vector::{vt} LIMIT {kp}::bigint",
             self.store.chunks, self.condition
         );
         let exact_forced = match query.exact_scan_max {

@@ -230,6 +230,7 @@ impl IndexService {
             dimension,
             distance: req.distance.unwrap_or_default(),
             hnsw,
+            quantization: req.quantization.unwrap_or_default(),
             chunking,
             fusion,
             keyword: req.keyword.unwrap_or_default(),

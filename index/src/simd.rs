@@ -9,10 +9,16 @@
 use std::sync::OnceLock;
 
 type Kernel = fn(&[f32], &[f32]) -> f32;
+type I8Kernel = fn(&[f32], &[i8], f32) -> f32;
+type F16Kernel = fn(&[f32], &[u16]) -> f32;
 
 struct Kernels {
     dot: Kernel,
     l2: Kernel,
+    dot_i8: I8Kernel,
+    l2_i8: I8Kernel,
+    dot_f16: F16Kernel,
+    l2_f16: F16Kernel,
 }
 
 fn kernels() -> &'static Kernels {
@@ -20,9 +26,24 @@ fn kernels() -> &'static Kernels {
     K.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            return Kernels { dot: x86::dot, l2: x86::l2 };
+            let f16c = std::is_x86_feature_detected!("f16c");
+            return Kernels {
+                dot: x86::dot,
+                l2: x86::l2,
+                dot_i8: x86::dot_i8,
+                l2_i8: x86::l2_i8,
+                dot_f16: if f16c { x86::dot_f16 } else { portable::dot_f16 },
+                l2_f16: if f16c { x86::l2_f16 } else { portable::l2_f16 },
+            };
         }
-        Kernels { dot: portable::dot, l2: portable::l2 }
+        Kernels {
+            dot: portable::dot,
+            l2: portable::l2,
+            dot_i8: portable::dot_i8,
+            l2_i8: portable::l2_i8,
+            dot_f16: portable::dot_f16,
+            l2_f16: portable::l2_f16,
+        }
     })
 }
 
@@ -38,6 +59,34 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 pub fn squared_l2(a: &[f32], b: &[f32]) -> f32 {
     debug_assert_eq!(a.len(), b.len());
     (kernels().l2)(a, b)
+}
+
+/// `scale · Σ q[i]·c[i]`: the dot product of a vector with an int8 code of scale `scale`.
+#[inline]
+pub fn dot_i8(q: &[f32], c: &[i8], scale: f32) -> f32 {
+    debug_assert_eq!(q.len(), c.len());
+    (kernels().dot_i8)(q, c, scale)
+}
+
+/// `Σ (q[i] − scale·c[i])²`: the squared distance of a vector to an int8 code.
+#[inline]
+pub fn squared_l2_i8(q: &[f32], c: &[i8], scale: f32) -> f32 {
+    debug_assert_eq!(q.len(), c.len());
+    (kernels().l2_i8)(q, c, scale)
+}
+
+/// The dot product of a vector with IEEE half-precision values (given as their bits).
+#[inline]
+pub fn dot_f16(q: &[f32], c: &[u16]) -> f32 {
+    debug_assert_eq!(q.len(), c.len());
+    (kernels().dot_f16)(q, c)
+}
+
+/// The squared distance of a vector to half-precision values (given as their bits).
+#[inline]
+pub fn squared_l2_f16(q: &[f32], c: &[u16]) -> f32 {
+    debug_assert_eq!(q.len(), c.len());
+    (kernels().l2_f16)(q, c)
 }
 
 /// Cosine similarity: one definition for the workspace (RAG reranking and MMR, few-shot
@@ -85,6 +134,39 @@ mod portable {
     pub fn l2(a: &[f32], b: &[f32]) -> f32 {
         sum8(a, b, |x, y| (x - y) * (x - y))
     }
+
+    fn widen_i8(c: &[i8]) -> impl Iterator<Item = f32> + '_ {
+        c.iter().map(|&x| x as f32)
+    }
+
+    fn widen_f16(c: &[u16]) -> impl Iterator<Item = f32> + '_ {
+        c.iter().map(|&x| half::f16::from_bits(x).to_f32())
+    }
+
+    /// `Σ term(q[i], c[i])` over eight accumulators, as [`sum8`] does.
+    fn sum8_iter(q: &[f32], c: impl Iterator<Item = f32>, term: impl Fn(f32, f32) -> f32) -> f32 {
+        let mut acc = [0f32; 8];
+        for (i, (&x, y)) in q.iter().zip(c).enumerate() {
+            acc[i % 8] += term(x, y);
+        }
+        acc.iter().sum()
+    }
+
+    pub fn dot_i8(q: &[f32], c: &[i8], scale: f32) -> f32 {
+        scale * sum8_iter(q, widen_i8(c), |x, y| x * y)
+    }
+
+    pub fn l2_i8(q: &[f32], c: &[i8], scale: f32) -> f32 {
+        sum8_iter(q, widen_i8(c), |x, y| (x - scale * y) * (x - scale * y))
+    }
+
+    pub fn dot_f16(q: &[f32], c: &[u16]) -> f32 {
+        sum8_iter(q, widen_f16(c), |x, y| x * y)
+    }
+
+    pub fn l2_f16(q: &[f32], c: &[u16]) -> f32 {
+        sum8_iter(q, widen_f16(c), |x, y| (x - y) * (x - y))
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -99,6 +181,124 @@ mod x86 {
     pub fn l2(a: &[f32], b: &[f32]) -> f32 {
         // SAFETY: as above.
         unsafe { l2_avx2(a, b) }
+    }
+
+    pub fn dot_i8(q: &[f32], c: &[i8], scale: f32) -> f32 {
+        // SAFETY: selected only after `avx2` and `fma` were detected on this CPU.
+        unsafe { i8_avx2::<false>(q, c, scale) }
+    }
+
+    pub fn l2_i8(q: &[f32], c: &[i8], scale: f32) -> f32 {
+        // SAFETY: as above.
+        unsafe { i8_avx2::<true>(q, c, scale) }
+    }
+
+    pub fn dot_f16(q: &[f32], c: &[u16]) -> f32 {
+        // SAFETY: selected only after `avx2`, `fma` and `f16c` were detected on this CPU.
+        unsafe { f16_avx2::<false>(q, c) }
+    }
+
+    pub fn l2_f16(q: &[f32], c: &[u16]) -> f32 {
+        // SAFETY: as above.
+        unsafe { f16_avx2::<true>(q, c) }
+    }
+
+    /// One step of a code kernel: the dot product's or the squared distance's term.
+    #[target_feature(enable = "avx2,fma")]
+    fn step<const L2: bool>(q: __m256, c: __m256, acc: __m256) -> __m256 {
+        if L2 {
+            let d = _mm256_sub_ps(q, c);
+            _mm256_fmadd_ps(d, d, acc)
+        } else {
+            _mm256_fmadd_ps(q, c, acc)
+        }
+    }
+
+    /// The code's values times the scale where the squared distance needs them (the dot
+    /// product is scaled once, after the sum).
+    #[target_feature(enable = "avx2,fma")]
+    fn scaled<const L2: bool>(c: __m256, scale: __m256) -> __m256 {
+        if L2 {
+            _mm256_mul_ps(c, scale)
+        } else {
+            c
+        }
+    }
+
+    /// Dot product (`L2` false, scaled after the sum) or squared distance (`L2` true, the
+    /// code scaled per lane) of `q` and an int8 code.
+    #[target_feature(enable = "avx2,fma")]
+    fn i8_avx2<const L2: bool>(q: &[f32], c: &[i8], scale: f32) -> f32 {
+        let n = q.len().min(c.len());
+        let (pq, pc) = (q.as_ptr(), c.as_ptr());
+        let sv = _mm256_set1_ps(scale);
+        let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut i = 0;
+        // SAFETY (all loads): `i + 16 <= n` (then `i + 8 <= n`) keeps the 16- and 8-byte
+        // code loads and the 8-lane query loads inside both slices.
+        while i + 16 <= n {
+            unsafe {
+                let bytes = _mm_loadu_si128(pc.add(i) as *const __m128i);
+                let lo = scaled::<L2>(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)), sv);
+                let hi = scaled::<L2>(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128::<8>(bytes))), sv);
+                s0 = step::<L2>(_mm256_loadu_ps(pq.add(i)), lo, s0);
+                s1 = step::<L2>(_mm256_loadu_ps(pq.add(i + 8)), hi, s1);
+            }
+            i += 16;
+        }
+        while i + 8 <= n {
+            unsafe {
+                let bytes = _mm_loadl_epi64(pc.add(i) as *const __m128i);
+                let v = scaled::<L2>(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)), sv);
+                s0 = step::<L2>(_mm256_loadu_ps(pq.add(i)), v, s0);
+            }
+            i += 8;
+        }
+        let mut s = hsum(_mm256_add_ps(s0, s1));
+        while i < n {
+            let y = c[i] as f32 * if L2 { scale } else { 1.0 };
+            s += if L2 { (q[i] - y) * (q[i] - y) } else { q[i] * y };
+            i += 1;
+        }
+        if L2 {
+            s
+        } else {
+            s * scale
+        }
+    }
+
+    /// Dot product or squared distance of `q` and half-precision values.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn f16_avx2<const L2: bool>(q: &[f32], c: &[u16]) -> f32 {
+        let n = q.len().min(c.len());
+        let (pq, pc) = (q.as_ptr(), c.as_ptr());
+        let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut i = 0;
+        // SAFETY (all loads): `i + 16 <= n` (then `i + 8 <= n`) keeps the 8-value half loads
+        // and the 8-lane query loads inside both slices.
+        while i + 16 <= n {
+            unsafe {
+                let lo = _mm256_cvtph_ps(_mm_loadu_si128(pc.add(i) as *const __m128i));
+                let hi = _mm256_cvtph_ps(_mm_loadu_si128(pc.add(i + 8) as *const __m128i));
+                s0 = step::<L2>(_mm256_loadu_ps(pq.add(i)), lo, s0);
+                s1 = step::<L2>(_mm256_loadu_ps(pq.add(i + 8)), hi, s1);
+            }
+            i += 16;
+        }
+        while i + 8 <= n {
+            unsafe {
+                let v = _mm256_cvtph_ps(_mm_loadu_si128(pc.add(i) as *const __m128i));
+                s0 = step::<L2>(_mm256_loadu_ps(pq.add(i)), v, s0);
+            }
+            i += 8;
+        }
+        let mut s = hsum(_mm256_add_ps(s0, s1));
+        while i < n {
+            let y = half::f16::from_bits(c[i]).to_f32();
+            s += if L2 { (q[i] - y) * (q[i] - y) } else { q[i] * y };
+            i += 1;
+        }
+        s
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -205,6 +405,24 @@ mod tests {
                 (portable::l2(&a, &b) as f64, exact_l2(&a, &b)),
             ] {
                 assert!((got - want).abs() <= tol, "n {n}: {got} vs {want}");
+            }
+            // The code kernels against the same sums over the codes' values.
+            let c: Vec<i8> = (0..n).map(|_| (next() * 254.0) as i8).collect();
+            let h: Vec<u16> = (0..n).map(|_| half::f16::from_f32(next()).to_bits()).collect();
+            let (ci, hf): (Vec<f32>, Vec<f32>) =
+                (c.iter().map(|&x| x as f32 * 0.01).collect(), h.iter().map(|&x| half::f16::from_bits(x).to_f32()).collect());
+            let tol = 1e-3 * (n as f64 + 1.0);
+            for (got, want) in [
+                (dot_i8(&a, &c, 0.01) as f64, exact_dot(&a, &ci)),
+                (portable::dot_i8(&a, &c, 0.01) as f64, exact_dot(&a, &ci)),
+                (squared_l2_i8(&a, &c, 0.01) as f64, exact_l2(&a, &ci)),
+                (portable::l2_i8(&a, &c, 0.01) as f64, exact_l2(&a, &ci)),
+                (dot_f16(&a, &h) as f64, exact_dot(&a, &hf)),
+                (portable::dot_f16(&a, &h) as f64, exact_dot(&a, &hf)),
+                (squared_l2_f16(&a, &h) as f64, exact_l2(&a, &hf)),
+                (portable::l2_f16(&a, &h) as f64, exact_l2(&a, &hf)),
+            ] {
+                assert!((got - want).abs() <= tol, "codes, n {n}: {got} vs {want}");
             }
         }
     }

@@ -1,6 +1,6 @@
 //! Settings and request/response types of collections (serde-ready for the API layers).
 
-use crate::dense::{Distance, HnswParams};
+use crate::dense::{Distance, HnswParams, Quantization};
 use crate::fusion::{FusionParams, SourceHit};
 use serde::{Deserialize, Serialize};
 
@@ -54,6 +54,10 @@ pub struct CollectionSettings {
     pub distance: Distance,
     #[serde(default)]
     pub hnsw: HnswParams,
+    /// Codes the dense search walks on, rescored exactly from the f32 vectors
+    /// (`none`, `f16`, `int8`).
+    #[serde(default)]
+    pub quantization: Quantization,
     #[serde(default)]
     pub chunking: ChunkingParams,
     /// Default fusion of hybrid searches (a request may override it).
@@ -84,6 +88,10 @@ pub struct CreateCollection {
     pub distance: Option<Distance>,
     #[serde(default)]
     pub hnsw: Option<HnswParams>,
+    /// `none` (default), `f16` or `int8`: what the dense search walks on before it rescores
+    /// its candidates exactly.
+    #[serde(default)]
+    pub quantization: Option<Quantization>,
     #[serde(default)]
     pub chunking: Option<ChunkingParams>,
     #[serde(default)]

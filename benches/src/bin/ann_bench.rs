@@ -19,7 +19,7 @@ use clap::Parser;
 use ragway_engine::rng::SplitMix64;
 use ragway_benches::{reference_python, workspace_root};
 use ragway_engine::embed::{Embedder, EmbedderOptions};
-use ragway_index::dense::{exact_search, DenseIndex, Distance, HnswParams};
+use ragway_index::dense::{exact_search, DenseIndex, Distance, HnswParams, Quantization};
 use ragway_index::{ChunkEmbedder, Collection, LocalEmbedder};
 use rayon::prelude::*;
 use serde_json::{json, Value};
@@ -47,6 +47,9 @@ struct Args {
     efs: String,
     #[arg(long)]
     no_reference: bool,
+    /// Quantizations to search with, each on the same build (`none`, `f16`, `int8`).
+    #[arg(long, default_value = "none,f16,int8")]
+    quantization: String,
 }
 
 /// A standard normal from 24-bit uniforms (the data this driver's published runs used).
@@ -128,7 +131,7 @@ fn main() -> anyhow::Result<()> {
     let rss0 = rss_bytes();
     let params = HnswParams { m: args.m, ef_construction: args.ef_construction, ef: 64 };
     let t = Instant::now();
-    let index = DenseIndex::new(params, Distance::Cosine, base[0].len(), base.len());
+    let index = DenseIndex::new(params, Quantization::None, Distance::Cosine, base[0].len(), base.len());
     let items: Vec<(&[f32], u64)> = base.iter().enumerate().map(|(i, v)| (v.as_slice(), i as u64)).collect();
     index.insert(&items);
     let build_s = t.elapsed().as_secs_f64();
@@ -139,22 +142,43 @@ fn main() -> anyhow::Result<()> {
         found.iter().zip(&gt).map(|(f, g)| f.iter().filter(|x| g.contains(x)).count() as f64 / k as f64).sum::<f64>() / gt.len() as f64
     };
     let efs: Vec<usize> = args.efs.split(',').map(|e| e.parse()).collect::<Result<_, _>>()?;
+    let quants: Vec<Quantization> = args
+        .quantization
+        .split(',')
+        .map(|q| serde_json::from_value(json!(q)).map_err(|_| anyhow::anyhow!("unknown quantization {q}")))
+        .collect::<anyhow::Result<_>>()?;
+    // One table per quantization, all on the same graph; `rows` (compared with the
+    // references below) is the unquantized one, or the first asked for.
+    let mut by_quant = serde_json::Map::new();
     let mut rows = Vec::new();
-    for &ef in &efs {
-        let mut single = Vec::new();
-        let mut found = Vec::new();
-        for _ in 0..3 {
+    for &quant in &quants {
+        index.set_quantization(quant);
+        let code_bytes = quant.words(dim) * 4;
+        let mut these = Vec::new();
+        for &ef in &efs {
+            let mut single = Vec::new();
+            let mut found = Vec::new();
+            for _ in 0..3 {
+                let t = Instant::now();
+                found = queries.iter().map(|q| index.search(q, k, ef, &|_| true).into_iter().map(|x| x.0).collect::<Vec<u64>>()).collect();
+                single.push(queries.len() as f64 / t.elapsed().as_secs_f64());
+            }
             let t = Instant::now();
-            found = queries.iter().map(|q| index.search(q, k, ef, &|_| true).into_iter().map(|x| x.0).collect::<Vec<u64>>()).collect();
-            single.push(queries.len() as f64 / t.elapsed().as_secs_f64());
+            let _: Vec<_> = queries.par_iter().map(|q| index.search(q, k, ef, &|_| true)).collect();
+            let all = queries.len() as f64 / t.elapsed().as_secs_f64();
+            single.sort_by(f64::total_cmp);
+            let r = recall(&found);
+            println!(
+                "ragway {quant:<5?} ef={ef:<4} recall@10 {r:.4}  QPS 1 thread {:.0}  all threads {all:.0}  (walk reads {} B a point)",
+                single[1],
+                if code_bytes > 0 { code_bytes } else { dim * 4 }
+            );
+            these.push(json!({"ef": ef, "recall": r, "qps_1_thread": single[1], "qps_all_threads": all}));
         }
-        let t = Instant::now();
-        let _: Vec<_> = queries.par_iter().map(|q| index.search(q, k, ef, &|_| true)).collect();
-        let all = queries.len() as f64 / t.elapsed().as_secs_f64();
-        single.sort_by(f64::total_cmp);
-        let r = recall(&found);
-        println!("ragway   ef={ef:<4} recall@10 {r:.4}  QPS 1 thread {:.0}  all threads {all:.0}", single[1]);
-        rows.push(json!({"ef": ef, "recall": r, "qps_1_thread": single[1], "qps_all_threads": all}));
+        if rows.is_empty() || quant == Quantization::None {
+            rows = these.clone();
+        }
+        by_quant.insert(serde_json::to_value(quant)?.as_str().unwrap_or("?").to_string(), json!({"code_bytes": code_bytes, "by_ef": these}));
     }
     let mut reference = Value::Null;
     if !args.no_reference {
@@ -179,23 +203,55 @@ fn main() -> anyhow::Result<()> {
             for lib in ["hnswlib", "faiss"] {
                 if let Some(r) = reference.get(lib) {
                     println!("{lib:<8} build {:.1}s", r["build_s"].as_f64().unwrap_or(0.0));
-                    for (row, ours) in r["by_ef"].as_array().into_iter().flatten().zip(&rows) {
+                    for (i, row) in r["by_ef"].as_array().into_iter().flatten().enumerate() {
                         let qps = row["qps"].as_f64().unwrap_or(0.0);
+                        let ratios: Vec<String> = by_quant
+                            .iter()
+                            .map(|(q, t)| format!("{q} {:.2}", t["by_ef"][i]["qps_1_thread"].as_f64().unwrap_or(0.0) / qps))
+                            .collect();
                         println!(
-                            "{lib:<8} ef={:<4} recall@10 {:.4}  QPS 1 thread {qps:.0}   ragway/{lib} QPS ratio {:.2}",
-                            row["ef"], row["recall"].as_f64().unwrap_or(0.0),
-                            ours["qps_1_thread"].as_f64().unwrap_or(0.0) / qps
+                            "{lib:<8} ef={:<4} recall@10 {:.4}  QPS 1 thread {qps:.0}   ragway/{lib} QPS ratio: {}",
+                            row["ef"], row["recall"].as_f64().unwrap_or(0.0), ratios.join(", ")
                         );
                     }
                 }
             }
         }
     }
+    // QPS at the smallest `ef` that reaches each recall target, for every engine.
+    let mut at_recall = serde_json::Map::new();
+    let mut tables: Vec<(String, Vec<(f64, f64)>)> = by_quant
+        .iter()
+        .map(|(q, t)| {
+            let rows = t["by_ef"].as_array().into_iter().flatten();
+            (format!("ragway {q}"), rows.map(|r| (r["recall"].as_f64().unwrap_or(0.0), r["qps_1_thread"].as_f64().unwrap_or(0.0))).collect())
+        })
+        .collect();
+    for lib in ["hnswlib", "faiss"] {
+        if let Some(r) = reference.get(lib) {
+            let rows = r["by_ef"].as_array().into_iter().flatten();
+            tables.push((lib.to_string(), rows.map(|r| (r["recall"].as_f64().unwrap_or(0.0), r["qps"].as_f64().unwrap_or(0.0))).collect()));
+        }
+    }
+    for target in [0.90, 0.95, 0.99] {
+        let line: Vec<String> = tables
+            .iter()
+            .map(|(name, rows)| match rows.iter().find(|r| r.0 >= target) {
+                Some(r) => {
+                    at_recall.insert(format!("{name} @{target}"), json!(r.1));
+                    format!("{name} {:.0}", r.1)
+                }
+                None => format!("{name} -"),
+            })
+            .collect();
+        println!("QPS (1 thread) at the smallest ef with recall@10 >= {target}: {}", line.join(", "));
+    }
     println!(
         "{}",
         json!({"bench": "ann", "data": args.data, "n": base.len(), "queries": queries.len(), "m": args.m,
                "ef_construction": args.ef_construction, "build_s": build_s, "graph_resident_mib": graph_mib,
-               "exact_qps_all_threads": exact_qps, "ragway": rows, "reference": reference})
+               "exact_qps_all_threads": exact_qps, "ragway": rows, "ragway_by_quantization": by_quant, "qps_at_recall": at_recall,
+               "reference": reference})
     );
     Ok(())
 }

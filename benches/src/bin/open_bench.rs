@@ -32,6 +32,9 @@ struct Args {
     /// collection there is reused as is.
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// The collection's quantization (`none`, `f16`, `int8`).
+    #[arg(long, default_value = "none")]
+    quantization: String,
     /// Internal: open the collection at this path, print one JSON line, exit.
     #[arg(long, hide = true)]
     open_only: Option<PathBuf>,
@@ -146,7 +149,7 @@ fn open_only(dir: &Path, cold: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn build(dir: &Path, n: usize, dim: usize) -> anyhow::Result<()> {
+fn build(dir: &Path, n: usize, dim: usize, quantization: &str) -> anyhow::Result<()> {
     let corpus = std::fs::read_to_string(workspace_root().join("../shared/data/scifact/corpus.jsonl"))?;
     let texts: Vec<(String, String)> = corpus
         .lines()
@@ -156,7 +159,12 @@ fn build(dir: &Path, n: usize, dim: usize) -> anyhow::Result<()> {
     anyhow::ensure!(!texts.is_empty(), "no SciFact texts");
     let mut rng = Rng::new(42);
     let clusters = Clusters::new(dim, &mut rng);
-    let c = Collection::create_with(dir, own_vectors_settings("open", dim), None)?;
+    let settings = ragway_index::CollectionSettings {
+        quantization: serde_json::from_value(json!(quantization))
+            .map_err(|_| anyhow::anyhow!("unknown quantization {quantization}"))?,
+        ..own_vectors_settings("open", dim)
+    };
+    let c = Collection::create_with(dir, settings, None)?;
     let t = Instant::now();
     let batch = 1000;
     for start in (0..n).step_by(batch) {
@@ -196,7 +204,7 @@ fn main() -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
     let dir = args.dir.clone().unwrap_or_else(|| tmp.path().join("open"));
     if !dir.join("settings.json").exists() {
-        build(&dir, args.n, args.dim)?;
+        build(&dir, args.n, args.dim, &args.quantization)?;
     }
     let sizes: Vec<(String, u64)> = {
         let mut by: std::collections::BTreeMap<String, u64> = Default::default();
@@ -208,7 +216,7 @@ fn main() -> anyhow::Result<()> {
         by.into_iter().collect()
     };
     let exe = std::env::current_exe()?;
-    let mut report = json!({"n": args.n, "dim": args.dim, "files_bytes": sizes});
+    let mut report = json!({"n": args.n, "dim": args.dim, "quantization": args.quantization, "files_bytes": sizes});
     println!("| page cache | open (median s) | resident MiB (anonymous + file) | bytes per chunk (anonymous + file) | graph points loaded / inserted | table loaded / log records read | QPS after open | bytes per chunk after the searches (both) |");
     println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     for cold in [false, true] {

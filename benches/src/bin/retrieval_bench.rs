@@ -63,6 +63,10 @@ struct Args {
     /// Internal: open the collection in this folder and print resident memory as JSON.
     #[arg(long, hide = true)]
     memory_of: Option<PathBuf>,
+    /// Also search copies of each collection with these quantizations (`f16`, `int8`;
+    /// comma-separated): the copy's graph is rebuilt from its log with codes on first open.
+    #[arg(long)]
+    quantization: Option<String>,
 }
 
 fn rss_bytes() -> u64 {
@@ -140,6 +144,28 @@ fn main() -> anyhow::Result<()> {
             }
         }
         report.push(json!({"max_tokens": budget, "storage": "embedded", "documents": info.documents, "chunks": info.chunks, "ingest": ingest, "memory": memory, "results": rows}));
+        drop(c);
+        for quant in args.quantization.iter().flat_map(|q| q.split(',')).filter(|q| *q != "none") {
+            let copy = work.join(format!("scifact-{budget}-{quant}"));
+            let _ = std::fs::remove_dir_all(&copy);
+            copy_dir(&dir, &copy)?;
+            let mut settings: Value = serde_json::from_str(&std::fs::read_to_string(copy.join("settings.json"))?)?;
+            settings["quantization"] = json!(quant);
+            std::fs::write(copy.join("settings.json"), serde_json::to_vec_pretty(&settings)?)?;
+            let c = Collection::open(&copy, embedder.clone())?;
+            let mut rows = Vec::new();
+            for (name, mode, fusion, title_boost) in configs(Some("dense;default")) {
+                let t = Instant::now();
+                let run = run_queries(&c, &queries, &query_vectors, mode, fusion, title_boost)?;
+                let qps = queries.len() as f64 / t.elapsed().as_secs_f64();
+                let (ndcg, recall, n) = mean_ndcg_recall(&qrels, &run, 10, 100);
+                println!(
+                    "chunks<={budget:<8} {quant:<5} {name:<28} nDCG@10 {ndcg:.4}  recall@100 {recall:.4}  ({n} queries, {qps:.0}/s)"
+                );
+                rows.push(json!({"config": name, "ndcg@10": ndcg, "recall@100": recall, "queries": n, "qps": qps}));
+            }
+            report.push(json!({"max_tokens": budget, "storage": "embedded", "quantization": quant, "results": rows}));
+        }
     }
     if args.postgres || args.postgres_url.is_some() {
         let embedded = report.first().cloned().unwrap_or(Value::Null);
@@ -156,6 +182,20 @@ fn main() -> anyhow::Result<()> {
         eprint!("{}", String::from_utf8_lossy(&out.stderr));
     }
     println!("{}", json!({"bench": "retrieval_scifact_train", "runs": report}));
+    Ok(())
+}
+
+/// Copies a collection's directory (files and subdirectories).
+fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        if e.file_type()?.is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()))?;
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name()))?;
+        }
+    }
     Ok(())
 }
 
@@ -333,6 +373,7 @@ fn scifact_settings(max_tokens: Option<usize>) -> CollectionSettings {
         dimension: 384,
         distance: Default::default(),
         hnsw: Default::default(),
+        quantization: Default::default(),
         chunking: Default::default(),
         fusion: Default::default(),
         keyword: Default::default(),

@@ -820,3 +820,120 @@ fn filtered_results_follow_writes(backend: Backend) {
         check(&c, 2, &deleted);
     }
 }
+
+/// A collection created with `quantization` walks its graph on the codes and rescores
+/// exactly: recall stays at the unquantized level, scores are the exact cosines, and the
+/// codes are saved with the graph, so a reopen loads them instead of rebuilding; filtered
+/// searches and compaction keep working on them.
+#[test]
+fn quantized_collections_rescore_exactly_and_reopen_from_their_saved_codes() {
+    quantized_collections(Backend::Embedded);
+}
+
+/// On PostgreSQL, quantization stores `halfvec`s (pgvector has no int8 vectors and keeps no
+/// f32 copy): recall holds, scores are those of the half-precision vectors.
+#[test]
+fn quantized_collections_on_postgres_store_half_vectors() {
+    quantized_collections(Backend::Postgres);
+}
+
+fn quantized_collections(backend: Backend) {
+    let pg = (backend == Backend::Postgres).then(PgServer::start);
+    let options = |dir: &std::path::Path| ServiceOptions {
+        postgres: pg.as_ref().map(|pg| ragway_index::postgres::PgOptions::new(pg.url())),
+        ..service_options(dir)
+    };
+    // Exact on the embedded store (rescored from f32); half precision on PostgreSQL.
+    let tolerance = if backend == Backend::Postgres { 2e-3 } else { 1e-5 };
+    fn unit(mut v: Vec<f32>) -> Vec<f32> {
+        let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        v.iter_mut().for_each(|x| *x /= n);
+        v
+    }
+    const N: usize = 4000;
+    const DIM: usize = 48;
+    let mut rng = ragway_engine::rng::SplitMix64::new(17);
+    let centers: Vec<Vec<f32>> = (0..60).map(|_| unit((0..DIM).map(|_| rng.normal() as f32).collect())).collect();
+    let mut point = || {
+        let c = &centers[rng.below(60)];
+        unit(c.iter().map(|x| x + 0.6 * rng.normal() as f32 / (DIM as f32).sqrt()).collect())
+    };
+    let vectors: Vec<Vec<f32>> = (0..N).map(|_| point()).collect();
+    let queries: Vec<Vec<f32>> = (0..40).map(|_| point()).collect();
+    let cosine = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+    let truth = |q: &[f32], keep: &dyn Fn(usize) -> bool| -> Vec<String> {
+        let mut scored: Vec<(f32, usize)> = (0..N).filter(|&i| keep(i)).map(|i| (cosine(&vectors[i], q), i)).collect();
+        scored.sort_by(|a, b| b.0.total_cmp(&a.0));
+        scored.iter().take(10).map(|(_, i)| format!("d{i}")).collect()
+    };
+    let check = |c: &Collection, filter: Option<Filter>, keep: &dyn Fn(usize) -> bool| -> f64 {
+        let mut found = 0;
+        for q in &queries {
+            let req = SearchRequest {
+                top_k: 10,
+                mode: SearchMode::Dense,
+                filter: filter.clone(),
+                vector: Some(q.clone()),
+                skip_drift: true,
+                ..Default::default()
+            };
+            let r = c.search(&req).unwrap();
+            assert_eq!(r.results.len(), 10);
+            for h in &r.results {
+                let i: usize = h.document_id[1..].parse().unwrap();
+                assert!(keep(i), "{} does not pass the filter", h.document_id);
+                let exact = cosine(&vectors[i], q);
+                assert!((h.score - exact).abs() < tolerance, "score {} is not the exact cosine {exact}", h.score);
+            }
+            let want = truth(q, keep);
+            found += r.results.iter().filter(|h| want.contains(&h.document_id)).count();
+        }
+        found as f64 / (10 * queries.len()) as f64
+    };
+    for quantization in ["f16", "int8"] {
+        let dir = tempfile::tempdir().unwrap();
+        let name = format!("q_{quantization}");
+        let svc_dir = dir.path().join("svc");
+        let service = IndexService::open(&svc_dir, vec![], "none", options(&svc_dir)).unwrap();
+        let c = service
+            .create(create_req(json!({"name": name, "model": null, "dimension": DIM, "quantization": quantization})))
+            .unwrap();
+        assert_eq!(serde_json::to_value(c.settings().quantization).unwrap(), json!(quantization));
+        let docs = vectors
+            .iter()
+            .enumerate()
+            .map(|(i, v)| ragway_index::DocumentInput {
+                id: format!("d{i}"),
+                text: format!("chunk {i}"),
+                metadata: Some(json!({"bucket": i % 10})),
+                vector: Some(v.clone()),
+                ..Default::default()
+            })
+            .collect();
+        c.upsert(docs, true).unwrap();
+        let all = |_: usize| true;
+        let recall = check(&c, None, &all);
+        assert!(recall >= 0.95, "{quantization}: recall@10 {recall:.3}");
+        let filter = Filter::parse(&json!({"key": "bucket", "lt": 3})).unwrap();
+        let few = |i: usize| i % 10 < 3;
+        let filtered = check(&c, Some(filter.clone()), &few);
+        assert!(filtered >= 0.95, "{quantization}: filtered recall@10 {filtered:.3}");
+        drop(c);
+        service.flush().unwrap();
+        drop(service);
+
+        // Reopened: graph and codes come from the saved file, none from the log.
+        let service = IndexService::open(&svc_dir, vec![], "none", options(&svc_dir)).unwrap();
+        let c = service.get(&name).unwrap();
+        if backend == Backend::Embedded {
+            assert_eq!(graph_stats(&c), (N, 0), "{quantization}");
+        }
+        assert_eq!(check(&c, None, &all), recall, "{quantization}: the same answers after a reopen");
+        // A compaction rebuilds the graph with codes again.
+        c.delete(&(0..N).step_by(2).map(|i| format!("d{i}")).collect::<Vec<_>>(), true).unwrap();
+        c.compact().unwrap();
+        let odd = |i: usize| i % 2 == 1;
+        let r = check(&c, None, &odd);
+        assert!(r >= 0.95, "{quantization}: recall@10 {r:.3} after compaction");
+    }
+}

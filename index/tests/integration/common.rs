@@ -28,6 +28,7 @@ pub fn settings(name: &str) -> CollectionSettings {
         dimension: 384,
         distance: Default::default(),
         hnsw: Default::default(),
+        quantization: Default::default(),
         chunking: Default::default(),
         fusion: Default::default(),
         keyword: Default::default(),
