@@ -198,13 +198,13 @@ impl EmbeddedStore {
         let dim = settings.dimension;
         let (dense, covered) = match saved {
             Some((g, covered)) => {
-                let (gd, gdist) = (g.read().dim(), g.read().distance());
-                if gd != dim || gdist != settings.distance {
-                    return Err(OpenError::StaleGraph(format!("graph of {gd}-d {gdist:?} vectors")));
+                let (gd, gdist, gq) = (g.read().dim(), g.read().distance(), g.read().quantization());
+                if gd != dim || gdist != settings.distance || gq != settings.quantization {
+                    return Err(OpenError::StaleGraph(format!("graph of {gd}-d {gdist:?} vectors, quantization {gq:?}")));
                 }
                 (g, covered)
             }
-            None => (DenseIndex::new(settings.hnsw, settings.distance, dim, 1024), 0),
+            None => (DenseIndex::new(settings.hnsw, settings.quantization, settings.distance, dim, 1024), 0),
         };
         let loaded = dense.len();
         // The saved table, when it covers what the saved graph covers and tantivy holds all
@@ -469,9 +469,9 @@ impl EmbeddedStore {
         let d = table.docs.get(id)?;
         Some(DocumentView {
             id: d.id.clone(),
-            title: d.title.clone(),
+            title: d.title.as_deref().map(str::to_string),
             text: d.text.to_string(),
-            metadata: d.metadata.clone(),
+            metadata: (*d.metadata).clone(),
             chunks: d
                 .chunks
                 .iter()
@@ -609,6 +609,7 @@ impl EmbeddedStore {
             let records = self.live_records(&table, writer);
             let fresh = DenseIndex::new(
                 self.settings.hnsw,
+                self.settings.quantization,
                 self.settings.distance,
                 self.settings.dimension,
                 table.chunks.len(),
@@ -682,9 +683,9 @@ impl EmbeddedStore {
                 seq: seq.max(1),
                 docs: vec![DocRecord {
                     id: d.id.clone(),
-                    title: d.title.clone(),
+                    title: d.title.as_deref().map(str::to_string),
                     text: d.text.to_string(),
-                    metadata: d.metadata.clone(),
+                    metadata: (*d.metadata).clone(),
                     hash: d.hash,
                     chunks: d.chunks.clone(),
                 }],
@@ -998,8 +999,8 @@ impl StoreView for EmbeddedView<'_> {
             document_id: c.doc.id.clone(),
             chunk_index: c.index,
             text: c.text().to_string(),
-            title: c.doc.title.clone(),
-            metadata: c.doc.metadata.clone(),
+            title: c.doc.title.as_deref().map(str::to_string),
+            metadata: (*c.doc.metadata).clone(),
             char_start: r.char_start,
             char_end: r.char_end,
         })

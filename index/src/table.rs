@@ -18,7 +18,7 @@ use crate::payload::PayloadIndex;
 use crate::wal::{ChunkRecord, DocRecord, LogMark};
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 pub(crate) const NOT_REMOVED: u64 = u64::MAX;
 const MAGIC: &[u8; 8] = b"RGWTABL1";
@@ -52,6 +52,49 @@ impl std::ops::Deref for Text {
     }
 }
 
+/// A document's metadata: given (a write), or the JSON of the saved table it was loaded
+/// from, parsed on first use (by a filter, the payload index or a read). An open thus does
+/// not parse every document's metadata, nor hold it parsed until something needs it.
+pub(crate) struct Metadata {
+    saved: Option<Text>,
+    parsed: OnceLock<serde_json::Value>,
+}
+
+impl Metadata {
+    pub fn new(value: serde_json::Value) -> Self {
+        let parsed = OnceLock::new();
+        let _ = parsed.set(value);
+        Self { saved: None, parsed }
+    }
+
+    fn saved(json: Text) -> Self {
+        Self { saved: Some(json), parsed: OnceLock::new() }
+    }
+
+    /// The JSON text to save.
+    fn to_json(&self) -> Result<std::borrow::Cow<'_, [u8]>> {
+        Ok(match &self.saved {
+            Some(json) => std::borrow::Cow::Borrowed(json.as_bytes()),
+            None => std::borrow::Cow::Owned(serde_json::to_vec(&**self)?),
+        })
+    }
+}
+
+impl std::ops::Deref for Metadata {
+    type Target = serde_json::Value;
+
+    fn deref(&self) -> &serde_json::Value {
+        self.parsed.get_or_init(|| {
+            let json = self.saved.as_deref().unwrap_or("null");
+            serde_json::from_str(json).unwrap_or_else(|e| {
+                // Only a faulty writer gets here: the file's checksum held.
+                tracing::error!(error = %e, "saved metadata is not JSON; read as null");
+                serde_json::Value::Null
+            })
+        })
+    }
+}
+
 /// What a saved table covers: the log up to `mark`, and the counters to carry on with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct TableMark {
@@ -66,9 +109,9 @@ pub(crate) struct TableMark {
 /// One version of a document.
 pub(crate) struct DocEntry {
     pub id: String,
-    pub title: Option<String>,
+    pub title: Option<Text>,
     pub text: Text,
-    pub metadata: serde_json::Value,
+    pub metadata: Metadata,
     pub hash: u64,
     pub chunks: Vec<ChunkRecord>,
 }
@@ -122,9 +165,9 @@ impl Table {
             }
             let entry = Arc::new(DocEntry {
                 id: d.id.clone(),
-                title: d.title.clone(),
+                title: d.title.clone().map(Text::Owned),
                 text: Text::Owned(d.text.clone()),
-                metadata: d.metadata.clone(),
+                metadata: Metadata::new(d.metadata.clone()),
                 hash: d.hash,
                 chunks: d.chunks.clone(),
             });
@@ -224,7 +267,7 @@ impl Table {
                 None => w.u32(NO_TITLE)?,
             }
             w.bytes(d.text.as_bytes())?;
-            w.bytes(&serde_json::to_vec(&d.metadata)?)?;
+            w.bytes(&d.metadata.to_json()?)?;
             w.u64(d.hash)?;
             let added = d.chunks.first().and_then(|c| self.chunks.get(&c.key)).map_or(0, |c| c.added);
             w.u64(added)?;
@@ -290,14 +333,19 @@ impl Table {
             let string =
                 |b: &[u8], what: &str| String::from_utf8(b.to_vec()).map_err(|_| bad(&format!("{what} is not UTF-8")));
             let id = string(r.bytes().ok_or_else(short)?, "an id")?;
+            // Title, text and metadata stay in the mapped file (checked to be UTF-8 here).
+            let saved = |bytes: &[u8], at: usize, what: &str| -> Result<Text> {
+                std::str::from_utf8(bytes).map_err(|_| bad(&format!("{what} is not UTF-8")))?;
+                Ok(Text::Saved { file: file.clone(), start: at - bytes.len(), len: bytes.len() })
+            };
             let title = match r.u32().ok_or_else(short)? {
                 NO_TITLE => None,
-                n => Some(string(r.take(n as usize).ok_or_else(short)?, "a title")?),
+                n => Some(saved(r.take(n as usize).ok_or_else(short)?, r.at, "a title")?),
             };
             let text_bytes = r.bytes().ok_or_else(short)?;
             let text_start = r.at - text_bytes.len();
             let text = std::str::from_utf8(text_bytes).map_err(|_| bad("a text is not UTF-8"))?;
-            let metadata: serde_json::Value = serde_json::from_slice(r.bytes().ok_or_else(short)?)?;
+            let metadata = Metadata::saved(saved(r.bytes().ok_or_else(short)?, r.at, "metadata")?);
             let hash = r.u64().ok_or_else(short)?;
             let added = r.u64().ok_or_else(short)?;
             let n = r.u32().ok_or_else(short)? as usize;
