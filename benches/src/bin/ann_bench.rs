@@ -47,6 +47,9 @@ struct Args {
     efs: String,
     #[arg(long)]
     no_reference: bool,
+    /// Single-thread passes over the queries per `ef` (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    passes: usize,
     /// Quantizations to search with, each on the same build (`none`, `f16`, `int8`).
     #[arg(long, default_value = "none,f16,int8")]
     quantization: String,
@@ -158,7 +161,7 @@ fn main() -> anyhow::Result<()> {
         for &ef in &efs {
             let mut single = Vec::new();
             let mut found = Vec::new();
-            for _ in 0..3 {
+            for _ in 0..args.passes.max(1) {
                 let t = Instant::now();
                 found = queries.iter().map(|q| index.search(q, k, ef, &|_| true).into_iter().map(|x| x.0).collect::<Vec<u64>>()).collect();
                 single.push(queries.len() as f64 / t.elapsed().as_secs_f64());
@@ -167,13 +170,13 @@ fn main() -> anyhow::Result<()> {
             let _: Vec<_> = queries.par_iter().map(|q| index.search(q, k, ef, &|_| true)).collect();
             let all = queries.len() as f64 / t.elapsed().as_secs_f64();
             single.sort_by(f64::total_cmp);
+            let median = single[single.len() / 2];
             let r = recall(&found);
             println!(
-                "ragway {quant:<5?} ef={ef:<4} recall@10 {r:.4}  QPS 1 thread {:.0}  all threads {all:.0}  (walk reads {} B a point)",
-                single[1],
+                "ragway {quant:<5?} ef={ef:<4} recall@10 {r:.4}  QPS 1 thread {median:.0}  all threads {all:.0}  (walk reads {} B a point)",
                 if code_bytes > 0 { code_bytes } else { dim * 4 }
             );
-            these.push(json!({"ef": ef, "recall": r, "qps_1_thread": single[1], "qps_all_threads": all}));
+            these.push(json!({"ef": ef, "recall": r, "qps_1_thread": median, "qps_all_threads": all}));
         }
         if rows.is_empty() || quant == Quantization::None {
             rows = these.clone();
@@ -197,6 +200,7 @@ fn main() -> anyhow::Result<()> {
                 .arg(workspace_root().join("benches/scripts/ann_reference.py"))
                 .args(["--base", b.to_str().unwrap(), "--queries", q.to_str().unwrap(), "--gt", g.to_str().unwrap()])
                 .args(["--dim", "384", "--M", &args.m.to_string(), "--ef-construction", &args.ef_construction.to_string(), "--efs", &args.efs])
+                .args(["--reps", &args.passes.max(1).to_string()])
                 .output()?;
             eprint!("{}", String::from_utf8_lossy(&out.stderr));
             reference = serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap_or(Value::Null);
