@@ -1077,6 +1077,15 @@ mod tests {
         hits as f64 / (10 * queries.len()) as f64
     }
 
+    /// A graph of `data`, inserted one by one (keys are the indexes).
+    fn graph_of(data: &[Vec<f32>], distance: Distance, m: usize, ef_construction: usize, quantization: Quantization) -> Graph {
+        let g = Graph::new(data[0].len(), distance, Params { m, ef_construction, quantization }, data.len());
+        for (i, v) in data.iter().enumerate() {
+            g.insert(v, i as u64);
+        }
+        g
+    }
+
     #[test]
     fn parallel_build_reaches_exact_search_recall_for_every_distance() {
         for distance in [Distance::Cosine, Distance::Dot, Distance::L2] {
@@ -1138,10 +1147,7 @@ mod tests {
     fn damaged_files_are_refused_not_trusted() {
         let dir = tempfile::tempdir().unwrap();
         let data = vectors(200, 8, 5);
-        let g = Graph::new(8, Distance::Dot, Params { m: 4, ef_construction: 32, quantization: Quantization::None }, 200);
-        for (i, v) in data.iter().enumerate() {
-            g.insert(v, i as u64);
-        }
+        let g = graph_of(&data, Distance::Dot, 4, 32, Quantization::None);
         let path = dir.path().join("g.hnsw");
         g.save(&path, 0).unwrap();
         let bytes = std::fs::read(&path).unwrap();
@@ -1206,11 +1212,7 @@ mod tests {
         let data = vectors(1200, 24, 13);
         let queries = vectors(20, 24, 14);
         for quant in [Quantization::F16, Quantization::Int8] {
-            let params = Params { m: 8, ef_construction: 64, quantization: quant };
-            let g = Graph::new(24, Distance::Cosine, params, 1000);
-            for (i, v) in data[..1000].iter().enumerate() {
-                g.insert(v, i as u64);
-            }
+            let g = graph_of(&data[..1000], Distance::Cosine, 8, 64, quant);
             let path = dir.path().join(format!("{quant:?}.hnsw"));
             g.save(&path, 7).unwrap();
             let (mut loaded, covered) = Graph::load(&path, 0).unwrap();
@@ -1251,10 +1253,7 @@ mod tests {
         // header field.
         let dir = tempfile::tempdir().unwrap();
         let data = vectors(300, 8, 15);
-        let g = Graph::new(8, Distance::Cosine, Params { m: 4, ef_construction: 32, quantization: Quantization::None }, 300);
-        for (i, v) in data.iter().enumerate() {
-            g.insert(v, i as u64);
-        }
+        let g = graph_of(&data, Distance::Cosine, 4, 32, Quantization::None);
         let path = dir.path().join("g.hnsw");
         g.save(&path, 3).unwrap();
         let v3 = std::fs::read(&path).unwrap();
@@ -1289,10 +1288,7 @@ mod tests {
     #[test]
     fn filtered_search_returns_only_kept_points() {
         let data = vectors(800, 8, 6);
-        let g = Graph::new(8, Distance::Cosine, Params { m: 8, ef_construction: 64, quantization: Quantization::None }, 800);
-        for (i, v) in data.iter().enumerate() {
-            g.insert(v, i as u64);
-        }
+        let g = graph_of(&data, Distance::Cosine, 8, 64, Quantization::None);
         let found = g.search(&data[0], 10, 200, &|id| g.key(id) % 3 == 0);
         assert_eq!(found.len(), 10);
         assert!(found.iter().all(|(id, _)| g.key(*id) % 3 == 0));

@@ -129,20 +129,23 @@ fn main() -> anyhow::Result<()> {
         let c = Collection::open(&dir, embedder.clone())?;
         let info = c.info();
         eprintln!("[retrieval-bench] chunks≤{budget}: {} documents, {} chunks", info.documents, info.chunks);
-        let mut rows = Vec::new();
-        for (name, mode, fusion, title_boost) in configs(args.only.as_deref()) {
-            let t = Instant::now();
-            let run = run_queries(&c, &queries, &query_vectors, mode, fusion, title_boost)?;
-            let qps = queries.len() as f64 / t.elapsed().as_secs_f64();
-            let (ndcg, recall, n) = mean_ndcg_recall(&qrels, &run, 10, 100);
-            println!(
-                "chunks<={budget:<8} {name:<34} nDCG@10 {ndcg:.4}  recall@100 {recall:.4}  ({n} queries, {qps:.0}/s)"
-            );
-            rows.push(json!({"config": name, "ndcg@10": ndcg, "recall@100": recall, "queries": n, "qps": qps}));
-            if let Some(dir) = std::env::var_os("RAGWAY_BENCH_RUNS") {
-                write_trec(&Path::new(&dir).join(format!("{budget}-{name}.trec")), &run)?;
+        // Every config's nDCG@10 and recall@100 on `c`, printed under `label`.
+        let measure = |c: &Collection, only: Option<&str>, label: &str, runs: &str| -> anyhow::Result<Vec<Value>> {
+            let mut rows = Vec::new();
+            for (name, mode, fusion, title_boost) in configs(only) {
+                let t = Instant::now();
+                let run = run_queries(c, &queries, &query_vectors, mode, fusion, title_boost)?;
+                let qps = queries.len() as f64 / t.elapsed().as_secs_f64();
+                let (ndcg, recall, n) = mean_ndcg_recall(&qrels, &run, 10, 100);
+                println!("{label:<20} {name:<34} nDCG@10 {ndcg:.4}  recall@100 {recall:.4}  ({n} queries, {qps:.0}/s)");
+                rows.push(json!({"config": name, "ndcg@10": ndcg, "recall@100": recall, "queries": n, "qps": qps}));
+                if let Some(dir) = std::env::var_os("RAGWAY_BENCH_RUNS") {
+                    write_trec(&Path::new(&dir).join(format!("{runs}-{name}.trec")), &run)?;
+                }
             }
-        }
+            Ok(rows)
+        };
+        let rows = measure(&c, args.only.as_deref(), &format!("chunks<={budget}"), budget)?;
         report.push(json!({"max_tokens": budget, "storage": "embedded", "documents": info.documents, "chunks": info.chunks, "ingest": ingest, "memory": memory, "results": rows}));
         drop(c);
         for quant in args.quantization.iter().flat_map(|q| q.split(',')).filter(|q| *q != "none") {
@@ -153,17 +156,7 @@ fn main() -> anyhow::Result<()> {
             settings["quantization"] = json!(quant);
             std::fs::write(copy.join("settings.json"), serde_json::to_vec_pretty(&settings)?)?;
             let c = Collection::open(&copy, embedder.clone())?;
-            let mut rows = Vec::new();
-            for (name, mode, fusion, title_boost) in configs(Some("dense;default")) {
-                let t = Instant::now();
-                let run = run_queries(&c, &queries, &query_vectors, mode, fusion, title_boost)?;
-                let qps = queries.len() as f64 / t.elapsed().as_secs_f64();
-                let (ndcg, recall, n) = mean_ndcg_recall(&qrels, &run, 10, 100);
-                println!(
-                    "chunks<={budget:<8} {quant:<5} {name:<28} nDCG@10 {ndcg:.4}  recall@100 {recall:.4}  ({n} queries, {qps:.0}/s)"
-                );
-                rows.push(json!({"config": name, "ndcg@10": ndcg, "recall@100": recall, "queries": n, "qps": qps}));
-            }
+            let rows = measure(&c, Some("dense;default"), &format!("chunks<={budget} {quant}"), &format!("{budget}-{quant}"))?;
             report.push(json!({"max_tokens": budget, "storage": "embedded", "quantization": quant, "results": rows}));
         }
     }
