@@ -143,7 +143,10 @@ impl ChunkEntry {
 #[derive(Default)]
 pub(crate) struct Table {
     pub docs: HashMap<String, Arc<DocEntry>>,
-    pub chunks: HashMap<u64, ChunkEntry>,
+    /// By chunk key. Keys are ragway's own sequence numbers, never a client's, so a fast
+    /// non-keyed hash is safe here (document ids, which clients choose, keep SipHash); every
+    /// open inserts each chunk and every search looks its hits up.
+    pub chunks: rustc_hash::FxHashMap<u64, ChunkEntry>,
     /// Removed chunks still in `chunks`, with their removal sequence number.
     pub garbage: Vec<(u64, u64)>,
     /// Graph points whose chunk is gone.
