@@ -10,7 +10,10 @@
 //! start, checksum and sequence number — and the document count), then per document its
 //! id, title (`u32::MAX` length for none), text and metadata JSON as length-prefixed byte
 //! strings, its hash and the sequence number that added it, its chunk count, and per chunk
-//! its key (u64), byte and char spans, token count and graph point (u32 each).
+//! its key (u64), byte and char spans, token count and graph point (u32 each). Version 2
+//! ends with where each document starts (u64 offsets into the body, one per document), so
+//! that an open parses the documents in parallel from the start; version 1 files (without
+//! them) are read with a first pass over the length fields.
 
 use crate::error::{IndexError, Result};
 use crate::filefmt::{Checked, Cursor, SumWriter};
@@ -22,7 +25,7 @@ use std::sync::{Arc, OnceLock};
 
 pub(crate) const NOT_REMOVED: u64 = u64::MAX;
 const MAGIC: &[u8; 8] = b"RGWTABL1";
-const FORMAT_VERSION: u64 = 1;
+const FORMAT_VERSION: u64 = 2;
 /// No title (a length no string in the file can have).
 const NO_TITLE: u32 = u32::MAX;
 /// A chunk's record: key (u64) and six u32s.
@@ -263,7 +266,10 @@ impl Table {
         ] {
             w.u64(x)?;
         }
+        let mut starts = Vec::with_capacity(self.docs.len());
         for d in self.docs.values() {
+            // Offsets into the body (after the magic).
+            starts.push(w.position() - MAGIC.len() as u64);
             w.bytes(d.id.as_bytes())?;
             match &d.title {
                 Some(t) => w.bytes(t.as_bytes())?,
@@ -283,6 +289,9 @@ impl Table {
                 }
             }
         }
+        for start in starts {
+            w.u64(start)?;
+        }
         w.finish()
     }
 
@@ -299,8 +308,8 @@ impl Table {
         let [version, covered, next_seq, next_key, end, last_start, last_crc, last_seq, docs] = header[..] else {
             unreachable!()
         };
-        if version != FORMAT_VERSION {
-            return Err(bad(&format!("format version {version}, this build reads {FORMAT_VERSION}")));
+        if version != 1 && version != FORMAT_VERSION {
+            return Err(bad(&format!("format version {version}, this build reads 1 and {FORMAT_VERSION}")));
         }
         let last_crc = u32::try_from(last_crc).map_err(|_| bad("checksum field"))?;
         let mark = TableMark { covered, mark: LogMark { end, last_start, last_crc, last_seq }, next_seq, next_key };
@@ -308,30 +317,49 @@ impl Table {
         if docs > (body.len() / 36) as u64 {
             return Err(bad("document count"));
         }
-        // Where each document starts: a pass over the length fields only, so that the
-        // documents can be parsed in parallel.
-        let mut starts = Vec::with_capacity(docs as usize);
-        for _ in 0..docs {
-            starts.push(r.at);
-            let short = || bad("short document");
-            r.bytes().ok_or_else(short)?;
-            match r.u32().ok_or_else(short)? {
-                NO_TITLE => {}
-                n => {
-                    r.take(n as usize).ok_or_else(short)?;
-                }
+        // Where each document starts, and where the documents end.
+        let docs = docs as usize;
+        let (starts, docs_end) = if version >= 2 {
+            // Saved after the documents.
+            let index_at = body.len().checked_sub(docs * 8).filter(|&at| at >= r.at).ok_or_else(|| bad("document index"))?;
+            let mut index = Cursor { data: body, at: index_at };
+            let starts: Vec<usize> = (0..docs).map(|_| index.u64().map(|x| x as usize)).collect::<Option<_>>().ok_or_else(|| bad("document index"))?;
+            if starts.first().is_some_and(|&s| s != r.at) || starts.windows(2).any(|w| w[0] >= w[1]) || starts.last().is_some_and(|&s| s >= index_at) {
+                return Err(bad("document index"));
             }
-            r.bytes().ok_or_else(short)?;
-            r.bytes().ok_or_else(short)?;
-            r.take(16).ok_or_else(short)?;
-            let n = r.u32().ok_or_else(short)? as usize;
-            r.take(n.checked_mul(CHUNK_BYTES).ok_or_else(short)?).ok_or_else(short)?;
-        }
-        if !r.is_done() {
+            (starts, index_at)
+        } else {
+            // A pass over the length fields only, so that the documents can then be parsed
+            // in parallel.
+            let mut starts = Vec::with_capacity(docs);
+            for _ in 0..docs {
+                starts.push(r.at);
+                let short = || bad("short document");
+                r.bytes().ok_or_else(short)?;
+                match r.u32().ok_or_else(short)? {
+                    NO_TITLE => {}
+                    n => {
+                        r.take(n as usize).ok_or_else(short)?;
+                    }
+                }
+                r.bytes().ok_or_else(short)?;
+                r.bytes().ok_or_else(short)?;
+                r.take(16).ok_or_else(short)?;
+                let n = r.u32().ok_or_else(short)? as usize;
+                r.take(n.checked_mul(CHUNK_BYTES).ok_or_else(short)?).ok_or_else(short)?;
+            }
+            if !r.is_done() {
+                return Err(bad("trailing bytes"));
+            }
+            (starts, body.len())
+        };
+        if docs == 0 && docs_end != r.at {
             return Err(bad("trailing bytes"));
         }
-        let parse = |start: usize| -> Result<(Arc<DocEntry>, Vec<u32>, u64)> {
-            let mut r = Cursor { data: body, at: start };
+        // Document `i`, which must end where the next one starts.
+        let parse = |i: usize| -> Result<(Arc<DocEntry>, Vec<u32>, u64)> {
+            let mut r = Cursor { data: body, at: starts[i] };
+            let end = starts.get(i + 1).copied().unwrap_or(docs_end);
             let short = || bad("short document");
             let string =
                 |b: &[u8], what: &str| String::from_utf8(b.to_vec()).map_err(|_| bad(&format!("{what} is not UTF-8")));
@@ -352,6 +380,10 @@ impl Table {
             let hash = r.u64().ok_or_else(short)?;
             let added = r.u64().ok_or_else(short)?;
             let n = r.u32().ok_or_else(short)? as usize;
+            // Sized by the count only once the document has room for that many records.
+            if n.checked_mul(CHUNK_BYTES).is_none_or(|b| r.at + b > end) {
+                return Err(short());
+            }
             let mut chunks = Vec::with_capacity(n);
             let mut points = Vec::with_capacity(n);
             for _ in 0..n {
@@ -381,10 +413,13 @@ impl Table {
                 chunks.push(c);
                 points.push(f[5]);
             }
+            if r.at != end {
+                return Err(bad("documents overlap"));
+            }
             let text = Text::Saved { file: file.clone(), start: text_start, len: text_bytes.len() };
             Ok((Arc::new(DocEntry { id, title, text, metadata, hash, chunks }), points, added))
         };
-        let parsed = starts.into_par_iter().map(parse).collect::<Result<Vec<_>>>()?;
+        let parsed = (0..docs).into_par_iter().map(parse).collect::<Result<Vec<_>>>()?;
         let mut table = Table::default();
         table.docs.reserve(parsed.len());
         table.chunks.reserve(parsed.len());
@@ -453,6 +488,29 @@ mod tests {
         assert_eq!(t.chunks[&3].text(), "héllo");
         // A table whose points do not match the graph is refused.
         assert!(Table::load(&path, |p| (p < 5).then_some(p as u64 + 1)).is_err());
+    }
+
+    #[test]
+    fn version_1_tables_load_and_a_wrong_document_index_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let body = sample_body(dir.path());
+        let key_of = |p: u32| (p < 5).then_some(p as u64);
+        // Version 1: no document index at the end.
+        let mut v1 = body.clone();
+        v1[..8].copy_from_slice(&1u64.to_le_bytes());
+        v1.truncate(body.len() - 5 * 8);
+        let (t, _) = Table::load(&file_with(dir.path(), &v1), key_of).unwrap();
+        assert_eq!((t.docs.len(), t.chunks.len()), (5, 5));
+        assert_eq!(&*t.docs["d3"].text, "héllo wörld, twice".repeat(4));
+        assert_eq!(t.docs["d2"].title.as_deref(), Some("T2"));
+        assert_eq!(*t.docs["d4"].metadata, serde_json::json!({"i": 4}));
+        // Version 2 with an index that does not tile the documents.
+        for (at, delta) in [(body.len() - 8, 1i64), (body.len() - 8, -3), (body.len() - 40, 2)] {
+            let mut b = body.clone();
+            let x = u64::from_le_bytes(b[at..at + 8].try_into().unwrap()) as i64 + delta;
+            b[at..at + 8].copy_from_slice(&(x as u64).to_le_bytes());
+            assert!(Table::load(&file_with(dir.path(), &b), key_of).is_err(), "index off by {delta} at {at}");
+        }
     }
 
     proptest! {

@@ -12,7 +12,7 @@ use serde::Serialize;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToSchema};
 
-pub use ragway_index::dense::{Distance, HnswParams};
+pub use ragway_index::dense::{Distance, HnswParams, Quantization};
 pub use ragway_index::fusion::{FusionMethod, FusionParams, SourceHit};
 pub use ragway_index::ingest::OnError;
 pub use ragway_index::jobs::RecordError;
@@ -145,7 +145,7 @@ use crate::http::{admin, collections, completions, drift, embeddings, evals, hea
         ErrorBody, ErrorObject, CollectionList, Deleted, SearchResults, JobStarted, JobList,
         CollectionInfo, CollectionSettings, CreateCollection, DocumentInput, DocumentView, ChunkView, WriteResult,
         SearchHit, SourceHit, SearchMode, JobView, ProgressView, JobState, RecordError, OnError,
-        Distance, HnswParams, ChunkingParams, KeywordParams, FusionParams, FusionMethod,
+        Distance, HnswParams, Quantization, ChunkingParams, KeywordParams, FusionParams, FusionMethod,
         crate::service::evals::StartEval,
         crate::http::openai::ChatCompletion, crate::http::openai::ChatChoice, crate::http::openai::AssistantMessage, crate::http::openai::ToolCall, crate::http::openai::FunctionCall, crate::http::openai::ToolCallDelta, crate::http::openai::FunctionDelta,
         crate::http::openai::TextCompletion, crate::http::openai::TextChoice, crate::service::usage::Usage,

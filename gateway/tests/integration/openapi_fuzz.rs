@@ -50,6 +50,27 @@ fn every_operation_refuses_bad_bodies_with_4xx_in_shape() {
     assert_eq!(s.post("/v1/collections", &json!({"name": "fuzz"})).0, 201);
     let doc: Value = client().get(format!("{}/openapi.json", s.url)).send().unwrap().json().unwrap();
     assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    // Every schema the document refers to is in it (a type added to an API struct but not
+    // to the document's list leaves a dangling reference).
+    fn refs<'a>(v: &'a Value, out: &mut Vec<&'a str>) {
+        match v {
+            Value::Object(m) => {
+                if let Some(r) = m.get("$ref").and_then(Value::as_str) {
+                    out.push(r);
+                }
+                m.values().for_each(|x| refs(x, out));
+            }
+            Value::Array(a) => a.iter().for_each(|x| refs(x, out)),
+            _ => {}
+        }
+    }
+    let mut all = Vec::new();
+    refs(&doc, &mut all);
+    assert!(all.len() > 20, "{} references", all.len());
+    for r in all {
+        let name = r.strip_prefix("#/components/schemas/").unwrap_or_else(|| panic!("unexpected reference {r}"));
+        assert!(doc["components"]["schemas"].get(name).is_some(), "dangling reference {r}");
+    }
     let paths = doc["paths"].as_object().unwrap();
     let mut calls = 0;
     // Deletes last, so the other operations meet an existing collection.
