@@ -1077,6 +1077,16 @@ mod tests {
         hits as f64 / (10 * queries.len()) as f64
     }
 
+    /// Inserts `data` (keys from `first_key`), growing the graph whenever it is full.
+    fn insert_growing(g: &mut Graph, data: &[Vec<f32>], first_key: usize) {
+        for (i, v) in data.iter().enumerate() {
+            if !g.has_room(1) {
+                *g = g.grown(g.capacity() * 2);
+            }
+            g.insert(v, (first_key + i) as u64);
+        }
+    }
+
     /// A graph of `data`, inserted one by one (keys are the indexes).
     fn graph_of(data: &[Vec<f32>], distance: Distance, m: usize, ef_construction: usize, quantization: Quantization) -> Graph {
         let g = Graph::new(data[0].len(), distance, Params { m, ef_construction, quantization }, data.len());
@@ -1104,14 +1114,8 @@ mod tests {
     fn save_and_load_round_trip_answer_alike_and_keep_growing() {
         let dir = tempfile::tempdir().unwrap();
         let data = vectors(1500, 16, 3);
-        let g = Graph::new(16, Distance::Cosine, Params { m: 8, ef_construction: 64, quantization: Quantization::None }, 100);
-        let mut g = g;
-        for (i, v) in data[..1000].iter().enumerate() {
-            if !g.has_room(1) {
-                g = g.grown(g.capacity() * 2);
-            }
-            g.insert(v, i as u64);
-        }
+        let mut g = Graph::new(16, Distance::Cosine, Params { m: 8, ef_construction: 64, quantization: Quantization::None }, 100);
+        insert_growing(&mut g, &data[..1000], 0);
         let path = dir.path().join("g.hnsw");
         g.save(&path, 42).unwrap();
         let (mut loaded, covered) = Graph::load(&path, 10).unwrap();
@@ -1124,12 +1128,7 @@ mod tests {
             assert_eq!(g.search(q, 10, 50, &|_| true), loaded.search(q, 10, 50, &|_| true));
         }
         // Growing past the room it was opened with keeps the mapped vectors.
-        for (i, v) in data[1000..].iter().enumerate() {
-            if !loaded.has_room(1) {
-                loaded = loaded.grown(loaded.capacity() * 2);
-            }
-            loaded.insert(v, 1000 + i as u64);
-        }
+        insert_growing(&mut loaded, &data[1000..], 1000);
         for (i, v) in data.iter().enumerate() {
             assert_eq!(loaded.vector(i as u32), &v[..], "point {i}");
         }
@@ -1225,12 +1224,7 @@ mod tests {
                 assert_eq!(g.search(q, 10, 50, &|_| true), loaded.search(q, 10, 50, &|_| true));
             }
             // Points added after the open get codes in memory; a grown graph keeps both.
-            for (i, v) in data[1000..].iter().enumerate() {
-                if !loaded.has_room(1) {
-                    loaded = loaded.grown(loaded.capacity() * 2);
-                }
-                loaded.insert(v, 1000 + i as u64);
-            }
+            insert_growing(&mut loaded, &data[1000..], 1000);
             for (i, v) in data.iter().enumerate() {
                 assert_eq!(loaded.code(i as u32), &loaded.encode(v)[..], "{quant:?} point {i}");
             }
