@@ -43,8 +43,8 @@
 //! into the graph's growable arrays, the vectors stay in the mapping and are read from the
 //! page cache where the search touches them. An open therefore costs the structure (about
 //! 150 bytes per point), not the vectors (`4 × dim` bytes per point), and the vectors are
-//! never held twice. Codes are mapped the same way. Points inserted after the open live in memory. The file is only ever
-//! replaced by a rename, so a mapping stays valid after a later save. The vectors'
+//! never held twice. Codes are mapped the same way. Points inserted after the open live in
+//! memory. The file is only ever replaced by a rename, so a mapping stays valid after a later save. The vectors'
 //! checksum is not read on open (it would read every vector); [`Graph::verify_vectors`]
 //! checks it.
 
@@ -370,13 +370,6 @@ impl Graph {
         unsafe { std::slice::from_raw_parts(cells.as_ptr() as *const u32, w) }
     }
 
-    /// The code of `vector`, encoded the way the codes of the file are.
-    pub fn encode(&self, vector: &[f32]) -> Vec<u32> {
-        let mut code = vec![0u32; self.code_words];
-        self.quant.encode(vector, &mut code);
-        code
-    }
-
     /// Recomputes the codes of every point for `quant` (benchmarks compare quantizations on
     /// one build; a collection's quantization is fixed when it is created). The caller holds
     /// the graph exclusively; the graph must have no mapped points.
@@ -612,11 +605,11 @@ impl Graph {
         }
         if self.code_words > 0 {
             let start = (id - self.mapped_points) * self.code_words;
-            let code = self.encode(vector);
-            for (cell, x) in self.codes[start..start + self.code_words].iter().zip(code) {
-                // SAFETY: as for the vector slot above.
-                unsafe { *cell.get() = x };
-            }
+            let slot = &self.codes[start..start + self.code_words];
+            // SAFETY: as for the vector slot above (allocated to this thread, not published,
+            // so nothing else reads or writes it); `UnsafeCell<u32>` has the layout of `u32`.
+            let slot = unsafe { std::slice::from_raw_parts_mut(UnsafeCell::raw_get(slot.as_ptr()), slot.len()) };
+            self.quant.encode(vector, slot);
         }
         self.keys[id].store(key, Ordering::Release);
         let level = self.random_level(id as u64);
@@ -849,18 +842,14 @@ impl Graph {
                 }
             }
         }
-        w.seal()?;
-        let pad = (VECTORS_ALIGN - w.position() % VECTORS_ALIGN) % VECTORS_ALIGN;
-        w.put(&[0u8; VECTORS_ALIGN as usize][..pad as usize])?;
+        start_aligned_section(&mut w)?;
         for i in 0..n {
             for x in self.vector(i as u32) {
                 w.put(&x.to_le_bytes())?;
             }
         }
         if self.code_words > 0 {
-            w.seal()?;
-            let pad = (VECTORS_ALIGN - w.position() % VECTORS_ALIGN) % VECTORS_ALIGN;
-            w.put(&[0u8; VECTORS_ALIGN as usize][..pad as usize])?;
+            start_aligned_section(&mut w)?;
             for i in 0..n {
                 for x in self.code(i as u32) {
                     w.put(&x.to_le_bytes())?;
@@ -1015,10 +1004,10 @@ impl Graph {
     /// [`Graph::load`]; `Ok` for a graph with none mapped.
     pub fn verify_vectors(&self) -> Result<()> {
         let Some(m) = &self.mapped else { return Ok(()) };
-        let sections = if m.codes_section > 0 {
-            [(m.section, m.codes_section - 4, "vectors"), (m.codes_section, m.map.len() - 4, "codes")].to_vec()
-        } else {
-            vec![(m.section, m.map.len() - 4, "vectors")]
+        let end = m.map.len() - 4;
+        let sections = match m.codes_section {
+            0 => vec![(m.section, end, "vectors")],
+            codes => vec![(m.section, codes - 4, "vectors"), (codes, end, "codes")],
         };
         for (start, end, what) in sections {
             let crc = u32::from_le_bytes(m.map[end..end + 4].try_into().expect("4 bytes"));
@@ -1028,6 +1017,14 @@ impl Graph {
         }
         Ok(())
     }
+}
+
+/// Ends the file's current checksummed section and pads to [`VECTORS_ALIGN`], where the next
+/// section's array (vectors, codes) starts; the padding belongs to the new section.
+fn start_aligned_section(w: &mut SumWriter) -> Result<()> {
+    w.seal()?;
+    let pad = (VECTORS_ALIGN - w.position() % VECTORS_ALIGN) % VECTORS_ALIGN;
+    w.put(&[0u8; VECTORS_ALIGN as usize][..pad as usize])
 }
 
 /// Asks Linux to back a large array with huge pages: a graph walk touches vectors and
@@ -1226,7 +1223,9 @@ mod tests {
             // Points added after the open get codes in memory; a grown graph keeps both.
             insert_growing(&mut loaded, &data[1000..], 1000);
             for (i, v) in data.iter().enumerate() {
-                assert_eq!(loaded.code(i as u32), &loaded.encode(v)[..], "{quant:?} point {i}");
+                let mut code = vec![0u32; quant.words(v.len())];
+                quant.encode(v, &mut code);
+                assert_eq!(loaded.code(i as u32), &code[..], "{quant:?} point {i}");
             }
             assert!(recall(&loaded, &data, &queries, Distance::Cosine, 100) > 0.95);
             // A flipped bit among the codes is caught by their checksum.

@@ -102,8 +102,10 @@ impl Quantization {
 #[inline]
 pub(crate) fn int8_parts(code: &[u32], dim: usize) -> (f32, &[i8]) {
     let bytes = &code[1..];
-    // SAFETY: `bytes` holds `4 · (code.len() − 1) ≥ dim` initialized bytes; i8 has no
-    // alignment or validity requirements.
+    // A query of another length never reads past the code.
+    let dim = dim.min(4 * bytes.len());
+    // SAFETY: `bytes` holds `4 · bytes.len() ≥ dim` initialized bytes; i8 has no alignment
+    // or validity requirements.
     let c = unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const i8, dim) };
     (f32::from_bits(code[0]), c)
 }
@@ -111,6 +113,7 @@ pub(crate) fn int8_parts(code: &[u32], dim: usize) -> (f32, &[i8]) {
 /// The half values of a code (little-endian words).
 #[inline]
 pub(crate) fn f16_parts(code: &[u32], dim: usize) -> &[u16] {
+    let dim = dim.min(2 * code.len());
     // SAFETY: the words hold `2 · code.len() ≥ dim` u16s, and u32 alignment suffices for
     // u16.
     unsafe { std::slice::from_raw_parts(code.as_ptr() as *const u16, dim) }
