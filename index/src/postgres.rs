@@ -543,13 +543,12 @@ impl PgStore {
     /// pgvector's operator class and distance operator for the collection's distance. The
     /// stored vectors are prepared (unit length for cosine), so cosine ranks by inner
     /// product; scores are the negated operator, as ragway's are (higher is better).
-    fn ops_class(&self) -> &'static str {
-        match (self.settings.distance, self.vector_type()) {
-            (Distance::Cosine | Distance::Dot, "halfvec") => "halfvec_ip_ops",
-            (Distance::L2, "halfvec") => "halfvec_l2_ops",
-            (Distance::Cosine | Distance::Dot, _) => "vector_ip_ops",
-            (Distance::L2, _) => "vector_l2_ops",
-        }
+    fn ops_class(&self) -> String {
+        let metric = match self.settings.distance {
+            Distance::Cosine | Distance::Dot => "ip",
+            Distance::L2 => "l2",
+        };
+        format!("{}_{metric}_ops", self.vector_type())
     }
 
     /// The column type of the vectors: pgvector's `halfvec` (2 bytes a dimension, in the
