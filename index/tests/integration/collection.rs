@@ -379,6 +379,30 @@ fn service_options(dir: &std::path::Path) -> ServiceOptions {
     }
 }
 
+/// [`service_options`] with collections in `pg` when given.
+fn options_on(pg: Option<&PgServer>, dir: &std::path::Path) -> ServiceOptions {
+    ServiceOptions { postgres: pg.map(|pg| ragway_index::postgres::PgOptions::new(pg.url())), ..service_options(dir) }
+}
+
+/// `n` unit vectors and 40 queries drawn around `centers` random unit centers, each
+/// coordinate off its center by `spread / sqrt(dim)` standard normals (seeded).
+fn clustered(n: usize, dim: usize, centers: usize, spread: f32, seed: u64) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
+    fn unit(mut v: Vec<f32>) -> Vec<f32> {
+        let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        v.iter_mut().for_each(|x| *x /= n);
+        v
+    }
+    let mut rng = ragway_engine::rng::SplitMix64::new(seed);
+    let centers: Vec<Vec<f32>> = (0..centers).map(|_| unit((0..dim).map(|_| rng.normal() as f32).collect())).collect();
+    let mut point = || {
+        let c = &centers[rng.below(centers.len())];
+        unit(c.iter().map(|x| x + spread * rng.normal() as f32 / (dim as f32).sqrt()).collect())
+    };
+    let vectors: Vec<Vec<f32>> = (0..n).map(|_| point()).collect();
+    let queries: Vec<Vec<f32>> = (0..40).map(|_| point()).collect();
+    (vectors, queries)
+}
+
 /// Graph points an open loaded from the saved graph and inserted from the log.
 fn graph_stats(c: &Collection) -> (usize, usize) {
     (c.open_stats().graph_loaded, c.open_stats().graph_inserted)
@@ -527,10 +551,7 @@ fn collections_without_a_model_take_their_own_vectors_on_postgres() {
 fn own_vectors(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let pg = (backend == Backend::Postgres).then(PgServer::start);
-    let service_options = |dir: &std::path::Path| ServiceOptions {
-        postgres: pg.as_ref().map(|pg| ragway_index::postgres::PgOptions::new(pg.url())),
-        ..service_options(dir)
-    };
+    let service_options = |dir: &std::path::Path| options_on(pg.as_ref(), dir);
     let service =
         IndexService::open(dir.path(), vec![embedder()], "all-MiniLM-L6-v2", service_options(dir.path())).unwrap();
     // `model: null` needs a dimension; a model's dimension is checked.
@@ -656,21 +677,9 @@ fn own_vectors(backend: Backend) {
 /// scans when few chunks match and walks the graph when many do.
 #[test]
 fn filtered_search_recall_at_every_selectivity() {
-    fn unit(mut v: Vec<f32>) -> Vec<f32> {
-        let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-        v.iter_mut().for_each(|x| *x /= n);
-        v
-    }
     const N: usize = 20_000;
     const DIM: usize = 32;
-    let mut rng = ragway_engine::rng::SplitMix64::new(7);
-    let centers: Vec<Vec<f32>> = (0..200).map(|_| unit((0..DIM).map(|_| rng.normal() as f32).collect())).collect();
-    let mut point = || {
-        let c = &centers[rng.below(200)];
-        unit(c.iter().map(|x| x + 0.5 * rng.normal() as f32 / (DIM as f32).sqrt()).collect())
-    };
-    let vectors: Vec<Vec<f32>> = (0..N).map(|_| point()).collect();
-    let queries: Vec<Vec<f32>> = (0..40).map(|_| point()).collect();
+    let (vectors, queries) = clustered(N, DIM, 200, 0.5, 7);
 
     let dir = tempfile::tempdir().unwrap();
     let s = ragway_index::CollectionSettings { model: None, dimension: DIM, ..settings("filtered") };
@@ -839,27 +848,12 @@ fn quantized_collections_on_postgres_store_half_vectors() {
 
 fn quantized_collections(backend: Backend) {
     let pg = (backend == Backend::Postgres).then(PgServer::start);
-    let options = |dir: &std::path::Path| ServiceOptions {
-        postgres: pg.as_ref().map(|pg| ragway_index::postgres::PgOptions::new(pg.url())),
-        ..service_options(dir)
-    };
+    let options = |dir: &std::path::Path| options_on(pg.as_ref(), dir);
     // Exact on the embedded store (rescored from f32); half precision on PostgreSQL.
     let tolerance = if backend == Backend::Postgres { 2e-3 } else { 1e-5 };
-    fn unit(mut v: Vec<f32>) -> Vec<f32> {
-        let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-        v.iter_mut().for_each(|x| *x /= n);
-        v
-    }
     const N: usize = 4000;
     const DIM: usize = 48;
-    let mut rng = ragway_engine::rng::SplitMix64::new(17);
-    let centers: Vec<Vec<f32>> = (0..60).map(|_| unit((0..DIM).map(|_| rng.normal() as f32).collect())).collect();
-    let mut point = || {
-        let c = &centers[rng.below(60)];
-        unit(c.iter().map(|x| x + 0.6 * rng.normal() as f32 / (DIM as f32).sqrt()).collect())
-    };
-    let vectors: Vec<Vec<f32>> = (0..N).map(|_| point()).collect();
-    let queries: Vec<Vec<f32>> = (0..40).map(|_| point()).collect();
+    let (vectors, queries) = clustered(N, DIM, 60, 0.6, 17);
     let cosine = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
     let truth = |q: &[f32], keep: &dyn Fn(usize) -> bool| -> Vec<String> {
         let mut scored: Vec<(f32, usize)> = (0..N).filter(|&i| keep(i)).map(|i| (cosine(&vectors[i], q), i)).collect();
