@@ -55,6 +55,21 @@ pub fn unit(mut v: Vec<f32>) -> Vec<f32> {
     v
 }
 
+/// Copies a directory with its files and subdirectories (benchmarks copy collections).
+pub fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), target)?;
+        }
+    }
+    Ok(())
+}
+
 /// Settings of a collection without an embedding model whose documents bring `dim`-dimension
 /// vectors (cosine, default HNSW parameters).
 pub fn own_vectors_settings(name: &str, dim: usize) -> ragway_index::CollectionSettings {

@@ -15,7 +15,7 @@
 //!     cargo run --release -p ragway-benches --bin retrieval-bench -- [--max-tokens default,128] [--postgres]
 
 use clap::Parser;
-use ragway_benches::{reference_python, workspace_root};
+use ragway_benches::{copy_dir, reference_python, workspace_root};
 use ragway_engine::embed::{Embedder, EmbedderOptions};
 use ragway_eval::retrieval::{load_qrels, mean_ndcg_recall, Run};
 use ragway_index::fusion::{FusionMethod, FusionParams};
@@ -175,20 +175,6 @@ fn main() -> anyhow::Result<()> {
         eprint!("{}", String::from_utf8_lossy(&out.stderr));
     }
     println!("{}", json!({"bench": "retrieval_scifact_train", "runs": report}));
-    Ok(())
-}
-
-/// Copies a collection's directory (files and subdirectories).
-fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(to)?;
-    for e in std::fs::read_dir(from)? {
-        let e = e?;
-        if e.file_type()?.is_dir() {
-            copy_dir(&e.path(), &to.join(e.file_name()))?;
-        } else {
-            std::fs::copy(e.path(), to.join(e.file_name()))?;
-        }
-    }
     Ok(())
 }
 

@@ -12,9 +12,9 @@
 //!     cargo run --release -p ragway-benches --bin search-load -- --postgres-url URL
 
 use clap::Parser;
-use ragway_benches::{closed_loop, pct, start_server, workspace_root};
+use ragway_benches::{closed_loop, copy_dir, pct, start_server, workspace_root};
 use serde_json::{json, Value};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -42,20 +42,6 @@ struct Args {
     /// Write the results as JSON here.
     #[arg(long)]
     out: Option<PathBuf>,
-}
-
-fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(to)?;
-    for entry in std::fs::read_dir(from)? {
-        let entry = entry?;
-        let target = to.join(entry.file_name());
-        if entry.file_type()?.is_dir() {
-            copy_dir(&entry.path(), &target)?;
-        } else {
-            std::fs::copy(entry.path(), target)?;
-        }
-    }
-    Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
