@@ -52,6 +52,21 @@ pub fn open_device(spec: &str) -> Result<Device> {
     }
 }
 
+/// Free and total memory of a CUDA device in bytes; `None` for the CPU and Metal.
+pub fn device_memory(device: &Device) -> Result<Option<(usize, usize)>> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = device {
+        use candle_core::cuda_backend::cudarc::driver::result;
+        let stream = cuda.cuda_stream();
+        let name = format!("{:?}", device.location());
+        stream.context().bind_to_thread().map_err(|e| EngineError::Device(name.clone(), e.to_string()))?;
+        let (free, total) = result::mem_get_info().map_err(|e| EngineError::Device(name, e.to_string()))?;
+        return Ok(Some((free, total)));
+    }
+    let _ = device;
+    Ok(None)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -176,17 +176,11 @@ fn main() -> anyhow::Result<()> {
         drop(embed);
         let mut chat_results = Vec::new();
         if !args.no_chat {
-            let gen = GenerateWorker::spawn(GenerateConfig {
-                model_id: "SmolLM2-135M-Instruct".into(),
-                source: "SmolLM2-135M-Instruct".into(),
-                models_dir: models.clone(),
-                chat_template: None,
-                max_running: 16,
-                max_batch_tokens: 512,
-                max_waiting: 64,
-                kv_cache_mib: 2048,
-                default_max_tokens: ragway_engine::generate::DEFAULT_MAX_TOKENS,
-            })?;
+            let gen = GenerateWorker::spawn(GenerateConfig::new(
+                "SmolLM2-135M-Instruct",
+                "SmolLM2-135M-Instruct",
+                models.clone(),
+            ))?;
             let rendered = gen
                 .chat_template()
                 .ok_or_else(|| anyhow::anyhow!("no chat template"))?

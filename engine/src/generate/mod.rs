@@ -16,7 +16,9 @@
 
 pub mod chat;
 pub mod constrain;
+pub mod device_model;
 pub mod model;
+pub mod paged;
 pub mod qmatmul;
 pub mod repack;
 pub mod sampling;
@@ -25,10 +27,12 @@ pub mod tokenizer;
 
 pub use chat::{ChatMessage, ChatTemplate};
 pub use constrain::{Constrainer, Constraint, Grammar, GrammarLimits};
+pub use device_model::{DeviceLlama, KvSizing, PagedSeq};
 pub use model::{KvCache, Llama, LlamaConfig, Scratch, SeqBatch};
+pub use paged::PagedKv;
 pub use sampling::{ModelSampling, SamplingParams, TokenLogprob};
 pub use scheduler::{
-    FinishReason, GenEvent, GenMetrics, GenerateConfig, DEFAULT_MAX_TOKENS, GenerateHandle, GenerateWorker, GenerationRequest, LazyConstraint,
+    Decoder, DecoderKind, FinishReason, GenEvent, GenMetrics, GenerateConfig, DEFAULT_MAX_TOKENS, GenerateHandle, GenerateWorker, GenerationRequest, LazyConstraint,
     GenerationStream,
 };
 pub use tokenizer::{IncrementalDecoder, TextTokenizer};
@@ -40,9 +44,9 @@ use crate::models::{
 };
 use std::path::{Path, PathBuf};
 
-/// A decoder with everything needed to serve it.
-pub struct GenerativeModel {
-    pub model: Llama,
+/// A decoder ([`Llama`] on the CPU, or [`DeviceLlama`]) with everything needed to serve it.
+pub struct GenerativeModel<M = Llama> {
+    pub model: M,
     pub tokenizer: TextTokenizer,
     /// `None` when the model has no chat template and none was configured.
     pub chat_template: Option<ChatTemplate>,
@@ -58,25 +62,101 @@ const LLAMA_FILES: ModelFiles<'static> = ModelFiles {
     optional: &["tokenizer_config.json", "generation_config.json"],
 };
 
-impl GenerativeModel {
+/// What [`GenerativeModel`] needs of a decoder.
+pub trait DecoderModel {
+    fn config(&self) -> &LlamaConfig;
+}
+
+impl DecoderModel for Llama {
+    fn config(&self) -> &LlamaConfig {
+        Llama::config(self)
+    }
+}
+
+impl DecoderModel for DeviceLlama {
+    fn config(&self) -> &LlamaConfig {
+        DeviceLlama::config(self)
+    }
+}
+
+/// Builds a decoder from a GGUF file (with its parsed header) or a safetensors folder.
+pub struct DecoderLoader<'a, M> {
+    pub gguf: &'a dyn Fn(&Path, &candle_core::quantized::gguf_file::Content) -> Result<M>,
+    pub safetensors: &'a dyn Fn(&Path) -> Result<M>,
+}
+
+impl GenerativeModel<Llama> {
     /// Loads `source`: a `.gguf` file, a folder holding one, a Hugging Face llama folder
     /// (`config.json` + `*.safetensors` + `tokenizer.json`), a name under `models_dir`, or a
-    /// hub repository. `chat_template` overrides the model's own template.
+    /// hub repository, on the CPU. `chat_template` overrides the model's own template.
     pub fn load(source: &str, models_dir: &Path, chat_template: Option<&str>) -> Result<Self> {
-        let path = resolve_generation_model(source, models_dir)?;
-        let _span = tracing::info_span!("load_decoder", path = %path.display()).entered();
-        if path.is_file() {
-            Self::from_gguf(&path, chat_template)
-        } else {
-            Self::from_safetensors(&path, chat_template)
+        Self::load_with(
+            source,
+            models_dir,
+            chat_template,
+            DecoderLoader { gguf: &|p, c| Llama::from_gguf(p, c), safetensors: &|d| Llama::from_safetensors(d) },
+        )
+    }
+}
+
+impl GenerativeModel<DeviceLlama> {
+    /// [`GenerativeModel::load`] onto `device` with a paged KV cache sized by `kv`.
+    pub fn load_on_device(
+        source: &str,
+        models_dir: &Path,
+        chat_template: Option<&str>,
+        device: &candle_core::Device,
+        kv: KvSizing,
+    ) -> Result<Self> {
+        Self::load_with(
+            source,
+            models_dir,
+            chat_template,
+            DecoderLoader {
+                gguf: &|p, c| DeviceLlama::from_gguf(p, c, device, kv),
+                safetensors: &|d| DeviceLlama::from_safetensors(d, device, kv),
+            },
+        )
+    }
+}
+
+impl<M: DecoderModel> GenerativeModel<M> {
+    /// The same model with its decoder wrapped (or converted) by `f`.
+    pub fn map<N>(self, f: impl FnOnce(M) -> N) -> GenerativeModel<N> {
+        GenerativeModel {
+            model: f(self.model),
+            tokenizer: self.tokenizer,
+            chat_template: self.chat_template,
+            sampling: self.sampling,
+            path: self.path,
         }
     }
 
-    fn from_gguf(path: &Path, template_override: Option<&str>) -> Result<Self> {
+    /// Resolves `source` (see [`GenerativeModel::load`]) and builds its decoder with `loader`.
+    pub fn load_with(
+        source: &str,
+        models_dir: &Path,
+        chat_template: Option<&str>,
+        loader: DecoderLoader<'_, M>,
+    ) -> Result<Self> {
+        let path = resolve_generation_model(source, models_dir)?;
+        let _span = tracing::info_span!("load_decoder", path = %path.display()).entered();
+        if path.is_file() {
+            Self::from_gguf(&path, chat_template, loader.gguf)
+        } else {
+            Self::from_safetensors(&path, chat_template, loader.safetensors)
+        }
+    }
+
+    fn from_gguf(
+        path: &Path,
+        template_override: Option<&str>,
+        build: &dyn Fn(&Path, &candle_core::quantized::gguf_file::Content) -> Result<M>,
+    ) -> Result<Self> {
         let mut file = std::fs::File::open(path)?;
         let content = candle_core::quantized::gguf_file::Content::read(&mut file)
             .map_err(|e| EngineError::InvalidModel { path: path.to_path_buf(), reason: format!("GGUF: {e}") })?;
-        let model = Llama::from_gguf(path, &content)?;
+        let model = build(path, &content)?;
         // tokenizer.json beside the file wins; the special ids come from the GGUF either way.
         let beside = path.with_file_name("tokenizer.json");
         let tokenizer = if beside.is_file() {
@@ -93,8 +173,8 @@ impl GenerativeModel {
         Ok(Self { model, tokenizer, chat_template, sampling, path: path.to_path_buf() })
     }
 
-    fn from_safetensors(dir: &Path, template_override: Option<&str>) -> Result<Self> {
-        let model = Llama::from_safetensors(dir)?;
+    fn from_safetensors(dir: &Path, template_override: Option<&str>, build: &dyn Fn(&Path) -> Result<M>) -> Result<Self> {
+        let model = build(dir)?;
         let cfg: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("config.json"))?).unwrap_or_default();
         let tk_cfg: serde_json::Value = std::fs::read_to_string(dir.join("tokenizer_config.json"))
@@ -130,7 +210,7 @@ fn compile_template(source: Option<String>, tk: &TextTokenizer) -> Result<Option
     source.map(|s| ChatTemplate::new(&s, &name(tk.bos_id), &name(tk.eos_id))).transpose()
 }
 
-fn check_vocab(model: &Llama, tk: &TextTokenizer, path: &Path) -> Result<()> {
+fn check_vocab(model: &impl DecoderModel, tk: &TextTokenizer, path: &Path) -> Result<()> {
     if tk.vocab_size() > model.config().vocab {
         return Err(EngineError::InvalidModel {
             path: path.to_path_buf(),

@@ -375,64 +375,14 @@ impl Llama {
     /// `gemma3`.
     pub fn from_gguf(path: &Path, content: &gguf_file::Content) -> Result<Self> {
         let invalid = |reason: String| EngineError::InvalidModel { path: path.to_path_buf(), reason };
-        let arch = md_str(content, "general.architecture").unwrap_or_default();
-        if !GGUF_ARCHITECTURES.contains(&arch.as_str()) {
-            return Err(invalid(format!("architecture `{arch}` is not supported ({})", GGUF_ARCHITECTURES.join(", "))));
-        }
-        let value = |key: &str| content.metadata.get(&format!("{arch}.{key}"));
-        let get = |key: &str| -> Result<usize> {
-            value(key)
-                .ok_or_else(|| invalid(format!("missing metadata {arch}.{key}")))?
-                .to_u32()
-                .map(|v| v as usize)
-                .map_err(|e| invalid(format!("{arch}.{key}: {e}")))
-        };
-        let getf = |key: &str, default: f32| -> f32 { value(key).and_then(|v| v.to_f32().ok()).unwrap_or(default) };
-        let hidden = get("embedding_length")?;
-        let n_heads = get("attention.head_count")?;
+        let cfg = gguf_config(path, content)?;
+        let gemma = cfg.arch.name == "gemma3";
         let has = |name: &str| content.tensor_infos.contains_key(name);
         let mut file = std::fs::File::open(path)?;
         let mut tensor = |name: &str| -> Result<QTensor> {
             content.tensor(&mut file, name, &Device::Cpu).map_err(|e| invalid(format!("tensor {name}: {e}")))
         };
         let embed_q = tensor("token_embd.weight")?;
-        let vocab = embed_q.shape().dims()[0];
-        let head_dim = get("attention.key_length")
-            .or_else(|_| get("rope.dimension_count"))
-            .unwrap_or(hidden / n_heads.max(1));
-        let gemma = arch == "gemma3";
-        let mut arch_cfg = ArchConfig { name: arch.clone(), ..ArchConfig::llama(head_dim) };
-        if gemma {
-            let linear = value("rope.scaling.type").and_then(|v| v.to_string().ok()).is_some_and(|t| t == "linear");
-            arch_cfg = ArchConfig {
-                embed_scale: Some((hidden as f32).sqrt()),
-                activation: Activation::GeluTanh,
-                sliding_window: get("attention.sliding_window").ok(),
-                // llama.cpp's Gemma 3 pattern: five local layers, then a global one.
-                sliding_pattern: Some(6),
-                rope_theta_local: 10_000.0,
-                rope_scale_global: if linear { getf("rope.scaling.factor", 1.0) } else { 1.0 },
-                ..arch_cfg
-            };
-        }
-        // llama.cpp ignores the sliding window of llama-architecture (Mistral) and phi3 files,
-        // and so does ragway: outputs stay equal to llama.cpp's.
-        let cfg = LlamaConfig {
-            n_layers: get("block_count")?,
-            hidden,
-            ffn: get("feed_forward_length")?,
-            n_heads,
-            n_kv_heads: get("attention.head_count_kv").unwrap_or(n_heads),
-            head_dim,
-            vocab,
-            context_length: get("context_length")?,
-            rope_theta: getf("rope.freq_base", 10_000.0),
-            rms_eps: getf("attention.layer_norm_rms_epsilon", 1e-5),
-            // llama.cpp permutes llama's Q and K for adjacent pairs; the others keep halves.
-            rope_style: if arch == "llama" { RopeStyle::Interleaved } else { RopeStyle::Half },
-            arch: arch_cfg,
-        };
-        cfg.check(path)?;
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
             let p = format!("blk.{i}");
@@ -486,48 +436,8 @@ impl Llama {
     /// [`SAFETENSORS_ARCHITECTURES`].
     pub fn from_safetensors(dir: &Path) -> Result<Self> {
         let invalid = |reason: String| EngineError::InvalidModel { path: dir.to_path_buf(), reason };
-        let raw = std::fs::read_to_string(dir.join("config.json"))?;
-        let c: HfLlamaConfig = serde_json::from_str(&raw).map_err(|e| invalid(format!("config.json: {e}")))?;
-        let mut files: Vec<_> = std::fs::read_dir(dir)?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
-            .collect();
-        files.sort();
-        if files.is_empty() {
-            return Err(invalid("no *.safetensors file".into()));
-        }
-        // SAFETY: the files are memory-mapped read-only for the duration of the load; ragway
-        // does not modify model files while it runs.
-        let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }
-            .map_err(|e| invalid(format!("safetensors: {e}")))?;
-        let model_type = c.model_type.clone().unwrap_or_else(|| "llama".into());
-        if !SAFETENSORS_ARCHITECTURES.contains(&model_type.as_str()) {
-            return Err(invalid(format!(
-                "model_type `{model_type}` is not supported ({})",
-                SAFETENSORS_ARCHITECTURES.join(", ")
-            )));
-        }
-        let head_dim = c.head_dim.unwrap_or(c.hidden_size / c.num_attention_heads.max(1));
-        let mut arch = ArchConfig { name: model_type.clone(), ..ArchConfig::llama(head_dim) };
-        if model_type == "mistral" {
-            // Every layer sees the last `sliding_window` positions (Mistral 7B v0.1: 4096).
-            arch.sliding_window = c.sliding_window;
-        }
-        let cfg = LlamaConfig {
-            n_layers: c.num_hidden_layers,
-            hidden: c.hidden_size,
-            ffn: c.intermediate_size,
-            n_heads: c.num_attention_heads,
-            n_kv_heads: c.num_key_value_heads.unwrap_or(c.num_attention_heads),
-            head_dim,
-            vocab: c.vocab_size,
-            context_length: c.max_position_embeddings,
-            rope_theta: c.rope_theta.unwrap_or(10_000.0),
-            rms_eps: c.rms_norm_eps.unwrap_or(1e-5),
-            rope_style: RopeStyle::Half,
-            arch,
-        };
-        cfg.check(dir)?;
+        let (cfg, c) = safetensors_config(dir)?;
+        let st = mmap_safetensors(dir)?;
         let has = |name: &str| st.get(name).is_ok();
         let load = |name: &str| -> Result<(Vec<usize>, Vec<f32>)> {
             let t = st.load(name, &Device::Cpu).map_err(|e| invalid(format!("{name}: {e}")))?;
@@ -795,14 +705,14 @@ impl Llama {
 }
 
 /// cos and sin of the rotary angles of a batch's positions, `[rows, head_dim / 2]`.
-struct Rope {
-    cos: Vec<f32>,
-    sin: Vec<f32>,
+pub(crate) struct Rope {
+    pub(crate) cos: Vec<f32>,
+    pub(crate) sin: Vec<f32>,
 }
 
 impl Rope {
     /// For RoPE base `theta` with positions divided by `scale`.
-    fn new((theta, scale): (f32, f32), head_dim: usize, positions: &[usize]) -> Self {
+    pub(crate) fn new((theta, scale): (f32, f32), head_dim: usize, positions: &[usize]) -> Self {
         let half = head_dim / 2;
         let freqs: Vec<f64> = (0..half).map(|i| (theta as f64).powf(-2.0 * i as f64 / head_dim as f64)).collect();
         let mut cos = vec![0f32; positions.len() * half];
@@ -820,7 +730,7 @@ impl Rope {
 }
 
 #[derive(serde::Deserialize)]
-struct HfLlamaConfig {
+pub(crate) struct HfLlamaConfig {
     #[serde(default)]
     model_type: Option<String>,
     #[serde(default)]
@@ -835,7 +745,123 @@ struct HfLlamaConfig {
     max_position_embeddings: usize,
     rope_theta: Option<f32>,
     rms_norm_eps: Option<f32>,
-    tie_word_embeddings: Option<bool>,
+    pub(crate) tie_word_embeddings: Option<bool>,
+}
+
+/// The shape and constants of a GGUF decoder (`general.architecture` in
+/// [`GGUF_ARCHITECTURES`]), from its metadata; checked for consistency.
+pub(crate) fn gguf_config(path: &Path, content: &gguf_file::Content) -> Result<LlamaConfig> {
+    let invalid = |reason: String| EngineError::InvalidModel { path: path.to_path_buf(), reason };
+    let arch = md_str(content, "general.architecture").unwrap_or_default();
+    if !GGUF_ARCHITECTURES.contains(&arch.as_str()) {
+        return Err(invalid(format!("architecture `{arch}` is not supported ({})", GGUF_ARCHITECTURES.join(", "))));
+    }
+    let value = |key: &str| content.metadata.get(&format!("{arch}.{key}"));
+    let get = |key: &str| -> Result<usize> {
+        value(key)
+            .ok_or_else(|| invalid(format!("missing metadata {arch}.{key}")))?
+            .to_u32()
+            .map(|v| v as usize)
+            .map_err(|e| invalid(format!("{arch}.{key}: {e}")))
+    };
+    let getf = |key: &str, default: f32| -> f32 { value(key).and_then(|v| v.to_f32().ok()).unwrap_or(default) };
+    let hidden = get("embedding_length")?;
+    let n_heads = get("attention.head_count")?;
+    let vocab = content
+        .tensor_infos
+        .get("token_embd.weight")
+        .map(|t| t.shape.dims()[0])
+        .ok_or_else(|| invalid("missing tensor token_embd.weight".into()))?;
+    let head_dim =
+        get("attention.key_length").or_else(|_| get("rope.dimension_count")).unwrap_or(hidden / n_heads.max(1));
+    let gemma = arch == "gemma3";
+    let mut arch_cfg = ArchConfig { name: arch.clone(), ..ArchConfig::llama(head_dim) };
+    if gemma {
+        let linear = value("rope.scaling.type").and_then(|v| v.to_string().ok()).is_some_and(|t| t == "linear");
+        arch_cfg = ArchConfig {
+            embed_scale: Some((hidden as f32).sqrt()),
+            activation: Activation::GeluTanh,
+            sliding_window: get("attention.sliding_window").ok(),
+            // llama.cpp's Gemma 3 pattern: five local layers, then a global one.
+            sliding_pattern: Some(6),
+            rope_theta_local: 10_000.0,
+            rope_scale_global: if linear { getf("rope.scaling.factor", 1.0) } else { 1.0 },
+            ..arch_cfg
+        };
+    }
+    // llama.cpp ignores the sliding window of llama-architecture (Mistral) and phi3 files, and
+    // so does ragway: outputs stay equal to llama.cpp's.
+    let cfg = LlamaConfig {
+        n_layers: get("block_count")?,
+        hidden,
+        ffn: get("feed_forward_length")?,
+        n_heads,
+        n_kv_heads: get("attention.head_count_kv").unwrap_or(n_heads),
+        head_dim,
+        vocab,
+        context_length: get("context_length")?,
+        rope_theta: getf("rope.freq_base", 10_000.0),
+        rms_eps: getf("attention.layer_norm_rms_epsilon", 1e-5),
+        // llama.cpp permutes llama's Q and K for adjacent pairs; the others keep halves.
+        rope_style: if arch == "llama" { RopeStyle::Interleaved } else { RopeStyle::Half },
+        arch: arch_cfg,
+    };
+    cfg.check(path)?;
+    Ok(cfg)
+}
+
+/// The shape and constants of a Hugging Face decoder folder (`config.json`, a `model_type` in
+/// [`SAFETENSORS_ARCHITECTURES`]); checked for consistency.
+pub(crate) fn safetensors_config(dir: &Path) -> Result<(LlamaConfig, HfLlamaConfig)> {
+    let invalid = |reason: String| EngineError::InvalidModel { path: dir.to_path_buf(), reason };
+    let raw = std::fs::read_to_string(dir.join("config.json"))?;
+    let c: HfLlamaConfig = serde_json::from_str(&raw).map_err(|e| invalid(format!("config.json: {e}")))?;
+    let model_type = c.model_type.clone().unwrap_or_else(|| "llama".into());
+    if !SAFETENSORS_ARCHITECTURES.contains(&model_type.as_str()) {
+        return Err(invalid(format!(
+            "model_type `{model_type}` is not supported ({})",
+            SAFETENSORS_ARCHITECTURES.join(", ")
+        )));
+    }
+    let head_dim = c.head_dim.unwrap_or(c.hidden_size / c.num_attention_heads.max(1));
+    let mut arch = ArchConfig { name: model_type.clone(), ..ArchConfig::llama(head_dim) };
+    if model_type == "mistral" {
+        // Every layer sees the last `sliding_window` positions (Mistral 7B v0.1: 4096).
+        arch.sliding_window = c.sliding_window;
+    }
+    let cfg = LlamaConfig {
+        n_layers: c.num_hidden_layers,
+        hidden: c.hidden_size,
+        ffn: c.intermediate_size,
+        n_heads: c.num_attention_heads,
+        n_kv_heads: c.num_key_value_heads.unwrap_or(c.num_attention_heads),
+        head_dim,
+        vocab: c.vocab_size,
+        context_length: c.max_position_embeddings,
+        rope_theta: c.rope_theta.unwrap_or(10_000.0),
+        rms_eps: c.rms_norm_eps.unwrap_or(1e-5),
+        rope_style: RopeStyle::Half,
+        arch,
+    };
+    cfg.check(dir)?;
+    Ok((cfg, c))
+}
+
+/// Every `*.safetensors` file of a folder, memory-mapped.
+pub(crate) fn mmap_safetensors(dir: &Path) -> Result<candle_core::safetensors::MmapedSafetensors> {
+    let invalid = |reason: String| EngineError::InvalidModel { path: dir.to_path_buf(), reason };
+    let mut files: Vec<_> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(invalid("no *.safetensors file".into()));
+    }
+    // SAFETY: the files are memory-mapped read-only for the duration of the load; ragway does
+    // not modify model files while it runs.
+    unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }
+        .map_err(|e| invalid(format!("safetensors: {e}")))
 }
 
 pub(crate) fn md_str(content: &gguf_file::Content, key: &str) -> Option<String> {

@@ -13,7 +13,9 @@
 //! Waiting requests sit in a bounded queue; when it is full, [`GenerateHandle::submit`]
 //! fails at once with [`EngineError::QueueFull`].
 
+use super::device_model::{DeviceLlama, KvSizing, PagedSeq};
 use super::model::{KvCache, Llama, LlamaConfig, Scratch, SeqBatch};
+use super::paged::PagedKv;
 use super::constrain::{Constrainer, Constraint, Grammar, GrammarLimits};
 use super::sampling::{random_seed, ModelSampling, Sampler, SamplingParams, TokenLogprob};
 use super::tokenizer::{IncrementalDecoder, TextTokenizer};
@@ -48,7 +50,29 @@ pub struct GenerateConfig {
     /// Tokens generated at most when a request sets no `max_tokens` (fewer when the context
     /// leaves fewer).
     pub default_max_tokens: usize,
+    /// Where the decoder runs: `cpu`, `cuda[:N]`, `metal[:N]` or `auto`.
+    pub device: String,
+    /// Which decoder; `None` picks [`DecoderKind::Native`] on the CPU and
+    /// [`DecoderKind::Paged`] elsewhere.
+    pub decoder: Option<DecoderKind>,
+    /// On a GPU: the share of its memory ragway may fill (weights, activations and the KV
+    /// cache, as vLLM's `gpu_memory_utilization`); the KV cache gets what the weights leave.
+    /// Elsewhere the KV cache is `kv_cache_mib`.
+    pub gpu_memory_fraction: f32,
 }
+
+/// The decoder implementations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecoderKind {
+    /// ragway's own CPU kernels (packed quantized matmuls, f16 KV blocks): CPU only.
+    Native,
+    /// Candle tensors on any device over a paged KV cache in device memory (the CUDA path;
+    /// on the CPU it serves to test that path).
+    Paged,
+}
+
+/// GPU memory kept free for activations and the allocator beside weights and KV cache.
+const GPU_RESERVE_BYTES: usize = 1 << 30;
 
 /// [`GenerateConfig::default_max_tokens`] unless configured.
 pub const DEFAULT_MAX_TOKENS: usize = 1024;
@@ -65,6 +89,9 @@ impl GenerateConfig {
             max_waiting: 64,
             kv_cache_mib: 2048,
             default_max_tokens: DEFAULT_MAX_TOKENS,
+            device: "cpu".into(),
+            decoder: None,
+            gpu_memory_fraction: 0.9,
         }
     }
 }
@@ -298,10 +325,9 @@ impl GenerateWorker {
         let thread_config = config.clone();
         std::thread::Builder::new().name(format!("generate-{}", config.model_id)).spawn(move || {
             let cfg = thread_config;
-            match GenerativeModel::load(&cfg.source, &cfg.models_dir, cfg.chat_template.as_deref()) {
-                Ok(m) => {
+            match load_decoder(&cfg) {
+                Ok((m, kv_budget_tokens)) => {
                     let mc = m.model.config();
-                    let kv_budget_tokens = (cfg.kv_cache_mib << 20) / mc.kv_bytes_per_token();
                     let shared = Arc::new(Shared {
                         kv_budget_tokens,
                         metrics: GenMetrics::new(kv_budget_tokens),
@@ -314,6 +340,7 @@ impl GenerateWorker {
                     });
                     tracing::info!(
                         model = %shared.config.model_id,
+                        device = %shared.config.device,
                         kv_cache_tokens = kv_budget_tokens,
                         max_running = shared.config.max_running,
                         "generation worker ready"
@@ -328,6 +355,187 @@ impl GenerateWorker {
         })?;
         let shared = ready_rx.recv().map_err(|_| EngineError::WorkerStopped { model: config.model_id.clone() })??;
         Ok(GenerateHandle { tx, shared })
+    }
+}
+
+/// Loads the configured decoder on its device and returns it with the KV budget in tokens.
+fn load_decoder(cfg: &GenerateConfig) -> Result<(GenerativeModel<Decoder>, usize)> {
+    let device = crate::device::open_device(&cfg.device)?;
+    let kind = cfg.decoder.unwrap_or(if device.is_cpu() { DecoderKind::Native } else { DecoderKind::Paged });
+    let template = cfg.chat_template.as_deref();
+    match kind {
+        DecoderKind::Native => {
+            if !device.is_cpu() {
+                return Err(EngineError::Device(cfg.device.clone(), "the native decoder runs on the CPU only".into()));
+            }
+            let m = GenerativeModel::load(&cfg.source, &cfg.models_dir, template)?;
+            let budget = (cfg.kv_cache_mib << 20) / m.model.config().kv_bytes_per_token();
+            Ok((m.map(Decoder::Host), budget))
+        }
+        DecoderKind::Paged => {
+            let path = super::resolve_generation_model(&cfg.source, &cfg.models_dir)?;
+            let budget = match crate::device::device_memory(&device)? {
+                Some((free, total)) => {
+                    let weights = model_bytes(&path);
+                    let kv_per_token = peek_config(&path)?.kv_bytes_per_token().max(1);
+                    gpu_kv_budget(cfg, free, total, weights, kv_per_token)?
+                }
+                None => (cfg.kv_cache_mib << 20) / peek_config(&path)?.kv_bytes_per_token().max(1),
+            };
+            let sizing = KvSizing {
+                budget_tokens: budget,
+                max_running: cfg.max_running,
+                max_batch_tokens: cfg.max_batch_tokens,
+            };
+            let m = GenerativeModel::load_on_device(
+                path.to_str().unwrap_or(&cfg.source),
+                &cfg.models_dir,
+                template,
+                &device,
+                sizing,
+            )?;
+            Ok((m.map(Decoder::Paged), budget))
+        }
+    }
+}
+
+/// Bytes of a model's weight files (the GGUF file, or a folder's safetensors).
+fn model_bytes(path: &std::path::Path) -> usize {
+    if path.is_file() {
+        return std::fs::metadata(path).map(|m| m.len() as usize).unwrap_or(0);
+    }
+    std::fs::read_dir(path)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len() as usize)
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// The configuration of a model without loading its weights.
+fn peek_config(path: &std::path::Path) -> Result<LlamaConfig> {
+    if path.is_file() {
+        let mut file = std::fs::File::open(path)?;
+        let content = candle_core::quantized::gguf_file::Content::read(&mut file)
+            .map_err(|e| EngineError::InvalidModel { path: path.to_path_buf(), reason: format!("GGUF: {e}") })?;
+        super::model::gguf_config(path, &content)
+    } else {
+        Ok(super::model::safetensors_config(path)?.0)
+    }
+}
+
+/// The KV budget in tokens on a GPU with `free` of `total` bytes: ragway may fill
+/// `gpu_memory_fraction` of `total`; what others already use, the weights and a reserve for
+/// activations come off first.
+fn gpu_kv_budget(cfg: &GenerateConfig, free: usize, total: usize, weights: usize, kv_per_token: usize) -> Result<usize> {
+    let fraction = cfg.gpu_memory_fraction;
+    if !(fraction > 0.0 && fraction <= 1.0) {
+        return Err(EngineError::Device(cfg.device.clone(), format!("--gpu-memory-fraction {fraction} is not in (0, 1]")));
+    }
+    let allowed = (total as f64 * fraction as f64) as usize;
+    let others = total.saturating_sub(free);
+    let kv = allowed.saturating_sub(others).saturating_sub(weights).saturating_sub(GPU_RESERVE_BYTES);
+    let tokens = kv / kv_per_token;
+    if tokens < cfg.max_batch_tokens.max(1) {
+        return Err(EngineError::Device(
+            cfg.device.clone(),
+            format!(
+                "out of memory for model {}: {} MiB of weights, {} MiB already in use and a {} MiB reserve leave no \
+                 KV cache within --gpu-memory-fraction {fraction} of {} MiB",
+                cfg.model_id,
+                weights >> 20,
+                others >> 20,
+                GPU_RESERVE_BYTES >> 20,
+                total >> 20
+            ),
+        ));
+    }
+    Ok(tokens)
+}
+
+/// The decoder a scheduler drives.
+pub enum Decoder {
+    Host(Llama),
+    Paged(DeviceLlama),
+}
+
+impl super::DecoderModel for Decoder {
+    fn config(&self) -> &LlamaConfig {
+        self.config()
+    }
+}
+
+impl Decoder {
+    pub fn config(&self) -> &LlamaConfig {
+        match self {
+            Decoder::Host(m) => m.config(),
+            Decoder::Paged(m) => m.config(),
+        }
+    }
+
+    fn new_kv(&self) -> SeqKv {
+        match self {
+            Decoder::Host(m) => SeqKv::Host(KvCache::new(m.config())),
+            Decoder::Paged(m) => SeqKv::Paged(m.new_kv()),
+        }
+    }
+
+    fn forward(&self, items: Vec<(&[u32], &mut SeqKv, bool)>, scratch: &mut Scratch) -> Result<Vec<f32>> {
+        match self {
+            Decoder::Host(m) => {
+                let mut batch = items
+                    .into_iter()
+                    .map(|(tokens, kv, want_logits)| match kv {
+                        SeqKv::Host(cache) => Ok(SeqBatch { tokens, cache, want_logits }),
+                        SeqKv::Paged(_) => Err(EngineError::Internal("paged cache on the host decoder".into())),
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                rayon::scope(|_| m.forward(&mut batch, scratch))
+            }
+            Decoder::Paged(m) => {
+                let mut batch = items
+                    .into_iter()
+                    .map(|(tokens, kv, want_logits)| match kv {
+                        SeqKv::Paged(kv) => Ok(PagedSeq { tokens, kv, want_logits }),
+                        SeqKv::Host(_) => Err(EngineError::Internal("host cache on the paged decoder".into())),
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                m.forward(&mut batch)
+            }
+        }
+    }
+}
+
+/// A sequence's KV memory on its decoder.
+enum SeqKv {
+    Host(KvCache),
+    Paged(PagedKv),
+}
+
+impl SeqKv {
+    fn len(&self) -> usize {
+        match self {
+            SeqKv::Host(c) => c.len(),
+            SeqKv::Paged(c) => c.len(),
+        }
+    }
+
+    fn clear(&mut self) {
+        match self {
+            SeqKv::Host(c) => c.clear(),
+            SeqKv::Paged(c) => c.clear(),
+        }
+    }
+
+    /// A copy to continue from (paged: shares the blocks, copied on first write).
+    fn fork(&self) -> Self {
+        match self {
+            SeqKv::Host(c) => SeqKv::Host(c.clone()),
+            SeqKv::Paged(c) => SeqKv::Paged(c.fork()),
+        }
     }
 }
 
@@ -476,7 +684,7 @@ struct Seq {
     tokens: Vec<u32>,
     prompt_len: usize,
     max_new: usize,
-    cache: KvCache,
+    cache: SeqKv,
     sampler: Sampler,
     stop: Arc<Vec<String>>,
     ignore_eos: bool,
@@ -573,7 +781,7 @@ impl Seq {
 }
 
 struct Scheduler {
-    model: Llama,
+    model: Decoder,
     tokenizer: TextTokenizer,
     shared: Arc<Shared>,
     rx: Receiver<Job>,
@@ -588,7 +796,7 @@ struct Scheduler {
 }
 
 impl Scheduler {
-    fn new(model: Llama, tokenizer: TextTokenizer, shared: Arc<Shared>, rx: Receiver<Job>) -> Self {
+    fn new(model: Decoder, tokenizer: TextTokenizer, shared: Arc<Shared>, rx: Receiver<Job>) -> Self {
         Self {
             model,
             tokenizer,
@@ -728,7 +936,7 @@ impl Scheduler {
                 tokens: req.prompt.clone(),
                 prompt_len: req.prompt.len(),
                 max_new: req.max_tokens.unwrap_or(1),
-                cache: KvCache::new(self.model.config()),
+                cache: self.model.new_kv(),
                 sampler: Sampler::new(req.sampling.clone(), base_seed.wrapping_add(index as u64)),
                 stop: stop.clone(),
                 ignore_eos: req.ignore_eos,
@@ -791,19 +999,20 @@ impl Scheduler {
             self.running.iter_mut().enumerate().filter_map(|(i, s)| s.constraint.take().map(|c| (i, c))).collect();
         let logits = {
             let mut slots: Vec<Option<&mut Seq>> = self.running.iter_mut().map(Some).collect();
-            let mut batch: Vec<SeqBatch<'_>> = Vec::with_capacity(plan.len());
+            let mut batch: Vec<(&[u32], &mut SeqKv, bool)> = Vec::with_capacity(plan.len());
             for (&(i, chunk), &w) in plan.iter().zip(&want) {
                 let s = slots[i].take().expect("each sequence planned once");
                 let start = s.cache.len();
-                batch.push(SeqBatch { tokens: &s.tokens[start..start + chunk], cache: &mut s.cache, want_logits: w });
+                batch.push((&s.tokens[start..start + chunk], &mut s.cache, w));
             }
-            // Run the whole pass on a pool thread: its many parallel loops then fork inside the
-            // pool instead of each waking the pool from outside. Grammar masks depend only on
-            // the tokens already sampled: they are computed on a thread of their own meanwhile.
+            // The native decoder runs the whole pass on a pool thread: its many parallel loops
+            // then fork inside the pool instead of each waking the pool from outside. Grammar
+            // masks depend only on the tokens already sampled: they are computed on a thread of
+            // their own meanwhile.
             let (model, scratch) = (&self.model, &mut self.scratch);
             let constraints: Vec<&mut Constraint> = masks_due.iter_mut().map(|(_, c)| c).collect();
             if constraints.is_empty() {
-                rayon::scope(|_| model.forward(&mut batch, scratch))
+                model.forward(batch, scratch)
             } else {
                 let (out, mask_time) = std::thread::scope(|sc| {
                     let masks = sc.spawn(move || {
@@ -815,7 +1024,7 @@ impl Scheduler {
                         t.elapsed()
                     });
                     let t = Instant::now();
-                    let out = rayon::scope(|_| model.forward(&mut batch, scratch));
+                    let out = model.forward(batch, scratch);
                     let forward_time = t.elapsed();
                     let mask_time = masks.join().unwrap_or_default();
                     (out, (mask_time, forward_time))
@@ -856,7 +1065,7 @@ impl Scheduler {
                     .filter(|&j| self.running[j].group == group && self.running[j].awaits_fork)
                     .collect();
                 for j in siblings {
-                    let cache = self.running[i].cache.clone();
+                    let cache = self.running[i].cache.fork();
                     let s = &mut self.running[j];
                     s.cache = cache;
                     s.awaits_fork = false;

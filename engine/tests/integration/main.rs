@@ -8,4 +8,5 @@ mod generate_worker;
 mod gemma3;
 mod families;
 mod generation;
+mod paged;
 mod worker;
