@@ -27,9 +27,18 @@ pub struct ServeArgs {
     /// Folder of the embedded index and other state [default: ./data].
     #[arg(long, env = "RAGWAY_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Compute device: cpu, cuda[:N], metal[:N] or auto [default: cpu].
+    /// Compute device of the embedder, and of the decoder unless `--generation-device` says
+    /// otherwise: cpu, cuda[:N], metal[:N] or auto [default: cpu].
     #[arg(long, env = "RAGWAY_DEVICE")]
     pub device: Option<String>,
+    /// Compute device of the generation model: cpu or cuda[:N] [default: `--device`].
+    #[arg(long, env = "RAGWAY_GENERATION_DEVICE")]
+    pub generation_device: Option<String>,
+    /// On a GPU, the share of its memory the decoder may fill with weights, activations and
+    /// the KV cache (the KV cache gets the rest; `--kv-cache-mib` applies on the CPU)
+    /// [default: 0.9].
+    #[arg(long, env = "RAGWAY_GPU_MEMORY_FRACTION")]
+    pub gpu_memory_fraction: Option<f32>,
     /// Embedding model: local folder or Hugging Face repository id
     /// [default: sentence-transformers/all-MiniLM-L6-v2].
     #[arg(long, env = "RAGWAY_EMBEDDING_MODEL")]
@@ -182,6 +191,8 @@ pub struct Settings {
     pub models_dir: PathBuf,
     pub data_dir: PathBuf,
     pub device: String,
+    pub generation_device: String,
+    pub gpu_memory_fraction: f32,
     pub embedding_model: String,
     pub embedding_model_id: String,
     pub embed_queue: usize,
@@ -246,6 +257,9 @@ impl Settings {
             max_waiting: self.max_waiting_requests,
             kv_cache_mib: self.kv_cache_mib,
             default_max_tokens: self.default_max_tokens,
+            device: self.generation_device.clone(),
+            decoder: None,
+            gpu_memory_fraction: self.gpu_memory_fraction,
         }
     }
 }
@@ -273,6 +287,14 @@ impl ServeArgs {
             models_dir: pick!(models_dir, ragway_engine::models::default_models_dir()),
             data_dir: pick!(data_dir, PathBuf::from("data")),
             device: pick!(device, "cpu".to_string()),
+            generation_device: self
+                .generation_device
+                .clone()
+                .or(file.generation_device.clone())
+                .or(self.device.clone())
+                .or(file.device.clone())
+                .unwrap_or_else(|| "cpu".to_string()),
+            gpu_memory_fraction: pick!(gpu_memory_fraction, 0.9),
             embedding_model: pick!(embedding_model, DEFAULT_EMBEDDING_MODEL.to_string()),
             embedding_model_id: pick!(embedding_model_id, DEFAULT_EMBEDDING_MODEL_ID.to_string()),
             embed_queue: pick!(embed_queue, 256),
@@ -336,6 +358,9 @@ impl ServeArgs {
         };
         if !(-1.0..=1.0).contains(&settings.rag.min_relevance) || !(0.0..=1.0).contains(&settings.rag.grounding_threshold) {
             anyhow::bail!("rag_min_relevance must be in [-1, 1] and rag_grounding_threshold in [0, 1]");
+        }
+        if !(settings.gpu_memory_fraction > 0.0 && settings.gpu_memory_fraction <= 1.0) {
+            anyhow::bail!("gpu_memory_fraction must be in (0, 1], not {}", settings.gpu_memory_fraction);
         }
         if settings.embed_queue == 0 || settings.max_embed_inputs == 0 || settings.embed_batch_tokens == 0 {
             anyhow::bail!("embed_queue, max_embed_inputs and embed_batch_tokens must be positive");

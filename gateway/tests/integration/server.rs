@@ -97,6 +97,19 @@ fn missing_model_stops_the_server_with_the_reason() {
     );
 }
 
+/// A build without CUDA asked to generate on a GPU stops at start-up and says how to get one;
+/// a memory fraction outside (0, 1] is refused before anything loads.
+#[test]
+fn a_gpu_generation_device_without_cuda_stops_the_server_with_the_reason() {
+    let gguf = crate::common::models_dir().join("SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let minilm = crate::common::models_dir().join("all-MiniLM-L6-v2");
+    let models = ["--embedding-model", minilm.to_str().unwrap(), "--generation-model", gguf.to_str().unwrap()];
+    if cfg!(not(feature = "cuda")) {
+        exits_with(&[&models[..], &["--generation-device", "cuda:0"]].concat(), &["cuda:0", "--features cuda"]);
+    }
+    exits_with(&[&models[..], &["--gpu-memory-fraction", "1.5"]].concat(), &["gpu_memory_fraction", "1.5"]);
+}
+
 #[test]
 fn config_file_and_unknown_keys() {
     let dir = std::env::temp_dir().join(format!("ragway-cfgtest-{}", std::process::id()));
