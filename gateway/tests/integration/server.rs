@@ -97,17 +97,47 @@ fn missing_model_stops_the_server_with_the_reason() {
     );
 }
 
+/// Runs `ragway serve` with `extra` and returns its stderr once it has exited on its own
+/// (within a minute) with a failure status.
+fn fails_at_start(extra: &[&str]) -> String {
+    let data = std::env::temp_dir().join(format!("ragway-startfail-{}", std::process::id()));
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ragway"))
+        .args(["serve", "--host", "127.0.0.1", "--port", "0", "--data-dir", data.to_str().unwrap()])
+        .args(extra)
+        .env("HF_HUB_OFFLINE", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the server kept running");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success(), "{err}");
+    err
+}
+
 /// A build without CUDA asked to generate on a GPU stops at start-up and says how to get one;
 /// a memory fraction outside (0, 1] is refused before anything loads.
 #[test]
 fn a_gpu_generation_device_without_cuda_stops_the_server_with_the_reason() {
-    let gguf = crate::common::models_dir().join("SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
-    let minilm = crate::common::models_dir().join("all-MiniLM-L6-v2");
-    let models = ["--embedding-model", minilm.to_str().unwrap(), "--generation-model", gguf.to_str().unwrap()];
+    let models = crate::common::models_dir();
+    let args = ["--models-dir", models.to_str().unwrap()];
     if cfg!(not(feature = "cuda")) {
-        exits_with(&[&models[..], &["--generation-device", "cuda:0"]].concat(), &["cuda:0", "--features cuda"]);
+        let err = fails_at_start(&[&args[..], &["--generation-device", "cuda:0"]].concat());
+        assert!(err.contains("cuda:0") && err.contains("--features cuda"), "{err}");
     }
-    exits_with(&[&models[..], &["--gpu-memory-fraction", "1.5"]].concat(), &["gpu_memory_fraction", "1.5"]);
+    let err = fails_at_start(&[&args[..], &["--gpu-memory-fraction", "1.5"]].concat());
+    assert!(err.contains("gpu_memory_fraction") && err.contains("1.5"), "{err}");
 }
 
 #[test]
