@@ -16,7 +16,9 @@
 //! Activations are f32 throughout (the KV cache f16, as on the CPU path), so that on the CPU
 //! device this decoder's logits match the native decoder's to within rounding.
 
-use super::model::{gguf_config, mmap_safetensors, safetensors_config, Activation, LlamaConfig, Rope, RopeStyle};
+use super::model::{
+    gguf_config, hf_norms, mmap_safetensors, safetensors_config, Activation, LlamaConfig, Rope, RopeStyle,
+};
 use super::paged::{BlockPool, PagedKv, SharedPool, BLOCK};
 use crate::error::{EngineError, Result};
 use candle_core::quantized::{gguf_file, QMatMul, QTensor};
@@ -240,6 +242,11 @@ impl DeviceLlama {
         let vec1 = |name: &str| -> Result<Tensor> {
             Ok(st.load(name, device).map_err(|e| load_error(dir, name, e))?.to_dtype(DType::F32)?)
         };
+        let names = hf_norms(&cfg.arch);
+        let norm = |name: &str| -> Result<Tensor> {
+            let w = vec1(name)?;
+            Ok(if names.plus_one { (w + 1.0)? } else { w })
+        };
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
             let n = |t: &str| format!("model.layers.{i}.{t}");
@@ -268,28 +275,28 @@ impl DeviceLlama {
                 None
             };
             let (q_norm, k_norm) = if has(&n("self_attn.q_norm.weight")) {
-                (Some(vec1(&n("self_attn.q_norm.weight"))?), Some(vec1(&n("self_attn.k_norm.weight"))?))
+                (Some(norm(&n("self_attn.q_norm.weight"))?), Some(norm(&n("self_attn.k_norm.weight"))?))
             } else {
                 (None, None)
             };
             layers.push(DLayer {
-                attn_norm: vec1(&n("input_layernorm.weight"))?,
+                attn_norm: norm(&n(names.attn))?,
                 qkv,
                 qkv_bias,
                 q_norm,
                 k_norm,
                 o,
-                post_attn_norm: None,
-                ffn_norm: vec1(&n("post_attention_layernorm.weight"))?,
+                post_attn_norm: names.post_attn.map(|a| norm(&n(a))).transpose()?,
+                ffn_norm: norm(&n(names.ffn))?,
                 gate_up,
                 down,
-                post_ffn_norm: None,
+                post_ffn_norm: names.post_ffn.map(|f| norm(&n(f))).transpose()?,
             });
         }
         let embed = Embedding::Dense(load("model.embed_tokens.weight")?);
         let tied = hf.tie_word_embeddings.unwrap_or(false) || !has("lm_head.weight");
         let lm_head = if tied { None } else { Some(dense(&["lm_head.weight".to_string()])?) };
-        let norm = vec1("model.norm.weight")?;
+        let norm = norm("model.norm.weight")?;
         Self::assemble(cfg, device, embed, layers, norm, lm_head, bytes.get(), kv, dir)
     }
 

@@ -24,7 +24,7 @@ use std::path::Path;
 pub const GGUF_ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3", "phi3", "gemma3"];
 
 /// `model_type` values of `config.json` that [`Llama::from_safetensors`] loads.
-pub const SAFETENSORS_ARCHITECTURES: &[&str] = &["llama", "mistral", "qwen2", "qwen3", "phi3"];
+pub const SAFETENSORS_ARCHITECTURES: &[&str] = &["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3_text"];
 
 /// How rotary embeddings pair the dimensions of a head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -463,6 +463,14 @@ impl Llama {
             half_or_f32(t, n, k)
         };
         let vec1 = |name: &str| -> Result<Vec<f32>> { Ok(load(name)?.1) };
+        let names = hf_norms(&cfg.arch);
+        let norm = |name: &str| -> Result<Vec<f32>> {
+            let mut w = vec1(name)?;
+            if names.plus_one {
+                w.iter_mut().for_each(|x| *x += 1.0);
+            }
+            Ok(w)
+        };
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
             let p = format!("model.layers.{i}");
@@ -479,13 +487,17 @@ impl Llama {
                 dense(&[n("mlp.gate_proj.weight"), n("mlp.up_proj.weight")])?
             };
             let mut layer = Layer::plain(
-                vec1(&n("input_layernorm.weight"))?,
+                norm(&n(names.attn))?,
                 qkv,
                 dense(&[n("self_attn.o_proj.weight")])?,
-                vec1(&n("post_attention_layernorm.weight"))?,
+                norm(&n(names.ffn))?,
                 gate_up,
                 dense(&[n("mlp.down_proj.weight")])?,
             );
+            if let (Some(a), Some(f)) = (names.post_attn, names.post_ffn) {
+                layer.post_attn_norm = Some(norm(&n(a))?);
+                layer.post_ffn_norm = Some(norm(&n(f))?);
+            }
             if has(&n("self_attn.q_proj.bias")) {
                 let mut bias = vec1(&n("self_attn.q_proj.bias"))?;
                 bias.extend(vec1(&n("self_attn.k_proj.bias"))?);
@@ -493,15 +505,15 @@ impl Llama {
                 layer.qkv_bias = Some(bias);
             }
             if has(&n("self_attn.q_norm.weight")) {
-                layer.q_norm = Some(vec1(&n("self_attn.q_norm.weight"))?);
-                layer.k_norm = Some(vec1(&n("self_attn.k_norm.weight"))?);
+                layer.q_norm = Some(norm(&n("self_attn.q_norm.weight"))?);
+                layer.k_norm = Some(norm(&n("self_attn.k_norm.weight"))?);
             }
             layers.push(layer);
         }
         let embed = dense(&["model.embed_tokens.weight".to_string()])?;
         let tied = c.tie_word_embeddings.unwrap_or(false) || st.get("lm_head.weight").is_err();
         let lm_head = if tied { None } else { Some(dense(&["lm_head.weight".to_string()])?) };
-        let norm = vec1("model.norm.weight")?;
+        let norm = norm("model.norm.weight")?;
         Self::assemble(cfg, embed, layers, norm, lm_head, dir)
     }
 
@@ -746,6 +758,24 @@ pub(crate) struct HfLlamaConfig {
     rope_theta: Option<f32>,
     rms_norm_eps: Option<f32>,
     pub(crate) tie_word_embeddings: Option<bool>,
+    /// Gemma 3: attention logits scale by this to the -1/2 (default: the head size).
+    #[serde(default)]
+    query_pre_attn_scalar: Option<f32>,
+    /// Gemma 3: RoPE base of the sliding layers.
+    #[serde(default)]
+    rope_local_base_freq: Option<f32>,
+    /// Gemma 3: every n-th layer is global (older configs) ...
+    #[serde(default)]
+    sliding_window_pattern: Option<usize>,
+    /// ... or each layer's kind (newer ones).
+    #[serde(default)]
+    layer_types: Option<Vec<String>>,
+    #[serde(default)]
+    rope_scaling: Option<serde_json::Value>,
+    #[serde(default)]
+    attn_logit_softcapping: Option<f64>,
+    #[serde(default)]
+    final_logit_softcapping: Option<f64>,
 }
 
 /// The shape and constants of a GGUF decoder (`general.architecture` in
@@ -829,6 +859,33 @@ pub(crate) fn safetensors_config(dir: &Path) -> Result<(LlamaConfig, HfLlamaConf
         // Every layer sees the last `sliding_window` positions (Mistral 7B v0.1: 4096).
         arch.sliding_window = c.sliding_window;
     }
+    if model_type == "gemma3_text" {
+        if c.attn_logit_softcapping.is_some() || c.final_logit_softcapping.is_some() {
+            return Err(invalid("logit soft-capping (Gemma 2) is not supported".into()));
+        }
+        let pattern = match &c.layer_types {
+            Some(types) => gemma_pattern(types).ok_or_else(|| {
+                invalid("layer_types: full-attention layers are not every n-th layer".into())
+            })?,
+            None => c.sliding_window_pattern.unwrap_or(6),
+        };
+        let scale = match &c.rope_scaling {
+            Some(r) if r.get("rope_type").or_else(|| r.get("type")).and_then(|t| t.as_str()) == Some("linear") => {
+                r.get("factor").and_then(|f| f.as_f64()).unwrap_or(1.0) as f32
+            }
+            _ => 1.0,
+        };
+        arch = ArchConfig {
+            embed_scale: Some((c.hidden_size as f32).sqrt()),
+            activation: Activation::GeluTanh,
+            sliding_window: c.sliding_window,
+            sliding_pattern: Some(pattern),
+            rope_theta_local: c.rope_local_base_freq.unwrap_or(10_000.0),
+            rope_scale_global: scale,
+            attn_scale: 1.0 / c.query_pre_attn_scalar.unwrap_or(head_dim as f32).sqrt(),
+            ..arch
+        };
+    }
     let cfg = LlamaConfig {
         n_layers: c.num_hidden_layers,
         hidden: c.hidden_size,
@@ -862,6 +919,43 @@ pub(crate) fn mmap_safetensors(dir: &Path) -> Result<candle_core::safetensors::M
     // not modify model files while it runs.
     unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }
         .map_err(|e| invalid(format!("safetensors: {e}")))
+}
+
+/// Where a Hugging Face decoder layer keeps its norms, and whether their weights are stored as
+/// offsets from 1 (Gemma computes `x * (1 + w)`; its GGUF converter adds the 1).
+pub(crate) struct HfNorms {
+    pub(crate) attn: &'static str,
+    pub(crate) ffn: &'static str,
+    pub(crate) post_attn: Option<&'static str>,
+    pub(crate) post_ffn: Option<&'static str>,
+    pub(crate) plus_one: bool,
+}
+
+pub(crate) fn hf_norms(arch: &ArchConfig) -> HfNorms {
+    if arch.name == "gemma3_text" {
+        HfNorms {
+            attn: "input_layernorm.weight",
+            ffn: "pre_feedforward_layernorm.weight",
+            post_attn: Some("post_attention_layernorm.weight"),
+            post_ffn: Some("post_feedforward_layernorm.weight"),
+            plus_one: true,
+        }
+    } else {
+        HfNorms {
+            attn: "input_layernorm.weight",
+            ffn: "post_attention_layernorm.weight",
+            post_attn: None,
+            post_ffn: None,
+            plus_one: false,
+        }
+    }
+}
+
+/// The `n` of "every n-th layer is global" that `layer_types` follows, if it follows one.
+fn gemma_pattern(types: &[String]) -> Option<usize> {
+    (1..=types.len().max(1)).find(|&n| {
+        types.iter().enumerate().all(|(i, t)| (t == "full_attention") == ((i + 1) % n == 0))
+    })
 }
 
 pub(crate) fn md_str(content: &gguf_file::Content, key: &str) -> Option<String> {
@@ -1199,4 +1293,60 @@ fn decode_values(p: &[f32], v: &[f16], kv_dim: usize, ctx: usize, hd: usize) -> 
         }
     }
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gemma3_text(extra: serde_json::Value) -> Result<LlamaConfig> {
+        let dir = std::env::temp_dir().join(format!(
+            "ragway-gemma3-config-{}-{}",
+            std::process::id(),
+            extra.to_string().len()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut c = serde_json::json!({
+            "model_type": "gemma3_text", "hidden_size": 640, "intermediate_size": 2048, "vocab_size": 1000,
+            "num_hidden_layers": 12, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256,
+            "max_position_embeddings": 32768, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+            "sliding_window": 512, "rope_local_base_freq": 10000.0, "query_pre_attn_scalar": 256,
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            c[k] = v.clone();
+        }
+        std::fs::write(dir.join("config.json"), c.to_string()).unwrap();
+        let out = safetensors_config(&dir).map(|(cfg, _)| cfg);
+        let _ = std::fs::remove_dir_all(&dir);
+        out
+    }
+
+    #[test]
+    fn gemma3_text_config_follows_transformers() {
+        let cfg = gemma3_text(serde_json::json!({})).unwrap();
+        assert_eq!(cfg.arch.embed_scale, Some((640f32).sqrt()));
+        assert_eq!(cfg.arch.activation, Activation::GeluTanh);
+        // Five sliding layers, then a global one (the default pattern of 6).
+        let windows: Vec<_> = (0..12).map(|i| cfg.layer_window(i)).collect();
+        assert_eq!(windows[..6], [Some(512), Some(512), Some(512), Some(512), Some(512), None]);
+        assert_eq!(cfg.layer_rope(0), (10_000.0, 1.0));
+        assert_eq!(cfg.layer_rope(5), (1_000_000.0, 1.0));
+        // Attention scales by query_pre_attn_scalar ** -0.5, not the head size's.
+        let cfg = gemma3_text(serde_json::json!({"query_pre_attn_scalar": 144})).unwrap();
+        assert!((cfg.arch.attn_scale - 1.0 / 12.0).abs() < 1e-7);
+        // Newer configs list each layer's kind; linear RoPE scaling applies to global layers.
+        let types: Vec<&str> =
+            (0..12).map(|i| if (i + 1) % 3 == 0 { "full_attention" } else { "sliding_attention" }).collect();
+        let cfg = gemma3_text(serde_json::json!({
+            "layer_types": types, "rope_scaling": {"rope_type": "linear", "factor": 8.0}
+        }))
+        .unwrap();
+        assert_eq!(cfg.arch.sliding_pattern, Some(3));
+        assert_eq!(cfg.layer_rope(2), (1_000_000.0, 8.0));
+        assert_eq!(cfg.layer_rope(0), (10_000.0, 1.0));
+        // What the decoder cannot run is refused, not approximated.
+        let irregular: Vec<&str> = (0..12).map(|i| if i == 4 { "full_attention" } else { "sliding_attention" }).collect();
+        assert!(gemma3_text(serde_json::json!({"layer_types": irregular})).is_err());
+        assert!(gemma3_text(serde_json::json!({"final_logit_softcapping": 30.0})).is_err());
+    }
 }

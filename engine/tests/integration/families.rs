@@ -3,14 +3,18 @@
 //! — as tiny random-weight models that the tests write in safetensors (f32), checked against
 //! candle-transformers' own implementation of each family on the same files (logits within
 //! 1e-3 relative on prefill and decode steps); then the same weights written as GGUF under
-//! llama.cpp's tensor names, which must load to the same logits.
+//! llama.cpp's tensor names, which must load to the same logits. Each check runs on both
+//! decoders: the native CPU one and the paged one (the CUDA path's code, on the CPU device).
+//! Gemma 3 (`gemma3_text`) safetensors: GeGLU, embedding scaling, the four norms stored as
+//! offsets from 1, per-head Q/K norms, query pre-attention scaling, alternating sliding and
+//! global layers with their own RoPE bases.
 
 use super::common::models_dir;
 use super::generation::{prefill_logits, pseudo_random, smollm};
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use ragway_engine::generate::sampling::argmax;
-use ragway_engine::generate::{GenerativeModel, KvCache, Scratch, SeqBatch};
+use ragway_engine::generate::{DeviceLlama, GenerativeModel, KvCache, KvSizing, PagedSeq, Scratch, SeqBatch};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -30,7 +34,10 @@ struct Tiny {
 /// A random model of `model_type` in a fresh folder: config.json, model.safetensors and
 /// SmolLM2's tokenizer.json.
 fn tiny(model_type: &str, head_dim: usize, extra: Value) -> Tiny {
-    let dir = std::env::temp_dir().join(format!("ragway-tiny-{model_type}-{}", std::process::id()));
+    // Tests of one family run in parallel: each model gets its own folder.
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("ragway-tiny-{model_type}-{}-{n}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let vocab = smollm().tokenizer.vocab_size();
     let mut config = json!({
@@ -55,9 +62,13 @@ fn tiny(model_type: &str, head_dim: usize, extra: Value) -> Tiny {
         }
         tensors.insert(name, t);
     };
-    put("model.embed_tokens.weight".into(), &[vocab, HIDDEN], 1.0, false);
-    put("lm_head.weight".into(), &[vocab, HIDDEN], 0.2, false);
-    put("model.norm.weight".into(), &[HIDDEN], 0.2, true);
+    // Gemma's norms are stored as offsets from 1 and its output is the tied embedding.
+    let gemma = model_type == "gemma3_text";
+    put("model.embed_tokens.weight".into(), &[vocab, HIDDEN], if gemma { 0.2 } else { 1.0 }, false);
+    if !gemma {
+        put("lm_head.weight".into(), &[vocab, HIDDEN], 0.2, false);
+    }
+    put("model.norm.weight".into(), &[HIDDEN], 0.2, !gemma);
     let (q, kv) = (HEADS * head_dim, KV_HEADS * head_dim);
     for i in 0..LAYERS {
         let p = format!("model.layers.{i}");
@@ -76,14 +87,18 @@ fn tiny(model_type: &str, head_dim: usize, extra: Value) -> Tiny {
             put(format!("{p}.self_attn.k_proj.bias"), &[kv], 0.3, false);
             put(format!("{p}.self_attn.v_proj.bias"), &[kv], 0.3, false);
         }
-        if model_type == "qwen3" {
-            put(format!("{p}.self_attn.q_norm.weight"), &[head_dim], 0.2, true);
-            put(format!("{p}.self_attn.k_norm.weight"), &[head_dim], 0.2, true);
+        if model_type == "qwen3" || gemma {
+            put(format!("{p}.self_attn.q_norm.weight"), &[head_dim], 0.2, !gemma);
+            put(format!("{p}.self_attn.k_norm.weight"), &[head_dim], 0.2, !gemma);
         }
         put(format!("{p}.self_attn.o_proj.weight"), &[HIDDEN, q], 0.15, false);
         put(format!("{p}.mlp.down_proj.weight"), &[HIDDEN, INTER], 0.15, false);
-        put(format!("{p}.input_layernorm.weight"), &[HIDDEN], 0.2, true);
-        put(format!("{p}.post_attention_layernorm.weight"), &[HIDDEN], 0.2, true);
+        put(format!("{p}.input_layernorm.weight"), &[HIDDEN], 0.2, !gemma);
+        put(format!("{p}.post_attention_layernorm.weight"), &[HIDDEN], 0.2, !gemma);
+        if gemma {
+            put(format!("{p}.pre_feedforward_layernorm.weight"), &[HIDDEN], 0.2, false);
+            put(format!("{p}.post_feedforward_layernorm.weight"), &[HIDDEN], 0.2, false);
+        }
     }
     candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
     Tiny { dir, config, tensors }
@@ -154,30 +169,46 @@ fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
     diff / b.iter().map(|v| v.abs()).fold(0f32, f32::max).max(1.0)
 }
 
-/// Prefill then `steps` greedy decode steps on both; `reference(tokens, offset)` is the
-/// candle-transformers model's forward (logits of the last position).
+/// The paged decoder (the CUDA path's code) on the CPU, from the same folder or file.
+fn paged(path: &Path, models: &Path) -> GenerativeModel<DeviceLlama> {
+    let sizing = KvSizing { budget_tokens: 1024, max_running: 2, max_batch_tokens: 64 };
+    GenerativeModel::load_on_device(path.to_str().unwrap(), models, None, &Device::Cpu, sizing).unwrap()
+}
+
+/// Prefill then `steps` greedy decode steps on both of ragway's decoders (the native one and
+/// the paged one loaded from `path`); `reference(tokens, offset)` is the candle-transformers
+/// model's forward (logits of the last position).
 fn compare(
     ours: &GenerativeModel,
+    path: &Path,
     prompt: &[u32],
     steps: usize,
     mut reference: impl FnMut(&[u32], usize) -> Vec<f32>,
 ) -> Vec<Vec<f32>> {
+    let device = paged(path, path);
+    let mut kv = device.model.new_kv();
     let mut cache = KvCache::new(ours.model.config());
     let mut scratch = Scratch::default();
     let mut logits = prefill_logits(ours, prompt, &mut cache, &mut scratch);
+    let mut on_device = device.model.forward(&mut [PagedSeq { tokens: prompt, kv: &mut kv, want_logits: true }]).unwrap();
     let mut want = reference(prompt, 0);
     let mut all = Vec::new();
     for step in 0..=steps {
         let rel = max_rel_diff(&logits, &want);
         assert!(rel <= 1e-3, "step {step}: max |diff| {rel} of the largest logit");
+        let rel = max_rel_diff(&on_device, &want);
+        assert!(rel <= 1e-3, "paged decoder, step {step}: max |diff| {rel} of the largest logit");
         let next = argmax(&want);
         assert_eq!(argmax(&logits), next, "step {step}");
+        assert_eq!(argmax(&on_device), next, "paged decoder, step {step}");
         all.push(logits.clone());
         if step == steps {
             break;
         }
         let mut b = [SeqBatch { tokens: &[next], cache: &mut cache, want_logits: true }];
         logits = ours.model.forward(&mut b, &mut scratch).unwrap();
+        on_device =
+            device.model.forward(&mut [PagedSeq { tokens: &[next], kv: &mut kv, want_logits: true }]).unwrap();
         want = reference(&[next], prompt.len() + step);
     }
     all
@@ -203,6 +234,10 @@ fn gguf_twin_agrees(t: &Tiny, arch: &str, prompt: &[u32], want: &[f32]) {
     let got = prefill_logits(&g, prompt, &mut KvCache::new(g.model.config()), &mut Scratch::default());
     let rel = max_rel_diff(&got, want);
     assert!(rel <= 1e-4, "{arch} GGUF: max |diff| {rel} against the safetensors load");
+    let d = paged(&path, &t.dir);
+    let got = d.model.forward(&mut [PagedSeq { tokens: prompt, kv: &mut d.model.new_kv(), want_logits: true }]).unwrap();
+    let rel = max_rel_diff(&got, want);
+    assert!(rel <= 1e-3, "{arch} GGUF on the paged decoder: max |diff| {rel} against the safetensors load");
 }
 
 fn prompt(m: &GenerativeModel) -> Vec<u32> {
@@ -220,7 +255,7 @@ fn qwen2_matches_candle_transformers() {
     let cfg: Config = serde_json::from_value(c).unwrap();
     let mut reference = ModelForCausalLM::new(&cfg, vb(&t)).unwrap();
     let p = prompt(&ours);
-    let logits = compare(&ours, &p, 4, |x, o| run(&mut |i, o| reference.forward(i, o), x, o));
+    let logits = compare(&ours, &t.dir, &p, 4, |x, o| run(&mut |i, o| reference.forward(i, o), x, o));
     gguf_twin_agrees(&t, "qwen2", &p, &logits[0]);
 }
 
@@ -233,7 +268,7 @@ fn qwen3_matches_candle_transformers() {
     let cfg: Config = serde_json::from_value(t.config.clone()).unwrap();
     let mut reference = ModelForCausalLM::new(&cfg, vb(&t)).unwrap();
     let p = prompt(&ours);
-    let logits = compare(&ours, &p, 4, |x, o| run(&mut |i, o| reference.forward(i, o), x, o));
+    let logits = compare(&ours, &t.dir, &p, 4, |x, o| run(&mut |i, o| reference.forward(i, o), x, o));
     gguf_twin_agrees(&t, "qwen3", &p, &logits[0]);
 }
 
@@ -245,7 +280,7 @@ fn phi3_matches_candle_transformers() {
     let cfg: Config = serde_json::from_value(t.config.clone()).unwrap();
     let mut reference = Model::new(&cfg, vb(&t)).unwrap();
     let p = prompt(&ours);
-    let logits = compare(&ours, &p, 4, |x, o| run(&mut |i, o| reference.forward(i, o), x, o));
+    let logits = compare(&ours, &t.dir, &p, 4, |x, o| run(&mut |i, o| reference.forward(i, o), x, o));
     gguf_twin_agrees(&t, "phi3", &p, &logits[0]);
 }
 
@@ -268,9 +303,76 @@ fn mistral_sliding_window_matches_candle_transformers() {
     let want = run(&mut |i, o| reference.forward(i, o), &p, 0);
     let rel = max_rel_diff(&got, &want);
     assert!(rel <= 1e-3, "max |diff| {rel}");
+    let d = paged(&t.dir, &t.dir);
+    let on_device = d.model.forward(&mut [PagedSeq { tokens: &p, kv: &mut d.model.new_kv(), want_logits: true }]).unwrap();
+    let rel = max_rel_diff(&on_device, &want);
+    assert!(rel <= 1e-3, "paged decoder: max |diff| {rel}");
     let mut c = t.config.clone();
     c["sliding_window"] = json!(null);
     let mut unwindowed = Model::new(&serde_json::from_value(c).unwrap(), vb(&t)).unwrap();
     let full = run(&mut |i, o| unwindowed.forward(i, o), &p, 0);
+    assert!(max_rel_diff(&full, &want) > 1e-2, "the window changes nothing: the test would not see it");
+}
+
+/// `query_pre_attn_scalar` equals the head size (as in Gemma 3 270M–12B): candle-transformers
+/// scales by the head size whatever the config says; ragway follows transformers
+/// (`query_pre_attn_scalar ** -0.5`), which the unit test of the config checks.
+fn gemma3_config(window: usize) -> Value {
+    json!({
+        "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": 16, "rope_theta": 1_000_000.0,
+        "rope_local_base_freq": 10_000.0, "sliding_window": window, "sliding_window_pattern": 2,
+        "final_logit_softcapping": null, "attn_logit_softcapping": null, "tie_word_embeddings": true,
+    })
+}
+
+/// Gemma 3 safetensors with a window longer than the test: every layer kind and norm, prefill
+/// and decode, on both decoders, against candle-transformers' `gemma3`.
+#[test]
+fn gemma3_safetensors_match_candle_transformers() {
+    use candle_transformers::models::gemma3::{Config, Model};
+    let t = tiny("gemma3_text", 16, gemma3_config(64));
+    let ours = GenerativeModel::load(t.dir.to_str().unwrap(), &t.dir, None).unwrap();
+    let cfg = ours.model.config();
+    assert_eq!((cfg.layer_window(0), cfg.layer_window(1)), (Some(64), None));
+    assert_eq!((cfg.layer_rope(0), cfg.layer_rope(1)), ((10_000.0, 1.0), (1_000_000.0, 1.0)));
+    let reference_cfg: Config = serde_json::from_value(t.config.clone()).unwrap();
+    let mut reference = Model::new(false, &reference_cfg, vb(&t)).unwrap();
+    let p = prompt(&ours);
+    compare(&ours, &t.dir, &p, 4, |x, o| one_by_one(&mut reference, x, o));
+}
+
+/// candle-transformers' `gemma3` (0.11) appends a non-contiguous V to its cache for more
+/// than one token at a time, which candle refuses: it is fed one token at a time (the
+/// logits of the last are those of the whole prefill).
+fn one_by_one(m: &mut candle_transformers::models::gemma3::Model, tokens: &[u32], offset: usize) -> Vec<f32> {
+    let mut last = Vec::new();
+    for (i, &t) in tokens.iter().enumerate() {
+        last = run(&mut |x, o| m.forward(x, o), &[t], offset + i);
+    }
+    last
+}
+
+/// A window of 6 on a 13-token prompt: prefill logits of both decoders against
+/// candle-transformers fed one token at a time (its rotating cache then holds the current
+/// position and the 5 before: the same window), and against the same model without a
+/// window, which must differ.
+#[test]
+fn gemma3_sliding_window_matches_candle_transformers() {
+    use candle_transformers::models::gemma3::{Config, Model};
+    let t = tiny("gemma3_text", 16, gemma3_config(6));
+    let ours = GenerativeModel::load(t.dir.to_str().unwrap(), &t.dir, None).unwrap();
+    let p = prompt(&ours);
+    assert!(p.len() > 6);
+    let got = prefill_logits(&ours, &p, &mut KvCache::new(ours.model.config()), &mut Scratch::default());
+    let d = paged(&t.dir, &t.dir);
+    let on_device = d.model.forward(&mut [PagedSeq { tokens: &p, kv: &mut d.model.new_kv(), want_logits: true }]).unwrap();
+    let mut reference = Model::new(false, &serde_json::from_value::<Config>(t.config.clone()).unwrap(), vb(&t)).unwrap();
+    let want = one_by_one(&mut reference, &p, 0);
+    assert!(max_rel_diff(&got, &want) <= 1e-3, "native: max |diff| {}", max_rel_diff(&got, &want));
+    assert!(max_rel_diff(&on_device, &want) <= 1e-3, "paged: max |diff| {}", max_rel_diff(&on_device, &want));
+    let mut c = t.config.clone();
+    c["sliding_window"] = json!(100);
+    let mut unwindowed = Model::new(false, &serde_json::from_value::<Config>(c).unwrap(), vb(&t)).unwrap();
+    let full = one_by_one(&mut unwindowed, &p, 0);
     assert!(max_rel_diff(&full, &want) > 1e-2, "the window changes nothing: the test would not see it");
 }
