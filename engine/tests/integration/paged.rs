@@ -237,8 +237,12 @@ fn paged_chunked_prefill_equals_whole() {
 /// blocks and, after its own first token, still agrees with its parent's continuation.
 #[test]
 fn paged_forks_share_blocks_and_sequences_return_them() {
-    let m = &paged_smollm().model;
+    // Its own model: other tests use the shared one's pool meanwhile.
+    let dir = models_dir().join("SmolLM2-135M-Instruct");
+    let own = GenerativeModel::load_on_device(dir.to_str().unwrap(), &models_dir(), None, &Device::Cpu, SIZING).unwrap();
+    let m = &own.model;
     let before = m.blocks().0;
+    assert_eq!(before, 0, "the pool starts empty");
     let prompt = ids(&smollm_prompts()[0]["prompt_ids"]);
     let mut a = m.new_kv();
     let logits = step(m, &prompt, &mut a);
