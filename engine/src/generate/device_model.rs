@@ -147,7 +147,7 @@ impl DeviceLlama {
     /// quantized on the device.
     pub fn from_gguf(path: &Path, content: &gguf_file::Content, device: &Device, kv: KvSizing) -> Result<Self> {
         let cfg = gguf_config(path, content)?;
-        let gemma = cfg.arch.name == "gemma3";
+        let gemma = cfg.arch.is_gemma();
         let has = |name: &str| content.tensor_infos.contains_key(name);
         let file = RefCell::new(std::fs::File::open(path)?);
         let bytes = Cell::new(0usize);
@@ -572,7 +572,8 @@ impl DeviceLlama {
                 let keys = gather(&self.k_cache, &blocks, bd, nb * BLOCK, nkv, hd)?;
                 let values = gather(&self.v_cache, &blocks, bd, nb * BLOCK, nkv, hd)?;
                 let qd = q.index_select(rows, 0)?.reshape((bd, nkv, group, hd))?;
-                let scores = (qd.matmul(&keys.transpose(2, 3)?)? * scale)?.broadcast_add(mask)?;
+                let scores = softcap((qd.matmul(&keys.transpose(2, 3)?)? * scale)?, cfg.arch.attn_softcap)?
+                    .broadcast_add(mask)?;
                 let p = candle_nn::ops::softmax_last_dim(&scores)?;
                 outs.push(p.matmul(&values)?.reshape((bd, q_dim))?);
             }
@@ -593,7 +594,7 @@ impl DeviceLlama {
                     .permute((1, 2, 0, 3))?
                     .contiguous()?
                     .reshape((nkv, group * n, hd))?;
-                let scores = (qs.matmul(&keys.transpose(1, 2)?.contiguous()?)? * scale)?
+                let scores = softcap((qs.matmul(&keys.transpose(1, 2)?.contiguous()?)? * scale)?, cfg.arch.attn_softcap)?
                     .reshape((nkv, group, n, nb * BLOCK))?
                     .broadcast_add(mask)?;
                 let p = candle_nn::ops::softmax_last_dim(&scores)?.reshape((nkv, group * n, nb * BLOCK))?;
@@ -640,8 +641,17 @@ impl DeviceLlama {
             (None, Embedding::Quant(q)) => q.forward(&h)?,
             (None, Embedding::Dense(w)) => h.to_dtype(w.dtype())?.matmul(&w.t()?)?,
         };
-        Ok(logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+        let logits = softcap(logits.to_dtype(DType::F32)?, cfg.arch.final_softcap)?;
+        Ok(logits.flatten_all()?.to_vec1::<f32>()?)
     }
+}
+
+/// Gemma 2's soft-capping: `cap * tanh(x / cap)`.
+fn softcap(x: Tensor, cap: Option<f32>) -> Result<Tensor> {
+    Ok(match cap {
+        Some(c) => ((x / c as f64)?.tanh()? * c as f64)?,
+        None => x,
+    })
 }
 
 fn load_error(path: &Path, name: &str, e: candle_core::Error) -> EngineError {

@@ -21,10 +21,10 @@ use rayon::prelude::*;
 use std::path::Path;
 
 /// `general.architecture` values [`Llama::from_gguf`] loads.
-pub const GGUF_ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3", "phi3", "gemma3"];
+pub const GGUF_ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"];
 
 /// `model_type` values of `config.json` that [`Llama::from_safetensors`] loads.
-pub const SAFETENSORS_ARCHITECTURES: &[&str] = &["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3_text"];
+pub const SAFETENSORS_ARCHITECTURES: &[&str] = &["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text"];
 
 /// How rotary embeddings pair the dimensions of a head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,6 +83,10 @@ pub struct ArchConfig {
     pub rope_scale_global: f32,
     /// Attention logits are `q·k * attn_scale`.
     pub attn_scale: f32,
+    /// Gemma 2: attention logits become `cap * tanh(logit / cap)` before the softmax.
+    pub attn_softcap: Option<f32>,
+    /// Gemma 2: the output logits likewise.
+    pub final_softcap: Option<f32>,
 }
 
 impl ArchConfig {
@@ -96,7 +100,14 @@ impl ArchConfig {
             rope_theta_local: 10_000.0,
             rope_scale_global: 1.0,
             attn_scale: 1.0 / (head_dim as f32).sqrt(),
+            attn_softcap: None,
+            final_softcap: None,
         }
+    }
+
+    /// Gemma 2 and 3 (the pre- and post-norms around attention and the MLP).
+    pub fn is_gemma(&self) -> bool {
+        matches!(self.name.as_str(), "gemma2" | "gemma3" | "gemma3_text")
     }
 
     /// Whether layer `i` uses the sliding window.
@@ -376,7 +387,7 @@ impl Llama {
     pub fn from_gguf(path: &Path, content: &gguf_file::Content) -> Result<Self> {
         let invalid = |reason: String| EngineError::InvalidModel { path: path.to_path_buf(), reason };
         let cfg = gguf_config(path, content)?;
-        let gemma = cfg.arch.name == "gemma3";
+        let gemma = cfg.arch.is_gemma();
         let has = |name: &str| content.tensor_infos.contains_key(name);
         let mut file = std::fs::File::open(path)?;
         let mut tensor = |name: &str| -> Result<QTensor> {
@@ -681,6 +692,9 @@ impl Llama {
         rms_norm(&last, &self.norm, cfg.rms_eps, &mut s.h);
         let mut logits = Vec::new();
         self.lm_head.as_ref().unwrap_or(&self.embed).forward(&s.h, rows.len(), &mut s.acts, &mut logits);
+        if let Some(cap) = cfg.arch.final_softcap {
+            softcap(&mut logits, cap);
+        }
         Ok(logits)
     }
 
@@ -804,9 +818,31 @@ pub(crate) fn gguf_config(path: &Path, content: &gguf_file::Content) -> Result<L
         .ok_or_else(|| invalid("missing tensor token_embd.weight".into()))?;
     let head_dim =
         get("attention.key_length").or_else(|_| get("rope.dimension_count")).unwrap_or(hidden / n_heads.max(1));
-    let gemma = arch == "gemma3";
     let mut arch_cfg = ArchConfig { name: arch.clone(), ..ArchConfig::llama(head_dim) };
-    if gemma {
+    let n_layers = get("block_count")?;
+    if arch == "gemma2" {
+        let theta = getf("rope.freq_base", 10_000.0);
+        let cap = |key: &str| value(key).and_then(|v| v.to_f32().ok()).filter(|c| *c > 0.0);
+        arch_cfg = ArchConfig {
+            embed_scale: Some((hidden as f32).sqrt()),
+            activation: Activation::GeluTanh,
+            sliding_window: get("attention.sliding_window").ok(),
+            // Even layers slide, odd ones are global; one RoPE base for both.
+            sliding_pattern: Some(2),
+            rope_theta_local: theta,
+            // As llama.cpp: Gemma 2 27B (46 layers) scales by width / heads, the others by
+            // the head size (GGUF does not carry query_pre_attn_scalar).
+            attn_scale: if n_layers == 46 {
+                1.0 / ((hidden / n_heads.max(1)) as f32).sqrt()
+            } else {
+                1.0 / (head_dim as f32).sqrt()
+            },
+            attn_softcap: cap("attn_logit_softcapping"),
+            final_softcap: cap("final_logit_softcapping"),
+            ..arch_cfg
+        };
+    }
+    if arch == "gemma3" {
         let linear = value("rope.scaling.type").and_then(|v| v.to_string().ok()).is_some_and(|t| t == "linear");
         arch_cfg = ArchConfig {
             embed_scale: Some((hidden as f32).sqrt()),
@@ -822,7 +858,7 @@ pub(crate) fn gguf_config(path: &Path, content: &gguf_file::Content) -> Result<L
     // llama.cpp ignores the sliding window of llama-architecture (Mistral) and phi3 files, and
     // so does ragway: outputs stay equal to llama.cpp's.
     let cfg = LlamaConfig {
-        n_layers: get("block_count")?,
+        n_layers,
         hidden,
         ffn: get("feed_forward_length")?,
         n_heads,
@@ -859,14 +895,13 @@ pub(crate) fn safetensors_config(dir: &Path) -> Result<(LlamaConfig, HfLlamaConf
         // Every layer sees the last `sliding_window` positions (Mistral 7B v0.1: 4096).
         arch.sliding_window = c.sliding_window;
     }
-    if model_type == "gemma3_text" {
-        if c.attn_logit_softcapping.is_some() || c.final_logit_softcapping.is_some() {
-            return Err(invalid("logit soft-capping (Gemma 2) is not supported".into()));
-        }
+    if model_type == "gemma2" || model_type == "gemma3_text" {
+        let gemma2 = model_type == "gemma2";
         let pattern = match &c.layer_types {
             Some(types) => gemma_pattern(types).ok_or_else(|| {
                 invalid("layer_types: full-attention layers are not every n-th layer".into())
             })?,
+            None if gemma2 => 2,
             None => c.sliding_window_pattern.unwrap_or(6),
         };
         let scale = match &c.rope_scaling {
@@ -880,9 +915,16 @@ pub(crate) fn safetensors_config(dir: &Path) -> Result<(LlamaConfig, HfLlamaConf
             activation: Activation::GeluTanh,
             sliding_window: c.sliding_window,
             sliding_pattern: Some(pattern),
-            rope_theta_local: c.rope_local_base_freq.unwrap_or(10_000.0),
+            // Gemma 2 uses one RoPE base for every layer.
+            rope_theta_local: if gemma2 {
+                c.rope_theta.unwrap_or(10_000.0)
+            } else {
+                c.rope_local_base_freq.unwrap_or(10_000.0)
+            },
             rope_scale_global: scale,
             attn_scale: 1.0 / c.query_pre_attn_scalar.unwrap_or(head_dim as f32).sqrt(),
+            attn_softcap: c.attn_logit_softcapping.map(|v| v as f32).filter(|v| *v > 0.0),
+            final_softcap: c.final_logit_softcapping.map(|v| v as f32).filter(|v| *v > 0.0),
             ..arch
         };
     }
@@ -932,7 +974,7 @@ pub(crate) struct HfNorms {
 }
 
 pub(crate) fn hf_norms(arch: &ArchConfig) -> HfNorms {
-    if arch.name == "gemma3_text" {
+    if arch.is_gemma() {
         HfNorms {
             attn: "input_layernorm.weight",
             ffn: "pre_feedforward_layernorm.weight",
@@ -1111,6 +1153,7 @@ fn attention(
     let qkv_w = q_dim + 2 * kv_dim;
     let group = cfg.n_heads / cfg.n_kv_heads;
     let scale = cfg.arch.attn_scale;
+    let cap = cfg.arch.attn_softcap;
     let first_seen = |end: usize| window.map_or(0, |w| end.saturating_sub(w));
     let optr = SendPtr(out.as_mut_ptr());
     // One task per KV head for a decoding sequence (its query heads share K and V), one per
@@ -1133,7 +1176,7 @@ fn attention(
             let g = h;
             let q = &qkv[off * qkv_w + g * group * hd..off * qkv_w + (g + 1) * group * hd];
             let lo = first_seen(ctx);
-            let scores = decode_scores(q, kc, g, kv_dim, lo - base..ctx - base, hd, scale);
+            let scores = decode_scores(q, kc, g, kv_dim, lo - base..ctx - base, hd, scale, cap);
             let o = decode_values(&scores, &vc[(lo - base) * kv_dim + g * hd..], kv_dim, ctx - lo, hd);
             // SAFETY: row `off`, columns of the group's heads: written by this task only.
             unsafe { std::ptr::copy_nonoverlapping(o.as_ptr(), optr.0.add(off * q_dim + g * group * hd), group * hd) };
@@ -1180,6 +1223,9 @@ fn attention(
             for v in row[lo..visible].iter_mut() {
                 *v *= scale;
             }
+            if let Some(c) = cap {
+                softcap(&mut row[lo..visible], c);
+            }
             softmax_inplace(&mut row[lo..visible]);
             row[..lo].fill(0.0);
             row[visible..].fill(0.0);
@@ -1220,6 +1266,7 @@ fn decode_scores(
     span: std::ops::Range<usize>,
     hd: usize,
     scale: f32,
+    cap: Option<f32>,
 ) -> Vec<f32> {
     let heads = q.len() / hd;
     let (lo, ctx) = (span.start, span.end);
@@ -1254,8 +1301,18 @@ fn decode_scores(
             }
         }
     }
+    if let Some(c) = cap {
+        softcap(&mut scores, c);
+    }
     scores.chunks_exact_mut(len).for_each(softmax_inplace);
     scores
+}
+
+/// `x = cap * tanh(x / cap)` (Gemma 2's soft-capping of logits).
+fn softcap(x: &mut [f32], cap: f32) {
+    for v in x.iter_mut() {
+        *v = cap * (*v / cap).tanh();
+    }
 }
 
 /// `o[h] = Σ_j p[h, j] · v[j]` for every head of `p` (`[heads, ctx]`); `v` starts at the KV

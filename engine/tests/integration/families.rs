@@ -63,7 +63,7 @@ fn tiny(model_type: &str, head_dim: usize, extra: Value) -> Tiny {
         tensors.insert(name, t);
     };
     // Gemma's norms are stored as offsets from 1 and its output is the tied embedding.
-    let gemma = model_type == "gemma3_text";
+    let gemma = model_type.starts_with("gemma");
     put("model.embed_tokens.weight".into(), &[vocab, HIDDEN], if gemma { 0.2 } else { 1.0 }, false);
     if !gemma {
         put("lm_head.weight".into(), &[vocab, HIDDEN], 0.2, false);
@@ -87,7 +87,7 @@ fn tiny(model_type: &str, head_dim: usize, extra: Value) -> Tiny {
             put(format!("{p}.self_attn.k_proj.bias"), &[kv], 0.3, false);
             put(format!("{p}.self_attn.v_proj.bias"), &[kv], 0.3, false);
         }
-        if model_type == "qwen3" || gemma {
+        if model_type == "qwen3" || model_type == "gemma3_text" {
             put(format!("{p}.self_attn.q_norm.weight"), &[head_dim], 0.2, !gemma);
             put(format!("{p}.self_attn.k_norm.weight"), &[head_dim], 0.2, !gemma);
         }
@@ -135,7 +135,28 @@ fn write_gguf(t: &Tiny, arch: &str, path: &Path) {
             md.push((k.clone(), v.clone()));
         }
     }
+    let gemma = arch.starts_with("gemma");
+    if gemma {
+        for key in ["attn_logit_softcapping", "final_logit_softcapping"] {
+            if let Some(v) = c[key].as_f64() {
+                md.push((format!("{arch}.{key}"), gguf_file::Value::F32(v as f32)));
+            }
+        }
+        md.push((format!("{arch}.attention.sliding_window"), u("sliding_window")));
+    }
+    // Gemma's GGUF norms are the 1 + w that transformers computes.
+    let norm_names = [
+        ("input_layernorm", "attn_norm"),
+        ("post_attention_layernorm", "post_attention_norm"),
+        ("pre_feedforward_layernorm", "ffn_norm"),
+        ("post_feedforward_layernorm", "post_ffw_norm"),
+    ];
     let rename = |name: &str| -> String {
+        let name = if gemma {
+            norm_names.iter().fold(name.to_string(), |n, (from, to)| n.replace(from, to))
+        } else {
+            name.to_string()
+        };
         let name = name.replace("model.embed_tokens.weight", "token_embd.weight");
         let name = name.replace("model.norm.weight", "output_norm.weight").replace("lm_head.weight", "output.weight");
         let name = name.replace("model.layers.", "blk.");
@@ -157,8 +178,14 @@ fn write_gguf(t: &Tiny, arch: &str, path: &Path) {
         .iter()
         .fold(name, |n, (from, to)| n.replace(from, to))
     };
-    let qs: Vec<(String, QTensor)> =
-        t.tensors.iter().map(|(n, w)| (rename(n), QTensor::quantize(w, GgmlDType::F32).unwrap())).collect();
+    let qs: Vec<(String, QTensor)> = t
+        .tensors
+        .iter()
+        .map(|(n, w)| {
+            let w = if gemma && n.ends_with("norm.weight") { (w + 1.0).unwrap() } else { w.clone() };
+            (rename(n), QTensor::quantize(&w, GgmlDType::F32).unwrap())
+        })
+        .collect();
     let mdr: Vec<(&str, &gguf_file::Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let ts: Vec<(&str, &QTensor)> = qs.iter().map(|(n, q)| (n.as_str(), q)).collect();
     gguf_file::write(&mut std::fs::File::create(path).unwrap(), &mdr, &ts).unwrap();
@@ -375,4 +402,42 @@ fn gemma3_sliding_window_matches_candle_transformers() {
     let mut unwindowed = Model::new(false, &serde_json::from_value::<Config>(c).unwrap(), vb(&t)).unwrap();
     let full = one_by_one(&mut unwindowed, &p, 0);
     assert!(max_rel_diff(&full, &want) > 1e-2, "the window changes nothing: the test would not see it");
+}
+
+/// Gemma 2 safetensors and GGUF: soft-capped attention and output logits (small caps here, so
+/// that they matter), the four norms, alternating layers, on both decoders, against
+/// candle-transformers' `gemma2` (whose window is not per layer: the test's is longer than
+/// the sequence), and against the same model without caps, which must differ.
+#[test]
+fn gemma2_matches_candle_transformers() {
+    use candle_transformers::models::gemma2::{Config, Model};
+    let extra = json!({
+        "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": 16, "sliding_window": 64,
+        "attn_logit_softcapping": 1.5, "final_logit_softcapping": 4.0, "tie_word_embeddings": true,
+    });
+    let t = tiny("gemma2", 16, extra);
+    let ours = GenerativeModel::load(t.dir.to_str().unwrap(), &t.dir, None).unwrap();
+    let cfg = ours.model.config();
+    assert_eq!((cfg.arch.attn_softcap, cfg.arch.final_softcap), (Some(1.5), Some(4.0)));
+    assert_eq!((cfg.layer_window(0), cfg.layer_window(1)), (Some(64), None));
+    let mut reference = Model::new(false, &serde_json::from_value::<Config>(t.config.clone()).unwrap(), vb(&t)).unwrap();
+    let p = prompt(&ours);
+    let mut one_by_one = |tokens: &[u32], offset: usize| {
+        let mut last = Vec::new();
+        for (i, &tk) in tokens.iter().enumerate() {
+            last = run(&mut |x, o| reference.forward(x, o), &[tk], offset + i);
+        }
+        last
+    };
+    let logits = compare(&ours, &t.dir, &p, 4, &mut one_by_one);
+    assert!(logits[0].iter().all(|l| l.abs() <= 4.0), "the output cap holds");
+    gguf_twin_agrees(&t, "gemma2", &p, &logits[0]);
+    let mut c = t.config.clone();
+    c["attn_logit_softcapping"] = json!(null);
+    let mut uncapped = Model::new(false, &serde_json::from_value::<Config>(c).unwrap(), vb(&t)).unwrap();
+    let mut last = Vec::new();
+    for (i, &tk) in p.iter().enumerate() {
+        last = run(&mut |x, o| uncapped.forward(x, o), &[tk], i);
+    }
+    assert!(max_rel_diff(&last, &logits[0]) > 1e-2, "the attention cap changes nothing: the test would not see it");
 }
