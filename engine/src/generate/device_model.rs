@@ -529,6 +529,35 @@ impl DeviceLlama {
         }
         let in_order = order.iter().enumerate().all(|(r, &o)| o as usize == r);
         let order = Tensor::from_vec(order, total, dev)?;
+        // The blocks each layer's attention gathers, for every layer, in one upload: decoding
+        // sequences' (padded to the longest of their window kind), then each prompt's.
+        let mut flat: Vec<u32> = Vec::new();
+        let mut decode_ids: Vec<(usize, usize)> = Vec::with_capacity(cfg.n_layers);
+        let mut prompt_ids: Vec<Vec<(usize, usize)>> = vec![Vec::with_capacity(cfg.n_layers); prompts.len()];
+        for li in 0..cfg.n_layers {
+            let window = self.windows[li];
+            if let Some((_, per_kind)) = &decode_plan {
+                let nb = per_kind.iter().find(|(w, _, _)| *w == window).expect("every kind planned").1;
+                let from = flat.len();
+                for &i in &decoding {
+                    let (a, z) = span(starts[i], 1, window);
+                    let t = batch[i].kv.table(li).blocks();
+                    // Blocks past this sequence's end are padding (masked out).
+                    flat.extend((0..nb).map(|j| if a + j <= z { t[a + j].unwrap_or(0) } else { 0 }));
+                }
+                decode_ids.push((from, flat.len() - from));
+            }
+            for (pi, &i) in prompts.iter().enumerate() {
+                let (_, a, z, _) =
+                    prompt_masks[pi].iter().find(|(w, _, _, _)| *w == window).expect("every kind planned");
+                let t = batch[i].kv.table(li).blocks();
+                let from = flat.len();
+                flat.extend((*a..=*z).map(|j| t[j].unwrap_or(0)));
+                prompt_ids[pi].push((from, flat.len() - from));
+            }
+        }
+        let flat_len = flat.len();
+        let flat = Tensor::from_vec(flat, flat_len, dev)?;
         let group = nh / nkv;
         let scale = cfg.arch.attn_scale as f64;
         let eps = cfg.rms_eps;
@@ -559,16 +588,8 @@ impl DeviceLlama {
                 let (_, nb, mask) = per_kind.iter().find(|(w, _, _)| *w == window).expect("every kind planned");
                 let nb = *nb;
                 let bd = decoding.len();
-                let mut blocks = Vec::with_capacity(bd * nb);
-                for &i in &decoding {
-                    let (a, z) = span(starts[i], 1, window);
-                    let t = batch[i].kv.table(li).blocks();
-                    for j in 0..nb {
-                        // Blocks past this sequence's end are padding (masked out).
-                        blocks.push(if a + j <= z { t[a + j].unwrap_or(0) } else { 0 });
-                    }
-                }
-                let blocks = Tensor::from_vec(blocks, bd * nb, dev)?;
+                let (from, len) = decode_ids[li];
+                let blocks = flat.narrow(0, from, len)?;
                 let keys = gather(&self.k_cache, &blocks, bd, nb * BLOCK, nkv, hd)?;
                 let values = gather(&self.v_cache, &blocks, bd, nb * BLOCK, nkv, hd)?;
                 let qd = q.index_select(rows, 0)?.reshape((bd, nkv, group, hd))?;
@@ -579,12 +600,10 @@ impl DeviceLlama {
             }
             for (pi, &i) in prompts.iter().enumerate() {
                 let n = batch[i].tokens.len();
-                let (_, a, z, mask) =
+                let (_, _, _, mask) =
                     prompt_masks[pi].iter().find(|(w, _, _, _)| *w == window).expect("every kind planned");
-                let t = batch[i].kv.table(li).blocks();
-                let ids: Vec<u32> = (*a..=*z).map(|j| t[j].unwrap_or(0)).collect();
-                let nb = ids.len();
-                let ids = Tensor::from_vec(ids, nb, dev)?;
+                let (from, nb) = prompt_ids[pi][li];
+                let ids = flat.narrow(0, from, nb)?;
                 let keys = gather(&self.k_cache, &ids, 1, nb * BLOCK, nkv, hd)?.squeeze(0)?;
                 let values = gather(&self.v_cache, &ids, 1, nb * BLOCK, nkv, hd)?.squeeze(0)?;
                 // [n, heads, hd] -> [kv heads, group * n, hd]
