@@ -1404,6 +1404,8 @@ mod tests {
         // What the decoder cannot run is refused, not approximated.
         let irregular: Vec<&str> = (0..12).map(|i| if i == 4 { "full_attention" } else { "sliding_attention" }).collect();
         assert!(gemma3_text(serde_json::json!({"layer_types": irregular})).is_err());
-        assert!(gemma3_text(serde_json::json!({"final_logit_softcapping": 30.0})).is_err());
+        // Soft-capping (Gemma 2's, which the decoders run) is read when a config sets it.
+        let cfg = gemma3_text(serde_json::json!({"final_logit_softcapping": 30.0})).unwrap();
+        assert_eq!((cfg.arch.attn_softcap, cfg.arch.final_softcap), (None, Some(30.0)));
     }
 }

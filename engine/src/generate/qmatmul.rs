@@ -30,6 +30,9 @@ pub enum QKind {
     Q4_0,
     Q4_1,
     Q8_0,
+    /// 5-bit values: the low nibbles as Q4_0's, the fifth bits as one 64-bit mask per
+    /// 64-byte group (5.5 bits per weight read, where a Q8_0 copy reads 8.5).
+    Q5_0,
 }
 
 impl QKind {
@@ -40,6 +43,7 @@ impl QKind {
             Self::Q4_0 => GgmlDType::Q4_0,
             Self::Q4_1 => GgmlDType::Q4_1,
             Self::Q8_0 => GgmlDType::Q8_0,
+            Self::Q5_0 => GgmlDType::Q5_0,
         }
     }
 
@@ -49,6 +53,7 @@ impl QKind {
             Self::Q4_0 => 18,
             Self::Q4_1 => 20,
             Self::Q8_0 => 34,
+            Self::Q5_0 => 22,
         }
     }
 
@@ -57,6 +62,7 @@ impl QKind {
         match self {
             Self::Q4_0 | Self::Q4_1 => 256,
             Self::Q8_0 => 512,
+            Self::Q5_0 => 256 + 64,
         }
     }
 
@@ -69,6 +75,7 @@ impl QKind {
 const K_Q4_0: u8 = 0;
 const K_Q4_1: u8 = 1;
 const K_Q8_0: u8 = 2;
+const K_Q5_0: u8 = 3;
 
 /// Bytes of a kind's packed values and of its whole tile block, for the SIMD kernels'
 /// const kind numbers (see [`QKind::tile_value_bytes`], [`QKind::tile_block_bytes`]).
@@ -76,6 +83,7 @@ const fn tile_layout(kind: u8) -> (usize, usize) {
     match kind {
         K_Q8_0 => (512, 544),
         K_Q4_1 => (256, 320),
+        K_Q5_0 => (320, 352),
         _ => (256, 288),
     }
 }
@@ -189,12 +197,24 @@ impl PackedMatrix {
                             }
                             ([src[0], src[1]], [0, 0])
                         }
+                        QKind::Q5_0 => {
+                            let qh = u32::from_le_bytes([src[2], src[3], src[4], src[5]]);
+                            for j in 0..16 {
+                                vals[j] = (src[6 + j] & 0x0F) | (((qh >> j) & 1) as u8) << 4;
+                                vals[j + 16] = (src[6 + j] >> 4) | (((qh >> (j + 16)) & 1) as u8) << 4;
+                            }
+                            ([src[0], src[1]], [0, 0])
+                        }
                     };
                     for (kk, &v) in vals.iter().enumerate() {
                         let u = kk / 4;
                         let j = lane * 4 + kk % 4;
                         match kind {
                             QKind::Q8_0 => dst[u * 64 + j] = v,
+                            QKind::Q5_0 => {
+                                dst[(u / 2) * 64 + j] |= (v & 0x0F) << ((u % 2) * 4);
+                                dst[256 + u * 8 + j / 8] |= (v >> 4) << (j % 8);
+                            }
                             _ => dst[(u / 2) * 64 + j] |= v << ((u % 2) * 4),
                         }
                     }
@@ -242,6 +262,7 @@ impl PackedMatrix {
                     QKind::Q8_0 => (blk[u * 64 + j] ^ 0x80) as i8 as f32 * d,
                     QKind::Q4_0 => (((blk[(u / 2) * 64 + j] >> ((u % 2) * 4)) & 0x0F) as f32 - 8.0) * d,
                     QKind::Q4_1 => ((blk[(u / 2) * 64 + j] >> ((u % 2) * 4)) & 0x0F) as f32 * d + m,
+                    QKind::Q5_0 => (q5_value(blk, u, j) as f32 - 16.0) * d,
                 };
                 out[b * QK + kk] = v;
             }
@@ -274,6 +295,12 @@ impl PackedMatrix {
             (0..tiles).for_each(run);
         }
     }
+}
+
+/// The 5-bit value at byte `j` of group `u` of a Q5_0 tile block.
+fn q5_value(blk: &[u8], u: usize, j: usize) -> u8 {
+    let nib = (blk[(u / 2) * 64 + j] >> ((u % 2) * 4)) & 0x0F;
+    nib | ((blk[256 + u * 8 + j / 8] >> (j % 8)) & 1) << 4
 }
 
 fn f16_at(bytes: &[u8], at: usize) -> f32 {
@@ -359,6 +386,7 @@ unsafe fn run_tile(kind: QKind, tile: *const u8, nb: usize, x: &QActs, out: *mut
                 QKind::Q4_0 => go!(K_Q4_0),
                 QKind::Q4_1 => go!(K_Q4_1),
                 QKind::Q8_0 => go!(K_Q8_0),
+                QKind::Q5_0 => go!(K_Q5_0),
             }
             return;
         }};
@@ -390,6 +418,7 @@ unsafe fn portable_tile(kind: QKind, tile: *const u8, nb: usize, x: &QActs, row:
                 let (u, j) = (kk / 4, lane * 4 + kk % 4);
                 let w = match kind {
                     QKind::Q8_0 => blk[u * 64 + j],
+                    QKind::Q5_0 => q5_value(blk, u, j),
                     _ => (blk[(u / 2) * 64 + j] >> ((u % 2) * 4)) & 0x0F,
                 };
                 s += w as i32 * a[kk] as i32;
@@ -398,6 +427,7 @@ unsafe fn portable_tile(kind: QKind, tile: *const u8, nb: usize, x: &QActs, row:
             match kind {
                 QKind::Q4_0 => *acc += dw * da * (s - 8 * sa) as f32,
                 QKind::Q8_0 => *acc += dw * da * (s - 128 * sa) as f32,
+                QKind::Q5_0 => *acc += dw * da * (s - 16 * sa) as f32,
                 QKind::Q4_1 => *acc += dw * da * s as f32 + f16_at(blk, vb + 32 + lane * 2) * da * sa as f32,
             }
         }
@@ -407,7 +437,7 @@ unsafe fn portable_tile(kind: QKind, tile: *const u8, nb: usize, x: &QActs, row:
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{tile_layout, QActs, K_Q4_1, K_Q8_0, QK};
+    use super::{tile_layout, QActs, K_Q4_1, K_Q5_0, K_Q8_0, QK};
     use std::arch::x86_64::*;
 
     /// One tile × `R` activation rows starting at `row0`.
@@ -441,6 +471,14 @@ mod avx512 {
                     u[2 * p] = _mm512_and_si512(v, low);
                     u[2 * p + 1] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low);
                 }
+                if KIND == K_Q5_0 {
+                    // Each group's fifth bits: one 64-bit mask, one bit per byte.
+                    let sixteen = _mm512_set1_epi8(16);
+                    for (i, u) in u.iter_mut().enumerate() {
+                        let m = (w.add(256 + i * 8) as *const u64).read_unaligned();
+                        *u = _mm512_or_si512(*u, _mm512_maskz_mov_epi8(m, sixteen));
+                    }
+                }
             }
             let dw = _mm512_cvtph_ps(_mm256_loadu_si256(w.add(vb) as *const __m256i));
             let mw = if KIND == K_Q4_1 {
@@ -462,6 +500,8 @@ mod avx512 {
                 let sa = *x.s.get_unchecked(row * xnb + b);
                 if KIND == K_Q8_0 {
                     s = _mm512_sub_epi32(s, _mm512_set1_epi32(128 * sa));
+                } else if KIND == K_Q5_0 {
+                    s = _mm512_sub_epi32(s, _mm512_set1_epi32(16 * sa));
                 } else if KIND != K_Q4_1 {
                     s = _mm512_sub_epi32(s, _mm512_set1_epi32(8 * sa));
                 }
@@ -486,7 +526,7 @@ mod avx512 {
 /// (`|w|` times `a·sign(w)`, at most 2·128·127) and need no offset correction.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{tile_layout, QActs, K_Q4_1, K_Q8_0, QK};
+    use super::{tile_layout, QActs, K_Q4_1, K_Q5_0, K_Q8_0, QK};
     use std::arch::x86_64::*;
 
     /// One tile × `R` activation rows starting at `row0`.
@@ -506,6 +546,13 @@ mod avx2 {
         let low = _mm256_set1_epi8(0x0F);
         let flip = _mm256_set1_epi8(-128);
         let ones = _mm256_set1_epi16(1);
+        // Q5_0: byte k of a half takes bit k % 8 of byte k / 8 of its 32-bit mask (shuffles
+        // stay within 128-bit lanes: the low lane reads mask bytes 0-1, the high one 2-3).
+        let spread = _mm256_setr_epi8(
+            0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3,
+        );
+        let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+        let sixteen = _mm256_set1_epi8(16);
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
         let k = x.k;
         let xnb = k / QK;
@@ -519,10 +566,18 @@ mod avx2 {
                         _mm256_loadu_si256(w.add(i * 64 + h * 32) as *const __m256i)
                     } else {
                         let v = _mm256_loadu_si256(w.add((i / 2) * 64 + h * 32) as *const __m256i);
-                        if i % 2 == 0 {
+                        let nib = if i % 2 == 0 {
                             _mm256_and_si256(v, low)
                         } else {
                             _mm256_and_si256(_mm256_srli_epi16::<4>(v), low)
+                        };
+                        if KIND == K_Q5_0 {
+                            let m = (w.add(256 + i * 8 + h * 4) as *const i32).read_unaligned();
+                            let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(m), spread);
+                            let set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
+                            _mm256_or_si256(nib, _mm256_and_si256(set, sixteen))
+                        } else {
+                            nib
                         }
                     }
                 };
@@ -563,7 +618,9 @@ mod avx2 {
                 let sa = *x.s.get_unchecked(row * xnb + b);
                 for h in 0..2 {
                     let mut si = s[h];
-                    if KIND != K_Q8_0 && KIND != K_Q4_1 {
+                    if KIND == K_Q5_0 {
+                        si = _mm256_sub_epi32(si, _mm256_set1_epi32(16 * sa));
+                    } else if KIND != K_Q8_0 && KIND != K_Q4_1 {
                         si = _mm256_sub_epi32(si, _mm256_set1_epi32(8 * sa));
                     }
                     acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(si), _mm256_mul_ps(dw[h], _mm256_set1_ps(da)), acc[h]);
@@ -829,6 +886,12 @@ mod tests {
     #[test]
     fn q8_0_matches_dequantized_product() {
         check(GgmlDType::Q8_0, 16, 64, 9);
+    }
+
+    #[test]
+    fn q5_0_matches_dequantized_product() {
+        check(GgmlDType::Q5_0, 48, 96, 7);
+        check(GgmlDType::Q5_0, 32, 640, 1);
     }
 
     #[test]

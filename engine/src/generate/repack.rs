@@ -1,7 +1,7 @@
 //! GGUF block types the packed kernels do not read directly, rewritten at load into the
-//! 32-value blocks they do read, without an f32 copy of the weights:
+//! 32-value blocks they do read, without an f32 copy of the weights (Q4_0, Q4_1, Q5_0 and
+//! Q8_0 are read as they are):
 //!
-//! - Q5_0 → Q8_0, exactly: the same f16 scale, the 5-bit values as 8-bit ones.
 //! - Q4_K → Q4_1: each 32-value sub-block's `d·scale` and `dmin·min` become its f16 scale and
 //!   minimum (rounded to f16: ~5e-4 relative, far below the 4-bit step); the nibbles are
 //!   the same.
@@ -21,7 +21,8 @@ pub fn target(dtype: GgmlDType) -> Option<QKind> {
     match dtype {
         GgmlDType::Q4_0 => Some(QKind::Q4_0),
         GgmlDType::Q4_1 | GgmlDType::Q4K => Some(QKind::Q4_1),
-        GgmlDType::Q8_0 | GgmlDType::Q5_0 | GgmlDType::Q5_1 | GgmlDType::Q5K | GgmlDType::Q6K => Some(QKind::Q8_0),
+        GgmlDType::Q5_0 => Some(QKind::Q5_0),
+        GgmlDType::Q8_0 | GgmlDType::Q5_1 | GgmlDType::Q5K | GgmlDType::Q6K => Some(QKind::Q8_0),
         _ => None,
     }
 }
@@ -31,40 +32,16 @@ pub fn target(dtype: GgmlDType) -> Option<QKind> {
 /// whole blocks.
 pub fn rewrite(dtype: GgmlDType, raw: &[u8], dequantized: impl FnOnce() -> Option<Vec<f32>>) -> Option<Vec<u8>> {
     match dtype {
-        GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q8_0 => Some(raw.to_vec()),
-        GgmlDType::Q5_0 => q5_0_to_q8_0(raw),
+        GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q8_0 | GgmlDType::Q5_0 => Some(raw.to_vec()),
         GgmlDType::Q4K => q4k_to_q4_1(raw),
         GgmlDType::Q5_1 | GgmlDType::Q5K | GgmlDType::Q6K => Some(quantize_q8_0(&dequantized()?)),
         _ => None,
     }
 }
 
-const Q5_0_BYTES: usize = 22;
 const Q8_0_BYTES: usize = 34;
 const Q4K_BYTES: usize = 144;
 const Q4_1_BYTES: usize = 20;
-
-/// Q5_0 (`d`, 32 high bits, 16 bytes of low nibbles) → Q8_0 (`d`, 32 signed bytes).
-fn q5_0_to_q8_0(raw: &[u8]) -> Option<Vec<u8>> {
-    if raw.len() % Q5_0_BYTES != 0 {
-        return None;
-    }
-    let mut out = Vec::with_capacity(raw.len() / Q5_0_BYTES * Q8_0_BYTES);
-    for b in raw.chunks_exact(Q5_0_BYTES) {
-        out.extend_from_slice(&b[..2]);
-        let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
-        let qs = &b[6..22];
-        let mut vals = [0i8; 32];
-        for j in 0..16 {
-            let hi0 = ((qh >> j) << 4) & 0x10;
-            let hi1 = (qh >> (j + 12)) & 0x10;
-            vals[j] = ((qs[j] as u32 & 0x0F) | hi0) as i8 - 16;
-            vals[j + 16] = ((qs[j] as u32 >> 4) | hi1) as i8 - 16;
-        }
-        out.extend(vals.iter().map(|&v| v as u8));
-    }
-    Some(out)
-}
 
 /// The 6-bit scale and minimum of sub-block `j` of a K-quant's 12 packed scale bytes.
 fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
@@ -164,7 +141,6 @@ mod tests {
                 .fold(0f32, f32::max);
             assert!(worst <= tol, "{dtype:?} → {kind:?}: worst error {worst} of the block maximum");
         }
-        assert!(rewrite(GgmlDType::Q5_0, &[0u8; 21], || None).is_none());
         assert!(rewrite(GgmlDType::Q4K, &[0u8; 143], || None).is_none());
     }
 }
