@@ -1014,13 +1014,13 @@ fn vector(t: &QTensor) -> Result<Vec<f32>> {
 fn linear_from_q(parts: Vec<QTensor>) -> Result<Linear> {
     let k = parts[0].shape().dims()[1];
     let n: usize = parts.iter().map(|p| p.shape().dims()[0]).sum();
-    let kind = repack::target(parts[0].dtype());
-    if let Some(kind) = kind {
-        if parts.iter().all(|p| repack::target(p.dtype()) == Some(kind) && p.shape().dims()[1] == k) {
+    let dtypes: Vec<_> = parts.iter().map(|p| p.dtype()).collect();
+    if let Some(kind) = repack::common_target(&dtypes) {
+        if parts.iter().all(|p| p.shape().dims()[1] == k) {
             let mut raw = Vec::new();
             for p in &parts {
                 let values = || p.dequantize(&Device::Cpu).ok()?.flatten_all().ok()?.to_vec1::<f32>().ok();
-                match repack::rewrite(p.dtype(), &p.data()?, values) {
+                match repack::rewrite_as(p.dtype(), kind, &p.data()?, values) {
                     Some(bytes) => raw.extend_from_slice(&bytes),
                     None => {
                         raw.clear();

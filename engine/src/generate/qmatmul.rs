@@ -888,6 +888,31 @@ mod tests {
         check(GgmlDType::Q8_0, 16, 64, 9);
     }
 
+    /// A row's product does not depend on the other rows of the call (batched decoding must
+    /// equal sequential decoding bit for bit).
+    #[test]
+    fn rows_are_independent_of_the_batch() {
+        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q5_0] {
+            let (n, k, rows) = (32, 640, 6);
+            let mut seed = 7u64;
+            let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut seed)).collect();
+            let x: Vec<f32> = (0..rows * k).map(|_| lcg(&mut seed)).collect();
+            let q = QTensor::quantize(&Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap(), dtype).unwrap();
+            let kind = crate::generate::repack::target(dtype).unwrap();
+            let packed = PackedMatrix::from_ggml(kind, n, k, &q.data().unwrap()).unwrap();
+            let mut acts = QActs::default();
+            acts.quantize(&x, rows, k);
+            let mut all = vec![0f32; rows * n];
+            packed.matmul(&acts, &mut all);
+            for r in 0..rows {
+                acts.quantize(&x[r * k..(r + 1) * k], 1, k);
+                let mut one = vec![0f32; n];
+                packed.matmul(&acts, &mut one);
+                assert_eq!(&all[r * n..(r + 1) * n], &one[..], "{dtype:?} row {r}");
+            }
+        }
+    }
+
     #[test]
     fn q5_0_matches_dequantized_product() {
         check(GgmlDType::Q5_0, 48, 96, 7);

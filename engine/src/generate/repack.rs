@@ -2,6 +2,8 @@
 //! 32-value blocks they do read, without an f32 copy of the weights (Q4_0, Q4_1, Q5_0 and
 //! Q8_0 are read as they are):
 //!
+//! - Q5_0 → Q8_0, exactly (the same f16 scale, the 5-bit values as 8-bit ones), when it is
+//!   stacked with Q8_0 parts into one matrix.
 //! - Q4_K → Q4_1: each 32-value sub-block's `d·scale` and `dmin·min` become its f16 scale and
 //!   minimum (rounded to f16: ~5e-4 relative, far below the 4-bit step); the nibbles are
 //!   the same.
@@ -15,6 +17,38 @@
 use super::qmatmul::QKind;
 use candle_core::quantized::GgmlDType;
 use half::f16;
+
+/// The kind that matrices of these types, stacked into one (Q, K and V; gate and up), are read
+/// as together: their common [`target`], or Q8_0 for Q5_0 beside Q8_0 (Q4_K_M files mix them),
+/// since Q5_0 widens into Q8_0 exactly.
+pub fn common_target(dtypes: &[GgmlDType]) -> Option<QKind> {
+    let kinds: Vec<QKind> = dtypes.iter().map(|&d| target(d)).collect::<Option<_>>()?;
+    let first = *kinds.first()?;
+    if kinds.iter().all(|&k| k == first) {
+        Some(first)
+    } else if kinds.iter().all(|&k| matches!(k, QKind::Q5_0 | QKind::Q8_0)) {
+        Some(QKind::Q8_0)
+    } else {
+        None
+    }
+}
+
+/// [`rewrite`] into `kind`, which is `dtype`'s own target or, for Q5_0, Q8_0 (see
+/// [`common_target`]).
+pub fn rewrite_as(
+    dtype: GgmlDType,
+    kind: QKind,
+    raw: &[u8],
+    dequantized: impl FnOnce() -> Option<Vec<f32>>,
+) -> Option<Vec<u8>> {
+    if target(dtype) == Some(kind) {
+        rewrite(dtype, raw, dequantized)
+    } else if dtype == GgmlDType::Q5_0 && kind == QKind::Q8_0 {
+        q5_0_to_q8_0(raw)
+    } else {
+        None
+    }
+}
 
 /// The packed kind that `dtype` is read as (itself, or what it is rewritten into).
 pub fn target(dtype: GgmlDType) -> Option<QKind> {
@@ -39,9 +73,32 @@ pub fn rewrite(dtype: GgmlDType, raw: &[u8], dequantized: impl FnOnce() -> Optio
     }
 }
 
+const Q5_0_BYTES: usize = 22;
 const Q8_0_BYTES: usize = 34;
 const Q4K_BYTES: usize = 144;
 const Q4_1_BYTES: usize = 20;
+
+/// Q5_0 (`d`, 32 high bits, 16 bytes of low nibbles) → Q8_0 (`d`, 32 signed bytes).
+fn q5_0_to_q8_0(raw: &[u8]) -> Option<Vec<u8>> {
+    if raw.len() % Q5_0_BYTES != 0 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(raw.len() / Q5_0_BYTES * Q8_0_BYTES);
+    for b in raw.chunks_exact(Q5_0_BYTES) {
+        out.extend_from_slice(&b[..2]);
+        let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+        let qs = &b[6..22];
+        let mut vals = [0i8; 32];
+        for j in 0..16 {
+            let hi0 = ((qh >> j) << 4) & 0x10;
+            let hi1 = (qh >> (j + 12)) & 0x10;
+            vals[j] = ((qs[j] as u32 & 0x0F) | hi0) as i8 - 16;
+            vals[j + 16] = ((qs[j] as u32 >> 4) | hi1) as i8 - 16;
+        }
+        out.extend(vals.iter().map(|&v| v as u8));
+    }
+    Some(out)
+}
 
 /// The 6-bit scale and minimum of sub-block `j` of a K-quant's 12 packed scale bytes.
 fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
@@ -142,5 +199,21 @@ mod tests {
             assert!(worst <= tol, "{dtype:?} → {kind:?}: worst error {worst} of the block maximum");
         }
         assert!(rewrite(GgmlDType::Q4K, &[0u8; 143], || None).is_none());
+    }
+
+    /// Q5_0 stacked with Q8_0 (as Q4_K_M files stack Q, K and V) is read as Q8_0, widened
+    /// exactly; kinds that cannot share a kernel have no common target.
+    #[test]
+    fn stacked_q5_0_and_q8_0_share_q8_0_exactly() {
+        assert_eq!(common_target(&[GgmlDType::Q5_0, GgmlDType::Q5_0]), Some(QKind::Q5_0));
+        assert_eq!(common_target(&[GgmlDType::Q5_0, GgmlDType::Q8_0, GgmlDType::Q6K]), Some(QKind::Q8_0));
+        assert_eq!(common_target(&[GgmlDType::Q4_0, GgmlDType::Q8_0]), None);
+        let n = 1024;
+        let x = Tensor::from_vec(values(n), (n,), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&x, GgmlDType::Q5_0).unwrap();
+        let want = q.dequantize(&Device::Cpu).unwrap().to_vec1::<f32>().unwrap();
+        let out = rewrite_as(GgmlDType::Q5_0, QKind::Q8_0, &q.data().unwrap(), || None).unwrap();
+        assert_eq!(decode(GgmlDType::Q8_0, &out, n), want);
+        assert!(rewrite_as(GgmlDType::Q4_0, QKind::Q8_0, &[0u8; 18], || None).is_none());
     }
 }

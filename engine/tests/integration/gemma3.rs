@@ -110,15 +110,16 @@ fn gemma3_batched_decoding_equals_sequential() {
     batched_equals_sequential(gemma3(), &prompts);
 }
 
-/// K-quants and Q5_0 are packed (rewritten into the kernels' 32-value blocks), not copied to
-/// f32: the weights held stay within 15% of the file.
+/// K-quants are packed (rewritten into the kernels' 32-value blocks) and Q5_0 read as it is,
+/// not copied to f32 or widened: the weights held stay within 5% of the file (measured:
+/// 1.001x; 1.08x while Q5_0 was widened to Q8_0, more with any f32 fallback).
 #[test]
 fn gemma3_weights_stay_packed() {
     let m = gemma3();
     let file = std::fs::metadata(gemma3_path()).unwrap().len() as f64;
     let held = m.model.weight_bytes() as f64;
     eprintln!("weights held {:.1} MiB for a {:.1} MiB file ({:.3}x)", held / 1048576.0, file / 1048576.0, held / file);
-    assert!(held <= 1.15 * file, "{held} bytes of weights for a {file}-byte file");
+    assert!(held <= 1.05 * file, "{held} bytes of weights for a {file}-byte file");
 }
 
 /// Past the 512-token window: the sliding layers' prefill path (one pass, and chunks that
