@@ -226,3 +226,51 @@ pub fn start_server(models: &Path, data: &Path, extra: &[String]) -> anyhow::Res
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// Generation drivers shared by `gen-bench` and `gpu-bench`: prompts of an exact token
+/// count and the arrival time of each streamed token.
+pub mod gen {
+    use ragway_engine::generate::{GenEvent, GenerateHandle, GenerationRequest, SamplingParams};
+    use std::time::{Duration, Instant};
+
+    /// The text bench_llamacpp.py repeats to build its prompt.
+    pub const TEXT: &str = "The history of computing is a story of abstraction layered upon abstraction. Early machines were \
+programmed by rewiring panels; later, stored programs allowed instructions to live in memory beside \
+data. Assembly languages gave names to opcodes, compilers translated structured languages into \
+machine code, and operating systems hid the details of devices behind files and processes. ";
+
+    /// `n` tokens of "Document {salt}." followed by [`TEXT`] repeated.
+    pub fn prompt(handle: &GenerateHandle, n: usize, salt: usize) -> anyhow::Result<Vec<u32>> {
+        let mut text = format!("Document {salt}. ");
+        loop {
+            let ids = handle.tokenizer().encode(&text, true)?;
+            if ids.len() >= n {
+                return Ok(ids[..n].to_vec());
+            }
+            text.push_str(TEXT);
+        }
+    }
+
+    /// A greedy request that generates exactly `max_tokens` (EOS ignored).
+    pub fn greedy_request(prompt: Vec<u32>, max_tokens: usize) -> GenerationRequest {
+        let mut r = GenerationRequest::new(prompt, max_tokens, SamplingParams::greedy());
+        r.ignore_eos = true;
+        r
+    }
+
+    /// Times of each token of one request (relative to submission).
+    pub fn token_times(handle: &GenerateHandle, req: GenerationRequest) -> anyhow::Result<Vec<Duration>> {
+        let t0 = Instant::now();
+        let mut stream = handle.submit(req)?;
+        let mut times = Vec::new();
+        while let Some(ev) = stream.blocking_next() {
+            match ev {
+                GenEvent::Token { .. } => times.push(t0.elapsed()),
+                GenEvent::Error { message } => anyhow::bail!(message),
+                GenEvent::Done { .. } => break,
+                GenEvent::Text { .. } => {}
+            }
+        }
+        Ok(times)
+    }
+}

@@ -15,9 +15,10 @@
 //! (`benches/scripts/llamacpp_grammar.py`).
 
 use clap::Parser;
+use ragway_benches::gen::{greedy_request as request, prompt, token_times};
 use ragway_benches::{median, reference_python, run_reference, workspace_root};
 use ragway_engine::generate::{
-    resolve_generation_model, GenEvent, GenerateConfig, Grammar, GenerateHandle, GenerateWorker, GenerationRequest, SamplingParams,
+    resolve_generation_model, GenerateConfig, Grammar, GenerateHandle, GenerateWorker, GenerationRequest, SamplingParams,
 };
 use ragway_engine::models::DEFAULT_GENERATION_MODEL_ID;
 use serde_json::{json, Value};
@@ -184,45 +185,6 @@ fn structured(handle: &GenerateHandle, args: &Args, gguf: &std::path::Path, spec
     }
     println!("{}", json!({"bench": "gen_structured", "model": args.model, "threads": args.threads, "ragway": rows, "llamacpp": reference}));
     Ok(())
-}
-
-/// The text bench_llamacpp.py repeats to build its prompt.
-const TEXT: &str = "The history of computing is a story of abstraction layered upon abstraction. Early machines were \
-programmed by rewiring panels; later, stored programs allowed instructions to live in memory beside \
-data. Assembly languages gave names to opcodes, compilers translated structured languages into \
-machine code, and operating systems hid the details of devices behind files and processes. ";
-
-fn prompt(handle: &GenerateHandle, n: usize, salt: usize) -> anyhow::Result<Vec<u32>> {
-    let mut text = format!("Document {salt}. ");
-    loop {
-        let ids = handle.tokenizer().encode(&text, true)?;
-        if ids.len() >= n {
-            return Ok(ids[..n].to_vec());
-        }
-        text.push_str(TEXT);
-    }
-}
-
-fn request(prompt: Vec<u32>, max_tokens: usize) -> GenerationRequest {
-    let mut r = GenerationRequest::new(prompt, max_tokens, SamplingParams::greedy());
-    r.ignore_eos = true;
-    r
-}
-
-/// Times of each token of one request (relative to submission).
-fn token_times(handle: &GenerateHandle, req: GenerationRequest) -> anyhow::Result<Vec<Duration>> {
-    let t0 = Instant::now();
-    let mut stream = handle.submit(req)?;
-    let mut times = Vec::new();
-    while let Some(ev) = stream.blocking_next() {
-        match ev {
-            GenEvent::Token { .. } => times.push(t0.elapsed()),
-            GenEvent::Error { message } => anyhow::bail!(message),
-            GenEvent::Done { .. } => break,
-            GenEvent::Text { .. } => {}
-        }
-    }
-    Ok(times)
 }
 
 fn single_stream(handle: &GenerateHandle, args: &Args) -> anyhow::Result<Value> {

@@ -20,13 +20,14 @@
 
 use candle_core::Device;
 use clap::Parser;
+use ragway_benches::gen::{greedy_request, prompt, token_times, TEXT};
 use ragway_benches::median;
 use ragway_engine::device::open_device;
 use ragway_engine::embed::{Embedder, EmbedderOptions};
 use ragway_engine::generate::sampling::argmax;
 use ragway_engine::generate::{
-    resolve_generation_model, DeviceLlama, GenEvent, GenerateConfig, GenerateHandle, GenerateWorker, GenerationRequest,
-    GenerativeModel, KvCache, KvSizing, PagedKv, PagedSeq, SamplingParams, Scratch, SeqBatch,
+    resolve_generation_model, DeviceLlama, GenerateConfig, GenerateWorker, GenerativeModel, KvCache, KvSizing,
+    PagedKv, PagedSeq, Scratch, SeqBatch,
 };
 use ragway_engine::models::{DEFAULT_EMBEDDING_MODEL_ID, DEFAULT_GENERATION_MODEL_ID};
 use serde_json::{json, Value};
@@ -201,37 +202,6 @@ fn check(args: &Args) -> anyhow::Result<Value> {
         "passed": passed}))
 }
 
-const TEXT: &str = "The history of computing is a story of abstraction layered upon abstraction. Early machines were \
-programmed by rewiring panels; later, stored programs allowed instructions to live in memory beside data. ";
-
-fn prompt(h: &GenerateHandle, n: usize, salt: usize) -> anyhow::Result<Vec<u32>> {
-    let mut text = format!("Document {salt}. ");
-    loop {
-        let ids = h.tokenizer().encode(&text, true)?;
-        if ids.len() >= n {
-            return Ok(ids[..n].to_vec());
-        }
-        text.push_str(TEXT);
-    }
-}
-
-fn token_times(h: &GenerateHandle, p: Vec<u32>, max: usize) -> anyhow::Result<Vec<Duration>> {
-    let mut req = GenerationRequest::new(p, max, SamplingParams::greedy());
-    req.ignore_eos = true;
-    let t0 = Instant::now();
-    let mut stream = h.submit(req)?;
-    let mut times = Vec::new();
-    while let Some(ev) = stream.blocking_next() {
-        match ev {
-            GenEvent::Token { .. } => times.push(t0.elapsed()),
-            GenEvent::Error { message } => anyhow::bail!(message),
-            GenEvent::Done { .. } => break,
-            GenEvent::Text { .. } => {}
-        }
-    }
-    Ok(times)
-}
-
 fn list(s: &str) -> Vec<usize> {
     s.split(',').filter_map(|x| x.trim().parse().ok()).collect()
 }
@@ -254,7 +224,7 @@ fn bench(args: &Args) -> anyhow::Result<Value> {
         let n = n.min(h.context_length().saturating_sub(args.gen_tokens + 1));
         let (mut ttft, mut dec) = (Vec::new(), Vec::new());
         for r in 0..args.runs + 1 {
-            let times = token_times(&h, prompt(&h, n, r)?, args.gen_tokens + 1)?;
+            let times = token_times(&h, greedy_request(prompt(&h, n, r)?, args.gen_tokens + 1))?;
             if r == 0 {
                 continue;
             }
@@ -275,7 +245,7 @@ fn bench(args: &Args) -> anyhow::Result<Value> {
             let prompts: Vec<Vec<u32>> =
                 (0..c).map(|i| prompt(&h, 32, 1000 + r * 1000 + i)).collect::<anyhow::Result<_>>()?;
             let results: Vec<anyhow::Result<Vec<Duration>>> = std::thread::scope(|s| {
-                let hs: Vec<_> = prompts.into_iter().map(|p| s.spawn(|| token_times(&h, p, args.gen_tokens))).collect();
+                let hs: Vec<_> = prompts.into_iter().map(|p| s.spawn(|| token_times(&h, greedy_request(p, args.gen_tokens)))).collect();
                 hs.into_iter().map(|j| j.join().expect("client")).collect()
             });
             let (mut first, mut last, mut tokens) = (f64::INFINITY, 0f64, 0usize);

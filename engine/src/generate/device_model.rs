@@ -17,7 +17,8 @@
 //! device this decoder's logits match the native decoder's to within rounding.
 
 use super::model::{
-    gguf_config, hf_norms, mmap_safetensors, safetensors_config, Activation, LlamaConfig, Rope, RopeStyle,
+    gguf_config, hf_norms, mmap_safetensors, safetensors_config, stacked_names, Activation, LlamaConfig, Rope,
+    RopeStyle,
 };
 use super::paged::{BlockPool, PagedKv, SharedPool, BLOCK};
 use crate::error::{EngineError, Result};
@@ -166,16 +167,8 @@ impl DeviceLlama {
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
             let n = |t: &str| format!("blk.{i}.{t}");
-            let qkv = if has(&n("attn_qkv.weight")) {
-                linear(&[n("attn_qkv.weight")])?
-            } else {
-                linear(&[n("attn_q.weight"), n("attn_k.weight"), n("attn_v.weight")])?
-            };
-            let gate_up = if has(&n("ffn_gate.weight")) {
-                linear(&[n("ffn_gate.weight"), n("ffn_up.weight")])?
-            } else {
-                linear(&[n("ffn_up.weight")])?
-            };
+            let (qkv_names, gate_up_names) = stacked_names(i, true, has);
+            let (qkv, gate_up) = (linear(&qkv_names)?, linear(&gate_up_names)?);
             let o = linear(&[n("attn_output.weight")])?;
             let down = linear(&[n("ffn_down.weight")])?;
             let small = |t: &str| -> Result<Tensor> { f32_vec(&tensor(&n(t))?, device) };
@@ -250,16 +243,8 @@ impl DeviceLlama {
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
             let n = |t: &str| format!("model.layers.{i}.{t}");
-            let qkv = if has(&n("self_attn.qkv_proj.weight")) {
-                dense(&[n("self_attn.qkv_proj.weight")])?
-            } else {
-                dense(&[n("self_attn.q_proj.weight"), n("self_attn.k_proj.weight"), n("self_attn.v_proj.weight")])?
-            };
-            let gate_up = if has(&n("mlp.gate_up_proj.weight")) {
-                dense(&[n("mlp.gate_up_proj.weight")])?
-            } else {
-                dense(&[n("mlp.gate_proj.weight"), n("mlp.up_proj.weight")])?
-            };
+            let (qkv_names, gate_up_names) = stacked_names(i, false, has);
+            let (qkv, gate_up) = (dense(&qkv_names)?, dense(&gate_up_names)?);
             let o = dense(&[n("self_attn.o_proj.weight")])?;
             let down = dense(&[n("mlp.down_proj.weight")])?;
             let qkv_bias = if has(&n("self_attn.q_proj.bias")) {
@@ -385,16 +370,7 @@ impl DeviceLlama {
         let mut starts = Vec::with_capacity(batch.len());
         for b in batch.iter() {
             let start = b.kv.len();
-            if start + b.tokens.len() > cfg.context_length {
-                return Err(EngineError::Internal(format!(
-                    "sequence of {} tokens exceeds the context of {}",
-                    start + b.tokens.len(),
-                    cfg.context_length
-                )));
-            }
-            if let Some(&bad) = b.tokens.iter().find(|&&t| t as usize >= cfg.vocab) {
-                return Err(EngineError::InvalidTokenId { index: 0, token_id: bad, vocab_size: cfg.vocab });
-            }
+            cfg.check_input(start, b.tokens)?;
             starts.push(start);
         }
         // Blocks for the new positions (copies of shared blocks first), all or nothing.

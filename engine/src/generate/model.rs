@@ -178,6 +178,22 @@ impl LlamaConfig {
         lo
     }
 
+    /// Refuses `tokens` at positions `start..` that run past the context or name no token of
+    /// the vocabulary (the forward passes' own check; requests are validated before).
+    pub(crate) fn check_input(&self, start: usize, tokens: &[u32]) -> Result<()> {
+        if start + tokens.len() > self.context_length {
+            return Err(EngineError::Internal(format!(
+                "sequence of {} tokens exceeds the context of {}",
+                start + tokens.len(),
+                self.context_length
+            )));
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.vocab) {
+            return Err(EngineError::InvalidTokenId { index: 0, token_id: bad, vocab_size: self.vocab });
+        }
+        Ok(())
+    }
+
     fn check(&self, path: &Path) -> Result<()> {
         let bad = |reason: String| Err(EngineError::InvalidModel { path: path.to_path_buf(), reason });
         if self.n_heads == 0 || self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
@@ -398,17 +414,9 @@ impl Llama {
         for i in 0..cfg.n_layers {
             let p = format!("blk.{i}");
             let n = |t: &str| format!("{p}.{t}");
-            let qkv = if has(&n("attn_qkv.weight")) {
-                vec![tensor(&n("attn_qkv.weight"))?]
-            } else {
-                vec![tensor(&n("attn_q.weight"))?, tensor(&n("attn_k.weight"))?, tensor(&n("attn_v.weight"))?]
-            };
-            // phi3 stores gate and up as one `ffn_up` of twice the width.
-            let gate_up = if has(&n("ffn_gate.weight")) {
-                vec![tensor(&n("ffn_gate.weight"))?, tensor(&n("ffn_up.weight"))?]
-            } else {
-                vec![tensor(&n("ffn_up.weight"))?]
-            };
+            let (qkv_names, gate_up_names) = stacked_names(i, true, has);
+            let qkv = qkv_names.iter().map(|t| tensor(t)).collect::<Result<Vec<_>>>()?;
+            let gate_up = gate_up_names.iter().map(|t| tensor(t)).collect::<Result<Vec<_>>>()?;
             let mut layer = Layer::plain(
                 vector(&tensor(&n("attn_norm.weight"))?)?,
                 linear_from_q(qkv)?,
@@ -487,16 +495,8 @@ impl Llama {
             let p = format!("model.layers.{i}");
             let n = |t: &str| format!("{p}.{t}");
             // phi3 fuses Q, K and V into `qkv_proj`, and gate and up into `gate_up_proj`.
-            let qkv = if has(&n("self_attn.qkv_proj.weight")) {
-                dense(&[n("self_attn.qkv_proj.weight")])?
-            } else {
-                dense(&[n("self_attn.q_proj.weight"), n("self_attn.k_proj.weight"), n("self_attn.v_proj.weight")])?
-            };
-            let gate_up = if has(&n("mlp.gate_up_proj.weight")) {
-                dense(&[n("mlp.gate_up_proj.weight")])?
-            } else {
-                dense(&[n("mlp.gate_proj.weight"), n("mlp.up_proj.weight")])?
-            };
+            let (qkv_names, gate_up_names) = stacked_names(i, false, has);
+            let (qkv, gate_up) = (dense(&qkv_names)?, dense(&gate_up_names)?);
             let mut layer = Layer::plain(
                 norm(&n(names.attn))?,
                 qkv,
@@ -601,16 +601,7 @@ impl Llama {
         let mut offset = 0;
         for b in batch.iter() {
             let start = b.cache.len;
-            if start + b.tokens.len() > cfg.context_length {
-                return Err(EngineError::Internal(format!(
-                    "sequence of {} tokens exceeds the context of {}",
-                    start + b.tokens.len(),
-                    cfg.context_length
-                )));
-            }
-            if let Some(&bad) = b.tokens.iter().find(|&&t| t as usize >= cfg.vocab) {
-                return Err(EngineError::InvalidTokenId { index: 0, token_id: bad, vocab_size: cfg.vocab });
-            }
+            cfg.check_input(start, b.tokens)?;
             starts.push((offset, start, b.tokens.len()));
             offset += b.tokens.len();
         }
@@ -961,6 +952,34 @@ pub(crate) fn mmap_safetensors(dir: &Path) -> Result<candle_core::safetensors::M
     // not modify model files while it runs.
     unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }
         .map_err(|e| invalid(format!("safetensors: {e}")))
+}
+
+/// The tensor names of layer `i`'s stacked matrices, Q/K/V and gate/up, each either fused
+/// in one tensor (phi3) or apart, for a GGUF file (`gguf`) or a Hugging Face folder; `has`
+/// says whether a tensor exists.
+pub(crate) fn stacked_names(i: usize, gguf: bool, has: impl Fn(&str) -> bool) -> (Vec<String>, Vec<String>) {
+    let one = |fused: &str, apart: &[&str]| -> Vec<String> {
+        let name = |t: &str| if gguf { format!("blk.{i}.{t}.weight") } else { format!("model.layers.{i}.{t}.weight") };
+        if has(&name(fused)) {
+            vec![name(fused)]
+        } else {
+            apart.iter().map(|t| name(t)).collect()
+        }
+    };
+    if gguf {
+        // phi3 stores gate and up as one `ffn_up` of twice the width.
+        let gate_up = if has(&format!("blk.{i}.ffn_gate.weight")) {
+            vec![format!("blk.{i}.ffn_gate.weight"), format!("blk.{i}.ffn_up.weight")]
+        } else {
+            vec![format!("blk.{i}.ffn_up.weight")]
+        };
+        (one("attn_qkv", &["attn_q", "attn_k", "attn_v"]), gate_up)
+    } else {
+        (
+            one("self_attn.qkv_proj", &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
+            one("mlp.gate_up_proj", &["mlp.gate_proj", "mlp.up_proj"]),
+        )
+    }
 }
 
 /// Where a Hugging Face decoder layer keeps its norms, and whether their weights are stored as
