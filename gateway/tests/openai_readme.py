@@ -1,7 +1,12 @@
 """Runs the README's first Python example unchanged against a running ragway (RAGWAY_URL):
 only its base_url is pointed at the test server. The streamed chat answer must finish by
 itself (finish_reason "stop") within the server's default token cap, and the model's
-generation defaults must be what GET /v1/models/{id} says."""
+generation defaults must be what GET /v1/models/{id} says.
+
+The example samples (temperature 0.8), and SmolLM2-135M sometimes repeats itself until the
+1,024-token cap: measured 1 answer in 60 (as the README says). Of five runs at least four
+must stop by themselves (two or more loops: ~0.3% by chance at that rate), and a run that
+does not must end at the cap ("length"), never with an error."""
 import contextlib
 import io
 import json
@@ -25,6 +30,7 @@ assert defaults["max_tokens"] == 1024, defaults
 assert (defaults["temperature"], defaults["top_k"]) == (0.8, 40), defaults
 
 answers = []
+loops = []
 for run in range(5):
     out = io.StringIO()
     ns = {}
@@ -32,8 +38,13 @@ for run in range(5):
         exec(compile(code, str(readme), "exec"), ns)
     last = ns["chunk"]  # the loop's last chunk carries the finish reason
     text = out.getvalue()
-    assert last.choices[0].finish_reason == "stop", (run, last, text[-300:])
+    reason = last.choices[0].finish_reason
+    assert reason in ("stop", "length"), (run, last, text[-300:])
     assert text.strip(), run
-    answers.append(text)
-    print(f"README example run {run}: {text!r}")
+    if reason == "length":
+        loops.append(text[-300:])
+    else:
+        answers.append(text)
+    print(f"README example run {run} ({reason}): {text[:300]!r}")
+assert len(loops) <= 1, f"{len(loops)} of 5 answers ran to the token cap: {loops}"
 print("openai readme example: all checks passed")
