@@ -92,6 +92,10 @@ impl KvSizing {
     }
 }
 
+/// Sizes the KV cache once the weights are on the device: gets the model's configuration
+/// and the bytes its weights took there.
+pub type SizeKv<'a> = &'a dyn Fn(&LlamaConfig, usize) -> Result<KvSizing>;
+
 /// A llama-family decoder on a candle device with a paged KV cache.
 pub struct DeviceLlama {
     cfg: LlamaConfig,
@@ -105,6 +109,7 @@ pub struct DeviceLlama {
     pool: SharedPool,
     windows: Arc<Vec<Option<usize>>>,
     weight_bytes: usize,
+    kv: KvSizing,
 }
 
 /// One sequence's part of a forward pass on the paged cache.
@@ -133,6 +138,11 @@ impl DeviceLlama {
         self.weight_bytes
     }
 
+    /// How the KV cache was sized (its token budget is the scheduler's).
+    pub fn kv_sizing(&self) -> KvSizing {
+        self.kv
+    }
+
     /// Blocks of the KV pool in use and in all.
     pub fn blocks(&self) -> (usize, usize) {
         let p = self.pool.lock().unwrap_or_else(|e| e.into_inner());
@@ -144,9 +154,9 @@ impl DeviceLlama {
         PagedKv::new(self.pool.clone(), self.windows.clone())
     }
 
-    /// Loads a GGUF decoder onto `device`; `kv` sizes the paged cache. Quantized matrices stay
-    /// quantized on the device.
-    pub fn from_gguf(path: &Path, content: &gguf_file::Content, device: &Device, kv: KvSizing) -> Result<Self> {
+    /// Loads a GGUF decoder onto `device`; `kv` sizes the paged cache once the weights are
+    /// there. Quantized matrices stay quantized on the device.
+    pub fn from_gguf(path: &Path, content: &gguf_file::Content, device: &Device, kv: SizeKv<'_>) -> Result<Self> {
         let cfg = gguf_config(path, content)?;
         let gemma = cfg.arch.is_gemma();
         let has = |name: &str| content.tensor_infos.contains_key(name);
@@ -213,7 +223,7 @@ impl DeviceLlama {
     }
 
     /// Loads a Hugging Face decoder folder onto `device`, matrices in their own precision.
-    pub fn from_safetensors(dir: &Path, device: &Device, kv: KvSizing) -> Result<Self> {
+    pub fn from_safetensors(dir: &Path, device: &Device, kv: SizeKv<'_>) -> Result<Self> {
         let (cfg, hf) = safetensors_config(dir)?;
         let st = mmap_safetensors(dir)?;
         let has = |name: &str| st.get(name).is_ok();
@@ -294,7 +304,7 @@ impl DeviceLlama {
         norm: Tensor,
         lm_head: Option<DLinear>,
         weight_bytes: usize,
-        kv: KvSizing,
+        kv: SizeKv<'_>,
         path: &Path,
     ) -> Result<Self> {
         let bad = |reason: String| Err(EngineError::InvalidModel { path: path.to_path_buf(), reason });
@@ -312,6 +322,7 @@ impl DeviceLlama {
                 return bad(format!("layer {i} has norms that do not match the configuration"));
             }
         }
+        let kv = kv(&cfg, weight_bytes)?;
         let blocks = kv.blocks(cfg.n_layers);
         let rows = blocks.checked_mul(BLOCK).ok_or_else(|| EngineError::Internal("KV cache size overflows".into()))?;
         let kv_bytes = rows.saturating_mul(cfg.kv_dim()).saturating_mul(2 * 2);
@@ -349,6 +360,7 @@ impl DeviceLlama {
             pool: Arc::new(Mutex::new(BlockPool::new(blocks))),
             windows,
             weight_bytes,
+            kv,
         };
         // A one-token pass checks every weight's shape now, not on the first request.
         let mut probe = this.new_kv();
@@ -373,9 +385,9 @@ impl DeviceLlama {
             cfg.check_input(start, b.tokens)?;
             starts.push(start);
         }
-        // Blocks for the new positions (copies of shared blocks first), all or nothing.
+        // Blocks for the new positions (copies of shared blocks first), all or nothing per
+        // sequence; blocks a failed pass took stay with their sequences for the next one.
         for (i, b) in batch.iter_mut().enumerate() {
-            // Blocks a failed pass took stay with their sequences for the next one.
             let copies = b.kv.grow(starts[i] + b.tokens.len()).map_err(|e| EngineError::Internal(e.to_string()))?;
             for c in copies {
                 for cache in [&self.k_cache, &self.v_cache] {

@@ -100,7 +100,8 @@ impl GenerativeModel<Llama> {
 }
 
 impl GenerativeModel<DeviceLlama> {
-    /// [`GenerativeModel::load`] onto `device` with a paged KV cache sized by `kv`.
+    /// [`GenerativeModel::load`] onto `device` with a paged KV cache sized by `kv` (see
+    /// [`DeviceLlama::from_gguf`] for sizing that depends on the model).
     pub fn load_on_device(
         source: &str,
         models_dir: &Path,
@@ -113,8 +114,8 @@ impl GenerativeModel<DeviceLlama> {
             models_dir,
             chat_template,
             DecoderLoader {
-                gguf: &|p, c| DeviceLlama::from_gguf(p, c, device, kv),
-                safetensors: &|d| DeviceLlama::from_safetensors(d, device, kv),
+                gguf: &|p, c| DeviceLlama::from_gguf(p, c, device, &|_, _| Ok(kv)),
+                safetensors: &|d| DeviceLlama::from_safetensors(d, device, &|_, _| Ok(kv)),
             },
         )
     }

@@ -14,6 +14,7 @@
 //! fails at once with [`EngineError::QueueFull`].
 
 use super::device_model::{DeviceLlama, KvSizing, PagedSeq};
+use super::DecoderLoader;
 use super::model::{KvCache, Llama, LlamaConfig, Scratch, SeqBatch};
 use super::paged::PagedKv;
 use super::constrain::{Constrainer, Constraint, Grammar, GrammarLimits};
@@ -373,81 +374,52 @@ fn load_decoder(cfg: &GenerateConfig) -> Result<(GenerativeModel<Decoder>, usize
             Ok((m.map(Decoder::Host), budget))
         }
         DecoderKind::Paged => {
-            let path = super::resolve_generation_model(&cfg.source, &cfg.models_dir)?;
-            let budget = match crate::device::device_memory(&device)? {
-                Some((free, total)) => {
-                    let weights = model_bytes(&path);
-                    let kv_per_token = peek_config(&path)?.kv_bytes_per_token().max(1);
-                    gpu_kv_budget(cfg, free, total, weights, kv_per_token)?
-                }
-                None => (cfg.kv_cache_mib << 20) / peek_config(&path)?.kv_bytes_per_token().max(1),
+            // Sized once the weights are on the device, so that the GPU's free memory counts
+            // them as they are held there.
+            let size = |mc: &LlamaConfig, weights: usize| -> Result<KvSizing> {
+                let per_token = mc.kv_bytes_per_token().max(1);
+                let budget_tokens = match crate::device::device_memory(&device)? {
+                    Some((free, total)) => gpu_kv_budget(cfg, free, total, weights, per_token)?,
+                    None => (cfg.kv_cache_mib << 20) / per_token,
+                };
+                Ok(KvSizing { budget_tokens, max_running: cfg.max_running, max_batch_tokens: cfg.max_batch_tokens })
             };
-            let sizing = KvSizing {
-                budget_tokens: budget,
-                max_running: cfg.max_running,
-                max_batch_tokens: cfg.max_batch_tokens,
-            };
-            let m = GenerativeModel::load_on_device(
-                path.to_str().unwrap_or(&cfg.source),
+            let m = GenerativeModel::load_with(
+                &cfg.source,
                 &cfg.models_dir,
                 template,
-                &device,
-                sizing,
+                DecoderLoader {
+                    gguf: &|p, c| DeviceLlama::from_gguf(p, c, &device, &size),
+                    safetensors: &|d| DeviceLlama::from_safetensors(d, &device, &size),
+                },
             )?;
+            let budget = m.model.kv_sizing().budget_tokens;
             Ok((m.map(Decoder::Paged), budget))
         }
     }
 }
 
-/// Bytes of a model's weight files (the GGUF file, or a folder's safetensors).
-fn model_bytes(path: &std::path::Path) -> usize {
-    if path.is_file() {
-        return std::fs::metadata(path).map(|m| m.len() as usize).unwrap_or(0);
-    }
-    std::fs::read_dir(path)
-        .map(|d| {
-            d.filter_map(|e| e.ok())
-                .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
-                .filter_map(|e| e.metadata().ok())
-                .map(|m| m.len() as usize)
-                .sum()
-        })
-        .unwrap_or(0)
-}
-
-/// The configuration of a model without loading its weights.
-fn peek_config(path: &std::path::Path) -> Result<LlamaConfig> {
-    if path.is_file() {
-        let mut file = std::fs::File::open(path)?;
-        let content = candle_core::quantized::gguf_file::Content::read(&mut file)
-            .map_err(|e| EngineError::InvalidModel { path: path.to_path_buf(), reason: format!("GGUF: {e}") })?;
-        super::model::gguf_config(path, &content)
-    } else {
-        Ok(super::model::safetensors_config(path)?.0)
-    }
-}
-
-/// The KV budget in tokens on a GPU with `free` of `total` bytes: ragway may fill
-/// `gpu_memory_fraction` of `total`; what others already use, the weights and a reserve for
-/// activations come off first.
+/// The KV budget in tokens on a GPU with `free` of `total` bytes once the decoder's
+/// `weights` are loaded: ragway may fill `gpu_memory_fraction` of `total`; what is already
+/// in use (the weights included) and a reserve for activations come off first.
 fn gpu_kv_budget(cfg: &GenerateConfig, free: usize, total: usize, weights: usize, kv_per_token: usize) -> Result<usize> {
     let fraction = cfg.gpu_memory_fraction;
     if !(fraction > 0.0 && fraction <= 1.0) {
         return Err(EngineError::Device(cfg.device.clone(), format!("--gpu-memory-fraction {fraction} is not in (0, 1]")));
     }
     let allowed = (total as f64 * fraction as f64) as usize;
-    let others = total.saturating_sub(free);
-    let kv = allowed.saturating_sub(others).saturating_sub(weights).saturating_sub(GPU_RESERVE_BYTES);
+    let in_use = total.saturating_sub(free);
+    let kv = allowed.saturating_sub(in_use).saturating_sub(GPU_RESERVE_BYTES);
     let tokens = kv / kv_per_token;
     if tokens < cfg.max_batch_tokens.max(1) {
         return Err(EngineError::Device(
             cfg.device.clone(),
             format!(
-                "out of memory for model {}: {} MiB of weights, {} MiB already in use and a {} MiB reserve leave no \
-                 KV cache within --gpu-memory-fraction {fraction} of {} MiB",
+                "out of memory for model {}: {} MiB of weights, {} MiB in use with them and a {} MiB reserve leave \
+                 no KV cache within --gpu-memory-fraction {fraction} of {} MiB",
                 cfg.model_id,
                 weights >> 20,
-                others >> 20,
+                in_use >> 20,
                 GPU_RESERVE_BYTES >> 20,
                 total >> 20
             ),
