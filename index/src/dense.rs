@@ -5,7 +5,7 @@
 //! scores are always "higher is better": cosine similarity, dot product, or the negated
 //! Euclidean distance.
 
-use crate::hnsw::{Graph, Params};
+use crate::hnsw::{Cut, Graph, Params};
 pub use crate::quant::Quantization;
 use crate::simd::{dot, squared_l2};
 use rayon::prelude::*;
@@ -69,6 +69,10 @@ pub struct DenseIndex {
     graph: RwLock<Graph>,
     /// Serializes batch inserts (each batch inserts in parallel).
     insert_lock: Mutex<()>,
+    /// Held by [`DenseIndex::save_cut`] while it reads the graph, so that growing it waits
+    /// here instead of at the graph's write lock: that lock prefers writers, and a grower
+    /// queued there would hold every search back until the save ends.
+    saving: Mutex<()>,
 }
 
 impl DenseIndex {
@@ -79,7 +83,7 @@ impl DenseIndex {
     }
 
     pub fn from_graph(graph: Graph) -> Self {
-        Self { graph: RwLock::new(graph), insert_lock: Mutex::new(()) }
+        Self { graph: RwLock::new(graph), insert_lock: Mutex::new(()), saving: Mutex::new(()) }
     }
 
     /// Reads a graph saved by [`DenseIndex::save`]; answers it with the log record it covers.
@@ -92,17 +96,43 @@ impl DenseIndex {
     /// order.
     pub fn insert(&self, items: &[(&[f32], u64)]) -> Vec<u32> {
         let _one_batch = self.insert_lock.lock().unwrap_or_else(|e| e.into_inner());
-        if !self.read().has_room(items.len()) {
-            let mut g = self.graph.write().unwrap_or_else(|e| e.into_inner());
-            let want = (g.capacity() * 2).max(g.len() + items.len() + 1024);
-            *g = g.grown(want);
-        }
+        self.reserve_locked(items.len());
         let g = self.read();
         if items.len() >= 64 {
             items.par_iter().map(|&(v, key)| g.insert(v, key)).collect()
         } else {
             items.iter().map(|&(v, key)| g.insert(v, key)).collect()
         }
+    }
+
+    /// Makes room for `more` points beyond those in the graph, so that inserting them
+    /// does not grow it.
+    pub fn reserve(&self, more: usize) {
+        let _no_inserts = self.insert_lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.reserve_locked(more);
+    }
+
+    fn reserve_locked(&self, more: usize) {
+        if !self.read().has_room(more) {
+            let _not_saving = self.saving.lock().unwrap_or_else(|e| e.into_inner());
+            let mut g = self.graph.write().unwrap_or_else(|e| e.into_inner());
+            let want = (g.capacity() * 2).max(g.len() + more + 1024);
+            *g = g.grown(want);
+        }
+    }
+
+    /// The graph as it stands, for [`DenseIndex::save_cut`] (no insert runs while it is
+    /// taken).
+    pub fn cut(&self) -> Cut {
+        let _no_inserts = self.insert_lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.read().cut()
+    }
+
+    /// Saves the points of `cut`, marked as covering the log up to `seq`, while inserts
+    /// may go on (see [`Graph::save_cut`]). Growing the graph waits for it.
+    pub fn save_cut(&self, path: &std::path::Path, seq: u64, cut: Cut) -> crate::error::Result<()> {
+        let _saving = self.saving.lock().unwrap_or_else(|e| e.into_inner());
+        self.read().save_cut(path, seq, cut)
     }
 
     /// Recomputes every point's code for `quant` (benchmarks; see

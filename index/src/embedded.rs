@@ -19,9 +19,13 @@
 //!
 //! The graph and the table are saved (`dense.hnsw`, `table.snap`, marked with the last log
 //! record they cover) after a compaction, on close, and every [`GRAPH_SAVE_EVERY`] new
-//! points. An open maps the saved graph, loads the saved table and replays only the log
-//! after them (the whole log, and the whole graph built, when none is saved or they do not
-//! match the log); tantivy gets the records after its last commit's sequence number.
+//! points (or a quarter of the graph, when more). The periodic save runs on a thread of its
+//! own beside the writes: under the writer lock it only takes the graph's cut (its point
+//! count and entry point; links to later points are left out as it writes) and the table's
+//! documents (shared), then writes the two files while writes and searches go on. An open
+//! maps the saved graph, loads the saved table and replays only the log after them (the
+//! whole log, and the whole graph built, when none is saved or they do not match the log);
+//! tantivy gets the records after its last commit's sequence number.
 
 use crate::collection::chunk_id;
 use crate::dense::{exact_search, DenseIndex};
@@ -71,6 +75,11 @@ const TABLE_FILE: &str = "table.snap";
 /// again, or a quarter of the graph when that is more (also saved after a compaction and on
 /// close), so that an open replays a bounded log tail.
 const GRAPH_SAVE_EVERY: usize = 50_000;
+
+/// New points after which the next save starts, for a graph of `points` points.
+fn save_every(points: usize) -> usize {
+    GRAPH_SAVE_EVERY.max(points / 4)
+}
 
 /// Why an open failed: a saved graph that does not match the log is rebuilt, not fatal.
 enum OpenError {
@@ -144,6 +153,28 @@ pub struct EmbeddedStore {
     rebuilding: AtomicBool,
     /// What the last open read from saved files and from the log.
     open_stats: OpenStats,
+    /// The save running beside the writes, if any ([`EmbeddedStore::save_in_background`]).
+    saver: Saver,
+}
+
+/// A save's thread, waited for when the store goes away (also without a close), so that no
+/// save writes into a collection's directory after its store is gone.
+#[derive(Default)]
+struct Saver(Mutex<Option<std::thread::JoinHandle<()>>>);
+
+impl Saver {
+    fn finish(&self) {
+        let running = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(handle) = running {
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Drop for Saver {
+    fn drop(&mut self) {
+        self.finish();
+    }
 }
 
 impl EmbeddedStore {
@@ -294,6 +325,7 @@ impl EmbeddedStore {
                 table_ms,
                 ..Default::default()
             },
+            saver: Saver::default(),
         };
         // Records that touched nothing in tantivy still count as seen.
         store.keyword.skip(next_seq - 1);
@@ -393,8 +425,8 @@ impl EmbeddedStore {
         writer.unsaved_points += points.len();
         // Saves grow with the collection, so they come at a fixed share of its size: the
         // work over a whole ingestion stays proportional to its size.
-        if writer.unsaved_points >= GRAPH_SAVE_EVERY.max(dense.len() / 4) {
-            self.save_graph_or_warn(&mut writer);
+        if writer.unsaved_points >= save_every(dense.len()) {
+            self.save_in_background(&mut writer);
         }
         result.seq = seq;
         Ok(result)
@@ -600,6 +632,8 @@ impl EmbeddedStore {
     }
 
     fn compact_locked(&self, writer: &mut Writer) -> Result<()> {
+        // A save still writing would mark its table with places in the log replaced below.
+        self.finish_background_save();
         self.commit()?;
         self.verify_saved_vectors()?;
         let started = std::time::Instant::now();
@@ -739,6 +773,7 @@ impl EmbeddedStore {
     /// so that the next open finds everything they cover in it and replays only the log
     /// after them.
     fn save_graph_locked(&self, writer: &mut Writer) -> Result<()> {
+        self.finish_background_save();
         self.commit()?;
         let dense = self.graph();
         let covered = writer.next_seq - 1;
@@ -749,6 +784,62 @@ impl EmbeddedStore {
             self.table.read().expect("table").save(&self.dir.join(TABLE_FILE), &mark)?;
         }
         Ok(())
+    }
+
+    /// Starts saving the graph and the table as covering every record written so far, on a
+    /// thread of its own, so that writes go on meanwhile (at a million chunks a save
+    /// writes ~3 GB). What is taken under the writer lock is cheap: the graph's cut (its
+    /// point count and entry point) and the table's documents, shared. The files are
+    /// replaced by renames, graph first; an open pairs them by their marks, so a crash at
+    /// any point leaves either the previous save or this one usable (or a replay of the
+    /// log). One save at a time: while one runs, the next waits for a later write.
+    fn save_in_background(&self, writer: &mut Writer) {
+        {
+            let mut saver = self.saver.0.lock().expect("saver");
+            if saver.as_ref().is_some_and(|h| !h.is_finished()) {
+                return;
+            }
+            if let Some(done) = saver.take() {
+                let _ = done.join();
+            }
+        }
+        if let Err(e) = self.commit() {
+            tracing::warn!(collection = %self.settings.name, error = %e, "could not save the graph");
+            return;
+        }
+        let dense = self.graph();
+        // Growing the graph waits for a save: make the room the next saves' worth of
+        // inserts needs now, before this save starts.
+        dense.reserve(save_every(dense.len()));
+        let cut = dense.cut();
+        let covered = writer.next_seq - 1;
+        let table = writer.wal.mark().map(|mark| {
+            let mark = TableMark { covered, mark, next_seq: writer.next_seq, next_key: writer.next_key };
+            (self.table.read().expect("table").to_save(), mark)
+        });
+        writer.unsaved_points = 0;
+        let (dir, name) = (self.dir.clone(), self.settings.name.clone());
+        tracing::info!(collection = %name, points = cut.points(), "saving the graph and the table in the background");
+        let spawned = std::thread::Builder::new().name("ragway-save".into()).spawn(move || {
+            let started = std::time::Instant::now();
+            let saved = dense.save_cut(&dir.join(GRAPH_FILE), covered, cut).and_then(|()| match &table {
+                Some((table, mark)) => table.write(&dir.join(TABLE_FILE), mark),
+                None => Ok(()),
+            });
+            match saved {
+                Ok(()) => tracing::info!(collection = %name, points = cut.points(), seconds = started.elapsed().as_secs_f32(), "graph and table saved"),
+                Err(e) => tracing::warn!(collection = %name, error = %e, "could not save the graph"),
+            }
+        });
+        match spawned {
+            Ok(handle) => *self.saver.0.lock().expect("saver") = Some(handle),
+            Err(e) => tracing::warn!(collection = %self.settings.name, error = %e, "could not start saving the graph"),
+        }
+    }
+
+    /// Waits for a save started by [`EmbeddedStore::save_in_background`].
+    fn finish_background_save(&self) {
+        self.saver.finish();
     }
 
     /// [`EmbeddedStore::save_graph_locked`] where a failure is only logged: the graph is

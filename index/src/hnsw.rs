@@ -190,6 +190,20 @@ impl Visited {
     }
 }
 
+/// What [`Graph::save_cut`] writes: the first `points` points and the entry point they had.
+#[derive(Debug, Clone, Copy)]
+pub struct Cut {
+    points: usize,
+    entry: Option<(u32, usize)>,
+}
+
+impl Cut {
+    /// Points the cut holds.
+    pub fn points(&self) -> usize {
+        self.points
+    }
+}
+
 /// An HNSW graph over up to `capacity` points.
 pub struct Graph {
     dim: usize,
@@ -798,14 +812,30 @@ impl Graph {
         g
     }
 
+    /// The graph as it stands, for [`Graph::save_cut`]. The caller ensures that no insert
+    /// runs now; inserts may run again while the cut is saved.
+    pub fn cut(&self) -> Cut {
+        let points = self.len();
+        assert_eq!(points, self.allocated.load(Ordering::Acquire), "cut while inserting");
+        Cut { points, entry: *self.entry.read().unwrap_or_else(|e| e.into_inner()) }
+    }
+
     /// Writes the graph to `path`, marked as covering the owner's log up to record
     /// `covered_seq` (atomically: a temporary file, fsynced, then renamed). The caller
     /// ensures no insert runs meanwhile.
     pub fn save(&self, path: &Path, covered_seq: u64) -> Result<()> {
-        let n = self.len();
-        assert_eq!(n, self.allocated.load(Ordering::Acquire), "save while inserting");
+        self.save_cut(path, covered_seq, self.cut())
+    }
+
+    /// Writes the points of `cut` as [`Graph::save`] does, while inserts may go on: links
+    /// to points added since the cut are left out of the saved lists, and the entry point is
+    /// the cut's. Vectors, keys and levels of the cut's points never change, and every id a
+    /// list holds is a published point (see the module documentation), so what is written
+    /// is a whole graph of those points.
+    pub fn save_cut(&self, path: &Path, covered_seq: u64, cut: Cut) -> Result<()> {
+        let n = cut.points;
         let mut w = SumWriter::create(path, MAGIC)?;
-        let (entry, max_level) = match *self.entry.read().unwrap_or_else(|e| e.into_inner()) {
+        let (entry, max_level) = match cut.entry {
             Some((e, l)) => (e as u64 + 1, l as u64),
             None => (0, 0),
         };
@@ -835,8 +865,19 @@ impl Graph {
         let levels: Vec<u8> = (0..n).map(|i| self.level(i as u32) as u8).collect();
         w.put(&levels)?;
         w.put(&[0u8; 8][..(8 - n % 8) % 8])?;
-        for s in &self.links0[..n * (self.m0 + 1)] {
-            w.u32(s.load(Ordering::Acquire))?;
+        let mut buf = Vec::with_capacity(self.m0);
+        // A list as the cut has it: its links to the cut's points, the free slots zeroed.
+        let mut put_list = |w: &mut SumWriter, id: u32, level: usize, slots: usize| -> Result<()> {
+            self.neighbors(id, level, &mut buf);
+            buf.retain(|&x| (x as usize) < n);
+            w.u32(buf.len() as u32)?;
+            for slot in 0..slots {
+                w.u32(buf.get(slot).copied().unwrap_or(0))?;
+            }
+            Ok(())
+        };
+        for i in 0..n {
+            put_list(&mut w, i as u32, 0, self.m0)?;
         }
         let mut offset = 0u64;
         for i in 0..=n {
@@ -846,10 +887,8 @@ impl Graph {
             }
         }
         for i in 0..n {
-            if let Some(u) = self.upper[i].get() {
-                for s in u.iter() {
-                    w.u32(s.load(Ordering::Acquire))?;
-                }
+            for level in 1..=self.level(i as u32) {
+                put_list(&mut w, i as u32, level, self.m)?;
             }
         }
         start_aligned_section(&mut w)?;
@@ -1147,6 +1186,44 @@ mod tests {
         for q in &queries {
             assert_eq!(loaded.search(q, 10, 50, &|_| true), again.search(q, 10, 50, &|_| true));
         }
+    }
+
+    #[test]
+    fn a_cut_saved_while_inserts_go_on_is_the_graph_of_its_points() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = vectors(4000, 16, 8);
+        let g = Graph::new(16, Distance::Cosine, Params { m: 8, ef_construction: 64, quantization: Quantization::Int8 }, 4000);
+        for (i, v) in data[..2000].iter().enumerate() {
+            g.insert(v, i as u64);
+        }
+        let cut = g.cut();
+        assert_eq!(cut.points(), 2000);
+        let path = dir.path().join("g.hnsw");
+        // Inserts link the cut's points to new ones (and re-select their lists) while the
+        // cut is written: the file holds none of those links.
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                use rayon::prelude::*;
+                data[2000..].par_iter().enumerate().for_each(|(i, v)| {
+                    g.insert(v, 2000 + i as u64);
+                });
+            });
+            for round in 0..5 {
+                g.save_cut(&path, round, cut).unwrap();
+            }
+        });
+        let (loaded, covered) = Graph::load(&path, 0).unwrap();
+        assert_eq!((loaded.len(), covered), (2000, 4));
+        loaded.verify_vectors().unwrap();
+        for i in 0..2000u32 {
+            assert_eq!(loaded.key(i), i as u64);
+            assert_eq!(loaded.vector(i), &data[i as usize][..]);
+        }
+        let queries = vectors(30, 16, 9);
+        assert!(recall(&loaded, &data[..2000], &queries, Distance::Cosine, 100) > 0.95);
+        // The live graph, all 4000 points, is intact too.
+        assert_eq!(g.len(), 4000);
+        assert!(recall(&g, &data, &queries, Distance::Cosine, 100) > 0.95);
     }
 
     #[test]

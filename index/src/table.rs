@@ -249,8 +249,44 @@ impl Table {
 
 impl Table {
     /// Saves the table as covering the log up to `mark` (the caller holds the writer lock,
-    /// so the table does not change meanwhile).
+    /// so the table does not change meanwhile; a save beside writes takes
+    /// [`Table::to_save`] under the lock and writes it after).
     pub fn save(&self, path: &Path, mark: &TableMark) -> Result<()> {
+        self.to_save().write(path, mark)
+    }
+
+    /// What a save writes, taken from the table as it stands (cheap: the documents are
+    /// shared, only each chunk's point and each document's first sequence number are
+    /// copied), so that the writing can run while the table changes.
+    pub fn to_save(&self) -> TableSave {
+        let mut save = TableSave {
+            docs: Vec::with_capacity(self.docs.len()),
+            added: Vec::with_capacity(self.docs.len()),
+            points: Vec::with_capacity(self.chunks.len()),
+        };
+        for d in self.docs.values() {
+            let added = d.chunks.first().and_then(|c| self.chunks.get(&c.key)).map_or(0, |c| c.added);
+            save.added.push(added);
+            save.points.extend(d.chunks.iter().map(|c| self.chunks.get(&c.key).map_or(UNPLACED, |e| e.point)));
+            save.docs.push(d.clone());
+        }
+        save
+    }
+}
+
+/// A table's documents as a save writes them (see [`Table::to_save`]).
+pub(crate) struct TableSave {
+    docs: Vec<Arc<DocEntry>>,
+    /// Per document: the sequence number of its first chunk's upsert.
+    added: Vec<u64>,
+    /// Every document's chunks' points, in document order.
+    points: Vec<u32>,
+}
+
+impl TableSave {
+    /// Writes the table as covering the log up to `mark` (a temporary file, fsynced, then
+    /// renamed).
+    pub fn write(&self, path: &Path, mark: &TableMark) -> Result<()> {
         let mut w = SumWriter::create(path, MAGIC)?;
         let m = &mark.mark;
         for x in [
@@ -267,7 +303,8 @@ impl Table {
             w.u64(x)?;
         }
         let mut starts = Vec::with_capacity(self.docs.len());
-        for d in self.docs.values() {
+        let mut points = self.points.iter().copied();
+        for (d, &added) in self.docs.iter().zip(&self.added) {
             // Offsets into the body (after the magic).
             starts.push(w.position() - MAGIC.len() as u64);
             w.bytes(d.id.as_bytes())?;
@@ -278,11 +315,10 @@ impl Table {
             w.bytes(d.text.as_bytes())?;
             w.bytes(&d.metadata.to_json()?)?;
             w.u64(d.hash)?;
-            let added = d.chunks.first().and_then(|c| self.chunks.get(&c.key)).map_or(0, |c| c.added);
             w.u64(added)?;
             w.u32(d.chunks.len() as u32)?;
             for c in &d.chunks {
-                let point = self.chunks.get(&c.key).map_or(UNPLACED, |e| e.point);
+                let point = points.next().unwrap_or(UNPLACED);
                 w.u64(c.key)?;
                 for x in [c.byte_start, c.byte_end, c.char_start, c.char_end, c.tokens, point] {
                     w.u32(x)?;
@@ -294,7 +330,9 @@ impl Table {
         }
         w.finish()
     }
+}
 
+impl Table {
     /// Reads a table written by [`Table::save`]. Every chunk's point is checked against
     /// `key_of` (the saved graph's key at a point, `None` past its end): a table and a graph
     /// that do not belong together are refused, never mixed.

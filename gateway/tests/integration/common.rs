@@ -90,6 +90,20 @@ impl Server {
         }
     }
 
+    /// Whether a line of the server's log so far contains `needle`.
+    pub fn log_has(&self, needle: &str) -> bool {
+        self.log.lock().unwrap().iter().any(|l| l.contains(needle))
+    }
+
+    /// The value of the last `key=value` field in the server's log so far.
+    pub fn log_field(&self, key: &str) -> Option<String> {
+        let needle = format!("{key}=");
+        let log = self.log.lock().unwrap();
+        let line = log.iter().rev().find(|l| l.contains(&needle))?;
+        let rest = &line[line.find(&needle)? + needle.len()..];
+        Some(rest.split_whitespace().next().unwrap_or("").to_string())
+    }
+
     /// SIGKILL: no shutdown, no flush.
     pub fn kill9(&mut self) {
         self.child.kill().expect("kill");

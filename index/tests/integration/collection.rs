@@ -522,6 +522,101 @@ fn the_saved_graph_is_loaded_on_open_and_only_the_log_tail_is_inserted() {
     assert_halves_agree(&c);
 }
 
+/// Every 50,000 new points the graph and the table are saved on a thread of their own
+/// while writes go on; a crash after that save opens from it and replays only the log after
+/// its cut.
+#[test]
+fn periodic_saves_run_beside_writes_and_a_crash_after_one_opens_from_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = settings("bg");
+    (settings.model, settings.dimension) = (None, 8);
+    let c = Collection::create_with(dir.path(), settings, None).unwrap();
+    let (vectors, queries) = clustered(60_000, 8, 64, 0.5, 11);
+    let batch = |b: usize| -> Vec<ragway_index::DocumentInput> {
+        (b * 5_000..(b + 1) * 5_000).map(|i| own(&format!("d{i}"), &format!("document {i}"), vectors[i].clone())).collect()
+    };
+    for b in 0..10 {
+        assert!(!dir.path().join("dense.hnsw").exists(), "no save before 50,000 points");
+        c.upsert(batch(b), false).unwrap();
+    }
+    // The 10th batch started the save; these writes run beside it.
+    c.upsert(batch(10), false).unwrap();
+    c.upsert(batch(11), true).unwrap();
+    let saved = |p: &str| dir.path().join(p).exists() && !ragway_index::filefmt::temp_path(&dir.path().join(p)).exists();
+    let started = std::time::Instant::now();
+    while !(saved("dense.hnsw") && saved("table.snap")) {
+        assert!(started.elapsed() < std::time::Duration::from_secs(120), "the background save never finished");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // Wait for the thread itself (its files are renamed into place before it ends).
+    std::thread::sleep(std::time::Duration::from_millis(200));
+
+    // The state a kill -9 would leave now: the files as they are, no close.
+    let crashed = tempfile::tempdir().unwrap();
+    for entry in walk(dir.path()) {
+        let to = crashed.path().join(entry.strip_prefix(dir.path()).unwrap());
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(&entry, &to).unwrap();
+    }
+    let expected: Vec<Vec<String>> = queries.iter().map(|q| dense_top(&c, q)).collect();
+    drop(c);
+    let c = Collection::open_embedded_by(crashed.path(), None).unwrap();
+    assert_eq!(graph_stats(&c), (50_000, 10_000), "the save's cut loaded, the two later batches replayed");
+    assert_eq!(table_stats(&c), (true, 2));
+    assert_eq!(c.info().documents, 60_000);
+    let found: Vec<Vec<String>> = queries.iter().map(|q| dense_top(&c, q)).collect();
+    // The reopened graph is the saved cut plus the replayed tail: it finds the exact
+    // nearest neighbors as well as the graph that was live before.
+    let recall = |hits: &[Vec<String>]| -> f64 {
+        let mut found = 0;
+        for (q, h) in queries.iter().zip(hits) {
+            let exact = ragway_index::dense::exact_search(
+                ragway_index::dense::Distance::Cosine,
+                q,
+                vectors.iter().enumerate().map(|(i, v)| (i as u64, v.as_slice())),
+                5,
+            );
+            found += exact.iter().filter(|(i, _)| h.contains(&format!("d{i}"))).count();
+        }
+        found as f64 / (5 * queries.len()) as f64
+    };
+    let (before, after) = (recall(&expected), recall(&found));
+    assert!(before >= 0.95 && after >= 0.95, "recall@5 before the crash {before}, after {after}");
+    // The keyword half holds exactly the visible chunks. The graph reaches all but a few
+    // of them: in 8 dimensions, ~940 points a cluster are dense enough that HNSW's pruning
+    // leaves the odd point without links in (0-2 of 60,000 in runs here, with or without a
+    // save in between); the collection's search still finds them by exact scan when asked
+    // with a filter that starves the walk.
+    let (visible, in_graph, keyword) = c.embedded().unwrap().visible_keys().unwrap();
+    assert_eq!(visible, keyword);
+    assert_eq!(visible.len(), 60_000);
+    assert!(in_graph.len() + 6 >= visible.len(), "{} of {} chunks reachable in the graph", in_graph.len(), visible.len());
+}
+
+/// Files under `dir`, recursively.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
+/// Document ids of the 5 nearest chunks to `q`, by the collection's dense search.
+fn dense_top(c: &Collection, q: &[f32]) -> Vec<String> {
+    c.search(&SearchRequest { vector: Some(q.to_vec()), top_k: 5, mode: SearchMode::Dense, ..Default::default() })
+        .unwrap()
+        .results
+        .into_iter()
+        .map(|h| h.document_id)
+        .collect()
+}
+
 fn create_req(v: serde_json::Value) -> CreateCollection {
     serde_json::from_value(v).unwrap()
 }
