@@ -91,17 +91,29 @@ fn check(s: &Server, acked: &[usize], attempted: &[usize]) -> usize {
     docs
 }
 
-#[test]
-fn acknowledged_writes_survive_sigkill() {
-    let data = std::env::temp_dir().join(format!("ragway-crash-{}", std::process::id()));
+/// A fresh data directory for a crash test, named after it and this process.
+fn crash_dir(tag: &str) -> std::path::PathBuf {
+    let data = std::env::temp_dir().join(format!("ragway-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&data);
+    data
+}
+
+/// Random integers in `lo..hi` (xorshift64 seeded from the clock): each run kills at other
+/// points.
+fn clock_seeded() -> impl FnMut(u64, u64) -> u64 {
     let mut seed = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().subsec_nanos() as u64 | 1;
-    let mut rand_ms = |lo: u64, hi: u64| {
+    move |lo, hi| {
         seed ^= seed << 13;
         seed ^= seed >> 7;
         seed ^= seed << 17;
         lo + seed % (hi - lo)
-    };
+    }
+}
+
+#[test]
+fn acknowledged_writes_survive_sigkill() {
+    let data = crash_dir("crash");
+    let mut rand_ms = clock_seeded();
     let mut acked_all: Vec<usize> = Vec::new();
     let mut attempted_all: Vec<usize> = Vec::new();
     let mut next_batch = 0;
@@ -269,15 +281,8 @@ fn check_mixed(s: &Server, acked: &Acked) {
 /// write is lost, no acknowledged delete (of a document or a collection) is undone.
 #[test]
 fn twenty_sigkills_during_upserts_deletes_compaction_and_collection_deletes() {
-    let data = std::env::temp_dir().join(format!("ragway-crash-mixed-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&data);
-    let mut seed = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().subsec_nanos() as u64 | 1;
-    let mut rand = |lo: u64, hi: u64| {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        lo + seed % (hi - lo)
-    };
+    let data = crash_dir("crash-mixed");
+    let mut rand = clock_seeded();
     let acked = Arc::new(Mutex::new(Acked::default()));
     let mut first = 0;
     for run in 0..20 {
@@ -382,15 +387,8 @@ fn check_big(s: &Server, acked: &[usize], attempted: &[usize]) {
 /// that save plus the log's tail, or from the log alone when the kill cut the save short.
 #[test]
 fn sigkills_around_background_graph_saves_lose_nothing() {
-    let data = std::env::temp_dir().join(format!("ragway-crash-save-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&data);
-    let mut seed = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().subsec_nanos() as u64 | 1;
-    let mut rand = |lo: u64, hi: u64| {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        lo + seed % (hi - lo)
-    };
+    let data = crash_dir("crash-save");
+    let mut rand = clock_seeded();
     let (mut acked, mut attempted) = (Vec::new(), Vec::new());
     // Restarts that opened from a saved graph, and kills that landed while a save ran.
     let (mut loaded_saves, mut mid_save) = (0, 0);
