@@ -163,6 +163,7 @@ pub struct EmbeddedStore {
 struct Saver(Mutex<Option<std::thread::JoinHandle<()>>>);
 
 impl Saver {
+    /// Waits for a save started by [`EmbeddedStore::save_in_background`].
     fn finish(&self) {
         let running = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(handle) = running {
@@ -633,7 +634,7 @@ impl EmbeddedStore {
 
     fn compact_locked(&self, writer: &mut Writer) -> Result<()> {
         // A save still writing would mark its table with places in the log replaced below.
-        self.finish_background_save();
+        self.saver.finish();
         self.commit()?;
         self.verify_saved_vectors()?;
         let started = std::time::Instant::now();
@@ -773,7 +774,7 @@ impl EmbeddedStore {
     /// so that the next open finds everything they cover in it and replays only the log
     /// after them.
     fn save_graph_locked(&self, writer: &mut Writer) -> Result<()> {
-        self.finish_background_save();
+        self.saver.finish();
         self.commit()?;
         let dense = self.graph();
         let covered = writer.next_seq - 1;
@@ -835,11 +836,6 @@ impl EmbeddedStore {
             Ok(handle) => *self.saver.0.lock().expect("saver") = Some(handle),
             Err(e) => tracing::warn!(collection = %self.settings.name, error = %e, "could not start saving the graph"),
         }
-    }
-
-    /// Waits for a save started by [`EmbeddedStore::save_in_background`].
-    fn finish_background_save(&self) {
-        self.saver.finish();
     }
 
     /// [`EmbeddedStore::save_graph_locked`] where a failure is only logged: the graph is

@@ -215,10 +215,7 @@ fn main() -> anyhow::Result<()> {
     let docs: Vec<Value> = (0..tail)
         .map(|i| json!({"id": format!("tail{i}"), "text": format!("tail {i}"), "vector": vectors[i]}))
         .collect();
-    let r = reqwest::blocking::Client::new()
-        .post(format!("{url}/v1/collections/{NAME}/documents"))
-        .json(&json!({"documents": docs}))
-        .send()?;
+    let r = blocking.post(format!("{url}/v1/collections/{NAME}/documents")).json(&json!({"documents": docs})).send()?;
     anyhow::ensure!(r.status() == 200, "upsert: {}", r.status());
     server.0.kill()?;
     server.0.wait()?;

@@ -27,7 +27,7 @@ pub mod tokenizer;
 
 pub use chat::{ChatMessage, ChatTemplate};
 pub use constrain::{Constrainer, Constraint, Grammar, GrammarLimits};
-pub use device_model::{DeviceLlama, KvSizing, PagedSeq};
+pub use device_model::{DeviceLlama, KvSizing, PagedSeq, SizeKv};
 pub use model::{KvCache, Llama, LlamaConfig, Scratch, SeqBatch};
 pub use paged::PagedKv;
 pub use sampling::{ModelSampling, SamplingParams, TokenLogprob};
@@ -100,8 +100,7 @@ impl GenerativeModel<Llama> {
 }
 
 impl GenerativeModel<DeviceLlama> {
-    /// [`GenerativeModel::load`] onto `device` with a paged KV cache sized by `kv` (see
-    /// [`DeviceLlama::from_gguf`] for sizing that depends on the model).
+    /// [`GenerativeModel::load`] onto `device` with a paged KV cache sized by `kv`.
     pub fn load_on_device(
         source: &str,
         models_dir: &Path,
@@ -109,13 +108,25 @@ impl GenerativeModel<DeviceLlama> {
         device: &candle_core::Device,
         kv: KvSizing,
     ) -> Result<Self> {
+        Self::load_on_device_sized(source, models_dir, chat_template, device, &|_, _| Ok(kv))
+    }
+
+    /// [`GenerativeModel::load_on_device`] with the KV cache sized by `size` once the
+    /// weights are on the device (from the model's configuration and the bytes they took).
+    pub fn load_on_device_sized(
+        source: &str,
+        models_dir: &Path,
+        chat_template: Option<&str>,
+        device: &candle_core::Device,
+        size: SizeKv<'_>,
+    ) -> Result<Self> {
         Self::load_with(
             source,
             models_dir,
             chat_template,
             DecoderLoader {
-                gguf: &|p, c| DeviceLlama::from_gguf(p, c, device, &|_, _| Ok(kv)),
-                safetensors: &|d| DeviceLlama::from_safetensors(d, device, &|_, _| Ok(kv)),
+                gguf: &|p, c| DeviceLlama::from_gguf(p, c, device, size),
+                safetensors: &|d| DeviceLlama::from_safetensors(d, device, size),
             },
         )
     }

@@ -958,8 +958,8 @@ pub(crate) fn mmap_safetensors(dir: &Path) -> Result<candle_core::safetensors::M
 /// in one tensor (phi3) or apart, for a GGUF file (`gguf`) or a Hugging Face folder; `has`
 /// says whether a tensor exists.
 pub(crate) fn stacked_names(i: usize, gguf: bool, has: impl Fn(&str) -> bool) -> (Vec<String>, Vec<String>) {
+    let name = |t: &str| if gguf { format!("blk.{i}.{t}.weight") } else { format!("model.layers.{i}.{t}.weight") };
     let one = |fused: &str, apart: &[&str]| -> Vec<String> {
-        let name = |t: &str| if gguf { format!("blk.{i}.{t}.weight") } else { format!("model.layers.{i}.{t}.weight") };
         if has(&name(fused)) {
             vec![name(fused)]
         } else {
@@ -968,11 +968,8 @@ pub(crate) fn stacked_names(i: usize, gguf: bool, has: impl Fn(&str) -> bool) ->
     };
     if gguf {
         // phi3 stores gate and up as one `ffn_up` of twice the width.
-        let gate_up = if has(&format!("blk.{i}.ffn_gate.weight")) {
-            vec![format!("blk.{i}.ffn_gate.weight"), format!("blk.{i}.ffn_up.weight")]
-        } else {
-            vec![format!("blk.{i}.ffn_up.weight")]
-        };
+        let gate_up =
+            if has(&name("ffn_gate")) { vec![name("ffn_gate"), name("ffn_up")] } else { vec![name("ffn_up")] };
         (one("attn_qkv", &["attn_q", "attn_k", "attn_v"]), gate_up)
     } else {
         (

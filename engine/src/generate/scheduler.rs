@@ -14,7 +14,6 @@
 //! fails at once with [`EngineError::QueueFull`].
 
 use super::device_model::{DeviceLlama, KvSizing, PagedSeq};
-use super::DecoderLoader;
 use super::model::{KvCache, Llama, LlamaConfig, Scratch, SeqBatch};
 use super::paged::PagedKv;
 use super::constrain::{Constrainer, Constraint, Grammar, GrammarLimits};
@@ -384,15 +383,7 @@ fn load_decoder(cfg: &GenerateConfig) -> Result<(GenerativeModel<Decoder>, usize
                 };
                 Ok(KvSizing { budget_tokens, max_running: cfg.max_running, max_batch_tokens: cfg.max_batch_tokens })
             };
-            let m = GenerativeModel::load_with(
-                &cfg.source,
-                &cfg.models_dir,
-                template,
-                DecoderLoader {
-                    gguf: &|p, c| DeviceLlama::from_gguf(p, c, &device, &size),
-                    safetensors: &|d| DeviceLlama::from_safetensors(d, &device, &size),
-                },
-            )?;
+            let m = GenerativeModel::load_on_device_sized(&cfg.source, &cfg.models_dir, template, &device, &size)?;
             let budget = m.model.kv_sizing().budget_tokens;
             Ok((m.map(Decoder::Paged), budget))
         }
