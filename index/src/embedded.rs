@@ -457,7 +457,7 @@ impl EmbeddedStore {
     fn delete_where(&self, filter: &Filter) -> Result<WriteResult> {
         let ids: Vec<String> = {
             let table = self.table.read().expect("table");
-            table.docs.values().filter(|d| filter.matches(&d.id, &d.metadata)).map(|d| d.id.clone()).collect()
+            table.docs.values().filter(|d| filter.matches(d.id(), d.metadata())).map(|d| d.id().to_string()).collect()
         };
         self.delete(&ids)
     }
@@ -501,16 +501,16 @@ impl EmbeddedStore {
         let table = self.table.read().expect("table");
         let d = table.docs.get(id)?;
         Some(DocumentView {
-            id: d.id.clone(),
-            title: d.title.as_deref().map(str::to_string),
-            text: d.text.to_string(),
-            metadata: (*d.metadata).clone(),
+            id: d.id().to_string(),
+            title: d.title().map(str::to_string),
+            text: d.text().to_string(),
+            metadata: d.metadata().clone(),
             chunks: d
-                .chunks
+                .chunks()
                 .iter()
                 .enumerate()
                 .map(|(i, c)| ChunkView {
-                    chunk_id: chunk_id(&d.id, i),
+                    chunk_id: chunk_id(d.id(), i),
                     char_start: c.char_start,
                     char_end: c.char_end,
                     tokens: c.tokens,
@@ -575,7 +575,7 @@ impl EmbeddedStore {
         let table = self.table.read().expect("table");
         let dense_points = self.dense.read().expect("dense").len();
         let dim = self.settings.dimension;
-        let text_bytes: usize = table.docs.values().map(|d| d.text.len() + d.id.len() + 64).sum();
+        let text_bytes: usize = table.docs.values().map(|d| d.text().len() + d.id().len() + 64).sum();
         let chunk_bytes = table.chunks.len() * 96;
         // The one copy of each vector, 2·M + 1 link slots of 4 bytes at layer 0, a lock,
         // key and level (upper layers are a few percent more).
@@ -706,23 +706,23 @@ impl EmbeddedStore {
     /// The live documents as log records (a checkpoint first), oldest write first.
     fn live_records(&self, table: &Table, writer: &Writer) -> Vec<Record> {
         let mut docs: Vec<(&Arc<DocEntry>, u64)> =
-            table.docs.values().map(|d| (d, d.chunks.first().map_or(0, |c| table.chunks[&c.key].added))).collect();
-        docs.sort_by_key(|(d, seq)| (*seq, d.chunks.first().map_or(0, |c| c.key)));
+            table.docs.values().map(|d| (d, d.chunks().first().map_or(0, |c| table.chunks[&c.key].added))).collect();
+        docs.sort_by_key(|(d, seq)| (*seq, d.chunks().first().map_or(0, |c| c.key)));
         let mut out = vec![Record::Checkpoint { seq: writer.next_seq - 1, next_key: writer.next_key }];
         let dense = self.graph();
         let g = dense.read();
         for (d, seq) in docs {
             let vectors: Vec<f32> =
-                d.chunks.iter().flat_map(|c| g.vector(table.chunks[&c.key].point).iter().copied()).collect();
+                d.chunks().iter().flat_map(|c| g.vector(table.chunks[&c.key].point).iter().copied()).collect();
             out.push(Record::Upsert {
                 seq: seq.max(1),
                 docs: vec![DocRecord {
-                    id: d.id.clone(),
-                    title: d.title.as_deref().map(str::to_string),
-                    text: d.text.to_string(),
-                    metadata: (*d.metadata).clone(),
+                    id: d.id().to_string(),
+                    title: d.title().map(str::to_string),
+                    text: d.text().to_string(),
+                    metadata: d.metadata().clone(),
                     hash: d.hash,
-                    chunks: d.chunks.clone(),
+                    chunks: d.chunks().iter().collect(),
                 }],
                 vectors,
             });
@@ -951,7 +951,7 @@ impl EmbeddedView<'_> {
                     let set = keys
                         .into_iter()
                         .filter(|k| {
-                            table.chunks.get(k).is_some_and(|c| c.visible(v) && f.matches(&c.doc.id, &c.doc.metadata))
+                            table.chunks.get(k).is_some_and(|c| c.visible(v) && f.matches(c.doc.id(), c.doc.metadata()))
                         })
                         .collect();
                     return Arc::new(set);
@@ -967,7 +967,7 @@ impl EmbeddedView<'_> {
                         match last {
                             Some((p, m)) if p == ptr => m,
                             _ => {
-                                let m = f.matches(&c.doc.id, &c.doc.metadata);
+                                let m = f.matches(c.doc.id(), c.doc.metadata());
                                 last = Some((ptr, m));
                                 m
                             }
@@ -1039,7 +1039,7 @@ impl StoreView for EmbeddedView<'_> {
         let keep = |key: u64| match (&allowed, self.filter) {
             (Some(set), _) => set.contains(&key),
             (None, Some(f)) => {
-                table.chunks.get(&key).is_some_and(|c| c.visible(v) && f.matches(&c.doc.id, &c.doc.metadata))
+                table.chunks.get(&key).is_some_and(|c| c.visible(v) && f.matches(c.doc.id(), c.doc.metadata()))
             }
             (None, None) => table.chunks.get(&key).is_some_and(|c| c.visible(v)),
         };
@@ -1076,18 +1076,18 @@ impl StoreView for EmbeddedView<'_> {
     }
 
     fn document_of(&self, key: u64) -> Option<u64> {
-        self.table.chunks.get(&key).map(|c| c.doc.chunks[0].key)
+        self.table.chunks.get(&key).and_then(|c| c.doc.chunks().first()).map(|c| c.key)
     }
 
     fn chunk(&self, key: u64) -> Option<StoredChunk> {
         let c = self.table.chunks.get(&key)?;
-        let r = &c.doc.chunks[c.index as usize];
+        let r = c.doc.chunks().get(c.index as usize).expect("a chunk of its document");
         Some(StoredChunk {
-            document_id: c.doc.id.clone(),
+            document_id: c.doc.id().to_string(),
             chunk_index: c.index,
             text: c.text().to_string(),
-            title: c.doc.title.as_deref().map(str::to_string),
-            metadata: (*c.doc.metadata).clone(),
+            title: c.doc.title().map(str::to_string),
+            metadata: c.doc.metadata().clone(),
             char_start: r.char_start,
             char_end: r.char_end,
         })
@@ -1109,7 +1109,7 @@ fn filter_share(f: &Filter, table: &Table, dense: &DenseIndex, v: u64) -> f64 {
     for id in (0..n).step_by(step).take(SAMPLE) {
         if let Some(c) = table.chunks.get(&g.key(id as u32)).filter(|c| c.visible(v)) {
             seen += 1;
-            matched += usize::from(f.matches(&c.doc.id, &c.doc.metadata));
+            matched += usize::from(f.matches(c.doc.id(), c.doc.metadata()));
         }
     }
     if seen == 0 {

@@ -19,7 +19,7 @@ use crate::error::{IndexError, Result};
 use crate::filefmt::{Checked, Cursor, SumWriter};
 use crate::payload::PayloadIndex;
 use crate::wal::{ChunkRecord, DocRecord, LogMark};
-use std::collections::HashMap;
+use std::hash::BuildHasher;
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
@@ -31,70 +31,207 @@ const NO_TITLE: u32 = u32::MAX;
 /// A chunk's record: key (u64) and six u32s.
 const CHUNK_BYTES: usize = 8 + 6 * 4;
 
-/// A document's text: its own, or a range of the saved table it was loaded from (the
-/// memory-mapped file; the text is read from the page cache where it is used and never
-/// copied on open).
-pub(crate) enum Text {
-    Owned(String),
-    Saved { file: Arc<Checked>, start: usize, len: usize },
+/// One version of a document: as written (its fields owned), or as loaded from a saved
+/// table, where its fields stay in the memory-mapped file and are read from the page cache
+/// where they are used. An open thus copies no id, text or metadata and allocates one small
+/// entry per document; metadata is parsed on first use (by a filter, the payload index or
+/// a read), not on open.
+pub(crate) struct DocEntry {
+    pub hash: u64,
+    fields: Fields,
+    metadata: OnceLock<Box<serde_json::Value>>,
 }
 
-impl std::ops::Deref for Text {
-    type Target = str;
+enum Fields {
+    Owned(Box<OwnedFields>),
+    /// The document's record starts at `at` in the saved table's body; it was checked when
+    /// the table was loaded (lengths in bounds, strings UTF-8, chunk spans inside the text),
+    /// and the mapping is read-only, its file only ever replaced by a rename.
+    Saved {
+        file: Arc<Checked>,
+        at: usize,
+    },
+}
 
-    fn deref(&self) -> &str {
+struct OwnedFields {
+    id: String,
+    title: Option<String>,
+    text: String,
+    chunks: Vec<ChunkRecord>,
+}
+
+/// Where a saved document's fields lie in the table's body (see the module's layout).
+struct Spans {
+    title: Option<std::ops::Range<usize>>,
+    text: std::ops::Range<usize>,
+    metadata: std::ops::Range<usize>,
+    /// The first chunk record and the count.
+    chunks: (usize, usize),
+}
+
+impl Spans {
+    /// Reads the length fields of the document at `at`, checked when the table was loaded;
+    /// `None` only for a record that was never checked.
+    fn read(body: &[u8], at: usize) -> Option<Spans> {
+        fn string(r: &mut Cursor) -> Option<std::ops::Range<usize>> {
+            let b = r.bytes()?;
+            Some(r.at - b.len()..r.at)
+        }
+        let mut r = Cursor { data: body, at };
+        string(&mut r)?; // the id (read by `DocEntry::id` on its own)
+        let title = match r.u32()? {
+            NO_TITLE => None,
+            n => {
+                r.take(n as usize)?;
+                Some(r.at - n as usize..r.at)
+            }
+        };
+        let text = string(&mut r)?;
+        let metadata = string(&mut r)?;
+        r.take(16)?;
+        let n = r.u32()? as usize;
+        Some(Spans { title, text, metadata, chunks: (r.at, n) })
+    }
+}
+
+/// A chunk record as saved: key, then byte and char spans, token count and graph point.
+fn saved_chunk(b: &[u8]) -> (ChunkRecord, u32) {
+    let u32_at = |i: usize| u32::from_le_bytes(b[8 + 4 * i..12 + 4 * i].try_into().expect("4 bytes"));
+    let c = ChunkRecord {
+        key: u64::from_le_bytes(b[..8].try_into().expect("8 bytes")),
+        byte_start: u32_at(0),
+        byte_end: u32_at(1),
+        char_start: u32_at(2),
+        char_end: u32_at(3),
+        tokens: u32_at(4),
+    };
+    (c, u32_at(5))
+}
+
+/// A document's chunk records, owned or read from the saved table.
+#[derive(Clone, Copy)]
+pub(crate) enum Chunks<'a> {
+    Owned(&'a [ChunkRecord]),
+    Saved(&'a [u8]),
+}
+
+impl<'a> Chunks<'a> {
+    pub fn len(self) -> usize {
         match self {
-            Text::Owned(s) => s,
-            Text::Saved { file, start, len } => {
-                let bytes = &file.body()[*start..*start + *len];
-                // SAFETY: checked to be UTF-8 when the table was loaded; the mapping is
-                // read-only and its file is only ever replaced by a rename.
-                unsafe { std::str::from_utf8_unchecked(bytes) }
+            Chunks::Owned(c) => c.len(),
+            Chunks::Saved(b) => b.len() / CHUNK_BYTES,
+        }
+    }
+
+    pub fn get(self, i: usize) -> Option<ChunkRecord> {
+        match self {
+            Chunks::Owned(c) => c.get(i).copied(),
+            Chunks::Saved(b) => b.get(i * CHUNK_BYTES..(i + 1) * CHUNK_BYTES).map(|b| saved_chunk(b).0),
+        }
+    }
+
+    pub fn first(self) -> Option<ChunkRecord> {
+        self.get(0)
+    }
+
+    pub fn iter(self) -> impl ExactSizeIterator<Item = ChunkRecord> + 'a {
+        (0..self.len()).map(move |i| self.get(i).expect("in range"))
+    }
+}
+
+impl DocEntry {
+    pub fn new(d: &DocRecord) -> Self {
+        DocEntry {
+            hash: d.hash,
+            fields: Fields::Owned(Box::new(OwnedFields {
+                id: d.id.clone(),
+                title: d.title.clone(),
+                text: d.text.clone(),
+                chunks: d.chunks.clone(),
+            })),
+            metadata: OnceLock::from(Box::new(d.metadata.clone())),
+        }
+    }
+
+    fn saved(&self) -> Option<(&[u8], Spans)> {
+        match &self.fields {
+            Fields::Owned(_) => None,
+            Fields::Saved { file, at } => {
+                let body = file.body();
+                Some((body, Spans::read(body, *at).expect("a document checked when its table was loaded")))
             }
         }
     }
-}
 
-/// A document's metadata: given (a write), or the JSON of the saved table it was loaded
-/// from, parsed on first use (by a filter, the payload index or a read). An open thus does
-/// not parse every document's metadata, nor hold it parsed until something needs it.
-pub(crate) struct Metadata {
-    saved: Option<Text>,
-    parsed: OnceLock<serde_json::Value>,
-}
-
-impl Metadata {
-    pub fn new(value: serde_json::Value) -> Self {
-        let parsed = OnceLock::new();
-        let _ = parsed.set(value);
-        Self { saved: None, parsed }
+    /// A checked string of the saved table.
+    fn str_at(body: &[u8], r: std::ops::Range<usize>) -> &str {
+        // SAFETY: checked to be UTF-8 when the table was loaded (see `Fields::Saved`).
+        unsafe { std::str::from_utf8_unchecked(&body[r]) }
     }
 
-    fn saved(json: Text) -> Self {
-        Self { saved: Some(json), parsed: OnceLock::new() }
+    pub fn id(&self) -> &str {
+        match &self.fields {
+            Fields::Owned(f) => &f.id,
+            Fields::Saved { file, at } => {
+                // Only the id's length and bytes: the id is read on every lookup by id.
+                let body = file.body();
+                let n = u32::from_le_bytes(body[*at..*at + 4].try_into().expect("4 bytes")) as usize;
+                Self::str_at(body, *at + 4..*at + 4 + n)
+            }
+        }
     }
 
-    /// The JSON text to save.
-    fn to_json(&self) -> Result<std::borrow::Cow<'_, [u8]>> {
-        Ok(match &self.saved {
-            Some(json) => std::borrow::Cow::Borrowed(json.as_bytes()),
-            None => std::borrow::Cow::Owned(serde_json::to_vec(&**self)?),
-        })
+    pub fn title(&self) -> Option<&str> {
+        match &self.fields {
+            Fields::Owned(f) => f.title.as_deref(),
+            Fields::Saved { .. } => {
+                let (body, s) = self.saved()?;
+                s.title.map(|r| Self::str_at(body, r))
+            }
+        }
     }
-}
 
-impl std::ops::Deref for Metadata {
-    type Target = serde_json::Value;
+    pub fn text(&self) -> &str {
+        match &self.fields {
+            Fields::Owned(f) => &f.text,
+            Fields::Saved { .. } => {
+                let (body, s) = self.saved().expect("saved");
+                Self::str_at(body, s.text)
+            }
+        }
+    }
 
-    fn deref(&self) -> &serde_json::Value {
-        self.parsed.get_or_init(|| {
-            let json = self.saved.as_deref().unwrap_or("null");
-            serde_json::from_str(json).unwrap_or_else(|e| {
+    pub fn metadata(&self) -> &serde_json::Value {
+        self.metadata.get_or_init(|| {
+            let json = match self.saved() {
+                Some((body, s)) => Self::str_at(body, s.metadata),
+                None => "null",
+            };
+            Box::new(serde_json::from_str(json).unwrap_or_else(|e| {
                 // Only a faulty writer gets here: the file's checksum held.
                 tracing::error!(error = %e, "saved metadata is not JSON; read as null");
                 serde_json::Value::Null
-            })
+            }))
         })
+    }
+
+    /// The metadata's JSON text, as saved.
+    fn metadata_json(&self) -> Result<std::borrow::Cow<'_, [u8]>> {
+        Ok(match self.saved() {
+            Some((body, s)) => std::borrow::Cow::Borrowed(&body[s.metadata]),
+            None => std::borrow::Cow::Owned(serde_json::to_vec(self.metadata())?),
+        })
+    }
+
+    pub fn chunks(&self) -> Chunks<'_> {
+        match &self.fields {
+            Fields::Owned(f) => Chunks::Owned(&f.chunks),
+            Fields::Saved { .. } => {
+                let (body, s) = self.saved().expect("saved");
+                let (at, n) = s.chunks;
+                Chunks::Saved(&body[at..at + n * CHUNK_BYTES])
+            }
+        }
     }
 }
 
@@ -107,16 +244,6 @@ pub(crate) struct TableMark {
     pub mark: LogMark,
     pub next_seq: u64,
     pub next_key: u64,
-}
-
-/// One version of a document.
-pub(crate) struct DocEntry {
-    pub id: String,
-    pub title: Option<Text>,
-    pub text: Text,
-    pub metadata: Metadata,
-    pub hash: u64,
-    pub chunks: Vec<ChunkRecord>,
 }
 
 pub(crate) struct ChunkEntry {
@@ -138,14 +265,71 @@ impl ChunkEntry {
     }
 
     pub fn text(&self) -> &str {
-        let r = &self.doc.chunks[self.index as usize];
-        &self.doc.text[r.byte_start as usize..r.byte_end as usize]
+        let r = self.doc.chunks().get(self.index as usize).expect("a chunk of its document");
+        &self.doc.text()[r.byte_start as usize..r.byte_end as usize]
+    }
+}
+
+/// The current documents by id: one pointer a slot, keyed by the id the entry holds (no
+/// second copy of the id as a key). Ids are the clients' own, so they are hashed with a
+/// keyed SipHash.
+#[derive(Default)]
+pub(crate) struct Docs {
+    table: hashbrown::HashTable<Arc<DocEntry>>,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+impl Docs {
+    pub fn get(&self, id: &str) -> Option<&Arc<DocEntry>> {
+        self.table.find(self.hasher.hash_one(id), |d| d.id() == id)
+    }
+
+    pub fn contains_key(&self, id: &str) -> bool {
+        self.get(id).is_some()
+    }
+
+    /// Puts `doc` in place of the document with its id, returning that one.
+    pub fn insert(&mut self, doc: Arc<DocEntry>) -> Option<Arc<DocEntry>> {
+        let Docs { table, hasher } = self;
+        let id = doc.id();
+        match table.entry(hasher.hash_one(id), |d| d.id() == id, |d| hasher.hash_one(d.id())) {
+            hashbrown::hash_table::Entry::Occupied(mut e) => Some(std::mem::replace(e.get_mut(), doc)),
+            hashbrown::hash_table::Entry::Vacant(e) => {
+                e.insert(doc);
+                None
+            }
+        }
+    }
+
+    pub fn remove(&mut self, id: &str) -> Option<Arc<DocEntry>> {
+        self.table.find_entry(self.hasher.hash_one(id), |d| d.id() == id).ok().map(|e| e.remove().0)
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &Arc<DocEntry>> {
+        self.table.iter()
+    }
+
+    pub fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    fn reserve(&mut self, n: usize) {
+        let Docs { table, hasher } = self;
+        table.reserve(n, |d| hasher.hash_one(d.id()));
+    }
+}
+
+impl std::ops::Index<&str> for Docs {
+    type Output = DocEntry;
+
+    fn index(&self, id: &str) -> &DocEntry {
+        self.get(id).expect("no document with that id")
     }
 }
 
 #[derive(Default)]
 pub(crate) struct Table {
-    pub docs: HashMap<String, Arc<DocEntry>>,
+    pub docs: Docs,
     /// By chunk key. Keys are ragway's own sequence numbers, never a client's, so a fast
     /// non-keyed hash is safe here (document ids, which clients choose, keep SipHash); every
     /// open inserts each chunk and every search looks its hits up.
@@ -165,18 +349,11 @@ impl Table {
         let mut points = points.iter().copied();
         for d in docs {
             if let Some(old) = self.docs.get(&d.id).cloned() {
-                for c in &old.chunks {
+                for c in old.chunks().iter() {
                     self.mark_removed(c.key, seq);
                 }
             }
-            let entry = Arc::new(DocEntry {
-                id: d.id.clone(),
-                title: d.title.clone().map(Text::Owned),
-                text: Text::Owned(d.text.clone()),
-                metadata: Metadata::new(d.metadata.clone()),
-                hash: d.hash,
-                chunks: d.chunks.clone(),
-            });
+            let entry = Arc::new(DocEntry::new(d));
             for (i, c) in d.chunks.iter().enumerate() {
                 let point = points.next().unwrap_or(UNPLACED);
                 if let Some(p) = self.payload.get_mut() {
@@ -187,14 +364,14 @@ impl Table {
                     ChunkEntry { doc: entry.clone(), index: i as u32, point, added: seq, removed: NOT_REMOVED },
                 );
             }
-            self.docs.insert(d.id.clone(), entry);
+            self.docs.insert(entry);
         }
     }
 
     pub fn delete(&mut self, seq: u64, ids: &[String]) {
         for id in ids {
             if let Some(old) = self.docs.remove(id) {
-                for c in &old.chunks {
+                for c in old.chunks().iter() {
                     self.mark_removed(c.key, seq);
                 }
             }
@@ -236,7 +413,7 @@ impl Table {
         self.payload.get_or_init(|| {
             let mut p = PayloadIndex::default();
             for (k, c) in &self.chunks {
-                p.add(*k, &c.doc.metadata);
+                p.add(*k, c.doc.metadata());
             }
             p
         })
@@ -265,9 +442,9 @@ impl Table {
             points: Vec::with_capacity(self.chunks.len()),
         };
         for d in self.docs.values() {
-            let added = d.chunks.first().and_then(|c| self.chunks.get(&c.key)).map_or(0, |c| c.added);
+            let added = d.chunks().first().and_then(|c| self.chunks.get(&c.key)).map_or(0, |c| c.added);
             save.added.push(added);
-            save.points.extend(d.chunks.iter().map(|c| self.chunks.get(&c.key).map_or(UNPLACED, |e| e.point)));
+            save.points.extend(d.chunks().iter().map(|c| self.chunks.get(&c.key).map_or(UNPLACED, |e| e.point)));
             save.docs.push(d.clone());
         }
         save
@@ -307,17 +484,18 @@ impl TableSave {
         for (d, &added) in self.docs.iter().zip(&self.added) {
             // Offsets into the body (after the magic).
             starts.push(w.position() - MAGIC.len() as u64);
-            w.bytes(d.id.as_bytes())?;
-            match &d.title {
+            w.bytes(d.id().as_bytes())?;
+            match d.title() {
                 Some(t) => w.bytes(t.as_bytes())?,
                 None => w.u32(NO_TITLE)?,
             }
-            w.bytes(d.text.as_bytes())?;
-            w.bytes(&d.metadata.to_json()?)?;
+            w.bytes(d.text().as_bytes())?;
+            w.bytes(&d.metadata_json()?)?;
             w.u64(d.hash)?;
             w.u64(added)?;
-            w.u32(d.chunks.len() as u32)?;
-            for c in &d.chunks {
+            let chunks = d.chunks();
+            w.u32(chunks.len() as u32)?;
+            for c in chunks.iter() {
                 let point = points.next().unwrap_or(UNPLACED);
                 w.u64(c.key)?;
                 for x in [c.byte_start, c.byte_end, c.char_start, c.char_end, c.tokens, point] {
@@ -359,10 +537,17 @@ impl Table {
         let docs = docs as usize;
         let (starts, docs_end) = if version >= 2 {
             // Saved after the documents.
-            let index_at = body.len().checked_sub(docs * 8).filter(|&at| at >= r.at).ok_or_else(|| bad("document index"))?;
+            let index_at =
+                body.len().checked_sub(docs * 8).filter(|&at| at >= r.at).ok_or_else(|| bad("document index"))?;
             let mut index = Cursor { data: body, at: index_at };
-            let starts: Vec<usize> = (0..docs).map(|_| index.u64().map(|x| x as usize)).collect::<Option<_>>().ok_or_else(|| bad("document index"))?;
-            if starts.first().is_some_and(|&s| s != r.at) || starts.windows(2).any(|w| w[0] >= w[1]) || starts.last().is_some_and(|&s| s >= index_at) {
+            let starts: Vec<usize> = (0..docs)
+                .map(|_| index.u64().map(|x| x as usize))
+                .collect::<Option<_>>()
+                .ok_or_else(|| bad("document index"))?;
+            if starts.first().is_some_and(|&s| s != r.at)
+                || starts.windows(2).any(|w| w[0] >= w[1])
+                || starts.last().is_some_and(|&s| s >= index_at)
+            {
                 return Err(bad("document index"));
             }
             (starts, index_at)
@@ -395,49 +580,31 @@ impl Table {
             return Err(bad("trailing bytes"));
         }
         // Document `i`, which must end where the next one starts.
-        let parse = |i: usize| -> Result<(Arc<DocEntry>, Vec<u32>, u64)> {
+        let parse = |i: usize| -> Result<(Arc<DocEntry>, u64)> {
             let mut r = Cursor { data: body, at: starts[i] };
             let end = starts.get(i + 1).copied().unwrap_or(docs_end);
             let short = || bad("short document");
-            let string =
-                |b: &[u8], what: &str| String::from_utf8(b.to_vec()).map_err(|_| bad(&format!("{what} is not UTF-8")));
-            let id = string(r.bytes().ok_or_else(short)?, "an id")?;
-            // Title, text and metadata stay in the mapped file (checked to be UTF-8 here).
-            let saved = |bytes: &[u8], at: usize, what: &str| -> Result<Text> {
-                std::str::from_utf8(bytes).map_err(|_| bad(&format!("{what} is not UTF-8")))?;
-                Ok(Text::Saved { file: file.clone(), start: at - bytes.len(), len: bytes.len() })
+            // Every field stays in the mapped file, checked here once (see `Fields::Saved`).
+            let utf8 = |b: &[u8], what: &str| -> Result<()> {
+                simdutf8::basic::from_utf8(b).map(drop).map_err(|_| bad(&format!("{what} is not UTF-8")))
             };
-            let title = match r.u32().ok_or_else(short)? {
-                NO_TITLE => None,
-                n => Some(saved(r.take(n as usize).ok_or_else(short)?, r.at, "a title")?),
-            };
-            let text_bytes = r.bytes().ok_or_else(short)?;
-            let text_start = r.at - text_bytes.len();
-            let text = std::str::from_utf8(text_bytes).map_err(|_| bad("a text is not UTF-8"))?;
-            let metadata = Metadata::saved(saved(r.bytes().ok_or_else(short)?, r.at, "metadata")?);
+            utf8(r.bytes().ok_or_else(short)?, "an id")?;
+            match r.u32().ok_or_else(short)? {
+                NO_TITLE => {}
+                n => utf8(r.take(n as usize).ok_or_else(short)?, "a title")?,
+            }
+            let text =
+                simdutf8::basic::from_utf8(r.bytes().ok_or_else(short)?).map_err(|_| bad("a text is not UTF-8"))?;
+            utf8(r.bytes().ok_or_else(short)?, "metadata")?;
             let hash = r.u64().ok_or_else(short)?;
             let added = r.u64().ok_or_else(short)?;
             let n = r.u32().ok_or_else(short)? as usize;
-            // Sized by the count only once the document has room for that many records.
-            if n.checked_mul(CHUNK_BYTES).is_none_or(|b| r.at + b > end) {
-                return Err(short());
+            if n.checked_mul(CHUNK_BYTES).is_none_or(|b| r.at + b != end) {
+                return Err(bad("documents overlap"));
             }
-            let mut chunks = Vec::with_capacity(n);
-            let mut points = Vec::with_capacity(n);
-            for _ in 0..n {
-                let key = r.u64().ok_or_else(short)?;
-                let mut f = [0u32; 6];
-                for x in &mut f {
-                    *x = r.u32().ok_or_else(short)?;
-                }
-                let c = ChunkRecord {
-                    key,
-                    byte_start: f[0],
-                    byte_end: f[1],
-                    char_start: f[2],
-                    char_end: f[3],
-                    tokens: f[4],
-                };
+            for record in body[r.at..end].chunks_exact(CHUNK_BYTES) {
+                let (c, point) = saved_chunk(record);
+                let key = c.key;
                 let (s, e) = (c.byte_start as usize, c.byte_end as usize);
                 if s > e || e > text.len() || !text.is_char_boundary(s) || !text.is_char_boundary(e) {
                     return Err(bad(&format!("chunk {key} spans outside its text")));
@@ -445,30 +612,27 @@ impl Table {
                 if key >= next_key || added > covered {
                     return Err(bad(&format!("chunk {key} is newer than the table")));
                 }
-                if key_of(f[5]) != Some(key) {
+                if key_of(point) != Some(key) {
                     return Err(bad(&format!("chunk {key} is not at its point in the saved graph")));
                 }
-                chunks.push(c);
-                points.push(f[5]);
             }
-            if r.at != end {
-                return Err(bad("documents overlap"));
-            }
-            let text = Text::Saved { file: file.clone(), start: text_start, len: text_bytes.len() };
-            Ok((Arc::new(DocEntry { id, title, text, metadata, hash, chunks }), points, added))
+            let fields = Fields::Saved { file: file.clone(), at: starts[i] };
+            Ok((Arc::new(DocEntry { hash, fields, metadata: OnceLock::new() }), added))
         };
         let parsed = (0..docs).into_par_iter().map(parse).collect::<Result<Vec<_>>>()?;
         let mut table = Table::default();
         table.docs.reserve(parsed.len());
         table.chunks.reserve(parsed.len());
-        for (doc, points, added) in parsed {
-            for (i, (c, point)) in doc.chunks.iter().zip(points).enumerate() {
+        for (doc, added) in parsed {
+            let Chunks::Saved(records) = doc.chunks() else { unreachable!("a loaded document") };
+            for (i, record) in records.chunks_exact(CHUNK_BYTES).enumerate() {
+                let (c, point) = saved_chunk(record);
                 let entry = ChunkEntry { doc: doc.clone(), index: i as u32, point, added, removed: NOT_REMOVED };
                 if table.chunks.insert(c.key, entry).is_some() {
                     return Err(bad(&format!("chunk {} appears twice", c.key)));
                 }
             }
-            if table.docs.insert(doc.id.clone(), doc).is_some() {
+            if table.docs.insert(doc).is_some() {
                 return Err(bad("a document appears twice"));
             }
         }
@@ -522,10 +686,69 @@ mod tests {
         let path = file_with(dir.path(), &body);
         let (t, mark) = Table::load(&path, |p| (p < 5).then_some(p as u64)).unwrap();
         assert_eq!((t.docs.len(), t.chunks.len(), mark.next_key), (5, 5, 5));
-        assert_eq!(&*t.docs["d3"].text, "héllo wörld, twice".repeat(4));
+        assert_eq!(t.docs["d3"].text(), "héllo wörld, twice".repeat(4));
         assert_eq!(t.chunks[&3].text(), "héllo");
         // A table whose points do not match the graph is refused.
         assert!(Table::load(&path, |p| (p < 5).then_some(p as u64 + 1)).is_err());
+    }
+
+    #[test]
+    fn loaded_documents_read_as_written_and_are_replaced_and_removed_by_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let body = sample_body(dir.path());
+        let path = file_with(dir.path(), &body);
+        let (mut t, _) = Table::load(&path, |p| (p < 5).then_some(p as u64)).unwrap();
+        for i in 0..5u64 {
+            let d = t.docs.get(&format!("d{i}")).expect("loaded");
+            assert!(matches!(d.fields, Fields::Saved { .. }));
+            assert_eq!(d.id(), format!("d{i}"));
+            assert_eq!(d.title(), (i % 2 == 0).then(|| format!("T{i}")).as_deref());
+            assert_eq!(d.text(), "héllo wörld, twice".repeat(i as usize + 1));
+            assert_eq!(*d.metadata(), serde_json::json!({"i": i}));
+            assert_eq!(d.hash, i);
+            let chunks: Vec<ChunkRecord> = d.chunks().iter().collect();
+            assert_eq!(
+                chunks,
+                [ChunkRecord { key: i, byte_start: 0, byte_end: 6, char_start: 0, char_end: 5, tokens: 2 }]
+            );
+            assert_eq!(t.chunks[&i].point, i as u32);
+        }
+        assert!(t.docs.get("d5").is_none() && !t.docs.contains_key("d"));
+        // A written version replaces the loaded one under the same id; the old chunk is removed.
+        let new = DocRecord {
+            id: "d2".into(),
+            title: None,
+            text: "new text".into(),
+            metadata: serde_json::json!({"new": true}),
+            hash: 42,
+            chunks: vec![ChunkRecord { key: 9, byte_start: 0, byte_end: 3, char_start: 0, char_end: 3, tokens: 1 }],
+        };
+        t.upsert(7, &[new], &[9]);
+        assert_eq!((t.docs.len(), t.docs["d2"].text(), t.docs["d2"].hash), (5, "new text", 42));
+        assert_eq!((t.chunks[&2].removed, t.chunks[&9].text()), (7, "new"));
+        t.delete(8, &["d3".into(), "missing".into()]);
+        assert_eq!((t.docs.len(), t.chunks[&3].removed), (4, 8));
+        assert!(t.docs.get("d3").is_none());
+        let mut ids: Vec<&str> = t.docs.values().map(|d| d.id()).collect();
+        ids.sort();
+        assert_eq!(ids, ["d0", "d1", "d2", "d4"]);
+        // Saved again (loaded and written documents mixed), it loads back the same.
+        let mark = TableMark {
+            covered: 8,
+            mark: LogMark { end: 200, last_start: 100, last_crc: 1, last_seq: 8 },
+            next_seq: 9,
+            next_key: 10,
+        };
+        let again = dir.path().join("again.snap");
+        t.save(&again, &mark).unwrap();
+        let (u, m) =
+            Table::load(&again, |p| [0, 1, 9, 3, 4, 5, 6, 7, 8, 9].get(p as usize).map(|&k| k as u64)).unwrap();
+        assert_eq!(m, mark);
+        for d in t.docs.values() {
+            let e = &u.docs[d.id()];
+            assert_eq!((e.title(), e.text(), e.metadata(), e.hash), (d.title(), d.text(), d.metadata(), d.hash));
+            assert_eq!(e.chunks().iter().collect::<Vec<_>>(), d.chunks().iter().collect::<Vec<_>>());
+        }
     }
 
     #[test]
@@ -539,9 +762,10 @@ mod tests {
         v1.truncate(body.len() - 5 * 8);
         let (t, _) = Table::load(&file_with(dir.path(), &v1), key_of).unwrap();
         assert_eq!((t.docs.len(), t.chunks.len()), (5, 5));
-        assert_eq!(&*t.docs["d3"].text, "héllo wörld, twice".repeat(4));
-        assert_eq!(t.docs["d2"].title.as_deref(), Some("T2"));
-        assert_eq!(*t.docs["d4"].metadata, serde_json::json!({"i": 4}));
+        assert_eq!(t.docs["d3"].text(), "héllo wörld, twice".repeat(4));
+        assert_eq!(t.docs["d2"].title(), Some("T2"));
+        assert_eq!(t.docs["d1"].title(), None);
+        assert_eq!(*t.docs["d4"].metadata(), serde_json::json!({"i": 4}));
         // Version 2 with an index that does not tile the documents.
         for (at, delta) in [(body.len() - 8, 1i64), (body.len() - 8, -3), (body.len() - 40, 2)] {
             let mut b = body.clone();
