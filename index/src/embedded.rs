@@ -636,7 +636,7 @@ impl EmbeddedStore {
         // A save still writing would mark its table with places in the log replaced below.
         self.saver.finish();
         self.commit()?;
-        self.verify_saved_vectors()?;
+        self.verify_saved_files()?;
         let started = std::time::Instant::now();
         let old = self.graph();
         let (records, fresh, moved) = {
@@ -686,10 +686,18 @@ impl EmbeddedStore {
         Ok(())
     }
 
-    /// Checks the vectors the graph reads from its saved file before they are copied into a
-    /// log (compaction, snapshots): damage there must not reach the source of truth. A
-    /// damaged file is removed, so that the next open rebuilds the graph from the log.
-    fn verify_saved_vectors(&self) -> Result<()> {
+    /// Checks the vectors the graph and the texts the table read from their saved files
+    /// before they are copied into a log (compaction, snapshots): damage there must not
+    /// reach the source of truth. A damaged file is removed, so that the next open rebuilds
+    /// what it held from the log.
+    fn verify_saved_files(&self) -> Result<()> {
+        // The saved table's texts likewise (a damaged table file is removed by the check).
+        if let Err(e) = self.table.read().expect("table").verify_texts() {
+            return Err(IndexError::Corrupt(format!(
+                "collection `{}`: {e}; restart to rebuild the table from the log",
+                self.settings.name
+            )));
+        }
         if let Err(e) = self.graph().read().verify_vectors() {
             tracing::error!(collection = %self.settings.name, error = %e, "saved graph damaged; it will be rebuilt from the log on the next open");
             for file in [GRAPH_FILE, TABLE_FILE] {
@@ -738,7 +746,7 @@ impl EmbeddedStore {
         }
         let writer = self.writer.lock().expect("writer lock");
         self.commit()?;
-        self.verify_saved_vectors()?;
+        self.verify_saved_files()?;
         let records = {
             let table = self.table.read().expect("table");
             self.live_records(&table, &writer)

@@ -119,8 +119,53 @@ impl Checked {
         Ok(Checked { map })
     }
 
+    /// Maps a file of two sections — `[magic][bulk][crc of magic and bulk][tail][u64 where
+    /// the tail starts in the body][crc of the tail and that u64]` — checking only the tail
+    /// on open (the bulk is read where it is used; [`Checked::verify_bulk`] checks it).
+    /// Returns the file and where the tail starts in [`Checked::body`].
+    pub fn open_tail(path: &Path, magic: &[u8; 8], what: &str) -> Result<(Checked, usize)> {
+        let file = File::open(path)?;
+        // SAFETY: as in `Checked::open`.
+        let map = unsafe { memmap2::Mmap::map(&file)? };
+        let bad = |why: &str| IndexError::Corrupt(format!("{}: {why}", path.display()));
+        if map.len() < 8 + 4 + 8 + 4 || &map[..8] != magic {
+            return Err(bad(&format!("not a ragway {what} file")));
+        }
+        let len = map.len();
+        let tail_at = u64::from_le_bytes(map[len - 12..len - 4].try_into().expect("8 bytes"));
+        // The tail starts after the bulk's checksum and ends with the u64 that says where.
+        let tail_at = usize::try_from(tail_at)
+            .ok()
+            .filter(|&t| t >= 4 && 8 + t <= len - 12)
+            .ok_or_else(|| bad("checksum mismatch"))?;
+        let crc = u32::from_le_bytes(map[len - 4..].try_into().expect("4 bytes"));
+        if parallel_crc(&map[8 + tail_at..len - 4]) != crc {
+            return Err(bad("checksum mismatch"));
+        }
+        Ok((Checked { map }, tail_at))
+    }
+
+    /// Checks the bulk section of a file opened by [`Checked::open_tail`] (`tail_at` as it
+    /// returned): reads all of it.
+    pub fn verify_bulk(&self, tail_at: usize) -> bool {
+        let end = 8 + tail_at - 4;
+        let crc = u32::from_le_bytes(self.map[end..end + 4].try_into().expect("4 bytes"));
+        parallel_crc(&self.map[..end]) == crc
+    }
+
     pub fn body(&self) -> &[u8] {
         &self.map[8..self.map.len() - 4]
+    }
+}
+
+/// The magic a file starts with (`None` when it is shorter).
+pub fn magic_of(path: &Path) -> Result<Option<[u8; 8]>> {
+    use std::io::Read;
+    let mut m = [0u8; 8];
+    match File::open(path)?.read_exact(&mut m) {
+        Ok(()) => Ok(Some(m)),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(None),
+        Err(e) => Err(e.into()),
     }
 }
 

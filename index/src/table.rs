@@ -5,15 +5,26 @@
 //! it is saved (`table.snap`) together with the graph, marked with the log position both
 //! cover ([`LogMark`]); an open then loads both and replays only the records after the mark.
 //!
-//! `table.snap` is a [`crate::filefmt`] file: a header of u64s (format version, covered
-//! sequence number, next sequence number, next chunk key, the log mark — end, last record's
-//! start, checksum and sequence number — and the document count), then per document its
-//! id, title (`u32::MAX` length for none), text and metadata JSON as length-prefixed byte
-//! strings, its hash and the sequence number that added it, its chunk count, and per chunk
-//! its key (u64), byte and char spans, token count and graph point (u32 each). Version 2
-//! ends with where each document starts (u64 offsets into the body, one per document), so
-//! that an open parses the documents in parallel from the start; version 1 files (without
-//! them) are read with a first pass over the length fields.
+//! `table.snap`, format 3 (magic `RGWTABL3`), is a [`crate::filefmt`] file of two
+//! sections (`Checked::open_tail`). The first holds the texts: per document its title (if
+//! any), text and metadata JSON, back to back, then their checksum. The second holds the
+//! records: a header of u64s (format version, covered sequence number, next sequence
+//! number, next chunk key, the log mark — end, last record's start, checksum and sequence
+//! number — and the document count); per document its id (length-prefixed), hash, the
+//! sequence number that added it, where its texts start (u64), the lengths of its title
+//! (`u32::MAX` for none), text and metadata (u32 each), its chunk count, and per chunk its
+//! key (u64), byte and char spans, token count and graph point (u32 each); where each
+//! document's record starts (u64 each, so that an open parses them in parallel); where the
+//! records start; their checksum. An open reads and checks only the records (~110 bytes a
+//! one-chunk document, against ~1.6 KB with its text): texts are read from the page cache
+//! where they are used, checked to be UTF-8 on each read, and their checksum is checked
+//! before they are copied into another table file or a log ([`SavedTable::verify_texts`]).
+//!
+//! Formats 1 and 2 (magic `RGWTABL1`, one checksum over the whole file, which an open
+//! reads) hold each document's id, title, text and metadata among its record's fields;
+//! version 2 ends with the records' offsets, version 1 files are read with a first pass
+//! over the length fields. Both still load, and are written again in format 3 at the next
+//! save.
 
 use crate::error::{IndexError, Result};
 use crate::filefmt::{Checked, Cursor, SumWriter};
@@ -24,8 +35,11 @@ use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
 pub(crate) const NOT_REMOVED: u64 = u64::MAX;
+/// Formats 1 and 2 (texts among the records).
 const MAGIC: &[u8; 8] = b"RGWTABL1";
-const FORMAT_VERSION: u64 = 2;
+/// Format 3 (texts in a section of their own, before the records).
+const MAGIC3: &[u8; 8] = b"RGWTABL3";
+const FORMAT_VERSION: u64 = 3;
 /// No title (a length no string in the file can have).
 const NO_TITLE: u32 = u32::MAX;
 /// A chunk's record: key (u64) and six u32s.
@@ -45,10 +59,11 @@ pub(crate) struct DocEntry {
 enum Fields {
     Owned(Box<OwnedFields>),
     /// The document's record starts at `at` in the saved table's body; it was checked when
-    /// the table was loaded (lengths in bounds, strings UTF-8, chunk spans inside the text),
-    /// and the mapping is read-only, its file only ever replaced by a rename.
+    /// the table was loaded (lengths in bounds, chunk spans inside the text, the id UTF-8,
+    /// and in formats 1 and 2 every string UTF-8), and the mapping is read-only, its file
+    /// only ever replaced by a rename.
     Saved {
-        file: Arc<Checked>,
+        table: Arc<SavedTable>,
         at: usize,
     },
 }
@@ -58,6 +73,64 @@ struct OwnedFields {
     title: Option<String>,
     text: String,
     chunks: Vec<ChunkRecord>,
+}
+
+/// A saved table file, mapped, that loaded documents read their fields from.
+pub(crate) struct SavedTable {
+    file: Checked,
+    /// Format 3: where the structure section starts in the body (the texts lie before it,
+    /// under their own checksum, which an open does not read); `None` for formats 1 and 2
+    /// (texts among the records, the whole file checked on open).
+    structure_at: Option<usize>,
+    path: std::path::PathBuf,
+    /// The file's inode when it was loaded (a damaged file is removed only while it is
+    /// still the one at `path`).
+    ino: Option<u64>,
+    /// The texts' checksum, checked once before the texts are copied anywhere.
+    texts_checked: OnceLock<bool>,
+}
+
+impl SavedTable {
+    fn body(&self) -> &[u8] {
+        self.file.body()
+    }
+
+    /// Checks the texts section's checksum (once; reads every text): before the texts are
+    /// copied into another table file or into a log, so that damage on disk is never
+    /// carried into a file that checks.
+    pub fn verify_texts(&self) -> Result<()> {
+        let ok = *self.texts_checked.get_or_init(|| match self.structure_at {
+            Some(at) => self.file.verify_bulk(at),
+            None => true,
+        });
+        if ok {
+            return Ok(());
+        }
+        // The next open rebuilds the table from the log (the graph stays).
+        if Self::ino_of(&self.path).is_some_and(|ino| Some(ino) == self.ino) && std::fs::remove_file(&self.path).is_ok()
+        {
+            tracing::error!(file = %self.path.display(), "saved table's texts damaged; removed, the next open rebuilds it from the log");
+        }
+        Err(IndexError::Corrupt(format!("{}: the texts' checksum does not match", self.path.display())))
+    }
+
+    fn new(file: Checked, structure_at: Option<usize>, path: &Path) -> SavedTable {
+        let ino = Self::ino_of(path);
+        SavedTable { file, structure_at, path: path.to_path_buf(), ino, texts_checked: OnceLock::new() }
+    }
+
+    fn ino_of(path: &Path) -> Option<u64> {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(path).ok().map(|m| m.ino())
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = path;
+            None
+        }
+    }
 }
 
 /// Where a saved document's fields lie in the table's body (see the module's layout).
@@ -72,25 +145,42 @@ struct Spans {
 impl Spans {
     /// Reads the length fields of the document at `at`, checked when the table was loaded;
     /// `None` only for a record that was never checked.
-    fn read(body: &[u8], at: usize) -> Option<Spans> {
+    fn read(table: &SavedTable, at: usize) -> Option<Spans> {
         fn string(r: &mut Cursor) -> Option<std::ops::Range<usize>> {
             let b = r.bytes()?;
             Some(r.at - b.len()..r.at)
         }
-        let mut r = Cursor { data: body, at };
+        let mut r = Cursor { data: table.body(), at };
         string(&mut r)?; // the id (read by `DocEntry::id` on its own)
-        let title = match r.u32()? {
-            NO_TITLE => None,
-            n => {
-                r.take(n as usize)?;
-                Some(r.at - n as usize..r.at)
+        let spans = if table.structure_at.is_some() {
+            // Format 3: hash, added, where the texts start, their lengths, chunk count.
+            r.take(16)?;
+            let texts = r.u64()? as usize;
+            let [title, text, metadata, n] = [r.u32()?, r.u32()?, r.u32()?, r.u32()?];
+            let title_len = if title == NO_TITLE { 0 } else { title as usize };
+            let text_at = texts + title_len;
+            let metadata_at = text_at + text as usize;
+            Spans {
+                title: (title != NO_TITLE).then(|| texts..text_at),
+                text: text_at..metadata_at,
+                metadata: metadata_at..metadata_at + metadata as usize,
+                chunks: (r.at, n as usize),
             }
+        } else {
+            let title = match r.u32()? {
+                NO_TITLE => None,
+                n => {
+                    r.take(n as usize)?;
+                    Some(r.at - n as usize..r.at)
+                }
+            };
+            let text = string(&mut r)?;
+            let metadata = string(&mut r)?;
+            r.take(16)?;
+            let n = r.u32()? as usize;
+            Spans { title, text, metadata, chunks: (r.at, n) }
         };
-        let text = string(&mut r)?;
-        let metadata = string(&mut r)?;
-        r.take(16)?;
-        let n = r.u32()? as usize;
-        Some(Spans { title, text, metadata, chunks: (r.at, n) })
+        Some(spans)
     }
 }
 
@@ -139,6 +229,10 @@ impl<'a> Chunks<'a> {
     }
 }
 
+/// What a damaged text of a saved table reads as (its file's texts checksum would not hold;
+/// it is refused before being copied anywhere).
+const DAMAGED: &str = "\u{FFFD}";
+
 impl DocEntry {
     pub fn new(d: &DocRecord) -> Self {
         DocEntry {
@@ -153,30 +247,46 @@ impl DocEntry {
         }
     }
 
-    fn saved(&self) -> Option<(&[u8], Spans)> {
+    fn saved(&self) -> Option<(&SavedTable, Spans)> {
         match &self.fields {
             Fields::Owned(_) => None,
-            Fields::Saved { file, at } => {
-                let body = file.body();
-                Some((body, Spans::read(body, *at).expect("a document checked when its table was loaded")))
+            Fields::Saved { table, at } => {
+                Some((table, Spans::read(table, *at).expect("a document checked when its table was loaded")))
             }
         }
     }
 
-    /// A checked string of the saved table.
-    fn str_at(body: &[u8], r: std::ops::Range<usize>) -> &str {
-        // SAFETY: checked to be UTF-8 when the table was loaded (see `Fields::Saved`).
-        unsafe { std::str::from_utf8_unchecked(&body[r]) }
+    /// The saved table this document was loaded from.
+    pub fn saved_table(&self) -> Option<&Arc<SavedTable>> {
+        match &self.fields {
+            Fields::Owned(_) => None,
+            Fields::Saved { table, .. } => Some(table),
+        }
+    }
+
+    /// A string of the saved table: checked on open in formats 1 and 2, here in format 3
+    /// (whose texts an open does not read).
+    fn str_at(table: &SavedTable, r: std::ops::Range<usize>) -> &str {
+        let bytes = &table.body()[r];
+        if table.structure_at.is_none() {
+            // SAFETY: checked to be UTF-8 when the table was loaded (see `Fields::Saved`).
+            return unsafe { std::str::from_utf8_unchecked(bytes) };
+        }
+        simdutf8::basic::from_utf8(bytes).unwrap_or_else(|_| {
+            tracing::error!(file = %table.path.display(), "a saved text is not UTF-8: the file is damaged");
+            DAMAGED
+        })
     }
 
     pub fn id(&self) -> &str {
         match &self.fields {
             Fields::Owned(f) => &f.id,
-            Fields::Saved { file, at } => {
+            Fields::Saved { table, at } => {
                 // Only the id's length and bytes: the id is read on every lookup by id.
-                let body = file.body();
+                let body = table.body();
                 let n = u32::from_le_bytes(body[*at..*at + 4].try_into().expect("4 bytes")) as usize;
-                Self::str_at(body, *at + 4..*at + 4 + n)
+                // SAFETY: every format's ids are checked to be UTF-8 when the table is loaded.
+                unsafe { std::str::from_utf8_unchecked(&body[*at + 4..*at + 4 + n]) }
             }
         }
     }
@@ -185,8 +295,8 @@ impl DocEntry {
         match &self.fields {
             Fields::Owned(f) => f.title.as_deref(),
             Fields::Saved { .. } => {
-                let (body, s) = self.saved()?;
-                s.title.map(|r| Self::str_at(body, r))
+                let (table, s) = self.saved()?;
+                s.title.map(|r| Self::str_at(table, r))
             }
         }
     }
@@ -195,20 +305,25 @@ impl DocEntry {
         match &self.fields {
             Fields::Owned(f) => &f.text,
             Fields::Saved { .. } => {
-                let (body, s) = self.saved().expect("saved");
-                Self::str_at(body, s.text)
+                let (table, s) = self.saved().expect("saved");
+                Self::str_at(table, s.text)
             }
         }
+    }
+
+    /// Chunk `i`'s text (a damaged file's spans read as [`DAMAGED`], never a panic).
+    pub fn chunk_text(&self, r: &ChunkRecord) -> &str {
+        self.text().get(r.byte_start as usize..r.byte_end as usize).unwrap_or(DAMAGED)
     }
 
     pub fn metadata(&self) -> &serde_json::Value {
         self.metadata.get_or_init(|| {
             let json = match self.saved() {
-                Some((body, s)) => Self::str_at(body, s.metadata),
-                None => "null",
+                Some((table, s)) => &table.body()[s.metadata],
+                None => b"null",
             };
-            Box::new(serde_json::from_str(json).unwrap_or_else(|e| {
-                // Only a faulty writer gets here: the file's checksum held.
+            Box::new(serde_json::from_slice(json).unwrap_or_else(|e| {
+                // Only a faulty writer or a damaged texts section gets here.
                 tracing::error!(error = %e, "saved metadata is not JSON; read as null");
                 serde_json::Value::Null
             }))
@@ -218,7 +333,7 @@ impl DocEntry {
     /// The metadata's JSON text, as saved.
     fn metadata_json(&self) -> Result<std::borrow::Cow<'_, [u8]>> {
         Ok(match self.saved() {
-            Some((body, s)) => std::borrow::Cow::Borrowed(&body[s.metadata]),
+            Some((table, s)) => std::borrow::Cow::Borrowed(&table.body()[s.metadata]),
             None => std::borrow::Cow::Owned(serde_json::to_vec(self.metadata())?),
         })
     }
@@ -227,9 +342,9 @@ impl DocEntry {
         match &self.fields {
             Fields::Owned(f) => Chunks::Owned(&f.chunks),
             Fields::Saved { .. } => {
-                let (body, s) = self.saved().expect("saved");
+                let (table, s) = self.saved().expect("saved");
                 let (at, n) = s.chunks;
-                Chunks::Saved(&body[at..at + n * CHUNK_BYTES])
+                Chunks::Saved(&table.body()[at..at + n * CHUNK_BYTES])
             }
         }
     }
@@ -266,7 +381,7 @@ impl ChunkEntry {
 
     pub fn text(&self) -> &str {
         let r = self.doc.chunks().get(self.index as usize).expect("a chunk of its document");
-        &self.doc.text()[r.byte_start as usize..r.byte_end as usize]
+        self.doc.chunk_text(&r)
     }
 }
 
@@ -432,6 +547,19 @@ impl Table {
         self.to_save().write(path, mark)
     }
 
+    /// Checks the texts of every saved table the documents read from (see
+    /// [`SavedTable::verify_texts`]): before they are copied into a log.
+    pub fn verify_texts(&self) -> Result<()> {
+        let mut checked: Option<*const SavedTable> = None;
+        for t in self.docs.values().filter_map(|d| d.saved_table()) {
+            if checked != Some(Arc::as_ptr(t)) {
+                t.verify_texts()?;
+                checked = Some(Arc::as_ptr(t));
+            }
+        }
+        Ok(())
+    }
+
     /// What a save writes, taken from the table as it stands (cheap: the documents are
     /// shared, only each chunk's point and each document's first sequence number are
     /// copied), so that the writing can run while the table changes.
@@ -462,9 +590,42 @@ pub(crate) struct TableSave {
 
 impl TableSave {
     /// Writes the table as covering the log up to `mark` (a temporary file, fsynced, then
-    /// renamed).
+    /// renamed), in format 3: the texts first, then the records.
     pub fn write(&self, path: &Path, mark: &TableMark) -> Result<()> {
-        let mut w = SumWriter::create(path, MAGIC)?;
+        // Texts read from a saved table are checked before they are copied into this one.
+        let mut checked: Option<*const SavedTable> = None;
+        for t in self.docs.iter().filter_map(|d| d.saved_table()) {
+            if checked != Some(Arc::as_ptr(t)) {
+                t.verify_texts()?;
+                checked = Some(Arc::as_ptr(t));
+            }
+        }
+        let len = |b: &[u8]| {
+            u32::try_from(b.len())
+                .ok()
+                .filter(|&n| n != NO_TITLE)
+                .ok_or_else(|| IndexError::Internal("text over 4 GiB".into()))
+        };
+        let mut w = SumWriter::create(path, MAGIC3)?;
+        // Per document: where its texts start (in the body, after the magic) and the lengths
+        // of its title (`NO_TITLE` for none), text and metadata JSON.
+        let mut texts = Vec::with_capacity(self.docs.len());
+        for d in &self.docs {
+            let at = w.position() - MAGIC3.len() as u64;
+            let title = match d.title() {
+                Some(t) => {
+                    w.put(t.as_bytes())?;
+                    len(t.as_bytes())?
+                }
+                None => NO_TITLE,
+            };
+            let json = d.metadata_json()?;
+            w.put(d.text().as_bytes())?;
+            w.put(&json)?;
+            texts.push((at, [title, len(d.text().as_bytes())?, len(&json)?]));
+        }
+        w.seal()?;
+        let structure_at = w.position() - MAGIC3.len() as u64;
         let m = &mark.mark;
         for x in [
             FORMAT_VERSION,
@@ -481,8 +642,45 @@ impl TableSave {
         }
         let mut starts = Vec::with_capacity(self.docs.len());
         let mut points = self.points.iter().copied();
+        for ((d, &added), (at, lens)) in self.docs.iter().zip(&self.added).zip(texts) {
+            starts.push(w.position() - MAGIC3.len() as u64);
+            w.bytes(d.id().as_bytes())?;
+            w.u64(d.hash)?;
+            w.u64(added)?;
+            w.u64(at)?;
+            for x in lens {
+                w.u32(x)?;
+            }
+            let chunks = d.chunks();
+            w.u32(chunks.len() as u32)?;
+            for c in chunks.iter() {
+                let point = points.next().unwrap_or(UNPLACED);
+                w.u64(c.key)?;
+                for x in [c.byte_start, c.byte_end, c.char_start, c.char_end, c.tokens, point] {
+                    w.u32(x)?;
+                }
+            }
+        }
+        for start in starts {
+            w.u64(start)?;
+        }
+        w.u64(structure_at)?;
+        w.finish()
+    }
+
+    /// Writes format 2 (texts among the records; the whole file checked on open), as
+    /// earlier builds did: the tests' files of the previous format.
+    #[cfg(test)]
+    pub fn write_v2(&self, path: &Path, mark: &TableMark) -> Result<()> {
+        let mut w = SumWriter::create(path, MAGIC)?;
+        let m = &mark.mark;
+        for x in [2, mark.covered, mark.next_seq, mark.next_key, m.end, m.last_start, m.last_crc as u64, m.last_seq] {
+            w.u64(x)?;
+        }
+        w.u64(self.docs.len() as u64)?;
+        let mut starts = Vec::with_capacity(self.docs.len());
+        let mut points = self.points.iter().copied();
         for (d, &added) in self.docs.iter().zip(&self.added) {
-            // Offsets into the body (after the magic).
             starts.push(w.position() - MAGIC.len() as u64);
             w.bytes(d.id().as_bytes())?;
             match d.title() {
@@ -515,17 +713,112 @@ impl Table {
     /// `key_of` (the saved graph's key at a point, `None` past its end): a table and a graph
     /// that do not belong together are refused, never mixed.
     pub fn load(path: &Path, key_of: impl Fn(u32) -> Option<u64> + Sync) -> Result<(Table, TableMark)> {
+        match crate::filefmt::magic_of(path)? {
+            Some(m) if &m == MAGIC3 => Self::load_v3(path, key_of),
+            _ => Self::load_v12(path, key_of),
+        }
+    }
+
+    /// Format 3: only the records' section is read and checked; the texts are read where
+    /// they are used (UTF-8 checked on each read) and their checksum before any copy.
+    fn load_v3(path: &Path, key_of: impl Fn(u32) -> Option<u64> + Sync) -> Result<(Table, TableMark)> {
         use rayon::prelude::*;
-        let file = Arc::new(Checked::open(path, MAGIC, "chunk table")?);
-        let body = file.body();
+        let (file, structure_at) = Checked::open_tail(path, MAGIC3, "chunk table")?;
+        let saved = Arc::new(SavedTable::new(file, Some(structure_at), path));
+        let body = saved.body();
+        let bad = |why: &str| IndexError::Corrupt(format!("{}: {why}", path.display()));
+        // The texts end with their checksum; the records end with where they start (u64).
+        let texts_end = structure_at - 4;
+        let structure_end = body.len() - 8;
+        let mut r = Cursor { data: &body[..structure_end], at: structure_at };
+        let header: Vec<u64> = (0..9).map(|_| r.u64()).collect::<Option<_>>().ok_or_else(|| bad("short header"))?;
+        let [version, covered, next_seq, next_key, end, last_start, last_crc, last_seq, docs] = header[..] else {
+            unreachable!()
+        };
+        if version != 3 {
+            return Err(bad(&format!("format version {version} in a format-3 file")));
+        }
+        let last_crc = u32::try_from(last_crc).map_err(|_| bad("checksum field"))?;
+        let mark = TableMark { covered, mark: LogMark { end, last_start, last_crc, last_seq }, next_seq, next_key };
+        // A record takes at least 4 + 3 × 8 + 4 × 4 bytes, and 8 in the index.
+        if docs > ((structure_end - r.at) / 52) as u64 {
+            return Err(bad("document count"));
+        }
+        let docs = docs as usize;
+        let index_at =
+            structure_end.checked_sub(docs * 8).filter(|&at| at >= r.at).ok_or_else(|| bad("document index"))?;
+        let mut index = Cursor { data: &body[..structure_end], at: index_at };
+        let starts: Vec<usize> = (0..docs)
+            .map(|_| index.u64().map(|x| x as usize))
+            .collect::<Option<_>>()
+            .ok_or_else(|| bad("document index"))?;
+        if starts.first().is_some_and(|&s| s != r.at)
+            || starts.windows(2).any(|w| w[0] >= w[1])
+            || starts.last().is_some_and(|&s| s >= index_at)
+            || (docs == 0 && index_at != r.at)
+        {
+            return Err(bad("document index"));
+        }
+        let records = &body[..index_at];
+        let parse = |i: usize| -> Result<(Arc<DocEntry>, u64)> {
+            let mut r = Cursor { data: records, at: starts[i] };
+            let end = starts.get(i + 1).copied().unwrap_or(index_at);
+            let short = || bad("short document");
+            simdutf8::basic::from_utf8(r.bytes().ok_or_else(short)?).map_err(|_| bad("an id is not UTF-8"))?;
+            let hash = r.u64().ok_or_else(short)?;
+            let added = r.u64().ok_or_else(short)?;
+            let texts_at = r.u64().ok_or_else(short)?;
+            let [title, text, metadata, n] = [
+                r.u32().ok_or_else(short)?,
+                r.u32().ok_or_else(short)?,
+                r.u32().ok_or_else(short)?,
+                r.u32().ok_or_else(short)?,
+            ];
+            let title = if title == NO_TITLE { 0 } else { u64::from(title) };
+            let texts_end_here = texts_at + title + u64::from(text) + u64::from(metadata);
+            if texts_at > texts_end as u64 || texts_end_here > texts_end as u64 {
+                return Err(bad("a document's texts lie outside the texts section"));
+            }
+            let n = n as usize;
+            if n.checked_mul(CHUNK_BYTES).is_none_or(|b| r.at + b != end) {
+                return Err(bad("documents overlap"));
+            }
+            for record in records[r.at..end].chunks_exact(CHUNK_BYTES) {
+                let (c, point) = saved_chunk(record);
+                let key = c.key;
+                if c.byte_start > c.byte_end || c.byte_end > text {
+                    return Err(bad(&format!("chunk {key} spans outside its text")));
+                }
+                if key >= next_key || added > covered {
+                    return Err(bad(&format!("chunk {key} is newer than the table")));
+                }
+                if key_of(point) != Some(key) {
+                    return Err(bad(&format!("chunk {key} is not at its point in the saved graph")));
+                }
+            }
+            let fields = Fields::Saved { table: saved.clone(), at: starts[i] };
+            Ok((Arc::new(DocEntry { hash, fields, metadata: OnceLock::new() }), added))
+        };
+        let parsed = (0..docs).into_par_iter().map(parse).collect::<Result<Vec<_>>>()?;
+        Ok((Self::assemble(parsed, bad)?, mark))
+    }
+
+    /// Formats 1 and 2: the whole file checked, every string checked to be UTF-8.
+    fn load_v12(path: &Path, key_of: impl Fn(u32) -> Option<u64> + Sync) -> Result<(Table, TableMark)> {
+        use rayon::prelude::*;
+        let file = Checked::open(path, MAGIC, "chunk table")?;
+        let saved = Arc::new(SavedTable::new(file, None, path));
+        let body = saved.body();
         let bad = |why: &str| IndexError::Corrupt(format!("{}: {why}", path.display()));
         let mut r = Cursor::new(body);
         let header: Vec<u64> = (0..9).map(|_| r.u64()).collect::<Option<_>>().ok_or_else(|| bad("short header"))?;
         let [version, covered, next_seq, next_key, end, last_start, last_crc, last_seq, docs] = header[..] else {
             unreachable!()
         };
-        if version != 1 && version != FORMAT_VERSION {
-            return Err(bad(&format!("format version {version}, this build reads 1 and {FORMAT_VERSION}")));
+        if version != 1 && version != 2 {
+            return Err(bad(&format!(
+                "format version {version} in a format-1/2 file (this build reads 1 to {FORMAT_VERSION})"
+            )));
         }
         let last_crc = u32::try_from(last_crc).map_err(|_| bad("checksum field"))?;
         let mark = TableMark { covered, mark: LogMark { end, last_start, last_crc, last_seq }, next_seq, next_key };
@@ -616,10 +909,15 @@ impl Table {
                     return Err(bad(&format!("chunk {key} is not at its point in the saved graph")));
                 }
             }
-            let fields = Fields::Saved { file: file.clone(), at: starts[i] };
+            let fields = Fields::Saved { table: saved.clone(), at: starts[i] };
             Ok((Arc::new(DocEntry { hash, fields, metadata: OnceLock::new() }), added))
         };
         let parsed = (0..docs).into_par_iter().map(parse).collect::<Result<Vec<_>>>()?;
+        Ok((Self::assemble(parsed, bad)?, mark))
+    }
+
+    /// The table of loaded documents (with the sequence number that added each).
+    fn assemble(parsed: Vec<(Arc<DocEntry>, u64)>, bad: impl Fn(&str) -> IndexError) -> Result<Table> {
         let mut table = Table::default();
         table.docs.reserve(parsed.len());
         table.chunks.reserve(parsed.len());
@@ -636,7 +934,7 @@ impl Table {
                 return Err(bad("a document appears twice"));
             }
         }
-        Ok((table, mark))
+        Ok(table)
     }
 }
 
@@ -654,7 +952,50 @@ mod tests {
         path
     }
 
+    /// The body of a format-2 file of the sample table (what earlier builds wrote).
     fn sample_body(dir: &Path) -> Vec<u8> {
+        let (table, mark) = sample_table();
+        let path = dir.join("table.snap");
+        table.to_save().write_v2(&path, &mark).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        bytes[8..bytes.len() - 4].to_vec()
+    }
+
+    /// The sample table saved in the current format: the file's bytes and where its records
+    /// start in the body.
+    fn sample_v3(dir: &Path) -> (std::path::PathBuf, Vec<u8>, usize) {
+        let (table, mark) = sample_table();
+        let path = dir.join("table.snap");
+        table.save(&path, &mark).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let tail_at = u64::from_le_bytes(bytes[bytes.len() - 12..bytes.len() - 4].try_into().unwrap()) as usize;
+        (path, bytes, tail_at)
+    }
+
+    /// Both checksums of a format-3 file recomputed: damage a buggy writer could leave.
+    fn reseal(bytes: &mut [u8], tail_at: usize) {
+        let texts_end = 8 + tail_at - 4;
+        let crc = crc32fast::hash(&bytes[..texts_end]);
+        bytes[texts_end..texts_end + 4].copy_from_slice(&crc.to_le_bytes());
+        let n = bytes.len();
+        let crc = crc32fast::hash(&bytes[8 + tail_at..n - 4]);
+        bytes[n - 4..].copy_from_slice(&crc.to_le_bytes());
+    }
+
+    /// Reads every field of every document and chunk (what searches and reads do).
+    fn read_all(t: &Table) {
+        for d in t.docs.values() {
+            let _ = (d.id().len(), d.title().map(str::len), d.text().len(), d.metadata().is_null());
+            for c in d.chunks().iter() {
+                let _ = d.chunk_text(&c).len();
+            }
+        }
+        for c in t.chunks.values() {
+            let _ = c.text().len();
+        }
+    }
+
+    fn sample_table() -> (Table, TableMark) {
         let mut table = Table::default();
         let docs: Vec<DocRecord> = (0..5u64)
             .map(|i| DocRecord {
@@ -673,18 +1014,16 @@ mod tests {
             next_seq: 2,
             next_key: 5,
         };
-        let path = dir.join("table.snap");
-        table.save(&path, &mark).unwrap();
-        let bytes = std::fs::read(&path).unwrap();
-        bytes[8..bytes.len() - 4].to_vec()
+        (table, mark)
     }
 
     #[test]
     fn a_saved_table_loads_back() {
         let dir = tempfile::tempdir().unwrap();
-        let body = sample_body(dir.path());
-        let path = file_with(dir.path(), &body);
+        let (path, _, _) = sample_v3(dir.path());
+        assert_eq!(crate::filefmt::magic_of(&path).unwrap().as_ref(), Some(MAGIC3));
         let (t, mark) = Table::load(&path, |p| (p < 5).then_some(p as u64)).unwrap();
+        assert_eq!(mark, sample_table().1);
         assert_eq!((t.docs.len(), t.chunks.len(), mark.next_key), (5, 5, 5));
         assert_eq!(t.docs["d3"].text(), "héllo wörld, twice".repeat(4));
         assert_eq!(t.chunks[&3].text(), "héllo");
@@ -695,8 +1034,7 @@ mod tests {
     #[test]
     fn loaded_documents_read_as_written_and_are_replaced_and_removed_by_id() {
         let dir = tempfile::tempdir().unwrap();
-        let body = sample_body(dir.path());
-        let path = file_with(dir.path(), &body);
+        let (path, _, _) = sample_v3(dir.path());
         let (mut t, _) = Table::load(&path, |p| (p < 5).then_some(p as u64)).unwrap();
         for i in 0..5u64 {
             let d = t.docs.get(&format!("d{i}")).expect("loaded");
@@ -772,6 +1110,84 @@ mod tests {
             let x = u64::from_le_bytes(b[at..at + 8].try_into().unwrap()) as i64 + delta;
             b[at..at + 8].copy_from_slice(&(x as u64).to_le_bytes());
             assert!(Table::load(&file_with(dir.path(), &b), key_of).is_err(), "index off by {delta} at {at}");
+        }
+    }
+
+    #[test]
+    fn format_2_tables_load_and_are_saved_again_in_format_3() {
+        let dir = tempfile::tempdir().unwrap();
+        let body = sample_body(dir.path());
+        let v2 = file_with(dir.path(), &body);
+        let key_of = |p: u32| (p < 5).then_some(p as u64);
+        let (t, mark) = Table::load(&v2, key_of).unwrap();
+        assert_eq!(t.docs["d4"].text(), "héllo wörld, twice".repeat(5));
+        let v3 = dir.path().join("v3.snap");
+        t.save(&v3, &mark).unwrap();
+        assert_eq!(crate::filefmt::magic_of(&v3).unwrap().as_ref(), Some(MAGIC3));
+        let (u, m) = Table::load(&v3, key_of).unwrap();
+        assert_eq!(m, mark);
+        for d in t.docs.values() {
+            let e = &u.docs[d.id()];
+            assert_eq!((e.title(), e.text(), e.metadata()), (d.title(), d.text(), d.metadata()));
+        }
+    }
+
+    /// Format 3 does not read the texts on open: damage there (bit rot, not a writer) opens,
+    /// reads as damaged text without a panic, and is refused before it is copied into
+    /// another table.
+    #[test]
+    fn damaged_texts_are_caught_before_they_are_copied() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, bytes, tail_at) = sample_v3(dir.path());
+        let key_of = |p: u32| (p < 5).then_some(p as u64);
+        let text = "héllo wörld, twice".repeat(4);
+        let at = bytes.windows(text.len()).position(|w| w == text.as_bytes()).unwrap();
+        assert!(at + text.len() < 8 + tail_at, "texts before the records");
+        for (what, damage) in [("not UTF-8", 0xFFu8), ("other letters", b'#')] {
+            let mut b = bytes.clone();
+            b[at + 1] = damage;
+            std::fs::write(&path, &b).unwrap();
+            let (t, mark) = Table::load(&path, key_of).unwrap();
+            read_all(&t);
+            if damage == 0xFF {
+                assert_eq!(t.docs["d3"].text(), DAMAGED, "{what}");
+            }
+            let err = t.save(&dir.path().join("copy.snap"), &mark).unwrap_err().to_string();
+            assert!(err.contains("texts' checksum"), "{what}: {err}");
+            assert!(!dir.path().join("copy.snap").exists());
+            assert!(!path.exists(), "{what}: the damaged table is removed (the next open replays the log)");
+        }
+        // Damage among the records is caught on open.
+        let mut b = bytes.clone();
+        b[8 + tail_at + 20] ^= 1;
+        std::fs::write(&path, &b).unwrap();
+        let err = Table::load(&path, key_of).err().expect("refused").to_string();
+        assert!(err.contains("checksum"), "{err}");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+        /// Damaged format-3 tables under valid checksums (a buggy writer) are refused or read
+        /// without a panic.
+        #[test]
+        fn damaged_v3_tables_never_panic(flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
+                                         cut in any::<prop::sample::Index>()) {
+            let dir = tempfile::tempdir().unwrap();
+            let (path, bytes, tail_at) = sample_v3(dir.path());
+            let key_of = |p: u32| (p < 5).then_some(p as u64);
+            let mut b = bytes.clone();
+            for (at, x) in &flips {
+                let i = 8 + at.index(b.len() - 8 - 16);
+                b[i] ^= x | 1;
+            }
+            reseal(&mut b, tail_at);
+            std::fs::write(&path, &b).unwrap();
+            if let Ok((t, _)) = Table::load(&path, key_of) {
+                read_all(&t);
+            }
+            let cut = cut.index(bytes.len());
+            std::fs::write(&path, &bytes[..cut]).unwrap();
+            prop_assert!(Table::load(&path, key_of).is_err());
         }
     }
 

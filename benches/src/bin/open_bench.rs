@@ -214,7 +214,11 @@ fn main() -> anyhow::Result<()> {
         let dim = c.settings().dimension;
         let doc = DocumentInput {
             id: "resaved".into(),
-            text: "One more document, so that closing saves the graph and the table again.".into(),
+            // A new version every time (an unchanged document is skipped, and nothing saved).
+            text: format!(
+                "One more document, so that closing saves the graph and the table again ({:?}).",
+                std::time::SystemTime::now()
+            ),
             vector: Some((0..dim).map(|i| if i == 1 { 1.0 } else { 0.0 }).collect()),
             ..Default::default()
         };

@@ -447,13 +447,13 @@ fn the_saved_graph_is_loaded_on_open_and_only_the_log_tail_is_inserted() {
     assert_halves_agree(&c);
     drop(c);
 
-    // A damaged saved table (or a save cut short: its temporary file) is not used: the whole
-    // log is replayed, with the same answers.
+    // A saved table with damaged records (or a save cut short: its temporary file) is not
+    // used: the whole log is replayed, with the same answers.
     let table = dir.path().join("table.snap");
     let saved_table = std::fs::read(&table).unwrap();
     let mut damaged = saved_table.clone();
-    let mid = damaged.len() / 2;
-    damaged[mid] ^= 0x01;
+    let in_records = damaged.len() - 100;
+    damaged[in_records] ^= 0x01;
     std::fs::write(&table, &damaged).unwrap();
     std::fs::write(dir.path().join("table.tmp"), &saved_table[..100]).unwrap();
     let c = Collection::open(dir.path(), embedder()).unwrap();
@@ -461,8 +461,32 @@ fn the_saved_graph_is_loaded_on_open_and_only_the_log_tail_is_inserted() {
     assert!(!dir.path().join("table.tmp").exists(), "a save's leftover is removed");
     assert_eq!(dense_ids(&c), before);
     assert_halves_agree(&c);
-    std::fs::write(&table, &saved_table).unwrap();
     drop(c);
+
+    // Damage among the texts, which an open does not read (each is checked to be UTF-8
+    // where it is read): the open uses the table, and the texts' checksum is checked before
+    // they are copied anywhere — a compaction refuses, leaves the log as it is and removes
+    // the table, which the next open rebuilds from the log.
+    let text_at = saved_table.windows(20).position(|w| w == b"Note 7 on subject 2.").expect("the text in the file");
+    let mut damaged = saved_table.clone();
+    damaged[text_at] = b'X';
+    std::fs::write(&table, &damaged).unwrap();
+    let c = Collection::open(dir.path(), embedder()).unwrap();
+    assert_eq!(table_stats(&c), (true, 0));
+    assert_eq!(c.get("n7").unwrap().text, "Xote 7 on subject 2.");
+    let log_before = std::fs::read(dir.path().join("log.wal")).unwrap();
+    let err = c.compact().unwrap_err();
+    assert!(matches!(err, IndexError::Corrupt(_)) && err.to_string().contains("texts"), "{err}");
+    assert_eq!(std::fs::read(dir.path().join("log.wal")).unwrap(), log_before, "the log is untouched");
+    assert!(!table.exists(), "the damaged table is removed");
+    drop(c);
+    let c = Collection::open(dir.path(), embedder()).unwrap();
+    assert!(!table_stats(&c).0);
+    assert_eq!(c.get("n7").unwrap().text, "Note 7 on subject 2.");
+    assert_eq!(dense_ids(&c), before);
+    drop(c);
+
+    std::fs::write(&table, &saved_table).unwrap();
     let c = Collection::open(dir.path(), embedder()).unwrap();
     assert_eq!(table_stats(&c), (true, 0));
     let log_after_close = std::fs::read(dir.path().join("log.wal")).unwrap();
