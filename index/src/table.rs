@@ -1150,7 +1150,9 @@ mod tests {
             let (t, mark) = Table::load(&path, key_of).unwrap();
             read_all(&t);
             if damage == 0xFF {
-                assert_eq!(t.docs["d3"].text(), DAMAGED, "{what}");
+                // d3's text, or d4's, which starts with the same bytes (documents are saved
+                // in the map's order).
+                assert!(t.docs.values().any(|d| d.text() == DAMAGED), "{what}");
             }
             let err = t.save(&dir.path().join("copy.snap"), &mark).unwrap_err().to_string();
             assert!(err.contains("texts' checksum"), "{what}: {err}");
