@@ -93,8 +93,10 @@ impl Collection {
     /// [`Collection::open`], for a collection with or without an embedding model.
     pub fn open_embedded_by(dir: &Path, embedder: Option<Arc<dyn ChunkEmbedder>>) -> Result<Collection> {
         let settings: CollectionSettings = serde_json::from_slice(&std::fs::read(dir.join("settings.json"))?)?;
-        Self::check_model(&settings, embedder.as_ref())?;
+        // The store first: an embedder still loading (`LateEmbedder`) is waited for only
+        // once the collection's files are read.
         let store = EmbeddedStore::open(dir, settings.clone())?;
+        Self::check_model(&settings, embedder.as_ref())?;
         Ok(Self::with_store(dir, settings, embedder, Box::new(store)))
     }
 

@@ -83,6 +83,51 @@ impl ChunkEmbedder for EmbedHandle {
     }
 }
 
+/// The model a server is still loading, under the id it will be served as: collections
+/// open (their logs, graphs and tables read) while the model loads, and whatever needs the
+/// model itself — its dimension, its tokenizer, embedding — waits for it.
+pub struct LateEmbedder {
+    model_id: String,
+    handle: std::sync::OnceLock<EmbedHandle>,
+}
+
+impl LateEmbedder {
+    pub fn new(model_id: impl Into<String>) -> Self {
+        LateEmbedder { model_id: model_id.into(), handle: std::sync::OnceLock::new() }
+    }
+
+    /// Hands over the loaded model (the first one given stays).
+    pub fn arrive(&self, handle: EmbedHandle) {
+        let _ = self.handle.set(handle);
+    }
+
+    fn handle(&self) -> &EmbedHandle {
+        self.handle.wait()
+    }
+}
+
+impl ChunkEmbedder for LateEmbedder {
+    fn model_id(&self) -> &str {
+        &self.model_id
+    }
+
+    fn dim(&self) -> usize {
+        ChunkEmbedder::dim(self.handle())
+    }
+
+    fn tokenizer(&self) -> &Tokenizer {
+        ChunkEmbedder::tokenizer(self.handle())
+    }
+
+    fn max_input_tokens(&self) -> usize {
+        ChunkEmbedder::max_input_tokens(self.handle())
+    }
+
+    fn embed_ids(&self, inputs: Vec<Vec<u32>>) -> Result<Vec<Vec<f32>>> {
+        ChunkEmbedder::embed_ids(self.handle(), inputs)
+    }
+}
+
 /// A bare model, run on the calling thread.
 pub struct LocalEmbedder {
     pub model_id: String,

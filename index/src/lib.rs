@@ -33,7 +33,7 @@ pub mod wal;
 pub use collection::{Collection, OpenStats};
 pub use embedded::EmbeddedStore;
 pub use store::ChunkStore;
-pub use embedder::{ChunkEmbedder, LocalEmbedder};
+pub use embedder::{ChunkEmbedder, LateEmbedder, LocalEmbedder};
 pub use error::{IndexError, Result};
 pub use filter::Filter;
 pub use jobs::{JobState, JobView, ProgressView};

@@ -81,28 +81,37 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         tracing::info!("listening on http://{addr}");
     }
 
+    // Collections open (logs, graphs, tables read) while the embedding model loads; they
+    // are bound to it, so the index is served once both are in.
+    let late = Arc::new(ragway_index::LateEmbedder::new(embed_config.model_id.clone()));
     let loader_state: Arc<AppState> = state.clone().into_inner();
+    let arriving = late.clone();
     std::thread::spawn(move || match EmbedWorker::spawn(embed_config) {
         Ok(handle) => {
             tracing::info!(model = %handle.model_id(), dim = handle.embedder().dim(), "embedding model ready");
             let _ = loader_state.embedder.set(handle.clone());
             loader_state.registry.builtin_ready(&loader_state.settings.embedding_model_id, Target::Embed(handle.clone()));
-            // Collections are bound to the embedding model: open them once it is in.
-            match open_index(&loader_state.settings, handle) {
-                Ok(index) => {
-                    let _ = loader_state.index.set(index);
-                }
-                Err(e) => {
-                    tracing::error!("failed to open the index: {e}");
-                    eprintln!("error: failed to open the index in {}: {e}", loader_state.settings.data_dir.display());
-                    std::process::exit(1);
-                }
-            }
+            arriving.arrive(handle);
         }
         Err(e) => {
             tracing::error!("failed to load the embedding model: {e}");
             eprintln!("error: failed to load the embedding model: {e}");
             std::process::exit(1);
+        }
+    });
+    let loader_state: Arc<AppState> = state.clone().into_inner();
+    std::thread::spawn(move || {
+        let started = std::time::Instant::now();
+        match open_index_with(&loader_state.settings, late) {
+            Ok(index) => {
+                tracing::info!(seconds = started.elapsed().as_secs_f32(), "collections open");
+                let _ = loader_state.index.set(index);
+            }
+            Err(e) => {
+                tracing::error!("failed to open the index: {e}");
+                eprintln!("error: failed to open the index in {}: {e}", loader_state.settings.data_dir.display());
+                std::process::exit(1);
+            }
         }
     });
 
@@ -139,6 +148,11 @@ fn is_loopback(host: &str) -> bool {
 
 /// Opens the index service under the data directory with the embedding model.
 pub fn open_index(settings: &Settings, embedder: EmbedHandle) -> ragway_index::Result<Arc<IndexService>> {
+    open_index_with(settings, Arc::new(embedder))
+}
+
+/// Opens the index service with an embedder that may still be loading.
+fn open_index_with(settings: &Settings, embedder: Arc<dyn ChunkEmbedder>) -> ragway_index::Result<Arc<IndexService>> {
     let options = ServiceOptions {
         commit_interval: std::time::Duration::from_millis(settings.commit_interval_ms.max(10)),
         ingest_root: settings.ingest_root.clone(),
@@ -150,5 +164,5 @@ pub fn open_index(settings: &Settings, embedder: EmbedHandle) -> ragway_index::R
         }),
     };
     let default_model = embedder.model_id().to_string();
-    IndexService::open(&settings.data_dir, vec![Arc::new(embedder) as Arc<dyn ChunkEmbedder>], &default_model, options)
+    IndexService::open(&settings.data_dir, vec![embedder], &default_model, options)
 }
