@@ -52,6 +52,7 @@ use crate::dense::Distance;
 use crate::error::{IndexError, Result};
 use crate::filefmt::{Cursor, SumWriter};
 use crate::quant::{f16_parts, int8_parts, Quantization};
+use crate::region::Region;
 use crate::simd::{dot, dot_f16, dot_i8, squared_l2, squared_l2_f16, squared_l2_i8};
 use std::cell::UnsafeCell;
 use std::cmp::Reverse;
@@ -223,17 +224,19 @@ pub struct Graph {
     mapped_ptr: *const f32,
     mapped_points: usize,
     /// Vectors of points `mapped_points..capacity`.
-    vectors: Box<[UnsafeCell<f32>]>,
+    vectors: Region<UnsafeCell<f32>>,
     quant: Quantization,
     /// `u32` words of one point's code (0 without quantization).
     code_words: usize,
     /// The mapped codes of points `0..mapped_points` (null without).
     mapped_codes: *const u32,
     /// Codes of points `mapped_points..capacity`.
-    codes: Box<[UnsafeCell<u32>]>,
-    keys: Box<[AtomicU64]>,
-    levels: Box<[AtomicU8]>,
-    links0: Box<[AtomicU32]>,
+    codes: Region<UnsafeCell<u32>>,
+    // The per-point arrays that are plain numbers live in `Region`s: growing the graph
+    // extends them in place (no copy under the write lock).
+    keys: Region<AtomicU64>,
+    levels: Region<AtomicU8>,
+    links0: Region<AtomicU32>,
     upper: Box<[OnceLock<Box<[AtomicU32]>>]>,
     locks: Box<[Mutex<()>]>,
     /// `(entry point, its level)`; `None` while empty.
@@ -277,21 +280,11 @@ impl Graph {
         let m = params.m.clamp(2, 128);
         let m0 = 2 * m;
         let capacity = capacity.max(16).max(mapped_points);
-        // Zeroed allocations are mapped lazily: advising huge pages before the first write
-        // lets the kernel back them with huge pages from the start.
-        let vectors = vec![0f32; (capacity - mapped_points) * dim].into_boxed_slice();
-        advise_huge_pages(&vectors);
-        // SAFETY: `UnsafeCell<f32>` is `repr(transparent)` over `f32`.
-        let vectors = unsafe { Box::from_raw(Box::into_raw(vectors) as *mut [UnsafeCell<f32>]) };
+        // Regions are backed lazily, with huge pages where they are large (`Region`).
+        let vectors = Region::zeroed((capacity - mapped_points) * dim);
         let code_words = params.quantization.words(dim);
-        let codes = vec![0u32; (capacity - mapped_points) * code_words].into_boxed_slice();
-        advise_huge_pages(&codes);
-        // SAFETY: `UnsafeCell<u32>` is `repr(transparent)` over `u32`.
-        let codes = unsafe { Box::from_raw(Box::into_raw(codes) as *mut [UnsafeCell<u32>]) };
-        let links0 = vec![0u32; capacity * (m0 + 1)].into_boxed_slice();
-        advise_huge_pages(&links0);
-        // SAFETY: `AtomicU32` has the same size, alignment and bit validity as `u32`.
-        let links0 = unsafe { Box::from_raw(Box::into_raw(links0) as *mut [AtomicU32]) };
+        let codes = Region::zeroed((capacity - mapped_points) * code_words);
+        let links0 = Region::zeroed(capacity * (m0 + 1));
         Self {
             dim,
             m,
@@ -311,8 +304,8 @@ impl Graph {
             code_words,
             mapped_codes: std::ptr::null(),
             codes,
-            keys: (0..capacity).map(|_| AtomicU64::new(0)).collect(),
-            levels: (0..capacity).map(|_| AtomicU8::new(0)).collect(),
+            keys: Region::zeroed(capacity),
+            levels: Region::zeroed(capacity),
             links0,
             upper: (0..capacity).map(|_| OnceLock::new()).collect(),
             locks: (0..capacity).map(|_| Mutex::new(())).collect(),
@@ -394,12 +387,14 @@ impl Graph {
         assert_eq!(self.mapped_points, 0, "set_quantization on a mapped graph");
         let n = *self.allocated.get_mut();
         let w = quant.words(self.dim);
-        let mut codes = vec![0u32; self.capacity * w].into_boxed_slice();
+        let mut codes: Region<UnsafeCell<u32>> = Region::zeroed(self.capacity * w);
         for i in 0..n {
-            quant.encode(self.vector(i as u32), &mut codes[i * w..(i + 1) * w]);
+            let slot = &mut codes[i * w..(i + 1) * w];
+            // SAFETY: `UnsafeCell<u32>` is `repr(transparent)` over `u32`; `slot` is exclusive.
+            let slot = unsafe { std::slice::from_raw_parts_mut(UnsafeCell::raw_get(slot.as_ptr()), w) };
+            quant.encode(self.vector(i as u32), slot);
         }
-        // SAFETY: `UnsafeCell<u32>` is `repr(transparent)` over `u32`.
-        self.codes = unsafe { Box::from_raw(Box::into_raw(codes) as *mut [UnsafeCell<u32>]) };
+        self.codes = codes;
         self.quant = quant;
         self.code_words = w;
     }
@@ -772,39 +767,42 @@ impl Graph {
         found.into_iter().take(k).map(|(d, id)| (id, metric.score(d.0))).collect()
     }
 
-    /// A copy with room for `capacity` points (the caller holds `self` exclusively).
+    /// The graph with room for `capacity` points (the caller holds `self` exclusively,
+    /// which is left empty). The vectors, codes, keys, levels and layer-0 lists are not
+    /// copied: their regions are extended in place or moved by the kernel
+    /// ([`Region::grow`]), so growing a graph of a million points under its write lock
+    /// takes milliseconds, not the seconds a copy of its gigabytes of vectors took.
     pub fn grown(&mut self, capacity: usize) -> Graph {
         let n = *self.allocated.get_mut();
         let mapped_points = self.mapped_points;
-        let mut g = Graph::with_mapped(
-            self.dim,
-            self.metric.0,
-            self.params(),
-            capacity.max(n),
-            self.mapped.take(),
-            mapped_points,
-        );
+        let capacity = capacity.max(n).max(self.capacity);
+        // A graph of empty regions, then this one's regions, grown, moved into it.
+        let mut g = Graph::with_mapped(self.dim, self.metric.0, self.params(), 0, None, 0);
+        g.capacity = capacity;
+        g.mapped = self.mapped.take();
+        g.mapped_points = mapped_points;
         self.mapped_points = 0;
         g.mapped_ptr = std::mem::replace(&mut self.mapped_ptr, std::ptr::null());
         g.mapped_codes = std::mem::replace(&mut self.mapped_codes, std::ptr::null());
         g.m = self.m;
         g.m0 = self.m0;
-        for i in 0..(n - mapped_points) * self.dim {
-            *g.vectors[i].get_mut() = *self.vectors[i].get_mut();
+        g.ef_construction = self.ef_construction;
+        g.quant = self.quant;
+        g.code_words = self.code_words;
+        fn take_grown<T: crate::region::Zeroable>(r: &mut Region<T>, len: usize) -> Region<T> {
+            let mut r = std::mem::replace(r, Region::zeroed(0));
+            r.grow(len);
+            r
         }
-        for i in 0..(n - mapped_points) * self.code_words {
-            *g.codes[i].get_mut() = *self.codes[i].get_mut();
-        }
-        for i in 0..n {
-            *g.keys[i].get_mut() = *self.keys[i].get_mut();
-            *g.levels[i].get_mut() = *self.levels[i].get_mut();
-            if let Some(u) = self.upper[i].take() {
-                let _ = g.upper[i].set(u);
-            }
-        }
-        for i in 0..n * (self.m0 + 1) {
-            *g.links0[i].get_mut() = *self.links0[i].get_mut();
-        }
+        g.vectors = take_grown(&mut self.vectors, (capacity - mapped_points) * self.dim);
+        g.codes = take_grown(&mut self.codes, (capacity - mapped_points) * self.code_words);
+        g.keys = take_grown(&mut self.keys, capacity);
+        g.levels = take_grown(&mut self.levels, capacity);
+        g.links0 = take_grown(&mut self.links0, capacity * (self.m0 + 1));
+        let mut upper = std::mem::take(&mut self.upper).into_vec();
+        upper.resize_with(capacity, OnceLock::new);
+        g.upper = upper.into_boxed_slice();
+        g.locks = (0..capacity).map(|_| Mutex::new(())).collect();
         *g.allocated.get_mut() = n;
         *g.inserted.get_mut() = *self.inserted.get_mut();
         *g.entry.get_mut().unwrap_or_else(|e| e.into_inner()) =
@@ -984,6 +982,14 @@ impl Graph {
             return Err(bad("misaligned vectors"));
         }
         let codes_ptr = if code_words > 0 { map[codes_at..].as_ptr() as *const u32 } else { std::ptr::null() };
+        // What every search reads — the codes, or the vectors when there are none — is read
+        // ahead by the kernel while the open goes on, so that after a cold start the first
+        // searches do not fault their pages in one by one.
+        let (ahead_at, ahead_len) = if code_words > 0 { (codes_at, n * code_words * 4) } else { (vectors_at, n * dim * 4) };
+        #[cfg(unix)]
+        if let Err(e) = map.advise_range(memmap2::Advice::WillNeed, ahead_at, ahead_len) {
+            tracing::debug!(error = %e, "madvise(WILLNEED) on the saved graph failed");
+        }
         let capacity = n.checked_add(extra).ok_or_else(|| bad("size"))?;
         // The mapping moves in last, once nothing borrows from it.
         let params = Params { m, ef_construction: efc as usize, quantization: quant };
@@ -1076,30 +1082,6 @@ fn start_aligned_section(w: &mut SumWriter) -> Result<()> {
     w.put(&[0u8; VECTORS_ALIGN as usize][..pad as usize])
 }
 
-/// Asks Linux to back a large array with huge pages: a graph walk touches vectors and
-/// link lists at random, and with 4 KiB pages most of those touches also miss the TLB.
-/// (Where transparent huge pages are `madvise`-only, the common default, nothing else
-/// turns them on.) A hint: failure changes nothing.
-fn advise_huge_pages<T>(array: &[T]) {
-    #[cfg(target_os = "linux")]
-    {
-        const HUGE: usize = 2 << 20;
-        let bytes = std::mem::size_of_val(array);
-        if bytes < 2 * HUGE {
-            return;
-        }
-        let start = array.as_ptr() as usize;
-        let aligned = start.next_multiple_of(4096);
-        let len = (start + bytes - aligned) / 4096 * 4096;
-        // SAFETY: madvise with MADV_HUGEPAGE only changes how the kernel backs this range of
-        // our own allocation; it neither moves nor frees memory.
-        unsafe {
-            libc::madvise(aligned as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = array;
-}
 
 #[cfg(test)]
 mod tests {

@@ -23,6 +23,7 @@ mod payload;
 pub mod pgtls;
 pub mod postgres;
 pub mod quant;
+mod region;
 pub mod service;
 pub mod simd;
 pub mod store;
