@@ -6,6 +6,7 @@ use crate::error::{IndexError, Result};
 use ragway_engine::embed::worker::EmbedHandle;
 use ragway_engine::embed::{EmbedInput, Embedder, Tokenized};
 use ragway_engine::EngineError;
+use std::sync::Arc;
 use std::time::Duration;
 use tokenizers::Tokenizer;
 
@@ -88,21 +89,21 @@ impl ChunkEmbedder for EmbedHandle {
 /// model itself — its dimension, its tokenizer, embedding — waits for it.
 pub struct LateEmbedder {
     model_id: String,
-    handle: std::sync::OnceLock<EmbedHandle>,
+    model: std::sync::OnceLock<Arc<dyn ChunkEmbedder>>,
 }
 
 impl LateEmbedder {
     pub fn new(model_id: impl Into<String>) -> Self {
-        LateEmbedder { model_id: model_id.into(), handle: std::sync::OnceLock::new() }
+        LateEmbedder { model_id: model_id.into(), model: std::sync::OnceLock::new() }
     }
 
     /// Hands over the loaded model (the first one given stays).
-    pub fn arrive(&self, handle: EmbedHandle) {
-        let _ = self.handle.set(handle);
+    pub fn arrive(&self, model: Arc<dyn ChunkEmbedder>) {
+        let _ = self.model.set(model);
     }
 
-    fn handle(&self) -> &EmbedHandle {
-        self.handle.wait()
+    fn model(&self) -> &dyn ChunkEmbedder {
+        self.model.wait().as_ref()
     }
 }
 
@@ -112,19 +113,19 @@ impl ChunkEmbedder for LateEmbedder {
     }
 
     fn dim(&self) -> usize {
-        ChunkEmbedder::dim(self.handle())
+        self.model().dim()
     }
 
     fn tokenizer(&self) -> &Tokenizer {
-        ChunkEmbedder::tokenizer(self.handle())
+        self.model().tokenizer()
     }
 
     fn max_input_tokens(&self) -> usize {
-        ChunkEmbedder::max_input_tokens(self.handle())
+        self.model().max_input_tokens()
     }
 
     fn embed_ids(&self, inputs: Vec<Vec<u32>>) -> Result<Vec<Vec<f32>>> {
-        ChunkEmbedder::embed_ids(self.handle(), inputs)
+        self.model().embed_ids(inputs)
     }
 }
 

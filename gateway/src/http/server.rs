@@ -91,7 +91,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
             tracing::info!(model = %handle.model_id(), dim = handle.embedder().dim(), "embedding model ready");
             let _ = loader_state.embedder.set(handle.clone());
             loader_state.registry.builtin_ready(&loader_state.settings.embedding_model_id, Target::Embed(handle.clone()));
-            arriving.arrive(handle);
+            arriving.arrive(Arc::new(handle));
         }
         Err(e) => {
             tracing::error!("failed to load the embedding model: {e}");

@@ -546,6 +546,61 @@ fn the_saved_graph_is_loaded_on_open_and_only_the_log_tail_is_inserted() {
     assert_halves_agree(&c);
 }
 
+/// A server opens its collections while the embedding model is still loading: a
+/// `LateEmbedder` stands in under the model's id, the collection's files are read, and
+/// whatever needs the model (its check against the collection, searches) waits for it.
+#[test]
+fn a_collection_opens_while_its_model_is_still_loading() {
+    use ragway_index::{ChunkEmbedder, LateEmbedder};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let c = create(dir.path(), settings("late"));
+    topics(&c);
+    let before: Vec<String> =
+        ids(&search(&c, "a feline pet", SearchMode::Hybrid, 3, None)).into_iter().map(str::to_string).collect();
+    c.close().unwrap();
+
+    let late = Arc::new(LateEmbedder::new("all-MiniLM-L6-v2"));
+    assert_eq!(late.model_id(), "all-MiniLM-L6-v2", "the id is known before the model");
+    let arrived = Arc::new(AtomicBool::new(false));
+    let (arriving, flag) = (late.clone(), arrived.clone());
+    let loader = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        flag.store(true, Ordering::SeqCst);
+        arriving.arrive(embedder());
+    });
+    let c = Collection::open(dir.path(), late.clone()).unwrap();
+    assert!(arrived.load(Ordering::SeqCst), "the open checks the model only once it is in");
+    loader.join().unwrap();
+    assert_eq!(ids(&search(&c, "a feline pet", SearchMode::Hybrid, 3, None)), before);
+    assert_eq!(late.dim(), 384);
+    // A model of another dimension is refused once it arrives, as a loaded one would be.
+    c.close().unwrap();
+    struct Wide(Arc<dyn ChunkEmbedder>);
+    impl ChunkEmbedder for Wide {
+        fn model_id(&self) -> &str {
+            self.0.model_id()
+        }
+        fn dim(&self) -> usize {
+            512
+        }
+        fn tokenizer(&self) -> &tokenizers::Tokenizer {
+            self.0.tokenizer()
+        }
+        fn max_input_tokens(&self) -> usize {
+            self.0.max_input_tokens()
+        }
+        fn embed_ids(&self, inputs: Vec<Vec<u32>>) -> ragway_index::Result<Vec<Vec<f32>>> {
+            self.0.embed_ids(inputs)
+        }
+    }
+    let wide = Arc::new(LateEmbedder::new("all-MiniLM-L6-v2"));
+    wide.arrive(Arc::new(Wide(embedder())));
+    let err = Collection::open(dir.path(), wide).err().expect("refused").to_string();
+    assert!(err.contains("384-d") && err.contains("512-d"), "{err}");
+}
+
 /// Every 50,000 new points the graph and the table are saved on a thread of their own
 /// while writes go on; a crash after that save opens from it and replays only the log after
 /// its cut.
