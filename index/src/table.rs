@@ -626,20 +626,7 @@ impl TableSave {
         }
         w.seal()?;
         let structure_at = w.position() - MAGIC3.len() as u64;
-        let m = &mark.mark;
-        for x in [
-            FORMAT_VERSION,
-            mark.covered,
-            mark.next_seq,
-            mark.next_key,
-            m.end,
-            m.last_start,
-            m.last_crc as u64,
-            m.last_seq,
-            self.docs.len() as u64,
-        ] {
-            w.u64(x)?;
-        }
+        put_header(&mut w, FORMAT_VERSION, mark, self.docs.len())?;
         let mut starts = Vec::with_capacity(self.docs.len());
         let mut points = self.points.iter().copied();
         for ((d, &added), (at, lens)) in self.docs.iter().zip(&self.added).zip(texts) {
@@ -651,15 +638,7 @@ impl TableSave {
             for x in lens {
                 w.u32(x)?;
             }
-            let chunks = d.chunks();
-            w.u32(chunks.len() as u32)?;
-            for c in chunks.iter() {
-                let point = points.next().unwrap_or(UNPLACED);
-                w.u64(c.key)?;
-                for x in [c.byte_start, c.byte_end, c.char_start, c.char_end, c.tokens, point] {
-                    w.u32(x)?;
-                }
-            }
+            put_chunks(&mut w, d, &mut points)?;
         }
         for start in starts {
             w.u64(start)?;
@@ -673,11 +652,7 @@ impl TableSave {
     #[cfg(test)]
     pub fn write_v2(&self, path: &Path, mark: &TableMark) -> Result<()> {
         let mut w = SumWriter::create(path, MAGIC)?;
-        let m = &mark.mark;
-        for x in [2, mark.covered, mark.next_seq, mark.next_key, m.end, m.last_start, m.last_crc as u64, m.last_seq] {
-            w.u64(x)?;
-        }
-        w.u64(self.docs.len() as u64)?;
+        put_header(&mut w, 2, mark, self.docs.len())?;
         let mut starts = Vec::with_capacity(self.docs.len());
         let mut points = self.points.iter().copied();
         for (d, &added) in self.docs.iter().zip(&self.added) {
@@ -691,21 +666,102 @@ impl TableSave {
             w.bytes(&d.metadata_json()?)?;
             w.u64(d.hash)?;
             w.u64(added)?;
-            let chunks = d.chunks();
-            w.u32(chunks.len() as u32)?;
-            for c in chunks.iter() {
-                let point = points.next().unwrap_or(UNPLACED);
-                w.u64(c.key)?;
-                for x in [c.byte_start, c.byte_end, c.char_start, c.char_end, c.tokens, point] {
-                    w.u32(x)?;
-                }
-            }
+            put_chunks(&mut w, d, &mut points)?;
         }
         for start in starts {
             w.u64(start)?;
         }
         w.finish()
     }
+}
+
+/// Where each of `docs` documents starts: the u64 offsets that end `data`, the first at
+/// `first`, each after the one before, all before the offsets themselves (returned with
+/// where they start).
+fn document_index(
+    data: &[u8],
+    first: usize,
+    docs: usize,
+    bad: &impl Fn(&str) -> IndexError,
+) -> Result<(Vec<usize>, usize)> {
+    let index_at = docs
+        .checked_mul(8)
+        .and_then(|b| data.len().checked_sub(b))
+        .filter(|&at| at >= first)
+        .ok_or_else(|| bad("document index"))?;
+    let mut index = Cursor { data, at: index_at };
+    let starts: Vec<usize> = (0..docs)
+        .map(|_| index.u64().map(|x| x as usize))
+        .collect::<Option<_>>()
+        .ok_or_else(|| bad("document index"))?;
+    if starts.first().is_some_and(|&s| s != first)
+        || starts.windows(2).any(|w| w[0] >= w[1])
+        || starts.last().is_some_and(|&s| s >= index_at)
+        || (docs == 0 && index_at != first)
+    {
+        return Err(bad("document index"));
+    }
+    Ok((starts, index_at))
+}
+
+/// Checks a document's saved chunk records: spans inside its text (`spans_ok`), keys and
+/// the document's sequence number (`added`) not newer than the table (`covered`,
+/// `next_key`), each chunk at its point in the saved graph (`key_of`).
+fn check_chunks(
+    records: &[u8],
+    spans_ok: impl Fn(&ChunkRecord) -> bool,
+    (added, covered, next_key): (u64, u64, u64),
+    key_of: &impl Fn(u32) -> Option<u64>,
+    bad: &impl Fn(&str) -> IndexError,
+) -> Result<()> {
+    for record in records.chunks_exact(CHUNK_BYTES) {
+        let (c, point) = saved_chunk(record);
+        let key = c.key;
+        if !spans_ok(&c) {
+            return Err(bad(&format!("chunk {key} spans outside its text")));
+        }
+        if key >= next_key || added > covered {
+            return Err(bad(&format!("chunk {key} is newer than the table")));
+        }
+        if key_of(point) != Some(key) {
+            return Err(bad(&format!("chunk {key} is not at its point in the saved graph")));
+        }
+    }
+    Ok(())
+}
+
+/// The header of u64s every format's records start with: version, covered sequence number,
+/// next sequence number, next chunk key, the log mark and the document count.
+fn put_header(w: &mut SumWriter, version: u64, mark: &TableMark, docs: usize) -> Result<()> {
+    let m = &mark.mark;
+    for x in [
+        version,
+        mark.covered,
+        mark.next_seq,
+        mark.next_key,
+        m.end,
+        m.last_start,
+        m.last_crc as u64,
+        m.last_seq,
+        docs as u64,
+    ] {
+        w.u64(x)?;
+    }
+    Ok(())
+}
+
+/// A document's chunk count and chunk records, each with its point, taken from `points`.
+fn put_chunks(w: &mut SumWriter, d: &DocEntry, points: &mut impl Iterator<Item = u32>) -> Result<()> {
+    let chunks = d.chunks();
+    w.u32(chunks.len() as u32)?;
+    for c in chunks.iter() {
+        let point = points.next().unwrap_or(UNPLACED);
+        w.u64(c.key)?;
+        for x in [c.byte_start, c.byte_end, c.char_start, c.char_end, c.tokens, point] {
+            w.u32(x)?;
+        }
+    }
+    Ok(())
 }
 
 impl Table {
@@ -745,20 +801,7 @@ impl Table {
             return Err(bad("document count"));
         }
         let docs = docs as usize;
-        let index_at =
-            structure_end.checked_sub(docs * 8).filter(|&at| at >= r.at).ok_or_else(|| bad("document index"))?;
-        let mut index = Cursor { data: &body[..structure_end], at: index_at };
-        let starts: Vec<usize> = (0..docs)
-            .map(|_| index.u64().map(|x| x as usize))
-            .collect::<Option<_>>()
-            .ok_or_else(|| bad("document index"))?;
-        if starts.first().is_some_and(|&s| s != r.at)
-            || starts.windows(2).any(|w| w[0] >= w[1])
-            || starts.last().is_some_and(|&s| s >= index_at)
-            || (docs == 0 && index_at != r.at)
-        {
-            return Err(bad("document index"));
-        }
+        let (starts, index_at) = document_index(&body[..structure_end], r.at, docs, &bad)?;
         let records = &body[..index_at];
         let parse = |i: usize| -> Result<(Arc<DocEntry>, u64)> {
             let mut r = Cursor { data: records, at: starts[i] };
@@ -783,19 +826,9 @@ impl Table {
             if n.checked_mul(CHUNK_BYTES).is_none_or(|b| r.at + b != end) {
                 return Err(bad("documents overlap"));
             }
-            for record in records[r.at..end].chunks_exact(CHUNK_BYTES) {
-                let (c, point) = saved_chunk(record);
-                let key = c.key;
-                if c.byte_start > c.byte_end || c.byte_end > text {
-                    return Err(bad(&format!("chunk {key} spans outside its text")));
-                }
-                if key >= next_key || added > covered {
-                    return Err(bad(&format!("chunk {key} is newer than the table")));
-                }
-                if key_of(point) != Some(key) {
-                    return Err(bad(&format!("chunk {key} is not at its point in the saved graph")));
-                }
-            }
+            // Spans inside the text's length (char boundaries are checked where it is read).
+            let spans_ok = |c: &ChunkRecord| c.byte_start <= c.byte_end && c.byte_end <= text;
+            check_chunks(&records[r.at..end], spans_ok, (added, covered, next_key), &key_of, &bad)?;
             let fields = Fields::Saved { table: saved.clone(), at: starts[i] };
             Ok((Arc::new(DocEntry { hash, fields, metadata: OnceLock::new() }), added))
         };
@@ -830,20 +863,7 @@ impl Table {
         let docs = docs as usize;
         let (starts, docs_end) = if version >= 2 {
             // Saved after the documents.
-            let index_at =
-                body.len().checked_sub(docs * 8).filter(|&at| at >= r.at).ok_or_else(|| bad("document index"))?;
-            let mut index = Cursor { data: body, at: index_at };
-            let starts: Vec<usize> = (0..docs)
-                .map(|_| index.u64().map(|x| x as usize))
-                .collect::<Option<_>>()
-                .ok_or_else(|| bad("document index"))?;
-            if starts.first().is_some_and(|&s| s != r.at)
-                || starts.windows(2).any(|w| w[0] >= w[1])
-                || starts.last().is_some_and(|&s| s >= index_at)
-            {
-                return Err(bad("document index"));
-            }
-            (starts, index_at)
+            document_index(body, r.at, docs, &bad)?
         } else {
             // A pass over the length fields only, so that the documents can then be parsed
             // in parallel.
@@ -895,20 +915,11 @@ impl Table {
             if n.checked_mul(CHUNK_BYTES).is_none_or(|b| r.at + b != end) {
                 return Err(bad("documents overlap"));
             }
-            for record in body[r.at..end].chunks_exact(CHUNK_BYTES) {
-                let (c, point) = saved_chunk(record);
-                let key = c.key;
+            let spans_ok = |c: &ChunkRecord| {
                 let (s, e) = (c.byte_start as usize, c.byte_end as usize);
-                if s > e || e > text.len() || !text.is_char_boundary(s) || !text.is_char_boundary(e) {
-                    return Err(bad(&format!("chunk {key} spans outside its text")));
-                }
-                if key >= next_key || added > covered {
-                    return Err(bad(&format!("chunk {key} is newer than the table")));
-                }
-                if key_of(point) != Some(key) {
-                    return Err(bad(&format!("chunk {key} is not at its point in the saved graph")));
-                }
-            }
+                s <= e && e <= text.len() && text.is_char_boundary(s) && text.is_char_boundary(e)
+            };
+            check_chunks(&body[r.at..end], spans_ok, (added, covered, next_key), &key_of, &bad)?;
             let fields = Fields::Saved { table: saved.clone(), at: starts[i] };
             Ok((Arc::new(DocEntry { hash, fields, metadata: OnceLock::new() }), added))
         };
