@@ -550,14 +550,7 @@ impl Table {
     /// Checks the texts of every saved table the documents read from (see
     /// [`SavedTable::verify_texts`]): before they are copied into a log.
     pub fn verify_texts(&self) -> Result<()> {
-        let mut checked: Option<*const SavedTable> = None;
-        for t in self.docs.values().filter_map(|d| d.saved_table()) {
-            if checked != Some(Arc::as_ptr(t)) {
-                t.verify_texts()?;
-                checked = Some(Arc::as_ptr(t));
-            }
-        }
-        Ok(())
+        verify_saved_texts(self.docs.values())
     }
 
     /// What a save writes, taken from the table as it stands (cheap: the documents are
@@ -593,13 +586,7 @@ impl TableSave {
     /// renamed), in format 3: the texts first, then the records.
     pub fn write(&self, path: &Path, mark: &TableMark) -> Result<()> {
         // Texts read from a saved table are checked before they are copied into this one.
-        let mut checked: Option<*const SavedTable> = None;
-        for t in self.docs.iter().filter_map(|d| d.saved_table()) {
-            if checked != Some(Arc::as_ptr(t)) {
-                t.verify_texts()?;
-                checked = Some(Arc::as_ptr(t));
-            }
-        }
+        verify_saved_texts(self.docs.iter())?;
         let len = |b: &[u8]| {
             u32::try_from(b.len())
                 .ok()
@@ -725,6 +712,19 @@ fn check_chunks(
         }
         if key_of(point) != Some(key) {
             return Err(bad(&format!("chunk {key} is not at its point in the saved graph")));
+        }
+    }
+    Ok(())
+}
+
+/// Checks the texts of every saved table `docs` read from ([`SavedTable::verify_texts`];
+/// documents of one table come in runs, so each run asks once).
+fn verify_saved_texts<'a>(docs: impl Iterator<Item = &'a Arc<DocEntry>>) -> Result<()> {
+    let mut checked: Option<*const SavedTable> = None;
+    for t in docs.filter_map(|d| d.saved_table()) {
+        if checked != Some(Arc::as_ptr(t)) {
+            t.verify_texts()?;
+            checked = Some(Arc::as_ptr(t));
         }
     }
     Ok(())
