@@ -455,6 +455,12 @@ impl Collection {
         self.store.needs_compaction()
     }
 
+    /// Background upkeep (see [`ChunkStore::maintain`]): the embedded store takes removed
+    /// chunks' points out of its graph and rewrites its log when mostly garbage.
+    pub fn maintain(&self) -> Result<()> {
+        self.store.maintain()
+    }
+
     pub fn get(&self, id: &str) -> Result<DocumentView> {
         self.store
             .get(id)?

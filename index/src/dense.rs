@@ -10,7 +10,8 @@ pub use crate::quant::Quantization;
 use crate::simd::{dot, squared_l2};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
-use std::sync::{Mutex, RwLock, RwLockReadGuard};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, TryLockError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -42,7 +43,6 @@ impl Distance {
     }
 }
 
-
 /// HNSW parameters of a collection.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -62,9 +62,10 @@ impl Default for HnswParams {
 }
 
 /// The collection's HNSW graph ([`crate::hnsw::Graph`]) behind a lock that is taken
-/// exclusively only to grow it. It holds the one stored copy of each vector: chunks refer to
-/// their vector by point id. Points are never removed (deleted chunks are filtered at search
-/// and dropped by the next rebuild).
+/// exclusively only to grow it and to free deleted points. It holds the one stored copy of
+/// each vector: chunks refer to their vector by point id. The points of deleted chunks are
+/// filtered at search until [`DenseIndex::consolidate`] takes them out of the graph and
+/// frees their slots for the next inserts.
 pub struct DenseIndex {
     graph: RwLock<Graph>,
     /// Serializes batch inserts (each batch inserts in parallel).
@@ -73,17 +74,62 @@ pub struct DenseIndex {
     /// here instead of at the graph's write lock: that lock prefers writers, and a grower
     /// queued there would hold every search back until the save ends.
     saving: Mutex<()>,
+    /// Saves in progress ([`SaveCut`]s alive): inserts do not reuse free slots meanwhile,
+    /// since a save writes the slots of its cut as they stand while it runs.
+    saves: Arc<AtomicUsize>,
+}
+
+/// A cut of the graph ([`Cut`]) for [`DenseIndex::save_cut`]; while it lives, inserts take
+/// fresh slots only.
+pub struct SaveCut {
+    cut: Cut,
+    saves: Arc<AtomicUsize>,
+}
+
+impl SaveCut {
+    /// Points the cut holds.
+    pub fn points(&self) -> usize {
+        self.cut.points()
+    }
+}
+
+impl Drop for SaveCut {
+    fn drop(&mut self) {
+        self.saves.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// What one [`DenseIndex::consolidate`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Consolidated {
+    /// Points taken out of the graph (their slots are free).
+    pub freed: usize,
+    /// Neighbor lists rewritten.
+    pub lists: usize,
+    /// Points no list named any more, linked back in ([`Graph::reconnect_orphans`]).
+    pub linked: usize,
 }
 
 impl DenseIndex {
-    pub fn new(params: HnswParams, quantization: Quantization, distance: Distance, dim: usize, capacity: usize) -> Self {
+    pub fn new(
+        params: HnswParams,
+        quantization: Quantization,
+        distance: Distance,
+        dim: usize,
+        capacity: usize,
+    ) -> Self {
         let params = Params { m: params.m, ef_construction: params.ef_construction, quantization };
         let graph = Graph::new(dim, distance, params, capacity.max(1024));
         Self::from_graph(graph)
     }
 
     pub fn from_graph(graph: Graph) -> Self {
-        Self { graph: RwLock::new(graph), insert_lock: Mutex::new(()), saving: Mutex::new(()) }
+        Self {
+            graph: RwLock::new(graph),
+            insert_lock: Mutex::new(()),
+            saving: Mutex::new(()),
+            saves: Arc::new(AtomicUsize::new(0)),
+        }
     }
 
     /// Reads a graph saved by [`DenseIndex::save`]; answers it with the log record it covers.
@@ -92,16 +138,71 @@ impl DenseIndex {
         Ok((Self::from_graph(graph), covered))
     }
 
-    /// Inserts prepared vectors with their keys, in parallel; returns their point ids in
-    /// order.
+    /// Inserts prepared vectors with their keys, in parallel, into free slots first (none
+    /// while a save runs); returns their point ids in order.
     pub fn insert(&self, items: &[(&[f32], u64)]) -> Vec<u32> {
         let _one_batch = self.insert_lock.lock().unwrap_or_else(|e| e.into_inner());
-        self.reserve_locked(items.len());
+        let reuse = self.saves.load(Ordering::Acquire) == 0;
+        let reusable = if reuse { self.read().free_len() } else { 0 };
+        self.reserve_locked(items.len().saturating_sub(reusable));
         let g = self.read();
         if items.len() >= 64 {
-            items.par_iter().map(|&(v, key)| g.insert(v, key)).collect()
+            items.par_iter().map(|&(v, key)| g.insert_reusing(v, key, reuse)).collect()
         } else {
-            items.iter().map(|&(v, key)| g.insert(v, key)).collect()
+            items.iter().map(|&(v, key)| g.insert_reusing(v, key, reuse)).collect()
+        }
+    }
+
+    /// Takes the points `dead` (whose chunks are gone) out of the graph and frees their
+    /// slots, without a rebuild (see [`crate::hnsw`], "Deletes without a rebuild"). Writes
+    /// wait only to mark them and, at the end, to free them; searches only while they are
+    /// freed (a moment, with the graph held exclusively). The work is bounded by the
+    /// caller's batch: one pass over the graph's lists, and a re-selection for each list
+    /// that named a dead point.
+    pub fn consolidate(&self, dead: &[u32]) -> Consolidated {
+        let (marked, points) = {
+            // Inserts running now may have chosen a dead point as a neighbor before it was
+            // marked; the lock waits for them. Later ones never link to a marked point.
+            let _no_inserts = self.insert_lock.lock().unwrap_or_else(|e| e.into_inner());
+            let g = self.read();
+            (g.mark_deleted(dead), g.len())
+        };
+        if marked == 0 {
+            return Consolidated::default();
+        }
+        // In slices, each under a read guard of its own, so that growing the graph (which
+        // takes the write lock) never waits for the whole pass.
+        const SLICE: usize = 1 << 14;
+        const BLOCK: usize = 256;
+        let mut lists = 0;
+        for start in (0..points).step_by(SLICE) {
+            let end = (start + SLICE).min(points);
+            let g = self.read();
+            lists += (start..end)
+                .step_by(BLOCK)
+                .collect::<Vec<_>>()
+                .into_par_iter()
+                .map(|b| g.repair(b..(b + BLOCK).min(end)))
+                .sum::<usize>();
+        }
+        let linked = self.read().reconnect_orphans();
+        // Freeing needs the graph exclusively: no insert batch running (they hold a read
+        // guard throughout) and no save (it reads slots as they stand, and may take long:
+        // the lock is tried, not waited on, so that writes do not wait behind the save).
+        loop {
+            let no_inserts = self.insert_lock.lock().unwrap_or_else(|e| e.into_inner());
+            let not_saving = match self.saving.try_lock() {
+                Ok(guard) => Some(guard),
+                Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
+                Err(TryLockError::WouldBlock) => None,
+            };
+            if let Some(_not_saving) = not_saving {
+                let freed = self.graph.write().unwrap_or_else(|e| e.into_inner()).free_deleted();
+                drop(no_inserts);
+                return Consolidated { freed, lists, linked };
+            }
+            drop(no_inserts);
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
     }
 
@@ -122,17 +223,19 @@ impl DenseIndex {
     }
 
     /// The graph as it stands, for [`DenseIndex::save_cut`] (no insert runs while it is
-    /// taken).
-    pub fn cut(&self) -> Cut {
+    /// taken; until it is dropped, inserts do not reuse free slots).
+    pub fn cut(&self) -> SaveCut {
         let _no_inserts = self.insert_lock.lock().unwrap_or_else(|e| e.into_inner());
-        self.read().cut()
+        self.saves.fetch_add(1, Ordering::AcqRel);
+        SaveCut { cut: self.read().cut(), saves: self.saves.clone() }
     }
 
     /// Saves the points of `cut`, marked as covering the log up to `seq`, while inserts
-    /// may go on (see [`Graph::save_cut`]). Growing the graph waits for it.
-    pub fn save_cut(&self, path: &std::path::Path, seq: u64, cut: Cut) -> crate::error::Result<()> {
+    /// may go on (see [`Graph::save_cut`]). Growing the graph and freeing deleted points
+    /// wait for it.
+    pub fn save_cut(&self, path: &std::path::Path, seq: u64, cut: &SaveCut) -> crate::error::Result<()> {
         let _saving = self.saving.lock().unwrap_or_else(|e| e.into_inner());
-        self.read().save_cut(path, seq, cut)
+        self.read().save_cut(path, seq, cut.cut)
     }
 
     /// Recomputes every point's code for `quant` (benchmarks; see
@@ -147,9 +250,15 @@ impl DenseIndex {
         self.graph.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Points in the graph (deleted ones included until a rebuild).
+    /// Slots in the graph: points, deleted ones not yet freed, and free slots.
     pub fn len(&self) -> usize {
         self.read().len()
+    }
+
+    /// Points holding a vector: the graph's slots less the free ones.
+    pub fn points(&self) -> usize {
+        let g = self.read();
+        g.len() - g.free_len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -268,7 +377,8 @@ pub(crate) mod tests {
             let queries = vectors(50, 16, 2);
             let mut hits = 0;
             for q in &queries {
-                let exact = exact_search(distance, q, data.iter().enumerate().map(|(i, v)| (i as u64, v.as_slice())), 10);
+                let exact =
+                    exact_search(distance, q, data.iter().enumerate().map(|(i, v)| (i as u64, v.as_slice())), 10);
                 let approx = index.search(q, 10, 100, &|_| true);
                 assert_eq!(approx.len(), 10);
                 // Scores from the graph are the exact scores of the points it found.
@@ -292,6 +402,73 @@ pub(crate) mod tests {
         let found = index.search(&data[0], 10, 200, &|id| id % 2 == 1);
         assert!(!found.is_empty());
         assert!(found.iter().all(|(k, _)| k % 2 == 1));
+    }
+
+    /// Searches run while rounds of deletes take points out of the graph and inserts reuse
+    /// their slots: every hit's score is the exact score of the vector its key was written
+    /// with (a search never reads a slot while it is rewritten), and at the end the graph
+    /// holds no more slots than at the start plus what the last round had not freed.
+    #[test]
+    fn searches_stay_exact_while_deleted_points_are_freed_and_reused() {
+        use std::sync::atomic::AtomicBool;
+        let dim = 24;
+        let all = vectors(9000, dim, 31);
+        let index = DenseIndex::new(
+            HnswParams { m: 8, ef_construction: 64, ef: 64 },
+            Quantization::None,
+            Distance::Cosine,
+            dim,
+            3000,
+        );
+        let items: Vec<(&[f32], u64)> = all[..3000].iter().enumerate().map(|(i, v)| (v.as_slice(), i as u64)).collect();
+        let mut points: std::collections::HashMap<u64, u32> = (0..3000u64).zip(index.insert(&items)).collect();
+        let slots = index.len();
+        let stop = AtomicBool::new(false);
+        let queries = vectors(64, dim, 32);
+        std::thread::scope(|s| {
+            for t in 0..2 {
+                let (index, all, stop, queries) = (&index, &all, &stop, &queries);
+                s.spawn(move || {
+                    let mut searched = 0;
+                    while !stop.load(Ordering::Relaxed) || searched < 100 {
+                        let q = &queries[(searched + t) % queries.len()];
+                        for (key, score) in index.search(q, 10, 64, &|_| true) {
+                            let want = Distance::Cosine.score(q, &all[key as usize]);
+                            assert!((score - want).abs() < 1e-4, "key {key}: {score} vs {want}");
+                        }
+                        searched += 1;
+                    }
+                });
+            }
+            // Six rounds, each deleting 500 of the oldest live keys and writing 1000 new ones.
+            let mut next = 3000usize;
+            for round in 0..6 {
+                let mut live: Vec<u64> = points.keys().copied().collect();
+                live.sort_unstable();
+                let dead: Vec<u32> = live[..500].iter().map(|k| points.remove(k).unwrap()).collect();
+                let done = index.consolidate(&dead);
+                assert_eq!(done.freed, 500, "round {round}");
+                let items: Vec<(&[f32], u64)> =
+                    all[next..next + 500].iter().enumerate().map(|(i, v)| (v.as_slice(), (next + i) as u64)).collect();
+                for ((_, key), id) in items.iter().zip(index.insert(&items)) {
+                    points.insert(*key, id);
+                }
+                next += 500;
+            }
+            stop.store(true, Ordering::Relaxed);
+        });
+        assert_eq!(index.len(), slots, "every insert reused a freed slot");
+        assert_eq!(index.points(), 3000);
+        // The live points are those searched for: recall against exact search over them.
+        let mut hits = 0;
+        for q in &queries {
+            let exact = exact_search(Distance::Cosine, q, points.keys().map(|&k| (k, all[k as usize].as_slice())), 10);
+            let found = index.search(q, 10, 100, &|_| true);
+            assert!(found.iter().all(|(k, _)| points.contains_key(k)), "a deleted key came back");
+            hits += found.iter().filter(|f| exact.iter().any(|e| e.0 == f.0)).count();
+        }
+        let recall = hits as f64 / (10 * queries.len()) as f64;
+        assert!(recall >= 0.95, "recall@10 after six rounds of deletes and reuse: {recall}");
     }
 
     #[test]

@@ -13,9 +13,13 @@
 //! makes a whole batch visible at once.
 //!
 //! Removed chunks stay in the table until `V` passes their removal, then leave it; their
-//! graph points stay and are filtered out until a rebuild ([`EmbeddedStore::compact`]) builds
-//! a fresh graph and rewrites the log with live documents. The graph holds the one copy of
-//! each vector; the table refers to it by point.
+//! graph points are filtered out of searches until a consolidation
+//! ([`EmbeddedStore::consolidate`], run by the service's upkeep) takes them out of the graph
+//! without a rebuild and frees their slots, which the next inserts reuse. The log keeps
+//! their records until it is mostly garbage; then the upkeep rewrites it with the live
+//! documents ([`EmbeddedStore::maintain`]). [`EmbeddedStore::compact`] does that and also
+//! rebuilds the graph. The graph holds the one copy of each vector; the table refers to it
+//! by point.
 //!
 //! The graph and the table are saved (`dense.hnsw`, `table.snap`, marked with the last log
 //! record they cover) after a compaction, on close, and every [`GRAPH_SAVE_EVERY`] new
@@ -41,6 +45,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard};
 
+/// Most points of removed chunks one consolidation takes out of the graph (its work is one
+/// pass over the graph's lists and a re-selection per list that named one of them).
+const CONSOLIDATE_BATCH: usize = 50_000;
 /// Filters matching at most this many chunks are always served by an exact scan.
 const EXACT_SCAN_MIN: usize = 1024;
 /// What a filtered graph walk spends per result slot and per unit of 1/selectivity, over
@@ -151,6 +158,9 @@ pub struct EmbeddedStore {
     /// Serializes commits (waiters of one commit share it).
     commit_lock: Mutex<()>,
     rebuilding: AtomicBool,
+    /// Serializes consolidations and compactions (a consolidation's dead points must be
+    /// those of the graph it frees them in).
+    maintenance: Mutex<()>,
     /// What the last open read from saved files and from the log.
     open_stats: OpenStats,
     /// The save running beside the writes, if any ([`EmbeddedStore::save_in_background`]).
@@ -232,7 +242,9 @@ impl EmbeddedStore {
             Some((g, covered)) => {
                 let (gd, gdist, gq) = (g.read().dim(), g.read().distance(), g.read().quantization());
                 if gd != dim || gdist != settings.distance || gq != settings.quantization {
-                    return Err(OpenError::StaleGraph(format!("graph of {gd}-d {gdist:?} vectors, quantization {gq:?}")));
+                    return Err(OpenError::StaleGraph(format!(
+                        "graph of {gd}-d {gdist:?} vectors, quantization {gq:?}"
+                    )));
                 }
                 (g, covered)
             }
@@ -308,7 +320,23 @@ impl EmbeddedStore {
             }
         }
         pending.clear();
-        table.dead_points = dense.len().saturating_sub(table.chunks.len());
+        // Points no chunk refers to are dead (their chunks were removed before the save or
+        // during the replay): the next consolidation frees them. Free slots, and dead
+        // points, stand for removed chunks whose records the log still holds.
+        table.dead_points.clear();
+        {
+            let g = dense.read();
+            if g.len() - g.free_len() > table.chunks.len() {
+                let mut referenced = vec![false; g.len()];
+                for c in table.chunks.values() {
+                    if let Some(r) = referenced.get_mut(c.point as usize) {
+                        *r = true;
+                    }
+                }
+                table.dead_points = (0..g.len() as u32).filter(|&p| !referenced[p as usize] && !g.is_free(p)).collect();
+            }
+            table.garbage_chunks = table.dead_points.len() + g.free_len();
+        }
         let store = EmbeddedStore {
             dir: dir.to_path_buf(),
             writer: Mutex::new(Writer { wal, next_seq, next_key, unsaved_points: built }),
@@ -317,6 +345,7 @@ impl EmbeddedStore {
             keyword,
             commit_lock: Mutex::new(()),
             rebuilding: AtomicBool::new(false),
+            maintenance: Mutex::new(()),
             settings,
             open_stats: OpenStats {
                 graph_loaded: loaded,
@@ -490,11 +519,68 @@ impl EmbeddedStore {
         self.keyword.pending_seq() > self.keyword.snapshot().seq
     }
 
-    /// True when deleted points make up enough of the graph to rebuild it.
+    /// True when removed chunks make up at least half of the log (and 10,000 chunks), so
+    /// that rewriting it with the live documents only is worth its cost.
     pub fn needs_compaction(&self) -> bool {
         let table = self.table.read().expect("table");
-        let points = self.dense.read().expect("dense").len();
-        table.dead_points >= 1000 && table.dead_points * 4 >= points
+        table.garbage_chunks >= 10_000 && table.garbage_chunks >= table.chunks.len()
+    }
+
+    /// Slots in the graph: points, points of removed chunks not yet taken out, free slots.
+    pub fn graph_slots(&self) -> usize {
+        self.graph().len()
+    }
+
+    /// True when enough graph points of removed chunks wait to be taken out of the graph:
+    /// 1/64 of the graph, or [`CONSOLIDATE_BATCH`].
+    pub fn needs_consolidation(&self) -> bool {
+        let dead = self.table.read().expect("table").dead_points.len();
+        dead > 0 && (dead >= CONSOLIDATE_BATCH || dead * 64 >= self.graph().len())
+    }
+
+    /// Takes up to [`CONSOLIDATE_BATCH`] points of removed chunks out of the graph and
+    /// frees their slots for later inserts ([`DenseIndex::consolidate`]): deletes and
+    /// updates cost no rebuild, and the graph holds as many points as the collection has
+    /// chunks (plus the batch). Writes and searches go on meanwhile.
+    pub fn consolidate(&self) -> crate::dense::Consolidated {
+        let one = self.maintenance.lock().expect("maintenance lock");
+        let (dense, dead) = {
+            let mut table = self.table.write().expect("table");
+            let from = table.dead_points.len().saturating_sub(CONSOLIDATE_BATCH);
+            (self.graph(), table.dead_points.split_off(from))
+        };
+        if dead.is_empty() {
+            return Default::default();
+        }
+        let started = std::time::Instant::now();
+        let done = dense.consolidate(&dead);
+        drop(one);
+        // The freed slots count as changes to save (else the next open finds the points
+        // dead again and frees them once more). The writer lock is taken after the
+        // maintenance lock is let go: a compaction takes them in the other order.
+        self.writer.lock().expect("writer lock").unsaved_points += done.freed;
+        tracing::info!(
+            collection = %self.settings.name,
+            freed = done.freed,
+            lists = done.lists,
+            relinked = done.linked,
+            seconds = started.elapsed().as_secs_f32(),
+            "deleted points taken out of the graph"
+        );
+        done
+    }
+
+    /// Background upkeep: takes removed chunks' points out of the graph when enough wait,
+    /// and rewrites the log when it is mostly garbage (without rebuilding the graph).
+    pub fn maintain(&self) -> Result<()> {
+        if self.needs_consolidation() {
+            self.consolidate();
+        }
+        if self.needs_compaction() {
+            let mut writer = self.writer.lock().expect("writer lock");
+            self.compact_locked(&mut writer, false)?;
+        }
+        Ok(())
     }
 
     fn get(&self, id: &str) -> Option<DocumentView> {
@@ -573,7 +659,7 @@ impl EmbeddedStore {
         let last_seq = self.writer.lock().expect("writer lock").next_seq - 1;
         let snapshot = self.keyword.snapshot();
         let table = self.table.read().expect("table");
-        let dense_points = self.dense.read().expect("dense").len();
+        let dense_points = self.dense.read().expect("dense").points();
         let dim = self.settings.dimension;
         let text_bytes: usize = table.docs.values().map(|d| d.text().len() + d.id().len() + 64).sum();
         let chunk_bytes = table.chunks.len() * 96;
@@ -622,23 +708,35 @@ impl EmbeddedStore {
         Ok((visible, in_graph, keyword))
     }
 
-    /// Rebuilds the graph without deleted points and rewrites the log with live documents
+    /// Rebuilds the graph from the live chunks and rewrites the log with live documents
     /// only. Writes wait; searches go on (on the old graph until the swap).
     pub fn compact(&self) -> Result<()> {
         let mut writer = self.writer.lock().expect("writer lock");
         self.rebuilding.store(true, Ordering::Relaxed);
-        let result = self.compact_locked(&mut writer);
+        let result = self.compact_locked(&mut writer, true);
         self.rebuilding.store(false, Ordering::Relaxed);
         result
     }
 
-    fn compact_locked(&self, writer: &mut Writer) -> Result<()> {
+    /// Rewrites the log with the live documents, and with `rebuild` builds a fresh graph of
+    /// the live chunks (else the graph stays, its dead points left to consolidation).
+    fn compact_locked(&self, writer: &mut Writer, rebuild: bool) -> Result<()> {
+        let _one = self.maintenance.lock().expect("maintenance lock");
         // A save still writing would mark its table with places in the log replaced below.
         self.saver.finish();
         self.commit()?;
         self.verify_saved_files()?;
         let started = std::time::Instant::now();
         let old = self.graph();
+        if !rebuild {
+            let records = self.live_records(&self.table.read().expect("table"), writer);
+            let _ = std::fs::remove_file(self.dir.join(TABLE_FILE));
+            self.replace_log(writer, records)?;
+            self.table.write().expect("table").garbage_chunks = 0;
+            self.save_graph_or_warn(writer);
+            tracing::info!(collection = %self.settings.name, seconds = started.elapsed().as_secs_f32(), "log rewritten");
+            return Ok(());
+        }
         let (records, fresh, moved) = {
             let table = self.table.read().expect("table");
             let records = self.live_records(&table, writer);
@@ -658,7 +756,28 @@ impl EmbeddedStore {
         };
         // The saved table points into the old log; it is saved again below.
         let _ = std::fs::remove_file(self.dir.join(TABLE_FILE));
-        // The new log comes back open for appends; until then the old one stays in use.
+        self.replace_log(writer, records)?;
+        // The table's points and the graph change together: a search holds the table's read
+        // lock while it uses the graph.
+        {
+            let mut table = self.table.write().expect("table");
+            for (k, p) in moved {
+                if let Some(c) = table.chunks.get_mut(&k) {
+                    c.point = p;
+                }
+            }
+            table.dead_points.clear();
+            table.garbage_chunks = 0;
+            *self.dense.write().expect("dense") = Arc::new(fresh);
+        }
+        self.save_graph_or_warn(writer);
+        tracing::info!(collection = %self.settings.name, seconds = started.elapsed().as_secs_f32(), "compacted");
+        Ok(())
+    }
+
+    /// Puts a log of `records` in place of the writer's (which stays in use until the new
+    /// one is durable).
+    fn replace_log(&self, writer: &mut Writer, records: Vec<Record>) -> Result<()> {
         writer.wal = match wal::replace_log(&self.dir.join("log.wal"), records) {
             Ok(new_log) => new_log,
             Err(wal::ReplaceError::OldLogKept(e)) => return Err(e),
@@ -669,20 +788,6 @@ impl EmbeddedStore {
                 return Err(e);
             }
         };
-        // The table's points and the graph change together: a search holds the table's read
-        // lock while it uses the graph.
-        {
-            let mut table = self.table.write().expect("table");
-            for (k, p) in moved {
-                if let Some(c) = table.chunks.get_mut(&k) {
-                    c.point = p;
-                }
-            }
-            table.dead_points = 0;
-            *self.dense.write().expect("dense") = Arc::new(fresh);
-        }
-        self.save_graph_or_warn(writer);
-        tracing::info!(collection = %self.settings.name, seconds = started.elapsed().as_secs_f32(), "compacted");
         Ok(())
     }
 
@@ -831,7 +936,7 @@ impl EmbeddedStore {
         tracing::info!(collection = %name, points = cut.points(), "saving the graph and the table in the background");
         let spawned = std::thread::Builder::new().name("ragway-save".into()).spawn(move || {
             let started = std::time::Instant::now();
-            let saved = dense.save_cut(&dir.join(GRAPH_FILE), covered, cut).and_then(|()| match &table {
+            let saved = dense.save_cut(&dir.join(GRAPH_FILE), covered, &cut).and_then(|()| match &table {
                 Some((table, mark)) => table.write(&dir.join(TABLE_FILE), mark),
                 None => Ok(()),
             });
@@ -915,6 +1020,10 @@ impl ChunkStore for EmbeddedStore {
 
     fn needs_compaction(&self) -> bool {
         EmbeddedStore::needs_compaction(self)
+    }
+
+    fn maintain(&self) -> Result<()> {
+        EmbeddedStore::maintain(self)
     }
 
     fn compact(&self) -> Result<()> {

@@ -16,6 +16,24 @@
 //! - the capacity is fixed per [`Graph`]; [`Graph::grown`] copies into a larger one while
 //!   the caller holds it exclusively.
 //!
+//! ## Deletes without a rebuild
+//! A point whose chunk is gone is taken out of the graph in three steps, none of which
+//! rebuilds it (as FreshDiskANN consolidates deletes, and hnswlib reuses deleted slots):
+//! 1. [`Graph::mark_deleted`] marks it: from then on no insert links to it, and searches
+//!    still walk through it but never return it. The caller waits for inserts already
+//!    running (they may have chosen it before the mark) before step 2.
+//! 2. [`Graph::repair`] rewrites every list that holds a marked point: its place goes to
+//!    the best of the list's other points and the marked point's own neighbors, chosen by
+//!    the same heuristic as an insert's. Inserts and searches go on meanwhile.
+//! 3. [`Graph::free_deleted`], with the graph held exclusively (so no search still holds
+//!    a marked id), clears the marked points' lists, gives them [`FREE_KEY`] and puts their
+//!    slots on the free list; the entry point moves to a live point when it was marked.
+//!
+//! An insert may then reuse a free slot: it writes the slot's vector, code and key before
+//! publishing it, like a fresh point's, and keeps the slot's level (drawn from the same
+//! distribution), so its upper lists are already there. No list names a free slot, so
+//! nothing reads it while it is rewritten.
+//!
 //! ## Distances
 //! Internally "smaller is closer": cosine and dot products use `-dot` (vectors of cosine
 //! collections are unit length), L2 the squared distance. Scores reported outward are
@@ -37,6 +55,7 @@
 //! CRC-32 of that padding and the vectors. With quantization, then zeros up to a multiple
 //! of 64 bytes, the codes (u32 × n × words) and a CRC-32 of that padding and the codes.
 //! Version 2 files (no quantization field, no codes) are read as unquantized graphs.
+//! A free slot is saved with the key [`FREE_KEY`] and empty lists.
 //!
 //! ## Opening by memory-mapping
 //! [`Graph::load`] maps the file: the structure (keys, levels, lists) is checked and copied
@@ -44,9 +63,11 @@
 //! page cache where the search touches them. An open therefore costs the structure (about
 //! 150 bytes per point), not the vectors (`4 × dim` bytes per point), and the vectors are
 //! never held twice. Codes are mapped the same way. Points inserted after the open live in
-//! memory. The file is only ever replaced by a rename, so a mapping stays valid after a later save. The vectors'
-//! checksum is not read on open (it would read every vector); [`Graph::verify_vectors`]
-//! checks it.
+//! memory. The file is only ever replaced by a rename, so a mapping stays valid after a
+//! later save. The mapping is private and copy-on-write: an insert that reuses a free
+//! mapped slot writes its vector there, into memory of the process's own, never into the
+//! file. The vectors' checksum is not read on open (it would read every vector);
+//! [`Graph::verify_vectors`] checks it, reading the file.
 
 use crate::dense::Distance;
 use crate::error::{IndexError, Result};
@@ -72,6 +93,14 @@ const MAX_LEVEL: usize = 16;
 /// A full neighbor list re-selected by a back-link keeps `1 / LINK_SLACK` of its slots free
 /// (see [`Graph::link_back`]).
 const LINK_SLACK: usize = 4;
+/// The key of a free slot (no chunk key is this large: keys count up from 0).
+pub const FREE_KEY: u64 = u64::MAX;
+/// A point's state: in the graph ...
+const LIVE: u8 = 0;
+/// ... marked deleted: walked through, never returned or linked to ([`Graph::mark_deleted`]) ...
+const DELETED: u8 = 1;
+/// ... or a free slot that no list names ([`Graph::free_deleted`]).
+const FREE: u8 = 2;
 
 /// A distance in the graph: smaller is closer.
 #[derive(Debug, Clone, Copy)]
@@ -221,7 +250,7 @@ pub struct Graph {
     /// Vectors of points `0..mapped_points`, read from the saved file.
     mapped: Option<Mapped>,
     /// `mapped`'s first vector (null without one), read without unwrapping on the hot path.
-    mapped_ptr: *const f32,
+    mapped_ptr: *mut f32,
     mapped_points: usize,
     /// Vectors of points `mapped_points..capacity`.
     vectors: Region<UnsafeCell<f32>>,
@@ -229,7 +258,7 @@ pub struct Graph {
     /// `u32` words of one point's code (0 without quantization).
     code_words: usize,
     /// The mapped codes of points `0..mapped_points` (null without).
-    mapped_codes: *const u32,
+    mapped_codes: *mut u32,
     /// Codes of points `mapped_points..capacity`.
     codes: Region<UnsafeCell<u32>>,
     // The per-point arrays that are plain numbers live in `Region`s: growing the graph
@@ -237,6 +266,10 @@ pub struct Graph {
     keys: Region<AtomicU64>,
     levels: Region<AtomicU8>,
     links0: Region<AtomicU32>,
+    /// [`LIVE`], [`DELETED`] or [`FREE`], per point.
+    states: Region<AtomicU8>,
+    /// Free slots, for inserts to reuse ([`Graph::free_deleted`]).
+    free: Mutex<Vec<u32>>,
     upper: Box<[OnceLock<Box<[AtomicU32]>>]>,
     locks: Box<[Mutex<()>]>,
     /// `(entry point, its level)`; `None` while empty.
@@ -246,7 +279,10 @@ pub struct Graph {
 
 /// The vectors of a saved graph, in its memory-mapped file.
 struct Mapped {
-    map: memmap2::Mmap,
+    /// Private and copy-on-write: reused slots are written here, never to the file.
+    map: memmap2::MmapMut,
+    /// The file mapped, for [`Graph::verify_vectors`] (the mapping may hold reused slots).
+    file: std::fs::File,
     /// Where the vectors' checksummed section (padding, then vectors) starts.
     section: usize,
     /// Where the codes' section starts (0: none).
@@ -255,10 +291,12 @@ struct Mapped {
 
 // SAFETY: the non-`Sync` fields are `vectors` (`UnsafeCell<f32>`), `codes`
 // (`UnsafeCell<u32>`) and the mapped vectors' and codes' pointers. A vector or code slot is
-// written once, by the thread that allocated its id, before the id
-// is published with a `Release` store; every read of a slot happens after an `Acquire` load
-// that observed the id (see the module documentation), or with exclusive access
-// (`&mut self`). The mapping is read-only, never written and lives as long as the graph.
+// written by the thread that allocated its id (or took it from the free list) before the
+// id is published with a `Release` store; every read of a slot happens after an `Acquire`
+// load that observed the id (see the module documentation), or with exclusive access
+// (`&mut self`). A slot is rewritten only after [`Graph::free_deleted`] freed it: with the
+// graph held exclusively, once no list names it, so no reader holds its id. The mapping
+// is private (copy-on-write) and lives as long as the graph.
 unsafe impl Sync for Graph {}
 // SAFETY: the pointers refer into the mapping the graph owns, which moves with it.
 unsafe impl Send for Graph {}
@@ -296,17 +334,19 @@ impl Graph {
             allocated: AtomicUsize::new(0),
             inserted: AtomicUsize::new(0),
             // Set by whoever hands over the mapping ([`Graph::load`], [`Graph::grown`]).
-            mapped_ptr: std::ptr::null(),
+            mapped_ptr: std::ptr::null_mut(),
             mapped,
             mapped_points,
             vectors,
             quant: params.quantization,
             code_words,
-            mapped_codes: std::ptr::null(),
+            mapped_codes: std::ptr::null_mut(),
             codes,
             keys: Region::zeroed(capacity),
             levels: Region::zeroed(capacity),
             links0,
+            states: Region::zeroed(capacity),
+            free: Mutex::new(Vec::new()),
             upper: (0..capacity).map(|_| OnceLock::new()).collect(),
             locks: (0..capacity).map(|_| Mutex::new(())).collect(),
             entry: RwLock::new(None),
@@ -330,9 +370,25 @@ impl Graph {
         self.quant
     }
 
-    /// Points inserted.
+    /// Slots whose first insert finished: points, deleted points and free slots.
     pub fn len(&self) -> usize {
         self.inserted.load(Ordering::Acquire)
+    }
+
+    /// Free slots an insert may reuse.
+    pub fn free_len(&self) -> usize {
+        self.free.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// True when slot `id` is free (no point is there).
+    pub fn is_free(&self, id: u32) -> bool {
+        self.states[id as usize].load(Ordering::Acquire) == FREE
+    }
+
+    /// True when `id` is marked deleted or free: no insert links to it, no search returns it.
+    #[inline]
+    fn is_gone(&self, id: u32) -> bool {
+        self.states[id as usize].load(Ordering::Acquire) != LIVE
     }
 
     pub fn is_empty(&self) -> bool {
@@ -602,34 +658,81 @@ impl Graph {
         ((-u.ln() * self.level_mult) as usize).min(MAX_LEVEL)
     }
 
-    /// Inserts one point; returns its id. Panics when the graph is full (callers check
-    /// [`Graph::has_room`] and grow first).
+    /// Writes the vector and code of slot `id`.
+    ///
+    /// # Safety
+    /// The calling thread owns the slot: it allocated it, or took it from the free list,
+    /// and has not published it, so nothing else reads or writes it.
+    unsafe fn write_slot(&self, id: usize, vector: &[f32]) {
+        let w = self.code_words;
+        let (v, code): (&mut [f32], &mut [u32]) = if id < self.mapped_points {
+            // SAFETY: the private mapping holds `mapped_points` vectors and codes from these
+            // pointers (checked when loaded); the slot is the caller's (see above).
+            unsafe {
+                (
+                    std::slice::from_raw_parts_mut(self.mapped_ptr.add(id * self.dim), self.dim),
+                    if w > 0 { std::slice::from_raw_parts_mut(self.mapped_codes.add(id * w), w) } else { &mut [] },
+                )
+            }
+        } else {
+            let i = id - self.mapped_points;
+            let cells = &self.vectors[i * self.dim..(i + 1) * self.dim];
+            let codes = &self.codes[i * w..(i + 1) * w];
+            // SAFETY: `UnsafeCell<T>` is `repr(transparent)` over `T`; the slot is the
+            // caller's (see above).
+            unsafe {
+                (
+                    std::slice::from_raw_parts_mut(UnsafeCell::raw_get(cells.as_ptr()), self.dim),
+                    std::slice::from_raw_parts_mut(UnsafeCell::raw_get(codes.as_ptr()), w),
+                )
+            }
+        };
+        v.copy_from_slice(vector);
+        if w > 0 {
+            self.quant.encode(vector, code);
+        }
+    }
+
+    /// Inserts one point in a fresh slot; returns its id. Panics when the graph is full
+    /// (callers check [`Graph::has_room`] and grow first).
     pub fn insert(&self, vector: &[f32], key: u64) -> u32 {
+        self.insert_reusing(vector, key, false)
+    }
+
+    /// Inserts one point, in a free slot when `reuse` and there is one (see the module
+    /// documentation), else in a fresh one; returns its id.
+    pub fn insert_reusing(&self, vector: &[f32], key: u64, reuse: bool) -> u32 {
         assert_eq!(vector.len(), self.dim, "vector dimension");
-        let id = self.allocated.fetch_add(1, Ordering::AcqRel);
-        assert!(id < self.capacity, "HNSW graph is full ({} points)", self.capacity);
+        let reused = if reuse { self.free.lock().unwrap_or_else(|e| e.into_inner()).pop() } else { None };
+        let (id, level) = match reused {
+            Some(id) => (id as usize, self.level(id)),
+            None => {
+                let id = self.allocated.fetch_add(1, Ordering::AcqRel);
+                assert!(id < self.capacity, "HNSW graph is full ({} points)", self.capacity);
+                (id, self.random_level(id as u64))
+            }
+        };
+        let fresh = reused.is_none();
         let id32 = id as u32;
-        // Mapped points were all inserted before the graph was saved.
-        let start = (id - self.mapped_points) * self.dim;
-        for (cell, &x) in self.vectors[start..start + self.dim].iter().zip(vector) {
-            // SAFETY: slot `id` was just allocated to this thread and is not published yet.
-            unsafe { *cell.get() = x };
-        }
-        if self.code_words > 0 {
-            let start = (id - self.mapped_points) * self.code_words;
-            let slot = &self.codes[start..start + self.code_words];
-            // SAFETY: as for the vector slot above (allocated to this thread, not published,
-            // so nothing else reads or writes it); `UnsafeCell<u32>` has the layout of `u32`.
-            let slot = unsafe { std::slice::from_raw_parts_mut(UnsafeCell::raw_get(slot.as_ptr()), slot.len()) };
-            self.quant.encode(vector, slot);
-        }
+        // SAFETY: slot `id` was just allocated to this thread, or taken off the free list
+        // (no list names it and no search holds it), and is not published yet.
+        unsafe { self.write_slot(id, vector) };
         self.keys[id].store(key, Ordering::Release);
-        let level = self.random_level(id as u64);
-        self.levels[id].store(level as u8, Ordering::Release);
-        if level > 0 {
-            let lists: Box<[AtomicU32]> = (0..level * (self.m + 1)).map(|_| AtomicU32::new(0)).collect();
-            let _ = self.upper[id].set(lists);
+        if fresh {
+            self.levels[id].store(level as u8, Ordering::Release);
+            if level > 0 {
+                let lists: Box<[AtomicU32]> = (0..level * (self.m + 1)).map(|_| AtomicU32::new(0)).collect();
+                let _ = self.upper[id].set(lists);
+            }
+        } else {
+            // A free slot keeps its level and its (emptied) upper lists.
+            self.states[id].store(LIVE, Ordering::Release);
         }
+        let finished = || {
+            if fresh {
+                self.inserted.fetch_add(1, Ordering::AcqRel);
+            }
+        };
         let entry = {
             let e = *self.entry.read().unwrap_or_else(|e| e.into_inner());
             match e {
@@ -641,7 +744,7 @@ impl Graph {
                         None => {
                             *w = Some((id32, level));
                             drop(w);
-                            self.inserted.fetch_add(1, Ordering::AcqRel);
+                            finished();
                             return id32;
                         }
                     }
@@ -661,7 +764,9 @@ impl Graph {
             visited.reset(self.capacity);
             let found = self.search_layer::<false>(vector, &start, self.ef_construction, l, &mut visited, &|_| true);
             let sorted: Vec<(Dist, u32)> = found.into_sorted_vec().into_iter().filter(|c| c.1 != id32).collect();
-            let chosen = self.select(&sorted, self.m, self.m);
+            // Deleted points still guide the walk, but are never linked to.
+            let linkable: Vec<(Dist, u32)> = sorted.iter().copied().filter(|c| !self.is_gone(c.1)).collect();
+            let chosen = self.select(&linkable, self.m, self.m);
             let cap = if l == 0 { self.m0 } else { self.m };
             {
                 // One lock at a time, never nested: inserts cannot deadlock. Once this point
@@ -674,7 +779,7 @@ impl Graph {
                     if merged.len() >= cap {
                         break;
                     }
-                    if !merged.contains(&x) {
+                    if !merged.contains(&x) && !self.is_gone(x) {
                         merged.push(x);
                     }
                 }
@@ -692,7 +797,7 @@ impl Graph {
                 *w = Some((id32, level));
             }
         }
-        self.inserted.fetch_add(1, Ordering::AcqRel);
+        finished();
         id32
     }
 
@@ -720,11 +825,167 @@ impl Graph {
         let mut cands: Vec<(Dist, u32)> = buf
             .iter()
             .chain(std::iter::once(&new))
+            .filter(|&&x| !self.is_gone(x))
             .map(|&x| (Dist(self.metric.eval(base, self.vector(x))), x))
             .collect();
         cands.sort_unstable();
         let chosen = self.select(&cands, cap, cap - cap / LINK_SLACK);
         self.set_neighbors(n, level, &chosen);
+    }
+
+    /// Marks points deleted (step 1 of the module documentation's "Deletes without a
+    /// rebuild"); ids out of range, already marked or free are skipped. Returns how many
+    /// were marked. Inserts already running may still link to them: the caller waits for
+    /// those before [`Graph::repair`].
+    pub fn mark_deleted(&self, ids: &[u32]) -> usize {
+        let n = self.len();
+        let mut marked = 0;
+        for &id in ids {
+            if (id as usize) < n
+                && self.states[id as usize].compare_exchange(LIVE, DELETED, Ordering::AcqRel, Ordering::Acquire).is_ok()
+            {
+                marked += 1;
+            }
+        }
+        marked
+    }
+
+    /// Rewrites the lists of the live points in `ids` that hold a deleted point (step 2):
+    /// each deleted neighbor's place goes to the best of the list's live points and the
+    /// deleted neighbor's own live neighbors, by the insert's heuristic. Returns how many
+    /// lists were rewritten. Runs beside inserts and searches.
+    pub fn repair(&self, ids: std::ops::Range<usize>) -> usize {
+        let mut buf = Vec::with_capacity(self.m0);
+        let mut theirs = Vec::with_capacity(self.m0);
+        let mut rewritten = 0;
+        for id in ids.start..ids.end.min(self.len()) {
+            let id32 = id as u32;
+            if self.is_gone(id32) {
+                continue;
+            }
+            for level in 0..=self.level(id32) {
+                let cap = if level == 0 { self.m0 } else { self.m };
+                let _own = self.locks[id].lock().unwrap_or_else(|e| e.into_inner());
+                self.neighbors(id32, level, &mut buf);
+                if !buf.iter().any(|&x| self.is_gone(x)) {
+                    continue;
+                }
+                let mut cands: Vec<u32> = Vec::with_capacity(cap * 2);
+                for &x in buf.iter() {
+                    if !self.is_gone(x) {
+                        cands.push(x);
+                    } else if self.level(x) >= level {
+                        self.neighbors(x, level, &mut theirs);
+                        cands.extend(theirs.iter().copied().filter(|&y| y != id32 && !self.is_gone(y)));
+                    }
+                }
+                cands.sort_unstable();
+                cands.dedup();
+                let base = self.vector(id32);
+                let mut scored: Vec<(Dist, u32)> =
+                    cands.into_iter().map(|x| (Dist(self.metric.eval(base, self.vector(x))), x)).collect();
+                scored.sort_unstable();
+                let chosen = self.select(&scored, cap, cap - cap / LINK_SLACK);
+                self.set_neighbors(id32, level, &chosen);
+                rewritten += 1;
+            }
+        }
+        rewritten
+    }
+
+    /// Links the live points that no live list names at layer 0 (other than the entry
+    /// point) into the list of their nearest live point, found by a walk: a repair's
+    /// re-selection may prune a point out of every list that named it, most often when a
+    /// large share of the graph is deleted at once, and a point no list names is one no
+    /// search returns. A full list gives up the entry farthest from its owner that other
+    /// lists also name. Returns how many points were linked. Runs beside inserts and
+    /// searches.
+    pub fn reconnect_orphans(&self) -> usize {
+        let n = self.len();
+        let mut named = vec![0u32; n];
+        let mut buf = Vec::with_capacity(self.m0);
+        for id in 0..n as u32 {
+            if !self.is_gone(id) {
+                self.neighbors(id, 0, &mut buf);
+                for &x in &buf {
+                    if let Some(c) = named.get_mut(x as usize) {
+                        *c += 1;
+                    }
+                }
+            }
+        }
+        let entry = self.entry.read().unwrap_or_else(|e| e.into_inner()).map(|e| e.0);
+        let mut linked = 0;
+        for id in 0..n as u32 {
+            if named[id as usize] > 0 || self.is_gone(id) || entry == Some(id) {
+                continue;
+            }
+            for (near, _) in self.search(&self.vector(id).to_vec(), 3, self.ef_construction, &|x| x != id) {
+                let _g = self.locks[near as usize].lock().unwrap_or_else(|e| e.into_inner());
+                self.neighbors(near, 0, &mut buf);
+                if buf.contains(&id) {
+                    break;
+                }
+                if buf.len() < self.m0 {
+                    buf.push(id);
+                } else {
+                    // The entry farthest from `near` that another list also names.
+                    let base = self.vector(near);
+                    let Some(slot) = (0..buf.len())
+                        .filter(|&i| named.get(buf[i] as usize).is_some_and(|&c| c > 1))
+                        .max_by(|&a, &b| {
+                            Dist(self.metric.eval(base, self.vector(buf[a])))
+                                .cmp(&Dist(self.metric.eval(base, self.vector(buf[b]))))
+                        })
+                    else {
+                        continue;
+                    };
+                    if let Some(c) = named.get_mut(buf[slot] as usize) {
+                        *c -= 1;
+                    }
+                    buf[slot] = id;
+                }
+                self.set_neighbors(near, 0, &buf);
+                named[id as usize] += 1;
+                linked += 1;
+                break;
+            }
+        }
+        linked
+    }
+
+    /// Frees the deleted points' slots (step 3): clears their lists, gives them
+    /// [`FREE_KEY`] and puts them on the free list; moves the entry point to the live point
+    /// of the highest level when it was deleted. Exclusive access guarantees that no search
+    /// or insert holds a deleted id; [`Graph::repair`] must have run over every point since
+    /// they were marked. Returns how many slots were freed.
+    pub fn free_deleted(&mut self) -> usize {
+        let n = *self.inserted.get_mut();
+        let mut freed = Vec::new();
+        for id in 0..n {
+            if *self.states[id].get_mut() != DELETED {
+                continue;
+            }
+            for level in 0..=self.level(id as u32) {
+                self.list(id as u32, level)[0].store(0, Ordering::Release);
+            }
+            *self.keys[id].get_mut() = FREE_KEY;
+            *self.states[id].get_mut() = FREE;
+            freed.push(id as u32);
+        }
+        let entry = self.entry.get_mut().unwrap_or_else(|e| e.into_inner());
+        if entry.is_some_and(|(e, _)| *self.states[e as usize].get_mut() != LIVE) {
+            let mut best: Option<(u32, usize)> = None;
+            for id in 0..n {
+                let level = *self.levels[id].get_mut() as usize;
+                if *self.states[id].get_mut() == LIVE && best.is_none_or(|(_, l)| level > l) {
+                    best = Some((id as u32, level));
+                }
+            }
+            *entry = best;
+        }
+        self.free.get_mut().unwrap_or_else(|e| e.into_inner()).extend(&freed);
+        freed.len()
     }
 
     /// The `k` closest points that pass `keep`, closest first, as (id, score). Scores are
@@ -751,7 +1012,9 @@ impl Graph {
             (cur, cur_d) = self.greedy::<CODES>(q, cur, cur_d, l, &mut buf);
         }
         let mut visited = self.visited();
-        let found = self.search_layer::<CODES>(q, &[(cur, cur_d)], ef.max(k), 0, &mut visited, keep);
+        // Deleted points guide the walk but are never returned.
+        let keep = |id: u32| !self.is_gone(id) && keep(id);
+        let found = self.search_layer::<CODES>(q, &[(cur, cur_d)], ef.max(k), 0, &mut visited, &keep);
         self.give_back(visited);
         let mut found = found.into_vec();
         if CODES {
@@ -782,8 +1045,8 @@ impl Graph {
         g.mapped = self.mapped.take();
         g.mapped_points = mapped_points;
         self.mapped_points = 0;
-        g.mapped_ptr = std::mem::replace(&mut self.mapped_ptr, std::ptr::null());
-        g.mapped_codes = std::mem::replace(&mut self.mapped_codes, std::ptr::null());
+        g.mapped_ptr = std::mem::replace(&mut self.mapped_ptr, std::ptr::null_mut());
+        g.mapped_codes = std::mem::replace(&mut self.mapped_codes, std::ptr::null_mut());
         g.m = self.m;
         g.m0 = self.m0;
         g.ef_construction = self.ef_construction;
@@ -799,6 +1062,8 @@ impl Graph {
         g.keys = take_grown(&mut self.keys, capacity);
         g.levels = take_grown(&mut self.levels, capacity);
         g.links0 = take_grown(&mut self.links0, capacity * (self.m0 + 1));
+        g.states = take_grown(&mut self.states, capacity);
+        g.free = Mutex::new(std::mem::take(self.free.get_mut().unwrap_or_else(|e| e.into_inner())));
         let mut upper = std::mem::take(&mut self.upper).into_vec();
         upper.resize_with(capacity, OnceLock::new);
         g.upper = upper.into_boxed_slice();
@@ -913,8 +1178,9 @@ impl Graph {
         let bad = |why: &str| IndexError::Corrupt(format!("{}: {why}", path.display()));
         let file = std::fs::File::open(path)?;
         // SAFETY: the file is only ever replaced by a rename, never written in place or
-        // truncated, so the mapping's contents do not change under it.
-        let map = unsafe { memmap2::Mmap::map(&file)? };
+        // truncated, so the mapping's contents do not change under it. The mapping is
+        // private: what the graph writes there (reused slots) never reaches the file.
+        let mut map = unsafe { memmap2::MmapOptions::new().map_copy(&file)? };
         if map.len() < 8 + 10 * 8 + 4 || &map[..8] != MAGIC {
             return Err(bad("not a ragway HNSW file"));
         }
@@ -977,15 +1243,14 @@ impl Graph {
         if map.len() as u64 != end {
             return Err(bad("file size does not match its header"));
         }
-        let ptr = map[vectors_at..].as_ptr() as *const f32;
-        if (ptr as usize) % std::mem::align_of::<f32>() != 0 {
+        if (map.as_ptr() as usize + vectors_at) % std::mem::align_of::<f32>() != 0 {
             return Err(bad("misaligned vectors"));
         }
-        let codes_ptr = if code_words > 0 { map[codes_at..].as_ptr() as *const u32 } else { std::ptr::null() };
         // What every search reads — the codes, or the vectors when there are none — is read
         // ahead by the kernel while the open goes on, so that after a cold start the first
         // searches do not fault their pages in one by one.
-        let (ahead_at, ahead_len) = if code_words > 0 { (codes_at, n * code_words * 4) } else { (vectors_at, n * dim * 4) };
+        let (ahead_at, ahead_len) =
+            if code_words > 0 { (codes_at, n * code_words * 4) } else { (vectors_at, n * dim * 4) };
         #[cfg(unix)]
         if let Err(e) = map.advise_range(memmap2::Advice::WillNeed, ahead_at, ahead_len) {
             tracing::debug!(error = %e, "madvise(WILLNEED) on the saved graph failed");
@@ -994,8 +1259,14 @@ impl Graph {
         // The mapping moves in last, once nothing borrows from it.
         let params = Params { m, ef_construction: efc as usize, quantization: quant };
         let mut g = Graph::with_mapped(dim, distance, params, capacity, None, n);
-        for (slot, b) in g.keys.iter_mut().zip(keys.chunks_exact(8)) {
-            *slot.get_mut() = u64::from_le_bytes(b.try_into().expect("8 bytes"));
+        let mut free = Vec::new();
+        for (i, (slot, b)) in g.keys.iter_mut().zip(keys.chunks_exact(8)).enumerate() {
+            let key = u64::from_le_bytes(b.try_into().expect("8 bytes"));
+            *slot.get_mut() = key;
+            if key == FREE_KEY {
+                *g.states[i].get_mut() = FREE;
+                free.push(i as u32);
+            }
         }
         for (slot, &level) in g.levels.iter_mut().zip(&levels[..n]) {
             if level as usize > MAX_LEVEL {
@@ -1011,6 +1282,7 @@ impl Graph {
             }
             *g.links0[i].get_mut() = x;
         }
+
         let mut upper = Cursor::new(upper);
         for i in 0..n {
             let level = levels[i] as usize;
@@ -1035,6 +1307,21 @@ impl Graph {
         if !upper.is_done() {
             return Err(bad("upper lists"));
         }
+        // No list may name a free slot (reusing it rewrites it while searches run), and a
+        // free slot's own lists are empty.
+        if !free.is_empty() {
+            for i in 0..n as u32 {
+                for level in 0..=g.level(i) {
+                    let list = g.list(i, level);
+                    let count = list[0].load(Ordering::Relaxed) as usize;
+                    if (count > 0 && g.is_free(i))
+                        || list[1..=count].iter().any(|x| g.is_free(x.load(Ordering::Relaxed)))
+                    {
+                        return Err(bad("a list names a free slot"));
+                    }
+                }
+            }
+        }
         let entry = match entry {
             0 if n == 0 => None,
             0 => return Err(bad("no entry point")),
@@ -1042,31 +1329,47 @@ impl Graph {
             e => Some(((e - 1) as u32, max_level as usize)),
         };
         if let Some((e, l)) = entry {
-            if levels[e as usize] as usize != l {
+            if levels[e as usize] as usize != l || g.is_free(e) {
                 return Err(bad("entry point level"));
             }
         }
+        *g.free.get_mut().unwrap_or_else(|e| e.into_inner()) = free;
         *g.entry.get_mut().unwrap_or_else(|e| e.into_inner()) = entry;
         *g.allocated.get_mut() = n;
         *g.inserted.get_mut() = n;
-        g.mapped_ptr = ptr;
-        g.mapped_codes = codes_ptr;
-        g.mapped = Some(Mapped { section, codes_section, map });
+        // Pointers into the mapping, taken once nothing else borrows it.
+        g.mapped_ptr = map[vectors_at..].as_mut_ptr() as *mut f32;
+        g.mapped_codes = if code_words > 0 { map[codes_at..].as_mut_ptr() as *mut u32 } else { std::ptr::null_mut() };
+        g.mapped = Some(Mapped { section, codes_section, map, file });
         Ok((g, seq))
     }
 
     /// Checks the saved vectors' checksum (reading every one of them) for a graph opened by
     /// [`Graph::load`]; `Ok` for a graph with none mapped.
     pub fn verify_vectors(&self) -> Result<()> {
+        use std::io::{Read, Seek, SeekFrom};
         let Some(m) = &self.mapped else { return Ok(()) };
+        // From the file, not the mapping: reused slots are written into the mapping.
         let end = m.map.len() - 4;
         let sections = match m.codes_section {
             0 => vec![(m.section, end, "vectors")],
             codes => vec![(m.section, codes - 4, "vectors"), (codes, end, "codes")],
         };
+        let mut file = &m.file;
+        let mut block = vec![0u8; 1 << 20];
         for (start, end, what) in sections {
-            let crc = u32::from_le_bytes(m.map[end..end + 4].try_into().expect("4 bytes"));
-            if crc32fast::hash(&m.map[start..end]) != crc {
+            file.seek(SeekFrom::Start(start as u64))?;
+            let mut sum = crc32fast::Hasher::new();
+            let mut left = end - start;
+            while left > 0 {
+                let take = left.min(block.len());
+                file.read_exact(&mut block[..take])?;
+                sum.update(&block[..take]);
+                left -= take;
+            }
+            let mut crc = [0u8; 4];
+            file.read_exact(&mut crc)?;
+            if sum.finalize() != u32::from_le_bytes(crc) {
                 return Err(IndexError::Corrupt(format!("saved graph: the {what}' checksum does not match")));
             }
         }
@@ -1081,7 +1384,6 @@ fn start_aligned_section(w: &mut SumWriter) -> Result<()> {
     let pad = (VECTORS_ALIGN - w.position() % VECTORS_ALIGN) % VECTORS_ALIGN;
     w.put(&[0u8; VECTORS_ALIGN as usize][..pad as usize])
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -1116,7 +1418,13 @@ mod tests {
     }
 
     /// A graph of `data`, inserted one by one (keys are the indexes).
-    fn graph_of(data: &[Vec<f32>], distance: Distance, m: usize, ef_construction: usize, quantization: Quantization) -> Graph {
+    fn graph_of(
+        data: &[Vec<f32>],
+        distance: Distance,
+        m: usize,
+        ef_construction: usize,
+        quantization: Quantization,
+    ) -> Graph {
         let g = Graph::new(data[0].len(), distance, Params { m, ef_construction, quantization }, data.len());
         for (i, v) in data.iter().enumerate() {
             g.insert(v, i as u64);
@@ -1128,7 +1436,12 @@ mod tests {
     fn parallel_build_reaches_exact_search_recall_for_every_distance() {
         for distance in [Distance::Cosine, Distance::Dot, Distance::L2] {
             let data = vectors(3000, 24, 1);
-            let g = Graph::new(24, distance, Params { m: 16, ef_construction: 100, quantization: Quantization::None }, data.len());
+            let g = Graph::new(
+                24,
+                distance,
+                Params { m: 16, ef_construction: 100, quantization: Quantization::None },
+                data.len(),
+            );
             data.par_iter().enumerate().for_each(|(i, v)| {
                 g.insert(v, i as u64);
             });
@@ -1142,7 +1455,12 @@ mod tests {
     fn save_and_load_round_trip_answer_alike_and_keep_growing() {
         let dir = tempfile::tempdir().unwrap();
         let data = vectors(1500, 16, 3);
-        let mut g = Graph::new(16, Distance::Cosine, Params { m: 8, ef_construction: 64, quantization: Quantization::None }, 100);
+        let mut g = Graph::new(
+            16,
+            Distance::Cosine,
+            Params { m: 8, ef_construction: 64, quantization: Quantization::None },
+            100,
+        );
         insert_growing(&mut g, &data[..1000], 0);
         let path = dir.path().join("g.hnsw");
         g.save(&path, 42).unwrap();
@@ -1174,7 +1492,12 @@ mod tests {
     fn a_cut_saved_while_inserts_go_on_is_the_graph_of_its_points() {
         let dir = tempfile::tempdir().unwrap();
         let data = vectors(4000, 16, 8);
-        let g = Graph::new(16, Distance::Cosine, Params { m: 8, ef_construction: 64, quantization: Quantization::Int8 }, 4000);
+        let g = Graph::new(
+            16,
+            Distance::Cosine,
+            Params { m: 8, ef_construction: 64, quantization: Quantization::Int8 },
+            4000,
+        );
         for (i, v) in data[..2000].iter().enumerate() {
             g.insert(v, i as u64);
         }
@@ -1245,7 +1568,12 @@ mod tests {
         for distance in [Distance::Cosine, Distance::Dot, Distance::L2] {
             let data = vectors(3000, 40, 11);
             let queries = vectors(50, 40, 12);
-            let mut g = Graph::new(40, distance, Params { m: 16, ef_construction: 100, quantization: Quantization::None }, 3000);
+            let mut g = Graph::new(
+                40,
+                distance,
+                Params { m: 16, ef_construction: 100, quantization: Quantization::None },
+                3000,
+            );
             data.par_iter().enumerate().for_each(|(i, v)| {
                 g.insert(v, i as u64);
             });
@@ -1354,5 +1682,135 @@ mod tests {
         let found = g.search(&data[0], 10, 200, &|id| g.key(id) % 3 == 0);
         assert_eq!(found.len(), 10);
         assert!(found.iter().all(|(id, _)| g.key(*id) % 3 == 0));
+    }
+
+    /// Recall@10 at `ef` over the graph's live points (`vectors[key]`), against exact
+    /// search over the same points; also checks every reported score.
+    fn live_recall(
+        g: &Graph,
+        vectors: &std::collections::HashMap<u64, Vec<f32>>,
+        queries: &[Vec<f32>],
+        ef: usize,
+    ) -> f64 {
+        let mut hits = 0;
+        for q in queries {
+            let exact = exact_search(Distance::Cosine, q, vectors.iter().map(|(k, v)| (*k, v.as_slice())), 10);
+            let approx = g.search(q, 10, ef, &|_| true);
+            assert_eq!(approx.len(), 10);
+            for (id, score) in &approx {
+                let want = Distance::Cosine.score(q, &vectors[&g.key(*id)]);
+                assert!((score - want).abs() < 1e-4, "point {id}: {score} vs {want}");
+            }
+            hits += approx.iter().filter(|a| exact.iter().any(|e| e.0 == g.key(a.0))).count();
+        }
+        hits as f64 / (10 * queries.len()) as f64
+    }
+
+    /// No list names a deleted or free point, free slots have empty lists, the entry point
+    /// is live, and every live point's own vector finds it first.
+    fn assert_clean(g: &Graph) -> usize {
+        let mut buf = Vec::new();
+        for id in 0..g.len() as u32 {
+            for level in 0..=g.level(id) {
+                g.neighbors(id, level, &mut buf);
+                if g.is_free(id) {
+                    assert!(buf.is_empty(), "free slot {id} keeps links at level {level}");
+                } else if !g.is_gone(id) {
+                    assert!(buf.iter().all(|&x| !g.is_gone(x)), "point {id} links to a deleted point");
+                }
+            }
+        }
+        let (e, _) = g.entry.read().unwrap().expect("an entry point");
+        assert!(!g.is_gone(e), "the entry point is deleted");
+        let live: Vec<u32> = (0..g.len() as u32).filter(|&id| !g.is_gone(id)).collect();
+        let lost = live
+            .iter()
+            .filter(|&&id| g.search(g.vector(id), 1, 64, &|_| true).first().map(|h| h.0) != Some(id))
+            .count();
+        assert!(lost * 200 <= live.len(), "{lost} of {} live points not found by their own vector", live.len());
+        live.len()
+    }
+
+    /// Takes the points of `keys` out of `g` as [`crate::dense::DenseIndex::consolidate`]
+    /// does, single-threaded; returns how many slots were freed.
+    fn delete_keys(g: &mut Graph, keys: &std::collections::HashSet<u64>) -> usize {
+        let ids: Vec<u32> = (0..g.len() as u32).filter(|&id| !g.is_gone(id) && keys.contains(&g.key(id))).collect();
+        assert_eq!(g.mark_deleted(&ids), ids.len());
+        // Marked points are walked through but never returned.
+        let q = g.vector(ids[0]).to_vec();
+        assert!(g.search(&q, 10, 64, &|_| true).iter().all(|(id, _)| !ids.contains(id)));
+        assert!(g.repair(0..g.len()) > 0);
+        g.reconnect_orphans();
+        g.free_deleted()
+    }
+
+    #[test]
+    fn deleted_points_leave_the_graph_and_inserts_reuse_their_slots() {
+        use std::collections::{HashMap, HashSet};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.hnsw");
+        let data = vectors(6000, 16, 21);
+        let queries = vectors(40, 16, 22);
+        let mut g = graph_of(&data[..3000], Distance::Cosine, 8, 64, Quantization::None);
+        let mut live: HashMap<u64, Vec<f32>> = (0..3000).map(|i| (i as u64, data[i].clone())).collect();
+
+        // A third of the points deleted, their entry point among them.
+        let entry_key = g.key(g.entry.read().unwrap().unwrap().0);
+        let gone: HashSet<u64> = (0..3000u64).filter(|k| k % 3 == entry_key % 3).collect();
+        assert_eq!(delete_keys(&mut g, &gone), 1000);
+        live.retain(|k, _| !gone.contains(k));
+        assert_eq!((g.len(), g.free_len()), (3000, 1000));
+        assert_eq!(assert_clean(&g), 2000);
+        let r = live_recall(&g, &live, &queries, 100);
+        assert!(r >= 0.95, "recall@10 after deleting a third: {r}");
+
+        // New points fill the free slots before the graph grows.
+        for (i, v) in data[3000..4000].iter().enumerate() {
+            let id = g.insert_reusing(v, 3000 + i as u64, true);
+            assert!((id as usize) < 3000, "slot {id} is fresh while free ones remain");
+            live.insert(3000 + i as u64, v.clone());
+        }
+        assert_eq!((g.len(), g.free_len()), (3000, 0));
+        assert_eq!(assert_clean(&g), 3000);
+        for (k, v) in &live {
+            let id = (0..3000u32).find(|&id| g.key(id) == *k).unwrap();
+            assert_eq!(g.vector(id), &v[..]);
+        }
+        let r = live_recall(&g, &live, &queries, 100);
+        assert!(r >= 0.95, "recall@10 after reusing the slots: {r}");
+
+        // Free slots are saved as such and reused after a reopen, in the mapped file (whose
+        // saved vectors stay as written: the checksum still holds).
+        let more: HashSet<u64> = live.keys().copied().filter(|k| k % 5 == 0).collect();
+        let freed = delete_keys(&mut g, &more);
+        live.retain(|k, _| !more.contains(k));
+        g.save(&path, 7).unwrap();
+        let (mut loaded, _) = Graph::load(&path, 100).unwrap();
+        assert_eq!((loaded.len(), loaded.free_len(), loaded.mapped_points), (3000, freed, 3000));
+        for q in &queries {
+            assert_eq!(g.search(q, 10, 50, &|_| true), loaded.search(q, 10, 50, &|_| true));
+        }
+        for (i, v) in data[4000..4000 + freed].iter().enumerate() {
+            let id = loaded.insert_reusing(v, 4000 + i as u64, true);
+            assert!((id as usize) < 3000);
+            assert_eq!(loaded.vector(id), &v[..]);
+            live.insert(4000 + i as u64, v.clone());
+        }
+        loaded.verify_vectors().unwrap();
+        assert_eq!(assert_clean(&loaded), 3000);
+        let third: HashSet<u64> = live.keys().copied().filter(|k| k % 7 == 1).collect();
+        delete_keys(&mut loaded, &third);
+        live.retain(|k, _| !third.contains(k));
+        insert_growing(&mut loaded, &data[5000..6000], 5000);
+        live.extend((5000..6000).map(|i| (i as u64, data[i].clone())));
+        assert_eq!(assert_clean(&loaded), live.len());
+        let r = live_recall(&loaded, &live, &queries, 100);
+        assert!(r >= 0.95, "recall@10 after a reopen, more deletes and reuse: {r}");
+        loaded.save(&path, 8).unwrap();
+        let (again, _) = Graph::load(&path, 0).unwrap();
+        assert_eq!(again.free_len(), loaded.free_len());
+        for q in &queries {
+            assert_eq!(loaded.search(q, 10, 50, &|_| true), again.search(q, 10, 50, &|_| true));
+        }
     }
 }

@@ -406,8 +406,7 @@ impl IndexService {
     /// Removes a collection's directory: renamed first (atomic), then removed, so that a
     /// crash never leaves half a collection.
     fn remove_dir(&self, c: Arc<Collection>) -> Result<()> {
-        let trash =
-            self.data_dir.join("collections").join(format!(".deleted-{}-{}", c.name(), std::process::id()));
+        let trash = self.data_dir.join("collections").join(format!(".deleted-{}-{}", c.name(), std::process::id()));
         std::fs::rename(c.dir(), &trash)?;
         crate::wal::sync_dir(&trash)?;
         drop(c);
@@ -547,10 +546,8 @@ fn maintenance(service: Weak<IndexService>) {
                             tracing::error!(collection = c.name(), error = %e, "commit failed");
                         }
                     }
-                    if c.needs_compaction() {
-                        if let Err(e) = c.compact() {
-                            tracing::error!(collection = c.name(), error = %e, "compaction failed");
-                        }
+                    if let Err(e) = c.maintain() {
+                        tracing::error!(collection = c.name(), error = %e, "maintenance failed");
                     }
                 }
                 s.options.commit_interval

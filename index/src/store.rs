@@ -170,6 +170,15 @@ pub trait ChunkStore: Send + Sync {
     /// Reclaims what removed data holds.
     fn compact(&self) -> Result<()>;
 
+    /// Background upkeep, run by the service between commits: by default a compaction
+    /// when [`ChunkStore::needs_compaction`] says so.
+    fn maintain(&self) -> Result<()> {
+        if self.needs_compaction() {
+            self.compact()?;
+        }
+        Ok(())
+    }
+
     /// Saves derived state so that the next open does less (graceful shutdown, idle times).
     fn flush(&self) -> Result<()>;
 

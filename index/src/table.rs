@@ -451,8 +451,11 @@ pub(crate) struct Table {
     pub chunks: rustc_hash::FxHashMap<u64, ChunkEntry>,
     /// Removed chunks still in `chunks`, with their removal sequence number.
     pub garbage: Vec<(u64, u64)>,
-    /// Graph points whose chunk is gone.
-    pub dead_points: usize,
+    /// Graph points whose chunk is gone, for the next consolidation to free.
+    pub dead_points: Vec<u32>,
+    /// Chunks removed since the log was last rewritten (a lower bound after an open): how
+    /// much of the log is garbage.
+    pub garbage_chunks: usize,
     /// Chunk keys by metadata value (every chunk in `chunks`, and some that left it), built
     /// by the first filtered search after an open ([`Table::payload`]), then kept up to date.
     payload: std::sync::OnceLock<PayloadIndex>,
@@ -507,8 +510,12 @@ impl Table {
         let mut kept = Vec::new();
         for (key, removed) in std::mem::take(&mut self.garbage) {
             if removed <= visible {
-                self.chunks.remove(&key);
-                self.dead_points += 1;
+                if let Some(c) = self.chunks.remove(&key) {
+                    if c.point != UNPLACED {
+                        self.dead_points.push(c.point);
+                    }
+                    self.garbage_chunks += 1;
+                }
                 if let Some(p) = self.payload.get_mut() {
                     p.removed();
                 }

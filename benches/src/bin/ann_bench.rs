@@ -11,14 +11,17 @@
 //!   separately).
 //!
 //! Reports build time, resident memory, and per `ef`: recall@10 against exact search, QPS
-//! on one thread and on all threads.
+//! on one thread and on all threads. With `--churn F`, then deletes a random fraction `F`
+//! of the points, takes them out of the graph without a rebuild (`DenseIndex::consolidate`),
+//! inserts the same vectors again under new keys (into the freed slots), and reports what
+//! that cost against the build, and recall and QPS after it against before.
 //!
 //!     cargo run --release -p ragway-benches --bin ann-bench -- --n 100000
 
 use clap::Parser;
-use ragway_engine::rng::SplitMix64;
 use ragway_benches::{reference_python, workspace_root};
 use ragway_engine::embed::{Embedder, EmbedderOptions};
+use ragway_engine::rng::SplitMix64;
 use ragway_index::dense::{exact_search, DenseIndex, Distance, HnswParams, Quantization};
 use ragway_index::{ChunkEmbedder, Collection, LocalEmbedder};
 use rayon::prelude::*;
@@ -53,6 +56,9 @@ struct Args {
     /// Quantizations to search with, each on the same build (`none`, `f16`, `int8`).
     #[arg(long, default_value = "none,f16,int8")]
     quantization: String,
+    /// Fraction of the points to delete and insert again after the measurements (0: none).
+    #[arg(long, default_value_t = 0.0)]
+    churn: f64,
 }
 
 /// A standard normal from 24-bit uniforms (the data this driver's published runs used).
@@ -104,7 +110,8 @@ fn main() -> anyhow::Result<()> {
             while base.len() < args.n {
                 let (i, j) = (rng.next_u64() as usize % real.len(), rng.next_u64() as usize % real.len());
                 let a = 0.5 + 0.5 * rng.next_f32();
-                let mut v: Vec<f32> = (0..dim).map(|d| a * real[i][d] + (1.0 - a) * real[j][d] + 0.02 * normal(&mut rng)).collect();
+                let mut v: Vec<f32> =
+                    (0..dim).map(|d| a * real[i][d] + (1.0 - a) * real[j][d] + 0.02 * normal(&mut rng)).collect();
                 normalize(&mut v);
                 base.push(v);
             }
@@ -113,21 +120,33 @@ fn main() -> anyhow::Result<()> {
             let queries = text
                 .lines()
                 .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-                .map(|v| embedder.embed_query(v["text"].as_str().unwrap_or_default()).map(|mut q| {
-                    normalize(&mut q);
-                    q
-                }))
+                .map(|v| {
+                    embedder.embed_query(v["text"].as_str().unwrap_or_default()).map(|mut q| {
+                        normalize(&mut q);
+                        q
+                    })
+                })
                 .collect::<Result<Vec<_>, _>>()?;
             (base, queries)
         }
         other => anyhow::bail!("unknown --data {other}"),
     };
     let k = 10;
-    eprintln!("[ann-bench] {} vectors, {} queries ({}): exact search for the ground truth", base.len(), queries.len(), args.data);
+    eprintln!(
+        "[ann-bench] {} vectors, {} queries ({}): exact search for the ground truth",
+        base.len(),
+        queries.len(),
+        args.data
+    );
     let t = Instant::now();
     let gt: Vec<Vec<u64>> = queries
         .par_iter()
-        .map(|q| exact_search(Distance::Cosine, q, base.iter().enumerate().map(|(i, v)| (i as u64, v.as_slice())), k).into_iter().map(|x| x.0).collect())
+        .map(|q| {
+            exact_search(Distance::Cosine, q, base.iter().enumerate().map(|(i, v)| (i as u64, v.as_slice())), k)
+                .into_iter()
+                .map(|x| x.0)
+                .collect()
+        })
         .collect();
     let exact_qps = queries.len() as f64 / t.elapsed().as_secs_f64();
 
@@ -136,13 +155,17 @@ fn main() -> anyhow::Result<()> {
     let t = Instant::now();
     let index = DenseIndex::new(params, Quantization::None, Distance::Cosine, base[0].len(), base.len());
     let items: Vec<(&[f32], u64)> = base.iter().enumerate().map(|(i, v)| (v.as_slice(), i as u64)).collect();
-    index.insert(&items);
+    let ids = index.insert(&items);
     let build_s = t.elapsed().as_secs_f64();
     let graph_mib = (rss_bytes().saturating_sub(rss0)) as f64 / (1 << 20) as f64;
-    eprintln!("[ann-bench] ragway HNSW built in {build_s:.1}s ({} threads), +{graph_mib:.0} MiB resident", rayon::current_num_threads());
+    eprintln!(
+        "[ann-bench] ragway HNSW built in {build_s:.1}s ({} threads), +{graph_mib:.0} MiB resident",
+        rayon::current_num_threads()
+    );
 
     let recall = |found: &[Vec<u64>]| -> f64 {
-        found.iter().zip(&gt).map(|(f, g)| f.iter().filter(|x| g.contains(x)).count() as f64 / k as f64).sum::<f64>() / gt.len() as f64
+        found.iter().zip(&gt).map(|(f, g)| f.iter().filter(|x| g.contains(x)).count() as f64 / k as f64).sum::<f64>()
+            / gt.len() as f64
     };
     let efs: Vec<usize> = args.efs.split(',').map(|e| e.parse()).collect::<Result<_, _>>()?;
     let quants: Vec<Quantization> = args
@@ -163,7 +186,10 @@ fn main() -> anyhow::Result<()> {
             let mut found = Vec::new();
             for _ in 0..args.passes.max(1) {
                 let t = Instant::now();
-                found = queries.iter().map(|q| index.search(q, k, ef, &|_| true).into_iter().map(|x| x.0).collect::<Vec<u64>>()).collect();
+                found = queries
+                    .iter()
+                    .map(|q| index.search(q, k, ef, &|_| true).into_iter().map(|x| x.0).collect::<Vec<u64>>())
+                    .collect();
                 single.push(queries.len() as f64 / t.elapsed().as_secs_f64());
             }
             let t = Instant::now();
@@ -181,7 +207,10 @@ fn main() -> anyhow::Result<()> {
         if rows.is_empty() || quant == Quantization::None {
             rows = these.clone();
         }
-        by_quant.insert(serde_json::to_value(quant)?.as_str().unwrap_or("?").to_string(), json!({"code_bytes": code_bytes, "by_ef": these}));
+        by_quant.insert(
+            serde_json::to_value(quant)?.as_str().unwrap_or("?").to_string(),
+            json!({"code_bytes": code_bytes, "by_ef": these}),
+        );
     }
     let mut reference = Value::Null;
     if !args.no_reference {
@@ -199,7 +228,16 @@ fn main() -> anyhow::Result<()> {
             let out = std::process::Command::new(python)
                 .arg(workspace_root().join("benches/scripts/ann_reference.py"))
                 .args(["--base", b.to_str().unwrap(), "--queries", q.to_str().unwrap(), "--gt", g.to_str().unwrap()])
-                .args(["--dim", "384", "--M", &args.m.to_string(), "--ef-construction", &args.ef_construction.to_string(), "--efs", &args.efs])
+                .args([
+                    "--dim",
+                    "384",
+                    "--M",
+                    &args.m.to_string(),
+                    "--ef-construction",
+                    &args.ef_construction.to_string(),
+                    "--efs",
+                    &args.efs,
+                ])
                 .args(["--reps", &args.passes.max(1).to_string()])
                 .output()?;
             eprint!("{}", String::from_utf8_lossy(&out.stderr));
@@ -211,11 +249,15 @@ fn main() -> anyhow::Result<()> {
                         let qps = row["qps"].as_f64().unwrap_or(0.0);
                         let ratios: Vec<String> = by_quant
                             .iter()
-                            .map(|(q, t)| format!("{q} {:.2}", t["by_ef"][i]["qps_1_thread"].as_f64().unwrap_or(0.0) / qps))
+                            .map(|(q, t)| {
+                                format!("{q} {:.2}", t["by_ef"][i]["qps_1_thread"].as_f64().unwrap_or(0.0) / qps)
+                            })
                             .collect();
                         println!(
                             "{lib:<8} ef={:<4} recall@10 {:.4}  QPS 1 thread {qps:.0}   ragway/{lib} QPS ratio: {}",
-                            row["ef"], row["recall"].as_f64().unwrap_or(0.0), ratios.join(", ")
+                            row["ef"],
+                            row["recall"].as_f64().unwrap_or(0.0),
+                            ratios.join(", ")
                         );
                     }
                 }
@@ -228,13 +270,20 @@ fn main() -> anyhow::Result<()> {
         .iter()
         .map(|(q, t)| {
             let rows = t["by_ef"].as_array().into_iter().flatten();
-            (format!("ragway {q}"), rows.map(|r| (r["recall"].as_f64().unwrap_or(0.0), r["qps_1_thread"].as_f64().unwrap_or(0.0))).collect())
+            (
+                format!("ragway {q}"),
+                rows.map(|r| (r["recall"].as_f64().unwrap_or(0.0), r["qps_1_thread"].as_f64().unwrap_or(0.0)))
+                    .collect(),
+            )
         })
         .collect();
     for lib in ["hnswlib", "faiss"] {
         if let Some(r) = reference.get(lib) {
             let rows = r["by_ef"].as_array().into_iter().flatten();
-            tables.push((lib.to_string(), rows.map(|r| (r["recall"].as_f64().unwrap_or(0.0), r["qps"].as_f64().unwrap_or(0.0))).collect()));
+            tables.push((
+                lib.to_string(),
+                rows.map(|r| (r["recall"].as_f64().unwrap_or(0.0), r["qps"].as_f64().unwrap_or(0.0))).collect(),
+            ));
         }
     }
     for target in [0.90, 0.95, 0.99] {
@@ -250,9 +299,69 @@ fn main() -> anyhow::Result<()> {
             .collect();
         println!("QPS (1 thread) at the smallest ef with recall@10 >= {target}: {}", line.join(", "));
     }
+    let churn = if args.churn > 0.0 {
+        index.set_quantization(Quantization::None);
+        let n = base.len();
+        let count = ((n as f64 * args.churn.min(1.0)) as usize).max(1);
+        // A random `count` of the keys (a partial Fisher-Yates shuffle).
+        let mut order: Vec<usize> = (0..n).collect();
+        let mut rng = SplitMix64::new(7);
+        for i in 0..count {
+            let j = i + rng.next_u64() as usize % (n - i);
+            order.swap(i, j);
+        }
+        let gone = &order[..count];
+        let dead: Vec<u32> = gone.iter().map(|&i| ids[i]).collect();
+        let t = Instant::now();
+        let done = index.consolidate(&dead);
+        let consolidate_s = t.elapsed().as_secs_f64();
+        // The same vectors again under new keys: the ground truth keeps its vectors.
+        let items: Vec<(&[f32], u64)> = gone.iter().map(|&i| (base[i].as_slice(), (n + i) as u64)).collect();
+        let t = Instant::now();
+        index.insert(&items);
+        let reinsert_s = t.elapsed().as_secs_f64();
+        println!(
+            "churn: {count} points ({:.0}%) deleted and taken out of the graph in {consolidate_s:.1}s ({} lists rewritten, \
+             {} points relinked; the build took {build_s:.1}s, {:.1}x as long), inserted again in {reinsert_s:.1}s; \
+             {} slots for {n} points",
+            args.churn * 100.0,
+            done.lists,
+            done.linked,
+            build_s / consolidate_s,
+            index.len()
+        );
+        let before = by_quant.get("none").map(|t| t["by_ef"].clone()).unwrap_or(Value::Null);
+        let mut after = Vec::new();
+        for (i, &ef) in efs.iter().enumerate() {
+            let mut single = Vec::new();
+            let mut found = Vec::new();
+            for _ in 0..args.passes.max(1) {
+                let t = Instant::now();
+                found = queries
+                    .iter()
+                    .map(|q| {
+                        index.search(q, k, ef, &|_| true).into_iter().map(|x| x.0 % n as u64).collect::<Vec<u64>>()
+                    })
+                    .collect();
+                single.push(queries.len() as f64 / t.elapsed().as_secs_f64());
+            }
+            single.sort_by(f64::total_cmp);
+            let (r, qps) = (recall(&found), single[single.len() / 2]);
+            println!(
+                "churn: ef={ef:<4} recall@10 {r:.4} (before {:.4})  QPS 1 thread {qps:.0} (before {:.0})",
+                before[i]["recall"].as_f64().unwrap_or(f64::NAN),
+                before[i]["qps_1_thread"].as_f64().unwrap_or(f64::NAN)
+            );
+            after.push(json!({"ef": ef, "recall": r, "qps_1_thread": qps}));
+        }
+        json!({"fraction": args.churn, "points": count, "consolidate_s": consolidate_s, "lists_rewritten": done.lists,
+               "relinked": done.linked, "reinsert_s": reinsert_s, "slots": index.len(), "by_ef": after})
+    } else {
+        Value::Null
+    };
     println!(
         "{}",
-        json!({"bench": "ann", "data": args.data, "n": base.len(), "queries": queries.len(), "m": args.m,
+        json!({"bench": "ann", "data": args.data, "churn": churn, "n": base.len(), "queries": queries.len(), "m": args.m,
                "ef_construction": args.ef_construction, "build_s": build_s, "graph_resident_mib": graph_mib,
                "exact_qps_all_threads": exact_qps, "ragway": rows, "ragway_by_quantization": by_quant, "qps_at_recall": at_recall,
                "reference": reference})

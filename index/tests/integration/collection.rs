@@ -552,8 +552,8 @@ fn the_saved_graph_is_loaded_on_open_and_only_the_log_tail_is_inserted() {
 #[test]
 fn a_collection_opens_while_its_model_is_still_loading() {
     use ragway_index::{ChunkEmbedder, LateEmbedder};
-    use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
     let dir = tempfile::tempdir().unwrap();
     let c = create(dir.path(), settings("late"));
     topics(&c);
@@ -612,7 +612,9 @@ fn periodic_saves_run_beside_writes_and_a_crash_after_one_opens_from_it() {
     let c = Collection::create_with(dir.path(), settings, None).unwrap();
     let (vectors, queries) = clustered(60_000, 8, 64, 0.5, 11);
     let batch = |b: usize| -> Vec<ragway_index::DocumentInput> {
-        (b * 5_000..(b + 1) * 5_000).map(|i| own(&format!("d{i}"), &format!("document {i}"), vectors[i].clone())).collect()
+        (b * 5_000..(b + 1) * 5_000)
+            .map(|i| own(&format!("d{i}"), &format!("document {i}"), vectors[i].clone()))
+            .collect()
     };
     for b in 0..10 {
         assert!(!dir.path().join("dense.hnsw").exists(), "no save before 50,000 points");
@@ -621,7 +623,8 @@ fn periodic_saves_run_beside_writes_and_a_crash_after_one_opens_from_it() {
     // The 10th batch started the save; these writes run beside it.
     c.upsert(batch(10), false).unwrap();
     c.upsert(batch(11), true).unwrap();
-    let saved = |p: &str| dir.path().join(p).exists() && !ragway_index::filefmt::temp_path(&dir.path().join(p)).exists();
+    let saved =
+        |p: &str| dir.path().join(p).exists() && !ragway_index::filefmt::temp_path(&dir.path().join(p)).exists();
     let started = std::time::Instant::now();
     while !(saved("dense.hnsw") && saved("table.snap")) {
         assert!(started.elapsed() < std::time::Duration::from_secs(120), "the background save never finished");
@@ -669,7 +672,95 @@ fn periodic_saves_run_beside_writes_and_a_crash_after_one_opens_from_it() {
     let (visible, in_graph, keyword) = c.embedded().unwrap().visible_keys().unwrap();
     assert_eq!(visible, keyword);
     assert_eq!(visible.len(), 60_000);
-    assert!(in_graph.len() + 6 >= visible.len(), "{} of {} chunks reachable in the graph", in_graph.len(), visible.len());
+    assert!(
+        in_graph.len() + 6 >= visible.len(),
+        "{} of {} chunks reachable in the graph",
+        in_graph.len(),
+        visible.len()
+    );
+}
+
+/// Updates and deletes cost no rebuild: the upkeep takes the replaced chunks' points out of
+/// the graph and the next writes reuse their slots, so the graph stays the size of the
+/// collection; the log is rewritten once it is mostly garbage. Free slots survive a close
+/// and a crash, and the answers stay those of exact search.
+#[test]
+fn updates_reuse_the_graph_slots_of_replaced_chunks_without_a_rebuild() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = settings("churn");
+    (settings.model, settings.dimension) = (None, 16);
+    let c = Collection::create_with(dir.path(), settings, None).unwrap();
+    let (pool, queries) = clustered(14_000, 16, 32, 0.5, 5);
+    let version = |round: usize| -> Vec<ragway_index::DocumentInput> {
+        (0..2000)
+            .map(|i| own(&format!("d{i}"), &format!("document {i} version {round}"), pool[round * 2000 + i].clone()))
+            .collect()
+    };
+    let slots = |c: &Collection| c.embedded().unwrap().graph_slots();
+    // Recall@5 of the collection's dense search against exact search over round `r`'s vectors.
+    let recall = |c: &Collection, r: usize| -> f64 {
+        let mut found = 0;
+        for q in &queries {
+            let exact = ragway_index::dense::exact_search(
+                ragway_index::dense::Distance::Cosine,
+                q,
+                (0..2000).map(|i| (i as u64, pool[r * 2000 + i].as_slice())),
+                5,
+            );
+            let hits = dense_top(c, q);
+            found += exact.iter().filter(|(i, _)| hits.contains(&format!("d{i}"))).count();
+        }
+        found as f64 / (5 * queries.len()) as f64
+    };
+    c.upsert(version(0), true).unwrap();
+    let log_len = || std::fs::metadata(dir.path().join("log.wal")).unwrap().len();
+    let mut logs = vec![log_len()];
+    for round in 1..=5 {
+        c.upsert(version(round), true).unwrap();
+        assert_eq!(c.info().dense_points, 4000, "round {round}: the replaced points wait for the upkeep");
+        c.maintain().unwrap();
+        let info = c.info();
+        assert_eq!((info.documents, info.chunks, info.dense_points), (2000, 2000, 2000), "round {round}");
+        assert_eq!(slots(&c), 4000, "round {round}: the first update took fresh slots, the later ones reuse them");
+        let r = recall(&c, round);
+        assert!(r >= 0.95, "round {round}: recall@5 {r}");
+        assert_halves_agree(&c);
+        logs.push(log_len());
+    }
+    // 10,000 chunks replaced against 2,000 live: the fifth round's upkeep rewrote the log.
+    assert!(logs[4] > logs[0] * 4 && logs[5] < logs[0] * 2, "log sizes by round: {logs:?}");
+
+    // A crash after an update whose replaced points were not taken out yet: the open finds
+    // them (no chunk refers to them) and the upkeep frees them.
+    c.upsert(version(6), true).unwrap();
+    c.save_graph().unwrap();
+    let crashed = tempfile::tempdir().unwrap();
+    for entry in walk(dir.path()) {
+        let to = crashed.path().join(entry.strip_prefix(dir.path()).unwrap());
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(&entry, &to).unwrap();
+    }
+    let after_crash = Collection::open_embedded_by(crashed.path(), None).unwrap();
+    assert_eq!((after_crash.info().dense_points, slots(&after_crash)), (4000, 4000));
+    after_crash.maintain().unwrap();
+    assert_eq!((after_crash.info().dense_points, slots(&after_crash)), (2000, 4000));
+    assert!(recall(&after_crash, 6) >= 0.95);
+    drop(after_crash);
+
+    // Closed and reopened: the free slots are still free, and the next update reuses them.
+    c.maintain().unwrap();
+    c.close().unwrap();
+    let c = Collection::open_embedded_by(dir.path(), None).unwrap();
+    assert_eq!((c.info().dense_points, slots(&c)), (2000, 4000));
+    assert!(recall(&c, 6) >= 0.95);
+    c.delete(&(0..1000).map(|i| format!("d{i}")).collect::<Vec<_>>(), true).unwrap();
+    c.maintain().unwrap();
+    assert_eq!((c.info().chunks, c.info().dense_points, slots(&c)), (1000, 1000, 4000));
+    c.upsert(version(6), true).unwrap();
+    c.maintain().unwrap();
+    assert_eq!((c.info().dense_points, slots(&c)), (2000, 4000));
+    assert!(recall(&c, 6) >= 0.95);
+    assert_halves_agree(&c);
 }
 
 /// Files under `dir`, recursively.
