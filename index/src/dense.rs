@@ -74,8 +74,9 @@ pub struct DenseIndex {
     /// here instead of at the graph's write lock: that lock prefers writers, and a grower
     /// queued there would hold every search back until the save ends.
     saving: Mutex<()>,
-    /// Saves in progress ([`SaveCut`]s alive): inserts do not reuse free slots meanwhile,
-    /// since a save writes the slots of its cut as they stand while it runs.
+    /// Saves in progress ([`SaveCut`]s alive): inserts do not reuse free slots, and
+    /// [`DenseIndex::consolidate`] does not free any, meanwhile, since a save writes the
+    /// slots of its cut as they stand while it runs.
     saves: Arc<AtomicUsize>,
 }
 
@@ -187,11 +188,15 @@ impl DenseIndex {
         }
         let linked = self.read().reconnect_orphans();
         // Freeing needs the graph exclusively: no insert batch running (they hold a read
-        // guard throughout) and no save (it reads slots as they stand, and may take long:
-        // the lock is tried, not waited on, so that writes do not wait behind the save).
+        // guard throughout) and no save from its cut to its end. A save writes the slots
+        // of its cut as they stand, beside a table taken at the cut that may still name
+        // these points' chunks: a slot freed before the graph file is written would be
+        // saved free while the saved table points at it. A save may take long, so the
+        // check is retried, not waited on, and writes do not wait behind it.
         loop {
             let no_inserts = self.insert_lock.lock().unwrap_or_else(|e| e.into_inner());
             let not_saving = match self.saving.try_lock() {
+                Ok(_) if self.saves.load(Ordering::Acquire) > 0 => None,
                 Ok(guard) => Some(guard),
                 Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
                 Err(TryLockError::WouldBlock) => None,
@@ -469,6 +474,32 @@ pub(crate) mod tests {
         }
         let recall = hits as f64 / (10 * queries.len()) as f64;
         assert!(recall >= 0.95, "recall@10 after six rounds of deletes and reuse: {recall}");
+    }
+
+    /// A save's cut holds frees and slot reuse back until it is dropped: the save writes
+    /// the cut's slots as they stand beside a table taken at the cut.
+    #[test]
+    fn a_save_in_progress_holds_frees_and_reuse_back() {
+        let data = vectors(600, 8, 41);
+        let index = DenseIndex::new(HnswParams::default(), Quantization::None, Distance::Cosine, 8, 600);
+        let items: Vec<(&[f32], u64)> = data[..500].iter().enumerate().map(|(i, v)| (v.as_slice(), i as u64)).collect();
+        let ids = index.insert(&items);
+        let cut = index.cut();
+        std::thread::scope(|s| {
+            let consolidating = s.spawn(|| index.consolidate(&ids[..100]));
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            assert!(!consolidating.is_finished(), "slots freed while a save's cut was alive");
+            assert_eq!(index.read().free_len(), 0);
+            drop(cut);
+            assert_eq!(consolidating.join().unwrap().freed, 100);
+        });
+        // Free slots are reused, except while a cut is alive.
+        let cut = index.cut();
+        let fresh = index.insert(&[(data[500].as_slice(), 500)]);
+        assert_eq!(fresh, vec![500], "a fresh slot while the cut lives");
+        drop(cut);
+        let reused = index.insert(&[(data[501].as_slice(), 501)]);
+        assert!(ids[..100].contains(&reused[0]), "a freed slot once it is gone");
     }
 
     #[test]
