@@ -74,7 +74,7 @@ use crate::error::{IndexError, Result};
 use crate::filefmt::{Cursor, SumWriter};
 use crate::quant::{f16_parts, int8_parts, Quantization};
 use crate::region::Region;
-use crate::simd::{dot, dot_f16, dot_i8, squared_l2, squared_l2_f16, squared_l2_i8};
+use crate::simd::{dot, dot_f16, dot_i8, dot_i8_i8, squared_l2, squared_l2_f16, squared_l2_i8, QueryI8};
 use std::cell::UnsafeCell;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -171,6 +171,21 @@ impl Metric {
             Distance::Cosine | Distance::Dot => -d,
             Distance::L2 => -d.max(0.0).sqrt(),
         }
+    }
+}
+
+/// What a walk measures distances from: the query, and for a walk on int8 codes of a
+/// cosine or dot-product graph where the CPU has integer dot products, the query quantized
+/// too ([`QueryI8`]: the walk's distances become integer dot products; the candidates it
+/// ends with are rescored exactly from the f32 vectors as always).
+struct Probe<'a> {
+    q: &'a [f32],
+    i8: Option<QueryI8>,
+}
+
+impl<'a> Probe<'a> {
+    fn plain(q: &'a [f32]) -> Self {
+        Self { q, i8: None }
     }
 }
 
@@ -536,18 +551,24 @@ impl Graph {
 
     /// The distance the walk uses: to the code when `CODES`, else to the vector.
     #[inline]
-    fn walk_dist<const CODES: bool>(&self, q: &[f32], id: u32) -> Dist {
+    fn walk_dist<const CODES: bool>(&self, p: &Probe<'_>, id: u32) -> Dist {
         if CODES {
-            Dist(self.metric.eval_code(self.quant, q, self.code(id)))
+            match &p.i8 {
+                Some(qi) => {
+                    let (scale, c) = int8_parts(self.code(id), p.q.len());
+                    Dist(-dot_i8_i8(qi, c, scale))
+                }
+                None => Dist(self.metric.eval_code(self.quant, p.q, self.code(id))),
+            }
         } else {
-            self.dist_to(q, id)
+            self.dist_to(p.q, id)
         }
     }
 
     /// Greedy descent on one upper layer: the closest point reachable from `start`.
     fn greedy<const CODES: bool>(
         &self,
-        q: &[f32],
+        q: &Probe<'_>,
         mut cur: u32,
         mut cur_d: Dist,
         level: usize,
@@ -574,7 +595,7 @@ impl Graph {
     /// distance. `keep` filters what enters the results (every point still guides the walk).
     fn search_layer<const CODES: bool>(
         &self,
-        q: &[f32],
+        q: &Probe<'_>,
         start: &[(u32, Dist)],
         ef: usize,
         level: usize,
@@ -756,13 +777,20 @@ impl Graph {
         let mut cur = ep;
         let mut cur_d = self.dist_to(vector, ep);
         for l in (level + 1..=max_level).rev() {
-            (cur, cur_d) = self.greedy::<false>(vector, cur, cur_d, l, &mut buf);
+            (cur, cur_d) = self.greedy::<false>(&Probe::plain(vector), cur, cur_d, l, &mut buf);
         }
         let mut visited = self.visited();
         let mut start = vec![(cur, cur_d)];
         for l in (0..=level.min(max_level)).rev() {
             visited.reset(self.capacity);
-            let found = self.search_layer::<false>(vector, &start, self.ef_construction, l, &mut visited, &|_| true);
+            let found = self.search_layer::<false>(
+                &Probe::plain(vector),
+                &start,
+                self.ef_construction,
+                l,
+                &mut visited,
+                &|_| true,
+            );
             let sorted: Vec<(Dist, u32)> = found.into_sorted_vec().into_iter().filter(|c| c.1 != id32).collect();
             // Deleted points still guide the walk, but are never linked to.
             let linkable: Vec<(Dist, u32)> = sorted.iter().copied().filter(|c| !self.is_gone(c.1)).collect();
@@ -1006,15 +1034,20 @@ impl Graph {
             return Vec::new();
         }
         let mut buf = Vec::with_capacity(self.m0);
+        let int8 = CODES
+            && self.quant == Quantization::Int8
+            && !matches!(self.metric.0, Distance::L2)
+            && crate::simd::int8_dot_fast();
+        let p = Probe { q, i8: int8.then(|| QueryI8::new(q)) };
         let mut cur = ep;
-        let mut cur_d = self.walk_dist::<CODES>(q, ep);
+        let mut cur_d = self.walk_dist::<CODES>(&p, ep);
         for l in (1..=max_level).rev() {
-            (cur, cur_d) = self.greedy::<CODES>(q, cur, cur_d, l, &mut buf);
+            (cur, cur_d) = self.greedy::<CODES>(&p, cur, cur_d, l, &mut buf);
         }
         let mut visited = self.visited();
         // Deleted points guide the walk but are never returned.
         let keep = |id: u32| !self.is_gone(id) && keep(id);
-        let found = self.search_layer::<CODES>(q, &[(cur, cur_d)], ef.max(k), 0, &mut visited, &keep);
+        let found = self.search_layer::<CODES>(&p, &[(cur, cur_d)], ef.max(k), 0, &mut visited, &keep);
         self.give_back(visited);
         let mut found = found.into_vec();
         if CODES {

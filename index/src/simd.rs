@@ -93,6 +93,61 @@ pub fn squared_l2_f16(q: &[f32], c: &[u16]) -> f32 {
     (kernels().l2_f16)(q, c)
 }
 
+/// A query quantized for integer dot products with int8 codes ([`dot_i8_i8`]): each value
+/// rounded to one of ±127 steps of `max |q| / 127`, stored plus 128 as an unsigned byte
+/// (the operand AVX-512 VNNI's `vpdpbusd` takes unsigned), padded with 128 (zero) to a
+/// multiple of 64 bytes.
+#[derive(Debug, Clone)]
+pub struct QueryI8 {
+    bytes: Vec<u8>,
+    len: usize,
+    scale: f32,
+}
+
+impl QueryI8 {
+    pub fn new(q: &[f32]) -> Self {
+        let max = q.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let scale = if max > 0.0 { max / 127.0 } else { 1.0 };
+        let mut bytes = vec![128u8; q.len().next_multiple_of(64)];
+        for (b, &x) in bytes.iter_mut().zip(q) {
+            *b = ((x / scale).round().clamp(-127.0, 127.0) as i32 + 128) as u8;
+        }
+        Self { bytes, len: q.len(), scale }
+    }
+}
+
+/// True when [`dot_i8_i8`] runs on integer dot-product instructions (AVX-512 VNNI); a
+/// graph walk on int8 codes then quantizes its query once and uses it.
+pub fn int8_dot_fast() -> bool {
+    static FAST: OnceLock<bool> = OnceLock::new();
+    *FAST.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx512bw")
+                && std::is_x86_feature_detected!("avx512vnni")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    })
+}
+
+/// `q · (scale · c)` for a quantized query and an int8 code, in integers: the query's own
+/// rounding (at most half a step of `max |q| / 127` a value) is the only difference from
+/// [`dot_i8`]. Portable where [`int8_dot_fast`] is false.
+#[inline]
+pub fn dot_i8_i8(q: &QueryI8, c: &[i8], scale: f32) -> f32 {
+    let n = q.len.min(c.len());
+    #[cfg(target_arch = "x86_64")]
+    if int8_dot_fast() {
+        // SAFETY: AVX-512 F, BW and VNNI were detected; `q.bytes` holds at least `n`
+        // bytes rounded up to 64 and `c` at least `n`.
+        return unsafe { x86::i8_i8_vnni(&q.bytes, c, n) } as f32 * q.scale * scale;
+    }
+    let sum: i32 = q.bytes[..n].iter().zip(&c[..n]).map(|(&b, &y)| (b as i32 - 128) * y as i32).sum();
+    sum as f32 * q.scale * scale
+}
+
 /// Cosine similarity: one definition for the workspace (RAG reranking and MMR, few-shot
 /// selection, drift profiles, eval metrics). 0 when either vector is zero or their lengths
 /// differ.
@@ -254,6 +309,39 @@ mod x86 {
         unsafe { f16_avx2::<true>(q, c) }
     }
 
+    /// `Σ (q[i] − 128) · c[i]` over `n` values with `vpdpbusd`: 64 values a step, the
+    /// last step's missing values masked off (masked loads never touch them). The query's
+    /// bias of 128 comes off by a second `vpdpbusd` of the code against ones.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F, BW and VNNI; `q` holds `n` bytes (rounded up to a multiple of
+    /// 64, padded) and `c` at least `n`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub unsafe fn i8_i8_vnni(q: &[u8], c: &[i8], n: usize) -> i32 {
+        let (pq, pc) = (q.as_ptr(), c.as_ptr());
+        let ones = _mm512_set1_epi8(1);
+        let (mut acc, mut sum) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+        let mut i = 0;
+        while i < n {
+            let left = n - i;
+            // SAFETY: full steps read 64 bytes inside both slices; the last one reads
+            // `left` bytes of the code (masked) and 64 of the padded query.
+            let (qv, cv) = unsafe {
+                let qv = _mm512_loadu_si512(pq.add(i) as *const _);
+                let cv = if left >= 64 {
+                    _mm512_loadu_si512(pc.add(i) as *const _)
+                } else {
+                    _mm512_maskz_loadu_epi8((1u64 << left) - 1, pc.add(i))
+                };
+                (qv, cv)
+            };
+            acc = _mm512_dpbusd_epi32(acc, qv, cv);
+            sum = _mm512_dpbusd_epi32(sum, ones, cv);
+            i += 64;
+        }
+        _mm512_reduce_add_epi32(acc) - 128 * _mm512_reduce_add_epi32(sum)
+    }
+
     /// One step of a code kernel: the dot product's or the squared distance's term.
     #[target_feature(enable = "avx2,fma")]
     fn step<const L2: bool>(q: __m256, c: __m256, acc: __m256) -> __m256 {
@@ -366,7 +454,8 @@ mod x86 {
     fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
         let n = a.len().min(b.len());
         let (pa, pb) = (a.as_ptr(), b.as_ptr());
-        let (mut s0, mut s1, mut s2, mut s3) = (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
+        let (mut s0, mut s1, mut s2, mut s3) =
+            (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
         let mut i = 0;
         // SAFETY (all loads): `i + 32 <= n` (then `i + 8 <= n`) keeps every 8-lane
         // unaligned load inside both slices.
@@ -438,6 +527,26 @@ mod tests {
         a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum()
     }
 
+    /// The integer dot product of a quantized query and an int8 code is exact in integers
+    /// (whichever kernel runs), and off the f32 query's dot product only by the query's
+    /// rounding: at most half a step a value.
+    #[test]
+    fn quantized_queries_dot_int8_codes_exactly_in_integers() {
+        for n in (0..140).chain([383, 384, 385, 768, 1536]) {
+            let q: Vec<f32> = (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
+            let c: Vec<i8> = (0..n).map(|i| ((i * 53 % 255) as i32 - 127) as i8).collect();
+            let qi = QueryI8::new(&q);
+            let ints: i64 = qi.bytes[..n].iter().zip(&c).map(|(&b, &y)| (b as i64 - 128) * y as i64).sum();
+            let got = dot_i8_i8(&qi, &c, 0.5);
+            let want = ints as f64 * qi.scale as f64 * 0.5;
+            assert!((got as f64 - want).abs() <= 1e-6 * want.abs().max(1.0), "n {n}: {got} vs {want}");
+            let step = q.iter().fold(0f32, |m, x| m.max(x.abs())) / 127.0;
+            let exact: f64 = q.iter().zip(&c).map(|(&x, &y)| x as f64 * y as f64 * 0.5).sum();
+            let bound = 0.5 * step as f64 * c.iter().map(|&y| (y as f64).abs() * 0.5).sum::<f64>() + 1e-4;
+            assert!((got as f64 - exact).abs() <= bound, "n {n}: {got} vs {exact} (bound {bound})");
+        }
+    }
+
     /// Each x86 f32 kernel this CPU can run, whichever one `dot` and `squared_l2` picked.
     #[cfg(target_arch = "x86_64")]
     #[test]
@@ -447,7 +556,10 @@ mod tests {
             kernels.extend([("avx2 dot", x86::dot as fn(&[f32], &[f32]) -> f32, false), ("avx2 l2", x86::l2, true)]);
         }
         if std::is_x86_feature_detected!("avx512f") {
-            kernels.extend([("avx512 dot", x86::dot512 as fn(&[f32], &[f32]) -> f32, false), ("avx512 l2", x86::l2_512, true)]);
+            kernels.extend([
+                ("avx512 dot", x86::dot512 as fn(&[f32], &[f32]) -> f32, false),
+                ("avx512 l2", x86::l2_512, true),
+            ]);
         }
         for n in (0..140).chain([383, 384, 385, 768, 1536]) {
             let a: Vec<f32> = (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
@@ -482,8 +594,10 @@ mod tests {
             // The code kernels against the same sums over the codes' values.
             let c: Vec<i8> = (0..n).map(|_| (next() * 254.0) as i8).collect();
             let h: Vec<u16> = (0..n).map(|_| half::f16::from_f32(next()).to_bits()).collect();
-            let (ci, hf): (Vec<f32>, Vec<f32>) =
-                (c.iter().map(|&x| x as f32 * 0.01).collect(), h.iter().map(|&x| half::f16::from_bits(x).to_f32()).collect());
+            let (ci, hf): (Vec<f32>, Vec<f32>) = (
+                c.iter().map(|&x| x as f32 * 0.01).collect(),
+                h.iter().map(|&x| half::f16::from_bits(x).to_f32()).collect(),
+            );
             let tol = 1e-3 * (n as f64 + 1.0);
             for (got, want) in [
                 (dot_i8(&a, &c, 0.01) as f64, exact_dot(&a, &ci)),
