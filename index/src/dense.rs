@@ -143,8 +143,11 @@ impl DenseIndex {
     /// while a save runs); returns their point ids in order.
     pub fn insert(&self, items: &[(&[f32], u64)]) -> Vec<u32> {
         let _one_batch = self.insert_lock.lock().unwrap_or_else(|e| e.into_inner());
-        let reuse = self.saves.load(Ordering::Acquire) == 0;
-        let reusable = if reuse { self.read().free_len() } else { 0 };
+        // Free slots change only while no batch runs (freed with the graph held
+        // exclusively): counted once here, and without any, no insert takes the free
+        // list's lock.
+        let reusable = if self.saves.load(Ordering::Acquire) == 0 { self.read().free_len() } else { 0 };
+        let reuse = reusable > 0;
         self.reserve_locked(items.len().saturating_sub(reusable));
         let g = self.read();
         if items.len() >= 64 {

@@ -285,6 +285,8 @@ pub struct Graph {
     states: Region<AtomicU8>,
     /// Free slots, for inserts to reuse ([`Graph::free_deleted`]).
     free: Mutex<Vec<u32>>,
+    /// Points marked deleted and not freed yet: while 0, inserts skip the checks.
+    marked: AtomicUsize,
     upper: Box<[OnceLock<Box<[AtomicU32]>>]>,
     locks: Box<[Mutex<()>]>,
     /// `(entry point, its level)`; `None` while empty.
@@ -362,6 +364,7 @@ impl Graph {
             links0,
             states: Region::zeroed(capacity),
             free: Mutex::new(Vec::new()),
+            marked: AtomicUsize::new(0),
             upper: (0..capacity).map(|_| OnceLock::new()).collect(),
             locks: (0..capacity).map(|_| Mutex::new(())).collect(),
             entry: RwLock::new(None),
@@ -793,8 +796,12 @@ impl Graph {
             );
             let sorted: Vec<(Dist, u32)> = found.into_sorted_vec().into_iter().filter(|c| c.1 != id32).collect();
             // Deleted points still guide the walk, but are never linked to.
-            let linkable: Vec<(Dist, u32)> = sorted.iter().copied().filter(|c| !self.is_gone(c.1)).collect();
-            let chosen = self.select(&linkable, self.m, self.m);
+            let chosen = if self.marked.load(Ordering::Acquire) > 0 {
+                let linkable: Vec<(Dist, u32)> = sorted.iter().copied().filter(|c| !self.is_gone(c.1)).collect();
+                self.select(&linkable, self.m, self.m)
+            } else {
+                self.select(&sorted, self.m, self.m)
+            };
             let cap = if l == 0 { self.m0 } else { self.m };
             {
                 // One lock at a time, never nested: inserts cannot deadlock. Once this point
@@ -875,6 +882,7 @@ impl Graph {
                 marked += 1;
             }
         }
+        self.marked.fetch_add(marked, Ordering::AcqRel);
         marked
     }
 
@@ -1013,6 +1021,7 @@ impl Graph {
             *entry = best;
         }
         self.free.get_mut().unwrap_or_else(|e| e.into_inner()).extend(&freed);
+        *self.marked.get_mut() = 0;
         freed.len()
     }
 
@@ -1097,6 +1106,7 @@ impl Graph {
         g.links0 = take_grown(&mut self.links0, capacity * (self.m0 + 1));
         g.states = take_grown(&mut self.states, capacity);
         g.free = Mutex::new(std::mem::take(self.free.get_mut().unwrap_or_else(|e| e.into_inner())));
+        *g.marked.get_mut() = *self.marked.get_mut();
         let mut upper = std::mem::take(&mut self.upper).into_vec();
         upper.resize_with(capacity, OnceLock::new);
         g.upper = upper.into_boxed_slice();
