@@ -76,6 +76,28 @@ fn rss_bytes() -> u64 {
     statm.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok()).unwrap_or(0) * 4096
 }
 
+/// The top-`k` keys (mapped by `key`) of every query at `ef`, and the median
+/// single-thread QPS over `passes` passes.
+fn single_thread(
+    index: &DenseIndex,
+    queries: &[Vec<f32>],
+    k: usize,
+    ef: usize,
+    passes: usize,
+    key: impl Fn(u64) -> u64,
+) -> (Vec<Vec<u64>>, f64) {
+    let mut qps = Vec::new();
+    let mut found = Vec::new();
+    for _ in 0..passes.max(1) {
+        let t = Instant::now();
+        found =
+            queries.iter().map(|q| index.search(q, k, ef, &|_| true).into_iter().map(|x| key(x.0)).collect()).collect();
+        qps.push(queries.len() as f64 / t.elapsed().as_secs_f64());
+    }
+    qps.sort_by(f64::total_cmp);
+    (found, qps[qps.len() / 2])
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let dim = 384;
@@ -182,21 +204,10 @@ fn main() -> anyhow::Result<()> {
         let code_bytes = quant.words(dim) * 4;
         let mut these = Vec::new();
         for &ef in &efs {
-            let mut single = Vec::new();
-            let mut found = Vec::new();
-            for _ in 0..args.passes.max(1) {
-                let t = Instant::now();
-                found = queries
-                    .iter()
-                    .map(|q| index.search(q, k, ef, &|_| true).into_iter().map(|x| x.0).collect::<Vec<u64>>())
-                    .collect();
-                single.push(queries.len() as f64 / t.elapsed().as_secs_f64());
-            }
+            let (found, median) = single_thread(&index, &queries, k, ef, args.passes, |key| key);
             let t = Instant::now();
             let _: Vec<_> = queries.par_iter().map(|q| index.search(q, k, ef, &|_| true)).collect();
             let all = queries.len() as f64 / t.elapsed().as_secs_f64();
-            single.sort_by(f64::total_cmp);
-            let median = single[single.len() / 2];
             let r = recall(&found);
             println!(
                 "ragway {quant:<5?} ef={ef:<4} recall@10 {r:.4}  QPS 1 thread {median:.0}  all threads {all:.0}  (walk reads {} B a point)",
@@ -333,20 +344,9 @@ fn main() -> anyhow::Result<()> {
         let before = by_quant.get("none").map(|t| t["by_ef"].clone()).unwrap_or(Value::Null);
         let mut after = Vec::new();
         for (i, &ef) in efs.iter().enumerate() {
-            let mut single = Vec::new();
-            let mut found = Vec::new();
-            for _ in 0..args.passes.max(1) {
-                let t = Instant::now();
-                found = queries
-                    .iter()
-                    .map(|q| {
-                        index.search(q, k, ef, &|_| true).into_iter().map(|x| x.0 % n as u64).collect::<Vec<u64>>()
-                    })
-                    .collect();
-                single.push(queries.len() as f64 / t.elapsed().as_secs_f64());
-            }
-            single.sort_by(f64::total_cmp);
-            let (r, qps) = (recall(&found), single[single.len() / 2]);
+            // Keys `n + i` are the vectors of keys `i`, inserted again.
+            let (found, qps) = single_thread(&index, &queries, k, ef, args.passes, |key| key % n as u64);
+            let r = recall(&found);
             println!(
                 "churn: ef={ef:<4} recall@10 {r:.4} (before {:.4})  QPS 1 thread {qps:.0} (before {:.0})",
                 before[i]["recall"].as_f64().unwrap_or(f64::NAN),

@@ -634,12 +634,7 @@ fn periodic_saves_run_beside_writes_and_a_crash_after_one_opens_from_it() {
     std::thread::sleep(std::time::Duration::from_millis(200));
 
     // The state a kill -9 would leave now: the files as they are, no close.
-    let crashed = tempfile::tempdir().unwrap();
-    for entry in walk(dir.path()) {
-        let to = crashed.path().join(entry.strip_prefix(dir.path()).unwrap());
-        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
-        std::fs::copy(&entry, &to).unwrap();
-    }
+    let crashed = copy_as_crashed(dir.path());
     let expected: Vec<Vec<String>> = queries.iter().map(|q| dense_top(&c, q)).collect();
     drop(c);
     let c = Collection::open_embedded_by(crashed.path(), None).unwrap();
@@ -734,12 +729,7 @@ fn updates_reuse_the_graph_slots_of_replaced_chunks_without_a_rebuild() {
     // them (no chunk refers to them) and the upkeep frees them.
     c.upsert(version(6), true).unwrap();
     c.save_graph().unwrap();
-    let crashed = tempfile::tempdir().unwrap();
-    for entry in walk(dir.path()) {
-        let to = crashed.path().join(entry.strip_prefix(dir.path()).unwrap());
-        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
-        std::fs::copy(&entry, &to).unwrap();
-    }
+    let crashed = copy_as_crashed(dir.path());
     let after_crash = Collection::open_embedded_by(crashed.path(), None).unwrap();
     assert_eq!((after_crash.info().dense_points, slots(&after_crash)), (4000, 4000));
     after_crash.maintain().unwrap();
@@ -761,6 +751,17 @@ fn updates_reuse_the_graph_slots_of_replaced_chunks_without_a_rebuild() {
     assert_eq!((c.info().dense_points, slots(&c)), (2000, 4000));
     assert!(recall(&c, 6) >= 0.95);
     assert_halves_agree(&c);
+}
+
+/// A copy of the files under `dir` as they are: the state a kill -9 would leave now.
+fn copy_as_crashed(dir: &std::path::Path) -> tempfile::TempDir {
+    let crashed = tempfile::tempdir().unwrap();
+    for entry in walk(dir) {
+        let to = crashed.path().join(entry.strip_prefix(dir).unwrap());
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(&entry, &to).unwrap();
+    }
+    crashed
 }
 
 /// Files under `dir`, recursively.
