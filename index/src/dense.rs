@@ -107,7 +107,7 @@ pub struct Consolidated {
     pub freed: usize,
     /// Neighbor lists rewritten.
     pub lists: usize,
-    /// Points no list named any more, linked back in ([`Graph::reconnect_orphans`]).
+    /// Points no walk reached any more, linked back in ([`Graph::reconnect_unreachable`]).
     pub linked: usize,
 }
 
@@ -189,7 +189,7 @@ impl DenseIndex {
                 .map(|b| g.repair(b..(b + BLOCK).min(end)))
                 .sum::<usize>();
         }
-        let linked = self.read().reconnect_orphans();
+        let linked = self.read().reconnect_unreachable();
         // Freeing needs the graph exclusively: no insert batch running (they hold a read
         // guard throughout) and no save from its cut to its end. A save writes the slots
         // of its cut as they stand, beside a table taken at the cut that may still name

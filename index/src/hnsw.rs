@@ -28,6 +28,9 @@
 //! 3. [`Graph::free_deleted`], with the graph held exclusively (so no search still holds
 //!    a marked id), clears the marked points' lists, gives them [`FREE_KEY`] and puts their
 //!    slots on the free list; the entry point moves to a live point when it was marked.
+//!    Before that, [`Graph::reconnect_unreachable`] links back any live point that a walk
+//!    from the entry point can no longer reach (a re-selection may prune a point out of
+//!    every list that named it).
 //!
 //! An insert may then reuse a free slot: it writes the slot's vector, code and key before
 //! publishing it, like a fresh point's, and keeps the slot's level (drawn from the same
@@ -929,15 +932,19 @@ impl Graph {
         rewritten
     }
 
-    /// Links the live points that no live list names at layer 0 (other than the entry
-    /// point) into the list of their nearest live point, found by a walk: a repair's
-    /// re-selection may prune a point out of every list that named it, most often when a
-    /// large share of the graph is deleted at once, and a point no list names is one no
-    /// search returns. A full list gives up the entry farthest from its owner that other
-    /// lists also name. Returns how many points were linked. Runs beside inserts and
-    /// searches.
-    pub fn reconnect_orphans(&self) -> usize {
+    /// Links the live points that a walk from the entry point cannot reach at layer 0 back
+    /// into the graph: each goes into the list of its nearest reachable point, found by a
+    /// walk, and what it links to becomes reachable with it. A repair's re-selection may
+    /// prune a point out of every list that named it, and when a large share of the graph
+    /// is deleted at once a few points can be left in a small group that only links among
+    /// itself; no search returns those. A full list gives up the entry farthest from its
+    /// owner that other lists also name. Returns how many points were linked. Runs beside
+    /// inserts and searches (points inserted meanwhile are left out).
+    pub fn reconnect_unreachable(&self) -> usize {
         let n = self.len();
+        let Some((entry, _)) = *self.entry.read().unwrap_or_else(|e| e.into_inner()) else {
+            return 0;
+        };
         let mut named = vec![0u32; n];
         let mut buf = Vec::with_capacity(self.m0);
         for id in 0..n as u32 {
@@ -950,13 +957,34 @@ impl Graph {
                 }
             }
         }
-        let entry = self.entry.read().unwrap_or_else(|e| e.into_inner()).map(|e| e.0);
+        let mut reached = vec![false; n];
+        let mut stack = Vec::new();
+        let mut spread = |from: u32, reached: &mut Vec<bool>| {
+            if (from as usize) < n && !reached[from as usize] {
+                reached[from as usize] = true;
+                stack.push(from);
+            }
+            let mut out = Vec::with_capacity(self.m0);
+            while let Some(id) = stack.pop() {
+                self.neighbors(id, 0, &mut out);
+                for &x in &out {
+                    if (x as usize) < n && !reached[x as usize] && !self.is_gone(x) {
+                        reached[x as usize] = true;
+                        stack.push(x);
+                    }
+                }
+            }
+        };
+        spread(entry, &mut reached);
         let mut linked = 0;
         for id in 0..n as u32 {
-            if named[id as usize] > 0 || self.is_gone(id) || entry == Some(id) {
+            if reached[id as usize] || self.is_gone(id) {
                 continue;
             }
-            for (near, _) in self.search(&self.vector(id).to_vec(), 3, self.ef_construction, &|x| x != id) {
+            let near = self.search(&self.vector(id).to_vec(), 3, self.ef_construction, &|x| {
+                x != id && reached.get(x as usize).copied().unwrap_or(false)
+            });
+            for (near, _) in near {
                 let _g = self.locks[near as usize].lock().unwrap_or_else(|e| e.into_inner());
                 self.neighbors(near, 0, &mut buf);
                 if buf.contains(&id) {
@@ -986,6 +1014,7 @@ impl Graph {
                 linked += 1;
                 break;
             }
+            spread(id, &mut reached);
         }
         linked
     }
@@ -1783,7 +1812,7 @@ mod tests {
         let q = g.vector(ids[0]).to_vec();
         assert!(g.search(&q, 10, 64, &|_| true).iter().all(|(id, _)| !ids.contains(id)));
         assert!(g.repair(0..g.len()) > 0);
-        g.reconnect_orphans();
+        g.reconnect_unreachable();
         g.free_deleted()
     }
 

@@ -43,8 +43,16 @@ fn ids(hits: &[ragway_index::SearchHit]) -> Vec<&str> {
     hits.iter().map(|h| h.document_id.as_str()).collect()
 }
 
+#[track_caller]
 fn assert_halves_agree(c: &Collection) {
     let (visible, in_graph, keyword) = c.embedded().expect("an embedded collection").visible_keys().unwrap();
+    // The count first: the lists themselves run to thousands of keys.
+    assert!(
+        visible == in_graph,
+        "{} of {} visible chunks are not reachable in the graph",
+        visible.len() - in_graph.len(),
+        visible.len()
+    );
     assert_eq!(visible, in_graph, "every visible chunk is reachable in the graph");
     assert_eq!(visible, keyword, "the keyword index holds exactly the visible chunks");
 }
