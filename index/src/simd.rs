@@ -116,20 +116,42 @@ impl QueryI8 {
     }
 }
 
-/// True when [`dot_i8_i8`] runs on integer dot-product instructions (AVX-512 VNNI); a
-/// graph walk on int8 codes then quantizes its query once and uses it.
-pub fn int8_dot_fast() -> bool {
-    static FAST: OnceLock<bool> = OnceLock::new();
-    *FAST.get_or_init(|| {
+/// The integer kernel [`dot_i8_i8`] runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+enum IntDot {
+    /// AVX-512 VNNI: `vpdpbusd`, 64 values a step.
+    Vnni,
+    /// AVX2: `vpmaddubsw` on the code's magnitudes and the query's values with the code's
+    /// signs, then `vpmaddwd`, 32 values a step (no pair of products can saturate 16 bits:
+    /// both sides stay within ±127, the code's magnitude within 128).
+    Avx2,
+    Portable,
+}
+
+fn int_dot() -> IntDot {
+    static PATH: OnceLock<IntDot> = OnceLock::new();
+    *PATH.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
         {
-            std::is_x86_feature_detected!("avx512f")
+            if std::is_x86_feature_detected!("avx512f")
                 && std::is_x86_feature_detected!("avx512bw")
                 && std::is_x86_feature_detected!("avx512vnni")
+            {
+                return IntDot::Vnni;
+            }
+            if std::is_x86_feature_detected!("avx2") {
+                return IntDot::Avx2;
+            }
         }
-        #[cfg(not(target_arch = "x86_64"))]
-        false
+        IntDot::Portable
     })
+}
+
+/// True when [`dot_i8_i8`] runs on integer SIMD instructions (AVX-512 VNNI, or AVX2); a
+/// graph walk on int8 codes then quantizes its query once and uses it.
+pub fn int8_dot_fast() -> bool {
+    int_dot() != IntDot::Portable
 }
 
 /// `q · (scale · c)` for a quantized query and an int8 code, in integers: the query's own
@@ -138,13 +160,16 @@ pub fn int8_dot_fast() -> bool {
 #[inline]
 pub fn dot_i8_i8(q: &QueryI8, c: &[i8], scale: f32) -> f32 {
     let n = q.len.min(c.len());
-    #[cfg(target_arch = "x86_64")]
-    if int8_dot_fast() {
+    let sum = match int_dot() {
         // SAFETY: AVX-512 F, BW and VNNI were detected; `q.bytes` holds at least `n`
         // bytes rounded up to 64 and `c` at least `n`.
-        return unsafe { x86::i8_i8_vnni(&q.bytes, c, n) } as f32 * q.scale * scale;
-    }
-    let sum: i32 = q.bytes[..n].iter().zip(&c[..n]).map(|(&b, &y)| (b as i32 - 128) * y as i32).sum();
+        #[cfg(target_arch = "x86_64")]
+        IntDot::Vnni => unsafe { x86::i8_i8_vnni(&q.bytes, c, n) },
+        // SAFETY: AVX2 was detected; both slices hold at least `n` bytes.
+        #[cfg(target_arch = "x86_64")]
+        IntDot::Avx2 => unsafe { x86::i8_i8_avx2(&q.bytes, c, n) },
+        _ => q.bytes[..n].iter().zip(&c[..n]).map(|(&b, &y)| (b as i32 - 128) * y as i32).sum(),
+    };
     sum as f32 * q.scale * scale
 }
 
@@ -342,6 +367,49 @@ mod x86 {
         _mm512_reduce_add_epi32(acc) - 128 * _mm512_reduce_add_epi32(sum)
     }
 
+    /// `Σ (q[i] − 128) · c[i]` over `n` values with AVX2, 32 values a step: the query's
+    /// bias comes off by flipping its top bit, then `vpmaddubsw` multiplies the code's
+    /// magnitudes (unsigned) by the query's values carrying the code's signs, and
+    /// `vpmaddwd` widens the pair sums to 32 bits.
+    ///
+    /// # Safety
+    /// The CPU has AVX2; `q` and `c` hold at least `n` bytes.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn i8_i8_avx2(q: &[u8], c: &[i8], n: usize) -> i32 {
+        let (pq, pc) = (q.as_ptr(), c.as_ptr());
+        let bias = _mm256_set1_epi8(i8::MIN);
+        let ones = _mm256_set1_epi16(1);
+        let (mut a0, mut a1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+        let mut i = 0;
+        while i + 32 <= n {
+            // SAFETY: `i + 32 <= n` keeps both 32-byte loads inside the slices.
+            let (qv, cv) = unsafe {
+                (
+                    _mm256_xor_si256(_mm256_loadu_si256(pq.add(i) as *const __m256i), bias),
+                    _mm256_loadu_si256(pc.add(i) as *const __m256i),
+                )
+            };
+            let pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(cv), _mm256_sign_epi8(qv, cv));
+            let sums = _mm256_madd_epi16(pairs, ones);
+            if (i / 32) % 2 == 0 {
+                a0 = _mm256_add_epi32(a0, sums);
+            } else {
+                a1 = _mm256_add_epi32(a1, sums);
+            }
+            i += 32;
+        }
+        let v = _mm256_add_epi32(a0, a1);
+        let v = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+        let v = _mm_add_epi32(v, _mm_shuffle_epi32::<0b01_00_11_10>(v));
+        let v = _mm_add_epi32(v, _mm_shuffle_epi32::<0b10_11_00_01>(v));
+        let mut s = _mm_cvtsi128_si32(v);
+        while i < n {
+            s += (q[i] as i32 - 128) * c[i] as i32;
+            i += 1;
+        }
+        s
+    }
+
     /// One step of a code kernel: the dot product's or the squared distance's term.
     #[target_feature(enable = "avx2,fma")]
     fn step<const L2: bool>(q: __m256, c: __m256, acc: __m256) -> __m256 {
@@ -530,6 +598,30 @@ mod tests {
     /// The integer dot product of a quantized query and an int8 code is exact in integers
     /// (whichever kernel runs), and off the f32 query's dot product only by the query's
     /// rounding: at most half a step a value.
+    /// Each integer kernel the CPU has, against integer sums (codes over the whole i8
+    /// range, -128 included, as a damaged file could hold).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn every_x86_integer_kernel_the_cpu_has_sums_exactly() {
+        for n in (0..140).chain([383, 384, 385, 768]) {
+            let q: Vec<f32> = (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
+            let c: Vec<i8> = (0..n).map(|i| (i * 53 % 256) as u8 as i8).collect();
+            let qi = QueryI8::new(&q);
+            let want: i32 = qi.bytes[..n].iter().zip(&c).map(|(&b, &y)| (b as i32 - 128) * y as i32).sum();
+            if std::is_x86_feature_detected!("avx2") {
+                // SAFETY: AVX2 detected; both slices hold `n` bytes.
+                assert_eq!(unsafe { x86::i8_i8_avx2(&qi.bytes, &c, n) }, want, "avx2, n {n}");
+            }
+            if std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx512bw")
+                && std::is_x86_feature_detected!("avx512vnni")
+            {
+                // SAFETY: detected; the query is padded to a multiple of 64.
+                assert_eq!(unsafe { x86::i8_i8_vnni(&qi.bytes, &c, n) }, want, "vnni, n {n}");
+            }
+        }
+    }
+
     #[test]
     fn quantized_queries_dot_int8_codes_exactly_in_integers() {
         for n in (0..140).chain([383, 384, 385, 768, 1536]) {
