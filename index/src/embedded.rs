@@ -727,7 +727,6 @@ impl EmbeddedStore {
         self.commit()?;
         self.verify_saved_files()?;
         let started = std::time::Instant::now();
-        let old = self.graph();
         if !rebuild {
             let records = self.live_records(&self.table.read().expect("table"), writer);
             let _ = std::fs::remove_file(self.dir.join(TABLE_FILE));
@@ -737,6 +736,7 @@ impl EmbeddedStore {
             tracing::info!(collection = %self.settings.name, seconds = started.elapsed().as_secs_f32(), "log rewritten");
             return Ok(());
         }
+        let old = self.graph();
         let (records, fresh, moved) = {
             let table = self.table.read().expect("table");
             let records = self.live_records(&table, writer);

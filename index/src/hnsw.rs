@@ -859,16 +859,19 @@ impl Graph {
             list[0].store(buf.len() as u32 + 1, Ordering::Release);
             return;
         }
-        let base = self.vector(n);
-        let mut cands: Vec<(Dist, u32)> = buf
-            .iter()
-            .chain(std::iter::once(&new))
-            .filter(|&&x| !self.is_gone(x))
-            .map(|&x| (Dist(self.metric.eval(base, self.vector(x))), x))
-            .collect();
-        cands.sort_unstable();
-        let chosen = self.select(&cands, cap, cap - cap / LINK_SLACK);
-        self.set_neighbors(n, level, &chosen);
+        self.reselect(n, level, cap, buf.iter().copied().chain(std::iter::once(new)).filter(|&x| !self.is_gone(x)));
+    }
+
+    /// Re-selects the list of `id` at `level` from `cands` (live points, each once) by the
+    /// neighbor heuristic, filling it to `cap - cap / LINK_SLACK` (see [`Graph::link_back`]).
+    /// The caller holds `id`'s lock.
+    fn reselect(&self, id: u32, level: usize, cap: usize, cands: impl IntoIterator<Item = u32>) {
+        let base = self.vector(id);
+        let mut scored: Vec<(Dist, u32)> =
+            cands.into_iter().map(|x| (Dist(self.metric.eval(base, self.vector(x))), x)).collect();
+        scored.sort_unstable();
+        let chosen = self.select(&scored, cap, cap - cap / LINK_SLACK);
+        self.set_neighbors(id, level, &chosen);
     }
 
     /// Marks points deleted (step 1 of the module documentation's "Deletes without a
@@ -920,12 +923,7 @@ impl Graph {
                 }
                 cands.sort_unstable();
                 cands.dedup();
-                let base = self.vector(id32);
-                let mut scored: Vec<(Dist, u32)> =
-                    cands.into_iter().map(|x| (Dist(self.metric.eval(base, self.vector(x))), x)).collect();
-                scored.sort_unstable();
-                let chosen = self.select(&scored, cap, cap - cap / LINK_SLACK);
-                self.set_neighbors(id32, level, &chosen);
+                self.reselect(id32, level, cap, cands);
                 rewritten += 1;
             }
         }
@@ -997,10 +995,7 @@ impl Graph {
                     let base = self.vector(near);
                     let Some(slot) = (0..buf.len())
                         .filter(|&i| named.get(buf[i] as usize).is_some_and(|&c| c > 1))
-                        .max_by(|&a, &b| {
-                            Dist(self.metric.eval(base, self.vector(buf[a])))
-                                .cmp(&Dist(self.metric.eval(base, self.vector(buf[b]))))
-                        })
+                        .max_by_key(|&i| Dist(self.metric.eval(base, self.vector(buf[i]))))
                     else {
                         continue;
                     };
