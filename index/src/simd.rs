@@ -12,6 +12,8 @@ use std::sync::OnceLock;
 type Kernel = fn(&[f32], &[f32]) -> f32;
 type I8Kernel = fn(&[f32], &[i8], f32) -> f32;
 type F16Kernel = fn(&[f32], &[u16]) -> f32;
+/// `Σ qᵢ·cᵢ` in integers of a quantized query and an int8 code ([`dot_i8_i8`]).
+type IntKernel = fn(&QueryI8, &[i8]) -> i32;
 
 struct Kernels {
     dot: Kernel,
@@ -20,6 +22,9 @@ struct Kernels {
     l2_i8: I8Kernel,
     dot_f16: F16Kernel,
     l2_f16: F16Kernel,
+    int_dot: IntKernel,
+    /// `int_dot` runs on SIMD integer instructions (see [`int8_dot_fast`]).
+    int_dot_fast: bool,
 }
 
 fn kernels() -> &'static Kernels {
@@ -31,6 +36,13 @@ fn kernels() -> &'static Kernels {
             // 16 lanes a step where the CPU has them (hnswlib and faiss pick theirs the same
             // way); the code kernels keep 8 (their loads widen i8 and f16 to 8 floats).
             let avx512 = std::is_x86_feature_detected!("avx512f");
+            // Integer products of a quantized query: AVX-512 VNNI's `vpdpbusd`, 64 values a
+            // step, else AVX2's `vpmaddubsw` on the code's magnitudes and the query's values
+            // with the code's signs, then `vpmaddwd`, 32 values a step (no pair of products
+            // can saturate 16 bits: both sides stay within ±127, the code's magnitude within
+            // 128).
+            let vnni =
+                avx512 && std::is_x86_feature_detected!("avx512bw") && std::is_x86_feature_detected!("avx512vnni");
             return Kernels {
                 dot: if avx512 { x86::dot512 } else { x86::dot },
                 l2: if avx512 { x86::l2_512 } else { x86::l2 },
@@ -38,6 +50,8 @@ fn kernels() -> &'static Kernels {
                 l2_i8: x86::l2_i8,
                 dot_f16: if f16c { x86::dot_f16 } else { portable::dot_f16 },
                 l2_f16: if f16c { x86::l2_f16 } else { portable::l2_f16 },
+                int_dot: if vnni { x86::int_dot_vnni } else { x86::int_dot_avx2 },
+                int_dot_fast: true,
             };
         }
         Kernels {
@@ -47,6 +61,8 @@ fn kernels() -> &'static Kernels {
             l2_i8: portable::l2_i8,
             dot_f16: portable::dot_f16,
             l2_f16: portable::l2_f16,
+            int_dot: portable::int_dot,
+            int_dot_fast: false,
         }
     })
 }
@@ -116,42 +132,10 @@ impl QueryI8 {
     }
 }
 
-/// The integer kernel [`dot_i8_i8`] runs on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-enum IntDot {
-    /// AVX-512 VNNI: `vpdpbusd`, 64 values a step.
-    Vnni,
-    /// AVX2: `vpmaddubsw` on the code's magnitudes and the query's values with the code's
-    /// signs, then `vpmaddwd`, 32 values a step (no pair of products can saturate 16 bits:
-    /// both sides stay within ±127, the code's magnitude within 128).
-    Avx2,
-    Portable,
-}
-
-fn int_dot() -> IntDot {
-    static PATH: OnceLock<IntDot> = OnceLock::new();
-    *PATH.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::is_x86_feature_detected!("avx512f")
-                && std::is_x86_feature_detected!("avx512bw")
-                && std::is_x86_feature_detected!("avx512vnni")
-            {
-                return IntDot::Vnni;
-            }
-            if std::is_x86_feature_detected!("avx2") {
-                return IntDot::Avx2;
-            }
-        }
-        IntDot::Portable
-    })
-}
-
 /// True when [`dot_i8_i8`] runs on integer SIMD instructions (AVX-512 VNNI, or AVX2); a
 /// graph walk on int8 codes then quantizes its query once and uses it.
 pub fn int8_dot_fast() -> bool {
-    int_dot() != IntDot::Portable
+    kernels().int_dot_fast
 }
 
 /// `q · (scale · c)` for a quantized query and an int8 code, in integers: the query's own
@@ -159,18 +143,7 @@ pub fn int8_dot_fast() -> bool {
 /// [`dot_i8`]. Portable where [`int8_dot_fast`] is false.
 #[inline]
 pub fn dot_i8_i8(q: &QueryI8, c: &[i8], scale: f32) -> f32 {
-    let n = q.len.min(c.len());
-    let sum = match int_dot() {
-        // SAFETY: AVX-512 F, BW and VNNI were detected; `q.bytes` holds at least `n`
-        // bytes rounded up to 64 and `c` at least `n`.
-        #[cfg(target_arch = "x86_64")]
-        IntDot::Vnni => unsafe { x86::i8_i8_vnni(&q.bytes, c, n) },
-        // SAFETY: AVX2 was detected; both slices hold at least `n` bytes.
-        #[cfg(target_arch = "x86_64")]
-        IntDot::Avx2 => unsafe { x86::i8_i8_avx2(&q.bytes, c, n) },
-        _ => q.bytes[..n].iter().zip(&c[..n]).map(|(&b, &y)| (b as i32 - 128) * y as i32).sum(),
-    };
-    sum as f32 * q.scale * scale
+    (kernels().int_dot)(q, c) as f32 * q.scale * scale
 }
 
 /// Cosine similarity: one definition for the workspace (RAG reranking and MMR, few-shot
@@ -238,6 +211,10 @@ mod portable {
 
     pub fn dot_i8(q: &[f32], c: &[i8], scale: f32) -> f32 {
         scale * sum8_iter(q, widen_i8(c), |x, y| x * y)
+    }
+
+    pub fn int_dot(q: &super::QueryI8, c: &[i8]) -> i32 {
+        q.bytes[..q.len].iter().zip(c).map(|(&b, &y)| (b as i32 - 128) * y as i32).sum()
     }
 
     pub fn l2_i8(q: &[f32], c: &[i8], scale: f32) -> f32 {
@@ -312,6 +289,17 @@ mod x86 {
             i += 1;
         }
         s
+    }
+
+    pub fn int_dot_vnni(q: &super::QueryI8, c: &[i8]) -> i32 {
+        // SAFETY: selected only after AVX-512 F, BW and VNNI were detected on this CPU;
+        // `q.bytes` holds `q.len` bytes rounded up to 64, and `n` fits both slices.
+        unsafe { i8_i8_vnni(&q.bytes, c, q.len.min(c.len())) }
+    }
+
+    pub fn int_dot_avx2(q: &super::QueryI8, c: &[i8]) -> i32 {
+        // SAFETY: selected only after `avx2` was detected; `n` fits both slices.
+        unsafe { i8_i8_avx2(&q.bytes, c, q.len.min(c.len())) }
     }
 
     pub fn dot_i8(q: &[f32], c: &[i8], scale: f32) -> f32 {
