@@ -17,7 +17,8 @@
 //! ([`EmbeddedStore::consolidate`], run by the service's upkeep) takes them out of the graph
 //! without a rebuild and frees their slots, which the next inserts reuse. The log keeps
 //! their records until it is mostly garbage; then the upkeep rewrites it with the live
-//! documents ([`EmbeddedStore::maintain`]). [`EmbeddedStore::compact`] does that and also
+//! documents while writes go on ([`EmbeddedStore::rewrite_log`]: writes wait only for the
+//! last few megabytes of records appended meanwhile to be copied over). [`EmbeddedStore::compact`] does that and also
 //! rebuilds the graph. The graph holds the one copy of each vector; the table refers to it
 //! by point.
 //!
@@ -48,6 +49,10 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard};
 /// Most points of removed chunks one consolidation takes out of the graph (its work is one
 /// pass over the graph's lists and a re-selection per list that named one of them).
 const CONSOLIDATE_BATCH: usize = 50_000;
+
+/// A log rewrite copies the records written meanwhile without the writer lock until what is
+/// left is under this many bytes (see [`EmbeddedStore::rewrite_log`]).
+const TAIL_UNDER_LOCK: u64 = 4 << 20;
 /// Filters matching at most this many chunks are always served by an exact scan.
 const EXACT_SCAN_MIN: usize = 1024;
 /// What a filtered graph walk spends per result slot and per unit of 1/selectivity, over
@@ -78,6 +83,7 @@ fn exact_scan_pays(matching: usize, total: usize, ef: usize) -> bool {
 const GRAPH_FILE: &str = "dense.hnsw";
 /// The saved chunk table (saved with the graph, covering the same log records).
 const TABLE_FILE: &str = "table.snap";
+const LOG_FILE: &str = "log.wal";
 /// Points inserted since the last save after which a write saves the graph and the table
 /// again, or a quarter of the graph when that is more (also saved after a compaction and on
 /// close), so that an open replays a bounded log tail.
@@ -129,6 +135,18 @@ struct Writer {
     unsaved_points: usize,
 }
 
+/// The live documents at one moment (see [`EmbeddedStore::live_cut`]).
+struct LiveCut {
+    /// The writer's sequence number and key counter at the cut.
+    checkpoint: Record,
+    /// Each document, the sequence number it was written at, its chunks' graph points.
+    docs: Vec<(Arc<DocEntry>, u64, Vec<u32>)>,
+    /// The log's length at the cut: the records after it are newer than the cut.
+    log_end: u64,
+    /// Chunks removed before the cut (none of them is in a log written from it).
+    garbage: usize,
+}
+
 /// What an open read from saved files and what it had to redo from the log.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct OpenStats {
@@ -173,6 +191,11 @@ pub struct EmbeddedStore {
 struct Saver(Mutex<Option<std::thread::JoinHandle<()>>>);
 
 impl Saver {
+    /// Whether a save is still writing.
+    fn running(&self) -> bool {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).as_ref().is_some_and(|h| !h.is_finished())
+    }
+
     /// Waits for a save started by [`EmbeddedStore::save_in_background`].
     fn finish(&self) {
         let running = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
@@ -271,7 +294,7 @@ impl EmbeddedStore {
             None
         };
         let table_ms = started.elapsed().as_millis() as u64;
-        let log = dir.join("log.wal");
+        let log = dir.join(LOG_FILE);
         let (wal, mut replay, table_loaded) = loop {
             let from_snapshot = snapshot.is_some();
             let (mut replay, mark) = match snapshot.take() {
@@ -556,8 +579,7 @@ impl EmbeddedStore {
         let done = dense.consolidate(&dead);
         drop(one);
         // The freed slots count as changes to save (else the next open finds the points
-        // dead again and frees them once more). The writer lock is taken after the
-        // maintenance lock is let go: a compaction takes them in the other order.
+        // dead again and frees them once more). (Lock order: maintenance, then writer.)
         self.writer.lock().expect("writer lock").unsaved_points += done.freed;
         tracing::info!(
             collection = %self.settings.name,
@@ -577,8 +599,7 @@ impl EmbeddedStore {
             self.consolidate();
         }
         if self.needs_compaction() {
-            let mut writer = self.writer.lock().expect("writer lock");
-            self.compact_locked(&mut writer, false)?;
+            self.rewrite_log()?;
         }
         Ok(())
     }
@@ -711,35 +732,25 @@ impl EmbeddedStore {
     /// Rebuilds the graph from the live chunks and rewrites the log with live documents
     /// only. Writes wait; searches go on (on the old graph until the swap).
     pub fn compact(&self) -> Result<()> {
+        let _one = self.maintenance.lock().expect("maintenance lock");
         let mut writer = self.writer.lock().expect("writer lock");
         self.rebuilding.store(true, Ordering::Relaxed);
-        let result = self.compact_locked(&mut writer, true);
+        let result = self.rebuild_locked(&mut writer);
         self.rebuilding.store(false, Ordering::Relaxed);
         result
     }
 
-    /// Rewrites the log with the live documents, and with `rebuild` builds a fresh graph of
-    /// the live chunks (else the graph stays, its dead points left to consolidation).
-    fn compact_locked(&self, writer: &mut Writer, rebuild: bool) -> Result<()> {
-        let _one = self.maintenance.lock().expect("maintenance lock");
+    /// [`EmbeddedStore::compact`] under its locks (maintenance, then writer).
+    fn rebuild_locked(&self, writer: &mut Writer) -> Result<()> {
         // A save still writing would mark its table with places in the log replaced below.
         self.saver.finish();
         self.commit()?;
         self.verify_saved_files()?;
         let started = std::time::Instant::now();
-        if !rebuild {
-            let records = self.live_records(&self.table.read().expect("table"), writer);
-            let _ = std::fs::remove_file(self.dir.join(TABLE_FILE));
-            self.replace_log(writer, records)?;
-            self.table.write().expect("table").garbage_chunks = 0;
-            self.save_graph_or_warn(writer);
-            tracing::info!(collection = %self.settings.name, seconds = started.elapsed().as_secs_f32(), "log rewritten");
-            return Ok(());
-        }
         let old = self.graph();
-        let (records, fresh, moved) = {
+        let (cut, fresh, moved) = {
             let table = self.table.read().expect("table");
-            let records = self.live_records(&table, writer);
+            let cut = self.live_cut(&table, writer);
             let fresh = DenseIndex::new(
                 self.settings.hnsw,
                 self.settings.quantization,
@@ -752,11 +763,13 @@ impl EmbeddedStore {
             let g = old.read();
             let items: Vec<(&[f32], u64)> = keys.iter().map(|k| (g.vector(table.chunks[k].point), *k)).collect();
             let points = fresh.insert(&items);
-            (records, fresh, keys.into_iter().zip(points).collect::<Vec<_>>())
+            (cut, fresh, keys.into_iter().zip(points).collect::<Vec<_>>())
         };
+        let mut log = wal::LogRewrite::begin(&self.dir.join(LOG_FILE))?;
+        self.write_cut(&cut, &mut log)?;
         // The saved table points into the old log; it is saved again below.
         let _ = std::fs::remove_file(self.dir.join(TABLE_FILE));
-        self.replace_log(writer, records)?;
+        self.install_log(writer, log.finish(None))?;
         // The table's points and the graph change together: a search holds the table's read
         // lock while it uses the graph.
         {
@@ -775,10 +788,64 @@ impl EmbeddedStore {
         Ok(())
     }
 
-    /// Puts a log of `records` in place of the writer's (which stays in use until the new
-    /// one is durable).
-    fn replace_log(&self, writer: &mut Writer, records: Vec<Record>) -> Result<()> {
-        writer.wal = match wal::replace_log(&self.dir.join("log.wal"), records) {
+    /// Rewrites the log with the live documents alone while writes go on (the graph stays;
+    /// its dead points are consolidation's). The documents are cut under the writer lock
+    /// and written to a new log without it; the records appended meanwhile are copied after
+    /// them in passes while writes continue, and the last pass — what the writes of one
+    /// pass appended — runs under the writer lock with the rename. Memory holds one record
+    /// at a time. Returns the bytes copied under the writer lock.
+    pub fn rewrite_log(&self) -> Result<u64> {
+        let _one = self.maintenance.lock().expect("maintenance lock");
+        self.verify_saved_files()?;
+        let started = std::time::Instant::now();
+        let path = self.dir.join(LOG_FILE);
+        let cut = {
+            let writer = self.writer.lock().expect("writer lock");
+            self.live_cut(&self.table.read().expect("table"), &writer)
+        };
+        let mut log = wal::LogRewrite::begin(&path)?;
+        self.write_cut(&cut, &mut log)?;
+        let (mut from, garbage) = (cut.log_end, cut.garbage);
+        drop(cut);
+        for _ in 0..8 {
+            let to = self.writer.lock().expect("writer lock").wal.len();
+            if to - from < TAIL_UNDER_LOCK {
+                break;
+            }
+            from = log.copy_from(&path, from, to)?;
+        }
+        // No save may be running when the log is replaced (its table would be marked with a
+        // place in the old log): wait for one outside the writer lock, which a write holds
+        // when it starts one, and look again under it.
+        let mut writer = loop {
+            self.saver.finish();
+            let writer = self.writer.lock().expect("writer lock");
+            if !self.saver.running() {
+                break writer;
+            }
+        };
+        let to = writer.wal.len();
+        let _ = std::fs::remove_file(self.dir.join(TABLE_FILE));
+        self.install_log(&mut writer, log.finish(Some((&path, from, to))))?;
+        {
+            let mut table = self.table.write().expect("table");
+            table.garbage_chunks = table.garbage_chunks.saturating_sub(garbage);
+        }
+        self.save_in_background(&mut writer);
+        drop(writer);
+        tracing::info!(
+            collection = %self.settings.name,
+            seconds = started.elapsed().as_secs_f32(),
+            copied_under_lock = to - from,
+            "log rewritten"
+        );
+        Ok(to - from)
+    }
+
+    /// Puts the new log `replaced` gave in place of the writer's (which stays in use until
+    /// the new one is durable).
+    fn install_log(&self, writer: &mut Writer, replaced: std::result::Result<Wal, wal::ReplaceError>) -> Result<()> {
+        writer.wal = match replaced {
             Ok(new_log) => new_log,
             Err(wal::ReplaceError::OldLogKept(e)) => return Err(e),
             Err(wal::ReplaceError::Unknown(e)) => {
@@ -816,31 +883,54 @@ impl EmbeddedStore {
         Ok(())
     }
 
-    /// The live documents as log records (a checkpoint first), oldest write first.
-    fn live_records(&self, table: &Table, writer: &Writer) -> Vec<Record> {
-        let mut docs: Vec<(&Arc<DocEntry>, u64)> =
-            table.docs.values().map(|d| (d, d.chunks().first().map_or(0, |c| table.chunks[&c.key].added))).collect();
-        docs.sort_by_key(|(d, seq)| (*seq, d.chunks().first().map_or(0, |c| c.key)));
-        let mut out = vec![Record::Checkpoint { seq: writer.next_seq - 1, next_key: writer.next_key }];
-        let dense = self.graph();
-        let g = dense.read();
-        for (d, seq) in docs {
-            let vectors: Vec<f32> =
-                d.chunks().iter().flat_map(|c| g.vector(table.chunks[&c.key].point).iter().copied()).collect();
-            out.push(Record::Upsert {
-                seq: seq.max(1),
-                docs: vec![DocRecord {
-                    id: d.id().to_string(),
-                    title: d.title().map(str::to_string),
-                    text: d.text().to_string(),
-                    metadata: d.metadata().clone(),
-                    hash: d.hash,
-                    chunks: d.chunks().iter().collect(),
-                }],
-                vectors,
-            });
+    /// The live documents as they stand, oldest write first, for a log written from them
+    /// ([`EmbeddedStore::write_cut`]), with where the writer's log ends (the caller holds
+    /// the writer lock, so the two agree).
+    fn live_cut(&self, table: &Table, writer: &Writer) -> LiveCut {
+        let mut docs: Vec<(Arc<DocEntry>, u64, Vec<u32>)> = table
+            .docs
+            .values()
+            .map(|d| {
+                let seq = d.chunks().first().map_or(0, |c| table.chunks[&c.key].added);
+                (d.clone(), seq, d.chunks().iter().map(|c| table.chunks[&c.key].point).collect())
+            })
+            .collect();
+        docs.sort_by_key(|(d, seq, _)| (*seq, d.chunks().first().map_or(0, |c| c.key)));
+        LiveCut {
+            checkpoint: Record::Checkpoint { seq: writer.next_seq - 1, next_key: writer.next_key },
+            docs,
+            log_end: writer.wal.len(),
+            garbage: table.garbage_chunks,
         }
-        out
+    }
+
+    /// Writes `cut` as log records (its checkpoint, then one upsert a document), the vectors
+    /// read from the graph. The caller holds the maintenance lock: no consolidation frees
+    /// (and no insert reuses) the points of documents removed since the cut.
+    fn write_cut(&self, cut: &LiveCut, out: &mut wal::LogRewrite) -> Result<()> {
+        out.push(&cut.checkpoint)?;
+        let dense = self.graph();
+        // The graph's read lock a few hundred documents at a time: growing the graph waits
+        // for it, and writes may wait for a growth.
+        for docs in cut.docs.chunks(256) {
+            let g = dense.read();
+            for (d, seq, points) in docs {
+                let vectors: Vec<f32> = points.iter().flat_map(|&p| g.vector(p).iter().copied()).collect();
+                out.push(&Record::Upsert {
+                    seq: (*seq).max(1),
+                    docs: vec![DocRecord {
+                        id: d.id().to_string(),
+                        title: d.title().map(str::to_string),
+                        text: d.text().to_string(),
+                        metadata: d.metadata().clone(),
+                        hash: d.hash,
+                        chunks: d.chunks().iter().collect(),
+                    }],
+                    vectors,
+                })?;
+            }
+        }
+        Ok(())
     }
 
     /// Writes a consistent copy of the collection (settings and a compacted log) to `dest`,
@@ -849,16 +939,22 @@ impl EmbeddedStore {
         if dest.exists() {
             return Err(IndexError::invalid("path", format!("{} already exists", dest.display())));
         }
-        let writer = self.writer.lock().expect("writer lock");
-        self.commit()?;
+        // The documents are cut under the writer lock and written after it is let go, with
+        // the maintenance lock keeping their graph points as they are.
+        let _one = self.maintenance.lock().expect("maintenance lock");
         self.verify_saved_files()?;
-        let records = {
-            let table = self.table.read().expect("table");
-            self.live_records(&table, &writer)
+        let cut = {
+            let writer = self.writer.lock().expect("writer lock");
+            self.commit()?;
+            self.live_cut(&self.table.read().expect("table"), &writer)
         };
         std::fs::create_dir_all(dest)?;
         wal::write_atomic(&dest.join("settings.json"), &serde_json::to_vec_pretty(&self.settings)?)?;
-        wal::write_log(&dest.join("log.wal"), records)?;
+        let mut log = wal::LogRewrite::begin(&dest.join(LOG_FILE))?;
+        self.write_cut(&cut, &mut log)?;
+        log.finish(None).map_err(|e| match e {
+            wal::ReplaceError::OldLogKept(e) | wal::ReplaceError::Unknown(e) => e,
+        })?;
         Ok(())
     }
 

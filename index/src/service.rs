@@ -1,5 +1,6 @@
 //! The index service: the collections under a data directory, the embedding models they
-//! are bound to, ingestion jobs, and a maintenance thread (periodic commits, compaction).
+//! are bound to, ingestion jobs, and two background threads (periodic commits; upkeep:
+//! consolidation and log rewrites).
 //!
 //! One process owns a data directory at a time (an exclusive lock on `data/LOCK`): the
 //! single-writer rule that makes the log the one source of truth.
@@ -55,7 +56,7 @@ pub struct IndexService {
 
 impl IndexService {
     /// Locks `data_dir`, opens every collection in it (replaying logs) and starts the
-    /// maintenance thread.
+    /// commit and upkeep threads.
     pub fn open(
         data_dir: &Path,
         embedders: Vec<Arc<dyn ChunkEmbedder>>,
@@ -124,7 +125,9 @@ impl IndexService {
         // start-up one that cannot be served is an error, as for the data directory's.
         service.sync_with_database(true)?;
         let weak = Arc::downgrade(&service);
-        std::thread::Builder::new().name("index-maintenance".into()).spawn(move || maintenance(weak))?;
+        std::thread::Builder::new().name("index-commits".into()).spawn(move || commits(weak))?;
+        let weak = Arc::downgrade(&service);
+        std::thread::Builder::new().name("index-upkeep".into()).spawn(move || upkeep(weak))?;
         Ok(service)
     }
 
@@ -536,7 +539,10 @@ fn validate_name(name: &str) -> Result<()> {
     }
 }
 
-fn maintenance(service: Weak<IndexService>) {
+/// Makes pending writes searchable every `commit_interval` (writers that wait for
+/// visibility commit themselves). A thread of its own: a long upkeep of one collection does
+/// not hold back any collection's commits.
+fn commits(service: Weak<IndexService>) {
     loop {
         let interval = match service.upgrade() {
             Some(s) => {
@@ -546,6 +552,22 @@ fn maintenance(service: Weak<IndexService>) {
                             tracing::error!(collection = c.name(), error = %e, "commit failed");
                         }
                     }
+                }
+                s.options.commit_interval
+            }
+            None => return,
+        };
+        std::thread::sleep(interval);
+    }
+}
+
+/// Each collection's upkeep ([`Collection::maintain`]: consolidating removed points, log
+/// rewrites), one collection at a time.
+fn upkeep(service: Weak<IndexService>) {
+    loop {
+        let interval = match service.upgrade() {
+            Some(s) => {
+                for c in s.list() {
                     if let Err(e) = c.maintain() {
                         tracing::error!(collection = c.name(), error = %e, "maintenance failed");
                     }

@@ -416,26 +416,105 @@ pub fn write_log(path: &Path, records: impl IntoIterator<Item = Record>) -> Resu
 /// log in place and in use; a failed directory fsync after it leaves the new log's place
 /// unknown, so the returned error says the old handle must not be used either.
 pub fn replace_log(path: &Path, records: impl IntoIterator<Item = Record>) -> std::result::Result<Wal, ReplaceError> {
-    let tmp = path.with_extension("tmp");
-    let mut last = None;
-    let file = (|| -> Result<File> {
-        let mut w = BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
-        let mut at = 0u64;
-        for r in records {
-            let bytes = encode(&r);
-            w.write_all(&bytes)?;
-            last = Some(LogMark::of(at, &bytes, r.seq()));
-            at += bytes.len() as u64;
+    let mut rewrite = LogRewrite::begin(path).map_err(ReplaceError::OldLogKept)?;
+    for r in records {
+        rewrite.push(&r).map_err(ReplaceError::OldLogKept)?;
+    }
+    rewrite.finish(None)
+}
+
+/// A new log written beside the one in use while writes go on: records are pushed into a
+/// temporary file one at a time (memory stays bounded by one record), then the records the
+/// old log gained meanwhile are copied over as they are — in passes while writes continue,
+/// and a last one, under the caller's writer lock, that is as short as the writes of one
+/// pass — and the new log is renamed into place ([`LogRewrite::finish`]).
+pub struct LogRewrite {
+    path: PathBuf,
+    tmp: PathBuf,
+    out: BufWriter<File>,
+    at: u64,
+    last: Option<LogMark>,
+}
+
+impl LogRewrite {
+    /// Starts a new log for `path` (in `<path>.tmp`, replacing a leftover one).
+    pub fn begin(path: &Path) -> Result<LogRewrite> {
+        let tmp = path.with_extension("tmp");
+        let out = BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
+        Ok(LogRewrite { path: path.to_path_buf(), tmp, out, at: 0, last: None })
+    }
+
+    /// Appends one record (not yet durable).
+    pub fn push(&mut self, record: &Record) -> Result<()> {
+        let bytes = encode(record);
+        self.out.write_all(&bytes)?;
+        self.last = Some(LogMark::of(self.at, &bytes, record.seq()));
+        self.at += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Copies the old log's records between bytes `from` and `to` (whole records the writer
+    /// has appended: `to` is a length [`Wal::len`] gave, read under the writer lock) to the
+    /// end of the new one, checking each. Returns `to`, where the next copy starts.
+    pub fn copy_from(&mut self, old: &Path, from: u64, to: u64) -> Result<u64> {
+        use std::io::{Seek, SeekFrom};
+        let mut file = File::open(old)?;
+        file.seek(SeekFrom::Start(from))?;
+        let mut reader = BufReader::with_capacity(1 << 20, file.take(to.saturating_sub(from)));
+        let mut at = from;
+        let mut record = Vec::new();
+        while at < to {
+            let mut header = [0u8; 8];
+            reader.read_exact(&mut header)?;
+            let len = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes")) as u64;
+            if len < 13 || at + 8 + len > to {
+                return Err(IndexError::Corrupt(format!("{}: no whole record at byte {at}", old.display())));
+            }
+            record.clear();
+            record.extend_from_slice(&header);
+            record.resize(8 + len as usize, 0);
+            reader.read_exact(&mut record[8..])?;
+            let crc = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes"));
+            if crc32fast::hash(&record[8..]) != crc {
+                return Err(IndexError::Corrupt(format!("{}: the record at byte {at} is damaged", old.display())));
+            }
+            let seq = u64::from_le_bytes(record[8..16].try_into().expect("8 bytes"));
+            self.out.write_all(&record)?;
+            self.last = Some(LogMark::of(self.at, &record, seq));
+            self.at += record.len() as u64;
+            at += record.len() as u64;
         }
-        let file = w.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()?;
-        Ok(OpenOptions::new().read(true).append(true).open(&tmp)?)
-    })()
-    .map_err(ReplaceError::OldLogKept)?;
-    let len = file.metadata().map_err(|e| ReplaceError::OldLogKept(e.into()))?.len();
-    std::fs::rename(&tmp, path).map_err(|e| ReplaceError::OldLogKept(e.into()))?;
-    sync_dir(path).map_err(ReplaceError::Unknown)?;
-    Ok(Wal { path: path.to_path_buf(), file, len, last, broken: None })
+        Ok(to)
+    }
+
+    /// Bytes written to the new log so far.
+    pub fn len(&self) -> u64 {
+        self.at
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.at == 0
+    }
+
+    /// Makes the new log durable and renames it over the old one (see [`replace_log`]);
+    /// `tail` is a last [`LogRewrite::copy_from`] (old log, from, to) to run first, under the
+    /// caller's writer lock.
+    pub fn finish(mut self, tail: Option<(&Path, u64, u64)>) -> std::result::Result<Wal, ReplaceError> {
+        if let Some((old, from, to)) = tail {
+            self.copy_from(old, from, to).map_err(ReplaceError::OldLogKept)?;
+        }
+        let (path, tmp, last) = (self.path.clone(), self.tmp.clone(), self.last);
+        let file = (|| -> Result<File> {
+            let file = self.out.into_inner().map_err(|e| e.into_error())?;
+            file.sync_all()?;
+            Ok(OpenOptions::new().read(true).append(true).open(&tmp)?)
+        })()
+        .map_err(ReplaceError::OldLogKept)?;
+        let len = file.metadata().map_err(|e| ReplaceError::OldLogKept(e.into()))?.len();
+        std::fs::rename(&tmp, &path).map_err(|e| ReplaceError::OldLogKept(e.into()))?;
+        sync_dir(&path).map_err(ReplaceError::Unknown)?;
+        Ok(Wal { path, file, len, last, broken: None })
+    }
 }
 
 /// How [`replace_log`] failed.
@@ -539,6 +618,76 @@ mod tests {
         bytes[last] ^= 0xff;
         std::fs::write(&path, &bytes).unwrap();
         assert_eq!(replay(&path), vec![a, b]);
+    }
+
+    /// A log rewritten beside the one in use: the records appended to the old log meanwhile
+    /// are copied after the new log's own, in two steps (one while writes go on, one at the
+    /// swap); the new log replays as the cut and then every later record, its mark is the
+    /// one a reopen finds, and it takes appends. A damaged record in a copied range is an
+    /// error that leaves the old log in place.
+    #[test]
+    fn a_rewritten_log_takes_the_records_appended_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log.wal");
+        let mut old = Wal::open(&path, |_| Ok(())).unwrap();
+        let early: Vec<Record> =
+            (1..=5).map(|s| Record::Upsert { seq: s, docs: vec![doc("a", s)], vectors: vec![s as f32; 4] }).collect();
+        for r in &early {
+            old.append(r).unwrap();
+        }
+        let cut = old.len();
+        let mut rewrite = LogRewrite::begin(&path).unwrap();
+        let kept = [
+            Record::Checkpoint { seq: 5, next_key: 6 },
+            Record::Upsert { seq: 5, docs: vec![doc("a", 5)], vectors: vec![5.0; 4] },
+        ];
+        for r in &kept {
+            rewrite.push(r).unwrap();
+        }
+        let later: Vec<Record> = (6..=12)
+            .map(|s| match s % 3 {
+                0 => Record::Delete { seq: s, ids: vec![format!("d{s}")] },
+                _ => Record::Upsert { seq: s, docs: vec![doc(&format!("d{s}"), s)], vectors: vec![-(s as f32); 4] },
+            })
+            .collect();
+        for r in &later[..4] {
+            old.append(r).unwrap();
+        }
+        let mid = old.len();
+        assert_eq!(rewrite.copy_from(&path, cut, mid).unwrap(), mid);
+        for r in &later[4..] {
+            old.append(r).unwrap();
+        }
+        let end = old.len();
+        let mut new = rewrite.finish(Some((&path, mid, end))).unwrap();
+        let mut expected: Vec<Record> = kept.iter().chain(&later).cloned().collect();
+        assert_eq!(replay(&path), expected);
+        let reopened = Wal::open(&path, |_| Ok(())).unwrap();
+        assert_eq!(new.mark(), reopened.mark());
+        assert_eq!(new.len(), reopened.len());
+        let last = Record::Delete { seq: 13, ids: vec!["a".into()] };
+        new.append(&last).unwrap();
+        expected.push(last);
+        assert_eq!(replay(&path), expected);
+
+        // A flipped byte in the range being copied: refused, the log in place is untouched.
+        let before = std::fs::read(&path).unwrap();
+        let mut damaged = before.clone();
+        let at = damaged.len() - 3;
+        damaged[at] ^= 0x40;
+        let copy = dir.path().join("damaged.wal");
+        std::fs::write(&copy, &damaged).unwrap();
+        let mut rewrite = LogRewrite::begin(&path).unwrap();
+        rewrite.push(&Record::Checkpoint { seq: 13, next_key: 14 }).unwrap();
+        assert!(matches!(rewrite.copy_from(&copy, 0, damaged.len() as u64), Err(IndexError::Corrupt(_))));
+        let mut rewrite = LogRewrite::begin(&path).unwrap();
+        rewrite.push(&Record::Checkpoint { seq: 13, next_key: 14 }).unwrap();
+        let len = damaged.len() as u64;
+        assert!(matches!(rewrite.finish(Some((&copy, 0, len))), Err(ReplaceError::OldLogKept(_))));
+        assert_eq!(std::fs::read(&path).unwrap(), before);
+        // A range that ends inside a record is refused too.
+        let mut rewrite = LogRewrite::begin(&path).unwrap();
+        assert!(rewrite.copy_from(&path, 0, len - 1).is_err());
     }
 
     /// Low finding: after a compaction replaced the log, a failed reopen left the writer

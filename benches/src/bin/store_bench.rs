@@ -36,6 +36,14 @@ struct Args {
     /// created there, replacing one of that name).
     #[arg(long)]
     postgres_url: Option<String>,
+    /// Stores to run, comma-separated.
+    #[arg(long, default_value = "embedded,postgres")]
+    stores: String,
+    /// Then, on the embedded store: replace every document once, consolidate, and rewrite
+    /// the log while a client keeps writing; prints that client's write latencies before
+    /// and during the rewrite.
+    #[arg(long)]
+    upkeep: bool,
     /// Write the results as JSON here.
     #[arg(long)]
     out: Option<std::path::PathBuf>,
@@ -61,13 +69,18 @@ fn main() -> anyhow::Result<()> {
         .collect();
 
     let dir = tempfile::tempdir()?;
+    let stores: Vec<&str> = args.stores.split(',').map(str::trim).collect();
+    if let Some(bad) = stores.iter().find(|s| !matches!(**s, "embedded" | "postgres")) {
+        anyhow::bail!("--stores: unknown store `{bad}` (embedded, postgres)");
+    }
     let server = match &args.postgres_url {
         Some(_) => None,
-        None => Some(LocalServer::from_env()?),
+        None if stores.contains(&"postgres") => Some(LocalServer::from_env()?),
+        None => None,
     };
-    let url = args.postgres_url.clone().unwrap_or_else(|| server.as_ref().expect("server").url());
+    let url = args.postgres_url.clone().or_else(|| server.as_ref().map(|s| s.url())).unwrap_or_default();
     let mut rows = Vec::new();
-    for store in ["embedded", "postgres"] {
+    for &store in &stores {
         let settings = own_vectors_settings("store_bench", dim);
         let c = match store {
             "embedded" => Collection::create_with(&dir.path().join("embedded"), settings, None)?,
@@ -150,7 +163,8 @@ fn main() -> anyhow::Result<()> {
             println!("{store:<9} ef {ef:<4} recall@10 {recall:.3}  median {ms:.2} ms  {:.0} QPS (1 client)", 1e3 / ms);
             searches.push(json!({"ef": ef, "recall@10": recall, "median_ms": ms, "qps": 1e3 / ms}));
         }
-        rows.push(json!({"store": store, "writers": args.writers, "upsert_s": upsert_s, "upserts_per_s": rate, "searches": searches}));
+        let upkeep = if args.upkeep && store == "embedded" { Some(upkeep(&c, &vectors)?) } else { None };
+        rows.push(json!({"store": store, "writers": args.writers, "upsert_s": upsert_s, "upserts_per_s": rate, "searches": searches, "upkeep": upkeep}));
     }
     // Side by side: the fastest setting of each store that reaches recall@10 0.95.
     let at_95 = |row: &Value| {
@@ -162,7 +176,8 @@ fn main() -> anyhow::Result<()> {
             .max_by(|a, b| a["qps"].as_f64().unwrap_or(0.0).total_cmp(&b["qps"].as_f64().unwrap_or(0.0)))
             .cloned()
     };
-    if let (Some(e), Some(p)) = (at_95(&rows[0]), at_95(&rows[1])) {
+    let row = |name: &str| rows.iter().find(|r| r["store"] == name);
+    if let (Some(e), Some(p)) = (row("embedded").and_then(at_95), row("postgres").and_then(at_95)) {
         println!(
             "recall@10 >= 0.95: embedded ef {} {:.0} QPS, postgres ef {} {:.0} QPS: postgres/embedded x{:.2}; upserts/s x{:.2}",
             e["ef"],
@@ -170,11 +185,106 @@ fn main() -> anyhow::Result<()> {
             p["ef"],
             p["qps"].as_f64().unwrap_or(0.0),
             p["qps"].as_f64().unwrap_or(0.0) / e["qps"].as_f64().unwrap_or(f64::NAN),
-            rows[1]["upserts_per_s"].as_f64().unwrap_or(0.0) / rows[0]["upserts_per_s"].as_f64().unwrap_or(f64::NAN)
+            upserts_per_s(&rows, "postgres") / upserts_per_s(&rows, "embedded")
         );
     }
     if let Some(out) = &args.out {
         std::fs::write(out, serde_json::to_string_pretty(&json!({"n": args.n, "dim": dim, "results": rows}))?)?;
     }
     Ok(())
+}
+
+/// A store's upserts per second in `rows`.
+fn upserts_per_s(rows: &[Value], store: &str) -> f64 {
+    rows.iter().find(|r| r["store"] == store).and_then(|r| r["upserts_per_s"].as_f64()).unwrap_or(f64::NAN)
+}
+
+/// The embedded store's upkeep after every document was replaced once: consolidation, then
+/// the log rewrite with a client writing 100 documents at a time beside it (its latencies
+/// for 3 s before the rewrite, and during it).
+fn upkeep(c: &Collection, vectors: &[Vec<f32>]) -> anyhow::Result<Value> {
+    use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+    let doc = |i: usize, round: usize| DocumentInput {
+        id: format!("d{i}"),
+        text: format!("chunk {i} version {round}"),
+        vector: Some(vectors[i].clone()),
+        ..Default::default()
+    };
+    let t = Instant::now();
+    for (b, batch) in vectors.chunks(1000).enumerate() {
+        c.upsert((0..batch.len()).map(|j| doc(b * 1000 + j, 1)).collect(), false)?;
+    }
+    c.commit()?;
+    let replace_s = t.elapsed().as_secs_f64();
+    let store = c.embedded().ok_or_else(|| anyhow::anyhow!("not an embedded collection"))?;
+    let t = Instant::now();
+    while store.needs_consolidation() {
+        store.consolidate();
+    }
+    let consolidate_s = t.elapsed().as_secs_f64();
+    let log = store.dir().join("log.wal");
+    let log_before = std::fs::metadata(&log)?.len();
+    // 0: before the rewrite, 1: during it, 2: stop.
+    let phase = AtomicU8::new(0);
+    let started = AtomicBool::new(false);
+    let (before, during, rewrite_s, under_lock) = std::thread::scope(|s| -> anyhow::Result<_> {
+        let writer = s.spawn(|| -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+            let (mut before, mut during) = (Vec::new(), Vec::new());
+            let mut next = 0usize;
+            loop {
+                let p = phase.load(Ordering::Relaxed);
+                if p == 2 {
+                    return Ok((before, during));
+                }
+                let docs = (0..100).map(|j| doc((next + j) % vectors.len(), 2)).collect();
+                next += 100;
+                let t = Instant::now();
+                c.upsert(docs, false)?;
+                let ms = t.elapsed().as_secs_f64() * 1e3;
+                started.store(true, Ordering::Relaxed);
+                if p == 0 {
+                    before.push(ms)
+                } else {
+                    during.push(ms)
+                }
+            }
+        });
+        while !started.load(Ordering::Relaxed) {
+            std::thread::yield_now();
+        }
+        std::thread::sleep(std::time::Duration::from_secs(3));
+        phase.store(1, Ordering::Relaxed);
+        let t = Instant::now();
+        let under_lock = store.rewrite_log();
+        let rewrite_s = t.elapsed().as_secs_f64();
+        phase.store(2, Ordering::Relaxed);
+        let (before, during) = writer.join().map_err(|_| anyhow::anyhow!("writer panicked"))??;
+        Ok((before, during, rewrite_s, under_lock?))
+    })?;
+    let log_after = std::fs::metadata(&log)?.len();
+    let pct = |v: &[f64], q: f64| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        v.get(((v.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(f64::NAN)
+    };
+    println!(
+        "embedded  upkeep: replaced {} documents in {replace_s:.1} s, consolidated in {consolidate_s:.1} s; log \
+         {log_before} -> {log_after} bytes rewritten in {rewrite_s:.1} s, {under_lock} bytes copied under the writer lock",
+        vectors.len()
+    );
+    for (name, v) in [("before", &before), ("during", &during)] {
+        println!(
+            "embedded  writes of 100 documents {name} the rewrite: {} writes, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            v.len(),
+            pct(v, 0.5),
+            pct(v, 0.99),
+            pct(v, 1.0)
+        );
+    }
+    Ok(json!({
+        "replace_s": replace_s, "consolidate_s": consolidate_s, "rewrite_s": rewrite_s,
+        "log_bytes_before": log_before, "log_bytes_after": log_after, "copied_under_lock": under_lock,
+        "write_ms_before": {"n": before.len(), "p50": pct(&before, 0.5), "p99": pct(&before, 0.99), "max": pct(&before, 1.0)},
+        "write_ms_during": {"n": during.len(), "p50": pct(&during, 0.5), "p99": pct(&during, 0.99), "max": pct(&during, 1.0)},
+    }))
 }

@@ -761,6 +761,88 @@ fn updates_reuse_the_graph_slots_of_replaced_chunks_without_a_rebuild() {
     assert_halves_agree(&c);
 }
 
+/// The upkeep's log rewrite runs while writes go on: a writer keeps replacing documents,
+/// adding large ones (so that what is appended during a rewrite spans megabytes, copied in
+/// passes before the swap) and deleting some, while the log is rewritten five times. The
+/// collection, a crash copy and a reopened close then hold exactly what was acknowledged,
+/// and a last rewrite leaves only the live documents in the log.
+#[test]
+fn the_log_is_rewritten_while_writes_go_on_and_loses_none_of_them() {
+    use std::collections::BTreeMap;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = settings("rewrite");
+    (settings.model, settings.dimension) = (None, 16);
+    let c = Collection::create_with(dir.path(), settings, None).unwrap();
+    let (pool, _) = clustered(4000, 16, 32, 0.5, 11);
+    for round in 0..3 {
+        let docs = (0..1000)
+            .map(|i| own(&format!("d{i}"), &format!("document {i} round {round}"), pool[i + round].clone()))
+            .collect();
+        c.upsert(docs, true).unwrap();
+    }
+    let log_len = || std::fs::metadata(dir.path().join("log.wal")).unwrap().len();
+    let stop = AtomicBool::new(false);
+    let filler = "lorem ipsum dolor sit amet ".repeat(1200);
+    let (expected, under_lock) = std::thread::scope(|s| {
+        let writer = s.spawn(|| {
+            let mut expected: BTreeMap<String, String> =
+                (0..1000).map(|i| (format!("d{i}"), format!("document {i} round 2"))).collect();
+            let mut n = 0usize;
+            while !stop.load(Ordering::Relaxed) || n < 40 {
+                let (id, text) = (format!("d{}", n % 1000), format!("document {} write {n}", n % 1000));
+                c.upsert(vec![own(&id, &text, pool[1000 + n % 3000].clone())], false).unwrap();
+                expected.insert(id, text);
+                let (id, text) = (format!("big{n}"), format!("{filler} {n}"));
+                c.upsert(vec![own(&id, &text, pool[(7 * n) % 4000].clone())], false).unwrap();
+                expected.insert(id, text);
+                if n % 5 == 4 {
+                    let gone = format!("big{}", n - 2);
+                    c.delete(std::slice::from_ref(&gone), false).unwrap();
+                    expected.remove(&gone);
+                }
+                n += 1;
+            }
+            expected
+        });
+        let mut under_lock = Vec::new();
+        for _ in 0..5 {
+            std::thread::sleep(std::time::Duration::from_millis(30));
+            under_lock.push(c.embedded().unwrap().rewrite_log().unwrap());
+        }
+        stop.store(true, Ordering::Relaxed);
+        (writer.join().unwrap(), under_lock)
+    });
+    c.commit().unwrap();
+    let holds_exactly = |c: &Collection, what: &str| {
+        assert_eq!(c.info().documents, expected.len(), "{what}: document count");
+        let wrong = expected.iter().filter(|(id, text)| c.get(id).map(|d| &d.text != *text).unwrap_or(true)).count();
+        assert_eq!(wrong, 0, "{what}: documents missing or with an older text (copied under the lock: {under_lock:?})");
+    };
+    holds_exactly(&c, "live");
+    assert_halves_agree(&c);
+    let crashed = copy_as_crashed(dir.path());
+    let after_crash = Collection::open_embedded_by(crashed.path(), None).unwrap();
+    holds_exactly(&after_crash, "after a crash");
+    assert_halves_agree(&after_crash);
+    drop(after_crash);
+
+    // Writes stopped: a rewrite leaves the live documents alone (the deleted large ones and
+    // every replaced version gone), and the collection reopens from it.
+    let live_bytes: usize = expected.iter().map(|(id, text)| id.len() + text.len()).sum();
+    let before = log_len();
+    c.embedded().unwrap().rewrite_log().unwrap();
+    let after = log_len();
+    assert!(
+        after < before && (after as usize) < live_bytes + expected.len() * 400,
+        "log {before} -> {after} bytes for {live_bytes} bytes of live texts"
+    );
+    c.close().unwrap();
+    let c = Collection::open_embedded_by(dir.path(), None).unwrap();
+    holds_exactly(&c, "reopened");
+    assert_halves_agree(&c);
+}
+
 /// A copy of the files under `dir` as they are: the state a kill -9 would leave now.
 fn copy_as_crashed(dir: &std::path::Path) -> tempfile::TempDir {
     let crashed = tempfile::tempdir().unwrap();
