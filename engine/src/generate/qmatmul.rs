@@ -1,6 +1,6 @@
 //! Quantized matrix products for the decoder: `out[rows, n] = x[rows, k] · Wᵀ` with `W` in
-//! GGUF's Q4_0, Q4_1 or Q8_0 and `x` quantized on the fly to 8 bits per 32-value block (as
-//! llama.cpp does), so the inner loop is an integer dot product.
+//! GGUF's Q4_0, Q4_1, Q5_0, Q8_0 or Q6_K (see [`QKind`]) and `x` quantized on the fly to 8
+//! bits per 32-value block (as llama.cpp does), so the inner loop is an integer dot product.
 //!
 //! At load each weight is repacked into *tiles* of 16 output rows: for every block of 32
 //! inputs a tile stores the 16 rows' values interleaved four at a time (one 64-byte vector
@@ -33,27 +33,37 @@ pub enum QKind {
     /// 5-bit values: the low nibbles as Q4_0's, the fifth bits as one 64-bit mask per
     /// 64-byte group (5.5 bits per weight read, where a Q8_0 copy reads 8.5).
     Q5_0,
+    /// Q6_K's 6-bit values read as they are (7 bits per weight read, where the Q8_0 copy
+    /// read 8.5): the low nibbles as Q4_0's, the top two bits as 16 bytes per 64-byte group,
+    /// and per row and 32-block the super-block's f16 `d` and the two 16-value sub-blocks'
+    /// 8-bit scales (the value is `d·sc·(q − 32)`, as in Q6_K). Its GGUF-side block (what
+    /// [`PackedMatrix::from_ggml`] takes, written by `repack`) is 36 bytes: `d`, the two
+    /// scales, 32 bytes of `q`.
+    Q6,
 }
 
 impl QKind {
-    /// The GGUF block type of the same layout.
-    pub fn ggml_dtype(self) -> candle_core::quantized::GgmlDType {
+    /// The GGUF block type of the same layout (none for [`QKind::Q6`], whose 32-value
+    /// blocks are ragway's own).
+    pub fn ggml_dtype(self) -> Option<candle_core::quantized::GgmlDType> {
         use candle_core::quantized::GgmlDType;
         match self {
-            Self::Q4_0 => GgmlDType::Q4_0,
-            Self::Q4_1 => GgmlDType::Q4_1,
-            Self::Q8_0 => GgmlDType::Q8_0,
-            Self::Q5_0 => GgmlDType::Q5_0,
+            Self::Q4_0 => Some(GgmlDType::Q4_0),
+            Self::Q4_1 => Some(GgmlDType::Q4_1),
+            Self::Q8_0 => Some(GgmlDType::Q8_0),
+            Self::Q5_0 => Some(GgmlDType::Q5_0),
+            Self::Q6 => None,
         }
     }
 
-    /// Bytes of one GGUF block of 32 values.
+    /// Bytes of one block of 32 values as [`PackedMatrix::from_ggml`] takes it.
     pub fn ggml_block_bytes(self) -> usize {
         match self {
             Self::Q4_0 => 18,
             Self::Q4_1 => 20,
             Self::Q8_0 => 34,
             Self::Q5_0 => 22,
+            Self::Q6 => 36,
         }
     }
 
@@ -63,12 +73,14 @@ impl QKind {
             Self::Q4_0 | Self::Q4_1 => 256,
             Self::Q8_0 => 512,
             Self::Q5_0 => 256 + 64,
+            Self::Q6 => 256 + 128,
         }
     }
 
-    /// Bytes of one tile block: values, then 16 f16 scales (and 16 f16 minimums for Q4_1).
+    /// Bytes of one tile block: values, then 16 f16 scales (and 16 f16 minimums for Q4_1,
+    /// or two rows of 16 8-bit sub-block scales for Q6).
     fn tile_block_bytes(self) -> usize {
-        self.tile_value_bytes() + if self == Self::Q4_1 { 64 } else { 32 }
+        self.tile_value_bytes() + if matches!(self, Self::Q4_1 | Self::Q6) { 64 } else { 32 }
     }
 }
 
@@ -76,6 +88,7 @@ const K_Q4_0: u8 = 0;
 const K_Q4_1: u8 = 1;
 const K_Q8_0: u8 = 2;
 const K_Q5_0: u8 = 3;
+const K_Q6: u8 = 4;
 
 /// Bytes of a kind's packed values and of its whole tile block, for the SIMD kernels'
 /// const kind numbers (see [`QKind::tile_value_bytes`], [`QKind::tile_block_bytes`]).
@@ -84,13 +97,15 @@ const fn tile_layout(kind: u8) -> (usize, usize) {
         K_Q8_0 => (512, 544),
         K_Q4_1 => (256, 320),
         K_Q5_0 => (320, 352),
+        K_Q6 => (384, 448),
         _ => (256, 288),
     }
 }
 
 /// Activations quantized to 8 bits per block of 32: values, per-block scale and per-block
 /// sum of the quantized values (the sum carries the weights' offsets: `-8` for Q4_0, the
-/// minimum for Q4_1, `-128` for the unsigned view of Q8_0).
+/// minimum for Q4_1, `-128` for the unsigned view of Q8_0), and the sum of each block's
+/// first 16 (Q6's two sub-blocks have scales of their own).
 #[derive(Debug, Default, Clone)]
 pub struct QActs {
     rows: usize,
@@ -98,6 +113,7 @@ pub struct QActs {
     qs: Vec<i8>,
     d: Vec<f32>,
     s: Vec<i32>,
+    s_lo: Vec<i32>,
 }
 
 impl QActs {
@@ -111,7 +127,9 @@ impl QActs {
         self.qs.resize(rows * k, 0);
         self.d.resize(rows * nb, 0.0);
         self.s.resize(rows * nb, 0);
-        let quantize_block = |(xb, (qb, (d, s))): (&[f32], (&mut [i8], (&mut f32, &mut i32)))| {
+        self.s_lo.resize(rows * nb, 0);
+        type Block<'a> = (&'a [f32], (&'a mut [i8], (&'a mut f32, (&'a mut i32, &'a mut i32))));
+        let quantize_block = |(xb, (qb, (d, (s, s_lo)))): Block| {
             // Lane-wise maxima, then one reduction: a scalar fold does not vectorize.
             let mut lanes = [0f32; 8];
             for c in xb.chunks_exact(8) {
@@ -122,25 +140,36 @@ impl QActs {
             let amax = lanes.iter().fold(0f32, |m, &v| m.max(v));
             let scale = amax / 127.0;
             let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-            let mut sum = 0i32;
-            for (q, v) in qb.iter_mut().zip(xb) {
-                // Half away from zero as llama.cpp's roundf, written so that it vectorizes.
-                let x = v * inv;
-                let r = (x + 0.5f32.copysign(x)).trunc() as i32;
-                *q = r as i8;
-                sum += r;
+            let mut sums = [0i32; 2];
+            for (half, (qh, xh)) in qb.chunks_exact_mut(16).zip(xb.chunks_exact(16)).enumerate() {
+                for (q, v) in qh.iter_mut().zip(xh) {
+                    // Half away from zero as llama.cpp's roundf, written so that it vectorizes.
+                    let x = v * inv;
+                    let r = (x + 0.5f32.copysign(x)).trunc() as i32;
+                    *q = r as i8;
+                    sums[half] += r;
+                }
             }
             *d = scale;
-            *s = sum;
+            *s = sums[0] + sums[1];
+            *s_lo = sums[0];
         };
         if rows >= 16 {
             x.par_chunks_exact(QK)
-                .zip(self.qs.par_chunks_exact_mut(QK).zip(self.d.par_iter_mut().zip(self.s.par_iter_mut())))
+                .zip(
+                    self.qs
+                        .par_chunks_exact_mut(QK)
+                        .zip(self.d.par_iter_mut().zip(self.s.par_iter_mut().zip(self.s_lo.par_iter_mut()))),
+                )
                 .with_min_len(256)
                 .for_each(quantize_block);
         } else {
             x.chunks_exact(QK)
-                .zip(self.qs.chunks_exact_mut(QK).zip(self.d.iter_mut().zip(self.s.iter_mut())))
+                .zip(
+                    self.qs
+                        .chunks_exact_mut(QK)
+                        .zip(self.d.iter_mut().zip(self.s.iter_mut().zip(self.s_lo.iter_mut()))),
+                )
                 .for_each(quantize_block);
         }
     }
@@ -205,6 +234,12 @@ impl PackedMatrix {
                             }
                             ([src[0], src[1]], [0, 0])
                         }
+                        QKind::Q6 => {
+                            for j in 0..QK {
+                                vals[j] = src[4 + j] & 0x3F;
+                            }
+                            ([src[0], src[1]], [src[2], src[3]])
+                        }
                     };
                     for (kk, &v) in vals.iter().enumerate() {
                         let u = kk / 4;
@@ -215,12 +250,21 @@ impl PackedMatrix {
                                 dst[(u / 2) * 64 + j] |= (v & 0x0F) << ((u % 2) * 4);
                                 dst[256 + u * 8 + j / 8] |= (v >> 4) << (j % 8);
                             }
+                            QKind::Q6 => {
+                                dst[(u / 2) * 64 + j] |= (v & 0x0F) << ((u % 2) * 4);
+                                dst[256 + u * 16 + j % 16] |= (v >> 4) << (2 * (j / 16));
+                            }
                             _ => dst[(u / 2) * 64 + j] |= v << ((u % 2) * 4),
                         }
                     }
                     dst[vb + lane * 2..vb + lane * 2 + 2].copy_from_slice(&d);
                     if kind == QKind::Q4_1 {
                         dst[vb + 32 + lane * 2..vb + 32 + lane * 2 + 2].copy_from_slice(&m);
+                    }
+                    if kind == QKind::Q6 {
+                        // The two sub-block scales: row `lane`'s low one, then its high one.
+                        dst[vb + 32 + lane] = m[0];
+                        dst[vb + 48 + lane] = m[1];
                     }
                 }
             }
@@ -255,6 +299,8 @@ impl PackedMatrix {
             let blk = &self.data[(t * nb + b) * tbb..(t * nb + b + 1) * tbb];
             let d = f16_at(blk, vb + lane * 2);
             let m = if self.kind == QKind::Q4_1 { f16_at(blk, vb + 32 + lane * 2) } else { 0.0 };
+            // Q6: d·sc of each sub-block, in f32 as ggml computes it (exact: an f16 times an i8).
+            let q6_scale = |kk: usize| d * blk[vb + 32 + (kk / 16) * 16 + lane] as i8 as f32;
             for kk in 0..QK {
                 let u = kk / 4;
                 let j = lane * 4 + kk % 4;
@@ -263,6 +309,7 @@ impl PackedMatrix {
                     QKind::Q4_0 => (((blk[(u / 2) * 64 + j] >> ((u % 2) * 4)) & 0x0F) as f32 - 8.0) * d,
                     QKind::Q4_1 => ((blk[(u / 2) * 64 + j] >> ((u % 2) * 4)) & 0x0F) as f32 * d + m,
                     QKind::Q5_0 => (q5_value(blk, u, j) as f32 - 16.0) * d,
+                    QKind::Q6 => q6_scale(kk) * (q6_value(blk, u, j) as f32 - 32.0),
                 };
                 out[b * QK + kk] = v;
             }
@@ -295,6 +342,12 @@ impl PackedMatrix {
             (0..tiles).for_each(run);
         }
     }
+}
+
+/// The 6-bit value at byte `j` of group `u` of a Q6 tile block.
+fn q6_value(blk: &[u8], u: usize, j: usize) -> u8 {
+    let nib = (blk[(u / 2) * 64 + j] >> ((u % 2) * 4)) & 0x0F;
+    nib | ((blk[256 + u * 16 + j % 16] >> (2 * (j / 16))) & 3) << 4
 }
 
 /// The 5-bit value at byte `j` of group `u` of a Q5_0 tile block.
@@ -362,6 +415,14 @@ const ROWS: usize = 4;
 /// `tile` points at a whole tile of `nb` blocks; `out` at column 16t of row 0 of an output
 /// with row stride `out_rs` and at least `x.rows` rows.
 unsafe fn run_tile(kind: QKind, tile: *const u8, nb: usize, x: &QActs, out: *mut f32, out_rs: usize) {
+    run_tile_on(simd(), kind, tile, nb, x, out, out_rs)
+}
+
+/// [`run_tile`] on the kernel `with` (which the CPU must have).
+///
+/// # Safety
+/// As [`run_tile`].
+unsafe fn run_tile_on(with: Simd, kind: QKind, tile: *const u8, nb: usize, x: &QActs, out: *mut f32, out_rs: usize) {
     let rows = x.rows;
     // Both SIMD kernels take ROWS activation rows per call, then the rest in one call.
     #[cfg(target_arch = "x86_64")]
@@ -387,12 +448,13 @@ unsafe fn run_tile(kind: QKind, tile: *const u8, nb: usize, x: &QActs, out: *mut
                 QKind::Q4_1 => go!(K_Q4_1),
                 QKind::Q8_0 => go!(K_Q8_0),
                 QKind::Q5_0 => go!(K_Q5_0),
+                QKind::Q6 => go!(K_Q6),
             }
             return;
         }};
     }
     #[cfg(target_arch = "x86_64")]
-    match simd() {
+    match with {
         Simd::Avx512Vnni => rows_through!(avx512),
         Simd::Avx2 => rows_through!(avx2),
         Simd::Portable => {}
@@ -412,19 +474,28 @@ unsafe fn portable_tile(kind: QKind, tile: *const u8, nb: usize, x: &QActs, row:
         let a = &x.qs[row * x.k + b * QK..row * x.k + (b + 1) * QK];
         let da = x.d[row * (x.k / QK) + b];
         let sa = x.s[row * (x.k / QK) + b];
+        let sa_lo = x.s_lo[row * (x.k / QK) + b];
         for (lane, acc) in acc.iter_mut().enumerate() {
-            let mut s = 0i32;
+            // The sums over the block's first and second 16 inputs.
+            let mut s2 = [0i32; 2];
             for kk in 0..QK {
                 let (u, j) = (kk / 4, lane * 4 + kk % 4);
                 let w = match kind {
                     QKind::Q8_0 => blk[u * 64 + j],
                     QKind::Q5_0 => q5_value(blk, u, j),
+                    QKind::Q6 => q6_value(blk, u, j),
                     _ => (blk[(u / 2) * 64 + j] >> ((u % 2) * 4)) & 0x0F,
                 };
-                s += w as i32 * a[kk] as i32;
+                s2[kk / 16] += w as i32 * a[kk] as i32;
             }
+            let s = s2[0] + s2[1];
             let dw = f16_at(blk, vb + lane * 2);
             match kind {
+                QKind::Q6 => {
+                    let sc = |h: usize| blk[vb + 32 + h * 16 + lane] as i8 as f32;
+                    let (lo, hi) = (s2[0] - 32 * sa_lo, s2[1] - 32 * (sa - sa_lo));
+                    *acc += lo as f32 * (dw * sc(0) * da) + hi as f32 * (dw * sc(1) * da);
+                }
                 QKind::Q4_0 => *acc += dw * da * (s - 8 * sa) as f32,
                 QKind::Q8_0 => *acc += dw * da * (s - 128 * sa) as f32,
                 QKind::Q5_0 => *acc += dw * da * (s - 16 * sa) as f32,
@@ -437,7 +508,7 @@ unsafe fn portable_tile(kind: QKind, tile: *const u8, nb: usize, x: &QActs, row:
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{tile_layout, QActs, K_Q4_1, K_Q5_0, K_Q8_0, QK};
+    use super::{tile_layout, QActs, K_Q4_1, K_Q5_0, K_Q6, K_Q8_0, QK};
     use std::arch::x86_64::*;
 
     /// One tile × `R` activation rows starting at `row0`.
@@ -455,6 +526,8 @@ mod avx512 {
     ) {
         let (vb, tbb) = tile_layout(KIND);
         let low = _mm512_set1_epi8(0x0F);
+        let three = _mm512_set1_epi8(3);
+        let q6_shifts = _mm512_setr_epi64(0, 0, 2, 2, 4, 4, 6, 6);
         let mut acc = [_mm512_setzero_ps(); R];
         let k = x.k;
         let xnb = k / QK;
@@ -479,6 +552,15 @@ mod avx512 {
                         *u = _mm512_or_si512(*u, _mm512_maskz_mov_epi8(m, sixteen));
                     }
                 }
+                if KIND == K_Q6 {
+                    // Each group's top two bits: 16 bytes, byte j % 16 holding byte j's at bit
+                    // 2·(j / 16). Copied to the four 128-bit lanes, lane l shifted by 2·l.
+                    for (i, u) in u.iter_mut().enumerate() {
+                        let hb = _mm512_broadcast_i32x4(_mm_loadu_si128(w.add(256 + i * 16) as *const __m128i));
+                        let top = _mm512_and_si512(_mm512_srlv_epi64(hb, q6_shifts), three);
+                        *u = _mm512_or_si512(*u, _mm512_slli_epi16::<4>(top));
+                    }
+                }
             }
             let dw = _mm512_cvtph_ps(_mm256_loadu_si256(w.add(vb) as *const __m256i));
             let mw = if KIND == K_Q4_1 {
@@ -486,6 +568,30 @@ mod avx512 {
             } else {
                 _mm512_setzero_ps()
             };
+            if KIND == K_Q6 {
+                // d·sc of each row's two sub-blocks.
+                let sc =
+                    |at: usize| _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(w.add(at) as *const __m128i)));
+                let (lo, hi) = (_mm512_mul_ps(dw, sc(vb + 32)), _mm512_mul_ps(dw, sc(vb + 48)));
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let row = row0 + r;
+                    let a = x.qs.as_ptr().add(row * k + b * QK) as *const i32;
+                    let mut s0 = _mm512_setzero_si512();
+                    let mut s1 = _mm512_setzero_si512();
+                    for i in 0..4 {
+                        s0 = _mm512_dpbusd_epi32(s0, u[i], _mm512_set1_epi32(a.add(i).read_unaligned()));
+                        s1 = _mm512_dpbusd_epi32(s1, u[i + 4], _mm512_set1_epi32(a.add(i + 4).read_unaligned()));
+                    }
+                    let da = _mm512_set1_ps(*x.d.get_unchecked(row * xnb + b));
+                    let sa = *x.s.get_unchecked(row * xnb + b);
+                    let sa_lo = *x.s_lo.get_unchecked(row * xnb + b);
+                    s0 = _mm512_sub_epi32(s0, _mm512_set1_epi32(32 * sa_lo));
+                    s1 = _mm512_sub_epi32(s1, _mm512_set1_epi32(32 * (sa - sa_lo)));
+                    *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), _mm512_mul_ps(lo, da), *acc);
+                    *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1), _mm512_mul_ps(hi, da), *acc);
+                }
+                continue;
+            }
             for (r, acc) in acc.iter_mut().enumerate() {
                 let row = row0 + r;
                 let a = x.qs.as_ptr().add(row * k + b * QK) as *const i32;
@@ -526,7 +632,7 @@ mod avx512 {
 /// (`|w|` times `a·sign(w)`, at most 2·128·127) and need no offset correction.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{tile_layout, QActs, K_Q4_1, K_Q5_0, K_Q8_0, QK};
+    use super::{tile_layout, QActs, K_Q4_1, K_Q5_0, K_Q6, K_Q8_0, QK};
     use std::arch::x86_64::*;
 
     /// One tile × `R` activation rows starting at `row0`.
@@ -553,13 +659,19 @@ mod avx2 {
         );
         let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
         let sixteen = _mm256_set1_epi8(16);
+        let three = _mm256_set1_epi8(3);
+        // Q6: half h of a group takes 128-bit lanes 2h and 2h + 1 of its top bits, shifted
+        // by 2·lane (see the AVX-512 kernel).
+        let q6_shifts = [_mm256_setr_epi64x(0, 0, 2, 2), _mm256_setr_epi64x(4, 4, 6, 6)];
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
         let k = x.k;
         let xnb = k / QK;
         for b in 0..nb {
             let w = tile.add(b * tbb);
-            let mut s = [[_mm256_setzero_si256(); 2]; R];
+            // Sums per row: [part][half], part 1 (inputs 16-31) used by Q6 alone.
+            let mut s = [[[_mm256_setzero_si256(); 2]; 2]; R];
             for i in 0..8 {
+                let part = if KIND == K_Q6 { i / 4 } else { 0 };
                 // Group i: inputs 4i..4i+3 of the 16 rows, as two halves of 8 rows.
                 let half = |h: usize| -> __m256i {
                     if KIND == K_Q8_0 {
@@ -576,6 +688,11 @@ mod avx2 {
                             let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(m), spread);
                             let set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
                             _mm256_or_si256(nib, _mm256_and_si256(set, sixteen))
+                        } else if KIND == K_Q6 {
+                            let hb =
+                                _mm256_broadcastsi128_si256(_mm_loadu_si128(w.add(256 + i * 16) as *const __m128i));
+                            let top = _mm256_and_si256(_mm256_srlv_epi64(hb, q6_shifts[h]), three);
+                            _mm256_or_si256(nib, _mm256_slli_epi16::<4>(top))
                         } else {
                             nib
                         }
@@ -589,14 +706,11 @@ mod avx2 {
                     let a = _mm256_set1_epi32(a4);
                     for h in 0..2 {
                         let p16 = if KIND == K_Q8_0 {
-                            _mm256_maddubs_epi16(
-                                _mm256_sign_epi8(signed[h], signed[h]),
-                                _mm256_sign_epi8(a, signed[h]),
-                            )
+                            _mm256_maddubs_epi16(_mm256_sign_epi8(signed[h], signed[h]), _mm256_sign_epi8(a, signed[h]))
                         } else {
                             _mm256_maddubs_epi16(wv[h], a)
                         };
-                        s[h] = _mm256_add_epi32(s[h], _mm256_madd_epi16(p16, ones));
+                        s[part][h] = _mm256_add_epi32(s[part][h], _mm256_madd_epi16(p16, ones));
                     }
                 }
             }
@@ -612,12 +726,33 @@ mod avx2 {
             } else {
                 [_mm256_setzero_ps(); 2]
             };
+            if KIND == K_Q6 {
+                for (r, (acc, s)) in acc.iter_mut().zip(&s).enumerate() {
+                    let row = row0 + r;
+                    let da = _mm256_set1_ps(*x.d.get_unchecked(row * xnb + b));
+                    let sa = *x.s.get_unchecked(row * xnb + b);
+                    let sa_lo = *x.s_lo.get_unchecked(row * xnb + b);
+                    for h in 0..2 {
+                        let sc = |at: usize| {
+                            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
+                                w.add(at + h * 8) as *const __m128i
+                            )))
+                        };
+                        let (lo, hi) = (_mm256_mul_ps(dw[h], sc(vb + 32)), _mm256_mul_ps(dw[h], sc(vb + 48)));
+                        let s0 = _mm256_sub_epi32(s[0][h], _mm256_set1_epi32(32 * sa_lo));
+                        let s1 = _mm256_sub_epi32(s[1][h], _mm256_set1_epi32(32 * (sa - sa_lo)));
+                        acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_mul_ps(lo, da), acc[h]);
+                        acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), _mm256_mul_ps(hi, da), acc[h]);
+                    }
+                }
+                continue;
+            }
             for (r, (acc, s)) in acc.iter_mut().zip(&s).enumerate() {
                 let row = row0 + r;
                 let da = *x.d.get_unchecked(row * xnb + b);
                 let sa = *x.s.get_unchecked(row * xnb + b);
                 for h in 0..2 {
-                    let mut si = s[h];
+                    let mut si = s[0][h];
                     if KIND == K_Q5_0 {
                         si = _mm256_sub_epi32(si, _mm256_set1_epi32(16 * sa));
                     } else if KIND != K_Q8_0 && KIND != K_Q4_1 {
@@ -723,28 +858,39 @@ impl HalfMatrix {
             /// One converted block per thread, reused across calls (no allocation per block).
             static BLOCK: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
         }
-        let run = |b: usize| BLOCK.with_borrow_mut(|w| {
-            let r0 = b * TILE;
-            let nr = TILE.min(n - r0);
-            w.resize(nr * k, 0.0);
-            self.rows_f32(r0, w);
-            let out = optr.get();
-            if rows <= 4 {
-                for r in 0..rows {
-                    for c in 0..nr {
-                        let v = crate::kernels::dot(&x[r * k..(r + 1) * k], &w[c * k..(c + 1) * k]);
-                        // SAFETY: column r0 + c < n of row r < rows: this block's own.
-                        unsafe { *out.add(r * n + r0 + c) = v };
+        let run = |b: usize| {
+            BLOCK.with_borrow_mut(|w| {
+                let r0 = b * TILE;
+                let nr = TILE.min(n - r0);
+                w.resize(nr * k, 0.0);
+                self.rows_f32(r0, w);
+                let out = optr.get();
+                if rows <= 4 {
+                    for r in 0..rows {
+                        for c in 0..nr {
+                            let v = crate::kernels::dot(&x[r * k..(r + 1) * k], &w[c * k..(c + 1) * k]);
+                            // SAFETY: column r0 + c < n of row r < rows: this block's own.
+                            unsafe { *out.add(r * n + r0 + c) = v };
+                        }
+                    }
+                } else {
+                    // SAFETY: x is [rows, k]; w is this block's [nr, k] read as its transpose;
+                    // the destination is columns [r0, r0 + nr) of out, row stride n.
+                    unsafe {
+                        gemm_f32(
+                            rows,
+                            nr,
+                            k,
+                            out.add(r0),
+                            n,
+                            (x.as_ptr(), k as isize, 1),
+                            (w.as_ptr(), 1, k as isize),
+                            Parallel::Single,
+                        );
                     }
                 }
-            } else {
-                // SAFETY: x is [rows, k]; w is this block's [nr, k] read as its transpose;
-                // the destination is columns [r0, r0 + nr) of out, row stride n.
-                unsafe {
-                    gemm_f32(rows, nr, k, out.add(r0), n, (x.as_ptr(), k as isize, 1), (w.as_ptr(), 1, k as isize), Parallel::Single);
-                }
-            }
-        });
+            })
+        };
         let blocks = n.div_ceil(TILE);
         if rows * n * k >= 1 << 18 && rayon::current_num_threads() > 1 {
             (0..blocks).into_par_iter().for_each(run);
@@ -840,7 +986,9 @@ mod tests {
         let wt = Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap();
         let q = QTensor::quantize(&wt, dtype).unwrap();
         let deq: Vec<f32> = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        let packed = PackedMatrix::from_ggml(crate::generate::repack::target(dtype).unwrap(), n, k, &q.data().unwrap()).unwrap();
+        let kind = crate::generate::repack::target(dtype).unwrap();
+        let raw = crate::generate::repack::rewrite(dtype, &q.data().unwrap(), || Some(deq.clone())).unwrap();
+        let packed = PackedMatrix::from_ggml(kind, n, k, &raw).unwrap();
         // dequantize_row reproduces candle's dequantization exactly
         let mut row = vec![0f32; k];
         for r in [0, 5, n - 1] {
@@ -892,14 +1040,15 @@ mod tests {
     /// equal sequential decoding bit for bit).
     #[test]
     fn rows_are_independent_of_the_batch() {
-        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q5_0] {
-            let (n, k, rows) = (32, 640, 6);
+        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q6K] {
+            let (n, k, rows) = (32, 768, 6);
             let mut seed = 7u64;
             let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut seed)).collect();
             let x: Vec<f32> = (0..rows * k).map(|_| lcg(&mut seed)).collect();
             let q = QTensor::quantize(&Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap(), dtype).unwrap();
             let kind = crate::generate::repack::target(dtype).unwrap();
-            let packed = PackedMatrix::from_ggml(kind, n, k, &q.data().unwrap()).unwrap();
+            let raw = crate::generate::repack::rewrite(dtype, &q.data().unwrap(), || None).unwrap();
+            let packed = PackedMatrix::from_ggml(kind, n, k, &raw).unwrap();
             let mut acts = QActs::default();
             acts.quantize(&x, rows, k);
             let mut all = vec![0f32; rows * n];
@@ -911,6 +1060,74 @@ mod tests {
                 assert_eq!(&all[r * n..(r + 1) * n], &one[..], "{dtype:?} row {r}");
             }
         }
+    }
+
+    /// Q6_K read as it is (its 256-value super-blocks need `k` a multiple of 256).
+    #[test]
+    fn q6_matches_dequantized_product() {
+        check(GgmlDType::Q6K, 48, 256, 7);
+        check(GgmlDType::Q6K, 32, 768, 1);
+        check(GgmlDType::Q6K, 16, 512, 4);
+    }
+
+    /// Each x86 kernel this CPU has (whatever `simd()` picked), on every packed kind and on
+    /// one to five rows at once, against the portable loop.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn every_x86_kernel_the_cpu_has_matches_the_portable_one() {
+        let has = |f: &[bool]| f.iter().all(|&b| b);
+        let kernels = [
+            (
+                Simd::Avx512Vnni,
+                has(&[
+                    std::is_x86_feature_detected!("avx512f"),
+                    std::is_x86_feature_detected!("avx512bw"),
+                    std::is_x86_feature_detected!("avx512vnni"),
+                ]),
+            ),
+            (
+                Simd::Avx2,
+                has(&[
+                    std::is_x86_feature_detected!("avx2"),
+                    std::is_x86_feature_detected!("fma"),
+                    std::is_x86_feature_detected!("f16c"),
+                ]),
+            ),
+        ];
+        let mut ran = 0;
+        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q6K] {
+            let (n, k) = (32, 512);
+            let mut seed = 99u64;
+            let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut seed)).collect();
+            let x: Vec<f32> = (0..5 * k).map(|_| lcg(&mut seed) * 2.0).collect();
+            let q = QTensor::quantize(&Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap(), dtype).unwrap();
+            let kind = crate::generate::repack::target(dtype).unwrap();
+            let raw = crate::generate::repack::rewrite(dtype, &q.data().unwrap(), || None).unwrap();
+            let packed = PackedMatrix::from_ggml(kind, n, k, &raw).unwrap();
+            for rows in 1..=5 {
+                let mut acts = QActs::default();
+                acts.quantize(&x[..rows * k], rows, k);
+                let run = |with: Simd| {
+                    let mut out = vec![0f32; rows * n];
+                    for t in 0..n / TILE {
+                        unsafe {
+                            let tile = packed.data.as_ptr().add(t * (k / QK) * kind.tile_block_bytes());
+                            run_tile_on(with, kind, tile, k / QK, &acts, out.as_mut_ptr().add(t * TILE), n);
+                        }
+                    }
+                    out
+                };
+                let want = run(Simd::Portable);
+                for (with, _) in kernels.iter().filter(|(_, present)| *present) {
+                    let got = run(*with);
+                    for (g, p) in got.iter().zip(&want) {
+                        assert!((g - p).abs() <= 1e-4 * (1.0 + p.abs()), "{with:?} {kind:?} rows {rows}: {g} vs {p}");
+                    }
+                    ran += 1;
+                }
+            }
+        }
+        eprintln!("{ran} kernel runs checked");
     }
 
     #[test]

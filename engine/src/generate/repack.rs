@@ -7,10 +7,14 @@
 //! - Q4_K → Q4_1: each 32-value sub-block's `d·scale` and `dmin·min` become its f16 scale and
 //!   minimum (rounded to f16: ~5e-4 relative, far below the 4-bit step); the nibbles are
 //!   the same.
-//! - Q6_K, Q5_K, Q5_1 → Q8_0, requantized per 32 values as llama.cpp quantizes Q8_0
-//!   (`d = max|x| / 127`): an error under an eighth of the 6-bit step.
+//! - Q6_K → [`QKind::Q6`], exactly: each 32-value sub-block keeps its 6-bit values, its
+//!   super-block's `d` and its two 8-bit scales (ragway's own 36-byte block). Stacked with
+//!   Q8_0 or Q5_0 parts, it is requantized to Q8_0 as below.
+//! - Q5_K, Q5_1 → Q8_0, requantized per 32 values as llama.cpp quantizes Q8_0
+//!   (`d = max|x| / 127`): an error under an eighth of the 5-bit step.
 //!
-//! The result is the GGUF byte layout of the target type, for [`PackedMatrix::from_ggml`].
+//! The result is the GGUF byte layout of the target type (Q6's own for Q6_K), for
+//! [`PackedMatrix::from_ggml`].
 //!
 //! [`PackedMatrix::from_ggml`]: super::qmatmul::PackedMatrix::from_ggml
 
@@ -19,21 +23,21 @@ use candle_core::quantized::GgmlDType;
 use half::f16;
 
 /// The kind that matrices of these types, stacked into one (Q, K and V; gate and up), are read
-/// as together: their common [`target`], or Q8_0 for Q5_0 beside Q8_0 (Q4_K_M files mix them),
-/// since Q5_0 widens into Q8_0 exactly.
+/// as together: their common [`target`], or Q8_0 for Q5_0 or Q6_K beside Q8_0 or each other
+/// (Q4_K_M files mix them): Q5_0 widens into Q8_0 exactly, Q6_K is requantized.
 pub fn common_target(dtypes: &[GgmlDType]) -> Option<QKind> {
     let kinds: Vec<QKind> = dtypes.iter().map(|&d| target(d)).collect::<Option<_>>()?;
     let first = *kinds.first()?;
     if kinds.iter().all(|&k| k == first) {
         Some(first)
-    } else if kinds.iter().all(|&k| matches!(k, QKind::Q5_0 | QKind::Q8_0)) {
+    } else if kinds.iter().all(|&k| matches!(k, QKind::Q5_0 | QKind::Q8_0 | QKind::Q6)) {
         Some(QKind::Q8_0)
     } else {
         None
     }
 }
 
-/// [`rewrite`] into `kind`, which is `dtype`'s own target or, for Q5_0, Q8_0 (see
+/// [`rewrite`] into `kind`, which is `dtype`'s own target or, for Q5_0 and Q6_K, Q8_0 (see
 /// [`common_target`]).
 pub fn rewrite_as(
     dtype: GgmlDType,
@@ -45,6 +49,8 @@ pub fn rewrite_as(
         rewrite(dtype, raw, dequantized)
     } else if dtype == GgmlDType::Q5_0 && kind == QKind::Q8_0 {
         q5_0_to_q8_0(raw)
+    } else if dtype == GgmlDType::Q6K && kind == QKind::Q8_0 {
+        Some(quantize_q8_0(&dequantized()?))
     } else {
         None
     }
@@ -56,7 +62,8 @@ pub fn target(dtype: GgmlDType) -> Option<QKind> {
         GgmlDType::Q4_0 => Some(QKind::Q4_0),
         GgmlDType::Q4_1 | GgmlDType::Q4K => Some(QKind::Q4_1),
         GgmlDType::Q5_0 => Some(QKind::Q5_0),
-        GgmlDType::Q8_0 | GgmlDType::Q5_1 | GgmlDType::Q5K | GgmlDType::Q6K => Some(QKind::Q8_0),
+        GgmlDType::Q6K => Some(QKind::Q6),
+        GgmlDType::Q8_0 | GgmlDType::Q5_1 | GgmlDType::Q5K => Some(QKind::Q8_0),
         _ => None,
     }
 }
@@ -68,7 +75,8 @@ pub fn rewrite(dtype: GgmlDType, raw: &[u8], dequantized: impl FnOnce() -> Optio
     match dtype {
         GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q8_0 | GgmlDType::Q5_0 => Some(raw.to_vec()),
         GgmlDType::Q4K => q4k_to_q4_1(raw),
-        GgmlDType::Q5_1 | GgmlDType::Q5K | GgmlDType::Q6K => Some(quantize_q8_0(&dequantized()?)),
+        GgmlDType::Q6K => q6k_to_q6(raw),
+        GgmlDType::Q5_1 | GgmlDType::Q5K => Some(quantize_q8_0(&dequantized()?)),
         _ => None,
     }
 }
@@ -77,6 +85,8 @@ const Q5_0_BYTES: usize = 22;
 const Q8_0_BYTES: usize = 34;
 const Q4K_BYTES: usize = 144;
 const Q4_1_BYTES: usize = 20;
+const Q6K_BYTES: usize = 210;
+const Q6_BYTES: usize = 36;
 
 /// Q5_0 (`d`, 32 high bits, 16 bytes of low nibbles) → Q8_0 (`d`, 32 signed bytes).
 fn q5_0_to_q8_0(raw: &[u8]) -> Option<Vec<u8>> {
@@ -138,6 +148,37 @@ fn q4k_to_q4_1(raw: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// Q6_K (256 values: 128 bytes of low nibbles, 64 of top bit pairs, 16 8-bit scales, `d`;
+/// value `d·sc[i / 16]·(q − 32)`) → eight [`QKind::Q6`] blocks (`d`, the two scales, 32
+/// bytes of `q`), the same values exactly.
+fn q6k_to_q6(raw: &[u8]) -> Option<Vec<u8>> {
+    if raw.len() % Q6K_BYTES != 0 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(raw.len() / Q6K_BYTES * 8 * Q6_BYTES);
+    for b in raw.chunks_exact(Q6K_BYTES) {
+        let (ql, qh, scales, d) = (&b[..128], &b[128..192], &b[192..208], &b[208..210]);
+        // ggml's order: each half of 128 values takes 64 nibble bytes and 32 bit-pair bytes.
+        let mut q = [0u8; 256];
+        for half in 0..2 {
+            let (ql, qh) = (&ql[half * 64..], &qh[half * 32..]);
+            for l in 0..32 {
+                let y = half * 128 + l;
+                q[y] = (ql[l] & 0x0F) | (qh[l] & 3) << 4;
+                q[y + 32] = (ql[l + 32] & 0x0F) | ((qh[l] >> 2) & 3) << 4;
+                q[y + 64] = (ql[l] >> 4) | ((qh[l] >> 4) & 3) << 4;
+                q[y + 96] = (ql[l + 32] >> 4) | ((qh[l] >> 6) & 3) << 4;
+            }
+        }
+        for sub in 0..8 {
+            out.extend_from_slice(d);
+            out.extend_from_slice(&scales[2 * sub..2 * sub + 2]);
+            out.extend_from_slice(&q[sub * 32..(sub + 1) * 32]);
+        }
+    }
+    Some(out)
+}
+
 /// f32 values (a multiple of 32) → Q8_0 blocks, as ggml's reference quantizer.
 fn quantize_q8_0(x: &[f32]) -> Vec<u8> {
     let mut out = Vec::with_capacity(x.len() / 32 * Q8_0_BYTES);
@@ -159,10 +200,20 @@ mod tests {
 
     /// Values of GGUF blocks of `dtype` read back through candle's own dequantization.
     fn decode(dtype: GgmlDType, raw: &[u8], n: usize) -> Vec<f32> {
-        let storage = candle_core::quantized::QStorage::from_data(std::borrow::Cow::Borrowed(raw), &Device::Cpu, dtype)
-            .unwrap();
+        let storage =
+            candle_core::quantized::QStorage::from_data(std::borrow::Cow::Borrowed(raw), &Device::Cpu, dtype).unwrap();
         let t = QTensor::new(storage, (n,)).unwrap();
         t.dequantize(&Device::Cpu).unwrap().to_vec1::<f32>().unwrap()
+    }
+
+    /// Values of [`QKind::Q6`] blocks, as ggml computes Q6_K's (`d·sc` in f32, times `q − 32`).
+    fn decode_q6(raw: &[u8]) -> Vec<f32> {
+        raw.chunks_exact(Q6_BYTES)
+            .flat_map(|b| {
+                let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
+                (0..32).map(move |j| d * b[2 + j / 16] as i8 as f32 * (b[4 + j] as f32 - 32.0))
+            })
+            .collect()
     }
 
     fn values(n: usize) -> Vec<f32> {
@@ -177,7 +228,7 @@ mod tests {
         for (dtype, tol) in [
             (GgmlDType::Q5_0, 0.0),
             (GgmlDType::Q4K, 2e-3),
-            (GgmlDType::Q6K, 1.5e-2),
+            (GgmlDType::Q6K, 0.0),
             (GgmlDType::Q5K, 1.5e-2),
             (GgmlDType::Q5_1, 1.5e-2),
         ] {
@@ -186,7 +237,10 @@ mod tests {
             let want = q.dequantize(&Device::Cpu).unwrap().to_vec1::<f32>().unwrap();
             let kind = target(dtype).unwrap();
             let out = rewrite(dtype, &raw, || Some(want.clone())).unwrap();
-            let got = decode(kind.ggml_dtype(), &out, n);
+            let got = match kind.ggml_dtype() {
+                Some(dt) => decode(dt, &out, n),
+                None => decode_q6(&out),
+            };
             // Errors relative to each 32-value block's largest magnitude.
             let worst = want
                 .chunks(32)
@@ -199,6 +253,7 @@ mod tests {
             assert!(worst <= tol, "{dtype:?} → {kind:?}: worst error {worst} of the block maximum");
         }
         assert!(rewrite(GgmlDType::Q4K, &[0u8; 143], || None).is_none());
+        assert!(rewrite(GgmlDType::Q6K, &[0u8; 209], || None).is_none());
     }
 
     /// Q5_0 stacked with Q8_0 (as Q4_K_M files stack Q, K and V) is read as Q8_0, widened
@@ -207,6 +262,7 @@ mod tests {
     fn stacked_q5_0_and_q8_0_share_q8_0_exactly() {
         assert_eq!(common_target(&[GgmlDType::Q5_0, GgmlDType::Q5_0]), Some(QKind::Q5_0));
         assert_eq!(common_target(&[GgmlDType::Q5_0, GgmlDType::Q8_0, GgmlDType::Q6K]), Some(QKind::Q8_0));
+        assert_eq!(common_target(&[GgmlDType::Q6K, GgmlDType::Q6K]), Some(QKind::Q6));
         assert_eq!(common_target(&[GgmlDType::Q4_0, GgmlDType::Q8_0]), None);
         let n = 1024;
         let x = Tensor::from_vec(values(n), (n,), &Device::Cpu).unwrap();
