@@ -1,5 +1,5 @@
 //! TLS for the PostgreSQL client: rustls under `tokio-postgres`'s TLS traits, with libpq's
-//! `sslmode` levels and `sslrootcert`.
+//! `sslmode` levels, `sslrootcert`, and client certificates (`sslcert`, `sslkey`).
 //!
 //! `tokio-postgres` itself knows `sslmode=disable|prefer|require`; ragway takes the whole of
 //! libpq's set off the address before handing the rest to it:
@@ -11,13 +11,18 @@
 //!
 //! `sslrootcert` is a PEM file of root certificates, or `system` for the Mozilla roots built
 //! into ragway (`webpki-roots`); `verify-ca` and `verify-full` need one of them.
+//!
+//! `sslcert` and `sslkey` (PEM files: the client's certificate chain and its private key,
+//! PKCS#8, PKCS#1 or SEC1) are presented when the server asks for a certificate (`cert`
+//! authentication, or `clientcert=verify-full` in `pg_hba.conf`). They come together; unlike
+//! libpq, ragway does not look for `~/.postgresql/postgresql.crt` when they are absent.
 
 use postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{CertificateError, ClientConfig, ClientConnection, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use std::future::Future;
 use std::io::{self, Read, Write};
@@ -44,12 +49,19 @@ pub struct TlsAddress {
     pub address: String,
     pub mode: SslMode,
     pub root_cert: Option<String>,
+    /// `sslcert` and `sslkey`: the client certificate to present.
+    pub client_cert: Option<(String, String)>,
 }
 
-/// Takes `sslmode` and `sslrootcert` off a `postgres://` URL or a `key=value` address.
+/// The TLS parameters ragway takes off an address (the rest go to `tokio-postgres`).
+const TLS_KEYS: [&str; 4] = ["sslmode", "sslrootcert", "sslcert", "sslkey"];
+
+/// Takes `sslmode`, `sslrootcert`, `sslcert` and `sslkey` off a `postgres://` URL or a
+/// `key=value` address.
 pub fn split_address(address: &str) -> Result<TlsAddress, String> {
     let mut mode = None;
     let mut root_cert = None;
+    let (mut cert, mut client_key) = (None, None);
     let mut take = |key: &str, value: &str| -> Result<bool, String> {
         match key {
             "sslmode" => {
@@ -69,6 +81,14 @@ pub fn split_address(address: &str) -> Result<TlsAddress, String> {
             }
             "sslrootcert" => {
                 root_cert = Some(value.to_string());
+                Ok(true)
+            }
+            "sslcert" => {
+                cert = Some(value.to_string());
+                Ok(true)
+            }
+            "sslkey" => {
+                client_key = Some(value.to_string());
                 Ok(true)
             }
             _ => Ok(false),
@@ -96,7 +116,7 @@ pub fn split_address(address: &str) -> Result<TlsAddress, String> {
         let mut kept = Vec::new();
         for token in address.split_whitespace() {
             match token.split_once('=') {
-                Some((k, v)) if k == "sslmode" || k == "sslrootcert" => {
+                Some((k, v)) if TLS_KEYS.contains(&k) => {
                     if v.starts_with('\'') {
                         return Err(format!("write `{k}` without quotes"));
                     }
@@ -106,6 +126,11 @@ pub fn split_address(address: &str) -> Result<TlsAddress, String> {
             }
         }
         kept.join(" ")
+    };
+    let client_cert = match (cert, client_key) {
+        (Some(c), Some(k)) => Some((c, k)),
+        (None, None) => None,
+        _ => return Err("sslcert and sslkey come together (the client certificate and its private key)".into()),
     };
     let mode = match (mode.unwrap_or(SslMode::Prefer), &root_cert) {
         (SslMode::Require, Some(_)) => SslMode::VerifyCa,
@@ -121,7 +146,7 @@ pub fn split_address(address: &str) -> Result<TlsAddress, String> {
     } else {
         format!("{rest} sslmode={wire}")
     };
-    Ok(TlsAddress { address, mode, root_cert })
+    Ok(TlsAddress { address, mode, root_cert, client_cert })
 }
 
 fn percent_decode(s: &str) -> Result<String, String> {
@@ -148,8 +173,13 @@ pub struct MakeRustls {
 }
 
 impl MakeRustls {
-    /// The client configuration for `mode` with the roots `root_cert` names.
-    pub fn new(mode: SslMode, root_cert: Option<&str>) -> Result<MakeRustls, String> {
+    /// The client configuration for `mode` with the roots `root_cert` names, presenting
+    /// `client_cert` (certificate and key files) when the server asks for one.
+    pub fn new(
+        mode: SslMode,
+        root_cert: Option<&str>,
+        client_cert: Option<(&str, &str)>,
+    ) -> Result<MakeRustls, String> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
@@ -175,7 +205,21 @@ impl MakeRustls {
             }
             _ => builder.dangerous().with_custom_certificate_verifier(Arc::new(Verifier { chain: None, provider })),
         };
-        Ok(MakeRustls { config: Arc::new(config.with_no_client_auth()) })
+        let config = match client_cert {
+            None => config.with_no_client_auth(),
+            Some((cert, key)) => {
+                let chain = CertificateDer::pem_file_iter(cert)
+                    .map_err(|e| format!("sslcert {cert}: {e}"))?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| format!("sslcert {cert}: {e}"))?;
+                if chain.is_empty() {
+                    return Err(format!("sslcert {cert} holds no certificate"));
+                }
+                let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("sslkey {key}: {e}"))?;
+                config.with_client_auth_cert(chain, key).map_err(|e| format!("sslcert and sslkey: {e}"))?
+            }
+        };
+        Ok(MakeRustls { config: Arc::new(config) })
     }
 }
 
@@ -470,10 +514,18 @@ mod tests {
         assert!(split_address("postgres://db?sslmode=sometimes").unwrap_err().contains("unknown sslmode"));
         assert!(split_address("postgres://db?sslrootcert=%zz").is_err());
         assert!(split_address("host=db sslrootcert='/a b'").is_err());
-        assert!(MakeRustls::new(SslMode::VerifyFull, None).unwrap_err().contains("need sslrootcert"));
-        assert!(MakeRustls::new(SslMode::VerifyCa, Some("/nonexistent/ca.pem")).is_err());
-        assert!(MakeRustls::new(SslMode::VerifyFull, Some("system")).is_ok());
-        assert!(MakeRustls::new(SslMode::Require, None).is_ok());
+        assert!(MakeRustls::new(SslMode::VerifyFull, None, None).unwrap_err().contains("need sslrootcert"));
+        assert!(MakeRustls::new(SslMode::VerifyCa, Some("/nonexistent/ca.pem"), None).is_err());
+        assert!(MakeRustls::new(SslMode::VerifyFull, Some("system"), None).is_ok());
+        assert!(MakeRustls::new(SslMode::Require, None, None).is_ok());
+        let e = split_address("postgres://db?sslcert=%2Fc.pem&sslkey=%2Fk.pem&sslmode=require").unwrap();
+        assert_eq!(e.client_cert, Some(("/c.pem".to_string(), "/k.pem".to_string())));
+        assert_eq!(e.address, "postgres://db?sslmode=require");
+        let f = split_address("host=db sslcert=/c.pem sslkey=/k.pem").unwrap();
+        assert_eq!((f.address.as_str(), f.client_cert.is_some()), ("host=db sslmode=prefer", true));
+        assert!(split_address("postgres://db?sslcert=/c.pem").unwrap_err().contains("come together"));
+        let missing = MakeRustls::new(SslMode::Require, None, Some(("/nonexistent/c.pem", "/nonexistent/k.pem")));
+        assert!(missing.unwrap_err().contains("sslcert /nonexistent/c.pem"));
     }
 
     proptest::proptest! {
@@ -481,7 +533,7 @@ mod tests {
         #[test]
         fn any_address_splits_or_says_why(address in "(postgres://|host=)?[a-z%=&? 0-9A-F/'.-]{0,60}") {
             if let Ok(a) = split_address(&address) {
-                proptest::prop_assert!(!a.address.contains("sslrootcert"));
+                proptest::prop_assert!(!a.address.contains("sslrootcert") && !a.address.contains("sslkey"));
             }
         }
     }

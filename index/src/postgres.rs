@@ -34,11 +34,11 @@ use crate::collection::chunk_id;
 use crate::dense::Distance;
 use crate::error::{IndexError, Result};
 use crate::filter::{Filter, Op};
+use crate::pgtls::{split_address, MakeRustls};
 use crate::store::{ChunkStore, DenseHits, DenseQuery, NewDoc, SampledChunk, StoreStats, StoreView, StoredChunk};
 use crate::types::{ChunkView, CollectionSettings, DocumentView, WriteResult};
 use pgvector::Vector;
 use postgres::types::ToSql;
-use crate::pgtls::{split_address, MakeRustls};
 use r2d2_postgres::PostgresConnectionManager;
 use serde_json::Value;
 use std::cell::RefCell;
@@ -220,9 +220,10 @@ impl PgDatabase {
 
     fn pool(url: &str, options: &PgOptions, param: &str) -> Result<(Pool, String)> {
         let bad = |e: String| IndexError::invalid(param, format!("`{param}` is not a PostgreSQL address: {e}"));
-        // TLS as the address asks (`sslmode`, `sslrootcert`; see `pgtls`).
+        // TLS as the address asks (`sslmode`, `sslrootcert`, `sslcert`/`sslkey`; see `pgtls`).
         let address = split_address(url).map_err(bad)?;
-        let tls = MakeRustls::new(address.mode, address.root_cert.as_deref())
+        let client_cert = address.client_cert.as_ref().map(|(c, k)| (c.as_str(), k.as_str()));
+        let tls = MakeRustls::new(address.mode, address.root_cert.as_deref(), client_cert)
             .map_err(|e| IndexError::invalid(param, format!("`{param}`: {e}")))?;
         let mut config = postgres::Config::from_str(&address.address).map_err(|e| bad(e.to_string()))?;
         config.connect_timeout(options.connect_timeout);
@@ -443,7 +444,10 @@ impl PgStore {
     pub fn open(db: Arc<PgDatabase>, name: &str) -> Result<PgStore> {
         let row = db
             .conn()?
-            .query_opt("SELECT name, schema_version, prefix, settings FROM ragway_collections WHERE name = $1", &[&name])
+            .query_opt(
+                "SELECT name, schema_version, prefix, settings FROM ragway_collections WHERE name = $1",
+                &[&name],
+            )
             .map_err(|e| db_error(&db.shown, e))?
             .ok_or_else(|| IndexError::CollectionNotFound(name.to_string()))?;
         PgStore::of_entry(db, CatalogEntry::of_row(&row)?)
@@ -574,7 +578,10 @@ impl PgStore {
     /// the commit, so that writes are numbered in commit order) and commits.
     fn commit_write(&self, mut tx: postgres::Transaction<'_>) -> Result<u64> {
         let seq: i64 = tx
-            .query_one("UPDATE ragway_collections SET seq = seq + 1 WHERE name = $1 RETURNING seq", &[&self.settings.name])
+            .query_one(
+                "UPDATE ragway_collections SET seq = seq + 1 WHERE name = $1 RETURNING seq",
+                &[&self.settings.name],
+            )
             .map_err(|e| self.err(e))?
             .get(0);
         tx.commit().map_err(|e| self.err(e))?;

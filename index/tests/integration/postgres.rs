@@ -341,7 +341,9 @@ fn concurrent_writers_leave_documents_whole(backend: Backend) {
         let texts: Vec<String> = doc
             .chunks
             .iter()
-            .map(|ch| doc.text.chars().skip(ch.char_start as usize).take((ch.char_end - ch.char_start) as usize).collect())
+            .map(|ch| {
+                doc.text.chars().skip(ch.char_start as usize).take((ch.char_end - ch.char_start) as usize).collect()
+            })
             .collect();
         let (version, parts) = texts[0].split_once(" part ").unwrap();
         let parts: usize = parts.split(" of ").nth(1).unwrap().parse().unwrap();
@@ -370,8 +372,9 @@ fn a_collection_of_schema_version_1_is_migrated_when_opened() {
     let mut rng = Rng(11);
     let store = PgStore::create(db.clone(), own_settings("old")).unwrap();
     let c = Collection::with_store(dir.path(), own_settings("old"), None, Box::new(store));
-    let docs: Vec<DocumentInput> =
-        (0..40).map(|i| own_doc(&format!("d{i}"), &format!("old document {i}"), json!({"i": i}), rng.vector())).collect();
+    let docs: Vec<DocumentInput> = (0..40)
+        .map(|i| own_doc(&format!("d{i}"), &format!("old document {i}"), json!({"i": i}), rng.vector()))
+        .collect();
     c.upsert(docs, true).unwrap();
     drop(c);
     // The tables as version 1 made them.
@@ -379,7 +382,8 @@ fn a_collection_of_schema_version_1_is_migrated_when_opened() {
     let prefix: String =
         client.query_one("SELECT prefix FROM ragway_collections WHERE name = 'old'", &[]).unwrap().get(0);
     let layout = |client: &mut postgres::Client| -> (i32, Option<Vec<String>>, Vec<(String, String)>) {
-        let version = client.query_one("SELECT schema_version FROM ragway_collections WHERE name = 'old'", &[]).unwrap().get(0);
+        let version =
+            client.query_one("SELECT schema_version FROM ragway_collections WHERE name = 'old'", &[]).unwrap().get(0);
         let options = client
             .query_one(&format!("SELECT reloptions FROM pg_class WHERE relname = '{prefix}_chunks'"), &[])
             .unwrap()
@@ -416,7 +420,12 @@ fn a_collection_of_schema_version_1_is_migrated_when_opened() {
     assert_eq!(c.info().documents, 40);
     assert_eq!(c.get("d7").unwrap().metadata["i"], 7);
     let hits = c
-        .search(&SearchRequest { query: "document 31".into(), top_k: 3, mode: SearchMode::Keyword, ..Default::default() })
+        .search(&SearchRequest {
+            query: "document 31".into(),
+            top_k: 3,
+            mode: SearchMode::Keyword,
+            ..Default::default()
+        })
         .unwrap();
     assert_eq!(hits.results[0].document_id, "d31");
     // Opening again changes nothing.
@@ -513,7 +522,7 @@ fn openssl(dir: &std::path::Path, args: &str) {
 }
 
 #[test]
-fn tls_as_the_address_asks_with_the_certificate_verified_against_its_root() {
+fn tls_as_the_address_asks_with_the_certificate_verified_against_its_root_and_client_certificates() {
     let pg = PgServer::start();
     let certs = tempfile::tempdir().unwrap();
     let dir = certs.path();
@@ -522,7 +531,10 @@ fn tls_as_the_address_asks_with_the_certificate_verified_against_its_root() {
     openssl(dir, "req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout ca.key -out ca.crt -days 2 -subj /CN=ragway-test-ca");
     openssl(dir, "req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout server.key -out server.csr -subj /CN=db.internal");
     std::fs::write(dir.join("san.ext"), "subjectAltName=DNS:db.internal,IP:127.0.0.1\n").unwrap();
-    openssl(dir, "x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out server.crt -days 2 -extfile san.ext");
+    openssl(
+        dir,
+        "x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out server.crt -days 2 -extfile san.ext",
+    );
     // The test server's build has no TLS: a rustls front answers for it (see `tlsproxy`).
     let proxy = crate::tlsproxy::TlsProxy::start(pg.port, &dir.join("server.crt"), &dir.join("server.key"));
     let ca = dir.join("ca.crt").display().to_string();
@@ -539,7 +551,8 @@ fn tls_as_the_address_asks_with_the_certificate_verified_against_its_root() {
     let db = connect(at("127.0.0.1", &format!("sslmode=verify-full&sslrootcert={ca}"))).unwrap();
     assert!(sessions() >= 3);
     // A certificate for another name: verify-full refuses it, verify-ca takes it.
-    let wrong_name = connect(at("localhost", &format!("sslmode=verify-full&sslrootcert={ca}"))).unwrap_err().to_string();
+    let wrong_name =
+        connect(at("localhost", &format!("sslmode=verify-full&sslrootcert={ca}"))).unwrap_err().to_string();
     assert!(wrong_name.contains("certificate not valid for name"), "{wrong_name}");
     connect(at("localhost", &format!("sslmode=verify-ca&sslrootcert={ca}"))).unwrap().ping().unwrap();
     // Not signed by a root ragway trusts.
@@ -565,8 +578,44 @@ fn tls_as_the_address_asks_with_the_certificate_verified_against_its_root() {
     c.upsert(docs, true).unwrap();
     assert_eq!(c.info().documents, 60);
     let hits = c
-        .search(&SearchRequest { query: "encrypted records".into(), top_k: 50, mode: SearchMode::Keyword, ..Default::default() })
+        .search(&SearchRequest {
+            query: "encrypted records".into(),
+            top_k: 50,
+            mode: SearchMode::Keyword,
+            ..Default::default()
+        })
         .unwrap();
     assert_eq!(hits.results.len(), 50);
     assert!(hits.results[0].text.len() > 6000);
+
+    // A server that asks for a client certificate signed by its CA: refused without one
+    // and with one of another CA, served with `sslcert` and `sslkey`.
+    openssl(dir, "req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout client.key -out client.csr -subj /CN=postgres");
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+    openssl(
+        dir,
+        "x509 -req -in client.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out client.crt -days 2 -extfile client.ext",
+    );
+    openssl(dir, "req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout other.key -out other.crt -days 2 -subj /CN=postgres");
+    let strict = crate::tlsproxy::TlsProxy::start_with(
+        pg.port,
+        &dir.join("server.crt"),
+        &dir.join("server.key"),
+        Some(&dir.join("ca.crt")),
+    );
+    let at = |query: &str| {
+        format!("postgres://postgres@127.0.0.1:{}/postgres?sslmode=verify-full&sslrootcert={ca}{query}", strict.port)
+    };
+    let file = |name: &str| dir.join(name).display().to_string();
+    let none = connect(at("")).unwrap_err().to_string();
+    assert!(none.contains("CertificateRequired"), "no client certificate: {none}");
+    let other = format!("&sslcert={}&sslkey={}", file("other.crt"), file("other.key"));
+    let refused = connect(at(&other)).unwrap_err().to_string();
+    assert!(refused.contains("alert"), "a client certificate of another CA: {refused}");
+    let mine = format!("&sslcert={}&sslkey={}", file("client.crt"), file("client.key"));
+    connect(at(&mine)).unwrap().ping().unwrap();
+    let half = connect(at(&format!("&sslcert={}", file("client.crt")))).unwrap_err().to_string();
+    assert!(half.contains("come together"), "{half}");
+    let wrong_key = connect(at(&format!("&sslcert={}&sslkey={}", file("client.crt"), file("ca.crt")))).unwrap_err();
+    assert!(wrong_key.to_string().contains("sslkey"), "{wrong_key}");
 }

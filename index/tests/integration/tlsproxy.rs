@@ -27,18 +27,33 @@ pub struct TlsProxy {
 
 impl TlsProxy {
     pub fn start(backend_port: u16, cert: &Path, key: &Path) -> TlsProxy {
+        Self::start_with(backend_port, cert, key, None)
+    }
+
+    /// [`TlsProxy::start`], requiring with `client_ca` a client certificate it signed (as
+    /// PostgreSQL's `cert` authentication does).
+    pub fn start_with(backend_port: u16, cert: &Path, key: &Path, client_ca: Option<&Path>) -> TlsProxy {
         let certs: Vec<CertificateDer<'static>> =
             CertificateDer::pem_file_iter(cert).unwrap().collect::<Result<_, _>>().unwrap();
         let key = PrivateKeyDer::from_pem_file(key).unwrap();
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = Arc::new(
-            rustls::ServerConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()
-                .unwrap()
-                .with_no_client_auth()
-                .with_single_cert(certs, key)
-                .unwrap(),
-        );
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap();
+        let builder = match client_ca {
+            None => builder.with_no_client_auth(),
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for c in CertificateDer::pem_file_iter(ca).unwrap() {
+                    roots.add(c.unwrap()).unwrap();
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                    .build()
+                    .unwrap();
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let config = Arc::new(builder.with_single_cert(certs, key).unwrap());
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let proxy = TlsProxy {
