@@ -618,4 +618,6 @@ fn tls_as_the_address_asks_with_the_certificate_verified_against_its_root_and_cl
     assert!(half.contains("come together"), "{half}");
     let wrong_key = connect(at(&format!("&sslcert={}&sslkey={}", file("client.crt"), file("ca.crt")))).unwrap_err();
     assert!(wrong_key.to_string().contains("sslkey"), "{wrong_key}");
+    let mismatch = connect(at(&format!("&sslcert={}&sslkey={}", file("client.crt"), file("other.key")))).unwrap_err();
+    assert!(mismatch.to_string().contains("KeyMismatch"), "a key of another certificate: {mismatch}");
 }
