@@ -601,9 +601,10 @@ impl DeviceLlama {
                     .permute((1, 2, 0, 3))?
                     .contiguous()?
                     .reshape((nkv, group * n, hd))?;
-                let scores = softcap((qs.matmul(&keys.transpose(1, 2)?.contiguous()?)? * scale)?, cfg.arch.attn_softcap)?
-                    .reshape((nkv, group, n, nb * BLOCK))?
-                    .broadcast_add(mask)?;
+                let scores =
+                    softcap((qs.matmul(&keys.transpose(1, 2)?.contiguous()?)? * scale)?, cfg.arch.attn_softcap)?
+                        .reshape((nkv, group, n, nb * BLOCK))?
+                        .broadcast_add(mask)?;
                 let p = candle_nn::ops::softmax_last_dim(&scores)?.reshape((nkv, group * n, nb * BLOCK))?;
                 let o = p.matmul(&values)?.reshape((nkv, group, n, hd))?.permute((2, 0, 1, 3))?;
                 outs.push(o.contiguous()?.reshape((n, q_dim))?);
@@ -613,6 +614,9 @@ impl DeviceLlama {
             let mut proj = layer.o.forward(&attn)?;
             if let Some(w) = &layer.post_attn_norm {
                 proj = candle_nn::ops::rms_norm(&proj, w, eps)?;
+            }
+            if let Some(r) = cfg.arch.residual_scale {
+                proj = (proj * r as f64)?;
             }
             x = (x + proj)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
@@ -625,6 +629,9 @@ impl DeviceLlama {
             let mut down = layer.down.forward(&(act * up)?)?;
             if let Some(w) = &layer.post_ffn_norm {
                 down = candle_nn::ops::rms_norm(&down, w, eps)?;
+            }
+            if let Some(r) = cfg.arch.residual_scale {
+                down = (down * r as f64)?;
             }
             x = (x + down)?;
         }
@@ -648,7 +655,10 @@ impl DeviceLlama {
             (None, Embedding::Quant(q)) => q.forward(&h)?,
             (None, Embedding::Dense(w)) => h.to_dtype(w.dtype())?.matmul(&w.t()?)?,
         };
-        let logits = softcap(logits.to_dtype(DType::F32)?, cfg.arch.final_softcap)?;
+        let mut logits = softcap(logits.to_dtype(DType::F32)?, cfg.arch.final_softcap)?;
+        if let Some(l) = cfg.arch.logit_scale {
+            logits = (logits / l as f64)?;
+        }
         Ok(logits.flatten_all()?.to_vec1::<f32>()?)
     }
 }

@@ -21,10 +21,11 @@ use rayon::prelude::*;
 use std::path::Path;
 
 /// `general.architecture` values [`Llama::from_gguf`] loads.
-pub const GGUF_ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"];
+pub const GGUF_ARCHITECTURES: &[&str] = &["llama", "granite", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"];
 
 /// `model_type` values of `config.json` that [`Llama::from_safetensors`] loads.
-pub const SAFETENSORS_ARCHITECTURES: &[&str] = &["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text"];
+pub const SAFETENSORS_ARCHITECTURES: &[&str] =
+    &["llama", "granite", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text"];
 
 /// How rotary embeddings pair the dimensions of a head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,8 +66,8 @@ pub enum Activation {
 /// Per-architecture switches of the one decoder.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ArchConfig {
-    /// `general.architecture` (`llama`, `qwen2`, `qwen3`, `phi3`, `gemma3`) or the
-    /// safetensors `model_type` (`llama`, `mistral`, `qwen2`, `qwen3`, `phi3`).
+    /// `general.architecture` (`llama`, `granite`, `qwen2`, `qwen3`, `phi3`, `gemma2`,
+    /// `gemma3`) or the safetensors `model_type` (also `mistral`, `gemma3_text`).
     pub name: String,
     /// Token embeddings are multiplied by this (Gemma: sqrt(width)).
     pub embed_scale: Option<f32>,
@@ -87,6 +88,11 @@ pub struct ArchConfig {
     pub attn_softcap: Option<f32>,
     /// Gemma 2: the output logits likewise.
     pub final_softcap: Option<f32>,
+    /// Granite: each layer's attention and MLP outputs are scaled by this before the
+    /// residual add.
+    pub residual_scale: Option<f32>,
+    /// Granite: the output logits are divided by this.
+    pub logit_scale: Option<f32>,
 }
 
 impl ArchConfig {
@@ -102,6 +108,8 @@ impl ArchConfig {
             attn_scale: 1.0 / (head_dim as f32).sqrt(),
             attn_softcap: None,
             final_softcap: None,
+            residual_scale: None,
+            logit_scale: None,
         }
     }
 
@@ -647,14 +655,15 @@ impl Llama {
                 }
             }
             s.attn.resize(total * q_dim, 0.0);
-            let caches: Vec<(&[f16], &[f16], usize)> = batch
-                .iter()
-                .map(|b| (b.cache.k[li].as_slice(), b.cache.v[li].as_slice(), b.cache.base[li]))
-                .collect();
+            let caches: Vec<(&[f16], &[f16], usize)> =
+                batch.iter().map(|b| (b.cache.k[li].as_slice(), b.cache.v[li].as_slice(), b.cache.base[li])).collect();
             attention(cfg, &s.qkv, &caches, &starts, cfg.layer_window(li), &mut s.attn);
             layer.o.forward(&s.attn, total, &mut s.acts, &mut s.proj);
             if let Some(w) = &layer.post_attn_norm {
                 rms_norm_inplace(&mut s.proj, w, cfg.rms_eps);
+            }
+            if let Some(r) = cfg.arch.residual_scale {
+                s.proj.iter_mut().for_each(|v| *v *= r);
             }
             add_inplace(&mut s.x, &s.proj);
             rms_norm(&s.x, &layer.ffn_norm, cfg.rms_eps, &mut s.h);
@@ -663,6 +672,9 @@ impl Llama {
             layer.down.forward(&s.act, total, &mut s.acts, &mut s.proj);
             if let Some(w) = &layer.post_ffn_norm {
                 rms_norm_inplace(&mut s.proj, w, cfg.rms_eps);
+            }
+            if let Some(r) = cfg.arch.residual_scale {
+                s.proj.iter_mut().for_each(|v| *v *= r);
             }
             add_inplace(&mut s.x, &s.proj);
         }
@@ -685,6 +697,9 @@ impl Llama {
         self.lm_head.as_ref().unwrap_or(&self.embed).forward(&s.h, rows.len(), &mut s.acts, &mut logits);
         if let Some(cap) = cfg.arch.final_softcap {
             softcap(&mut logits, cap);
+        }
+        if let Some(l) = cfg.arch.logit_scale {
+            logits.iter_mut().for_each(|v| *v /= l);
         }
         Ok(logits)
     }
@@ -781,6 +796,15 @@ pub(crate) struct HfLlamaConfig {
     attn_logit_softcapping: Option<f64>,
     #[serde(default)]
     final_logit_softcapping: Option<f64>,
+    /// Granite's multipliers.
+    #[serde(default)]
+    embedding_multiplier: Option<f32>,
+    #[serde(default)]
+    residual_multiplier: Option<f32>,
+    #[serde(default)]
+    attention_multiplier: Option<f32>,
+    #[serde(default)]
+    logits_scaling: Option<f32>,
 }
 
 /// The shape and constants of a GGUF decoder (`general.architecture` in
@@ -846,6 +870,17 @@ pub(crate) fn gguf_config(path: &Path, content: &gguf_file::Content) -> Result<L
             ..arch_cfg
         };
     }
+    if arch == "granite" {
+        // llama.cpp's keys; a multiplier of 0 (absent in some conversions) means none.
+        let some = |key: &str| value(key).and_then(|v| v.to_f32().ok()).filter(|v| *v != 0.0 && v.is_finite());
+        arch_cfg = ArchConfig {
+            embed_scale: some("embedding_scale"),
+            residual_scale: some("residual_scale"),
+            attn_scale: some("attention.scale").unwrap_or(arch_cfg.attn_scale),
+            logit_scale: some("logit_scale"),
+            ..arch_cfg
+        };
+    }
     // llama.cpp ignores the sliding window of llama-architecture (Mistral) and phi3 files, and
     // so does ragway: outputs stay equal to llama.cpp's.
     let cfg = LlamaConfig {
@@ -859,8 +894,9 @@ pub(crate) fn gguf_config(path: &Path, content: &gguf_file::Content) -> Result<L
         context_length: get("context_length")?,
         rope_theta: getf("rope.freq_base", 10_000.0),
         rms_eps: getf("attention.layer_norm_rms_epsilon", 1e-5),
-        // llama.cpp permutes llama's Q and K for adjacent pairs; the others keep halves.
-        rope_style: if arch == "llama" { RopeStyle::Interleaved } else { RopeStyle::Half },
+        // llama.cpp permutes llama's (and Granite's) Q and K for adjacent pairs; the others
+        // keep halves.
+        rope_style: if arch == "llama" || arch == "granite" { RopeStyle::Interleaved } else { RopeStyle::Half },
         arch: arch_cfg,
     };
     cfg.check(path)?;
@@ -886,12 +922,21 @@ pub(crate) fn safetensors_config(dir: &Path) -> Result<(LlamaConfig, HfLlamaConf
         // Every layer sees the last `sliding_window` positions (Mistral 7B v0.1: 4096).
         arch.sliding_window = c.sliding_window;
     }
+    if model_type == "granite" {
+        let some = |v: Option<f32>| v.filter(|v| *v != 0.0 && v.is_finite());
+        arch = ArchConfig {
+            embed_scale: some(c.embedding_multiplier),
+            residual_scale: some(c.residual_multiplier),
+            attn_scale: some(c.attention_multiplier).unwrap_or(arch.attn_scale),
+            logit_scale: some(c.logits_scaling),
+            ..arch
+        };
+    }
     if model_type == "gemma2" || model_type == "gemma3_text" {
         let gemma2 = model_type == "gemma2";
         let pattern = match &c.layer_types {
-            Some(types) => gemma_pattern(types).ok_or_else(|| {
-                invalid("layer_types: full-attention layers are not every n-th layer".into())
-            })?,
+            Some(types) => gemma_pattern(types)
+                .ok_or_else(|| invalid("layer_types: full-attention layers are not every n-th layer".into()))?,
             None if gemma2 => 2,
             None => c.sliding_window_pattern.unwrap_or(6),
         };
@@ -1011,9 +1056,8 @@ pub(crate) fn hf_norms(arch: &ArchConfig) -> HfNorms {
 
 /// The `n` of "every n-th layer is global" that `layer_types` follows, if it follows one.
 fn gemma_pattern(types: &[String]) -> Option<usize> {
-    (1..=types.len().max(1)).find(|&n| {
-        types.iter().enumerate().all(|(i, t)| (t == "full_attention") == ((i + 1) % n == 0))
-    })
+    (1..=types.len().max(1))
+        .find(|&n| types.iter().enumerate().all(|(i, t)| (t == "full_attention") == ((i + 1) % n == 0)))
 }
 
 pub(crate) fn md_str(content: &gguf_file::Content, key: &str) -> Option<String> {
@@ -1418,7 +1462,8 @@ mod tests {
         assert_eq!(cfg.layer_rope(2), (1_000_000.0, 8.0));
         assert_eq!(cfg.layer_rope(0), (10_000.0, 1.0));
         // What the decoder cannot run is refused, not approximated.
-        let irregular: Vec<&str> = (0..12).map(|i| if i == 4 { "full_attention" } else { "sliding_attention" }).collect();
+        let irregular: Vec<&str> =
+            (0..12).map(|i| if i == 4 { "full_attention" } else { "sliding_attention" }).collect();
         assert!(gemma3_text(serde_json::json!({"layer_types": irregular})).is_err());
         // Soft-capping (Gemma 2's, which the decoders run) is read when a config sets it.
         let cfg = gemma3_text(serde_json::json!({"final_logit_softcapping": 30.0})).unwrap();

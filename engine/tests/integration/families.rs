@@ -8,6 +8,8 @@
 //! Gemma 3 (`gemma3_text`) safetensors: GeGLU, embedding scaling, the four norms stored as
 //! offsets from 1, per-head Q/K norms, query pre-attention scaling, alternating sliding and
 //! global layers with their own RoPE bases.
+//! Granite: llama with four multipliers, against candle-transformers' `granite` (which
+//! leaves them out) on the weights they rewrite to.
 
 use super::common::models_dir;
 use super::generation::{prefill_logits, pseudo_random, smollm};
@@ -111,7 +113,8 @@ impl Drop for Tiny {
 }
 
 /// The same weights as a GGUF file of architecture `arch` under llama.cpp's tensor names
-/// (F32, no Q/K permutation: these architectures rotate halves), with SmolLM2's tokenizer.
+/// (F32; no Q/K permutation, as these architectures rotate halves — except Granite's, which
+/// llama.cpp's converter permutes as llama's), with SmolLM2's tokenizer.
 fn write_gguf(t: &Tiny, arch: &str, path: &Path) {
     let real = models_dir().join("SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
     let content = gguf_file::Content::read(&mut std::fs::File::open(real).unwrap()).unwrap();
@@ -144,6 +147,22 @@ fn write_gguf(t: &Tiny, arch: &str, path: &Path) {
         }
         md.push((format!("{arch}.attention.sliding_window"), u("sliding_window")));
     }
+    if arch == "granite" {
+        for (key, from) in [
+            ("embedding_scale", "embedding_multiplier"),
+            ("residual_scale", "residual_multiplier"),
+            ("attention.scale", "attention_multiplier"),
+            ("logit_scale", "logits_scaling"),
+        ] {
+            md.push((format!("{arch}.{key}"), gguf_file::Value::F32(c[from].as_f64().unwrap() as f32)));
+        }
+    }
+    // llama.cpp's converter: Q and K rows reordered so that rotating adjacent pairs equals
+    // transformers' rotation of halves.
+    let permute = |w: &Tensor, heads: usize| -> Tensor {
+        let (rows, cols) = w.dims2().unwrap();
+        w.reshape((heads, 2, rows / heads / 2, cols)).unwrap().transpose(1, 2).unwrap().reshape((rows, cols)).unwrap()
+    };
     // Gemma's GGUF norms are the 1 + w that transformers computes.
     let norm_names = [
         ("input_layernorm", "attn_norm"),
@@ -183,6 +202,11 @@ fn write_gguf(t: &Tiny, arch: &str, path: &Path) {
         .iter()
         .map(|(n, w)| {
             let w = if gemma && n.ends_with("norm.weight") { (w + 1.0).unwrap() } else { w.clone() };
+            let w = match arch {
+                "granite" if n.ends_with("q_proj.weight") => permute(&w, HEADS),
+                "granite" if n.ends_with("k_proj.weight") => permute(&w, KV_HEADS),
+                _ => w,
+            };
             (rename(n), QTensor::quantize(&w, GgmlDType::F32).unwrap())
         })
         .collect();
@@ -217,7 +241,8 @@ fn compare(
     let mut cache = KvCache::new(ours.model.config());
     let mut scratch = Scratch::default();
     let mut logits = prefill_logits(ours, prompt, &mut cache, &mut scratch);
-    let mut on_device = device.model.forward(&mut [PagedSeq { tokens: prompt, kv: &mut kv, want_logits: true }]).unwrap();
+    let mut on_device =
+        device.model.forward(&mut [PagedSeq { tokens: prompt, kv: &mut kv, want_logits: true }]).unwrap();
     let mut want = reference(prompt, 0);
     let mut all = Vec::new();
     for step in 0..=steps {
@@ -234,8 +259,7 @@ fn compare(
         }
         let mut b = [SeqBatch { tokens: &[next], cache: &mut cache, want_logits: true }];
         logits = ours.model.forward(&mut b, &mut scratch).unwrap();
-        on_device =
-            device.model.forward(&mut [PagedSeq { tokens: &[next], kv: &mut kv, want_logits: true }]).unwrap();
+        on_device = device.model.forward(&mut [PagedSeq { tokens: &[next], kv: &mut kv, want_logits: true }]).unwrap();
         want = reference(&[next], prompt.len() + step);
     }
     all
@@ -243,8 +267,10 @@ fn compare(
 
 fn vb(t: &Tiny) -> candle_nn::VarBuilder<'static> {
     // SAFETY: the test's own file, not written while mapped.
-    unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&[t.dir.join("model.safetensors")], DType::F32, &Device::Cpu) }
-        .unwrap()
+    unsafe {
+        candle_nn::VarBuilder::from_mmaped_safetensors(&[t.dir.join("model.safetensors")], DType::F32, &Device::Cpu)
+    }
+    .unwrap()
 }
 
 fn run(m: &mut dyn FnMut(&Tensor, usize) -> candle_core::Result<Tensor>, tokens: &[u32], offset: usize) -> Vec<f32> {
@@ -262,7 +288,8 @@ fn gguf_twin_agrees(t: &Tiny, arch: &str, prompt: &[u32], want: &[f32]) {
     let rel = max_rel_diff(&got, want);
     assert!(rel <= 1e-4, "{arch} GGUF: max |diff| {rel} against the safetensors load");
     let d = paged(&path, &t.dir);
-    let got = d.model.forward(&mut [PagedSeq { tokens: prompt, kv: &mut d.model.new_kv(), want_logits: true }]).unwrap();
+    let got =
+        d.model.forward(&mut [PagedSeq { tokens: prompt, kv: &mut d.model.new_kv(), want_logits: true }]).unwrap();
     let rel = max_rel_diff(&got, want);
     assert!(rel <= 1e-3, "{arch} GGUF on the paged decoder: max |diff| {rel} against the safetensors load");
 }
@@ -331,7 +358,8 @@ fn mistral_sliding_window_matches_candle_transformers() {
     let rel = max_rel_diff(&got, &want);
     assert!(rel <= 1e-3, "max |diff| {rel}");
     let d = paged(&t.dir, &t.dir);
-    let on_device = d.model.forward(&mut [PagedSeq { tokens: &p, kv: &mut d.model.new_kv(), want_logits: true }]).unwrap();
+    let on_device =
+        d.model.forward(&mut [PagedSeq { tokens: &p, kv: &mut d.model.new_kv(), want_logits: true }]).unwrap();
     let rel = max_rel_diff(&on_device, &want);
     assert!(rel <= 1e-3, "paged decoder: max |diff| {rel}");
     let mut c = t.config.clone();
@@ -392,8 +420,10 @@ fn gemma3_sliding_window_matches_candle_transformers() {
     assert!(p.len() > 6);
     let got = prefill_logits(&ours, &p, &mut KvCache::new(ours.model.config()), &mut Scratch::default());
     let d = paged(&t.dir, &t.dir);
-    let on_device = d.model.forward(&mut [PagedSeq { tokens: &p, kv: &mut d.model.new_kv(), want_logits: true }]).unwrap();
-    let mut reference = Model::new(false, &serde_json::from_value::<Config>(t.config.clone()).unwrap(), vb(&t)).unwrap();
+    let on_device =
+        d.model.forward(&mut [PagedSeq { tokens: &p, kv: &mut d.model.new_kv(), want_logits: true }]).unwrap();
+    let mut reference =
+        Model::new(false, &serde_json::from_value::<Config>(t.config.clone()).unwrap(), vb(&t)).unwrap();
     let want = one_by_one(&mut reference, &p, 0);
     assert!(max_rel_diff(&got, &want) <= 1e-3, "native: max |diff| {}", max_rel_diff(&got, &want));
     assert!(max_rel_diff(&on_device, &want) <= 1e-3, "paged: max |diff| {}", max_rel_diff(&on_device, &want));
@@ -420,7 +450,8 @@ fn gemma2_matches_candle_transformers() {
     let cfg = ours.model.config();
     assert_eq!((cfg.arch.attn_softcap, cfg.arch.final_softcap), (Some(1.5), Some(4.0)));
     assert_eq!((cfg.layer_window(0), cfg.layer_window(1)), (Some(64), None));
-    let mut reference = Model::new(false, &serde_json::from_value::<Config>(t.config.clone()).unwrap(), vb(&t)).unwrap();
+    let mut reference =
+        Model::new(false, &serde_json::from_value::<Config>(t.config.clone()).unwrap(), vb(&t)).unwrap();
     let p = prompt(&ours);
     let mut one_by_one = |tokens: &[u32], offset: usize| {
         let mut last = Vec::new();
@@ -440,4 +471,56 @@ fn gemma2_matches_candle_transformers() {
         last = run(&mut |x, o| uncapped.forward(x, o), &[tk], i);
     }
     assert!(max_rel_diff(&last, &logits[0]) > 1e-2, "the attention cap changes nothing: the test would not see it");
+}
+
+/// Granite: llama with four multipliers (embedding, residual, attention, logits), which
+/// candle-transformers' `granite` leaves out. The reference is that model on the weights the
+/// multipliers rewrite to — embeddings × e/r (the residual stream is then r times Granite's,
+/// which the RMS norms do not see), queries × a·√head_dim — with its logits divided by the
+/// logit scale; then the same weights as GGUF under llama.cpp's `granite.*` keys.
+#[test]
+fn granite_multipliers_match_candle_transformers_on_the_weights_they_rewrite_to() {
+    use candle_transformers::models::granite::{Cache, Granite, GraniteConfig};
+    let (e, r, a, l) = (12.0f64, 0.22, 0.0078125, 8.0);
+    let hd = HIDDEN / HEADS;
+    let t = tiny(
+        "granite",
+        hd,
+        json!({"embedding_multiplier": e, "residual_multiplier": r, "attention_multiplier": a, "logits_scaling": l}),
+    );
+    let ours = GenerativeModel::load(t.dir.to_str().unwrap(), &t.dir, None).unwrap();
+    let arch = &ours.model.config().arch;
+    assert_eq!((arch.name.as_str(), arch.residual_scale, arch.logit_scale), ("granite", Some(0.22), Some(8.0)));
+    // Outside the model's folder, whose every *.safetensors file is part of the model.
+    let twin_dir = PathBuf::from(format!("{}-rewritten", t.dir.display()));
+    std::fs::create_dir_all(&twin_dir).unwrap();
+    let twin = twin_dir.join("model.safetensors");
+    let mut w = t.tensors.clone();
+    for (name, v) in w.iter_mut() {
+        if name == "model.embed_tokens.weight" {
+            *v = (&*v * (e / r)).unwrap();
+        } else if name.ends_with("q_proj.weight") {
+            *v = (&*v * (a * (hd as f64).sqrt())).unwrap();
+        }
+    }
+    candle_core::safetensors::save(&w, &twin).unwrap();
+    // SAFETY: the test's own file, not written while mapped.
+    let vb = unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&[&twin], DType::F32, &Device::Cpu) }.unwrap();
+    let cfg: GraniteConfig = serde_json::from_value(t.config.clone()).unwrap();
+    let cfg = cfg.into_config(false);
+    let reference = Granite::load(vb, &cfg).unwrap();
+    let _ = std::fs::remove_dir_all(&twin_dir);
+    let mut cache = Cache::new(true, DType::F32, &cfg, &Device::Cpu).unwrap();
+    let p = prompt(&ours);
+    let logits = compare(&ours, &t.dir, &p, 4, |x, o| {
+        run(&mut |i, o| reference.forward(i, o, &mut cache), x, o).iter().map(|v| v / l as f32).collect()
+    });
+    gguf_twin_agrees(&t, "granite", &p, &logits[0]);
+    // The multipliers matter: the same weights read as plain llama answer otherwise.
+    let mut plain = t.config.clone();
+    plain["model_type"] = json!("llama");
+    std::fs::write(t.dir.join("config.json"), plain.to_string()).unwrap();
+    let llama = GenerativeModel::load(t.dir.to_str().unwrap(), &t.dir, None).unwrap();
+    let other = prefill_logits(&llama, &p, &mut KvCache::new(llama.model.config()), &mut Scratch::default());
+    assert!(max_rel_diff(&other, &logits[0]) > 0.05);
 }
