@@ -614,10 +614,7 @@ fn a_collection_opens_while_its_model_is_still_loading() {
 /// its cut.
 #[test]
 fn periodic_saves_run_beside_writes_and_a_crash_after_one_opens_from_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut settings = settings("bg");
-    (settings.model, settings.dimension) = (None, 8);
-    let c = Collection::create_with(dir.path(), settings, None).unwrap();
+    let (dir, c) = own_vectors_collection("bg", 8);
     let (vectors, queries) = clustered(60_000, 8, 64, 0.5, 11);
     let batch = |b: usize| -> Vec<ragway_index::DocumentInput> {
         (b * 5_000..(b + 1) * 5_000)
@@ -689,10 +686,7 @@ fn periodic_saves_run_beside_writes_and_a_crash_after_one_opens_from_it() {
 /// and a crash, and the answers stay those of exact search.
 #[test]
 fn updates_reuse_the_graph_slots_of_replaced_chunks_without_a_rebuild() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut settings = settings("churn");
-    (settings.model, settings.dimension) = (None, 16);
-    let c = Collection::create_with(dir.path(), settings, None).unwrap();
+    let (dir, c) = own_vectors_collection("churn", 16);
     let (pool, queries) = clustered(14_000, 16, 32, 0.5, 5);
     let version = |round: usize| -> Vec<ragway_index::DocumentInput> {
         (0..2000)
@@ -770,10 +764,7 @@ fn updates_reuse_the_graph_slots_of_replaced_chunks_without_a_rebuild() {
 fn the_log_is_rewritten_while_writes_go_on_and_loses_none_of_them() {
     use std::collections::BTreeMap;
     use std::sync::atomic::{AtomicBool, Ordering};
-    let dir = tempfile::tempdir().unwrap();
-    let mut settings = settings("rewrite");
-    (settings.model, settings.dimension) = (None, 16);
-    let c = Collection::create_with(dir.path(), settings, None).unwrap();
+    let (dir, c) = own_vectors_collection("rewrite", 16);
     let (pool, _) = clustered(4000, 16, 32, 0.5, 11);
     for round in 0..3 {
         let docs = (0..1000)
@@ -841,6 +832,16 @@ fn the_log_is_rewritten_while_writes_go_on_and_loses_none_of_them() {
     let c = Collection::open_embedded_by(dir.path(), None).unwrap();
     holds_exactly(&c, "reopened");
     assert_halves_agree(&c);
+}
+
+/// A fresh embedded collection of `dim`-dimensional own vectors (no model) in a temporary
+/// directory.
+fn own_vectors_collection(name: &str, dim: usize) -> (tempfile::TempDir, Collection) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = settings(name);
+    (settings.model, settings.dimension) = (None, dim);
+    let c = Collection::create_with(dir.path(), settings, None).unwrap();
+    (dir, c)
 }
 
 /// A copy of the files under `dir` as they are: the state a kill -9 would leave now.
