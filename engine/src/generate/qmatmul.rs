@@ -33,6 +33,9 @@ pub enum QKind {
     /// 5-bit values: the low nibbles as Q4_0's, the fifth bits as one 64-bit mask per
     /// 64-byte group (5.5 bits per weight read, where a Q8_0 copy reads 8.5).
     Q5_0,
+    /// 5-bit values with a minimum, as GGUF's Q5_1: Q5_0's values and Q4_1's per-row f16
+    /// scale and minimum (6 bits per weight read; Q5_K is rewritten into it).
+    Q5_1,
     /// Q6_K's 6-bit values read as they are (7 bits per weight read, where the Q8_0 copy
     /// read 8.5): the low nibbles as Q4_0's, the top two bits as 16 bytes per 64-byte group,
     /// and per row and 32-block the super-block's f16 `d` and the two 16-value sub-blocks'
@@ -52,6 +55,7 @@ impl QKind {
             Self::Q4_1 => Some(GgmlDType::Q4_1),
             Self::Q8_0 => Some(GgmlDType::Q8_0),
             Self::Q5_0 => Some(GgmlDType::Q5_0),
+            Self::Q5_1 => Some(GgmlDType::Q5_1),
             Self::Q6 => None,
         }
     }
@@ -63,6 +67,7 @@ impl QKind {
             Self::Q4_1 => 20,
             Self::Q8_0 => 34,
             Self::Q5_0 => 22,
+            Self::Q5_1 => 24,
             Self::Q6 => 36,
         }
     }
@@ -72,15 +77,20 @@ impl QKind {
         match self {
             Self::Q4_0 | Self::Q4_1 => 256,
             Self::Q8_0 => 512,
-            Self::Q5_0 => 256 + 64,
+            Self::Q5_0 | Self::Q5_1 => 256 + 64,
             Self::Q6 => 256 + 128,
         }
     }
 
-    /// Bytes of one tile block: values, then 16 f16 scales (and 16 f16 minimums for Q4_1,
-    /// or two rows of 16 8-bit sub-block scales for Q6).
+    /// Bytes of one tile block: values, then 16 f16 scales (and 16 f16 minimums for Q4_1 and
+    /// Q5_1, or two rows of 16 8-bit sub-block scales for Q6).
     fn tile_block_bytes(self) -> usize {
-        self.tile_value_bytes() + if matches!(self, Self::Q4_1 | Self::Q6) { 64 } else { 32 }
+        self.tile_value_bytes() + if matches!(self, Self::Q4_1 | Self::Q5_1 | Self::Q6) { 64 } else { 32 }
+    }
+
+    /// Whether the kind carries a per-block minimum (`value = d·q + m`).
+    fn has_min(self) -> bool {
+        matches!(self, Self::Q4_1 | Self::Q5_1)
     }
 }
 
@@ -89,6 +99,7 @@ const K_Q4_1: u8 = 1;
 const K_Q8_0: u8 = 2;
 const K_Q5_0: u8 = 3;
 const K_Q6: u8 = 4;
+const K_Q5_1: u8 = 5;
 
 /// Bytes of a kind's packed values and of its whole tile block, for the SIMD kernels'
 /// const kind numbers (see [`QKind::tile_value_bytes`], [`QKind::tile_block_bytes`]).
@@ -98,6 +109,7 @@ const fn tile_layout(kind: u8) -> (usize, usize) {
         K_Q4_1 => (256, 320),
         K_Q5_0 => (320, 352),
         K_Q6 => (384, 448),
+        K_Q5_1 => (320, 384),
         _ => (256, 288),
     }
 }
@@ -226,13 +238,16 @@ impl PackedMatrix {
                             }
                             ([src[0], src[1]], [0, 0])
                         }
-                        QKind::Q5_0 => {
-                            let qh = u32::from_le_bytes([src[2], src[3], src[4], src[5]]);
+                        QKind::Q5_0 | QKind::Q5_1 => {
+                            // Q5_1: `d`, `m`, then Q5_0's high bits and nibbles.
+                            let at = if kind == QKind::Q5_1 { 4 } else { 2 };
+                            let qh = u32::from_le_bytes([src[at], src[at + 1], src[at + 2], src[at + 3]]);
                             for j in 0..16 {
-                                vals[j] = (src[6 + j] & 0x0F) | (((qh >> j) & 1) as u8) << 4;
-                                vals[j + 16] = (src[6 + j] >> 4) | (((qh >> (j + 16)) & 1) as u8) << 4;
+                                vals[j] = (src[at + 4 + j] & 0x0F) | (((qh >> j) & 1) as u8) << 4;
+                                vals[j + 16] = (src[at + 4 + j] >> 4) | (((qh >> (j + 16)) & 1) as u8) << 4;
                             }
-                            ([src[0], src[1]], [0, 0])
+                            let m = if kind == QKind::Q5_1 { [src[2], src[3]] } else { [0, 0] };
+                            ([src[0], src[1]], m)
                         }
                         QKind::Q6 => {
                             for j in 0..QK {
@@ -246,7 +261,7 @@ impl PackedMatrix {
                         let j = lane * 4 + kk % 4;
                         match kind {
                             QKind::Q8_0 => dst[u * 64 + j] = v,
-                            QKind::Q5_0 => {
+                            QKind::Q5_0 | QKind::Q5_1 => {
                                 dst[(u / 2) * 64 + j] |= (v & 0x0F) << ((u % 2) * 4);
                                 dst[256 + u * 8 + j / 8] |= (v >> 4) << (j % 8);
                             }
@@ -258,7 +273,7 @@ impl PackedMatrix {
                         }
                     }
                     dst[vb + lane * 2..vb + lane * 2 + 2].copy_from_slice(&d);
-                    if kind == QKind::Q4_1 {
+                    if kind.has_min() {
                         dst[vb + 32 + lane * 2..vb + 32 + lane * 2 + 2].copy_from_slice(&m);
                     }
                     if kind == QKind::Q6 {
@@ -298,7 +313,7 @@ impl PackedMatrix {
         for b in 0..nb {
             let blk = &self.data[(t * nb + b) * tbb..(t * nb + b + 1) * tbb];
             let d = f16_at(blk, vb + lane * 2);
-            let m = if self.kind == QKind::Q4_1 { f16_at(blk, vb + 32 + lane * 2) } else { 0.0 };
+            let m = if self.kind.has_min() { f16_at(blk, vb + 32 + lane * 2) } else { 0.0 };
             // Q6: d·sc of each sub-block, in f32 as ggml computes it (exact: an f16 times an i8).
             let q6_scale = |kk: usize| d * blk[vb + 32 + (kk / 16) * 16 + lane] as i8 as f32;
             for kk in 0..QK {
@@ -309,6 +324,7 @@ impl PackedMatrix {
                     QKind::Q4_0 => (((blk[(u / 2) * 64 + j] >> ((u % 2) * 4)) & 0x0F) as f32 - 8.0) * d,
                     QKind::Q4_1 => ((blk[(u / 2) * 64 + j] >> ((u % 2) * 4)) & 0x0F) as f32 * d + m,
                     QKind::Q5_0 => (q5_value(blk, u, j) as f32 - 16.0) * d,
+                    QKind::Q5_1 => q5_value(blk, u, j) as f32 * d + m,
                     QKind::Q6 => q6_scale(kk) * (q6_value(blk, u, j) as f32 - 32.0),
                 };
                 out[b * QK + kk] = v;
@@ -449,6 +465,7 @@ unsafe fn run_tile_on(with: Simd, kind: QKind, tile: *const u8, nb: usize, x: &Q
                 QKind::Q8_0 => go!(K_Q8_0),
                 QKind::Q5_0 => go!(K_Q5_0),
                 QKind::Q6 => go!(K_Q6),
+                QKind::Q5_1 => go!(K_Q5_1),
             }
             return;
         }};
@@ -482,7 +499,7 @@ unsafe fn portable_tile(kind: QKind, tile: *const u8, nb: usize, x: &QActs, row:
                 let (u, j) = (kk / 4, lane * 4 + kk % 4);
                 let w = match kind {
                     QKind::Q8_0 => blk[u * 64 + j],
-                    QKind::Q5_0 => q5_value(blk, u, j),
+                    QKind::Q5_0 | QKind::Q5_1 => q5_value(blk, u, j),
                     QKind::Q6 => q6_value(blk, u, j),
                     _ => (blk[(u / 2) * 64 + j] >> ((u % 2) * 4)) & 0x0F,
                 };
@@ -499,7 +516,9 @@ unsafe fn portable_tile(kind: QKind, tile: *const u8, nb: usize, x: &QActs, row:
                 QKind::Q4_0 => *acc += dw * da * (s - 8 * sa) as f32,
                 QKind::Q8_0 => *acc += dw * da * (s - 128 * sa) as f32,
                 QKind::Q5_0 => *acc += dw * da * (s - 16 * sa) as f32,
-                QKind::Q4_1 => *acc += dw * da * s as f32 + f16_at(blk, vb + 32 + lane * 2) * da * sa as f32,
+                QKind::Q4_1 | QKind::Q5_1 => {
+                    *acc += dw * da * s as f32 + f16_at(blk, vb + 32 + lane * 2) * da * sa as f32
+                }
             }
         }
     }
@@ -508,7 +527,7 @@ unsafe fn portable_tile(kind: QKind, tile: *const u8, nb: usize, x: &QActs, row:
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{tile_layout, QActs, K_Q4_1, K_Q5_0, K_Q6, K_Q8_0, QK};
+    use super::{tile_layout, QActs, K_Q4_1, K_Q5_0, K_Q5_1, K_Q6, K_Q8_0, QK};
     use std::arch::x86_64::*;
 
     /// One tile × `R` activation rows starting at `row0`.
@@ -544,7 +563,7 @@ mod avx512 {
                     u[2 * p] = _mm512_and_si512(v, low);
                     u[2 * p + 1] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low);
                 }
-                if KIND == K_Q5_0 {
+                if KIND == K_Q5_0 || KIND == K_Q5_1 {
                     // Each group's fifth bits: one 64-bit mask, one bit per byte.
                     let sixteen = _mm512_set1_epi8(16);
                     for (i, u) in u.iter_mut().enumerate() {
@@ -563,7 +582,7 @@ mod avx512 {
                 }
             }
             let dw = _mm512_cvtph_ps(_mm256_loadu_si256(w.add(vb) as *const __m256i));
-            let mw = if KIND == K_Q4_1 {
+            let mw = if KIND == K_Q4_1 || KIND == K_Q5_1 {
                 _mm512_cvtph_ps(_mm256_loadu_si256(w.add(vb + 32) as *const __m256i))
             } else {
                 _mm512_setzero_ps()
@@ -608,11 +627,11 @@ mod avx512 {
                     s = _mm512_sub_epi32(s, _mm512_set1_epi32(128 * sa));
                 } else if KIND == K_Q5_0 {
                     s = _mm512_sub_epi32(s, _mm512_set1_epi32(16 * sa));
-                } else if KIND != K_Q4_1 {
+                } else if KIND != K_Q4_1 && KIND != K_Q5_1 {
                     s = _mm512_sub_epi32(s, _mm512_set1_epi32(8 * sa));
                 }
                 *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dw, _mm512_set1_ps(da)), *acc);
-                if KIND == K_Q4_1 {
+                if KIND == K_Q4_1 || KIND == K_Q5_1 {
                     *acc = _mm512_fmadd_ps(mw, _mm512_set1_ps(da * sa as f32), *acc);
                 }
             }
@@ -632,7 +651,7 @@ mod avx512 {
 /// (`|w|` times `a·sign(w)`, at most 2·128·127) and need no offset correction.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{tile_layout, QActs, K_Q4_1, K_Q5_0, K_Q6, K_Q8_0, QK};
+    use super::{tile_layout, QActs, K_Q4_1, K_Q5_0, K_Q5_1, K_Q6, K_Q8_0, QK};
     use std::arch::x86_64::*;
 
     /// One tile × `R` activation rows starting at `row0`.
@@ -683,7 +702,7 @@ mod avx2 {
                         } else {
                             _mm256_and_si256(_mm256_srli_epi16::<4>(v), low)
                         };
-                        if KIND == K_Q5_0 {
+                        if KIND == K_Q5_0 || KIND == K_Q5_1 {
                             let m = (w.add(256 + i * 8 + h * 4) as *const i32).read_unaligned();
                             let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(m), spread);
                             let set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
@@ -718,7 +737,7 @@ mod avx2 {
                 _mm256_cvtph_ps(_mm_loadu_si128(w.add(vb) as *const __m128i)),
                 _mm256_cvtph_ps(_mm_loadu_si128(w.add(vb + 16) as *const __m128i)),
             ];
-            let mw = if KIND == K_Q4_1 {
+            let mw = if KIND == K_Q4_1 || KIND == K_Q5_1 {
                 [
                     _mm256_cvtph_ps(_mm_loadu_si128(w.add(vb + 32) as *const __m128i)),
                     _mm256_cvtph_ps(_mm_loadu_si128(w.add(vb + 48) as *const __m128i)),
@@ -755,11 +774,11 @@ mod avx2 {
                     let mut si = s[0][h];
                     if KIND == K_Q5_0 {
                         si = _mm256_sub_epi32(si, _mm256_set1_epi32(16 * sa));
-                    } else if KIND != K_Q8_0 && KIND != K_Q4_1 {
+                    } else if KIND != K_Q8_0 && KIND != K_Q4_1 && KIND != K_Q5_1 {
                         si = _mm256_sub_epi32(si, _mm256_set1_epi32(8 * sa));
                     }
                     acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(si), _mm256_mul_ps(dw[h], _mm256_set1_ps(da)), acc[h]);
-                    if KIND == K_Q4_1 {
+                    if KIND == K_Q4_1 || KIND == K_Q5_1 {
                         acc[h] = _mm256_fmadd_ps(mw[h], _mm256_set1_ps(da * sa as f32), acc[h]);
                     }
                 }
@@ -1040,7 +1059,9 @@ mod tests {
     /// equal sequential decoding bit for bit).
     #[test]
     fn rows_are_independent_of_the_batch() {
-        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q6K] {
+        for dtype in
+            [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q5_1, GgmlDType::Q6K]
+        {
             let (n, k, rows) = (32, 768, 6);
             let mut seed = 7u64;
             let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut seed)).collect();
@@ -1095,7 +1116,16 @@ mod tests {
             ),
         ];
         let mut ran = 0;
-        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q6K] {
+        for dtype in [
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q8_0,
+            GgmlDType::Q5_0,
+            GgmlDType::Q5_1,
+            GgmlDType::Q6K,
+            GgmlDType::Q4K,
+            GgmlDType::Q5K,
+        ] {
             let (n, k) = (32, 512);
             let mut seed = 99u64;
             let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut seed)).collect();
@@ -1128,6 +1158,12 @@ mod tests {
             }
         }
         eprintln!("{ran} kernel runs checked");
+    }
+
+    #[test]
+    fn q5_1_matches_dequantized_product() {
+        check(GgmlDType::Q5_1, 48, 96, 7);
+        check(GgmlDType::Q5_1, 32, 640, 1);
     }
 
     #[test]

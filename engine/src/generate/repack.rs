@@ -1,17 +1,16 @@
 //! GGUF block types the packed kernels do not read directly, rewritten at load into the
-//! 32-value blocks they do read, without an f32 copy of the weights (Q4_0, Q4_1, Q5_0 and
-//! Q8_0 are read as they are):
+//! 32-value blocks they do read, without an f32 copy of the weights (Q4_0, Q4_1, Q5_0, Q5_1
+//! and Q8_0 are read as they are):
 //!
-//! - Q5_0 → Q8_0, exactly (the same f16 scale, the 5-bit values as 8-bit ones), when it is
-//!   stacked with Q8_0 parts into one matrix.
-//! - Q4_K → Q4_1: each 32-value sub-block's `d·scale` and `dmin·min` become its f16 scale and
-//!   minimum (rounded to f16: ~5e-4 relative, far below the 4-bit step); the nibbles are
-//!   the same.
+//! - Q4_K → Q4_1 and Q5_K → Q5_1: each 32-value sub-block's `d·scale` and `dmin·min` become
+//!   its f16 scale and minimum (rounded to f16: ~5e-4 relative, far below the 4- or 5-bit
+//!   step); the values are the same.
 //! - Q6_K → [`QKind::Q6`], exactly: each 32-value sub-block keeps its 6-bit values, its
-//!   super-block's `d` and its two 8-bit scales (ragway's own 36-byte block). Stacked with
-//!   Q8_0 or Q5_0 parts, it is requantized to Q8_0 as below.
-//! - Q5_K, Q5_1 → Q8_0, requantized per 32 values as llama.cpp quantizes Q8_0
-//!   (`d = max|x| / 127`): an error under an eighth of the 5-bit step.
+//!   super-block's `d` and its two 8-bit scales (ragway's own 36-byte block).
+//! - Matrices of different types stacked into one (Q, K and V; gate and up — K-quant files
+//!   mix them) are read as Q8_0: Q5_0 widened exactly (the same f16 scale, the 5-bit values
+//!   as 8-bit ones), the others requantized per 32 values as llama.cpp quantizes Q8_0
+//!   (`d = max|x| / 127`: an error under an eighth of a 5-bit step).
 //!
 //! The result is the GGUF byte layout of the target type (Q6's own for Q6_K), for
 //! [`PackedMatrix::from_ggml`].
@@ -23,22 +22,20 @@ use candle_core::quantized::GgmlDType;
 use half::f16;
 
 /// The kind that matrices of these types, stacked into one (Q, K and V; gate and up), are read
-/// as together: their common [`target`], or Q8_0 for Q5_0 or Q6_K beside Q8_0 or each other
-/// (Q4_K_M files mix them): Q5_0 widens into Q8_0 exactly, Q6_K is requantized.
+/// as together: their common [`target`], or Q8_0 when they differ (K-quant files mix them:
+/// Q4_K or Q5_0 beside Q6_K or Q8_0): Q5_0 widens into Q8_0 exactly, the others are
+/// requantized per 32 values.
 pub fn common_target(dtypes: &[GgmlDType]) -> Option<QKind> {
     let kinds: Vec<QKind> = dtypes.iter().map(|&d| target(d)).collect::<Option<_>>()?;
     let first = *kinds.first()?;
     if kinds.iter().all(|&k| k == first) {
         Some(first)
-    } else if kinds.iter().all(|&k| matches!(k, QKind::Q5_0 | QKind::Q8_0 | QKind::Q6)) {
-        Some(QKind::Q8_0)
     } else {
-        None
+        Some(QKind::Q8_0)
     }
 }
 
-/// [`rewrite`] into `kind`, which is `dtype`'s own target or, for Q5_0 and Q6_K, Q8_0 (see
-/// [`common_target`]).
+/// [`rewrite`] into `kind`, which is `dtype`'s own target or Q8_0 (see [`common_target`]).
 pub fn rewrite_as(
     dtype: GgmlDType,
     kind: QKind,
@@ -49,7 +46,7 @@ pub fn rewrite_as(
         rewrite(dtype, raw, dequantized)
     } else if dtype == GgmlDType::Q5_0 && kind == QKind::Q8_0 {
         q5_0_to_q8_0(raw)
-    } else if dtype == GgmlDType::Q6K && kind == QKind::Q8_0 {
+    } else if kind == QKind::Q8_0 && target(dtype).is_some() {
         Some(quantize_q8_0(&dequantized()?))
     } else {
         None
@@ -62,8 +59,9 @@ pub fn target(dtype: GgmlDType) -> Option<QKind> {
         GgmlDType::Q4_0 => Some(QKind::Q4_0),
         GgmlDType::Q4_1 | GgmlDType::Q4K => Some(QKind::Q4_1),
         GgmlDType::Q5_0 => Some(QKind::Q5_0),
+        GgmlDType::Q5_1 | GgmlDType::Q5K => Some(QKind::Q5_1),
         GgmlDType::Q6K => Some(QKind::Q6),
-        GgmlDType::Q8_0 | GgmlDType::Q5_1 | GgmlDType::Q5K => Some(QKind::Q8_0),
+        GgmlDType::Q8_0 => Some(QKind::Q8_0),
         _ => None,
     }
 }
@@ -73,11 +71,14 @@ pub fn target(dtype: GgmlDType) -> Option<QKind> {
 /// whole blocks.
 pub fn rewrite(dtype: GgmlDType, raw: &[u8], dequantized: impl FnOnce() -> Option<Vec<f32>>) -> Option<Vec<u8>> {
     match dtype {
-        GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q8_0 | GgmlDType::Q5_0 => Some(raw.to_vec()),
+        GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q8_0 | GgmlDType::Q5_0 | GgmlDType::Q5_1 => Some(raw.to_vec()),
         GgmlDType::Q4K => q4k_to_q4_1(raw),
+        GgmlDType::Q5K => q5k_to_q5_1(raw),
         GgmlDType::Q6K => q6k_to_q6(raw),
-        GgmlDType::Q5_1 | GgmlDType::Q5K => Some(quantize_q8_0(&dequantized()?)),
-        _ => None,
+        _ => {
+            let _ = dequantized;
+            None
+        }
     }
 }
 
@@ -86,6 +87,8 @@ const Q8_0_BYTES: usize = 34;
 const Q4K_BYTES: usize = 144;
 const Q4_1_BYTES: usize = 20;
 const Q6K_BYTES: usize = 210;
+const Q5K_BYTES: usize = 176;
+const Q5_1_BYTES: usize = 24;
 const Q6_BYTES: usize = 36;
 
 /// Q5_0 (`d`, 32 high bits, 16 bytes of low nibbles) → Q8_0 (`d`, 32 signed bytes).
@@ -142,6 +145,42 @@ fn q4k_to_q4_1(raw: &[u8]) -> Option<Vec<u8>> {
                 for j in 0..16 {
                     out.push(nib(j) | (nib(j + 16) << 4));
                 }
+            }
+        }
+    }
+    Some(out)
+}
+
+/// Q5_K (256 values: `d`, `dmin`, 12 scale bytes, 32 bytes of fifth bits, 128 bytes of
+/// nibbles; value `d·sc·q − dmin·m`) → eight Q5_1 blocks (`d`, `m`, 32 fifth bits, 16
+/// bytes; value `d·q + m`).
+fn q5k_to_q5_1(raw: &[u8]) -> Option<Vec<u8>> {
+    if raw.len() % Q5K_BYTES != 0 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(raw.len() / Q5K_BYTES * 8 * Q5_1_BYTES);
+    for b in raw.chunks_exact(Q5K_BYTES) {
+        let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
+        let dmin = f16::from_le_bytes([b[2], b[3]]).to_f32();
+        let (scales, qh, qs) = (&b[4..16], &b[16..48], &b[48..176]);
+        for sub in 0..8 {
+            // ggml's order: 32 nibble bytes serve two sub-blocks (low nibbles, then high
+            // ones); sub-block `sub` takes bit `sub` of each of the 32 fifth-bit bytes.
+            let q = &qs[(sub / 2) * 32..(sub / 2 + 1) * 32];
+            let value = |l: usize| -> u8 {
+                let nib = if sub % 2 == 0 { q[l] & 0x0F } else { q[l] >> 4 };
+                nib | ((qh[l] >> sub) & 1) << 4
+            };
+            let (sc, m) = scale_min_k4(sub, scales);
+            out.extend_from_slice(&f16::from_f32(d * sc as f32).to_le_bytes());
+            out.extend_from_slice(&f16::from_f32(-dmin * m as f32).to_le_bytes());
+            let mut high = 0u32;
+            for l in 0..32 {
+                high |= ((value(l) >> 4) as u32) << l;
+            }
+            out.extend_from_slice(&high.to_le_bytes());
+            for l in 0..16 {
+                out.push((value(l) & 0x0F) | (value(l + 16) & 0x0F) << 4);
             }
         }
     }
@@ -229,8 +268,8 @@ mod tests {
             (GgmlDType::Q5_0, 0.0),
             (GgmlDType::Q4K, 2e-3),
             (GgmlDType::Q6K, 0.0),
-            (GgmlDType::Q5K, 1.5e-2),
-            (GgmlDType::Q5_1, 1.5e-2),
+            (GgmlDType::Q5K, 2e-3),
+            (GgmlDType::Q5_1, 0.0),
         ] {
             let q = QTensor::quantize(&x, dtype).unwrap();
             let raw = q.data().unwrap();
@@ -254,22 +293,35 @@ mod tests {
         }
         assert!(rewrite(GgmlDType::Q4K, &[0u8; 143], || None).is_none());
         assert!(rewrite(GgmlDType::Q6K, &[0u8; 209], || None).is_none());
+        assert!(rewrite(GgmlDType::Q5K, &[0u8; 175], || None).is_none());
     }
 
-    /// Q5_0 stacked with Q8_0 (as Q4_K_M files stack Q, K and V) is read as Q8_0, widened
-    /// exactly; kinds that cannot share a kernel have no common target.
+    /// Matrices of one type stacked together keep it; of different types (as K-quant files
+    /// stack Q, K and V) they are read as Q8_0 — Q5_0 widened exactly, a Q4_K requantized
+    /// within an eighth of its step; types without a packed kernel have no common target.
     #[test]
-    fn stacked_q5_0_and_q8_0_share_q8_0_exactly() {
+    fn stacked_types_share_a_kind() {
         assert_eq!(common_target(&[GgmlDType::Q5_0, GgmlDType::Q5_0]), Some(QKind::Q5_0));
         assert_eq!(common_target(&[GgmlDType::Q5_0, GgmlDType::Q8_0, GgmlDType::Q6K]), Some(QKind::Q8_0));
         assert_eq!(common_target(&[GgmlDType::Q6K, GgmlDType::Q6K]), Some(QKind::Q6));
-        assert_eq!(common_target(&[GgmlDType::Q4_0, GgmlDType::Q8_0]), None);
+        assert_eq!(common_target(&[GgmlDType::Q4K, GgmlDType::Q4K, GgmlDType::Q6K]), Some(QKind::Q8_0));
+        assert_eq!(common_target(&[GgmlDType::Q5K, GgmlDType::Q5K]), Some(QKind::Q5_1));
+        assert_eq!(common_target(&[GgmlDType::Q4_0, GgmlDType::F16]), None);
         let n = 1024;
         let x = Tensor::from_vec(values(n), (n,), &Device::Cpu).unwrap();
         let q = QTensor::quantize(&x, GgmlDType::Q5_0).unwrap();
         let want = q.dequantize(&Device::Cpu).unwrap().to_vec1::<f32>().unwrap();
         let out = rewrite_as(GgmlDType::Q5_0, QKind::Q8_0, &q.data().unwrap(), || None).unwrap();
         assert_eq!(decode(GgmlDType::Q8_0, &out, n), want);
+        let q = QTensor::quantize(&x, GgmlDType::Q4K).unwrap();
+        let want = q.dequantize(&Device::Cpu).unwrap().to_vec1::<f32>().unwrap();
+        let out = rewrite_as(GgmlDType::Q4K, QKind::Q8_0, &q.data().unwrap(), || Some(want.clone())).unwrap();
+        let got = decode(GgmlDType::Q8_0, &out, n);
+        for (w, g) in want.chunks(32).zip(got.chunks(32)) {
+            let amax = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+            // Half a Q8_0 step, and its f16 scale's rounding.
+            assert!(w.iter().zip(g).all(|(a, b)| (a - b).abs() <= amax * (0.5 / 127.0 + 1e-3)));
+        }
         assert!(rewrite_as(GgmlDType::Q4_0, QKind::Q8_0, &[0u8; 18], || None).is_none());
     }
 }
