@@ -122,69 +122,63 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     }
 }
 
-/// Q4_K (256 values: `d`, `dmin`, 12 scale bytes, 128 bytes of nibbles; value
-/// `d·sc·q − dmin·m`) → eight Q4_1 blocks (`d`, `m`, 16 bytes; value `d·q + m`).
-fn q4k_to_q4_1(raw: &[u8]) -> Option<Vec<u8>> {
-    if raw.len() % Q4K_BYTES != 0 {
+/// A K-quant with a scale and a minimum per 32-value sub-block (Q4_K, Q5_K: `d`, `dmin` and
+/// 12 scale bytes first; value `d·sc·q − dmin·m`) → eight blocks of `out_block` bytes per
+/// super-block of `block`, each `d·sc` and `−dmin·m` as f16, then what `values(super_block,
+/// sub, out)` appends.
+fn with_scale_and_min(
+    raw: &[u8],
+    block: usize,
+    out_block: usize,
+    values: impl Fn(&[u8], usize, &mut Vec<u8>),
+) -> Option<Vec<u8>> {
+    if raw.len() % block != 0 {
         return None;
     }
-    let mut out = Vec::with_capacity(raw.len() / Q4K_BYTES * 8 * Q4_1_BYTES);
-    for b in raw.chunks_exact(Q4K_BYTES) {
+    let mut out = Vec::with_capacity(raw.len() / block * 8 * out_block);
+    for b in raw.chunks_exact(block) {
         let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
         let dmin = f16::from_le_bytes([b[2], b[3]]).to_f32();
-        let scales = &b[4..16];
-        let qs = &b[16..144];
-        for pair in 0..4 {
-            // 32 bytes: the low nibbles are sub-block 2·pair, the high ones 2·pair + 1.
-            let q = &qs[pair * 32..(pair + 1) * 32];
-            for half in 0..2 {
-                let (sc, m) = scale_min_k4(2 * pair + half, scales);
-                out.extend_from_slice(&f16::from_f32(d * sc as f32).to_le_bytes());
-                out.extend_from_slice(&f16::from_f32(-dmin * m as f32).to_le_bytes());
-                let nib = |l: usize| if half == 0 { q[l] & 0x0F } else { q[l] >> 4 };
-                for j in 0..16 {
-                    out.push(nib(j) | (nib(j + 16) << 4));
-                }
-            }
+        for sub in 0..8 {
+            let (sc, m) = scale_min_k4(sub, &b[4..16]);
+            out.extend_from_slice(&f16::from_f32(d * sc as f32).to_le_bytes());
+            out.extend_from_slice(&f16::from_f32(-dmin * m as f32).to_le_bytes());
+            values(b, sub, &mut out);
         }
     }
     Some(out)
 }
 
-/// Q5_K (256 values: `d`, `dmin`, 12 scale bytes, 32 bytes of fifth bits, 128 bytes of
-/// nibbles; value `d·sc·q − dmin·m`) → eight Q5_1 blocks (`d`, `m`, 32 fifth bits, 16
-/// bytes; value `d·q + m`).
-fn q5k_to_q5_1(raw: &[u8]) -> Option<Vec<u8>> {
-    if raw.len() % Q5K_BYTES != 0 {
-        return None;
-    }
-    let mut out = Vec::with_capacity(raw.len() / Q5K_BYTES * 8 * Q5_1_BYTES);
-    for b in raw.chunks_exact(Q5K_BYTES) {
-        let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
-        let dmin = f16::from_le_bytes([b[2], b[3]]).to_f32();
-        let (scales, qh, qs) = (&b[4..16], &b[16..48], &b[48..176]);
-        for sub in 0..8 {
-            // ggml's order: 32 nibble bytes serve two sub-blocks (low nibbles, then high
-            // ones); sub-block `sub` takes bit `sub` of each of the 32 fifth-bit bytes.
-            let q = &qs[(sub / 2) * 32..(sub / 2 + 1) * 32];
-            let value = |l: usize| -> u8 {
-                let nib = if sub % 2 == 0 { q[l] & 0x0F } else { q[l] >> 4 };
-                nib | ((qh[l] >> sub) & 1) << 4
-            };
-            let (sc, m) = scale_min_k4(sub, scales);
-            out.extend_from_slice(&f16::from_f32(d * sc as f32).to_le_bytes());
-            out.extend_from_slice(&f16::from_f32(-dmin * m as f32).to_le_bytes());
-            let mut high = 0u32;
-            for l in 0..32 {
-                high |= ((value(l) >> 4) as u32) << l;
-            }
-            out.extend_from_slice(&high.to_le_bytes());
-            for l in 0..16 {
-                out.push((value(l) & 0x0F) | (value(l + 16) & 0x0F) << 4);
-            }
+/// Q4_K (256 values: `d`, `dmin`, 12 scale bytes, 128 bytes of nibbles) → eight Q4_1 blocks
+/// (`d`, `m`, 16 bytes; value `d·q + m`).
+fn q4k_to_q4_1(raw: &[u8]) -> Option<Vec<u8>> {
+    with_scale_and_min(raw, Q4K_BYTES, Q4_1_BYTES, |b, sub, out| {
+        // 32 bytes: the low nibbles are sub-block 2·pair, the high ones 2·pair + 1.
+        let q = &b[16 + (sub / 2) * 32..16 + (sub / 2 + 1) * 32];
+        let nib = |l: usize| if sub % 2 == 0 { q[l] & 0x0F } else { q[l] >> 4 };
+        for j in 0..16 {
+            out.push(nib(j) | (nib(j + 16) << 4));
         }
-    }
-    Some(out)
+    })
+}
+
+/// Q5_K (256 values: `d`, `dmin`, 12 scale bytes, 32 bytes of fifth bits, 128 bytes of
+/// nibbles) → eight Q5_1 blocks (`d`, `m`, 32 fifth bits, 16 bytes; value `d·q + m`).
+fn q5k_to_q5_1(raw: &[u8]) -> Option<Vec<u8>> {
+    with_scale_and_min(raw, Q5K_BYTES, Q5_1_BYTES, |b, sub, out| {
+        // ggml's order: 32 nibble bytes serve two sub-blocks (low nibbles, then high ones);
+        // sub-block `sub` takes bit `sub` of each of the 32 fifth-bit bytes.
+        let (qh, q) = (&b[16..48], &b[48 + (sub / 2) * 32..48 + (sub / 2 + 1) * 32]);
+        let value = |l: usize| -> u8 {
+            let nib = if sub % 2 == 0 { q[l] & 0x0F } else { q[l] >> 4 };
+            nib | ((qh[l] >> sub) & 1) << 4
+        };
+        let high = (0..32).fold(0u32, |h, l| h | ((value(l) >> 4) as u32) << l);
+        out.extend_from_slice(&high.to_le_bytes());
+        for l in 0..16 {
+            out.push((value(l) & 0x0F) | (value(l + 16) & 0x0F) << 4);
+        }
+    })
 }
 
 /// Q6_K (256 values: 128 bytes of low nibbles, 64 of top bit pairs, 16 8-bit scales, `d`;
