@@ -113,6 +113,19 @@ impl ArchConfig {
         }
     }
 
+    /// Granite's multipliers — embedding, residual, attention, logits — where given; a
+    /// multiplier of 0 (absent in some conversions) or not finite means none.
+    fn with_granite(self, [embedding, residual, attention, logits]: [Option<f32>; 4]) -> Self {
+        let some = |v: Option<f32>| v.filter(|v| *v != 0.0 && v.is_finite());
+        Self {
+            embed_scale: some(embedding),
+            residual_scale: some(residual),
+            attn_scale: some(attention).unwrap_or(self.attn_scale),
+            logit_scale: some(logits),
+            ..self
+        }
+    }
+
     /// Gemma 2 and 3 (the pre- and post-norms around attention and the MLP).
     pub fn is_gemma(&self) -> bool {
         matches!(self.name.as_str(), "gemma2" | "gemma3" | "gemma3_text")
@@ -871,15 +884,10 @@ pub(crate) fn gguf_config(path: &Path, content: &gguf_file::Content) -> Result<L
         };
     }
     if arch == "granite" {
-        // llama.cpp's keys; a multiplier of 0 (absent in some conversions) means none.
-        let some = |key: &str| value(key).and_then(|v| v.to_f32().ok()).filter(|v| *v != 0.0 && v.is_finite());
-        arch_cfg = ArchConfig {
-            embed_scale: some("embedding_scale"),
-            residual_scale: some("residual_scale"),
-            attn_scale: some("attention.scale").unwrap_or(arch_cfg.attn_scale),
-            logit_scale: some("logit_scale"),
-            ..arch_cfg
-        };
+        // llama.cpp's keys.
+        let f = |key: &str| value(key).and_then(|v| v.to_f32().ok());
+        arch_cfg =
+            arch_cfg.with_granite([f("embedding_scale"), f("residual_scale"), f("attention.scale"), f("logit_scale")]);
     }
     // llama.cpp ignores the sliding window of llama-architecture (Mistral) and phi3 files, and
     // so does ragway: outputs stay equal to llama.cpp's.
@@ -923,14 +931,12 @@ pub(crate) fn safetensors_config(dir: &Path) -> Result<(LlamaConfig, HfLlamaConf
         arch.sliding_window = c.sliding_window;
     }
     if model_type == "granite" {
-        let some = |v: Option<f32>| v.filter(|v| *v != 0.0 && v.is_finite());
-        arch = ArchConfig {
-            embed_scale: some(c.embedding_multiplier),
-            residual_scale: some(c.residual_multiplier),
-            attn_scale: some(c.attention_multiplier).unwrap_or(arch.attn_scale),
-            logit_scale: some(c.logits_scaling),
-            ..arch
-        };
+        arch = arch.with_granite([
+            c.embedding_multiplier,
+            c.residual_multiplier,
+            c.attention_multiplier,
+            c.logits_scaling,
+        ]);
     }
     if model_type == "gemma2" || model_type == "gemma3_text" {
         let gemma2 = model_type == "gemma2";

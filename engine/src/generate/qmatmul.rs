@@ -332,6 +332,12 @@ impl PackedMatrix {
         }
     }
 
+    /// Where tile `t` (output rows 16t to 16t + 15) starts.
+    fn tile(&self, t: usize) -> *const u8 {
+        let nb = self.k / QK;
+        self.data[t * nb * self.kind.tile_block_bytes()..].as_ptr()
+    }
+
     /// `out[rows, n] = x · Wᵀ` for activations quantized by [`QActs::quantize`].
     pub fn matmul(&self, x: &QActs, out: &mut [f32]) {
         assert_eq!(x.k, self.k, "input width");
@@ -339,16 +345,12 @@ impl PackedMatrix {
         assert_eq!(out.len(), rows * self.n, "output size");
         let tiles = self.n / TILE;
         let nb = self.k / QK;
-        let tbb = self.kind.tile_block_bytes();
         let optr = SendPtr(out.as_mut_ptr());
         let run = |t: usize| {
             // SAFETY: tile `t` lies in `data` (n / 16 tiles of nb blocks), the kernels read
             // rows < x.rows of x and write columns [16t, 16t + 16) of rows < x.rows of out,
             // which no other tile writes.
-            unsafe {
-                let tile = self.data.as_ptr().add(t * nb * tbb);
-                run_tile(self.kind, tile, nb, x, optr.get().add(t * TILE), self.n);
-            }
+            unsafe { run_tile(self.kind, self.tile(t), nb, x, optr.get().add(t * TILE), self.n) }
         };
         let work = tiles as u64 * rows as u64 * self.k as u64 * TILE as u64;
         if work >= 1 << 18 && rayon::current_num_threads() > 1 {
@@ -403,23 +405,35 @@ fn simd() -> Simd {
         #[cfg(target_arch = "x86_64")]
         {
             let off = |var: &str| std::env::var_os(var).is_some();
-            if std::is_x86_feature_detected!("avx512f")
-                && std::is_x86_feature_detected!("avx512bw")
-                && std::is_x86_feature_detected!("avx512vnni")
-                && !off("RAGWAY_NO_AVX512")
-            {
+            if Simd::Avx512Vnni.available() && !off("RAGWAY_NO_AVX512") {
                 return Simd::Avx512Vnni;
             }
-            if std::is_x86_feature_detected!("avx2")
-                && std::is_x86_feature_detected!("fma")
-                && std::is_x86_feature_detected!("f16c")
-                && !off("RAGWAY_NO_AVX2")
-            {
+            if Simd::Avx2.available() && !off("RAGWAY_NO_AVX2") {
                 return Simd::Avx2;
             }
         }
         Simd::Portable
     })
+}
+
+impl Simd {
+    /// Whether this CPU has what the kernel needs.
+    #[cfg(target_arch = "x86_64")]
+    fn available(self) -> bool {
+        match self {
+            Simd::Avx512Vnni => {
+                std::is_x86_feature_detected!("avx512f")
+                    && std::is_x86_feature_detected!("avx512bw")
+                    && std::is_x86_feature_detected!("avx512vnni")
+            }
+            Simd::Avx2 => {
+                std::is_x86_feature_detected!("avx2")
+                    && std::is_x86_feature_detected!("fma")
+                    && std::is_x86_feature_detected!("f16c")
+            }
+            Simd::Portable => true,
+        }
+    }
 }
 
 /// Rows of `x` per kernel call: a tile's unpacked block (8 registers) is reused for this many
@@ -996,6 +1010,13 @@ mod tests {
         ((*seed >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
     }
 
+    /// `q` (of type `dtype`, `[n, k]`) rewritten as the loader does and packed.
+    fn pack(q: &QTensor, dtype: GgmlDType, n: usize, k: usize) -> PackedMatrix {
+        let kind = crate::generate::repack::target(dtype).unwrap();
+        let raw = crate::generate::repack::rewrite(dtype, &q.data().unwrap()).unwrap();
+        PackedMatrix::from_ggml(kind, n, k, &raw).unwrap()
+    }
+
     /// Packed kernels against candle's own dequantization followed by an f64 product; the
     /// only difference allowed is the 8-bit quantization of the activations.
     fn check(dtype: GgmlDType, n: usize, k: usize, rows: usize) {
@@ -1005,9 +1026,7 @@ mod tests {
         let wt = Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap();
         let q = QTensor::quantize(&wt, dtype).unwrap();
         let deq: Vec<f32> = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        let kind = crate::generate::repack::target(dtype).unwrap();
-        let raw = crate::generate::repack::rewrite(dtype, &q.data().unwrap(), || Some(deq.clone())).unwrap();
-        let packed = PackedMatrix::from_ggml(kind, n, k, &raw).unwrap();
+        let packed = pack(&q, dtype, n, k);
         // dequantize_row reproduces candle's dequantization exactly
         let mut row = vec![0f32; k];
         for r in [0, 5, n - 1] {
@@ -1022,7 +1041,7 @@ mod tests {
         for t in 0..n / TILE {
             for r in 0..rows {
                 unsafe {
-                    let tile = packed.data.as_ptr().add(t * (k / QK) * packed.kind.tile_block_bytes());
+                    let tile = packed.tile(t);
                     portable_tile(packed.kind, tile, k / QK, &acts, r, portable.as_mut_ptr().add(r * n + t * TILE));
                 }
             }
@@ -1067,9 +1086,7 @@ mod tests {
             let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut seed)).collect();
             let x: Vec<f32> = (0..rows * k).map(|_| lcg(&mut seed)).collect();
             let q = QTensor::quantize(&Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap(), dtype).unwrap();
-            let kind = crate::generate::repack::target(dtype).unwrap();
-            let raw = crate::generate::repack::rewrite(dtype, &q.data().unwrap(), || None).unwrap();
-            let packed = PackedMatrix::from_ggml(kind, n, k, &raw).unwrap();
+            let packed = pack(&q, dtype, n, k);
             let mut acts = QActs::default();
             acts.quantize(&x, rows, k);
             let mut all = vec![0f32; rows * n];
@@ -1096,25 +1113,7 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn every_x86_kernel_the_cpu_has_matches_the_portable_one() {
-        let has = |f: &[bool]| f.iter().all(|&b| b);
-        let kernels = [
-            (
-                Simd::Avx512Vnni,
-                has(&[
-                    std::is_x86_feature_detected!("avx512f"),
-                    std::is_x86_feature_detected!("avx512bw"),
-                    std::is_x86_feature_detected!("avx512vnni"),
-                ]),
-            ),
-            (
-                Simd::Avx2,
-                has(&[
-                    std::is_x86_feature_detected!("avx2"),
-                    std::is_x86_feature_detected!("fma"),
-                    std::is_x86_feature_detected!("f16c"),
-                ]),
-            ),
-        ];
+        let kernels: Vec<Simd> = [Simd::Avx512Vnni, Simd::Avx2].into_iter().filter(|k| k.available()).collect();
         let mut ran = 0;
         for dtype in [
             GgmlDType::Q4_0,
@@ -1131,9 +1130,8 @@ mod tests {
             let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut seed)).collect();
             let x: Vec<f32> = (0..5 * k).map(|_| lcg(&mut seed) * 2.0).collect();
             let q = QTensor::quantize(&Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap(), dtype).unwrap();
-            let kind = crate::generate::repack::target(dtype).unwrap();
-            let raw = crate::generate::repack::rewrite(dtype, &q.data().unwrap(), || None).unwrap();
-            let packed = PackedMatrix::from_ggml(kind, n, k, &raw).unwrap();
+            let packed = pack(&q, dtype, n, k);
+            let kind = packed.kind;
             for rows in 1..=5 {
                 let mut acts = QActs::default();
                 acts.quantize(&x[..rows * k], rows, k);
@@ -1141,14 +1139,14 @@ mod tests {
                     let mut out = vec![0f32; rows * n];
                     for t in 0..n / TILE {
                         unsafe {
-                            let tile = packed.data.as_ptr().add(t * (k / QK) * kind.tile_block_bytes());
+                            let tile = packed.tile(t);
                             run_tile_on(with, kind, tile, k / QK, &acts, out.as_mut_ptr().add(t * TILE), n);
                         }
                     }
                     out
                 };
                 let want = run(Simd::Portable);
-                for (with, _) in kernels.iter().filter(|(_, present)| *present) {
+                for with in &kernels {
                     let got = run(*with);
                     for (g, p) in got.iter().zip(&want) {
                         assert!((g - p).abs() <= 1e-4 * (1.0 + p.abs()), "{with:?} {kind:?} rows {rows}: {g} vs {p}");

@@ -43,7 +43,7 @@ pub fn rewrite_as(
     dequantized: impl FnOnce() -> Option<Vec<f32>>,
 ) -> Option<Vec<u8>> {
     if target(dtype) == Some(kind) {
-        rewrite(dtype, raw, dequantized)
+        rewrite(dtype, raw)
     } else if dtype == GgmlDType::Q5_0 && kind == QKind::Q8_0 {
         q5_0_to_q8_0(raw)
     } else if kind == QKind::Q8_0 && target(dtype).is_some() {
@@ -66,19 +66,17 @@ pub fn target(dtype: GgmlDType) -> Option<QKind> {
     }
 }
 
-/// `raw` (whole blocks of `dtype`) in the GGUF layout of `target(dtype)`; `dequantized`
-/// gives the tensor's f32 values for the requantized types. `None` when the bytes are not
-/// whole blocks.
-pub fn rewrite(dtype: GgmlDType, raw: &[u8], dequantized: impl FnOnce() -> Option<Vec<f32>>) -> Option<Vec<u8>> {
+/// `raw` (whole blocks of `dtype`) in the layout of `target(dtype)` that
+/// [`PackedMatrix::from_ggml`] takes. `None` when the bytes are not whole blocks.
+///
+/// [`PackedMatrix::from_ggml`]: super::qmatmul::PackedMatrix::from_ggml
+pub fn rewrite(dtype: GgmlDType, raw: &[u8]) -> Option<Vec<u8>> {
     match dtype {
         GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q8_0 | GgmlDType::Q5_0 | GgmlDType::Q5_1 => Some(raw.to_vec()),
         GgmlDType::Q4K => q4k_to_q4_1(raw),
         GgmlDType::Q5K => q5k_to_q5_1(raw),
         GgmlDType::Q6K => q6k_to_q6(raw),
-        _ => {
-            let _ = dequantized;
-            None
-        }
+        _ => None,
     }
 }
 
@@ -269,7 +267,7 @@ mod tests {
             let raw = q.data().unwrap();
             let want = q.dequantize(&Device::Cpu).unwrap().to_vec1::<f32>().unwrap();
             let kind = target(dtype).unwrap();
-            let out = rewrite(dtype, &raw, || Some(want.clone())).unwrap();
+            let out = rewrite(dtype, &raw).unwrap();
             let got = match kind.ggml_dtype() {
                 Some(dt) => decode(dt, &out, n),
                 None => decode_q6(&out),
@@ -285,9 +283,9 @@ mod tests {
                 .fold(0f32, f32::max);
             assert!(worst <= tol, "{dtype:?} → {kind:?}: worst error {worst} of the block maximum");
         }
-        assert!(rewrite(GgmlDType::Q4K, &[0u8; 143], || None).is_none());
-        assert!(rewrite(GgmlDType::Q6K, &[0u8; 209], || None).is_none());
-        assert!(rewrite(GgmlDType::Q5K, &[0u8; 175], || None).is_none());
+        assert!(rewrite(GgmlDType::Q4K, &[0u8; 143]).is_none());
+        assert!(rewrite(GgmlDType::Q6K, &[0u8; 209]).is_none());
+        assert!(rewrite(GgmlDType::Q5K, &[0u8; 175]).is_none());
     }
 
     /// Matrices of one type stacked together keep it; of different types (as K-quant files
