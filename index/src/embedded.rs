@@ -18,8 +18,8 @@
 //! without a rebuild and frees their slots, which the next inserts reuse. The log keeps
 //! their records until it is mostly garbage; then the upkeep rewrites it with the live
 //! documents while writes go on ([`EmbeddedStore::rewrite_log`]: writes wait only for the
-//! last few megabytes of records appended meanwhile to be copied over). [`EmbeddedStore::compact`] does that and also
-//! rebuilds the graph. The graph holds the one copy of each vector; the table refers to it
+//! last few megabytes of records appended meanwhile to be copied over).
+//! [`EmbeddedStore::compact`] does that and also rebuilds the graph. The graph holds the one copy of each vector; the table refers to it
 //! by point.
 //!
 //! The graph and the table are saved (`dense.hnsw`, `table.snap`, marked with the last log
@@ -952,9 +952,7 @@ impl EmbeddedStore {
         wal::write_atomic(&dest.join("settings.json"), &serde_json::to_vec_pretty(&self.settings)?)?;
         let mut log = wal::LogRewrite::begin(&dest.join(LOG_FILE))?;
         self.write_cut(&cut, &mut log)?;
-        log.finish(None).map_err(|e| match e {
-            wal::ReplaceError::OldLogKept(e) | wal::ReplaceError::Unknown(e) => e,
-        })?;
+        log.finish(None).map_err(wal::ReplaceError::into_error)?;
         Ok(())
     }
 

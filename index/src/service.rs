@@ -539,20 +539,13 @@ fn validate_name(name: &str) -> Result<()> {
     }
 }
 
-/// Makes pending writes searchable every `commit_interval` (writers that wait for
-/// visibility commit themselves). A thread of its own: a long upkeep of one collection does
-/// not hold back any collection's commits.
-fn commits(service: Weak<IndexService>) {
+/// Runs `each` on every collection every `commit_interval` while the service lives (on the
+/// thread that calls it).
+fn every_interval(service: Weak<IndexService>, each: impl Fn(&Collection)) {
     loop {
         let interval = match service.upgrade() {
             Some(s) => {
-                for c in s.list() {
-                    if c.has_pending() {
-                        if let Err(e) = c.commit() {
-                            tracing::error!(collection = c.name(), error = %e, "commit failed");
-                        }
-                    }
-                }
+                s.list().iter().for_each(|c| each(c));
                 s.options.commit_interval
             }
             None => return,
@@ -561,21 +554,25 @@ fn commits(service: Weak<IndexService>) {
     }
 }
 
+/// Makes pending writes searchable (writers that wait for visibility commit themselves). A
+/// thread of its own: a long upkeep of one collection does not hold back any collection's
+/// commits.
+fn commits(service: Weak<IndexService>) {
+    every_interval(service, |c| {
+        if c.has_pending() {
+            if let Err(e) = c.commit() {
+                tracing::error!(collection = c.name(), error = %e, "commit failed");
+            }
+        }
+    })
+}
+
 /// Each collection's upkeep ([`Collection::maintain`]: consolidating removed points, log
 /// rewrites), one collection at a time.
 fn upkeep(service: Weak<IndexService>) {
-    loop {
-        let interval = match service.upgrade() {
-            Some(s) => {
-                for c in s.list() {
-                    if let Err(e) = c.maintain() {
-                        tracing::error!(collection = c.name(), error = %e, "maintenance failed");
-                    }
-                }
-                s.options.commit_interval
-            }
-            None => return,
-        };
-        std::thread::sleep(interval);
-    }
+    every_interval(service, |c| {
+        if let Err(e) = c.maintain() {
+            tracing::error!(collection = c.name(), error = %e, "maintenance failed");
+        }
+    })
 }

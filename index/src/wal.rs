@@ -405,9 +405,7 @@ pub fn repair(path: &Path) -> Result<Repair> {
 /// Writes a whole new log to `path` (through a temporary file, fsynced and renamed, so a
 /// crash leaves either the old or the new log).
 pub fn write_log(path: &Path, records: impl IntoIterator<Item = Record>) -> Result<()> {
-    replace_log(path, records).map(drop).map_err(|e| match e {
-        ReplaceError::OldLogKept(e) | ReplaceError::Unknown(e) => e,
-    })
+    replace_log(path, records).map(drop).map_err(ReplaceError::into_error)
 }
 
 /// [`write_log`], returning the new log opened for appends. The append handle is opened
@@ -446,9 +444,13 @@ impl LogRewrite {
 
     /// Appends one record (not yet durable).
     pub fn push(&mut self, record: &Record) -> Result<()> {
-        let bytes = encode(record);
-        self.out.write_all(&bytes)?;
-        self.last = Some(LogMark::of(self.at, &bytes, record.seq()));
+        self.put(&encode(record), record.seq())
+    }
+
+    /// Appends one encoded record of sequence number `seq`.
+    fn put(&mut self, bytes: &[u8], seq: u64) -> Result<()> {
+        self.out.write_all(bytes)?;
+        self.last = Some(LogMark::of(self.at, bytes, seq));
         self.at += bytes.len() as u64;
         Ok(())
     }
@@ -479,21 +481,10 @@ impl LogRewrite {
                 return Err(IndexError::Corrupt(format!("{}: the record at byte {at} is damaged", old.display())));
             }
             let seq = u64::from_le_bytes(record[8..16].try_into().expect("8 bytes"));
-            self.out.write_all(&record)?;
-            self.last = Some(LogMark::of(self.at, &record, seq));
-            self.at += record.len() as u64;
+            self.put(&record, seq)?;
             at += record.len() as u64;
         }
         Ok(to)
-    }
-
-    /// Bytes written to the new log so far.
-    pub fn len(&self) -> u64 {
-        self.at
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.at == 0
     }
 
     /// Makes the new log durable and renames it over the old one (see [`replace_log`]);
@@ -524,6 +515,15 @@ pub enum ReplaceError {
     OldLogKept(IndexError),
     /// After it: which log a restart finds is unknown.
     Unknown(IndexError),
+}
+
+impl ReplaceError {
+    /// The error, whichever log a restart finds (for a log nobody appends to yet).
+    pub fn into_error(self) -> IndexError {
+        match self {
+            ReplaceError::OldLogKept(e) | ReplaceError::Unknown(e) => e,
+        }
+    }
 }
 
 impl Wal {

@@ -10,7 +10,7 @@
 //!     cargo run --release -p ragway-benches --bin store-bench -- --n 200000
 
 use clap::Parser;
-use ragway_benches::{clustered, median, own_vectors_settings};
+use ragway_benches::{clustered, median, own_vectors_settings, pct};
 use ragway_index::postgres::{LocalServer, PgDatabase, PgOptions, PgStore};
 use ragway_index::{Collection, DocumentInput, SearchMode, SearchRequest};
 use rayon::prelude::*;
@@ -262,11 +262,6 @@ fn upkeep(c: &Collection, vectors: &[Vec<f32>]) -> anyhow::Result<Value> {
         Ok((before, during, rewrite_s, under_lock?))
     })?;
     let log_after = std::fs::metadata(&log)?.len();
-    let pct = |v: &[f64], q: f64| {
-        let mut v = v.to_vec();
-        v.sort_by(f64::total_cmp);
-        v.get(((v.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(f64::NAN)
-    };
     println!(
         "embedded  upkeep: replaced {} documents in {replace_s:.1} s, consolidated in {consolidate_s:.1} s; log \
          {log_before} -> {log_after} bytes rewritten in {rewrite_s:.1} s, {under_lock} bytes copied under the writer lock",
