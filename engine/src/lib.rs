@@ -21,5 +21,6 @@ pub mod generate;
 pub mod kernels;
 pub mod models;
 pub mod rng;
+pub mod team;
 
 pub use error::{EngineError, Result};

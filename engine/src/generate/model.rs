@@ -13,11 +13,11 @@ use super::qmatmul::{DenseMatrix, HalfMatrix, HalfWeights, Linear, PackedMatrix,
 use super::repack;
 use crate::error::{EngineError, Result};
 use crate::kernels::{dot, exp, gemm_f32, softmax_inplace, Parallel};
+use crate::team::team;
 use candle_core::quantized::{gguf_file, QTensor};
 use candle_core::Device;
 use half::f16;
 use half::slice::HalfFloatSliceExt;
-use rayon::prelude::*;
 use std::path::Path;
 
 /// `general.architecture` values [`Llama::from_gguf`] loads.
@@ -631,8 +631,8 @@ impl Llama {
         s.x.resize(total * cfg.hidden, 0.0);
         let tokens: Vec<u32> = batch.iter().flat_map(|b| b.tokens.iter().copied()).collect();
         let embed_scale = cfg.arch.embed_scale;
-        s.x.par_chunks_exact_mut(cfg.hidden).zip(tokens.par_iter()).with_min_len(8).for_each(|(row, &t)| {
-            self.embed.row(t as usize, row);
+        team().for_chunks(&mut s.x, cfg.hidden, 8, |i, row| {
+            self.embed.row(tokens[i] as usize, row);
             if let Some(scale) = embed_scale {
                 row.iter_mut().for_each(|x| *x *= scale);
             }
@@ -723,7 +723,7 @@ impl Llama {
         let (hd, half) = (cfg.head_dim, cfg.head_dim / 2);
         let heads = cfg.n_heads + cfg.n_kv_heads;
         let style = cfg.rope_style;
-        qkv.par_chunks_exact_mut(qkv_w).enumerate().with_min_len(16).for_each(|(r, row)| {
+        team().for_chunks(qkv, qkv_w, 16, |r, row| {
             let cos = &rope.cos[r * half..(r + 1) * half];
             let sin = &rope.sin[r * half..(r + 1) * half];
             for h in 0..heads {
@@ -1132,7 +1132,8 @@ fn half_or_f32(t: candle_core::Tensor, n: usize, k: usize) -> Result<Linear> {
 fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut Vec<f32>) {
     let d = w.len();
     out.resize(x.len(), 0.0);
-    out.par_chunks_exact_mut(d).zip(x.par_chunks_exact(d)).with_min_len(16).for_each(|(o, x)| {
+    team().for_chunks(out, d, 16, |i, o| {
+        let x = &x[i * d..(i + 1) * d];
         let ss = dot(x, x) / d as f32;
         let inv = 1.0 / (ss + eps).sqrt();
         for ((o, x), w) in o.iter_mut().zip(x).zip(w) {
@@ -1152,8 +1153,8 @@ fn add_inplace(x: &mut [f32], y: &[f32]) {
 fn gated(gate_up: &[f32], ffn: usize, f: Activation, act: &mut Vec<f32>) {
     let rows = gate_up.len() / (2 * ffn);
     act.resize(rows * ffn, 0.0);
-    act.par_chunks_exact_mut(ffn).zip(gate_up.par_chunks_exact(2 * ffn)).with_min_len(16).for_each(|(a, gu)| {
-        let (g, u) = gu.split_at(ffn);
+    team().for_chunks(act, ffn, 16, |i, a| {
+        let (g, u) = gate_up[i * 2 * ffn..(i + 1) * 2 * ffn].split_at(ffn);
         match f {
             Activation::Silu => {
                 for ((a, &g), &u) in a.iter_mut().zip(g).zip(u) {
@@ -1172,7 +1173,7 @@ fn gated(gate_up: &[f32], ffn: usize, f: Activation, act: &mut Vec<f32>) {
 
 /// RMS norm of each `w.len()`-wide row in place.
 fn rms_norm_inplace(x: &mut [f32], w: &[f32], eps: f32) {
-    x.par_chunks_exact_mut(w.len()).with_min_len(16).for_each(|x| rms_norm_inplace_serial(x, w, eps));
+    team().for_chunks(x, w.len(), 16, |_, x| rms_norm_inplace_serial(x, w, eps));
 }
 
 /// Per-head RMS norms of the Q heads (`qn`) and K heads (`kn`) of each `[q | k | v]` row.
@@ -1180,7 +1181,7 @@ fn head_norms(qkv: &mut [f32], qkv_w: usize, cfg: &LlamaConfig, qn: &[f32], kn: 
     let hd = cfg.head_dim;
     let q_dim = cfg.n_heads * hd;
     let k_end = q_dim + cfg.kv_dim();
-    qkv.par_chunks_exact_mut(qkv_w).with_min_len(16).for_each(|row| {
+    team().for_chunks(qkv, qkv_w, 16, |_, row| {
         rms_norm_inplace_serial(&mut row[..q_dim], qn, cfg.rms_eps);
         rms_norm_inplace_serial(&mut row[q_dim..k_end], kn, cfg.rms_eps);
     });
@@ -1312,7 +1313,7 @@ fn attention(
     if single {
         tasks.iter().for_each(run);
     } else {
-        tasks.par_iter().for_each(run);
+        team().for_each(tasks.len(), |i| run(&tasks[i]));
     }
 }
 

@@ -16,6 +16,7 @@
 //! into these at load (`repack`) or, for f16/bf16/f32, run through gemm in f32.
 
 use crate::kernels::{gemm_f32, Parallel};
+use crate::team::{team, Parts};
 use rayon::prelude::*;
 use std::sync::OnceLock;
 
@@ -167,14 +168,22 @@ impl QActs {
             *s_lo = sums[0];
         };
         if rows >= 16 {
-            x.par_chunks_exact(QK)
-                .zip(
-                    self.qs
-                        .par_chunks_exact_mut(QK)
-                        .zip(self.d.par_iter_mut().zip(self.s.par_iter_mut().zip(self.s_lo.par_iter_mut()))),
-                )
-                .with_min_len(256)
-                .for_each(quantize_block);
+            let (qs, d, s, s_lo) = (
+                Parts::new(&mut self.qs),
+                Parts::new(&mut self.d),
+                Parts::new(&mut self.s),
+                Parts::new(&mut self.s_lo),
+            );
+            team().for_ranges(rows * nb, 256, |r| {
+                // SAFETY: the ranges of blocks are disjoint, so are their values and sums.
+                let (qs, d, s, s_lo) = unsafe {
+                    (qs.slice(r.start * QK..r.end * QK), d.slice(r.clone()), s.slice(r.clone()), s_lo.slice(r.clone()))
+                };
+                x[r.start * QK..r.end * QK]
+                    .chunks_exact(QK)
+                    .zip(qs.chunks_exact_mut(QK).zip(d.iter_mut().zip(s.iter_mut().zip(s_lo.iter_mut()))))
+                    .for_each(quantize_block);
+            });
         } else {
             x.chunks_exact(QK)
                 .zip(
@@ -353,9 +362,8 @@ impl PackedMatrix {
             unsafe { run_tile(self.kind, self.tile(t), nb, x, optr.get().add(t * TILE), self.n) }
         };
         let work = tiles as u64 * rows as u64 * self.k as u64 * TILE as u64;
-        if work >= 1 << 18 && rayon::current_num_threads() > 1 {
-            let min_len = (tiles / (rayon::current_num_threads() * 4)).max(1);
-            (0..tiles).into_par_iter().with_min_len(min_len).for_each(run);
+        if work >= 1 << 18 {
+            team().for_ranges(tiles, 1, |r| r.for_each(run));
         } else {
             (0..tiles).for_each(run);
         }
@@ -827,20 +835,27 @@ impl DenseMatrix {
     pub fn matmul(&self, x: &[f32], rows: usize, out: &mut [f32]) {
         assert_eq!(x.len(), rows * self.k);
         assert_eq!(out.len(), rows * self.n);
-        // SAFETY: x is [rows, k] row-major, W is [n, k] row-major read as Wᵀ [k, n] through
-        // strides (row stride 1, column stride k), out is [rows, n]; sizes asserted above.
-        unsafe {
-            gemm_f32(
-                rows,
-                self.n,
-                self.k,
-                out.as_mut_ptr(),
-                self.n,
-                (x.as_ptr(), self.k as isize, 1),
-                (self.w.as_ptr(), 1, self.k as isize),
-                Parallel::Pool,
-            );
-        }
+        let (n, k) = (self.n, self.k);
+        let optr = SendPtr(out.as_mut_ptr());
+        // Column ranges of the output, one product each (the team's threads, not gemm's).
+        let cols = if rows * n * k >= 1 << 18 { TILE } else { n };
+        team().for_ranges(n, cols, |c| {
+            // SAFETY: x is [rows, k] row-major, rows c of W ([n, k] row-major) read as the
+            // columns of Wᵀ through strides (row stride 1, column stride k); the output block
+            // is columns c of out ([rows, n]), which no other range writes.
+            unsafe {
+                gemm_f32(
+                    rows,
+                    c.len(),
+                    k,
+                    optr.get().add(c.start),
+                    n,
+                    (x.as_ptr(), k as isize, 1),
+                    (self.w.as_ptr().add(c.start * k), 1, k as isize),
+                    Parallel::Single,
+                );
+            }
+        });
     }
 }
 
@@ -925,8 +940,8 @@ impl HalfMatrix {
             })
         };
         let blocks = n.div_ceil(TILE);
-        if rows * n * k >= 1 << 18 && rayon::current_num_threads() > 1 {
-            (0..blocks).into_par_iter().for_each(run);
+        if rows * n * k >= 1 << 18 {
+            team().for_each(blocks, run);
         } else {
             (0..blocks).for_each(run);
         }
