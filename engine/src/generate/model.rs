@@ -13,11 +13,12 @@ use super::qmatmul::{DenseMatrix, HalfMatrix, HalfWeights, Linear, PackedMatrix,
 use super::repack;
 use crate::error::{EngineError, Result};
 use crate::kernels::{dot, exp, gemm_f32, softmax_inplace, Parallel};
-use crate::team::team;
+use crate::team::{team, Parts};
 use candle_core::quantized::{gguf_file, QTensor};
 use candle_core::Device;
 use half::f16;
 use half::slice::HalfFloatSliceExt;
+use std::ops::Range;
 use std::path::Path;
 
 /// `general.architecture` values [`Llama::from_gguf`] loads.
@@ -1223,30 +1224,58 @@ fn attention(
     let cap = cfg.arch.attn_softcap;
     let first_seen = |end: usize| window.map_or(0, |w| end.saturating_sub(w));
     let optr = SendPtr(out.as_mut_ptr());
-    // One task per KV head for a decoding sequence (its query heads share K and V), one per
-    // query head for a prompt chunk.
-    let tasks: Vec<(usize, usize)> = starts
-        .iter()
-        .enumerate()
-        .flat_map(|(s, &(_, _, n))| (0..if n == 1 { cfg.n_kv_heads } else { cfg.n_heads }).map(move |h| (s, h)))
-        .collect();
+    let decoding = starts.iter().filter(|s| s.2 == 1).count();
+    // A decoding sequence: one task per KV head (its query heads share K and V) and range of
+    // positions, the ranges' partial softmaxes combined after (as flash-decoding does), so
+    // that a model's few KV heads still spread over the threads. A prompt chunk: one task
+    // per query head.
+    let mut tasks: Vec<(usize, usize, Range<usize>)> = Vec::new();
+    for (s, &(_, start, n)) in starts.iter().enumerate() {
+        if n == 1 {
+            let (lo, ctx) = (first_seen(start + 1), start + 1);
+            let want = (4 * team().threads()).div_ceil(decoding * cfg.n_kv_heads);
+            let parts = ((ctx - lo) / MIN_SPLIT).clamp(1, want);
+            let per = (ctx - lo).div_ceil(parts).next_multiple_of(W);
+            for g in 0..cfg.n_kv_heads {
+                tasks.extend((lo..ctx).step_by(per).map(|a| (s, g, a..(a + per).min(ctx))));
+            }
+        } else {
+            tasks.extend((0..cfg.n_heads).map(|h| (s, h, 0..0)));
+        }
+    }
+    // Each decode task's partial result: per query head of its group the maximum score,
+    // the sum of exp(score - maximum), and the values weighted by those exponentials.
+    let slot = group * (hd + 2);
+    let mut partials = vec![0f32; tasks.len() * slot];
+    let parts = Parts::new(&mut partials);
     let total_new: usize = starts.iter().map(|s| s.2).sum();
     let single = total_new * cfg.n_heads < 64 && starts.iter().all(|s| s.1 + s.2 < 256);
-    let run = |&(si, h): &(usize, usize)| {
+    let run = |i: usize| {
         let optr = optr;
+        let (si, h, ref span) = tasks[i];
         let (off, start, n) = starts[si];
         let (kc, vc, base) = caches[si];
         let ctx = start + n;
         if n == 1 {
-            // Decode: task `h` is KV head `h`; its `group` query heads are contiguous rows of
-            // Q (row stride hd), so both products run once per KV head, reading K and V once.
             let g = h;
             let q = &qkv[off * qkv_w + g * group * hd..off * qkv_w + (g + 1) * group * hd];
-            let lo = first_seen(ctx);
-            let scores = decode_scores(q, kc, g, kv_dim, lo - base..ctx - base, hd, scale, cap);
-            let o = decode_values(&scores, &vc[(lo - base) * kv_dim + g * hd..], kv_dim, ctx - lo, hd);
-            // SAFETY: row `off`, columns of the group's heads: written by this task only.
-            unsafe { std::ptr::copy_nonoverlapping(o.as_ptr(), optr.0.add(off * q_dim + g * group * hd), group * hd) };
+            let mut scores = decode_scores(q, kc, g, kv_dim, span.start - base..span.end - base, hd, scale, cap);
+            // SAFETY: slot `i` is this task's own.
+            let part = unsafe { parts.slice(i * slot..(i + 1) * slot) };
+            let (ml, o) = part.split_at_mut(2 * group);
+            for (head, row) in scores.chunks_exact_mut(span.len()).enumerate() {
+                let m = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                row.iter_mut().for_each(|x| *x = exp(*x - m));
+                ml[2 * head] = m;
+                ml[2 * head + 1] = row.iter().sum();
+            }
+            o.copy_from_slice(&decode_values(
+                &scores,
+                &vc[(span.start - base) * kv_dim + g * hd..],
+                kv_dim,
+                span.len(),
+                hd,
+            ));
             return;
         }
         let g = h / group;
@@ -1311,11 +1340,44 @@ fn attention(
         }
     };
     if single {
-        tasks.iter().for_each(run);
+        (0..tasks.len()).for_each(run);
     } else {
-        team().for_each(tasks.len(), |i| run(&tasks[i]));
+        team().for_each(tasks.len(), run);
+    }
+    // Each decoding sequence's KV heads: their ranges' partial softmaxes into one.
+    let mut i = 0;
+    while i < tasks.len() {
+        let (si, g, _) = tasks[i];
+        let mut j = i + 1;
+        while j < tasks.len() && tasks[j].0 == si && tasks[j].1 == g && starts[si].2 == 1 {
+            j += 1;
+        }
+        if starts[si].2 == 1 {
+            let off = starts[si].0;
+            let slots: Vec<&[f32]> = (i..j).map(|t| &partials[t * slot..(t + 1) * slot]).collect();
+            let row = &mut out[off * q_dim + g * group * hd..off * q_dim + (g + 1) * group * hd];
+            for head in 0..group {
+                let m = slots.iter().fold(f32::NEG_INFINITY, |m, p| m.max(p[2 * head]));
+                let o = &mut row[head * hd..(head + 1) * hd];
+                o.fill(0.0);
+                let mut l = 0.0;
+                for p in &slots {
+                    let w = exp(p[2 * head] - m);
+                    l += w * p[2 * head + 1];
+                    for (o, v) in o.iter_mut().zip(&p[2 * group + head * hd..2 * group + (head + 1) * hd]) {
+                        *o += w * v;
+                    }
+                }
+                o.iter_mut().for_each(|v| *v /= l);
+            }
+        }
+        i = j;
     }
 }
+
+/// Fewest positions a decode attention task takes on (below twice this, a KV head's
+/// positions are not split).
+const MIN_SPLIT: usize = 128;
 
 const W: usize = 16;
 /// Query heads handled together (independent accumulator chains).
@@ -1349,7 +1411,7 @@ fn load16(src: &[f16]) -> [f32; W] {
     }
 }
 
-/// Softmax-normalized scores `[heads, span.len()]` of the query heads `q` (`[heads, hd]`)
+/// Scaled (and soft-capped, where the model caps) scores `[heads, span.len()]` of the query heads `q` (`[heads, hd]`)
 /// against positions `span` of KV head `g` of the blocked keys `kc` (see [`KvCache`]): 16
 /// positions at a time, one fused multiply-add per dimension and head, no horizontal sums.
 /// Blocks at the span's ends are computed whole (their unused positions are allocated) and cut.
@@ -1398,7 +1460,6 @@ fn decode_scores(
     if let Some(c) = cap {
         softcap(&mut scores, c);
     }
-    scores.chunks_exact_mut(len).for_each(softmax_inplace);
     scores
 }
 
@@ -1469,6 +1530,124 @@ mod tests {
         let out = safetensors_config(&dir).map(|(cfg, _)| cfg);
         let _ = std::fs::remove_dir_all(&dir);
         out
+    }
+
+    /// Decode attention (split over ranges of positions at long contexts, the ranges'
+    /// softmaxes combined) against the prompt path's (one product and one softmax per head,
+    /// through gemm) for the same query over the same cache.
+    #[test]
+    fn decode_attention_over_split_positions_matches_the_prompt_path() {
+        let cfg = gemma3_text(serde_json::json!({
+            "hidden_size": 192, "num_attention_heads": 6, "num_key_value_heads": 2, "head_dim": 32,
+            "query_pre_attn_scalar": 32, "num_hidden_layers": 1
+        }))
+        .unwrap();
+        let (kv_dim, q_dim) = (cfg.kv_dim(), cfg.n_heads * cfg.head_dim);
+        let qkv_w = q_dim + 2 * kv_dim;
+        let mut seed = 7u64;
+        let mut rand = || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
+        };
+        for ctx in [5usize, 300, 700, 1500] {
+            let mut cache = KvCache::new(&cfg);
+            cache.reserve(ctx, 64);
+            for pos in 0..ctx {
+                let (k, v): (Vec<f32>, Vec<f32>) = (0..kv_dim).map(|_| (rand(), rand())).unzip();
+                cache.put(0, pos, &k, &v);
+            }
+            // Two new rows: positions ctx - 2 and ctx - 1 (their keys are in the cache).
+            let qkv: Vec<f32> = (0..2 * qkv_w).map(|_| rand()).collect();
+            let caches = [(cache.k[0].as_slice(), cache.v[0].as_slice(), 0)];
+            for window in [None, Some(200)] {
+                let mut prompt = vec![0f32; 2 * q_dim];
+                attention(&cfg, &qkv, &caches, &[(0, ctx - 2, 2)], window, &mut prompt);
+                let mut decode = vec![0f32; q_dim];
+                attention(&cfg, &qkv[qkv_w..], &caches, &[(0, ctx - 1, 1)], window, &mut decode);
+                for (a, b) in decode.iter().zip(&prompt[q_dim..]) {
+                    assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "ctx {ctx} window {window:?}: {a} vs {b}");
+                }
+                // In one batch with a prompt chunk (and another decode) over the same cache,
+                // each row is what it was alone.
+                let rows: Vec<f32> = [&qkv[qkv_w..], &qkv[..], &qkv[qkv_w..]].concat();
+                let mut batched = vec![0f32; 4 * q_dim];
+                let caches = [caches[0]; 3];
+                let starts = [(0, ctx - 1, 1), (1, ctx - 2, 2), (3, ctx - 1, 1)];
+                attention(&cfg, &rows, &caches, &starts, window, &mut batched);
+                let alone = [&decode[..], &prompt[..], &decode[..]].concat();
+                for (a, b) in batched.iter().zip(&alone) {
+                    assert!(
+                        (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                        "batched, ctx {ctx} window {window:?}: {a} vs {b}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Batches of sequences with caches of their own, decoding and prefilling chunks at
+    /// once: each sequence's rows are what they are when it runs alone.
+    #[test]
+    fn attention_rows_do_not_depend_on_the_batch() {
+        let cfg = gemma3_text(serde_json::json!({
+            "hidden_size": 192, "num_attention_heads": 6, "num_key_value_heads": 2, "head_dim": 32,
+            "query_pre_attn_scalar": 32, "num_hidden_layers": 1
+        }))
+        .unwrap();
+        let (kv_dim, q_dim) = (cfg.kv_dim(), cfg.n_heads * cfg.head_dim);
+        let qkv_w = q_dim + 2 * kv_dim;
+        let mut seed = 11u64;
+        let mut next = move || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            seed >> 33
+        };
+        for round in 0..40 {
+            let seqs = 1 + next() as usize % 4;
+            let mut caches = Vec::new();
+            let mut shapes = Vec::new();
+            for _ in 0..seqs {
+                let n = [1usize, 1, 2, 5, 16][next() as usize % 5];
+                let ctx = n + next() as usize % 600;
+                let mut cache = KvCache::new(&cfg);
+                cache.reserve(ctx, 64);
+                for pos in 0..ctx {
+                    let kv: Vec<f32> = (0..2 * kv_dim).map(|_| (next() % 1000) as f32 / 250.0 - 2.0).collect();
+                    cache.put(0, pos, &kv[..kv_dim], &kv[kv_dim..]);
+                }
+                caches.push(cache);
+                shapes.push((ctx - n, n));
+            }
+            let total: usize = shapes.iter().map(|s| s.1).sum();
+            let qkv: Vec<f32> = (0..total * qkv_w).map(|_| (next() % 1000) as f32 / 250.0 - 2.0).collect();
+            let views: Vec<(&[f16], &[f16], usize)> =
+                caches.iter().map(|c| (c.k[0].as_slice(), c.v[0].as_slice(), 0)).collect();
+            let mut starts = Vec::new();
+            let mut off = 0;
+            for &(start, n) in &shapes {
+                starts.push((off, start, n));
+                off += n;
+            }
+            let window = if round % 2 == 0 { None } else { Some(100) };
+            let mut batched = vec![0f32; total * q_dim];
+            attention(&cfg, &qkv, &views, &starts, window, &mut batched);
+            for (i, &(off, start, n)) in starts.iter().enumerate() {
+                let mut alone = vec![0f32; n * q_dim];
+                attention(
+                    &cfg,
+                    &qkv[off * qkv_w..(off + n) * qkv_w],
+                    &views[i..i + 1],
+                    &[(0, start, n)],
+                    window,
+                    &mut alone,
+                );
+                for (a, b) in batched[off * q_dim..(off + n) * q_dim].iter().zip(&alone) {
+                    assert!(
+                        (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                        "round {round}, sequence {i} {shapes:?}: {a} vs {b}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
