@@ -1532,23 +1532,32 @@ mod tests {
         out
     }
 
-    /// Decode attention (split over ranges of positions at long contexts, the ranges'
-    /// softmaxes combined) against the prompt path's (one product and one softmax per head,
-    /// through gemm) for the same query over the same cache.
-    #[test]
-    fn decode_attention_over_split_positions_matches_the_prompt_path() {
+    /// A small grouped-query shape for the attention tests (6 query heads over 2 KV heads of
+    /// 32): the config, KV width, Q width and QKV row width.
+    fn attention_shape() -> (LlamaConfig, usize, usize, usize) {
         let cfg = gemma3_text(serde_json::json!({
             "hidden_size": 192, "num_attention_heads": 6, "num_key_value_heads": 2, "head_dim": 32,
             "query_pre_attn_scalar": 32, "num_hidden_layers": 1
         }))
         .unwrap();
         let (kv_dim, q_dim) = (cfg.kv_dim(), cfg.n_heads * cfg.head_dim);
-        let qkv_w = q_dim + 2 * kv_dim;
+        (cfg, kv_dim, q_dim, q_dim + 2 * kv_dim)
+    }
+
+    /// A seeded LCG's next value, 31 bits.
+    fn lcg(seed: &mut u64) -> u64 {
+        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        *seed >> 33
+    }
+
+    /// Decode attention (split over ranges of positions at long contexts, the ranges'
+    /// softmaxes combined) against the prompt path's (one product and one softmax per head,
+    /// through gemm) for the same query over the same cache.
+    #[test]
+    fn decode_attention_over_split_positions_matches_the_prompt_path() {
+        let (cfg, kv_dim, q_dim, qkv_w) = attention_shape();
         let mut seed = 7u64;
-        let mut rand = || {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
-        };
+        let mut rand = || lcg(&mut seed) as f32 / (1u64 << 31) as f32 * 4.0 - 2.0;
         for ctx in [5usize, 300, 700, 1500] {
             let mut cache = KvCache::new(&cfg);
             cache.reserve(ctx, 64);
@@ -1589,18 +1598,9 @@ mod tests {
     /// once: each sequence's rows are what they are when it runs alone.
     #[test]
     fn attention_rows_do_not_depend_on_the_batch() {
-        let cfg = gemma3_text(serde_json::json!({
-            "hidden_size": 192, "num_attention_heads": 6, "num_key_value_heads": 2, "head_dim": 32,
-            "query_pre_attn_scalar": 32, "num_hidden_layers": 1
-        }))
-        .unwrap();
-        let (kv_dim, q_dim) = (cfg.kv_dim(), cfg.n_heads * cfg.head_dim);
-        let qkv_w = q_dim + 2 * kv_dim;
+        let (cfg, kv_dim, q_dim, qkv_w) = attention_shape();
         let mut seed = 11u64;
-        let mut next = move || {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            seed >> 33
-        };
+        let mut next = move || lcg(&mut seed);
         for round in 0..40 {
             let seqs = 1 + next() as usize % 4;
             let mut caches = Vec::new();
