@@ -26,7 +26,7 @@ const SPIN: Duration = Duration::from_millis(1);
 /// The low bits of [`Shared::next`] count the items taken; the high bits tag the loop.
 const IDX_BITS: u32 = 24;
 const IDX_MASK: u64 = (1 << IDX_BITS) - 1;
-/// Most items one loop hands out (longer loops are split into this many ranges).
+/// Most items one loop hands out (longer loops hand out runs of consecutive items).
 const MAX_ITEMS: usize = 1 << 16;
 
 type Job<'a> = &'a (dyn Fn(usize) + Sync);
@@ -104,6 +104,10 @@ impl Team {
     /// `f(i)` for every `i < items`, spread over the team; returns when all have run. A
     /// panic in any of them is raised here, after every item taken has finished.
     pub fn for_each(&self, items: usize, f: impl Fn(usize) + Sync) {
+        self.run(items, &f);
+    }
+
+    fn run(&self, items: usize, f: Job) {
         if items == 0 {
             return;
         }
@@ -112,8 +116,13 @@ impl Team {
             (0..items).for_each(f);
             return;
         }
-        assert!(items <= MAX_ITEMS, "loop of {items} items");
-        let job: Job = &f;
+        if items > MAX_ITEMS {
+            // Handed out in runs of consecutive items instead.
+            s.busy.store(false, Release);
+            let per = items.div_ceil(MAX_ITEMS);
+            return self.run(items.div_ceil(per), &|i| (i * per..((i + 1) * per).min(items)).for_each(f));
+        }
+        let job: Job = f;
         let seq = s.seq.load(Relaxed);
         s.seq.store(seq + 1, Relaxed);
         fence(Release);
@@ -281,6 +290,14 @@ mod tests {
             });
             assert!(hits.iter().all(|h| h.load(Relaxed) == 1), "{items} items");
         }
+        // More items than one loop hands out: runs of them.
+        let n = MAX_ITEMS * 3 + 5;
+        let count = AtomicUsize::new(0);
+        team.for_each(n, |i| {
+            assert!(i < n);
+            count.fetch_add(1, Relaxed);
+        });
+        assert_eq!(count.load(Relaxed), n);
         // Loops separated by more than the spin: the helpers park and are woken.
         std::thread::sleep(SPIN * 3);
         let sum = AtomicUsize::new(0);
