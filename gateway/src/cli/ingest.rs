@@ -41,23 +41,36 @@ pub fn run(args: IngestArgs) -> anyhow::Result<()> {
         Err(e) => return Err(e.into()),
     };
     let on_error = if args.on_error == "fail" { OnError::Fail } else { OnError::Skip };
-    let job = index.jobs().submit(collection.clone(), Source::from_path(&args.input), IngestOptions { on_error, ..Default::default() }, None)?;
+    let job = index.jobs().submit(
+        collection.clone(),
+        Source::from_path(&args.input),
+        IngestOptions { on_error, ..Default::default() },
+        None,
+    )?;
     let bar = indicatif::ProgressBar::new(1000);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {percent}% {msg}")
             .expect("progress template"),
     );
+    // Where stderr is not a terminal (a CI log, `docker logs`) the bar draws nothing: a line
+    // every 10 s instead.
+    let mut lines = (!std::io::IsTerminal::is_terminal(&std::io::stderr())).then(std::time::Instant::now);
     while matches!(job.state(), JobState::Queued | JobState::Running) {
         let v = job.view();
-        bar.set_position((v.progress.fraction * 1000.0) as u64);
-        bar.set_message(format!(
+        let message = format!(
             "{} docs, {} chunks, {:.1} docs/s, {} bad, eta {}",
             v.progress.documents_written + v.progress.documents_unchanged,
             v.progress.chunks_written,
             v.progress.documents_per_second,
             v.progress.documents_failed,
             v.progress.eta_seconds.map_or("?".into(), |s| format!("{s:.0}s"))
-        ));
+        );
+        if let Some(last) = lines.as_mut().filter(|l| l.elapsed() >= Duration::from_secs(10)) {
+            eprintln!("{:.0}% {message}", v.progress.fraction * 100.0);
+            *last = std::time::Instant::now();
+        }
+        bar.set_position((v.progress.fraction * 1000.0) as u64);
+        bar.set_message(message);
         std::thread::sleep(Duration::from_millis(200));
     }
     bar.finish_and_clear();
