@@ -1511,11 +1511,10 @@ mod tests {
     use super::*;
 
     fn gemma3_text(extra: serde_json::Value) -> Result<LlamaConfig> {
-        let dir = std::env::temp_dir().join(format!(
-            "ragway-gemma3-config-{}-{}",
-            std::process::id(),
-            extra.to_string().len()
-        ));
+        // A directory of its own per call: tests run in parallel, several with the same config.
+        static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("ragway-gemma3-config-{}-{call}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let mut c = serde_json::json!({
             "model_type": "gemma3_text", "hidden_size": 640, "intermediate_size": 2048, "vocab_size": 1000,
