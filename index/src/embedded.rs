@@ -967,11 +967,15 @@ impl EmbeddedStore {
     }
 
     /// Saves the graph when points were added since it was last saved, so that the next
-    /// open inserts nothing (graceful shutdown).
+    /// open inserts nothing (graceful shutdown); otherwise waits for a save running in the
+    /// background (after the upkeep's log rewrite) to be done. Either way, when it returns
+    /// no save is under way.
     pub fn save_graph(&self) -> Result<()> {
         let mut writer = self.writer.lock().expect("writer lock");
         if writer.unsaved_points > 0 {
             self.save_graph_locked(&mut writer)?;
+        } else {
+            self.saver.finish();
         }
         Ok(())
     }

@@ -728,7 +728,10 @@ fn updates_reuse_the_graph_slots_of_replaced_chunks_without_a_rebuild() {
     assert!(logs[4] > logs[0] * 4 && logs[5] < logs[0] * 2, "log sizes by round: {logs:?}");
 
     // A crash after an update whose replaced points were not taken out yet: the open finds
-    // them (no chunk refers to them) and the upkeep frees them.
+    // them (no chunk refers to them) and the upkeep frees them. The rewrite saved graph and
+    // table in the background, and inserts do not reuse free slots while a save runs: the
+    // flush waits for it first (the test took fresh slots when it was still running).
+    c.save_graph().unwrap();
     c.upsert(version(6), true).unwrap();
     c.save_graph().unwrap();
     let crashed = copy_as_crashed(dir.path());
