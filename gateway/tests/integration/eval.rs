@@ -114,40 +114,13 @@ fn retrieval_runs_resume_gate_and_compare() {
     assert_eq!(again["ci95"], s["ci95"]);
 
     // A gate that cannot be met exits with code 3; one that is met exits 0.
-    let (code, _, _) = eval(
-        &[
-            "retrieval",
-            "--dataset",
-            ds,
-            "--split",
-            "train",
-            "--mode",
-            "keyword",
-            "--out",
-            b.to_str().unwrap(),
-            "--fail-under",
-            "ndcg@10=0.999",
-        ],
-        &dd,
-    );
-    assert_eq!(code, 3);
-    let (code, _, _) = eval(
-        &[
-            "retrieval",
-            "--dataset",
-            ds,
-            "--split",
-            "train",
-            "--mode",
-            "keyword",
-            "--out",
-            b.to_str().unwrap(),
-            "--fail-under",
-            "ndcg@10=0.1,recall@100=0.1",
-        ],
-        &dd,
-    );
-    assert_eq!(code, 0);
+    let b_out = b.to_str().unwrap();
+    let gate = |spec: &str| {
+        let args = ["retrieval", "--dataset", ds, "--split", "train", "--mode", "keyword", "--out", b_out];
+        eval(&[&args[..], &["--fail-under", spec]].concat(), &dd).0
+    };
+    assert_eq!(gate("ndcg@10=0.999"), 3);
+    assert_eq!(gate("ndcg@10=0.1,recall@100=0.1"), 0);
     assert_eq!(summary(&b)["run"]["config"]["mode"], "keyword");
 
     let o =
