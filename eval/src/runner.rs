@@ -152,10 +152,8 @@ impl Progress {
         }
         let bar = indicatif::ProgressBar::new(0);
         bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} {msg} (eta {eta})",
-            )
-            .expect("progress template"),
+            indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} {msg} (eta {eta})")
+                .expect("progress template"),
         );
         *p.bar.lock().expect("bar") = Some(bar);
         p
@@ -261,9 +259,7 @@ pub fn ensure_collection(index: &IndexService, corpus: &Path, progress: &Progres
             return Ok(c.name().to_string());
         }
         Ok(c) => c,
-        Err(ragway_index::IndexError::CollectionNotFound(_)) => {
-            index.create(CreateCollection { name: name.clone(), ..Default::default() })?
-        }
+        Err(ragway_index::IndexError::CollectionNotFound(_)) => index.create(CreateCollection { name: name.clone(), ..Default::default() })?,
         Err(e) => return Err(e.into()),
     };
     progress.set_phase(&format!("ingesting {} into {name}", corpus.display()));
@@ -278,11 +274,7 @@ pub fn ensure_collection(index: &IndexService, corpus: &Path, progress: &Progres
         bail!("ingesting {} failed: {}", corpus.display(), view.error.unwrap_or_default());
     }
     if !view.errors.is_empty() {
-        tracing::warn!(
-            bad = view.errors.len(),
-            "corpus records skipped: {:?}",
-            view.errors.iter().take(5).map(|e| &e.message).collect::<Vec<_>>()
-        );
+        tracing::warn!(bad = view.errors.len(), "corpus records skipped: {:?}", view.errors.iter().take(5).map(|e| &e.message).collect::<Vec<_>>());
     }
     index.flush()?;
     std::fs::create_dir_all(marker.parent().expect("parent"))?;
@@ -356,14 +348,7 @@ pub fn run(spec: &RunSpec, ctx: RunContext<'_>, out: &Path) -> Result<Value> {
 }
 
 /// Runs the samples not already cached for this configuration, appending each record.
-fn execute(
-    out: &Path,
-    config_hash: &str,
-    samples: &[Sample],
-    concurrency: usize,
-    progress: &Progress,
-    work: &SampleFn,
-) -> Result<Vec<Value>> {
+fn execute(out: &Path, config_hash: &str, samples: &[Sample], concurrency: usize, progress: &Progress, work: &SampleFn) -> Result<Vec<Value>> {
     let path = out.join("samples.jsonl");
     let mut cached: HashMap<String, Value> = HashMap::new();
     let mut stale = false;
@@ -393,9 +378,7 @@ fn execute(
     let pending: Vec<usize> = (0..samples.len()).filter(|&i| !cached.contains_key(&samples[i].id)).collect();
     progress.cached.store(cached.len(), Ordering::Relaxed);
     progress.set_total(samples.len(), cached.len());
-    progress.set_phase(
-        if cached.is_empty() { "running".into() } else { format!("resuming ({} cached)", cached.len()) }.as_str(),
-    );
+    progress.set_phase(if cached.is_empty() { "running".into() } else { format!("resuming ({} cached)", cached.len()) }.as_str());
     let file = Mutex::new(std::fs::OpenOptions::new().create(true).append(true).open(&path)?);
     let next = AtomicUsize::new(0);
     let fresh: Mutex<Vec<Value>> = Mutex::new(Vec::new());
@@ -477,10 +460,7 @@ pub fn summarize(kind: EvalKind, records: &[Value], resamples: usize, seed: u64)
     s.insert("n_by_metric".into(), Value::Object(n));
     s.insert("primary".into(), json!(kind.primary()));
     if calls > 0 {
-        s.insert(
-            "judge".into(),
-            json!({"calls": calls, "unparseable": unparseable, "unparseable_rate": unparseable as f64 / calls as f64}),
-        );
+        s.insert("judge".into(), json!({"calls": calls, "unparseable": unparseable, "unparseable_rate": unparseable as f64 / calls as f64}));
     }
     Value::Object(s)
 }
@@ -511,10 +491,7 @@ fn retrieval_work(spec: &RunSpec, ctx: &RunContext<'_>, h: &mut Sha256) -> Resul
     let retriever: Arc<dyn Retriever> = ctx.system.retriever(&collection, spec.mode)?;
     let top_k = spec.top_k.unwrap_or(100);
     let queries = limit(ds.queries, spec.limit);
-    let samples = queries
-        .iter()
-        .map(|q| Sample { id: q.id.clone(), inputs: json!({"query": q.text, "relevant": ds.qrels[&q.id]}) })
-        .collect();
+    let samples = queries.iter().map(|q| Sample { id: q.id.clone(), inputs: json!({"query": q.text, "relevant": ds.qrels[&q.id]}) }).collect();
     let qrels = ds.qrels;
     let empty = spec.empty_queries;
     let work = move |i: usize| -> Result<Value> {
@@ -591,22 +568,14 @@ fn rag_work(spec: &RunSpec, ctx: &RunContext<'_>, h: &mut Sha256, out: &Path) ->
         }
     };
     let top_k = spec.top_k.unwrap_or(5);
-    let answerer: Arc<dyn Answerer> =
-        ctx.system.answerer(&collection, spec.mode, top_k, spec.template.clone(), spec.model.clone())?;
-    let judge = if spec.judge {
-        Some(Judge::new(ctx.system.chat()?, ctx.system.registry(), spec.judge_template.clone()))
-    } else {
-        None
-    };
+    let answerer: Arc<dyn Answerer> = ctx.system.answerer(&collection, spec.mode, top_k, spec.template.clone(), spec.model.clone())?;
+    let judge = if spec.judge { Some(Judge::new(ctx.system.chat()?, ctx.system.registry(), spec.judge_template.clone())) } else { None };
     let embedder: Arc<dyn TextEmbedder> = ctx.system.embedder()?;
     let unanswerable = qa.has_unanswerable;
     let items: Vec<QaItem> = limit(qa.items, spec.limit);
     let samples = items
         .iter()
-        .map(|q| Sample {
-            id: q.id.clone(),
-            inputs: json!({"question": q.question, "answers": q.answers, "doc_ids": q.doc_ids}),
-        })
+        .map(|q| Sample { id: q.id.clone(), inputs: json!({"question": q.question, "answers": q.answers, "doc_ids": q.doc_ids}) })
         .collect();
     let setup = json!({"collection": collection, "top_k": top_k, "answerer": answerer.describe(), "judge": judge.as_ref().map(Judge::describe), "format": qa.format});
     let work = move |i: usize| -> Result<Value> {
@@ -639,10 +608,7 @@ fn rag_work(spec: &RunSpec, ctx: &RunContext<'_>, h: &mut Sha256, out: &Path) ->
             let gold: HashSet<&str> = item.doc_ids.iter().map(String::as_str).collect();
             let flags: Vec<bool> = ranked.iter().map(|d| gold.contains(d)).collect();
             m.insert("context_precision".into(), json!(context_precision(&flags)));
-            m.insert(
-                "context_recall".into(),
-                json!(gold.iter().filter(|g| ranked.contains(g)).count() as f64 / gold.len() as f64),
-            );
+            m.insert("context_recall".into(), json!(gold.iter().filter(|g| ranked.contains(g)).count() as f64 / gold.len() as f64));
         } else if let (Some(j), Some(gold)) = (&judge, item.answers.first()) {
             // Judge-based: is the gold answer supported by each passage / by them all?
             let mut flags = Vec::new();
@@ -667,9 +633,7 @@ fn rag_work(spec: &RunSpec, ctx: &RunContext<'_>, h: &mut Sha256, out: &Path) ->
         let mut statements_out = Vec::new();
         if let (Some(j), false) = (&judge, abstained) {
             let (mut supported, mut parsed) = (0usize, 0usize);
-            for s in
-                ragway_prompts::rag::sentences(&out.answer).iter().map(|s| without_markers(s)).filter(|s| !s.is_empty())
-            {
+            for s in ragway_prompts::rag::sentences(&out.answer).iter().map(|s| without_markers(s)).filter(|s| !s.is_empty()) {
                 let v = judged.ask(j, &knowledge, &item.question, &s)?;
                 if v != Verdict::Unparseable {
                     parsed += 1;
@@ -705,10 +669,7 @@ fn rag_work(spec: &RunSpec, ctx: &RunContext<'_>, h: &mut Sha256, out: &Path) ->
 fn halueval_work(spec: &RunSpec, ctx: &RunContext<'_>, h: &mut Sha256) -> Result<Work> {
     let qa = datasets::load_qa(&spec.dataset)?;
     if qa.format != datasets::QaFormat::HaluEval {
-        bail!(
-            "{} is not HaluEval QA (lines with knowledge, question, right_answer, hallucinated_answer)",
-            spec.dataset.display()
-        );
+        bail!("{} is not HaluEval QA (lines with knowledge, question, right_answer, hallucinated_answer)", spec.dataset.display());
     }
     sha256_file(h, &spec.dataset)?;
     let judge = Judge::new(ctx.system.chat()?, ctx.system.registry(), spec.judge_template.clone());
@@ -753,10 +714,7 @@ fn halueval_work(spec: &RunSpec, ctx: &RunContext<'_>, h: &mut Sha256) -> Result
             }
         }
         // HaluEval's own script counts a failed verdict as wrong.
-        m.insert(
-            "accuracy_all".into(),
-            b(j.verdict != Verdict::Unparseable && (j.verdict == Verdict::Yes) == hallucinated),
-        );
+        m.insert("accuracy_all".into(), b(j.verdict != Verdict::Unparseable && (j.verdict == Verdict::Yes) == hallucinated));
         Ok(json!({
             "outputs": {"verdict": j.verdict, "raw": j.raw, "truth": if hallucinated { "yes" } else { "no" }},
             "metrics": m,
@@ -785,12 +743,8 @@ pub fn check_thresholds(summary: &Value, thresholds: &[(String, f64)]) -> Result
     let mut missed = Vec::new();
     for (k, min) in thresholds {
         let v = summary.get(k).and_then(Value::as_f64).ok_or_else(|| {
-            let known: Vec<&String> =
-                summary.as_object().map(|o| o.keys().filter(|k| summary[*k].is_number()).collect()).unwrap_or_default();
-            anyhow!(
-                "--fail-under names `{k}`, which this run does not report (it has: {})",
-                known.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
-            )
+            let known: Vec<&String> = summary.as_object().map(|o| o.keys().filter(|k| summary[*k].is_number()).collect()).unwrap_or_default();
+            anyhow!("--fail-under names `{k}`, which this run does not report (it has: {})", known.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", "))
         })?;
         if v < *min {
             missed.push(format!("{k} = {v:.4} < {min}"));
@@ -822,10 +776,7 @@ mod tests {
         let s = json!({"ndcg@10": 0.69, "f1": 0.9, "ci95": {}});
         let t = parse_thresholds("ndcg@10=0.70, f1=0.8").unwrap();
         assert_eq!(check_thresholds(&s, &t).unwrap(), vec!["ndcg@10 = 0.6900 < 0.7"]);
-        assert!(check_thresholds(&s, &parse_thresholds("mrr@10=0.1").unwrap())
-            .unwrap_err()
-            .to_string()
-            .contains("ndcg@10"));
+        assert!(check_thresholds(&s, &parse_thresholds("mrr@10=0.1").unwrap()).unwrap_err().to_string().contains("ndcg@10"));
         assert!(parse_thresholds("ndcg@10").is_err());
         assert!(parse_thresholds("ndcg@10=x").is_err());
     }

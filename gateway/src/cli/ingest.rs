@@ -41,12 +41,7 @@ pub fn run(args: IngestArgs) -> anyhow::Result<()> {
         Err(e) => return Err(e.into()),
     };
     let on_error = if args.on_error == "fail" { OnError::Fail } else { OnError::Skip };
-    let job = index.jobs().submit(
-        collection.clone(),
-        Source::from_path(&args.input),
-        IngestOptions { on_error, ..Default::default() },
-        None,
-    )?;
+    let job = index.jobs().submit(collection.clone(), Source::from_path(&args.input), IngestOptions { on_error, ..Default::default() }, None)?;
     let bar = indicatif::ProgressBar::new(1000);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {percent}% {msg}")
