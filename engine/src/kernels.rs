@@ -107,10 +107,18 @@ fn sum(xs: &[f32]) -> f32 {
 /// Numerically stable softmax of one row, in place.
 #[inline]
 pub fn softmax_inplace(xs: &mut [f32]) {
+    let (_, total) = exp_shifted_inplace(xs);
+    let inv = 1.0 / total;
+    xs.iter_mut().for_each(|x| *x *= inv);
+}
+
+/// `x = exp(x - max)` for one row, in place; returns the maximum and the sum of the
+/// exponentials: a softmax before its division, as partial softmaxes are combined.
+#[inline]
+pub fn exp_shifted_inplace(xs: &mut [f32]) -> (f32, f32) {
     let m = max(xs);
     xs.iter_mut().for_each(|x| *x = exp(*x - m));
-    let inv = 1.0 / sum(xs);
-    xs.iter_mut().for_each(|x| *x *= inv);
+    (m, sum(xs))
 }
 
 /// Exact GELU, `0.5 x (1 + erf(x / sqrt 2))`, applied in place after adding `bias` to each row.

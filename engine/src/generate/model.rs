@@ -12,7 +12,7 @@
 use super::qmatmul::{DenseMatrix, HalfMatrix, HalfWeights, Linear, PackedMatrix, QActs};
 use super::repack;
 use crate::error::{EngineError, Result};
-use crate::kernels::{dot, exp, gemm_f32, softmax_inplace, Parallel};
+use crate::kernels::{dot, exp, exp_shifted_inplace, gemm_f32, softmax_inplace, Parallel};
 use crate::team::{team, Parts};
 use candle_core::quantized::{gguf_file, QTensor};
 use candle_core::Device;
@@ -1230,14 +1230,18 @@ fn attention(
     // that a model's few KV heads still spread over the threads. A prompt chunk: one task
     // per query head.
     let mut tasks: Vec<(usize, usize, Range<usize>)> = Vec::new();
-    for (s, &(_, start, n)) in starts.iter().enumerate() {
+    // Per decoding sequence and KV head: (row offset, KV head, its tasks).
+    let mut heads: Vec<(usize, usize, Range<usize>)> = Vec::new();
+    for (s, &(off, start, n)) in starts.iter().enumerate() {
         if n == 1 {
             let (lo, ctx) = (first_seen(start + 1), start + 1);
             let want = (4 * team().threads()).div_ceil(decoding * cfg.n_kv_heads);
             let parts = ((ctx - lo) / MIN_SPLIT).clamp(1, want);
             let per = (ctx - lo).div_ceil(parts).next_multiple_of(W);
             for g in 0..cfg.n_kv_heads {
+                let first = tasks.len();
                 tasks.extend((lo..ctx).step_by(per).map(|a| (s, g, a..(a + per).min(ctx))));
+                heads.push((off, g, first..tasks.len()));
             }
         } else {
             tasks.extend((0..cfg.n_heads).map(|h| (s, h, 0..0)));
@@ -1264,10 +1268,7 @@ fn attention(
             let part = unsafe { parts.slice(i * slot..(i + 1) * slot) };
             let (ml, o) = part.split_at_mut(2 * group);
             for (head, row) in scores.chunks_exact_mut(span.len()).enumerate() {
-                let m = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-                row.iter_mut().for_each(|x| *x = exp(*x - m));
-                ml[2 * head] = m;
-                ml[2 * head + 1] = row.iter().sum();
+                (ml[2 * head], ml[2 * head + 1]) = exp_shifted_inplace(row);
             }
             o.copy_from_slice(&decode_values(
                 &scores,
@@ -1345,33 +1346,22 @@ fn attention(
         team().for_each(tasks.len(), run);
     }
     // Each decoding sequence's KV heads: their ranges' partial softmaxes into one.
-    let mut i = 0;
-    while i < tasks.len() {
-        let (si, g, _) = tasks[i];
-        let mut j = i + 1;
-        while j < tasks.len() && tasks[j].0 == si && tasks[j].1 == g && starts[si].2 == 1 {
-            j += 1;
-        }
-        if starts[si].2 == 1 {
-            let off = starts[si].0;
-            let slots: Vec<&[f32]> = (i..j).map(|t| &partials[t * slot..(t + 1) * slot]).collect();
-            let row = &mut out[off * q_dim + g * group * hd..off * q_dim + (g + 1) * group * hd];
-            for head in 0..group {
-                let m = slots.iter().fold(f32::NEG_INFINITY, |m, p| m.max(p[2 * head]));
-                let o = &mut row[head * hd..(head + 1) * hd];
-                o.fill(0.0);
-                let mut l = 0.0;
-                for p in &slots {
-                    let w = exp(p[2 * head] - m);
-                    l += w * p[2 * head + 1];
-                    for (o, v) in o.iter_mut().zip(&p[2 * group + head * hd..2 * group + (head + 1) * hd]) {
-                        *o += w * v;
-                    }
+    for (off, g, range) in heads {
+        let slots = &partials[range.start * slot..range.end * slot];
+        let row = &mut out[off * q_dim + g * group * hd..off * q_dim + (g + 1) * group * hd];
+        for (head, o) in row.chunks_exact_mut(hd).enumerate() {
+            let m = slots.chunks_exact(slot).fold(f32::NEG_INFINITY, |m, p| m.max(p[2 * head]));
+            o.fill(0.0);
+            let mut l = 0.0;
+            for p in slots.chunks_exact(slot) {
+                let w = exp(p[2 * head] - m);
+                l += w * p[2 * head + 1];
+                for (o, v) in o.iter_mut().zip(&p[2 * group + head * hd..2 * group + (head + 1) * hd]) {
+                    *o += w * v;
                 }
-                o.iter_mut().for_each(|v| *v /= l);
             }
+            o.iter_mut().for_each(|v| *v /= l);
         }
-        i = j;
     }
 }
 
@@ -1411,9 +1401,10 @@ fn load16(src: &[f16]) -> [f32; W] {
     }
 }
 
-/// Scaled (and soft-capped, where the model caps) scores `[heads, span.len()]` of the query heads `q` (`[heads, hd]`)
-/// against positions `span` of KV head `g` of the blocked keys `kc` (see [`KvCache`]): 16
-/// positions at a time, one fused multiply-add per dimension and head, no horizontal sums.
+/// Scaled (and soft-capped, where the model caps) scores `[heads, span.len()]` of the query
+/// heads `q` (`[heads, hd]`) against positions `span` of KV head `g` of the blocked keys `kc`
+/// (see [`KvCache`]): 16 positions at a time, one fused multiply-add per dimension and head,
+/// no horizontal sums.
 /// Blocks at the span's ends are computed whole (their unused positions are allocated) and cut.
 fn decode_scores(
     q: &[f32],
