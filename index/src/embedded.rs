@@ -19,8 +19,8 @@
 //! their records until it is mostly garbage; then the upkeep rewrites it with the live
 //! documents while writes go on ([`EmbeddedStore::rewrite_log`]: writes wait only for the
 //! last few megabytes of records appended meanwhile to be copied over).
-//! [`EmbeddedStore::compact`] does that and also rebuilds the graph. The graph holds the one copy of each vector; the table refers to it
-//! by point.
+//! [`EmbeddedStore::compact`] does that and also rebuilds the graph. The graph holds the one
+//! copy of each vector; the table refers to it by point.
 //!
 //! The graph and the table are saved (`dense.hnsw`, `table.snap`, marked with the last log
 //! record they cover) after a compaction, on close, and every [`GRAPH_SAVE_EVERY`] new

@@ -46,11 +46,7 @@ fn summary(dir: &Path) -> Value {
 }
 
 fn samples(dir: &Path) -> Vec<Value> {
-    std::fs::read_to_string(dir.join("samples.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    std::fs::read_to_string(dir.join("samples.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
 #[test]
@@ -91,12 +87,7 @@ fn retrieval_runs_resume_gate_and_compare() {
     assert_eq!(recs.len(), 50);
     let mut mean = 0.0;
     for r in &recs {
-        let run: Vec<(String, f64)> = r["retrieved"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|h| (h["doc_id"].as_str().unwrap().to_string(), h["score"].as_f64().unwrap()))
-            .collect();
+        let run: Vec<(String, f64)> = r["retrieved"].as_array().unwrap().iter().map(|h| (h["doc_id"].as_str().unwrap().to_string(), h["score"].as_f64().unwrap())).collect();
         assert!(!run.is_empty() && run.len() <= 100);
         let m = query_metrics(&qrels[r["id"].as_str().unwrap()], &run, &CUTOFFS);
         assert!((m["ndcg@10"] - r["metrics"]["ndcg@10"].as_f64().unwrap()).abs() < 1e-12);
@@ -114,17 +105,13 @@ fn retrieval_runs_resume_gate_and_compare() {
     assert_eq!(again["ci95"], s["ci95"]);
 
     // A gate that cannot be met exits with code 3; one that is met exits 0.
-    let b_out = b.to_str().unwrap();
-    let gate = |spec: &str| {
-        let args = ["retrieval", "--dataset", ds, "--split", "train", "--mode", "keyword", "--out", b_out];
-        eval(&[&args[..], &["--fail-under", spec]].concat(), &dd).0
-    };
-    assert_eq!(gate("ndcg@10=0.999"), 3);
-    assert_eq!(gate("ndcg@10=0.1,recall@100=0.1"), 0);
+    let (code, _, _) = eval(&["retrieval", "--dataset", ds, "--split", "train", "--mode", "keyword", "--out", b.to_str().unwrap(), "--fail-under", "ndcg@10=0.999"], &dd);
+    assert_eq!(code, 3);
+    let (code, _, _) = eval(&["retrieval", "--dataset", ds, "--split", "train", "--mode", "keyword", "--out", b.to_str().unwrap(), "--fail-under", "ndcg@10=0.1,recall@100=0.1"], &dd);
+    assert_eq!(code, 0);
     assert_eq!(summary(&b)["run"]["config"]["mode"], "keyword");
 
-    let o =
-        Command::new(env!("CARGO_BIN_EXE_ragway")).args(["eval", "compare", b.to_str().unwrap(), sa]).output().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_ragway")).args(["eval", "compare", b.to_str().unwrap(), sa]).output().unwrap();
     assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(stdout.contains("paired samples"), "{stdout}");
@@ -145,8 +132,7 @@ fn rag_and_halueval_runs_with_the_local_judge() {
     let dd = root.join("data");
     let ds = data("halueval_dev_first8.jsonl");
     let out = root.join("rag");
-    let (code, _, _) =
-        eval(&["rag", "--dataset", ds.to_str().unwrap(), "--out", out.to_str().unwrap(), "--top-k", "3"], &dd);
+    let (code, _, _) = eval(&["rag", "--dataset", ds.to_str().unwrap(), "--out", out.to_str().unwrap(), "--top-k", "3"], &dd);
     assert_eq!(code, 0);
     let s = summary(&out);
     assert_eq!(s["n"], 8);
@@ -182,8 +168,7 @@ fn rag_and_halueval_runs_with_the_local_judge() {
     assert_eq!(oberoi["retrieved"][0]["doc_id"], oberoi["id"]);
 
     let hal = root.join("halueval");
-    let (code, _, _) =
-        eval(&["halueval", "--dataset", ds.to_str().unwrap(), "--out", hal.to_str().unwrap(), "--seed", "3"], &dd);
+    let (code, _, _) = eval(&["halueval", "--dataset", ds.to_str().unwrap(), "--out", hal.to_str().unwrap(), "--seed", "3"], &dd);
     assert_eq!(code, 0);
     let h = summary(&hal);
     assert_eq!(h["judge"]["calls"], 8);
@@ -206,10 +191,7 @@ fn rag_and_halueval_runs_with_the_local_judge() {
     }
     assert!((h["accuracy_all"].as_f64().unwrap() - correct as f64 / 8.0).abs() < 1e-12);
     // The seeded draw shows both kinds of answer.
-    assert!(
-        recs.iter().any(|r| r["inputs"]["shown"] == "right")
-            && recs.iter().any(|r| r["inputs"]["shown"] == "hallucinated")
-    );
+    assert!(recs.iter().any(|r| r["inputs"]["shown"] == "right") && recs.iter().any(|r| r["inputs"]["shown"] == "hallucinated"));
     let html = std::fs::read_to_string(hal.join("report.html")).unwrap();
     assert!(html.contains("truth \\ verdict"));
     let _ = std::fs::remove_dir_all(&root);
@@ -222,19 +204,7 @@ fn remote_rag_run_against_a_live_server() {
     let out = root.join("remote");
     let ds = data("halueval_dev_first8.jsonl");
     let (code, _, _) = eval(
-        &[
-            "rag",
-            "--url",
-            &s.url,
-            "--collection",
-            "rag-e2e",
-            "--dataset",
-            ds.to_str().unwrap(),
-            "--limit",
-            "3",
-            "--out",
-            out.to_str().unwrap(),
-        ],
+        &["rag", "--url", &s.url, "--collection", "rag-e2e", "--dataset", ds.to_str().unwrap(), "--limit", "3", "--out", out.to_str().unwrap()],
         &root.join("data"),
     );
     assert_eq!(code, 0);
@@ -265,10 +235,7 @@ fn runs_over_rest_and_graphql() {
     assert_eq!(b["id"], "slice10");
     assert_eq!(b["status"], "running");
     // A second start under a running id conflicts.
-    let (st, b2) = s.post(
-        "/v1/evals",
-        &json!({"kind": "retrieval", "dataset": "scifact_slice", "split": "train", "name": "slice10"}),
-    );
+    let (st, b2) = s.post("/v1/evals", &json!({"kind": "retrieval", "dataset": "scifact_slice", "split": "train", "name": "slice10"}));
     if st != 202 {
         assert_openai_error(st, &b2, 409);
     }
