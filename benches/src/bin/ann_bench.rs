@@ -56,6 +56,10 @@ struct Args {
     /// Quantizations to search with, each on the same build (`none`, `f16`, `int8`).
     #[arg(long, default_value = "none,f16,int8")]
     quantization: String,
+    /// The graph's quantization while it is built (`none` or `int8`: an int8 graph's inserts
+    /// walk on the codes); the searches then take each of `--quantization` on that graph.
+    #[arg(long, default_value = "none")]
+    build_quantization: String,
     /// Fraction of the points to delete and insert again after the measurements (0: none).
     #[arg(long, default_value_t = 0.0)]
     churn: f64,
@@ -172,16 +176,18 @@ fn main() -> anyhow::Result<()> {
         .collect();
     let exact_qps = queries.len() as f64 / t.elapsed().as_secs_f64();
 
+    let build_quant: Quantization = serde_json::from_value(json!(args.build_quantization))
+        .map_err(|_| anyhow::anyhow!("unknown --build-quantization {}", args.build_quantization))?;
     let rss0 = rss_bytes();
     let params = HnswParams { m: args.m, ef_construction: args.ef_construction, ef: 64 };
     let t = Instant::now();
-    let index = DenseIndex::new(params, Quantization::None, Distance::Cosine, base[0].len(), base.len());
+    let index = DenseIndex::new(params, build_quant, Distance::Cosine, base[0].len(), base.len());
     let items: Vec<(&[f32], u64)> = base.iter().enumerate().map(|(i, v)| (v.as_slice(), i as u64)).collect();
     let ids = index.insert(&items);
     let build_s = t.elapsed().as_secs_f64();
     let graph_mib = (rss_bytes().saturating_sub(rss0)) as f64 / (1 << 20) as f64;
     eprintln!(
-        "[ann-bench] ragway HNSW built in {build_s:.1}s ({} threads), +{graph_mib:.0} MiB resident",
+        "[ann-bench] ragway HNSW built in {build_s:.1}s ({} threads, {build_quant:?}), +{graph_mib:.0} MiB resident",
         rayon::current_num_threads()
     );
 
@@ -362,7 +368,7 @@ fn main() -> anyhow::Result<()> {
     println!(
         "{}",
         json!({"bench": "ann", "data": args.data, "churn": churn, "n": base.len(), "queries": queries.len(), "m": args.m,
-               "ef_construction": args.ef_construction, "build_s": build_s, "graph_resident_mib": graph_mib,
+               "ef_construction": args.ef_construction, "build_s": build_s, "build_quantization": build_quant, "graph_resident_mib": graph_mib,
                "exact_qps_all_threads": exact_qps, "ragway": rows, "ragway_by_quantization": by_quant, "qps_at_recall": at_recall,
                "reference": reference})
     );
