@@ -1714,7 +1714,8 @@ mod tests {
             assert!(differ > 0, "{distance:?}: the int8 build chose every link the f32 build did");
             // The links' quality, searched alike (on the f32 vectors) at a small `ef`.
             coded.set_quantization(Quantization::None);
-            let (rp, rc) = (recall(&plain, &data, &queries, distance, 16), recall(&coded, &data, &queries, distance, 16));
+            let (rp, rc) =
+                (recall(&plain, &data, &queries, distance, 16), recall(&coded, &data, &queries, distance, 16));
             assert!(rc >= rp - 0.02, "{distance:?}: recall {rc} after an int8 build, {rp} after an f32 build");
         }
     }

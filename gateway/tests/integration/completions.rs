@@ -47,7 +47,8 @@ fn chat_completion_greedy_matches_llama_cpp() {
     // by 0.29: the order of float operations, which differs between CPUs' kernels, decides
     // it), as the engine's greedy tests allow.
     const FLIP_MARGIN: f64 = 0.3;
-    let pieces: Vec<&str> = reference["generated_pieces"].as_array().unwrap().iter().map(|p| p.as_str().unwrap()).collect();
+    let pieces: Vec<&str> =
+        reference["generated_pieces"].as_array().unwrap().iter().map(|p| p.as_str().unwrap()).collect();
     let until_eos = reference["eos_position"].as_u64().unwrap() as usize;
     let mut prefix = String::new();
     let mut same = 0;
