@@ -13,10 +13,10 @@
 //! Waiting requests sit in a bounded queue; when it is full, [`GenerateHandle::submit`]
 //! fails at once with [`EngineError::QueueFull`].
 
+use super::constrain::{Constrainer, Constraint, Grammar, GrammarLimits};
 use super::device_model::{DeviceLlama, KvSizing, PagedSeq};
 use super::model::{KvCache, Llama, LlamaConfig, Scratch, SeqBatch};
 use super::paged::PagedKv;
-use super::constrain::{Constrainer, Constraint, Grammar, GrammarLimits};
 use super::sampling::{random_seed, ModelSampling, Sampler, SamplingParams, TokenLogprob};
 use super::tokenizer::{IncrementalDecoder, TextTokenizer};
 use super::{ChatTemplate, GenerativeModel};
@@ -393,10 +393,19 @@ fn load_decoder(cfg: &GenerateConfig) -> Result<(GenerativeModel<Decoder>, usize
 /// The KV budget in tokens on a GPU with `free` of `total` bytes once the decoder's
 /// `weights` are loaded: ragway may fill `gpu_memory_fraction` of `total`; what is already
 /// in use (the weights included) and a reserve for activations come off first.
-fn gpu_kv_budget(cfg: &GenerateConfig, free: usize, total: usize, weights: usize, kv_per_token: usize) -> Result<usize> {
+fn gpu_kv_budget(
+    cfg: &GenerateConfig,
+    free: usize,
+    total: usize,
+    weights: usize,
+    kv_per_token: usize,
+) -> Result<usize> {
     let fraction = cfg.gpu_memory_fraction;
     if !(fraction > 0.0 && fraction <= 1.0) {
-        return Err(EngineError::Device(cfg.device.clone(), format!("--gpu-memory-fraction {fraction} is not in (0, 1]")));
+        return Err(EngineError::Device(
+            cfg.device.clone(),
+            format!("--gpu-memory-fraction {fraction} is not in (0, 1]"),
+        ));
     }
     let allowed = (total as f64 * fraction as f64) as usize;
     let in_use = total.saturating_sub(free);
@@ -706,7 +715,9 @@ impl Seq {
         let mut c = self.lazy.take().expect("checked above").constraint;
         self.recent.clear();
         let fits = rest.is_empty()
-            || tk.encode(&rest, false).is_ok_and(|ids| ids.iter().all(|&t| c.allows(t).unwrap_or(false) && c.accept(t).is_ok()));
+            || tk
+                .encode(&rest, false)
+                .is_ok_and(|ids| ids.iter().all(|&t| c.allows(t).unwrap_or(false) && c.accept(t).is_ok()));
         if !fits {
             return false;
         }
@@ -923,7 +934,8 @@ impl Scheduler {
             let mut seq = self.running.pop().expect("non-empty");
             seq.cache.clear();
             self.shared.metrics.preemptions.fetch_add(1, Ordering::Relaxed);
-            seq.span.in_scope(|| tracing::debug!("KV cache full: preempting a sequence of {} tokens", seq.tokens.len()));
+            seq.span
+                .in_scope(|| tracing::debug!("KV cache full: preempting a sequence of {} tokens", seq.tokens.len()));
             self.preempted.push_front(seq);
         }
     }
@@ -1131,7 +1143,8 @@ impl Scheduler {
         }
         // The context bounds every sequence whatever `max_new` says: one that reached it ends
         // here instead of failing the next forward pass (and the batch with it).
-        if finish.is_none() && (s.generated() >= s.max_new || s.tokens.len() >= self.shared.model_config.context_length) {
+        if finish.is_none() && (s.generated() >= s.max_new || s.tokens.len() >= self.shared.model_config.context_length)
+        {
             finish = Some(FinishReason::Length);
         }
         let _ = s.tx.send(GenEvent::Token { index: s.index, token: id, text, logprob });
