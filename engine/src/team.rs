@@ -111,16 +111,15 @@ impl Team {
         if items == 0 {
             return;
         }
+        if items > MAX_ITEMS {
+            // Handed out in runs of consecutive items instead.
+            let per = items.div_ceil(MAX_ITEMS);
+            return self.run(items.div_ceil(per), &|i| (i * per..((i + 1) * per).min(items)).for_each(f));
+        }
         let s = self.shared;
         if items == 1 || self.threads == 1 || s.busy.swap(true, Acquire) {
             (0..items).for_each(f);
             return;
-        }
-        if items > MAX_ITEMS {
-            // Handed out in runs of consecutive items instead.
-            s.busy.store(false, Release);
-            let per = items.div_ceil(MAX_ITEMS);
-            return self.run(items.div_ceil(per), &|i| (i * per..((i + 1) * per).min(items)).for_each(f));
         }
         let job: Job = f;
         let seq = s.seq.load(Relaxed);
