@@ -75,6 +75,14 @@
 //! mapped slot writes its vector there, into memory of the process's own, never into the
 //! file. The vectors' checksum is not read on open (it would read every vector);
 //! [`Graph::verify_vectors`] checks it, reading the file.
+//!
+//! After a restart with a cold page cache, each mapped code or vector a search touches
+//! first is a disk read, and a walk that faults them in one at a time waits on each in
+//! turn. So while a kind of page may be cold — the codes (or vectors) the walk reads, the
+//! vectors it rescores — because the graph was just opened or one of the last
+//! [`COLD_SEARCHES`] searches took a major page fault reading that kind, a search first
+//! asks the kernel for all the pages of a step (a node's unvisited neighbors, the
+//! candidates to rescore) and the reads overlap ([`Graph::read_ahead`]).
 
 use crate::dense::Distance;
 use crate::error::{IndexError, Result};
@@ -100,6 +108,8 @@ const MAX_LEVEL: usize = 16;
 /// A full neighbor list re-selected by a back-link keeps `1 / LINK_SLACK` of its slots free
 /// (see [`Graph::link_back`]).
 const LINK_SLACK: usize = 4;
+/// Searches that read ahead after one took a major page fault (see [`Graph::read_ahead`]).
+const COLD_SEARCHES: u32 = 64;
 /// The key of a free slot (no chunk key is this large: keys count up from 0).
 pub const FREE_KEY: u64 = u64::MAX;
 /// A point's state: in the graph ...
@@ -188,12 +198,6 @@ impl Metric {
 struct Probe<'a> {
     q: &'a [f32],
     i8: Option<QueryI8>,
-}
-
-impl<'a> Probe<'a> {
-    fn plain(q: &'a [f32]) -> Self {
-        Self { q, i8: None }
-    }
 }
 
 /// Build parameters.
@@ -299,6 +303,36 @@ pub struct Graph {
     /// `(entry point, its level)`; `None` while empty.
     entry: RwLock<Option<(u32, usize)>>,
     visited: Mutex<Vec<Visited>>,
+    /// Whether searches read ahead ([`Graph::read_ahead`]) what their walk reads (the codes,
+    /// or the vectors without codes) ...
+    cold_walk: ColdSpell,
+    /// ... and the vectors they rescore (with codes).
+    cold_rescore: ColdSpell,
+}
+
+/// Searches left that read ahead one kind of mapped page ([`Graph::read_ahead`]):
+/// [`COLD_SEARCHES`] after the open and after a search took a major page fault reading that
+/// kind, counted down by each search that took none.
+struct ColdSpell(AtomicU32);
+
+impl ColdSpell {
+    fn new(mapped: bool) -> Self {
+        Self(AtomicU32::new(if mapped { COLD_SEARCHES } else { 0 }))
+    }
+
+    #[inline]
+    fn on(&self) -> bool {
+        self.0.load(Ordering::Relaxed) > 0
+    }
+
+    /// Counts one search that read this kind of page, `faulted` or not.
+    fn after(&self, faulted: bool) {
+        if faulted {
+            self.0.store(COLD_SEARCHES, Ordering::Relaxed);
+        } else if self.on() {
+            let _ = self.0.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| c.checked_sub(1));
+        }
+    }
 }
 
 /// The vectors of a saved graph, in its memory-mapped file.
@@ -376,6 +410,8 @@ impl Graph {
             locks: (0..capacity).map(|_| Mutex::new(())).collect(),
             entry: RwLock::new(None),
             visited: Mutex::new(Vec::new()),
+            cold_walk: ColdSpell::new(mapped_points > 0),
+            cold_rescore: ColdSpell::new(mapped_points > 0),
         }
     }
 
@@ -554,6 +590,37 @@ impl Graph {
         let _ = id;
     }
 
+    /// Asks the kernel for the pages that hold the codes (`CODES`) or the vectors of those
+    /// of `ids` that lie in the mapped file, all at once (`madvise(WILLNEED)`). After a cold
+    /// start each such page would otherwise be a page fault of its own, the walk waiting
+    /// on one disk read after another; asked for together, the reads overlap. Searches do
+    /// this while that kind of page is cold (`cold_walk`, `cold_rescore`): a syscall per
+    /// point costs more than a warm search's distance.
+    fn read_ahead<const CODES: bool>(&self, ids: &[u32]) {
+        #[cfg(unix)]
+        {
+            let page = page_size();
+            for &id in ids {
+                let i = id as usize;
+                if i >= self.mapped_points {
+                    continue;
+                }
+                let (at, bytes) = if CODES {
+                    (self.mapped_codes.wrapping_add(i * self.code_words) as usize, self.code_words * 4)
+                } else {
+                    (self.mapped_ptr.wrapping_add(i * self.dim) as usize, self.dim * 4)
+                };
+                let start = at & !(page - 1);
+                // SAFETY: WILLNEED only starts reads of the file; the range is whole pages
+                // of the mapping, which holds the point's code or vector (checked when
+                // loaded) and lives as long as the graph.
+                unsafe { libc::madvise(start as *mut libc::c_void, at + bytes - start, libc::MADV_WILLNEED) };
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ids;
+    }
+
     #[inline]
     fn dist_to(&self, q: &[f32], id: u32) -> Dist {
         Dist(self.metric.eval(q, self.vector(id)))
@@ -583,10 +650,14 @@ impl Graph {
         mut cur_d: Dist,
         level: usize,
         buf: &mut Vec<u32>,
+        ahead: bool,
     ) -> (u32, Dist) {
         loop {
             let mut changed = false;
             self.neighbors(cur, level, buf);
+            if ahead {
+                self.read_ahead::<CODES>(buf);
+            }
             for &n in buf.iter() {
                 let d = self.walk_dist::<CODES>(q, n);
                 if d < cur_d {
@@ -611,6 +682,7 @@ impl Graph {
         level: usize,
         visited: &mut Visited,
         keep: &dyn Fn(u32) -> bool,
+        ahead: bool,
     ) -> BinaryHeap<(Dist, u32)> {
         let mut candidates: BinaryHeap<Reverse<(Dist, u32)>> = BinaryHeap::with_capacity(ef * 2);
         let mut results: BinaryHeap<(Dist, u32)> = BinaryHeap::with_capacity(ef + 1);
@@ -634,6 +706,9 @@ impl Graph {
             // Unvisited neighbors first, their vectors fetched ahead of the distance loop
             // (the walk is bound by memory latency, not arithmetic).
             buf.retain(|&n| visited.insert(n));
+            if ahead {
+                self.read_ahead::<CODES>(&buf);
+            }
             for &n in &buf {
                 self.prefetch::<CODES>(n);
             }
@@ -810,13 +885,13 @@ impl Graph {
         let mut cur = ep;
         let mut cur_d = self.walk_dist::<CODES>(&p, ep);
         for l in (level + 1..=max_level).rev() {
-            (cur, cur_d) = self.greedy::<CODES>(&p, cur, cur_d, l, &mut buf);
+            (cur, cur_d) = self.greedy::<CODES>(&p, cur, cur_d, l, &mut buf, false);
         }
         let mut visited = self.visited();
         let mut start = vec![(cur, cur_d)];
         for l in (0..=level.min(max_level)).rev() {
             visited.reset(self.capacity);
-            let found = self.search_layer::<CODES>(&p, &start, self.ef_construction, l, &mut visited, &|_| true);
+            let found = self.search_layer::<CODES>(&p, &start, self.ef_construction, l, &mut visited, &|_| true, false);
             let found = found.into_vec();
             // The next layer's walk starts from these, with the walk's own distances.
             let next: Vec<(u32, Dist)> = found.iter().filter(|c| c.1 != id32).map(|&(d, id)| (id, d)).collect();
@@ -1100,24 +1175,41 @@ impl Graph {
             return Vec::new();
         }
         let mut buf = Vec::with_capacity(self.m0);
+        // A graph opened from its file may find its pages on disk (see the module documentation).
+        let mapped = self.mapped_points > 0;
+        let mut faults = if mapped { major_faults() } else { 0 };
+        let ahead = mapped && self.cold_walk.on();
         let p = self.probe::<CODES>(q);
         let mut cur = ep;
         let mut cur_d = self.walk_dist::<CODES>(&p, ep);
         for l in (1..=max_level).rev() {
-            (cur, cur_d) = self.greedy::<CODES>(&p, cur, cur_d, l, &mut buf);
+            (cur, cur_d) = self.greedy::<CODES>(&p, cur, cur_d, l, &mut buf, ahead);
         }
         let mut visited = self.visited();
         // Deleted points guide the walk but are never returned.
         let keep = |id: u32| !self.is_gone(id) && keep(id);
-        let found = self.search_layer::<CODES>(&p, &[(cur, cur_d)], ef.max(k), 0, &mut visited, &keep);
+        let found = self.search_layer::<CODES>(&p, &[(cur, cur_d)], ef.max(k), 0, &mut visited, &keep, ahead);
         self.give_back(visited);
         let mut found = found.into_vec();
+        if mapped {
+            let now = major_faults();
+            self.cold_walk.after(now > faults);
+            faults = now;
+        }
         if CODES {
+            if mapped && self.cold_rescore.on() {
+                buf.clear();
+                buf.extend(found.iter().map(|c| c.1));
+                self.read_ahead::<false>(&buf);
+            }
             for c in found.iter_mut() {
                 self.prefetch::<false>(c.1);
             }
             for c in found.iter_mut() {
                 c.0 = self.dist_to(q, c.1);
+            }
+            if mapped {
+                self.cold_rescore.after(major_faults() > faults);
             }
         }
         found.sort_unstable();
@@ -1139,6 +1231,8 @@ impl Graph {
         g.capacity = capacity;
         g.mapped = self.mapped.take();
         g.mapped_points = mapped_points;
+        g.cold_walk = std::mem::replace(&mut self.cold_walk, ColdSpell::new(false));
+        g.cold_rescore = std::mem::replace(&mut self.cold_rescore, ColdSpell::new(false));
         self.mapped_points = 0;
         g.mapped_ptr = std::mem::replace(&mut self.mapped_ptr, std::ptr::null_mut());
         g.mapped_codes = std::mem::replace(&mut self.mapped_codes, std::ptr::null_mut());
@@ -1481,6 +1575,35 @@ fn start_aligned_section(w: &mut SumWriter) -> Result<()> {
     w.put(&[0u8; VECTORS_ALIGN as usize][..pad as usize])
 }
 
+/// The memory page size (a power of two).
+#[cfg(unix)]
+fn page_size() -> usize {
+    static PAGE: OnceLock<usize> = OnceLock::new();
+    *PAGE.get_or_init(|| {
+        // SAFETY: sysconf has no preconditions.
+        let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        if p > 0 && (p as usize).is_power_of_two() {
+            p as usize
+        } else {
+            4096
+        }
+    })
+}
+
+/// Major page faults (pages read from disk) this thread has taken so far.
+fn major_faults() -> u64 {
+    #[cfg(target_os = "linux")]
+    {
+        let mut ru = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+        // SAFETY: getrusage writes the struct it is given; RUSAGE_THREAD is Linux's.
+        if unsafe { libc::getrusage(libc::RUSAGE_THREAD, ru.as_mut_ptr()) } == 0 {
+            // SAFETY: written by the successful call above.
+            return unsafe { ru.assume_init() }.ru_majflt as u64;
+        }
+    }
+    0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1581,6 +1704,37 @@ mod tests {
         assert_eq!((again.len(), covered), (1500, 43));
         for q in &queries {
             assert_eq!(loaded.search(q, 10, 50, &|_| true), again.search(q, 10, 50, &|_| true));
+        }
+    }
+
+    #[test]
+    fn a_cold_graph_reads_ahead_and_answers_as_a_warm_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = vectors(2000, 32, 21);
+        let queries = vectors(COLD_SEARCHES as usize + 8, 32, 22);
+        for quantization in [Quantization::None, Quantization::Int8] {
+            let g = graph_of(&data, Distance::Cosine, 8, 64, quantization);
+            let path = dir.path().join("g.hnsw");
+            g.save(&path, 1).unwrap();
+            let (loaded, _) = Graph::load(&path, 0).unwrap();
+            // Opened from its file: its pages may be on disk only, so searches read ahead.
+            assert!(loaded.cold_walk.on() && loaded.cold_rescore.on(), "{quantization:?}");
+            let faults = major_faults();
+            let cold: Vec<_> = queries.iter().map(|q| loaded.search(q, 10, 40, &|_| true)).collect();
+            if major_faults() == faults {
+                // Every page was in memory: each search counted the cold spells down (the
+                // rescoring's only where there are codes to rescore from).
+                assert!(!loaded.cold_walk.on(), "{quantization:?}");
+                assert_eq!(loaded.cold_rescore.on(), quantization == Quantization::None);
+            }
+            loaded.cold_walk.0.store(0, Ordering::Relaxed);
+            loaded.cold_rescore.0.store(0, Ordering::Relaxed);
+            for (q, before) in queries.iter().zip(&cold) {
+                assert_eq!(&loaded.search(q, 10, 40, &|_| true), before, "{quantization:?}");
+                assert_eq!(&g.search(q, 10, 40, &|_| true), before, "{quantization:?}");
+            }
+            // A graph built in memory never reads ahead.
+            assert!(!g.cold_walk.on() && !g.cold_rescore.on());
         }
     }
 
