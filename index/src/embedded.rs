@@ -158,8 +158,8 @@ pub struct OpenStats {
     pub table_loaded: bool,
     /// Log records read.
     pub log_records: usize,
-    /// Milliseconds spent mapping the saved graph, opening tantivy and loading the saved
-    /// table, and on the whole open.
+    /// Milliseconds spent mapping the saved graph (tantivy opens meanwhile), loading the
+    /// saved table, and on the whole open.
     pub graph_ms: u64,
     pub table_ms: u64,
     pub total_ms: u64,
@@ -220,7 +220,10 @@ impl EmbeddedStore {
             let _ = std::fs::remove_file(crate::filefmt::temp_path(&dir.join(file)));
         }
         let started = std::time::Instant::now();
-        let saved = match DenseIndex::load(&dir.join(GRAPH_FILE)) {
+        // The graph is mapped while tantivy opens (neither needs the other).
+        let (saved, keyword) =
+            rayon::join(|| DenseIndex::load(&dir.join(GRAPH_FILE)), || KeywordIndex::open(&dir.join("keyword")));
+        let saved = match saved {
             Ok(g) => Some(g),
             Err(IndexError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => {
@@ -230,10 +233,10 @@ impl EmbeddedStore {
             }
         };
         let graph_ms = started.elapsed().as_millis() as u64;
-        let opened = match Self::open_with(dir, settings.clone(), saved) {
+        let opened = match Self::open_with(dir, settings.clone(), saved, Some(keyword)) {
             Err(OpenError::StaleGraph(why)) => {
                 tracing::warn!(dir = %dir.display(), why = %why, "saved graph does not match the log; rebuilding it");
-                Self::open_with(dir, settings, None).map_err(OpenError::into_index)
+                Self::open_with(dir, settings, None, None).map_err(OpenError::into_index)
             }
             other => other.map_err(OpenError::into_index),
         };
@@ -248,9 +251,10 @@ impl EmbeddedStore {
         dir: &Path,
         settings: CollectionSettings,
         saved: Option<(DenseIndex, u64)>,
+        keyword: Option<Result<KeywordIndex>>,
     ) -> std::result::Result<EmbeddedStore, OpenError> {
         let started = std::time::Instant::now();
-        let keyword = match KeywordIndex::open(&dir.join("keyword")) {
+        let keyword = match keyword.unwrap_or_else(|| KeywordIndex::open(&dir.join("keyword"))) {
             Ok(k) => k,
             Err(e) => {
                 // Derived data: rebuild it from the log.

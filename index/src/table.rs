@@ -405,9 +405,20 @@ impl Docs {
 
     /// Puts `doc` in place of the document with its id, returning that one.
     pub fn insert(&mut self, doc: Arc<DocEntry>) -> Option<Arc<DocEntry>> {
+        let hash = self.hash_of(doc.id());
+        self.insert_hashed(hash, doc)
+    }
+
+    /// The hash of an id, as [`Docs::insert_hashed`] takes it.
+    fn hash_of(&self, id: &str) -> u64 {
+        self.hasher.hash_one(id)
+    }
+
+    /// [`Docs::insert`], with the id's hash computed beforehand ([`Docs::hash_of`]).
+    fn insert_hashed(&mut self, hash: u64, doc: Arc<DocEntry>) -> Option<Arc<DocEntry>> {
         let Docs { table, hasher } = self;
         let id = doc.id();
-        match table.entry(hasher.hash_one(id), |d| d.id() == id, |d| hasher.hash_one(d.id())) {
+        match table.entry(hash, |d| d.id() == id, |d| hasher.hash_one(d.id())) {
             hashbrown::hash_table::Entry::Occupied(mut e) => Some(std::mem::replace(e.get_mut(), doc)),
             hashbrown::hash_table::Entry::Vacant(e) => {
                 e.insert(doc);
@@ -935,23 +946,48 @@ impl Table {
     }
 
     /// The table of loaded documents (with the sequence number that added each).
-    fn assemble(parsed: Vec<(Arc<DocEntry>, u64)>, bad: impl Fn(&str) -> IndexError) -> Result<Table> {
+    ///
+    /// The two maps are filled side by side, one thread each (with a million documents,
+    /// their inserts were most of an open's serial time), the ids' SipHashes computed
+    /// beforehand by all threads.
+    fn assemble(parsed: Vec<(Arc<DocEntry>, u64)>, bad: impl Fn(&str) -> IndexError + Sync) -> Result<Table> {
+        use rayon::prelude::*;
         let mut table = Table::default();
-        table.docs.reserve(parsed.len());
-        table.chunks.reserve(parsed.len());
-        for (doc, added) in parsed {
-            let Chunks::Saved(records) = doc.chunks() else { unreachable!("a loaded document") };
-            for (i, record) in records.chunks_exact(CHUNK_BYTES).enumerate() {
-                let (c, point) = saved_chunk(record);
-                let entry = ChunkEntry { doc: doc.clone(), index: i as u32, point, added, removed: NOT_REMOVED };
-                if table.chunks.insert(c.key, entry).is_some() {
-                    return Err(bad(&format!("chunk {} appears twice", c.key)));
+        let (docs, chunks) = (&mut table.docs, &mut table.chunks);
+        let hashes: Vec<u64> = parsed.par_iter().map(|(d, _)| docs.hash_of(d.id())).collect();
+        let (by_key, by_id) = rayon::join(
+            || -> Result<()> {
+                chunks.reserve(parsed.len());
+                for (doc, added) in &parsed {
+                    let Chunks::Saved(records) = doc.chunks() else { unreachable!("a loaded document") };
+                    for (i, record) in records.chunks_exact(CHUNK_BYTES).enumerate() {
+                        let (c, point) = saved_chunk(record);
+                        let entry = ChunkEntry {
+                            doc: doc.clone(),
+                            index: i as u32,
+                            point,
+                            added: *added,
+                            removed: NOT_REMOVED,
+                        };
+                        if chunks.insert(c.key, entry).is_some() {
+                            return Err(bad(&format!("chunk {} appears twice", c.key)));
+                        }
+                    }
                 }
-            }
-            if table.docs.insert(doc).is_some() {
-                return Err(bad("a document appears twice"));
-            }
-        }
+                Ok(())
+            },
+            || -> Result<()> {
+                docs.reserve(parsed.len());
+                for ((doc, _), &hash) in parsed.iter().zip(&hashes) {
+                    if docs.insert_hashed(hash, doc.clone()).is_some() {
+                        return Err(bad("a document appears twice"));
+                    }
+                }
+                Ok(())
+            },
+        );
+        by_key?;
+        by_id?;
         Ok(table)
     }
 }
