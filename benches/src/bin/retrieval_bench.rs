@@ -67,6 +67,10 @@ struct Args {
     /// comma-separated): the copy's graph is rebuilt from its log with codes on first open.
     #[arg(long)]
     quantization: Option<String>,
+    /// The dense half's search breadth in every configuration (default: the collection's);
+    /// a large one approaches exact search, to tell the graph's misses from the ranking's.
+    #[arg(long)]
+    ef: Option<usize>,
 }
 
 fn rss_bytes() -> u64 {
@@ -134,7 +138,7 @@ fn main() -> anyhow::Result<()> {
             let mut rows = Vec::new();
             for (name, mode, fusion, title_boost) in configs(only) {
                 let t = Instant::now();
-                let run = run_queries(c, &queries, &query_vectors, mode, fusion, title_boost)?;
+                let run = run_queries(c, &queries, &query_vectors, mode, fusion, title_boost, args.ef)?;
                 let qps = queries.len() as f64 / t.elapsed().as_secs_f64();
                 let (ndcg, recall, n) = mean_ndcg_recall(&qrels, &run, 10, 100);
                 println!("{label:<20} {name:<34} nDCG@10 {ndcg:.4}  recall@100 {recall:.4}  ({n} queries, {qps:.0}/s)");
@@ -231,6 +235,7 @@ fn run_queries(
     mode: SearchMode,
     fusion: Option<FusionParams>,
     title_boost: Option<f32>,
+    ef: Option<usize>,
 ) -> anyhow::Result<Run> {
     let results: Vec<(String, Vec<(String, f64)>)> = queries
         .par_iter()
@@ -245,6 +250,7 @@ fn run_queries(
                 candidates: Some(300),
                 group_by_document: true,
                 vector: Some(v.clone()),
+                ef,
                 ..Default::default()
             };
             let hits = c.search(&req)?;
@@ -333,7 +339,7 @@ fn postgres_pass(
     let mut rows = Vec::new();
     for (name, mode, fusion, title_boost) in configs(args.only.as_deref()) {
         let t = Instant::now();
-        let run = run_queries(&c, queries, vectors, mode, fusion, title_boost)?;
+        let run = run_queries(&c, queries, vectors, mode, fusion, title_boost, None)?;
         let qps = queries.len() as f64 / t.elapsed().as_secs_f64();
         let (ndcg, recall, n) = mean_ndcg_recall(qrels, &run, 10, 100);
         let diff = before.get(&name).map_or(f64::NAN, |b| ndcg - b);
