@@ -598,8 +598,8 @@ impl Graph {
     /// point costs more than a warm search's distance.
     fn read_ahead<const CODES: bool>(&self, ids: &[u32]) {
         #[cfg(unix)]
-        {
-            let page = page_size();
+        if let Some(mapped) = &self.mapped {
+            let base = mapped.map.as_ptr() as usize;
             for &id in ids {
                 let i = id as usize;
                 if i >= self.mapped_points {
@@ -610,11 +610,8 @@ impl Graph {
                 } else {
                     (self.mapped_ptr.wrapping_add(i * self.dim) as usize, self.dim * 4)
                 };
-                let start = at & !(page - 1);
-                // SAFETY: WILLNEED only starts reads of the file; the range is whole pages
-                // of the mapping, which holds the point's code or vector (checked when
-                // loaded) and lives as long as the graph.
-                unsafe { libc::madvise(start as *mut libc::c_void, at + bytes - start, libc::MADV_WILLNEED) };
+                // A hint: a refusal only leaves the page to be faulted in.
+                let _ = mapped.map.advise_range(memmap2::Advice::WillNeed, at - base, bytes);
             }
         }
         #[cfg(not(unix))]
@@ -1573,21 +1570,6 @@ fn start_aligned_section(w: &mut SumWriter) -> Result<()> {
     w.seal()?;
     let pad = (VECTORS_ALIGN - w.position() % VECTORS_ALIGN) % VECTORS_ALIGN;
     w.put(&[0u8; VECTORS_ALIGN as usize][..pad as usize])
-}
-
-/// The memory page size (a power of two).
-#[cfg(unix)]
-fn page_size() -> usize {
-    static PAGE: OnceLock<usize> = OnceLock::new();
-    *PAGE.get_or_init(|| {
-        // SAFETY: sysconf has no preconditions.
-        let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-        if p > 0 && (p as usize).is_power_of_two() {
-            p as usize
-        } else {
-            4096
-        }
-    })
 }
 
 /// Major page faults (pages read from disk) this thread has taken so far.
