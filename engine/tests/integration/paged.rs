@@ -5,6 +5,7 @@
 
 use super::common::{cosine, models_dir};
 use super::gemma3::{gemma3, gemma3_path};
+use super::generate_worker::assert_tokens_equal_up_to_a_near_tie;
 use super::generation::{data, ids, prefill_logits, read_npy, smollm};
 use candle_core::Device;
 use ragway_engine::generate::sampling::argmax;
@@ -270,15 +271,27 @@ fn paged_config(kv_cache_mib: usize) -> GenerateConfig {
     cfg
 }
 
-fn greedy_tokens(h: &ragway_engine::generate::GenerateHandle, text: &str, n: usize, max: usize) -> Vec<Vec<u32>> {
-    let mut req = GenerationRequest::new(h.tokenizer().encode(text, true).unwrap(), max, SamplingParams::greedy());
+/// `n` greedy sequences of one request, each with the logprob margin between its top two
+/// candidates at every step.
+fn greedy_tokens(
+    h: &ragway_engine::generate::GenerateHandle,
+    text: &str,
+    n: usize,
+    max: usize,
+) -> Vec<(Vec<u32>, Vec<f32>)> {
+    let greedy_with_margins = SamplingParams { logprobs: Some(2), ..SamplingParams::greedy() };
+    let mut req = GenerationRequest::new(h.tokenizer().encode(text, true).unwrap(), max, greedy_with_margins);
     req.n = n;
     let mut stream = h.submit(req).unwrap();
-    let mut out = vec![Vec::new(); n];
+    let mut out = vec![(Vec::new(), Vec::new()); n];
     let mut done = 0;
     while let Some(ev) = stream.blocking_next() {
         match ev {
-            GenEvent::Token { index, token, .. } => out[index].push(token),
+            GenEvent::Token { index, token, logprob, .. } => {
+                out[index].0.push(token);
+                let top = logprob.expect("logprobs were asked for").top;
+                out[index].1.push(top[0].1 - top.get(1).map_or(f32::NEG_INFINITY, |t| t.1));
+            }
             GenEvent::Done { .. } => {
                 done += 1;
                 if done == n {
@@ -300,17 +313,20 @@ fn scheduler_on_the_paged_cache_preempts_and_shares_prompts() {
     let roomy = GenerateWorker::spawn(paged_config(64)).expect("paged worker");
     let tight = GenerateWorker::spawn(paged_config(2)).expect("tight paged worker");
     let texts = ["The capital of France is", "Water boils at", "List of prime numbers: 2, 3,"];
-    let alone: Vec<Vec<u32>> = texts.iter().map(|t| greedy_tokens(&roomy, t, 1, 40).remove(0)).collect();
-    let together: Vec<Vec<u32>> = std::thread::scope(|s| {
+    let alone: Vec<(Vec<u32>, Vec<f32>)> = texts.iter().map(|t| greedy_tokens(&roomy, t, 1, 40).remove(0)).collect();
+    let together: Vec<(Vec<u32>, Vec<f32>)> = std::thread::scope(|s| {
         let hs: Vec<_> = texts.iter().map(|t| s.spawn(|| greedy_tokens(&tight, t, 1, 40).remove(0))).collect();
         hs.into_iter().map(|j| j.join().unwrap()).collect()
     });
-    for (i, (got, want)) in together.iter().zip(&alone).enumerate() {
-        // Recomputed prefills batch differently; candle's CPU matmuls give the same rows
-        // whatever the batch, so the tokens are equal.
-        assert_eq!(got, want, "request {i}");
+    // Recomputed prefills batch differently, and the matmul kernels candle picks for a shape
+    // sum in another order (measured on an AVX2 machine: "Water boils at" parted at token 20),
+    // so the runs are equal up to a near-tie, as for the native decoder's preemption test.
+    for (got, want) in together.iter().zip(&alone) {
+        assert_tokens_equal_up_to_a_near_tie((&got.0, &got.1), (&want.0, &want.1));
     }
     assert!(tight.metrics().preemptions.load(std::sync::atomic::Ordering::Relaxed) > 0, "the cache never filled");
-    let shared = greedy_tokens(&roomy, texts[0], 3, 8);
-    assert!(shared.iter().all(|s| s == &alone[0][..8]), "{shared:?} vs {:?}", &alone[0][..8]);
+    // The three decode as one batch of three rows: equal to the lone run up to a near-tie.
+    for s in greedy_tokens(&roomy, texts[0], 3, 8) {
+        assert_tokens_equal_up_to_a_near_tie((&s.0, &s.1), (&alone[0].0[..8], &alone[0].1[..8]));
+    }
 }
