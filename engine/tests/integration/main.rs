@@ -9,4 +9,5 @@ mod gemma3;
 mod families;
 mod generation;
 mod paged;
+mod requantized;
 mod worker;
