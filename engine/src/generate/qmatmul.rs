@@ -1123,6 +1123,14 @@ mod tests {
         check(GgmlDType::Q6K, 16, 512, 4);
     }
 
+    /// Q3_K, rewritten into Q6 blocks exactly (256-value super-blocks too).
+    #[test]
+    fn q3k_matches_dequantized_product() {
+        check(GgmlDType::Q3K, 48, 256, 7);
+        check(GgmlDType::Q3K, 32, 768, 1);
+        check(GgmlDType::Q3K, 16, 512, 4);
+    }
+
     /// Each x86 kernel this CPU has (whatever `simd()` picked), on every packed kind and on
     /// one to five rows at once, against the portable loop.
     #[cfg(target_arch = "x86_64")]

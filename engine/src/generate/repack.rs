@@ -7,6 +7,11 @@
 //!   step); the values are the same.
 //! - Q6_K → [`QKind::Q6`], exactly: each 32-value sub-block keeps its 6-bit values, its
 //!   super-block's `d` and its two 8-bit scales (ragway's own 36-byte block).
+//! - Q3_K → [`QKind::Q6`], exactly: Q3_K is Q6_K's shape with 3-bit values (`q − 4` for
+//!   `q − 32`) and 6-bit scales (`sc − 32`, which an 8-bit scale holds); 9 bits a weight read
+//!   where the file has 3.4, against 32 for the f32 copy it replaces.
+//! - Q2_K → Q8_0, requantized per 32 values as below (a 2-bit value's sub-blocks of 16 each
+//!   have their own scale and minimum, which no 32-value block carries exactly).
 //! - Matrices of different types stacked into one (Q, K and V; gate and up — K-quant files
 //!   mix them) are read as Q8_0: Q5_0 widened exactly (the same f16 scale, the 5-bit values
 //!   as 8-bit ones), the others requantized per 32 values as llama.cpp quantizes Q8_0
@@ -42,7 +47,7 @@ pub fn rewrite_as(
     raw: &[u8],
     dequantized: impl FnOnce() -> Option<Vec<f32>>,
 ) -> Option<Vec<u8>> {
-    if target(dtype) == Some(kind) {
+    if target(dtype) == Some(kind) && dtype != GgmlDType::Q2K {
         rewrite(dtype, raw)
     } else if dtype == GgmlDType::Q5_0 && kind == QKind::Q8_0 {
         q5_0_to_q8_0(raw)
@@ -60,14 +65,15 @@ pub fn target(dtype: GgmlDType) -> Option<QKind> {
         GgmlDType::Q4_1 | GgmlDType::Q4K => Some(QKind::Q4_1),
         GgmlDType::Q5_0 => Some(QKind::Q5_0),
         GgmlDType::Q5_1 | GgmlDType::Q5K => Some(QKind::Q5_1),
-        GgmlDType::Q6K => Some(QKind::Q6),
-        GgmlDType::Q8_0 => Some(QKind::Q8_0),
+        GgmlDType::Q6K | GgmlDType::Q3K => Some(QKind::Q6),
+        GgmlDType::Q8_0 | GgmlDType::Q2K => Some(QKind::Q8_0),
         _ => None,
     }
 }
 
 /// `raw` (whole blocks of `dtype`) in the layout of `target(dtype)` that
-/// [`PackedMatrix::from_ggml`] takes. `None` when the bytes are not whole blocks.
+/// [`PackedMatrix::from_ggml`] takes. `None` when the bytes are not whole blocks, and for
+/// Q2_K, which is requantized from its values ([`rewrite_as`]).
 ///
 /// [`PackedMatrix::from_ggml`]: super::qmatmul::PackedMatrix::from_ggml
 pub fn rewrite(dtype: GgmlDType, raw: &[u8]) -> Option<Vec<u8>> {
@@ -76,6 +82,7 @@ pub fn rewrite(dtype: GgmlDType, raw: &[u8]) -> Option<Vec<u8>> {
         GgmlDType::Q4K => q4k_to_q4_1(raw),
         GgmlDType::Q5K => q5k_to_q5_1(raw),
         GgmlDType::Q6K => q6k_to_q6(raw),
+        GgmlDType::Q3K => q3k_to_q6(raw),
         _ => None,
     }
 }
@@ -88,6 +95,7 @@ const Q6K_BYTES: usize = 210;
 const Q5K_BYTES: usize = 176;
 const Q5_1_BYTES: usize = 24;
 const Q6_BYTES: usize = 36;
+const Q3K_BYTES: usize = 110;
 
 /// Q5_0 (`d`, 32 high bits, 16 bytes of low nibbles) → Q8_0 (`d`, 32 signed bytes).
 fn q5_0_to_q8_0(raw: &[u8]) -> Option<Vec<u8>> {
@@ -210,6 +218,59 @@ fn q6k_to_q6(raw: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// Q3_K's sixteen 6-bit scales, unpacked from its 12 bytes as ggml does (the low nibbles of
+/// the first 8 bytes, then their high nibbles, each with 2 top bits from the last 4 bytes),
+/// less 32.
+fn q3k_scales(packed: &[u8]) -> [i8; 16] {
+    let word = |i: usize| u32::from_le_bytes([packed[4 * i], packed[4 * i + 1], packed[4 * i + 2], packed[4 * i + 3]]);
+    let (a0, a1, top) = (word(0), word(1), word(2));
+    const LOW4: u32 = 0x0F0F_0F0F;
+    const LOW2: u32 = 0x0303_0303;
+    let aux = [
+        (a0 & LOW4) | ((top & LOW2) << 4),
+        (a1 & LOW4) | (((top >> 2) & LOW2) << 4),
+        ((a0 >> 4) & LOW4) | (((top >> 4) & LOW2) << 4),
+        ((a1 >> 4) & LOW4) | (((top >> 6) & LOW2) << 4),
+    ];
+    let mut out = [0i8; 16];
+    for (i, w) in aux.iter().enumerate() {
+        for (j, b) in w.to_le_bytes().iter().enumerate() {
+            out[4 * i + j] = *b as i8 - 32;
+        }
+    }
+    out
+}
+
+/// Q3_K (256 values: 32 bytes of high bits, 64 bytes of bit pairs, 12 bytes of scales, `d`;
+/// value `d·(sc[i / 16] − 32)·(q − 4)`, `q` in 0..8) → eight [`QKind::Q6`] blocks whose
+/// values are `q + 28` (so that `q6 − 32 = q − 4`) with the same `d` and scales: the same
+/// values exactly.
+fn q3k_to_q6(raw: &[u8]) -> Option<Vec<u8>> {
+    if raw.len() % Q3K_BYTES != 0 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(raw.len() / Q3K_BYTES * 8 * Q6_BYTES);
+    for b in raw.chunks_exact(Q3K_BYTES) {
+        let (hmask, qs, d) = (&b[..32], &b[32..96], &b[108..110]);
+        let scales = q3k_scales(&b[96..108]);
+        // ggml's order: each half of 128 values takes 32 bytes of bit pairs (four shifts of
+        // 32 values) and, for value `y`, bit `y / 32` of high-bit byte `y % 32`.
+        let mut q = [0u8; 256];
+        for (y, v) in q.iter_mut().enumerate() {
+            let (half, shift, l) = (y / 128, (y % 128) / 32 * 2, y % 32);
+            let low = (qs[half * 32 + l] >> shift) & 3;
+            let high = (hmask[l] >> (y / 32)) & 1;
+            *v = low + 4 * high + 28;
+        }
+        for sub in 0..8 {
+            out.extend_from_slice(d);
+            out.extend_from_slice(&[scales[2 * sub] as u8, scales[2 * sub + 1] as u8]);
+            out.extend_from_slice(&q[sub * 32..(sub + 1) * 32]);
+        }
+    }
+    Some(out)
+}
+
 /// f32 values (a multiple of 32) → Q8_0 blocks, as ggml's reference quantizer.
 fn quantize_q8_0(x: &[f32]) -> Vec<u8> {
     let mut out = Vec::with_capacity(x.len() / 32 * Q8_0_BYTES);
@@ -260,6 +321,7 @@ mod tests {
             (GgmlDType::Q5_0, 0.0),
             (GgmlDType::Q4K, 2e-3),
             (GgmlDType::Q6K, 0.0),
+            (GgmlDType::Q3K, 0.0),
             (GgmlDType::Q5K, 2e-3),
             (GgmlDType::Q5_1, 0.0),
         ] {
@@ -286,6 +348,8 @@ mod tests {
         assert!(rewrite(GgmlDType::Q4K, &[0u8; 143]).is_none());
         assert!(rewrite(GgmlDType::Q6K, &[0u8; 209]).is_none());
         assert!(rewrite(GgmlDType::Q5K, &[0u8; 175]).is_none());
+        assert!(rewrite(GgmlDType::Q3K, &[0u8; 109]).is_none());
+        assert!(rewrite(GgmlDType::Q2K, &[0u8; 84]).is_none(), "Q2_K needs its values");
     }
 
     /// Matrices of one type stacked together keep it; of different types (as K-quant files
@@ -315,5 +379,16 @@ mod tests {
             assert!(w.iter().zip(g).all(|(a, b)| (a - b).abs() <= amax * (0.5 / 127.0 + 1e-3)));
         }
         assert!(rewrite_as(GgmlDType::Q4_0, QKind::Q8_0, &[0u8; 18], || None).is_none());
+        // Q3_K beside Q6_K (as Q3_K_M files have them) share Q6 exactly; Q2_K is requantized.
+        assert_eq!(common_target(&[GgmlDType::Q3K, GgmlDType::Q6K]), Some(QKind::Q6));
+        assert_eq!(common_target(&[GgmlDType::Q2K, GgmlDType::Q2K]), Some(QKind::Q8_0));
+        let q = QTensor::quantize(&x, GgmlDType::Q2K).unwrap();
+        let want = q.dequantize(&Device::Cpu).unwrap().to_vec1::<f32>().unwrap();
+        let out = rewrite_as(GgmlDType::Q2K, QKind::Q8_0, &q.data().unwrap(), || Some(want.clone())).unwrap();
+        let got = decode(GgmlDType::Q8_0, &out, n);
+        for (w, g) in want.chunks(32).zip(got.chunks(32)) {
+            let amax = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert!(w.iter().zip(g).all(|(a, b)| (a - b).abs() <= amax * (0.5 / 127.0 + 1e-3)));
+        }
     }
 }

@@ -1,9 +1,13 @@
-//! Q5_K and Q5_1 on a real model: Gemma 3 270M with its Q4_K matrices requantized to Q5_K
-//! and its Q5_0 matrices to Q5_1 by candle's reference quantizers (no file downloadable here
-//! carries those types), against llama.cpp's outputs on that very file
-//! (`tests/data/gemma3_q5.json`, `gemma3_q5_logits/`, made by
-//! `benches/scripts/llamacpp_fixture.py`). The file is rebuilt by the test and must hash to
-//! the fixture's sha256, so llama.cpp and ragway read the same bytes.
+//! Block types no file downloadable here carries, on a real model: Gemma 3 270M Q4_K_M
+//! requantized by candle's reference quantizers, against llama.cpp's outputs on that very
+//! file (`tests/data/gemma3_<variant>.json`, `gemma3_<variant>_logits/`, made by
+//! `benches/scripts/llamacpp_fixture.py`). Each file is rebuilt by the test and must hash to
+//! its fixture's sha256, so llama.cpp and ragway read the same bytes.
+//!
+//! - `q5`: Q4_K → Q5_K, Q5_0 → Q5_1 (the rest as downloaded: Q6_K, Q8_0, F32).
+//! - `q23`, as a Q2_K/Q3_K_M file mixes them: attention outputs and the Q6_K MLP down
+//!   projections → Q3_K, the Q4_K down projections → Q2_K, Q5_0 → Q4_0 (width 640 is not a
+//!   multiple of a K-quant's 256, hence Q4_0 there, as llama.cpp falls back too).
 
 use super::common::{cosine, models_dir};
 use super::gemma3::gemma3_path;
@@ -19,17 +23,38 @@ use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-/// What each tensor type of the Q4_K_M file becomes; the rest is copied as it is.
-fn requantized_type(t: GgmlDType) -> GgmlDType {
-    match t {
+#[derive(Clone, Copy)]
+struct Variant {
+    name: &'static str,
+    /// What a tensor of the Q4_K_M file (name, type) becomes.
+    retype: fn(&str, GgmlDType) -> GgmlDType,
+    /// The tensor types the file ends up with.
+    types: &'static [&'static str],
+}
+
+const Q5: Variant = Variant {
+    name: "q5",
+    retype: |_, t| match t {
         GgmlDType::Q4K => GgmlDType::Q5K,
         GgmlDType::Q5_0 => GgmlDType::Q5_1,
         other => other,
-    }
-}
+    },
+    types: &["F32", "Q5K", "Q5_1", "Q6K", "Q8_0"],
+};
 
-fn fixture() -> Value {
-    serde_json::from_str(&std::fs::read_to_string(data("gemma3_q5.json")).unwrap()).unwrap()
+const Q23: Variant = Variant {
+    name: "q23",
+    retype: |name, t| match t {
+        GgmlDType::Q4K if name.ends_with("ffn_down.weight") => GgmlDType::Q2K,
+        GgmlDType::Q4K | GgmlDType::Q6K => GgmlDType::Q3K,
+        GgmlDType::Q5_0 => GgmlDType::Q4_0,
+        other => other,
+    },
+    types: &["F32", "Q2K", "Q3K", "Q4_0", "Q8_0"],
+};
+
+fn fixture(v: Variant) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(data(&format!("gemma3_{}.json", v.name))).unwrap()).unwrap()
 }
 
 fn sha256_of(path: &Path) -> String {
@@ -48,7 +73,7 @@ fn sha256_of(path: &Path) -> String {
 
 /// Writes the requantized file: metadata in key order, tensors in the source file's order,
 /// so the bytes depend only on the source file and candle's quantizers.
-pub fn write_requantized(src: &Path, dst: &Path) {
+fn write_requantized(src: &Path, dst: &Path, retype: fn(&str, GgmlDType) -> GgmlDType) {
     let mut f = std::fs::File::open(src).unwrap();
     let content = Content::read(&mut f).unwrap();
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
@@ -57,7 +82,7 @@ pub fn write_requantized(src: &Path, dst: &Path) {
         .iter()
         .map(|&name| {
             let q = content.tensor(&mut f, name, &Device::Cpu).unwrap();
-            let to = requantized_type(q.dtype());
+            let to = retype(name, q.dtype());
             let q =
                 if to == q.dtype() { q } else { QTensor::quantize(&q.dequantize(&Device::Cpu).unwrap(), to).unwrap() };
             (name.clone(), q)
@@ -76,34 +101,34 @@ pub fn write_requantized(src: &Path, dst: &Path) {
 
 /// The requantized file under the test target's scratch folder, rebuilt when missing or when
 /// its hash is not the fixture's.
-pub fn requantized_path() -> PathBuf {
-    static P: OnceLock<PathBuf> = OnceLock::new();
-    P.get_or_init(|| {
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-        let path = dir.join("gemma-3-270m-q5.gguf");
-        let want = fixture()["sha256"].as_str().unwrap().to_string();
-        if !path.is_file() || sha256_of(&path) != want {
-            let t = std::time::Instant::now();
-            write_requantized(&gemma3_path(), &path);
-            eprintln!("requantized {} in {:.1} s", path.display(), t.elapsed().as_secs_f32());
-        }
-        let got = sha256_of(&path);
-        assert_eq!(
-            got,
-            want,
-            "{} is not the file llama.cpp's outputs were recorded on (did candle's quantizers change?)",
-            path.display()
-        );
-        path
-    })
-    .clone()
+fn requantized_path(v: Variant) -> PathBuf {
+    let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("gemma-3-270m-{}.gguf", v.name));
+    let want = fixture(v)["sha256"].as_str().unwrap().to_string();
+    if !path.is_file() || sha256_of(&path) != want {
+        let t = std::time::Instant::now();
+        write_requantized(&gemma3_path(), &path, v.retype);
+        eprintln!("requantized {} in {:.1} s", path.display(), t.elapsed().as_secs_f32());
+    }
+    let got = sha256_of(&path);
+    assert_eq!(
+        got,
+        want,
+        "{} is not the file llama.cpp's outputs were recorded on (did candle's quantizers change?)",
+        path.display()
+    );
+    path
 }
 
-fn gemma3_q5() -> &'static GenerativeModel {
-    static M: OnceLock<GenerativeModel> = OnceLock::new();
-    M.get_or_init(|| {
-        GenerativeModel::load(requantized_path().to_str().unwrap(), &models_dir(), None)
-            .expect("load the requantized Gemma 3")
+/// The variant's file and model, built once per test binary.
+fn model(v: Variant) -> &'static (PathBuf, GenerativeModel) {
+    static Q5_MODEL: OnceLock<(PathBuf, GenerativeModel)> = OnceLock::new();
+    static Q23_MODEL: OnceLock<(PathBuf, GenerativeModel)> = OnceLock::new();
+    let cell = if v.name == Q5.name { &Q5_MODEL } else { &Q23_MODEL };
+    cell.get_or_init(|| {
+        let path = requantized_path(v);
+        let m = GenerativeModel::load(path.to_str().unwrap(), &models_dir(), None)
+            .unwrap_or_else(|e| panic!("load the {} Gemma 3: {e}", v.name));
+        (path, m)
     })
 }
 
@@ -112,41 +137,46 @@ fn centered(v: &[f32]) -> Vec<f32> {
     v.iter().map(|x| x - m).collect()
 }
 
-/// The file holds Q5_K and Q5_1 matrices (beside the Q6_K, Q8_0 and F32 tensors it kept),
-/// and they stay packed: Q5_K becomes Q5_1 (6 bits per weight for 5.5), so the weights held
-/// stay within the 15% of the file.
-#[test]
-fn requantized_gemma3_holds_q5_k_and_q5_1_and_stays_packed() {
-    let path = requantized_path();
-    let mut f = std::fs::File::open(&path).unwrap();
+/// The file holds the variant's types, and they stay packed, not copied to f32: the Q5 file's
+/// weights within the 15% of the file (measured 0.991x); the Q2_K/Q3_K file's within
+/// 2.5x (measured 1.068x: its Q8_0 embedding is most of it; the rewrites read 8.5 and 9 bits
+/// a weight for 2.6 and 3.4, where the f32 copy they replace read 32).
+fn holds_its_types_and_stays_packed(v: Variant, bound: f64) {
+    let (path, m) = model(v);
+    let mut f = std::fs::File::open(path).unwrap();
     let content = Content::read(&mut f).unwrap();
     let mut types: Vec<String> = content.tensor_infos.values().map(|t| format!("{:?}", t.ggml_dtype)).collect();
     types.sort();
     types.dedup();
-    assert_eq!(types, ["F32", "Q5K", "Q5_1", "Q6K", "Q8_0"], "tensor types");
-    let m = gemma3_q5();
-    let file = std::fs::metadata(&path).unwrap().len() as f64;
+    assert_eq!(types, v.types, "tensor types");
+    let file = std::fs::metadata(path).unwrap().len() as f64;
     let held = m.model.weight_bytes() as f64;
-    eprintln!("weights held {:.1} MiB for a {:.1} MiB file ({:.3}x)", held / 1048576.0, file / 1048576.0, held / file);
-    assert!(held <= 1.15 * file, "{held} bytes of weights for a {file}-byte file");
+    eprintln!(
+        "{}: weights held {:.1} MiB for a {:.1} MiB file ({:.3}x)",
+        v.name,
+        held / 1048576.0,
+        file / 1048576.0,
+        held / file
+    );
+    assert!(held <= bound * file, "{held} bytes of weights for a {file}-byte file");
 }
 
 /// First-position logits against llama.cpp's on the same file: cosine after centering (the
 /// bound of the Q4_K_M file's test) and the same top token.
-#[test]
-fn requantized_gemma3_logits_match_llama_cpp() {
-    let m = gemma3_q5();
+fn logits_match_llama_cpp(v: Variant) {
+    let m = &model(v).1;
     let mut worst = Vec::new();
-    for p in fixture()["prompts"].as_array().unwrap() {
+    for p in fixture(v)["prompts"].as_array().unwrap() {
         let name = p["name"].as_str().unwrap();
         let prompt = ids(&p["prompt_ids"]);
         assert_eq!(m.tokenizer.encode(p["prompt"].as_str().unwrap(), true).unwrap(), prompt, "{name}");
-        let reference = read_npy(&data(&format!("gemma3_q5_logits/{name}.npy")));
+        let reference = read_npy(&data(&format!("gemma3_{}_logits/{name}.npy", v.name)));
         let got = prefill_logits(m, &prompt, &mut KvCache::new(m.model.config()), &mut Scratch::default());
         assert_eq!(got.len(), reference.len());
         let cos = cosine(&centered(&got), &centered(&reference));
         eprintln!(
-            "{name} ({} prompt tokens): cosine {cos:.6}, top {} vs {}",
+            "{} {name} ({} prompt tokens): cosine {cos:.6}, top {} vs {}",
+            v.name,
             prompt.len(),
             argmax(&got),
             argmax(&reference)
@@ -155,13 +185,38 @@ fn requantized_gemma3_logits_match_llama_cpp() {
     }
     assert!(!worst.is_empty());
     for (name, cos, same_top) in worst {
-        assert!(cos >= 0.998, "{name}: cosine {cos}");
-        assert!(same_top, "{name}: top token differs");
+        assert!(cos >= 0.998, "{} {name}: cosine {cos}", v.name);
+        assert!(same_top, "{} {name}: top token differs", v.name);
     }
+}
+
+#[test]
+fn q5_k_and_q5_1_gemma3_holds_its_types_and_stays_packed() {
+    holds_its_types_and_stays_packed(Q5, 1.15);
+}
+
+#[test]
+fn q5_k_and_q5_1_gemma3_logits_match_llama_cpp() {
+    logits_match_llama_cpp(Q5);
 }
 
 /// Teacher-forced and free-running greedy tokens against llama.cpp's, as for the Q4_K_M file.
 #[test]
-fn requantized_gemma3_greedy_decoding_matches_llama_cpp() {
-    greedy_matches_llama_cpp(gemma3_q5(), fixture()["prompts"].as_array().unwrap());
+fn q5_k_and_q5_1_gemma3_greedy_decoding_matches_llama_cpp() {
+    greedy_matches_llama_cpp(&model(Q5).1, fixture(Q5)["prompts"].as_array().unwrap());
+}
+
+#[test]
+fn q2_k_q3_k_and_q4_0_gemma3_holds_its_types_and_stays_packed() {
+    holds_its_types_and_stays_packed(Q23, 2.5);
+}
+
+#[test]
+fn q2_k_q3_k_and_q4_0_gemma3_logits_match_llama_cpp() {
+    logits_match_llama_cpp(Q23);
+}
+
+#[test]
+fn q2_k_q3_k_and_q4_0_gemma3_greedy_decoding_matches_llama_cpp() {
+    greedy_matches_llama_cpp(&model(Q23).1, fixture(Q23)["prompts"].as_array().unwrap());
 }
