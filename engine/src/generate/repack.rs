@@ -369,26 +369,21 @@ mod tests {
         let want = q.dequantize(&Device::Cpu).unwrap().to_vec1::<f32>().unwrap();
         let out = rewrite_as(GgmlDType::Q5_0, QKind::Q8_0, &q.data().unwrap(), || None).unwrap();
         assert_eq!(decode(GgmlDType::Q8_0, &out, n), want);
-        let q = QTensor::quantize(&x, GgmlDType::Q4K).unwrap();
-        let want = q.dequantize(&Device::Cpu).unwrap().to_vec1::<f32>().unwrap();
-        let out = rewrite_as(GgmlDType::Q4K, QKind::Q8_0, &q.data().unwrap(), || Some(want.clone())).unwrap();
-        let got = decode(GgmlDType::Q8_0, &out, n);
-        for (w, g) in want.chunks(32).zip(got.chunks(32)) {
-            let amax = w.iter().fold(0f32, |m, v| m.max(v.abs()));
-            // Half a Q8_0 step, and its f16 scale's rounding.
-            assert!(w.iter().zip(g).all(|(a, b)| (a - b).abs() <= amax * (0.5 / 127.0 + 1e-3)));
-        }
         assert!(rewrite_as(GgmlDType::Q4_0, QKind::Q8_0, &[0u8; 18], || None).is_none());
         // Q3_K beside Q6_K (as Q3_K_M files have them) share Q6 exactly; Q2_K is requantized.
         assert_eq!(common_target(&[GgmlDType::Q3K, GgmlDType::Q6K]), Some(QKind::Q6));
         assert_eq!(common_target(&[GgmlDType::Q2K, GgmlDType::Q2K]), Some(QKind::Q8_0));
-        let q = QTensor::quantize(&x, GgmlDType::Q2K).unwrap();
-        let want = q.dequantize(&Device::Cpu).unwrap().to_vec1::<f32>().unwrap();
-        let out = rewrite_as(GgmlDType::Q2K, QKind::Q8_0, &q.data().unwrap(), || Some(want.clone())).unwrap();
-        let got = decode(GgmlDType::Q8_0, &out, n);
-        for (w, g) in want.chunks(32).zip(got.chunks(32)) {
-            let amax = w.iter().fold(0f32, |m, v| m.max(v.abs()));
-            assert!(w.iter().zip(g).all(|(a, b)| (a - b).abs() <= amax * (0.5 / 127.0 + 1e-3)));
+        // Requantized into Q8_0: a Q4_K stacked beside other types, and Q2_K always.
+        for dtype in [GgmlDType::Q4K, GgmlDType::Q2K] {
+            let q = QTensor::quantize(&x, dtype).unwrap();
+            let want = q.dequantize(&Device::Cpu).unwrap().to_vec1::<f32>().unwrap();
+            let out = rewrite_as(dtype, QKind::Q8_0, &q.data().unwrap(), || Some(want.clone())).unwrap();
+            let got = decode(GgmlDType::Q8_0, &out, n);
+            for (w, g) in want.chunks(32).zip(got.chunks(32)) {
+                let amax = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+                // Half a Q8_0 step, and its f16 scale's rounding.
+                assert!(w.iter().zip(g).all(|(a, b)| (a - b).abs() <= amax * (0.5 / 127.0 + 1e-3)), "{dtype:?}");
+            }
         }
     }
 }
