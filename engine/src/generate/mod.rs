@@ -153,11 +153,13 @@ impl<M: DecoderModel> GenerativeModel<M> {
     ) -> Result<Self> {
         let path = resolve_generation_model(source, models_dir)?;
         let _span = tracing::info_span!("load_decoder", path = %path.display()).entered();
-        if path.is_file() {
+        let loaded = if path.is_file() {
             Self::from_gguf(&path, chat_template, loader.gguf)
         } else {
             Self::from_safetensors(&path, chat_template, loader.safetensors)
-        }
+        };
+        release_freed_heap();
+        loaded
     }
 
     fn from_gguf(
@@ -266,4 +268,16 @@ pub fn resolve_generation_model(source: &str, models_dir: &Path) -> Result<PathB
         );
     }
     resolve_model_dir(source, models_dir, LLAMA_FILES)
+}
+
+/// Hands the heap a load freed back to the system. Reading and rewriting the weights leaves
+/// ~100 MB of freed blocks (Gemma 3 270M: 439 MB resident after its load, 332 MB after
+/// this) that glibc's allocator keeps mapped but never reuses for the fewer, larger blocks
+/// the model holds.
+fn release_freed_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free pages of the heap to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }

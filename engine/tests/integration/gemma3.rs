@@ -84,7 +84,11 @@ fn gemma3_prompt_ids_and_first_position_logits_match_llama_cpp() {
         let shift = (got.iter().sum::<f32>() - reference.iter().sum::<f32>()) / got.len() as f32;
         let mean = got.iter().zip(&reference).map(|(a, b)| (a - b - shift).abs()).sum::<f32>() / got.len() as f32;
         let top = p["top5_first_position"][0]["id"].as_u64().unwrap() as u32;
-        eprintln!("{name} ({} prompt tokens): cosine {cos:.6}, mean |diff| {mean:.4}, top {} vs {top}", prompt.len(), argmax(&got));
+        eprintln!(
+            "{name} ({} prompt tokens): cosine {cos:.6}, mean |diff| {mean:.4}, top {} vs {top}",
+            prompt.len(),
+            argmax(&got)
+        );
         worst.push((name.to_string(), cos, argmax(&got) == argmax(&reference)));
     }
     for (name, cos, same_top) in worst {
@@ -161,7 +165,11 @@ fn gemma3_sliding_window_paths_agree() {
     assert!(held <= cfg.kv_tokens(600) * cfg.n_layers);
     assert!(cfg.kv_tokens(600) < 600 && cfg.kv_tokens(100) == 100);
     let longest = cfg.max_len_within(cfg.kv_tokens(20_000));
-    assert!(longest >= 20_000 && cfg.kv_tokens(longest) == cfg.kv_tokens(20_000) && cfg.kv_tokens(longest + 1) > cfg.kv_tokens(20_000));
+    assert!(
+        longest >= 20_000
+            && cfg.kv_tokens(longest) == cfg.kv_tokens(20_000)
+            && cfg.kv_tokens(longest + 1) > cfg.kv_tokens(20_000)
+    );
     for (name, other) in [("chunked", &chunked), ("stepped", &stepped)] {
         let max = whole.iter().zip(other.iter()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         let mean = whole.iter().zip(other.iter()).map(|(a, b)| (a - b).abs()).sum::<f32>() / whole.len() as f32;
@@ -172,4 +180,52 @@ fn gemma3_sliding_window_paths_agree() {
         assert!(cos > 0.999 && mean < 0.25 && max < 1.5, "{name}: cosine {cos}, mean |diff| {mean}, max {max}");
         assert_eq!(argmax(&whole), argmax(other), "{name}");
     }
+}
+
+/// Resident memory of a process that has just loaded the model (a child process running
+/// this test alone, so no other test's model is counted; a load allocates no KV cache).
+/// The issue asks for the file's size + 15%; measured 1.31x: 240 MiB of weights (1.00x),
+/// and ~74 MiB for the tokenizer, Gemma's 262,144 SentencePiece pieces rebuilt as a BPE
+/// with 514,847 merges (the `tokenizers` crate's maps). 1.51x before the load handed its
+/// freed heap back. The bound here, 1.4x, keeps what was won; the tokenizer is what is
+/// left between it and 1.15x.
+#[test]
+fn gemma3_resident_memory_after_load() {
+    const CHILD: &str = "RAGWAY_RSS_CHILD";
+    let rss = || -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let kb = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap();
+        kb.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap() * 1024
+    };
+    if std::env::var_os(CHILD).is_some() {
+        let before = rss();
+        let m = GenerativeModel::load(gemma3_path().to_str().unwrap(), &models_dir(), None).unwrap();
+        println!("rss_before_load {before}\nrss_after_load {}", rss());
+        drop(m);
+        return;
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "gemma3::gemma3_resident_memory_after_load"])
+        .args(["--nocapture", "--test-threads", "1"])
+        .env(CHILD, "1")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    let field = |k: &str| -> f64 {
+        // The harness prints "test NAME ... " on the line the child's output starts.
+        let value = text.lines().find_map(|l| l.split_once(k).map(|(_, v)| v.trim()));
+        value.unwrap_or_else(|| panic!("{k} missing: {text}")).parse().unwrap()
+    };
+    let (before, after) = (field("rss_before_load "), field("rss_after_load "));
+    let file = std::fs::metadata(gemma3_path()).unwrap().len() as f64;
+    let mib = |b: f64| b / 1048576.0;
+    eprintln!(
+        "resident {:.1} MiB after load ({:.1} before) for a {:.1} MiB file: {:.3}x",
+        mib(after),
+        mib(before),
+        mib(file),
+        after / file
+    );
+    assert!(after <= 1.4 * file, "{after} bytes resident for a {file}-byte file");
 }
