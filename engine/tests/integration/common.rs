@@ -32,6 +32,13 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
     dot / (na * nb)
 }
 
+/// `v` less its mean: logits compared by cosine after centering, as a constant shift of every
+/// logit changes no probability.
+pub fn centered(v: &[f32]) -> Vec<f32> {
+    let m = v.iter().sum::<f32>() / v.len() as f32;
+    v.iter().map(|x| x - m).collect()
+}
+
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }

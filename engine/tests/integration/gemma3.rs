@@ -2,7 +2,7 @@
 //! llama.cpp's outputs in `tests/data/gemma3_270m.json` and `gemma3_logits/*.npy`: the
 //! `gemma3` architecture, K-quants and a SentencePiece tokenizer rebuilt from GGUF metadata.
 
-use super::common::{cosine, models_dir};
+use super::common::{centered, cosine, models_dir};
 use super::generation::{batched_equals_sequential, data, greedy_matches_llama_cpp, ids, prefill_logits, read_npy};
 use candle_core::quantized::gguf_file::Content;
 use ragway_engine::generate::sampling::argmax;
@@ -62,21 +62,26 @@ pub fn gemma3() -> &'static GenerativeModel {
     })
 }
 
-fn centered(v: &[f32]) -> Vec<f32> {
-    let m = v.iter().sum::<f32>() / v.len() as f32;
-    v.iter().map(|x| x - m).collect()
-}
-
 #[test]
 fn gemma3_prompt_ids_and_first_position_logits_match_llama_cpp() {
     let m = gemma3();
     assert_eq!(m.model.config().arch.name, "gemma3");
+    // Measured: 0.9983 (code), 0.9988 (primes), 0.9993-0.9996 (capital, story, long),
+    // identically with f32 weights and activations, so not from ragway's 8-bit activations;
+    // llama.cpp's own Q8_K activation rounding is the likely rest.
+    first_position_logits_match_llama_cpp(m, fixture()["prompts"].as_array().unwrap(), "gemma3_logits");
+}
+
+/// For each fixture prompt: the prompt's ids equal llama.cpp's, and the first generated
+/// position's logits (from `logits_dir/<name>.npy`) agree at cosine ≥ 0.998 after centering,
+/// with the same top token.
+pub fn first_position_logits_match_llama_cpp(m: &GenerativeModel, prompts: &[Value], logits_dir: &str) {
     let mut worst = Vec::new();
-    for p in fixture()["prompts"].as_array().unwrap() {
+    for p in prompts {
         let name = p["name"].as_str().unwrap();
         let prompt = ids(&p["prompt_ids"]);
         assert_eq!(m.tokenizer.encode(p["prompt"].as_str().unwrap(), true).unwrap(), prompt, "{name}");
-        let reference = read_npy(&data(&format!("gemma3_logits/{name}.npy")));
+        let reference = read_npy(&data(&format!("{logits_dir}/{name}.npy")));
         let mut cache = KvCache::new(m.model.config());
         let got = prefill_logits(m, &prompt, &mut cache, &mut Scratch::default());
         assert_eq!(got.len(), reference.len());
@@ -85,18 +90,16 @@ fn gemma3_prompt_ids_and_first_position_logits_match_llama_cpp() {
         let mean = got.iter().zip(&reference).map(|(a, b)| (a - b - shift).abs()).sum::<f32>() / got.len() as f32;
         let top = p["top5_first_position"][0]["id"].as_u64().unwrap() as u32;
         eprintln!(
-            "{name} ({} prompt tokens): cosine {cos:.6}, mean |diff| {mean:.4}, top {} vs {top}",
+            "{logits_dir} {name} ({} prompt tokens): cosine {cos:.6}, mean |diff| {mean:.4}, top {} vs {top}",
             prompt.len(),
             argmax(&got)
         );
         worst.push((name.to_string(), cos, argmax(&got) == argmax(&reference)));
     }
+    assert!(!worst.is_empty(), "no prompts");
     for (name, cos, same_top) in worst {
-        // Measured: 0.9983 (code), 0.9988 (primes), 0.9993-0.9996 (capital, story, long),
-        // identically with f32 weights and activations, so not from ragway's 8-bit
-        // activations; llama.cpp's own Q8_K activation rounding is the likely rest.
-        assert!(cos >= 0.998, "{name}: cosine {cos}");
-        assert!(same_top, "{name}: top token differs");
+        assert!(cos >= 0.998, "{logits_dir} {name}: cosine {cos}");
+        assert!(same_top, "{logits_dir} {name}: top token differs");
     }
 }
 

@@ -4,6 +4,7 @@
 use super::common::models_dir;
 use ragway_engine::generate::{
     FinishReason, GenEvent, GenerateConfig, GenerateHandle, GenerateWorker, GenerationRequest, SamplingParams,
+    TokenLogprob,
 };
 use ragway_engine::models::DEFAULT_GENERATION_MODEL_ID;
 use ragway_engine::EngineError;
@@ -341,6 +342,12 @@ pub(super) fn assert_tokens_equal_up_to_a_near_tie(got: (&[u32], &[f32]), refere
     }
 }
 
+/// The logprob margin between a step's top two candidates (a request asking for 2).
+pub(super) fn logprob_margin(logprob: Option<TokenLogprob>) -> f32 {
+    let top = logprob.expect("logprobs were asked for").top;
+    top[0].1 - top.get(1).map_or(f32::NEG_INFINITY, |t| t.1)
+}
+
 /// One greedy sequence with the logprob margin between its top two candidates at each step.
 fn run_with_margins(h: &GenerateHandle, req: GenerationRequest) -> (Output, Vec<f32>) {
     let mut stream = h.submit(req).expect("submit");
@@ -350,8 +357,7 @@ fn run_with_margins(h: &GenerateHandle, req: GenerationRequest) -> (Output, Vec<
             GenEvent::Token { token, text, logprob, .. } => {
                 out.tokens.push(token);
                 out.text.push_str(&text);
-                let top = logprob.expect("logprobs were asked for").top;
-                margins.push(top[0].1 - top.get(1).map_or(f32::NEG_INFINITY, |t| t.1));
+                margins.push(logprob_margin(logprob));
             }
             GenEvent::Text { text, .. } => out.text.push_str(&text),
             GenEvent::Done { finish_reason, .. } => {

@@ -3,9 +3,9 @@
 //! greedy tokens, batching, chunked prefill, sliding windows over dropped blocks, and the
 //! scheduler (preemption, `n` sharing a prompt's blocks) on a paged cache.
 
-use super::common::{cosine, models_dir};
+use super::common::{centered, cosine, models_dir};
 use super::gemma3::{gemma3, gemma3_path};
-use super::generate_worker::assert_tokens_equal_up_to_a_near_tie;
+use super::generate_worker::{assert_tokens_equal_up_to_a_near_tie, logprob_margin};
 use super::generation::{data, ids, prefill_logits, read_npy, smollm};
 use candle_core::Device;
 use ragway_engine::generate::sampling::argmax;
@@ -38,11 +38,6 @@ fn paged_gemma3() -> &'static GenerativeModel<DeviceLlama> {
 
 fn step(m: &DeviceLlama, tokens: &[u32], kv: &mut PagedKv) -> Vec<f32> {
     m.forward(&mut [PagedSeq { tokens, kv, want_logits: true }]).unwrap()
-}
-
-fn centered(v: &[f32]) -> Vec<f32> {
-    let m = v.iter().sum::<f32>() / v.len() as f32;
-    v.iter().map(|x| x - m).collect()
 }
 
 fn top2_margin(v: &[f32]) -> f32 {
@@ -289,8 +284,7 @@ fn greedy_tokens(
         match ev {
             GenEvent::Token { index, token, logprob, .. } => {
                 out[index].0.push(token);
-                let top = logprob.expect("logprobs were asked for").top;
-                out[index].1.push(top[0].1 - top.get(1).map_or(f32::NEG_INFINITY, |t| t.1));
+                out[index].1.push(logprob_margin(logprob));
             }
             GenEvent::Done { .. } => {
                 done += 1;

@@ -9,14 +9,13 @@
 //!   projections → Q3_K, the Q4_K down projections → Q2_K, Q5_0 → Q4_0 (width 640 is not a
 //!   multiple of a K-quant's 256, hence Q4_0 there, as llama.cpp falls back too).
 
-use super::common::{cosine, models_dir};
-use super::gemma3::gemma3_path;
-use super::generation::{data, greedy_matches_llama_cpp, ids, prefill_logits, read_npy};
+use super::common::models_dir;
+use super::gemma3::{first_position_logits_match_llama_cpp, gemma3_path};
+use super::generation::{data, greedy_matches_llama_cpp};
 use candle_core::quantized::gguf_file::{self, Content};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Device;
-use ragway_engine::generate::sampling::argmax;
-use ragway_engine::generate::{GenerativeModel, KvCache, Scratch};
+use ragway_engine::generate::GenerativeModel;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::io::{BufWriter, Read, Write};
@@ -132,11 +131,6 @@ fn model(v: Variant) -> &'static (PathBuf, GenerativeModel) {
     })
 }
 
-fn centered(v: &[f32]) -> Vec<f32> {
-    let m = v.iter().sum::<f32>() / v.len() as f32;
-    v.iter().map(|x| x - m).collect()
-}
-
 /// The file holds the variant's types, and they stay packed, not copied to f32: the Q5 file's
 /// weights within the 15% of the file (measured 0.991x); the Q2_K/Q3_K file's within
 /// 2.5x (measured 1.068x: its Q8_0 embedding is most of it; the rewrites read 8.5 and 9 bits
@@ -161,43 +155,15 @@ fn holds_its_types_and_stays_packed(v: Variant, bound: f64) {
     assert!(held <= bound * file, "{held} bytes of weights for a {file}-byte file");
 }
 
-/// First-position logits against llama.cpp's on the same file: cosine after centering (the
-/// bound of the Q4_K_M file's test) and the same top token.
-fn logits_match_llama_cpp(v: Variant) {
-    let m = &model(v).1;
-    let mut worst = Vec::new();
-    for p in fixture(v)["prompts"].as_array().unwrap() {
-        let name = p["name"].as_str().unwrap();
-        let prompt = ids(&p["prompt_ids"]);
-        assert_eq!(m.tokenizer.encode(p["prompt"].as_str().unwrap(), true).unwrap(), prompt, "{name}");
-        let reference = read_npy(&data(&format!("gemma3_{}_logits/{name}.npy", v.name)));
-        let got = prefill_logits(m, &prompt, &mut KvCache::new(m.model.config()), &mut Scratch::default());
-        assert_eq!(got.len(), reference.len());
-        let cos = cosine(&centered(&got), &centered(&reference));
-        eprintln!(
-            "{} {name} ({} prompt tokens): cosine {cos:.6}, top {} vs {}",
-            v.name,
-            prompt.len(),
-            argmax(&got),
-            argmax(&reference)
-        );
-        worst.push((name.to_string(), cos, argmax(&got) == argmax(&reference)));
-    }
-    assert!(!worst.is_empty());
-    for (name, cos, same_top) in worst {
-        assert!(cos >= 0.998, "{} {name}: cosine {cos}", v.name);
-        assert!(same_top, "{} {name}: top token differs", v.name);
-    }
-}
-
 #[test]
 fn q5_k_and_q5_1_gemma3_holds_its_types_and_stays_packed() {
     holds_its_types_and_stays_packed(Q5, 1.15);
 }
 
+/// First-position logits against llama.cpp's on the same file, as for the Q4_K_M file.
 #[test]
 fn q5_k_and_q5_1_gemma3_logits_match_llama_cpp() {
-    logits_match_llama_cpp(Q5);
+    first_position_logits_match_llama_cpp(&model(Q5).1, fixture(Q5)["prompts"].as_array().unwrap(), "gemma3_q5_logits");
 }
 
 /// Teacher-forced and free-running greedy tokens against llama.cpp's, as for the Q4_K_M file.
@@ -213,7 +179,11 @@ fn q2_k_q3_k_and_q4_0_gemma3_holds_its_types_and_stays_packed() {
 
 #[test]
 fn q2_k_q3_k_and_q4_0_gemma3_logits_match_llama_cpp() {
-    logits_match_llama_cpp(Q23);
+    first_position_logits_match_llama_cpp(
+        &model(Q23).1,
+        fixture(Q23)["prompts"].as_array().unwrap(),
+        "gemma3_q23_logits",
+    );
 }
 
 #[test]
