@@ -22,6 +22,7 @@ pub mod paged;
 pub mod qmatmul;
 pub mod repack;
 pub mod sampling;
+pub mod spm;
 pub mod scheduler;
 pub mod tokenizer;
 

@@ -1,9 +1,13 @@
 //! The decoder's tokenizer: `tokenizer.json` beside the model when there is one, otherwise
 //! rebuilt from the GGUF metadata (`tokenizer.ggml.*`): a byte-level BPE with the
 //! pre-tokenizer that llama.cpp uses for the file's `tokenizer.ggml.pre`, or a SentencePiece
-//! BPE (scores, byte fallback) as llama.cpp runs `llama`-type vocabularies. Also the
-//! incremental detokenizer used by streaming.
+//! BPE (scores, byte fallback) as llama.cpp runs `llama`-type vocabularies ([`SentencePiece`],
+//! compact). Also the incremental detokenizer used by streaming.
 
+use super::spm::{token_type, SentencePiece};
+
+const CONTROL: i64 = token_type::CONTROL as i64;
+const USER_DEFINED: i64 = token_type::USER_DEFINED as i64;
 use crate::error::{EngineError, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
 use tokenizers::decoders::byte_fallback::ByteFallback;
@@ -21,6 +25,7 @@ use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+use std::sync::Arc;
 use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 
 /// llama.cpp's llama-3 pre-tokenizer regex (`llama-bpe`, `llama3`, `smaug-bpe`).
@@ -28,16 +33,25 @@ const REGEX_LLAMA3: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|
 /// llama.cpp's qwen2 pre-tokenizer regex.
 const REGEX_QWEN2: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
-/// A decoder tokenizer with its special ids.
+/// A decoder tokenizer with its special ids. Clones share the vocabulary.
 #[derive(Clone)]
 pub struct TextTokenizer {
-    inner: Tokenizer,
+    inner: Arc<Vocabulary>,
     pub bos_id: Option<u32>,
     pub eos_id: Option<u32>,
     /// Whether a BOS token starts every prompt (`tokenizer.ggml.add_bos_token`).
     pub add_bos: bool,
     /// Tokens that end generation: EOS and the end-of-turn tokens of chat formats.
     pub stop_ids: Vec<u32>,
+}
+
+/// The vocabulary and its encoding: a `tokenizers` tokenizer (byte-level BPE from GGUF
+/// merges, or any `tokenizer.json`), or a GGUF SentencePiece vocabulary. Held once, behind
+/// an `Arc`, so the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
+enum Vocabulary {
+    Hf(Tokenizer),
+    Spm(SentencePiece),
 }
 
 impl TextTokenizer {
@@ -48,35 +62,29 @@ impl TextTokenizer {
         let err = |m: String| EngineError::Tokenizer(m);
         let model = md("tokenizer.ggml.model").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
         let tokens = strings(md("tokenizer.ggml.tokens"), "tokenizer.ggml.tokens")?;
-        let types: Vec<i64> = match md("tokenizer.ggml.token_type") {
-            Some(Value::Array(a)) => a.iter().map(|v| v.to_i32().map(i64::from).unwrap_or(1)).collect(),
-            _ => vec![1; tokens.len()],
-        };
+        let types = token_types(content, tokens.len());
         let mut tk = match model.as_str() {
             "gpt2" => Self::byte_level_bpe(content, &tokens)?,
-            "llama" => Self::sentencepiece(content, &tokens)?,
+            "llama" => {
+                let spm = Self::sentencepiece(content, &tokens, types)?;
+                return Ok(Self::with_vocabulary(content, Vocabulary::Spm(spm)));
+            }
             other => {
                 return Err(err(format!(
                     "GGUF tokenizer model `{other}` cannot be rebuilt (`gpt2` byte-level BPE and `llama` SentencePiece only); put the model's tokenizer.json beside the GGUF file"
                 )))
             }
         };
-        // Control (3) tokens are special: matched in text, dropped when decoding; user-defined
-        // (4) tokens are matched in text but kept.
-        let added: Vec<AddedToken> = tokens
-            .iter()
-            .zip(&types)
-            .filter(|(_, &t)| t == 3 || t == 4)
-            .map(|(tok, &t)| AddedToken::from(tok.clone(), t == 3).normalized(false))
-            .collect();
-        let (specials, plain): (Vec<_>, Vec<_>) = added.into_iter().partition(|a| a.special);
-        tk.add_special_tokens(specials).map_err(|e| err(format!("special tokens: {e}")))?;
-        tk.add_tokens(plain).map_err(|e| err(format!("added tokens: {e}")))?;
+        add_marked_tokens(&mut tk, &tokens, &types)?;
+        Ok(Self::with_vocabulary(content, Vocabulary::Hf(tk)))
+    }
+
+    fn with_vocabulary(content: &Content, vocabulary: Vocabulary) -> Self {
         let (bos_id, eos_id, add_bos) = Self::gguf_specials(content);
-        let eot = md("tokenizer.ggml.eot_token_id").and_then(|v| v.to_u32().ok());
-        let mut this = Self { inner: tk, bos_id, eos_id, add_bos, stop_ids: Vec::new() };
+        let eot = content.metadata.get("tokenizer.ggml.eot_token_id").and_then(|v| v.to_u32().ok());
+        let mut this = Self { inner: Arc::new(vocabulary), bos_id, eos_id, add_bos, stop_ids: Vec::new() };
         this.stop_ids = this.end_of_turn_ids(eot);
-        Ok(this)
+        this
     }
 
     /// The tokenizer of a GGUF file, read from its metadata alone (no weights loaded).
@@ -130,16 +138,27 @@ impl TextTokenizer {
     /// `llama`: a SentencePiece BPE as llama.cpp runs it — spaces become `▁` (and one leads
     /// the text when `tokenizer.ggml.add_space_prefix`), the whole text is one sequence, and
     /// adjacent pieces merge while their concatenation is a piece, the highest-scoring result
-    /// first; characters no piece covers fall back to `<0xXX>` byte pieces. The same as a BPE
-    /// whose merges are every split of every piece into two pieces, ranked by the piece's
-    /// score.
-    fn sentencepiece(content: &Content, tokens: &[String]) -> Result<Tokenizer> {
+    /// first; characters no piece covers fall back to `<0xXX>` byte pieces.
+    fn sentencepiece(content: &Content, tokens: &[String], types: Vec<i64>) -> Result<SentencePiece> {
+        let md = |k: &str| content.metadata.get(k);
+        let scores = sentencepiece_scores(content, tokens.len())?;
+        let unk = md("tokenizer.ggml.unknown_token_id").and_then(|v| v.to_u32().ok());
+        let space_prefix = md("tokenizer.ggml.add_space_prefix").and_then(|v| v.to_bool().ok()).unwrap_or(true);
+        let types = types.into_iter().map(|t| t.clamp(i32::MIN as i64, i32::MAX as i64) as i32).collect();
+        SentencePiece::new(tokens, scores, types, unk, space_prefix)
+    }
+
+    /// A GGUF SentencePiece vocabulary rebuilt as a `tokenizers` BPE whose merges are every
+    /// split of every piece into two pieces, ranked by the piece's score — what a
+    /// `tokenizer.json` for the file holds. Serving uses the compact [`SentencePiece`] (the
+    /// BPE takes ~9x its memory: 74 MiB for Gemma 3's 262,144 pieces); this one is for tools
+    /// and for checking the two against each other.
+    pub fn sentencepiece_as_bpe(content: &Content) -> Result<Tokenizer> {
         let md = |k: &str| content.metadata.get(k);
         let err = |m: String| EngineError::Tokenizer(m);
-        let scores: Vec<f32> = match md("tokenizer.ggml.scores") {
-            Some(Value::Array(a)) if a.len() == tokens.len() => a.iter().map(|v| v.to_f32().unwrap_or(0.0)).collect(),
-            _ => return Err(err("a SentencePiece GGUF needs `tokenizer.ggml.scores`, one per token".into())),
-        };
+        let tokens = strings(md("tokenizer.ggml.tokens"), "tokenizer.ggml.tokens")?;
+        let tokens = &tokens[..];
+        let scores = sentencepiece_scores(content, tokens.len())?;
         let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
         let mut merges: Vec<(f32, u32, &str, &str)> = Vec::new();
         for (id, piece) in tokens.iter().enumerate() {
@@ -173,6 +192,7 @@ impl TextTokenizer {
             decoders.push(Strip::new(' ', 1, 0).into());
         }
         tk.with_decoder(Some(DecoderSequence::new(decoders)));
+        add_marked_tokens(&mut tk, tokens, &token_types(content, tokens.len()))?;
         Ok(tk)
     }
 
@@ -188,7 +208,7 @@ impl TextTokenizer {
     pub fn from_file(path: &std::path::Path, bos_id: Option<u32>, eos_id: Option<u32>, add_bos: bool) -> Result<Self> {
         let inner =
             Tokenizer::from_file(path).map_err(|e| EngineError::Tokenizer(format!("{}: {e}", path.display())))?;
-        let mut this = Self { inner, bos_id, eos_id, add_bos, stop_ids: Vec::new() };
+        let mut this = Self { inner: Arc::new(Vocabulary::Hf(inner)), bos_id, eos_id, add_bos, stop_ids: Vec::new() };
         this.stop_ids = this.end_of_turn_ids(None);
         Ok(this)
     }
@@ -196,7 +216,7 @@ impl TextTokenizer {
     fn end_of_turn_ids(&self, eot: Option<u32>) -> Vec<u32> {
         let mut ids: Vec<u32> = self.eos_id.into_iter().chain(eot).collect();
         for name in ["<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "</s>", "<end_of_turn>"] {
-            if let Some(id) = self.inner.token_to_id(name) {
+            if let Some(id) = self.token_to_id(name) {
                 if !ids.contains(&id) {
                     ids.push(id);
                 }
@@ -205,41 +225,74 @@ impl TextTokenizer {
         ids
     }
 
-    pub fn inner(&self) -> &Tokenizer {
-        &self.inner
+    /// The `tokenizers` tokenizer, unless the vocabulary is a GGUF SentencePiece one.
+    pub fn hf(&self) -> Option<&Tokenizer> {
+        match &*self.inner {
+            Vocabulary::Hf(t) => Some(t),
+            Vocabulary::Spm(_) => None,
+        }
     }
 
     pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
+        match &*self.inner {
+            Vocabulary::Hf(t) => t.get_vocab_size(true),
+            Vocabulary::Spm(s) => s.len(),
+        }
+    }
+
+    /// The id of a token by its name in the vocabulary (`<end_of_turn>`).
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        match &*self.inner {
+            Vocabulary::Hf(t) => t.token_to_id(token),
+            Vocabulary::Spm(s) => s.id_of(token),
+        }
     }
 
     /// Token ids of `text`; special tokens written in the text (`<|im_start|>`) are parsed as
     /// such. With `add_special`, the BOS token starts the sequence when the model asks for it.
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
-        let enc = self.inner.encode_fast(text, false).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
-        let mut ids = Vec::with_capacity(enc.len() + 1);
+        let mut ids = Vec::new();
         if add_special && self.add_bos {
-            if let Some(b) = self.bos_id {
-                ids.push(b);
-            }
+            ids.extend(self.bos_id);
         }
-        ids.extend_from_slice(enc.get_ids());
+        match &*self.inner {
+            Vocabulary::Hf(t) => {
+                let enc = t.encode_fast(text, false).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+                ids.extend_from_slice(enc.get_ids());
+            }
+            Vocabulary::Spm(s) => ids.extend(s.encode(text)?),
+        }
         Ok(ids)
     }
 
     /// Text of `ids`, special tokens left out.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner.decode(ids, true).map_err(|e| EngineError::Tokenizer(e.to_string()))
+        self.decode_as(ids, true)
+    }
+
+    /// Text of `ids` with special tokens written out (`<|im_end|>`).
+    pub fn decode_with_special(&self, ids: &[u32]) -> Result<String> {
+        self.decode_as(ids, false)
+    }
+
+    fn decode_as(&self, ids: &[u32], skip_special: bool) -> Result<String> {
+        match &*self.inner {
+            Vocabulary::Hf(t) => t.decode(ids, skip_special).map_err(|e| EngineError::Tokenizer(e.to_string())),
+            Vocabulary::Spm(s) => Ok(s.decode(ids, skip_special)),
+        }
     }
 
     /// The token's own text (special tokens included), for logprobs.
     pub fn token_text(&self, id: u32) -> String {
-        self.inner.decode(&[id], false).unwrap_or_default()
+        self.decode_with_special(&[id]).unwrap_or_default()
     }
 
     /// The name of token `id` in the vocabulary (`<|im_start|>`).
     pub fn id_to_token(&self, id: u32) -> Option<String> {
-        self.inner.id_to_token(id)
+        match &*self.inner {
+            Vocabulary::Hf(t) => t.id_to_token(id),
+            Vocabulary::Spm(s) => (id < s.len() as u32).then(|| s.piece(id).to_string()),
+        }
     }
 
     /// The bytes each token stands for in generated text, by id: what constrained decoding
@@ -247,6 +300,10 @@ impl TextTokenizer {
     /// SentencePiece ones turn `▁` into a space and `<0xNN>` into its byte. Special tokens
     /// (control tokens, `<|im_end|>`) are `None`: they are never text.
     pub fn token_bytes(&self) -> Vec<Option<Vec<u8>>> {
+        let tk = match &*self.inner {
+            Vocabulary::Hf(t) => t,
+            Vocabulary::Spm(s) => return (0..s.len() as u32).map(|id| s.token_bytes(id)).collect(),
+        };
         #[derive(PartialEq)]
         enum Kind {
             ByteLevel,
@@ -260,7 +317,7 @@ impl TextTokenizer {
                 _ => None,
             }
         }
-        let kind = self.inner.get_decoder().and_then(kind_of);
+        let kind = tk.get_decoder().and_then(kind_of);
         // GPT-2's byte-to-character table: printable Latin-1 maps to itself, the other bytes to
         // U+0100 onwards in byte order.
         let mut char_to_byte = std::collections::HashMap::with_capacity(256);
@@ -275,13 +332,13 @@ impl TextTokenizer {
             };
             char_to_byte.insert(c, b);
         }
-        let added = self.inner.get_added_tokens_decoder();
+        let added = tk.get_added_tokens_decoder();
         (0..self.vocab_size() as u32)
             .map(|id| {
                 if let Some(a) = added.get(&id) {
                     return (!a.special).then(|| a.content.as_bytes().to_vec());
                 }
-                let piece = self.inner.id_to_token(id)?;
+                let piece = tk.id_to_token(id)?;
                 Some(match kind {
                     Some(Kind::ByteLevel) => piece.chars().map(|c| char_to_byte.get(&c).copied()).collect::<Option<_>>()?,
                     Some(Kind::Pieces) => {
@@ -295,6 +352,41 @@ impl TextTokenizer {
                 })
             })
             .collect()
+    }
+}
+
+/// Control tokens become special added tokens (matched in text, dropped when decoding),
+/// user-defined ones plain added tokens (matched in text, kept).
+fn add_marked_tokens(tk: &mut Tokenizer, tokens: &[String], types: &[i64]) -> Result<()> {
+    let err = |m: String| EngineError::Tokenizer(m);
+    let added: Vec<AddedToken> = tokens
+        .iter()
+        .zip(types)
+        .filter(|(_, &t)| t == CONTROL || t == USER_DEFINED)
+        .map(|(tok, &t)| AddedToken::from(tok.clone(), t == CONTROL).normalized(false))
+        .collect();
+    let (specials, plain): (Vec<_>, Vec<_>) = added.into_iter().partition(|a| a.special);
+    tk.add_special_tokens(specials).map_err(|e| err(format!("special tokens: {e}")))?;
+    tk.add_tokens(plain).map_err(|e| err(format!("added tokens: {e}")))?;
+    Ok(())
+}
+
+/// GGUF token types, one per token (1, normal, where the file has none).
+fn token_types(content: &Content, n: usize) -> Vec<i64> {
+    match content.metadata.get("tokenizer.ggml.token_type") {
+        Some(Value::Array(a)) => {
+            let mut t: Vec<i64> = a.iter().map(|v| v.to_i32().map(i64::from).unwrap_or(1)).collect();
+            t.resize(n, 1);
+            t
+        }
+        _ => vec![1; n],
+    }
+}
+
+fn sentencepiece_scores(content: &Content, n: usize) -> Result<Vec<f32>> {
+    match content.metadata.get("tokenizer.ggml.scores") {
+        Some(Value::Array(a)) if a.len() == n => Ok(a.iter().map(|v| v.to_f32().unwrap_or(0.0)).collect()),
+        _ => Err(EngineError::Tokenizer("a SentencePiece GGUF needs `tokenizer.ggml.scores`, one per token".into())),
     }
 }
 

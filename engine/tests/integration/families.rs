@@ -53,7 +53,7 @@ fn tiny(model_type: &str, head_dim: usize, extra: Value) -> Tiny {
         config[k] = v.clone();
     }
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
-    smollm().tokenizer.inner().save(dir.join("tokenizer.json"), false).unwrap();
+    smollm().tokenizer.hf().unwrap().save(dir.join("tokenizer.json"), false).unwrap();
     let mut tensors = HashMap::new();
     let mut seed = 100;
     let mut put = |name: String, shape: &[usize], scale: f32, plus_one: bool| {

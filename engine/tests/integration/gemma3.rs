@@ -6,7 +6,10 @@ use super::common::{centered, cosine, models_dir};
 use super::generation::{batched_equals_sequential, data, greedy_matches_llama_cpp, ids, prefill_logits, read_npy};
 use candle_core::quantized::gguf_file::Content;
 use ragway_engine::generate::sampling::argmax;
-use ragway_engine::generate::{GenerativeModel, KvCache, Scratch, SeqBatch, TextTokenizer};
+use ragway_engine::generate::{
+    GenEvent, GenerateConfig, GenerateWorker, GenerationRequest, GenerativeModel, KvCache, SamplingParams, Scratch,
+    SeqBatch, TextTokenizer,
+};
 use serde_json::Value;
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -52,7 +55,68 @@ fn sentencepiece_tokenizer_from_gguf_matches_llama_cpp() {
     assert!(mismatches.is_empty(), "{} differ: {mismatches:#?}", mismatches.len());
     assert_eq!((tk.bos_id, tk.eos_id, tk.add_bos), (Some(2), Some(1), true));
     assert!(tk.stop_ids.contains(&1));
-    assert!(tk.stop_ids.contains(&tk.inner().token_to_id("<end_of_turn>").unwrap()));
+    assert!(tk.stop_ids.contains(&tk.token_to_id("<end_of_turn>").unwrap()));
+}
+
+/// The compact SentencePiece vocabulary that serving uses and the same vocabulary rebuilt as
+/// a `tokenizers` BPE agree: ids of every paragraph of the project's docs and sources and of
+/// text in a dozen scripts with special tokens written in it, and the text of every id alone.
+#[test]
+fn compact_sentencepiece_equals_the_tokenizers_bpe() {
+    let mut f = std::fs::File::open(gemma3_path()).unwrap();
+    let content = Content::read(&mut f).unwrap();
+    let compact = TextTokenizer::from_gguf(&content).unwrap();
+    assert!(compact.hf().is_none(), "a SentencePiece GGUF is served by the compact vocabulary");
+    let bpe = TextTokenizer::sentencepiece_as_bpe(&content).unwrap();
+    let mut texts: Vec<String> = [
+        include_str!("../../../README.md"),
+        include_str!("../../../docs/benchmarks.md"),
+        include_str!("../../src/generate/spm.rs"),
+        include_str!("../../src/generate/model.rs"),
+    ]
+    .iter()
+    .flat_map(|doc| std::iter::once(doc.to_string()).chain(doc.split("\n\n").map(str::to_string)))
+    .collect();
+    texts.extend(
+        [
+            "Ünïcödé façade — naïve café, “quotes” and ‘single’ ones… ½ ≤ ∞",
+            "日本語のテキストと中文文本，한국어 텍스트。",
+            "Русский текст, ελληνικά, עברית, العربية, हिन्दी, ไทย",
+            "emoji 👩‍💻🚀🇫🇷 and tabs\tand\r\nwindows lines   and    runs of spaces",
+            "<start_of_turn>user\nWhat is 2 + 2?<end_of_turn>\n<start_of_turn>model\n",
+            "<bos><eos><pad><unk><mask>[multimodal]<start_of_image>",
+            "  leading and trailing  ",
+            " ",
+            "\n\n\n",
+            "def f(x):\n    return {\"a\": [1, 2, 3]}  # comment\n",
+            "0123456789 3.14159 1e-10 0xDEADBEEF",
+        ]
+        .map(String::from),
+    );
+    for c in fixture()["tokenizer_strings"].as_array().unwrap() {
+        texts.push(c["text"].as_str().unwrap().to_string());
+    }
+    let (mut compared, mut differ) = (0usize, Vec::new());
+    for t in &texts {
+        let a = compact.encode(t, false).unwrap();
+        let b = bpe.encode_fast(t.as_str(), false).unwrap().get_ids().to_vec();
+        compared += b.len();
+        if a != b {
+            differ.push(format!("{:?}: {} vs {} ids", &t[..t.len().min(60)], a.len(), b.len()));
+        }
+        let back = compact.decode(&a).unwrap();
+        assert_eq!(back, bpe.decode(&b, true).unwrap(), "decode of {t:?}");
+    }
+    assert!(differ.is_empty(), "{} of {} texts tokenize differently: {differ:#?}", differ.len(), texts.len());
+    assert!(compared > 50_000, "only {compared} tokens compared");
+    for id in 0..compact.vocab_size() as u32 {
+        for skip in [true, false] {
+            let a = if skip { compact.decode(&[id]) } else { compact.decode_with_special(&[id]) }.unwrap();
+            assert_eq!(a, bpe.decode(&[id], skip).unwrap(), "id {id}, skip_special {skip}");
+        }
+        assert_eq!(compact.id_to_token(id), bpe.id_to_token(id), "id {id}");
+    }
+    assert_eq!(compact.vocab_size(), bpe.get_vocab_size(true));
 }
 
 pub fn gemma3() -> &'static GenerativeModel {
@@ -195,40 +259,72 @@ fn gemma3_sliding_window_paths_agree() {
 #[test]
 fn gemma3_resident_memory_after_load() {
     const CHILD: &str = "RAGWAY_RSS_CHILD";
+    const NAME: &str = "gemma3::gemma3_resident_memory_after_load";
     let rss = || -> u64 {
         let status = std::fs::read_to_string("/proc/self/status").unwrap();
         let kb = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap();
         kb.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap() * 1024
     };
-    if std::env::var_os(CHILD).is_some() {
-        let before = rss();
-        let m = GenerativeModel::load(gemma3_path().to_str().unwrap(), &models_dir(), None).unwrap();
-        println!("rss_before_load {before}\nrss_after_load {}", rss());
-        drop(m);
-        return;
+    match std::env::var(CHILD).as_deref() {
+        Ok("load") => {
+            let before = rss();
+            let m = GenerativeModel::load(gemma3_path().to_str().unwrap(), &models_dir(), None).unwrap();
+            println!("rss_before {before}\nrss_after {}", rss());
+            drop(m);
+            return;
+        }
+        Ok("serve") => {
+            // A generation worker as `ragway serve` runs one (its handle and worker each hold
+            // the tokenizer), after one request: 64 generated tokens of KV cache.
+            let before = rss();
+            let mut cfg = GenerateConfig::new("gemma3", gemma3_path().to_str().unwrap(), models_dir());
+            cfg.max_running = 1;
+            let h = GenerateWorker::spawn(cfg).unwrap();
+            let prompt = h.tokenizer().encode("The capital of France is", true).unwrap();
+            let mut req = GenerationRequest::new(prompt, 64, SamplingParams::greedy());
+            req.ignore_eos = true;
+            let mut stream = h.submit(req).unwrap();
+            while let Some(ev) = stream.blocking_next() {
+                if let GenEvent::Error { message } = ev {
+                    panic!("{message}");
+                }
+            }
+            println!("rss_before {before}\nrss_after {}", rss());
+            return;
+        }
+        _ => {}
     }
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "gemma3::gemma3_resident_memory_after_load"])
-        .args(["--nocapture", "--test-threads", "1"])
-        .env(CHILD, "1")
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
-    let field = |k: &str| -> f64 {
-        // The harness prints "test NAME ... " on the line the child's output starts.
-        let value = text.lines().find_map(|l| l.split_once(k).map(|(_, v)| v.trim()));
-        value.unwrap_or_else(|| panic!("{k} missing: {text}")).parse().unwrap()
+    let measure = |mode: &str| -> (f64, f64) {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", NAME, "--nocapture", "--test-threads", "1"])
+            .env(CHILD, mode)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+        let field = |k: &str| -> f64 {
+            // The harness prints "test NAME ... " on the line the child's output starts.
+            let value = text.lines().find_map(|l| l.split_once(k).map(|(_, v)| v.trim()));
+            value.unwrap_or_else(|| panic!("{k} missing: {text}")).parse().unwrap()
+        };
+        (field("rss_before "), field("rss_after "))
     };
-    let (before, after) = (field("rss_before_load "), field("rss_after_load "));
     let file = std::fs::metadata(gemma3_path()).unwrap().len() as f64;
     let mib = |b: f64| b / 1048576.0;
+    let (before, loaded) = measure("load");
+    let (_, serving) = measure("serve");
+    // KV cache of 69 tokens: 18 layers x K and V x 1 head x 256 x f16.
+    let kv = 69.0 * 18.0 * 2.0 * 256.0 * 2.0;
     eprintln!(
-        "resident {:.1} MiB after load ({:.1} before) for a {:.1} MiB file: {:.3}x",
-        mib(after),
+        "resident {:.1} MiB after load ({:.1} before), {:.1} MiB serving, for a {:.1} MiB file: {:.3}x, {:.3}x",
+        mib(loaded),
         mib(before),
+        mib(serving),
         mib(file),
-        after / file
+        loaded / file,
+        serving / file
     );
-    assert!(after <= 1.4 * file, "{after} bytes resident for a {file}-byte file");
+    // The bound: the file + KV cache + 15%.
+    assert!(loaded <= 1.15 * file, "{loaded} bytes resident after load for a {file}-byte file");
+    assert!(serving <= 1.15 * (file + kv), "{serving} bytes resident serving for a {file}-byte file");
 }

@@ -260,7 +260,7 @@ fn safetensors_llama_matches_candle_transformers() {
         "max_position_embeddings": 256, "tie_word_embeddings": false, "bos_token_id": 1, "eos_token_id": 2,
     });
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
-    smollm().tokenizer.inner().save(dir.join("tokenizer.json"), false).unwrap();
+    smollm().tokenizer.hf().unwrap().save(dir.join("tokenizer.json"), false).unwrap();
     let dev = Device::Cpu;
     let hd = hidden / heads;
     let mut t: HashMap<String, Tensor> = HashMap::new();

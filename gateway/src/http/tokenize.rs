@@ -152,7 +152,7 @@ pub async fn detokenize(_: Authorized<op::Detokenize>, state: web::Data<AppState
                 return Err(ServiceError::invalid(format!("tokens[{i}]"), format!("token id {id} is outside the vocabulary of {vocab}")));
             }
             // Special tokens are spelled out, as vLLM and llama.cpp do.
-            let text = h.tokenizer().inner().decode(&ids, false).map_err(|e| ServiceError::invalid("tokens", e.to_string()))?;
+            let text = h.tokenizer().decode_with_special(&ids).map_err(|e| ServiceError::invalid("tokens", e.to_string()))?;
             (text, h.model_id().to_string())
         }
         Target::Embedding(e) => {

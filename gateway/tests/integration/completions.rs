@@ -387,3 +387,53 @@ fn auto_mode_lazy_grammars_accept_real_calls_only() {
     assert!(!accepts(ToolFormat::Bare, ": \"get_weather\", \"parameters\": {}}"));
     assert!(!accepts(ToolFormat::Bare, ": \"other\", \"parameters\": {}}"));
 }
+
+/// Gemma 3 270M Q4_K_M (`scripts/setup-models.sh --with-gemma3`) as the served generation
+/// model: a SentencePiece GGUF with K-quants through the real server. `/tokenize` gives
+/// llama.cpp's ids (`engine/tests/data/gemma3_270m.json`), and a greedy completion of the
+/// prime-numbers prompt — every one of its 32 steps decided by a logit margin of at least
+/// 1.07 in llama.cpp — is llama.cpp's text exactly; streamed, the deltas add up to the same.
+#[test]
+fn gemma3_gguf_served_end_to_end() {
+    let path = crate::common::models_dir().join("gemma-3-270m/gemma-3-270m-q4_k_m.gguf");
+    assert!(path.is_file(), "{} is missing: run scripts/setup-models.sh --with-gemma3", path.display());
+    let s = crate::common::Server::start(&[
+        "--generation-model",
+        path.to_str().unwrap(),
+        "--generation-model-id",
+        "gemma-3-270m",
+    ]);
+    s.wait_ready();
+    let prompt = "List of prime numbers: 2, 3, 5, 7, 11,";
+    let llama_cpp_ids = [
+        2, 1613, 529, 8355, 4945, 236787, 236743, 236778, 236764, 236743, 236800, 236764, 236743, 236810, 236764, 236743,
+        236832, 236764, 236743, 236770, 236770, 236764,
+    ];
+    let (st, t) = s.post("/tokenize", &json!({"content": prompt, "with_pieces": true}));
+    assert_eq!(st, 200, "{t}");
+    assert_eq!(t["model"], "gemma-3-270m");
+    assert_eq!(t["tokens"], json!(llama_cpp_ids));
+    assert_eq!(t["pieces"][0], "<bos>");
+    let (_, d) = s.post("/detokenize", &json!({"tokens": &llama_cpp_ids[1..]}));
+    assert_eq!(d["content"], prompt);
+
+    let body = json!({"model": "gemma-3-270m", "prompt": prompt, "max_tokens": 32, "temperature": 0});
+    let (st, c) = s.post("/v1/completions", &body);
+    assert_eq!(st, 200, "{c}");
+    assert_eq!(c["choices"][0]["text"], " 13, 17, 19, 23, 29, 31, 37, 41,");
+    assert_eq!(c["choices"][0]["finish_reason"], "length");
+    assert_eq!((c["usage"]["prompt_tokens"].as_u64(), c["usage"]["completion_tokens"].as_u64()), (Some(22), Some(32)));
+
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let resp = client().post(format!("{}/v1/completions", s.url)).json(&streamed).send().unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let text: String = BufReader::new(resp)
+        .lines()
+        .map(|l| l.unwrap())
+        .filter_map(|l| l.strip_prefix("data: ").map(str::to_string))
+        .filter(|d| d != "[DONE]")
+        .map(|d| serde_json::from_str::<Value>(&d).unwrap()["choices"][0]["text"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(text, " 13, 17, 19, 23, 29, 31, 37, 41,");
+}
