@@ -22,8 +22,8 @@ pub mod paged;
 pub mod qmatmul;
 pub mod repack;
 pub mod sampling;
-pub mod spm;
 pub mod scheduler;
+pub mod spm;
 pub mod tokenizer;
 
 pub use chat::{ChatMessage, ChatTemplate};

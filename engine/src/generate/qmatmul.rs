@@ -1,5 +1,5 @@
 //! Quantized matrix products for the decoder: `out[rows, n] = x[rows, k] · Wᵀ` with `W` in
-//! GGUF's Q4_0, Q4_1, Q5_0, Q8_0 or Q6_K (see [`QKind`]) and `x` quantized on the fly to 8
+//! GGUF's Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q6_K or Q3_K (see [`QKind`]) and `x` quantized on the fly to 8
 //! bits per 32-value block (as llama.cpp does), so the inner loop is an integer dot product.
 //!
 //! At load each weight is repacked into *tiles* of 16 output rows: for every block of 32
@@ -44,6 +44,14 @@ pub enum QKind {
     /// [`PackedMatrix::from_ggml`] takes, written by `repack`) is 36 bytes: `d`, the two
     /// scales, 32 bytes of `q`.
     Q6,
+    /// Q3_K's 3-bit values read as they are (4 bits per weight read, where the Q6 blocks
+    /// it was rewritten into before read 7): the low bit pairs four groups to a 64-byte
+    /// vector, the third bits of all eight groups in one more (group `u` at bit `u` of each
+    /// byte: two instructions unpack a group's), and Q6's per-row
+    /// f16 `d` and two 8-bit sub-block scales (the value is `d·sc·(q − 4)`, as in Q3_K).
+    /// Its GGUF-side block is Q6's 36 bytes with `q` in 0..8. On AVX-512 CPUs it runs
+    /// through the AVX2 kernel.
+    Q3,
 }
 
 impl QKind {
@@ -57,7 +65,7 @@ impl QKind {
             Self::Q8_0 => Some(GgmlDType::Q8_0),
             Self::Q5_0 => Some(GgmlDType::Q5_0),
             Self::Q5_1 => Some(GgmlDType::Q5_1),
-            Self::Q6 => None,
+            Self::Q6 | Self::Q3 => None,
         }
     }
 
@@ -69,7 +77,7 @@ impl QKind {
             Self::Q8_0 => 34,
             Self::Q5_0 => 22,
             Self::Q5_1 => 24,
-            Self::Q6 => 36,
+            Self::Q6 | Self::Q3 => 36,
         }
     }
 
@@ -80,13 +88,14 @@ impl QKind {
             Self::Q8_0 => 512,
             Self::Q5_0 | Self::Q5_1 => 256 + 64,
             Self::Q6 => 256 + 128,
+            Self::Q3 => 128 + 64,
         }
     }
 
     /// Bytes of one tile block: values, then 16 f16 scales (and 16 f16 minimums for Q4_1 and
     /// Q5_1, or two rows of 16 8-bit sub-block scales for Q6).
     fn tile_block_bytes(self) -> usize {
-        self.tile_value_bytes() + if matches!(self, Self::Q4_1 | Self::Q5_1 | Self::Q6) { 64 } else { 32 }
+        self.tile_value_bytes() + if matches!(self, Self::Q4_1 | Self::Q5_1 | Self::Q6 | Self::Q3) { 64 } else { 32 }
     }
 
     /// Whether the kind carries a per-block minimum (`value = d·q + m`).
@@ -101,6 +110,7 @@ const K_Q8_0: u8 = 2;
 const K_Q5_0: u8 = 3;
 const K_Q6: u8 = 4;
 const K_Q5_1: u8 = 5;
+const K_Q3: u8 = 6;
 
 /// Bytes of a kind's packed values and of its whole tile block, for the SIMD kernels'
 /// const kind numbers (see [`QKind::tile_value_bytes`], [`QKind::tile_block_bytes`]).
@@ -111,6 +121,7 @@ const fn tile_layout(kind: u8) -> (usize, usize) {
         K_Q5_0 => (320, 352),
         K_Q6 => (384, 448),
         K_Q5_1 => (320, 384),
+        K_Q3 => (192, 256),
         _ => (256, 288),
     }
 }
@@ -258,9 +269,10 @@ impl PackedMatrix {
                             let m = if kind == QKind::Q5_1 { [src[2], src[3]] } else { [0, 0] };
                             ([src[0], src[1]], m)
                         }
-                        QKind::Q6 => {
+                        QKind::Q6 | QKind::Q3 => {
+                            let mask = if kind == QKind::Q6 { 0x3F } else { 0x07 };
                             for j in 0..QK {
-                                vals[j] = src[4 + j] & 0x3F;
+                                vals[j] = src[4 + j] & mask;
                             }
                             ([src[0], src[1]], [src[2], src[3]])
                         }
@@ -278,6 +290,10 @@ impl PackedMatrix {
                                 dst[(u / 2) * 64 + j] |= (v & 0x0F) << ((u % 2) * 4);
                                 dst[256 + u * 16 + j % 16] |= (v >> 4) << (2 * (j / 16));
                             }
+                            QKind::Q3 => {
+                                dst[(u / 4) * 64 + j] |= (v & 3) << ((u % 4) * 2);
+                                dst[128 + j] |= (v >> 2) << u;
+                            }
                             _ => dst[(u / 2) * 64 + j] |= v << ((u % 2) * 4),
                         }
                     }
@@ -285,7 +301,7 @@ impl PackedMatrix {
                     if kind.has_min() {
                         dst[vb + 32 + lane * 2..vb + 32 + lane * 2 + 2].copy_from_slice(&m);
                     }
-                    if kind == QKind::Q6 {
+                    if matches!(kind, QKind::Q6 | QKind::Q3) {
                         // The two sub-block scales: row `lane`'s low one, then its high one.
                         dst[vb + 32 + lane] = m[0];
                         dst[vb + 48 + lane] = m[1];
@@ -335,6 +351,7 @@ impl PackedMatrix {
                     QKind::Q5_0 => (q5_value(blk, u, j) as f32 - 16.0) * d,
                     QKind::Q5_1 => q5_value(blk, u, j) as f32 * d + m,
                     QKind::Q6 => q6_scale(kk) * (q6_value(blk, u, j) as f32 - 32.0),
+                    QKind::Q3 => q6_scale(kk) * (q3_value(blk, u, j) as f32 - 4.0),
                 };
                 out[b * QK + kk] = v;
             }
@@ -374,6 +391,12 @@ impl PackedMatrix {
 fn q6_value(blk: &[u8], u: usize, j: usize) -> u8 {
     let nib = (blk[(u / 2) * 64 + j] >> ((u % 2) * 4)) & 0x0F;
     nib | ((blk[256 + u * 16 + j % 16] >> (2 * (j / 16))) & 3) << 4
+}
+
+/// The 3-bit value at byte `j` of group `u` of a Q3 tile block.
+fn q3_value(blk: &[u8], u: usize, j: usize) -> u8 {
+    let pair = (blk[(u / 4) * 64 + j] >> ((u % 4) * 2)) & 3;
+    pair | ((blk[128 + j] >> u) & 1) << 2
 }
 
 /// The 5-bit value at byte `j` of group `u` of a Q5_0 tile block.
@@ -488,12 +511,15 @@ unsafe fn run_tile_on(with: Simd, kind: QKind, tile: *const u8, nb: usize, x: &Q
                 QKind::Q5_0 => go!(K_Q5_0),
                 QKind::Q6 => go!(K_Q6),
                 QKind::Q5_1 => go!(K_Q5_1),
+                QKind::Q3 => go!(K_Q3),
             }
             return;
         }};
     }
     #[cfg(target_arch = "x86_64")]
     match with {
+        // Q3 has no AVX-512 kernel of its own: AVX-512 CPUs have AVX2.
+        Simd::Avx512Vnni if kind == QKind::Q3 => rows_through!(avx2),
         Simd::Avx512Vnni => rows_through!(avx512),
         Simd::Avx2 => rows_through!(avx2),
         Simd::Portable => {}
@@ -523,6 +549,7 @@ unsafe fn portable_tile(kind: QKind, tile: *const u8, nb: usize, x: &QActs, row:
                     QKind::Q8_0 => blk[u * 64 + j],
                     QKind::Q5_0 | QKind::Q5_1 => q5_value(blk, u, j),
                     QKind::Q6 => q6_value(blk, u, j),
+                    QKind::Q3 => q3_value(blk, u, j),
                     _ => (blk[(u / 2) * 64 + j] >> ((u % 2) * 4)) & 0x0F,
                 };
                 s2[kk / 16] += w as i32 * a[kk] as i32;
@@ -530,9 +557,10 @@ unsafe fn portable_tile(kind: QKind, tile: *const u8, nb: usize, x: &QActs, row:
             let s = s2[0] + s2[1];
             let dw = f16_at(blk, vb + lane * 2);
             match kind {
-                QKind::Q6 => {
+                QKind::Q6 | QKind::Q3 => {
                     let sc = |h: usize| blk[vb + 32 + h * 16 + lane] as i8 as f32;
-                    let (lo, hi) = (s2[0] - 32 * sa_lo, s2[1] - 32 * (sa - sa_lo));
+                    let off = if kind == QKind::Q6 { 32 } else { 4 };
+                    let (lo, hi) = (s2[0] - off * sa_lo, s2[1] - off * (sa - sa_lo));
                     *acc += lo as f32 * (dw * sc(0) * da) + hi as f32 * (dw * sc(1) * da);
                 }
                 QKind::Q4_0 => *acc += dw * da * (s - 8 * sa) as f32,
@@ -673,7 +701,7 @@ mod avx512 {
 /// (`|w|` times `a·sign(w)`, at most 2·128·127) and need no offset correction.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{tile_layout, QActs, K_Q4_1, K_Q5_0, K_Q5_1, K_Q6, K_Q8_0, QK};
+    use super::{tile_layout, QActs, K_Q3, K_Q4_1, K_Q5_0, K_Q5_1, K_Q6, K_Q8_0, QK};
     use std::arch::x86_64::*;
 
     /// One tile × `R` activation rows starting at `row0`.
@@ -701,6 +729,7 @@ mod avx2 {
         let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
         let sixteen = _mm256_set1_epi8(16);
         let three = _mm256_set1_epi8(3);
+        let four = _mm256_set1_epi8(4);
         // Q6: half h of a group takes 128-bit lanes 2h and 2h + 1 of its top bits, shifted
         // by 2·lane (see the AVX-512 kernel).
         let q6_shifts = [_mm256_setr_epi64x(0, 0, 2, 2), _mm256_setr_epi64x(4, 4, 6, 6)];
@@ -712,11 +741,24 @@ mod avx2 {
             // Sums per row: [part][half], part 1 (inputs 16-31) used by Q6 alone.
             let mut s = [[[_mm256_setzero_si256(); 2]; 2]; R];
             for i in 0..8 {
-                let part = if KIND == K_Q6 { i / 4 } else { 0 };
+                let part = if KIND == K_Q6 || KIND == K_Q3 { i / 4 } else { 0 };
                 // Group i: inputs 4i..4i+3 of the 16 rows, as two halves of 8 rows.
                 let half = |h: usize| -> __m256i {
                     if KIND == K_Q8_0 {
                         _mm256_loadu_si256(w.add(i * 64 + h * 32) as *const __m256i)
+                    } else if KIND == K_Q3 {
+                        // Bit pairs: group i at bits 2·(i % 4) of the bytes of vector i / 4;
+                        // third bits: group i at bit i of the last vector's bytes, shifted to
+                        // bit 2 (16-bit shifts by at most 5 keep a byte's bit 2 its own).
+                        let v = _mm256_loadu_si256(w.add((i / 4) * 64 + h * 32) as *const __m256i);
+                        let pair = _mm256_and_si256(_mm256_srl_epi16(v, _mm_cvtsi32_si128(2 * (i % 4) as i32)), three);
+                        let hv = _mm256_loadu_si256(w.add(128 + h * 32) as *const __m256i);
+                        let third = if i >= 2 {
+                            _mm256_srl_epi16(hv, _mm_cvtsi32_si128(i as i32 - 2))
+                        } else {
+                            _mm256_sll_epi16(hv, _mm_cvtsi32_si128(2 - i as i32))
+                        };
+                        _mm256_or_si256(pair, _mm256_and_si256(third, four))
                     } else {
                         let v = _mm256_loadu_si256(w.add((i / 2) * 64 + h * 32) as *const __m256i);
                         let nib = if i % 2 == 0 {
@@ -767,7 +809,8 @@ mod avx2 {
             } else {
                 [_mm256_setzero_ps(); 2]
             };
-            if KIND == K_Q6 {
+            if KIND == K_Q6 || KIND == K_Q3 {
+                let off = if KIND == K_Q6 { 32 } else { 4 };
                 for (r, (acc, s)) in acc.iter_mut().zip(&s).enumerate() {
                     let row = row0 + r;
                     let da = _mm256_set1_ps(*x.d.get_unchecked(row * xnb + b));
@@ -780,8 +823,8 @@ mod avx2 {
                             )))
                         };
                         let (lo, hi) = (_mm256_mul_ps(dw[h], sc(vb + 32)), _mm256_mul_ps(dw[h], sc(vb + 48)));
-                        let s0 = _mm256_sub_epi32(s[0][h], _mm256_set1_epi32(32 * sa_lo));
-                        let s1 = _mm256_sub_epi32(s[1][h], _mm256_set1_epi32(32 * (sa - sa_lo)));
+                        let s0 = _mm256_sub_epi32(s[0][h], _mm256_set1_epi32(off * sa_lo));
+                        let s1 = _mm256_sub_epi32(s[1][h], _mm256_set1_epi32(off * (sa - sa_lo)));
                         acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_mul_ps(lo, da), acc[h]);
                         acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), _mm256_mul_ps(hi, da), acc[h]);
                     }
@@ -1126,6 +1169,10 @@ mod tests {
     /// Q3_K, rewritten into Q6 blocks exactly (256-value super-blocks too).
     #[test]
     fn q3k_matches_dequantized_product() {
+        // Read as Q3, 4 bits a weight: 3 of values, 1 of scales.
+        let x = Tensor::zeros((32, 256), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let p = pack(&QTensor::quantize(&x, GgmlDType::Q3K).unwrap(), GgmlDType::Q3K, 32, 256);
+        assert_eq!((p.kind(), p.size_in_bytes()), (QKind::Q3, 32 * 256 / 2));
         check(GgmlDType::Q3K, 48, 256, 7);
         check(GgmlDType::Q3K, 32, 768, 1);
         check(GgmlDType::Q3K, 16, 512, 4);
@@ -1147,6 +1194,7 @@ mod tests {
             GgmlDType::Q6K,
             GgmlDType::Q4K,
             GgmlDType::Q5K,
+            GgmlDType::Q3K,
         ] {
             let (n, k) = (32, 512);
             let mut seed = 99u64;

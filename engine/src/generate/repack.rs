@@ -7,9 +7,10 @@
 //!   step); the values are the same.
 //! - Q6_K → [`QKind::Q6`], exactly: each 32-value sub-block keeps its 6-bit values, its
 //!   super-block's `d` and its two 8-bit scales (ragway's own 36-byte block).
-//! - Q3_K → [`QKind::Q6`], exactly: Q3_K is Q6_K's shape with 3-bit values (`q − 4` for
-//!   `q − 32`) and 6-bit scales (`sc − 32`, which an 8-bit scale holds); 9 bits a weight read
-//!   where the file has 3.4, against 32 for the f32 copy it replaces.
+//! - Q3_K → [`QKind::Q3`], exactly: Q6's blocks with 3-bit values (`q − 4` for `q − 32`)
+//!   and Q3_K's 6-bit scales (`sc − 32`, which an 8-bit scale holds); 4 bits a weight read
+//!   where the file has 3.4. Stacked beside Q6_K (Q3_K_M files), Q3_K widens into
+//!   [`QKind::Q6`] exactly instead (values `q + 28`).
 //! - Q2_K → Q8_0, requantized per 32 values as below (a 2-bit value's sub-blocks of 16 each
 //!   have their own scale and minimum, which no 32-value block carries exactly).
 //! - Matrices of different types stacked into one (Q, K and V; gate and up — K-quant files
@@ -35,6 +36,8 @@ pub fn common_target(dtypes: &[GgmlDType]) -> Option<QKind> {
     let first = *kinds.first()?;
     if kinds.iter().all(|&k| k == first) {
         Some(first)
+    } else if kinds.iter().all(|&k| matches!(k, QKind::Q3 | QKind::Q6)) {
+        Some(QKind::Q6)
     } else {
         Some(QKind::Q8_0)
     }
@@ -51,6 +54,8 @@ pub fn rewrite_as(
         rewrite(dtype, raw)
     } else if dtype == GgmlDType::Q5_0 && kind == QKind::Q8_0 {
         q5_0_to_q8_0(raw)
+    } else if dtype == GgmlDType::Q3K && kind == QKind::Q6 {
+        q3k_blocks(raw, 28)
     } else if kind == QKind::Q8_0 && target(dtype).is_some() {
         Some(quantize_q8_0(&dequantized()?))
     } else {
@@ -65,7 +70,8 @@ pub fn target(dtype: GgmlDType) -> Option<QKind> {
         GgmlDType::Q4_1 | GgmlDType::Q4K => Some(QKind::Q4_1),
         GgmlDType::Q5_0 => Some(QKind::Q5_0),
         GgmlDType::Q5_1 | GgmlDType::Q5K => Some(QKind::Q5_1),
-        GgmlDType::Q6K | GgmlDType::Q3K => Some(QKind::Q6),
+        GgmlDType::Q6K => Some(QKind::Q6),
+        GgmlDType::Q3K => Some(QKind::Q3),
         GgmlDType::Q8_0 | GgmlDType::Q2K => Some(QKind::Q8_0),
         _ => None,
     }
@@ -82,7 +88,7 @@ pub fn rewrite(dtype: GgmlDType, raw: &[u8]) -> Option<Vec<u8>> {
         GgmlDType::Q4K => q4k_to_q4_1(raw),
         GgmlDType::Q5K => q5k_to_q5_1(raw),
         GgmlDType::Q6K => q6k_to_q6(raw),
-        GgmlDType::Q3K => q3k_to_q6(raw),
+        GgmlDType::Q3K => q3k_blocks(raw, 0),
         _ => None,
     }
 }
@@ -242,10 +248,10 @@ fn q3k_scales(packed: &[u8]) -> [i8; 16] {
 }
 
 /// Q3_K (256 values: 32 bytes of high bits, 64 bytes of bit pairs, 12 bytes of scales, `d`;
-/// value `d·(sc[i / 16] − 32)·(q − 4)`, `q` in 0..8) → eight [`QKind::Q6`] blocks whose
-/// values are `q + 28` (so that `q6 − 32 = q − 4`) with the same `d` and scales: the same
-/// values exactly.
-fn q3k_to_q6(raw: &[u8]) -> Option<Vec<u8>> {
+/// value `d·(sc[i / 16] − 32)·(q − 4)`, `q` in 0..8) → eight 36-byte blocks (`d`, the two
+/// scales, 32 bytes of `q + offset`): [`QKind::Q3`]'s with `offset` 0, [`QKind::Q6`]'s with
+/// 28 (so that `q6 − 32 = q − 4`). The same values exactly.
+fn q3k_blocks(raw: &[u8], offset: u8) -> Option<Vec<u8>> {
     if raw.len() % Q3K_BYTES != 0 {
         return None;
     }
@@ -260,7 +266,7 @@ fn q3k_to_q6(raw: &[u8]) -> Option<Vec<u8>> {
             let (half, shift, l) = (y / 128, (y % 128) / 32 * 2, y % 32);
             let low = (qs[half * 32 + l] >> shift) & 3;
             let high = (hmask[l] >> (y / 32)) & 1;
-            *v = low + 4 * high + 28;
+            *v = low + 4 * high + offset;
         }
         for sub in 0..8 {
             out.extend_from_slice(d);
@@ -298,12 +304,13 @@ mod tests {
         t.dequantize(&Device::Cpu).unwrap().to_vec1::<f32>().unwrap()
     }
 
-    /// Values of [`QKind::Q6`] blocks, as ggml computes Q6_K's (`d·sc` in f32, times `q − 32`).
-    fn decode_q6(raw: &[u8]) -> Vec<f32> {
+    /// Values of [`QKind::Q6`] (`offset` 32) or [`QKind::Q3`] (4) blocks, as ggml computes
+    /// Q6_K's and Q3_K's (`d·sc` in f32, times `q − offset`).
+    fn decode_blocks(raw: &[u8], offset: f32) -> Vec<f32> {
         raw.chunks_exact(Q6_BYTES)
             .flat_map(|b| {
                 let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
-                (0..32).map(move |j| d * b[2 + j / 16] as i8 as f32 * (b[4 + j] as f32 - 32.0))
+                (0..32).map(move |j| d * b[2 + j / 16] as i8 as f32 * (b[4 + j] as f32 - offset))
             })
             .collect()
     }
@@ -330,9 +337,10 @@ mod tests {
             let want = q.dequantize(&Device::Cpu).unwrap().to_vec1::<f32>().unwrap();
             let kind = target(dtype).unwrap();
             let out = rewrite(dtype, &raw).unwrap();
-            let got = match kind.ggml_dtype() {
-                Some(dt) => decode(dt, &out, n),
-                None => decode_q6(&out),
+            let got = match (kind.ggml_dtype(), kind) {
+                (Some(dt), _) => decode(dt, &out, n),
+                (None, QKind::Q3) => decode_blocks(&out, 4.0),
+                (None, _) => decode_blocks(&out, 32.0),
             };
             // Errors relative to each 32-value block's largest magnitude.
             let worst = want
@@ -371,7 +379,12 @@ mod tests {
         assert_eq!(decode(GgmlDType::Q8_0, &out, n), want);
         assert!(rewrite_as(GgmlDType::Q4_0, QKind::Q8_0, &[0u8; 18], || None).is_none());
         // Q3_K beside Q6_K (as Q3_K_M files have them) share Q6 exactly; Q2_K is requantized.
+        assert_eq!(common_target(&[GgmlDType::Q3K, GgmlDType::Q3K]), Some(QKind::Q3));
         assert_eq!(common_target(&[GgmlDType::Q3K, GgmlDType::Q6K]), Some(QKind::Q6));
+        let q = QTensor::quantize(&x, GgmlDType::Q3K).unwrap();
+        let want = q.dequantize(&Device::Cpu).unwrap().to_vec1::<f32>().unwrap();
+        let out = rewrite_as(GgmlDType::Q3K, QKind::Q6, &q.data().unwrap(), || None).unwrap();
+        assert_eq!(decode_blocks(&out, 32.0), want);
         assert_eq!(common_target(&[GgmlDType::Q2K, GgmlDType::Q2K]), Some(QKind::Q8_0));
         // Requantized into Q8_0: a Q4_K stacked beside other types, and Q2_K always.
         for dtype in [GgmlDType::Q4K, GgmlDType::Q2K] {

@@ -131,10 +131,10 @@ fn model(v: Variant) -> &'static (PathBuf, GenerativeModel) {
     })
 }
 
-/// The file holds the variant's types, and they stay packed, not copied to f32: the Q5 file's
-/// weights within the 15% of the file (measured 0.991x); the Q2_K/Q3_K file's within
-/// 2.5x (measured 1.068x: its Q8_0 embedding is most of it; the rewrites read 8.5 and 9 bits
-/// a weight for 2.6 and 3.4, where the f32 copy they replace read 32).
+/// The file holds the variant's types, and they stay packed, not copied to f32: the weights
+/// within the 15% of the file — the Q5 file's measured 0.991x, the Q2_K/Q3_K file's
+/// 1.031x (Q3_K read at 4 bits a weight for 3.4, Q2_K requantized to 8.5 for 2.6; its Q8_0
+/// embedding is most of the file).
 fn holds_its_types_and_stays_packed(v: Variant, bound: f64) {
     let (path, m) = model(v);
     let mut f = std::fs::File::open(path).unwrap();
@@ -174,7 +174,7 @@ fn q5_k_and_q5_1_gemma3_greedy_decoding_matches_llama_cpp() {
 
 #[test]
 fn q2_k_q3_k_and_q4_0_gemma3_holds_its_types_and_stays_packed() {
-    holds_its_types_and_stays_packed(Q23, 2.5);
+    holds_its_types_and_stays_packed(Q23, 1.15);
 }
 
 #[test]
