@@ -2,7 +2,8 @@
 //! times 4096 × 4096 matrices (the size of a 7B model's attention projections), on the
 //! engine's thread team (every core), for each packed kind a GGUF type is read as — Q3_K as
 //! its own Q3 tiles (4 bits a weight) and as the Q6 blocks it was read as before (7 bits),
-//! side by side. Decode reads every weight once per token, so the bytes a kind reads decide
+//! Q2_K as its own Q2 tiles (4 bits) and as the Q8_0 requantization before (8.5), side by
+//! side. Decode reads every weight once per token, so the bytes a kind reads decide
 //! its speed: each iteration multiplies the next of 8 copies of the matrix (128 Mi weights,
 //! more than any L3 cache holds), as a decoder steps through its layers. Reported as
 //! weights/s.
@@ -38,11 +39,14 @@ fn qmatmul(c: &mut Criterion) {
         ("q6_k_as_q6", GgmlDType::Q6K, None),
         ("q3_k_as_q3", GgmlDType::Q3K, None),
         ("q3_k_as_q6", GgmlDType::Q3K, Some(QKind::Q6)),
+        ("q2_k_as_q2", GgmlDType::Q2K, None),
+        ("q2_k_as_q8_0", GgmlDType::Q2K, Some(QKind::Q8_0)),
     ];
     for (name, dtype, kind) in cases {
         let q = QTensor::quantize(&w, dtype).unwrap();
         let kind = kind.or(target(dtype)).unwrap();
-        let raw = rewrite_as(dtype, kind, &q.data().unwrap(), || None).unwrap();
+        let values = || q.dequantize(&Device::Cpu).ok()?.flatten_all().ok()?.to_vec1::<f32>().ok();
+        let raw = rewrite_as(dtype, kind, &q.data().unwrap(), values).unwrap();
         let copies: Vec<PackedMatrix> = (0..8).map(|_| PackedMatrix::from_ggml(kind, n, k, &raw).unwrap()).collect();
         let bits = copies[0].size_in_bytes() as f64 * 8.0 / (n * k) as f64;
         eprintln!("{name}: {bits:.2} bits a weight read");

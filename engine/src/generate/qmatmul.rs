@@ -52,6 +52,13 @@ pub enum QKind {
     /// Its GGUF-side block is Q6's 36 bytes with `q` in 0..8. On AVX-512 CPUs it runs
     /// through the AVX2 kernel.
     Q3,
+    /// Q2_K's 2-bit values read as they are (4 bits per weight read, where the Q8_0
+    /// requantization it replaces read 8.5 and rounded): Q3's bit pairs, per row the
+    /// super-block's f16 `d` and `dmin`, and per 16-value sub-block its 4-bit scale and
+    /// minimum (the value is `d·sc·q − dmin·m`, as in Q2_K). Its GGUF-side block is 40
+    /// bytes: `d`, the two scales, `dmin`, the two minimums, 32 bytes of `q`. On AVX-512
+    /// CPUs it runs through the AVX2 kernel.
+    Q2,
 }
 
 impl QKind {
@@ -65,7 +72,7 @@ impl QKind {
             Self::Q8_0 => Some(GgmlDType::Q8_0),
             Self::Q5_0 => Some(GgmlDType::Q5_0),
             Self::Q5_1 => Some(GgmlDType::Q5_1),
-            Self::Q6 | Self::Q3 => None,
+            Self::Q6 | Self::Q3 | Self::Q2 => None,
         }
     }
 
@@ -78,6 +85,7 @@ impl QKind {
             Self::Q5_0 => 22,
             Self::Q5_1 => 24,
             Self::Q6 | Self::Q3 => 36,
+            Self::Q2 => 40,
         }
     }
 
@@ -89,12 +97,17 @@ impl QKind {
             Self::Q5_0 | Self::Q5_1 => 256 + 64,
             Self::Q6 => 256 + 128,
             Self::Q3 => 128 + 64,
+            Self::Q2 => 128,
         }
     }
 
     /// Bytes of one tile block: values, then 16 f16 scales (and 16 f16 minimums for Q4_1 and
-    /// Q5_1, or two rows of 16 8-bit sub-block scales for Q6).
+    /// Q5_1, or two rows of 16 8-bit sub-block scales for Q6 and Q3; Q2 adds 16 f16 `dmin`
+    /// and two rows of 16 8-bit minimums to those).
     fn tile_block_bytes(self) -> usize {
+        if self == Self::Q2 {
+            return 128 + 128;
+        }
         self.tile_value_bytes() + if matches!(self, Self::Q4_1 | Self::Q5_1 | Self::Q6 | Self::Q3) { 64 } else { 32 }
     }
 
@@ -111,6 +124,7 @@ const K_Q5_0: u8 = 3;
 const K_Q6: u8 = 4;
 const K_Q5_1: u8 = 5;
 const K_Q3: u8 = 6;
+const K_Q2: u8 = 7;
 
 /// Bytes of a kind's packed values and of its whole tile block, for the SIMD kernels'
 /// const kind numbers (see [`QKind::tile_value_bytes`], [`QKind::tile_block_bytes`]).
@@ -122,6 +136,7 @@ const fn tile_layout(kind: u8) -> (usize, usize) {
         K_Q6 => (384, 448),
         K_Q5_1 => (320, 384),
         K_Q3 => (192, 256),
+        K_Q2 => (128, 256),
         _ => (256, 288),
     }
 }
@@ -276,6 +291,16 @@ impl PackedMatrix {
                             }
                             ([src[0], src[1]], [src[2], src[3]])
                         }
+                        QKind::Q2 => {
+                            for j in 0..QK {
+                                vals[j] = src[8 + j] & 3;
+                            }
+                            // `dmin` and the two minimums.
+                            dst[vb + 64 + lane * 2..vb + 64 + lane * 2 + 2].copy_from_slice(&src[4..6]);
+                            dst[vb + 96 + lane] = src[6];
+                            dst[vb + 112 + lane] = src[7];
+                            ([src[0], src[1]], [src[2], src[3]])
+                        }
                     };
                     for (kk, &v) in vals.iter().enumerate() {
                         let u = kk / 4;
@@ -294,6 +319,7 @@ impl PackedMatrix {
                                 dst[(u / 4) * 64 + j] |= (v & 3) << ((u % 4) * 2);
                                 dst[128 + j] |= (v >> 2) << u;
                             }
+                            QKind::Q2 => dst[(u / 4) * 64 + j] |= v << ((u % 4) * 2),
                             _ => dst[(u / 2) * 64 + j] |= v << ((u % 2) * 4),
                         }
                     }
@@ -301,7 +327,7 @@ impl PackedMatrix {
                     if kind.has_min() {
                         dst[vb + 32 + lane * 2..vb + 32 + lane * 2 + 2].copy_from_slice(&m);
                     }
-                    if matches!(kind, QKind::Q6 | QKind::Q3) {
+                    if matches!(kind, QKind::Q6 | QKind::Q3 | QKind::Q2) {
                         // The two sub-block scales: row `lane`'s low one, then its high one.
                         dst[vb + 32 + lane] = m[0];
                         dst[vb + 48 + lane] = m[1];
@@ -352,6 +378,11 @@ impl PackedMatrix {
                     QKind::Q5_1 => q5_value(blk, u, j) as f32 * d + m,
                     QKind::Q6 => q6_scale(kk) * (q6_value(blk, u, j) as f32 - 32.0),
                     QKind::Q3 => q6_scale(kk) * (q3_value(blk, u, j) as f32 - 4.0),
+                    QKind::Q2 => {
+                        let pair = (blk[(u / 4) * 64 + j] >> ((u % 4) * 2)) & 3;
+                        let min = f16_at(blk, vb + 64 + lane * 2) * blk[vb + 96 + (kk / 16) * 16 + lane] as f32;
+                        q6_scale(kk) * pair as f32 - min
+                    }
                 };
                 out[b * QK + kk] = v;
             }
@@ -512,14 +543,15 @@ unsafe fn run_tile_on(with: Simd, kind: QKind, tile: *const u8, nb: usize, x: &Q
                 QKind::Q6 => go!(K_Q6),
                 QKind::Q5_1 => go!(K_Q5_1),
                 QKind::Q3 => go!(K_Q3),
+                QKind::Q2 => go!(K_Q2),
             }
             return;
         }};
     }
     #[cfg(target_arch = "x86_64")]
     match with {
-        // Q3 has no AVX-512 kernel of its own: AVX-512 CPUs have AVX2.
-        Simd::Avx512Vnni if kind == QKind::Q3 => rows_through!(avx2),
+        // Q3 and Q2 have no AVX-512 kernels of their own: AVX-512 CPUs have AVX2.
+        Simd::Avx512Vnni if matches!(kind, QKind::Q3 | QKind::Q2) => rows_through!(avx2),
         Simd::Avx512Vnni => rows_through!(avx512),
         Simd::Avx2 => rows_through!(avx2),
         Simd::Portable => {}
@@ -550,6 +582,7 @@ unsafe fn portable_tile(kind: QKind, tile: *const u8, nb: usize, x: &QActs, row:
                     QKind::Q5_0 | QKind::Q5_1 => q5_value(blk, u, j),
                     QKind::Q6 => q6_value(blk, u, j),
                     QKind::Q3 => q3_value(blk, u, j),
+                    QKind::Q2 => (blk[(u / 4) * 64 + j] >> ((u % 4) * 2)) & 3,
                     _ => (blk[(u / 2) * 64 + j] >> ((u % 2) * 4)) & 0x0F,
                 };
                 s2[kk / 16] += w as i32 * a[kk] as i32;
@@ -557,11 +590,20 @@ unsafe fn portable_tile(kind: QKind, tile: *const u8, nb: usize, x: &QActs, row:
             let s = s2[0] + s2[1];
             let dw = f16_at(blk, vb + lane * 2);
             match kind {
-                QKind::Q6 | QKind::Q3 => {
+                QKind::Q6 | QKind::Q3 | QKind::Q2 => {
                     let sc = |h: usize| blk[vb + 32 + h * 16 + lane] as i8 as f32;
-                    let off = if kind == QKind::Q6 { 32 } else { 4 };
+                    let off = match kind {
+                        QKind::Q6 => 32,
+                        QKind::Q3 => 4,
+                        _ => 0,
+                    };
                     let (lo, hi) = (s2[0] - off * sa_lo, s2[1] - off * (sa - sa_lo));
                     *acc += lo as f32 * (dw * sc(0) * da) + hi as f32 * (dw * sc(1) * da);
+                    if kind == QKind::Q2 {
+                        let m = |h: usize| blk[vb + 96 + h * 16 + lane] as f32;
+                        let dmin = f16_at(blk, vb + 64 + lane * 2);
+                        *acc -= dmin * da * (m(0) * sa_lo as f32 + m(1) * (sa - sa_lo) as f32);
+                    }
                 }
                 QKind::Q4_0 => *acc += dw * da * (s - 8 * sa) as f32,
                 QKind::Q8_0 => *acc += dw * da * (s - 128 * sa) as f32,
@@ -701,7 +743,7 @@ mod avx512 {
 /// (`|w|` times `a·sign(w)`, at most 2·128·127) and need no offset correction.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{tile_layout, QActs, K_Q3, K_Q4_1, K_Q5_0, K_Q5_1, K_Q6, K_Q8_0, QK};
+    use super::{tile_layout, QActs, K_Q2, K_Q3, K_Q4_1, K_Q5_0, K_Q5_1, K_Q6, K_Q8_0, QK};
     use std::arch::x86_64::*;
 
     /// One tile × `R` activation rows starting at `row0`.
@@ -741,11 +783,15 @@ mod avx2 {
             // Sums per row: [part][half], part 1 (inputs 16-31) used by Q6 alone.
             let mut s = [[[_mm256_setzero_si256(); 2]; 2]; R];
             for i in 0..8 {
-                let part = if KIND == K_Q6 || KIND == K_Q3 { i / 4 } else { 0 };
+                let part = if KIND == K_Q6 || KIND == K_Q3 || KIND == K_Q2 { i / 4 } else { 0 };
                 // Group i: inputs 4i..4i+3 of the 16 rows, as two halves of 8 rows.
                 let half = |h: usize| -> __m256i {
                     if KIND == K_Q8_0 {
                         _mm256_loadu_si256(w.add(i * 64 + h * 32) as *const __m256i)
+                    } else if KIND == K_Q2 {
+                        // Bit pairs: group i at bits 2·(i % 4) of the bytes of vector i / 4.
+                        let v = _mm256_loadu_si256(w.add((i / 4) * 64 + h * 32) as *const __m256i);
+                        _mm256_and_si256(_mm256_srl_epi16(v, _mm_cvtsi32_si128(2 * (i % 4) as i32)), three)
                     } else if KIND == K_Q3 {
                         // Bit pairs: group i at bits 2·(i % 4) of the bytes of vector i / 4;
                         // third bits: group i at bit i of the last vector's bytes, shifted to
@@ -809,8 +855,14 @@ mod avx2 {
             } else {
                 [_mm256_setzero_ps(); 2]
             };
-            if KIND == K_Q6 || KIND == K_Q3 {
-                let off = if KIND == K_Q6 { 32 } else { 4 };
+            if KIND == K_Q6 || KIND == K_Q3 || KIND == K_Q2 {
+                let off = if KIND == K_Q6 {
+                    32
+                } else if KIND == K_Q3 {
+                    4
+                } else {
+                    0
+                };
                 for (r, (acc, s)) in acc.iter_mut().zip(&s).enumerate() {
                     let row = row0 + r;
                     let da = _mm256_set1_ps(*x.d.get_unchecked(row * xnb + b));
@@ -827,6 +879,13 @@ mod avx2 {
                         let s1 = _mm256_sub_epi32(s[1][h], _mm256_set1_epi32(off * (sa - sa_lo)));
                         acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_mul_ps(lo, da), acc[h]);
                         acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), _mm256_mul_ps(hi, da), acc[h]);
+                        if KIND == K_Q2 {
+                            // − dmin·(m_lo·Σa_lo + m_hi·Σa_hi), times the activations' scale.
+                            let dmin = _mm256_cvtph_ps(_mm_loadu_si128(w.add(vb + 64 + h * 16) as *const __m128i));
+                            let (mlo, mhi) = (_mm256_mul_ps(dmin, sc(vb + 96)), _mm256_mul_ps(dmin, sc(vb + 112)));
+                            acc[h] = _mm256_fnmadd_ps(mlo, _mm256_mul_ps(_mm256_set1_ps(sa_lo as f32), da), acc[h]);
+                            acc[h] = _mm256_fnmadd_ps(mhi, _mm256_mul_ps(_mm256_set1_ps((sa - sa_lo) as f32), da), acc[h]);
+                        }
                     }
                 }
                 continue;
@@ -1178,6 +1237,17 @@ mod tests {
         check(GgmlDType::Q3K, 16, 512, 4);
     }
 
+    #[test]
+    fn q2k_matches_dequantized_product() {
+        // Read as Q2, 4 bits a weight: 2 of values, 2 of scales and minimums.
+        let x = Tensor::zeros((32, 256), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let p = pack(&QTensor::quantize(&x, GgmlDType::Q2K).unwrap(), GgmlDType::Q2K, 32, 256);
+        assert_eq!((p.kind(), p.size_in_bytes()), (QKind::Q2, 32 * 256 / 2));
+        check(GgmlDType::Q2K, 48, 256, 7);
+        check(GgmlDType::Q2K, 32, 768, 1);
+        check(GgmlDType::Q2K, 16, 512, 4);
+    }
+
     /// Each x86 kernel this CPU has (whatever `simd()` picked), on every packed kind and on
     /// one to five rows at once, against the portable loop.
     #[cfg(target_arch = "x86_64")]
@@ -1195,6 +1265,7 @@ mod tests {
             GgmlDType::Q4K,
             GgmlDType::Q5K,
             GgmlDType::Q3K,
+            GgmlDType::Q2K,
         ] {
             let (n, k) = (32, 512);
             let mut seed = 99u64;

@@ -11,8 +11,9 @@
 //!   and Q3_K's 6-bit scales (`sc − 32`, which an 8-bit scale holds); 4 bits a weight read
 //!   where the file has 3.4. Stacked beside Q6_K (Q3_K_M files), Q3_K widens into
 //!   [`QKind::Q6`] exactly instead (values `q + 28`).
-//! - Q2_K → Q8_0, requantized per 32 values as below (a 2-bit value's sub-blocks of 16 each
-//!   have their own scale and minimum, which no 32-value block carries exactly).
+//! - Q2_K → [`QKind::Q2`], exactly: each 32-value block keeps its 2-bit values, the
+//!   super-block's `d` and `dmin` and its two 16-value sub-blocks' 4-bit scales and minimums
+//!   (ragway's own 40-byte block); 4 bits a weight read where the file has 2.6.
 //! - Matrices of different types stacked into one (Q, K and V; gate and up — K-quant files
 //!   mix them) are read as Q8_0: Q5_0 widened exactly (the same f16 scale, the 5-bit values
 //!   as 8-bit ones), the others requantized per 32 values as llama.cpp quantizes Q8_0
@@ -50,7 +51,7 @@ pub fn rewrite_as(
     raw: &[u8],
     dequantized: impl FnOnce() -> Option<Vec<f32>>,
 ) -> Option<Vec<u8>> {
-    if target(dtype) == Some(kind) && dtype != GgmlDType::Q2K {
+    if target(dtype) == Some(kind) {
         rewrite(dtype, raw)
     } else if dtype == GgmlDType::Q5_0 && kind == QKind::Q8_0 {
         q5_0_to_q8_0(raw)
@@ -72,14 +73,14 @@ pub fn target(dtype: GgmlDType) -> Option<QKind> {
         GgmlDType::Q5_1 | GgmlDType::Q5K => Some(QKind::Q5_1),
         GgmlDType::Q6K => Some(QKind::Q6),
         GgmlDType::Q3K => Some(QKind::Q3),
-        GgmlDType::Q8_0 | GgmlDType::Q2K => Some(QKind::Q8_0),
+        GgmlDType::Q8_0 => Some(QKind::Q8_0),
+        GgmlDType::Q2K => Some(QKind::Q2),
         _ => None,
     }
 }
 
 /// `raw` (whole blocks of `dtype`) in the layout of `target(dtype)` that
-/// [`PackedMatrix::from_ggml`] takes. `None` when the bytes are not whole blocks, and for
-/// Q2_K, which is requantized from its values ([`rewrite_as`]).
+/// [`PackedMatrix::from_ggml`] takes. `None` when the bytes are not whole blocks.
 ///
 /// [`PackedMatrix::from_ggml`]: super::qmatmul::PackedMatrix::from_ggml
 pub fn rewrite(dtype: GgmlDType, raw: &[u8]) -> Option<Vec<u8>> {
@@ -89,6 +90,7 @@ pub fn rewrite(dtype: GgmlDType, raw: &[u8]) -> Option<Vec<u8>> {
         GgmlDType::Q5K => q5k_to_q5_1(raw),
         GgmlDType::Q6K => q6k_to_q6(raw),
         GgmlDType::Q3K => q3k_blocks(raw, 0),
+        GgmlDType::Q2K => q2k_blocks(raw),
         _ => None,
     }
 }
@@ -277,6 +279,40 @@ fn q3k_blocks(raw: &[u8], offset: u8) -> Option<Vec<u8>> {
     Some(out)
 }
 
+const Q2K_BYTES: usize = 84;
+const Q2_BYTES: usize = 40;
+
+/// Q2_K (256 values: 16 bytes of 4-bit scale and minimum pairs, 64 bytes of bit pairs, `d`,
+/// `dmin`; value `d·sc[i / 16]·q − dmin·m[i / 16]`, `q` in 0..4) → eight [`QKind::Q2`]
+/// blocks (`d`, the two scales, `dmin`, the two minimums, 32 bytes of `q`), the same values
+/// exactly.
+fn q2k_blocks(raw: &[u8]) -> Option<Vec<u8>> {
+    if raw.len() % Q2K_BYTES != 0 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(raw.len() / Q2K_BYTES * 8 * Q2_BYTES);
+    for b in raw.chunks_exact(Q2K_BYTES) {
+        let (scales, qs, d, dmin) = (&b[..16], &b[16..80], &b[80..82], &b[82..84]);
+        // ggml's order: each half of 128 values takes 32 bytes of bit pairs, four shifts of
+        // 32 values.
+        let q: Vec<u8> = (0..256)
+            .map(|y| {
+                let (half, shift, l) = (y / 128, (y % 128) / 32 * 2, y % 32);
+                (qs[half * 32 + l] >> shift) & 3
+            })
+            .collect();
+        for sub in 0..8 {
+            let (a, c) = (scales[2 * sub], scales[2 * sub + 1]);
+            out.extend_from_slice(d);
+            out.extend_from_slice(&[a & 0x0F, c & 0x0F]);
+            out.extend_from_slice(dmin);
+            out.extend_from_slice(&[a >> 4, c >> 4]);
+            out.extend_from_slice(&q[sub * 32..(sub + 1) * 32]);
+        }
+    }
+    Some(out)
+}
+
 /// f32 values (a multiple of 32) → Q8_0 blocks, as ggml's reference quantizer.
 fn quantize_q8_0(x: &[f32]) -> Vec<u8> {
     let mut out = Vec::with_capacity(x.len() / 32 * Q8_0_BYTES);
@@ -304,6 +340,17 @@ mod tests {
         t.dequantize(&Device::Cpu).unwrap().to_vec1::<f32>().unwrap()
     }
 
+    /// Values of [`QKind::Q2`] blocks, as ggml computes Q2_K's (`d·sc·q − dmin·m` in f32).
+    fn decode_q2(raw: &[u8]) -> Vec<f32> {
+        raw.chunks_exact(Q2_BYTES)
+            .flat_map(|b| {
+                let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
+                let dmin = f16::from_le_bytes([b[4], b[5]]).to_f32();
+                (0..32).map(move |j| d * b[2 + j / 16] as f32 * b[8 + j] as f32 - dmin * b[6 + j / 16] as f32)
+            })
+            .collect()
+    }
+
     /// Values of [`QKind::Q6`] (`offset` 32) or [`QKind::Q3`] (4) blocks, as ggml computes
     /// Q6_K's and Q3_K's (`d·sc` in f32, times `q − offset`).
     fn decode_blocks(raw: &[u8], offset: f32) -> Vec<f32> {
@@ -329,6 +376,7 @@ mod tests {
             (GgmlDType::Q4K, 2e-3),
             (GgmlDType::Q6K, 0.0),
             (GgmlDType::Q3K, 0.0),
+            (GgmlDType::Q2K, 0.0),
             (GgmlDType::Q5K, 2e-3),
             (GgmlDType::Q5_1, 0.0),
         ] {
@@ -340,6 +388,7 @@ mod tests {
             let got = match (kind.ggml_dtype(), kind) {
                 (Some(dt), _) => decode(dt, &out, n),
                 (None, QKind::Q3) => decode_blocks(&out, 4.0),
+                (None, QKind::Q2) => decode_q2(&out),
                 (None, _) => decode_blocks(&out, 32.0),
             };
             // Errors relative to each 32-value block's largest magnitude.
@@ -357,7 +406,7 @@ mod tests {
         assert!(rewrite(GgmlDType::Q6K, &[0u8; 209]).is_none());
         assert!(rewrite(GgmlDType::Q5K, &[0u8; 175]).is_none());
         assert!(rewrite(GgmlDType::Q3K, &[0u8; 109]).is_none());
-        assert!(rewrite(GgmlDType::Q2K, &[0u8; 84]).is_none(), "Q2_K needs its values");
+        assert!(rewrite(GgmlDType::Q2K, &[0u8; 83]).is_none());
     }
 
     /// Matrices of one type stacked together keep it; of different types (as K-quant files
@@ -378,15 +427,16 @@ mod tests {
         let out = rewrite_as(GgmlDType::Q5_0, QKind::Q8_0, &q.data().unwrap(), || None).unwrap();
         assert_eq!(decode(GgmlDType::Q8_0, &out, n), want);
         assert!(rewrite_as(GgmlDType::Q4_0, QKind::Q8_0, &[0u8; 18], || None).is_none());
-        // Q3_K beside Q6_K (as Q3_K_M files have them) share Q6 exactly; Q2_K is requantized.
+        // Q3_K beside Q6_K (as Q3_K_M files have them) share Q6 exactly.
         assert_eq!(common_target(&[GgmlDType::Q3K, GgmlDType::Q3K]), Some(QKind::Q3));
         assert_eq!(common_target(&[GgmlDType::Q3K, GgmlDType::Q6K]), Some(QKind::Q6));
         let q = QTensor::quantize(&x, GgmlDType::Q3K).unwrap();
         let want = q.dequantize(&Device::Cpu).unwrap().to_vec1::<f32>().unwrap();
         let out = rewrite_as(GgmlDType::Q3K, QKind::Q6, &q.data().unwrap(), || None).unwrap();
         assert_eq!(decode_blocks(&out, 32.0), want);
-        assert_eq!(common_target(&[GgmlDType::Q2K, GgmlDType::Q2K]), Some(QKind::Q8_0));
-        // Requantized into Q8_0: a Q4_K stacked beside other types, and Q2_K always.
+        assert_eq!(common_target(&[GgmlDType::Q2K, GgmlDType::Q2K]), Some(QKind::Q2));
+        assert_eq!(common_target(&[GgmlDType::Q2K, GgmlDType::Q3K]), Some(QKind::Q8_0));
+        // Requantized into Q8_0: a Q4_K or a Q2_K stacked beside other types.
         for dtype in [GgmlDType::Q4K, GgmlDType::Q2K] {
             let q = QTensor::quantize(&x, dtype).unwrap();
             let want = q.dequantize(&Device::Cpu).unwrap().to_vec1::<f32>().unwrap();

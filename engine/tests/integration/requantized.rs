@@ -133,8 +133,8 @@ fn model(v: Variant) -> &'static (PathBuf, GenerativeModel) {
 
 /// The file holds the variant's types, and they stay packed, not copied to f32: the weights
 /// within the 15% of the file — the Q5 file's measured 0.991x, the Q2_K/Q3_K file's
-/// 1.031x (Q3_K read at 4 bits a weight for 3.4, Q2_K requantized to 8.5 for 2.6; its Q8_0
-/// embedding is most of the file).
+/// 1.003x (Q3_K and Q2_K read at 4 bits a weight for 3.4 and 2.6; its Q8_0 embedding is
+/// most of the file).
 fn holds_its_types_and_stays_packed(v: Variant, bound: f64) {
     let (path, m) = model(v);
     let mut f = std::fs::File::open(path).unwrap();
