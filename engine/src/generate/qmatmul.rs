@@ -1225,27 +1225,17 @@ mod tests {
         check(GgmlDType::Q6K, 16, 512, 4);
     }
 
-    /// Q3_K, rewritten into Q6 blocks exactly (256-value super-blocks too).
+    /// Q3_K and Q2_K in tiles of their own (256-value super-blocks), read at 4 bits a weight.
     #[test]
-    fn q3k_matches_dequantized_product() {
-        // Read as Q3, 4 bits a weight: 3 of values, 1 of scales.
-        let x = Tensor::zeros((32, 256), candle_core::DType::F32, &Device::Cpu).unwrap();
-        let p = pack(&QTensor::quantize(&x, GgmlDType::Q3K).unwrap(), GgmlDType::Q3K, 32, 256);
-        assert_eq!((p.kind(), p.size_in_bytes()), (QKind::Q3, 32 * 256 / 2));
-        check(GgmlDType::Q3K, 48, 256, 7);
-        check(GgmlDType::Q3K, 32, 768, 1);
-        check(GgmlDType::Q3K, 16, 512, 4);
-    }
-
-    #[test]
-    fn q2k_matches_dequantized_product() {
-        // Read as Q2, 4 bits a weight: 2 of values, 2 of scales and minimums.
-        let x = Tensor::zeros((32, 256), candle_core::DType::F32, &Device::Cpu).unwrap();
-        let p = pack(&QTensor::quantize(&x, GgmlDType::Q2K).unwrap(), GgmlDType::Q2K, 32, 256);
-        assert_eq!((p.kind(), p.size_in_bytes()), (QKind::Q2, 32 * 256 / 2));
-        check(GgmlDType::Q2K, 48, 256, 7);
-        check(GgmlDType::Q2K, 32, 768, 1);
-        check(GgmlDType::Q2K, 16, 512, 4);
+    fn q3k_and_q2k_match_dequantized_product() {
+        for (dtype, kind) in [(GgmlDType::Q3K, QKind::Q3), (GgmlDType::Q2K, QKind::Q2)] {
+            let x = Tensor::zeros((32, 256), candle_core::DType::F32, &Device::Cpu).unwrap();
+            let p = pack(&QTensor::quantize(&x, dtype).unwrap(), dtype, 32, 256);
+            assert_eq!((p.kind(), p.size_in_bytes()), (kind, 32 * 256 / 2));
+            check(dtype, 48, 256, 7);
+            check(dtype, 32, 768, 1);
+            check(dtype, 16, 512, 4);
+        }
     }
 
     /// Each x86 kernel this CPU has (whatever `simd()` picked), on every packed kind and on
