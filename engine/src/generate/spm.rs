@@ -72,13 +72,14 @@ impl Bigram {
     }
 }
 
-/// One symbol of the text being merged: a byte range, linked to its live neighbours.
+/// One symbol of the text being merged: a byte range, linked to its live neighbours (24
+/// bytes a character of the request; offsets fit 32 bits, which `merge` checks).
 #[derive(Clone, Copy)]
 struct Symbol {
-    start: usize,
-    len: usize,
-    prev: Option<usize>,
-    next: Option<usize>,
+    start: u32,
+    len: u32,
+    prev: Option<u32>,
+    next: Option<u32>,
 }
 
 impl SentencePiece {
@@ -221,16 +222,17 @@ impl SentencePiece {
         let mut symbols: Vec<Symbol> = Vec::with_capacity(text.len());
         for (start, c) in text.char_indices() {
             let i = symbols.len();
-            symbols.push(Symbol { start, len: c.len_utf8(), prev: i.checked_sub(1), next: None });
+            let (start, at) = (start as u32, i as u32);
+            symbols.push(Symbol { start, len: c.len_utf8() as u32, prev: at.checked_sub(1), next: None });
             if i > 0 {
-                symbols[i - 1].next = Some(i);
+                symbols[i - 1].next = Some(at);
             }
         }
         let mut queue = BinaryHeap::new();
         let candidate = |symbols: &[Symbol], left: usize, right: usize| -> Option<Bigram> {
             let (l, r) = (symbols[left], symbols[right]);
-            let id = self.id_of(&text[l.start..r.start + r.len])?;
-            Some(Bigram::new(self.scores[id as usize], left, right, l.len + r.len))
+            let id = self.id_of(&text[l.start as usize..(r.start + r.len) as usize])?;
+            Some(Bigram::new(self.scores[id as usize], left, right, (l.len + r.len) as usize))
         };
         for i in 1..symbols.len() {
             queue.extend(candidate(&symbols, i - 1, i));
@@ -239,26 +241,26 @@ impl SentencePiece {
             let (left, right) = (b.left(), b.right as usize);
             let (l, r) = (symbols[left], symbols[right]);
             // Stale: one side already merged into another symbol since it was queued.
-            if l.len == 0 || r.len == 0 || l.len + r.len != b.len as usize || l.next != Some(right) {
+            if l.len == 0 || r.len == 0 || l.len + r.len != b.len || l.next != Some(b.right) {
                 continue;
             }
             symbols[left].len += r.len;
             symbols[right].len = 0;
             symbols[left].next = r.next;
             if let Some(n) = r.next {
-                symbols[n].prev = Some(left);
+                symbols[n as usize].prev = Some(left as u32);
             }
             if let Some(p) = symbols[left].prev {
-                queue.extend(candidate(&symbols, p, left));
+                queue.extend(candidate(&symbols, p as usize, left));
             }
             if let Some(n) = symbols[left].next {
-                queue.extend(candidate(&symbols, left, n));
+                queue.extend(candidate(&symbols, left, n as usize));
             }
         }
         let mut at = if symbols.is_empty() { None } else { Some(0) };
         while let Some(i) = at {
             let s = symbols[i];
-            let piece = &text[s.start..s.start + s.len];
+            let piece = &text[s.start as usize..(s.start + s.len) as usize];
             match self.id_of(piece) {
                 Some(id) => out.push(id),
                 // Only single characters are left unmerged without a piece: their bytes.
@@ -275,7 +277,7 @@ impl SentencePiece {
                     }
                 }
             }
-            at = s.next;
+            at = s.next.map(|n| n as usize);
         }
         Ok(())
     }
