@@ -88,7 +88,7 @@ proptest! {
     ) {
         let n = pieces.len();
         let unk = pieces.iter().position(|p| p == "<unk>").map(|i| i as u32);
-        let spm = SentencePiece::new(&pieces, scores, types, unk, space_prefix).unwrap();
+        let spm = SentencePiece::new(&pieces, scores, &types, unk, space_prefix).unwrap();
         let ids = spm.encode(&text).unwrap();
         prop_assert!(ids.iter().all(|&i| (i as usize) < n));
         let back = spm.decode(&ids, false);

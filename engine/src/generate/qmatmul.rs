@@ -105,10 +105,12 @@ impl QKind {
     /// Q5_1, or two rows of 16 8-bit sub-block scales for Q6 and Q3; Q2 adds 16 f16 `dmin`
     /// and two rows of 16 8-bit minimums to those).
     fn tile_block_bytes(self) -> usize {
-        if self == Self::Q2 {
-            return 128 + 128;
-        }
-        self.tile_value_bytes() + if matches!(self, Self::Q4_1 | Self::Q5_1 | Self::Q6 | Self::Q3) { 64 } else { 32 }
+        self.tile_value_bytes()
+            + match self {
+                Self::Q4_0 | Self::Q5_0 | Self::Q8_0 => 32,
+                Self::Q4_1 | Self::Q5_1 | Self::Q6 | Self::Q3 => 64,
+                Self::Q2 => 128,
+            }
     }
 
     /// Whether the kind carries a per-block minimum (`value = d·q + m`).
@@ -379,9 +381,8 @@ impl PackedMatrix {
                     QKind::Q6 => q6_scale(kk) * (q6_value(blk, u, j) as f32 - 32.0),
                     QKind::Q3 => q6_scale(kk) * (q3_value(blk, u, j) as f32 - 4.0),
                     QKind::Q2 => {
-                        let pair = (blk[(u / 4) * 64 + j] >> ((u % 4) * 2)) & 3;
                         let min = f16_at(blk, vb + 64 + lane * 2) * blk[vb + 96 + (kk / 16) * 16 + lane] as f32;
-                        q6_scale(kk) * pair as f32 - min
+                        q6_scale(kk) * pair_value(blk, u, j) as f32 - min
                     }
                 };
                 out[b * QK + kk] = v;
@@ -424,10 +425,15 @@ fn q6_value(blk: &[u8], u: usize, j: usize) -> u8 {
     nib | ((blk[256 + u * 16 + j % 16] >> (2 * (j / 16))) & 3) << 4
 }
 
+/// The low bit pair at byte `j` of group `u` of a Q3 or Q2 tile block (the whole value for
+/// Q2).
+fn pair_value(blk: &[u8], u: usize, j: usize) -> u8 {
+    (blk[(u / 4) * 64 + j] >> ((u % 4) * 2)) & 3
+}
+
 /// The 3-bit value at byte `j` of group `u` of a Q3 tile block.
 fn q3_value(blk: &[u8], u: usize, j: usize) -> u8 {
-    let pair = (blk[(u / 4) * 64 + j] >> ((u % 4) * 2)) & 3;
-    pair | ((blk[128 + j] >> u) & 1) << 2
+    pair_value(blk, u, j) | ((blk[128 + j] >> u) & 1) << 2
 }
 
 /// The 5-bit value at byte `j` of group `u` of a Q5_0 tile block.
@@ -582,7 +588,7 @@ unsafe fn portable_tile(kind: QKind, tile: *const u8, nb: usize, x: &QActs, row:
                     QKind::Q5_0 | QKind::Q5_1 => q5_value(blk, u, j),
                     QKind::Q6 => q6_value(blk, u, j),
                     QKind::Q3 => q3_value(blk, u, j),
-                    QKind::Q2 => (blk[(u / 4) * 64 + j] >> ((u % 4) * 2)) & 3,
+                    QKind::Q2 => pair_value(blk, u, j),
                     _ => (blk[(u / 2) * 64 + j] >> ((u % 2) * 4)) & 0x0F,
                 };
                 s2[kk / 16] += w as i32 * a[kk] as i32;
@@ -788,16 +794,15 @@ mod avx2 {
                 let half = |h: usize| -> __m256i {
                     if KIND == K_Q8_0 {
                         _mm256_loadu_si256(w.add(i * 64 + h * 32) as *const __m256i)
-                    } else if KIND == K_Q2 {
+                    } else if KIND == K_Q2 || KIND == K_Q3 {
                         // Bit pairs: group i at bits 2·(i % 4) of the bytes of vector i / 4.
                         let v = _mm256_loadu_si256(w.add((i / 4) * 64 + h * 32) as *const __m256i);
-                        _mm256_and_si256(_mm256_srl_epi16(v, _mm_cvtsi32_si128(2 * (i % 4) as i32)), three)
-                    } else if KIND == K_Q3 {
-                        // Bit pairs: group i at bits 2·(i % 4) of the bytes of vector i / 4;
-                        // third bits: group i at bit i of the last vector's bytes, shifted to
-                        // bit 2 (16-bit shifts by at most 5 keep a byte's bit 2 its own).
-                        let v = _mm256_loadu_si256(w.add((i / 4) * 64 + h * 32) as *const __m256i);
                         let pair = _mm256_and_si256(_mm256_srl_epi16(v, _mm_cvtsi32_si128(2 * (i % 4) as i32)), three);
+                        if KIND == K_Q2 {
+                            return pair;
+                        }
+                        // Q3's third bits: group i at bit i of the last vector's bytes, shifted
+                        // to bit 2 (16-bit shifts by at most 5 keep a byte's bit 2 its own).
                         let hv = _mm256_loadu_si256(w.add(128 + h * 32) as *const __m256i);
                         let third = if i >= 2 {
                             _mm256_srl_epi16(hv, _mm_cvtsi32_si128(i as i32 - 2))

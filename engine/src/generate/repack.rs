@@ -105,13 +105,22 @@ const Q5_1_BYTES: usize = 24;
 const Q6_BYTES: usize = 36;
 const Q3K_BYTES: usize = 110;
 
-/// Q5_0 (`d`, 32 high bits, 16 bytes of low nibbles) → Q8_0 (`d`, 32 signed bytes).
-fn q5_0_to_q8_0(raw: &[u8]) -> Option<Vec<u8>> {
-    if raw.len() % Q5_0_BYTES != 0 {
+/// `raw` as whole blocks of `block` bytes, each rewritten by `f` (about `out_block` bytes
+/// out); `None` when `raw` is not whole blocks.
+fn blockwise(raw: &[u8], block: usize, out_block: usize, mut f: impl FnMut(&[u8], &mut Vec<u8>)) -> Option<Vec<u8>> {
+    if !raw.len().is_multiple_of(block) {
         return None;
     }
-    let mut out = Vec::with_capacity(raw.len() / Q5_0_BYTES * Q8_0_BYTES);
-    for b in raw.chunks_exact(Q5_0_BYTES) {
+    let mut out = Vec::with_capacity(raw.len() / block * out_block);
+    for b in raw.chunks_exact(block) {
+        f(b, &mut out);
+    }
+    Some(out)
+}
+
+/// Q5_0 (`d`, 32 high bits, 16 bytes of low nibbles) → Q8_0 (`d`, 32 signed bytes).
+fn q5_0_to_q8_0(raw: &[u8]) -> Option<Vec<u8>> {
+    blockwise(raw, Q5_0_BYTES, Q8_0_BYTES, |b, out| {
         out.extend_from_slice(&b[..2]);
         let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
         let qs = &b[6..22];
@@ -123,8 +132,7 @@ fn q5_0_to_q8_0(raw: &[u8]) -> Option<Vec<u8>> {
             vals[j + 16] = ((qs[j] as u32 >> 4) | hi1) as i8 - 16;
         }
         out.extend(vals.iter().map(|&v| v as u8));
-    }
-    Some(out)
+    })
 }
 
 /// The 6-bit scale and minimum of sub-block `j` of a K-quant's 12 packed scale bytes.
@@ -146,21 +154,16 @@ fn with_scale_and_min(
     out_block: usize,
     values: impl Fn(&[u8], usize, &mut Vec<u8>),
 ) -> Option<Vec<u8>> {
-    if raw.len() % block != 0 {
-        return None;
-    }
-    let mut out = Vec::with_capacity(raw.len() / block * 8 * out_block);
-    for b in raw.chunks_exact(block) {
+    blockwise(raw, block, 8 * out_block, |b, out| {
         let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
         let dmin = f16::from_le_bytes([b[2], b[3]]).to_f32();
         for sub in 0..8 {
             let (sc, m) = scale_min_k4(sub, &b[4..16]);
             out.extend_from_slice(&f16::from_f32(d * sc as f32).to_le_bytes());
             out.extend_from_slice(&f16::from_f32(-dmin * m as f32).to_le_bytes());
-            values(b, sub, &mut out);
+            values(b, sub, out);
         }
-    }
-    Some(out)
+    })
 }
 
 /// Q4_K (256 values: `d`, `dmin`, 12 scale bytes, 128 bytes of nibbles) → eight Q4_1 blocks
@@ -199,11 +202,7 @@ fn q5k_to_q5_1(raw: &[u8]) -> Option<Vec<u8>> {
 /// value `d·sc[i / 16]·(q − 32)`) → eight [`QKind::Q6`] blocks (`d`, the two scales, 32
 /// bytes of `q`), the same values exactly.
 fn q6k_to_q6(raw: &[u8]) -> Option<Vec<u8>> {
-    if raw.len() % Q6K_BYTES != 0 {
-        return None;
-    }
-    let mut out = Vec::with_capacity(raw.len() / Q6K_BYTES * 8 * Q6_BYTES);
-    for b in raw.chunks_exact(Q6K_BYTES) {
+    blockwise(raw, Q6K_BYTES, 8 * Q6_BYTES, |b, out| {
         let (ql, qh, scales, d) = (&b[..128], &b[128..192], &b[192..208], &b[208..210]);
         // ggml's order: each half of 128 values takes 64 nibble bytes and 32 bit-pair bytes.
         let mut q = [0u8; 256];
@@ -222,8 +221,7 @@ fn q6k_to_q6(raw: &[u8]) -> Option<Vec<u8>> {
             out.extend_from_slice(&scales[2 * sub..2 * sub + 2]);
             out.extend_from_slice(&q[sub * 32..(sub + 1) * 32]);
         }
-    }
-    Some(out)
+    })
 }
 
 /// Q3_K's sixteen 6-bit scales, unpacked from its 12 bytes as ggml does (the low nibbles of
@@ -254,11 +252,7 @@ fn q3k_scales(packed: &[u8]) -> [i8; 16] {
 /// scales, 32 bytes of `q + offset`): [`QKind::Q3`]'s with `offset` 0, [`QKind::Q6`]'s with
 /// 28 (so that `q6 − 32 = q − 4`). The same values exactly.
 fn q3k_blocks(raw: &[u8], offset: u8) -> Option<Vec<u8>> {
-    if raw.len() % Q3K_BYTES != 0 {
-        return None;
-    }
-    let mut out = Vec::with_capacity(raw.len() / Q3K_BYTES * 8 * Q6_BYTES);
-    for b in raw.chunks_exact(Q3K_BYTES) {
+    blockwise(raw, Q3K_BYTES, 8 * Q6_BYTES, |b, out| {
         let (hmask, qs, d) = (&b[..32], &b[32..96], &b[108..110]);
         let scales = q3k_scales(&b[96..108]);
         // ggml's order: each half of 128 values takes 32 bytes of bit pairs (four shifts of
@@ -275,8 +269,7 @@ fn q3k_blocks(raw: &[u8], offset: u8) -> Option<Vec<u8>> {
             out.extend_from_slice(&[scales[2 * sub] as u8, scales[2 * sub + 1] as u8]);
             out.extend_from_slice(&q[sub * 32..(sub + 1) * 32]);
         }
-    }
-    Some(out)
+    })
 }
 
 const Q2K_BYTES: usize = 84;
@@ -287,20 +280,15 @@ const Q2_BYTES: usize = 40;
 /// blocks (`d`, the two scales, `dmin`, the two minimums, 32 bytes of `q`), the same values
 /// exactly.
 fn q2k_blocks(raw: &[u8]) -> Option<Vec<u8>> {
-    if raw.len() % Q2K_BYTES != 0 {
-        return None;
-    }
-    let mut out = Vec::with_capacity(raw.len() / Q2K_BYTES * 8 * Q2_BYTES);
-    for b in raw.chunks_exact(Q2K_BYTES) {
+    blockwise(raw, Q2K_BYTES, 8 * Q2_BYTES, |b, out| {
         let (scales, qs, d, dmin) = (&b[..16], &b[16..80], &b[80..82], &b[82..84]);
         // ggml's order: each half of 128 values takes 32 bytes of bit pairs, four shifts of
         // 32 values.
-        let q: Vec<u8> = (0..256)
-            .map(|y| {
-                let (half, shift, l) = (y / 128, (y % 128) / 32 * 2, y % 32);
-                (qs[half * 32 + l] >> shift) & 3
-            })
-            .collect();
+        let mut q = [0u8; 256];
+        for (y, v) in q.iter_mut().enumerate() {
+            let (half, shift, l) = (y / 128, (y % 128) / 32 * 2, y % 32);
+            *v = (qs[half * 32 + l] >> shift) & 3;
+        }
         for sub in 0..8 {
             let (a, c) = (scales[2 * sub], scales[2 * sub + 1]);
             out.extend_from_slice(d);
@@ -309,8 +297,7 @@ fn q2k_blocks(raw: &[u8]) -> Option<Vec<u8>> {
             out.extend_from_slice(&[a >> 4, c >> 4]);
             out.extend_from_slice(&q[sub * 32..(sub + 1) * 32]);
         }
-    }
-    Some(out)
+    })
 }
 
 /// f32 values (a multiple of 32) → Q8_0 blocks, as ggml's reference quantizer.

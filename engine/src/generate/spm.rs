@@ -88,7 +88,7 @@ impl SentencePiece {
     pub fn new(
         pieces: &[String],
         scores: Vec<f32>,
-        types: Vec<i32>,
+        types: &[i32],
         unk: Option<u32>,
         space_prefix: bool,
     ) -> Result<Self> {
@@ -112,10 +112,7 @@ impl SentencePiece {
             ends.push(text.len() as u32);
         }
         let hasher = rustc_hash::FxBuildHasher;
-        let piece_of = |i: u32| {
-            let i = i as usize;
-            &text[if i == 0 { 0 } else { ends[i - 1] as usize }..ends[i] as usize]
-        };
+        let piece_of = |i: u32| piece_at(&text, &ends, i as usize);
         let mut index = HashTable::with_capacity(pieces.len());
         for id in 0..pieces.len() as u32 {
             // A piece listed twice resolves to its last id, as in llama.cpp's map.
@@ -171,10 +168,10 @@ impl SentencePiece {
 
     /// The piece of `id` (`▁Paris`, `<0x0A>`); empty past the vocabulary.
     pub fn piece(&self, id: u32) -> &str {
-        let i = id as usize;
-        match self.ends.get(i) {
-            Some(&end) => &self.text[if i == 0 { 0 } else { self.ends[i - 1] as usize }..end as usize],
-            None => "",
+        if (id as usize) < self.len() {
+            piece_at(&self.text, &self.ends, id as usize)
+        } else {
+            ""
         }
     }
 
@@ -329,20 +326,15 @@ impl SentencePiece {
             None => piece.replace('▁', " ").into_bytes(),
         })
     }
+}
 
-    /// Bytes held on the heap, for the load's accounting.
-    pub fn heap_bytes(&self) -> usize {
-        self.text.capacity()
-            + self.ends.capacity() * 4
-            + self.scores.capacity() * 4
-            + self.types.capacity()
-            + self.index.capacity() * (4 + 1)
-            + self.specials.as_ref().map_or(0, |(ac, ids)| ac.memory_usage() + ids.capacity() * 4)
-    }
+/// Piece `i` of the concatenated `text` whose pieces end at `ends` (`i` in range).
+fn piece_at<'a>(text: &'a str, ends: &[u32], i: usize) -> &'a str {
+    &text[if i == 0 { 0 } else { ends[i - 1] as usize }..ends[i] as usize]
 }
 
 /// The byte of a `<0xXX>` piece.
-fn byte_piece(piece: &str) -> Option<u8> {
+pub(crate) fn byte_piece(piece: &str) -> Option<u8> {
     let hex = piece.strip_prefix("<0x")?.strip_suffix('>')?;
     if hex.len() != 2 {
         return None;
@@ -377,7 +369,7 @@ mod tests {
         SentencePiece::new(
             &pieces,
             v.iter().map(|x| x.1).collect(),
-            v.iter().map(|x| x.2).collect(),
+            &v.iter().map(|x| x.2).collect::<Vec<_>>(),
             Some(0),
             space_prefix,
         )
@@ -387,8 +379,7 @@ mod tests {
     #[test]
     fn merges_by_score_then_leftmost() {
         let v = vocab(false);
-        // "bc" (-1.5) beats "ab" (-3): a + bc, and "abc" is not reachable from "a"+"bc"? It is:
-        // a + bc -> abc (-4).
+        // "bc" (-1.5) merges before "ab" (-3), then a + bc -> "abc" (-4).
         assert_eq!(v.encode("abc").unwrap(), vec![12]);
         // "abab": ab + ab (equal scores, the left one first), no "abab" piece.
         assert_eq!(v.encode("abab").unwrap(), vec![10, 10]);
@@ -423,7 +414,7 @@ mod tests {
 
     #[test]
     fn mismatched_arrays_are_refused() {
-        let e = SentencePiece::new(&["a".into()], vec![], vec![1], None, false).unwrap_err();
+        let e = SentencePiece::new(&["a".into()], vec![], &[1], None, false).unwrap_err();
         assert!(e.to_string().contains("1 pieces, 0 scores"), "{e}");
     }
 }

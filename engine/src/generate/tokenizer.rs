@@ -4,12 +4,10 @@
 //! BPE (scores, byte fallback) as llama.cpp runs `llama`-type vocabularies ([`SentencePiece`],
 //! compact). Also the incremental detokenizer used by streaming.
 
-use super::spm::{token_type, SentencePiece};
-
-const CONTROL: i64 = token_type::CONTROL as i64;
-const USER_DEFINED: i64 = token_type::USER_DEFINED as i64;
+use super::spm::{byte_piece, token_type, SentencePiece};
 use crate::error::{EngineError, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
+use std::sync::Arc;
 use tokenizers::decoders::byte_fallback::ByteFallback;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::decoders::fuse::Fuse;
@@ -25,7 +23,6 @@ use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
-use std::sync::Arc;
 use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 
 /// llama.cpp's llama-3 pre-tokenizer regex (`llama-bpe`, `llama3`, `smaug-bpe`).
@@ -66,7 +63,7 @@ impl TextTokenizer {
         let mut tk = match model.as_str() {
             "gpt2" => Self::byte_level_bpe(content, &tokens)?,
             "llama" => {
-                let spm = Self::sentencepiece(content, &tokens, types)?;
+                let spm = Self::sentencepiece(content, &tokens, &types)?;
                 return Ok(Self::with_vocabulary(content, Vocabulary::Spm(spm)));
             }
             other => {
@@ -139,12 +136,11 @@ impl TextTokenizer {
     /// the text when `tokenizer.ggml.add_space_prefix`), the whole text is one sequence, and
     /// adjacent pieces merge while their concatenation is a piece, the highest-scoring result
     /// first; characters no piece covers fall back to `<0xXX>` byte pieces.
-    fn sentencepiece(content: &Content, tokens: &[String], types: Vec<i64>) -> Result<SentencePiece> {
+    fn sentencepiece(content: &Content, tokens: &[String], types: &[i32]) -> Result<SentencePiece> {
         let md = |k: &str| content.metadata.get(k);
         let scores = sentencepiece_scores(content, tokens.len())?;
         let unk = md("tokenizer.ggml.unknown_token_id").and_then(|v| v.to_u32().ok());
         let space_prefix = md("tokenizer.ggml.add_space_prefix").and_then(|v| v.to_bool().ok()).unwrap_or(true);
-        let types = types.into_iter().map(|t| t.clamp(i32::MIN as i64, i32::MAX as i64) as i32).collect();
         SentencePiece::new(tokens, scores, types, unk, space_prefix)
     }
 
@@ -341,13 +337,10 @@ impl TextTokenizer {
                 let piece = tk.id_to_token(id)?;
                 Some(match kind {
                     Some(Kind::ByteLevel) => piece.chars().map(|c| char_to_byte.get(&c).copied()).collect::<Option<_>>()?,
-                    Some(Kind::Pieces) => {
-                        let hex = piece.strip_prefix("<0x").and_then(|h| h.strip_suffix('>'));
-                        match hex.filter(|h| h.len() == 2).and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                            Some(b) => vec![b],
-                            None => piece.replace('▁', " ").into_bytes(),
-                        }
-                    }
+                    Some(Kind::Pieces) => match byte_piece(&piece) {
+                        Some(b) => vec![b],
+                        None => piece.replace('▁', " ").into_bytes(),
+                    },
                     None => piece.into_bytes(),
                 })
             })
@@ -357,13 +350,13 @@ impl TextTokenizer {
 
 /// Control tokens become special added tokens (matched in text, dropped when decoding),
 /// user-defined ones plain added tokens (matched in text, kept).
-fn add_marked_tokens(tk: &mut Tokenizer, tokens: &[String], types: &[i64]) -> Result<()> {
+fn add_marked_tokens(tk: &mut Tokenizer, tokens: &[String], types: &[i32]) -> Result<()> {
     let err = |m: String| EngineError::Tokenizer(m);
     let added: Vec<AddedToken> = tokens
         .iter()
         .zip(types)
-        .filter(|(_, &t)| t == CONTROL || t == USER_DEFINED)
-        .map(|(tok, &t)| AddedToken::from(tok.clone(), t == CONTROL).normalized(false))
+        .filter(|(_, &t)| t == token_type::CONTROL || t == token_type::USER_DEFINED)
+        .map(|(tok, &t)| AddedToken::from(tok.clone(), t == token_type::CONTROL).normalized(false))
         .collect();
     let (specials, plain): (Vec<_>, Vec<_>) = added.into_iter().partition(|a| a.special);
     tk.add_special_tokens(specials).map_err(|e| err(format!("special tokens: {e}")))?;
@@ -372,10 +365,10 @@ fn add_marked_tokens(tk: &mut Tokenizer, tokens: &[String], types: &[i64]) -> Re
 }
 
 /// GGUF token types, one per token (1, normal, where the file has none).
-fn token_types(content: &Content, n: usize) -> Vec<i64> {
+fn token_types(content: &Content, n: usize) -> Vec<i32> {
     match content.metadata.get("tokenizer.ggml.token_type") {
         Some(Value::Array(a)) => {
-            let mut t: Vec<i64> = a.iter().map(|v| v.to_i32().map(i64::from).unwrap_or(1)).collect();
+            let mut t: Vec<i32> = a.iter().map(|v| v.to_i32().unwrap_or(1)).collect();
             t.resize(n, 1);
             t
         }
