@@ -160,8 +160,8 @@ mod tests {
 
     #[test]
     fn local_dir_without_files_is_invalid() {
-        let dir = std::env::temp_dir().join(format!("ragway-empty-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let err =
             resolve_model_dir(dir.to_str().unwrap(), Path::new("models"), SENTENCE_TRANSFORMER_FILES).unwrap_err();
         assert!(matches!(err, EngineError::InvalidModel { .. }), "{err}");

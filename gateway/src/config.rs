@@ -385,8 +385,8 @@ mod tests {
 
     #[test]
     fn flag_beats_file_beats_default() {
-        let dir = std::env::temp_dir().join(format!("ragway-cfg-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let path = dir.join("ragway.toml");
         std::fs::write(&path, "port = 9000\nhost = \"0.0.0.0\"\nembed_queue = 7\n").unwrap();
         let args = ServeArgs { config: Some(path.clone()), port: Some(9100), ..Default::default() };
@@ -399,8 +399,8 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_rejected() {
-        let dir = std::env::temp_dir().join(format!("ragway-cfg-bad-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let path = dir.join("ragway.toml");
         std::fs::write(&path, "prot = 9000\n").unwrap();
         let err = ServeArgs { config: Some(path), ..Default::default() }.resolve().unwrap_err();
@@ -412,8 +412,8 @@ mod tests {
         let readme = include_str!("../../README.md");
         let start = readme.find("# ragway.toml (--config)").expect("README example");
         let toml_text = &readme[start..start + readme[start..].find("```").unwrap()];
-        let dir = std::env::temp_dir().join(format!("ragway-cfg-models-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let path = dir.join("ragway.toml");
         std::fs::write(&path, toml_text).unwrap();
         let s = ServeArgs { config: Some(path), ..Default::default() }.resolve().unwrap();

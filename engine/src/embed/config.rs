@@ -128,29 +128,30 @@ mod tests {
 
     #[test]
     fn reads_cls_pooling_and_no_normalize() {
-        let dir = std::env::temp_dir().join(format!("ragway-stcfg-{}", std::process::id()));
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         write(
-            &dir,
+            dir,
             "modules.json",
             r#"[{"idx":0,"name":"0","path":"","type":"sentence_transformers.models.Transformer"},{"idx":1,"name":"1","path":"1_Pooling","type":"sentence_transformers.models.Pooling"}]"#,
         );
         write(
-            &dir,
+            dir,
             "1_Pooling/config.json",
             r#"{"word_embedding_dimension":8,"pooling_mode_cls_token":true,"pooling_mode_mean_tokens":false}"#,
         );
-        write(&dir, "sentence_bert_config.json", r#"{"max_seq_length":1024}"#);
-        let c = SentenceConfig::load(&dir, 512).unwrap();
+        write(dir, "sentence_bert_config.json", r#"{"max_seq_length":1024}"#);
+        let c = SentenceConfig::load(dir, 512).unwrap();
         assert_eq!(c, SentenceConfig { pooling: Pooling::Cls, normalize: false, max_seq_length: 512 });
-        write(&dir, "1_Pooling/config.json", r#"{"pooling_mode_cls_token":true,"pooling_mode_mean_tokens":true}"#);
-        assert!(SentenceConfig::load(&dir, 512).is_err());
+        write(dir, "1_Pooling/config.json", r#"{"pooling_mode_cls_token":true,"pooling_mode_mean_tokens":true}"#);
+        assert!(SentenceConfig::load(dir, 512).is_err());
     }
 
     #[test]
     fn bare_folder_defaults_to_mean() {
-        let dir = std::env::temp_dir().join(format!("ragway-stcfg-bare-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let c = SentenceConfig::load(&dir, 128).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let c = SentenceConfig::load(dir, 128).unwrap();
         assert_eq!(c, SentenceConfig { pooling: Pooling::Mean, normalize: false, max_seq_length: 128 });
     }
 }

@@ -79,7 +79,8 @@ async fn full_queue_is_refused_at_once() {
 fn load_failure_is_reported_at_spawn() {
     let mut c = config(4);
     c.source = std::env::temp_dir().join("ragway-no-such-model-dir").to_string_lossy().into_owned();
-    c.models_dir = std::env::temp_dir().join("ragway-empty-models");
+    let empty = tempfile::tempdir().unwrap();
+    c.models_dir = empty.path().to_path_buf();
     std::env::set_var("HF_HUB_OFFLINE", "1");
     let err = EmbedWorker::spawn(c).err().expect("missing model must fail");
     assert!(matches!(err, EngineError::ModelNotFound { .. }), "{err}");

@@ -189,7 +189,8 @@ tokens_per_minute = 20
 
 #[test]
 fn official_openai_client_with_keys() {
-    let s = Server::start(&["--api-key", "sk-full", "--api-keys-file", &keys_file_with_slow_key()]);
+    let keys = keys_file_with_slow_key();
+    let s = Server::start(&["--api-key", "sk-full", "--api-keys-file", keys.path().to_str().unwrap()]);
     s.wait_ready();
     let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/openai_auth.py");
     let out = std::process::Command::new(crate::openai_client::python())
@@ -204,10 +205,11 @@ fn official_openai_client_with_keys() {
     assert!(stdout.contains("openai auth client: all checks passed"), "{stdout}");
 }
 
-fn keys_file_with_slow_key() -> String {
-    let path = std::env::temp_dir().join(format!("ragway-keys-{}.toml", std::process::id()));
-    std::fs::write(&path, "[[keys]]\nkey = \"sk-one-a-minute\"\nrequests_per_minute = 1\n").unwrap();
-    path.to_string_lossy().into_owned()
+/// A keys file, removed when the returned handle drops.
+fn keys_file_with_slow_key() -> tempfile::NamedTempFile {
+    let file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    std::fs::write(file.path(), "[[keys]]\nkey = \"sk-one-a-minute\"\nrequests_per_minute = 1\n").unwrap();
+    file
 }
 
 #[test]

@@ -29,7 +29,13 @@ impl Server {
 
     /// Starts the binary with another models directory.
     pub fn start_with_models(models: &std::path::Path, extra: &[&str]) -> Server {
-        let data = std::env::temp_dir().join(format!("ragway-gw-{}-{}", std::process::id(), rand_suffix()));
+        // Under cargo's scratch folder for integration tests: the shared servers live in
+        // statics that never drop, so their folders outlive the run; there they stay out of /tmp.
+        let data = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
+            "ragway-gw-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
         Self::spawn(models, data, false, extra)
     }
 

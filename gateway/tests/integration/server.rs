@@ -64,9 +64,8 @@ fn unknown_route_is_an_openai_error() {
 }
 
 fn exits_with(extra: &[&str], words: &[&str]) {
-    let empty = std::env::temp_dir().join(format!("ragway-empty-models-{}", std::process::id()));
-    std::fs::create_dir_all(&empty).unwrap();
-    let mut s = Server::start_with_models(&empty, extra);
+    let empty = tempfile::tempdir().unwrap();
+    let mut s = Server::start_with_models(empty.path(), extra);
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let status = loop {
         if let Some(st) = s.try_wait() {
@@ -100,7 +99,8 @@ fn missing_model_stops_the_server_with_the_reason() {
 /// Runs `ragway serve` with `extra` and returns its stderr once it has exited on its own
 /// (within a minute) with a failure status.
 fn fails_at_start(extra: &[&str]) -> String {
-    let data = std::env::temp_dir().join(format!("ragway-startfail-{}", std::process::id()));
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ragway"))
         .args(["serve", "--host", "127.0.0.1", "--port", "0", "--data-dir", data.to_str().unwrap()])
         .args(extra)
@@ -142,9 +142,8 @@ fn a_gpu_generation_device_without_cuda_stops_the_server_with_the_reason() {
 
 #[test]
 fn config_file_and_unknown_keys() {
-    let dir = std::env::temp_dir().join(format!("ragway-cfgtest-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let bad = dir.join("bad.toml");
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "port = 1\nnot_a_key = true\n").unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_ragway"))
         .args(["serve", "--config", bad.to_str().unwrap()])
