@@ -5,8 +5,9 @@
 //! Q2_K as its own Q2 tiles (4 bits) and as the Q8_0 requantization before (8.5), side by
 //! side. Decode reads every weight once per token, so the bytes a kind reads decide
 //! its speed: each iteration multiplies the next of 8 copies of the matrix (128 Mi weights,
-//! more than any L3 cache holds), as a decoder steps through its layers. Reported as
-//! weights/s.
+//! more than any L3 cache holds), as a decoder steps through its layers. Then 16 rows at
+//! once (a prefill's shape, where the kernels' arithmetic counts more than the bytes) for
+//! each GGUF type as it is served. Reported as weights/s (weights × rows for the batch).
 //!
 //!     cargo bench -p ragway-benches --bench qmatmul
 
@@ -29,9 +30,15 @@ fn qmatmul(c: &mut Criterion) {
     let mut acts = QActs::default();
     acts.quantize(&x, 1, k);
     let mut out = vec![0f32; n];
+    // A prefill's shape: 16 activation rows share each tile read.
+    let xb: Vec<f32> = (0..BATCH * k).map(|_| next()).collect();
+    let mut batch = QActs::default();
+    batch.quantize(&xb, BATCH, k);
+    let mut out_batch = vec![0f32; BATCH * n];
     let mut group = c.benchmark_group("qmatmul_1x4096x4096");
     group.throughput(Throughput::Elements((n * k) as u64));
     group.sample_size(20);
+    let mut batched = Vec::new();
     let cases = [
         ("q4_0", GgmlDType::Q4_0, None),
         ("q8_0", GgmlDType::Q8_0, None),
@@ -57,9 +64,28 @@ fn qmatmul(c: &mut Criterion) {
                 copies[i].matmul(&acts, &mut out)
             })
         });
+        if dtype != GgmlDType::Q8_0 && (kind == target(dtype).unwrap()) {
+            batched.push((name, copies));
+        }
+    }
+    group.finish();
+    let mut group = c.benchmark_group(format!("qmatmul_{BATCH}x4096x4096"));
+    group.throughput(Throughput::Elements((BATCH * n * k) as u64));
+    group.sample_size(10);
+    for (name, copies) in &batched {
+        let mut i = 0;
+        group.bench_function(*name, |b| {
+            b.iter(|| {
+                i = (i + 1) % copies.len();
+                copies[i].matmul(&batch, &mut out_batch)
+            })
+        });
     }
     group.finish();
 }
+
+/// Activation rows of the batched group.
+const BATCH: usize = 16;
 
 criterion_group!(benches, qmatmul);
 criterion_main!(benches);

@@ -746,7 +746,11 @@ mod avx512 {
 /// the broadcast signed activations and adds pairs to i16, `vpmaddwd` by ones adds those to
 /// i32: four inputs per row per lane, as `vpdpbusd` does in one step. Q4 nibbles (≤ 15)
 /// cannot saturate the i16 sums; Q8_0 weights go through llama.cpp's sign trick
-/// (`|w|` times `a·sign(w)`, at most 2·128·127) and need no offset correction.
+/// (`|w|` times `a·sign(w)`, at most 2·128·127) and need no offset correction. For the
+/// kinds with 16-value sub-block scales (Q6, Q3, Q2) `vpmaddwd` multiplies by each row's
+/// sub-block scale instead of by ones, so a block's two sub-blocks meet in one integer sum
+/// and a row converts one sum to float per block, not two (Q6's pairs reach 2·63·127, its
+/// scaled sums 8·2·16002·128: neither saturates nor overflows).
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::{tile_layout, QActs, K_Q2, K_Q3, K_Q4_1, K_Q5_0, K_Q5_1, K_Q6, K_Q8_0, QK};
@@ -781,15 +785,46 @@ mod avx2 {
         // Q6: half h of a group takes 128-bit lanes 2h and 2h + 1 of its top bits, shifted
         // by 2·lane (see the AVX-512 kernel).
         let q6_shifts = [_mm256_setr_epi64x(0, 0, 2, 2), _mm256_setr_epi64x(4, 4, 6, 6)];
+        // Kinds with a scale per 16-value sub-block multiply it in with `vpmaddwd` (in place
+        // of ones), so one integer sum per row and block carries both sub-blocks.
+        let sub_scaled = KIND == K_Q6 || KIND == K_Q3 || KIND == K_Q2;
+        // A half's scales, permuted so that each 128-bit lane holds its 8 rows' low
+        // sub-block scales (bytes 0-7) then high ones (8-15); 32-bit lane j of 128-bit lane
+        // L is row 4L + j of the half. These masks put a row's scale (or its two) in the
+        // high bytes of the lane's two i16s; an arithmetic shift right by 8 sign-extends.
+        let z = -128i8;
+        let lo_pairs = _mm256_setr_epi8(
+            z, 0, z, 0, z, 1, z, 1, z, 2, z, 2, z, 3, z, 3, z, 4, z, 4, z, 5, z, 5, z, 6, z, 6, z, 7, z, 7,
+        );
+        let hi_pairs = _mm256_setr_epi8(
+            z, 8, z, 8, z, 9, z, 9, z, 10, z, 10, z, 11, z, 11, z, 12, z, 12, z, 13, z, 13, z, 14, z, 14, z, 15, z, 15,
+        );
+        let lo_hi = _mm256_setr_epi8(
+            z, 0, z, 8, z, 1, z, 9, z, 2, z, 10, z, 3, z, 11, z, 4, z, 12, z, 5, z, 13, z, 6, z, 14, z, 7, z, 15,
+        );
+        let halves = |v: __m256i| [_mm256_permute4x64_epi64::<0x88>(v), _mm256_permute4x64_epi64::<0xDD>(v)];
+        let widen = |v: __m256i, mask: __m256i| _mm256_srai_epi16::<8>(_mm256_shuffle_epi8(v, mask));
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
         let k = x.k;
         let xnb = k / QK;
         for b in 0..nb {
             let w = tile.add(b * tbb);
-            // Sums per row: [part][half], part 1 (inputs 16-31) used by Q6 alone.
-            let mut s = [[[_mm256_setzero_si256(); 2]; 2]; R];
+            // `vpmaddwd` multipliers [sub-block][half], and per half each row's two scales
+            // side by side (for the offset and minimum terms).
+            let mut mult = [[ones; 2]; 2];
+            let mut pairs = [_mm256_setzero_si256(); 2];
+            if sub_scaled {
+                let sc = halves(_mm256_loadu_si256(w.add(vb + 32) as *const __m256i));
+                for h in 0..2 {
+                    mult[0][h] = widen(sc[h], lo_pairs);
+                    mult[1][h] = widen(sc[h], hi_pairs);
+                    pairs[h] = widen(sc[h], lo_hi);
+                }
+            }
+            // Sums per row and half.
+            let mut s = [[_mm256_setzero_si256(); 2]; R];
             for i in 0..8 {
-                let part = if KIND == K_Q6 || KIND == K_Q3 || KIND == K_Q2 { i / 4 } else { 0 };
+                let part = if sub_scaled { i / 4 } else { 0 };
                 // Group i: inputs 4i..4i+3 of the 16 rows, as two halves of 8 rows.
                 let half = |h: usize| -> __m256i {
                     if KIND == K_Q8_0 {
@@ -844,7 +879,7 @@ mod avx2 {
                         } else {
                             _mm256_maddubs_epi16(wv[h], a)
                         };
-                        s[part][h] = _mm256_add_epi32(s[part][h], _mm256_madd_epi16(p16, ones));
+                        s[h] = _mm256_add_epi32(s[h], _mm256_madd_epi16(p16, mult[part][h]));
                     }
                 }
             }
@@ -860,36 +895,35 @@ mod avx2 {
             } else {
                 [_mm256_setzero_ps(); 2]
             };
-            if KIND == K_Q6 || KIND == K_Q3 || KIND == K_Q2 {
-                let off = if KIND == K_Q6 {
-                    32
-                } else if KIND == K_Q3 {
-                    4
+            if sub_scaled {
+                // Q2's minimums, as its scales' pairs.
+                let (mins, dmin) = if KIND == K_Q2 {
+                    let m = halves(_mm256_loadu_si256(w.add(vb + 96) as *const __m256i));
+                    let dmin = |h: usize| _mm256_cvtph_ps(_mm_loadu_si128(w.add(vb + 64 + h * 16) as *const __m128i));
+                    ([widen(m[0], lo_hi), widen(m[1], lo_hi)], [dmin(0), dmin(1)])
                 } else {
-                    0
+                    ([_mm256_setzero_si256(); 2], [_mm256_setzero_ps(); 2])
                 };
                 for (r, (acc, s)) in acc.iter_mut().zip(&s).enumerate() {
                     let row = row0 + r;
                     let da = _mm256_set1_ps(*x.d.get_unchecked(row * xnb + b));
                     let sa = *x.s.get_unchecked(row * xnb + b);
                     let sa_lo = *x.s_lo.get_unchecked(row * xnb + b);
+                    // The two sub-blocks' activation sums as i16s (each at most 16·127).
+                    let sa_pair = _mm256_set1_epi32(((sa - sa_lo) << 16) | (sa_lo & 0xFFFF));
                     for h in 0..2 {
-                        let sc = |at: usize| {
-                            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
-                                w.add(at + h * 8) as *const __m128i
-                            )))
+                        // Σ sc·(q − off)·a = Σ sc·q·a − off·(sc_lo·Σa_lo + sc_hi·Σa_hi).
+                        let offsets = _mm256_madd_epi16(pairs[h], sa_pair);
+                        let si = match KIND {
+                            K_Q6 => _mm256_sub_epi32(s[h], _mm256_slli_epi32::<5>(offsets)),
+                            K_Q3 => _mm256_sub_epi32(s[h], _mm256_slli_epi32::<2>(offsets)),
+                            _ => s[h],
                         };
-                        let (lo, hi) = (_mm256_mul_ps(dw[h], sc(vb + 32)), _mm256_mul_ps(dw[h], sc(vb + 48)));
-                        let s0 = _mm256_sub_epi32(s[0][h], _mm256_set1_epi32(off * sa_lo));
-                        let s1 = _mm256_sub_epi32(s[1][h], _mm256_set1_epi32(off * (sa - sa_lo)));
-                        acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_mul_ps(lo, da), acc[h]);
-                        acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), _mm256_mul_ps(hi, da), acc[h]);
+                        acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(si), _mm256_mul_ps(dw[h], da), acc[h]);
                         if KIND == K_Q2 {
                             // − dmin·(m_lo·Σa_lo + m_hi·Σa_hi), times the activations' scale.
-                            let dmin = _mm256_cvtph_ps(_mm_loadu_si128(w.add(vb + 64 + h * 16) as *const __m128i));
-                            let (mlo, mhi) = (_mm256_mul_ps(dmin, sc(vb + 96)), _mm256_mul_ps(dmin, sc(vb + 112)));
-                            acc[h] = _mm256_fnmadd_ps(mlo, _mm256_mul_ps(_mm256_set1_ps(sa_lo as f32), da), acc[h]);
-                            acc[h] = _mm256_fnmadd_ps(mhi, _mm256_mul_ps(_mm256_set1_ps((sa - sa_lo) as f32), da), acc[h]);
+                            let m = _mm256_cvtepi32_ps(_mm256_madd_epi16(mins[h], sa_pair));
+                            acc[h] = _mm256_fnmadd_ps(m, _mm256_mul_ps(dmin[h], da), acc[h]);
                         }
                     }
                 }
@@ -900,7 +934,7 @@ mod avx2 {
                 let da = *x.d.get_unchecked(row * xnb + b);
                 let sa = *x.s.get_unchecked(row * xnb + b);
                 for h in 0..2 {
-                    let mut si = s[0][h];
+                    let mut si = s[h];
                     if KIND == K_Q5_0 {
                         si = _mm256_sub_epi32(si, _mm256_set1_epi32(16 * sa));
                     } else if KIND != K_Q8_0 && KIND != K_Q4_1 && KIND != K_Q5_1 {
@@ -1244,7 +1278,8 @@ mod tests {
     }
 
     /// Each x86 kernel this CPU has (whatever `simd()` picked), on every packed kind and on
-    /// one to five rows at once, against the portable loop.
+    /// one to five rows at once, against the portable loop; random activations, and
+    /// activations that all quantize to ±127 (no integer sum may overflow or saturate).
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn every_x86_kernel_the_cpu_has_matches_the_portable_one() {
@@ -1265,11 +1300,13 @@ mod tests {
             let (n, k) = (32, 512);
             let mut seed = 99u64;
             let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut seed)).collect();
-            let x: Vec<f32> = (0..5 * k).map(|_| lcg(&mut seed) * 2.0).collect();
+            let random: Vec<f32> = (0..5 * k).map(|_| lcg(&mut seed) * 2.0).collect();
+            // Every activation at ±127 after quantization: the integer sums at their largest.
+            let extreme: Vec<f32> = (0..5 * k).map(|i| if i % 3 == 0 { -1.0 } else { 1.0 }).collect();
             let q = QTensor::quantize(&Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap(), dtype).unwrap();
             let packed = pack(&q, dtype, n, k);
             let kind = packed.kind;
-            for rows in 1..=5 {
+            for (x, rows) in [&random, &extreme].into_iter().flat_map(|x| (1..=5).map(move |r| (x, r))) {
                 let mut acts = QActs::default();
                 acts.quantize(&x[..rows * k], rows, k);
                 let run = |with: Simd| {
