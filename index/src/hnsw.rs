@@ -1488,6 +1488,14 @@ impl Graph {
                     }
                     lists.push(AtomicU32::new(x));
                 }
+                // A walk at layer l reads the lists at l of the points it reaches: each must
+                // have one (slots past a list's count may be stale, and are never read).
+                for (l, list) in lists.chunks_exact(m + 1).enumerate() {
+                    let count = list[0].load(Ordering::Relaxed) as usize;
+                    if list[1..=count].iter().any(|x| (levels[x.load(Ordering::Relaxed) as usize] as usize) < l + 1) {
+                        return Err(bad("a link above layer 0 names a point below that layer"));
+                    }
+                }
                 let _ = g.upper[i].set(lists.into_boxed_slice());
             }
         }
@@ -2068,6 +2076,59 @@ mod tests {
         assert_eq!(again.free_len(), loaded.free_len());
         for q in &queries {
             assert_eq!(loaded.search(q, 10, 50, &|_| true), again.search(q, 10, 50, &|_| true));
+        }
+    }
+
+    mod damaged {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// A saved int8 graph with free slots, its bytes, and where the structure's checksum
+        /// sits (found, not assumed: the one position whose preceding bytes hash to it).
+        fn sample(dir: &Path) -> (std::path::PathBuf, Vec<u8>, usize) {
+            let data = vectors(120, 8, 21);
+            let mut g = graph_of(&data, Distance::Cosine, 4, 24, Quantization::Int8);
+            g.mark_deleted(&[3, 50, 77]);
+            g.repair(0..g.len());
+            g.free_deleted();
+            let path = dir.join("g.hnsw");
+            g.save(&path, 7).unwrap();
+            let bytes = std::fs::read(&path).unwrap();
+            let crc_at = (8..bytes.len() - 4)
+                .find(|&p| crc32fast::hash(&bytes[..p]).to_le_bytes()[..] == bytes[p..p + 4])
+                .expect("the structure's checksum");
+            (path, bytes, crc_at)
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(300))]
+            /// A graph file damaged under a valid checksum (a buggy writer, not a disk: that
+            /// the checksum catches) is refused, or opens into a graph that searches, takes
+            /// inserts and checks its vectors without a panic.
+            #[test]
+            fn damaged_graph_files_never_panic(flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
+                                               cut in any::<prop::sample::Index>()) {
+                let dir = tempfile::tempdir().unwrap();
+                let (path, bytes, crc_at) = sample(dir.path());
+                let mut b = bytes.clone();
+                for (at, x) in &flips {
+                    b[8 + at.index(crc_at - 8)] ^= x | 1;
+                }
+                let crc = crc32fast::hash(&b[..crc_at]);
+                b[crc_at..crc_at + 4].copy_from_slice(&crc.to_le_bytes());
+                std::fs::write(&path, &b).unwrap();
+                if let Ok((g, _)) = Graph::load(&path, 4) {
+                    for q in vectors(5, 8, 22) {
+                        let found = g.search(&q, 10, 32, &|_| true);
+                        prop_assert!(found.len() <= 10);
+                    }
+                    g.insert(&vectors(1, 8, 23)[0], 1000);
+                    let _ = g.verify_vectors();
+                }
+                let cut = cut.index(bytes.len());
+                std::fs::write(&path, &bytes[..cut]).unwrap();
+                prop_assert!(Graph::load(&path, 0).is_err());
+            }
         }
     }
 }
