@@ -30,7 +30,7 @@ pub const MAX_TOP_K: usize = 1000;
 /// Longest query text.
 pub const MAX_QUERY_BYTES: usize = 64 << 10;
 /// Most candidates one search may ask each half for.
-pub const MAX_CANDIDATES: usize = 10_000;
+pub const MAX_CANDIDATES: usize = crate::hnsw::MAX_EF;
 
 /// Longest document id accepted.
 pub const MAX_ID_BYTES: usize = 512;
@@ -523,7 +523,8 @@ impl Collection {
                 Some(v)
             }
         };
-        let ef = req.ef.unwrap_or(self.settings.hnsw.ef).max(candidates);
+        // (A collection created before the API bounded `hnsw.ef` may carry a larger one.)
+        let ef = req.ef.unwrap_or(self.settings.hnsw.ef).min(crate::hnsw::MAX_EF).max(candidates);
         let view = self.store.view(req.filter.as_ref())?;
         // The keyword half first: with a filter it has the store build the matching set,
         // which the dense half then uses too.

@@ -105,6 +105,9 @@ const FORMAT_VERSION: u64 = 3;
 const VECTORS_ALIGN: u64 = 64;
 /// Highest layer a point may get (the level draw is capped here).
 const MAX_LEVEL: usize = 16;
+/// Largest `ef` (a search's breadth) and `ef_construction` (an insert's): the candidate
+/// heaps are sized by them.
+pub const MAX_EF: usize = 10_000;
 /// A full neighbor list re-selected by a back-link keeps `1 / LINK_SLACK` of its slots free
 /// (see [`Graph::link_back`]).
 const LINK_SLACK: usize = 4;
@@ -385,7 +388,8 @@ impl Graph {
             dim,
             m,
             m0,
-            ef_construction: params.ef_construction.max(m),
+            // Collections created before the API bounded it may carry a larger one.
+            ef_construction: params.ef_construction.clamp(m, MAX_EF),
             metric: Metric(distance),
             level_mult: 1.0 / (m as f64).ln(),
             capacity,
@@ -1395,6 +1399,7 @@ impl Graph {
             || m0 != 2 * m
             || n > u32::MAX as u64
             || max_level > MAX_LEVEL as u64
+            || !(1..=MAX_EF as u64).contains(&efc)
         {
             return Err(bad("implausible header"));
         }
@@ -2098,6 +2103,22 @@ mod tests {
                 .find(|&p| crc32fast::hash(&bytes[..p]).to_le_bytes()[..] == bytes[p..p + 4])
                 .expect("the structure's checksum");
             (path, bytes, crc_at)
+        }
+
+        /// Header fields that size work (here `ef_construction`, the insert's heaps) are
+        /// bounded on open, whatever the checksum says.
+        #[test]
+        fn an_implausible_ef_construction_is_refused() {
+            let dir = tempfile::tempdir().unwrap();
+            let (path, mut b, crc_at) = sample(dir.path());
+            // The header's u64s after the magic: version, dim, m, m0, ef_construction, ...
+            assert_eq!(u64::from_le_bytes(b[40..48].try_into().unwrap()), 24);
+            b[40..48].copy_from_slice(&(1u64 << 50).to_le_bytes());
+            let crc = crc32fast::hash(&b[..crc_at]);
+            b[crc_at..crc_at + 4].copy_from_slice(&crc.to_le_bytes());
+            std::fs::write(&path, &b).unwrap();
+            let err = Graph::load(&path, 4).err().expect("refused");
+            assert!(err.to_string().contains("implausible header"), "{err}");
         }
 
         proptest! {

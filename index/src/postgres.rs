@@ -385,6 +385,16 @@ impl PgStore {
                 ),
             ));
         }
+        // pgvector's own bounds on its HNSW index, said before any DDL runs.
+        let (m, efc) = (settings.hnsw.m, settings.hnsw.ef_construction);
+        if !(2..=100).contains(&m) || !(4..=1000).contains(&efc) || efc < 2 * m {
+            return Err(IndexError::invalid(
+                "hnsw",
+                format!(
+                    "collections in PostgreSQL take hnsw.m from 2 to 100 and hnsw.ef_construction from 4 to 1000 and at least 2·m (pgvector's limits), not m {m} and ef_construction {efc}"
+                ),
+            ));
+        }
         let prefix = prefix_of(&settings.name);
         let store = PgStore::with_prefix(db, settings, &prefix);
         let (ops, dim, vt) = (store.ops_class(), store.settings.dimension, store.vector_type());

@@ -216,8 +216,12 @@ impl IndexService {
         if hnsw.m < 2 || hnsw.m > 128 {
             return Err(IndexError::invalid("hnsw.m", "hnsw.m must be between 2 and 128"));
         }
-        if hnsw.ef_construction == 0 || hnsw.ef == 0 {
-            return Err(IndexError::invalid("hnsw", "hnsw.ef_construction and hnsw.ef must be at least 1"));
+        // Every insert and search sizes its candidate heaps by these: bounded like a
+        // search's own `ef`.
+        for (name, ef) in [("hnsw.ef_construction", hnsw.ef_construction), ("hnsw.ef", hnsw.ef)] {
+            if ef == 0 || ef > crate::hnsw::MAX_EF {
+                return Err(IndexError::invalid(name, format!("{name} must be between 1 and {}", crate::hnsw::MAX_EF)));
+            }
         }
         let chunking = req.chunking.unwrap_or_default();
         if chunking.max_tokens == Some(0) {

@@ -48,6 +48,10 @@ fn collections_documents_and_search() {
     assert_eq!(assert_openai_error(status, &body, 400)["param"], "name");
     let (status, body) = s.post("/v1/collections", &json!({"name": "x", "hnsw": {"mm": 3}}));
     assert_openai_error(status, &body, 400);
+    // Every insert would size its heaps by it: bounded, not an allocation that aborts.
+    let huge = json!({"name": "x", "hnsw": {"m": 16, "ef_construction": 1u64 << 60, "ef": 64}});
+    let (status, body) = s.post("/v1/collections", &huge);
+    assert_eq!(assert_openai_error(status, &body, 400)["param"], "hnsw.ef_construction");
 
     let docs = json!({"documents": [
         {"id": "cats", "text": "The domestic cat is a small carnivorous mammal that purrs and hunts mice.", "metadata": {"year": 2001, "tags": ["animal"]}},

@@ -251,6 +251,14 @@ fn a_collection_of_a_newer_schema_is_refused_with_a_clear_error() {
     let db = PgDatabase::connect(&PgOptions::new(pg.url())).unwrap();
     PgStore::create(db.clone(), own_settings("newer")).unwrap();
     assert!(matches!(PgStore::create(db.clone(), own_settings("newer")), Err(IndexError::CollectionExists(_))));
+    // Graph settings beyond pgvector's bounds are a clear invalid request, before any DDL.
+    let mut wide = own_settings("wide");
+    wide.hnsw.ef_construction = 5000;
+    match PgStore::create(db.clone(), wide) {
+        Err(e @ IndexError::InvalidRequest { .. }) => assert!(e.to_string().contains("pgvector's limits"), "{e}"),
+        other => panic!("created with ef_construction 5000: {:?}", other.map(|_| ())),
+    }
+    assert!(matches!(PgStore::open(db.clone(), "wide"), Err(IndexError::CollectionNotFound(_))));
     let mut client = postgres::Client::connect(&pg.url(), postgres::NoTls).unwrap();
     client.execute("UPDATE ragway_collections SET schema_version = 99 WHERE name = 'newer'", &[]).unwrap();
     match PgStore::open(db.clone(), "newer") {
