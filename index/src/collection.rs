@@ -523,8 +523,7 @@ impl Collection {
                 Some(v)
             }
         };
-        // (A collection created before the API bounded `hnsw.ef` may carry a larger one.)
-        let ef = req.ef.unwrap_or(self.settings.hnsw.ef).min(crate::hnsw::MAX_EF).max(candidates);
+        let ef = req.ef.unwrap_or(self.settings.hnsw.ef).max(candidates);
         let view = self.store.view(req.filter.as_ref())?;
         // The keyword half first: with a filter it has the store build the matching set,
         // which the dense half then uses too.

@@ -105,6 +105,8 @@ const FORMAT_VERSION: u64 = 3;
 const VECTORS_ALIGN: u64 = 64;
 /// Highest layer a point may get (the level draw is capped here).
 const MAX_LEVEL: usize = 16;
+/// Smallest and largest `m` (links per point and layer; twice as many on layer 0).
+pub const M_RANGE: std::ops::RangeInclusive<usize> = 2..=128;
 /// Largest `ef` (a search's breadth) and `ef_construction` (an insert's): the candidate
 /// heaps are sized by them.
 pub const MAX_EF: usize = 10_000;
@@ -1189,7 +1191,10 @@ impl Graph {
         let mut visited = self.visited();
         // Deleted points guide the walk but are never returned.
         let keep = |id: u32| !self.is_gone(id) && keep(id);
-        let found = self.search_layer::<CODES>(&p, &[(cur, cur_d)], ef.max(k), 0, &mut visited, &keep, ahead);
+        // `ef` sizes the walk's heaps: at most MAX_EF (a collection created before the API
+        // bounded `hnsw.ef` may carry a larger one), never fewer than the results asked for.
+        let ef = ef.min(MAX_EF).max(k);
+        let found = self.search_layer::<CODES>(&p, &[(cur, cur_d)], ef, 0, &mut visited, &keep, ahead);
         self.give_back(visited);
         let mut found = found.into_vec();
         if mapped {
@@ -1395,7 +1400,7 @@ impl Graph {
         };
         if dim == 0
             || dim > 1 << 16
-            || !(2..=128).contains(&m)
+            || !usize::try_from(m).is_ok_and(|m| M_RANGE.contains(&m))
             || m0 != 2 * m
             || n > u32::MAX as u64
             || max_level > MAX_LEVEL as u64

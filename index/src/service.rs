@@ -213,8 +213,10 @@ impl IndexService {
             (Some(e), _) => e.dim(),
         };
         let hnsw = req.hnsw.unwrap_or_default();
-        if hnsw.m < 2 || hnsw.m > 128 {
-            return Err(IndexError::invalid("hnsw.m", "hnsw.m must be between 2 and 128"));
+        let m_range = crate::hnsw::M_RANGE;
+        if !m_range.contains(&hnsw.m) {
+            let (lo, hi) = (m_range.start(), m_range.end());
+            return Err(IndexError::invalid("hnsw.m", format!("hnsw.m must be between {lo} and {hi}")));
         }
         // Every insert and search sizes its candidate heaps by these: bounded like a
         // search's own `ef`.
