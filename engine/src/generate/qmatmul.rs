@@ -1,6 +1,7 @@
 //! Quantized matrix products for the decoder: `out[rows, n] = x[rows, k] · Wᵀ` with `W` in
-//! GGUF's Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q6_K or Q3_K (see [`QKind`]) and `x` quantized on the fly to 8
-//! bits per 32-value block (as llama.cpp does), so the inner loop is an integer dot product.
+//! GGUF's Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q6_K, Q3_K or Q2_K (see [`QKind`]) and `x` quantized
+//! on the fly to 8 bits per 32-value block (as llama.cpp does), so the inner loop is an
+//! integer dot product.
 //!
 //! At load each weight is repacked into *tiles* of 16 output rows: for every block of 32
 //! inputs a tile stores the 16 rows' values interleaved four at a time (one 64-byte vector

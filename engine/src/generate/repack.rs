@@ -104,6 +104,8 @@ const Q5K_BYTES: usize = 176;
 const Q5_1_BYTES: usize = 24;
 const Q6_BYTES: usize = 36;
 const Q3K_BYTES: usize = 110;
+const Q2K_BYTES: usize = 84;
+const Q2_BYTES: usize = 40;
 
 /// `raw` as whole blocks of `block` bytes, each rewritten by `f` (about `out_block` bytes
 /// out); `None` when `raw` is not whole blocks.
@@ -247,6 +249,13 @@ fn q3k_scales(packed: &[u8]) -> [i8; 16] {
     out
 }
 
+/// The low bit pair of value `y` of a Q3_K or Q2_K super-block from its 64 bytes of pairs,
+/// in ggml's order: each half of 128 values takes 32 bytes, four shifts of 32 values.
+fn k_bit_pair(qs: &[u8], y: usize) -> u8 {
+    let (half, shift, l) = (y / 128, (y % 128) / 32 * 2, y % 32);
+    (qs[half * 32 + l] >> shift) & 3
+}
+
 /// Q3_K (256 values: 32 bytes of high bits, 64 bytes of bit pairs, 12 bytes of scales, `d`;
 /// value `d·(sc[i / 16] − 32)·(q − 4)`, `q` in 0..8) → eight 36-byte blocks (`d`, the two
 /// scales, 32 bytes of `q + offset`): [`QKind::Q3`]'s with `offset` 0, [`QKind::Q6`]'s with
@@ -255,14 +264,11 @@ fn q3k_blocks(raw: &[u8], offset: u8) -> Option<Vec<u8>> {
     blockwise(raw, Q3K_BYTES, 8 * Q6_BYTES, |b, out| {
         let (hmask, qs, d) = (&b[..32], &b[32..96], &b[108..110]);
         let scales = q3k_scales(&b[96..108]);
-        // ggml's order: each half of 128 values takes 32 bytes of bit pairs (four shifts of
-        // 32 values) and, for value `y`, bit `y / 32` of high-bit byte `y % 32`.
+        // The third bit of value `y`: bit `y / 32` of high-bit byte `y % 32`.
         let mut q = [0u8; 256];
         for (y, v) in q.iter_mut().enumerate() {
-            let (half, shift, l) = (y / 128, (y % 128) / 32 * 2, y % 32);
-            let low = (qs[half * 32 + l] >> shift) & 3;
-            let high = (hmask[l] >> (y / 32)) & 1;
-            *v = low + 4 * high + offset;
+            let high = (hmask[y % 32] >> (y / 32)) & 1;
+            *v = k_bit_pair(qs, y) + 4 * high + offset;
         }
         for sub in 0..8 {
             out.extend_from_slice(d);
@@ -272,9 +278,6 @@ fn q3k_blocks(raw: &[u8], offset: u8) -> Option<Vec<u8>> {
     })
 }
 
-const Q2K_BYTES: usize = 84;
-const Q2_BYTES: usize = 40;
-
 /// Q2_K (256 values: 16 bytes of 4-bit scale and minimum pairs, 64 bytes of bit pairs, `d`,
 /// `dmin`; value `d·sc[i / 16]·q − dmin·m[i / 16]`, `q` in 0..4) → eight [`QKind::Q2`]
 /// blocks (`d`, the two scales, `dmin`, the two minimums, 32 bytes of `q`), the same values
@@ -282,12 +285,9 @@ const Q2_BYTES: usize = 40;
 fn q2k_blocks(raw: &[u8]) -> Option<Vec<u8>> {
     blockwise(raw, Q2K_BYTES, 8 * Q2_BYTES, |b, out| {
         let (scales, qs, d, dmin) = (&b[..16], &b[16..80], &b[80..82], &b[82..84]);
-        // ggml's order: each half of 128 values takes 32 bytes of bit pairs, four shifts of
-        // 32 values.
         let mut q = [0u8; 256];
         for (y, v) in q.iter_mut().enumerate() {
-            let (half, shift, l) = (y / 128, (y % 128) / 32 * 2, y % 32);
-            *v = (qs[half * 32 + l] >> shift) & 3;
+            *v = k_bit_pair(qs, y);
         }
         for sub in 0..8 {
             let (a, c) = (scales[2 * sub], scales[2 * sub + 1]);
