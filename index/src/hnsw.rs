@@ -2110,6 +2110,12 @@ mod tests {
             (path, bytes, crc_at)
         }
 
+        /// The structure's checksum at `crc_at`, recomputed over the (damaged) bytes before it.
+        fn reseal(b: &mut [u8], crc_at: usize) {
+            let crc = crc32fast::hash(&b[..crc_at]);
+            b[crc_at..crc_at + 4].copy_from_slice(&crc.to_le_bytes());
+        }
+
         /// Header fields that size work (here `ef_construction`, the insert's heaps) are
         /// bounded on open, whatever the checksum says.
         #[test]
@@ -2119,8 +2125,7 @@ mod tests {
             // The header's u64s after the magic: version, dim, m, m0, ef_construction, ...
             assert_eq!(u64::from_le_bytes(b[40..48].try_into().unwrap()), 24);
             b[40..48].copy_from_slice(&(1u64 << 50).to_le_bytes());
-            let crc = crc32fast::hash(&b[..crc_at]);
-            b[crc_at..crc_at + 4].copy_from_slice(&crc.to_le_bytes());
+            reseal(&mut b, crc_at);
             std::fs::write(&path, &b).unwrap();
             let err = Graph::load(&path, 4).err().expect("refused");
             assert!(err.to_string().contains("implausible header"), "{err}");
@@ -2140,8 +2145,7 @@ mod tests {
                 for (at, x) in &flips {
                     b[8 + at.index(crc_at - 8)] ^= x | 1;
                 }
-                let crc = crc32fast::hash(&b[..crc_at]);
-                b[crc_at..crc_at + 4].copy_from_slice(&crc.to_le_bytes());
+                reseal(&mut b, crc_at);
                 std::fs::write(&path, &b).unwrap();
                 if let Ok((g, _)) = Graph::load(&path, 4) {
                     for q in vectors(5, 8, 22) {
