@@ -6,6 +6,11 @@
 //! - `convex`: min-max normalize each source's scores over its own result list to [0, 1]
 //!   (a list of one, or of equal scores, normalizes to 1), then
 //!   `score = w_dense · dense + w_keyword · keyword`, an absent source contributing 0.
+//! - `dbsf` (distribution-based score fusion, as Qdrant defines it): like `convex`, but each
+//!   source's scores are scaled between `mean − 3σ` and `mean + 3σ` of its own list (σ the
+//!   sample standard deviation) instead of its minimum and maximum, so neither one outlying
+//!   top score nor the depth of the candidate list sets the scale. A list of one, or of
+//!   equal scores, scales to 0.5. Scores are not clamped: one far above the rest exceeds 1.
 //!
 //! Ties are broken by the smaller id, so results are deterministic.
 
@@ -19,6 +24,7 @@ pub enum FusionMethod {
     Rrf,
     #[default]
     Convex,
+    Dbsf,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -60,7 +66,7 @@ pub struct Fused {
 pub fn fuse(params: &FusionParams, dense: &[(u64, f32)], keyword: &[(u64, f32)]) -> Vec<Fused> {
     let mut items: HashMap<u64, Fused> = HashMap::with_capacity(dense.len() + keyword.len());
     let mut add = |list: &[(u64, f32)], is_dense: bool| {
-        let (lo, hi) = list.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), x| (lo.min(x.1), hi.max(x.1)));
+        let scale = Scale::of(params.method, list);
         let weight = if is_dense { params.dense_weight } else { params.keyword_weight };
         for (i, &(id, score)) in list.iter().enumerate() {
             let hit = SourceHit { rank: i + 1, score };
@@ -73,13 +79,7 @@ pub fn fuse(params: &FusionParams, dense: &[(u64, f32)], keyword: &[(u64, f32)])
             entry.score += weight
                 * match params.method {
                     FusionMethod::Rrf => 1.0 / (params.rrf_k + hit.rank as f32),
-                    FusionMethod::Convex => {
-                        if hi > lo {
-                            (score - lo) / (hi - lo)
-                        } else {
-                            1.0
-                        }
-                    }
+                    FusionMethod::Convex | FusionMethod::Dbsf => scale.apply(score),
                 };
         }
     };
@@ -88,6 +88,45 @@ pub fn fuse(params: &FusionParams, dense: &[(u64, f32)], keyword: &[(u64, f32)])
     let mut out: Vec<Fused> = items.into_values().collect();
     out.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.id.cmp(&b.id)));
     out
+}
+
+/// How one source's raw scores map onto a common scale: `(score − lo) / (hi − lo)`, or
+/// `flat` when the list gives no spread.
+struct Scale {
+    lo: f32,
+    hi: f32,
+    flat: f32,
+}
+
+impl Scale {
+    fn of(method: FusionMethod, list: &[(u64, f32)]) -> Self {
+        match method {
+            FusionMethod::Dbsf => {
+                if list.len() < 2 {
+                    return Self { lo: 0.0, hi: 0.0, flat: 0.5 };
+                }
+                // In f64: BM25 scores can be large and the lists long.
+                let n = list.len() as f64;
+                let mean = list.iter().map(|x| x.1 as f64).sum::<f64>() / n;
+                let var = list.iter().map(|x| (x.1 as f64 - mean).powi(2)).sum::<f64>() / (n - 1.0);
+                let three_sigma = 3.0 * var.sqrt();
+                Self { lo: (mean - three_sigma) as f32, hi: (mean + three_sigma) as f32, flat: 0.5 }
+            }
+            _ => {
+                let (lo, hi) =
+                    list.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), x| (lo.min(x.1), hi.max(x.1)));
+                Self { lo, hi, flat: 1.0 }
+            }
+        }
+    }
+
+    fn apply(&self, score: f32) -> f32 {
+        if self.hi > self.lo {
+            (score - self.lo) / (self.hi - self.lo)
+        } else {
+            self.flat
+        }
+    }
 }
 
 #[cfg(test)]
@@ -121,5 +160,28 @@ mod tests {
         let dense_only = FusionParams { method: FusionMethod::Rrf, dense_weight: 1.0, keyword_weight: 0.0, ..Default::default() };
         let out = fuse(&dense_only, &[(5, 0.1), (4, 0.05)], &[(4, 9.0)]);
         assert_eq!(out[0].id, 5);
+    }
+
+    #[test]
+    fn dbsf_by_hand() {
+        let p =
+            FusionParams { method: FusionMethod::Dbsf, dense_weight: 1.0, keyword_weight: 2.0, ..Default::default() };
+        // Dense 0.9, 0.6, 0.3: mean 0.6, sample σ 0.3, so the scale runs from −0.3 to 1.5.
+        // Keyword 10, 2: mean 6, sample σ √32, so the scale is 6 ± 3√32.
+        let out = fuse(&p, &[(1, 0.9), (2, 0.6), (3, 0.3)], &[(3, 10.0), (4, 2.0)]);
+        let by_id = |id| out.iter().find(|f| f.id == id).unwrap().score;
+        let kw = |s: f32| (s - (6.0 - 3.0 * 32f32.sqrt())) / (6.0 * 32f32.sqrt());
+        assert!((by_id(1) - 1.2 / 1.8).abs() < 1e-6, "{}", by_id(1));
+        assert!((by_id(2) - 0.5).abs() < 1e-6);
+        assert!((by_id(3) - (0.6 / 1.8 + 2.0 * kw(10.0))).abs() < 1e-6, "{}", by_id(3));
+        assert!((by_id(4) - 2.0 * kw(2.0)).abs() < 1e-6);
+        assert_eq!(out.iter().map(|f| f.id).collect::<Vec<_>>(), vec![3, 4, 1, 2]);
+        // One score, or equal scores, scale to 0.5 (min-max gives 1).
+        let out = fuse(&p, &[(7, 0.4)], &[(8, 3.0), (9, 3.0)]);
+        assert_eq!(out.iter().map(|f| (f.id, f.score)).collect::<Vec<_>>(), vec![(8, 1.0), (9, 1.0), (7, 0.5)]);
+        let convex = FusionParams { method: FusionMethod::Convex, ..p };
+        assert_eq!(fuse(&convex, &[(7, 0.4)], &[])[0].score, 1.0);
+        // The method's name in the API.
+        assert_eq!(serde_json::from_str::<FusionMethod>("\"dbsf\"").unwrap(), FusionMethod::Dbsf);
     }
 }

@@ -82,6 +82,10 @@ fn collections_documents_and_search() {
     let results = r["results"].as_array().unwrap();
     assert_eq!(results.len(), 1, "{r}");
     assert_eq!(results[0]["document_id"], "path/with/slash");
+    let (status, r) =
+        s.post("/v1/collections/api-docs/search", &json!({"query": "kerosene", "fusion": {"method": "dbsf"}}));
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["results"][0]["document_id"], "rocket", "{r}");
 
     // Bad search input: OpenAI-shaped 400s that name the parameter.
     let (status, body) =

@@ -103,6 +103,21 @@ fn search_modes_upserts_and_deletes(backend: Backend) {
     };
     let hits = c.search(&rrf).unwrap().results;
     assert!((hits[0].score - 2.0 / 61.0).abs() < 1e-6, "RRF k=60 score {}", hits[0].score);
+    // DBSF: the top of each list lies above its list's mean, so each half gives more than
+    // 0.5; and below mean + 3σ (in a list of n < 10 no score is 3σ out), so less than 1,
+    // where min-max would give exactly 1.
+    let dbsf = SearchRequest {
+        fusion: Some(ragway_index::fusion::FusionParams {
+            method: ragway_index::fusion::FusionMethod::Dbsf,
+            rrf_k: 60.0,
+            dense_weight: 0.5,
+            keyword_weight: 0.5,
+        }),
+        ..rrf
+    };
+    let hits = c.search(&dbsf).unwrap().results;
+    assert_eq!(hits[0].document_id, "volcano");
+    assert!(hits[0].score > 0.5 && hits[0].score < 1.0, "DBSF score {}", hits[0].score);
 
     // A filter applies to both halves and returns every match when fewer than top_k exist.
     let hits = search(&c, "rocket", SearchMode::Hybrid, 10, Some(json!({"key": "year", "gte": 2003})));
