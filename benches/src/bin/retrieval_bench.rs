@@ -71,6 +71,9 @@ struct Args {
     /// a large one approaches exact search, to tell the graph's misses from the ranking's.
     #[arg(long)]
     ef: Option<usize>,
+    /// Candidates each half hands to fusion.
+    #[arg(long, default_value_t = 300)]
+    candidates: usize,
 }
 
 fn rss_bytes() -> u64 {
@@ -120,6 +123,7 @@ fn main() -> anyhow::Result<()> {
         queries.iter().map(|(_, q)| embedder.embed_query(q)).collect::<Result<_, _>>()?;
     eprintln!("[retrieval-bench] queries embedded in {:.1}s", t0.elapsed().as_secs_f64());
 
+    let breadth = Breadth { ef: args.ef, candidates: args.candidates };
     let mut report = Vec::new();
     for budget in args.max_tokens.split(',') {
         let max_tokens = if budget == "default" { None } else { Some(budget.parse::<usize>()?) };
@@ -138,7 +142,7 @@ fn main() -> anyhow::Result<()> {
             let mut rows = Vec::new();
             for (name, mode, fusion, title_boost) in configs(only) {
                 let t = Instant::now();
-                let run = run_queries(c, &queries, &query_vectors, mode, fusion, title_boost, args.ef)?;
+                let run = run_queries(c, &queries, &query_vectors, mode, fusion, title_boost, breadth)?;
                 let qps = queries.len() as f64 / t.elapsed().as_secs_f64();
                 let (ndcg, recall, n) = mean_ndcg_recall(&qrels, &run, 10, 100);
                 println!("{label:<20} {name:<34} nDCG@10 {ndcg:.4}  recall@100 {recall:.4}  ({n} queries, {qps:.0}/s)");
@@ -224,8 +228,19 @@ fn all_configs() -> Vec<Config> {
         for d in [0.4, 0.5, 0.6] {
             out.push((format!("convex(dense={d},title_boost={tb})"), SearchMode::Hybrid, Some(convex(d)), Some(tb)));
         }
+        for d in [0.4, 0.5, 0.6] {
+            let dbsf = FusionParams { method: FusionMethod::Dbsf, ..convex(d) };
+            out.push((format!("dbsf(dense={d},title_boost={tb})"), SearchMode::Hybrid, Some(dbsf), Some(tb)));
+        }
     }
     out
+}
+
+/// How wide each search looks: the dense walk's breadth and each half's candidates.
+#[derive(Clone, Copy)]
+struct Breadth {
+    ef: Option<usize>,
+    candidates: usize,
 }
 
 fn run_queries(
@@ -235,7 +250,7 @@ fn run_queries(
     mode: SearchMode,
     fusion: Option<FusionParams>,
     title_boost: Option<f32>,
-    ef: Option<usize>,
+    breadth: Breadth,
 ) -> anyhow::Result<Run> {
     let results: Vec<(String, Vec<(String, f64)>)> = queries
         .par_iter()
@@ -247,10 +262,10 @@ fn run_queries(
                 mode,
                 fusion,
                 title_boost,
-                candidates: Some(300),
+                candidates: Some(breadth.candidates),
                 group_by_document: true,
                 vector: Some(v.clone()),
-                ef,
+                ef: breadth.ef,
                 ..Default::default()
             };
             let hits = c.search(&req)?;
@@ -339,7 +354,8 @@ fn postgres_pass(
     let mut rows = Vec::new();
     for (name, mode, fusion, title_boost) in configs(args.only.as_deref()) {
         let t = Instant::now();
-        let run = run_queries(&c, queries, vectors, mode, fusion, title_boost, None)?;
+        let breadth = Breadth { ef: None, candidates: args.candidates };
+        let run = run_queries(&c, queries, vectors, mode, fusion, title_boost, breadth)?;
         let qps = queries.len() as f64 / t.elapsed().as_secs_f64();
         let (ndcg, recall, n) = mean_ndcg_recall(qrels, &run, 10, 100);
         let diff = before.get(&name).map_or(f64::NAN, |b| ndcg - b);
