@@ -74,6 +74,10 @@ struct Args {
     /// Candidates each half hands to fusion.
     #[arg(long, default_value_t = 300)]
     candidates: usize,
+    /// Results per query (recall@100 needs 100; nDCG@10 is the same from 10 up, except
+    /// for what a deeper search changes).
+    #[arg(long, default_value_t = 100)]
+    top_k: usize,
 }
 
 fn rss_bytes() -> u64 {
@@ -123,7 +127,7 @@ fn main() -> anyhow::Result<()> {
         queries.iter().map(|(_, q)| embedder.embed_query(q)).collect::<Result<_, _>>()?;
     eprintln!("[retrieval-bench] queries embedded in {:.1}s", t0.elapsed().as_secs_f64());
 
-    let breadth = Breadth { ef: args.ef, candidates: args.candidates };
+    let breadth = Breadth { ef: args.ef, candidates: args.candidates, top_k: args.top_k };
     let mut report = Vec::new();
     for budget in args.max_tokens.split(',') {
         let max_tokens = if budget == "default" { None } else { Some(budget.parse::<usize>()?) };
@@ -135,6 +139,10 @@ fn main() -> anyhow::Result<()> {
         }
         let memory = memory_child(&dir)?;
         let c = Collection::open(&dir, embedder.clone())?;
+        // Saved as `ragway ingest` saves it (a no-op when it was): every later run maps this
+        // one graph, where a graph built again on each open, by parallel inserts, differs a
+        // little from run to run.
+        c.save_graph()?;
         let info = c.info();
         eprintln!("[retrieval-bench] chunks≤{budget}: {} documents, {} chunks", info.documents, info.chunks);
         // Every config's nDCG@10 and recall@100 on `c`, printed under `label`.
@@ -236,11 +244,13 @@ fn all_configs() -> Vec<Config> {
     out
 }
 
-/// How wide each search looks: the dense walk's breadth and each half's candidates.
+/// How wide each search looks: the dense walk's breadth, each half's candidates, and the
+/// results asked for.
 #[derive(Clone, Copy)]
 struct Breadth {
     ef: Option<usize>,
     candidates: usize,
+    top_k: usize,
 }
 
 fn run_queries(
@@ -258,7 +268,7 @@ fn run_queries(
         .map(|((id, q), v)| {
             let req = SearchRequest {
                 query: q.clone(),
-                top_k: 100,
+                top_k: breadth.top_k,
                 mode,
                 fusion,
                 title_boost,
@@ -354,7 +364,7 @@ fn postgres_pass(
     let mut rows = Vec::new();
     for (name, mode, fusion, title_boost) in configs(args.only.as_deref()) {
         let t = Instant::now();
-        let breadth = Breadth { ef: None, candidates: args.candidates };
+        let breadth = Breadth { ef: None, candidates: args.candidates, top_k: args.top_k };
         let run = run_queries(&c, queries, vectors, mode, fusion, title_boost, breadth)?;
         let qps = queries.len() as f64 / t.elapsed().as_secs_f64();
         let (ndcg, recall, n) = mean_ndcg_recall(qrels, &run, 10, 100);

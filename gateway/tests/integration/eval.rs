@@ -62,6 +62,14 @@ fn retrieval_runs_resume_gate_and_compare() {
     let (code, _, _) = eval(&["retrieval", "--dataset", ds, "--split", "train", "--out", sa, "--limit", "20"], &dd);
     assert_eq!(code, 0);
     assert_eq!(samples(&a).len(), 20);
+    // The run saved the graph it ingested, so the next run maps it instead of building
+    // another from the log.
+    let saved: Vec<_> = std::fs::read_dir(dd.join("collections"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|c| c.join("dense.hnsw").is_file() && c.join("table.snap").is_file())
+        .collect();
+    assert_eq!(saved.len(), 1, "no saved graph under {}", dd.display());
     let (code, stdout, stderr) = eval(&["retrieval", "--dataset", ds, "--split", "train", "--out", sa], &dd);
     assert_eq!(code, 0);
     // stderr is not a terminal here: progress comes as lines (each phase, then every 10 s).
