@@ -491,6 +491,7 @@ impl Collection {
             return Err(IndexError::invalid("query", format!("query must be at most {MAX_QUERY_BYTES} bytes")));
         }
         let fusion = req.fusion.unwrap_or(self.settings.fusion);
+        fusion.validate().map_err(|(param, message)| IndexError::invalid(param, message))?;
         let candidates = req.candidates.unwrap_or((req.top_k * 2).max(50)).max(req.top_k);
         let query_vector = match (req.mode, &req.vector) {
             (SearchMode::Keyword, _) => None,

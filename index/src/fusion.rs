@@ -46,6 +46,27 @@ impl Default for FusionParams {
     }
 }
 
+/// Largest `rrf_k` and weight a request may set: far past any useful value, small enough
+/// that no sum of fused scores overflows.
+pub const MAX_FUSION_CONSTANT: f32 = 1e6;
+
+impl FusionParams {
+    /// Checks a request's constants: finite, 0 to [`MAX_FUSION_CONSTANT`]. The error names
+    /// the field (`fusion.rrf_k`, ...).
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        for (name, value) in [
+            ("fusion.rrf_k", self.rrf_k),
+            ("fusion.dense_weight", self.dense_weight),
+            ("fusion.keyword_weight", self.keyword_weight),
+        ] {
+            if !(0.0..=MAX_FUSION_CONSTANT).contains(&value) {
+                return Err((name, format!("{name} must be between 0 and {MAX_FUSION_CONSTANT}, not {value}")));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// One source's verdict on a fused item: 1-based rank and raw score.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -160,6 +181,21 @@ mod tests {
         let dense_only = FusionParams { method: FusionMethod::Rrf, dense_weight: 1.0, keyword_weight: 0.0, ..Default::default() };
         let out = fuse(&dense_only, &[(5, 0.1), (4, 0.05)], &[(4, 9.0)]);
         assert_eq!(out[0].id, 5);
+    }
+
+    #[test]
+    fn constants_out_of_bounds_are_named() {
+        assert!(FusionParams::default().validate().is_ok());
+        let zero = FusionParams { method: FusionMethod::Rrf, rrf_k: 0.0, dense_weight: 0.0, keyword_weight: 0.0 };
+        assert!(zero.validate().is_ok());
+        for (bad, field) in [
+            (FusionParams { rrf_k: -1.0, ..zero }, "fusion.rrf_k"),
+            (FusionParams { dense_weight: f32::INFINITY, ..zero }, "fusion.dense_weight"),
+            (FusionParams { keyword_weight: f32::NAN, ..zero }, "fusion.keyword_weight"),
+            (FusionParams { keyword_weight: 2e6, ..zero }, "fusion.keyword_weight"),
+        ] {
+            assert_eq!(bad.validate().unwrap_err().0, field);
+        }
     }
 
     #[test]

@@ -230,9 +230,7 @@ impl IndexService {
             return Err(IndexError::invalid("chunking.max_tokens", "chunking.max_tokens must be at least 1"));
         }
         let fusion = req.fusion.unwrap_or_default();
-        if fusion.rrf_k < 0.0 || fusion.dense_weight < 0.0 || fusion.keyword_weight < 0.0 {
-            return Err(IndexError::invalid("fusion", "fusion constants and weights must not be negative"));
-        }
+        fusion.validate().map_err(|(param, message)| IndexError::invalid(param, message))?;
         let settings = CollectionSettings {
             name: req.name.clone(),
             model,

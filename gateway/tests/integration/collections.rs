@@ -95,6 +95,15 @@ fn collections_documents_and_search() {
     assert_eq!(assert_openai_error(status, &body, 400)["param"], "top_k");
     let (status, body) = s.post("/v1/collections/api-docs/search", &json!({"query": "x", "mode": "fuzzy"}));
     assert_openai_error(status, &body, 400);
+    // Fusion constants: finite and bounded (1e39 reaches the server as an f32 infinity).
+    for (fusion, param) in [
+        (json!({"method": "rrf", "rrf_k": -1}), "fusion.rrf_k"),
+        (json!({"dense_weight": 1e39}), "fusion.dense_weight"),
+        (json!({"method": "dbsf", "keyword_weight": -0.5}), "fusion.keyword_weight"),
+    ] {
+        let (status, body) = s.post("/v1/collections/api-docs/search", &json!({"query": "x", "fusion": fusion}));
+        assert_eq!(assert_openai_error(status, &body, 400)["param"], param, "{body}");
+    }
     let (status, body) = s.post("/v1/collections/api-docs/search", &json!({"query": "  "}));
     assert_eq!(assert_openai_error(status, &body, 400)["param"], "query");
     let (status, body) = s.post("/v1/collections/nope/search", &json!({"query": "x"}));
