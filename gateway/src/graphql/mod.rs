@@ -525,7 +525,8 @@ impl QueryRoot {
 
     /// Hybrid (default), dense or keyword search, with the REST API's JSON filters. `vector`
     /// searches the dense half with your own query vector (required in collections without
-    /// a model, where `query` feeds the keyword half).
+    /// a model, where `query` feeds the keyword half). `fusion` is the REST API's object
+    /// (`{"method": "dbsf"}`, ...), `candidates` each half's list length.
     #[graphql(complexity = "top_k.unwrap_or(10) as usize * child_complexity")]
     #[allow(clippy::too_many_arguments)]
     async fn search(
@@ -539,8 +540,15 @@ impl QueryRoot {
         filter: Option<Json<Value>>,
         group_by_document: Option<bool>,
         ef: Option<u32>,
+        fusion: Option<Json<Value>>,
+        candidates: Option<u32>,
+        title_boost: Option<f32>,
     ) -> async_graphql::Result<Vec<SearchHit>> {
         require(ctx, Operation::Search)?;
+        let fusion = fusion
+            .map(|f| serde_json::from_value::<ragway_index::fusion::FusionParams>(f.0))
+            .transpose()
+            .map_err(|e| gql(ServiceError::invalid("fusion", format!("fusion: {e}"))))?;
         let input = SearchBody {
             query: query.unwrap_or_default(),
             top_k: top_k.map(|k| k as usize),
@@ -551,11 +559,11 @@ impl QueryRoot {
             }),
             filter: filter.map(|f| f.0),
             ef: ef.map(|e| e as usize),
-            fusion: None,
-            candidates: None,
+            fusion,
+            candidates: candidates.map(|c| c as usize),
             group_by_document: group_by_document.unwrap_or(false),
             vector,
-            title_boost: None,
+            title_boost,
         };
         let resp = collections::search(state(ctx), collection, input).await.map_err(gql)?;
         Ok(resp

@@ -133,6 +133,27 @@ fn graphiql_queries_mutations_errors_and_limits() {
     // And REST agrees on the ranking.
     let (_, rest) = s.post("/v1/collections/gqlkb/search", &json!({"query": "how do plants make sugar", "top_k": 2}));
     assert_eq!(rest["results"][0]["document_id"], "a");
+    // Per-search fusion, depth and title boost, as REST takes them, give REST's scores.
+    let q = "query($f: JSON) { search(collection: \"gqlkb\", query: \"how do plants make sugar\", topK: 3, \
+             fusion: $f, candidates: 60, titleBoost: 0.5) { documentId score } }";
+    for fusion in [json!({"method": "rrf", "rrf_k": 10}), json!({"method": "dbsf", "dense_weight": 0.7, "keyword_weight": 0.3})] {
+        let v = gql(s, q, json!({"f": fusion}));
+        let hits = data(&v)["search"].as_array().unwrap().clone();
+        let body = json!({"query": "how do plants make sugar", "top_k": 3, "fusion": fusion, "candidates": 60, "title_boost": 0.5});
+        let (_, rest) = s.post("/v1/collections/gqlkb/search", &body);
+        let rest: Vec<(Value, f64)> =
+            rest["results"].as_array().unwrap().iter().map(|h| (h["document_id"].clone(), h["score"].as_f64().unwrap())).collect();
+        let got: Vec<(Value, f64)> = hits.iter().map(|h| (h["documentId"].clone(), h["score"].as_f64().unwrap())).collect();
+        assert_eq!(got.len(), rest.len(), "{v}");
+        for (g, r) in got.iter().zip(&rest) {
+            assert!(g.0 == r.0 && (g.1 - r.1).abs() < 1e-6, "GraphQL {got:?} REST {rest:?}");
+        }
+    }
+    let v = gql(s, q, json!({"f": {"method": "rrf", "rrf_k": -1}}));
+    assert_eq!(first_error(&v)["extensions"]["param"], "fusion.rrf_k", "{v}");
+    let v = gql(s, q, json!({"f": {"method": "borda"}}));
+    let e = first_error(&v);
+    assert_eq!((e["extensions"]["status"].clone(), e["extensions"]["param"].clone()), (json!(400), json!("fusion")), "{v}");
 
     let v = gql(s, "{ document(collection: \"gqlkb\", id: \"c\") { title metadata chunks { chunkId } } }", json!({}));
     assert_eq!(data(&v)["document"]["title"], "Enzymes");
