@@ -7,6 +7,7 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use ragway_engine::generate::{GenerateHandle, GenerationRequest};
+use ragway_index::fusion::FusionParams;
 use ragway_index::{ChunkEmbedder, Collection, SearchMode, SearchRequest};
 use ragway_prompts::rag::{chat_ids, generate_text, sampling_from, Pipeline, RagRequest, TemplateSpec};
 use ragway_prompts::Message;
@@ -20,6 +21,15 @@ use std::time::Duration;
 pub struct Hit {
     pub doc_id: String,
     pub score: f64,
+}
+
+/// How a retrieval run searches: the mode, and the fusion and depth when the run sets them
+/// (otherwise the collection's and the index's defaults).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SearchOptions {
+    pub mode: SearchMode,
+    pub fusion: Option<FusionParams>,
+    pub candidates: Option<usize>,
 }
 
 pub trait Retriever: Send + Sync {
@@ -72,7 +82,7 @@ pub trait TextEmbedder: Send + Sync {
 
 pub struct LocalRetriever {
     pub collection: Arc<Collection>,
-    pub mode: SearchMode,
+    pub options: SearchOptions,
 }
 
 impl Retriever for LocalRetriever {
@@ -80,7 +90,9 @@ impl Retriever for LocalRetriever {
         let req = SearchRequest {
             query: query.to_string(),
             top_k,
-            mode: self.mode,
+            mode: self.options.mode,
+            fusion: self.options.fusion,
+            candidates: self.options.candidates,
             group_by_document: true,
             // Evaluation queries are not live traffic.
             skip_drift: true,
@@ -91,7 +103,7 @@ impl Retriever for LocalRetriever {
     }
 
     fn describe(&self) -> Value {
-        json!({"backend": "in-process", "collection": self.collection.name(), "mode": self.mode})
+        json!({"backend": "in-process", "collection": self.collection.name(), "mode": self.options.mode})
     }
 }
 
@@ -255,15 +267,19 @@ impl Remote {
 pub struct RemoteRetriever {
     pub remote: Remote,
     pub collection: String,
-    pub mode: SearchMode,
+    pub options: SearchOptions,
 }
 
 impl Retriever for RemoteRetriever {
     fn search(&self, query: &str, top_k: usize) -> Result<Vec<Hit>> {
-        let v = self.remote.post(
-            &format!("/v1/collections/{}/search", self.collection),
-            &json!({"query": query, "top_k": top_k, "mode": self.mode, "group_by_document": true}),
-        )?;
+        let mut body = json!({"query": query, "top_k": top_k, "mode": self.options.mode, "group_by_document": true});
+        if let Some(f) = &self.options.fusion {
+            body["fusion"] = json!(f);
+        }
+        if let Some(c) = self.options.candidates {
+            body["candidates"] = json!(c);
+        }
+        let v = self.remote.post(&format!("/v1/collections/{}/search", self.collection), &body)?;
         let results = v["results"].as_array().ok_or_else(|| anyhow!("search response without `results`"))?;
         results
             .iter()
@@ -277,7 +293,7 @@ impl Retriever for RemoteRetriever {
     }
 
     fn describe(&self) -> Value {
-        json!({"backend": self.remote.base, "collection": self.collection, "mode": self.mode})
+        json!({"backend": self.remote.base, "collection": self.collection, "mode": self.options.mode})
     }
 }
 
@@ -390,7 +406,7 @@ impl TextEmbedder for RemoteEmbedder {
 pub trait System: Send + Sync {
     /// A collection holding `corpus` (BEIR JSONL), ingested if need be; its name.
     fn collection_for(&self, corpus: &std::path::Path, progress: &crate::runner::Progress) -> Result<String>;
-    fn retriever(&self, collection: &str, mode: SearchMode) -> Result<Arc<dyn Retriever>>;
+    fn retriever(&self, collection: &str, options: SearchOptions) -> Result<Arc<dyn Retriever>>;
     fn answerer(&self, collection: &str, mode: SearchMode, top_k: usize, template: Option<String>, model: Option<String>) -> Result<Arc<dyn Answerer>>;
     /// The judge's chat model (the generation model unless a judge endpoint is configured).
     fn chat(&self) -> Result<Arc<dyn Chat>>;
@@ -421,8 +437,8 @@ impl System for InProcess {
         crate::runner::ensure_collection(&self.index, corpus, progress)
     }
 
-    fn retriever(&self, collection: &str, mode: SearchMode) -> Result<Arc<dyn Retriever>> {
-        Ok(Arc::new(LocalRetriever { collection: self.index.get(collection)?, mode }))
+    fn retriever(&self, collection: &str, options: SearchOptions) -> Result<Arc<dyn Retriever>> {
+        Ok(Arc::new(LocalRetriever { collection: self.index.get(collection)?, options }))
     }
 
     fn answerer(&self, collection: &str, mode: SearchMode, top_k: usize, template: Option<String>, model: Option<String>) -> Result<Arc<dyn Answerer>> {
@@ -484,8 +500,8 @@ impl System for RemoteSystem {
         )
     }
 
-    fn retriever(&self, collection: &str, mode: SearchMode) -> Result<Arc<dyn Retriever>> {
-        Ok(Arc::new(RemoteRetriever { remote: self.remote.clone(), collection: collection.into(), mode }))
+    fn retriever(&self, collection: &str, options: SearchOptions) -> Result<Arc<dyn Retriever>> {
+        Ok(Arc::new(RemoteRetriever { remote: self.remote.clone(), collection: collection.into(), options }))
     }
 
     fn answerer(&self, collection: &str, mode: SearchMode, top_k: usize, template: Option<String>, model: Option<String>) -> Result<Arc<dyn Answerer>> {

@@ -10,7 +10,7 @@
 //!   `report.html` are written.
 
 use crate::answer;
-use crate::backend::{Answerer, Hit, RagOutput, Retriever, System, TextEmbedder};
+use crate::backend::{Answerer, Hit, RagOutput, Retriever, SearchOptions, System, TextEmbedder};
 use crate::datasets::{self, Qa, QaItem};
 use crate::judge::{Judge, Verdict};
 use crate::retrieval::{query_contribution, EmptyQueries, CUTOFFS};
@@ -80,6 +80,12 @@ pub struct RunSpec {
     /// Retrieved per query (default: 100 for retrieval, the pipeline's for rag).
     #[serde(default)]
     pub top_k: Option<usize>,
+    /// Retrieval runs: the hybrid fusion (default: the collection's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fusion: Option<ragway_index::fusion::FusionParams>,
+    /// Retrieval runs: candidates each half hands to fusion (default: the index's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidates: Option<usize>,
     /// RAG template reference (`rag-answer:staging`).
     #[serde(default)]
     pub template: Option<String>,
@@ -488,7 +494,15 @@ fn retrieval_work(spec: &RunSpec, ctx: &RunContext<'_>, h: &mut Sha256) -> Resul
         Some(c) => c.clone(),
         None => ctx.system.collection_for(&ds.corpus, ctx.progress)?,
     };
-    let retriever: Arc<dyn Retriever> = ctx.system.retriever(&collection, spec.mode)?;
+    if let Some(f) = &spec.fusion {
+        f.validate().map_err(|(param, message)| anyhow!("{param}: {message}"))?;
+    }
+    let max = ragway_index::collection::MAX_CANDIDATES;
+    if spec.candidates.is_some_and(|c| c == 0 || c > max) {
+        bail!("candidates must be between 1 and {max}");
+    }
+    let options = SearchOptions { mode: spec.mode, fusion: spec.fusion, candidates: spec.candidates };
+    let retriever: Arc<dyn Retriever> = ctx.system.retriever(&collection, options)?;
     let top_k = spec.top_k.unwrap_or(100);
     let queries = limit(ds.queries, spec.limit);
     let samples = queries.iter().map(|q| Sample { id: q.id.clone(), inputs: json!({"query": q.text, "relevant": ds.qrels[&q.id]}) }).collect();

@@ -4,7 +4,7 @@
 //! The real-model paths are covered by the gateway's end-to-end tests.
 
 use anyhow::Result;
-use ragway_eval::backend::{Answerer, Chat, Passage, RagOutput, Retriever, System, TextEmbedder};
+use ragway_eval::backend::{Answerer, Chat, Passage, RagOutput, Retriever, SearchOptions, System, TextEmbedder};
 use ragway_eval::runner::{self, EvalKind, Progress, RunContext, RunSpec};
 use ragway_index::SearchMode;
 use ragway_prompts::{Message, Registry};
@@ -86,7 +86,7 @@ impl System for Rules {
     fn collection_for(&self, _: &Path, _: &Progress) -> Result<String> {
         Ok("rules".into())
     }
-    fn retriever(&self, _: &str, _: SearchMode) -> Result<Arc<dyn Retriever>> {
+    fn retriever(&self, _: &str, _: SearchOptions) -> Result<Arc<dyn Retriever>> {
         anyhow::bail!("no retrieval here")
     }
     fn answerer(&self, _: &str, _: SearchMode, _: usize, _: Option<String>, _: Option<String>) -> Result<Arc<dyn Answerer>> {

@@ -47,6 +47,13 @@ pub struct RunArgs {
     /// Results per query [default: 100 for retrieval, 5 for rag].
     #[arg(long)]
     pub top_k: Option<usize>,
+    /// Retrieval: hybrid fusion, `convex`, `rrf` or `dbsf` (their default constants) or the
+    /// search API's JSON object (`{"method":"rrf","rrf_k":10}`) [default: the collection's].
+    #[arg(long, value_parser = parse_fusion)]
+    pub fusion: Option<ragway_index::fusion::FusionParams>,
+    /// Retrieval: candidates each half hands to fusion [default: max(2·top_k, 50)].
+    #[arg(long)]
+    pub candidates: Option<usize>,
     /// RAG template reference: `name`, `name@3`, `name:label`.
     #[arg(long)]
     pub template: Option<String>,
@@ -108,6 +115,12 @@ pub struct CompareArgs {
     pub seed: u64,
 }
 
+/// `--fusion`: a method's name, or the search API's JSON object.
+fn parse_fusion(s: &str) -> Result<ragway_index::fusion::FusionParams, String> {
+    let json = if s.trim_start().starts_with('{') { s.to_string() } else { format!("{{\"method\": {s:?}}}") };
+    serde_json::from_str(&json).map_err(|e| format!("not a fusion (`convex`, `rrf`, `dbsf` or a JSON object): {e}"))
+}
+
 /// Runs the subcommand; returns the process exit code.
 pub fn run(cmd: EvalCommand) -> anyhow::Result<i32> {
     let (kind, args) = match cmd {
@@ -122,6 +135,8 @@ pub fn run(cmd: EvalCommand) -> anyhow::Result<i32> {
     spec.collection = args.collection.clone();
     spec.mode = SearchMode::parse(&args.mode).expect("clap checked the mode");
     spec.top_k = args.top_k;
+    spec.fusion = args.fusion;
+    spec.candidates = args.candidates;
     spec.template = args.template.clone();
     spec.model = args.model.clone();
     spec.judge_template = args.judge_template.clone();

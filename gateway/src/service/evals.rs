@@ -34,6 +34,10 @@ pub struct StartEval {
     /// `dense`, `keyword` or `hybrid` (default).
     pub mode: Option<String>,
     pub top_k: Option<usize>,
+    /// Retrieval runs: the hybrid fusion, as a search takes it (default: the collection's).
+    pub fusion: Option<ragway_index::fusion::FusionParams>,
+    /// Retrieval runs: candidates each half hands to fusion (default: the index's).
+    pub candidates: Option<usize>,
     pub template: Option<String>,
     pub judge_template: Option<String>,
     /// Judge-based RAG metrics (default true).
@@ -231,6 +235,15 @@ impl EvalRuns {
             return Err(ServiceError::invalid("top_k", "top_k must be between 1 and 1000"));
         }
         spec.top_k = req.top_k;
+        if let Some(f) = &req.fusion {
+            f.validate().map_err(|(param, message)| ServiceError::invalid(param, message))?;
+        }
+        spec.fusion = req.fusion;
+        let max = ragway_index::collection::MAX_CANDIDATES;
+        if req.candidates.is_some_and(|c| c == 0 || c > max) {
+            return Err(ServiceError::invalid("candidates", format!("candidates must be between 1 and {max}")));
+        }
+        spec.candidates = req.candidates;
         spec.template = req.template.clone();
         spec.judge_template = req.judge_template.clone();
         spec.judge = req.judge.unwrap_or(true);

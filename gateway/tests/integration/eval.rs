@@ -6,6 +6,7 @@
 use crate::common::{assert_openai_error, client, models_dir, Server};
 use ragway_eval::retrieval::{load_qrels, query_metrics, CUTOFFS};
 use serde_json::{json, Value};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -131,6 +132,39 @@ fn retrieval_runs_resume_gate_and_compare() {
     let p = row["p_value"].as_f64().unwrap();
     assert!(p > 0.0 && p <= 1.0);
     assert!(std::fs::read_to_string(a.join("compare/compare.html")).unwrap().contains("<table>"));
+
+    // Another fusion, then another depth: each a different configuration (nothing cached
+    // is reused), recorded by the run, and used by its searches (the scores move).
+    // Each query's top score, by query id (the file keeps earlier runs' records before).
+    let top = |recs: &[Value]| -> BTreeMap<String, f64> {
+        recs.iter().map(|r| (r["id"].as_str().unwrap().to_string(), r["retrieved"][0]["score"].as_f64().unwrap())).collect()
+    };
+    let moved = |a: &BTreeMap<String, f64>, b: &BTreeMap<String, f64>| a.iter().filter(|(id, x)| (b[*id] - **x).abs() > 1e-6).count();
+    let mut before = top(&recs);
+    for (extra, key, value) in [
+        (&["--fusion", "dbsf"][..], "fusion", json!({"method": "dbsf"})),
+        (&["--fusion", "dbsf", "--candidates", "300"][..], "candidates", json!(300)),
+    ] {
+        let mut args = vec!["retrieval", "--dataset", ds, "--split", "train", "--out", sa];
+        args.extend(extra);
+        let (code, _, stderr) = eval(&args, &dd);
+        assert_eq!(code, 0, "{stderr}");
+        let d = summary(&a);
+        assert_eq!(d["run"]["cached"], 0, "{}", d["run"]);
+        let recorded = &d["run"]["config"][key];
+        assert!(if key == "fusion" { recorded["method"] == value["method"] } else { *recorded == value }, "{}", d["run"]);
+        let all = samples(&a);
+        let after = top(&all[all.len() - 50..]);
+        assert_eq!(after.len(), 50);
+        assert!(moved(&before, &after) > 0, "{key}: {before:?} {after:?}");
+        before = after;
+    }
+    let o = Command::new(env!("CARGO_BIN_EXE_ragway"))
+        .args(["eval", "retrieval", "--dataset", ds, "--out", sa, "--fusion", "borda"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "a usage error");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not a fusion"));
     let _ = std::fs::remove_dir_all(&root);
 }
 
@@ -277,6 +311,8 @@ fn runs_over_rest_and_graphql() {
         (json!({"kind": "retrieval", "dataset": "missing-folder"}), "dataset"),
         (json!({"kind": "retrieval", "dataset": "scifact_slice", "name": "a b"}), "name"),
         (json!({"kind": "retrieval", "dataset": "scifact_slice", "concurrency": 0}), "concurrency"),
+        (json!({"kind": "retrieval", "dataset": "scifact_slice", "fusion": {"method": "rrf", "rrf_k": -1}}), "fusion.rrf_k"),
+        (json!({"kind": "retrieval", "dataset": "scifact_slice", "candidates": 0}), "candidates"),
     ] {
         let (st, b) = s.post("/v1/evals", &body);
         let e = assert_openai_error(st, &b, 400);
