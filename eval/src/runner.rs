@@ -485,6 +485,11 @@ fn limit<T>(mut v: Vec<T>, limit: Option<usize>) -> Vec<T> {
 }
 
 fn retrieval_work(spec: &RunSpec, ctx: &RunContext<'_>, h: &mut Sha256) -> Result<Work> {
+    // Before the corpus is loaded and perhaps ingested (minutes), not at the first search.
+    if let Some(f) = &spec.fusion {
+        f.validate()?;
+    }
+    ragway_index::collection::check_candidates(spec.candidates)?;
     let ds = datasets::load_beir(&spec.dataset, &spec.split)?;
     for f in ["queries.jsonl", "corpus.jsonl"] {
         sha256_file(h, &spec.dataset.join(f))?;
@@ -494,13 +499,6 @@ fn retrieval_work(spec: &RunSpec, ctx: &RunContext<'_>, h: &mut Sha256) -> Resul
         Some(c) => c.clone(),
         None => ctx.system.collection_for(&ds.corpus, ctx.progress)?,
     };
-    if let Some(f) = &spec.fusion {
-        f.validate().map_err(|(param, message)| anyhow!("{param}: {message}"))?;
-    }
-    let max = ragway_index::collection::MAX_CANDIDATES;
-    if spec.candidates.is_some_and(|c| c == 0 || c > max) {
-        bail!("candidates must be between 1 and {max}");
-    }
     let options = SearchOptions { mode: spec.mode, fusion: spec.fusion, candidates: spec.candidates };
     let retriever: Arc<dyn Retriever> = ctx.system.retriever(&collection, options)?;
     let top_k = spec.top_k.unwrap_or(100);

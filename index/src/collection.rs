@@ -472,12 +472,7 @@ impl Collection {
         if req.top_k == 0 || req.top_k > MAX_TOP_K {
             return Err(IndexError::invalid("top_k", format!("top_k must be between 1 and {MAX_TOP_K}")));
         }
-        if req.candidates.is_some_and(|c| c == 0 || c > MAX_CANDIDATES) {
-            return Err(IndexError::invalid(
-                "candidates",
-                format!("candidates must be between 1 and {MAX_CANDIDATES}"),
-            ));
-        }
+        check_candidates(req.candidates)?;
         if req.ef.is_some_and(|ef| ef == 0 || ef > MAX_CANDIDATES) {
             return Err(IndexError::invalid("ef", format!("ef must be between 1 and {MAX_CANDIDATES}")));
         }
@@ -491,7 +486,7 @@ impl Collection {
             return Err(IndexError::invalid("query", format!("query must be at most {MAX_QUERY_BYTES} bytes")));
         }
         let fusion = req.fusion.unwrap_or(self.settings.fusion);
-        fusion.validate().map_err(|(param, message)| IndexError::invalid(param, message))?;
+        fusion.validate()?;
         let candidates = req.candidates.unwrap_or((req.top_k * 2).max(50)).max(req.top_k);
         let query_vector = match (req.mode, &req.vector) {
             (SearchMode::Keyword, _) => None,
@@ -700,6 +695,15 @@ impl Collection {
     pub fn save_graph(&self) -> Result<()> {
         self.store.flush()
     }
+}
+
+/// A search's `candidates`, when set: 1 to [`MAX_CANDIDATES`] (also checked up front by
+/// callers that start long work before searching, such as evaluation runs).
+pub fn check_candidates(candidates: Option<usize>) -> Result<()> {
+    if candidates.is_some_and(|c| c == 0 || c > MAX_CANDIDATES) {
+        return Err(IndexError::invalid("candidates", format!("candidates must be between 1 and {MAX_CANDIDATES}")));
+    }
+    Ok(())
 }
 
 fn single(list: &[(u64, f32)], dense: bool) -> Vec<Fused> {

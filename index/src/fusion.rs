@@ -53,14 +53,15 @@ pub const MAX_FUSION_CONSTANT: f32 = 1e6;
 impl FusionParams {
     /// Checks a request's constants: finite, 0 to [`MAX_FUSION_CONSTANT`]. The error names
     /// the field (`fusion.rrf_k`, ...).
-    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+    pub fn validate(&self) -> crate::error::Result<()> {
         for (name, value) in [
             ("fusion.rrf_k", self.rrf_k),
             ("fusion.dense_weight", self.dense_weight),
             ("fusion.keyword_weight", self.keyword_weight),
         ] {
             if !(0.0..=MAX_FUSION_CONSTANT).contains(&value) {
-                return Err((name, format!("{name} must be between 0 and {MAX_FUSION_CONSTANT}, not {value}")));
+                let message = format!("{name} must be between 0 and {MAX_FUSION_CONSTANT}, not {value}");
+                return Err(crate::error::IndexError::invalid(name, message));
             }
         }
         Ok(())
@@ -185,6 +186,7 @@ mod tests {
 
     #[test]
     fn constants_out_of_bounds_are_named() {
+        use crate::error::IndexError;
         assert!(FusionParams::default().validate().is_ok());
         let zero = FusionParams { method: FusionMethod::Rrf, rrf_k: 0.0, dense_weight: 0.0, keyword_weight: 0.0 };
         assert!(zero.validate().is_ok());
@@ -194,7 +196,10 @@ mod tests {
             (FusionParams { keyword_weight: f32::NAN, ..zero }, "fusion.keyword_weight"),
             (FusionParams { keyword_weight: 2e6, ..zero }, "fusion.keyword_weight"),
         ] {
-            assert_eq!(bad.validate().unwrap_err().0, field);
+            match bad.validate() {
+                Err(IndexError::InvalidRequest { param, .. }) => assert_eq!(param.as_deref(), Some(field)),
+                other => panic!("{field}: {other:?}"),
+            }
         }
     }
 

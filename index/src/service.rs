@@ -230,7 +230,7 @@ impl IndexService {
             return Err(IndexError::invalid("chunking.max_tokens", "chunking.max_tokens must be at least 1"));
         }
         let fusion = req.fusion.unwrap_or_default();
-        fusion.validate().map_err(|(param, message)| IndexError::invalid(param, message))?;
+        fusion.validate()?;
         let settings = CollectionSettings {
             name: req.name.clone(),
             model,

@@ -362,9 +362,9 @@ fn postgres_pass(
         .map(|r| (r["config"].as_str().unwrap_or_default().to_string(), r["ndcg@10"].as_f64().unwrap_or(0.0)))
         .collect();
     let mut rows = Vec::new();
+    let breadth = Breadth { ef: None, candidates: args.candidates, top_k: args.top_k };
     for (name, mode, fusion, title_boost) in configs(args.only.as_deref()) {
         let t = Instant::now();
-        let breadth = Breadth { ef: None, candidates: args.candidates, top_k: args.top_k };
         let run = run_queries(&c, queries, vectors, mode, fusion, title_boost, breadth)?;
         let qps = queries.len() as f64 / t.elapsed().as_secs_f64();
         let (ndcg, recall, n) = mean_ndcg_recall(qrels, &run, 10, 100);

@@ -236,13 +236,10 @@ impl EvalRuns {
         }
         spec.top_k = req.top_k;
         if let Some(f) = &req.fusion {
-            f.validate().map_err(|(param, message)| ServiceError::invalid(param, message))?;
+            f.validate()?;
         }
         spec.fusion = req.fusion;
-        let max = ragway_index::collection::MAX_CANDIDATES;
-        if req.candidates.is_some_and(|c| c == 0 || c > max) {
-            return Err(ServiceError::invalid("candidates", format!("candidates must be between 1 and {max}")));
-        }
+        ragway_index::collection::check_candidates(req.candidates)?;
         spec.candidates = req.candidates;
         spec.template = req.template.clone();
         spec.judge_template = req.judge_template.clone();
