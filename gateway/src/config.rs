@@ -99,6 +99,11 @@ pub struct ServeArgs {
     #[arg(long = "postgres-read-url", env = "RAGWAY_POSTGRES_READ_URLS", value_delimiter = ',', hide_env_values = true)]
     #[serde(default)]
     pub postgres_read_urls: Vec<String>,
+    /// `maintenance_work_mem` in MiB for the dense index builds ragway starts in PostgreSQL
+    /// (after an ingestion job loads an empty collection); unset: the server's setting.
+    /// pgvector builds fast while the graph fits in it.
+    #[arg(long, env = "RAGWAY_POSTGRES_INDEX_MEMORY_MB", value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
+    pub postgres_index_memory_mb: Option<u32>,
     /// Milliseconds between commits of writes nobody waits for (ingestion jobs) [default: 1000].
     #[arg(long, env = "RAGWAY_COMMIT_INTERVAL_MS")]
     pub commit_interval_ms: Option<u64>,
@@ -211,6 +216,7 @@ pub struct Settings {
     pub ingest_root: Option<PathBuf>,
     pub postgres_url: Option<String>,
     pub postgres_read_urls: Vec<String>,
+    pub postgres_index_memory_mb: Option<u32>,
     pub commit_interval_ms: u64,
     pub max_upload_bytes: u64,
     pub api_keys: Vec<String>,
@@ -324,6 +330,7 @@ impl ServeArgs {
             } else {
                 self.postgres_read_urls.clone()
             },
+            postgres_index_memory_mb: self.postgres_index_memory_mb.or(file.postgres_index_memory_mb),
             commit_interval_ms: pick!(commit_interval_ms, 1000),
             max_upload_bytes: pick!(max_upload_bytes, 4 << 30),
             api_keys: if self.api_keys.is_empty() { file.api_keys.clone() } else { self.api_keys.clone() },
@@ -361,6 +368,9 @@ impl ServeArgs {
         }
         if !(settings.gpu_memory_fraction > 0.0 && settings.gpu_memory_fraction <= 1.0) {
             anyhow::bail!("gpu_memory_fraction must be in (0, 1], not {}", settings.gpu_memory_fraction);
+        }
+        if let Some(mb) = settings.postgres_index_memory_mb.filter(|mb| !(1..=1_048_576).contains(mb)) {
+            anyhow::bail!("postgres_index_memory_mb must be from 1 to 1048576 (MiB), not {mb}");
         }
         if settings.embed_queue == 0 || settings.max_embed_inputs == 0 || settings.embed_batch_tokens == 0 {
             anyhow::bail!("embed_queue, max_embed_inputs and embed_batch_tokens must be positive");

@@ -455,6 +455,16 @@ impl Collection {
         self.store.needs_compaction()
     }
 
+    /// See [`ChunkStore::begin_bulk_load`].
+    pub fn begin_bulk_load(&self) -> Result<bool> {
+        self.store.begin_bulk_load()
+    }
+
+    /// See [`ChunkStore::end_bulk_load`].
+    pub fn end_bulk_load(&self) -> Result<()> {
+        self.store.end_bulk_load()
+    }
+
     /// Background upkeep (see [`ChunkStore::maintain`]): the embedded store takes removed
     /// chunks' points out of its graph and rewrites its log when mostly garbage.
     pub fn maintain(&self) -> Result<()> {

@@ -310,7 +310,10 @@ pub fn run_ingest(collection: &Collection, source: Source, options: &IngestOptio
     let read_batch = options.read_batch.max(1);
     let embed_batch = options.embed_batch.max(1);
     let on_error = options.on_error;
-    std::thread::scope(|scope| -> Result<()> {
+    // An empty collection may be loaded with its dense index built once at the end
+    // (PostgreSQL); whatever becomes of the load, the index is built before the job ends.
+    let bulk = collection.begin_bulk_load()?;
+    let loaded = std::thread::scope(|scope| -> Result<()> {
         let reader = scope.spawn(move || read_source(source, job, read_batch, read_tx));
         let chunker = scope.spawn(move || chunk_stage(collection, job, on_error, read_rx, chunk_tx));
         let retry = options.retry_unavailable;
@@ -322,7 +325,22 @@ pub fn run_ingest(collection: &Collection, source: Source, options: &IngestOptio
         let read = reader.join().map_err(|_| IndexError::Internal("ingestion reader panicked".into()))?;
         // The first failure in pipeline order explains the others (closed channels).
         read.and(chunked).and(embedded).and(written)
-    })?;
+    });
+    if bulk {
+        job.progress.indexing.store(true, Ordering::Relaxed);
+        let indexed = collection.end_bulk_load();
+        job.progress.indexing.store(false, Ordering::Relaxed);
+        // A load that failed says why; a build that failed leaves the documents stored
+        // and searchable by exact distances, and upkeep builds the index later.
+        loaded?;
+        indexed.map_err(|e| {
+            IndexError::Unavailable(format!(
+                "the documents are stored, but building the collection's dense index failed (the server retries it): {e}"
+            ))
+        })?;
+    } else {
+        loaded?;
+    }
     collection.commit()?;
     Ok(())
 }

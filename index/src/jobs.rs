@@ -66,6 +66,8 @@ pub struct Progress {
     pub embed_micros: AtomicU64,
     /// Writes retried because the store was unavailable.
     pub write_retries: AtomicU64,
+    /// Whether the collection's dense index is being built after a bulk load.
+    pub indexing: AtomicBool,
 }
 
 pub struct Job {
@@ -100,6 +102,9 @@ pub struct ProgressView {
     pub embed_seconds: f64,
     /// Writes retried because the store was unavailable (a database restarting).
     pub write_retries: u64,
+    /// True while the collection's dense index is built after the job loaded an empty
+    /// collection in bulk (PostgreSQL collections); the documents are written by then.
+    pub indexing: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -183,6 +188,7 @@ impl Job {
                 eta_seconds: eta,
                 embed_seconds: get(&p.embed_micros) as f64 / 1e6,
                 write_retries: get(&p.write_retries),
+                indexing: p.indexing.load(Ordering::Relaxed),
             },
             errors: self.errors.lock().expect("job errors").clone(),
             error,

@@ -47,7 +47,8 @@ use std::path::Path;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 /// The schema version ragway writes; a collection of an older version is migrated when it
 /// is opened, one of a newer version is refused.
@@ -67,6 +68,8 @@ pub const MAX_PG_DIMENSION: usize = 2000;
 const PARALLEL_WRITES: usize = 4;
 /// pgvector's largest `hnsw.ef_search`.
 const MAX_EF_SEARCH: usize = 1000;
+/// How often upkeep checks that a collection's dense index is there.
+const INDEX_CHECK_INTERVAL: Duration = Duration::from_secs(30);
 
 type Pool = r2d2::Pool<Manager>;
 type Conn = r2d2::PooledConnection<Manager>;
@@ -80,6 +83,10 @@ const MAX_PREPARED: usize = 256;
 pub struct PgConn {
     client: postgres::Client,
     prepared: HashMap<String, postgres::Statement>,
+    /// Set on a connection whose session state must not outlive its use (an advisory lock
+    /// it may still hold, settings of an index build): the pool closes it instead of
+    /// handing it out again.
+    discard: bool,
 }
 
 impl PgConn {
@@ -118,7 +125,7 @@ impl r2d2::ManageConnection for Manager {
     type Error = postgres::Error;
 
     fn connect(&self) -> std::result::Result<PgConn, postgres::Error> {
-        Ok(PgConn { client: self.0.connect()?, prepared: HashMap::new() })
+        Ok(PgConn { client: self.0.connect()?, prepared: HashMap::new(), discard: false })
     }
 
     fn is_valid(&self, conn: &mut PgConn) -> std::result::Result<(), postgres::Error> {
@@ -126,7 +133,7 @@ impl r2d2::ManageConnection for Manager {
     }
 
     fn has_broken(&self, conn: &mut PgConn) -> bool {
-        self.0.has_broken(&mut conn.client)
+        conn.discard || self.0.has_broken(&mut conn.client)
     }
 }
 
@@ -142,8 +149,13 @@ pub struct PgOptions {
     pub pool_size: u32,
     /// Longest wait for a connection.
     pub connect_timeout: Duration,
-    /// Longest a statement may run (PostgreSQL's `statement_timeout`).
+    /// Longest a statement may run (PostgreSQL's `statement_timeout`; a dense index's
+    /// build after a bulk load runs without it).
     pub statement_timeout: Duration,
+    /// `maintenance_work_mem` for ragway's builds of dense indexes, in MiB; `None` keeps the
+    /// server's setting. pgvector builds fast while the graph fits in it, and slows to
+    /// inserting one vector at a time once it does not.
+    pub index_memory_mb: Option<u32>,
 }
 
 impl PgOptions {
@@ -154,6 +166,7 @@ impl PgOptions {
             pool_size: 16,
             connect_timeout: Duration::from_secs(5),
             statement_timeout: Duration::from_secs(60),
+            index_memory_mb: None,
         }
     }
 }
@@ -161,6 +174,7 @@ impl PgOptions {
 /// The database: a pool for writes and one per read replica.
 pub struct PgDatabase {
     write: Pool,
+    index_memory_mb: Option<u32>,
     reads: Vec<Pool>,
     next_read: AtomicUsize,
     /// The primary's address without its password (logs, errors, collection info).
@@ -195,6 +209,7 @@ impl PgDatabase {
         let (write, shown) = Self::pool(&options.url, options, "postgres_url")?;
         let db = PgDatabase {
             write,
+            index_memory_mb: options.index_memory_mb,
             reads: options
                 .read_urls
                 .iter()
@@ -367,6 +382,14 @@ pub struct PgStore {
     settings: CollectionSettings,
     /// The first key of the collection's document locks (advisory locks).
     lock_space: i32,
+    /// The key of the collection's bulk-load lock: an advisory lock of one 64-bit key, a
+    /// key space apart from the documents' pairs of 32-bit keys.
+    bulk_key: i64,
+    /// The connection holding the bulk-load lock while this server loads the collection
+    /// without its dense index (see [`ChunkStore::begin_bulk_load`]).
+    bulk: Mutex<Option<Conn>>,
+    /// When upkeep last found the dense index there.
+    index_seen: Mutex<Option<Instant>>,
     docs: String,
     chunks: String,
     keys: String,
@@ -397,8 +420,7 @@ impl PgStore {
         }
         let prefix = prefix_of(&settings.name);
         let store = PgStore::with_prefix(db, settings, &prefix);
-        let (ops, dim, vt) = (store.ops_class(), store.settings.dimension, store.vector_type());
-        let (m, efc) = (store.settings.hnsw.m, store.settings.hnsw.ef_construction);
+        let (dim, vt, dense) = (store.settings.dimension, store.vector_type(), store.dense_index_ddl(""));
         let (docs, chunks, keys) = (&store.docs, &store.chunks, &store.keys);
         let ddl = format!(
             "CREATE TABLE {docs} (
@@ -427,7 +449,7 @@ impl PgStore {
              ) WITH (toast_tuple_target = 8160);
              ALTER TABLE {chunks} ALTER COLUMN embedding SET STORAGE PLAIN, ALTER COLUMN tsv SET STORAGE MAIN;
              CREATE INDEX {chunks}_doc ON {chunks} (doc_id);
-             CREATE INDEX {chunks}_hnsw ON {chunks} USING hnsw (embedding {ops}) WITH (m = {m}, ef_construction = {efc});
+             {dense};
              CREATE INDEX {chunks}_tsv ON {chunks} USING gin (tsv);
              CREATE INDEX {chunks}_meta ON {chunks} USING gin (metadata jsonb_path_ops);"
         );
@@ -536,9 +558,13 @@ impl PgStore {
     }
 
     fn with_prefix(db: Arc<PgDatabase>, settings: CollectionSettings, prefix: &str) -> PgStore {
+        let hash = u64::from_str_radix(prefix.trim_start_matches("rw_"), 16).unwrap_or(0);
         PgStore {
             db,
-            lock_space: u64::from_str_radix(prefix.trim_start_matches("rw_"), 16).map_or(0, |h| h as i32),
+            lock_space: hash as i32,
+            bulk_key: hash as i64,
+            bulk: Mutex::new(None),
+            index_seen: Mutex::new(None),
             settings,
             docs: format!("{prefix}_docs"),
             chunks: format!("{prefix}_chunks"),
@@ -563,6 +589,66 @@ impl PgStore {
             Distance::L2 => "l2",
         };
         format!("{}_{metric}_ops", self.vector_type())
+    }
+
+    /// The statement that builds the collection's HNSW index (`how`: `""`, or
+    /// `"CONCURRENTLY"` to build it beside writes).
+    fn dense_index_ddl(&self, how: &str) -> String {
+        let (chunks, ops) = (&self.chunks, self.ops_class());
+        let (m, efc) = (self.settings.hnsw.m, self.settings.hnsw.ef_construction);
+        format!("CREATE INDEX {how} {chunks}_hnsw ON {chunks} USING hnsw (embedding {ops}) WITH (m = {m}, ef_construction = {efc})")
+    }
+
+    /// Whether the HNSW index is there: `None` when it is not, `Some(false)` when a build
+    /// left it invalid (a concurrent build that failed or was interrupted).
+    fn dense_index_state(&self, client: &mut impl postgres::GenericClient) -> Result<Option<bool>> {
+        let row = client
+            .query_opt(
+                "SELECT i.indisvalid FROM pg_index i WHERE i.indexrelid = to_regclass($1)",
+                &[&format!("{}_hnsw", self.chunks)],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    /// Builds the HNSW index when it is missing or invalid, beside writes (`CREATE INDEX
+    /// CONCURRENTLY`), without the statement timeout and with the configured
+    /// `maintenance_work_mem`, under the bulk-load lock: one server builds it, and none while
+    /// another loads the collection in bulk. Returns whether this call built it.
+    fn build_dense_index(&self) -> Result<bool> {
+        let mut conn = self.db.conn()?;
+        // The session's lock and settings must not reach another user of the connection.
+        conn.discard = true;
+        let locked: bool =
+            conn.query_one("SELECT pg_try_advisory_lock($1)", &[&self.bulk_key]).map_err(|e| self.err(e))?.get(0);
+        if !locked {
+            return Ok(false);
+        }
+        self.build_dense_index_on(&mut conn)
+    }
+
+    /// [`PgStore::build_dense_index`] on a connection that holds the bulk-load lock.
+    fn build_dense_index_on(&self, conn: &mut Conn) -> Result<bool> {
+        let state = self.dense_index_state(&mut conn.client)?;
+        if state == Some(true) {
+            return Ok(false);
+        }
+        let name = &self.settings.name;
+        if state == Some(false) {
+            // One statement per call: a multi-statement query is a transaction block, where
+            // concurrent index builds cannot run.
+            conn.batch_execute(&format!("DROP INDEX CONCURRENTLY IF EXISTS {}_hnsw", self.chunks))
+                .map_err(|e| self.err(e))?;
+        }
+        conn.batch_execute("SET statement_timeout = 0").map_err(|e| self.err(e))?;
+        if let Some(mb) = self.db.index_memory_mb {
+            conn.batch_execute(&format!("SET maintenance_work_mem = '{mb}MB'")).map_err(|e| self.err(e))?;
+        }
+        tracing::info!(collection = %name, "building the collection's dense index in PostgreSQL");
+        let start = Instant::now();
+        conn.batch_execute(&self.dense_index_ddl("CONCURRENTLY")).map_err(|e| self.err(e))?;
+        tracing::info!(collection = %name, seconds = start.elapsed().as_secs_f64(), "built the collection's dense index");
+        Ok(true)
     }
 
     /// The column type of the vectors: pgvector's `halfvec` (2 bytes a dimension, in the
@@ -791,6 +877,49 @@ impl ChunkStore for PgStore {
         PARALLEL_WRITES
     }
 
+    /// An empty collection (or one whose index an earlier load left unbuilt) is loaded
+    /// without its HNSW index, which is built once at the end: pgvector's build is several times faster than inserting one vector at a time
+    /// into the graph (on SciFact-sized loads and beyond; see docs/benchmarks.md). Searches
+    /// meanwhile rank by exact distances. The lock this holds is the session's, so a server
+    /// that dies mid-load releases it, and upkeep ([`ChunkStore::maintain`]) builds the index.
+    fn begin_bulk_load(&self) -> Result<bool> {
+        let mut held = self.bulk.lock().expect("bulk load");
+        if held.is_some() {
+            return Ok(false);
+        }
+        let mut conn = self.db.conn()?;
+        conn.discard = true;
+        let locked: bool =
+            conn.query_one("SELECT pg_try_advisory_lock($1)", &[&self.bulk_key]).map_err(|e| self.err(e))?.get(0);
+        if !locked {
+            return Ok(false);
+        }
+        let empty: bool = conn
+            .query_one(&format!("SELECT NOT EXISTS (SELECT 1 FROM {})", self.chunks), &[])
+            .map_err(|e| self.err(e))?
+            .get(0);
+        // A collection whose index an earlier load left unbuilt goes on without it too.
+        if !empty && self.dense_index_state(&mut conn.client)? == Some(true) {
+            return Ok(false);
+        }
+        conn.batch_execute(&format!("DROP INDEX IF EXISTS {}_hnsw", self.chunks)).map_err(|e| self.err(e))?;
+        tracing::info!(collection = %self.settings.name, "loading an empty collection without its dense index; it is built at the end");
+        *held = Some(conn);
+        Ok(true)
+    }
+
+    fn end_bulk_load(&self) -> Result<()> {
+        let Some(mut conn) = self.bulk.lock().expect("bulk load").take() else { return Ok(()) };
+        match self.build_dense_index_on(&mut conn) {
+            Err(IndexError::Unavailable(_)) => {
+                // The session was lost (the database restarted), and its lock with it.
+                drop(conn);
+                self.build_dense_index().map(|_| ())
+            }
+            built => built.map(|_| ()),
+        }
+    }
+
     fn delete(&self, ids: &[String]) -> Result<WriteResult> {
         if ids.is_empty() {
             return Ok(WriteResult::default());
@@ -902,7 +1031,8 @@ impl ChunkStore for PgStore {
                     &format!(
                         "SELECT (SELECT count(*) FROM {docs}), (SELECT count(*) FROM {chunks}),
                                 pg_total_relation_size('{docs}') + pg_total_relation_size('{chunks}'),
-                                (SELECT seq FROM ragway_collections WHERE name = $1)",
+                                (SELECT seq FROM ragway_collections WHERE name = $1),
+                                coalesce((SELECT i.indisvalid FROM pg_index i WHERE i.indexrelid = to_regclass('{chunks}_hnsw')), false)",
                         docs = self.docs,
                         chunks = self.chunks
                     ),
@@ -921,7 +1051,9 @@ impl ChunkStore for PgStore {
                 disk_bytes: row.get::<_, i64>(2) as u64,
                 // Held by the database server, not by ragway.
                 memory_bytes: 0,
-                state: "ready",
+                // Without its dense index (a bulk load, or its build), searches rank by
+                // exact distances.
+                state: if row.get::<_, bool>(4) { "ready" } else { "rebuilding" },
             })
         };
         read().unwrap_or_else(|e| {
@@ -960,6 +1092,24 @@ impl ChunkStore for PgStore {
         let mut conn = self.db.conn()?;
         for table in [&self.docs, &self.chunks] {
             conn.batch_execute(&format!("VACUUM (ANALYZE) {table}")).map_err(|e| self.err(e))?;
+        }
+        Ok(())
+    }
+
+    /// Builds the dense index when a bulk load left it missing (a server that died
+    /// mid-load, a build that failed). Once found there it is checked again only after
+    /// [`INDEX_CHECK_INTERVAL`]; while missing, every round tries (and leaves it to a
+    /// server that is still loading the collection).
+    fn maintain(&self) -> Result<()> {
+        if self.bulk.lock().expect("bulk load").is_some() {
+            return Ok(());
+        }
+        if self.index_seen.lock().expect("index check").is_some_and(|t| t.elapsed() < INDEX_CHECK_INTERVAL) {
+            return Ok(());
+        }
+        let there = self.dense_index_state(&mut self.db.conn()?.client)? == Some(true) || self.build_dense_index()?;
+        if there {
+            *self.index_seen.lock().expect("index check") = Some(Instant::now());
         }
         Ok(())
     }

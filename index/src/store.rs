@@ -179,6 +179,19 @@ pub trait ChunkStore: Send + Sync {
         Ok(())
     }
 
+    /// Prepares for a bulk load (an ingestion job): the store may put off index upkeep
+    /// that is cheaper done once at the end. Returns whether it did; then
+    /// [`ChunkStore::end_bulk_load`] must follow, whatever becomes of the load. By default
+    /// nothing is put off.
+    fn begin_bulk_load(&self) -> Result<bool> {
+        Ok(false)
+    }
+
+    /// Ends a bulk load that [`ChunkStore::begin_bulk_load`] began: does what it put off.
+    fn end_bulk_load(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// Saves derived state so that the next open does less (graceful shutdown, idle times).
     fn flush(&self) -> Result<()>;
 

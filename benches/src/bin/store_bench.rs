@@ -3,6 +3,12 @@
 //! single-client dense search latency and recall@10 against exact search at several `ef`,
 //! for ragway's embedded store and for PostgreSQL + pgvector.
 //!
+//! With `--load job` the documents go in as one ingestion job over a JSONL file instead
+//! (as `ragway ingest` and `POST .../ingest` load them): a PostgreSQL collection that is
+//! empty when the job starts is loaded without its HNSW index, built once at the end
+//! (`postgres`); `postgres-incremental` seeds the collection with the file's first
+//! document first, so the job inserts into the index as it goes, as every write did before.
+//!
 //! Vectors are clustered (1,000 Gaussian clusters on the unit sphere, `--dim` dimensions),
 //! as in `filter-bench`. PostgreSQL is a throwaway server from `RAGWAY_PG_INSTALL` (see
 //! `scripts/setup-postgres.sh`) or `--postgres-url`.
@@ -36,9 +42,16 @@ struct Args {
     /// created there, replacing one of that name).
     #[arg(long)]
     postgres_url: Option<String>,
-    /// Stores to run, comma-separated.
+    /// Stores to run, comma-separated: `embedded`, `postgres`, `postgres-incremental`.
     #[arg(long, default_value = "embedded,postgres")]
     stores: String,
+    /// How the documents go in: `upserts` (1,000 per write through the collection API) or
+    /// `job` (one ingestion job over a JSONL file).
+    #[arg(long, default_value = "upserts")]
+    load: String,
+    /// PostgreSQL's `maintenance_work_mem` in MiB for the index builds after a bulk load.
+    #[arg(long)]
+    index_memory_mb: Option<u32>,
     /// Then, on the embedded store: replace every document once, consolidate, and rewrite
     /// the log while a client keeps writing; prints that client's write latencies before
     /// and during the rewrite.
@@ -70,74 +83,108 @@ fn main() -> anyhow::Result<()> {
 
     let dir = tempfile::tempdir()?;
     let stores: Vec<&str> = args.stores.split(',').map(str::trim).collect();
-    if let Some(bad) = stores.iter().find(|s| !matches!(**s, "embedded" | "postgres")) {
-        anyhow::bail!("--stores: unknown store `{bad}` (embedded, postgres)");
+    if let Some(bad) = stores.iter().find(|s| !matches!(**s, "embedded" | "postgres" | "postgres-incremental")) {
+        anyhow::bail!("--stores: unknown store `{bad}` (embedded, postgres, postgres-incremental)");
+    }
+    if !matches!(args.load.as_str(), "upserts" | "job") {
+        anyhow::bail!("--load: `upserts` or `job`, not `{}`", args.load);
     }
     let server = match &args.postgres_url {
         Some(_) => None,
-        None if stores.contains(&"postgres") => Some(LocalServer::from_env()?),
+        None if stores.iter().any(|s| s.starts_with("postgres")) => Some(LocalServer::from_env()?),
         None => None,
     };
+    let document = |i: usize| DocumentInput {
+        id: format!("d{i}"),
+        text: format!("chunk {i}"),
+        vector: Some(vectors[i].clone()),
+        ..Default::default()
+    };
+    let jsonl = dir.path().join("vectors.jsonl");
+    if args.load == "job" {
+        use std::io::Write;
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&jsonl)?);
+        for i in 0..vectors.len() {
+            serde_json::to_writer(&mut f, &document(i))?;
+            f.write_all(b"\n")?;
+        }
+        f.flush()?;
+    }
     let url = args.postgres_url.clone().or_else(|| server.as_ref().map(|s| s.url())).unwrap_or_default();
     let mut rows = Vec::new();
     for &store in &stores {
         let settings = own_vectors_settings("store_bench", dim);
-        let c = match store {
+        let c = std::sync::Arc::new(match store {
             "embedded" => Collection::create_with(&dir.path().join("embedded"), settings, None)?,
             _ => {
-                let db = PgDatabase::connect(&PgOptions::new(url.clone()))?;
+                let options = PgOptions { index_memory_mb: args.index_memory_mb, ..PgOptions::new(url.clone()) };
+                let db = PgDatabase::connect(&options)?;
                 let _ = PgStore::drop_collection(&db, "store_bench");
                 let pg = PgStore::create(db, settings.clone())?;
-                Collection::with_store(&dir.path().join("postgres"), settings, None, Box::new(pg))
+                Collection::with_store(&dir.path().join(store), settings, None, Box::new(pg))
             }
-        };
+        });
+        if store == "postgres-incremental" {
+            // The job then finds the collection holding a document (the same one, so it is
+            // left unchanged): its index is kept and maintained row by row.
+            c.upsert(vec![document(0)], false)?;
+        }
         let t = Instant::now();
-        let batches: Vec<(usize, &[Vec<f32>])> = vectors.chunks(1000).enumerate().collect();
-        let done = std::sync::atomic::AtomicUsize::new(0);
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        std::thread::scope(|scope| -> anyhow::Result<()> {
-            let workers: Vec<_> = (0..args.writers.max(1))
-                .map(|_| {
-                    scope.spawn(|| -> anyhow::Result<()> {
-                        let mut last = Instant::now();
-                        loop {
-                            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            let Some(&(b, batch)) = batches.get(i) else { return Ok(()) };
-                            let docs = batch
-                                .iter()
-                                .enumerate()
-                                .map(|(j, v)| DocumentInput {
-                                    id: format!("d{}", b * 1000 + j),
-                                    text: format!("chunk {}", b * 1000 + j),
-                                    vector: Some(v.clone()),
-                                    ..Default::default()
-                                })
-                                .collect();
-                            c.upsert(docs, false)?;
-                            let n = done.fetch_add(batch.len(), std::sync::atomic::Ordering::Relaxed) + batch.len();
-                            if last.elapsed().as_secs() >= 10 {
-                                last = Instant::now();
-                                eprintln!(
-                                    "[store-bench] {store}: {n} upserted, {:.0}/s",
-                                    n as f64 / t.elapsed().as_secs_f64()
-                                );
+        if args.load == "job" {
+            load_job(&c, &jsonl, store)?;
+        } else {
+            let batches: Vec<(usize, &[Vec<f32>])> = vectors.chunks(1000).enumerate().collect();
+            let done = std::sync::atomic::AtomicUsize::new(0);
+            let next = std::sync::atomic::AtomicUsize::new(0);
+            std::thread::scope(|scope| -> anyhow::Result<()> {
+                let workers: Vec<_> = (0..args.writers.max(1))
+                    .map(|_| {
+                        scope.spawn(|| -> anyhow::Result<()> {
+                            let mut last = Instant::now();
+                            loop {
+                                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                let Some(&(b, batch)) = batches.get(i) else { return Ok(()) };
+                                let docs = batch
+                                    .iter()
+                                    .enumerate()
+                                    .map(|(j, v)| DocumentInput {
+                                        id: format!("d{}", b * 1000 + j),
+                                        text: format!("chunk {}", b * 1000 + j),
+                                        vector: Some(v.clone()),
+                                        ..Default::default()
+                                    })
+                                    .collect();
+                                c.upsert(docs, false)?;
+                                let n = done.fetch_add(batch.len(), std::sync::atomic::Ordering::Relaxed) + batch.len();
+                                if last.elapsed().as_secs() >= 10 {
+                                    last = Instant::now();
+                                    eprintln!(
+                                        "[store-bench] {store}: {n} upserted, {:.0}/s",
+                                        n as f64 / t.elapsed().as_secs_f64()
+                                    );
+                                }
                             }
-                        }
+                        })
                     })
-                })
-                .collect();
-            for w in workers {
-                w.join().map_err(|_| anyhow::anyhow!("writer panicked"))??;
-            }
-            Ok(())
-        })?;
+                    .collect();
+                for w in workers {
+                    w.join().map_err(|_| anyhow::anyhow!("writer panicked"))??;
+                }
+                Ok(())
+            })?;
+        }
         c.commit()?;
         let upsert_s = t.elapsed().as_secs_f64();
         let rate = args.n as f64 / upsert_s;
-        println!(
-            "{store:<9} upserted {} vectors in {upsert_s:.1} s with {} writers: {rate:.0}/s",
-            args.n, args.writers
-        );
+        match args.load.as_str() {
+            "job" => {
+                println!("{store:<9} loaded {} vectors in {upsert_s:.1} s by one ingestion job: {rate:.0}/s", args.n)
+            }
+            _ => println!(
+                "{store:<9} upserted {} vectors in {upsert_s:.1} s with {} writers: {rate:.0}/s",
+                args.n, args.writers
+            ),
+        }
         let mut searches = Vec::new();
         for &ef in &efs {
             let mut times = Vec::new();
@@ -164,7 +211,7 @@ fn main() -> anyhow::Result<()> {
             searches.push(json!({"ef": ef, "recall@10": recall, "median_ms": ms, "qps": 1e3 / ms}));
         }
         let upkeep = if args.upkeep && store == "embedded" { Some(upkeep(&c, &vectors)?) } else { None };
-        rows.push(json!({"store": store, "writers": args.writers, "upsert_s": upsert_s, "upserts_per_s": rate, "searches": searches, "upkeep": upkeep}));
+        rows.push(json!({"store": store, "load": args.load, "writers": args.writers, "upsert_s": upsert_s, "upserts_per_s": rate, "searches": searches, "upkeep": upkeep}));
     }
     // Side by side: the fastest setting of each store that reaches recall@10 0.95.
     let at_95 = |row: &Value| {
@@ -191,6 +238,34 @@ fn main() -> anyhow::Result<()> {
     if let Some(out) = &args.out {
         std::fs::write(out, serde_json::to_string_pretty(&json!({"n": args.n, "dim": dim, "results": rows}))?)?;
     }
+    Ok(())
+}
+
+/// Loads `jsonl` into `c` by one ingestion job, with its progress every 10 s.
+fn load_job(c: &std::sync::Arc<Collection>, jsonl: &std::path::Path, store: &str) -> anyhow::Result<()> {
+    use ragway_index::jobs::{JobRegistry, JobState};
+    let registry = JobRegistry::default();
+    let job = registry.submit(
+        c.clone(),
+        ragway_index::ingest::Source::Jsonl(jsonl.to_path_buf()),
+        Default::default(),
+        None,
+    )?;
+    let mut last = Instant::now();
+    while matches!(job.state(), JobState::Queued | JobState::Running) {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        if last.elapsed().as_secs() >= 10 {
+            last = Instant::now();
+            let p = job.view().progress;
+            let doing = if p.indexing { "building the index" } else { "writing" };
+            eprintln!(
+                "[store-bench] {store}: {} written, {:.0}/s, {doing}",
+                p.documents_written, p.documents_per_second
+            );
+        }
+    }
+    let view = job.view();
+    anyhow::ensure!(view.state == JobState::Done, "the job failed: {view:?}");
     Ok(())
 }
 

@@ -52,14 +52,18 @@ pub fn run(args: IngestArgs) -> anyhow::Result<()> {
     let mut lines = (!std::io::IsTerminal::is_terminal(&std::io::stderr())).then(std::time::Instant::now);
     while matches!(job.state(), JobState::Queued | JobState::Running) {
         let v = job.view();
-        let message = format!(
-            "{} docs, {} chunks, {:.1} docs/s, {} bad, eta {}",
-            v.progress.documents_written + v.progress.documents_unchanged,
-            v.progress.chunks_written,
-            v.progress.documents_per_second,
-            v.progress.documents_failed,
-            v.progress.eta_seconds.map_or("?".into(), |s| format!("{s:.0}s"))
-        );
+        let message = if v.progress.indexing {
+            format!("{} chunks written; building the dense index", v.progress.chunks_written)
+        } else {
+            format!(
+                "{} docs, {} chunks, {:.1} docs/s, {} bad, eta {}",
+                v.progress.documents_written + v.progress.documents_unchanged,
+                v.progress.chunks_written,
+                v.progress.documents_per_second,
+                v.progress.documents_failed,
+                v.progress.eta_seconds.map_or("?".into(), |s| format!("{s:.0}s"))
+            )
+        };
         if let Some(last) = lines.as_mut().filter(|l| l.elapsed() >= Duration::from_secs(10)) {
             eprintln!("{:.0}% {message}", v.progress.fraction * 100.0);
             *last = std::time::Instant::now();

@@ -318,6 +318,8 @@ pub struct JobProgress {
     documents_per_second: f64,
     elapsed_seconds: f64,
     eta_seconds: Option<f64>,
+    /// True while the collection's dense index is built after a bulk load (PostgreSQL).
+    indexing: bool,
 }
 
 #[derive(SimpleObject)]
@@ -354,6 +356,7 @@ impl From<&IndexJob> for Job {
                 documents_per_second: p.documents_per_second,
                 elapsed_seconds: p.elapsed_seconds,
                 eta_seconds: p.eta_seconds,
+                indexing: p.indexing,
             },
             errors: Json(serde_json::to_value(&v.errors).unwrap_or(Value::Null)),
             error: v.error,

@@ -160,6 +160,7 @@ fn open_index_with(settings: &Settings, embedder: Arc<dyn ChunkEmbedder>) -> rag
         drift: settings.drift.clone(),
         postgres: settings.postgres_url.as_ref().map(|url| ragway_index::postgres::PgOptions {
             read_urls: settings.postgres_read_urls.clone(),
+            index_memory_mb: settings.postgres_index_memory_mb,
             ..ragway_index::postgres::PgOptions::new(url.clone())
         }),
     };

@@ -629,3 +629,163 @@ fn tls_as_the_address_asks_with_the_certificate_verified_against_its_root_and_cl
     let mismatch = connect(at(&format!("&sslcert={}&sslkey={}", file("client.crt"), file("other.key")))).unwrap_err();
     assert!(mismatch.to_string().contains("KeyMismatch"), "a key of another certificate: {mismatch}");
 }
+
+/// The OID of the (one) collection's HNSW index and whether it is valid; `None` when
+/// there is none.
+fn dense_index(client: &mut postgres::Client) -> Option<(u32, bool)> {
+    client
+        .query_opt(
+            "SELECT i.indexrelid::oid, i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+             WHERE c.relname LIKE '%\\_hnsw'",
+            &[],
+        )
+        .unwrap()
+        .map(|r| (r.get(0), r.get(1)))
+}
+
+/// Cosine similarity of two vectors.
+fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    dot / (norm(a) * norm(b))
+}
+
+/// The `k` documents nearest to `q` by exact cosine, best first.
+fn exact_top(docs: &[(String, Vec<f32>)], q: &[f32], k: usize) -> Vec<String> {
+    let mut scored: Vec<(f32, &String)> = docs.iter().map(|(id, v)| (cosine(v, q), id)).collect();
+    scored.sort_by(|a, b| b.0.total_cmp(&a.0));
+    scored.into_iter().take(k).map(|(_, id)| id.clone()).collect()
+}
+
+fn dense_top(c: &Collection, q: &[f32], k: usize) -> Vec<String> {
+    let request = SearchRequest { vector: Some(q.to_vec()), top_k: k, mode: SearchMode::Dense, ..Default::default() };
+    c.search(&request).unwrap().results.into_iter().map(|r| r.document_id).collect()
+}
+
+/// Recall@k of the collection's dense search against exact search over `queries`.
+fn dense_recall(c: &Collection, docs: &[(String, Vec<f32>)], queries: &[Vec<f32>], k: usize) -> f64 {
+    let found: usize = queries
+        .iter()
+        .map(|q| {
+            let truth = exact_top(docs, q, k);
+            dense_top(c, q, k).iter().filter(|id| truth.contains(id)).count()
+        })
+        .sum();
+    found as f64 / (queries.len() * k) as f64
+}
+
+/// Own-vector documents `{prefix}0..` with their vectors, written as JSONL to `path`.
+fn own_vector_file(path: &std::path::Path, prefix: &str, n: usize, rng: &mut Rng) -> Vec<(String, Vec<f32>)> {
+    use std::io::Write;
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    let docs: Vec<(String, Vec<f32>)> = (0..n).map(|i| (format!("{prefix}{i}"), rng.vector())).collect();
+    for (id, v) in &docs {
+        writeln!(f, "{}", json!({"id": id, "text": format!("record {id}"), "vector": v})).unwrap();
+    }
+    docs
+}
+
+fn run_job(c: &std::sync::Arc<Collection>, path: &std::path::Path) -> ragway_index::jobs::JobView {
+    use ragway_index::jobs::JobState;
+    let registry = ragway_index::jobs::JobRegistry::default();
+    let job = registry
+        .submit(c.clone(), ragway_index::ingest::Source::Jsonl(path.to_path_buf()), Default::default(), None)
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    while matches!(job.state(), JobState::Queued | JobState::Running) {
+        assert!(std::time::Instant::now() < deadline, "job did not finish");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    job.view()
+}
+
+#[test]
+fn an_ingestion_into_an_empty_collection_builds_the_dense_index_once_at_the_end() {
+    let pg = PgServer::start();
+    let db = PgDatabase::connect(&PgOptions::new(pg.url())).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut client = postgres::Client::connect(&pg.url(), postgres::NoTls).unwrap();
+    let store = PgStore::create(db, own_settings("bulk")).unwrap();
+    let c = std::sync::Arc::new(Collection::with_store(dir.path(), own_settings("bulk"), None, Box::new(store)));
+    let (created, valid) = dense_index(&mut client).expect("created with its index");
+    assert!(valid);
+    let mut rng = Rng(23);
+    let mut docs = own_vector_file(&dir.path().join("first.jsonl"), "a", 3000, &mut rng);
+    let view = run_job(&c, &dir.path().join("first.jsonl"));
+    assert_eq!(view.state, ragway_index::jobs::JobState::Done, "{view:?}");
+    assert_eq!(view.progress.documents_written, 3000);
+    assert!(!view.progress.indexing, "{view:?}");
+    // The empty collection was loaded without its index, built again at the end.
+    let (built, valid) = dense_index(&mut client).expect("the index is built by the job's end");
+    assert!(valid);
+    assert_ne!(built, created, "the index was kept and maintained row by row");
+    assert_eq!(c.info().state, "ready");
+    let queries: Vec<Vec<f32>> = (0..20).map(|_| rng.vector()).collect();
+    let recall = dense_recall(&c, &docs, &queries, 10);
+    assert!(recall >= 0.95, "recall@10 {recall}");
+    // A collection that holds documents keeps its index through the next load.
+    docs.extend(own_vector_file(&dir.path().join("second.jsonl"), "b", 500, &mut rng));
+    let view = run_job(&c, &dir.path().join("second.jsonl"));
+    assert_eq!(view.state, ragway_index::jobs::JobState::Done, "{view:?}");
+    assert_eq!(dense_index(&mut client), Some((built, true)));
+    assert_eq!(c.info().documents, 3500);
+    let recall = dense_recall(&c, &docs, &queries, 10);
+    assert!(recall >= 0.95, "recall@10 {recall}");
+}
+
+#[test]
+fn a_bulk_load_cut_short_searches_exactly_and_upkeep_builds_the_index() {
+    let pg = PgServer::start();
+    let mut client = postgres::Client::connect(&pg.url(), postgres::NoTls).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let open = |db: &std::sync::Arc<PgDatabase>| {
+        let store = PgStore::open(db.clone(), "cut").unwrap();
+        Collection::with_store(dir.path(), own_settings("cut"), None, Box::new(store))
+    };
+    let db_a = PgDatabase::connect(&PgOptions::new(pg.url())).unwrap();
+    PgStore::create(db_a.clone(), own_settings("cut")).unwrap();
+    let a = open(&db_a);
+    assert!(a.begin_bulk_load().unwrap());
+    assert_eq!(dense_index(&mut client), None, "a bulk load drops the index");
+    let mut rng = Rng(5);
+    let docs: Vec<(String, Vec<f32>)> = (0..1500).map(|i| (format!("d{i}"), rng.vector())).collect();
+    for batch in docs.chunks(250) {
+        let input = batch.iter().map(|(id, v)| own_doc(id, &format!("record {id}"), json!({}), v.clone())).collect();
+        a.upsert(input, true).unwrap();
+    }
+    // Meanwhile searches rank by exact distances.
+    assert_eq!(a.info().state, "rebuilding");
+    let queries: Vec<Vec<f32>> = (0..10).map(|_| rng.vector()).collect();
+    for q in &queries {
+        assert_eq!(dense_top(&a, q, 10), exact_top(&docs, q, 10));
+    }
+    // Another server leaves the index to the one loading: no build, no second bulk load.
+    let db_b = PgDatabase::connect(&PgOptions::new(pg.url())).unwrap();
+    let b = open(&db_b);
+    b.maintain().unwrap();
+    assert_eq!(dense_index(&mut client), None, "built beside a running bulk load");
+    assert!(!b.begin_bulk_load().unwrap());
+    // The loading server dies (its sessions close, releasing the lock); the other's upkeep
+    // builds the index.
+    drop(a);
+    drop(db_a);
+    // Upkeep tries every round until the closed session's lock is gone.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while dense_index(&mut client).is_none() {
+        assert!(std::time::Instant::now() < deadline, "upkeep never built the index");
+        b.maintain().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let (built, valid) = dense_index(&mut client).unwrap();
+    assert!(valid);
+    assert_eq!(b.info().state, "ready");
+    assert!(dense_recall(&b, &docs, &queries, 10) >= 0.95);
+    // An index a failed concurrent build left invalid is built again.
+    client.execute("UPDATE pg_index SET indisvalid = false WHERE indexrelid = $1", &[&built]).unwrap();
+    let c = open(&db_b);
+    assert_eq!(c.info().state, "rebuilding");
+    c.maintain().unwrap();
+    let (rebuilt, valid) = dense_index(&mut client).unwrap();
+    assert!(valid && rebuilt != built, "{rebuilt} {built}");
+    assert_eq!(c.info().state, "ready");
+}
