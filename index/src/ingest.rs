@@ -312,7 +312,11 @@ pub fn run_ingest(collection: &Collection, source: Source, options: &IngestOptio
     let on_error = options.on_error;
     // An empty collection may be loaded with its dense index built once at the end
     // (PostgreSQL); whatever becomes of the load, the index is built before the job ends.
-    let bulk = collection.begin_bulk_load()?;
+    let bulk = collection.begin_bulk_load().unwrap_or_else(|e| {
+        // The writes retry while the store is unavailable, and say why if it stays so.
+        tracing::warn!(job = %job.id, error = %e, "could not begin a bulk load; writing with the index kept");
+        false
+    });
     let loaded = std::thread::scope(|scope| -> Result<()> {
         let reader = scope.spawn(move || read_source(source, job, read_batch, read_tx));
         let chunker = scope.spawn(move || chunk_stage(collection, job, on_error, read_rx, chunk_tx));

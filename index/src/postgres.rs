@@ -70,6 +70,9 @@ const PARALLEL_WRITES: usize = 4;
 const MAX_EF_SEARCH: usize = 1000;
 /// How often upkeep checks that a collection's dense index is there.
 const INDEX_CHECK_INTERVAL: Duration = Duration::from_secs(30);
+/// How soon upkeep tries again to build a missing dense index while another server holds
+/// the collection's bulk-load lock.
+const INDEX_RETRY_INTERVAL: Duration = Duration::from_secs(5);
 
 type Pool = r2d2::Pool<Manager>;
 type Conn = r2d2::PooledConnection<Manager>;
@@ -388,8 +391,8 @@ pub struct PgStore {
     /// The connection holding the bulk-load lock while this server loads the collection
     /// without its dense index (see [`ChunkStore::begin_bulk_load`]).
     bulk: Mutex<Option<Conn>>,
-    /// When upkeep last found the dense index there.
-    index_seen: Mutex<Option<Instant>>,
+    /// When upkeep next checks that the dense index is there.
+    next_index_check: Mutex<Option<Instant>>,
     docs: String,
     chunks: String,
     keys: String,
@@ -564,7 +567,7 @@ impl PgStore {
             lock_space: hash as i32,
             bulk_key: hash as i64,
             bulk: Mutex::new(None),
-            index_seen: Mutex::new(None),
+            next_index_check: Mutex::new(None),
             settings,
             docs: format!("{prefix}_docs"),
             chunks: format!("{prefix}_chunks"),
@@ -1097,21 +1100,28 @@ impl ChunkStore for PgStore {
     }
 
     /// Builds the dense index when a bulk load left it missing (a server that died
-    /// mid-load, a build that failed). Once found there it is checked again only after
-    /// [`INDEX_CHECK_INTERVAL`]; while missing, every round tries (and leaves it to a
-    /// server that is still loading the collection).
+    /// mid-load, a build that failed). Once found there it is checked again after
+    /// [`INDEX_CHECK_INTERVAL`]; while another server loads the collection, after
+    /// [`INDEX_RETRY_INTERVAL`]. The database being down is `/ready`'s to say, not upkeep's:
+    /// it waits for the next check.
     fn maintain(&self) -> Result<()> {
         if self.bulk.lock().expect("bulk load").is_some() {
             return Ok(());
         }
-        if self.index_seen.lock().expect("index check").is_some_and(|t| t.elapsed() < INDEX_CHECK_INTERVAL) {
+        if self.next_index_check.lock().expect("index check").is_some_and(|t| Instant::now() < t) {
             return Ok(());
         }
-        let there = self.dense_index_state(&mut self.db.conn()?.client)? == Some(true) || self.build_dense_index()?;
-        if there {
-            *self.index_seen.lock().expect("index check") = Some(Instant::now());
+        let outcome = self
+            .db
+            .conn()
+            .and_then(|mut conn| self.dense_index_state(&mut conn.client))
+            .and_then(|state| Ok(state == Some(true) || self.build_dense_index()?));
+        let wait = if matches!(outcome, Ok(false)) { INDEX_RETRY_INTERVAL } else { INDEX_CHECK_INTERVAL };
+        *self.next_index_check.lock().expect("index check") = Some(Instant::now() + wait);
+        match outcome {
+            Err(IndexError::Unavailable(_)) | Ok(_) => Ok(()),
+            Err(e) => Err(e),
         }
-        Ok(())
     }
 
     fn flush(&self) -> Result<()> {
