@@ -518,7 +518,9 @@ fn retrieval_work(spec: &RunSpec, ctx: &RunContext<'_>, h: &mut Sha256) -> Resul
             "excluded": metrics_excluded(&run, empty),
         }))
     };
-    Ok((samples, Box::new(work), json!({"collection": collection, "top_k": top_k})))
+    // The candidates in effect, so that a change of the default is a new configuration.
+    let candidates = spec.candidates.unwrap_or_else(|| ragway_index::collection::default_candidates(spec.mode, top_k));
+    Ok((samples, Box::new(work), json!({"collection": collection, "top_k": top_k, "candidates": candidates})))
 }
 
 fn metrics_excluded(run: &[(String, f64)], empty: EmptyQueries) -> bool {
@@ -589,7 +591,8 @@ fn rag_work(spec: &RunSpec, ctx: &RunContext<'_>, h: &mut Sha256, out: &Path) ->
         .iter()
         .map(|q| Sample { id: q.id.clone(), inputs: json!({"question": q.question, "answers": q.answers, "doc_ids": q.doc_ids}) })
         .collect();
-    let setup = json!({"collection": collection, "top_k": top_k, "answerer": answerer.describe(), "judge": judge.as_ref().map(Judge::describe), "format": qa.format});
+    let candidates = ragway_index::collection::default_candidates(spec.mode, top_k);
+    let setup = json!({"collection": collection, "top_k": top_k, "candidates": candidates, "answerer": answerer.describe(), "judge": judge.as_ref().map(Judge::describe), "format": qa.format});
     let work = move |i: usize| -> Result<Value> {
         let item = &items[i];
         let out: RagOutput = answerer.answer(&item.question)?;

@@ -1306,3 +1306,38 @@ fn quantized_collections(backend: Backend) {
         assert!(r >= 0.95, "{quantization}: recall@10 {r:.3} after compaction");
     }
 }
+
+/// Hybrid searches hand fusion the same depth whatever `top_k` asks (up to 100), so a
+/// search's first results do not move when more are asked for, and an evaluation at
+/// `top_k` 100 measures the top 10 that a `top_k` 10 search returns.
+#[test]
+fn a_hybrid_search_ranks_its_first_results_alike_whatever_top_k_asks() {
+    let (_dir, c) = own_vectors_collection("depth", 16);
+    let (vectors, queries) = clustered(2000, 16, 20, 0.6, 41);
+    let words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa"];
+    let mut rng = ragway_engine::rng::SplitMix64::new(7);
+    let mut text = |i: usize| -> String {
+        let mut t: Vec<&str> = (0..6).map(|_| words[rng.below(words.len())]).collect();
+        t.push(if i % 2 == 0 { "even" } else { "odd" });
+        t.join(" ")
+    };
+    let docs: Vec<_> = vectors.iter().enumerate().map(|(i, v)| own(&format!("d{i}"), &text(i), v.clone())).collect();
+    for batch in docs.chunks(500) {
+        c.upsert(batch.to_vec(), true).unwrap();
+    }
+    let ranked = |q: &[f32], words: &str, top_k: usize| -> Vec<String> {
+        let req = SearchRequest { query: words.into(), vector: Some(q.to_vec()), top_k, ..Default::default() };
+        c.search(&req).unwrap().results.into_iter().map(|h| h.chunk_id).collect()
+    };
+    for (i, q) in queries.iter().enumerate() {
+        let query = format!("{} {}", words[i % words.len()], words[(i * 3 + 1) % words.len()]);
+        let first = ranked(q, &query, 10);
+        assert_eq!(first.len(), 10);
+        for top_k in [30, 100] {
+            assert_eq!(ranked(q, &query, top_k)[..10], first[..], "query {i}: top_k {top_k} moved the first 10");
+        }
+    }
+    assert_eq!(ragway_index::collection::default_candidates(SearchMode::Hybrid, 10), 200);
+    assert_eq!(ragway_index::collection::default_candidates(SearchMode::Hybrid, 300), 600);
+    assert_eq!(ragway_index::collection::default_candidates(SearchMode::Dense, 10), 50);
+}
