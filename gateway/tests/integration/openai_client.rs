@@ -69,9 +69,9 @@ fn official_openai_client_rag_through_extra_body() {
     assert!(stdout.contains("openai rag client: all checks passed"), "{stdout}");
 }
 
-/// Issue 21: the README's chat example, unchanged but for its base URL, finishes by itself
-/// within the default token cap; `/v1/models/{id}` shows the defaults in use; and the
-/// server's log, written to a pipe, holds no colour codes.
+/// Issue 21: the README's chat example, unchanged but for its base URL, prints the answer the
+/// README says it prints and finishes by itself; `/v1/models/{id}` shows the defaults in
+/// use; and the server's log, written to a pipe, holds no colour codes.
 #[test]
 fn official_openai_client_runs_the_readme_example() {
     let s = shared();
