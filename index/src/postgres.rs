@@ -890,8 +890,8 @@ impl ChunkStore for PgStore {
     /// without its HNSW index, which is built once at the end: pgvector's build is several
     /// times faster than inserting one vector at a time into the graph (3.5x at 100,000
     /// vectors, 6.5x at 1,000,000; docs/benchmarks.md). Searches meanwhile rank by exact
-    /// distances. The lock this holds is the session's, so a server
-    /// that dies mid-load releases it, and upkeep ([`ChunkStore::maintain`]) builds the index.
+    /// distances. The lock this holds is the session's, so a server that dies mid-load
+    /// releases it, and upkeep ([`ChunkStore::maintain`]) builds the index.
     fn begin_bulk_load(&self) -> Result<bool> {
         let mut held = self.bulk.lock().expect("bulk load");
         if held.is_some() {
