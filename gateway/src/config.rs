@@ -408,6 +408,31 @@ mod tests {
     }
 
     #[test]
+    fn the_postgres_index_memory_is_bounded_from_the_file_as_from_the_flag() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("ragway.toml");
+        std::fs::write(&path, "postgres_index_memory_mb = 2048\n").unwrap();
+        let s = ServeArgs { config: Some(path.clone()), ..Default::default() }.resolve().unwrap();
+        assert_eq!(s.postgres_index_memory_mb, Some(2048));
+        for bad in ["0", "2000000"] {
+            std::fs::write(&path, format!("postgres_index_memory_mb = {bad}\n")).unwrap();
+            let err = ServeArgs { config: Some(path.clone()), ..Default::default() }.resolve().unwrap_err();
+            assert!(err.to_string().contains("postgres_index_memory_mb"), "{err}");
+        }
+        #[derive(clap::Parser)]
+        struct Flags {
+            #[command(flatten)]
+            serve: ServeArgs,
+        }
+        use clap::Parser;
+        let flag = |v: &str| {
+            Flags::try_parse_from(["ragway", "--postgres-index-memory-mb", v]).map(|f| f.serve.postgres_index_memory_mb)
+        };
+        assert_eq!(flag("512").unwrap(), Some(512));
+        assert!(flag("0").is_err() && flag("2000000").is_err() && flag("-1").is_err());
+    }
+
+    #[test]
     fn unknown_keys_are_rejected() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path();
