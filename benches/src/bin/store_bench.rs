@@ -133,45 +133,7 @@ fn main() -> anyhow::Result<()> {
         if args.load == "job" {
             load_job(&c, &jsonl, store)?;
         } else {
-            let batches: Vec<(usize, &[Vec<f32>])> = vectors.chunks(1000).enumerate().collect();
-            let done = std::sync::atomic::AtomicUsize::new(0);
-            let next = std::sync::atomic::AtomicUsize::new(0);
-            std::thread::scope(|scope| -> anyhow::Result<()> {
-                let workers: Vec<_> = (0..args.writers.max(1))
-                    .map(|_| {
-                        scope.spawn(|| -> anyhow::Result<()> {
-                            let mut last = Instant::now();
-                            loop {
-                                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                                let Some(&(b, batch)) = batches.get(i) else { return Ok(()) };
-                                let docs = batch
-                                    .iter()
-                                    .enumerate()
-                                    .map(|(j, v)| DocumentInput {
-                                        id: format!("d{}", b * 1000 + j),
-                                        text: format!("chunk {}", b * 1000 + j),
-                                        vector: Some(v.clone()),
-                                        ..Default::default()
-                                    })
-                                    .collect();
-                                c.upsert(docs, false)?;
-                                let n = done.fetch_add(batch.len(), std::sync::atomic::Ordering::Relaxed) + batch.len();
-                                if last.elapsed().as_secs() >= 10 {
-                                    last = Instant::now();
-                                    eprintln!(
-                                        "[store-bench] {store}: {n} upserted, {:.0}/s",
-                                        n as f64 / t.elapsed().as_secs_f64()
-                                    );
-                                }
-                            }
-                        })
-                    })
-                    .collect();
-                for w in workers {
-                    w.join().map_err(|_| anyhow::anyhow!("writer panicked"))??;
-                }
-                Ok(())
-            })?;
+            load_upserts(&c, vectors.len(), args.writers, store, &document)?;
         }
         c.commit()?;
         let upsert_s = t.elapsed().as_secs_f64();
@@ -239,6 +201,48 @@ fn main() -> anyhow::Result<()> {
         std::fs::write(out, serde_json::to_string_pretty(&json!({"n": args.n, "dim": dim, "results": rows}))?)?;
     }
     Ok(())
+}
+
+/// Upserts documents `0..n` into `c`, 1,000 per write, from `writers` clients at once, with
+/// the rate every 10 s.
+fn load_upserts(
+    c: &Collection,
+    n: usize,
+    writers: usize,
+    store: &str,
+    document: &(dyn Fn(usize) -> DocumentInput + Sync),
+) -> anyhow::Result<()> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let t = Instant::now();
+    let (next, done) = (AtomicUsize::new(0), AtomicUsize::new(0));
+    std::thread::scope(|scope| -> anyhow::Result<()> {
+        let workers: Vec<_> = (0..writers.max(1))
+            .map(|_| {
+                scope.spawn(|| -> anyhow::Result<()> {
+                    let mut last = Instant::now();
+                    loop {
+                        let first = next.fetch_add(1, Ordering::Relaxed) * 1000;
+                        if first >= n {
+                            return Ok(());
+                        }
+                        let batch = first..(first + 1000).min(n);
+                        let len = batch.len();
+                        c.upsert(batch.map(document).collect(), false)?;
+                        let written = done.fetch_add(len, Ordering::Relaxed) + len;
+                        if last.elapsed().as_secs() >= 10 {
+                            last = Instant::now();
+                            let rate = written as f64 / t.elapsed().as_secs_f64();
+                            eprintln!("[store-bench] {store}: {written} upserted, {rate:.0}/s");
+                        }
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join().map_err(|_| anyhow::anyhow!("writer panicked"))??;
+        }
+        Ok(())
+    })
 }
 
 /// Loads `jsonl` into `c` by one ingestion job, with its progress every 10 s.
