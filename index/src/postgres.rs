@@ -9,7 +9,10 @@
 //! - `_chunks`: one row per chunk (key, document, offsets, its text, the document's title
 //!   and metadata, a generated `tsvector` — title weighted `A`, text `B` — and the vector),
 //!   with an HNSW index for the collection's distance, GIN indexes on the `tsvector` and on
-//!   `metadata` (`jsonb_path_ops`), and a B-tree on the document id.
+//!   `metadata` (`jsonb_path_ops`), and a B-tree on the document id;
+//! - `_terms`: the keyword half's postings, one row per lexeme of a chunk's `tsvector`
+//!   (occurrences in the chunk and its title, the chunk's lengths), written from the
+//!   `tsvector` in the chunk's transaction; `_stats`: the collection's counts for BM25.
 //!
 //! ## Consistency
 //! A write is one transaction, acknowledged once committed. It first takes its documents'
@@ -26,9 +29,9 @@
 //! `hnsw.iterative_scan` set for the transaction (`SET LOCAL`, which also reaches Citus
 //! workers). When the walk returns fewer hits than asked while more chunks match, the
 //! search is repeated without the index (exact distances): filtered searches are never
-//! short. The keyword half ranks with `ts_rank` over the `tsvector` (any of the query's
-//! words, as ragway's BM25 half does), so PostgreSQL's ranking stands in for BM25; both
-//! halves are fused by ragway's own code.
+//! short. The keyword half ranks by BM25 with tantivy's parameters over the postings (any
+//! of the query's words, as the embedded store's tantivy half does; PostgreSQL's English
+//! configuration makes the lexemes); both halves are fused by ragway's own code.
 
 use crate::collection::chunk_id;
 use crate::dense::Distance;
@@ -59,13 +62,18 @@ use std::time::{Duration, Instant};
 ///   when it fits (`STORAGE MAIN`): a scan reads vectors without one TOAST look-up each
 ///   (on SciFact, the dense half's exact scan 70 → 15 ms, and the planner's cost model sees
 ///   the real width of rows, so it takes the HNSW index where it should).
-pub const SCHEMA_VERSION: i32 = 2;
+/// - 3: BM25 for the keyword half: the postings table `_terms` and the counts `_stats`
+///   (see [`PgStore::terms_ddl`]), built from the chunks' `tsvector`s when migrated.
+pub const SCHEMA_VERSION: i32 = 3;
 /// pgvector's HNSW index takes `vector`s of at most this many dimensions (which also keeps a
 /// plain-stored vector within a page).
 pub const MAX_PG_DIMENSION: usize = 2000;
 /// Writes an ingestion job sends at once to one collection (each is one backend inserting
 /// into the HNSW index).
 const PARALLEL_WRITES: usize = 4;
+/// BM25's parameters, tantivy's (so both stores rank alike).
+const BM25_K1: f64 = 1.2;
+const BM25_B: f64 = 0.75;
 /// pgvector's largest `hnsw.ef_search`.
 const MAX_EF_SEARCH: usize = 1000;
 /// How often upkeep checks that a collection's dense index is there.
@@ -396,6 +404,8 @@ pub struct PgStore {
     docs: String,
     chunks: String,
     keys: String,
+    terms: String,
+    stats: String,
 }
 
 impl PgStore {
@@ -424,7 +434,8 @@ impl PgStore {
         let prefix = prefix_of(&settings.name);
         let store = PgStore::with_prefix(db, settings, &prefix);
         let (dim, vt, dense) = (store.settings.dimension, store.vector_type(), store.dense_index_ddl(""));
-        let (docs, chunks, keys) = (&store.docs, &store.chunks, &store.keys);
+        let (docs, chunks, keys, stats) = (&store.docs, &store.chunks, &store.keys, &store.stats);
+        let (terms, terms_indexes) = (store.terms_ddl(), store.terms_indexes_ddl());
         let ddl = format!(
             "CREATE TABLE {docs} (
                  doc_id text PRIMARY KEY,
@@ -454,7 +465,10 @@ impl PgStore {
              CREATE INDEX {chunks}_doc ON {chunks} (doc_id);
              {dense};
              CREATE INDEX {chunks}_tsv ON {chunks} USING gin (tsv);
-             CREATE INDEX {chunks}_meta ON {chunks} USING gin (metadata jsonb_path_ops);"
+             CREATE INDEX {chunks}_meta ON {chunks} USING gin (metadata jsonb_path_ops);
+             {terms}
+             INSERT INTO {stats} VALUES (0, 0, 0);
+             {terms_indexes}"
         );
         let mut conn = store.db.conn()?;
         let mut tx = conn.transaction().map_err(|e| store.err(e))?;
@@ -529,6 +543,20 @@ impl PgStore {
                     "ALTER TABLE {chunks} SET (toast_tuple_target = 8160);
                      ALTER TABLE {chunks} ALTER COLUMN embedding SET STORAGE PLAIN, ALTER COLUMN tsv SET STORAGE MAIN;"
                 ),
+                // The postings and counts of BM25, from the chunks' `tsvector`s (writes
+                // wait meanwhile; searches go on): about 2 s for SciFact's 10k chunks.
+                2 => format!(
+                    "LOCK TABLE {chunks} IN SHARE MODE;
+                     {terms}
+                     {postings};
+                     INSERT INTO {stats} SELECT (SELECT count(*) FROM {chunks}), coalesce(sum(tf), 0), coalesce(sum(tf_title), 0) FROM {terms_table};
+                     {terms_indexes}",
+                    terms = self.terms_ddl(),
+                    postings = self.postings_sql("true"),
+                    stats = self.stats,
+                    terms_table = self.terms,
+                    terms_indexes = self.terms_indexes_ddl(),
+                ),
                 v => return Err(IndexError::Corrupt(format!("collection `{name}` has unknown schema version {v}"))),
             };
             tx.batch_execute(&step).map_err(|e| self.err(e))?;
@@ -549,7 +577,8 @@ impl PgStore {
             .map(|r| r.get(0));
         let Some(prefix) = prefix else { return Err(IndexError::CollectionNotFound(name.to_string())) };
         tx.batch_execute(&format!(
-            "DROP TABLE IF EXISTS {prefix}_chunks; DROP TABLE IF EXISTS {prefix}_docs; DROP SEQUENCE IF EXISTS {prefix}_keys;"
+            "DROP TABLE IF EXISTS {prefix}_terms; DROP TABLE IF EXISTS {prefix}_stats;
+             DROP TABLE IF EXISTS {prefix}_chunks; DROP TABLE IF EXISTS {prefix}_docs; DROP SEQUENCE IF EXISTS {prefix}_keys;"
         ))
         .map_err(|e| db_error(&db.shown, e))?;
         tx.commit().map_err(|e| db_error(&db.shown, e))
@@ -572,6 +601,8 @@ impl PgStore {
             docs: format!("{prefix}_docs"),
             chunks: format!("{prefix}_chunks"),
             keys: format!("{prefix}_keys"),
+            terms: format!("{prefix}_terms"),
+            stats: format!("{prefix}_stats"),
         }
     }
 
@@ -600,6 +631,54 @@ impl PgStore {
         let (chunks, ops) = (&self.chunks, self.ops_class());
         let (m, efc) = (self.settings.hnsw.m, self.settings.hnsw.ef_construction);
         format!("CREATE INDEX {how} {chunks}_hnsw ON {chunks} USING hnsw (embedding {ops}) WITH (m = {m}, ef_construction = {efc})")
+    }
+
+    /// The tables of the keyword half's BM25: `_terms`, the postings (one row per lexeme of
+    /// a chunk's `tsvector`: how often it occurs in the chunk and in its title, and the
+    /// chunk's and its title's lengths in lexeme occurrences, so a search reads nothing
+    /// else), and `_stats`, the one row of collection-wide counts (chunks, occurrences,
+    /// title occurrences) that writes keep exact in their own transactions.
+    fn terms_ddl(&self) -> String {
+        let (terms, stats) = (&self.terms, &self.stats);
+        format!(
+            "CREATE TABLE {terms} (
+                 lexeme text NOT NULL,
+                 key bigint NOT NULL,
+                 doc_key bigint NOT NULL,
+                 tf smallint NOT NULL,
+                 tf_title smallint NOT NULL,
+                 len int NOT NULL,
+                 title_len int NOT NULL
+             );
+             CREATE TABLE {stats} (chunks bigint NOT NULL, tokens bigint NOT NULL, title_tokens bigint NOT NULL);"
+        )
+    }
+
+    /// The postings' indexes: by lexeme, covering what a search reads (an index-only scan),
+    /// and by chunk, for deletes.
+    fn terms_indexes_ddl(&self) -> String {
+        let terms = &self.terms;
+        format!(
+            "CREATE INDEX {terms}_lexeme ON {terms} (lexeme) INCLUDE (key, doc_key, tf, tf_title, len, title_len);
+             CREATE INDEX {terms}_key ON {terms} (key);"
+        )
+    }
+
+    /// The statement that writes the postings of the chunks (alias `c`) matching
+    /// `condition`, from their `tsvector`s: weight `A` marks the title's occurrences. (A
+    /// `tsvector` keeps at most 256 positions of a lexeme, so longer counts are capped.)
+    fn postings_sql(&self, condition: &str) -> String {
+        format!(
+            "INSERT INTO {terms} (lexeme, key, doc_key, tf, tf_title, len, title_len)
+             SELECT u.lexeme, c.key, c.doc_key, cardinality(u.positions)::smallint,
+                    cardinality(array_positions(u.weights, 'A'))::smallint,
+                    (sum(cardinality(u.positions)) OVER w)::int,
+                    (sum(cardinality(array_positions(u.weights, 'A'))) OVER w)::int
+             FROM {chunks} c, unnest(c.tsv) u WHERE {condition}
+             WINDOW w AS (PARTITION BY c.key)",
+            terms = self.terms,
+            chunks = self.chunks
+        )
     }
 
     /// Whether the HNSW index is there: `None` when it is not, `Some(false)` when a build
@@ -679,13 +758,18 @@ impl PgStore {
         }
     }
 
-    /// Ends a write: numbers it (taking the collection's catalog row, held only from here to
-    /// the commit, so that writes are numbered in commit order) and commits.
-    fn commit_write(&self, mut tx: postgres::Transaction<'_>) -> Result<u64> {
+    /// Ends a write: adds what it changed to the collection's BM25 counts, numbers it
+    /// (taking the collection's catalog row, held only from here to the commit, so that
+    /// writes are numbered in commit order) and commits.
+    fn commit_write(&self, mut tx: postgres::Transaction<'_>, change: Tally) -> Result<u64> {
         let seq: i64 = tx
             .query_one(
-                "UPDATE ragway_collections SET seq = seq + 1 WHERE name = $1 RETURNING seq",
-                &[&self.settings.name],
+                &format!(
+                    "WITH s AS (UPDATE {} SET chunks = chunks + $2, tokens = tokens + $3, title_tokens = title_tokens + $4)
+                     UPDATE ragway_collections SET seq = seq + 1 WHERE name = $1 RETURNING seq",
+                    self.stats
+                ),
+                &[&self.settings.name, &change.chunks, &change.tokens, &change.title_tokens],
             )
             .map_err(|e| self.err(e))?
             .get(0);
@@ -746,8 +830,15 @@ impl PgStore {
             .iter()
             .map(|r| r.get(0))
             .collect();
-        // Replacing a document: its old chunks go with its row, in this transaction.
+        // Replacing a document: its old chunks and their postings go, then its row, in this
+        // transaction.
         let fresh_ids: Vec<&str> = fresh.iter().map(|d| d.id.as_str()).collect();
+        let (_, gone) = self.remove(
+            &mut tx,
+            &format!("WITH gone_chunks AS (DELETE FROM {} c WHERE c.doc_id = ANY($1) RETURNING c.key)", self.chunks),
+            "0::bigint",
+            &[&fresh_ids],
+        )?;
         tx.execute(&format!("DELETE FROM {} WHERE doc_id = ANY($1)", self.docs), &[&fresh_ids])
             .map_err(|e| self.err(e))?;
         let (mut d_ids, mut d_titles, mut d_texts, mut d_meta, mut d_hash) = (vec![], vec![], vec![], vec![], vec![]);
@@ -814,22 +905,66 @@ impl PgStore {
             ],
         )
         .map_err(|e| self.err(e))?;
-        result.seq = self.commit_write(tx)?;
+        let added: (i64, i64) = tx
+            .query_one(
+                &format!(
+                    "WITH t AS ({} RETURNING tf, tf_title)
+                     SELECT coalesce(sum(tf), 0)::bigint, coalesce(sum(tf_title), 0)::bigint FROM t",
+                    self.postings_sql("c.key = ANY($1)")
+                ),
+                &[&c.key],
+            )
+            .map(|r| (r.get(0), r.get(1)))
+            .map_err(|e| self.err(e))?;
+        let change = Tally { chunks: n as i64, tokens: added.0, title_tokens: added.1 }.minus(&gone);
+        result.seq = self.commit_write(tx, change)?;
         Ok(result)
+    }
+
+    /// Deletes the chunks a `gone_chunks` CTE deletes (`with`, returning their keys) and
+    /// their postings, and says how much went: `documents` (an expression over `with`'s
+    /// CTEs) and the BM25 counts. A row another transaction deleted first is not returned,
+    /// so the counts are exactly what this one removed.
+    fn remove(
+        &self,
+        tx: &mut postgres::Transaction<'_>,
+        with: &str,
+        documents: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<(i64, Tally)> {
+        let row = tx
+            .query_one(
+                &format!(
+                    "{with},
+                     gone_terms AS (DELETE FROM {} t USING gone_chunks g WHERE t.key = g.key RETURNING t.tf, t.tf_title)
+                     SELECT {documents}, (SELECT count(*) FROM gone_chunks),
+                            coalesce(sum(tf), 0)::bigint, coalesce(sum(tf_title), 0)::bigint
+                     FROM gone_terms",
+                    self.terms
+                ),
+                params,
+            )
+            .map_err(|e| self.err(e))?;
+        Ok((row.get(0), Tally { chunks: row.get(1), tokens: row.get(2), title_tokens: row.get(3) }))
     }
 
     fn delete_sql(&self, condition: &str, params: &[&(dyn ToSql + Sync)]) -> Result<WriteResult> {
         let mut conn = self.db.conn()?;
         let mut tx = conn.transaction().map_err(|e| self.err(e))?;
-        let deleted = tx
-            .execute(&format!("DELETE FROM {} d WHERE {condition}", self.docs), params)
-            .map_err(|e| self.err(e))? as usize;
+        // The documents, their chunks and the chunks' postings in one statement (the
+        // chunks' cascade from the documents then finds none left).
+        let (docs, chunks) = (&self.docs, &self.chunks);
+        let with = format!(
+            "WITH gone_docs AS (DELETE FROM {docs} d WHERE {condition} RETURNING d.doc_id),
+             gone_chunks AS (DELETE FROM {chunks} c USING gone_docs g WHERE c.doc_id = g.doc_id RETURNING c.key)"
+        );
+        let (deleted, gone) = self.remove(&mut tx, &with, "(SELECT count(*) FROM gone_docs)", params)?;
         if deleted == 0 {
             tx.rollback().map_err(|e| self.err(e))?;
             return Ok(WriteResult::default());
         }
-        let seq = self.commit_write(tx)?;
-        Ok(WriteResult { deleted, seq, ..Default::default() })
+        let seq = self.commit_write(tx, Tally::default().minus(&gone))?;
+        Ok(WriteResult { deleted: deleted as usize, seq, ..Default::default() })
     }
 
     fn seq(&self) -> Result<u64> {
@@ -839,6 +974,27 @@ impl PgStore {
             .query_one("SELECT seq FROM ragway_collections WHERE name = $1", &[&self.settings.name])
             .map_err(|e| self.err(e))?;
         Ok(row.get::<_, i64>(0) as u64)
+    }
+}
+
+/// The collection-wide counts BM25 ranks by (see [`PgStore::terms_ddl`]), or a change to
+/// them.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct Tally {
+    chunks: i64,
+    /// Lexeme occurrences in the chunks (title and text).
+    tokens: i64,
+    /// Those in the titles.
+    title_tokens: i64,
+}
+
+impl Tally {
+    fn minus(self, other: &Tally) -> Tally {
+        Tally {
+            chunks: self.chunks - other.chunks,
+            tokens: self.tokens - other.tokens,
+            title_tokens: self.title_tokens - other.title_tokens,
+        }
     }
 }
 
@@ -1034,11 +1190,13 @@ impl ChunkStore for PgStore {
                 .query_one(
                     &format!(
                         "SELECT (SELECT count(*) FROM {docs}), (SELECT count(*) FROM {chunks}),
-                                pg_total_relation_size('{docs}') + pg_total_relation_size('{chunks}'),
+                                pg_total_relation_size('{docs}') + pg_total_relation_size('{chunks}')
+                                    + pg_total_relation_size('{terms}'),
                                 (SELECT seq FROM ragway_collections WHERE name = $1),
                                 coalesce((SELECT i.indisvalid FROM pg_index i WHERE i.indexrelid = to_regclass('{chunks}_hnsw')), false)",
                         docs = self.docs,
-                        chunks = self.chunks
+                        chunks = self.chunks,
+                        terms = self.terms
                     ),
                     &[&self.settings.name],
                 )
@@ -1235,24 +1393,56 @@ impl StoreView for PgView<'_> {
     }
 
     fn keyword_search(&self, query: &str, k: usize, title_boost: f32) -> Result<Vec<(u64, f32)>> {
-        // As in the embedded store, the title's words count as the text's, and
-        // `title_boost` adds that much again: title weight 1 + boost against text weight 1,
-        // scaled into ts_rank's [0, 1] (weights in order D, C, B: text, A: title).
-        let boost = title_boost.max(0.0);
-        let (a, b) = (1.0, 1.0 / (1.0 + boost));
-        let weights: Vec<f32> = vec![0.0, 0.0, b, a];
-        let (tp, wp, kp) = (self.next_param(1), self.next_param(2), self.next_param(3));
-        // Any of the query's words (its lexemes joined by `|`), as ragway's BM25 half.
+        // BM25 as the embedded store's tantivy index ranks: any of the query's words (its
+        // lexemes, each as often as it occurs in the query), over the text field that holds
+        // title + text, plus `title_boost` times the title field's own BM25. Document
+        // frequencies count every chunk's postings, the filter applies after, as in tantivy.
+        // Each lexeme's weight first (a count over its postings), then one pass over the
+        // postings: no sort of them. (`LIMIT 1` tells the planner that the counts are one
+        // row: a prepared statement's generic plan must not expect a table of them.)
+        let (tp, kp, bp) = (self.next_param(1), self.next_param(2), self.next_param(3));
+        let (terms, stats, chunks) = (&self.store.terms, &self.store.stats, &self.store.chunks);
+        let idf = |df: &str| format!("q.qtf * ln(1 + (st.n - {df} + 0.5) / ({df} + 0.5))");
+        let tf_part = |tf: &str, len: &str, avg: &str| {
+            format!("{} * {tf} / ({tf} + {BM25_K1} * (1 - {BM25_B} + {BM25_B} * {len} / st.{avg}))", BM25_K1 + 1.0)
+        };
+        let text = format!("w.idf * {}", tf_part("p.tf", "p.len", "avg_len"));
+        // The title's part only when asked for (a plan of its own).
+        let (title_df, title_idf, title) = match title_boost > 0.0 {
+            true => (
+                ", count(*) FILTER (WHERE t.tf_title > 0)::float8 AS title",
+                format!(", {bp}::float8 * {} AS title_idf", idf("df.title")),
+                format!(
+                    " + CASE WHEN p.tf_title > 0 THEN w.title_idf * {} ELSE 0 END",
+                    tf_part("p.tf_title", "p.title_len", "avg_title_len")
+                ),
+            ),
+            false => ("", String::new(), String::new()),
+        };
+        let (join, condition) = match self.condition.as_str() {
+            "true" => (String::new(), "true"),
+            c => (format!(" JOIN {chunks} c ON c.key = p.key"), c),
+        };
         let select = format!(
-            "WITH q AS (
-                 SELECT (string_agg(quote_literal(lexeme), ' | '))::tsquery AS q FROM unnest(to_tsvector('english', {tp}::text))
-             )
-             SELECT ts_rank({wp}::float4[], c.tsv, q.q, 1)::float8 AS s, c.key, c.doc_key FROM {} c, q
-             WHERE q.q IS NOT NULL AND c.tsv @@ q.q AND {}
-             ORDER BY s DESC, c.key LIMIT {kp}::bigint",
-            self.store.chunks, self.condition
+            "WITH q AS (SELECT u.lexeme, cardinality(u.positions)::float8 AS qtf FROM unnest(to_tsvector('english', {tp}::text)) u),
+             st AS (SELECT greatest(chunks, 1)::float8 AS n, greatest(tokens, 1)::float8 / greatest(chunks, 1) AS avg_len,
+                           greatest(title_tokens, 1)::float8 / greatest(chunks, 1) AS avg_title_len FROM {stats} LIMIT 1),
+             w AS (SELECT q.lexeme, {idf}{title_idf} FROM q CROSS JOIN st
+                   CROSS JOIN LATERAL (SELECT count(*)::float8 AS n{title_df} FROM {terms} t WHERE t.lexeme = q.lexeme) df)
+             SELECT sum({text}{title})::float8 AS s, p.key, p.doc_key
+             FROM w CROSS JOIN st CROSS JOIN LATERAL (
+                 SELECT t.key, t.doc_key, t.tf::float8 AS tf, t.tf_title::float8 AS tf_title, t.len::float8 AS len,
+                        t.title_len::float8 AS title_len
+                 FROM {terms} t WHERE t.lexeme = w.lexeme) p{join}
+             WHERE {condition}
+             GROUP BY p.key, p.doc_key ORDER BY s DESC, p.key LIMIT {kp}::bigint",
+            idf = idf("df.n") + " AS idf",
         );
-        self.hits(&select, &[&query, &weights, &(k as i64)])
+        let (limit, boost) = (k as i64, title_boost as f64);
+        match title_boost > 0.0 {
+            true => self.hits(&select, &[&query, &limit, &boost]),
+            false => self.hits(&select, &[&query, &limit]),
+        }
     }
 
     fn document_of(&self, key: u64) -> Option<u64> {

@@ -373,7 +373,7 @@ fn concurrent_writers_of_the_same_documents_leave_each_whole_on_postgres() {
 }
 
 #[test]
-fn a_collection_of_schema_version_1_is_migrated_when_opened() {
+fn a_collection_of_schema_version_1_is_migrated_when_opened_through_every_version() {
     let pg = PgServer::start();
     let db = PgDatabase::connect(&PgOptions::new(pg.url())).unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -384,12 +384,13 @@ fn a_collection_of_schema_version_1_is_migrated_when_opened() {
         .map(|i| own_doc(&format!("d{i}"), &format!("old document {i}"), json!({"i": i}), rng.vector()))
         .collect();
     c.upsert(docs, true).unwrap();
+    let scores = keyword_scores(&c, "old document 31", 0.0, None);
     drop(c);
     // The tables as version 1 made them.
     let mut client = postgres::Client::connect(&pg.url(), postgres::NoTls).unwrap();
     let prefix: String =
         client.query_one("SELECT prefix FROM ragway_collections WHERE name = 'old'", &[]).unwrap().get(0);
-    let layout = |client: &mut postgres::Client| -> (i32, Option<Vec<String>>, Vec<(String, String)>) {
+    let layout = |client: &mut postgres::Client| -> (i32, Option<Vec<String>>, Vec<(String, String)>, i64) {
         let version =
             client.query_one("SELECT schema_version FROM ragway_collections WHERE name = 'old'", &[]).unwrap().get(0);
         let options = client
@@ -408,7 +409,18 @@ fn a_collection_of_schema_version_1_is_migrated_when_opened() {
             .iter()
             .map(|r| (r.get(0), r.get(1)))
             .collect();
-        (version, options, storage)
+        // The keyword half's tables (version 3) and their indexes.
+        let bm25_relations = client
+            .query_one(
+                &format!(
+                    "SELECT count(*) FROM pg_class WHERE relname IN
+                     ('{prefix}_terms', '{prefix}_stats', '{prefix}_terms_lexeme', '{prefix}_terms_key')"
+                ),
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        (version, options, storage, bm25_relations)
     };
     let current = layout(&mut client);
     assert_eq!(current.0, ragway_index::postgres::SCHEMA_VERSION);
@@ -416,10 +428,12 @@ fn a_collection_of_schema_version_1_is_migrated_when_opened() {
         .batch_execute(&format!(
             "ALTER TABLE {prefix}_chunks RESET (toast_tuple_target);
              ALTER TABLE {prefix}_chunks ALTER COLUMN embedding SET STORAGE EXTERNAL, ALTER COLUMN tsv SET STORAGE EXTENDED;
+             DROP TABLE {prefix}_terms, {prefix}_stats;
              UPDATE ragway_collections SET schema_version = 1 WHERE name = 'old';"
         ))
         .unwrap();
-    assert_eq!(layout(&mut client), (1, None, vec![("embedding".into(), "e".into()), ("tsv".into(), "x".into())]));
+    assert_eq!(layout(&mut client), (1, None, vec![("embedding".into(), "e".into()), ("tsv".into(), "x".into())], 0));
+    assert_eq!(current.3, 4);
     // Opened by this ragway: migrated, with what it held.
     let store = PgStore::open(db.clone(), "old").unwrap();
     assert_eq!(layout(&mut client), current);
@@ -427,15 +441,10 @@ fn a_collection_of_schema_version_1_is_migrated_when_opened() {
     let c = Collection::with_store(dir.path(), own_settings("old"), None, Box::new(store));
     assert_eq!(c.info().documents, 40);
     assert_eq!(c.get("d7").unwrap().metadata["i"], 7);
-    let hits = c
-        .search(&SearchRequest {
-            query: "document 31".into(),
-            top_k: 3,
-            mode: SearchMode::Keyword,
-            ..Default::default()
-        })
-        .unwrap();
-    assert_eq!(hits.results[0].document_id, "d31");
+    // BM25's postings and counts built from the chunks: the same scores as before.
+    assert_eq!(scores.len(), 40);
+    assert_eq!(scores.iter().max_by(|a, b| a.1.total_cmp(&b.1)).unwrap().0, "d31");
+    assert_scores(&keyword_scores(&c, "old document 31", 0.0, None), &scores, "after the migration");
     // Opening again changes nothing.
     PgStore::open(db.clone(), "old").unwrap();
     assert_eq!(layout(&mut client), current);
@@ -788,4 +797,144 @@ fn a_bulk_load_cut_short_searches_exactly_and_upkeep_builds_the_index() {
     let (rebuilt, valid) = dense_index(&mut client).unwrap();
     assert!(valid && rebuilt != built, "{rebuilt} {built}");
     assert_eq!(c.info().state, "ready");
+}
+
+/// Words that PostgreSQL's and tantivy's English stemmers keep apart and neither drops, so
+/// that a word is a lexeme and BM25 can be computed here by counting words.
+const WORDS: [&str; 10] =
+    ["zebra", "quartz", "violet", "harbor", "maple", "cobalt", "falcon", "nickel", "orchid", "saturn"];
+
+/// `least` to `least + spread - 1` words.
+fn words(rng: &mut Rng, least: u64, spread: u64) -> String {
+    let n = least + rng.below(spread);
+    (0..n).map(|_| WORDS[rng.below(WORDS.len() as u64) as usize]).collect::<Vec<_>>().join(" ")
+}
+
+/// BM25 with tantivy's parameters of each document for `query`, over the text field (title
+/// and text) plus `boost` times the title field's own; documents matching no word left out.
+fn bm25(docs: &[(String, Option<String>, String)], query: &str, boost: f32) -> Vec<(String, f64)> {
+    let (k1, b) = (1.2, 0.75);
+    let field = |d: &(String, Option<String>, String), title_only: bool| -> Vec<String> {
+        let mut w: Vec<String> = d.1.iter().flat_map(|t| t.split(' ').map(String::from)).collect();
+        if !title_only {
+            w.extend(d.2.split(' ').map(String::from));
+        }
+        w
+    };
+    let n = docs.len() as f64;
+    let part = |title_only: bool, term: &str, d: &(String, Option<String>, String)| -> f64 {
+        let avg = docs.iter().map(|d| field(d, title_only).len() as f64).sum::<f64>() / n;
+        let df = docs.iter().filter(|d| field(d, title_only).iter().any(|w| w == term)).count() as f64;
+        let words = field(d, title_only);
+        let tf = words.iter().filter(|w| *w == term).count() as f64;
+        if tf == 0.0 {
+            return 0.0;
+        }
+        let idf = (1.0 + (n - df + 0.5) / (df + 0.5)).ln();
+        idf * tf * (k1 + 1.0) / (tf + k1 * (1.0 - b + b * words.len() as f64 / avg))
+    };
+    docs.iter()
+        .filter(|d| query.split(' ').any(|t| field(d, false).iter().any(|w| w == t)))
+        .map(|d| {
+            let s = query.split(' ').map(|t| part(false, t, d) + boost as f64 * part(true, t, d)).sum();
+            (d.0.clone(), s)
+        })
+        .collect()
+}
+
+fn keyword_scores(c: &Collection, query: &str, boost: f32, filter: Option<Value>) -> Vec<(String, f64)> {
+    let req = SearchRequest {
+        query: query.into(),
+        mode: SearchMode::Keyword,
+        top_k: 100,
+        title_boost: Some(boost),
+        filter: filter.map(|f| Filter::parse(&f).unwrap()),
+        ..Default::default()
+    };
+    let mut hits: Vec<(String, f64)> = c
+        .search(&req)
+        .unwrap()
+        .results
+        .into_iter()
+        .map(|h| (h.document_id, h.keyword.expect("a keyword hit").score as f64))
+        .collect();
+    hits.sort_by(|a, b| a.0.cmp(&b.0));
+    hits
+}
+
+fn assert_scores(got: &[(String, f64)], want: &[(String, f64)], what: &str) {
+    let mut want = want.to_vec();
+    want.sort_by(|a, b| a.0.cmp(&b.0));
+    let ids = |v: &[(String, f64)]| v.iter().map(|h| h.0.clone()).collect::<Vec<_>>();
+    assert_eq!(ids(got), ids(&want), "{what}: the matching documents");
+    for ((id, g), (_, w)) in got.iter().zip(&want) {
+        assert!((g - w).abs() <= 1e-4 * w.abs().max(1.0), "{what}: `{id}` scores {g}, BM25 {w}");
+    }
+}
+
+/// The keyword half on PostgreSQL is BM25 with tantivy's parameters, as on the embedded
+/// store: the scores of both equal BM25 computed here, with and without a title boost and
+/// under a filter (document frequencies over the whole collection), and the postings and
+/// counts PostgreSQL keeps stay exact through replacements, deletes and deletes by filter.
+#[test]
+fn keyword_search_is_bm25_on_both_stores_and_stays_exact_through_writes() {
+    let pg = PgServer::start();
+    let db = PgDatabase::connect(&PgOptions::new(pg.url())).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let on_pg = |name: &str| {
+        let store = PgStore::create(db.clone(), own_settings(name)).unwrap();
+        Collection::with_store(&dir.path().join(name), own_settings(name), None, Box::new(store))
+    };
+    let mut rng = Rng(21);
+    let doc = |rng: &mut Rng, i: usize| {
+        let title = (rng.below(3) > 0).then(|| words(rng, 1, 3));
+        (format!("d{i}"), title, words(rng, 2, 12))
+    };
+    let input = |d: &(String, Option<String>, String), rng: &mut Rng| DocumentInput {
+        title: d.1.clone(),
+        ..own_doc(&d.0, &d.2, json!({"group": d.0[1..].parse::<u64>().unwrap() % 5}), rng.vector())
+    };
+    // A history of writes on one collection.
+    let history = on_pg("history");
+    let mut live: std::collections::BTreeMap<String, (String, Option<String>, String)> = Default::default();
+    let first: Vec<_> = (0..60).map(|i| doc(&mut rng, i)).collect();
+    history.upsert(first.iter().map(|d| input(d, &mut rng)).collect(), true).unwrap();
+    live.extend(first.into_iter().map(|d| (d.0.clone(), d)));
+    let replaced: Vec<_> = (0..60).step_by(4).map(|i| doc(&mut rng, i)).collect();
+    history.upsert(replaced.iter().map(|d| input(d, &mut rng)).collect(), true).unwrap();
+    live.extend(replaced.into_iter().map(|d| (d.0.clone(), d)));
+    let gone: Vec<String> = (1..60).step_by(7).map(|i| format!("d{i}")).collect();
+    history.delete(&gone, true).unwrap();
+    live.retain(|id, _| !gone.contains(id));
+    history.delete_where(&Filter::parse(&json!({"key": "group", "eq": 3})).unwrap(), true).unwrap();
+    live.retain(|id, _| id[1..].parse::<u64>().unwrap() % 5 != 3);
+    let docs: Vec<_> = live.into_values().collect();
+    assert_eq!(history.info().documents, docs.len());
+    // The same documents written once, in PostgreSQL and in the embedded store.
+    let fresh = on_pg("fresh");
+    fresh.upsert(docs.iter().map(|d| input(d, &mut rng)).collect(), true).unwrap();
+    let embedded = create_on(Backend::Embedded, own_settings("embedded"));
+    embedded.upsert(docs.iter().map(|d| input(d, &mut rng)).collect(), true).unwrap();
+    let mut checked = 0;
+    for round in 0..12 {
+        // Some queries repeat a word: BM25 counts it again, on both stores.
+        let query = words(&mut rng, 1, 3);
+        for boost in [0.0, 1.5] {
+            let want = bm25(&docs, &query, boost);
+            let what = format!("round {round}, `{query}`, title boost {boost}");
+            assert_scores(&keyword_scores(&history, &query, boost, None), &want, &format!("{what}, after the writes"));
+            assert_scores(&keyword_scores(&fresh, &query, boost, None), &want, &format!("{what}, written once"));
+            assert_scores(&keyword_scores(&embedded, &query, boost, None), &want, &format!("{what}, embedded"));
+            let group = json!({"key": "group", "in": [0, 1]});
+            let filtered: Vec<_> =
+                want.iter().filter(|(id, _)| id[1..].parse::<u64>().unwrap() % 5 < 2).cloned().collect();
+            assert_scores(
+                &keyword_scores(&history, &query, boost, Some(group)),
+                &filtered,
+                &format!("{what}, filtered"),
+            );
+            checked += want.len();
+        }
+    }
+    assert!(checked > 200, "the queries must match documents: {checked} scores checked");
 }
