@@ -842,8 +842,10 @@ fn the_log_is_rewritten_while_writes_go_on_and_loses_none_of_them() {
     let before = log_len();
     c.embedded().unwrap().rewrite_log().unwrap();
     let after = log_len();
+    // (`<=`: when the writer stopped before the fifth rewrite ended, that rewrite already
+    // left only live documents, and this one has nothing more to drop.)
     assert!(
-        after < before && (after as usize) < live_bytes + expected.len() * 400,
+        after <= before && (after as usize) < live_bytes + expected.len() * 400,
         "log {before} -> {after} bytes for {live_bytes} bytes of live texts"
     );
     c.close().unwrap();
