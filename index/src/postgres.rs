@@ -1252,7 +1252,7 @@ impl ChunkStore for PgStore {
         // One statement per call: several in one simple query form a transaction block,
         // where VACUUM cannot run.
         let mut conn = self.db.conn()?;
-        for table in [&self.docs, &self.chunks] {
+        for table in [&self.docs, &self.chunks, &self.terms, &self.stats] {
             conn.batch_execute(&format!("VACUUM (ANALYZE) {table}")).map_err(|e| self.err(e))?;
         }
         Ok(())
