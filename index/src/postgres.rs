@@ -76,9 +76,10 @@ const BM25_K1: f64 = 1.2;
 const BM25_B: f64 = 0.75;
 /// pgvector's largest `hnsw.ef_search`.
 const MAX_EF_SEARCH: usize = 1000;
-/// How often upkeep checks that a collection's dense index is there.
+/// How often upkeep checks that a collection's deferred indexes (HNSW, postings by lexeme)
+/// are there.
 const INDEX_CHECK_INTERVAL: Duration = Duration::from_secs(30);
-/// How soon upkeep tries again to build a missing dense index while another server holds
+/// How soon upkeep tries again to build a missing index while another server holds
 /// the collection's bulk-load lock.
 const INDEX_RETRY_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -657,11 +658,25 @@ impl PgStore {
     /// The postings' indexes: by lexeme, covering what a search reads (an index-only scan),
     /// and by chunk, for deletes.
     fn terms_indexes_ddl(&self) -> String {
+        format!("{}; CREATE INDEX {terms}_key ON {terms} (key);", self.lexeme_index_ddl(""), terms = self.terms)
+    }
+
+    /// The statement that builds the postings' index by lexeme (`how` as for
+    /// [`PgStore::dense_index_ddl`]).
+    fn lexeme_index_ddl(&self, how: &str) -> String {
         let terms = &self.terms;
-        format!(
-            "CREATE INDEX {terms}_lexeme ON {terms} (lexeme) INCLUDE (key, doc_key, tf, tf_title, len, title_len);
-             CREATE INDEX {terms}_key ON {terms} (key);"
-        )
+        format!("CREATE INDEX {how} {terms}_lexeme ON {terms} (lexeme) INCLUDE (key, doc_key, tf, tf_title, len, title_len)")
+    }
+
+    /// The indexes a bulk load builds once at its end instead of row by row, with the
+    /// statements that build them beside writes: the HNSW index, and the postings' index by
+    /// lexeme (built at once it is also a quarter smaller). The postings' index by chunk
+    /// stays: replacements during the load delete by it.
+    fn deferred_indexes(&self) -> [(String, String); 2] {
+        [
+            (format!("{}_hnsw", self.chunks), self.dense_index_ddl("CONCURRENTLY")),
+            (format!("{}_lexeme", self.terms), self.lexeme_index_ddl("CONCURRENTLY")),
+        ]
     }
 
     /// The statement that writes the postings of the chunks (alias `c`) matching
@@ -681,25 +696,35 @@ impl PgStore {
         )
     }
 
-    /// Whether the HNSW index is there: `None` when it is not, `Some(false)` when a build
-    /// left it invalid (a concurrent build that failed or was interrupted).
-    fn dense_index_state(&self, client: &mut impl postgres::GenericClient) -> Result<Option<bool>> {
+    /// Whether an index is there: `None` when it is not, `Some(false)` when a build left it
+    /// invalid (a concurrent build that failed or was interrupted).
+    fn index_state(&self, client: &mut impl postgres::GenericClient, index: &str) -> Result<Option<bool>> {
         let row = client
-            .query_opt(
-                "SELECT i.indisvalid FROM pg_index i WHERE i.indexrelid = to_regclass($1)",
-                &[&format!("{}_hnsw", self.chunks)],
-            )
+            .query_opt("SELECT i.indisvalid FROM pg_index i WHERE i.indexrelid = to_regclass($1)", &[&index])
             .map_err(|e| self.err(e))?;
         Ok(row.map(|r| r.get(0)))
     }
 
-    /// Builds the HNSW index when it is missing or invalid, beside writes (`CREATE INDEX
-    /// CONCURRENTLY`), without the statement timeout and with the configured
-    /// `maintenance_work_mem`, under the bulk-load lock: one server builds it, and none while
-    /// another loads the collection in bulk. Returns whether this call built it.
-    fn build_dense_index(&self) -> Result<bool> {
+    /// The state of the [deferred indexes](PgStore::deferred_indexes) together: `None` when
+    /// one is missing, `Some(false)` when one is invalid, `Some(true)` when all are valid.
+    fn indexes_state(&self, client: &mut impl postgres::GenericClient) -> Result<Option<bool>> {
+        let mut all = Some(true);
+        for (index, _) in self.deferred_indexes() {
+            match self.index_state(client, &index)? {
+                None => return Ok(None),
+                Some(valid) => all = all.map(|a| a && valid),
+            }
+        }
+        Ok(all)
+    }
+
+    /// Builds the deferred indexes that are missing or invalid, beside writes (`CREATE
+    /// INDEX CONCURRENTLY`), without the statement timeout and with the configured
+    /// `maintenance_work_mem`, under the bulk-load lock: one server builds them, and none
+    /// while another loads the collection in bulk. Returns whether this call built one.
+    fn build_indexes(&self) -> Result<bool> {
         match self.bulk_lock()? {
-            Some(mut conn) => self.build_dense_index_on(&mut conn),
+            Some(mut conn) => self.build_indexes_on(&mut conn),
             None => Ok(false),
         }
     }
@@ -715,28 +740,33 @@ impl PgStore {
         Ok(locked.then_some(conn))
     }
 
-    /// [`PgStore::build_dense_index`] on a connection that holds the bulk-load lock.
-    fn build_dense_index_on(&self, conn: &mut Conn) -> Result<bool> {
-        let state = self.dense_index_state(&mut conn.client)?;
-        if state == Some(true) {
-            return Ok(false);
-        }
+    /// [`PgStore::build_indexes`] on a connection that holds the bulk-load lock.
+    fn build_indexes_on(&self, conn: &mut Conn) -> Result<bool> {
         let name = &self.settings.name;
-        if state == Some(false) {
-            // One statement per call: a multi-statement query is a transaction block, where
-            // concurrent index builds cannot run.
-            conn.batch_execute(&format!("DROP INDEX CONCURRENTLY IF EXISTS {}_hnsw", self.chunks))
-                .map_err(|e| self.err(e))?;
+        let mut built = false;
+        for (index, ddl) in self.deferred_indexes() {
+            let state = self.index_state(&mut conn.client, &index)?;
+            if state == Some(true) {
+                continue;
+            }
+            if state == Some(false) {
+                // One statement per call: a multi-statement query is a transaction block,
+                // where concurrent index builds cannot run.
+                conn.batch_execute(&format!("DROP INDEX CONCURRENTLY IF EXISTS {index}")).map_err(|e| self.err(e))?;
+            }
+            if !built {
+                conn.batch_execute("SET statement_timeout = 0").map_err(|e| self.err(e))?;
+                if let Some(mb) = self.db.index_memory_mb {
+                    conn.batch_execute(&format!("SET maintenance_work_mem = '{mb}MB'")).map_err(|e| self.err(e))?;
+                }
+            }
+            tracing::info!(collection = %name, %index, "building a collection's index in PostgreSQL");
+            let start = Instant::now();
+            conn.batch_execute(&ddl).map_err(|e| self.err(e))?;
+            tracing::info!(collection = %name, %index, seconds = start.elapsed().as_secs_f64(), "built a collection's index");
+            built = true;
         }
-        conn.batch_execute("SET statement_timeout = 0").map_err(|e| self.err(e))?;
-        if let Some(mb) = self.db.index_memory_mb {
-            conn.batch_execute(&format!("SET maintenance_work_mem = '{mb}MB'")).map_err(|e| self.err(e))?;
-        }
-        tracing::info!(collection = %name, "building the collection's dense index in PostgreSQL");
-        let start = Instant::now();
-        conn.batch_execute(&self.dense_index_ddl("CONCURRENTLY")).map_err(|e| self.err(e))?;
-        tracing::info!(collection = %name, seconds = start.elapsed().as_secs_f64(), "built the collection's dense index");
-        Ok(true)
+        Ok(built)
     }
 
     /// The column type of the vectors: pgvector's `halfvec` (2 bytes a dimension, in the
@@ -1042,12 +1072,13 @@ impl ChunkStore for PgStore {
         PARALLEL_WRITES
     }
 
-    /// An empty collection (or one whose index an earlier load left unbuilt) is loaded
-    /// without its HNSW index, which is built once at the end: pgvector's build is several
-    /// times faster than inserting one vector at a time into the graph (3.5x at 100,000
-    /// vectors, 6.5x at 1,000,000; docs/benchmarks.md). Searches meanwhile rank by exact
-    /// distances. The lock this holds is the session's, so a server that dies mid-load
-    /// releases it, and upkeep ([`ChunkStore::maintain`]) builds the index.
+    /// An empty collection (or one whose indexes an earlier load left unbuilt) is loaded
+    /// without its HNSW index and its postings' index by lexeme, which are built once at the
+    /// end: pgvector's build is several times faster than inserting one vector at a time into
+    /// the graph (3.5x at 100,000 vectors, 6.5x at 1,000,000; docs/benchmarks.md), and the
+    /// B-tree's about 2x. Searches meanwhile rank by exact distances and scan the postings.
+    /// The lock this holds is the session's, so a server that dies mid-load releases it, and
+    /// upkeep ([`ChunkStore::maintain`]) builds the indexes.
     fn begin_bulk_load(&self) -> Result<bool> {
         let mut held = self.bulk.lock().expect("bulk load");
         if held.is_some() {
@@ -1058,23 +1089,28 @@ impl ChunkStore for PgStore {
             .query_one(&format!("SELECT NOT EXISTS (SELECT 1 FROM {})", self.chunks), &[])
             .map_err(|e| self.err(e))?
             .get(0);
-        // A collection whose index an earlier load left unbuilt goes on without it too.
-        if !empty && self.dense_index_state(&mut conn.client)? == Some(true) {
+        // A collection whose indexes an earlier load left unbuilt goes on without them too.
+        if !empty && self.indexes_state(&mut conn.client)? == Some(true) {
             return Ok(false);
         }
-        conn.batch_execute(&format!("DROP INDEX IF EXISTS {}_hnsw", self.chunks)).map_err(|e| self.err(e))?;
-        tracing::info!(collection = %self.settings.name, "loading an empty collection without its dense index; it is built at the end");
+        for (index, _) in self.deferred_indexes() {
+            conn.batch_execute(&format!("DROP INDEX IF EXISTS {index}")).map_err(|e| self.err(e))?;
+        }
+        tracing::info!(
+            collection = %self.settings.name,
+            "loading an empty collection without its dense index and postings index; they are built at the end"
+        );
         *held = Some(conn);
         Ok(true)
     }
 
     fn end_bulk_load(&self) -> Result<()> {
         let Some(mut conn) = self.bulk.lock().expect("bulk load").take() else { return Ok(()) };
-        match self.build_dense_index_on(&mut conn) {
+        match self.build_indexes_on(&mut conn) {
             Err(IndexError::Unavailable(_)) => {
                 // The session was lost (the database restarted), and its lock with it.
                 drop(conn);
-                self.build_dense_index().map(|_| ())
+                self.build_indexes().map(|_| ())
             }
             built => built.map(|_| ()),
         }
@@ -1193,7 +1229,8 @@ impl ChunkStore for PgStore {
                                 pg_total_relation_size('{docs}') + pg_total_relation_size('{chunks}')
                                     + pg_total_relation_size('{terms}'),
                                 (SELECT seq FROM ragway_collections WHERE name = $1),
-                                coalesce((SELECT i.indisvalid FROM pg_index i WHERE i.indexrelid = to_regclass('{chunks}_hnsw')), false)",
+                                (SELECT count(*) = 2 AND bool_and(i.indisvalid) FROM pg_index i
+                                 WHERE i.indexrelid IN (to_regclass('{chunks}_hnsw'), to_regclass('{terms}_lexeme')))",
                         docs = self.docs,
                         chunks = self.chunks,
                         terms = self.terms
@@ -1214,7 +1251,8 @@ impl ChunkStore for PgStore {
                 // Held by the database server, not by ragway.
                 memory_bytes: 0,
                 // Without its dense index (a bulk load, or its build), searches rank by
-                // exact distances.
+                // exact distances; without the postings' index by lexeme, keyword searches
+                // scan the postings.
                 state: if row.get::<_, bool>(4) { "ready" } else { "rebuilding" },
             })
         };
@@ -1258,7 +1296,7 @@ impl ChunkStore for PgStore {
         Ok(())
     }
 
-    /// Builds the dense index when a bulk load left it missing (a server that died
+    /// Builds the deferred indexes when a bulk load left them missing (a server that died
     /// mid-load, a build that failed). Once found there it is checked again after
     /// [`INDEX_CHECK_INTERVAL`]; while another server loads the collection, after
     /// [`INDEX_RETRY_INTERVAL`]. The database being down is `/ready`'s to say, not upkeep's:
@@ -1273,8 +1311,8 @@ impl ChunkStore for PgStore {
         let outcome = self
             .db
             .conn()
-            .and_then(|mut conn| self.dense_index_state(&mut conn.client))
-            .and_then(|state| Ok(state == Some(true) || self.build_dense_index()?));
+            .and_then(|mut conn| self.indexes_state(&mut conn.client))
+            .and_then(|state| Ok(state == Some(true) || self.build_indexes()?));
         let wait = if matches!(outcome, Ok(false)) { INDEX_RETRY_INTERVAL } else { INDEX_CHECK_INTERVAL };
         *self.next_index_check.lock().expect("index check") = Some(Instant::now() + wait);
         match outcome {

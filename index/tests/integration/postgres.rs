@@ -639,17 +639,33 @@ fn tls_as_the_address_asks_with_the_certificate_verified_against_its_root_and_cl
     assert!(mismatch.to_string().contains("KeyMismatch"), "a key of another certificate: {mismatch}");
 }
 
-/// The OID of the (one) collection's HNSW index and whether it is valid; `None` when
-/// there is none.
-fn dense_index(client: &mut postgres::Client) -> Option<(u32, bool)> {
+/// The OID of the (one) collection's index whose name ends in `suffix` and whether it is
+/// valid; `None` when there is none.
+fn index_named(client: &mut postgres::Client, suffix: &str) -> Option<(u32, bool)> {
     client
         .query_opt(
             "SELECT i.indexrelid::oid, i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
-             WHERE c.relname LIKE '%\\_hnsw'",
-            &[],
+             WHERE right(c.relname, length($1)) = $1",
+            &[&suffix],
         )
         .unwrap()
         .map(|r| (r.get(0), r.get(1)))
+}
+
+/// The collection's HNSW index (OID, valid).
+fn dense_index(client: &mut postgres::Client) -> Option<(u32, bool)> {
+    index_named(client, "_hnsw")
+}
+
+/// The postings' index by lexeme (OID, valid), which bulk loads build at their end too.
+fn lexeme_index(client: &mut postgres::Client) -> Option<(u32, bool)> {
+    index_named(client, "_terms_lexeme")
+}
+
+/// The document the keyword search for `query` ranks first.
+fn keyword_first(c: &Collection, query: &str) -> String {
+    let req = SearchRequest { query: query.into(), mode: SearchMode::Keyword, top_k: 3, ..Default::default() };
+    c.search(&req).unwrap().results[0].document_id.clone()
 }
 
 /// Cosine similarity of two vectors.
@@ -709,7 +725,7 @@ fn run_job(c: &std::sync::Arc<Collection>, path: &std::path::Path) -> ragway_ind
 }
 
 #[test]
-fn an_ingestion_into_an_empty_collection_builds_the_dense_index_once_at_the_end() {
+fn an_ingestion_into_an_empty_collection_builds_its_indexes_once_at_the_end() {
     let pg = PgServer::start();
     let db = PgDatabase::connect(&PgOptions::new(pg.url())).unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -718,16 +734,22 @@ fn an_ingestion_into_an_empty_collection_builds_the_dense_index_once_at_the_end(
     let c = std::sync::Arc::new(Collection::with_store(dir.path(), own_settings("bulk"), None, Box::new(store)));
     let (created, valid) = dense_index(&mut client).expect("created with its index");
     assert!(valid);
+    let (lexemes_created, valid) = lexeme_index(&mut client).expect("created with the postings' index");
+    assert!(valid);
     let mut rng = Rng(23);
     let mut docs = own_vector_file(&dir.path().join("first.jsonl"), "a", 3000, &mut rng);
     let view = run_job(&c, &dir.path().join("first.jsonl"));
     assert_eq!(view.state, ragway_index::jobs::JobState::Done, "{view:?}");
     assert_eq!(view.progress.documents_written, 3000);
     assert!(!view.progress.indexing, "{view:?}");
-    // The empty collection was loaded without its index, built again at the end.
+    // The empty collection was loaded without its indexes, built again at the end.
     let (built, valid) = dense_index(&mut client).expect("the index is built by the job's end");
     assert!(valid);
     assert_ne!(built, created, "the index was kept and maintained row by row");
+    let (lexemes, valid) = lexeme_index(&mut client).expect("the postings' index is built by the job's end");
+    assert!(valid);
+    assert_ne!(lexemes, lexemes_created, "the postings' index was kept and maintained row by row");
+    assert_eq!(keyword_first(&c, "record a1234"), "a1234");
     assert_eq!(c.info().state, "ready");
     let queries: Vec<Vec<f32>> = (0..20).map(|_| rng.vector()).collect();
     let recall = dense_recall(&c, &docs, &queries, 10);
@@ -737,13 +759,15 @@ fn an_ingestion_into_an_empty_collection_builds_the_dense_index_once_at_the_end(
     let view = run_job(&c, &dir.path().join("second.jsonl"));
     assert_eq!(view.state, ragway_index::jobs::JobState::Done, "{view:?}");
     assert_eq!(dense_index(&mut client), Some((built, true)));
+    assert_eq!(lexeme_index(&mut client), Some((lexemes, true)));
     assert_eq!(c.info().documents, 3500);
+    assert_eq!(keyword_first(&c, "record b321"), "b321");
     let recall = dense_recall(&c, &docs, &queries, 10);
     assert!(recall >= 0.95, "recall@10 {recall}");
 }
 
 #[test]
-fn a_bulk_load_cut_short_searches_exactly_and_upkeep_builds_the_index() {
+fn a_bulk_load_cut_short_searches_exactly_and_upkeep_builds_the_indexes() {
     let pg = PgServer::start();
     let mut client = postgres::Client::connect(&pg.url(), postgres::NoTls).unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -754,8 +778,10 @@ fn a_bulk_load_cut_short_searches_exactly_and_upkeep_builds_the_index() {
     let db_a = PgDatabase::connect(&PgOptions::new(pg.url())).unwrap();
     PgStore::create(db_a.clone(), own_settings("cut")).unwrap();
     let a = open(&db_a);
+    assert!(lexeme_index(&mut client).is_some());
     assert!(a.begin_bulk_load().unwrap());
     assert_eq!(dense_index(&mut client), None, "a bulk load drops the index");
+    assert_eq!(lexeme_index(&mut client), None, "a bulk load drops the postings' index");
     let mut rng = Rng(5);
     let docs: Vec<(String, Vec<f32>)> = (0..1500).map(|i| (format!("d{i}"), rng.vector())).collect();
     for batch in docs.chunks(250) {
@@ -768,6 +794,8 @@ fn a_bulk_load_cut_short_searches_exactly_and_upkeep_builds_the_index() {
     for q in &queries {
         assert_eq!(dense_top(&a, q, 10), exact_top(&docs, q, 10));
     }
+    // And keyword searches scan the postings.
+    assert_eq!(keyword_first(&a, "record d1234"), "d1234");
     // Another server leaves the index to the one loading: no build, no second bulk load.
     let db_b = PgDatabase::connect(&PgOptions::new(pg.url())).unwrap();
     let b = open(&db_b);
@@ -787,8 +815,11 @@ fn a_bulk_load_cut_short_searches_exactly_and_upkeep_builds_the_index() {
     }
     let (built, valid) = dense_index(&mut client).unwrap();
     assert!(valid);
+    // Both, before the state says ready.
+    assert!(lexeme_index(&mut client).is_some_and(|l| l.1));
     assert_eq!(b.info().state, "ready");
     assert!(dense_recall(&b, &docs, &queries, 10) >= 0.95);
+    assert_eq!(keyword_first(&b, "record d77"), "d77");
     // An index a failed concurrent build left invalid is built again.
     client.execute("UPDATE pg_index SET indisvalid = false WHERE indexrelid = $1", &[&built]).unwrap();
     let c = open(&db_b);
@@ -797,6 +828,17 @@ fn a_bulk_load_cut_short_searches_exactly_and_upkeep_builds_the_index() {
     let (rebuilt, valid) = dense_index(&mut client).unwrap();
     assert!(valid && rebuilt != built, "{rebuilt} {built}");
     assert_eq!(c.info().state, "ready");
+    // So is the postings' index.
+    let (lexemes, _) = lexeme_index(&mut client).unwrap();
+    client.execute("UPDATE pg_index SET indisvalid = false WHERE indexrelid = $1", &[&lexemes]).unwrap();
+    let c = open(&db_b);
+    assert_eq!(c.info().state, "rebuilding");
+    c.maintain().unwrap();
+    let (relexemes, valid) = lexeme_index(&mut client).unwrap();
+    assert!(valid && relexemes != lexemes, "{relexemes} {lexemes}");
+    assert_eq!(dense_index(&mut client), Some((rebuilt, true)), "the valid HNSW index is kept");
+    assert_eq!(c.info().state, "ready");
+    assert_eq!(keyword_first(&c, "record d5"), "d5");
 }
 
 /// Words that PostgreSQL's and tantivy's English stemmers keep apart and neither drops, so
