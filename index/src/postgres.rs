@@ -538,10 +538,7 @@ impl PgStore {
             // A step rewrites or builds from every chunk: not bounded by the timeout meant
             // for requests (version 2 -> 3 reads about 300,000 postings a second), and with
             // the memory configured for index builds.
-            tx.batch_execute("SET LOCAL statement_timeout = 0").map_err(|e| self.err(e))?;
-            if let Some(mb) = self.db.index_memory_mb {
-                tx.batch_execute(&format!("SET LOCAL maintenance_work_mem = '{mb}MB'")).map_err(|e| self.err(e))?;
-            }
+            tx.batch_execute(&self.build_settings("LOCAL")).map_err(|e| self.err(e))?;
             tracing::info!(collection = %name, from = version, to = version + 1, "migrating a collection's schema in PostgreSQL");
             let chunks = &self.chunks;
             let step = match version {
@@ -704,6 +701,14 @@ impl PgStore {
         )
     }
 
+    /// The settings of a statement that builds from every chunk (an index, a migration): no
+    /// statement timeout (that is meant for requests), and the configured
+    /// `maintenance_work_mem`; `scope` `SESSION` or `LOCAL` (this transaction).
+    fn build_settings(&self, scope: &str) -> String {
+        let memory = self.db.index_memory_mb.map(|mb| format!(" SET {scope} maintenance_work_mem = '{mb}MB';"));
+        format!("SET {scope} statement_timeout = 0;{}", memory.unwrap_or_default())
+    }
+
     /// Whether an index is there: `None` when it is not, `Some(false)` when a build left it
     /// invalid (a concurrent build that failed or was interrupted).
     fn index_state(&self, client: &mut impl postgres::GenericClient, index: &str) -> Result<Option<bool>> {
@@ -763,10 +768,7 @@ impl PgStore {
                 conn.batch_execute(&format!("DROP INDEX CONCURRENTLY IF EXISTS {index}")).map_err(|e| self.err(e))?;
             }
             if !built {
-                conn.batch_execute("SET statement_timeout = 0").map_err(|e| self.err(e))?;
-                if let Some(mb) = self.db.index_memory_mb {
-                    conn.batch_execute(&format!("SET maintenance_work_mem = '{mb}MB'")).map_err(|e| self.err(e))?;
-                }
+                conn.batch_execute(&self.build_settings("SESSION")).map_err(|e| self.err(e))?;
             }
             tracing::info!(collection = %name, %index, "building a collection's index in PostgreSQL");
             let start = Instant::now();
@@ -1229,6 +1231,7 @@ impl ChunkStore for PgStore {
 
     fn stats(&self) -> StoreStats {
         let read = || -> Result<StoreStats> {
+            let deferred: Vec<String> = self.deferred_indexes().into_iter().map(|(index, _)| index).collect();
             let mut conn = self.db.conn()?;
             let row = conn
                 .query_one(
@@ -1237,13 +1240,13 @@ impl ChunkStore for PgStore {
                                 pg_total_relation_size('{docs}') + pg_total_relation_size('{chunks}')
                                     + pg_total_relation_size('{terms}'),
                                 (SELECT seq FROM ragway_collections WHERE name = $1),
-                                (SELECT count(*) = 2 AND bool_and(i.indisvalid) FROM pg_index i
-                                 WHERE i.indexrelid IN (to_regclass('{chunks}_hnsw'), to_regclass('{terms}_lexeme')))",
+                                (SELECT count(*) = cardinality($2::text[]) AND bool_and(i.indisvalid) FROM pg_index i
+                                 WHERE i.indexrelid IN (SELECT to_regclass(x) FROM unnest($2::text[]) x))",
                         docs = self.docs,
                         chunks = self.chunks,
                         terms = self.terms
                     ),
-                    &[&self.settings.name],
+                    &[&self.settings.name, &deferred],
                 )
                 .map_err(|e| self.err(e))?;
             let chunks = row.get::<_, i64>(1) as usize;
@@ -1258,9 +1261,8 @@ impl ChunkStore for PgStore {
                 disk_bytes: row.get::<_, i64>(2) as u64,
                 // Held by the database server, not by ragway.
                 memory_bytes: 0,
-                // Without its dense index (a bulk load, or its build), searches rank by
-                // exact distances; without the postings' index by lexeme, keyword searches
-                // scan the postings.
+                // Until every deferred index is built (a bulk load, or the builds after
+                // it), searches rank by exact distances or scan the postings.
                 state: if row.get::<_, bool>(4) { "ready" } else { "rebuilding" },
             })
         };

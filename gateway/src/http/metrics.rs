@@ -154,7 +154,7 @@ fn render(state: &AppState) -> String {
         family(&mut out, "ragway_ingest_chunks_written", "gauge", "Chunks written by running jobs.", &job_samples(&|p| p.chunks_written as f64));
         family(&mut out, "ragway_ingest_progress_ratio", "gauge", "Share of the input done by running jobs (0 to 1).", &job_samples(&|p| p.fraction));
         family(&mut out, "ragway_ingest_documents_per_second", "gauge", "Rate of running jobs.", &job_samples(&|p| p.documents_per_second));
-        family(&mut out, "ragway_ingest_indexing", "gauge", "1 while a running job builds its collection's dense index after a bulk load.", &job_samples(&|p| p.indexing as u8 as f64));
+        family(&mut out, "ragway_ingest_indexing", "gauge", "1 while a running job builds its collection's indexes after a bulk load.", &job_samples(&|p| p.indexing as u8 as f64));
     }
     out
 }
