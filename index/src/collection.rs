@@ -522,6 +522,9 @@ impl Collection {
         if req.query.len() > MAX_QUERY_BYTES {
             return Err(IndexError::invalid("query", format!("query must be at most {MAX_QUERY_BYTES} bytes")));
         }
+        if req.mode != SearchMode::Dense {
+            crate::keyword::check_query_terms(&req.query)?;
+        }
         let fusion = req.fusion.unwrap_or(self.settings.fusion);
         fusion.validate()?;
         let candidates = candidates_for(req);

@@ -20,10 +20,10 @@ use tantivy::{doc, DocAddress, Index, IndexReader, IndexWriter, ReloadPolicy, Se
 const ANALYZER: &str = "ragway_en";
 const WRITER_MEMORY: usize = 64 << 20;
 
-/// A searcher over one commit and the log sequence number that commit covers.
 /// Most analyzed terms a keyword query may have.
 pub const MAX_QUERY_TERMS: usize = 1024;
 
+/// A searcher over one commit and the log sequence number that commit covers.
 pub struct KeywordSnapshot {
     pub searcher: Searcher,
     pub seq: u64,
@@ -162,12 +162,7 @@ impl KeywordIndex {
             return Ok(Vec::new());
         }
         // Each term is a clause of the boolean query (two with a title boost): bounded.
-        if terms.len() > MAX_QUERY_TERMS {
-            return Err(crate::error::IndexError::invalid(
-                "query",
-                format!("the query has {} terms; keyword search takes at most {MAX_QUERY_TERMS}", terms.len()),
-            ));
-        }
+        check_term_count(terms.len())?;
         let mut clauses: Vec<(Occur, Box<dyn Query>)> = Vec::new();
         for t in &terms {
             clauses.push((
@@ -227,6 +222,26 @@ impl KeywordIndex {
         writer.wait_merging_threads()?;
         Ok(())
     }
+}
+
+/// Refuses a keyword query of more than [`MAX_QUERY_TERMS`] terms (as this index's
+/// analyzer splits it), whichever store answers it: each term costs a posting list's walk.
+pub fn check_query_terms(query: &str) -> Result<()> {
+    let mut analyzer = analyzer();
+    let mut stream = analyzer.token_stream(query);
+    let mut n = 0usize;
+    while stream.advance() {
+        n += 1;
+    }
+    check_term_count(n)
+}
+
+fn check_term_count(n: usize) -> Result<()> {
+    if n > MAX_QUERY_TERMS {
+        let message = format!("the query has {n} terms; keyword search takes at most {MAX_QUERY_TERMS}");
+        return Err(crate::error::IndexError::invalid("query", message));
+    }
+    Ok(())
 }
 
 fn analyzer() -> TextAnalyzer {

@@ -103,6 +103,25 @@ fn search_modes_upserts_and_deletes(backend: Backend) {
     };
     let hits = c.search(&rrf).unwrap().results;
     assert!((hits[0].score - 2.0 / 61.0).abs() < 1e-6, "RRF k=60 score {}", hits[0].score);
+    // Keyword queries are bounded in terms (each one walks a posting list), the same on
+    // every store; a dense search does not read the words.
+    let words = |n: usize| vec!["lava"; n].join(" ");
+    let hits = search(&c, &words(ragway_index::keyword::MAX_QUERY_TERMS), SearchMode::Keyword, 3, None);
+    assert_eq!(ids(&hits), vec!["volcano"]);
+    for mode in [SearchMode::Keyword, SearchMode::Hybrid] {
+        let query = words(ragway_index::keyword::MAX_QUERY_TERMS + 1);
+        let req = SearchRequest { query, mode, top_k: 3, ..Default::default() };
+        match c.search(&req) {
+            Err(IndexError::InvalidRequest { param, message }) => {
+                assert_eq!(param.as_deref(), Some("query"));
+                assert!(message.contains("has 1025 terms"), "{message}");
+            }
+            other => panic!("{mode:?}: {:?}", other.map(|r| r.results.len())),
+        }
+    }
+    let req = SearchRequest { query: words(2000), mode: SearchMode::Dense, top_k: 1, ..Default::default() };
+    assert_eq!(c.search(&req).unwrap().results[0].document_id, "volcano");
+
     // DBSF: the top of each list lies above its list's mean, so each half gives more than
     // 0.5; and below mean + 3σ (in a list of n < 10 no score is 3σ out), so less than 1,
     // where min-max would give exactly 1.
