@@ -203,7 +203,7 @@ pub struct SearchRequest {
     pub ef: Option<usize>,
     /// Fusion override (default: the collection's).
     pub fusion: Option<FusionParams>,
-    /// Candidates each half contributes to fusion (default: max(2·top_k, 200) for hybrid
+    /// Candidates each half contributes to fusion (default: max(2·top_k, 300) for hybrid
     /// searches, max(2·top_k, 50) for dense or keyword ones).
     pub candidates: Option<usize>,
     /// One result per document (its best chunk); fusion then ranks documents.

@@ -51,7 +51,7 @@ pub struct RunArgs {
     /// search API's JSON object (`{"method":"rrf","rrf_k":10}`) [default: the collection's].
     #[arg(long, value_parser = parse_fusion)]
     pub fusion: Option<ragway_index::fusion::FusionParams>,
-    /// Retrieval: candidates each half hands to fusion [default: max(2·top_k, 200) for
+    /// Retrieval: candidates each half hands to fusion [default: max(2·top_k, 300) for
     /// hybrid, max(2·top_k, 50) for dense or keyword].
     #[arg(long)]
     pub candidates: Option<usize>,

@@ -142,8 +142,8 @@ fn retrieval_runs_resume_gate_and_compare() {
     let moved = |a: &BTreeMap<String, f64>, b: &BTreeMap<String, f64>| a.iter().filter(|(id, x)| (b[*id] - **x).abs() > 1e-6).count();
     let mut before = top(&recs);
     for (extra, key, value) in [
-        (&["--fusion", "dbsf"][..], "fusion", json!({"method": "dbsf"})),
-        (&["--fusion", "dbsf", "--candidates", "300"][..], "candidates", json!(300)),
+        (&["--fusion", "convex"][..], "fusion", json!({"method": "convex"})),
+        (&["--fusion", "convex", "--candidates", "200"][..], "candidates", json!(200)),
     ] {
         let mut args = vec!["retrieval", "--dataset", ds, "--split", "train", "--out", sa];
         args.extend(extra);

@@ -84,24 +84,29 @@ fn search_modes_upserts_and_deletes(backend: Backend) {
     assert_eq!(ids(&hits), vec!["rocket"]);
     assert!(hits[0].keyword.unwrap().score > 0.0);
 
-    // Hybrid: both halves rank the volcano first; the default convex fusion gives the top
-    // of both lists 0.5 + 0.5.
+    // Hybrid: both halves rank the volcano first. The default fusion is DBSF: the top of
+    // each list lies above its list's mean, so each half gives more than 0.5; and below
+    // mean + 3σ (in a list of n < 10 no score is 3σ out), so less than 1, where min-max
+    // would give exactly 1.
     let hits = search(&c, "volcano lava", SearchMode::Hybrid, 3, None);
     assert_eq!(hits[0].document_id, "volcano");
     assert_eq!((hits[0].dense.unwrap().rank, hits[0].keyword.unwrap().rank), (1, 1));
-    assert!((hits[0].score - 1.0).abs() < 1e-6, "convex score {}", hits[0].score);
-    let rrf = SearchRequest {
+    assert!(hits[0].score > 0.5 && hits[0].score < 1.0, "DBSF score {}", hits[0].score);
+    let default_scores: Vec<f32> = hits.iter().map(|h| h.score).collect();
+    let with = |method, dense_weight, keyword_weight| SearchRequest {
         query: "volcano lava".into(),
         top_k: 3,
-        fusion: Some(ragway_index::fusion::FusionParams {
-            method: ragway_index::fusion::FusionMethod::Rrf,
-            rrf_k: 60.0,
-            dense_weight: 1.0,
-            keyword_weight: 1.0,
-        }),
+        fusion: Some(ragway_index::fusion::FusionParams { method, rrf_k: 60.0, dense_weight, keyword_weight }),
         ..Default::default()
     };
-    let hits = c.search(&rrf).unwrap().results;
+    use ragway_index::fusion::FusionMethod::{Convex, Dbsf, Rrf};
+    let hits = c.search(&with(Dbsf, 0.5, 0.5)).unwrap().results;
+    assert_eq!(hits.iter().map(|h| h.score).collect::<Vec<_>>(), default_scores, "the default is dbsf 0.5/0.5");
+    // Convex: min-max gives the top of both lists 0.5 + 0.5.
+    let hits = c.search(&with(Convex, 0.5, 0.5)).unwrap().results;
+    assert_eq!(hits[0].document_id, "volcano");
+    assert!((hits[0].score - 1.0).abs() < 1e-6, "convex score {}", hits[0].score);
+    let hits = c.search(&with(Rrf, 1.0, 1.0)).unwrap().results;
     assert!((hits[0].score - 2.0 / 61.0).abs() < 1e-6, "RRF k=60 score {}", hits[0].score);
     // Keyword queries are bounded in terms (each one walks a posting list), the same on
     // every store; a dense search does not read the words.
@@ -121,22 +126,6 @@ fn search_modes_upserts_and_deletes(backend: Backend) {
     }
     let req = SearchRequest { query: words(2000), mode: SearchMode::Dense, top_k: 1, ..Default::default() };
     assert_eq!(c.search(&req).unwrap().results[0].document_id, "volcano");
-
-    // DBSF: the top of each list lies above its list's mean, so each half gives more than
-    // 0.5; and below mean + 3σ (in a list of n < 10 no score is 3σ out), so less than 1,
-    // where min-max would give exactly 1.
-    let dbsf = SearchRequest {
-        fusion: Some(ragway_index::fusion::FusionParams {
-            method: ragway_index::fusion::FusionMethod::Dbsf,
-            rrf_k: 60.0,
-            dense_weight: 0.5,
-            keyword_weight: 0.5,
-        }),
-        ..rrf
-    };
-    let hits = c.search(&dbsf).unwrap().results;
-    assert_eq!(hits[0].document_id, "volcano");
-    assert!(hits[0].score > 0.5 && hits[0].score < 1.0, "DBSF score {}", hits[0].score);
 
     // A filter applies to both halves and returns every match when fewer than top_k exist.
     let hits = search(&c, "rocket", SearchMode::Hybrid, 10, Some(json!({"key": "year", "gte": 2003})));
@@ -1328,7 +1317,7 @@ fn quantized_collections(backend: Backend) {
     }
 }
 
-/// Hybrid searches hand fusion the same depth whatever `top_k` asks (up to 100), so a
+/// Hybrid searches hand fusion the same depth whatever `top_k` asks (up to 150), so a
 /// search's first results do not move when more are asked for, and an evaluation at
 /// `top_k` 100 measures the top 10 that a `top_k` 10 search returns.
 #[test]
@@ -1354,11 +1343,12 @@ fn a_hybrid_search_ranks_its_first_results_alike_whatever_top_k_asks() {
         let query = format!("{} {}", words[i % words.len()], words[(i * 3 + 1) % words.len()]);
         let first = ranked(q, &query, 10);
         assert_eq!(first.len(), 10);
-        for top_k in [30, 100] {
+        for top_k in [30, 100, 150] {
             assert_eq!(ranked(q, &query, top_k)[..10], first[..], "query {i}: top_k {top_k} moved the first 10");
         }
     }
-    assert_eq!(ragway_index::collection::default_candidates(SearchMode::Hybrid, 10), 200);
-    assert_eq!(ragway_index::collection::default_candidates(SearchMode::Hybrid, 300), 600);
+    assert_eq!(ragway_index::collection::default_candidates(SearchMode::Hybrid, 10), 300);
+    assert_eq!(ragway_index::collection::default_candidates(SearchMode::Hybrid, 150), 300);
+    assert_eq!(ragway_index::collection::default_candidates(SearchMode::Hybrid, 400), 800);
     assert_eq!(ragway_index::collection::default_candidates(SearchMode::Dense, 10), 50);
 }
