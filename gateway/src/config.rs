@@ -94,9 +94,15 @@ pub struct ServeArgs {
     /// unset: collections live in the embedded store under the data directory.
     #[arg(long, env = "RAGWAY_POSTGRES_URL", hide_env_values = true)]
     pub postgres_url: Option<String>,
-    /// Read replicas of that database that searches may use (repeatable; the variable takes
-    /// a comma-separated list).
-    #[arg(long = "postgres-read-url", env = "RAGWAY_POSTGRES_READ_URLS", value_delimiter = ',', hide_env_values = true)]
+    /// Read replicas of that database that searches may use (repeatable, or a comma-separated
+    /// list, as the variable takes; `--postgres-read-urls` is the same flag).
+    #[arg(
+        long = "postgres-read-url",
+        visible_alias = "postgres-read-urls",
+        env = "RAGWAY_POSTGRES_READ_URLS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
     #[serde(default)]
     pub postgres_read_urls: Vec<String>,
     /// `maintenance_work_mem` in MiB for the dense index builds ragway starts in PostgreSQL
@@ -430,6 +436,25 @@ mod tests {
         };
         assert_eq!(flag("512").unwrap(), Some(512));
         assert!(flag("0").is_err() && flag("2000000").is_err() && flag("-1").is_err());
+    }
+
+    #[test]
+    fn read_replicas_are_listed_by_either_flag_repeated_or_comma_separated() {
+        #[derive(clap::Parser)]
+        struct Flags {
+            #[command(flatten)]
+            serve: ServeArgs,
+        }
+        use clap::Parser;
+        let urls = |args: &[&str]| {
+            Flags::try_parse_from(std::iter::once("ragway").chain(args.iter().copied())).unwrap().serve.postgres_read_urls
+        };
+        let (a, b) = ("postgres://r1/db", "postgres://r2/db");
+        let both = vec![a.to_string(), b.to_string()];
+        assert_eq!(urls(&["--postgres-read-url", a, "--postgres-read-url", b]), both);
+        assert_eq!(urls(&["--postgres-read-urls", &format!("{a},{b}")]), both);
+        assert_eq!(urls(&["--postgres-read-urls", a, "--postgres-read-url", b]), both);
+        assert!(urls(&[]).is_empty());
     }
 
     #[test]
