@@ -776,7 +776,25 @@ impl PgStore {
             tracing::info!(collection = %name, %index, seconds = start.elapsed().as_secs_f64(), "built a collection's index");
             built = true;
         }
+        if built {
+            // What PostgreSQL advises after a bulk load: the rows it wrote are not yet
+            // marked visible to all, so every index-only scan of the postings would also
+            // read the table's pages (random reads once the table outgrows memory) until
+            // autovacuum came by, and its statistics are those of an empty table.
+            let start = Instant::now();
+            self.vacuum(conn)?;
+            tracing::info!(collection = %name, seconds = start.elapsed().as_secs_f64(), "vacuumed a collection's tables");
+        }
         Ok(built)
+    }
+
+    /// `VACUUM (ANALYZE)` of the collection's tables, one statement per call: several in
+    /// one simple query form a transaction block, where VACUUM cannot run.
+    fn vacuum(&self, conn: &mut Conn) -> Result<()> {
+        for table in [&self.docs, &self.chunks, &self.terms, &self.stats] {
+            conn.batch_execute(&format!("VACUUM (ANALYZE) {table}")).map_err(|e| self.err(e))?;
+        }
+        Ok(())
     }
 
     /// The column type of the vectors: pgvector's `halfvec` (2 bytes a dimension, in the
@@ -1297,13 +1315,7 @@ impl ChunkStore for PgStore {
     }
 
     fn compact(&self) -> Result<()> {
-        // One statement per call: several in one simple query form a transaction block,
-        // where VACUUM cannot run.
-        let mut conn = self.db.conn()?;
-        for table in [&self.docs, &self.chunks, &self.terms, &self.stats] {
-            conn.batch_execute(&format!("VACUUM (ANALYZE) {table}")).map_err(|e| self.err(e))?;
-        }
-        Ok(())
+        self.vacuum(&mut self.db.conn()?)
     }
 
     /// Builds the deferred indexes when a bulk load left them missing (a server that died

@@ -749,6 +749,19 @@ fn an_ingestion_into_an_empty_collection_builds_its_indexes_once_at_the_end() {
     let (lexemes, valid) = lexeme_index(&mut client).expect("the postings' index is built by the job's end");
     assert!(valid);
     assert_ne!(lexemes, lexemes_created, "the postings' index was kept and maintained row by row");
+    // And the tables vacuumed: every page of the chunks and postings visible to all, so
+    // index-only scans read no table pages, and statistics taken.
+    for table in ["_chunks", "_terms"] {
+        let (pages, visible, tuples): (i32, i32, f32) = client
+            .query_one(
+                "SELECT relpages, relallvisible, reltuples FROM pg_class WHERE relkind = 'r' AND right(relname, length($1)) = $1",
+                &[&table],
+            )
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .unwrap();
+        assert!(pages > 0 && visible == pages, "{table}: {visible} of {pages} pages all-visible");
+        assert!(tuples >= 3000.0, "{table}: {tuples} rows in the statistics");
+    }
     assert_eq!(keyword_first(&c, "record a1234"), "a1234");
     assert_eq!(c.info().state, "ready");
     let queries: Vec<Vec<f32>> = (0..20).map(|_| rng.vector()).collect();
