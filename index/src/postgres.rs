@@ -780,10 +780,16 @@ impl PgStore {
             // What PostgreSQL advises after a bulk load: the rows it wrote are not yet
             // marked visible to all, so every index-only scan of the postings would also
             // read the table's pages (random reads once the table outgrows memory) until
-            // autovacuum came by, and its statistics are those of an empty table.
+            // autovacuum came by, and its statistics are those of an empty table. Only
+            // faster searches depend on it: a failure is logged, the indexes stand.
             let start = Instant::now();
-            self.vacuum(conn)?;
-            tracing::info!(collection = %name, seconds = start.elapsed().as_secs_f64(), "vacuumed a collection's tables");
+            match self.vacuum(conn) {
+                Ok(()) => {
+                    let seconds = start.elapsed().as_secs_f64();
+                    tracing::info!(collection = %name, seconds, "vacuumed a collection's tables");
+                }
+                Err(e) => tracing::warn!(collection = %name, error = %e, "vacuuming a collection's tables failed"),
+            }
         }
         Ok(built)
     }
