@@ -398,6 +398,14 @@ impl ServeArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+
+    /// The serve flags as the command line parses them.
+    #[derive(clap::Parser)]
+    struct Flags {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
 
     #[test]
     fn flag_beats_file_beats_default() {
@@ -425,12 +433,6 @@ mod tests {
             let err = ServeArgs { config: Some(path.clone()), ..Default::default() }.resolve().unwrap_err();
             assert!(err.to_string().contains("postgres_index_memory_mb"), "{err}");
         }
-        #[derive(clap::Parser)]
-        struct Flags {
-            #[command(flatten)]
-            serve: ServeArgs,
-        }
-        use clap::Parser;
         let flag = |v: &str| {
             Flags::try_parse_from(["ragway", "--postgres-index-memory-mb", v]).map(|f| f.serve.postgres_index_memory_mb)
         };
@@ -440,12 +442,6 @@ mod tests {
 
     #[test]
     fn read_replicas_are_listed_by_either_flag_repeated_or_comma_separated() {
-        #[derive(clap::Parser)]
-        struct Flags {
-            #[command(flatten)]
-            serve: ServeArgs,
-        }
-        use clap::Parser;
         let urls = |args: &[&str]| {
             Flags::try_parse_from(std::iter::once("ragway").chain(args.iter().copied())).unwrap().serve.postgres_read_urls
         };
