@@ -44,8 +44,13 @@
 //!
 //! ## Quantization
 //! With [`Quantization::F16`] or [`Quantization::Int8`] the graph also keeps a code of each
-//! vector ([`crate::quant`]): searches walk the graph on the codes and rescore the `ef`
-//! candidates they end with exactly from the f32 vectors. With int8 codes an insert's walk
+//! vector ([`crate::quant`]): searches walk the graph on the codes and rescore the best of
+//! the `ef` candidates they end with — [`rescore_depth`]: four per result asked, at least
+//! 40 — exactly from the f32 vectors. Codes this close rank the true neighbors among the
+//! first few candidates, so the rest are not worth their reads: a vector rescored is 1.5 KB
+//! at 384 dimensions that a collection larger than memory reads from disk (the vectors'
+//! pages are mapped with `MADV_RANDOM`: a rescoring fault reads its page, not the kernel's
+//! read-ahead window around it). With int8 codes an insert's walk
 //! (most of a build's distances, and its cache misses: a code is a quarter of a vector)
 //! runs on the codes too, and the `ef_construction` candidates it ends with are rescored
 //! from the f32 vectors before the neighbor heuristic, which always measures f32
@@ -115,6 +120,16 @@ pub const MAX_EF: usize = 10_000;
 const LINK_SLACK: usize = 4;
 /// Searches that read ahead after one took a major page fault (see [`Graph::read_ahead`]).
 const COLD_SEARCHES: u32 = 64;
+/// Candidates rescored from the f32 vectors per result a quantized search asks for, and
+/// at least this many in all ([`rescore_depth`]).
+const RESCORE_PER_RESULT: usize = 4;
+const MIN_RESCORE: usize = 40;
+
+/// How many of a quantized walk's candidates, best first by their codes, are rescored
+/// exactly for a search of `k` results.
+pub fn rescore_depth(k: usize) -> usize {
+    k.saturating_mul(RESCORE_PER_RESULT).max(MIN_RESCORE)
+}
 /// The key of a free slot (no chunk key is this large: keys count up from 0).
 pub const FREE_KEY: u64 = u64::MAX;
 /// A point's state: in the graph ...
@@ -1161,16 +1176,36 @@ impl Graph {
     }
 
     /// The `k` closest points that pass `keep`, closest first, as (id, score). Scores are
-    /// exact: with quantization the walk's `ef` candidates are rescored from the vectors.
+    /// exact: with quantization the best [`rescore_depth`]`(k)` of the walk's `ef`
+    /// candidates are rescored from the vectors.
     pub fn search(&self, q: &[f32], k: usize, ef: usize, keep: &dyn Fn(u32) -> bool) -> Vec<(u32, f32)> {
+        self.search_rescoring(q, k, ef, keep, rescore_depth(k))
+    }
+
+    /// [`Graph::search`], rescoring the best `depth` candidates of a quantized walk.
+    fn search_rescoring(
+        &self,
+        q: &[f32],
+        k: usize,
+        ef: usize,
+        keep: &dyn Fn(u32) -> bool,
+        depth: usize,
+    ) -> Vec<(u32, f32)> {
         if self.quant == Quantization::None {
-            self.walk::<false>(q, k, ef, keep)
+            self.walk::<false>(q, k, ef, keep, depth)
         } else {
-            self.walk::<true>(q, k, ef, keep)
+            self.walk::<true>(q, k, ef, keep, depth)
         }
     }
 
-    fn walk<const CODES: bool>(&self, q: &[f32], k: usize, ef: usize, keep: &dyn Fn(u32) -> bool) -> Vec<(u32, f32)> {
+    fn walk<const CODES: bool>(
+        &self,
+        q: &[f32],
+        k: usize,
+        ef: usize,
+        keep: &dyn Fn(u32) -> bool,
+        depth: usize,
+    ) -> Vec<(u32, f32)> {
         let Some((ep, max_level)) = *self.entry.read().unwrap_or_else(|e| e.into_inner()) else {
             return Vec::new();
         };
@@ -1203,6 +1238,12 @@ impl Graph {
             faults = now;
         }
         if CODES {
+            // The walk's best candidates by their codes; never fewer than the results asked.
+            let depth = depth.max(k);
+            if found.len() > depth {
+                found.select_nth_unstable(depth);
+                found.truncate(depth);
+            }
             if mapped && self.cold_rescore.on() {
                 buf.clear();
                 buf.extend(found.iter().map(|c| c.1));
@@ -1451,6 +1492,15 @@ impl Graph {
         #[cfg(unix)]
         if let Err(e) = map.advise_range(memmap2::Advice::WillNeed, ahead_at, ahead_len) {
             tracing::debug!(error = %e, "madvise(WILLNEED) on the saved graph failed");
+        }
+        // With codes the vectors are only rescored, a few scattered ones a search: a fault
+        // there reads its own page, not a read-ahead window of vectors no search asked for
+        // (which, when the collection is larger than memory, evicts the codes).
+        #[cfg(unix)]
+        if code_words > 0 {
+            if let Err(e) = map.advise_range(memmap2::Advice::Random, vectors_at, n * dim * 4) {
+                tracing::debug!(error = %e, "madvise(RANDOM) on the saved graph's vectors failed");
+            }
         }
         let capacity = n.checked_add(extra).ok_or_else(|| bad("size"))?;
         // The mapping moves in last, once nothing borrows from it.
@@ -1846,6 +1896,61 @@ mod tests {
             }
             let starved = recall(&g, &data, &queries, distance, 100);
             assert!(starved < 0.5, "{distance:?}: zeroed codes still gave recall {starved}");
+        }
+    }
+
+    #[test]
+    fn rescoring_the_best_candidates_keeps_the_recall_of_rescoring_all() {
+        assert_eq!((rescore_depth(1), rescore_depth(10), rescore_depth(100)), (40, 40, 400));
+        assert_eq!(rescore_depth(usize::MAX), usize::MAX, "the depth saturates");
+        let data = vectors(6000, 48, 31);
+        let queries = vectors(200, 48, 32);
+        let mut g = Graph::new(
+            48,
+            Distance::Cosine,
+            Params { m: 12, ef_construction: 100, quantization: Quantization::None },
+            6000,
+        );
+        data.par_iter().enumerate().for_each(|(i, v)| {
+            g.insert(v, i as u64);
+        });
+        for quant in [Quantization::F16, Quantization::Int8] {
+            g.set_quantization(quant);
+            for ef in [64, 256] {
+                let (mut all, mut best, mut exact_k) = (0, 0, 0);
+                let mut differ = 0;
+                for q in &queries {
+                    let exact = exact_search(
+                        Distance::Cosine,
+                        q,
+                        data.iter().enumerate().map(|(i, v)| (i as u64, v.as_slice())),
+                        10,
+                    );
+                    let hits =
+                        |found: &[(u32, f32)]| found.iter().filter(|a| exact.iter().any(|e| e.0 == g.key(a.0))).count();
+                    let full = g.search_rescoring(q, 10, ef, &|_| true, usize::MAX);
+                    let shallow = g.search(q, 10, ef, &|_| true);
+                    // Rescoring only as many candidates as results ranks by the codes' order
+                    // among them: the exact scores, but not always the exact ten.
+                    let bare = g.search_rescoring(q, 10, ef, &|_| true, 10);
+                    assert_eq!(shallow.len(), 10);
+                    for (id, score) in &shallow {
+                        let want = Distance::Cosine.score(q, &data[g.key(*id) as usize]);
+                        assert!((score - want).abs() < 1e-4, "{quant:?}: {score} vs {want}");
+                    }
+                    (all, best, exact_k) = (all + hits(&full), best + hits(&shallow), exact_k + hits(&bare));
+                    differ += usize::from(bare != full);
+                }
+                let total = (10 * queries.len()) as f64;
+                let (all, best, bare) = (all as f64 / total, best as f64 / total, exact_k as f64 / total);
+                assert!(best >= all - 0.005, "{quant:?} ef {ef}: recall {best} rescoring 40, {all} rescoring {ef}");
+                // The depth is what the walk rescores: with fewer, int8 codes' misorderings
+                // show (f16 codes order ten candidates as their vectors do).
+                assert!(bare <= best, "{quant:?} ef {ef}: rescoring 10 gave recall {bare}, 40 {best}");
+                if quant == Quantization::Int8 {
+                    assert!(differ > 0, "ef {ef}: rescoring 10 int8 candidates always found what rescoring all did");
+                }
+            }
         }
     }
 
