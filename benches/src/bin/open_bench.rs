@@ -9,10 +9,17 @@
 //! measurement, so that the resident memory is the open collection's alone.
 //!
 //!     cargo run --release -p ragway-benches --bin open-bench -- --n 100000
+//!
+//! `--memory-limits-mib 800,1000,1400` then opens it once more per limit inside a memory
+//! cgroup of that size (cgroup v1 or v2; needs the right to create one, as root in a VM or
+//! container does), with the files dropped from the page cache first so that every page the
+//! open and the searches read is charged to the cgroup: how fast the collection answers when
+//! the machine holds only that much of it.
 
 use clap::Parser;
 use ragway_benches::{median, own_vectors_settings, unit, workspace_root, Clusters};
 use ragway_engine::rng::SplitMix64 as Rng;
+use ragway_index::store::DenseQuery;
 use ragway_index::{Collection, DocumentInput, SearchMode, SearchRequest};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -45,6 +52,12 @@ struct Args {
     /// With `--open-only`: drop the collection's files from the page cache first.
     #[arg(long, hide = true)]
     cold: bool,
+    /// Memory limits (MiB) to open and search the collection under, one cgroup each.
+    #[arg(long, value_delimiter = ',')]
+    memory_limits_mib: Vec<u64>,
+    /// With `--open-only`: join this cgroup before anything else.
+    #[arg(long, hide = true)]
+    cgroup: Option<PathBuf>,
 }
 
 /// Resident memory: (anonymous, file-backed) bytes. File-backed pages are the mapped
@@ -61,6 +74,75 @@ fn rss_bytes() -> (u64, u64) {
             * 1024
     };
     (field("RssAnon:"), field("RssFile:"))
+}
+
+/// Resident bytes of the mappings of `dir`'s files, by the file's first path component
+/// under `dir` (`keyword` for all of tantivy's files), from `/proc/self/smaps`.
+fn resident_by_file(dir: &Path) -> std::collections::BTreeMap<String, u64> {
+    let mut by = std::collections::BTreeMap::new();
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
+    let mut current: Option<String> = None;
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        let first = fields.next().unwrap_or("");
+        if first.contains('-') && !first.ends_with(':') {
+            // A mapping's header: address range, permissions, offset, device, inode, path.
+            current = fields.nth(4).and_then(|path| {
+                let rel = Path::new(path).strip_prefix(dir).ok()?;
+                Some(rel.components().next()?.as_os_str().to_string_lossy().into_owned())
+            });
+        } else if first == "Rss:" {
+            if let (Some(name), Some(kb)) = (&current, fields.next().and_then(|kb| kb.parse::<u64>().ok())) {
+                *by.entry(name.clone()).or_default() += kb * 1024;
+            }
+        }
+    }
+    by
+}
+
+/// Major page faults of the whole process so far (reads that waited for the disk).
+fn major_faults() -> u64 {
+    let mut ru = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage writes the struct it is given.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, ru.as_mut_ptr()) } == 0 {
+        // SAFETY: written by the successful call above.
+        return unsafe { ru.assume_init() }.ru_majflt as u64;
+    }
+    0
+}
+
+/// A memory cgroup limited to `bytes`, removed when dropped (v2 when the unified hierarchy
+/// is mounted at /sys/fs/cgroup, v1's memory controller otherwise).
+struct MemoryCgroup {
+    path: PathBuf,
+    v2: bool,
+}
+
+impl MemoryCgroup {
+    fn new(name: &str, bytes: u64) -> anyhow::Result<MemoryCgroup> {
+        let root = Path::new("/sys/fs/cgroup");
+        let v2 = root.join("cgroup.controllers").exists();
+        let path = if v2 { root.join(name) } else { root.join("memory").join(name) };
+        std::fs::create_dir_all(&path).map_err(|e| {
+            anyhow::anyhow!("cannot create the cgroup {} ({e}): --memory-limits-mib needs root", path.display())
+        })?;
+        let limit = if v2 { "memory.max" } else { "memory.limit_in_bytes" };
+        std::fs::write(path.join(limit), bytes.to_string())?;
+        Ok(MemoryCgroup { path, v2 })
+    }
+
+    /// The most memory the cgroup's processes were charged at once (anonymous and page cache).
+    fn peak(&self) -> Option<u64> {
+        let file = if self.v2 { "memory.peak" } else { "memory.max_usage_in_bytes" };
+        std::fs::read_to_string(self.path.join(file)).ok()?.trim().parse().ok()
+    }
+}
+
+impl Drop for MemoryCgroup {
+    fn drop(&mut self) {
+        // Empty once the child has exited; its page cache moves to the parent cgroup.
+        let _ = std::fs::remove_dir(&self.path);
+    }
 }
 
 fn files(dir: &Path) -> Vec<PathBuf> {
@@ -90,6 +172,9 @@ fn drop_cache(dir: &Path) {
     }
 }
 
+/// Queries searched (twice) under a memory limit.
+const LIMITED_QUERIES: usize = 500;
+
 /// Single-thread dense searches per second over `queries` (after one warm-up pass).
 fn qps(c: &Collection, queries: &[Vec<f32>]) -> anyhow::Result<f64> {
     let search = |q: &Vec<f32>| {
@@ -111,20 +196,46 @@ fn qps(c: &Collection, queries: &[Vec<f32>]) -> anyhow::Result<f64> {
     Ok(queries.len() as f64 / t.elapsed().as_secs_f64())
 }
 
+/// Single-thread searches per second of the dense half alone: the store's ids and scores,
+/// no chunk texts read for the results (the graph walk, the codes, the rescored vectors).
+fn bare_qps(c: &Collection, queries: &[Vec<f32>]) -> anyhow::Result<f64> {
+    let view = c.store().view(None)?;
+    let ef = c.settings().hnsw.ef;
+    let search = |q: &Vec<f32>| view.dense_search(&DenseQuery { vector: q, k: 10, ef, exact_scan_max: Some(0) });
+    for q in queries {
+        search(q)?;
+    }
+    let t = Instant::now();
+    for q in queries {
+        search(q)?;
+    }
+    Ok(queries.len() as f64 / t.elapsed().as_secs_f64())
+}
+
 /// Query vectors: random unit vectors near random stored ones' clusters (seeded).
 fn queries(dim: usize) -> Vec<Vec<f32>> {
     let mut rng = Rng::new(7);
     (0..2000).map(|_| unit((0..dim).map(|_| rng.normal() as f32).collect())).collect()
 }
 
-fn open_only(dir: &Path, cold: bool) -> anyhow::Result<()> {
+fn open_only(dir: &Path, cold: bool, cgroup: Option<&Path>) -> anyhow::Result<()> {
+    if let Some(cgroup) = cgroup {
+        std::fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string())?;
+    }
     if cold {
         drop_cache(dir);
+    }
+    // The queries exist before the baseline, so that they are not counted as the collection's.
+    let settings: Value = serde_json::from_slice(&std::fs::read(dir.join("settings.json"))?)?;
+    let dim = settings["dimension"].as_u64().ok_or_else(|| anyhow::anyhow!("settings.json has no dimension"))? as usize;
+    let mut queries = queries(dim);
+    if cgroup.is_some() {
+        // Searches that wait for the disk: fewer of them.
+        queries.truncate(LIMITED_QUERIES);
     }
     let rss0 = rss_bytes();
     let t = Instant::now();
     let c = Collection::open_embedded_by(dir, None)?;
-    let dim = c.settings().dimension;
     // The first search proves the collection answers (and pays any lazy loading).
     let q: Vec<f32> = (0..dim).map(|i| if i == 0 { 1.0 } else { 0.0 }).collect();
     let r = c.search(&SearchRequest {
@@ -139,16 +250,28 @@ fn open_only(dir: &Path, cold: bool) -> anyhow::Result<()> {
     let (rss, rss_file) = (now.0.saturating_sub(rss0.0), now.1.saturating_sub(rss0.1));
     let stats = c.open_stats();
     let (loaded, inserted) = (stats.graph_loaded, stats.graph_inserted);
-    let qps = if cold { None } else { Some(qps(&c, &queries(dim))?) };
+    // Under a memory limit the searches run after a cold open too: they are the measurement.
+    // First the dense half alone (what the index needs in memory), then whole searches (which
+    // also read each result's text and record from the table).
+    let faults = major_faults();
+    let bare = if cgroup.is_some() { Some(bare_qps(&c, &queries)?) } else { None };
+    let bare_faults = major_faults() - faults;
+    let faults = major_faults();
+    let qps = if cold && cgroup.is_none() { None } else { Some(qps(&c, &queries)?) };
+    let search_faults = major_faults() - faults;
     // After the searches: what they brought in (vectors read from the page cache).
     let now = rss_bytes();
     let rss_searched = (now.0 + now.1).saturating_sub(rss0.0 + rss0.1);
+    let anon_searched = now.0.saturating_sub(rss0.0);
+    let by_file = resident_by_file(dir);
     println!(
         "{}",
         json!({"open_s": open_s, "rss_bytes": rss, "rss_file_bytes": rss_file, "hits": r.results.len(), "graph_loaded": loaded,
                "graph_inserted": inserted, "table_loaded": stats.table_loaded, "log_records": stats.log_records,
                "graph_and_keyword_ms": stats.graph_ms, "table_ms": stats.table_ms, "total_ms": stats.total_ms,
-               "qps": qps, "rss_after_searches": rss_searched})
+               "qps": qps, "rss_after_searches": rss_searched, "rss_anon_after_searches": anon_searched,
+               "rss_by_file_after_searches": by_file, "search_major_faults": search_faults,
+               "bare_qps": bare, "bare_major_faults": bare_faults})
     );
     Ok(())
 }
@@ -203,7 +326,7 @@ fn build(dir: &Path, n: usize, dim: usize, quantization: &str) -> anyhow::Result
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if let Some(dir) = &args.open_only {
-        return open_only(dir, args.cold);
+        return open_only(dir, args.cold, args.cgroup.as_deref());
     }
     let tmp = tempfile::tempdir()?;
     let dir = args.dir.clone().unwrap_or_else(|| tmp.path().join("open"));
@@ -272,6 +395,63 @@ fn main() -> anyhow::Result<()> {
             runs[0]["rss_after_searches"].as_f64().unwrap_or(f64::NAN) / args.n as f64
         );
         report[state] = json!({"open_s": open_s, "rss_bytes": rss, "rss_file_bytes": rss_file, "runs": runs});
+    }
+    if let Some(r) = report["warm"]["runs"].get(0) {
+        let per_chunk = |v: &Value| v.as_f64().unwrap_or(f64::NAN) / args.n as f64;
+        let by_file: Vec<String> = r["rss_by_file_after_searches"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(name, bytes)| format!("{name} {:.0}", per_chunk(bytes)))
+            .collect();
+        println!(
+            "\nbytes per chunk after the warm open's searches: anonymous {:.0}; mapped files: {}",
+            per_chunk(&r["rss_anon_after_searches"]),
+            by_file.join(", ")
+        );
+    }
+    if !args.memory_limits_mib.is_empty() {
+        println!("\n| memory limit | bytes per chunk | open (s) | dense half alone: QPS / major faults per search | whole searches (with texts): QPS / major faults per search | peak charged (MiB) |");
+        println!("|---:|---:|---:|---:|---:|---:|");
+        let mut limited = Vec::new();
+        for &mib in &args.memory_limits_mib {
+            let bytes =
+                mib.checked_mul(1 << 20).ok_or_else(|| anyhow::anyhow!("--memory-limits-mib {mib} is too large"))?;
+            let cgroup = MemoryCgroup::new(&format!("ragway-open-bench-{}-{mib}", std::process::id()), bytes)?;
+            let out = Command::new(&exe)
+                .arg("--open-only")
+                .arg(&dir)
+                .arg("--cold")
+                .arg("--cgroup")
+                .arg(&cgroup.path)
+                .output()?;
+            let peak = cgroup.peak().map_or(f64::NAN, |b| b as f64 / (1 << 20) as f64);
+            if !out.status.success() {
+                // Killed by the kernel's OOM killer: the limit is below what the open needs.
+                println!(
+                    "| {mib} MiB | {:.0} | failed ({}) | - | - | {peak:.0} |",
+                    bytes as f64 / args.n as f64,
+                    out.status
+                );
+                limited.push(json!({"limit_mib": mib, "failed": out.status.to_string()}));
+                continue;
+            }
+            let r: Value = serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim())?;
+            // Two passes over the queries: the warm-up one and the timed one.
+            let per_search = |v: &Value| v.as_f64().unwrap_or(f64::NAN) / (2 * LIMITED_QUERIES) as f64;
+            let number = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+            println!(
+                "| {mib} MiB | {:.0} | {:.2} | {:.0} / {:.2} | {:.0} / {:.2} | {peak:.0} |",
+                bytes as f64 / args.n as f64,
+                number(&r["open_s"]),
+                number(&r["bare_qps"]),
+                per_search(&r["bare_major_faults"]),
+                number(&r["qps"]),
+                per_search(&r["search_major_faults"])
+            );
+            limited.push(json!({"limit_mib": mib, "peak_mib": peak, "run": r}));
+        }
+        report["memory_limits"] = json!(limited);
     }
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
