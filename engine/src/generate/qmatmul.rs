@@ -557,8 +557,6 @@ unsafe fn run_tile_on(with: Simd, kind: QKind, tile: *const u8, nb: usize, x: &Q
     }
     #[cfg(target_arch = "x86_64")]
     match with {
-        // Q3 and Q2 have no AVX-512 kernels of their own: AVX-512 CPUs have AVX2.
-        Simd::Avx512Vnni if matches!(kind, QKind::Q3 | QKind::Q2) => rows_through!(avx2),
         Simd::Avx512Vnni => rows_through!(avx512),
         Simd::Avx2 => rows_through!(avx2),
         Simd::Portable => {}
@@ -626,10 +624,13 @@ unsafe fn portable_tile(kind: QKind, tile: *const u8, nb: usize, x: &QActs, row:
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{tile_layout, QActs, K_Q4_1, K_Q5_0, K_Q5_1, K_Q6, K_Q8_0, QK};
+    use super::{tile_layout, QActs, K_Q2, K_Q3, K_Q4_1, K_Q5_0, K_Q5_1, K_Q6, K_Q8_0, QK};
     use std::arch::x86_64::*;
 
     /// One tile × `R` activation rows starting at `row0`.
+    ///
+    /// Kinds with a scale per 16-value sub-block (Q6, Q3, Q2) keep two sums per row, one
+    /// per sub-block (groups 0-3 and 4-7), each scaled by its row's sub-block scale.
     ///
     /// # Safety
     /// The CPU has AVX-512 F/BW/VNNI; pointers as in [`super::run_tile`].
@@ -645,6 +646,7 @@ mod avx512 {
         let (vb, tbb) = tile_layout(KIND);
         let low = _mm512_set1_epi8(0x0F);
         let three = _mm512_set1_epi8(3);
+        let four = _mm512_set1_epi8(4);
         let q6_shifts = _mm512_setr_epi64(0, 0, 2, 2, 4, 4, 6, 6);
         let mut acc = [_mm512_setzero_ps(); R];
         let k = x.k;
@@ -655,6 +657,26 @@ mod avx512 {
             if KIND == K_Q8_0 {
                 for (i, u) in u.iter_mut().enumerate() {
                     *u = _mm512_loadu_si512(w.add(i * 64) as *const __m512i);
+                }
+            } else if KIND == K_Q2 || KIND == K_Q3 {
+                // Bit pairs: group i at bits 2·(i % 4) of the bytes of vector i / 4; Q3's
+                // third bits: group i at bit i of the third vector's bytes, moved to bit 2
+                // (16-bit shifts by at most 5 keep a byte's bit 2 its own).
+                let v = [_mm512_loadu_si512(w as *const __m512i), _mm512_loadu_si512(w.add(64) as *const __m512i)];
+                let hv = if KIND == K_Q3 { _mm512_loadu_si512(w.add(128) as *const __m512i) } else { v[0] };
+                for (i, u) in u.iter_mut().enumerate() {
+                    let pair =
+                        _mm512_and_si512(_mm512_srl_epi16(v[i / 4], _mm_cvtsi32_si128(2 * (i % 4) as i32)), three);
+                    *u = if KIND == K_Q3 {
+                        let third = if i >= 2 {
+                            _mm512_srl_epi16(hv, _mm_cvtsi32_si128(i as i32 - 2))
+                        } else {
+                            _mm512_sll_epi16(hv, _mm_cvtsi32_si128(2 - i as i32))
+                        };
+                        _mm512_or_si512(pair, _mm512_and_si512(third, four))
+                    } else {
+                        pair
+                    };
                 }
             } else {
                 for p in 0..4 {
@@ -686,11 +708,25 @@ mod avx512 {
             } else {
                 _mm512_setzero_ps()
             };
-            if KIND == K_Q6 {
-                // d·sc of each row's two sub-blocks.
+            if KIND == K_Q6 || KIND == K_Q3 || KIND == K_Q2 {
+                // d·sc of each row's two sub-blocks; the values' offset (Q6 32, Q3 4).
                 let sc =
                     |at: usize| _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(w.add(at) as *const __m128i)));
                 let (lo, hi) = (_mm512_mul_ps(dw, sc(vb + 32)), _mm512_mul_ps(dw, sc(vb + 48)));
+                let off = match KIND {
+                    K_Q6 => 32,
+                    K_Q3 => 4,
+                    _ => 0,
+                };
+                // Q2's minimums (unsigned 4-bit, per row and sub-block) and each row's dmin.
+                let (m_lo, m_hi, dmin) = if KIND == K_Q2 {
+                    let m = |at: usize| {
+                        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(w.add(at) as *const __m128i)))
+                    };
+                    (m(vb + 96), m(vb + 112), _mm512_cvtph_ps(_mm256_loadu_si256(w.add(vb + 64) as *const __m256i)))
+                } else {
+                    (_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps())
+                };
                 for (r, acc) in acc.iter_mut().enumerate() {
                     let row = row0 + r;
                     let a = x.qs.as_ptr().add(row * k + b * QK) as *const i32;
@@ -703,10 +739,21 @@ mod avx512 {
                     let da = _mm512_set1_ps(*x.d.get_unchecked(row * xnb + b));
                     let sa = *x.s.get_unchecked(row * xnb + b);
                     let sa_lo = *x.s_lo.get_unchecked(row * xnb + b);
-                    s0 = _mm512_sub_epi32(s0, _mm512_set1_epi32(32 * sa_lo));
-                    s1 = _mm512_sub_epi32(s1, _mm512_set1_epi32(32 * (sa - sa_lo)));
+                    if off != 0 {
+                        s0 = _mm512_sub_epi32(s0, _mm512_set1_epi32(off * sa_lo));
+                        s1 = _mm512_sub_epi32(s1, _mm512_set1_epi32(off * (sa - sa_lo)));
+                    }
                     *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), _mm512_mul_ps(lo, da), *acc);
                     *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1), _mm512_mul_ps(hi, da), *acc);
+                    if KIND == K_Q2 {
+                        // − dmin·(m_lo·Σa_lo + m_hi·Σa_hi), times the activations' scale.
+                        let m = _mm512_fmadd_ps(
+                            m_lo,
+                            _mm512_set1_ps(sa_lo as f32),
+                            _mm512_mul_ps(m_hi, _mm512_set1_ps((sa - sa_lo) as f32)),
+                        );
+                        *acc = _mm512_fnmadd_ps(m, _mm512_mul_ps(dmin, da), *acc);
+                    }
                 }
                 continue;
             }
