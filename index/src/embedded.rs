@@ -1298,6 +1298,12 @@ impl StoreView for EmbeddedView<'_> {
         self.table.chunks.get(&key).and_then(|c| c.doc.chunks().first()).map(|c| c.key)
     }
 
+    fn load(&self, keys: &[u64]) -> Result<()> {
+        // The results' texts live in the mapped table file: bring them in together.
+        self.table.read_ahead(keys);
+        Ok(())
+    }
+
     fn chunk(&self, key: u64) -> Option<StoredChunk> {
         let c = self.table.chunks.get(&key)?;
         let r = c.doc.chunks().get(c.index as usize).expect("a chunk of its document");

@@ -83,12 +83,12 @@
 //!
 //! After a restart with a cold page cache, each mapped code or vector a search touches
 //! first is a disk read, and a walk that faults them in one at a time waits on each in
-//! turn. So while a kind of page may be cold — the codes (or vectors) the walk reads, the
-//! vectors it rescores — because the graph was just opened or one of the last
-//! [`COLD_SEARCHES`] searches took a major page fault reading that kind, a search first
-//! asks the kernel for all the pages of a step (a node's unvisited neighbors, the
-//! candidates to rescore) and the reads overlap ([`Graph::read_ahead`]).
+//! turn. So while a kind of page may be cold (see [`crate::cold`]) — the codes (or vectors)
+//! the walk reads, the vectors it rescores — a search first asks the kernel for all the
+//! pages of a step (a node's unvisited neighbors, the candidates to rescore) and the reads
+//! overlap ([`Graph::read_ahead`]).
 
+use crate::cold::{major_faults, ColdSpell};
 use crate::dense::Distance;
 use crate::error::{IndexError, Result};
 use crate::filefmt::{Cursor, SumWriter};
@@ -118,8 +118,6 @@ pub const MAX_EF: usize = 10_000;
 /// A full neighbor list re-selected by a back-link keeps `1 / LINK_SLACK` of its slots free
 /// (see [`Graph::link_back`]).
 const LINK_SLACK: usize = 4;
-/// Searches that read ahead after one took a major page fault (see [`Graph::read_ahead`]).
-const COLD_SEARCHES: u32 = 64;
 /// Candidates rescored from the f32 vectors per result a quantized search asks for, and
 /// at least this many in all ([`rescore_depth`]).
 const RESCORE_PER_RESULT: usize = 4;
@@ -328,31 +326,6 @@ pub struct Graph {
     cold_walk: ColdSpell,
     /// ... and the vectors they rescore (with codes).
     cold_rescore: ColdSpell,
-}
-
-/// Searches left that read ahead one kind of mapped page ([`Graph::read_ahead`]):
-/// [`COLD_SEARCHES`] after the open and after a search took a major page fault reading that
-/// kind, counted down by each search that took none.
-struct ColdSpell(AtomicU32);
-
-impl ColdSpell {
-    fn new(mapped: bool) -> Self {
-        Self(AtomicU32::new(if mapped { COLD_SEARCHES } else { 0 }))
-    }
-
-    #[inline]
-    fn on(&self) -> bool {
-        self.0.load(Ordering::Relaxed) > 0
-    }
-
-    /// Counts one search that read this kind of page, `faulted` or not.
-    fn after(&self, faulted: bool) {
-        if faulted {
-            self.0.store(COLD_SEARCHES, Ordering::Relaxed);
-        } else if self.on() {
-            let _ = self.0.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| c.checked_sub(1));
-        }
-    }
 }
 
 /// The vectors of a saved graph, in its memory-mapped file.
@@ -1640,20 +1613,6 @@ fn start_aligned_section(w: &mut SumWriter) -> Result<()> {
     w.put(&[0u8; VECTORS_ALIGN as usize][..pad as usize])
 }
 
-/// Major page faults (pages read from disk) this thread has taken so far.
-fn major_faults() -> u64 {
-    #[cfg(target_os = "linux")]
-    {
-        let mut ru = std::mem::MaybeUninit::<libc::rusage>::zeroed();
-        // SAFETY: getrusage writes the struct it is given; RUSAGE_THREAD is Linux's.
-        if unsafe { libc::getrusage(libc::RUSAGE_THREAD, ru.as_mut_ptr()) } == 0 {
-            // SAFETY: written by the successful call above.
-            return unsafe { ru.assume_init() }.ru_majflt as u64;
-        }
-    }
-    0
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1761,7 +1720,7 @@ mod tests {
     fn a_cold_graph_reads_ahead_and_answers_as_a_warm_one() {
         let dir = tempfile::tempdir().unwrap();
         let data = vectors(2000, 32, 21);
-        let queries = vectors(COLD_SEARCHES as usize + 8, 32, 22);
+        let queries = vectors(crate::cold::COLD_SEARCHES as usize + 8, 32, 22);
         for quantization in [Quantization::None, Quantization::Int8] {
             let g = graph_of(&data, Distance::Cosine, 8, 64, quantization);
             let path = dir.path().join("g.hnsw");

@@ -6,6 +6,7 @@
 //! jobs. No HTTP here: the gateway exposes [`IndexService`].
 
 pub mod chunker;
+mod cold;
 pub mod collection;
 pub mod dense;
 pub mod drift;

@@ -26,6 +26,7 @@
 //! over the length fields. Both still load, and are written again in format 3 at the next
 //! save.
 
+use crate::cold::{major_faults, ColdSpell};
 use crate::error::{IndexError, Result};
 use crate::filefmt::{Checked, Cursor, SumWriter};
 use crate::payload::PayloadIndex;
@@ -88,6 +89,8 @@ pub(crate) struct SavedTable {
     ino: Option<u64>,
     /// The texts' checksum, checked once before the texts are copied anywhere.
     texts_checked: OnceLock<bool>,
+    /// Whether searches read their results' records and texts ahead ([`Table::read_ahead`]).
+    cold: ColdSpell,
 }
 
 impl SavedTable {
@@ -116,7 +119,14 @@ impl SavedTable {
 
     fn new(file: Checked, structure_at: Option<usize>, path: &Path) -> SavedTable {
         let ino = Self::ino_of(path);
-        SavedTable { file, structure_at, path: path.to_path_buf(), ino, texts_checked: OnceLock::new() }
+        SavedTable {
+            file,
+            structure_at,
+            path: path.to_path_buf(),
+            ino,
+            texts_checked: OnceLock::new(),
+            cold: ColdSpell::new(true),
+        }
     }
 
     fn ino_of(path: &Path) -> Option<u64> {
@@ -229,6 +239,9 @@ impl<'a> Chunks<'a> {
     }
 }
 
+/// How much of a saved record [`DocEntry::will_need_record`] asks for.
+const RECORD_AHEAD: usize = 256;
+
 /// What a damaged text of a saved table reads as (its file's texts checksum would not hold;
 /// it is refused before being copied anywhere).
 const DAMAGED: &str = "\u{FFFD}";
@@ -276,6 +289,22 @@ impl DocEntry {
             tracing::error!(file = %table.path.display(), "a saved text is not UTF-8: the file is damaged");
             DAMAGED
         })
+    }
+
+    /// Asks for the page of this document's saved record (where it starts; a record of one
+    /// chunk is ~110 bytes): the first step of [`Table::read_ahead`].
+    fn will_need_record(&self) {
+        if let Fields::Saved { table, at } = &self.fields {
+            table.file.will_need(*at..at.saturating_add(RECORD_AHEAD));
+        }
+    }
+
+    /// Where this saved document's title, text and metadata lie (back to back in format 3;
+    /// in formats 1 and 2 among its record's fields); reads its record.
+    fn texts_span(&self) -> Option<(&SavedTable, std::ops::Range<usize>)> {
+        let (table, s) = self.saved()?;
+        let start = s.title.as_ref().map_or(s.text.start, |t| t.start).min(s.text.start);
+        Some((table, start..s.metadata.end.max(s.text.end)))
     }
 
     pub fn id(&self) -> &str {
@@ -555,7 +584,44 @@ impl Table {
     pub fn live_chunks(&self) -> usize {
         self.chunks.len() - self.garbage.len()
     }
+
+    /// Brings the saved records and texts of these chunks' documents (a search's results,
+    /// about to be read) into the page cache. Where memory holds only part of the table
+    /// file, each result's record and text would be a page fault of its own, taken one after
+    /// another; while the file's pages are found cold (see [`crate::cold`]), the records
+    /// are asked for all at once, then the texts, so that a search waits about two disk
+    /// reads instead of two per result. Otherwise it only reads them, counting the faults.
+    pub fn read_ahead(&self, keys: &[u64]) {
+        let docs: Vec<&DocEntry> = keys.iter().filter_map(|k| self.chunks.get(k)).map(|c| &*c.doc).collect();
+        // The saved table most of them come from: the one an open loaded (a save replaces
+        // it only for the documents written since).
+        let Some(saved) = docs.iter().find_map(|d| d.saved_table()) else { return };
+        let faults = major_faults();
+        if saved.cold.on() {
+            for d in &docs {
+                d.will_need_record();
+            }
+            for d in &docs {
+                if let Some((table, span)) = d.texts_span() {
+                    table.file.will_need(span);
+                }
+            }
+        }
+        // Read a byte of each page now, where the faults are counted.
+        for d in &docs {
+            if let Some((table, span)) = d.texts_span() {
+                let bytes = &table.body()[span];
+                for i in (0..bytes.len()).step_by(PAGE).chain(bytes.len().checked_sub(1)) {
+                    std::hint::black_box(bytes[i]);
+                }
+            }
+        }
+        saved.cold.after(major_faults() > faults);
+    }
 }
+
+/// The smallest page size; a read per `PAGE` bytes touches every page of a span.
+const PAGE: usize = 4096;
 
 impl Table {
     /// Saves the table as covering the log up to `mark` (the caller holds the writer lock,
@@ -1141,6 +1207,37 @@ mod tests {
             assert_eq!((e.title(), e.text(), e.metadata(), e.hash), (d.title(), d.text(), d.metadata(), d.hash));
             assert_eq!(e.chunks().iter().collect::<Vec<_>>(), d.chunks().iter().collect::<Vec<_>>());
         }
+    }
+
+    #[test]
+    fn a_loaded_table_reads_results_ahead_while_cold_and_stops_once_warm() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, _, _) = sample_v3(dir.path());
+        let (t, _) = Table::load(&path, |p| (p < 5).then_some(p as u64)).unwrap();
+        let saved = t.docs["d0"].saved_table().unwrap().clone();
+        // Just opened: its pages may be on disk only.
+        assert!(saved.cold.on());
+        // What is read ahead is each document's title, text and metadata, exactly.
+        for d in t.docs.values() {
+            let (_, span) = d.texts_span().unwrap();
+            let want =
+                format!("{}{}{}", d.title().unwrap_or(""), d.text(), serde_json::to_string(d.metadata()).unwrap());
+            assert_eq!(std::str::from_utf8(&saved.body()[span]).unwrap(), want, "{}", d.id());
+        }
+        let faults = major_faults();
+        for _ in 0..crate::cold::COLD_SEARCHES {
+            // A key not in the table (a chunk gone since its half ran) is passed over.
+            t.read_ahead(&[4, 0, 99, 3]);
+        }
+        if major_faults() == faults {
+            // Every page was in memory: the searches counted the spell down.
+            assert!(!saved.cold.on());
+        }
+        assert_eq!((t.chunks[&3].text(), t.docs["d4"].title()), ("héllo", Some("T4")));
+        // Written documents are in memory: nothing to read ahead.
+        let (written, _) = sample_table();
+        written.read_ahead(&[0, 1]);
+        assert!(written.docs.values().all(|d| d.texts_span().is_none()));
     }
 
     #[test]
