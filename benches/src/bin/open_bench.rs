@@ -14,7 +14,9 @@
 //! cgroup of that size (cgroup v1 or v2; needs the right to create one, as root in a VM or
 //! container does), with the files dropped from the page cache first so that every page the
 //! open and the searches read is charged to the cgroup: how fast the collection answers when
-//! the machine holds only that much of it.
+//! the machine holds only that much of it — the dense half alone, whole dense searches
+//! (with their results' texts), and hybrid searches (SciFact's query texts for the keyword
+//! half).
 
 use clap::Parser;
 use ragway_benches::{median, own_vectors_settings, unit, workspace_root, Clusters};
@@ -175,25 +177,56 @@ fn drop_cache(dir: &Path) {
 /// Queries searched (twice) under a memory limit.
 const LIMITED_QUERIES: usize = 500;
 
-/// Single-thread dense searches per second over `queries` (after one warm-up pass).
-fn qps(c: &Collection, queries: &[Vec<f32>]) -> anyhow::Result<f64> {
-    let search = |q: &Vec<f32>| {
-        c.search(&SearchRequest {
-            top_k: 10,
-            mode: SearchMode::Dense,
-            vector: Some(q.clone()),
-            skip_drift: true,
-            ..Default::default()
-        })
-    };
-    for q in queries {
-        search(q)?;
+/// Single-thread searches per second over `n` queries: `search(i)` for each, once to warm
+/// up, then timed.
+fn timed_qps<T>(n: usize, search: impl Fn(usize) -> anyhow::Result<T>) -> anyhow::Result<f64> {
+    for i in 0..n {
+        search(i)?;
     }
     let t = Instant::now();
-    for q in queries {
-        search(q)?;
+    for i in 0..n {
+        search(i)?;
     }
-    Ok(queries.len() as f64 / t.elapsed().as_secs_f64())
+    Ok(n as f64 / t.elapsed().as_secs_f64())
+}
+
+/// Single-thread dense searches per second over `queries`.
+fn qps(c: &Collection, queries: &[Vec<f32>]) -> anyhow::Result<f64> {
+    timed_qps(queries.len(), |i| {
+        Ok(c.search(&SearchRequest {
+            top_k: 10,
+            mode: SearchMode::Dense,
+            vector: Some(queries[i].clone()),
+            skip_drift: true,
+            ..Default::default()
+        })?)
+    })
+}
+
+/// Single-thread hybrid searches per second: each query vector with a SciFact query's text
+/// for the keyword half, fused.
+fn hybrid_qps(c: &Collection, queries: &[Vec<f32>], texts: &[String]) -> anyhow::Result<f64> {
+    anyhow::ensure!(!texts.is_empty(), "no SciFact queries");
+    timed_qps(queries.len(), |i| {
+        Ok(c.search(&SearchRequest {
+            top_k: 10,
+            mode: SearchMode::Hybrid,
+            query: texts[i % texts.len()].clone(),
+            vector: Some(queries[i].clone()),
+            skip_drift: true,
+            ..Default::default()
+        })?)
+    })
+}
+
+/// SciFact's query texts, for the keyword half of hybrid searches.
+fn query_texts() -> anyhow::Result<Vec<String>> {
+    let queries = std::fs::read_to_string(workspace_root().join("../shared/data/scifact/queries.jsonl"))?;
+    Ok(queries
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|q| q["text"].as_str().map(str::to_string))
+        .collect())
 }
 
 /// Single-thread searches per second of the dense half alone: the store's ids and scores,
@@ -201,15 +234,9 @@ fn qps(c: &Collection, queries: &[Vec<f32>]) -> anyhow::Result<f64> {
 fn bare_qps(c: &Collection, queries: &[Vec<f32>]) -> anyhow::Result<f64> {
     let view = c.store().view(None)?;
     let ef = c.settings().hnsw.ef;
-    let search = |q: &Vec<f32>| view.dense_search(&DenseQuery { vector: q, k: 10, ef, exact_scan_max: Some(0) });
-    for q in queries {
-        search(q)?;
-    }
-    let t = Instant::now();
-    for q in queries {
-        search(q)?;
-    }
-    Ok(queries.len() as f64 / t.elapsed().as_secs_f64())
+    timed_qps(queries.len(), |i| {
+        Ok(view.dense_search(&DenseQuery { vector: &queries[i], k: 10, ef, exact_scan_max: Some(0) })?)
+    })
 }
 
 /// Query vectors: random unit vectors near random stored ones' clusters (seeded).
@@ -229,9 +256,11 @@ fn open_only(dir: &Path, cold: bool, cgroup: Option<&Path>) -> anyhow::Result<()
     let settings: Value = serde_json::from_slice(&std::fs::read(dir.join("settings.json"))?)?;
     let dim = settings["dimension"].as_u64().ok_or_else(|| anyhow::anyhow!("settings.json has no dimension"))? as usize;
     let mut queries = queries(dim);
+    let mut texts = Vec::new();
     if cgroup.is_some() {
         // Searches that wait for the disk: fewer of them.
         queries.truncate(LIMITED_QUERIES);
+        texts = query_texts()?;
     }
     let rss0 = rss_bytes();
     let t = Instant::now();
@@ -259,6 +288,10 @@ fn open_only(dir: &Path, cold: bool, cgroup: Option<&Path>) -> anyhow::Result<()
     let faults = major_faults();
     let qps = if cold && cgroup.is_none() { None } else { Some(qps(&c, &queries)?) };
     let search_faults = major_faults() - faults;
+    // Then hybrid searches, whose keyword half reads the tantivy index's files too.
+    let faults = major_faults();
+    let hybrid = if cgroup.is_some() { Some(hybrid_qps(&c, &queries, &texts)?) } else { None };
+    let hybrid_faults = major_faults() - faults;
     // After the searches: what they brought in (vectors read from the page cache).
     let now = rss_bytes();
     let rss_searched = (now.0 + now.1).saturating_sub(rss0.0 + rss0.1);
@@ -271,7 +304,8 @@ fn open_only(dir: &Path, cold: bool, cgroup: Option<&Path>) -> anyhow::Result<()
                "graph_and_keyword_ms": stats.graph_ms, "table_ms": stats.table_ms, "total_ms": stats.total_ms,
                "qps": qps, "rss_after_searches": rss_searched, "rss_anon_after_searches": anon_searched,
                "rss_by_file_after_searches": by_file, "search_major_faults": search_faults,
-               "bare_qps": bare, "bare_major_faults": bare_faults})
+               "bare_qps": bare, "bare_major_faults": bare_faults, "hybrid_qps": hybrid,
+               "hybrid_major_faults": hybrid_faults})
     );
     Ok(())
 }
@@ -411,8 +445,8 @@ fn main() -> anyhow::Result<()> {
         );
     }
     if !args.memory_limits_mib.is_empty() {
-        println!("\n| memory limit | bytes per chunk | open (s) | dense half alone: QPS / major faults per search | whole searches (with texts): QPS / major faults per search | peak charged (MiB) |");
-        println!("|---:|---:|---:|---:|---:|---:|");
+        println!("\n| memory limit | bytes per chunk | open (s) | dense half alone: QPS / major faults per search | whole searches (with texts): QPS / major faults per search | hybrid searches: QPS / major faults per search | peak charged (MiB) |");
+        println!("|---:|---:|---:|---:|---:|---:|---:|");
         let mut limited = Vec::new();
         for &mib in &args.memory_limits_mib {
             let bytes =
@@ -429,7 +463,7 @@ fn main() -> anyhow::Result<()> {
             if !out.status.success() {
                 // Killed by the kernel's OOM killer: the limit is below what the open needs.
                 println!(
-                    "| {mib} MiB | {:.0} | failed ({}) | - | - | {peak:.0} |",
+                    "| {mib} MiB | {:.0} | failed ({}) | - | - | - | {peak:.0} |",
                     bytes as f64 / args.n as f64,
                     out.status
                 );
@@ -441,13 +475,15 @@ fn main() -> anyhow::Result<()> {
             let per_search = |v: &Value| v.as_f64().unwrap_or(f64::NAN) / (2 * LIMITED_QUERIES) as f64;
             let number = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
             println!(
-                "| {mib} MiB | {:.0} | {:.2} | {:.0} / {:.2} | {:.0} / {:.2} | {peak:.0} |",
+                "| {mib} MiB | {:.0} | {:.2} | {:.0} / {:.2} | {:.0} / {:.2} | {:.0} / {:.2} | {peak:.0} |",
                 bytes as f64 / args.n as f64,
                 number(&r["open_s"]),
                 number(&r["bare_qps"]),
                 per_search(&r["bare_major_faults"]),
                 number(&r["qps"]),
-                per_search(&r["search_major_faults"])
+                per_search(&r["search_major_faults"]),
+                number(&r["hybrid_qps"]),
+                per_search(&r["hybrid_major_faults"])
             );
             limited.push(json!({"limit_mib": mib, "peak_mib": peak, "run": r}));
         }
