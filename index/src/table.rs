@@ -597,23 +597,24 @@ impl Table {
         // it only for the documents written since).
         let Some(saved) = docs.iter().find_map(|d| d.saved_table()) else { return };
         let faults = major_faults();
-        if saved.cold.on() {
+        let ahead = saved.cold.on();
+        if ahead {
             for d in &docs {
                 d.will_need_record();
             }
-            for d in &docs {
-                if let Some((table, span)) = d.texts_span() {
-                    table.file.will_need(span);
-                }
+        }
+        // Reads the records (asked for above while cold).
+        let spans: Vec<_> = docs.iter().filter_map(|d| d.texts_span()).collect();
+        if ahead {
+            for (table, span) in &spans {
+                table.file.will_need(span.clone());
             }
         }
         // Read a byte of each page now, where the faults are counted.
-        for d in &docs {
-            if let Some((table, span)) = d.texts_span() {
-                let bytes = &table.body()[span];
-                for i in (0..bytes.len()).step_by(PAGE).chain(bytes.len().checked_sub(1)) {
-                    std::hint::black_box(bytes[i]);
-                }
+        for (table, span) in spans {
+            let bytes = &table.body()[span];
+            for i in (0..bytes.len()).step_by(PAGE).chain(bytes.len().checked_sub(1)) {
+                std::hint::black_box(bytes[i]);
             }
         }
         saved.cold.after(major_faults() > faults);
