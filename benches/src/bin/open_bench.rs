@@ -178,8 +178,9 @@ fn drop_cache(dir: &Path) {
 const LIMITED_QUERIES: usize = 500;
 
 /// Single-thread searches per second over `n` queries: `search(i)` for each, once to warm
-/// up, then timed.
-fn timed_qps<T>(n: usize, search: impl Fn(usize) -> anyhow::Result<T>) -> anyhow::Result<f64> {
+/// up, then timed; and the major page faults both passes took.
+fn timed_qps<T>(n: usize, search: impl Fn(usize) -> anyhow::Result<T>) -> anyhow::Result<(f64, u64)> {
+    let faults = major_faults();
     for i in 0..n {
         search(i)?;
     }
@@ -187,11 +188,11 @@ fn timed_qps<T>(n: usize, search: impl Fn(usize) -> anyhow::Result<T>) -> anyhow
     for i in 0..n {
         search(i)?;
     }
-    Ok(n as f64 / t.elapsed().as_secs_f64())
+    Ok((n as f64 / t.elapsed().as_secs_f64(), major_faults() - faults))
 }
 
-/// Single-thread dense searches per second over `queries`.
-fn qps(c: &Collection, queries: &[Vec<f32>]) -> anyhow::Result<f64> {
+/// Single-thread dense searches per second over `queries` (and their major faults).
+fn qps(c: &Collection, queries: &[Vec<f32>]) -> anyhow::Result<(f64, u64)> {
     timed_qps(queries.len(), |i| {
         Ok(c.search(&SearchRequest {
             top_k: 10,
@@ -205,7 +206,7 @@ fn qps(c: &Collection, queries: &[Vec<f32>]) -> anyhow::Result<f64> {
 
 /// Single-thread hybrid searches per second: each query vector with a SciFact query's text
 /// for the keyword half, fused.
-fn hybrid_qps(c: &Collection, queries: &[Vec<f32>], texts: &[String]) -> anyhow::Result<f64> {
+fn hybrid_qps(c: &Collection, queries: &[Vec<f32>], texts: &[String]) -> anyhow::Result<(f64, u64)> {
     anyhow::ensure!(!texts.is_empty(), "no SciFact queries");
     timed_qps(queries.len(), |i| {
         Ok(c.search(&SearchRequest {
@@ -231,12 +232,17 @@ fn query_texts() -> anyhow::Result<Vec<String>> {
 
 /// Single-thread searches per second of the dense half alone: the store's ids and scores,
 /// no chunk texts read for the results (the graph walk, the codes, the rescored vectors).
-fn bare_qps(c: &Collection, queries: &[Vec<f32>]) -> anyhow::Result<f64> {
+fn bare_qps(c: &Collection, queries: &[Vec<f32>]) -> anyhow::Result<(f64, u64)> {
     let view = c.store().view(None)?;
     let ef = c.settings().hnsw.ef;
     timed_qps(queries.len(), |i| {
         Ok(view.dense_search(&DenseQuery { vector: &queries[i], k: 10, ef, exact_scan_max: Some(0) })?)
     })
+}
+
+/// A pass's QPS when it ran, and its major faults (0 when it did not).
+fn split(pass: Option<(f64, u64)>) -> (Option<f64>, u64) {
+    (pass.map(|p| p.0), pass.map_or(0, |p| p.1))
 }
 
 /// Query vectors: random unit vectors near random stored ones' clusters (seeded).
@@ -282,16 +288,11 @@ fn open_only(dir: &Path, cold: bool, cgroup: Option<&Path>) -> anyhow::Result<()
     // Under a memory limit the searches run after a cold open too: they are the measurement.
     // First the dense half alone (what the index needs in memory), then whole searches (which
     // also read each result's text and record from the table).
-    let faults = major_faults();
-    let bare = if cgroup.is_some() { Some(bare_qps(&c, &queries)?) } else { None };
-    let bare_faults = major_faults() - faults;
-    let faults = major_faults();
-    let qps = if cold && cgroup.is_none() { None } else { Some(qps(&c, &queries)?) };
-    let search_faults = major_faults() - faults;
+    let limited = cgroup.is_some();
+    let (bare, bare_faults) = split(limited.then(|| bare_qps(&c, &queries)).transpose()?);
+    let (qps, search_faults) = split((!cold || limited).then(|| qps(&c, &queries)).transpose()?);
     // Then hybrid searches, whose keyword half reads the tantivy index's files too.
-    let faults = major_faults();
-    let hybrid = if cgroup.is_some() { Some(hybrid_qps(&c, &queries, &texts)?) } else { None };
-    let hybrid_faults = major_faults() - faults;
+    let (hybrid, hybrid_faults) = split(limited.then(|| hybrid_qps(&c, &queries, &texts)).transpose()?);
     // After the searches: what they brought in (vectors read from the page cache).
     let now = rss_bytes();
     let rss_searched = (now.0 + now.1).saturating_sub(rss0.0 + rss0.1);
@@ -350,7 +351,7 @@ fn build(dir: &Path, n: usize, dim: usize, quantization: &str) -> anyhow::Result
     }
     c.commit()?;
     let write_s = t.elapsed().as_secs_f64();
-    eprintln!("[open-bench] single-thread QPS as built (in memory): {:.0}", qps(&c, &queries(dim))?);
+    eprintln!("[open-bench] single-thread QPS as built (in memory): {:.0}", qps(&c, &queries(dim))?.0);
     let t = Instant::now();
     c.close()?;
     eprintln!("[open-bench] {n} documents written in {write_s:.1} s, closed in {:.1} s", t.elapsed().as_secs_f64());
