@@ -12,6 +12,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use tantivy::collector::{FilterCollector, TopDocs};
+use tantivy::columnar::Column;
 use tantivy::query::{BooleanQuery, BoostQuery, Occur, Query, TermQuery};
 use tantivy::schema::{Field, IndexRecordOption, Schema, TextFieldIndexing, TextOptions, FAST, INDEXED, STRING};
 use tantivy::tokenizer::{Language, LowerCaser, RemoveLongFilter, SimpleTokenizer, Stemmer, StopWordFilter, TextAnalyzer};
@@ -184,9 +185,18 @@ impl KeywordIndex {
                 searcher.search(&query, &collector)?
             }
         };
+        // Each segment's key column is opened once, not once a hit: opening one decodes the
+        // column's block headers, and a hybrid search's 300 hits did it 300 times.
+        let mut columns: Vec<Option<Column<u64>>> = vec![None; searcher.segment_readers().len()];
         let mut out = Vec::with_capacity(hits.len());
         for (score, addr) in hits {
-            let column = searcher.segment_reader(addr.segment_ord).fast_fields().u64("key")?;
+            let slot = columns
+                .get_mut(addr.segment_ord as usize)
+                .ok_or_else(|| IndexError::Corrupt("hit in an unknown segment".into()))?;
+            let column = match slot {
+                Some(column) => column,
+                None => slot.insert(searcher.segment_reader(addr.segment_ord).fast_fields().u64("key")?),
+            };
             let key = column.first(addr.doc_id).ok_or_else(|| IndexError::Corrupt("chunk without key".into()))?;
             out.push((key, score));
         }
@@ -256,4 +266,41 @@ fn analyzer() -> TextAnalyzer {
 fn committed_seq(index: &Index) -> Result<u64> {
     let metas = index.load_metas()?;
     Ok(metas.payload.and_then(|p| p.parse().ok()).unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Hits from several segments map to their own segment's keys: each commit below writes
+    /// a segment whose keys differ from its documents' positions in it.
+    #[test]
+    fn hits_from_several_segments_carry_their_own_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = KeywordIndex::open(dir.path()).unwrap();
+        for segment in 0..3u64 {
+            let ids: Vec<String> = (0..4).map(|i| format!("s{segment}d{i}")).collect();
+            let texts: Vec<String> = (0..4)
+                .map(|i| {
+                    // "walrus" once in every document, "tusk" only in segment 1's third.
+                    let extra = if segment == 1 && i == 2 { " tusk tusk" } else { "" };
+                    format!("walrus number {} of segment {segment}{extra}", segment * 4 + i)
+                })
+                .collect();
+            let chunks: Vec<KeywordChunk<'_>> = (0..4)
+                .map(|i| KeywordChunk { key: 1000 * (segment + 1) + i as u64, doc_id: &ids[i], title: "", text: &texts[i] })
+                .collect();
+            index.apply(segment + 1, &[], &chunks).unwrap();
+            index.commit().unwrap();
+        }
+        let snapshot = index.snapshot();
+        assert!(snapshot.searcher.segment_readers().len() > 1, "the test needs several segments");
+        let hits = index.search(&snapshot, "tusk", 10, 0.0, None).unwrap();
+        assert_eq!(hits.iter().map(|h| h.0).collect::<Vec<_>>(), vec![2002]);
+        let mut keys: Vec<u64> =
+            index.search(&snapshot, "walrus", 100, 0.0, None).unwrap().iter().map(|h| h.0).collect();
+        keys.sort_unstable();
+        let want: Vec<u64> = (1..=3u64).flat_map(|s| (0..4).map(move |i| 1000 * s + i)).collect();
+        assert_eq!(keys, want);
+    }
 }
