@@ -8,15 +8,15 @@
 //! the last commit, tagged with that sequence number (see `collection.rs` for why).
 
 use crate::error::{IndexError, Result};
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use tantivy::collector::{FilterCollector, TopDocs};
-use tantivy::columnar::Column;
-use tantivy::query::{BooleanQuery, BoostQuery, Occur, Query, TermQuery};
+use tantivy::query::{BooleanQuery, BoostQuery, EnableScoring, Occur, Query, TermQuery};
 use tantivy::schema::{Field, IndexRecordOption, Schema, TextFieldIndexing, TextOptions, FAST, INDEXED, STRING};
 use tantivy::tokenizer::{Language, LowerCaser, RemoveLongFilter, SimpleTokenizer, Stemmer, StopWordFilter, TextAnalyzer};
-use tantivy::{doc, DocAddress, Index, IndexReader, IndexWriter, ReloadPolicy, Searcher, Term};
+use tantivy::{doc, DocId, Index, IndexReader, IndexWriter, ReloadPolicy, Score, Searcher, Term};
 
 const ANALYZER: &str = "ragway_en";
 const WRITER_MEMORY: usize = 64 << 20;
@@ -177,30 +177,31 @@ impl KeywordIndex {
         }
         let query = BooleanQuery::new(clauses);
         let searcher = &snapshot.searcher;
-        let hits: Vec<(f32, DocAddress)> = match allow {
-            None => searcher.search(&query, &TopDocs::with_limit(k).order_by_score())?,
-            Some(allow) => {
-                let collector =
-                    FilterCollector::new("key".to_string(), move |key: u64| allow(key), TopDocs::with_limit(k).order_by_score());
-                searcher.search(&query, &collector)?
-            }
-        };
-        // Each segment's key column is opened once, not once a hit: opening one decodes the
-        // column's block headers, and a hybrid search's 300 hits did it 300 times.
-        let mut columns: Vec<Option<Column<u64>>> = vec![None; searcher.segment_readers().len()];
-        let mut out = Vec::with_capacity(hits.len());
-        for (score, addr) in hits {
-            let slot = columns
-                .get_mut(addr.segment_ord as usize)
-                .ok_or_else(|| IndexError::Corrupt("hit in an unknown segment".into()))?;
-            let column = match slot {
-                Some(column) => column,
-                None => slot.insert(searcher.segment_reader(addr.segment_ord).fast_fields().u64("key")?),
-            };
-            let key = column.first(addr.doc_id).ok_or_else(|| IndexError::Corrupt("chunk without key".into()))?;
-            out.push((key, score));
+        let weight = query.weight(EnableScoring::enabled_from_searcher(searcher))?;
+        // The segments in turn, with one top-k across them: a segment's walk starts from the
+        // k-th best score of the segments before it (as Lucene shares its minimum competitive
+        // score), where tantivy's TopDocs starts every segment from nothing, so block-max
+        // WAND skips little until each segment has filled its own k.
+        let mut top = TopScores::new(k);
+        for (ord, reader) in searcher.segment_readers().iter().enumerate() {
+            let segment = u32::try_from(ord).map_err(|_| IndexError::Corrupt("too many segments".into()))?;
+            let keys = reader.fast_fields().u64("key")?;
+            let alive = reader.alive_bitset();
+            weight.for_each_pruning(top.threshold(), reader, &mut |doc, score| {
+                if alive.is_some_and(|a| a.is_deleted(doc)) {
+                    return top.threshold();
+                }
+                // A chunk without a key cannot be returned (nor can one the filter refuses).
+                match keys.first(doc) {
+                    Some(key) if allow.as_ref().is_none_or(|allow| allow(key)) => {
+                        top.push(Hit { score, segment, doc, key });
+                    }
+                    _ => {}
+                }
+                top.threshold()
+            })?;
         }
-        Ok(out)
+        Ok(top.into_sorted().into_iter().map(|h| (h.key, h.score)).collect())
     }
 
     /// Documents (chunks) in a snapshot.
@@ -268,6 +269,74 @@ fn committed_seq(index: &Index) -> Result<u64> {
     Ok(metas.payload.and_then(|p| p.parse().ok()).unwrap_or(0))
 }
 
+/// A hit while collecting: by score, then the lower address (segment, document) first, as
+/// tantivy's TopDocs breaks ties.
+#[derive(Clone, Copy, Debug)]
+struct Hit {
+    score: Score,
+    segment: u32,
+    doc: DocId,
+    key: u64,
+}
+
+impl Ord for Hit {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.score.total_cmp(&other.score).then_with(|| (other.segment, other.doc).cmp(&(self.segment, self.doc)))
+    }
+}
+
+impl PartialOrd for Hit {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl PartialEq for Hit {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other).is_eq()
+    }
+}
+
+impl Eq for Hit {}
+
+/// The best `k` hits so far, the worst of them on top of a min-heap.
+struct TopScores {
+    k: usize,
+    heap: BinaryHeap<Reverse<Hit>>,
+}
+
+impl TopScores {
+    fn new(k: usize) -> TopScores {
+        // `k` is bounded by the caller; the heap grows only with the hits there are.
+        TopScores { k, heap: BinaryHeap::with_capacity(k.min(1024)) }
+    }
+
+    /// The score a hit must beat to enter: the k-th best once there are k.
+    fn threshold(&self) -> Score {
+        match self.heap.peek() {
+            Some(worst) if self.heap.len() >= self.k => worst.0.score,
+            _ => Score::MIN,
+        }
+    }
+
+    fn push(&mut self, hit: Hit) {
+        if self.heap.len() < self.k {
+            self.heap.push(Reverse(hit));
+        } else if let Some(mut worst) = self.heap.peek_mut() {
+            if hit > worst.0 {
+                *worst = Reverse(hit);
+            }
+        }
+    }
+
+    /// Best first.
+    fn into_sorted(self) -> Vec<Hit> {
+        let mut hits: Vec<Hit> = self.heap.into_iter().map(|r| r.0).collect();
+        hits.sort_unstable_by(|a, b| b.cmp(a));
+        hits
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -288,7 +357,12 @@ mod tests {
                 })
                 .collect();
             let chunks: Vec<KeywordChunk<'_>> = (0..4)
-                .map(|i| KeywordChunk { key: 1000 * (segment + 1) + i as u64, doc_id: &ids[i], title: "", text: &texts[i] })
+                .map(|i| KeywordChunk {
+                    key: 1000 * (segment + 1) + i as u64,
+                    doc_id: &ids[i],
+                    title: "",
+                    text: &texts[i],
+                })
                 .collect();
             index.apply(segment + 1, &[], &chunks).unwrap();
             index.commit().unwrap();
@@ -302,5 +376,94 @@ mod tests {
         keys.sort_unstable();
         let want: Vec<u64> = (1..=3u64).flat_map(|s| (0..4).map(move |i| 1000 * s + i)).collect();
         assert_eq!(keys, want);
+    }
+
+    /// The shared-threshold walk returns what tantivy's own TopDocs collector does (keys and
+    /// scores, in order), over several segments with deleted documents, with and without a
+    /// filter, at depths below and above the matching count.
+    #[test]
+    fn the_shared_threshold_walk_returns_tantivys_top_docs() {
+        use tantivy::collector::{FilterCollector, TopDocs};
+        let dir = tempfile::tempdir().unwrap();
+        let index = KeywordIndex::open(dir.path()).unwrap();
+        let words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "theta", "kappa", "lambda", "sigma"];
+        let mut rng = ragway_engine::rng::SplitMix64::new(5);
+        let mut key = 0u64;
+        for segment in 1..=6u64 {
+            let ids: Vec<String> = (0..200).map(|i| format!("s{segment}d{i}")).collect();
+            // Zipf-like: low word indexes much more often, lengths 3..40.
+            let texts: Vec<String> = (0..200)
+                .map(|_| {
+                    let n = 3 + rng.below(38);
+                    (0..n)
+                        .map(|_| {
+                            let top = 1 + rng.below(words.len());
+                            words[rng.below(top)]
+                        })
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                })
+                .collect();
+            let chunks: Vec<KeywordChunk<'_>> = (0..200)
+                .map(|i| {
+                    key += 1;
+                    KeywordChunk { key, doc_id: &ids[i], title: "", text: &texts[i] }
+                })
+                .collect();
+            // Every third segment deletes documents of the one before it.
+            let gone: Vec<String> =
+                if segment % 3 == 0 { (0..60).map(|i| format!("s{}d{i}", segment - 1)).collect() } else { vec![] };
+            let gone: Vec<&str> = gone.iter().map(String::as_str).collect();
+            index.apply(segment, &gone, &chunks).unwrap();
+            index.commit().unwrap();
+        }
+        let snapshot = index.snapshot();
+        assert!(snapshot.searcher.segment_readers().len() > 2, "the test needs several segments");
+        let searcher = &snapshot.searcher;
+        let keys_of = |hits: Vec<(f32, tantivy::DocAddress)>| -> Vec<(u64, f32)> {
+            hits.into_iter()
+                .map(|(score, a)| {
+                    let column = searcher.segment_reader(a.segment_ord).fast_fields().u64("key").unwrap();
+                    (column.first(a.doc_id).unwrap(), score)
+                })
+                .collect()
+        };
+        // Keys equal, scores to the last bits: a document's terms are summed in the order the
+        // walk meets them, which block-max WAND changes.
+        let same = |got: &[(u64, f32)], want: &[(u64, f32)], what: &str| {
+            assert_eq!(
+                got.iter().map(|h| h.0).collect::<Vec<_>>(),
+                want.iter().map(|h| h.0).collect::<Vec<_>>(),
+                "{what}"
+            );
+            for (g, w) in got.iter().zip(want) {
+                assert!((g.1 - w.1).abs() <= 1e-5 * w.1.abs(), "{what}: {g:?} {w:?}");
+            }
+        };
+        for query in ["kappa", "sigma lambda", "alpha theta kappa", "beta zeta zeta epsilon sigma", "omega"] {
+            let terms = index.query_terms(query);
+            let clauses: Vec<(Occur, Box<dyn Query>)> = terms
+                .iter()
+                .map(|t| {
+                    let q = TermQuery::new(Term::from_field_text(index.text, t), IndexRecordOption::WithFreqs);
+                    (Occur::Should, Box::new(q) as Box<dyn Query>)
+                })
+                .collect();
+            let reference = BooleanQuery::new(clauses);
+            for k in [1, 10, 300, 2000] {
+                let want = keys_of(searcher.search(&reference, &TopDocs::with_limit(k).order_by_score()).unwrap());
+                let got = index.search(&snapshot, query, k, 0.0, None).unwrap();
+                same(&got, &want, &format!("{query:?} at k {k}"));
+                let odd: Arc<dyn Fn(u64) -> bool + Send + Sync> = Arc::new(|key| key % 2 == 1);
+                let filter = FilterCollector::new(
+                    "key".to_string(),
+                    |key: u64| key % 2 == 1,
+                    TopDocs::with_limit(k).order_by_score(),
+                );
+                let want = keys_of(searcher.search(&reference, &filter).unwrap());
+                let got = index.search(&snapshot, query, k, 0.0, Some(odd)).unwrap();
+                same(&got, &want, &format!("{query:?} at k {k}, odd keys"));
+            }
+        }
     }
 }
