@@ -4,7 +4,8 @@
 //!
 //! The collection holds `--n` documents of one chunk each that bring their own vectors
 //! (`model: null`, clustered unit vectors of `--dim` dimensions) and SciFact abstracts as
-//! their text (cycled), with a `bucket` metadata field. It is written through the public API,
+//! their text (cycled; `--texts mixed` draws each text's sentences from random abstracts
+//! instead, so that no two documents are alike), with a `bucket` metadata field. It is written through the public API,
 //! closed gracefully (so the derived data is saved), then opened in a fresh child process per
 //! measurement, so that the resident memory is the open collection's alone.
 //!
@@ -15,8 +16,8 @@
 //! container does), with the files dropped from the page cache first so that every page the
 //! open and the searches read is charged to the cgroup: how fast the collection answers when
 //! the machine holds only that much of it — the dense half alone, whole dense searches
-//! (with their results' texts), and hybrid searches (SciFact's query texts for the keyword
-//! half).
+//! (with their results' texts), hybrid searches (SciFact's query texts for the keyword
+//! half), and the keyword half alone.
 
 use clap::Parser;
 use ragway_benches::{median, own_vectors_settings, unit, workspace_root, Clusters};
@@ -60,6 +61,11 @@ struct Args {
     /// With `--open-only`: join this cgroup before anything else.
     #[arg(long, hide = true)]
     cgroup: Option<PathBuf>,
+    /// The documents' texts when the collection is written: `cycled` (SciFact's abstracts in
+    /// turn, each repeated n / 5,183 times) or `mixed` (each one a title and 4–12 sentences
+    /// drawn from random abstracts: SciFact's words and phrases, no two documents alike).
+    #[arg(long, default_value = "cycled")]
+    texts: String,
 }
 
 /// Resident memory: (anonymous, file-backed) bytes. File-backed pages are the mapped
@@ -220,6 +226,21 @@ fn hybrid_qps(c: &Collection, queries: &[Vec<f32>], texts: &[String]) -> anyhow:
     })
 }
 
+/// Single-thread searches per second of the keyword half alone, at the hybrid default depth:
+/// BM25 over the tantivy index, keys and scores only.
+fn keyword_qps(c: &Collection, texts: &[String]) -> anyhow::Result<(f64, u64)> {
+    anyhow::ensure!(!texts.is_empty(), "no SciFact queries");
+    let view = c.store().view(None)?;
+    let title_boost = c.settings().keyword.title_boost;
+    timed_qps(LIMITED_QUERIES, |i| {
+        Ok(view.keyword_search(
+            &texts[i % texts.len()],
+            ragway_index::collection::DEFAULT_HYBRID_CANDIDATES,
+            title_boost,
+        )?)
+    })
+}
+
 /// SciFact's query texts, for the keyword half of hybrid searches.
 fn query_texts() -> anyhow::Result<Vec<String>> {
     let queries = std::fs::read_to_string(workspace_root().join("../shared/data/scifact/queries.jsonl"))?;
@@ -293,6 +314,8 @@ fn open_only(dir: &Path, cold: bool, cgroup: Option<&Path>) -> anyhow::Result<()
     let (qps, search_faults) = split((!cold || limited).then(|| qps(&c, &queries)).transpose()?);
     // Then hybrid searches, whose keyword half reads the tantivy index's files too.
     let (hybrid, hybrid_faults) = split(limited.then(|| hybrid_qps(&c, &queries, &texts)).transpose()?);
+    // And the keyword half alone (its index files are in memory by now).
+    let (keyword, _) = split(limited.then(|| keyword_qps(&c, &texts)).transpose()?);
     // After the searches: what they brought in (vectors read from the page cache).
     let now = rss_bytes();
     let rss_searched = (now.0 + now.1).saturating_sub(rss0.0 + rss0.1);
@@ -306,12 +329,42 @@ fn open_only(dir: &Path, cold: bool, cgroup: Option<&Path>) -> anyhow::Result<()
                "qps": qps, "rss_after_searches": rss_searched, "rss_anon_after_searches": anon_searched,
                "rss_by_file_after_searches": by_file, "search_major_faults": search_faults,
                "bare_qps": bare, "bare_major_faults": bare_faults, "hybrid_qps": hybrid,
-               "hybrid_major_faults": hybrid_faults})
+               "hybrid_major_faults": hybrid_faults, "keyword_qps": keyword})
     );
     Ok(())
 }
 
-fn build(dir: &Path, n: usize, dim: usize, quantization: &str) -> anyhow::Result<()> {
+/// A sentence split that is good enough for SciFact's abstracts: after `.`, `?` or `!` and
+/// a space.
+fn sentences(text: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    let bytes = text.as_bytes();
+    for i in 1..bytes.len() {
+        if bytes[i] == b' ' && matches!(bytes[i - 1], b'.' | b'?' | b'!') {
+            out.push(text[start..i].trim());
+            start = i + 1;
+        }
+    }
+    out.push(text[start..].trim());
+    out.retain(|s| !s.is_empty());
+    out
+}
+
+/// Document `i`'s (title, text): SciFact's abstract `i mod 5,183` (`cycled`), or a random
+/// title and 4–12 sentences from random abstracts (`mixed`).
+fn document_text(kind: &str, i: usize, texts: &[(String, String)], pool: &[&str], rng: &mut Rng) -> (String, String) {
+    if kind == "cycled" {
+        return texts[i % texts.len()].clone();
+    }
+    let title = texts[rng.below(texts.len())].0.clone();
+    let count = 4 + rng.below(9);
+    let text = (0..count).map(|_| pool[rng.below(pool.len())]).collect::<Vec<_>>().join(" ");
+    (title, text)
+}
+
+fn build(dir: &Path, n: usize, dim: usize, quantization: &str, kind: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(matches!(kind, "cycled" | "mixed"), "--texts is cycled or mixed, not {kind}");
     let corpus = std::fs::read_to_string(workspace_root().join("../shared/data/scifact/corpus.jsonl"))?;
     let texts: Vec<(String, String)> = corpus
         .lines()
@@ -319,7 +372,10 @@ fn build(dir: &Path, n: usize, dim: usize, quantization: &str) -> anyhow::Result
         .map(|d| (d["title"].as_str().unwrap_or("").to_string(), d["text"].as_str().unwrap_or("").to_string()))
         .collect();
     anyhow::ensure!(!texts.is_empty(), "no SciFact texts");
+    let pool: Vec<&str> = texts.iter().flat_map(|(_, text)| sentences(text)).collect();
     let mut rng = Rng::new(42);
+    // Texts draw from their own generator, so that the vectors are those of a `cycled` build.
+    let mut text_rng = Rng::new(43);
     let clusters = Clusters::new(dim, &mut rng);
     let settings = ragway_index::CollectionSettings {
         quantization: serde_json::from_value(json!(quantization))
@@ -332,12 +388,12 @@ fn build(dir: &Path, n: usize, dim: usize, quantization: &str) -> anyhow::Result
     for start in (0..n).step_by(batch) {
         let docs = (start..(start + batch).min(n))
             .map(|i| {
-                let (title, text) = &texts[i % texts.len()];
+                let (title, text) = document_text(kind, i, &texts, &pool, &mut text_rng);
                 let v = clusters.point(&mut rng);
                 DocumentInput {
                     id: format!("d{i}"),
-                    title: Some(title.clone()),
-                    text: text.clone(),
+                    title: Some(title),
+                    text,
                     metadata: Some(json!({"bucket": i % 1000})),
                     vector: Some(v),
                     ..Default::default()
@@ -366,7 +422,7 @@ fn main() -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
     let dir = args.dir.clone().unwrap_or_else(|| tmp.path().join("open"));
     if !dir.join("settings.json").exists() {
-        build(&dir, args.n, args.dim, &args.quantization)?;
+        build(&dir, args.n, args.dim, &args.quantization, &args.texts)?;
     } else if args.resave {
         let c = Collection::open_embedded_by(&dir, None)?;
         let dim = c.settings().dimension;
@@ -446,8 +502,8 @@ fn main() -> anyhow::Result<()> {
         );
     }
     if !args.memory_limits_mib.is_empty() {
-        println!("\n| memory limit | bytes per chunk | open (s) | dense half alone: QPS / major faults per search | whole searches (with texts): QPS / major faults per search | hybrid searches: QPS / major faults per search | peak charged (MiB) |");
-        println!("|---:|---:|---:|---:|---:|---:|---:|");
+        println!("\n| memory limit | bytes per chunk | open (s) | dense half alone: QPS / major faults per search | whole searches (with texts): QPS / major faults per search | hybrid searches: QPS / major faults per search | keyword half alone (in memory by then): QPS | peak charged (MiB) |");
+        println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
         let mut limited = Vec::new();
         for &mib in &args.memory_limits_mib {
             let bytes =
@@ -464,7 +520,7 @@ fn main() -> anyhow::Result<()> {
             if !out.status.success() {
                 // Killed by the kernel's OOM killer: the limit is below what the open needs.
                 println!(
-                    "| {mib} MiB | {:.0} | failed ({}) | - | - | - | {peak:.0} |",
+                    "| {mib} MiB | {:.0} | failed ({}) | - | - | - | - | {peak:.0} |",
                     bytes as f64 / args.n as f64,
                     out.status
                 );
@@ -476,7 +532,7 @@ fn main() -> anyhow::Result<()> {
             let per_search = |v: &Value| v.as_f64().unwrap_or(f64::NAN) / (2 * LIMITED_QUERIES) as f64;
             let number = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
             println!(
-                "| {mib} MiB | {:.0} | {:.2} | {:.0} / {:.2} | {:.0} / {:.2} | {:.0} / {:.2} | {peak:.0} |",
+                "| {mib} MiB | {:.0} | {:.2} | {:.0} / {:.2} | {:.0} / {:.2} | {:.0} / {:.2} | {:.0} | {peak:.0} |",
                 bytes as f64 / args.n as f64,
                 number(&r["open_s"]),
                 number(&r["bare_qps"]),
@@ -484,7 +540,8 @@ fn main() -> anyhow::Result<()> {
                 number(&r["qps"]),
                 per_search(&r["search_major_faults"]),
                 number(&r["hybrid_qps"]),
-                per_search(&r["hybrid_major_faults"])
+                per_search(&r["hybrid_major_faults"]),
+                number(&r["keyword_qps"])
             );
             limited.push(json!({"limit_mib": mib, "peak_mib": peak, "run": r}));
         }
