@@ -5,8 +5,8 @@
 //! The collection holds `--n` documents of one chunk each that bring their own vectors
 //! (`model: null`, clustered unit vectors of `--dim` dimensions) and SciFact abstracts as
 //! their text (cycled; `--texts mixed` draws each text's sentences from random abstracts
-//! instead, so that no two documents are alike), with a `bucket` metadata field. It is written through the public API,
-//! closed gracefully (so the derived data is saved), then opened in a fresh child process per
+//! instead, so that no two documents are alike), with a `bucket` metadata field. It is
+//! written through the public API, closed gracefully (so the derived data is saved), then opened in a fresh child process per
 //! measurement, so that the resident memory is the open collection's alone.
 //!
 //!     cargo run --release -p ragway-benches --bin open-bench -- --n 100000
@@ -64,8 +64,14 @@ struct Args {
     /// The documents' texts when the collection is written: `cycled` (SciFact's abstracts in
     /// turn, each repeated n / 5,183 times) or `mixed` (each one a title and 4–12 sentences
     /// drawn from random abstracts: SciFact's words and phrases, no two documents alike).
-    #[arg(long, default_value = "cycled")]
-    texts: String,
+    #[arg(long, value_enum, default_value_t = Texts::Cycled)]
+    texts: Texts,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Texts {
+    Cycled,
+    Mixed,
 }
 
 /// Resident memory: (anonymous, file-backed) bytes. File-backed pages are the mapped
@@ -334,37 +340,25 @@ fn open_only(dir: &Path, cold: bool, cgroup: Option<&Path>) -> anyhow::Result<()
     Ok(())
 }
 
-/// A sentence split that is good enough for SciFact's abstracts: after `.`, `?` or `!` and
-/// a space.
-fn sentences(text: &str) -> Vec<&str> {
-    let mut out = Vec::new();
-    let mut start = 0;
-    let bytes = text.as_bytes();
-    for i in 1..bytes.len() {
-        if bytes[i] == b' ' && matches!(bytes[i - 1], b'.' | b'?' | b'!') {
-            out.push(text[start..i].trim());
-            start = i + 1;
-        }
-    }
-    out.push(text[start..].trim());
-    out.retain(|s| !s.is_empty());
-    out
-}
-
 /// Document `i`'s (title, text): SciFact's abstract `i mod 5,183` (`cycled`), or a random
 /// title and 4–12 sentences from random abstracts (`mixed`).
-fn document_text(kind: &str, i: usize, texts: &[(String, String)], pool: &[&str], rng: &mut Rng) -> (String, String) {
-    if kind == "cycled" {
+fn document_text(
+    kind: Texts,
+    i: usize,
+    texts: &[(String, String)],
+    pool: &[String],
+    rng: &mut Rng,
+) -> (String, String) {
+    if kind == Texts::Cycled {
         return texts[i % texts.len()].clone();
     }
     let title = texts[rng.below(texts.len())].0.clone();
     let count = 4 + rng.below(9);
-    let text = (0..count).map(|_| pool[rng.below(pool.len())]).collect::<Vec<_>>().join(" ");
+    let text = (0..count).map(|_| pool[rng.below(pool.len())].as_str()).collect::<Vec<_>>().join(" ");
     (title, text)
 }
 
-fn build(dir: &Path, n: usize, dim: usize, quantization: &str, kind: &str) -> anyhow::Result<()> {
-    anyhow::ensure!(matches!(kind, "cycled" | "mixed"), "--texts is cycled or mixed, not {kind}");
+fn build(dir: &Path, n: usize, dim: usize, quantization: &str, kind: Texts) -> anyhow::Result<()> {
     let corpus = std::fs::read_to_string(workspace_root().join("../shared/data/scifact/corpus.jsonl"))?;
     let texts: Vec<(String, String)> = corpus
         .lines()
@@ -372,7 +366,7 @@ fn build(dir: &Path, n: usize, dim: usize, quantization: &str, kind: &str) -> an
         .map(|d| (d["title"].as_str().unwrap_or("").to_string(), d["text"].as_str().unwrap_or("").to_string()))
         .collect();
     anyhow::ensure!(!texts.is_empty(), "no SciFact texts");
-    let pool: Vec<&str> = texts.iter().flat_map(|(_, text)| sentences(text)).collect();
+    let pool: Vec<String> = texts.iter().flat_map(|(_, text)| ragway_prompts::rag::sentences(text)).collect();
     let mut rng = Rng::new(42);
     // Texts draw from their own generator, so that the vectors are those of a `cycled` build.
     let mut text_rng = Rng::new(43);
@@ -422,7 +416,7 @@ fn main() -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
     let dir = args.dir.clone().unwrap_or_else(|| tmp.path().join("open"));
     if !dir.join("settings.json").exists() {
-        build(&dir, args.n, args.dim, &args.quantization, &args.texts)?;
+        build(&dir, args.n, args.dim, &args.quantization, args.texts)?;
     } else if args.resave {
         let c = Collection::open_embedded_by(&dir, None)?;
         let dim = c.settings().dimension;
