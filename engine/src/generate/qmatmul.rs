@@ -50,15 +50,13 @@ pub enum QKind {
     /// vector, the third bits of all eight groups in one more (group `u` at bit `u` of each
     /// byte: two instructions unpack a group's), and Q6's per-row
     /// f16 `d` and two 8-bit sub-block scales (the value is `d·sc·(q − 4)`, as in Q3_K).
-    /// Its GGUF-side block is Q6's 36 bytes with `q` in 0..8. On AVX-512 CPUs it runs
-    /// through the AVX2 kernel.
+    /// Its GGUF-side block is Q6's 36 bytes with `q` in 0..8.
     Q3,
     /// Q2_K's 2-bit values read as they are (4 bits per weight read, where the Q8_0
     /// requantization it replaces read 8.5 and rounded): Q3's bit pairs, per row the
     /// super-block's f16 `d` and `dmin`, and per 16-value sub-block its 4-bit scale and
     /// minimum (the value is `d·sc·q − dmin·m`, as in Q2_K). Its GGUF-side block is 40
-    /// bytes: `d`, the two scales, `dmin`, the two minimums, 32 bytes of `q`. On AVX-512
-    /// CPUs it runs through the AVX2 kernel.
+    /// bytes: `d`, the two scales, `dmin`, the two minimums, 32 bytes of `q`.
     Q2,
 }
 
