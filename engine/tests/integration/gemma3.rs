@@ -130,15 +130,23 @@ pub fn gemma3() -> &'static GenerativeModel {
 fn gemma3_prompt_ids_and_first_position_logits_match_llama_cpp() {
     let m = gemma3();
     assert_eq!(m.model.config().arch.name, "gemma3");
-    // Measured: 0.9983 (code), 0.9988 (primes), 0.9993-0.9996 (capital, story, long),
-    // identically with f32 weights and activations, so not from ragway's 8-bit activations;
-    // llama.cpp's own Q8_K activation rounding is the likely rest.
+    // Measured on AVX-512: 0.9983 (code), 0.9988 (primes), 0.9993-0.9996 (capital, story,
+    // long), identically with f32 weights and activations, so not from ragway's 8-bit
+    // activations. On an AVX2 EPYC: code 0.9977 with the AVX2 kernels and 0.9982 with the
+    // portable loop (the same products summed in another order), 0.9971-0.9982 in four more
+    // variants, among them llama.cpp's Q8_K activations for the K-quant matrices and its f16
+    // rounding of queries and attention weights: none came closer.
     first_position_logits_match_llama_cpp(m, fixture()["prompts"].as_array().unwrap(), "gemma3_logits");
 }
 
 /// For each fixture prompt: the prompt's ids equal llama.cpp's, and the first generated
-/// position's logits (from `logits_dir/<name>.npy`) agree at cosine ≥ 0.998 after centering,
-/// with the same top token.
+/// position's logits (from `logits_dir/<name>.npy`) agree after centering, with the same top
+/// token: the median cosine over the prompts at least 0.999 and each at least 0.997. One
+/// prompt's cosine moves by up to 0.001 when the same products are summed in another order
+/// (the AVX2 kernels against the portable loop): a change in the last bits flips some 8-bit
+/// activation roundings, which Gemma's large activations carry to the logits. llama.cpp's own
+/// logits differ between machines too (by up to 0.64 on the long prompt, AVX2 against the
+/// AVX-512 machine that made the fixture). A wrong kernel or layer gives far less (below 0.99).
 pub fn first_position_logits_match_llama_cpp(m: &GenerativeModel, prompts: &[Value], logits_dir: &str) {
     let mut worst = Vec::new();
     for p in prompts {
@@ -161,8 +169,13 @@ pub fn first_position_logits_match_llama_cpp(m: &GenerativeModel, prompts: &[Val
         worst.push((name.to_string(), cos, argmax(&got) == argmax(&reference)));
     }
     assert!(!worst.is_empty(), "no prompts");
+    let mut cosines: Vec<f64> = worst.iter().map(|w| w.1).collect();
+    cosines.sort_by(f64::total_cmp);
+    let median = cosines[cosines.len() / 2];
+    eprintln!("{logits_dir}: median cosine {median:.6}");
+    assert!(median >= 0.999, "{logits_dir}: median cosine {median}");
     for (name, cos, same_top) in worst {
-        assert!(cos >= 0.998, "{logits_dir} {name}: cosine {cos}");
+        assert!(cos >= 0.997, "{logits_dir} {name}: cosine {cos}");
         assert!(same_top, "{logits_dir} {name}: top token differs");
     }
 }
