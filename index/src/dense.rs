@@ -8,6 +8,7 @@
 use crate::hnsw::{Cut, Graph, Params};
 pub use crate::quant::Quantization;
 use crate::simd::{dot, squared_l2};
+use crate::topk::TopK;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -319,20 +320,11 @@ pub fn exact_search<'a>(
     if k == 0 {
         return Vec::new();
     }
-    // A bounded min-heap keyed on score.
-    let mut heap: std::collections::BinaryHeap<std::cmp::Reverse<Scored>> = std::collections::BinaryHeap::new();
+    let mut top = TopK::new(k);
     for (key, v) in candidates {
-        let s = Scored(distance.score(query, v), key);
-        if heap.len() < k {
-            heap.push(std::cmp::Reverse(s));
-        } else if s > heap.peek().expect("non-empty").0 {
-            heap.pop();
-            heap.push(std::cmp::Reverse(s));
-        }
+        top.push(Scored(distance.score(query, v), key));
     }
-    let mut out: Vec<(u64, f32)> = heap.into_iter().map(|r| (r.0 .1, r.0 .0)).collect();
-    out.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    out
+    top.into_sorted().into_iter().map(|s| (s.1, s.0)).collect()
 }
 
 #[derive(PartialEq, Clone, Copy)]

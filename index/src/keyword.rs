@@ -8,8 +8,7 @@
 //! the last commit, tagged with that sequence number (see `collection.rs` for why).
 
 use crate::error::{IndexError, Result};
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use crate::topk::TopK;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -182,14 +181,14 @@ impl KeywordIndex {
         // k-th best score of the segments before it (as Lucene shares its minimum competitive
         // score), where tantivy's TopDocs starts every segment from nothing, so block-max
         // WAND skips little until each segment has filled its own k.
-        let mut top = TopScores::new(k);
+        let mut top = TopK::new(k);
         for (ord, reader) in searcher.segment_readers().iter().enumerate() {
             let segment = u32::try_from(ord).map_err(|_| IndexError::Corrupt("too many segments".into()))?;
             let keys = reader.fast_fields().u64("key")?;
             let alive = reader.alive_bitset();
-            weight.for_each_pruning(top.threshold(), reader, &mut |doc, score| {
+            weight.for_each_pruning(threshold(&top), reader, &mut |doc, score| {
                 if alive.is_some_and(|a| a.is_deleted(doc)) {
-                    return top.threshold();
+                    return threshold(&top);
                 }
                 // A chunk without a key cannot be returned (nor can one the filter refuses).
                 match keys.first(doc) {
@@ -198,7 +197,7 @@ impl KeywordIndex {
                     }
                     _ => {}
                 }
-                top.threshold()
+                threshold(&top)
             })?;
         }
         Ok(top.into_sorted().into_iter().map(|h| (h.key, h.score)).collect())
@@ -299,42 +298,9 @@ impl PartialEq for Hit {
 
 impl Eq for Hit {}
 
-/// The best `k` hits so far, the worst of them on top of a min-heap.
-struct TopScores {
-    k: usize,
-    heap: BinaryHeap<Reverse<Hit>>,
-}
-
-impl TopScores {
-    fn new(k: usize) -> TopScores {
-        // `k` is bounded by the caller; the heap grows only with the hits there are.
-        TopScores { k, heap: BinaryHeap::with_capacity(k.min(1024)) }
-    }
-
-    /// The score a hit must beat to enter: the k-th best once there are k.
-    fn threshold(&self) -> Score {
-        match self.heap.peek() {
-            Some(worst) if self.heap.len() >= self.k => worst.0.score,
-            _ => Score::MIN,
-        }
-    }
-
-    fn push(&mut self, hit: Hit) {
-        if self.heap.len() < self.k {
-            self.heap.push(Reverse(hit));
-        } else if let Some(mut worst) = self.heap.peek_mut() {
-            if hit > worst.0 {
-                *worst = Reverse(hit);
-            }
-        }
-    }
-
-    /// Best first.
-    fn into_sorted(self) -> Vec<Hit> {
-        let mut hits: Vec<Hit> = self.heap.into_iter().map(|r| r.0).collect();
-        hits.sort_unstable_by(|a, b| b.cmp(a));
-        hits
-    }
+/// The score a hit must beat to enter `top`: the k-th best once there are k.
+fn threshold(top: &TopK<Hit>) -> Score {
+    top.worst_when_full().map_or(Score::MIN, |worst| worst.score)
 }
 
 #[cfg(test)]

@@ -29,6 +29,7 @@ pub mod service;
 pub mod simd;
 pub mod store;
 mod table;
+mod topk;
 pub mod types;
 pub mod wal;
 
